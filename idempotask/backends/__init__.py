@@ -1,0 +1,103 @@
+"""Idempotency stores and the registry that builds one from a URL.
+
+Backends are chosen by URL scheme through an explicit table; third-party stores add
+schemes through the ``idempotask.backends`` entry-point group (the entry point's name is
+the scheme, its value a callable taking the URL and returning a backend). Driver
+packages are imported only when their backend is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from idempotask.backends.base import Backend, Record, State, SupportsExpireNow
+from idempotask.errors import ConfigurationError, MissingDependencyError
+
+__all__ = [
+    "Backend",
+    "Record",
+    "State",
+    "SupportsExpireNow",
+    "backend_from_url",
+    "register_scheme",
+]
+
+BackendFactory = Callable[[str], Backend]
+
+# scheme -> ("module:attribute", extra that provides its driver)
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "memory": ("idempotask.backends.memory:MemoryBackend.from_url", ""),
+    "redis": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
+    "rediss": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
+    "unix": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
+}
+# SQLAlchemy dialect names; a URL's scheme is "dialect" or "dialect+driver".
+_SQL_DIALECTS = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+_SQL_FACTORY = ("idempotask.backends.sql:SQLAlchemyBackend.from_url", "sqlalchemy")
+
+_registered: dict[str, BackendFactory] = {}
+_entry_points_loaded = False
+
+
+def register_scheme(scheme: str, factory: BackendFactory) -> None:
+    """Make ``backend_from_url`` build ``scheme://...`` URLs with ``factory(url)``."""
+    if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+        raise ConfigurationError(f"register_scheme: invalid URL scheme {scheme!r}")
+    _registered[scheme.lower()] = factory
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="idempotask.backends"):
+        _registered.setdefault(ep.name.lower(), ep.load())
+
+
+def _resolve(target: str, extra: str) -> BackendFactory:
+    module_name, _, attr_path = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra and exc.name not in (None, module_name):
+            raise MissingDependencyError(
+                f"this backend needs the {exc.name!r} package: pip install 'idempotask[{extra}]'"
+            ) from exc
+        raise
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    factory: BackendFactory = obj
+    return factory
+
+
+def backend_from_url(url: str) -> Backend:
+    """Build a backend from a URL: ``memory://``, ``redis://host:6379/0``,
+    ``postgresql+psycopg://...``, ``sqlite:///path.db``, or a registered scheme.
+
+    An unknown scheme is a :class:`ConfigurationError` listing the known ones; a missing
+    driver is a :class:`MissingDependencyError` naming the extra to install.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"backend: expected a URL such as 'memory://' or 'redis://localhost:6379/0', "
+            f"got {url!r}"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    _load_entry_points()
+    if scheme in _registered:
+        return _registered[scheme](url)
+    if scheme in _BUILTIN:
+        return _resolve(*_BUILTIN[scheme])(url)
+    if scheme.split("+", 1)[0] in _SQL_DIALECTS:
+        return _resolve(*_SQL_FACTORY)(url)
+    known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
+    raise ConfigurationError(
+        f"backend: unknown URL scheme {scheme!r} in {url!r}; known schemes: {', '.join(known)} "
+        "(SQL URLs may name a driver, e.g. 'postgresql+psycopg'); third-party stores "
+        "register through the 'idempotask.backends' entry-point group"
+    )
