@@ -1,0 +1,866 @@
+"""The Redis store: one hash per record, one atomic Lua script per state change.
+
+A record for the key ``namespace:name:version:digest`` lives in the Redis hash
+``namespace:{name:version:digest}``: the hash tag keeps everything one record needs in one
+cluster slot while records spread over the cluster. The hash holds ``fmt`` (a format
+marker, so a value that is not ours is detected), ``state``, ``token``, ``owner``,
+``fingerprint`` and ``payload``; the key's own expiry is the lease (IN_PROGRESS) or the ttl
+(COMPLETED, FAILED), counted by the server's clock. An expired lease is simply an absent
+key, so a claim takes it over.
+
+Every operation is one ``EVALSHA`` of a script shipped in ``idempotask/backends/lua/``:
+a duplicate check is one round trip, a first call two (claim, complete). ``NOSCRIPT``
+(a restarted or flushed server, a cluster node that never saw the script) is answered by
+sending the script itself with ``EVAL``, on whichever node the key lives, which also
+caches it there. The scripts are safe to run twice with the same token, because redis-py
+resends a command whose reply timed out.
+
+One backend object serves sync and async callers::
+
+    >>> from idempotask.backends.redis import RedisBackend
+    >>> store = RedisBackend.from_url("redis://localhost:6379/0")   # connects on first use
+    >>> record = store.claim("ns:billing.charge:1:ab12", "token-1", lease=30)  # doctest: +SKIP
+    >>> record.held_by("token-1")  # doctest: +SKIP
+    True
+
+Guarantees hold only while Redis keeps its data: eviction (any ``maxmemory-policy`` but
+``noeviction``: every record has a TTL, so ``volatile-*`` policies evict them too) or a
+failover without persistence can lose a record. The backend warns once when the
+server's policy could evict our keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+import logging
+import math
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.retry
+import redis.cluster
+import redis.retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from idempotask.backends.base import Record, State
+from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+
+__all__ = ["RECORD_FORMAT", "RedisBackend", "record_key"]
+
+logger = logging.getLogger(__name__)
+
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+_T = TypeVar("_T")
+
+#: The value of the ``fmt`` field in every record hash this backend writes. A hash under
+#: one of our keys without it is foreign (or from an incompatible future format).
+RECORD_FORMAT = "idempotask/1"
+_FORMAT = RECORD_FORMAT.encode()
+
+# redis-py passes this option down to the reply parser: the reply stays bytes even on a
+# client made with decode_responses=True, so payloads can be arbitrary bytes.
+_NEVER_DECODE = "NEVER_DECODE"
+
+# Defaults for the clients this backend creates itself: a dead or hung server must fail a
+# call within seconds, and a stale pooled connection deserves a quick retry, not ten.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_RETRIES = 2
+_BACKOFF_BASE = 0.05
+_BACKOFF_CAP = 0.5
+
+# Connection settings that mean the same to redis-py's sync and asyncio connections; a
+# twin client is derived from these only (everything else is driver plumbing).
+_PORTABLE_SETTINGS = (
+    "host",
+    "port",
+    "db",
+    "path",
+    "username",
+    "password",
+    "credential_provider",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "socket_keepalive_options",
+    "client_name",
+    "health_check_interval",
+    "protocol",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+)
+_SYNC_TO_ASYNC: dict[type[Any], type[Any]] = {
+    redis.connection.Connection: redis.asyncio.connection.Connection,
+    redis.connection.SSLConnection: redis.asyncio.connection.SSLConnection,
+    redis.connection.UnixDomainSocketConnection: (
+        redis.asyncio.connection.UnixDomainSocketConnection
+    ),
+}
+# Exact classes only: a subclass (Sentinel's, a user's) has behaviour we cannot copy.
+_CONNECTION_TWINS = {**_SYNC_TO_ASYNC, **{v: k for k, v in _SYNC_TO_ASYNC.items()}}
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    source: bytes
+    sha: str
+
+
+def _load_script(name: str) -> _Script:
+    source = (importlib.resources.files("idempotask.backends") / "lua" / f"{name}.lua").read_bytes()
+    return _Script(name, source, hashlib.sha1(source).hexdigest())
+
+
+_CLAIM = _load_script("claim")
+_COMPLETE = _load_script("complete")
+_FAIL = _load_script("fail")
+_RENEW = _load_script("renew")
+_DELETE = _load_script("delete")
+_GET = _load_script("get")
+
+
+# ------------------------------------------------------------- pure key/reply helpers
+
+
+def record_key(key: str) -> str:
+    """The Redis key of a record: the hash tag goes around everything after the first ``:``.
+
+    A key without ``:`` is tagged whole. Braces are refused, because they would move or
+    break the hash tag and two keys could then share a Redis key.
+
+    >>> record_key("ns:billing.charge:1:ab12")
+    'ns:{billing.charge:1:ab12}'
+    """
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"redis backend: a key must be a non-empty str, got {key!r}")
+    if "{" in key or "}" in key:
+        raise ConfigurationError(
+            f"redis backend: key {key!r} contains '{{' or '}}', which Redis Cluster reads as a "
+            "hash tag; use a namespace and name without braces"
+        )
+    namespace, sep, rest = key.partition(":")
+    if not sep:
+        return "{" + key + "}"
+    return namespace + ":{" + rest + "}"
+
+
+def _milliseconds(seconds: float, option: str) -> int:
+    """Seconds -> whole milliseconds for PEXPIRE, rounded up, at least 1."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise ConfigurationError(
+            f"redis backend: {option} must be a positive, finite number of seconds, got {seconds!r}"
+        )
+    # round() first so float noise (1.1 * 1000 = 1100.0000000000002) does not add a ms.
+    return max(1, math.ceil(round(seconds * 1000, 6)))
+
+
+def _text(value: Any, key: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise CorruptRecordError(
+                f"redis backend: record {key!r} has a field that is not UTF-8: {value[:40]!r}"
+            ) from None
+    return str(value)
+
+
+def _corrupt(key: str, reply: Any) -> CorruptRecordError:
+    what = _text(reply[1], key) if isinstance(reply, list) and len(reply) > 1 else repr(reply)
+    return CorruptRecordError(
+        f"redis backend: the value under key {key!r} (Redis key {record_key(key)!r}) is not an "
+        f"idempotask record: found {what}. Another program uses this key, or the data is "
+        "corrupt; use another namespace, or delete the key (delete() without a token does)"
+    )
+
+
+def _tag(reply: Any) -> bytes:
+    if isinstance(reply, list) and reply:
+        first = reply[0]
+        return first if isinstance(first, bytes) else str(first).encode()
+    return b""
+
+
+def parse_record(key: str, reply: Any) -> Record | None:
+    """Turn a ``claim`` or ``get`` script reply into a :class:`Record` (``None``: absent)."""
+    tag = _tag(reply)
+    if tag == b"rec" and len(reply) == 7:
+        _, state, token, owner, fingerprint, payload, pttl = reply
+        try:
+            state_ = State(_text(state, key))
+        except ValueError:
+            raise CorruptRecordError(
+                f"redis backend: record {key!r} has an unknown state {state!r}"
+            ) from None
+        if isinstance(payload, str):  # only if a client ignored NEVER_DECODE
+            payload = payload.encode()
+        pttl = int(pttl)
+        return Record(
+            key=key,
+            state=state_,
+            token=_text(token, key),
+            owner=_text(owner, key),
+            fingerprint=_text(fingerprint, key),
+            payload=bytes(payload),
+            expires_in=pttl / 1000 if pttl >= 0 else None,
+        )
+    if tag == b"absent":
+        return None
+    raise _corrupt(key, reply)
+
+
+def parse_claim(key: str, reply: Any) -> Record:
+    """Like :func:`parse_record`, for ``claim``, whose reply always carries a record."""
+    record = parse_record(key, reply)
+    if record is None:
+        raise _corrupt(key, reply)
+    return record
+
+
+def parse_flag(key: str, reply: Any) -> bool:
+    """Turn a ``complete``/``fail``/``renew``/``delete`` script reply into a bool."""
+    if isinstance(reply, int):
+        return reply == 1
+    raise _corrupt(key, reply)
+
+
+# ------------------------------------------------------------------ eviction policy
+
+
+def _policies(reply: Any) -> list[str]:
+    """Every ``maxmemory-policy`` value in a CONFIG GET reply (one node's or a cluster's)."""
+    found: list[str] = []
+    if isinstance(reply, Mapping):
+        for name, value in reply.items():
+            name_ = name.decode() if isinstance(name, bytes) else name
+            if name_ == "maxmemory-policy" and isinstance(value, (bytes, str)):
+                found.append(value.decode() if isinstance(value, bytes) else value)
+            else:
+                found.extend(_policies(value))
+    elif isinstance(reply, (list, tuple)):
+        items = list(reply)
+        for i in range(0, len(items) - 1, 2):
+            found.extend(_policies({items[i]: items[i + 1]}))
+    return found
+
+
+def eviction_warning(server: str, policies: list[str]) -> str | None:
+    """The warning text when a ``maxmemory-policy`` could evict our keys, else ``None``.
+
+    ``allkeys-*`` evicts any key; ``volatile-*`` evicts keys with a TTL, and every record
+    has one. Only ``noeviction`` keeps records until their lease or ttl runs out.
+    """
+    risky = sorted({policy for policy in policies if policy != "noeviction"})
+    if not risky:
+        return None
+    return (
+        f"Redis at {server} has maxmemory-policy={','.join(risky)}: under memory pressure it "
+        "can evict idempotency records before their ttl (every record has a TTL, so "
+        "volatile-* policies evict them too), and a duplicate call could then run again. "
+        "Use maxmemory-policy noeviction for the idempotask database."
+    )
+
+
+# --------------------------------------------------------------------- client twins
+
+
+def _own_retry(retries: int, *, asyncio_: bool) -> Any:
+    backoff = EqualJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE)
+    if asyncio_:
+        return redis.asyncio.retry.Retry(backoff, retries)
+    return redis.retry.Retry(backoff, retries)
+
+
+# isinstance() in helpers, so the driver objects stay Any (their settings are untyped).
+def _is_cluster(client: object) -> bool:
+    return isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
+
+
+def _is_sync(client: object) -> bool:
+    return isinstance(client, (redis.Redis, redis.cluster.RedisCluster))
+
+
+def _portable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: settings[name] for name in _PORTABLE_SETTINGS if name in settings}
+
+
+def _twin_client(client: Any, *, retries: int) -> Any:
+    """A client of the other flavour (sync <-> asyncio) for the same server(s).
+
+    Raises ``LookupError`` when the client's connections cannot be reproduced (Sentinel,
+    a custom connection class).
+    """
+    to_async = _is_sync(client)
+    retry = _own_retry(retries, asyncio_=to_async)
+    retry_errors = [RedisConnectionError, RedisTimeoutError]
+    if _is_cluster(client):
+        nodes = list(client.nodes_manager.startup_nodes.values())
+        if not nodes:
+            raise LookupError("the cluster client knows no nodes")
+        settings: Mapping[str, Any]
+        if to_async:
+            connection = getattr(nodes[0], "redis_connection", None)
+            if connection is None:
+                raise LookupError("the cluster client's nodes have no connection settings")
+            settings = connection.connection_pool.connection_kwargs
+            ssl = connection.connection_pool.connection_class.__name__ == "SSLConnection"
+        else:
+            settings = client.connection_kwargs
+            ssl = getattr(settings.get("connection_class"), "__name__", "") == "SSLConnection"
+        options = _portable(settings)
+        for name in ("host", "port", "db", "path"):
+            options.pop(name, None)
+        if to_async:
+            startup = [redis.asyncio.cluster.ClusterNode(n.host, n.port) for n in nodes]
+            return redis.asyncio.cluster.RedisCluster(
+                startup_nodes=startup, ssl=ssl, retry=retry, retry_on_error=retry_errors, **options
+            )
+        sync_node: Any = redis.cluster.ClusterNode  # untyped in redis-py
+        sync_startup = [sync_node(n.host, n.port) for n in nodes]
+        if ssl:
+            options["ssl"] = True
+        return redis.cluster.RedisCluster(
+            startup_nodes=sync_startup, retry=retry, retry_on_error=retry_errors, **options
+        )
+    pool = client.connection_pool
+    twin_class = _CONNECTION_TWINS.get(pool.connection_class)
+    if twin_class is None:
+        raise LookupError(f"its connection class {pool.connection_class.__qualname__} has no twin")
+    options = _portable(pool.connection_kwargs)
+    if to_async:
+        async_pool = redis.asyncio.ConnectionPool(
+            connection_class=twin_class, retry=retry, retry_on_error=retry_errors, **options
+        )
+        return redis.asyncio.Redis.from_pool(async_pool)
+    sync_pool = redis.ConnectionPool(
+        connection_class=twin_class, retry=retry, retry_on_error=retry_errors, **options
+    )
+    return redis.Redis.from_pool(sync_pool)
+
+
+def _describe_client(client: Any) -> str:
+    """host:port[/db] or the socket path of a client, for messages; never a password."""
+    try:
+        if _is_cluster(client):
+            nodes = ",".join(sorted(client.nodes_manager.startup_nodes))
+            return f"cluster {nodes}"
+        settings = client.connection_pool.connection_kwargs
+        if "path" in settings:
+            return f"unix:{settings['path']}"
+        return f"{settings.get('host')}:{settings.get('port')}/{settings.get('db', 0)}"
+    except Exception:  # a message must never fail: fall back to the client's type
+        return type(client).__qualname__
+
+
+def _describe_url(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]  # drop user:password
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+# ---------------------------------------------------------------------------- backend
+
+_UNCHECKED, _CHECKING, _CHECKED = 0, 1, 2
+
+
+class RedisBackend:
+    """The idempotency store on Redis, Redis Cluster or Sentinel (through your client).
+
+    Build it from a URL (``redis://``, ``rediss://``, ``unix://``; clients are created on
+    first use, with a 5 s socket timeout, a 2 s connect timeout and 2 quick retries unless
+    the URL's query says otherwise) or from clients you made: a sync ``client`` and/or an
+    ``async_client`` (``redis.Redis``, ``redis.cluster.RedisCluster`` or their
+    ``redis.asyncio`` counterparts; pass a Sentinel master this way). Given only one
+    flavour, the other is derived from its connection settings when they can be copied;
+    otherwise the first call of the other flavour raises :class:`ConfigurationError`.
+    Clients made with ``decode_responses=True`` work: replies are read undecoded.
+
+    >>> store = RedisBackend(url="redis://localhost:6379/0", socket_timeout=2.0)
+    >>> store
+    RedisBackend('redis://localhost:6379/0')
+    >>> import redis
+    >>> store = RedisBackend(redis.Redis(decode_responses=True))  # doctest: +SKIP
+
+    ``check_eviction_policy`` (default on) reads ``maxmemory-policy`` on first use and
+    emits one :class:`RuntimeWarning` when Redis could evict records.
+    """
+
+    def __init__(
+        self,
+        client: SyncClient | AsyncClient | None = None,
+        *,
+        url: str | None = None,
+        async_client: AsyncClient | None = None,
+        socket_timeout: float | None = DEFAULT_SOCKET_TIMEOUT,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        check_eviction_policy: bool = True,
+    ) -> None:
+        sync_client: SyncClient | None = None
+        if isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
+            if async_client is not None:
+                raise ConfigurationError(
+                    "RedisBackend: client= is an asyncio client and async_client= is given "
+                    "too; pass the sync client as client="
+                )
+            async_client = client
+        elif isinstance(client, (redis.Redis, redis.cluster.RedisCluster)):
+            sync_client = client
+        elif client is not None:
+            raise ConfigurationError(
+                "RedisBackend: client= must be a redis.Redis, redis.cluster.RedisCluster or "
+                f"their redis.asyncio counterparts, got {type(client).__qualname__}"
+            )
+        if async_client is not None and not isinstance(
+            async_client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
+        ):
+            raise ConfigurationError(
+                "RedisBackend: async_client= must be a redis.asyncio.Redis or "
+                f"redis.asyncio.cluster.RedisCluster, got {type(async_client).__qualname__}"
+            )
+        if url is not None:
+            if sync_client is not None or async_client is not None:
+                raise ConfigurationError("RedisBackend: pass url= or clients, not both")
+            if not isinstance(url, str) or url.split("://", 1)[0].lower() not in (
+                "redis",
+                "rediss",
+                "unix",
+            ):
+                raise ConfigurationError(
+                    f"RedisBackend: url= must be a redis://, rediss:// or unix:// URL, got {url!r}"
+                )
+            try:  # parse only: nothing connects before the first operation
+                parse_url: Any = redis.connection.parse_url  # untyped in redis-py
+                parse_url(url)
+            except ValueError as exc:
+                raise ConfigurationError(f"RedisBackend: invalid URL {url!r}: {exc}") from exc
+        elif sync_client is None and async_client is None:
+            raise ConfigurationError(
+                "RedisBackend: pass url='redis://host:6379/0', a client, or an async_client"
+            )
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"RedisBackend: retries must be an int >= 0, got {retries!r}")
+        for option, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigurationError(
+                    f"RedisBackend: {option} must be a positive number of seconds or None, "
+                    f"got {value!r}"
+                )
+
+        self._url = url
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = connect_timeout
+        self._retries = retries
+        self._sync_client: SyncClient | None = sync_client
+        self._given_async: AsyncClient | None = async_client
+        self._owns_sync = sync_client is None
+        self._lock = threading.Lock()
+        # asyncio clients are bound to the event loop they first ran on, so the clients
+        # this backend creates are kept per loop; a user's async client is used as given.
+        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
+        self._async_by_loop = weakref.WeakKeyDictionary()
+        # The hot path's shortcut to the running loop's client, without taking the lock.
+        self._last_async: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncClient] | None
+        self._last_async = None
+        self._policy_state = _UNCHECKED if check_eviction_policy else _CHECKED
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisBackend:
+        """Build a backend for a ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+        This is what ``backend_from_url`` and ``configure(backend="redis://...")`` call.
+        Nothing connects until the first operation.
+
+        >>> RedisBackend.from_url("rediss://user:secret@cache.example:6380/2")
+        RedisBackend('rediss://cache.example:6380/2')
+        """
+        return cls(url=url, **options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._server!r})"
+
+    @property
+    def _server(self) -> str:
+        if self._url is not None:
+            return _describe_url(self._url)
+        return _describe_client(self._sync_client or self._given_async)
+
+    # ------------------------------------------------------------------ clients
+
+    def _client_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "socket_timeout": self._socket_timeout,
+            "socket_connect_timeout": self._connect_timeout,
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        }
+        return options
+
+    def _make_sync(self) -> SyncClient:
+        with self._lock:
+            if self._sync_client is None:
+                if self._url is not None:
+                    self._sync_client = redis.Redis.from_url(
+                        self._url,
+                        retry=_own_retry(self._retries, asyncio_=False),
+                        **self._client_options(),
+                    )
+                else:
+                    self._sync_client = self._derive(self._given_async, "client")
+            return self._sync_client
+
+    def _loop_client(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        last = self._last_async
+        if last is not None and last[0]() is loop:
+            return last[1]
+        with self._lock:
+            client = self._async_by_loop.get(loop)
+            if client is None:
+                if self._url is not None:
+                    client = redis.asyncio.Redis.from_url(
+                        self._url,
+                        retry=_own_retry(self._retries, asyncio_=True),
+                        **self._client_options(),
+                    )
+                else:
+                    client = self._derive(self._sync_client, "async_client")
+                self._async_by_loop[loop] = client
+            self._last_async = (weakref.ref(loop), client)
+        return client
+
+    def _derive(self, client: Any, missing: str) -> Any:
+        try:
+            return _twin_client(client, retries=self._retries)
+        except (LookupError, TypeError, AttributeError) as exc:
+            flavour = "async" if missing == "async_client" else "sync"
+            raise ConfigurationError(
+                f"RedisBackend: {flavour} callers need a {flavour} client, and one cannot be "
+                f"derived from the {type(client).__qualname__} given ({exc}); pass "
+                f"{missing}= as well"
+            ) from exc
+
+    def close(self) -> None:
+        """Close the sync client if this backend created it (a client you passed stays open).
+
+        >>> RedisBackend.from_url("redis://localhost:6379/0").close()
+        """
+        with self._lock:
+            client = self._sync_client
+            if client is None or not self._owns_sync:
+                return
+            self._sync_client = None
+        client.close()
+
+    async def aclose(self) -> None:
+        """Close the asyncio client this backend created for the running event loop.
+
+        >>> import asyncio
+        >>> asyncio.run(RedisBackend.from_url("redis://localhost:6379/0").aclose())
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async_by_loop.pop(loop, None)
+            self._last_async = None
+        if client is not None:
+            await client.aclose()
+
+    # ------------------------------------------------------------ shared core
+
+    def _error(self, operation: str, key: str, exc: BaseException) -> BackendError:
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
+            return CorruptRecordError(
+                f"redis backend: {operation} {key!r} on {self._server}: the value under "
+                f"Redis key {record_key(key)!r} is not an idempotask record ({exc})"
+            )
+        return BackendError(
+            f"redis backend: {operation} {key!r} failed on {self._server}: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+    def _policy_begin(self) -> bool:
+        with self._lock:
+            if self._policy_state != _UNCHECKED:
+                return False
+            self._policy_state = _CHECKING
+            return True
+
+    def _policy_end(self, reply: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            # The server is unreachable: the operation fails too; check on the next call.
+            self._policy_state = _UNCHECKED
+            raise exc
+        self._policy_state = _CHECKED
+        if exc is not None:
+            # Managed Redis services often forbid CONFIG; that is no reason to fail.
+            logger.debug("redis backend: cannot read maxmemory-policy on %s: %s", self._server, exc)
+            return
+        message = eviction_warning(self._server, _policies(reply))
+        if message is not None:
+            # stacklevel 4: _policy_end <- _run <- claim <- the caller
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    @staticmethod
+    def _config_get_args(client: Any) -> dict[str, Any]:
+        if _is_cluster(client):
+            return {"target_nodes": client.PRIMARIES}
+        return {}
+
+    def _run(
+        self,
+        operation: str,
+        script: _Script,
+        key: str,
+        args: tuple[Any, ...],
+        parse: Callable[[str, Any], _T],
+    ) -> _T:
+        rkey = record_key(key).encode()
+        try:
+            # Any: redis-py's execute_command is untyped, and the reply is parsed below.
+            client: Any = self._sync_client
+            if client is None:
+                client = self._make_sync()
+            if self._policy_state == _UNCHECKED and self._policy_begin():
+                try:
+                    reply = client.config_get("maxmemory-policy", **self._config_get_args(client))
+                except RedisError as exc:
+                    self._policy_end(None, exc)
+                else:
+                    self._policy_end(reply, None)
+            try:
+                reply = client.execute_command(
+                    "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
+                )
+            except NoScriptError:
+                # This node has not cached the script (restart, SCRIPT FLUSH, a new cluster
+                # node): EVAL sends it, runs it and caches it there for the next EVALSHA.
+                reply = client.execute_command(
+                    "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
+                )
+        except RedisError as exc:
+            raise self._error(operation, key, exc) from exc
+        return parse(key, reply)
+
+    async def _arun(
+        self,
+        operation: str,
+        script: _Script,
+        key: str,
+        args: tuple[Any, ...],
+        parse: Callable[[str, Any], _T],
+    ) -> _T:
+        rkey = record_key(key).encode()
+        try:
+            client: Any = self._given_async
+            if client is None:
+                client = self._loop_client()
+            if self._policy_state == _UNCHECKED and self._policy_begin():
+                try:
+                    reply = await client.config_get(
+                        "maxmemory-policy", **self._config_get_args(client)
+                    )
+                except RedisError as exc:
+                    self._policy_end(None, exc)
+                else:
+                    self._policy_end(reply, None)
+            try:
+                reply = await client.execute_command(
+                    "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
+                )
+            except NoScriptError:
+                reply = await client.execute_command(
+                    "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
+                )
+        except RedisError as exc:
+            raise self._error(operation, key, exc) from exc
+        return parse(key, reply)
+
+    # Each operation is its script's arguments; _run/_arun do the I/O, parse_* the rest.
+
+    @staticmethod
+    def _claim_args(
+        token: str, lease: float, owner: str, fingerprint: str
+    ) -> tuple[bytes, bytes, int, bytes, bytes]:
+        return (
+            _FORMAT,
+            token.encode(),
+            _milliseconds(lease, "lease"),
+            owner.encode(),
+            fingerprint.encode(),
+        )
+
+    @staticmethod
+    def _store_args(token: str, payload: bytes, ttl: float) -> tuple[bytes, bytes, bytes, int]:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise ConfigurationError(
+                f"redis backend: payload must be bytes, got {type(payload).__qualname__}"
+            )
+        return (_FORMAT, token.encode(), bytes(payload), _milliseconds(ttl, "ttl"))
+
+    @staticmethod
+    def _delete_args(token: str | None) -> tuple[bytes, bytes, bytes]:
+        if token is None:
+            return (_FORMAT, b"0", b"")
+        return (_FORMAT, b"1", token.encode())
+
+    # -------------------------------------------------------------- sync API
+
+    def claim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """Take ``key`` with ``token`` for ``lease`` seconds, or return the record holding it.
+
+        One round trip. ``record.held_by(token)`` tells whether the caller holds the key.
+
+        >>> record = store.claim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
+        """
+        args = self._claim_args(token, lease, owner, fingerprint)
+        return self._run("claim", _CLAIM, key, args, parse_claim)
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """Store ``payload`` as the result if ``key`` is held with ``token``; keep it ``ttl`` s.
+
+        >>> store.complete("ns:f:1:d", "t-1", b"42", ttl=3600)  # doctest: +SKIP
+        True
+        """
+        args = self._store_args(token, payload, ttl)
+        return self._run("complete", _COMPLETE, key, args, parse_flag)
+
+    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """Store ``payload`` as a failure if ``key`` is held with ``token``; keep it ``ttl`` s.
+
+        >>> store.fail("ns:f:1:d", "t-1", b"ValueError: no", ttl=60)  # doctest: +SKIP
+        True
+        """
+        args = self._store_args(token, payload, ttl)
+        return self._run("fail", _FAIL, key, args, parse_flag)
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """Reset the lease of ``key`` to ``lease`` seconds if it is held with ``token``.
+
+        >>> store.renew("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
+        True
+        """
+        args = (_FORMAT, token.encode(), _milliseconds(lease, "lease"))
+        return self._run("renew", _RENEW, key, args, parse_flag)
+
+    def get(self, key: str) -> Record | None:
+        """The record of ``key`` with the time left on its lease or ttl, or ``None``.
+
+        >>> store.get("ns:f:1:d")  # doctest: +SKIP
+        Record(key='ns:f:1:d', state=<State.COMPLETED: 'completed'>, ...)
+        """
+        return self._run("get", _GET, key, (_FORMAT,), parse_record)
+
+    def delete(self, key: str, *, token: str | None = None) -> bool:
+        """Remove the record of ``key`` (with ``token``: only if that token wrote it).
+
+        Without a token, whatever is under the key goes, foreign values included.
+
+        >>> store.delete("ns:f:1:d")  # doctest: +SKIP
+        True
+        """
+        return self._run("delete", _DELETE, key, self._delete_args(token), parse_flag)
+
+    def expire_now(self, key: str) -> bool:
+        """Test-only: end the record's lease or ttl now; returns whether one was there.
+
+        An expired Redis key is an absent key, so this deletes it.
+
+        >>> store.expire_now("ns:f:1:d")  # doctest: +SKIP
+        True
+        """
+        return self._run("expire_now", _DELETE, key, self._delete_args(None), parse_flag)
+
+    # ------------------------------------------------------------- async API
+
+    async def aclaim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """Async :meth:`claim`.
+
+        >>> record = await store.aclaim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
+        """
+        args = self._claim_args(token, lease, owner, fingerprint)
+        return await self._arun("claim", _CLAIM, key, args, parse_claim)
+
+    async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """Async :meth:`complete`.
+
+        >>> await store.acomplete("ns:f:1:d", "t-1", b"42", ttl=3600)  # doctest: +SKIP
+        True
+        """
+        args = self._store_args(token, payload, ttl)
+        return await self._arun("complete", _COMPLETE, key, args, parse_flag)
+
+    async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """Async :meth:`fail`.
+
+        >>> await store.afail("ns:f:1:d", "t-1", b"ValueError: no", ttl=60)  # doctest: +SKIP
+        True
+        """
+        args = self._store_args(token, payload, ttl)
+        return await self._arun("fail", _FAIL, key, args, parse_flag)
+
+    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
+        """Async :meth:`renew`.
+
+        >>> await store.arenew("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
+        True
+        """
+        args = (_FORMAT, token.encode(), _milliseconds(lease, "lease"))
+        return await self._arun("renew", _RENEW, key, args, parse_flag)
+
+    async def aget(self, key: str) -> Record | None:
+        """Async :meth:`get`.
+
+        >>> await store.aget("ns:f:1:d")  # doctest: +SKIP
+        """
+        return await self._arun("get", _GET, key, (_FORMAT,), parse_record)
+
+    async def adelete(self, key: str, *, token: str | None = None) -> bool:
+        """Async :meth:`delete`.
+
+        >>> await store.adelete("ns:f:1:d", token="t-1")  # doctest: +SKIP
+        True
+        """
+        return await self._arun("delete", _DELETE, key, self._delete_args(token), parse_flag)
+
+    async def aexpire_now(self, key: str) -> bool:
+        """Async :meth:`expire_now` (test-only).
+
+        >>> await store.aexpire_now("ns:f:1:d")  # doctest: +SKIP
+        True
+        """
+        return await self._arun("expire_now", _DELETE, key, self._delete_args(None), parse_flag)

@@ -1,0 +1,182 @@
+"""Process-wide configuration, resolved lazily.
+
+:func:`configure` may run before or after decorated functions are defined: each call
+looks the settings up when it runs (cheaply: a generation counter tells decorated
+functions when to refresh). Without ``configure()``, the backend comes from the
+``IDEMPOTASK_URL`` environment variable, else the embedded ``memory://`` store. Nothing
+connects at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from idempotask.backends import Backend, backend_from_url
+from idempotask.errors import ConfigurationError
+from idempotask.serializers import Serializer, get_serializer
+
+__all__ = ["Settings", "configure", "get_backend", "reset", "settings"]
+
+OnBackendError = Literal["raise", "open"]
+OnConflict = Literal["wait", "raise"]
+
+ENV_URL = "IDEMPOTASK_URL"
+DEFAULT_URL = "memory://"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The active configuration. Read it with :func:`settings`."""
+
+    backend: Backend | str | None = None
+    """A backend instance, a URL, or None for ``$IDEMPOTASK_URL`` / ``memory://``."""
+    namespace: str = "idempotask"
+    """First part of every key; lets several applications share one store."""
+    default_ttl: float = 24 * 3600.0
+    """Seconds a result is kept when a decorator gives no ``ttl``."""
+    default_lease: float = 60.0
+    """Seconds a claim is held without renewal when a decorator gives no ``lease``."""
+    wait_timeout: float = 60.0
+    """Seconds ``on_conflict="wait"`` waits when a decorator gives no ``wait_timeout``."""
+    on_backend_error: OnBackendError = "raise"
+    """``"raise"`` (fail closed) or ``"open"`` (run unprotected, loudly logged)."""
+    serializer: Serializer | str = "json"
+    """How results are stored: ``"json"`` (typed JSON), ``"pickle"`` or an object."""
+
+
+_lock = threading.RLock()
+_settings = Settings()
+_backend: Backend | None = None
+generation = 0
+"""Bumped on every configure(); decorated functions refresh their cache when it moves."""
+
+
+def check_seconds(option: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Validate a duration option; the error names the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{option}: expected seconds as a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"{option}: must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return float(value)
+
+
+def check_choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Validate a named choice; the error names the option and the choices."""
+    if value not in choices:
+        raise ConfigurationError(
+            f"{option}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
+    return str(value)
+
+
+def check_backend(value: Any) -> Backend | str | None:
+    """Validate a backend option: an instance, a URL or None."""
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and "://" not in value:
+            raise ConfigurationError(
+                f"backend: expected a URL such as 'redis://localhost:6379/0', got {value!r}"
+            )
+        return value
+    if isinstance(value, Backend):
+        return value
+    raise ConfigurationError(
+        f"backend: expected a URL or a store implementing idempotask.backends.Backend, "
+        f"got {type(value).__name__}"
+    )
+
+
+def check_namespace(value: Any) -> str:
+    """Validate a namespace: non-empty, without ':' or braces or whitespace."""
+    if not isinstance(value, str) or not value or any(c in value for c in ":{} \t\r\n"):
+        raise ConfigurationError(
+            f"namespace: expected a non-empty string without ':', braces or spaces, got {value!r}"
+        )
+    return value
+
+
+_UNSET: Any = object()
+
+
+def configure(
+    *,
+    backend: Backend | str | None = _UNSET,
+    namespace: str = _UNSET,
+    default_ttl: float = _UNSET,
+    default_lease: float = _UNSET,
+    wait_timeout: float = _UNSET,
+    on_backend_error: OnBackendError = _UNSET,
+    serializer: Serializer | str = _UNSET,
+) -> Settings:
+    """Set process-wide defaults; options not given keep their current value.
+
+    >>> configure(backend="redis://localhost:6379/0", namespace="billing")  # doctest: +SKIP
+
+    Every option is validated now, and the error names the option. Returns the new
+    :class:`Settings`.
+    """
+    global _settings, _backend, generation
+    changes: dict[str, Any] = {}
+    if backend is not _UNSET:
+        changes["backend"] = check_backend(backend)
+    if namespace is not _UNSET:
+        changes["namespace"] = check_namespace(namespace)
+    if default_ttl is not _UNSET:
+        changes["default_ttl"] = check_seconds("default_ttl", default_ttl)
+    if default_lease is not _UNSET:
+        changes["default_lease"] = check_seconds("default_lease", default_lease)
+    if wait_timeout is not _UNSET:
+        changes["wait_timeout"] = check_seconds("wait_timeout", wait_timeout, allow_zero=True)
+    if on_backend_error is not _UNSET:
+        changes["on_backend_error"] = check_choice(
+            "on_backend_error", on_backend_error, ("raise", "open")
+        )
+    if serializer is not _UNSET:
+        get_serializer(serializer)  # validates
+        changes["serializer"] = serializer
+    with _lock:
+        _settings = replace(_settings, **changes)
+        if "backend" in changes:
+            _backend = None
+        generation += 1
+        return _settings
+
+
+def reset() -> None:
+    """Restore the defaults (the next call rebuilds the backend from the environment)."""
+    global _settings, _backend, generation
+    with _lock:
+        _settings = Settings()
+        _backend = None
+        generation += 1
+
+
+def settings() -> Settings:
+    """The active :class:`Settings`."""
+    return _settings
+
+
+def resolve_backend(value: Backend | str) -> Backend:
+    """A backend instance for an instance or a URL."""
+    return value if not isinstance(value, str) else backend_from_url(value)
+
+
+def get_backend() -> Backend:
+    """The configured backend, built on first use."""
+    global _backend
+    current = _backend
+    if current is not None:
+        return current
+    with _lock:
+        if _backend is None:
+            chosen = _settings.backend
+            if chosen is None:
+                chosen = os.environ.get(ENV_URL) or DEFAULT_URL
+            _backend = resolve_backend(chosen)
+        return _backend

@@ -1,0 +1,669 @@
+"""``@idempotent``: the same logical call within ``ttl`` runs once.
+
+The call protocol is one pure decision core, :meth:`_Spec.flow`, a generator that
+yields the I/O it needs (``claim``, ``run``, ``sleep``, ``complete``...) and receives
+the answers. Two thin drivers perform that I/O: :func:`_drive` for sync callers and
+:func:`_adrive` for async ones, the way tenacity's ``Retrying`` and ``AsyncRetrying``
+drive ``BaseRetrying.iter``. The protocol therefore exists once, for both worlds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, cast, overload
+
+from idempotask import config, events, lease
+from idempotask.backends.base import Backend, Record, State
+from idempotask.errors import (
+    AlreadyInProgress,
+    BackendError,
+    ConfigurationError,
+    KeyMismatchError,
+    SerializationError,
+)
+from idempotask.events import EventKind
+from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
+from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
+
+__all__ = ["IdempotentFunction", "idempotent"]
+
+log = logging.getLogger("idempotask")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+# Ops yielded by the decision core. Store ops name the Backend method to call.
+_CLAIM, _COMPLETE, _FAIL, _DELETE = "claim", "complete", "fail", "delete"
+_RUN, _SLEEP = "run", "sleep"
+_ASYNC_NAME = {_CLAIM: "aclaim", _COMPLETE: "acomplete", _FAIL: "afail", _DELETE: "adelete"}
+
+_POLL_FIRST, _POLL_MAX = 0.005, 0.25  # waiting on another caller: first and longest poll
+
+# Tokens must be unique across processes and calls; a random per-process prefix and a
+# counter are as unique as uuid4 and several times cheaper on the hot path.
+_token_prefix = os.urandom(8).hex()
+_token_counter = itertools.count()
+
+
+def _reseed_tokens() -> None:
+    global _token_prefix, _token_counter
+    _token_prefix = os.urandom(8).hex()
+    _token_counter = itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_tokens)
+
+
+def _new_token() -> str:
+    return f"{_token_prefix}{next(_token_counter):x}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of one ``@idempotent`` function (None: use the configured)."""
+
+    name: str
+    ttl: float | None
+    lease: float | None
+    on_conflict: Literal["wait", "raise"]
+    wait_timeout: float | None
+    cache_errors: float | None
+    backend: Backend | str | None
+    serializer: Serializer | None
+    on_backend_error: Literal["raise", "open"] | None
+
+
+class _Outcome:
+    """What running the body produced: a value or an exception."""
+
+    __slots__ = ("duration", "error", "value")
+
+    def __init__(self, value: Any, error: BaseException | None, duration: float) -> None:
+        self.value = value
+        self.error = error
+        self.duration = duration
+
+
+class _Spec:
+    """Everything about one decorated function that does not change per call."""
+
+    def __init__(self, func: Callable[..., Any], options: Options, keyer: CallKeyer) -> None:
+        self.func = func
+        self.options = options
+        self.keyer = keyer
+        self.name = options.name
+        self._generation = -1
+        self._backend: Backend | None = None
+        self._namespace = ""
+        self._ttl = self._lease = self._wait = 0.0
+        self._fail_open = False
+        self._serializer: Serializer = get_serializer(None)
+
+    # Settings are read once per configure() generation, not once per call.
+    def refresh(self) -> None:
+        if self._generation == config.generation:
+            return
+        s = config.settings()
+        o = self.options
+        if o.backend is not None:
+            if self._backend is None:
+                self._backend = config.resolve_backend(o.backend)
+        else:
+            self._backend = None  # resolved lazily through config.get_backend()
+        self._namespace = s.namespace
+        self._ttl = o.ttl if o.ttl is not None else s.default_ttl
+        self._lease = o.lease if o.lease is not None else s.default_lease
+        self._wait = o.wait_timeout if o.wait_timeout is not None else s.wait_timeout
+        self._fail_open = (o.on_backend_error or s.on_backend_error) == "open"
+        self._serializer = o.serializer or get_serializer(s.serializer)
+        self._generation = config.generation
+
+    def backend(self) -> Backend:
+        self.refresh()
+        return self._backend or config.get_backend()
+
+    def key(self, args: tuple[Any, ...], kwargs: dict[str, Any], explicit: str | None) -> str:
+        self.refresh()
+        if explicit is not None:
+            # An explicit key (an Idempotency-Key header) is hashed too: it may be secret.
+            d = digest(b"explicit:" + explicit.encode("utf-8", "surrogatepass"))
+            return f"{self._namespace}:{self.name}:{KEY_VERSION}:x{d}"
+        return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.keyer.digest(args, kwargs)}"
+
+    def fingerprint(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return self.keyer.digest(args, kwargs)
+
+    # ----------------------------------------------------------------------------------
+    # The decision core. No I/O here: every store operation, the body and every sleep
+    # are yielded to the driver as (op, arguments) and their result is sent back; a
+    # store failure is thrown back in as BackendError.
+    # ----------------------------------------------------------------------------------
+    def flow(
+        self, key: str, owner: str, fingerprint: str
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+        token = _new_token()
+        deadline = -1.0
+        poll = _POLL_FIRST
+        while True:
+            try:
+                record: Record = yield _CLAIM, (key, token, self._lease, owner, fingerprint)
+            except BackendError as exc:
+                return (yield from self._fail_open_or_raise(key, exc))
+            if record.token == token and record.state is State.IN_PROGRESS:
+                break
+            if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
+                raise KeyMismatchError(
+                    f"idempotency key {key} was first used for {self.name} with other "
+                    "arguments; an explicit key must always come with the same arguments",
+                    key=key,
+                )
+            if record.state is State.COMPLETED:
+                events.emit(EventKind.DUPLICATE, self.name, key)
+                return self._load(key, record.payload)
+            if record.state is State.FAILED:
+                events.emit(EventKind.DUPLICATE, self.name, key)
+                raise self._load_error(key, record.payload)
+            # IN_PROGRESS, held by someone else.
+            events.emit(EventKind.CONFLICT, self.name, key)
+            now = time.monotonic()
+            if deadline < 0:
+                deadline = now + self._wait
+            if self.options.on_conflict == "raise" or now >= deadline:
+                waited = "" if self.options.on_conflict == "raise" else f" after {self._wait:g}s"
+                raise AlreadyInProgress(
+                    f"{self.name}: another caller holds {key}{waited}; its result is not ready yet",
+                    key=key,
+                )
+            # Poll by claiming again: one round trip that also takes the key if the
+            # holder failed or its lease ran out, and returns the result if it finished.
+            yield _SLEEP, (min(poll, deadline - now),)
+            poll = min(poll * 2, _POLL_MAX)
+
+        events.emit(EventKind.CLAIMED, self.name, key)
+        outcome: _Outcome = yield _RUN, (key, token)
+        if outcome.error is None:
+            return (yield from self._store_result(key, token, outcome))
+        yield from self._store_error(key, token, outcome)
+        raise outcome.error
+
+    def _fail_open_or_raise(
+        self, key: str, exc: BackendError
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+        events.emit(
+            EventKind.BACKEND_ERROR, self.name, key, error=type(exc.__cause__ or exc).__name__
+        )
+        if not self._fail_open:
+            raise exc
+        log.error(
+            "idempotask: store unavailable for %s (%s); on_backend_error='open', so the call "
+            "runs UNPROTECTED and duplicates are possible: %s",
+            self.name,
+            key,
+            exc,
+        )
+        events.emit(EventKind.FAIL_OPEN, self.name, key)
+        outcome: _Outcome = yield _RUN, (None, None)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    def _store_result(
+        self, key: str, token: str, outcome: _Outcome
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+        try:
+            payload = self._serializer.dumps(outcome.value)
+        except SerializationError as exc:
+            yield from self._release(key, token)
+            raise SerializationError(
+                f"{self.name} returned a value that cannot be stored, so {key} was released "
+                f"and the call is not protected: {exc}"
+            ) from exc
+        try:
+            stored = yield _COMPLETE, (key, token, payload, self._ttl)
+        except BackendError as exc:
+            # The body ran; raising would make a framework run it again. The result is
+            # returned, and the claim expires with its lease.
+            log.error("idempotask: could not store the result of %s (%s): %s", self.name, key, exc)
+            events.emit(EventKind.BACKEND_ERROR, self.name, key, error=type(exc).__name__)
+            return outcome.value
+        if stored:
+            events.emit(EventKind.COMPLETED, self.name, key, duration=outcome.duration)
+        else:
+            lease.report_lost(
+                self.name,
+                key,
+                "the key was taken over while the body ran; the other "
+                "caller's result is kept and this one's is only returned to its caller",
+            )
+        return outcome.value
+
+    def _store_error(
+        self, key: str, token: str, outcome: _Outcome
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+        error = outcome.error
+        assert error is not None
+        ttl = self.options.cache_errors
+        if ttl is None or not isinstance(error, Exception):
+            # Failures and cancellations (CancelledError, KeyboardInterrupt...) release.
+            events.emit(
+                EventKind.FAILED,
+                self.name,
+                key,
+                duration=outcome.duration,
+                error=type(error).__name__,
+            )
+            yield from self._release(key, token)
+            return
+        try:
+            payload = dump_exception(error)
+            if not (yield _FAIL, (key, token, payload, ttl)):
+                lease.report_lost(self.name, key, "the key was taken over while the body ran")
+        except (BackendError, SerializationError) as exc:
+            log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
+            yield from self._release(key, token)
+        events.emit(
+            EventKind.FAILED, self.name, key, duration=outcome.duration, error=type(error).__name__
+        )
+
+    def _release(self, key: str, token: str) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+        try:
+            yield _DELETE, (key, token)
+        except BackendError as exc:
+            log.error(
+                "idempotask: could not release %s after %s failed; it stays claimed until its "
+                "lease runs out: %s",
+                key,
+                self.name,
+                exc,
+            )
+            return
+        events.emit(EventKind.RELEASED, self.name, key)
+
+    def _load(self, key: str, payload: bytes) -> Any:
+        try:
+            return self._serializer.loads(payload)
+        except SerializationError as exc:
+            raise SerializationError(
+                f"the stored result of {self.name} under {key} cannot be read ({exc}); the "
+                "call is not run again. Use forget_key() to drop the record if it is stale."
+            ) from exc
+
+    def _load_error(self, key: str, payload: bytes) -> BaseException:
+        try:
+            return load_exception(payload)
+        except SerializationError as exc:
+            return SerializationError(f"the cached error under {key} cannot be read: {exc}")
+
+
+# --------------------------------------------------------------------------------------
+# Drivers: they perform the core's ops and nothing else.
+# --------------------------------------------------------------------------------------
+
+
+def _store_args(op: str, a: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if op == _CLAIM:
+        key, token, lease_s, owner, fingerprint = a
+        return (key, token), {"lease": lease_s, "owner": owner, "fingerprint": fingerprint}
+    if op == _DELETE:
+        return (a[0],), {"token": a[1]}
+    key, token, payload, ttl = a
+    return (key, token, payload), {"ttl": ttl}
+
+
+def _drive(
+    spec: _Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    explicit: str | None = None,
+    owner: str = "",
+) -> Any:
+    key = spec.key(args, kwargs, explicit)
+    fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
+    backend = spec.backend()
+    flow = spec.flow(key, owner, fingerprint)
+    send: Any = None
+    error: BackendError | None = None
+    while True:
+        try:
+            op, a = flow.send(send) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        if op == _RUN:
+            send = _run_sync(spec, backend, a, args, kwargs)
+        elif op == _SLEEP:
+            time.sleep(a[0])
+            send = None
+        else:
+            p, kw = _store_args(op, a)
+            try:
+                send = getattr(backend, op)(*p, **kw)
+            except BackendError as exc:
+                error = exc
+
+
+def _run_sync(
+    spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> _Outcome:
+    key, token = a
+    stop = None
+    if key is not None:
+        stop = lease.hold(lease.Lease(backend, key, token, spec._lease, spec.name))
+    started = time.perf_counter()
+    try:
+        value = spec.func(*args, **kwargs)
+    except BaseException as exc:
+        return _Outcome(None, exc, time.perf_counter() - started)
+    finally:
+        if stop is not None:
+            stop()
+    return _Outcome(value, None, time.perf_counter() - started)
+
+
+async def _adrive(
+    spec: _Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    explicit: str | None = None,
+    owner: str = "",
+) -> Any:
+    key = spec.key(args, kwargs, explicit)
+    fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
+    backend = spec.backend()
+    flow = spec.flow(key, owner, fingerprint)
+    send: Any = None
+    error: BackendError | None = None
+    while True:
+        try:
+            op, a = flow.send(send) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        if op == _RUN:
+            send = await _run_async(spec, backend, a, args, kwargs)
+        elif op == _SLEEP:
+            await asyncio.sleep(a[0])
+            send = None
+        else:
+            p, kw = _store_args(op, a)
+            try:
+                send = await getattr(backend, _ASYNC_NAME[op])(*p, **kw)
+            except BackendError as exc:
+                error = exc
+
+
+async def _run_async(
+    spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> _Outcome:
+    key, token = a
+    stop = None
+    if key is not None:
+        stop = lease.ahold(lease.Lease(backend, key, token, spec._lease, spec.name))
+    started = time.perf_counter()
+    try:
+        value = await spec.func(*args, **kwargs)
+    except BaseException as exc:
+        return _Outcome(None, exc, time.perf_counter() - started)
+    finally:
+        if stop is not None:
+            stop()
+    return _Outcome(value, None, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------
+# The decorator.
+# --------------------------------------------------------------------------------------
+
+
+class IdempotentFunction(Protocol[P, R_co]):
+    """What ``@idempotent`` returns: the function, plus key helpers.
+
+    For methods, pass the instance explicitly to the helpers:
+    ``Account.charge.key_for(account, 100)``.
+    """
+
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]:
+        """The undecorated function."""
+        ...
+
+    @property
+    def idempotency(self) -> Options:
+        """The validated options this function was decorated with."""
+        ...
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The store key of this call, without running or claiming anything."""
+        ...
+
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop this call's stored result so it runs again; see :meth:`forget_key`."""
+        ...
+
+    def forget_key(self, key: str, *, force: bool = False) -> bool:
+        """Drop the record under ``key``. An in-progress claim raises
+        :class:`AlreadyInProgress` unless ``force=True``. Returns whether a record went."""
+        ...
+
+    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:  # type: ignore[misc]  # R_co only flows out; mypy cannot tell
+        """This function with a per-call explicit key (an Idempotency-Key header, a
+        message id) and/or an owner id (a task id shared by a task's retries)."""
+        ...
+
+
+class _BoundCall(Generic[P, R]):
+    """``fn.using(key=..., owner=...)``: the function bound to call-level options."""
+
+    __slots__ = ("_async", "_explicit", "_owner", "_spec")
+
+    def __init__(self, spec: _Spec, is_async: bool, explicit: str | None, owner: str) -> None:
+        self._spec = spec
+        self._async = is_async
+        self._explicit = explicit
+        self._owner = owner
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        driver = _adrive if self._async else _drive
+        return cast(R, driver(self._spec, args, kwargs, self._explicit, self._owner))
+
+
+def _forget_key(spec: _Spec, key: str, force: bool) -> bool:
+    backend = spec.backend()
+    if force:
+        return backend.delete(key)
+    record = backend.get(key)
+    if record is None:
+        return False
+    if record.state is State.IN_PROGRESS:
+        raise AlreadyInProgress(
+            f"{key} is being computed right now; pass force=True to drop the claim anyway",
+            key=key,
+        )
+    return backend.delete(key, token=record.token)
+
+
+_FORBIDDEN_AFTER = ("__idempotask_dead_letter__",)
+
+
+def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
+    if isinstance(func, (staticmethod, classmethod)):
+        return type(func)(_wrap(func.__func__, options))
+    if not callable(func):
+        raise ConfigurationError(f"@idempotent: expected a function, got {func!r}")
+    if any(hasattr(func, marker) for marker in _FORBIDDEN_AFTER):
+        raise ConfigurationError(
+            f"@idempotent must be applied under @dead_letter, not over it: put @dead_letter "
+            f"first (outermost) on {getattr(func, '__qualname__', func)!r}"
+        )
+    name = options.pop("name")
+    name = _check_name(name) if name is not None else default_name(func)
+    keyer = CallKeyer(
+        func,
+        key=options.pop("key"),
+        key_args=options.pop("key_args"),
+        exclude_args=options.pop("exclude_args"),
+    )
+    opts = _validate(name, options)
+    claim_name(name, f"{func.__module__}.{func.__qualname__}")
+    spec = _Spec(func, opts, keyer)
+    is_async = inspect.iscoroutinefunction(func)
+
+    if is_async:
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await _adrive(spec, args, kwargs)
+
+    else:
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return _drive(spec, args, kwargs)
+
+    w: Any = wrapper
+    w.idempotency = opts
+    w.__idempotask_spec__ = spec
+    w.key_for = lambda *args, **kwargs: spec.key(args, kwargs, None)
+    w.forget = lambda *args, **kwargs: _forget_key(spec, spec.key(args, kwargs, None), False)
+    w.forget_key = lambda key, *, force=False: _forget_key(spec, key, force)
+    w.using = lambda *, key=None, owner=None: _BoundCall(spec, is_async, key, owner or "")
+    return w
+
+
+def _validate(name: str, o: dict[str, Any]) -> Options:
+    ttl = o["ttl"]
+    lease_s = o["lease"]
+    wait = o["wait_timeout"]
+    cache = o["cache_errors"]
+    if cache is False:
+        cache = None
+    if cache is True:
+        raise ConfigurationError("cache_errors: pass the seconds to keep a failure, not True")
+    on_backend_error = o["on_backend_error"]
+    return Options(
+        name=name,
+        ttl=None if ttl is None else config.check_seconds("ttl", ttl),
+        lease=None if lease_s is None else config.check_seconds("lease", lease_s),
+        on_conflict=cast(
+            Literal["wait", "raise"],
+            config.check_choice("on_conflict", o["on_conflict"], ("wait", "raise")),
+        ),
+        wait_timeout=None
+        if wait is None
+        else config.check_seconds("wait_timeout", wait, allow_zero=True),
+        cache_errors=None if cache is None else config.check_seconds("cache_errors", cache),
+        backend=config.check_backend(o["backend"]),
+        serializer=None if o["serializer"] is None else get_serializer(o["serializer"]),
+        on_backend_error=None
+        if on_backend_error is None
+        else cast(
+            Literal["raise", "open"],
+            config.check_choice("on_backend_error", on_backend_error, ("raise", "open")),
+        ),
+    )
+
+
+@overload
+def idempotent(func: Callable[P, R], /) -> IdempotentFunction[P, R]: ...
+
+
+@overload
+def idempotent(
+    *,
+    ttl: float | None = None,
+    lease: float | None = None,
+    on_conflict: Literal["wait", "raise"] = "wait",
+    wait_timeout: float | None = None,
+    cache_errors: float | None = None,
+    key: Callable[P, Any] | None = None,
+    key_args: tuple[str, ...] | list[str] | None = None,
+    exclude_args: tuple[str, ...] | list[str] | None = None,
+    name: str | None = None,
+    backend: Backend | str | None = None,
+    serializer: Serializer | str | None = None,
+    on_backend_error: Literal["raise", "open"] | None = None,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
+
+
+def idempotent(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    ttl: float | None = None,
+    lease: float | None = None,
+    on_conflict: Literal["wait", "raise"] = "wait",
+    wait_timeout: float | None = None,
+    cache_errors: float | None = None,
+    key: Callable[..., Any] | None = None,
+    key_args: tuple[str, ...] | list[str] | None = None,
+    exclude_args: tuple[str, ...] | list[str] | None = None,
+    name: str | None = None,
+    backend: Backend | str | None = None,
+    serializer: Serializer | str | None = None,
+    on_backend_error: Literal["raise", "open"] | None = None,
+) -> Any:
+    """Make a function idempotent: the same logical call within ``ttl`` runs once.
+
+    Use it bare or with options, on functions, methods, static and class methods and
+    ``async def`` functions::
+
+        @idempotent(ttl=4 * 3600)
+        def charge(account_id: int, amount: Decimal) -> dict: ...
+
+    Options (None means "the configured default", see :func:`idempotask.configure`):
+
+    - ``ttl``: seconds a result is kept, counted from completion (default 24 h).
+    - ``lease``: seconds a running call holds its claim without renewal (default 60 s);
+      renewed every third of it in the background while the body runs, so a crashed
+      caller's claim is taken over after at most one lease.
+    - ``on_conflict``: ``"wait"`` (default) polls another caller's claim until it
+      completes (returns its result), fails (claims and runs itself) or ``wait_timeout``
+      passes (:class:`AlreadyInProgress`); ``"raise"`` raises at once.
+    - ``wait_timeout``: seconds to wait with ``on_conflict="wait"`` (default 60 s).
+    - ``cache_errors``: seconds to keep a failure; duplicates then re-raise an exception
+      of the same type and message without running. Off by default: a failure releases
+      the key so the next call runs again. Cancellations are never cached.
+    - ``key``: a callable taking the function's arguments and returning key material.
+    - ``key_args`` / ``exclude_args``: names of the arguments that make the key, or that
+      do not.
+    - ``name``: the stable name in the key (default ``module.qualname``); pin it so a
+      refactor does not change keys. Two functions cannot share a name.
+    - ``backend``: a store instance or URL for this function only.
+    - ``serializer``: ``"json"`` (typed JSON, default), ``"pickle"`` or an object with
+      ``dumps`` / ``loads``.
+    - ``on_backend_error``: ``"raise"`` (fail closed, default) or ``"open"`` (run
+      unprotected when the store is down, loudly logged).
+    """
+    options = {
+        "ttl": ttl,
+        "lease": lease,
+        "on_conflict": on_conflict,
+        "wait_timeout": wait_timeout,
+        "cache_errors": cache_errors,
+        "key": key,
+        "key_args": key_args,
+        "exclude_args": exclude_args,
+        "name": name,
+        "backend": backend,
+        "serializer": serializer,
+        "on_backend_error": on_backend_error,
+    }
+    if key is not None and not callable(key):
+        raise ConfigurationError(
+            f"key: expected a callable taking the function's arguments, got {key!r}"
+        )
+    if func is not None:
+        return _wrap(func, options)
+    return lambda f: _wrap(f, dict(options))

@@ -1,0 +1,276 @@
+"""Lease renewal while a body runs.
+
+One renewal thread per process serves every sync call in it (re-created lazily after
+``fork``), and one task per event loop serves async calls: never a thread per call.
+Each held claim is renewed every third of its lease; a renewal the store refuses means
+another caller took the key over, which is reported (a ``lease_lost`` event and a
+:class:`LeaseLostWarning`), never silent. The body can ask through :func:`lease_held`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+
+from idempotask import events
+from idempotask.backends.base import Backend
+from idempotask.errors import BackendError
+
+__all__ = ["Lease", "LeaseLostWarning", "current_lease", "lease_held"]
+
+log = logging.getLogger("idempotask")
+
+
+class LeaseLostWarning(RuntimeWarning):
+    """A running call's claim was taken over; its result will not be stored."""
+
+
+class Lease:
+    """A claim held by a running body. ``held`` turns False once the claim is lost."""
+
+    __slots__ = (
+        "_lost",
+        "active",
+        "backend",
+        "deadline",
+        "due",
+        "key",
+        "name",
+        "seconds",
+        "token",
+    )
+
+    def __init__(self, backend: Backend, key: str, token: str, seconds: float, name: str) -> None:
+        self.backend = backend
+        self.key = key
+        self.token = token
+        self.seconds = seconds
+        self.name = name
+        now = time.monotonic()
+        self.deadline = now + seconds  # when the claim runs out unless renewed
+        self.due = now + seconds / 3  # next renewal
+        self._lost = False
+        self.active = True  # False once the body has finished: late answers are ignored
+
+    @property
+    def held(self) -> bool:
+        """Whether this call still holds its claim, as far as renewals have shown."""
+        return not self._lost and time.monotonic() < self.deadline
+
+    def renewed(self, ok: bool, started: float) -> None:
+        """Record a renewal answer (``started``: when the request was sent)."""
+        if not self.active:
+            return
+        if ok:
+            self.deadline = started + self.seconds
+            self.due = started + self.seconds / 3
+        else:
+            self.lost("the store refused the renewal: another caller took the key over")
+
+    def failed(self, exc: BaseException) -> None:
+        """A renewal could not reach the store; retry soon, give up past the deadline."""
+        if not self.active:
+            return
+        now = time.monotonic()
+        if now >= self.deadline:
+            self.lost(f"renewals failed until the lease ran out ({exc})")
+        else:
+            self.due = min(self.deadline, now + max(self.seconds / 30, 0.05))
+            log.warning("idempotask: renewing %s failed, retrying: %s", self.key, exc)
+
+    def lost(self, why: str) -> None:
+        """Mark the claim lost and report it once."""
+        if self._lost:
+            return
+        self._lost = True
+        report_lost(self.name, self.key, why)
+
+
+def report_lost(name: str, key: str, why: str) -> None:
+    """Report a lost claim: a log record, a :class:`LeaseLostWarning` and an event."""
+    message = f"idempotask: lease on {key} ({name}) lost: {why}"
+    log.warning(message)
+    warnings.warn(message, LeaseLostWarning, stacklevel=3)
+    events.emit(events.EventKind.LEASE_LOST, name, key)
+
+
+_current: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
+    "idempotask_lease", default=None
+)
+
+
+def current_lease() -> Lease | None:
+    """The lease of the idempotent call running in this context, if any."""
+    return _current.get()
+
+
+def lease_held() -> bool:
+    """Inside an idempotent body: whether it still holds its claim (True outside one)."""
+    lease = _current.get()
+    return True if lease is None else lease.held
+
+
+class _ThreadKeeper:
+    """Renews the leases of every sync call in this process from one daemon thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._leases: dict[int, Lease] = {}
+        self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases[id(lease)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="idempotask-lease-renewal", daemon=True
+                )
+                self._thread.start()
+            elif lease.due < self._wake_at:
+                self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [x for x in self._leases.values() if x.due <= now]
+                if not due:
+                    nxt = min((x.due for x in self._leases.values()), default=now + 3600)
+                    self._wake_at = nxt
+                    self._cond.wait(nxt - now)
+                    self._wake_at = float("inf")
+                    continue
+            for lease in due:
+                self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
+        started = time.monotonic()
+        try:
+            ok = lease.backend.renew(lease.key, lease.token, lease=lease.seconds)
+        except BackendError as exc:
+            lease.failed(exc)
+        except Exception as exc:  # a broken third-party store must not kill the thread
+            log.exception("idempotask: unexpected error renewing %s", lease.key)
+            lease.failed(exc)
+        else:
+            lease.renewed(ok, started)
+        if lease.held is False:
+            self.remove(lease)
+
+
+class _LoopKeeper:
+    """Renews the leases of every async call on one event loop from one task."""
+
+    def __init__(self) -> None:
+        self._leases: dict[int, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def add(self, lease: Lease) -> None:
+        self._leases[id(lease)] = lease
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="idempotask-lease-renewal"
+            )
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def remove(self, lease: Lease) -> None:
+        self._leases.pop(id(lease), None)
+
+    async def _sleep_until(self, delay: float) -> None:
+        # A future woken by add() or by a timer: no helper task per sleep.
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup = loop.create_future()
+
+        def wake() -> None:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+        timer = loop.call_later(delay, wake)
+        try:
+            await wakeup
+        finally:
+            timer.cancel()
+            self._wakeup = None
+
+    async def _run(self) -> None:
+        while self._leases:
+            now = time.monotonic()
+            due = [x for x in self._leases.values() if x.due <= now]
+            if not due:
+                await self._sleep_until(min(x.due for x in self._leases.values()) - now)
+                continue
+            for lease in due:
+                started = time.monotonic()
+                try:
+                    ok = await lease.backend.arenew(lease.key, lease.token, lease=lease.seconds)
+                except BackendError as exc:
+                    lease.failed(exc)
+                except Exception as exc:
+                    log.exception("idempotask: unexpected error renewing %s", lease.key)
+                    lease.failed(exc)
+                else:
+                    lease.renewed(ok, started)
+                if not lease.held:
+                    self.remove(lease)
+
+
+_thread_keeper = _ThreadKeeper()
+_loop_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopKeeper] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _after_fork() -> None:
+    # The parent's thread does not exist in the child and its lock may be held.
+    global _thread_keeper, _loop_keepers
+    _thread_keeper = _ThreadKeeper()
+    _loop_keepers = weakref.WeakKeyDictionary()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def hold(lease: Lease) -> Callable[[], None]:
+    """Start renewing ``lease`` for a sync call; returns the function that stops it."""
+    keeper = _thread_keeper
+    keeper.add(lease)
+    token = _current.set(lease)
+
+    def release() -> None:
+        lease.active = False
+        keeper.remove(lease)
+        _current.reset(token)
+
+    return release
+
+
+def ahold(lease: Lease) -> Callable[[], None]:
+    """Start renewing ``lease`` for an async call on the running loop."""
+    loop = asyncio.get_running_loop()
+    keeper = _loop_keepers.get(loop)
+    if keeper is None:
+        keeper = _loop_keepers[loop] = _LoopKeeper()
+    keeper.add(lease)
+    token = _current.set(lease)
+
+    def release() -> None:
+        lease.active = False
+        keeper.remove(lease)
+        _current.reset(token)
+
+    return release

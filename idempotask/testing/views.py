@@ -1,0 +1,235 @@
+"""Synchronous views of a backend, so one test body checks both its sync and async methods.
+
+:class:`SyncView` calls the sync methods; :class:`AsyncView` owns an event loop and drives
+the ``a``-prefixed coroutines on it. Both expose the same synchronous interface, plus
+``expire_now`` (the test-only hook), a unique key prefix and a concurrent-claim helper that
+races threads (sync) or tasks (async).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import threading
+import uuid
+from typing import Literal
+
+from idempotask.backends.base import Backend, Record, SupportsExpireNow
+
+__all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "open_view"]
+
+Mode = Literal["sync", "async"]
+
+
+def _require_expire_now(backend: Backend) -> SupportsExpireNow:
+    if not isinstance(backend, SupportsExpireNow):
+        raise TypeError(
+            f"{type(backend).__qualname__} has no expire_now(key) method; the conformance "
+            "suite needs it to move a record past its lease or ttl on the store's own clock "
+            "(see idempotask.backends.base.SupportsExpireNow)"
+        )
+    return backend
+
+
+class StoreView(abc.ABC):
+    """The store protocol as plain synchronous calls, for tests.
+
+    ``mode`` says which methods of ``backend`` are exercised. Keys made with :meth:`key`
+    share a prefix unique to this view, so records left on a real server by earlier runs
+    never interfere, and :meth:`close` deletes them.
+    """
+
+    mode: Mode
+    #: How many concurrent callers :meth:`claim_concurrently` tests use by default.
+    concurrency: int
+
+    def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
+        self.backend = backend
+        self._expirer = _require_expire_now(backend)
+        self.prefix = prefix if prefix is not None else f"idempotask-test:{uuid.uuid4().hex}:"
+        self._keys: set[str] = set()
+
+    def key(self, name: str = "k") -> str:
+        """A key unique to this view: the view's prefix followed by ``name``."""
+        key = self.prefix + name
+        self._keys.add(key)
+        return key
+
+    def expire_now(self, key: str) -> bool:
+        """Run the backend's test hook: the record's lease or ttl runs out now."""
+        return self._expirer.expire_now(key)
+
+    @abc.abstractmethod
+    def claim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """``claim`` / ``aclaim``."""
+
+    @abc.abstractmethod
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``complete`` / ``acomplete``."""
+
+    @abc.abstractmethod
+    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``fail`` / ``afail``."""
+
+    @abc.abstractmethod
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """``renew`` / ``arenew``."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Record | None:
+        """``get`` / ``aget``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str, *, token: str | None = None) -> bool:
+        """``delete`` / ``adelete``."""
+
+    @abc.abstractmethod
+    def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
+        """Race one claim per token on ``key`` at the same moment; the answers, in order."""
+
+    def close(self) -> None:
+        """Delete the keys this view made (best effort) and release its resources."""
+        for key in self._keys:
+            # Through the sync method even for AsyncView, whose loop may be failing; and a
+            # failed cleanup must not mask the test's own outcome.
+            with contextlib.suppress(Exception):
+                self.backend.delete(key)
+        self._keys.clear()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend!r})"
+
+
+class SyncView(StoreView):
+    """Exercises the backend's sync methods; concurrency is real threads."""
+
+    mode: Mode = "sync"
+    concurrency = 16
+
+    def claim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """``backend.claim``."""
+        return self.backend.claim(key, token, lease=lease, owner=owner, fingerprint=fingerprint)
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``backend.complete``."""
+        return self.backend.complete(key, token, payload, ttl=ttl)
+
+    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``backend.fail``."""
+        return self.backend.fail(key, token, payload, ttl=ttl)
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """``backend.renew``."""
+        return self.backend.renew(key, token, lease=lease)
+
+    def get(self, key: str) -> Record | None:
+        """``backend.get``."""
+        return self.backend.get(key)
+
+    def delete(self, key: str, *, token: str | None = None) -> bool:
+        """``backend.delete``."""
+        return self.backend.delete(key, token=token)
+
+    def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
+        """One thread per token, released together by a barrier."""
+        results: list[Record | None] = [None] * len(tokens)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(tokens), timeout=30)
+
+        def worker(index: int, token: str) -> None:
+            try:
+                barrier.wait()
+                results[index] = self.backend.claim(key, token, lease=lease)
+            except BaseException as exc:  # re-raised in the calling thread below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=worker, args=(i, t), daemon=True) for i, t in enumerate(tokens)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        if errors:
+            raise errors[0]
+        answers = [r for r in results if r is not None]
+        if len(answers) != len(tokens):
+            raise TimeoutError(f"{len(tokens) - len(answers)} concurrent claims did not return")
+        return answers
+
+
+class AsyncView(StoreView):
+    """Exercises the backend's ``a``-prefixed coroutines on an event loop this view owns.
+
+    Concurrency is asyncio tasks on that loop. :meth:`close` closes the loop.
+    """
+
+    mode: Mode = "async"
+    concurrency = 50
+
+    def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
+        super().__init__(backend, prefix=prefix)
+        self.loop = asyncio.new_event_loop()
+
+    def claim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """``await backend.aclaim``."""
+        return self.loop.run_until_complete(
+            self.backend.aclaim(key, token, lease=lease, owner=owner, fingerprint=fingerprint)
+        )
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``await backend.acomplete``."""
+        return self.loop.run_until_complete(self.backend.acomplete(key, token, payload, ttl=ttl))
+
+    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """``await backend.afail``."""
+        return self.loop.run_until_complete(self.backend.afail(key, token, payload, ttl=ttl))
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """``await backend.arenew``."""
+        return self.loop.run_until_complete(self.backend.arenew(key, token, lease=lease))
+
+    def get(self, key: str) -> Record | None:
+        """``await backend.aget``."""
+        return self.loop.run_until_complete(self.backend.aget(key))
+
+    def delete(self, key: str, *, token: str | None = None) -> bool:
+        """``await backend.adelete``."""
+        return self.loop.run_until_complete(self.backend.adelete(key, token=token))
+
+    def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
+        """One task per token, gathered on this view's loop."""
+
+        async def race() -> list[Record]:
+            return list(
+                await asyncio.gather(*(self.backend.aclaim(key, t, lease=lease) for t in tokens))
+            )
+
+        return self.loop.run_until_complete(race())
+
+    def close(self) -> None:
+        """Delete this view's keys, then shut down and close the event loop."""
+        super().close()
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.close()
+
+
+def open_view(backend: Backend, mode: Mode, *, prefix: str | None = None) -> StoreView:
+    """A :class:`SyncView` or :class:`AsyncView` of ``backend``; close it when done."""
+    if mode == "sync":
+        return SyncView(backend, prefix=prefix)
+    if mode == "async":
+        return AsyncView(backend, prefix=prefix)
+    raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
