@@ -457,7 +457,7 @@ class IdempotentFunction(Protocol[P, R_co]):
         :class:`AlreadyInProgress` unless ``force=True``. Returns whether a record went."""
         ...
 
-    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:  # type: ignore[misc]  # R_co only flows out; mypy cannot tell
+    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:
         """This function with a per-call explicit key (an Idempotency-Key header, a
         message id) and/or an owner id (a task id shared by a task's retries)."""
         ...

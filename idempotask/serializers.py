@@ -77,6 +77,7 @@ _PAYLOAD = "v"
 
 # Types json writes and reads back unchanged; containers never qualify (tuple -> list).
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_STR = frozenset({str})
 
 # Ints above this are written as hex (exempt from the int/str digit limit, CVE-2020-10735)
 # after json refuses them; below it, plain JSON numbers keep small results readable.
@@ -129,14 +130,6 @@ def _index_of(items: Iterable[object], child: object) -> int:
     return -1
 
 
-class _NonStrKey(Exception):
-    """Leaves the fast str-keyed dict comprehension for the general form."""
-
-
-def _non_str_key() -> NoReturn:
-    raise _NonStrKey
-
-
 def _enc(value: object) -> object:
     """Return a JSON-ready tree for ``value`` (anything json can write unchanged)."""
     t = type(value)
@@ -149,10 +142,16 @@ def _enc(value: object) -> object:
 
 
 def _enc_items(values: Any) -> list[object]:
+    if _SCALARS.issuperset(map(type, values)):
+        return list(values)
     return [x if type(x) in _SCALARS else _enc(x) for x in values]
 
 
 def _enc_list(value: list[object]) -> object:
+    # Lists and dicts of scalars are JSON already and go to json as they are: the type
+    # scans run in C and cost a fraction of a copy made in Python.
+    if _SCALARS.issuperset(map(type, value)):
+        return value
     try:
         return [x if type(x) in _SCALARS else _enc(x) for x in value]
     except _EncodeError as e:
@@ -180,14 +179,11 @@ def _enc_set_like(tag: str) -> _Encoder:
 
 
 def _enc_dict(value: dict[Any, object]) -> object:
-    if _MARKER not in value:
+    if _MARKER not in value and _STR.issuperset(map(type, value)):
+        if _SCALARS.issuperset(map(type, value.values())):
+            return value
         try:
-            return {
-                (k if type(k) is str else _non_str_key()): (x if type(x) in _SCALARS else _enc(x))
-                for k, x in value.items()
-            }
-        except _NonStrKey:
-            pass
+            return {k: (x if type(x) in _SCALARS else _enc(x)) for k, x in value.items()}
         except _EncodeError as e:
             e.within(value, _dict_segment(value, e.child))
             raise

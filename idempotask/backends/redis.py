@@ -321,7 +321,7 @@ def _twin_client(client: Any, *, retries: int) -> Any:
     """
     to_async = _is_sync(client)
     retry = _own_retry(retries, asyncio_=to_async)
-    retry_errors = [RedisConnectionError, RedisTimeoutError]
+    retry_errors: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
     if _is_cluster(client):
         nodes = list(client.nodes_manager.startup_nodes.values())
         if not nodes:

@@ -1,0 +1,77 @@
+"""Small timing helpers: batches of calls, per-call medians and p95s."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call latency in microseconds."""
+
+    median: float
+    p95: float
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{self.median:9.2f} µs (p95 {self.p95:9.2f})"
+
+
+def _summary(per_call: list[float]) -> Timing:
+    per_call.sort()
+    p95 = per_call[min(len(per_call) - 1, int(len(per_call) * 0.95))]
+    return Timing(statistics.median(per_call), p95, len(per_call))
+
+
+def measure(fn: Callable[[], Any], *, batches: int = 200, batch: int = 50) -> Timing:
+    """Time ``fn()`` in batches; each batch's mean is one sample (µs per call)."""
+    for _ in range(batch):  # warm up caches, connections and lazy setup
+        fn()
+    samples = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter_ns() - start) / batch / 1000)
+    return _summary(samples)
+
+
+def measure_each(fn: Callable[[int], Any], *, count: int = 2000) -> Timing:
+    """Time ``fn(i)`` one call at a time (for calls that must differ, like first calls)."""
+    fn(-1)
+    samples = []
+    for i in range(count):
+        start = time.perf_counter_ns()
+        fn(i)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return _summary(samples)
+
+
+async def ameasure(
+    fn: Callable[[], Awaitable[Any]], *, batches: int = 200, batch: int = 50
+) -> Timing:
+    """``measure`` for coroutine functions, awaited one after another on the running loop."""
+    for _ in range(batch):
+        await fn()
+    samples = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(batch):
+            await fn()
+        samples.append((time.perf_counter_ns() - start) / batch / 1000)
+    return _summary(samples)
+
+
+async def ameasure_each(fn: Callable[[int], Awaitable[Any]], *, count: int = 2000) -> Timing:
+    """``measure_each`` for coroutine functions."""
+    await fn(-1)
+    samples = []
+    for i in range(count):
+        start = time.perf_counter_ns()
+        await fn(i)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return _summary(samples)
