@@ -18,7 +18,18 @@ import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from idempotask import config, events, lease
 from idempotask.backends.base import Backend, Record, State
@@ -33,6 +44,9 @@ from idempotask.events import EventKind
 from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
 from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
+
 __all__ = ["IdempotentFunction", "idempotent"]
 
 log = logging.getLogger("idempotask")
@@ -40,6 +54,8 @@ log = logging.getLogger("idempotask")
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+_S = TypeVar("_S")
+_P2 = ParamSpec("_P2")
 
 # Ops yielded by the decision core. Store ops name the Backend method to call.
 _CLAIM, _COMPLETE, _FAIL, _DELETE = "claim", "complete", "fail", "delete"
@@ -444,6 +460,17 @@ class IdempotentFunction(Protocol[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
+    # Methods: looked up on an instance, the function binds ``self`` like any function.
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
+
+    @overload
+    def __get__(
+        self: IdempotentFunction[Concatenate[_S, _P2], R_co],
+        instance: _S,
+        owner: type[Any] | None = None,
+    ) -> Callable[_P2, R_co]: ...
+
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The store key of this call, without running or claiming anything."""
         ...
@@ -587,7 +614,7 @@ def idempotent(
     on_conflict: Literal["wait", "raise"] = "wait",
     wait_timeout: float | None = None,
     cache_errors: float | None = None,
-    key: Callable[P, Any] | None = None,
+    key: Callable[..., Any] | None = None,
     key_args: tuple[str, ...] | list[str] | None = None,
     exclude_args: tuple[str, ...] | list[str] | None = None,
     name: str | None = None,

@@ -835,3 +835,24 @@ def test_a_stored_record_is_completed_with_its_payload(store: MemoryBackend) -> 
     assert record is not None
     assert record.state is State.COMPLETED
     assert record.payload
+
+
+def test_idempotent_may_also_sit_over_staticmethod_and_classmethod(store: MemoryBackend) -> None:
+    calls: list[str] = []
+
+    class Rates:
+        @idempotent(name="tests.rates.fetch")
+        @staticmethod
+        def fetch(currency: str) -> float:
+            calls.append(currency)
+            return 1.5
+
+        @idempotent(name="tests.rates.make")
+        @classmethod
+        def make(cls, n: int) -> tuple[str, int]:
+            calls.append(cls.__name__)
+            return (cls.__name__, n)
+
+    assert Rates.fetch("EUR") == Rates().fetch("EUR") == 1.5
+    assert Rates.make(1) == Rates().make(1) == ("Rates", 1)
+    assert calls == ["EUR", "Rates"]

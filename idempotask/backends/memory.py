@@ -212,7 +212,6 @@ class MemoryBackend:
             if (
                 entry is None
                 or entry.deadline <= now
-                or entry.state is not _IN_PROGRESS
                 or entry.token != token
             ):
                 return False

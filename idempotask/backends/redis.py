@@ -149,19 +149,20 @@ _GET = _load_script("get")
 def record_key(key: str) -> str:
     """The Redis key of a record: the hash tag goes around everything after the first ``:``.
 
-    A key without ``:`` is tagged whole. Braces are refused, because they would move or
-    break the hash tag and two keys could then share a Redis key.
+    A key without ``:`` is tagged whole. ``{``, ``}`` and ``%`` are percent-escaped, so the
+    only braces in a Redis key are the hash tag's own (a record always lands in the slot of
+    its per-record part) and two different keys never share a Redis key. Keys built by
+    :mod:`idempotask.keys` never need escaping: names with braces are refused there.
 
     >>> record_key("ns:billing.charge:1:ab12")
     'ns:{billing.charge:1:ab12}'
+    >>> record_key("ns:{odd}:100%")
+    'ns:{%7Bodd%7D:100%25}'
     """
     if not isinstance(key, str) or not key:
         raise ConfigurationError(f"redis backend: a key must be a non-empty str, got {key!r}")
-    if "{" in key or "}" in key:
-        raise ConfigurationError(
-            f"redis backend: key {key!r} contains '{{' or '}}', which Redis Cluster reads as a "
-            "hash tag; use a namespace and name without braces"
-        )
+    if "{" in key or "}" in key or "%" in key:
+        key = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
     namespace, sep, rest = key.partition(":")
     if not sep:
         return "{" + key + "}"
