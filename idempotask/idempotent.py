@@ -146,7 +146,7 @@ class _Spec:
 
     def backend(self) -> Backend:
         self.refresh()
-        return self._backend or config.get_backend()
+        return self._backend if self._backend is not None else config.get_backend()
 
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any], explicit: str | None) -> str:
         self.refresh()

@@ -97,10 +97,10 @@ class MemoryBackend:
         # Keys of COMPLETED/FAILED records, least recently written first: the eviction
         # order. In-progress claims are never in here, so they are never evicted.
         self._finished: OrderedDict[str, None] = OrderedDict()
-        # A full scan for expired records is O(n); doing one only after this many
-        # evictions keeps inserts into a full store O(1) amortised.
+        # A full scan for expired records is O(n); doing one only when this many new keys
+        # came in since the last keeps inserts into a full store O(1) amortised.
         self._sweep_every = max(1, max_entries // 4)
-        self._evictions_since_sweep = self._sweep_every
+        self._inserts_since_sweep = 0
         self._pid = _pid
         with _registry_lock:
             _instances.add(self)
@@ -147,8 +147,13 @@ class MemoryBackend:
         """The most records this store keeps."""
         return self._max_entries
 
-    def __len__(self) -> int:
-        """The number of records held, counting expired ones not yet dropped."""
+    @property
+    def size(self) -> int:
+        """The number of records held, counting expired ones not yet dropped.
+
+        A property rather than ``__len__`` so that an empty store is still truthy
+        (``backend or default`` must not skip it).
+        """
         return len(self._records)
 
     def __repr__(self) -> str:
@@ -162,8 +167,8 @@ class MemoryBackend:
         """Take ``key`` for ``token`` or return the record that holds it (see ``Backend``)."""
         if self._pid != _pid:
             self._first_use_in_this_process()
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if entry is not None and entry.deadline > now:
                 if entry.state is not _IN_PROGRESS or (
@@ -189,6 +194,7 @@ class MemoryBackend:
             if entry is None:
                 if len(self._records) >= self._max_entries:
                     self._make_room(now)
+                self._inserts_since_sweep += 1
             elif entry.state is not _IN_PROGRESS:
                 del self._finished[key]
             self._records[key] = _Entry(_IN_PROGRESS, token, owner, fingerprint, b"", now + lease)
@@ -206,12 +212,13 @@ class MemoryBackend:
         """Restart the lease of the claim held with ``token``; False when it is not held."""
         if self._pid != _pid:
             self._first_use_in_this_process()
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if (
                 entry is None
                 or entry.deadline <= now
+                or entry.state is not _IN_PROGRESS
                 or entry.token != token
             ):
                 return False
@@ -222,8 +229,8 @@ class MemoryBackend:
         """The live record under ``key``, or None when absent or expired."""
         if self._pid != _pid:
             self._first_use_in_this_process()
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if entry is None:
                 return None
@@ -244,8 +251,8 @@ class MemoryBackend:
         """Remove the record (only if it carries ``token``, when given); True if removed."""
         if self._pid != _pid:
             self._first_use_in_this_process()
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if entry is None:
                 return False
@@ -259,8 +266,8 @@ class MemoryBackend:
 
     def expire_now(self, key: str) -> bool:
         """Test hook: make the record's lease or ttl run out now; True if a live one was there."""
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if entry is None or entry.deadline <= now:
                 return False
@@ -303,8 +310,8 @@ class MemoryBackend:
         # bytes(b) is b itself for an exact bytes object; it copies a bytearray so a caller
         # mutating its buffer later cannot change the stored result.
         payload = bytes(payload)
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             entry = self._records.get(key)
             if entry is None or entry.deadline <= now or entry.token != token:
                 return False
@@ -325,7 +332,7 @@ class MemoryBackend:
 
     def _make_room(self, now: float) -> None:
         """Free one slot for a new key; called under the lock when the store is full."""
-        if self._evictions_since_sweep >= self._sweep_every or not self._finished:
+        if self._inserts_since_sweep >= self._sweep_every or not self._finished:
             self._sweep(now)
         if len(self._records) < self._max_entries:
             return
@@ -337,13 +344,12 @@ class MemoryBackend:
             )
         evicted, _ = self._finished.popitem(last=False)
         del self._records[evicted]
-        self._evictions_since_sweep += 1
 
     def _sweep(self, now: float) -> None:
         expired = [key for key, entry in self._records.items() if entry.deadline <= now]
         for key in expired:
             self._drop(key, self._records[key])
-        self._evictions_since_sweep = 0
+        self._inserts_since_sweep = 0
 
     def _first_use_in_this_process(self) -> None:
         global _warned_pid

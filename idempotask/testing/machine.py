@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from idempotask.backends.base import Backend, Record, State
 from idempotask.testing.contract import expect_record
@@ -116,6 +116,17 @@ _TTLS = [600.0, 1200.0]
 _via = st.sampled_from(["sync", "async"])
 _key = st.sampled_from(_KEYS)
 _token = st.sampled_from(_TOKENS)
+# For complete, fail, renew and delete: "current" means the token of the record now under
+# the key, so the interesting paths (the holder finishing, a retried finish) come up often
+# rather than once in a few hundred steps.
+_token_or_current = st.just("current") | _token
+# Likewise a key name, or "existing": a key the model holds a record under.
+_key_or_existing = st.just("existing") | _key
+
+
+def _has_records(machine: RuleBasedStateMachine) -> bool:
+    model: ReferenceStore = machine.model  # type: ignore[attr-defined]
+    return bool(model.records)
 
 
 def make_state_machine(
@@ -153,13 +164,27 @@ def make_state_machine(
             self.model = ReferenceStore()
 
         def key(self, name: str) -> str:
+            """The full key for a pool name; "existing" picks one the model has a record for."""
+            if name == "existing":
+                # The most recently created record: the one a follow-up step most likely
+                # has something interesting to do with.
+                records = self.model.records
+                return next(reversed(records)) if records else self.views["sync"].key(_KEYS[0])
             return self.views["sync"].key(name)
+
+        def pick(self, key: str, token: str) -> str:
+            """``token``, or for "current" the token of the model's record under ``key``."""
+            if token != "current":
+                return token
+            record = self.model.get(key)
+            return record.token if record is not None else _TOKENS[0]
 
         def check(self, key: str, via: Mode) -> None:
             """The backend's record under ``key`` matches the model's."""
             self.compare(key, self.views[via].get(key), self.model.get(key))
 
         def compare(self, key: str, got: Record | None, want: ModelRecord | None) -> None:
+            """``got`` (the backend's) equals ``want`` (the model's) in every field."""
             if want is None:
                 assert got is None, f"expected no record under {key!r}, got {got!r}"
                 return
@@ -175,7 +200,7 @@ def make_state_machine(
             )
 
         @rule(
-            name=_key,
+            name=_key_or_existing,
             token=_token,
             owner=st.sampled_from(_OWNERS),
             fingerprint=st.sampled_from(_FINGERPRINTS),
@@ -185,6 +210,7 @@ def make_state_machine(
         def claim(
             self, name: str, token: str, owner: str, fingerprint: str, lease: float, via: Mode
         ) -> None:
+            """A claim: same holder, same record, same answer as the model's."""
             key = self.key(name)
             got = self.views[via].claim(
                 key, token, lease=lease, owner=owner, fingerprint=fingerprint
@@ -195,9 +221,10 @@ def make_state_machine(
             assert got.held_by(token) is held, f"held_by({token!r}) should be {held}: {got!r}"
             self.compare(key, got, want)
 
+        @precondition(_has_records)
         @rule(
-            name=_key,
-            token=_token,
+            name=_key_or_existing,
+            token=_token_or_current,
             payload=st.sampled_from(_PAYLOADS),
             ttl=st.sampled_from(_TTLS),
             completed=st.booleans(),
@@ -206,7 +233,9 @@ def make_state_machine(
         def finish(
             self, name: str, token: str, payload: bytes, ttl: float, completed: bool, via: Mode
         ) -> None:
+            """complete or fail: same answer as the model's, then the same record."""
             key = self.key(name)
+            token = self.pick(key, token)
             state = State.COMPLETED if completed else State.FAILED
             current = self.model.get(key)
             if current is not None and current.state is state and current.token == token:
@@ -220,17 +249,28 @@ def make_state_machine(
             assert got is want, f"{state.value} with {token!r} returned {got}, expected {want}"
             self.check(key, via)
 
-        @rule(name=_key, token=_token, lease=st.sampled_from(_LEASES), via=_via)
+        @precondition(_has_records)
+        @rule(
+            name=_key_or_existing,
+            token=_token_or_current,
+            lease=st.sampled_from(_LEASES),
+            via=_via,
+        )
         def renew(self, name: str, token: str, lease: float, via: Mode) -> None:
+            """renew: same answer as the model's, then the same record."""
             key = self.key(name)
+            token = self.pick(key, token)
             got = self.views[via].renew(key, token, lease=lease)
             want = self.model.renew(key, token, lease=lease)
             assert got is want, f"renew with {token!r} returned {got}, expected {want}"
             self.check(key, via)
 
-        @rule(name=_key, token=st.none() | _token, via=_via)
+        @precondition(_has_records)
+        @rule(name=_key_or_existing, token=st.none() | _token_or_current, via=_via)
         def delete(self, name: str, token: str | None, via: Mode) -> None:
+            """delete with or without a token: same answer, then the same record."""
             key = self.key(name)
+            token = None if token is None else self.pick(key, token)
             got = self.views[via].delete(key, token=token)
             want = self.model.delete(key, token=token)
             assert got is want, f"delete(token={token!r}) returned {got}, expected {want}"
@@ -238,10 +278,13 @@ def make_state_machine(
 
         @rule(name=_key, via=_via)
         def get(self, name: str, via: Mode) -> None:
+            """get returns the model's record."""
             self.check(self.key(name), via)
 
-        @rule(name=_key)
+        @precondition(_has_records)
+        @rule(name=_key_or_existing)
         def expire_now(self, name: str) -> None:
+            """The test hook: the record is gone, as in the model."""
             key = self.key(name)
             got = self.views["sync"].expire_now(key)
             want = self.model.expire_now(key)
@@ -249,6 +292,7 @@ def make_state_machine(
             self.check(key, "sync")
 
         def teardown(self) -> None:
+            """Delete this example's keys and close its event loop."""
             for view in self.views.values():
                 view.close()
 

@@ -34,7 +34,8 @@ class TestMemoryContract(StoreContract):
         return MemoryBackend()
 
 
-TestMemoryStateMachine = make_state_machine(MemoryBackend).TestCase
+# Memory is fast enough for four times the default number of examples.
+TestMemoryStateMachine = make_state_machine(MemoryBackend, max_examples=200).TestCase
 
 
 # -- memory-specific ---------------------------------------------------------------------
@@ -51,8 +52,11 @@ class FakeClock:
 
 
 def test_memory_backend_satisfies_the_protocol() -> None:
-    """MemoryBackend is a Backend by the runtime-checkable protocol."""
-    assert isinstance(MemoryBackend(), Backend)
+    """MemoryBackend is a Backend by the runtime-checkable protocol, and truthy when empty."""
+    store = MemoryBackend()
+    assert isinstance(store, Backend)
+    assert store
+    assert store.size == 0
 
 
 def test_injected_clock_drives_lease_expiry_without_sleeping() -> None:
@@ -97,11 +101,32 @@ def test_max_entries_bound_holds_under_ten_times_the_inserts() -> None:
         key = f"k{i}"
         store.claim(key, "t", lease=60)
         store.complete(key, "t", b"r", ttl=3600)
-        assert len(store) <= 100
+        assert store.size <= 100
     # The most recently written survive; the oldest were evicted first.
     assert store.get("k999") is not None
     assert store.get("k900") is not None
     assert store.get("k0") is None
+
+
+def test_a_full_store_sweeps_for_expired_records_only_occasionally(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inserting into a full store scans all records once per max_entries/4 new keys at most."""
+    store = MemoryBackend(max_entries=1000)
+    sweeps = 0
+    real_sweep = store._sweep
+
+    def counting_sweep(now: float) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        real_sweep(now)
+
+    monkeypatch.setattr(store, "_sweep", counting_sweep)
+    for i in range(10_000):
+        store.claim(f"k{i}", "t", lease=60)
+        store.complete(f"k{i}", "t", b"r", ttl=3600)
+    assert store.size == 1000
+    assert sweeps <= 10_000 // 250
 
 
 def test_eviction_takes_the_least_recently_written_record() -> None:
@@ -130,7 +155,7 @@ def test_expired_records_are_dropped_before_live_ones() -> None:
     for i in range(5):
         store.claim(f"new{i}", "t", lease=60)
     assert all(store.get(f"long{i}") is not None for i in range(5))
-    assert len(store) == 10
+    assert store.size == 10
 
 
 def test_in_progress_claims_are_never_evicted() -> None:
@@ -141,7 +166,7 @@ def test_in_progress_claims_are_never_evicted() -> None:
     for i in range(200):
         store.claim(f"done{i}", "t", lease=60)
         store.complete(f"done{i}", "t", b"r", ttl=3600)
-    assert len(store) <= 10
+    assert store.size <= 10
     for i in range(5):
         assert store.renew(f"running{i}", f"t{i}", lease=60) is True
 
