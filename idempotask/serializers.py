@@ -77,10 +77,10 @@ _PAYLOAD = "v"
 
 # Types json writes and reads back unchanged; containers never qualify (tuple -> list).
 _SCALARS = frozenset({str, int, float, bool, type(None)})
-_STR = frozenset({str})
 
-# Ints above this are written as hex (exempt from the int/str digit limit, CVE-2020-10735)
-# after json refuses them; below it, plain JSON numbers keep small results readable.
+# When json refuses an int as too long for str() (the int/str digit limit of
+# CVE-2020-10735), ints from this size up are written as hex, which the limit exempts;
+# smaller ones stay plain JSON numbers.
 _BIG_INT = 10**600
 
 _Encoder = Callable[[Any], object]
@@ -135,25 +135,26 @@ def _enc(value: object) -> object:
     t = type(value)
     if t in _SCALARS:
         return value
-    encode = _ENCODERS.get(t)
-    if encode is None:
-        encode = _resolve(t, value)
-    return encode(value)
+    return _ENCODERS[t](value)
 
 
 def _enc_items(values: Any) -> list[object]:
-    if _SCALARS.issuperset(map(type, values)):
-        return list(values)
-    return [x if type(x) in _SCALARS else _enc(x) for x in values]
+    for x in values:
+        if type(x) not in _SCALARS:
+            return [x if type(x) in _SCALARS else _ENCODERS[type(x)](x) for x in values]
+    return list(values)
 
 
 def _enc_list(value: list[object]) -> object:
-    # Lists and dicts of scalars are JSON already and go to json as they are: the type
-    # scans run in C and cost a fraction of a copy made in Python.
-    if _SCALARS.issuperset(map(type, value)):
+    # A list or dict of scalars is JSON already and goes to json as it is; checking is
+    # cheaper than copying, and at the sizes of most results a Python loop beats a C scan.
+    for x in value:
+        if type(x) not in _SCALARS:
+            break
+    else:
         return value
     try:
-        return [x if type(x) in _SCALARS else _enc(x) for x in value]
+        return [x if type(x) in _SCALARS else _ENCODERS[type(x)](x) for x in value]
     except _EncodeError as e:
         e.within(value, f"[{_index_of(value, e.child)}]")
         raise
@@ -181,22 +182,28 @@ def _enc_set_like(tag: str) -> _Encoder:
 def _enc_dict(value: dict[Any, object]) -> object:
     if _MARKER in value:
         return _enc_dict_pairs(value)
-    # Most results are flat records: one pass proves the dict is JSON already, so json
-    # gets it as it is. (A Python loop beats a C set scan at record sizes.)
-    for k, x in value.items():
+    items = iter(value.items())
+    for k, x in items:
         if type(k) is not str:
             return _enc_dict_pairs(value)
         if type(x) not in _SCALARS:
             break
     else:
         return value
-    if not _STR.issuperset(map(type, value)):
-        return _enc_dict_pairs(value)
+    # One pass in all: the loop below carries on from the first value that needs
+    # encoding, over a C-level copy in which only such values are replaced.
+    out = value.copy()
     try:
-        return {k: (x if type(x) in _SCALARS else _enc(x)) for k, x in value.items()}
+        out[k] = _ENCODERS[type(x)](x)
+        for k, x in items:
+            if type(k) is not str:
+                return _enc_dict_pairs(value)
+            if type(x) not in _SCALARS:
+                out[k] = _ENCODERS[type(x)](x)
     except _EncodeError as e:
         e.within(value, _dict_segment(value, e.child))
         raise
+    return out
 
 
 def _enc_dict_pairs(value: dict[Any, object]) -> object:
@@ -204,8 +211,8 @@ def _enc_dict_pairs(value: dict[Any, object]) -> object:
     append = flat.append
     try:
         for k, x in value.items():
-            append(k if type(k) in _SCALARS else _enc(k))
-            append(x if type(x) in _SCALARS else _enc(x))
+            append(k if type(k) in _SCALARS else _ENCODERS[type(k)](k))
+            append(x if type(x) in _SCALARS else _ENCODERS[type(x)](x))
     except _EncodeError as e:
         e.within(value, _dict_segment(value, e.child))
         raise
@@ -229,25 +236,53 @@ def _enc_bytearray(value: bytearray) -> object:
     return {_MARKER: "bytearray", _PAYLOAD: base64.b64encode(value).decode("ascii")}
 
 
-def _zone_key(tz: _dt.tzinfo | None) -> str | None:
-    # Only a ZoneInfo built from a key can be rebuilt by name; any other tzinfo keeps
-    # its UTC offset through isoformat(), which is the same instant.
-    if isinstance(tz, zoneinfo.ZoneInfo):
-        return tz.key
-    return None
+_ONE_MICROSECOND = _dt.timedelta(microseconds=1)
+
+
+def _zone(tz: _dt.tzinfo | None, offset: _dt.timedelta | None) -> object:
+    """The wire form of a tzinfo: None, or [offset in us or None, name or None, key or None].
+
+    The offset is written as a number, not left to isoformat(): fromisoformat() reads an
+    offset of a few microseconds back as UTC on some Python versions.
+    """
+    if tz is None:
+        return None
+    micros = None if offset is None else offset // _ONE_MICROSECOND
+    if isinstance(tz, zoneinfo.ZoneInfo) and tz.key is not None:
+        # Rebuilt by key; the offset lets a reader without this zone keep the instant.
+        return [micros, None, tz.key]
+    if offset is None:
+        return None  # a tzinfo without an offset is naive in all but name
+    name = None
+    if type(tz) is _dt.timezone and tz.tzname(None) != _dt.timezone(offset).tzname(None):
+        name = tz.tzname(None)
+    # Any other tzinfo class keeps its offset: the same instant, as a fixed-offset zone.
+    return [micros, name, None]
 
 
 def _enc_datetime(value: _dt.datetime) -> object:
+    tz = value.tzinfo
+    if tz is None:
+        return {_MARKER: "datetime", _PAYLOAD: [value.isoformat(), value.fold, None]}
     return {
         _MARKER: "datetime",
-        _PAYLOAD: [value.isoformat(), _zone_key(value.tzinfo), value.fold],
+        _PAYLOAD: [
+            value.replace(tzinfo=None).isoformat(),
+            value.fold,
+            _zone(tz, value.utcoffset()),
+        ],
     }
 
 
 def _enc_time(value: _dt.time) -> object:
+    tz = value.tzinfo
     return {
         _MARKER: "time",
-        _PAYLOAD: [value.isoformat(), _zone_key(value.tzinfo), value.fold],
+        _PAYLOAD: [
+            value.replace(tzinfo=None).isoformat(),
+            value.fold,
+            None if tz is None else _zone(tz, value.utcoffset()),
+        ],
     }
 
 
@@ -305,37 +340,45 @@ def _enc_namedtuple(value: Any) -> object:
 def _enc_dataclass(value: Any) -> object:
     names = [f.name for f in dataclasses.fields(value)]
     try:
-        state = {n: (x if type(x := getattr(value, n)) in _SCALARS else _enc(x)) for n in names}
+        state = {
+            n: (x if type(x := getattr(value, n)) in _SCALARS else _ENCODERS[type(x)](x))
+            for n in names
+        }
     except _EncodeError as e:
         e.within(value, "." + next((n for n in names if getattr(value, n) is e.child), "?"))
         raise
-    # The values are encoded already, so a field named like the marker is escaped here
-    # rather than by _enc_dict.
-    encoded: object = state
-    if _MARKER in state:
-        encoded = {_MARKER: "dict", _PAYLOAD: [item for pair in state.items() for item in pair]}
-    return {_MARKER: "dataclass", _PAYLOAD: [*_class_ref(type(value)), encoded]}
+    # Field names are identifiers, never the marker, so the state needs no escaping.
+    return {_MARKER: "dataclass", _PAYLOAD: [*_class_ref(type(value)), state]}
 
 
-_ENCODERS: dict[type, _Encoder] = {
-    list: _enc_list,
-    tuple: _enc_tuple,
-    dict: _enc_dict,
-    set: _enc_set_like("set"),
-    frozenset: _enc_set_like("frozenset"),
-    bytes: _enc_bytes,
-    bytearray: _enc_bytearray,
-    _dt.datetime: _enc_datetime,
-    _dt.date: _enc_date,
-    _dt.time: _enc_time,
-    _dt.timedelta: _enc_timedelta,
-    decimal.Decimal: _enc_decimal,
-    uuid.UUID: _enc_uuid,
-    pathlib.PurePosixPath: _enc_path_as("pureposixpath"),
-    pathlib.PureWindowsPath: _enc_path_as("purewindowspath"),
-    pathlib.PosixPath: _enc_path_as("path"),
-    pathlib.WindowsPath: _enc_path_as("path"),
-}
+class _EncoderTable(dict[type, _Encoder]):
+    """Exact type -> encoder. Subclasses and user classes are resolved on first sight."""
+
+    def __missing__(self, cls: type) -> _Encoder:
+        return _resolve(cls)
+
+
+_ENCODERS = _EncoderTable(
+    {
+        list: _enc_list,
+        tuple: _enc_tuple,
+        dict: _enc_dict,
+        set: _enc_set_like("set"),
+        frozenset: _enc_set_like("frozenset"),
+        bytes: _enc_bytes,
+        bytearray: _enc_bytearray,
+        _dt.datetime: _enc_datetime,
+        _dt.date: _enc_date,
+        _dt.time: _enc_time,
+        _dt.timedelta: _enc_timedelta,
+        decimal.Decimal: _enc_decimal,
+        uuid.UUID: _enc_uuid,
+        pathlib.PurePosixPath: _enc_path_as("pureposixpath"),
+        pathlib.PureWindowsPath: _enc_path_as("purewindowspath"),
+        pathlib.PosixPath: _enc_path_as("path"),
+        pathlib.WindowsPath: _enc_path_as("path"),
+    }
+)
 
 _UNSUPPORTED_HINT = (
     "return plain data (dict, list, str, int, float, datetime, Decimal, a dataclass, ...) or "
@@ -343,7 +386,14 @@ _UNSUPPORTED_HINT = (
 )
 
 
-def _resolve(cls: type, value: object) -> _Encoder:
+def _rejecting(reason: str) -> _Encoder:
+    def reject(value: object) -> NoReturn:
+        raise _EncodeError(value, reason)
+
+    return reject
+
+
+def _resolve(cls: type) -> _Encoder:
     """Find the encoder for a type that is not one of the exact types above.
 
     Enums, named tuples and dataclasses are rebuilt by looking their class up, so a class
@@ -362,30 +412,27 @@ def _resolve(cls: type, value: object) -> _Encoder:
     if encode is None:
         base = next((b for b in cls.__mro__[1:] if b in _ENCODERS or b in _SCALARS), None)
         if base is not None:
-            raise _EncodeError(
-                value,
+            return _rejecting(
                 f"{_type_name(cls)} is a subclass of {_type_name(base)}, and the JSON "
                 f"serializer gives back exact types only; convert it to {base.__name__} "
-                f'or choose serializer="pickle"',
+                f'or choose serializer="pickle"'
             )
-        raise _EncodeError(
-            value,
+        return _rejecting(
             f"objects of type {_type_name(cls)} are not supported by the JSON serializer; "
-            f"{_UNSUPPORTED_HINT}",
+            f"{_UNSUPPORTED_HINT}"
         )
     try:
         found = _find_class(cls.__module__, cls.__qualname__)
     except SerializationError:
         found = None
     if found is not cls:
-        raise _EncodeError(
-            value,
+        return _rejecting(
             f"class {_type_name(cls)} cannot be found again by module and qualified name "
             f"when the result is read back (is it defined inside a function?); define it "
-            f'at module level or choose serializer="pickle"',
+            f'at module level or choose serializer="pickle"'
         )
-    # Only importable module-level classes get here, and they live as long as their
-    # module does, so remembering them costs no memory worth counting.
+    # Only classes found again by name are remembered: they live as long as their module
+    # anyway, while local or unsupported classes could pile up in a long-lived process.
     _ENCODERS[cls] = encode
     return encode
 
@@ -403,11 +450,13 @@ def _find_class(module: str, qualname: str) -> type:
             f"idempotask never imports modules while reading stored data; import {module} "
             f"before the duplicate call"
         )
-    obj: object = mod
-    for part in qualname.split("."):
+    first, *rest = qualname.split(".")
+    # The module's own dict, not getattr: a module-level __getattr__ may import lazily.
+    obj: object = vars(mod).get(first)
+    for part in rest:
         obj = getattr(obj, part, None)
-        if obj is None:
-            raise SerializationError(f"cannot rebuild {name}: module {module} has no {qualname}")
+    if obj is None:
+        raise SerializationError(f"cannot rebuild {name}: module {module} has no {qualname}")
     if not isinstance(obj, type):
         raise SerializationError(f"cannot rebuild {name}: it is not a class")
     return obj
@@ -442,17 +491,23 @@ def _dec_bytes(payload: object) -> bytes:
 
 
 def _dec_timed(payload: object, parse: Callable[[str], Any]) -> Any:
-    iso, key, fold = _expect(payload, list)
+    iso, fold, zone = _expect(payload, list)
     value = parse(_expect(iso, str))
-    if key is not None:
-        try:
-            zone = zoneinfo.ZoneInfo(_expect(key, str))
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            # A datetime still carries its UTC offset: same instant, fixed-offset zone.
-            if value.tzinfo is None:
-                raise
-        else:
-            value = value.replace(tzinfo=zone)
+    if value.tzinfo is not None:
+        raise _BadData("the wall time must be naive")
+    if zone is not None:
+        micros, name, key = _expect(zone, list)
+        tz: _dt.tzinfo | None = None
+        if key is not None:
+            try:
+                tz = zoneinfo.ZoneInfo(_expect(key, str))
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+                if micros is None:
+                    raise
+        if tz is None:
+            offset = _dt.timedelta(microseconds=_expect(micros, int))
+            tz = _dt.timezone(offset) if name is None else _dt.timezone(offset, _expect(name, str))
+        value = value.replace(tzinfo=tz)
     if fold:
         value = value.replace(fold=1)
     return value
@@ -497,7 +552,7 @@ def _dec_namedtuple(payload: object) -> object:
 
 def _dec_dataclass(payload: object) -> object:
     cls, state = _dec_class(payload, object)
-    is_dataclass = dataclasses.is_dataclass(cls)  # kept in a name: cls stays a plain class
+    is_dataclass = dataclasses.is_dataclass(cls)  # a name, so mypy keeps cls a plain class
     if not is_dataclass:
         raise SerializationError(f"cannot rebuild {_type_name(cls)}: not a dataclass")
     state = _expect(state, dict)
@@ -872,30 +927,33 @@ def load_exception(data: bytes) -> BaseException:
         return CachedFailure(type_name, message)
     if not issubclass(cls, BaseException):
         return CachedFailure(type_name, message)
-    rebuilt = _construct(cls, args, message)
-    if rebuilt is None:
-        return CachedFailure(type_name, message)
-    for name, value in (attrs or {}).items():
-        # Attributes are a bonus; the type and message are what callers rely on.
-        with contextlib.suppress(Exception):
-            setattr(rebuilt, name, value)
-    return rebuilt
+    return _rebuild(cls, args, attrs or {}, message) or CachedFailure(type_name, message)
 
 
-def _construct(
-    cls: type[BaseException], args: tuple[object, ...] | None, message: str
+def _rebuild(
+    cls: type[BaseException],
+    args: tuple[object, ...] | None,
+    attrs: dict[str, object],
+    message: str,
 ) -> BaseException | None:
-    """Build ``cls`` from args or message, preferring a result whose str() matches.
+    """Build ``cls`` again, preferring a way that gives the original ``str()``.
 
-    A custom ``__init__`` can make ``cls(*args)`` format a different message (or fail);
-    the message alone then often rebuilds it exactly. If neither matches, the first
-    instance that builds still has the right type, which is what ``except`` clauses use.
+    ``cls(*args)`` is what pickle does and suits most exceptions. A custom ``__init__``
+    that formats its message (``super().__init__(f"declined {code}")``) or takes
+    keyword-only arguments breaks it; ``cls(message)`` or, last, an instance made without
+    ``__init__`` and given the stored args then still has the right message. If none
+    matches, the first that builds is kept: ``except`` clauses care about the type.
     """
-    attempts = [args, (message,)] if args is not None else [(message,)]
     first: BaseException | None = None
-    for attempt in attempts:
+    for make in _RECIPES:
         try:
-            candidate = cls(*attempt)
+            candidate = make(cls, args, message)
+            if candidate is None:
+                continue
+            for name, value in attrs.items():
+                # Attributes are a bonus; the type and message are what callers rely on.
+                with contextlib.suppress(Exception):
+                    setattr(candidate, name, value)
             if str(candidate) == message:
                 return candidate
         except Exception:
@@ -903,3 +961,26 @@ def _construct(
         if first is None:
             first = candidate
     return first
+
+
+def _from_args(
+    cls: type[BaseException], args: tuple[object, ...] | None, message: str
+) -> BaseException | None:
+    return None if args is None else cls(*args)
+
+
+def _from_message(
+    cls: type[BaseException], args: tuple[object, ...] | None, message: str
+) -> BaseException | None:
+    return cls(message)
+
+
+def _without_init(
+    cls: type[BaseException], args: tuple[object, ...] | None, message: str
+) -> BaseException | None:
+    exc = cls.__new__(cls)
+    exc.args = (message,) if args is None else args
+    return exc
+
+
+_RECIPES = (_from_args, _from_message, _without_init)
