@@ -52,11 +52,16 @@ import redis.cluster
 import redis.retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from idempotask.backends.base import Record, State
-from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.errors import (
+    BackendError,
+    ConfigurationError,
+    CorruptRecordError,
+    IdempotaskError,
+)
 
 __all__ = ["RECORD_FORMAT", "RedisBackend", "record_key"]
 
@@ -212,7 +217,13 @@ def _tag(reply: Any) -> bytes:
 
 
 def parse_record(key: str, reply: Any) -> Record | None:
-    """Turn a ``claim`` or ``get`` script reply into a :class:`Record` (``None``: absent)."""
+    """Turn a ``claim`` or ``get`` script reply into a :class:`Record` (``None``: absent).
+
+    >>> parse_record("k", [b"rec", b"completed", b"t", b"", b"", b"42", 1500]).expires_in
+    1.5
+    >>> parse_record("k", [b"absent"]) is None
+    True
+    """
     tag = _tag(reply)
     if tag == b"rec" and len(reply) == 7:
         _, state, token, owner, fingerprint, payload, pttl = reply
@@ -240,7 +251,11 @@ def parse_record(key: str, reply: Any) -> Record | None:
 
 
 def parse_claim(key: str, reply: Any) -> Record:
-    """Like :func:`parse_record`, for ``claim``, whose reply always carries a record."""
+    """Like :func:`parse_record`, for ``claim``, whose reply always carries a record.
+
+    >>> parse_claim("k", [b"rec", b"in_progress", b"t", b"", b"", b"", 30000]).held_by("t")
+    True
+    """
     record = parse_record(key, reply)
     if record is None:
         raise _corrupt(key, reply)
@@ -248,7 +263,11 @@ def parse_claim(key: str, reply: Any) -> Record:
 
 
 def parse_flag(key: str, reply: Any) -> bool:
-    """Turn a ``complete``/``fail``/``renew``/``delete`` script reply into a bool."""
+    """Turn a ``complete``/``fail``/``renew``/``delete`` script reply into a bool.
+
+    >>> parse_flag("k", 1), parse_flag("k", 0)
+    (True, False)
+    """
     if isinstance(reply, int):
         return reply == 1
     raise _corrupt(key, reply)
@@ -279,6 +298,11 @@ def eviction_warning(server: str, policies: list[str]) -> str | None:
 
     ``allkeys-*`` evicts any key; ``volatile-*`` evicts keys with a TTL, and every record
     has one. Only ``noeviction`` keeps records until their lease or ttl runs out.
+
+    >>> eviction_warning("localhost:6379/0", ["noeviction"]) is None
+    True
+    >>> "allkeys-lru" in eviction_warning("localhost:6379/0", ["allkeys-lru"])
+    True
     """
     risky = sorted({policy for policy in policies if policy != "noeviction"})
     if not risky:
@@ -393,12 +417,22 @@ def _describe_url(url: str) -> str:
 _UNCHECKED, _CHECKING, _CHECKED = 0, 1, 2
 
 
+@dataclass(slots=True)
+class _AsyncSlot:
+    """An asyncio client and whether it is ready for concurrent first commands."""
+
+    client: Any
+    ready: bool = False
+
+
 class RedisBackend:
     """The idempotency store on Redis, Redis Cluster or Sentinel (through your client).
 
     Build it from a URL (``redis://``, ``rediss://``, ``unix://``; clients are created on
-    first use, with a 5 s socket timeout, a 2 s connect timeout and 2 quick retries unless
-    the URL's query says otherwise) or from clients you made: a sync ``client`` and/or an
+    first use, one asyncio client per event loop, with a 5 s socket timeout, a 2 s connect
+    timeout and 2 quick retries on connection errors and timeouts; the URL's query, e.g.
+    ``?socket_timeout=1``, overrides the timeouts) or from clients you made: a sync
+    ``client`` and/or an
     ``async_client`` (``redis.Redis``, ``redis.cluster.RedisCluster`` or their
     ``redis.asyncio`` counterparts; pass a Sentinel master this way). Given only one
     flavour, the other is derived from its connection settings when they can be copied;
@@ -411,8 +445,9 @@ class RedisBackend:
     >>> import redis
     >>> store = RedisBackend(redis.Redis(decode_responses=True))  # doctest: +SKIP
 
-    ``check_eviction_policy`` (default on) reads ``maxmemory-policy`` on first use and
-    emits one :class:`RuntimeWarning` when Redis could evict records.
+    ``check_eviction_policy`` (default on) reads ``maxmemory-policy`` on first use (one
+    extra round trip, once) and emits one :class:`RuntimeWarning` when Redis could evict
+    records. Call :meth:`close` / :meth:`aclose` to release the clients this backend made.
     """
 
     def __init__(
@@ -486,14 +521,15 @@ class RedisBackend:
         self._retries = retries
         self._sync_client: SyncClient | None = sync_client
         self._given_async: AsyncClient | None = async_client
+        self._given_slot = None if async_client is None else _AsyncSlot(async_client)
         self._owns_sync = sync_client is None
         self._lock = threading.Lock()
         # asyncio clients are bound to the event loop they first ran on, so the clients
         # this backend creates are kept per loop; a user's async client is used as given.
-        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
+        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncSlot]
         self._async_by_loop = weakref.WeakKeyDictionary()
         # The hot path's shortcut to the running loop's client, without taking the lock.
-        self._last_async: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncClient] | None
+        self._last_async: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncSlot] | None
         self._last_async = None
         self._policy_state = _UNCHECKED if check_eviction_policy else _CHECKED
 
@@ -516,7 +552,9 @@ class RedisBackend:
     def _server(self) -> str:
         if self._url is not None:
             return _describe_url(self._url)
-        return _describe_client(self._sync_client or self._given_async)
+        return _describe_client(
+            self._sync_client if self._sync_client is not None else self._given_async
+        )
 
     # ------------------------------------------------------------------ clients
 
@@ -541,14 +579,14 @@ class RedisBackend:
                     self._sync_client = self._derive(self._given_async, "client")
             return self._sync_client
 
-    def _loop_client(self) -> AsyncClient:
+    def _loop_slot(self) -> _AsyncSlot:
         loop = asyncio.get_running_loop()
         last = self._last_async
         if last is not None and last[0]() is loop:
             return last[1]
         with self._lock:
-            client = self._async_by_loop.get(loop)
-            if client is None:
+            slot = self._async_by_loop.get(loop)
+            if slot is None:
                 if self._url is not None:
                     client = redis.asyncio.Redis.from_url(
                         self._url,
@@ -557,9 +595,9 @@ class RedisBackend:
                     )
                 else:
                     client = self._derive(self._sync_client, "async_client")
-                self._async_by_loop[loop] = client
-            self._last_async = (weakref.ref(loop), client)
-        return client
+                slot = self._async_by_loop[loop] = _AsyncSlot(client)
+            self._last_async = (weakref.ref(loop), slot)
+        return slot
 
     def _derive(self, client: Any, missing: str) -> Any:
         try:
@@ -592,10 +630,10 @@ class RedisBackend:
         """
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._async_by_loop.pop(loop, None)
+            slot = self._async_by_loop.pop(loop, None)
             self._last_async = None
-        if client is not None:
-            await client.aclose()
+        if slot is not None:
+            await slot.client.aclose()
 
     # ------------------------------------------------------------ shared core
 
@@ -617,19 +655,20 @@ class RedisBackend:
             self._policy_state = _CHECKING
             return True
 
-    def _policy_end(self, reply: Any, exc: BaseException | None) -> None:
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+    def _policy_failed(self, exc: Exception) -> None:
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, RedisClusterException)):
             # The server is unreachable: the operation fails too; check on the next call.
             self._policy_state = _UNCHECKED
             raise exc
+        # Managed Redis services often forbid CONFIG; that is no reason to fail.
         self._policy_state = _CHECKED
-        if exc is not None:
-            # Managed Redis services often forbid CONFIG; that is no reason to fail.
-            logger.debug("redis backend: cannot read maxmemory-policy on %s: %s", self._server, exc)
-            return
+        logger.debug("redis backend: cannot read maxmemory-policy on %s: %s", self._server, exc)
+
+    def _policy_read(self, reply: Any) -> None:
+        self._policy_state = _CHECKED
         message = eviction_warning(self._server, _policies(reply))
         if message is not None:
-            # stacklevel 4: _policy_end <- _run <- claim <- the caller
+            # stacklevel 4: _policy_read <- _run <- claim <- the caller
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     @staticmethod
@@ -655,10 +694,10 @@ class RedisBackend:
             if self._policy_state == _UNCHECKED and self._policy_begin():
                 try:
                     reply = client.config_get("maxmemory-policy", **self._config_get_args(client))
-                except RedisError as exc:
-                    self._policy_end(None, exc)
+                except Exception as exc:
+                    self._policy_failed(exc)
                 else:
-                    self._policy_end(reply, None)
+                    self._policy_read(reply)
             try:
                 reply = client.execute_command(
                     "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
@@ -669,7 +708,11 @@ class RedisBackend:
                 reply = client.execute_command(
                     "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
                 )
-        except RedisError as exc:
+        except IdempotaskError:
+            raise
+        except Exception as exc:
+            # Not only RedisError: cluster routing errors (RedisClusterException) and driver
+            # bugs surface as other types, and on_backend_error must see every store failure.
             raise self._error(operation, key, exc) from exc
         return parse(key, reply)
 
@@ -683,18 +726,28 @@ class RedisBackend:
     ) -> _T:
         rkey = record_key(key).encode()
         try:
-            client: Any = self._given_async
-            if client is None:
-                client = self._loop_client()
+            slot = self._given_slot
+            if slot is None:
+                slot = self._loop_slot()
+            client: Any = slot.client
+            if not slot.ready:
+                if _is_cluster(client):
+                    # redis-py's asyncio RedisCluster (seen with 8.1) can hand a connection
+                    # that its first topology refresh is replacing to a concurrent first
+                    # command ("'NoneType' object has no attribute 'writelines'").
+                    # initialize() first is lock-protected and idempotent, so every early
+                    # caller may await it.
+                    await client.initialize()
+                slot.ready = True
             if self._policy_state == _UNCHECKED and self._policy_begin():
                 try:
                     reply = await client.config_get(
                         "maxmemory-policy", **self._config_get_args(client)
                     )
-                except RedisError as exc:
-                    self._policy_end(None, exc)
+                except Exception as exc:
+                    self._policy_failed(exc)
                 else:
-                    self._policy_end(reply, None)
+                    self._policy_read(reply)
             try:
                 reply = await client.execute_command(
                     "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
@@ -703,7 +756,11 @@ class RedisBackend:
                 reply = await client.execute_command(
                     "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
                 )
-        except RedisError as exc:
+        except IdempotaskError:
+            raise
+        except Exception as exc:
+            # Not only RedisError: cluster routing errors (RedisClusterException) and driver
+            # bugs surface as other types, and on_backend_error must see every store failure.
             raise self._error(operation, key, exc) from exc
         return parse(key, reply)
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -47,10 +48,10 @@ def free_port(*, with_bus: bool = False) -> int:
     raise RuntimeError("no free loopback port found")
 
 
-def _wait_until(condition: object, timeout: float, what: str) -> None:
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(condition) and condition():
+        if condition():
             return
         time.sleep(0.02)
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
@@ -82,14 +83,20 @@ class RedisServer:
         log = open(directory / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         args = [
             "redis-server",
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
             *extra,
-        ]  # fmt: skip
+        ]
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         server = cls(port, directory, process)
@@ -166,7 +173,7 @@ class RedisCluster3:
                         "5000",
                         port=port,
                         directory=node_dir,
-                    )  # fmt: skip
+                    )
                 )
             cluster.ports = [server.port for server in servers]
             subprocess.run(
@@ -178,7 +185,7 @@ class RedisCluster3:
                     "--cluster-replicas",
                     "0",
                     "--cluster-yes",
-                ],  # fmt: skip
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,
@@ -193,13 +200,18 @@ class RedisCluster3:
         for port in self.ports:
             client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
             try:
-                info = client.execute_command("CLUSTER", "INFO")
+                info = client.cluster("INFO")
             except redis.RedisError:
                 return False
             finally:
                 client.close()
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            if "cluster_state:ok" not in text:
+            # redis-py parses CLUSTER INFO into a dict; older versions return the raw text.
+            if isinstance(info, dict):
+                state = info.get("cluster_state")
+            else:
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                state = "ok" if "cluster_state:ok" in text else text
+            if state not in ("ok", b"ok"):
                 return False
         return True
 

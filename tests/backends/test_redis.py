@@ -1,0 +1,895 @@
+"""RedisBackend: the shared store contract (single server and Cluster), then Redis specifics.
+
+The shared server is ``IDEMPOTASK_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``); when
+it is unreachable these tests skip, or fail under ``IDEMPOTASK_REQUIRE_SERVICES=1``. Tests
+that flush scripts, reset statistics, change the eviction policy, kill the server or need a
+cluster start their own ``redis-server`` processes on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.crc import key_slot
+
+from idempotask.backends import backend_from_url
+from idempotask.backends.base import Backend, Record, State, SupportsExpireNow
+from idempotask.backends.redis import (
+    RECORD_FORMAT,
+    RedisBackend,
+    _milliseconds,
+    eviction_warning,
+    parse_flag,
+    parse_record,
+    record_key,
+)
+from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.testing import StoreContract, make_state_machine
+
+from ._redis_servers import RedisCluster3, RedisServer, free_port, have_redis_binaries
+
+pytestmark = pytest.mark.redis
+
+REDIS_URL = os.environ.get("IDEMPOTASK_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Unique per test run, so parallel sessions on one server never share a key.
+NAMESPACE = f"idemtest-{uuid.uuid4().hex[:12]}"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("IDEMPOTASK_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"IDEMPOTASK_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
+_reachable: dict[str, str | None] = {}
+
+
+def require_redis() -> str:
+    """The shared server's URL, or skip (fail under IDEMPOTASK_REQUIRE_SERVICES=1)."""
+    if REDIS_URL not in _reachable:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            client.ping()
+            _reachable[REDIS_URL] = None
+        except redis.RedisError as exc:
+            _reachable[REDIS_URL] = (
+                f"Redis is not reachable at IDEMPOTASK_REDIS_URL={REDIS_URL}: {exc}"
+            )
+        finally:
+            client.close()
+    reason = _reachable[REDIS_URL]
+    if reason is not None:
+        _unavailable(reason)
+    return REDIS_URL
+
+
+def require_binaries() -> None:
+    """Skip (or fail) when redis-server / redis-cli are not on PATH."""
+    if not have_redis_binaries():
+        _unavailable("redis-server and redis-cli are not on PATH")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """The shared server; every key this module made under NAMESPACE is removed at the end."""
+    url = require_redis()
+    yield url
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=f"{NAMESPACE}:*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def backend(redis_url: str) -> Iterator[RedisBackend]:
+    """A backend on the shared server, closed afterwards."""
+    store = RedisBackend.from_url(redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def abackend(redis_url: str) -> AsyncIterator[RedisBackend]:
+    """A backend on the shared server for async tests; its loop's client is closed after."""
+    store = RedisBackend.from_url(redis_url)
+    yield store
+    await store.aclose()
+    store.close()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client on the shared server, to look at and plant raw values."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[RedisServer]:
+    """A private server for tests that flush scripts, reset stats or change its config."""
+    require_binaries()
+    server = RedisServer.start("--maxmemory-policy", "noeviction")
+    yield server
+    server.stop()
+
+
+def new_key(name: str = "f") -> str:
+    """A fresh key shaped like the library's: namespace:name:version:digest."""
+    return f"{NAMESPACE}:{name}:1:{uuid.uuid4().hex}"
+
+
+def token() -> str:
+    """A fresh claim token."""
+    return uuid.uuid4().hex
+
+
+# -- the shared contract on one server ---------------------------------------------------
+
+
+class TestRedisContract(StoreContract):
+    """The conformance suite, sync and async, on the shared Redis server."""
+
+    @pytest.fixture
+    def backend(self, redis_url: str) -> Iterator[RedisBackend]:
+        store = RedisBackend.from_url(redis_url)
+        yield store
+        store.close()
+
+
+class TestRedisContractWithDecodingClient(StoreContract):
+    """The suite again through a user's ``decode_responses=True`` client (async derived)."""
+
+    real_time_tests = False
+
+    @pytest.fixture
+    def backend(self, redis_url: str) -> Iterator[RedisBackend]:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        yield RedisBackend(client)
+        client.close()
+
+
+_machine_backend: list[RedisBackend] = []
+
+
+def _shared_machine_backend() -> RedisBackend:
+    # One backend for every example: each example awaits it from a new event loop, which
+    # is how a long-lived backend is used by asyncio.run() called again and again.
+    url = require_redis()
+    if not _machine_backend:
+        _machine_backend.append(RedisBackend.from_url(url))
+    return _machine_backend[0]
+
+
+TestRedisStateMachine = make_state_machine(_shared_machine_backend).TestCase
+
+
+# -- the shared contract on a 3-master cluster -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster3]:
+    """Three cluster-enabled masters on loopback ports, stopped (and cleaned) afterwards."""
+    require_binaries()
+    nodes = RedisCluster3.start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_client(cluster: RedisCluster3) -> Iterator[redis.cluster.RedisCluster]:
+    """A sync RedisCluster client shared by the module's cluster tests."""
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    yield client
+    client.close()
+
+
+class TestRedisClusterContract(StoreContract):
+    """The conformance suite, sync and async, on Redis Cluster (async client derived)."""
+
+    real_time_tests = False  # the clock test runs on the single server above
+
+    @pytest.fixture
+    def backend(self, cluster_client: redis.cluster.RedisCluster) -> RedisBackend:
+        return RedisBackend(cluster_client)
+
+
+async def test_cluster_with_a_users_async_cluster_client(cluster: RedisCluster3) -> None:
+    """A user's asyncio RedisCluster client is used as given, on keys across all masters."""
+    aclient = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[-1])
+    store = RedisBackend(async_client=aclient)
+    try:
+        # 48 keys: all three masters get some unless chance is 3 * (2/3)**48 unkind.
+        keys = [new_key(f"spread{i}") for i in range(48)]
+        tokens = [token() for _ in keys]
+        for key, tok in zip(keys, tokens, strict=True):
+            assert (await store.aclaim(key, tok, lease=30)).held_by(tok)
+            assert await store.acomplete(key, tok, tok.encode(), ttl=30)
+        for key, tok in zip(keys, tokens, strict=True):
+            record = await store.aclaim(key, token(), lease=30)
+            assert (record.state, record.payload) == (State.COMPLETED, tok.encode())
+            assert await store.adelete(key, token=tok)
+        slots = {key_slot(record_key(k).encode()) for k in keys}
+        owners = {getattr(aclient.get_node_from_key(record_key(k)), "name", None) for k in keys}
+        assert len(slots) > 1, "records should spread over the slots"
+        assert len(owners) == 3, "records should spread over the masters"
+    finally:
+        await aclient.aclose()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_cluster_recovers_from_noscript_on_every_node(
+    cluster_client: redis.cluster.RedisCluster, mode: str
+) -> None:
+    """After SCRIPT FLUSH on every master, each node gets the script again on its first use."""
+    store = RedisBackend(cluster_client)
+    keys = [new_key(f"noscript{i}") for i in range(12)]
+    run(store, mode, "get", new_key())  # the scripts are cached on some node
+    cluster_client.script_flush()  # every primary, by redis-py's routing
+    for key in keys:
+        tok = token()
+        assert run(store, mode, "claim", key, tok, lease=30).held_by(tok)
+        assert run(store, mode, "complete", key, tok, b"ok", ttl=30) is True
+        assert run(store, mode, "delete", key) is True
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+
+def test_record_key_puts_the_hash_tag_on_the_per_record_part() -> None:
+    """namespace:name:version:digest becomes namespace:{name:version:digest}."""
+    assert record_key("ns:billing.charge:1:ab12") == "ns:{billing.charge:1:ab12}"
+    assert record_key("plain") == "{plain}"
+    same_slot = key_slot(b"billing.charge:1:ab12")
+    assert key_slot(record_key("ns:billing.charge:1:ab12").encode()) == same_slot
+    assert key_slot(record_key("other:billing.charge:1:ab12").encode()) == same_slot
+
+
+def test_braces_in_keys_are_escaped_so_the_hash_tag_stays_ours() -> None:
+    """Braces (and the escape character) are escaped: one tag, and distinct keys stay distinct."""
+    assert record_key("ns:{a}:1:d") == "ns:{%7Ba%7D:1:d}"
+    assert record_key("n{s}:x") == "n%7Bs%7D:{x}"
+    odd = ["ns:{a}", "ns:%7Ba%7D", "ns:%7Ba}", "ns:{a%7D", "{ns}:a", "ns:a", "ns:{}", "ns:"]
+    assert len({record_key(k) for k in odd}) == len(odd)
+    for key in odd:
+        mapped = record_key(key)
+        assert mapped.count("{") == 1
+        assert mapped.count("}") == 1
+        assert mapped.endswith("}")
+
+
+@pytest.mark.parametrize("bad", ["", None, 3])
+def test_record_key_refuses_empty_and_non_string_keys(bad: Any) -> None:
+    """An empty or non-str key is a configuration error, not a Redis call."""
+    with pytest.raises(ConfigurationError, match="non-empty str"):
+        record_key(bad)
+
+
+def test_seconds_become_whole_milliseconds_rounded_up() -> None:
+    """Leases and ttls are PEXPIRE milliseconds: rounded up, at least 1, no float noise."""
+    assert _milliseconds(1.1, "ttl") == 1100
+    assert _milliseconds(0.0015, "ttl") == 2
+    assert _milliseconds(0.0000001, "ttl") == 1
+    assert _milliseconds(4 * 3600, "ttl") == 14_400_000
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "5"])
+def test_non_positive_or_non_finite_durations_are_refused(bad: Any) -> None:
+    """A lease or ttl that is not a positive finite number raises ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="lease must be a positive"):
+        _milliseconds(bad, "lease")
+
+
+def test_replies_parse_the_same_as_bytes_or_str() -> None:
+    """The reply parsers accept bytes and str replies alike."""
+    as_bytes = [b"rec", b"completed", b"t", b"o", b"fp", b"\xff", 1500]
+    as_str = ["rec", "completed", "t", "o", "fp", "\xff", 1500]
+    assert parse_record("k", as_bytes) == Record("k", State.COMPLETED, "t", "o", "fp", b"\xff", 1.5)
+    assert parse_record("k", as_str) == Record(
+        "k", State.COMPLETED, "t", "o", "fp", "\xff".encode(), 1.5
+    )
+    persistent = parse_record("k", [b"rec", b"in_progress", b"t", b"", b"", b"", -1])
+    assert persistent is not None
+    assert persistent.expires_in is None
+    assert parse_record("k", ["absent"]) is None
+    assert parse_flag("k", 1) is True
+    assert parse_flag("k", 0) is False
+    with pytest.raises(CorruptRecordError, match="'k'"):
+        parse_flag("k", [b"corrupt", b"a Redis string value"])
+    with pytest.raises(CorruptRecordError, match="unknown state"):
+        parse_record("k", [b"rec", b"exploded", b"t", b"", b"", b"", 5])
+
+
+def test_eviction_warning_covers_every_policy_but_noeviction() -> None:
+    """allkeys-* and volatile-* policies warn (our keys all have a TTL); noeviction does not."""
+    assert eviction_warning("s", ["noeviction"]) is None
+    assert eviction_warning("s", []) is None
+    for policy in ["allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-ttl"]:
+        message = eviction_warning("s", [policy])
+        assert message is not None
+        assert policy in message
+        assert "noeviction" in message
+
+
+# -- construction ------------------------------------------------------------------------
+
+
+def test_construction_never_connects_and_satisfies_the_protocols() -> None:
+    """from_url on a port nobody listens on succeeds; nothing connects until the first call."""
+    store = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    assert isinstance(store, Backend)
+    assert isinstance(store, SupportsExpireNow)
+    assert store._sync_client is None
+    assert not store._async_by_loop
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/0", "rediss://h:6380/1", "unix:///tmp/redis.sock?db=2"]
+)
+def test_registry_builds_a_redis_backend_for_each_scheme(url: str) -> None:
+    """backend_from_url maps redis://, rediss:// and unix:// to RedisBackend."""
+    assert isinstance(backend_from_url(url), RedisBackend)
+
+
+def test_repr_and_messages_never_show_the_password() -> None:
+    """The server description drops user:password from the URL."""
+    store = RedisBackend.from_url("redis://user:s3cret@cache.example:6380/2")
+    assert repr(store) == "RedisBackend('redis://cache.example:6380/2')"
+    assert "s3cret" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "pass url="),
+        ({"url": "memory://"}, "redis://, rediss:// or unix://"),
+        ({"url": "redis://h:notaport/0"}, "invalid URL"),
+        ({"client": object()}, "client= must be"),
+        ({"async_client": object()}, "async_client= must be"),
+        ({"url": "redis://h", "client": redis.Redis()}, "not both"),
+        ({"url": "redis://h", "retries": -1}, "retries"),
+        ({"url": "redis://h", "socket_timeout": 0}, "socket_timeout"),
+        ({"client": redis.asyncio.Redis(), "async_client": redis.asyncio.Redis()}, "asyncio"),
+    ],
+)
+def test_bad_arguments_raise_configuration_error(kwargs: dict[str, Any], message: str) -> None:
+    """Each bad constructor argument is a ConfigurationError naming the option."""
+    with pytest.raises(ConfigurationError, match=message):
+        RedisBackend(**kwargs)
+
+
+def test_clients_we_create_get_our_timeouts_and_bounded_retries(backend: RedisBackend) -> None:
+    """Our own clients use a 5 s socket timeout, 2 s connect timeout and 2 quick retries."""
+    backend.get(new_key())
+    client = backend._sync_client
+    assert isinstance(client, redis.Redis)
+    settings = client.connection_pool.connection_kwargs
+    assert settings["socket_timeout"] == 5.0
+    assert settings["socket_connect_timeout"] == 2.0
+    assert settings["retry"].get_retries() == 2
+
+
+def test_url_query_options_override_our_defaults(redis_url: str) -> None:
+    """A socket_timeout in the URL's query wins over the backend's default."""
+    store = RedisBackend.from_url(redis_url + "?socket_timeout=9")
+    try:
+        store.get(new_key())
+        client = store._sync_client
+        assert isinstance(client, redis.Redis)
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 9
+    finally:
+        store.close()
+
+
+# -- record layout -----------------------------------------------------------------------
+
+
+def test_a_record_is_one_hash_with_a_marker_and_a_millisecond_ttl(
+    backend: RedisBackend, raw: redis.Redis
+) -> None:
+    """claim writes a marked hash expiring with the lease; complete re-arms it with the ttl."""
+    key, tok = new_key(), token()
+    record = backend.claim(key, tok, lease=0.25, owner="task-1", fingerprint="fp")
+    assert record.held_by(tok)
+    assert record.expires_in == 0.25
+    fields = raw.hgetall(record_key(key))
+    assert fields == {
+        b"fmt": RECORD_FORMAT.encode(),
+        b"state": b"in_progress",
+        b"token": tok.encode(),
+        b"owner": b"task-1",
+        b"fingerprint": b"fp",
+        b"payload": b"",
+    }
+    assert 0 < raw.pttl(record_key(key)) <= 250
+    assert backend.complete(key, tok, b"\x00result", ttl=3600.0005) is True
+    assert 3_599_000 < raw.pttl(record_key(key)) <= 3_600_001
+    assert raw.hget(record_key(key), "payload") == b"\x00result"
+    assert raw.hget(record_key(key), "state") == b"completed"
+
+
+def test_a_short_lease_runs_out_and_the_key_is_taken_over(backend: RedisBackend) -> None:
+    """A 50 ms lease is gone (by Redis's clock) soon after; a second claim then holds the key."""
+    key, first, second = new_key(), token(), token()
+    assert backend.claim(key, first, lease=0.05).held_by(first)
+    deadline = time.monotonic() + 5
+    while not backend.claim(key, second, lease=30).held_by(second):
+        assert time.monotonic() < deadline, "a 50 ms lease was still held after 5 s"
+        time.sleep(0.02)
+    assert backend.complete(key, first, b"late", ttl=30) is False
+
+
+# -- clients: decode_responses, sync/async pairs -----------------------------------------
+
+
+async def test_decoding_clients_round_trip_arbitrary_bytes(redis_url: str) -> None:
+    """Sync and async clients made with decode_responses=True still return exact bytes."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    aclient = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisBackend(client, async_client=aclient)
+    payload = bytes(range(256)) + b"\xc3\x28"
+    try:
+        key, tok = new_key(), token()
+        assert store.claim(key, tok, lease=30, owner="ключ").held_by(tok)
+        assert await store.acomplete(key, tok, payload, ttl=30)
+        for record in (
+            store.get(key),
+            await store.aget(key),
+            await store.aclaim(key, token(), lease=9),
+        ):
+            assert record is not None
+            assert (record.payload, record.owner) == (payload, "ключ")
+    finally:
+        client.close()
+        await aclient.aclose()
+
+
+async def test_a_sync_client_alone_serves_async_callers_through_a_derived_client(
+    redis_url: str,
+) -> None:
+    """Given only redis.Redis, async calls use a derived asyncio client to the same server."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=3)
+    store = RedisBackend(client)
+    try:
+        key, tok = new_key(), token()
+        assert store.claim(key, tok, lease=30).held_by(tok)
+        assert await store.acomplete(key, tok, b"r", ttl=30)
+        derived = store._async_by_loop[asyncio.get_running_loop()].client
+        assert isinstance(derived, redis.asyncio.Redis)
+        settings = derived.connection_pool.connection_kwargs
+        assert settings["socket_timeout"] == 3
+        assert settings["port"] == client.get_connection_kwargs()["port"]
+    finally:
+        await store.aclose()
+        store.close()
+        client.close()
+
+
+async def test_an_async_client_alone_serves_sync_callers_through_a_derived_client(
+    redis_url: str,
+) -> None:
+    """Given only redis.asyncio.Redis, sync calls use a derived sync client."""
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    store = RedisBackend(aclient)  # an asyncio client may be passed positionally too
+    try:
+        key, tok = new_key(), token()
+        assert (await store.aclaim(key, tok, lease=30)).held_by(tok)
+        assert store.complete(key, tok, b"r", ttl=30) is True
+        derived: object = store._sync_client
+        assert isinstance(derived, redis.Redis), "a sync client of its own"
+    finally:
+        store.close()
+        await aclient.aclose()
+
+
+class _CustomConnection(redis.connection.Connection):
+    """A connection class the backend cannot reproduce for asyncio (like Sentinel's)."""
+
+
+async def test_an_underivable_client_names_the_missing_argument(redis_url: str) -> None:
+    """A sync client with a custom connection class needs async_client= for async calls."""
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_CustomConnection)
+    client = redis.Redis(connection_pool=pool)
+    store = RedisBackend(client)
+    try:
+        key, tok = new_key(), token()
+        assert store.claim(key, tok, lease=30).held_by(tok)  # sync is fine
+        with pytest.raises(ConfigurationError, match="pass async_client="):
+            await store.aget(key)
+    finally:
+        client.close()
+
+
+# -- NOSCRIPT ----------------------------------------------------------------------------
+
+
+def test_scripts_are_reloaded_after_script_flush_sync(private_server: RedisServer) -> None:
+    """After SCRIPT FLUSH the next call sends the script (EVAL) and succeeds."""
+    store = RedisBackend.from_url(private_server.url)
+    admin = redis.Redis.from_url(private_server.url)
+    try:
+        key, tok = new_key(), token()
+        assert store.claim(key, tok, lease=30).held_by(tok)
+        admin.script_flush()
+        assert admin.script_exists(_sha("complete")) == [False]
+        assert store.complete(key, tok, b"r", ttl=30) is True
+        assert admin.script_exists(_sha("complete")) == [True], "EVAL caches it again"
+        assert store.get(key) is not None
+    finally:
+        store.close()
+        admin.close()
+
+
+async def test_scripts_are_reloaded_after_script_flush_async(private_server: RedisServer) -> None:
+    """The asyncio path recovers from NOSCRIPT the same way."""
+    store = RedisBackend.from_url(private_server.url)
+    admin = redis.Redis.from_url(private_server.url)
+    try:
+        key, tok = new_key(), token()
+        assert (await store.aclaim(key, tok, lease=30)).held_by(tok)
+        admin.script_flush()
+        assert await store.acomplete(key, tok, b"r", ttl=30)
+        assert (await store.aget(key)) is not None
+        assert admin.script_exists(_sha("complete")) == [True]
+    finally:
+        await store.aclose()
+        admin.close()
+
+
+def _sha(name: str) -> str:
+    from idempotask.backends import redis as module
+
+    script = getattr(module, f"_{name.upper()}")
+    return str(script.sha)
+
+
+# -- values that are not ours ------------------------------------------------------------
+
+_FOREIGN = {
+    "string": lambda r, k: r.set(k, "hello"),
+    "list": lambda r, k: r.rpush(k, "a", "b"),
+    "hash-without-marker": lambda r, k: r.hset(k, mapping={"state": "completed", "token": "t"}),
+    "hash-of-a-future-format": lambda r, k: r.hset(k, mapping={"fmt": "idempotask/9"}),
+}
+
+
+def run(store: RedisBackend, mode: str, operation: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``operation`` through the sync method, or its async twin on a fresh loop."""
+    if mode == "sync":
+        return getattr(store, operation)(*args, **kwargs)
+
+    async def call() -> Any:
+        try:
+            return await getattr(store, "a" + operation)(*args, **kwargs)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("kind", _FOREIGN)
+def test_a_foreign_value_under_our_key_is_a_corrupt_record_error(
+    backend: RedisBackend, raw: redis.Redis, kind: str, mode: str
+) -> None:
+    """Every operation on a value we did not write raises CorruptRecordError naming the key."""
+    key = new_key()
+    _FOREIGN[kind](raw, record_key(key))
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("claim", (key, "t"), {"lease": 30}),
+        ("get", (key,), {}),
+        ("complete", (key, "t", b"r"), {"ttl": 30}),
+        ("fail", (key, "t", b"e"), {"ttl": 30}),
+        ("renew", (key, "t"), {"lease": 30}),
+        ("delete", (key,), {"token": "t"}),
+    ]
+    for operation, args, kwargs in calls:
+        with pytest.raises(CorruptRecordError, match=f"{key}.*not an idempotask record"):
+            run(backend, mode, operation, *args, **kwargs)
+    assert raw.exists(record_key(key)) == 1, "nothing was overwritten"
+    assert run(backend, mode, "delete", key) is True, "delete without a token clears it"
+    tok = token()
+    assert run(backend, mode, "claim", key, tok, lease=30).held_by(tok)
+
+
+def test_a_marked_hash_with_an_unknown_state_is_corrupt(
+    backend: RedisBackend, raw: redis.Redis
+) -> None:
+    """Our marker with a state we never write is reported, not trusted."""
+    key = new_key()
+    raw.hset(record_key(key), mapping={"fmt": RECORD_FORMAT, "state": "exploded", "token": "t"})
+    with pytest.raises(CorruptRecordError, match="unknown state"):
+        backend.claim(key, token(), lease=30)
+    with pytest.raises(CorruptRecordError, match="unknown state"):
+        backend.get(key)
+
+
+def test_keys_with_braces_land_in_the_slot_of_their_per_record_part(
+    backend: RedisBackend, raw: redis.Redis
+) -> None:
+    """A key with braces works and its Redis key keeps exactly one hash tag, ours."""
+    key, tok = f"{NAMESPACE}:na{{me}}:1:d{uuid.uuid4().hex}", token()
+    assert backend.claim(key, tok, lease=30).held_by(tok)
+    mapped = record_key(key)
+    assert raw.exists(mapped) == 1
+    tag = mapped[mapped.index("{") + 1 : mapped.index("}")]
+    assert key_slot(mapped.encode()) == key_slot(tag.encode())
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_redis_down_raises_backend_error_promptly(mode: str) -> None:
+    """A killed server: BackendError naming the operation and address, cause chained, < 10 s."""
+    require_binaries()
+    server = RedisServer.start()
+    store = RedisBackend.from_url(server.url)
+    try:
+        key, tok = new_key(), token()
+        assert run(store, mode, "claim", key, tok, lease=30).held_by(tok)
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(BackendError) as caught:
+            run(store, mode, "complete", key, tok, b"r", ttl=30)
+        assert time.monotonic() - started < 10
+        assert not isinstance(caught.value, CorruptRecordError)
+        message = str(caught.value)
+        assert "complete" in message
+        assert f"127.0.0.1:{server.port}" in message
+        assert isinstance(caught.value.__cause__, redis.ConnectionError)
+
+        # Back up on the same port: the same backend works again (an empty server).
+        server.stop()
+        server = RedisServer.start(port=server.port)
+        assert run(store, mode, "claim", key, token(), lease=30).state is State.IN_PROGRESS
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_a_hung_server_times_out_instead_of_hanging() -> None:
+    """A stopped (SIGSTOP) server: the socket timeout ends the call with a BackendError."""
+    require_binaries()
+    server = RedisServer.start()
+    store = RedisBackend.from_url(server.url, socket_timeout=0.3, retries=1)
+    try:
+        key, tok = new_key(), token()
+        assert store.claim(key, tok, lease=30).held_by(tok)
+        server.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="renew") as caught:
+            store.renew(key, tok, lease=30)
+        assert time.monotonic() - started < 5, "2 attempts x 0.3 s, plus a short backoff"
+        assert isinstance(caught.value.__cause__, redis.TimeoutError)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        store.close()
+        server.stop()
+
+
+def test_a_dead_server_on_first_use_fails_promptly_too() -> None:
+    """Nothing listening at all (first call, eviction check pending): BackendError, < 10 s."""
+    store = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="claim"):
+        store.claim(new_key(), token(), lease=30)
+    assert time.monotonic() - started < 10
+    assert store._policy_state == 0, "the eviction check is retried on the next call"
+
+
+def test_a_redis_error_reply_becomes_backend_error(private_server: RedisServer) -> None:
+    """An error reply (OOM under maxmemory) is a BackendError with the ResponseError as cause."""
+    admin = redis.Redis.from_url(private_server.url)
+    store = RedisBackend.from_url(private_server.url)
+    try:
+        store.get(new_key())  # connect and check the policy before memory runs out
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(BackendError, match="claim") as caught:
+            store.claim(new_key(), token(), lease=30)
+        assert isinstance(caught.value.__cause__, redis.ResponseError)
+        assert "maxmemory" in str(caught.value)
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        store.close()
+
+
+# -- maxmemory-policy ------------------------------------------------------------------------
+
+
+def _warnings_of(call: Any) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_evicting_policy_warns_once_per_backend() -> None:
+    """allkeys-lru: one RuntimeWarning on first use (sync or async), none after."""
+    require_binaries()
+    server = RedisServer.start("--maxmemory-policy", "allkeys-lru")
+    store = RedisBackend.from_url(server.url)
+    try:
+        first = _warnings_of(lambda: store.claim(new_key(), token(), lease=30))
+        assert len(first) == 1
+        assert "allkeys-lru" in first[0]
+        assert f":{server.port}" in first[0]
+        later = _warnings_of(lambda: (store.get(new_key()), run(store, "async", "get", new_key())))
+        assert later == []
+
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        admin.close()
+        fresh = RedisBackend.from_url(server.url)
+        volatile = _warnings_of(lambda: run(fresh, "async", "get", new_key()))
+        assert len(volatile) == 1
+        assert "volatile-lru" in volatile[0]
+        fresh.close()
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_noeviction_or_an_opt_out_does_not_warn(private_server: RedisServer) -> None:
+    """noeviction never warns; check_eviction_policy=False does not even ask."""
+    store = RedisBackend.from_url(private_server.url)
+    assert _warnings_of(lambda: store.get(new_key())) == []
+    store.close()
+    quiet = RedisBackend.from_url(private_server.url, check_eviction_policy=False)
+    admin = redis.Redis.from_url(private_server.url)
+    admin.config_resetstat()
+    quiet.get(new_key())
+    assert "cmdstat_config|get" not in admin.info("commandstats")
+    quiet.close()
+    admin.close()
+
+
+def test_a_server_that_forbids_config_is_tolerated(caplog: pytest.LogCaptureFixture) -> None:
+    """Without CONFIG (managed services) the check is skipped with a debug log."""
+    require_binaries()
+    server = RedisServer.start("--rename-command", "CONFIG", "")
+    store = RedisBackend.from_url(server.url)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="idempotask.backends.redis"):
+            caught = _warnings_of(lambda: store.claim(new_key(), token(), lease=30))
+        assert caught == []
+        assert "cannot read maxmemory-policy" in caplog.text
+        assert store.get(new_key()) is None
+    finally:
+        store.close()
+        server.stop()
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+def test_sixteen_threads_racing_for_one_key_elect_exactly_one(backend: RedisBackend) -> None:
+    """16 threads claim the same key at once: exactly one holds it, all see its token."""
+    key = new_key()
+    tokens = [token() for _ in range(16)]
+    results: dict[str, Record] = {}
+    barrier = threading.Barrier(len(tokens))
+
+    def worker(tok: str) -> None:
+        barrier.wait(timeout=30)
+        results[tok] = backend.claim(key, tok, lease=30)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    winners = [t for t, r in results.items() if r.held_by(t)]
+    assert len(results) == 16
+    assert len(winners) == 1
+    assert {r.token for r in results.values()} == set(winners)
+
+
+async def test_fifty_tasks_racing_for_one_key_elect_exactly_one(abackend: RedisBackend) -> None:
+    """50 asyncio tasks claim the same key at once: exactly one holds it."""
+    key = new_key()
+    tokens = [token() for _ in range(50)]
+    records = await asyncio.gather(*(abackend.aclaim(key, t, lease=30) for t in tokens))
+    winners = [t for t, r in zip(tokens, records, strict=True) if r.held_by(t)]
+    assert len(winners) == 1
+    assert {r.token for r in records} == set(winners)
+    finished = await asyncio.gather(*(abackend.acomplete(key, t, b"r", ttl=30) for t in tokens))
+    assert finished.count(True) == 1
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+class _Wire:
+    """Counts requests written by every redis-py connection, sync and asyncio, in this process."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sends = 0
+        sync_send: Any = redis.connection.Connection.send_packed_command
+        async_send: Any = redis.asyncio.connection.Connection.send_packed_command
+
+        def counting_send(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.sends += 1
+            return sync_send(conn, *args, **kwargs)
+
+        async def counting_asend(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.sends += 1
+            return await async_send(conn, *args, **kwargs)
+
+        monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting_send)
+        monkeypatch.setattr(
+            redis.asyncio.connection.Connection, "send_packed_command", counting_asend
+        )
+
+    def take(self) -> int:
+        """Requests sent since the last take."""
+        sends, self.sends = self.sends, 0
+        return sends
+
+
+def _evalsha_calls(admin: redis.Redis) -> int:
+    stats = admin.info("commandstats")
+    admin.config_resetstat()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_duplicate_is_one_round_trip_and_a_first_call_two(
+    private_server: RedisServer, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted on the wire and on the server: first call = claim + complete, duplicate = one."""
+    admin = redis.Redis.from_url(private_server.url)
+    store = RedisBackend.from_url(private_server.url)
+    key, tok = new_key(), token()
+    wire = _Wire(monkeypatch)
+
+    async def scenario() -> list[Any]:
+        # Connect, greet and check the eviction policy first: those happen once per backend.
+        await store.aget(new_key())
+        admin.config_resetstat()
+        wire.take()
+        assert (await store.aclaim(key, tok, lease=30)).held_by(tok)
+        assert await store.acomplete(key, tok, b"result", ttl=30)
+        first = (wire.take(), _evalsha_calls(admin))
+        wire.take()
+        duplicate = await store.aclaim(key, token(), lease=30)
+        again = (wire.take(), _evalsha_calls(admin))
+        await store.aclose()
+        return [first, again, duplicate]
+
+    try:
+        if mode == "sync":
+            store.get(new_key())
+            admin.config_resetstat()
+            wire.take()
+            assert store.claim(key, tok, lease=30).held_by(tok)
+            assert store.complete(key, tok, b"result", ttl=30)
+            first = (wire.take(), _evalsha_calls(admin))
+            wire.take()
+            duplicate = store.claim(key, token(), lease=30)
+            again = (wire.take(), _evalsha_calls(admin))
+        else:
+            first, again, duplicate = asyncio.run(scenario())
+        assert first == (2, 2), "first call: (requests sent, EVALSHA run on the server)"
+        assert again == (1, 1), "duplicate: (requests sent, EVALSHA run on the server)"
+        assert (duplicate.state, duplicate.payload) == (State.COMPLETED, b"result")
+    finally:
+        store.close()
+        admin.close()
