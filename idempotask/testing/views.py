@@ -220,6 +220,11 @@ class AsyncView(StoreView):
         if self.loop.is_closed():
             return
         try:
+            # A backend that keeps per-loop connections releases them before the loop goes.
+            aclose = getattr(self.backend, "aclose", None)
+            if callable(aclose):
+                with contextlib.suppress(Exception):
+                    self.loop.run_until_complete(aclose())
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.run_until_complete(self.loop.shutdown_default_executor())
         finally:
