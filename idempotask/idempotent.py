@@ -102,12 +102,15 @@ class Options:
 class _Outcome:
     """What running the body produced: a value or an exception."""
 
-    __slots__ = ("duration", "error", "value")
+    __slots__ = ("duration", "error", "lost", "value")
 
-    def __init__(self, value: Any, error: BaseException | None, duration: float) -> None:
+    def __init__(
+        self, value: Any, error: BaseException | None, duration: float, lost: bool = False
+    ) -> None:
         self.value = value
         self.error = error
         self.duration = duration
+        self.lost = lost  # the renewal already reported the claim lost
 
 
 class _Spec:
@@ -254,7 +257,7 @@ class _Spec:
             return outcome.value
         if stored:
             events.emit(EventKind.COMPLETED, self.name, key, duration=outcome.duration)
-        else:
+        elif not outcome.lost:
             lease.report_lost(
                 self.name,
                 key,
@@ -282,7 +285,7 @@ class _Spec:
             return
         try:
             payload = dump_exception(error)
-            if not (yield _FAIL, (key, token, payload, ttl)):
+            if not (yield _FAIL, (key, token, payload, ttl)) and not outcome.lost:
                 lease.report_lost(self.name, key, "the key was taken over while the body ran")
         except (BackendError, SerializationError) as exc:
             log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
@@ -368,22 +371,42 @@ def _drive(
                 error = exc
 
 
+class _Running:
+    """A body being run: its lease (when protected) and its start time."""
+
+    __slots__ = ("lease", "started", "stop")
+
+    def __init__(
+        self,
+        spec: _Spec,
+        backend: Backend,
+        a: tuple[Any, ...],
+        hold: Callable[[lease.Lease], Callable[[], None]],
+    ) -> None:
+        key, token = a
+        # key is None when the body runs unprotected (fail-open): nothing to renew.
+        self.lease = (
+            None if key is None else lease.Lease(backend, key, token, spec._lease, spec.name)
+        )
+        self.stop = None if self.lease is None else hold(self.lease)
+        self.started = time.perf_counter()
+
+    def done(self, value: Any, error: BaseException | None) -> _Outcome:
+        if self.stop is not None:
+            self.stop()
+        lost = self.lease is not None and self.lease.reported_lost
+        return _Outcome(value, error, time.perf_counter() - self.started, lost)
+
+
 def _run_sync(
     spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Outcome:
-    key, token = a
-    stop = None
-    if key is not None:
-        stop = lease.hold(lease.Lease(backend, key, token, spec._lease, spec.name))
-    started = time.perf_counter()
+    running = _Running(spec, backend, a, lease.hold)
     try:
         value = spec.func(*args, **kwargs)
     except BaseException as exc:
-        return _Outcome(None, exc, time.perf_counter() - started)
-    finally:
-        if stop is not None:
-            stop()
-    return _Outcome(value, None, time.perf_counter() - started)
+        return running.done(None, exc)
+    return running.done(value, None)
 
 
 async def _adrive(
@@ -421,19 +444,12 @@ async def _adrive(
 async def _run_async(
     spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Outcome:
-    key, token = a
-    stop = None
-    if key is not None:
-        stop = lease.ahold(lease.Lease(backend, key, token, spec._lease, spec.name))
-    started = time.perf_counter()
+    running = _Running(spec, backend, a, lease.ahold)
     try:
         value = await spec.func(*args, **kwargs)
     except BaseException as exc:
-        return _Outcome(None, exc, time.perf_counter() - started)
-    finally:
-        if stop is not None:
-            stop()
-    return _Outcome(value, None, time.perf_counter() - started)
+        return running.done(None, exc)
+    return running.done(value, None)
 
 
 # --------------------------------------------------------------------------------------

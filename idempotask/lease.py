@@ -60,6 +60,11 @@ class Lease:
         self.active = True  # False once the body has finished: late answers are ignored
 
     @property
+    def reported_lost(self) -> bool:
+        """Whether a renewal already found (and reported) the claim lost."""
+        return self._lost
+
+    @property
     def held(self) -> bool:
         """Whether this call still holds its claim, as far as renewals have shown."""
         return not self._lost and time.monotonic() < self.deadline

@@ -1,0 +1,298 @@
+"""The DESIGN §3.6 guarantee, end to end through @idempotent, with real processes and
+real servers: exactly-once under contention, crash takeover, paused owners, outages.
+
+Each store under test is a (name, URL factory, counter factory) entry in STORES; the
+counter records body executions somewhere the guarantee does not depend on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import pytest
+
+import idempotask
+from idempotask import AlreadyInProgress, BackendError, EventKind, idempotent
+from tests.conftest import service_url
+
+redis = pytest.importorskip("redis")
+
+FORK = multiprocessing.get_context("fork")
+PROCESSES, KEYS, REPEATS = 8, 500, 3
+
+
+class Counter(Protocol):
+    """Counts body executions per key outside the store under test."""
+
+    def incr(self, key: str) -> int: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+
+class RedisCounter:
+    """Executions in a Redis hash (HINCRBY is atomic across processes)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self._client: Any = None
+
+    def _redis(self) -> Any:
+        if self._client is None:  # created lazily, so a forked child makes its own
+            self._client = redis.Redis.from_url(self.url)
+        return self._client
+
+    def incr(self, key: str) -> int:
+        return int(self._redis().hincrby(self.name, key, 1))
+
+    def counts(self) -> dict[str, int]:
+        raw = self._redis().hgetall(self.name)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def drop(self) -> None:
+        self._redis().delete(self.name)
+
+
+def _redis_store() -> str:
+    return service_url("redis")
+
+
+STORES: dict[str, Callable[[], str]] = {"redis": _redis_store}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_url(request: pytest.FixtureRequest) -> str:
+    return STORES[request.param]()
+
+
+@pytest.fixture
+def counter() -> Iterator[RedisCounter]:
+    c = RedisCounter(service_url("redis"), f"idempotask-test-executions:{uuid.uuid4().hex}")
+    yield c
+    c.drop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"guarantee{uuid.uuid4().hex[:12]}"
+
+
+def _configure(url: str, namespace: str) -> None:
+    idempotask.configure(backend=url, namespace=namespace)
+
+
+# ---------------------------------------------------------------------------- contention
+
+
+def _contention_worker(
+    url: str, namespace: str, counter: RedisCounter, seed: int, start: Any, out: Any
+) -> None:
+    _configure(url, namespace)
+
+    # A lease far longer than the run: a renewal thread starved on 2 busy cores must
+    # never let another process take a key over.
+    @idempotent(name="guarantee.contention", lease=120, wait_timeout=120)
+    def job(k: int) -> dict[str, Any]:
+        n = counter.incr(str(k))
+        return {"k": k, "pid": os.getpid(), "n": n}
+
+    calls = [k for k in range(KEYS) for _ in range(REPEATS)]
+    random.Random(seed).shuffle(calls)
+    start.wait(30)
+    out.put([(k, job(k)) for k in calls])
+
+
+def test_eight_processes_run_every_key_once_and_agree_on_results(
+    store_url: str, namespace: str, counter: RedisCounter
+) -> None:
+    """8 processes x 500 keys x 3 calls each, shuffled: one execution per key."""
+    start, out = FORK.Event(), FORK.Queue()
+    workers = [
+        FORK.Process(
+            target=_contention_worker, args=(store_url, namespace, counter, seed, start, out)
+        )
+        for seed in range(PROCESSES)
+    ]
+    for w in workers:
+        w.start()
+    start.set()
+    results: list[tuple[int, dict[str, Any]]] = []
+    for _ in workers:
+        results.extend(out.get(timeout=300))
+    for w in workers:
+        w.join(30)
+        assert w.exitcode == 0
+    counts = counter.counts()
+    assert len(counts) == KEYS
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+    assert len(results) == PROCESSES * KEYS * REPEATS
+    first: dict[int, dict[str, Any]] = {}
+    for k, value in results:
+        assert first.setdefault(k, value) == value
+        assert value["n"] == 1
+
+
+# ---------------------------------------------------------------------------- crashes
+
+
+def _crashing_owner(url: str, namespace: str, counter: RedisCounter) -> None:
+    _configure(url, namespace)
+
+    @idempotent(name="guarantee.crash", lease=1.0)
+    def job() -> str:
+        counter.incr("crash")
+        time.sleep(60)  # killed long before this ends
+        return "never"
+
+    job()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_a_sigkilled_owner_is_taken_over_after_its_lease_and_the_body_runs_once_more(
+    store_url: str, namespace: str, counter: RedisCounter
+) -> None:
+    owner = FORK.Process(target=_crashing_owner, args=(store_url, namespace, counter))
+    owner.start()
+    _wait_for(lambda: counter.counts().get("crash") == 1, 30, "the owner to start its body")
+    os.kill(owner.pid or 0, signal.SIGKILL)
+    owner.join(10)
+    _configure(store_url, namespace)
+
+    @idempotent(name="guarantee.crash", lease=1.0, wait_timeout=30)
+    def job() -> str:
+        counter.incr("crash")
+        return "ran after the crash"
+
+    assert job() == "ran after the crash"  # waits out the dead owner's lease, then runs
+    assert job() == "ran after the crash"  # stored: not run again
+    assert counter.counts()["crash"] == 2
+
+
+def _paused_owner(url: str, namespace: str, counter: RedisCounter, out: Any) -> None:
+    _configure(url, namespace)
+    lost: list[idempotask.Event] = []
+    idempotask.add_listener(lambda e: lost.append(e) if e.kind is EventKind.LEASE_LOST else None)
+
+    @idempotent(name="guarantee.paused", lease=1.0)
+    def job() -> str:
+        counter.incr("paused")
+        time.sleep(2.5)  # SIGSTOPped in here, past its lease
+        return f"pid-{os.getpid()}"
+
+    out.put((job(), len(lost)))
+
+
+def test_a_paused_owner_cannot_overwrite_the_new_owners_result(
+    store_url: str, namespace: str, counter: RedisCounter
+) -> None:
+    out = FORK.Queue()
+    owner = FORK.Process(target=_paused_owner, args=(store_url, namespace, counter, out))
+    owner.start()
+    _wait_for(lambda: counter.counts().get("paused") == 1, 30, "the owner to start its body")
+    os.kill(owner.pid or 0, signal.SIGSTOP)
+    try:
+        _configure(store_url, namespace)
+
+        @idempotent(name="guarantee.paused", lease=1.0, on_conflict="raise")
+        def job() -> str:
+            counter.incr("paused")
+            return f"pid-{os.getpid()}"
+
+        mine = f"pid-{os.getpid()}"
+        result = None
+        deadline = time.monotonic() + 30
+        while result is None:  # poll until the paused owner's lease has run out
+            try:
+                result = job()
+            except AlreadyInProgress:
+                assert time.monotonic() < deadline, "the paused owner's lease never ran out"
+                time.sleep(0.05)
+        assert result == mine
+    finally:
+        os.kill(owner.pid or 0, signal.SIGCONT)
+    late_value, lease_lost_events = out.get(timeout=30)
+    owner.join(10)
+    assert late_value == f"pid-{owner.pid}"  # the late owner's caller still gets its value
+    assert lease_lost_events == 1  # ... and is told its claim was lost
+    assert job() == mine  # the store kept the new owner's result
+    assert counter.counts()["paused"] == 2
+
+
+# ---------------------------------------------------------------------------- outages
+
+
+@pytest.fixture
+def private_redis() -> Iterator[Any]:
+    from tests.backends._redis_servers import RedisServer, have_redis_binaries
+
+    if not have_redis_binaries():
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer.start("--maxmemory-policy", "noeviction")
+    yield server
+    server.stop()
+
+
+def test_redis_outage_fails_closed_promptly_fails_open_when_asked_and_recovers(
+    private_redis: Any, namespace: str
+) -> None:
+    from tests.backends._redis_servers import RedisServer
+
+    _configure(private_redis.url, namespace)
+    runs: list[str] = []
+
+    @idempotent(name="guarantee.outage.closed")
+    def closed(x: int) -> int:
+        runs.append(f"closed-{x}")
+        return x
+
+    @idempotent(name="guarantee.outage.open", on_backend_error="open")
+    def opened(x: int) -> int:
+        runs.append(f"open-{x}")
+        return x
+
+    assert closed(1) == 1
+    assert closed(1) == 1
+    private_redis.kill()
+    started = time.monotonic()
+    with pytest.raises(BackendError):
+        closed(2)
+    assert time.monotonic() - started < 15  # bounded: no hang on a dead server
+    assert opened(3) == 3
+    assert opened(3) == 3  # unprotected while Redis is down: runs every time
+    restarted = RedisServer.start(
+        "--maxmemory-policy",
+        "noeviction",
+        port=private_redis.port,
+        directory=private_redis.directory,
+    )
+    try:
+        _wait_for(lambda: _answers(closed), 30, "the restarted server to answer")
+        assert opened(4) == 4
+        assert opened(4) == 4
+    finally:
+        restarted.stop()
+    assert runs.count("open-3") == 2
+    assert runs.count("open-4") == 1  # protected again after the restart
+    assert "closed-2" not in runs
+
+
+def _answers(fn: Any) -> bool:
+    try:
+        fn(5)
+    except BackendError:
+        return False
+    return True
