@@ -1,6 +1,6 @@
 """Run the benchmarks and print one table: ``python -m benchmarks [--quick] [--only NAME]``.
 
-Suites: ``memory`` (no server needed). Each row shows the figure, its floor measured in
+Suites: ``memory`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL). Each row shows the figure, its floor measured in
 the same run, and their ratio (or the added time, for in-process figures).
 """
 
@@ -12,9 +12,12 @@ import platform
 import sys
 from collections.abc import Callable
 
-from benchmarks import memory
+from benchmarks import memory, redis
 
-SUITES: dict[str, Callable[[bool], list[memory.Row]]] = {"memory": memory.rows}
+SUITES: dict[str, Callable[[bool], list[memory.Row]]] = {
+    "memory": memory.rows,
+    "redis": redis.rows,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,9 @@ class _ThreadKeeper:
                 now = time.monotonic()
                 due = [x for x in self._leases.values() if x.due <= now]
                 if not due:
-                    nxt = min((x.due for x in self._leases.values()), default=now + 3600)
+                    # Idle, it still looks every second, so add() rarely has to wake it:
+                    # a notify per call would cost every first call a thread switch.
+                    nxt = min((x.due for x in self._leases.values()), default=now + 1.0)
                     self._wake_at = nxt
                     self._cond.wait(nxt - now)
                     self._wake_at = float("inf")
