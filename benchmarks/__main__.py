@@ -1,7 +1,8 @@
 """Run the benchmarks and print one table: ``python -m benchmarks [--quick] [--only NAME]``.
 
-Suites: ``memory`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL). Each row shows the figure, its floor measured in
-the same run, and their ratio (or the added time, for in-process figures).
+Suites: ``memory`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL). Each row shows
+the figure, its floor measured in the same run, and their ratio (or the added time, for
+in-process figures).
 """
 
 from __future__ import annotations
