@@ -73,11 +73,17 @@ class Backend(Protocol):
 
     ``complete``, ``fail`` and ``renew`` succeed only while the key is held with
     ``token`` (IN_PROGRESS, same token, lease not run out) and return whether they did;
-    repeating one that already succeeded with the same token and payload is harmless
-    (``complete`` and ``fail`` return True again). ``delete`` with a token removes the
-    record only if it carries that token; without one it removes whatever is there.
+    repeating one that already succeeded with the same token is harmless (``complete``
+    and ``fail`` return True again; the first stored payload stays). ``delete`` with a
+    token removes the record only if it carries that token; without one it removes
+    whatever is there. A FAILED record is taken like a COMPLETED one only once its ttl
+    passes, so a caller that wants to run again deletes it (with its token) first.
     ``ttl`` and ``lease`` are seconds (floats allowed; stores may round up to their
     resolution). Driver errors are raised as :class:`idempotask.BackendError`.
+
+    Keys are opaque strings; those the library builds are ASCII and under 200
+    characters (explicit per-call keys are hashed), and stores may refuse keys over
+    1024 bytes. A store holding connections may offer ``close()`` / ``aclose()``.
     """
 
     def claim(

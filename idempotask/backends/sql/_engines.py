@@ -1,0 +1,251 @@
+"""URLs and engines: which driver serves sync and async callers, and how engines are made.
+
+Nothing here connects; engines are only created when the backend first needs one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.engine.default import DefaultDialect
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
+
+from idempotask.errors import ConfigurationError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = [
+    "async_url",
+    "autocommit",
+    "describe",
+    "is_memory_sqlite",
+    "new_async_engine",
+    "new_sync_engine",
+    "parse_url",
+    "sync_url",
+]
+
+_MYSQL = ("mysql", "mariadb")
+_SUPPORTED = ("postgresql", "sqlite", *_MYSQL)
+
+# backend -> (sync drivers kept as given, the sync default, async drivers kept, the async
+# default). A URL naming an async driver gets the sync default for sync callers and the
+# other way round; psycopg (3) serves both.
+_DRIVERS: dict[str, tuple[frozenset[str], str, frozenset[str], str]] = {
+    "postgresql": (
+        frozenset({"psycopg", "psycopg2", "psycopg2cffi", "pg8000"}),
+        "psycopg",
+        frozenset({"psycopg", "psycopg_async", "asyncpg"}),
+        "psycopg",
+    ),
+    "sqlite": (frozenset({"pysqlite", "pysqlcipher"}), "", frozenset({"aiosqlite"}), "aiosqlite"),
+    "mysql": (
+        frozenset({"pymysql", "mysqldb", "mysqlconnector", "mariadbconnector", "cymysql"}),
+        "pymysql",
+        frozenset({"aiomysql", "asyncmy"}),
+        "asyncmy",
+    ),
+}
+_DRIVERS["mariadb"] = _DRIVERS["mysql"]
+
+# Drivers whose connect() takes a connect_timeout in seconds (libpq's must be whole).
+_TIMEOUT_DRIVERS = {"psycopg", "psycopg_async", "pymysql", "aiomysql", "asyncmy", "mysqldb"}
+# The pip package that provides a driver module, for the missing-driver message.
+_PACKAGES = {"MySQLdb": "mysqlclient", "psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]"}
+
+
+def parse_url(url: str | URL) -> URL:
+    """A SQLAlchemy URL for a supported database (``postgres://`` read as PostgreSQL)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise ConfigurationError(f"sql backend: invalid database URL {url!r}: {exc}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "postgres":  # Heroku-style URLs; SQLAlchemy only knows "postgresql"
+        backend = "postgresql"
+        parsed = parsed.set(drivername=f"{backend}+{driver}" if driver else backend)
+    if backend not in _SUPPORTED:
+        raise ConfigurationError(
+            f"sql backend: {backend!r} databases are not supported (URL "
+            f"{describe(parsed)!r}); use PostgreSQL, SQLite, MySQL or MariaDB"
+        )
+    return parsed
+
+
+def describe(url: URL) -> str:
+    """The URL without credentials or query options, for messages and ``repr``."""
+    bare = URL.create(url.drivername, host=url.host, port=url.port, database=url.database)
+    return bare.render_as_string(hide_password=True)
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """Whether ``url`` is a private in-memory SQLite database (one per connection)."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _with_driver(url: URL, driver: str) -> URL:
+    backend = url.get_backend_name()
+    return url.set(drivername=f"{backend}+{driver}" if driver else backend)
+
+
+def sync_url(url: URL) -> URL:
+    """``url`` with a sync driver: its own if it names one, else the default.
+
+    >>> str(sync_url(make_url("sqlite+aiosqlite:///x.db")))
+    'sqlite:///x.db'
+    """
+    keep, default, _, _ = _DRIVERS[url.get_backend_name()]
+    driver = url.get_driver_name() if "+" in url.drivername else ""
+    return url if driver in keep else _with_driver(url, default)
+
+
+def async_url(url: URL) -> URL:
+    """``url`` with an asyncio driver: its own if it names one, else the default.
+
+    >>> str(async_url(make_url("mysql+pymysql://root@db/test")))
+    'mysql+asyncmy://root@db/test'
+    """
+    _, _, keep, default = _DRIVERS[url.get_backend_name()]
+    driver = url.get_driver_name() if "+" in url.drivername else ""
+    return url if driver in keep else _with_driver(url, default)
+
+
+def is_autocommit(engine: Engine | AsyncEngine) -> bool:
+    """Whether the engine's connections are already in autocommit mode."""
+    sync: Engine = engine.sync_engine if hasattr(engine, "sync_engine") else engine
+    option = sync.get_execution_options().get("isolation_level")
+    return "AUTOCOMMIT" in (option, getattr(sync.dialect, "_on_connect_isolation_level", None))
+
+
+def autocommit(engine: Engine) -> Engine:
+    """``engine`` in autocommit mode: every statement its own transaction, no BEGIN/COMMIT.
+
+    A user's engine is given the option per connection (its pool is shared); an engine
+    created in autocommit mode is used as is, which saves MySQL two ``SET`` round trips
+    per checkout.
+    """
+    return (
+        engine if is_autocommit(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
+    )
+
+
+def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """:func:`autocommit` for an :class:`AsyncEngine`."""
+    return (
+        engine if is_autocommit(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
+    )
+
+
+def _engine_options(
+    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    kwargs: dict[str, Any] = {
+        # Every statement is its own transaction: no BEGIN/COMMIT round trips.
+        "isolation_level": "AUTOCOMMIT",
+        # Payloads (results, tracebacks) stay out of error messages and logs.
+        "hide_parameters": True,
+    }
+    connect_args: dict[str, Any] = {}
+    if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
+        seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
+        connect_args["connect_timeout"] = seconds
+    if backend in _MYSQL:
+        # MySQL closes connections idle for wait_timeout (8 h by default, often less).
+        kwargs["pool_recycle"] = 3600
+        if "skip_autocommit_rollback" in DefaultDialect.__init__.__code__.co_varnames:
+            # PyMySQL sends a ROLLBACK round trip when a connection goes back to the pool
+            # even in autocommit mode; SQLAlchemy 2.0.43+ can skip it.
+            kwargs["skip_autocommit_rollback"] = True
+    if backend == "sqlite":
+        connect_args["timeout"] = busy_timeout
+        if is_memory_sqlite(url):
+            # One private database per connection: keep exactly one, shared by threads.
+            kwargs["poolclass"] = StaticPool
+            connect_args["check_same_thread"] = False
+    if connect_args:
+        kwargs["connect_args"] = connect_args
+    extra = dict(options)
+    if "connect_args" in extra:
+        kwargs["connect_args"] = {**connect_args, **extra.pop("connect_args")}
+    kwargs.update(extra)
+    return kwargs
+
+
+def _sqlite_pragmas(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
+    """Set the busy timeout (and WAL on a file) on every new connection.
+
+    WAL lets readers run beside the one writer, so a duplicate's read never waits for a
+    claim; the busy timeout makes a second writer wait for the lock instead of failing
+    at once with "database is locked".
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+
+def _missing_driver(url: URL, exc: ImportError) -> MissingDependencyError:
+    module = (exc.name or "").split(".")[0]
+    package = _PACKAGES.get(module, module or url.get_driver_name())
+    return MissingDependencyError(
+        f"sql backend: {describe(url)!r} needs the {package!r} driver: pip install {package!r}"
+    )
+
+
+def new_sync_engine(
+    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+) -> Engine:
+    """A sync engine for ``url`` with our defaults (``options`` override them)."""
+    kwargs = _engine_options(
+        url, connect_timeout=connect_timeout, busy_timeout=busy_timeout, options=options
+    )
+    try:
+        engine = create_engine(url, **kwargs)
+    except NoSuchModuleError as exc:
+        raise ConfigurationError(f"sql backend: {exc}") from exc
+    except ImportError as exc:
+        raise _missing_driver(url, exc) from exc
+    if url.get_backend_name() == "sqlite":
+        _sqlite_pragmas(engine, busy_timeout, wal=not is_memory_sqlite(url))
+    return engine
+
+
+def new_async_engine(
+    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+) -> AsyncEngine:
+    """An asyncio engine for ``url`` with our defaults (``options`` override them)."""
+    try:
+        from sqlalchemy.ext.asyncio import create_async_engine
+    except ImportError as exc:  # SQLAlchemy's asyncio support needs greenlet
+        raise MissingDependencyError(
+            f"sql backend: async calls need SQLAlchemy's asyncio support: "
+            f"pip install 'sqlalchemy[asyncio]' ({exc})"
+        ) from exc
+    kwargs = _engine_options(
+        url, connect_timeout=connect_timeout, busy_timeout=busy_timeout, options=options
+    )
+    try:
+        engine = create_async_engine(url, **kwargs)
+    except NoSuchModuleError as exc:
+        raise ConfigurationError(f"sql backend: {exc}") from exc
+    except ImportError as exc:
+        raise _missing_driver(url, exc) from exc
+    except InvalidRequestError as exc:  # "The asyncio extension requires an async driver"
+        raise ConfigurationError(f"sql backend: {describe(url)!r}: {exc}") from exc
+    if url.get_backend_name() == "sqlite":
+        _sqlite_pragmas(engine.sync_engine, busy_timeout, wal=not is_memory_sqlite(url))
+    return engine

@@ -1,0 +1,645 @@
+"""What each store operation says to the database, as plans the sync and async drivers run.
+
+An operation is a *plan*: a generator that yields :class:`Step` objects (a statement, its
+parameters and what the driver should hand back) and finally returns the operation's
+answer. The plans hold every decision (which statement for which dialect, when to retry,
+how to read a row); :class:`~idempotask.backends.sql.SQLAlchemyBackend` only runs them,
+once with ``Connection.execute`` and once with ``await AsyncConnection.execute``. The same
+pattern as tenacity's ``BaseRetrying.iter`` driven by ``Retrying`` and ``AsyncRetrying``.
+
+Every statement runs on a connection in autocommit mode, so a single statement is its own
+transaction and costs one round trip with no ``BEGIN``/``COMMIT`` around it. The only
+explicit transaction is SQLite's ``BEGIN IMMEDIATE`` claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import (
+    Double,
+    Executable,
+    LargeBinary,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    false,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+
+from idempotask.backends.base import Record, State
+from idempotask.backends.sql._schema import DbNow
+from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+
+__all__ = [
+    "CLAIM_ATTEMPTS",
+    "Flavour",
+    "Plan",
+    "Statements",
+    "Step",
+    "flavour_of",
+    "plan_claim",
+    "plan_delete",
+    "plan_expire_now",
+    "plan_finish",
+    "plan_get",
+    "plan_purge",
+    "plan_renew",
+    "seconds",
+]
+
+_T = TypeVar("_T")
+
+#: How the claim is done: ``postgresql`` (one statement), ``mariadb`` (one statement,
+#: MariaDB 10.5+ returns the row of ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING``),
+#: ``mysql`` (no RETURNING: read, then insert or upsert and read), ``sqlite`` (read, then
+#: upsert and read in one ``BEGIN IMMEDIATE`` transaction).
+Flavour = Literal["postgresql", "mariadb", "mysql", "sqlite"]
+
+#: How often a claim is re-sent when a concurrent change slipped between its read and its
+#: write (each attempt sees a newer snapshot, so one retry nearly always settles it).
+CLAIM_ATTEMPTS = 10
+
+Reply = Literal["rows", "rowcount", "inserted", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One statement for the driver to execute.
+
+    ``reply`` says what the plan gets back: ``rows`` (a list of row tuples), ``rowcount``,
+    ``inserted`` (True, or False when the INSERT hit an existing key) or ``none``.
+    """
+
+    statement: Executable
+    params: Mapping[str, Any] = field(default_factory=dict)
+    reply: Reply = "rows"
+
+    def take(self, result: CursorResult[Any]) -> Any:
+        """The plan's reply from an executed statement's result."""
+        if self.reply == "rows":
+            return [tuple(row) for row in result.all()]
+        if self.reply == "rowcount":
+            return result.rowcount
+        if self.reply == "inserted":
+            return True
+        return None
+
+    def refused(self, exc: Exception) -> Any:
+        """The plan's reply when the statement hit a constraint: False for an ``inserted``
+        step (the key exists; the plan takes the upsert path), else the error stands."""
+        if self.reply == "inserted":
+            return False
+        raise exc
+
+
+Plan = Generator[Step, Any, _T]
+
+_IN_PROGRESS = State.IN_PROGRESS.value
+_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
+_COMMIT = text("COMMIT")
+
+
+def flavour_of(dialect: Dialect) -> Flavour:
+    """The claim strategy for a connected dialect (MariaDB is known only once connected)."""
+    name = dialect.name
+    if name == "postgresql":
+        return "postgresql"
+    if name == "sqlite":
+        return "sqlite"
+    if name in ("mysql", "mariadb"):
+        version = dialect.server_version_info or (0,)
+        if getattr(dialect, "is_mariadb", False) and tuple(version) >= (10, 5):
+            return "mariadb"
+        return "mysql"
+    raise ConfigurationError(
+        f"sql backend: {name!r} databases are not supported; use PostgreSQL, SQLite, "
+        "MySQL or MariaDB"
+    )
+
+
+def seconds(value: float, option: str) -> float:
+    """Check a lease or ttl: a positive, finite number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(
+            f"sql backend: {option} must be a positive, finite number of seconds, got {value!r}"
+        )
+    return float(value)
+
+
+# -- statements ----------------------------------------------------------------------------
+
+
+class Statements:
+    """Every statement the backend sends for one table, built once and reused.
+
+    Built with SQLAlchemy Core and bound parameters, so each compiles once per dialect
+    (SQLAlchemy's compiled cache) and quoting, types and driver placeholders are
+    SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token, ``o`` owner, ``f``
+    fingerprint, ``s`` state, ``p`` payload, ``d`` a duration in seconds, ``n`` a batch size.
+    """
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        c = table.c
+        self._k = bindparam("k", type_=c.key.type)
+        self._t = bindparam("t", type_=c.token.type)
+        self._o = bindparam("o", type_=c.owner.type)
+        self._f = bindparam("f", type_=c.fingerprint.type)
+        self._s = bindparam("s", type_=c.state.type)
+        self._p: BindParameter[bytes] = bindparam("p", type_=LargeBinary())
+        self._d: BindParameter[float] = bindparam("d", type_=Double())
+
+    # Shared pieces -----------------------------------------------------------------------
+
+    def _str(self, value: str) -> BindParameter[str]:
+        # A constant string, typed like the columns (bytes on MySQL's VARBINARY).
+        return literal(value, self.table.c.state.type)
+
+    def _record_columns(self, now: ColumnElement[float]) -> list[ColumnElement[Any]]:
+        c = self.table.c
+        return [
+            c.state,
+            c.token,
+            c.owner,
+            c.fingerprint,
+            c.payload,
+            (c.expires_at - now).label("expires_in"),
+        ]
+
+    def _takeable(self, now: ColumnElement[float], token: Any, owner: Any) -> ColumnElement[bool]:
+        """The existing row may be taken by a claim with ``token`` and ``owner``: its lease
+        or ttl ran out, or it is in progress under the same token or the same owner."""
+        c = self.table.c
+        return or_(
+            c.expires_at <= now,
+            and_(
+                c.state == self._str(_IN_PROGRESS),
+                or_(c.token == token, and_(owner != self._str(""), c.owner == owner)),
+            ),
+        )
+
+    def _new_row(self, now: ColumnElement[float]) -> dict[str, Any]:
+        return {
+            "key": self._k,
+            "state": self._str(_IN_PROGRESS),
+            "token": self._t,
+            "owner": self._o,
+            "fingerprint": self._f,
+            "payload": literal(b"", LargeBinary()),
+            "expires_at": now + self._d,
+        }
+
+    def _retake_set(self, excluded: Any, now: ColumnElement[float]) -> dict[str, Any]:
+        """ON CONFLICT's SET for a takeover or a re-take (PostgreSQL and SQLite)."""
+        c = self.table.c
+        return {
+            "state": excluded.state,
+            "token": excluded.token,
+            "owner": excluded.owner,
+            # A re-take of a live claim keeps its fingerprint unless a new one is given;
+            # a takeover of an expired record starts afresh.
+            "fingerprint": case(
+                (
+                    and_(excluded.fingerprint == self._str(""), c.expires_at > now),
+                    c.fingerprint,
+                ),
+                else_=excluded.fingerprint,
+            ),
+            "payload": excluded.payload,
+            "expires_at": excluded.expires_at,
+        }
+
+    # Reads -------------------------------------------------------------------------------
+
+    @cached_property
+    def read_live(self) -> Executable:
+        """The live record under ``k`` (none when absent or expired)."""
+        now = DbNow()
+        c = self.table.c
+        return select(*self._record_columns(now)).where(c.key == self._k, c.expires_at > now)
+
+    @cached_property
+    def read_first(self) -> Executable:
+        """The record under ``k`` with a last column saying whether it is live."""
+        now = DbNow()
+        c = self.table.c
+        live = (c.expires_at > now).label("live")
+        return select(*self._record_columns(now), live).where(c.key == self._k)
+
+    @cached_property
+    def read_any(self) -> Executable:
+        """The record under ``k`` even if expired (read back right after our own write)."""
+        return select(*self._record_columns(DbNow())).where(self.table.c.key == self._k)
+
+    # Claims ------------------------------------------------------------------------------
+
+    @cached_property
+    def claim_postgresql(self) -> Executable:
+        """One statement: read the live record, insert or take over unless it blocks us,
+        and answer with the winning row.
+
+        ``cur`` reads the live record in the statement's snapshot. ``ins`` inserts our
+        row only when ``cur`` holds nothing that blocks this claim, so a duplicate takes
+        no row lock and writes nothing; its ``ON CONFLICT … DO UPDATE … WHERE`` takes over
+        an expired record or re-takes our own (same token or owner) and ``RETURNING`` gives
+        our row. When ``ins`` returns nothing (``DO UPDATE … WHERE false`` returns no row)
+        the ``UNION ALL`` answers with ``cur``. The first column says which half answered.
+        """
+        t, c = self.table, self.table.c
+        now = DbNow()
+        cur = select(*self._record_columns(now)).where(c.key == self._k, c.expires_at > now)
+        cur_cte = cur.cte("cur")
+        blocking = (
+            select(literal(1))
+            .select_from(cur_cte)
+            .where(
+                ~or_(
+                    and_(
+                        cur_cte.c.state == self._str(_IN_PROGRESS),
+                        or_(
+                            cur_cte.c.token == self._t,
+                            and_(self._o != self._str(""), cur_cte.c.owner == self._o),
+                        ),
+                    )
+                )
+            )
+        )
+        row = self._new_row(now)
+        source = select(*row.values()).where(~exists(blocking))
+        ins = postgresql.insert(t).from_select(list(row), source)
+        ins = ins.on_conflict_do_update(
+            index_elements=[c.key],
+            set_=self._retake_set(ins.excluded, now),
+            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
+        )
+        ins_cte = ins.returning(true().label("taken"), *self._record_columns(now)).cte("ins")
+        from_ins = select(*ins_cte.c)
+        from_cur = select(false().label("taken"), *cur_cte.c).where(
+            ~exists(select(literal(1)).select_from(ins_cte))
+        )
+        return from_ins.union_all(from_cur)
+
+    @cached_property
+    def claim_mariadb(self) -> Executable:
+        """One statement: ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` (MariaDB 10.5+).
+
+        MariaDB returns the row as it is after the statement, also when the update
+        changed nothing, so the answer is the winning record. MySQL evaluates the SET
+        assignments left to right, each seeing the ones before: ``token`` goes first under
+        the full takeover condition; once it holds our token, "our token and (in progress
+        or expired)" is true exactly when the takeover happened, and the other columns
+        follow that; ``expires_at`` goes last because the conditions read it.
+        """
+        return self._upsert_mysql().returning(*self._record_columns(DbNow()))
+
+    @cached_property
+    def upsert_mysql(self) -> Executable:
+        """The MariaDB claim without RETURNING, for MySQL (read the row afterwards)."""
+        return self._upsert_mysql()
+
+    def _upsert_mysql(self) -> mysql.Insert:
+        t, c = self.table, self.table.c
+        now = DbNow()
+        ins = mysql.insert(t).values(self._new_row(now))
+        new = ins.inserted
+        took = and_(
+            c.token == new.token,
+            or_(c.state == self._str(_IN_PROGRESS), c.expires_at <= now),
+        )
+        keep_fingerprint = and_(new.fingerprint == self._str(""), c.expires_at > now)
+        return ins.on_duplicate_key_update(
+            [
+                (
+                    "token",
+                    case((self._takeable(now, new.token, new.owner), new.token), else_=c.token),
+                ),
+                ("owner", case((took, new.owner), else_=c.owner)),
+                (
+                    "fingerprint",
+                    case(
+                        (and_(took, ~keep_fingerprint), new.fingerprint),
+                        else_=c.fingerprint,
+                    ),
+                ),
+                ("payload", case((took, new.payload), else_=c.payload)),
+                ("state", case((took, new.state), else_=c.state)),
+                ("expires_at", case((took, new.expires_at), else_=c.expires_at)),
+            ]
+        )
+
+    @cached_property
+    def insert_new(self) -> Executable:
+        """A plain INSERT of a new claim (MySQL's first call; fails on an existing key)."""
+        return self.table.insert().values(self._new_row(DbNow()))
+
+    @cached_property
+    def upsert_sqlite(self) -> Executable:
+        """Insert, or take over / re-take under the same conditions as PostgreSQL's."""
+        t, c = self.table, self.table.c
+        now = DbNow()
+        ins = sqlite.insert(t).values(self._new_row(now))
+        return ins.on_conflict_do_update(
+            index_elements=[c.key],
+            set_=self._retake_set(ins.excluded, now),
+            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
+        )
+
+    # complete / fail / renew / delete / expire -------------------------------------------
+
+    def _held(self, now: ColumnElement[float]) -> ColumnElement[bool]:
+        c = self.table.c
+        return and_(
+            c.key == self._k,
+            c.token == self._t,
+            c.state == self._str(_IN_PROGRESS),
+            c.expires_at > now,
+        )
+
+    def _already(self, now: ColumnElement[float]) -> ColumnElement[bool]:
+        c = self.table.c
+        return and_(c.key == self._k, c.token == self._t, c.state == self._s, c.expires_at > now)
+
+    @cached_property
+    def finish(self) -> Executable:
+        """Store a result or failure (``s``, ``p``, ttl ``d``) if held with ``t``."""
+        now = DbNow()
+        return (
+            update(self.table)
+            .where(self._held(now))
+            .values(state=self._s, payload=self._p, expires_at=now + self._d)
+        )
+
+    @cached_property
+    def finished_already(self) -> Executable:
+        """Whether ``t`` already finished ``k`` with state ``s`` (a repeated complete/fail)."""
+        return select(literal(1)).select_from(self.table).where(self._already(DbNow()))
+
+    @cached_property
+    def finish_postgresql(self) -> Executable:
+        """complete/fail in one statement: the UPDATE, or else whether it was done before.
+
+        The ``EXISTS`` reads the statement's snapshot, taken before the UPDATE, so it sees
+        a complete/fail committed earlier by the same token, never this one.
+        """
+        upd = self.finish.returning(literal(1)).cte("upd")  # type: ignore[attr-defined]
+        return select(
+            or_(
+                exists(select(literal(1)).select_from(upd)),
+                exists(select(literal(1)).select_from(self.table).where(self._already(DbNow()))),
+            ).label("done")
+        )
+
+    @cached_property
+    def renew(self) -> Executable:
+        """Restart the lease (``d``) of the claim held with ``t``."""
+        now = DbNow()
+        return update(self.table).where(self._held(now)).values(expires_at=now + self._d)
+
+    @cached_property
+    def delete_any(self) -> Executable:
+        """Remove the live record under ``k``."""
+        c = self.table.c
+        return delete(self.table).where(c.key == self._k, c.expires_at > DbNow())
+
+    @cached_property
+    def delete_token(self) -> Executable:
+        """Remove the live record under ``k`` if it carries token ``t``."""
+        c = self.table.c
+        return delete(self.table).where(
+            c.key == self._k, c.token == self._t, c.expires_at > DbNow()
+        )
+
+    @cached_property
+    def expire_now(self) -> Executable:
+        """Move a live record's expiry a second into the past, on the database's clock."""
+        c = self.table.c
+        now = DbNow()
+        return (
+            update(self.table)
+            .where(c.key == self._k, c.expires_at > now)
+            .values(expires_at=now - 1.0)
+        )
+
+    # purge -------------------------------------------------------------------------------
+
+    def purge(self, flavour: Flavour, batch: int) -> Executable:
+        """Delete up to ``batch`` expired records in one statement (its own transaction)."""
+        if flavour in ("mysql", "mariadb"):
+            # MySQL's DELETE … LIMIT takes no placeholder: one statement per batch size.
+            statement = self._purge_mysql.get(batch)
+            if statement is None:
+                statement = self._purge_mysql[batch] = self._build_purge_mysql(batch)
+            return statement
+        return self._purge_keyed
+
+    @cached_property
+    def _purge_keyed(self) -> Executable:
+        # The clock is read once in a scalar subquery: a volatile clock_timestamp() in the
+        # WHERE would keep PostgreSQL from using the expires_at index.
+        t, c = self.table, self.table.c
+        now = select(DbNow()).scalar_subquery()
+        batch = select(c.key).where(c.expires_at <= now).limit(bindparam("n"))
+        # Rows a claim is taking over right now are skipped, not waited for (PostgreSQL;
+        # SQLite has one writer anyway). The outer condition is checked again on the row's
+        # latest version, so a record taken over since the subquery read it is kept.
+        batch = batch.with_for_update(skip_locked=True)
+        return delete(t).where(c.key.in_(batch.scalar_subquery()), c.expires_at <= now)
+
+    @cached_property
+    def _purge_mysql(self) -> dict[int, Executable]:
+        return {}
+
+    def _build_purge_mysql(self, batch: int) -> Executable:
+        c = self.table.c
+        now = select(DbNow()).scalar_subquery()
+        return (
+            delete(self.table)
+            .where(c.expires_at <= now)
+            .with_dialect_options(mysql_limit=batch, mariadb_limit=batch)
+        )
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+
+def parse_record(key: str, row: tuple[Any, ...]) -> Record:
+    """A :class:`Record` from ``(state, token, owner, fingerprint, payload, expires_in)``."""
+    try:
+        state_text, token, owner, fingerprint, payload, expires_in = row
+    except ValueError:
+        raise CorruptRecordError(f"sql backend: record {key!r}: unexpected row {row!r}") from None
+    try:
+        state = State(state_text)
+    except ValueError:
+        raise CorruptRecordError(
+            f"sql backend: record {key!r} has an unknown state {state_text!r}; "
+            "it was not written by idempotask"
+        ) from None
+    for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint)):
+        if not isinstance(value, str):
+            raise CorruptRecordError(
+                f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
+            )
+    if isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
+    if not isinstance(payload, bytes) or not isinstance(expires_in, (int, float)):
+        raise CorruptRecordError(
+            f"sql backend: record {key!r} has an unreadable payload or expiry: "
+            f"{type(payload).__name__}, {expires_in!r}"
+        )
+    return Record(key, state, token, owner, fingerprint, payload, max(0.0, float(expires_in)))
+
+
+def _takeable_record(record: Record, token: str, owner: str) -> bool:
+    """Whether a live ``record`` gives way to a claim with ``token`` and ``owner``."""
+    return record.state is State.IN_PROGRESS and (
+        record.token == token or (owner != "" and record.owner == owner)
+    )
+
+
+# -- plans ---------------------------------------------------------------------------------
+
+
+def plan_claim(
+    sql: Statements,
+    flavour: Flavour,
+    key: str,
+    token: str,
+    *,
+    lease: float,
+    owner: str,
+    fingerprint: str,
+) -> Plan[Record]:
+    """Take ``key`` or return the record holding it (the ``Backend.claim`` contract)."""
+    params = {"k": key, "t": token, "o": owner, "f": fingerprint, "d": lease}
+    for _ in range(CLAIM_ATTEMPTS):
+        if flavour == "postgresql":
+            rows = yield Step(sql.claim_postgresql, params)
+            if rows:
+                taken, *fields = rows[0]
+                record = parse_record(key, tuple(fields))
+                if taken or not _takeable_record(record, token, owner):
+                    return record
+            # Nothing came back, or our snapshot showed a record we could re-take while
+            # the upsert found a newer version: a concurrent commit our snapshot missed.
+            continue
+
+        if flavour == "mariadb":
+            rows = yield Step(sql.claim_mariadb, params)
+            if rows:
+                return parse_record(key, rows[0])
+            continue
+
+        # MySQL and SQLite: a plain read answers duplicates in one statement, without
+        # locks; only a claim that may take the key writes.
+        rows = yield Step(sql.read_first, {"k": key})
+        if rows:
+            *fields, live = rows[0]
+            current = parse_record(key, tuple(fields))
+            if live and not _takeable_record(current, token, owner):
+                return current
+        if flavour == "sqlite":
+            # One writer at a time on the file: the upsert and the read that follows see
+            # the same state, and no other process changes it in between.
+            yield Step(_BEGIN_IMMEDIATE, reply="none")
+            yield Step(sql.upsert_sqlite, params, reply="none")
+            rows = yield Step(sql.read_any, {"k": key})
+            yield Step(_COMMIT, reply="none")
+            if rows:
+                return parse_record(key, rows[0])
+            continue
+        if not rows:  # absent: a plain INSERT takes it, unless someone was faster
+            inserted = yield Step(sql.insert_new, params, reply="inserted")
+            if inserted:
+                return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", lease)
+        # A record to take over or re-take, or one inserted by someone else since our
+        # read: the conditional upsert decides atomically, the read shows who won. Our
+        # token is unique to this claim, so the row carries it only if we took the key.
+        yield Step(sql.upsert_mysql, params, reply="none")
+        rows = yield Step(sql.read_any, {"k": key})
+        if rows:
+            return parse_record(key, rows[0])
+    raise BackendError(
+        f"sql backend: claim {key!r} did not settle after {CLAIM_ATTEMPTS} attempts; "
+        "the record kept changing under concurrent claims"
+    )
+
+
+def plan_finish(
+    sql: Statements,
+    flavour: Flavour,
+    key: str,
+    token: str,
+    payload: bytes,
+    ttl: float,
+    state: State,
+) -> Plan[bool]:
+    """complete (``state=COMPLETED``) or fail (``state=FAILED``): compare-and-set on the token;
+    repeating one that succeeded returns True again."""
+    params = {"k": key, "t": token, "s": state.value, "p": bytes(payload), "d": ttl}
+    if flavour == "postgresql":
+        rows = yield Step(sql.finish_postgresql, params)
+        return bool(rows and rows[0][0])
+    if (yield Step(sql.finish, params, reply="rowcount")):
+        return True
+    rows = yield Step(sql.finished_already, {"k": key, "t": token, "s": state.value})
+    return bool(rows)
+
+
+def plan_renew(sql: Statements, key: str, token: str, lease: float) -> Plan[bool]:
+    """Restart the lease of the claim held with ``token``."""
+    count = yield Step(sql.renew, {"k": key, "t": token, "d": lease}, reply="rowcount")
+    return bool(count)
+
+
+def plan_get(sql: Statements, key: str) -> Plan[Record | None]:
+    """The live record under ``key``, or None."""
+    rows = yield Step(sql.read_live, {"k": key})
+    return parse_record(key, rows[0]) if rows else None
+
+
+def plan_delete(sql: Statements, key: str, token: str | None) -> Plan[bool]:
+    """Remove the live record (only if it carries ``token``, when given)."""
+    if token is None:
+        count = yield Step(sql.delete_any, {"k": key}, reply="rowcount")
+    else:
+        count = yield Step(sql.delete_token, {"k": key, "t": token}, reply="rowcount")
+    return bool(count)
+
+
+def plan_expire_now(sql: Statements, key: str) -> Plan[bool]:
+    """Make the live record under ``key`` expired now."""
+    count = yield Step(sql.expire_now, {"k": key}, reply="rowcount")
+    return bool(count)
+
+
+def plan_purge(sql: Statements, flavour: Flavour, batch: int) -> Plan[int]:
+    """Delete expired records ``batch`` at a time until a batch comes back short."""
+    statement = sql.purge(flavour, batch)
+    total = 0
+    while True:
+        count: int = yield Step(statement, {"n": batch}, reply="rowcount")
+        total += max(0, count)
+        if count < batch:
+            return total

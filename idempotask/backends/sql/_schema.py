@@ -1,0 +1,165 @@
+"""The records table, its column types and the database-clock expression.
+
+Pure SQLAlchemy Core definitions: nothing here connects, and nothing imports a driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from sqlalchemy import Column, Double, Index, LargeBinary, MetaData, String, Table
+from sqlalchemy.dialects.mysql import LONGBLOB, VARBINARY
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import CompileError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+__all__ = [
+    "DEFAULT_TABLE_NAME",
+    "KEY_LENGTH",
+    "TEXT_LENGTH",
+    "BinaryText",
+    "DbNow",
+    "define_table",
+]
+
+#: The table name used unless ``table_name=`` says otherwise.
+DEFAULT_TABLE_NAME = "idempotask_records"
+#: The longest key: characters on PostgreSQL and SQLite, UTF-8 bytes on MySQL/MariaDB
+#: (InnoDB indexes up to 3072 bytes, PostgreSQL's B-tree about 2700).
+KEY_LENGTH = 1024
+#: The longest token, owner id or fingerprint.
+TEXT_LENGTH = 255
+
+_MYSQL = ("mysql", "mariadb")
+
+
+class BinaryText(TypeDecorator[str]):
+    """A string compared byte for byte on every database.
+
+    MySQL and MariaDB compare strings through a collation, and their default ones fold
+    case and ignore trailing spaces (``'Key' = 'key '`` is true), which would merge
+    distinct keys, tokens and owner ids. There the column is ``VARBINARY`` holding UTF-8;
+    PostgreSQL and SQLite already compare ``VARCHAR`` exactly.
+
+    >>> from sqlalchemy.dialects import mysql, postgresql
+    >>> BinaryText(40).compile(dialect=mysql.dialect())
+    'VARBINARY(40)'
+    >>> BinaryText(40).compile(dialect=postgresql.dialect())
+    'VARCHAR(40)'
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in _MYSQL:
+            return dialect.type_descriptor(VARBINARY(self.length))
+        return dialect.type_descriptor(String(self.length))
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
+        if value is not None and dialect.name in _MYSQL:
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            # Strict: bytes that are not UTF-8 were not written by us (a CorruptRecordError).
+            return bytes(value).decode("utf-8")
+        return value  # type: ignore[no-any-return]
+
+
+class DbNow(FunctionElement[float]):
+    """The database's current time as epoch seconds (a double), per dialect.
+
+    PostgreSQL uses ``clock_timestamp()``, the real time even inside a transaction
+    (``now()`` is frozen at the transaction's start); SQLite ``julianday('now')``;
+    MySQL/MariaDB ``UTC_TIMESTAMP(6)``, counted from the epoch with ``TIMESTAMPDIFF`` so the
+    session time zone (and its daylight-saving jumps) cannot shift it.
+
+    >>> from sqlalchemy.dialects import postgresql
+    >>> str(DbNow().compile(dialect=postgresql.dialect()))
+    'CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)'
+    """
+
+    type = Double()
+    inherit_cache = True
+    name = "idempotask_db_now"
+
+
+@compiles(DbNow)
+def _now_unsupported(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    raise CompileError(
+        f"idempotask's SQL backend supports PostgreSQL, SQLite, MySQL and MariaDB, "
+        f"not {compiler.dialect.name!r}"
+    )
+
+
+@compiles(DbNow, "postgresql")
+def _now_postgresql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(DbNow, "sqlite")
+def _now_sqlite(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # 2440587.5 is the Julian day of 1970-01-01T00:00Z; millisecond resolution.
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(DbNow, "mysql")
+@compiles(DbNow, "mariadb")
+def _now_mysql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # 1e6 is a DOUBLE literal: dividing by 1000000.0 would give a DECIMAL cut to four
+    # places by div_precision_increment. UTC_TIMESTAMP is fixed for one statement.
+    return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
+
+
+def _index_name(table: str) -> str:
+    # PostgreSQL cuts identifiers at 63 bytes and MySQL refuses more than 64: a long table
+    # name gets a shortened, still unique, index name.
+    name = f"ix_{table}_expires_at"
+    if len(name.encode()) <= 60:
+        return name
+    digest = hashlib.sha256(table.encode()).hexdigest()[:10]
+    return f"ix_{table.encode()[:30].decode(errors='ignore')}_{digest}_expires_at"
+
+
+def define_table(
+    metadata: MetaData, name: str = DEFAULT_TABLE_NAME, *, schema: str | None = None
+) -> Table:
+    """The records table ``name`` in ``metadata`` (the existing one if already defined).
+
+    Add it to your own ``MetaData`` so Alembic's autogenerate sees it::
+
+        from idempotask.backends.sql import define_table
+        define_table(Base.metadata)          # or define_table(metadata, "my_records")
+
+    Columns: ``key`` (the primary key, compared byte for byte), ``state``, ``token``,
+    ``owner``, ``fingerprint``, ``payload`` (``LONGBLOB`` on MySQL/MariaDB for results of
+    megabytes) and ``expires_at`` (epoch seconds on the database's clock, indexed for
+    :meth:`~idempotask.backends.sql.SQLAlchemyBackend.purge_expired`).
+    """
+    existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
+    if existing is not None:
+        return existing
+    payload_type = LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
+    return Table(
+        name,
+        metadata,
+        Column("key", BinaryText(KEY_LENGTH), primary_key=True),
+        Column("state", BinaryText(16), nullable=False),
+        Column("token", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("owner", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("fingerprint", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("payload", payload_type, nullable=False),
+        Column("expires_at", Double(), nullable=False),
+        Index(_index_name(name), "expires_at"),
+        schema=schema,
+    )
