@@ -14,6 +14,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -60,16 +61,53 @@ class RedisCounter:
         self._redis().delete(self.name)
 
 
-def _redis_store() -> str:
+def _redis_store(tmp: Path) -> str:
     return service_url("redis")
 
 
-STORES: dict[str, Callable[[], str]] = {"redis": _redis_store}
+def _postgres_store(tmp: Path) -> str:
+    return service_url("postgres")
+
+
+def _sqlite_store(tmp: Path) -> str:
+    return f"sqlite:///{tmp / 'guarantees.db'}"
+
+
+STORES: dict[str, Callable[[Path], str]] = {
+    "redis": _redis_store,
+    "postgres": _postgres_store,
+    "sqlite": _sqlite_store,
+}
 
 
 @pytest.fixture(params=sorted(STORES))
-def store_url(request: pytest.FixtureRequest) -> str:
-    return STORES[request.param]()
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The store under test, as a URL (SQL URLs carry their own table)."""
+    url = STORES[request.param](tmp_path)
+    if request.param == "redis":
+        yield url
+        return
+    pytest.importorskip("sqlalchemy")
+    from idempotask.backends.sql import SQLAlchemyBackend
+
+    # A table of its own per test, created before any worker starts and dropped after.
+    table = f"idem_guarantee_{uuid.uuid4().hex[:10]}"
+    backend = SQLAlchemyBackend(url, table_name=table)
+    backend.create_tables()
+    yield _SQLStore(url, table)
+    backend.drop_tables()
+    backend.close()
+
+
+class _SQLStore(str):
+    """A SQL URL that also names the table the workers must use."""
+
+    table: str
+
+    def __new__(cls, url: str, table: str) -> _SQLStore:
+        self = super().__new__(cls, url)
+        self.table = table
+        return self
 
 
 @pytest.fixture
@@ -85,7 +123,15 @@ def namespace() -> str:
 
 
 def _configure(url: str, namespace: str) -> None:
-    idempotask.configure(backend=url, namespace=namespace)
+    # Built in the process that uses it (workers are forked children).
+    if isinstance(url, _SQLStore):
+        from idempotask.backends.sql import SQLAlchemyBackend
+
+        idempotask.configure(
+            backend=SQLAlchemyBackend(url, table_name=url.table), namespace=namespace
+        )
+    else:
+        idempotask.configure(backend=url, namespace=namespace)
 
 
 # ---------------------------------------------------------------------------- contention
@@ -142,16 +188,20 @@ def test_eight_processes_run_every_key_once_and_agree_on_results(
 # ---------------------------------------------------------------------------- crashes
 
 
-def _crashing_owner(url: str, namespace: str, counter: RedisCounter) -> None:
-    _configure(url, namespace)
-
-    @idempotent(name="guarantee.crash", lease=1.0)
+def _crash_job(counter: RedisCounter, sleep: float) -> Callable[[], str]:
+    # One definition for the owner and the successor: a name belongs to one function.
+    @idempotent(name="guarantee.crash", lease=1.0, wait_timeout=30)
     def job() -> str:
         counter.incr("crash")
-        time.sleep(60)  # killed long before this ends
-        return "never"
+        time.sleep(sleep)
+        return "ran after the crash"
 
-    job()
+    return job
+
+
+def _crashing_owner(url: str, namespace: str, counter: RedisCounter) -> None:
+    _configure(url, namespace)
+    _crash_job(counter, sleep=60)()  # killed long before the sleep ends
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -171,28 +221,27 @@ def test_a_sigkilled_owner_is_taken_over_after_its_lease_and_the_body_runs_once_
     os.kill(owner.pid or 0, signal.SIGKILL)
     owner.join(10)
     _configure(store_url, namespace)
-
-    @idempotent(name="guarantee.crash", lease=1.0, wait_timeout=30)
-    def job() -> str:
-        counter.incr("crash")
-        return "ran after the crash"
-
+    job = _crash_job(counter, sleep=0)
     assert job() == "ran after the crash"  # waits out the dead owner's lease, then runs
     assert job() == "ran after the crash"  # stored: not run again
     assert counter.counts()["crash"] == 2
+
+
+def _paused_job(counter: RedisCounter, sleep: float) -> Any:
+    @idempotent(name="guarantee.paused", lease=1.0, on_conflict="raise")
+    def job() -> str:
+        counter.incr("paused")
+        time.sleep(sleep)
+        return f"pid-{os.getpid()}"
+
+    return job
 
 
 def _paused_owner(url: str, namespace: str, counter: RedisCounter, out: Any) -> None:
     _configure(url, namespace)
     lost: list[idempotask.Event] = []
     idempotask.add_listener(lambda e: lost.append(e) if e.kind is EventKind.LEASE_LOST else None)
-
-    @idempotent(name="guarantee.paused", lease=1.0)
-    def job() -> str:
-        counter.incr("paused")
-        time.sleep(2.5)  # SIGSTOPped in here, past its lease
-        return f"pid-{os.getpid()}"
-
+    job = _paused_job(counter, sleep=2.5)  # SIGSTOPped in the sleep, past its lease
     out.put((job(), len(lost)))
 
 
@@ -206,12 +255,7 @@ def test_a_paused_owner_cannot_overwrite_the_new_owners_result(
     os.kill(owner.pid or 0, signal.SIGSTOP)
     try:
         _configure(store_url, namespace)
-
-        @idempotent(name="guarantee.paused", lease=1.0, on_conflict="raise")
-        def job() -> str:
-            counter.incr("paused")
-            return f"pid-{os.getpid()}"
-
+        job = _paused_job(counter, sleep=0)
         mine = f"pid-{os.getpid()}"
         result = None
         deadline = time.monotonic() + 30
