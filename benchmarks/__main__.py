@@ -1,8 +1,9 @@
 """Run the benchmarks and print one table: ``python -m benchmarks [--quick] [--only NAME]``.
 
-Suites: ``memory`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL). Each row shows
-the figure, its floor measured in the same run, and their ratio (or the added time, for
-in-process figures).
+Suites: ``memory`` and ``sqlite`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL),
+``postgresql`` (IDEMPOTASK_POSTGRES_URL), ``mariadb`` (IDEMPOTASK_MYSQL_URL). Each row
+shows the figure, its floor measured in the same run, and their ratio (or the added
+time, for in-process figures).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import platform
 import sys
 from collections.abc import Callable
 
-from benchmarks import memory, redis
+from benchmarks import memory, redis, sql
 
 SUITES: dict[str, Callable[[bool], list[memory.Row]]] = {
     "memory": memory.rows,
     "redis": redis.rows,
+    "postgresql": sql.postgres_rows,
+    "sqlite": sql.sqlite_rows,
+    "mariadb": sql.mysql_rows,
 }
 
 
