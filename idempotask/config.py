@@ -12,20 +12,38 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from idempotask.backends import Backend, backend_from_url
+from idempotask.backends.deadletters import (
+    DeadLetter,
+    DeadLetterStore,
+    dead_letter_store_from_url,
+)
 from idempotask.errors import ConfigurationError
 from idempotask.serializers import Serializer, get_serializer
 
-__all__ = ["Settings", "configure", "get_backend", "reset", "settings"]
+__all__ = [
+    "AlertHook",
+    "Settings",
+    "configure",
+    "get_backend",
+    "get_dead_letter_store",
+    "reset",
+    "settings",
+]
 
 OnBackendError = Literal["raise", "open"]
 OnConflict = Literal["wait", "raise"]
 
 ENV_URL = "IDEMPOTASK_URL"
+ENV_DEAD_LETTER_URL = "IDEMPOTASK_DEAD_LETTER_URL"
 DEFAULT_URL = "memory://"
+
+AlertHook = Callable[[DeadLetter], object]
+"""Called with a dead letter of a function marked ``critical=True``."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +64,22 @@ class Settings:
     """``"raise"`` (fail closed) or ``"open"`` (run unprotected, loudly logged)."""
     serializer: Serializer | str = "json"
     """How results are stored: ``"json"`` (typed JSON), ``"pickle"`` or an object."""
+    dead_letter_store: DeadLetterStore | str | None = None
+    """Where dead letters go: a store, a URL, or None for ``$IDEMPOTASK_DEAD_LETTER_URL``,
+    else the idempotency backend's URL (``memory://`` by default)."""
+    spool_path: str | None = None
+    """The spool file for letters the store cannot take (None: ``$IDEMPOTASK_SPOOL``, else
+    a per-user cache directory); a directory holds ``spool-<namespace>.jsonl``."""
+    dead_letter_retention: float = 30 * 86400.0
+    """Seconds resolved and abandoned dead letters are kept before ``purge()`` drops them."""
+    on_alert: tuple[AlertHook, ...] = ()
+    """Hooks called with every dead letter of a function marked ``critical=True``."""
 
 
 _lock = threading.RLock()
 _settings = Settings()
 _backend: Backend | None = None
+_dead_letter_store: DeadLetterStore | None = None
 generation = 0
 """Bumped on every configure(); decorated functions refresh their cache when it moves."""
 
@@ -81,7 +110,8 @@ def check_backend(value: Any) -> Backend | str | None:
     if value is None or isinstance(value, str):
         if isinstance(value, str) and "://" not in value:
             raise ConfigurationError(
-                f"backend: expected a URL such as 'redis://localhost:6379/0', got {value!r}"
+                "backend: expected a URL such as 'redis://localhost:6379/0' (a scheme and "
+                "'://'); the value given has no scheme"
             )
         return value
     if isinstance(value, Backend):
@@ -101,6 +131,31 @@ def check_namespace(value: Any) -> str:
     return value
 
 
+def check_dead_letter_store(value: Any) -> DeadLetterStore | str | None:
+    """Validate a dead-letter store option: an instance, a URL or None."""
+    if value is None or isinstance(value, DeadLetterStore):
+        return value
+    if isinstance(value, str) and "://" in value:
+        return value
+    raise ConfigurationError(
+        f"dead_letter_store: expected a URL such as 'memory://' or a store implementing "
+        f"idempotask.backends.deadletters.DeadLetterStore, got {value!r}"
+    )
+
+
+def check_hooks(option: str, value: Any) -> tuple[Callable[..., Any], ...]:
+    """Validate a hook option: a callable, an iterable of callables, or None."""
+    hooks = () if value is None else (value,) if callable(value) else value
+    try:
+        hooks = tuple(hooks)
+    except TypeError:
+        hooks = (value,)
+    for hook in hooks:
+        if not callable(hook):
+            raise ConfigurationError(f"{option}: expected callables, got {hook!r}")
+    return hooks
+
+
 _UNSET: Any = object()
 
 
@@ -113,15 +168,22 @@ def configure(
     wait_timeout: float = _UNSET,
     on_backend_error: OnBackendError = _UNSET,
     serializer: Serializer | str = _UNSET,
+    dead_letter_store: DeadLetterStore | str | None = _UNSET,
+    spool_path: str | os.PathLike[str] | None = _UNSET,
+    dead_letter_retention: float = _UNSET,
+    on_alert: AlertHook | Iterable[AlertHook] | None = _UNSET,
 ) -> Settings:
     """Set process-wide defaults; options not given keep their current value.
 
     >>> configure(backend="redis://localhost:6379/0", namespace="billing")  # doctest: +SKIP
 
     Every option is validated now, and the error names the option. Returns the new
-    :class:`Settings`.
+    :class:`Settings`. Dead-letter options (see :mod:`idempotask.deadletter`):
+
+    >>> configure(dead_letter_store="memory://", spool_path="/var/spool/app/dlq.jsonl",
+    ...           on_alert=page_the_on_call)  # doctest: +SKIP
     """
-    global _settings, _backend, generation
+    global _settings, _backend, _dead_letter_store, generation
     changes: dict[str, Any] = {}
     if backend is not _UNSET:
         changes["backend"] = check_backend(backend)
@@ -140,20 +202,37 @@ def configure(
     if serializer is not _UNSET:
         get_serializer(serializer)  # validates
         changes["serializer"] = serializer
+    if dead_letter_store is not _UNSET:
+        changes["dead_letter_store"] = check_dead_letter_store(dead_letter_store)
+    if spool_path is not _UNSET:
+        if spool_path is not None and not isinstance(spool_path, (str, os.PathLike)):
+            raise ConfigurationError(f"spool_path: expected a path or None, got {spool_path!r}")
+        changes["spool_path"] = None if spool_path is None else os.fspath(spool_path)
+    if dead_letter_retention is not _UNSET:
+        changes["dead_letter_retention"] = check_seconds(
+            "dead_letter_retention", dead_letter_retention
+        )
+    if on_alert is not _UNSET:
+        changes["on_alert"] = check_hooks("on_alert", on_alert)
     with _lock:
         _settings = replace(_settings, **changes)
         if "backend" in changes:
             _backend = None
+        # The default dead-letter store follows the backend's URL; an unrelated option
+        # (a namespace, a ttl) must not swap a store full of letters for an empty one.
+        if "backend" in changes or "dead_letter_store" in changes:
+            _dead_letter_store = None
         generation += 1
         return _settings
 
 
 def reset() -> None:
     """Restore the defaults (the next call rebuilds the backend from the environment)."""
-    global _settings, _backend, generation
+    global _settings, _backend, _dead_letter_store, generation
     with _lock:
         _settings = Settings()
         _backend = None
+        _dead_letter_store = None
         generation += 1
 
 
@@ -180,3 +259,44 @@ def get_backend() -> Backend:
                 chosen = os.environ.get(ENV_URL) or DEFAULT_URL
             _backend = resolve_backend(chosen)
         return _backend
+
+
+def _default_dead_letter_url() -> str:
+    env = os.environ.get(ENV_DEAD_LETTER_URL)
+    if env:
+        return env
+    chosen = _settings.backend
+    if chosen is None:
+        return os.environ.get(ENV_URL) or DEFAULT_URL
+    if isinstance(chosen, str):
+        return chosen
+    from idempotask.backends.memory import MemoryBackend
+
+    if isinstance(chosen, MemoryBackend):
+        return DEFAULT_URL
+    raise ConfigurationError(
+        f"dead_letter_store: the backend is a {type(chosen).__name__} instance, so there is "
+        "no URL to put dead letters next to it; pass configure(dead_letter_store=...) (a URL "
+        f"or a store) or set ${ENV_DEAD_LETTER_URL}"
+    )
+
+
+def get_dead_letter_store() -> DeadLetterStore:
+    """The configured dead-letter store, built on first use.
+
+    ``configure(dead_letter_store=...)``, else ``$IDEMPOTASK_DEAD_LETTER_URL``, else the
+    idempotency backend's URL (a memory backend instance gets ``memory://``).
+    """
+    global _dead_letter_store
+    current = _dead_letter_store
+    if current is not None:
+        return current
+    with _lock:
+        if _dead_letter_store is None:
+            chosen = _settings.dead_letter_store
+            if chosen is None:
+                chosen = _default_dead_letter_url()
+            _dead_letter_store = (
+                dead_letter_store_from_url(chosen) if isinstance(chosen, str) else chosen
+            )
+        return _dead_letter_store

@@ -128,3 +128,12 @@ def test_lease_renewal_works_in_a_forked_child() -> None:
     child.join(20)
     assert held is True
     assert child.exitcode == 0
+
+
+def test_backend_url_errors_never_echo_credentials() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        backend_from_url("mongodb://admin:hunter2@db/x")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        idempotask.configure(backend="admin:hunter2@localhost:6379")
+    assert "hunter2" not in str(info.value)

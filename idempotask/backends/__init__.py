@@ -83,9 +83,10 @@ def backend_from_url(url: str) -> Backend:
     driver is a :class:`MissingDependencyError` naming the extra to install.
     """
     if not isinstance(url, str) or "://" not in url:
+        # Never echo the value: a malformed URL may still carry a password.
         raise ConfigurationError(
-            f"backend: expected a URL such as 'memory://' or 'redis://localhost:6379/0', "
-            f"got {url!r}"
+            "backend: expected a URL such as 'memory://' or 'redis://localhost:6379/0', "
+            f"got a {type(url).__name__} without '://'"
         )
     scheme = url.split("://", 1)[0].lower()
     _load_entry_points()
@@ -97,7 +98,7 @@ def backend_from_url(url: str) -> Backend:
         return _resolve(*_SQL_FACTORY)(url)
     known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
     raise ConfigurationError(
-        f"backend: unknown URL scheme {scheme!r} in {url!r}; known schemes: {', '.join(known)} "
+        f"backend: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)} "
         "(SQL URLs may name a driver, e.g. 'postgresql+psycopg'); third-party stores "
         "register through the 'idempotask.backends' entry-point group"
     )
