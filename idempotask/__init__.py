@@ -13,7 +13,17 @@ backend that needs them is built.
 
 from __future__ import annotations
 
+from idempotask.backends.deadletters import DeadLetter, Status
 from idempotask.config import Settings, configure, get_backend, settings
+from idempotask.deadletter import (
+    DeadLetterFunction,
+    DeadLetterQueue,
+    DeadLetterStats,
+    ProcessReport,
+    dead_letter,
+    default_queue,
+    register_route,
+)
 from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
@@ -41,6 +51,10 @@ __all__ = [
     "CachedFailure",
     "ConfigurationError",
     "CorruptRecordError",
+    "DeadLetter",
+    "DeadLetterFunction",
+    "DeadLetterQueue",
+    "DeadLetterStats",
     "DuplicateNameError",
     "Event",
     "EventKind",
@@ -51,17 +65,22 @@ __all__ = [
     "LeaseLostWarning",
     "MissingDependencyError",
     "MissingKeyMaterialError",
+    "ProcessReport",
     "SerializationError",
     "Settings",
+    "Status",
     "__version__",
     "add_listener",
     "configure",
     "current_lease",
+    "dead_letter",
+    "default_queue",
     "get_backend",
     "idempotent",
     "lease_held",
     "make_key",
     "register_encoder",
+    "register_route",
     "remove_listener",
     "settings",
     "unregister_encoder",

@@ -137,9 +137,11 @@ def check_dead_letter_store(value: Any) -> DeadLetterStore | str | None:
         return value
     if isinstance(value, str) and "://" in value:
         return value
+    # Never echo a string: a malformed URL may still carry a password.
+    got = "a string without '://'" if isinstance(value, str) else type(value).__name__
     raise ConfigurationError(
-        f"dead_letter_store: expected a URL such as 'memory://' or a store implementing "
-        f"idempotask.backends.deadletters.DeadLetterStore, got {value!r}"
+        "dead_letter_store: expected a URL such as 'memory://' or a store implementing "
+        f"idempotask.backends.deadletters.DeadLetterStore, got {got}"
     )
 
 

@@ -7,10 +7,13 @@ too, so existing ``except TypeError`` handlers keep working.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "AlreadyInProgress",
     "BackendError",
     "CachedFailure",
+    "CircuitOpenError",
     "ConfigurationError",
     "CorruptRecordError",
     "DuplicateNameError",
@@ -105,3 +108,37 @@ class CachedFailure(IdempotaskError):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
+
+
+class CircuitOpenError(IdempotaskError):
+    """A circuit breaker is open: the call failed fast without running.
+
+    ``name`` is the breaker's name and ``retry_after`` the seconds until the breaker will
+    try again (the next probe, or the next look at a probe in flight elsewhere).
+
+    It is classified EXTERNAL (the ``failure_kind`` marker: a dependency is down, so the
+    call is retried hours later) and ``consumes_attempt`` is False: a call refused by an
+    open breaker never ran, so retry policies should not count it as a spent attempt.
+
+    >>> err = CircuitOpenError("payments", 12.5)
+    >>> err.name, err.retry_after, err.consumes_attempt
+    ('payments', 12.5, False)
+    """
+
+    # A string, not FailureKind.EXTERNAL: idempotask.taxonomy imports this module, and the
+    # classifier accepts a kind's value as a marker.
+    failure_kind: ClassVar[str] = "external"
+    consumes_attempt: ClassVar[bool] = False
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = max(0.0, float(retry_after))
+        super().__init__(
+            f"circuit breaker {name!r} is open: failing fast without calling; "
+            f"retry in {self.retry_after:.3g}s"
+        )
+
+    def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
+        # Pickle by the constructor's arguments (the message is derived), so the error
+        # crosses process boundaries (multiprocessing, task queues) intact.
+        return (type(self), (self.name, self.retry_after))

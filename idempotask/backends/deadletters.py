@@ -15,11 +15,24 @@ have one (Redis ``TIME``, the database's clock).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterStore", "StatRow", "Status"]
+__all__ = [
+    "MUTABLE_FIELDS",
+    "OPEN_STATUSES",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterStore",
+    "DeadLetterStoreFactory",
+    "StatRow",
+    "Status",
+    "SupportsExpireClaim",
+    "check_changes",
+    "dead_letter_store_from_url",
+    "register_dead_letter_scheme",
+]
 
 
 class Status(str, enum.Enum):
@@ -130,21 +143,24 @@ MUTABLE_FIELDS = frozenset(
 class DeadLetterStore(Protocol):
     """Where dead letters live. Each operation has an ``a``-prefixed async twin.
 
-    - ``add(letter)`` stores a new letter; adding an id that exists changes nothing and
-      returns the stored letter (a spooled letter may be delivered twice).
+    - ``add(letter)`` stores a new letter as given (its ``version`` included, 0 for a new
+      letter); adding an id that exists changes nothing and returns the stored letter (a
+      spooled letter may be delivered twice).
     - ``get(id)`` returns a letter or None.
     - ``query(filter, limit=, offset=)`` lists matching letters, newest
-      ``last_failed_at`` first.
+      ``last_failed_at`` first, ties broken by ascending ``id`` (so pages are stable).
     - ``update(id, version, **changes)`` applies ``changes`` (only
       :data:`MUTABLE_FIELDS`) if the stored version is ``version`` and returns the new
       letter with ``version + 1``, else None (someone else changed it first). It also
       ends any processor claim on the letter.
-    - ``claim_due(now, limit=, lease=)`` atomically takes up to ``limit`` open letters
-      (PENDING or RETRYING) with ``next_retry_at <= now`` that no other processor holds,
-      holds them for ``lease`` seconds (store clock where it has one) and returns them
-      with their version bumped. A letter its holder does not update within the lease
-      becomes claimable again.
-    - ``stats(filter)`` counts letters by (function, kind, status).
+    - ``claim_due(now, limit=, lease=, filter=)`` atomically takes up to ``limit`` open
+      letters (PENDING or RETRYING) with ``next_retry_at <= now`` that no other processor
+      holds and that match ``filter`` (None: all), earliest ``next_retry_at`` first (ties
+      by ``id``), holds them for ``lease`` seconds (store clock where it has one) and
+      returns them with their version bumped. A letter its holder does not update within
+      the lease becomes claimable again.
+    - ``stats(filter)`` counts matching letters by (function, kind, status), rows ordered
+      by those three.
     - ``purge(filter)`` deletes matching letters and returns how many.
     """
 
@@ -159,7 +175,12 @@ class DeadLetterStore(Protocol):
     def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
 
     def claim_due(
-        self, now: float, *, limit: int = 100, lease: float = 300.0
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
     ) -> list[DeadLetter]: ...
 
     def stats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
@@ -177,7 +198,12 @@ class DeadLetterStore(Protocol):
     async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
 
     async def aclaim_due(
-        self, now: float, *, limit: int = 100, lease: float = 300.0
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
     ) -> list[DeadLetter]: ...
 
     async def astats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
@@ -195,3 +221,91 @@ def check_changes(changes: Iterable[str]) -> None:
             f"dead letter update: {', '.join(sorted(fixed))} cannot change after the letter "
             f"is added; changeable fields: {', '.join(sorted(MUTABLE_FIELDS))}"
         )
+
+
+@runtime_checkable
+class SupportsExpireClaim(Protocol):
+    """Test-only power: end a processor's claim on a letter now, on the store's clock.
+
+    The dead-letter conformance suite uses it to check that an unreleased claim becomes
+    claimable again without waiting for the lease. Returns whether a live claim was there.
+    """
+
+    def expire_claim(self, id: str) -> bool: ...
+
+
+# -- building a store from a URL ---------------------------------------------------------
+
+DeadLetterStoreFactory = Callable[[str], DeadLetterStore]
+"""Builds a dead-letter store from its URL."""
+
+# scheme -> "module:attribute"; imported only when a store of that scheme is built.
+_BUILTIN: dict[str, str] = {
+    "memory": "idempotask.backends.memory:MemoryDeadLetterStore.from_url",
+}
+# Schemes the idempotency backends know whose dead-letter store is still to be written:
+# their URLs get an error that says so rather than "unknown scheme".
+_NOT_YET = ("redis", "rediss", "unix", "postgresql", "postgres", "sqlite", "mysql", "mariadb")
+_registered: dict[str, DeadLetterStoreFactory] = {}
+
+
+def register_dead_letter_scheme(scheme: str, factory: DeadLetterStoreFactory) -> None:
+    """Make :func:`dead_letter_store_from_url` build ``scheme://...`` with ``factory(url)``.
+
+    Registered schemes win over built-in ones; SQL URLs register their dialect name
+    (``"postgresql"`` also serves ``postgresql+psycopg://``)::
+
+        register_dead_letter_scheme("redis", RedisDeadLetterStore.from_url)
+    """
+    from idempotask.errors import ConfigurationError
+
+    if not isinstance(scheme, str) or not scheme.replace("+", "").replace("-", "").isalnum():
+        raise ConfigurationError(f"register_dead_letter_scheme: invalid URL scheme {scheme!r}")
+    if not callable(factory):
+        raise ConfigurationError(
+            f"register_dead_letter_scheme: factory must be a callable taking the URL, "
+            f"got {factory!r}"
+        )
+    _registered[scheme.lower()] = factory
+
+
+def dead_letter_store_from_url(url: str) -> DeadLetterStore:
+    """Build a dead-letter store from a URL: ``memory://`` or a registered scheme.
+
+    >>> dead_letter_store_from_url("memory://")  # doctest: +ELLIPSIS
+    MemoryDeadLetterStore(...)
+
+    An unknown scheme, or one whose store is not written yet, is a
+    :class:`~idempotask.errors.ConfigurationError` that says so.
+    """
+    import importlib
+
+    from idempotask.errors import ConfigurationError
+
+    if not isinstance(url, str) or "://" not in url:
+        # Never echo the value: a malformed URL may still carry a password.
+        raise ConfigurationError(
+            "dead_letter_store: expected a URL such as 'memory://', "
+            f"got a {type(url).__name__} without '://'"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    for candidate in (scheme, scheme.split("+", 1)[0]):
+        if candidate in _registered:
+            return _registered[candidate](url)
+    if scheme in _BUILTIN:
+        module_name, _, attr_path = _BUILTIN[scheme].partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+        store: DeadLetterStore = obj(url)
+        return store
+    if scheme.split("+", 1)[0] in _NOT_YET:
+        raise ConfigurationError(
+            f"dead_letter_store: the dead-letter store for {scheme}:// URLs is not available "
+            f"yet; use 'memory://' (per process), or register a store for the scheme with "
+            f"idempotask.backends.deadletters.register_dead_letter_scheme()"
+        )
+    known = sorted({*_BUILTIN, *_registered})
+    raise ConfigurationError(
+        f"dead_letter_store: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)}"
+    )

@@ -16,12 +16,22 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from idempotask.backends.base import Record, State
+from idempotask.backends.deadletters import (
+    OPEN_STATUSES,
+    DeadLetter,
+    DeadLetterFilter,
+    StatRow,
+    Status,
+    check_changes,
+)
 from idempotask.errors import BackendError, ConfigurationError
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryBackend", "MemoryDeadLetterStore"]
 
 _IN_PROGRESS = State.IN_PROGRESS
 _COMPLETED = State.COMPLETED
@@ -399,3 +409,385 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Dead letters
+# ----------------------------------------------------------------------------------------
+
+_ALL = DeadLetterFilter()
+# Every live dead-letter store, so a forked child can replace locks a parent thread held.
+_dl_instances: weakref.WeakSet[MemoryDeadLetterStore] = weakref.WeakSet()
+
+
+class MemoryDeadLetterStore:
+    """An in-process :class:`~idempotask.backends.deadletters.DeadLetterStore`.
+
+    Thread- and asyncio-safe: every operation is one short critical section under a
+    :class:`threading.Lock`, and the async methods run the sync ones directly. ``clock``
+    (monotonic seconds) measures claim leases; inject a fake one to move past a lease
+    without sleeping, or end a claim with :meth:`expire_claim`.
+
+    It is unbounded on purpose: a dead letter is never evicted, only purged (see
+    :meth:`idempotask.deadletter.DeadLetterQueue.purge`). Letters live as long as the
+    process, and each process has its own: two processor *processes* cannot share it.
+
+    >>> store = MemoryDeadLetterStore()
+    >>> store.add(DeadLetter(id="1", function="f", kind="transient", error_type="E",
+    ...                      message="boom")).status.value
+    'pending'
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not callable(clock):
+            raise ConfigurationError(
+                f"MemoryDeadLetterStore: clock must be a callable returning seconds, got {clock!r}"
+            )
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._letters: dict[str, DeadLetter] = {}
+        # id -> store-clock time at which a processor's claim runs out.
+        self._claims: dict[str, float] = {}
+        with _registry_lock:
+            _dl_instances.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryDeadLetterStore:
+        """Build a store from ``memory://`` (it takes no options)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "memory" or parts.netloc or parts.path not in ("", "/"):
+            raise ConfigurationError(
+                f"MemoryDeadLetterStore.from_url: expected 'memory://', got {url!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigurationError(
+                f"MemoryDeadLetterStore.from_url: memory:// takes no options, got {url!r}"
+            )
+        return cls()
+
+    @property
+    def size(self) -> int:
+        """The number of letters held (a property, so an empty store stays truthy)."""
+        return len(self._letters)
+
+    def __repr__(self) -> str:
+        return f"MemoryDeadLetterStore(letters={len(self._letters)})"
+
+    # -- sync protocol -------------------------------------------------------------------
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store ``letter`` unless its id exists; return the stored one."""
+        if not isinstance(letter, DeadLetter):
+            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
+        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        with self._lock:
+            return self._letters.setdefault(letter.id, letter)
+
+    def get(self, id: str) -> DeadLetter | None:
+        """The letter with this id, or None."""
+        return self._letters.get(id)
+
+    def query(
+        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        with self._lock:
+            found = [x for x in self._letters.values() if filter.matches(x)]
+        found.sort(key=lambda x: (-x.last_failed_at, x.id))
+        return found[offset : offset + limit]
+
+    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Compare-and-set: apply ``changes`` if the stored version is ``version``."""
+        check_changes(changes)
+        if "status" in changes:
+            changes["status"] = Status(changes["status"])
+        with self._lock:
+            current = self._letters.get(id)
+            if current is None or current.version != version:
+                return None
+            updated = replace(current, **changes, version=version + 1)
+            self._letters[id] = updated
+            self._claims.pop(id, None)
+            return updated
+
+    def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds."""
+        with self._lock:
+            held_until = self._clock()
+            due = [
+                x
+                for x in self._letters.values()
+                if x.status in OPEN_STATUSES
+                and x.next_retry_at is not None
+                and x.next_retry_at <= now
+                and self._claims.get(x.id, -math.inf) <= held_until
+                and (filter is None or filter.matches(x))
+            ]
+            due.sort(key=lambda x: (x.next_retry_at, x.id))
+            claimed = []
+            for letter in due[: max(limit, 0)]:
+                letter = replace(letter, version=letter.version + 1)
+                self._letters[letter.id] = letter
+                self._claims[letter.id] = held_until + lease
+                claimed.append(letter)
+            return claimed
+
+    def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+        """Counts by (function, kind, status)."""
+        groups: dict[tuple[str, str, Status], list[int]] = {}
+        with self._lock:
+            letters = [x for x in self._letters.values() if filter.matches(x)]
+        for x in letters:
+            counts = groups.setdefault((x.function, x.kind, x.status), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += max(x.attempts - 1, 0)
+            counts[2] += x.status is Status.RESOLVED and x.resolution == "retry"
+        return [
+            StatRow(function, kind, status, count, retries, resolved)
+            for (function, kind, status), (count, retries, resolved) in sorted(groups.items())
+        ]
+
+    def purge(self, filter: DeadLetterFilter) -> int:
+        """Delete matching letters; return how many went."""
+        with self._lock:
+            doomed = [id for id, x in self._letters.items() if filter.matches(x)]
+            for id in doomed:
+                del self._letters[id]
+                self._claims.pop(id, None)
+            return len(doomed)
+
+    def expire_claim(self, id: str) -> bool:
+        """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
+        with self._lock:
+            live = self._claims.pop(id, -math.inf) > self._clock()
+            return live
+
+    # -- async protocol: the same short critical sections ---------------------------------
+
+    async def aadd(self, letter: DeadLetter) -> DeadLetter:
+        """Async :meth:`add`."""
+        return self.add(letter)
+
+    async def aget(self, id: str) -> DeadLetter | None:
+        """Async :meth:`get`."""
+        return self.get(id)
+
+    async def aquery(
+        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Async :meth:`query`."""
+        return self.query(filter, limit=limit, offset=offset)
+
+    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Async :meth:`update`."""
+        return self.update(id, version, **changes)
+
+    async def aclaim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Async :meth:`claim_due`."""
+        return self.claim_due(now, limit=limit, lease=lease, filter=filter)
+
+    async def astats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+        """Async :meth:`stats`."""
+        return self.stats(filter)
+
+    async def apurge(self, filter: DeadLetterFilter) -> int:
+        """Async :meth:`purge`."""
+        return self.purge(filter)
+
+
+def _fresh_dead_letter_locks_in_child() -> None:
+    # A thread of the parent may have held a lock at fork(); the child has no such thread.
+    for store in list(_dl_instances):
+        store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_dead_letter_locks_in_child)
+
+
+# ----------------------------------------------------------------------------------------
+# Circuit breakers
+# ----------------------------------------------------------------------------------------
+
+# Imported here, not at the top: this section was appended on its own, and breaker.py
+# imports this module only lazily, so there is no cycle.
+from idempotask.breaker import BreakerState, BreakerStatus  # noqa: E402
+
+__all__ += ["MemoryBreakerStore"]
+
+_BREAKER_CLOSED = BreakerState(BreakerStatus.CLOSED)
+# Every live breaker store, so a forked child can replace locks a parent thread held.
+_breaker_stores: weakref.WeakSet[MemoryBreakerStore] = weakref.WeakSet()
+
+
+class _BreakerEntry:
+    """One breaker's shared state; times are on the store's clock."""
+
+    __slots__ = ("failures", "open_until", "probe_token", "probe_until", "window_until")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.window_until = -math.inf
+        self.open_until: float | None = None  # None: closed
+        self.probe_until = -math.inf
+        self.probe_token = ""
+
+
+class MemoryBreakerStore:
+    """An in-process :class:`~idempotask.breaker.BreakerStore`: the reference semantics.
+
+    Every operation is one short critical section under a :class:`threading.Lock` (the
+    async twins run them directly). ``clock`` (monotonic seconds) drives windows, open
+    periods and probe leases; inject a fake one to test without sleeping. State lives in
+    this process only: breakers in other processes do not see it (use
+    ``RedisBreakerStore`` for that). It keeps one small entry per breaker name that failed.
+
+    >>> store = MemoryBreakerStore()
+    >>> store.record_failure("api", threshold=1, window=60, open_for=30).status.value
+    'open'
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not callable(clock):
+            raise ConfigurationError(
+                f"MemoryBreakerStore: clock must be a callable returning seconds, got {clock!r}"
+            )
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, _BreakerEntry] = {}
+        with _registry_lock:
+            _breaker_stores.add(self)
+
+    def __repr__(self) -> str:
+        return f"MemoryBreakerStore(breakers={len(self._entries)})"
+
+    # -- sync protocol -------------------------------------------------------------------
+
+    def state(self, name: str) -> BreakerState:
+        """The breaker's state (read only)."""
+        with self._lock:
+            return self._view(self._entries.get(name), self._clock())
+
+    def record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Count a failure; open at ``threshold`` within ``window``; reopen when half-open."""
+        with self._lock:
+            now = self._clock()
+            entry = self._entries.get(name)
+            if entry is not None and entry.open_until is not None:
+                if now < entry.open_until:
+                    return BreakerState(BreakerStatus.OPEN, retry_after=entry.open_until - now)
+                return self._open(entry, now, open_for, failures=0)  # half-open: reopen
+            if entry is None:
+                entry = self._entries[name] = _BreakerEntry()
+            if entry.window_until <= now:
+                entry.failures = 0
+                entry.window_until = now + window
+            entry.failures += 1
+            if entry.failures >= threshold:
+                return self._open(entry, now, open_for, failures=entry.failures)
+            return BreakerState(BreakerStatus.CLOSED, failures=entry.failures)
+
+    def record_success(self, name: str) -> BreakerState:
+        """Close a half-open breaker; otherwise nothing changes (see the protocol)."""
+        with self._lock:
+            now = self._clock()
+            entry = self._entries.get(name)
+            if entry is not None and entry.open_until is not None and now >= entry.open_until:
+                del self._entries[name]
+                return BreakerState(BreakerStatus.CLOSED, changed=True)
+            return self._view(entry, now)
+
+    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Grant the half-open probe to ``token`` for ``lease`` seconds, if it is free."""
+        with self._lock:
+            now = self._clock()
+            entry = self._entries.get(name)
+            if (
+                entry is None
+                or entry.open_until is None
+                or now < entry.open_until
+                or (now < entry.probe_until and entry.probe_token != token)
+            ):
+                return self._view(entry, now)
+            entry.probe_until = now + lease
+            entry.probe_token = token
+            return BreakerState(BreakerStatus.HALF_OPEN, retry_after=lease, probe=True)
+
+    def reset(self, name: str) -> None:
+        """Forget the breaker: it is closed with no failures."""
+        with self._lock:
+            self._entries.pop(name, None)
+
+    # -- async protocol: the same short critical sections ---------------------------------
+
+    async def astate(self, name: str) -> BreakerState:
+        """Async :meth:`state`."""
+        return self.state(name)
+
+    async def arecord_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Async :meth:`record_failure`."""
+        return self.record_failure(name, threshold=threshold, window=window, open_for=open_for)
+
+    async def arecord_success(self, name: str) -> BreakerState:
+        """Async :meth:`record_success`."""
+        return self.record_success(name)
+
+    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Async :meth:`try_probe`."""
+        return self.try_probe(name, token, lease=lease)
+
+    async def areset(self, name: str) -> None:
+        """Async :meth:`reset`."""
+        self.reset(name)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _open(entry: _BreakerEntry, now: float, open_for: float, *, failures: int) -> BreakerState:
+        entry.open_until = now + open_for
+        entry.failures = 0
+        entry.window_until = -math.inf
+        entry.probe_until = -math.inf
+        entry.probe_token = ""
+        return BreakerState(
+            BreakerStatus.OPEN, failures=failures, retry_after=open_for, changed=True
+        )
+
+    @staticmethod
+    def _view(entry: _BreakerEntry | None, now: float) -> BreakerState:
+        if entry is None:
+            return _BREAKER_CLOSED
+        if entry.open_until is None:
+            live = entry.failures if entry.window_until > now else 0
+            return BreakerState(BreakerStatus.CLOSED, failures=live)
+        if now < entry.open_until:
+            return BreakerState(BreakerStatus.OPEN, retry_after=entry.open_until - now)
+        return BreakerState(BreakerStatus.HALF_OPEN, retry_after=max(0.0, entry.probe_until - now))
+
+
+def _fresh_breaker_store_locks_in_child() -> None:
+    # A thread of the parent may have held a lock at fork(); the child has no such thread.
+    for store in list(_breaker_stores):
+        store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_breaker_store_locks_in_child)

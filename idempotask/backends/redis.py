@@ -56,6 +56,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from idempotask.backends.base import Record, State
+from idempotask.breaker import BreakerState, BreakerStatus
 from idempotask.errors import (
     BackendError,
     ConfigurationError,
@@ -63,7 +64,13 @@ from idempotask.errors import (
     IdempotaskError,
 )
 
-__all__ = ["RECORD_FORMAT", "RedisBackend", "record_key"]
+__all__ = [
+    "BREAKER_FORMAT",
+    "RECORD_FORMAT",
+    "RedisBackend",
+    "RedisBreakerStore",
+    "record_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -922,3 +929,221 @@ class RedisBackend:
         True
         """
         return await self._arun("expire_now", _DELETE, key, self._delete_args(None), parse_flag)
+
+
+# -------------------------------------------------------------------- circuit breakers
+
+#: The ``fmt`` field of a circuit breaker's hash (breaker records are not idempotency
+#: records; the marker keeps the two from being mistaken for each other).
+BREAKER_FORMAT = "idempotask-breaker/1"
+_BREAKER_FMT = BREAKER_FORMAT.encode()
+_BREAKER_STATE = _load_script("breaker_state")
+_BREAKER_FAILURE = _load_script("breaker_failure")
+_BREAKER_SUCCESS = _load_script("breaker_success")
+_BREAKER_PROBE = _load_script("breaker_probe")
+_BREAKER_STATUSES = {status.value.encode(): status for status in BreakerStatus}
+
+
+def parse_breaker(key: str, reply: Any) -> BreakerState:
+    """Turn a ``breaker_*`` script reply into a :class:`~idempotask.breaker.BreakerState`.
+
+    >>> state = parse_breaker("k", [b"brk", b"open", 5, 30000, 1, 0])
+    >>> state.status.value, state.failures, state.retry_after, state.changed
+    ('open', 5, 30.0, True)
+    """
+    if _tag(reply) == b"brk" and len(reply) == 6:
+        _, status, failures, wait_ms, changed, probe = reply
+        found = _BREAKER_STATUSES.get(status if isinstance(status, bytes) else str(status).encode())
+        if found is not None:
+            return BreakerState(
+                found,
+                failures=int(failures),
+                retry_after=max(0, int(wait_ms)) / 1000,
+                changed=int(changed) == 1,
+                probe=int(probe) == 1,
+            )
+    raise _corrupt(key, reply)
+
+
+class RedisBreakerStore:
+    """Circuit breaker state on Redis: a :class:`~idempotask.breaker.BreakerStore`.
+
+    One hash per breaker, at ``prefix:{breaker:NAME}`` (one cluster slot per breaker), and
+    one ``EVALSHA`` of a ``breaker_*.lua`` script per operation, run by a
+    :class:`RedisBackend` (its clients, timeouts, retries and ``NOSCRIPT`` recovery). Every
+    window, open period and probe lease is timed by the server's ``TIME``. A closed record
+    expires when its window ends; an open one ``retain`` seconds (a day) after its open
+    period, so an abandoned half-open breaker ends up closed. A resent command (redis-py
+    retries a timed-out one) may count a failure twice; a resent probe request recognises
+    its own grant by its token.
+
+    Pass the backend your idempotency store uses to share its connections, or a URL:
+
+    >>> store = RedisBreakerStore("redis://localhost:6379/0")
+    >>> from idempotask.breaker import CircuitBreaker
+    >>> breaker = CircuitBreaker("payments", store=store)
+    """
+
+    def __init__(
+        self,
+        backend: RedisBackend | str,
+        *,
+        prefix: str = "idempotask",
+        retain: float = 86400.0,
+    ) -> None:
+        if isinstance(backend, str):
+            # Breaker records are disposable, so the eviction-policy warning (about losing
+            # idempotency records) does not apply to a backend made only for them.
+            backend = RedisBackend.from_url(backend, check_eviction_policy=False)
+            self._owns_backend = True
+        elif isinstance(backend, RedisBackend):
+            self._owns_backend = False
+        else:
+            raise ConfigurationError(
+                "RedisBreakerStore: expected a RedisBackend or a redis:// URL, "
+                f"got {type(backend).__name__}"
+            )
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in ":{} "):
+            raise ConfigurationError(
+                f"RedisBreakerStore: prefix must be a non-empty str without ':', braces or "
+                f"spaces, got {prefix!r}"
+            )
+        self._backend = backend
+        self._prefix = prefix
+        self._retain_ms = _milliseconds(retain, "retain")
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "idempotask") -> RedisBreakerStore:
+        """A store on its own connections to ``url``.
+
+        >>> RedisBreakerStore.from_url("redis://localhost:6379/0", prefix="billing")
+        RedisBreakerStore('redis://localhost:6379/0', prefix='billing')
+        """
+        return cls(url, prefix=prefix)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._backend._server!r}, prefix={self._prefix!r})"
+
+    @property
+    def backend(self) -> RedisBackend:
+        """The backend whose clients and script runner this store uses."""
+        return self._backend
+
+    def key(self, name: str) -> str:
+        """The store key of breaker ``name`` (its Redis key is ``record_key`` of it).
+
+        >>> record_key(RedisBreakerStore("redis://localhost").key("payments"))
+        'idempotask:{breaker:payments}'
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"RedisBreakerStore: a breaker name must be a non-empty str, got {name!r}"
+            )
+        return f"{self._prefix}:breaker:{name}"
+
+    def close(self) -> None:
+        """Close the connections, if this store made its own backend (from a URL)."""
+        if self._owns_backend:
+            self._backend.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`, for the running event loop's client."""
+        if self._owns_backend:
+            await self._backend.aclose()
+
+    # Script arguments; the backend's _run/_arun do the I/O and parse_breaker the rest.
+
+    @staticmethod
+    def _failure_args(threshold: int, window: float, open_for: float) -> tuple[Any, ...]:
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigurationError(
+                f"redis breaker store: threshold must be an int >= 1, got {threshold!r}"
+            )
+        return (
+            threshold,
+            _milliseconds(window, "window"),
+            _milliseconds(open_for, "open_for"),
+        )
+
+    def _probe_args(self, token: str, lease: float) -> tuple[Any, ...]:
+        return (_milliseconds(lease, "lease"), token.encode(), self._retain_ms)
+
+    # -------------------------------------------------------------- sync API
+
+    def state(self, name: str) -> BreakerState:
+        """The breaker's state; one round trip, no writes."""
+        return self._backend._run(
+            "breaker.state", _BREAKER_STATE, self.key(name), (_BREAKER_FMT,), parse_breaker
+        )
+
+    def record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Count a failure (opening at ``threshold``); one round trip."""
+        args = (_BREAKER_FMT, *self._failure_args(threshold, window, open_for), self._retain_ms)
+        return self._backend._run(
+            "breaker.record_failure", _BREAKER_FAILURE, self.key(name), args, parse_breaker
+        )
+
+    def record_success(self, name: str) -> BreakerState:
+        """Report a success (closing a half-open breaker); one round trip."""
+        return self._backend._run(
+            "breaker.record_success",
+            _BREAKER_SUCCESS,
+            self.key(name),
+            (_BREAKER_FMT,),
+            parse_breaker,
+        )
+
+    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Take the half-open probe for ``lease`` seconds if it is free; one round trip."""
+        args = (_BREAKER_FMT, *self._probe_args(token, lease))
+        return self._backend._run(
+            "breaker.try_probe", _BREAKER_PROBE, self.key(name), args, parse_breaker
+        )
+
+    def reset(self, name: str) -> None:
+        """Remove the breaker's record (closed, no failures); one round trip."""
+        self._backend._run(
+            "breaker.reset", _DELETE, self.key(name), RedisBackend._delete_args(None), parse_flag
+        )
+
+    # ------------------------------------------------------------- async API
+
+    async def astate(self, name: str) -> BreakerState:
+        """Async :meth:`state`."""
+        return await self._backend._arun(
+            "breaker.state", _BREAKER_STATE, self.key(name), (_BREAKER_FMT,), parse_breaker
+        )
+
+    async def arecord_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Async :meth:`record_failure`."""
+        args = (_BREAKER_FMT, *self._failure_args(threshold, window, open_for), self._retain_ms)
+        return await self._backend._arun(
+            "breaker.record_failure", _BREAKER_FAILURE, self.key(name), args, parse_breaker
+        )
+
+    async def arecord_success(self, name: str) -> BreakerState:
+        """Async :meth:`record_success`."""
+        return await self._backend._arun(
+            "breaker.record_success",
+            _BREAKER_SUCCESS,
+            self.key(name),
+            (_BREAKER_FMT,),
+            parse_breaker,
+        )
+
+    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Async :meth:`try_probe`."""
+        args = (_BREAKER_FMT, *self._probe_args(token, lease))
+        return await self._backend._arun(
+            "breaker.try_probe", _BREAKER_PROBE, self.key(name), args, parse_breaker
+        )
+
+    async def areset(self, name: str) -> None:
+        """Async :meth:`reset`."""
+        await self._backend._arun(
+            "breaker.reset", _DELETE, self.key(name), RedisBackend._delete_args(None), parse_flag
+        )

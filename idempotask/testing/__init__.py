@@ -22,8 +22,12 @@ a record's lease or ttl run out now on the store's own clock. Every contract tes
 twice, through the sync methods and through the async ones driven on an event loop; keys
 carry a prefix unique to each test, so a shared server needs no cleaning. One test sleeps
 about 1.2 s to check a real lease runs out; set ``real_time_tests = False`` on the class
-to skip it. For richer assertion messages add
-``pytest.register_assert_rewrite("idempotask.testing")`` to your ``conftest.py``.
+to skip it.
+
+Dead-letter stores run :class:`DeadLetterStoreContract` the same way, with a
+``dead_letter_store`` fixture (see :mod:`idempotask.testing.deadletters`). For richer
+assertion messages add ``pytest.register_assert_rewrite("idempotask.testing")`` to your
+``conftest.py``.
 """
 
 from __future__ import annotations
@@ -36,22 +40,34 @@ from idempotask.testing.contract import (
     expect_record,
     new_token,
 )
+from idempotask.testing.deadletters import (
+    AsyncDeadLetterView,
+    DeadLetterStoreContract,
+    DeadLetterView,
+    SyncDeadLetterView,
+    open_dead_letter_view,
+)
 from idempotask.testing.machine import ModelRecord, ReferenceStore, make_state_machine
 from idempotask.testing.views import AsyncView, Mode, StoreView, SyncView, open_view
 
 __all__ = [
     "LEASE",
     "TTL",
+    "AsyncDeadLetterView",
     "AsyncView",
+    "DeadLetterStoreContract",
+    "DeadLetterView",
     "Mode",
     "ModelRecord",
     "ReferenceStore",
     "StoreContract",
     "StoreView",
+    "SyncDeadLetterView",
     "SyncView",
     "check_expires_in",
     "expect_record",
     "make_state_machine",
     "new_token",
+    "open_dead_letter_view",
     "open_view",
 ]

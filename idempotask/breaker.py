@@ -1,0 +1,940 @@
+"""A circuit breaker whose state is shared across processes through a small store.
+
+While a dependency is down, calling it again and again only adds load and latency. A
+:class:`CircuitBreaker` counts the failures of the calls it guards and, after
+``failure_threshold`` of them within ``window`` seconds, *opens*: every call fails fast
+with :class:`~idempotask.errors.CircuitOpenError` without running. After
+``recovery_timeout`` seconds it is *half-open*: exactly one caller, across every process
+sharing the store, gets to run a *probe* call. A probe that succeeds *closes* the breaker
+(failures forgotten); a probe that fails opens it again for another ``recovery_timeout``.
+
+>>> payments = CircuitBreaker("payments", failure_threshold=5, window=60, recovery_timeout=30)
+>>> @payments
+... def charge(order_id: int) -> str:
+...     return f"charged {order_id}"
+>>> charge(7)
+'charged 7'
+
+It also works as ``with payments:`` / ``async with payments:``, ``payments.call(fn, ...)``
+/ ``await payments.acall(fn, ...)``, on ``async def`` functions, and through
+:meth:`CircuitBreaker.guard` / :meth:`CircuitBreaker.aguard`, which wrappers such as
+``@dead_letter(breaker=...)`` use. Nothing else in idempotask uses a breaker unless given
+one.
+
+Counting
+    A *fixed window* anchored at the first failure: the first failure starts a window of
+    ``window`` seconds, each failure in it adds one, and the ``failure_threshold``-th opens
+    the breaker. A failure after the window ended starts a new window at 1. Successes do
+    not reset the count: five failures within a minute open the breaker even if hundreds
+    of calls succeeded in between (a dependency failing 5 % of a heavy load is unhealthy
+    too), and this is what lets a success in the closed state write nothing. Two bursts
+    straddling a window's end may each stay under the threshold; choose ``window``
+    accordingly.
+
+What counts as a failure
+    An exception whose :func:`~idempotask.taxonomy.classify` kind is in ``failure_kinds``
+    (TRANSIENT and EXTERNAL by default: a ``ValueError`` is the caller's bug, not the
+    dependency's), or for which a predicate given as ``failure_kinds`` returns True. Any
+    other exception is a sign the dependency answered: it counts as a success for a probe.
+    ``AlreadyInProgress`` (the work runs elsewhere), cancellation, ``KeyboardInterrupt`` and
+    other ``BaseException`` subclasses are no verdict at all.
+
+Round trips
+    The store is asked only when something must be shared: a counted failure (one write),
+    a probe (one write to take it, one to report its outcome), and an amortised read of
+    the state at most once per ``check_interval`` (1 s by default) per breaker and process,
+    so a process with no failures of its own still learns within a second that others
+    opened the breaker. A successful call in the closed state does no store I/O at all. The
+    open state is cached locally until its known end, so failing fast costs no round trip
+    either. A process that missed the opening (between two checks) makes at most one more
+    attempt: the write of its failure answers "open".
+
+Store errors
+    With ``on_store_error="allow"`` (the default) a failing store never blocks calls: the
+    call runs as if the breaker were closed, a WARNING is logged, and the store is left
+    alone for ``check_interval`` seconds. ``"raise"`` raises the
+    :class:`~idempotask.errors.BackendError` before the call instead. Recording an outcome
+    after the call never raises: the call's own result or exception always wins.
+
+Stores
+    ``store=None`` uses the configured backend's (see :func:`idempotask.configure`): a
+    Redis backend gives a :class:`~idempotask.backends.redis.RedisBreakerStore` on the same
+    server, the memory backend a process-wide
+    :class:`~idempotask.backends.memory.MemoryBreakerStore` (one process only), and any
+    other backend is asked through a ``breaker_store()`` method returning a
+    :class:`BreakerStore`. Transitions are logged at WARNING on the ``idempotask.breaker``
+    logger by the process whose write made them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import functools
+import inspect
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+
+from idempotask.errors import (
+    AlreadyInProgress,
+    BackendError,
+    CircuitOpenError,
+    ConfigurationError,
+)
+from idempotask.taxonomy import FailureKind, check_kind, classify
+
+__all__ = [
+    "AsyncBreakerGuard",
+    "BreakerGuard",
+    "BreakerState",
+    "BreakerStatus",
+    "BreakerStore",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "store_for_backend",
+]
+
+logger = logging.getLogger("idempotask.breaker")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+OnStoreError = Literal["allow", "raise"]
+FailurePredicate = Callable[[BaseException], bool]
+"""Decides whether an exception counts as a failure of the protected dependency."""
+
+
+class BreakerStatus(str, enum.Enum):
+    """Where a breaker stands."""
+
+    CLOSED = "closed"  # calls run; failures are counted
+    OPEN = "open"  # calls fail fast until the open period ends
+    HALF_OPEN = "half_open"  # the open period ended: one probe call decides
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """A breaker's shared state as a store reports it after an operation.
+
+    ``failures`` is the count in the current window (CLOSED; at the opening write, the
+    count that opened it). ``retry_after`` is seconds by the store's clock: OPEN, until a
+    probe may be taken; HALF_OPEN, what is left of the lease of a probe in flight (0 when
+    a probe may be taken now); CLOSED, 0. ``changed`` is True when *this* operation moved
+    the status (closed -> open, half-open -> open, half-open -> closed); ``probe`` is
+    True when *this* :meth:`BreakerStore.try_probe` granted the probe.
+
+    >>> BreakerState(BreakerStatus.OPEN, retry_after=30.0).status.value
+    'open'
+    """
+
+    status: BreakerStatus
+    failures: int = 0
+    retry_after: float = 0.0
+    changed: bool = False
+    probe: bool = False
+
+
+@runtime_checkable
+class BreakerStore(Protocol):
+    """Where breakers keep their shared state: one small record per breaker name.
+
+    Each operation is atomic (Redis: one Lua script; memory: one lock; SQL: one or two
+    statements in one transaction) and measures time by the *store's* clock, never the
+    caller's. ``threshold`` is a count, ``window``, ``open_for`` and ``lease`` are seconds.
+    Each method has an ``a``-prefixed async twin on the same object. Driver errors are
+    raised as :class:`~idempotask.errors.BackendError`.
+
+    The record of a breaker holds ``failures``, ``window_until``, ``open_until`` (absent
+    or NULL while closed), ``probe_until`` and ``probe_token``; no record means closed
+    with no failures. With ``now`` the store's clock:
+
+    - status: CLOSED without ``open_until``; OPEN while ``now < open_until``; HALF_OPEN
+      once ``now >= open_until`` (it stays so until a probe reports back).
+    - ``record_failure``: OPEN -> unchanged. HALF_OPEN -> open again:
+      ``open_until = now + open_for``, probe cleared, ``changed``. CLOSED -> if
+      ``window_until <= now`` start a window (``failures = 0``, ``window_until = now +
+      window``); ``failures += 1``; at ``threshold`` open (``open_until = now + open_for``,
+      failures and probe cleared, ``changed``; the reply's ``failures`` is the count that
+      opened it).
+    - ``record_success``: HALF_OPEN -> closed: the record is removed (``changed``).
+      OPEN -> unchanged (a call that began before the opening proves nothing now).
+      CLOSED -> unchanged: successes do not reset the window's count.
+    - ``try_probe(name, token, lease)``: HALF_OPEN and (no probe in flight, i.e.
+      ``probe_until <= now``, or ``probe_token == token``) -> ``probe_until = now + lease``,
+      ``probe_token = token``, reply ``probe=True``. Otherwise the state unchanged, with
+      ``probe=False`` (CLOSED: the caller just runs; OPEN or a probe in flight: it fails
+      fast). The token makes a resent command recognise its own grant; the lease lets
+      another caller probe when a prober crashed.
+    - ``state``: read only. ``reset``: remove the record (force closed).
+
+    A SQL implementation is one row per name (``name`` primary key, ``failures int``,
+    ``window_until``, ``open_until`` and ``probe_until`` timestamps by the database's
+    ``clock_timestamp()``, ``probe_token text``): ``record_failure`` is one ``INSERT ...
+    ON CONFLICT (name) DO UPDATE SET`` with ``CASE`` expressions over the rules above and
+    ``RETURNING`` (``changed`` when the returned ``open_until`` equals the statement's
+    ``now + open_for``); ``try_probe`` is one guarded ``UPDATE ... WHERE open_until <= now
+    AND (probe_until IS NULL OR probe_until <= now OR probe_token = :token) RETURNING``,
+    followed by a plain read when it updated nothing; ``record_success`` is ``DELETE ...
+    WHERE open_until <= now RETURNING`` (a row: ``changed``) plus a read; ``reset`` a
+    ``DELETE``. Rows of breakers left CLOSED past their window or HALF_OPEN long after may
+    be purged; a store may forget them (Redis drops a closed record when its window ends
+    and a half-open one a day after its open period).
+    """
+
+    def state(self, name: str) -> BreakerState: ...
+
+    def record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState: ...
+
+    def record_success(self, name: str) -> BreakerState: ...
+
+    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
+
+    def reset(self, name: str) -> None: ...
+
+    async def astate(self, name: str) -> BreakerState: ...
+
+    async def arecord_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState: ...
+
+    async def arecord_success(self, name: str) -> BreakerState: ...
+
+    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
+
+    async def areset(self, name: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- the core
+
+
+class _Op(enum.Enum):
+    """A store operation the decision core asks its driver to perform."""
+
+    STATE = "state"
+    PROBE = "try_probe"
+    SUCCESS = "record_success"
+    FAILURE = "record_failure"
+
+
+# A decision step: yields store operations, receives their replies (or has the store's
+# BackendError thrown in), and returns its verdict. The sync and async drivers below run
+# the same steps, so the breaker's logic exists once.
+_Steps = Generator[_Op, BreakerState, _T]
+
+# The store breakers use with the memory backend: one per process, made on first use.
+_default_memory_store: BreakerStore | None = None
+_default_memory_lock = threading.Lock()
+
+# `with breaker:` keeps whether each entry holds the probe here, per thread and per task
+# (a ContextVar is both), as a stack of (breaker, probe) so nesting works.
+_entered: contextvars.ContextVar[tuple[tuple[CircuitBreaker, bool], ...]] = contextvars.ContextVar(
+    "idempotask_breaker_entered", default=()
+)
+
+
+class CircuitBreaker:
+    """A closed / open / half-open circuit breaker with one probe, shared through a store.
+
+    ``name`` identifies the breaker in the store: every breaker with this name, in every
+    process using the same store, shares one state (create one per dependency, at module
+    level, and share it). ``failure_threshold`` failures within ``window`` seconds open it
+    for ``recovery_timeout`` seconds; then one probe call decides. See the module
+    docstring for what counts as a failure and for round trips.
+
+    ``store`` is a :class:`BreakerStore` (None: the configured backend's, resolved at
+    first use and again after :func:`idempotask.configure`). ``failure_kinds`` is an
+    iterable of :class:`~idempotask.taxonomy.FailureKind` (TRANSIENT and EXTERNAL by
+    default) or a predicate ``exc -> bool``. ``check_interval`` is the most often (in
+    seconds) a process re-reads the shared state while it believes the breaker closed;
+    None never does (a process then learns of an opening from its next failure).
+    ``probe_lease`` bounds how long a crashed or hung probe blocks the next one.
+    ``on_store_error`` is ``"allow"`` or ``"raise"`` (see the module). ``clock`` (seconds,
+    monotonic) times the local cache only; the store times everything shared.
+
+    >>> breaker = CircuitBreaker("geo-api", failure_threshold=3, recovery_timeout=10)
+    >>> with breaker:
+    ...     pass  # call the dependency here
+    >>> breaker.status.value
+    'closed'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        window: float = 60.0,
+        recovery_timeout: float = 30.0,
+        store: BreakerStore | None = None,
+        failure_kinds: Iterable[FailureKind | str] | FailurePredicate = (
+            FailureKind.TRANSIENT,
+            FailureKind.EXTERNAL,
+        ),
+        check_interval: float | None = 1.0,
+        probe_lease: float = 30.0,
+        on_store_error: OnStoreError = "allow",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from idempotask.config import check_choice, check_seconds
+
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"CircuitBreaker: name must be a non-empty str, got {name!r}")
+        if (
+            isinstance(failure_threshold, bool)
+            or not isinstance(failure_threshold, int)
+            or failure_threshold < 1
+        ):
+            raise ConfigurationError(
+                f"CircuitBreaker: failure_threshold must be an int >= 1, got {failure_threshold!r}"
+            )
+        if store is not None and not isinstance(store, BreakerStore):
+            raise ConfigurationError(
+                "CircuitBreaker: store must implement idempotask.breaker.BreakerStore "
+                f"(e.g. MemoryBreakerStore, RedisBreakerStore), got {type(store).__name__}"
+            )
+        if not callable(clock):
+            raise ConfigurationError(f"CircuitBreaker: clock must be callable, got {clock!r}")
+        self._name = name
+        self._threshold = failure_threshold
+        self._window = check_seconds("window", window)
+        self._recovery = check_seconds("recovery_timeout", recovery_timeout)
+        self._probe_lease = check_seconds("probe_lease", probe_lease)
+        self._interval = (
+            math.inf if check_interval is None else check_seconds("check_interval", check_interval)
+        )
+        self._on_store_error = check_choice("on_store_error", on_store_error, ("allow", "raise"))
+        self._counts_as_failure = _failure_test(failure_kinds)
+        self._clock = clock
+        self._store = store
+        # (config generation, store) when the store comes from the configured backend.
+        self._resolved: tuple[int, BreakerStore] | None = None
+
+        self._lock = threading.Lock()
+        # The local cache, all on ``clock``. None: believed closed. A time: believed open
+        # or half-open; calls before it fail fast, the first call after it asks the store
+        # for the probe.
+        self._open_until: float | None = None
+        # This process holds (or is asking for) the probe until then: its other callers
+        # fail fast instead of asking the store too.
+        self._probe_until = -math.inf
+        # The next amortised read of the shared state while believed closed (-inf: the
+        # first call reads, so a process started during an outage learns at once).
+        self._next_check = -math.inf if check_interval is not None else math.inf
+        # Whether the store has answered once. Until then every caller reads the state
+        # (not only the one whose turn it is), so the threads of a process started during
+        # an outage do not all run before its first read returns.
+        self._known = check_interval is None
+        # After a store error (on_store_error="allow"): leave the store alone until then.
+        self._quiet_until = -math.inf
+        with _registry_lock:
+            _breakers.add(self)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def name(self) -> str:
+        """The breaker's name in the store."""
+        return self._name
+
+    @property
+    def status(self) -> BreakerStatus:
+        """This process's view, without store I/O (see :meth:`current` for the store's).
+
+        >>> CircuitBreaker("x").status
+        <BreakerStatus.CLOSED: 'closed'>
+        """
+        open_until = self._open_until
+        if open_until is None:
+            return BreakerStatus.CLOSED
+        return BreakerStatus.OPEN if self._clock() < open_until else BreakerStatus.HALF_OPEN
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker({self._name!r}, failure_threshold={self._threshold}, "
+            f"window={self._window:g}, recovery_timeout={self._recovery:g}, "
+            f"status={self.status.value})"
+        )
+
+    # ---------------------------------------------------------------- public API
+
+    def guard(self) -> BreakerGuard:
+        """A context manager around one call: fails fast before, records the outcome after.
+
+        Entering raises :class:`~idempotask.errors.CircuitOpenError` while the breaker is
+        open; leaving records the exception (if it counts) or, for a probe, the success.
+        Exceptions always propagate. This is the hook for wrappers::
+
+            with breaker.guard():
+                return func(*args, **kwargs)
+        """
+        return BreakerGuard(self)
+
+    def aguard(self) -> AsyncBreakerGuard:
+        """The async :meth:`guard`, for ``async with`` (store I/O is awaited).
+
+        >>> async def fetch() -> None:
+        ...     async with breaker.aguard():  # doctest: +SKIP
+        ...         await client.get(url)
+        """
+        return AsyncBreakerGuard(self)
+
+    def call(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``fn(*args, **kwargs)`` through the breaker (for ``async def``: :meth:`acall`).
+
+        >>> CircuitBreaker("math").call(pow, 2, 10)
+        1024
+        """
+        with BreakerGuard(self):
+            return fn(*args, **kwargs)
+
+    async def acall(
+        self, fn: Callable[_P, Awaitable[_T]], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Await ``fn(*args, **kwargs)`` through the breaker.
+
+        >>> await breaker.acall(client.get, url)  # doctest: +SKIP
+        """
+        async with AsyncBreakerGuard(self):
+            return await fn(*args, **kwargs)
+
+    def __call__(self, fn: _F) -> _F:
+        """Decorate a function (sync or ``async def``) so every call goes through the breaker.
+
+        >>> @CircuitBreaker("inventory")
+        ... def stock(sku: str) -> int:
+        ...     return 3
+        >>> stock("A-1")
+        3
+        """
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async with AsyncBreakerGuard(self):
+                    return await fn(*args, **kwargs)
+
+            return cast(_F, async_wrapper)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with BreakerGuard(self):
+                return fn(*args, **kwargs)
+
+        return cast(_F, wrapper)
+
+    def __enter__(self) -> CircuitBreaker:
+        """``with breaker:`` guards the block like :meth:`guard`."""
+        probe = self._enter()
+        _entered.set((*_entered.get(), (self, probe)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(self._pop_entered(), exc)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        """``async with breaker:`` guards the block like :meth:`aguard`."""
+        probe = await self._aenter()
+        _entered.set((*_entered.get(), (self, probe)))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._aexit(self._pop_entered(), exc)
+
+    def current(self) -> BreakerState:
+        """Read the shared state from the store (one round trip) and refresh the local view.
+
+        Store errors propagate here (:class:`~idempotask.errors.BackendError`).
+
+        >>> CircuitBreaker("reports").current().status.value
+        'closed'
+        """
+        state = self._store_now().state(self._name)
+        self._learn(state, _Op.STATE, self._clock())
+        return state
+
+    async def acurrent(self) -> BreakerState:
+        """Async :meth:`current`."""
+        state = await self._store_now().astate(self._name)
+        self._learn(state, _Op.STATE, self._clock())
+        return state
+
+    def reset(self) -> None:
+        """Force the breaker closed, in the store and locally (failures forgotten).
+
+        Other processes keep failing fast until their cached open period ends.
+
+        >>> CircuitBreaker("reports").reset()
+        """
+        self._store_now().reset(self._name)
+        self._forget()
+
+    async def areset(self) -> None:
+        """Async :meth:`reset`."""
+        await self._store_now().areset(self._name)
+        self._forget()
+
+    # ---------------------------------------------------------- the decision core
+
+    def _enter(self) -> bool:
+        """Admit one call (sync); True when it is the probe."""
+        op = self._before(self._clock())
+        return False if op is None else self._drive(self._admit(op))
+
+    async def _aenter(self) -> bool:
+        op = self._before(self._clock())
+        return False if op is None else await self._adrive(self._admit(op))
+
+    def _exit(self, probe: bool, exc: BaseException | None) -> None:
+        """Record one call's outcome (sync); never raises."""
+        op = self._after(probe, exc)
+        if op is not None:
+            try:
+                self._drive(self._record(op, probe))
+            except Exception:
+                self._record_crashed(op, probe)
+
+    async def _aexit(self, probe: bool, exc: BaseException | None) -> None:
+        op = self._after(probe, exc)
+        if op is not None:
+            try:
+                await self._adrive(self._record(op, probe))
+            except Exception:
+                self._record_crashed(op, probe)
+
+    def _record_crashed(self, op: _Op, probe: bool) -> None:
+        # Not a BackendError (those are handled in _record): a store that cannot be built,
+        # a broken third-party store. The call's own outcome must still win.
+        if probe:
+            self._release_probe()
+        logger.exception("circuit breaker %r: %s failed", self._name, op.value)
+
+    def _before(self, now: float) -> _Op | None:
+        """The store operation needed before a call, or None to run it; fails fast."""
+        open_until = self._open_until
+        if open_until is None:
+            # The hot path reads without the lock: a stale value at worst repeats or delays
+            # one cheap state read by a moment.
+            if (now < self._next_check and self._known) or now < self._quiet_until:
+                return None
+            with self._lock:
+                if now < self._next_check and self._known:
+                    return None  # another thread claimed this check
+                self._next_check = now + self._interval
+            return _Op.STATE
+        if now < open_until:
+            raise CircuitOpenError(self._name, open_until - now)
+        with self._lock:
+            return self._claim_probe(now)
+
+    def _claim_probe(self, now: float) -> _Op | None:
+        """Under the lock: ask the store for the probe, unless this process already is."""
+        if now < self._probe_until:
+            raise CircuitOpenError(self._name, min(self._probe_until - now, self._interval))
+        if now < self._quiet_until:
+            return None  # the store is failing; "allow" lets the call through
+        self._probe_until = now + self._probe_lease
+        return _Op.PROBE
+
+    def _admit(self, op: _Op) -> _Steps[bool]:
+        """Ask the store before a call: at most a state read, then a probe request."""
+        while True:
+            try:
+                state = yield op
+            except BackendError as exc:
+                if op is _Op.PROBE:
+                    self._release_probe()
+                self._store_failed(exc, op)
+                if self._on_store_error == "raise":
+                    raise
+                return False
+            now = self._clock()
+            with self._lock:
+                wait = self._learn_locked(state, op, now)
+                if op is _Op.PROBE and state.probe:
+                    return True
+                if state.status is BreakerStatus.CLOSED:
+                    return False
+                if op is _Op.STATE and wait is None:
+                    # Half-open with the probe free: ask for it right away.
+                    next_op = self._claim_probe(now)
+                    if next_op is None:
+                        return False
+                    op = next_op
+                    continue
+            raise CircuitOpenError(self._name, wait or 0.0)
+
+    def _after(self, probe: bool, exc: BaseException | None) -> _Op | None:
+        """The store operation that records a call's outcome, or None (nothing to share)."""
+        if exc is None:
+            if not probe:
+                return None  # the hot path: a success in the closed state writes nothing
+            op = _Op.SUCCESS
+        elif not isinstance(exc, Exception) or isinstance(exc, AlreadyInProgress):
+            # Cancellation, KeyboardInterrupt, work running elsewhere: no verdict on the
+            # dependency. A probe is released locally; its store lease runs out.
+            if probe:
+                self._release_probe()
+            return None
+        elif self._counts(exc):
+            op = _Op.FAILURE
+        elif probe:
+            op = _Op.SUCCESS  # the dependency answered, if with an error that is not its fault
+        else:
+            return None
+        if self._clock() < self._quiet_until:
+            if probe:
+                self._release_probe()
+            return None
+        return op
+
+    def _record(self, op: _Op, probe: bool) -> _Steps[None]:
+        try:
+            state = yield op
+        except BackendError as exc:
+            # The call's own outcome must win: log, never raise from here.
+            self._store_failed(exc, op)
+            if probe:
+                self._release_probe()
+            return
+        now = self._clock()
+        with self._lock:
+            if probe:
+                self._probe_until = -math.inf
+            self._learn_locked(state, op, now)
+        if state.changed:
+            self._log_transition(state, op, probe)
+
+    def _learn(self, state: BreakerState, op: _Op, now: float) -> None:
+        with self._lock:
+            self._learn_locked(state, op, now)
+
+    def _learn_locked(self, state: BreakerState, op: _Op, now: float) -> float | None:
+        """Cache what the store said; returns seconds to fail fast for (None: may run/probe)."""
+        self._next_check = now + self._interval
+        self._known = True
+        was_open = self._open_until is not None
+        wait: float | None
+        if state.status is BreakerStatus.CLOSED:
+            self._open_until = None
+            wait = None
+        elif state.status is BreakerStatus.OPEN:
+            wait = state.retry_after
+            self._open_until = now + wait
+        elif state.probe:
+            self._open_until = now  # our probe; _probe_until keeps our other callers out
+            wait = None
+        elif state.retry_after > 0:
+            # Another caller's probe is in flight: look again within check_interval, so its
+            # success is learnt soon rather than at the end of its lease.
+            wait = min(state.retry_after, self._interval)
+            self._open_until = now + wait
+        else:
+            self._open_until = now  # half-open, probe free: the next call asks for it
+            wait = None
+        if op is _Op.PROBE and not state.probe:
+            self._probe_until = -math.inf
+        if not state.changed and was_open != (self._open_until is not None):
+            logger.debug(
+                "circuit breaker %r: learnt from the store that it is %s",
+                self._name,
+                state.status.value,
+            )
+        return wait
+
+    def _release_probe(self) -> None:
+        with self._lock:
+            self._probe_until = -math.inf
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._open_until = None
+            self._probe_until = -math.inf
+            self._next_check = self._clock() + self._interval
+
+    def _counts(self, exc: BaseException) -> bool:
+        try:
+            return self._counts_as_failure(exc)
+        except Exception:
+            # A broken predicate must not replace the caller's exception; counting errs on
+            # the side of protecting the dependency.
+            logger.warning(
+                "circuit breaker %r: the failure predicate raised; counting %s as a failure",
+                self._name,
+                type(exc).__name__,
+                exc_info=True,
+            )
+            return True
+
+    def _store_failed(self, exc: BackendError, op: _Op) -> None:
+        if self._on_store_error == "allow":
+            with self._lock:
+                self._quiet_until = self._clock() + (
+                    self._interval if math.isfinite(self._interval) else 1.0
+                )
+            logger.warning(
+                "circuit breaker %r: its store failed during %s (%s); calls run unguarded for now",
+                self._name,
+                op.value,
+                exc,
+            )
+        else:
+            logger.warning(
+                "circuit breaker %r: its store failed during %s: %s", self._name, op.value, exc
+            )
+
+    def _log_transition(self, state: BreakerState, op: _Op, probe: bool) -> None:
+        if state.status is BreakerStatus.CLOSED:
+            logger.warning("circuit breaker %r closed: the probe call succeeded", self._name)
+        elif op is _Op.FAILURE and state.failures == 0:
+            logger.warning(
+                "circuit breaker %r opened again: %s failed; failing fast for %.3gs",
+                self._name,
+                "the probe call" if probe else "a call while half-open",
+                state.retry_after,
+            )
+        else:
+            logger.warning(
+                "circuit breaker %r opened after %d failures within %.3gs; failing fast for %.3gs",
+                self._name,
+                state.failures,
+                self._window,
+                state.retry_after,
+            )
+
+    def _pop_entered(self) -> bool:
+        stack = _entered.get()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self:
+                _entered.set(stack[:i] + stack[i + 1 :])
+                return stack[i][1]
+        return False
+
+    # ------------------------------------------------------------- the drivers
+
+    def _drive(self, steps: _Steps[_T]) -> _T:
+        """Run decision steps with sync store I/O."""
+        try:
+            op = next(steps)
+            while True:
+                try:
+                    state = self._io(op)
+                except BackendError as exc:
+                    op = steps.throw(exc)
+                else:
+                    op = steps.send(state)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+
+    async def _adrive(self, steps: _Steps[_T]) -> _T:
+        """Run decision steps with async store I/O."""
+        try:
+            op = next(steps)
+            while True:
+                try:
+                    state = await self._aio(op)
+                except BackendError as exc:
+                    op = steps.throw(exc)
+                else:
+                    op = steps.send(state)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+
+    def _io(self, op: _Op) -> BreakerState:
+        store = self._store_now()
+        if op is _Op.STATE:
+            return store.state(self._name)
+        if op is _Op.PROBE:
+            return store.try_probe(self._name, uuid.uuid4().hex, lease=self._probe_lease)
+        if op is _Op.SUCCESS:
+            return store.record_success(self._name)
+        return store.record_failure(
+            self._name, threshold=self._threshold, window=self._window, open_for=self._recovery
+        )
+
+    async def _aio(self, op: _Op) -> BreakerState:
+        store = self._store_now()
+        if op is _Op.STATE:
+            return await store.astate(self._name)
+        if op is _Op.PROBE:
+            return await store.atry_probe(self._name, uuid.uuid4().hex, lease=self._probe_lease)
+        if op is _Op.SUCCESS:
+            return await store.arecord_success(self._name)
+        return await store.arecord_failure(
+            self._name, threshold=self._threshold, window=self._window, open_for=self._recovery
+        )
+
+    def _store_now(self) -> BreakerStore:
+        if self._store is not None:
+            return self._store
+        from idempotask import config
+
+        resolved = self._resolved
+        if resolved is not None and resolved[0] == config.generation:
+            return resolved[1]
+        generation = config.generation
+        store = store_for_backend(config.get_backend(), namespace=config.settings().namespace)
+        self._resolved = (generation, store)
+        return store
+
+
+class BreakerGuard:
+    """One guarded call: ``with breaker.guard(): ...`` (see :meth:`CircuitBreaker.guard`).
+
+    ``probe`` tells, inside the block, whether this call is the half-open probe.
+    """
+
+    __slots__ = ("_breaker", "probe")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+        self.probe = False
+
+    def __enter__(self) -> BreakerGuard:
+        self.probe = self._breaker._enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._breaker._exit(self.probe, exc)
+
+
+class AsyncBreakerGuard:
+    """One guarded async call: ``async with breaker.aguard(): ...`` (see ``aguard``)."""
+
+    __slots__ = ("_breaker", "probe")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+        self.probe = False
+
+    async def __aenter__(self) -> AsyncBreakerGuard:
+        self.probe = await self._breaker._aenter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._breaker._aexit(self.probe, exc)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _failure_test(value: Iterable[FailureKind | str] | FailurePredicate) -> FailurePredicate:
+    """A predicate for ``failure_kinds``: kinds are looked up through the classifier."""
+    if isinstance(value, (str, FailureKind)):
+        value = (value,)
+    if callable(value) and not isinstance(value, type):  # the FailureKind class is iterable
+        return value
+    try:
+        kinds = frozenset(check_kind("failure_kinds", kind) for kind in cast(Iterable[Any], value))
+    except TypeError:
+        raise ConfigurationError(
+            f"failure_kinds: expected FailureKinds or a predicate exc -> bool, got {value!r}"
+        ) from None
+    # classify() at call time, so failure kinds registered later apply.
+    return lambda exc: classify(exc).kind in kinds
+
+
+def store_for_backend(backend: object, *, namespace: str = "idempotask") -> BreakerStore:
+    """The breaker store that goes with an idempotency backend (used for ``store=None``).
+
+    A backend with a ``breaker_store()`` method decides itself; a ``RedisBackend`` gets a
+    ``RedisBreakerStore`` on the same clients, keys under ``namespace``; the memory backend
+    gets one process-wide ``MemoryBreakerStore``.
+
+    >>> from idempotask.backends.memory import MemoryBackend
+    >>> type(store_for_backend(MemoryBackend())).__name__
+    'MemoryBreakerStore'
+    """
+    global _default_memory_store
+    own = getattr(backend, "breaker_store", None)
+    if callable(own):
+        store = own()
+        if not isinstance(store, BreakerStore):
+            raise ConfigurationError(
+                f"{type(backend).__name__}.breaker_store() returned {type(store).__name__}, "
+                "not a BreakerStore"
+            )
+        return store
+    # Look the Redis module up rather than import it: a backend cannot be a RedisBackend
+    # unless that module (and the redis driver) is loaded already.
+    redis_module = sys.modules.get("idempotask.backends.redis")
+    if redis_module is not None and isinstance(backend, redis_module.RedisBackend):
+        redis_store: BreakerStore = redis_module.RedisBreakerStore(backend, prefix=namespace)
+        return redis_store
+    from idempotask.backends.memory import MemoryBackend, MemoryBreakerStore
+
+    if isinstance(backend, MemoryBackend):
+        with _default_memory_lock:
+            if _default_memory_store is None:
+                _default_memory_store = MemoryBreakerStore()
+            return _default_memory_store
+    raise ConfigurationError(
+        f"CircuitBreaker: no breaker store goes with a {type(backend).__name__} yet; pass "
+        "store= (MemoryBreakerStore for one process, RedisBreakerStore to share)"
+    )
+
+
+# --------------------------------------------------------------------------- fork
+
+# Every live breaker, so a forked child can replace locks a parent thread held at fork().
+_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_registry_lock = threading.Lock()
+
+
+def _before_fork() -> None:
+    _registry_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _registry_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for breaker in list(_breakers):
+        breaker._lock = threading.Lock()
+        # A probe the parent was running is not the child's to report.
+        breaker._probe_until = -math.inf
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

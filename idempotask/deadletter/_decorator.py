@@ -1,0 +1,476 @@
+"""``@dead_letter``: record a function's failures before they propagate."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from types import CodeType
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
+
+from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.errors import CachedFailure, ConfigurationError, IdempotaskError
+from idempotask.keys import _check_name, default_name
+from idempotask.retry import InCallRetry, RetryPolicy
+from idempotask.taxonomy import Classifier, FailureKind
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+from idempotask.deadletter._core import (
+    _NOT_DEAD_LETTERED,
+    Flow,
+    Hook,
+    _adrive,
+    _arguments_payload,
+    _check_classifier,
+    _check_hook,
+    _check_policies,
+    _drive,
+    _fire,
+)
+from idempotask.deadletter._queue import DeadLetterQueue, default_queue
+from idempotask.deadletter._replay import _register, _Registration, _Replay, _replaying
+
+log = logging.getLogger("idempotask")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+T = TypeVar("T")
+_S = TypeVar("_S")
+_P2 = ParamSpec("_P2")
+
+# ----------------------------------------------------------------------------------------
+# The decorator
+# ----------------------------------------------------------------------------------------
+
+_MARKER = "__idempotask_dead_letter__"
+
+
+class DeadLetterFunction(Protocol[P, R_co]):
+    """What ``@dead_letter`` returns: the function, recording its failures.
+
+    ``dead_letter_name`` is the name its letters carry and replays look up.
+    """
+
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]:
+        """The decorated function (an ``@idempotent`` one, or plain)."""
+        ...
+
+    @property
+    def dead_letter_name(self) -> str:
+        """The replay name."""
+        ...
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:
+        """This function with the inner ``@idempotent``'s per-call explicit ``key`` (an
+        Idempotency-Key header) and/or ``owner`` (a task id), failures still recorded.
+
+        A letter recorded under an explicit key keeps that key, so the processor resolves
+        it if the call completed meanwhile; a replay itself runs under the key of the
+        stored arguments.
+        """
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
+
+    @overload
+    def __get__(
+        self: DeadLetterFunction[Concatenate[_S, _P2], R_co],
+        instance: _S,
+        owner: type[Any] | None = None,
+    ) -> Callable[_P2, R_co]: ...
+
+
+def _bind(
+    reg: _Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    if reg.signature is None:
+        return None
+    try:
+        bound = reg.signature.bind(*args, **kwargs)
+    except TypeError:
+        return None  # the call itself was wrong; the TypeError is the letter
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _redacted(reg: _Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    arguments = _bind(reg, args, kwargs)
+    if arguments is None:
+        return b""
+    if reg.redact is not None:
+        try:
+            kept: object = reg.redact(dict(arguments))
+        except Exception:
+            # Keeping the unredacted arguments could store a secret: keep nothing.
+            log.exception("idempotask: the redact hook of %s raised; no arguments kept", reg.name)
+            return b""
+        if not isinstance(kept, Mapping):
+            log.error(
+                "idempotask: the redact hook of %s returned %s, not a mapping; no arguments kept",
+                reg.name,
+                type(kept).__name__,
+            )
+            return b""
+        arguments = dict(kept)
+    return _arguments_payload(arguments)
+
+
+def _failure_flow(
+    reg: _Registration,
+    error: Exception,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    explicit: str | None = None,
+) -> Flow[DeadLetter | None]:
+    """Record a failed call; never raises (the caller's exception must propagate)."""
+    try:
+        queue = reg.queue if reg.queue is not None else default_queue()
+        key = ""
+        if reg.spec is not None:
+            try:
+                key = reg.spec.key(args, kwargs, explicit)
+            except Exception:
+                key = ""  # the key itself failed to build: the letter says why
+        letter = yield from queue._record_flow(
+            reg.name,
+            error,
+            arguments=_redacted(reg, args, kwargs),
+            key=key,
+            route="",
+            critical=reg.critical,
+            classifier=reg.classifier,
+            policies=reg.policies,
+            replay_of=None,
+            now=queue._now(None),
+        )
+    except Exception:
+        # SpoolError was logged with the letter; anything else is a bug of ours.
+        log.exception("idempotask: could not record the failure of %s", reg.name)
+        return None
+    _fire(reg.on_dead_letter, letter, "on_dead_letter")
+    if letter.status is Status.ABANDONED:
+        _fire(reg.on_retry_exhausted, letter, "on_retry_exhausted")
+    return letter
+
+
+def _dead_letterable(reg: _Registration, error: BaseException) -> bool:
+    """Whether this failure gets a letter: an ``Exception`` that is not a conflict, and
+    not a duplicate answered by a cached error (the first failure's letter covers it)."""
+    if not isinstance(error, Exception) or isinstance(error, _NOT_DEAD_LETTERED):
+        return False
+    return reg.body_code is None or not _answered_from_cache(reg.body_code, error)
+
+
+def _answered_from_cache(body_code: CodeType, error: Exception) -> bool:
+    """True for an error ``@idempotent(cache_errors=...)`` rebuilt from its store.
+
+    The body raised it if one of its frames is in the traceback; a cached error is raised
+    from the idempotency layer alone. idempotask's own errors (a store outage at claim
+    time...) never come from the cache, except :class:`CachedFailure`.
+    """
+    if isinstance(error, IdempotaskError) and not isinstance(error, CachedFailure):
+        return False
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is body_code:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+def _claim_replay(name: str) -> contextvars.Token[_Replay | None] | None:
+    """If this call is the processor's replay of ``name``, take the marker (so nested
+    dead-letter functions record normally) and return the token to restore it."""
+    current = _replaying.get()
+    if current is None or current.entered or current.name != name:
+        return None
+    current.entered = True
+    return _replaying.set(None)
+
+
+def _wrap(func: Any, options: dict[str, Any]) -> Any:
+    if isinstance(func, (staticmethod, classmethod)):
+        return type(func)(_wrap(func.__func__, options))
+    if not callable(func):
+        raise ConfigurationError(f"@dead_letter: expected a function, got {func!r}")
+    if hasattr(func, _MARKER):
+        raise ConfigurationError(
+            f"@dead_letter is applied twice to {getattr(func, '__qualname__', func)!r}; "
+            "each failure would be recorded twice"
+        )
+    spec = getattr(func, "__idempotask_spec__", None)
+    name = options["name"]
+    if name is None:
+        name = spec.name if spec is not None else default_name(func)
+    name = _check_name(name)
+    queue = options["queue"]
+    if queue is not None and not isinstance(queue, DeadLetterQueue):
+        raise ConfigurationError(f"queue: expected a DeadLetterQueue, got {queue!r}")
+    is_async = inspect.iscoroutinefunction(func)
+    try:
+        signature: inspect.Signature | None = inspect.signature(func)
+    except (TypeError, ValueError):
+        signature = None
+    swallow = bool(options["swallow"])
+    reg = _Registration(
+        name=name,
+        owner=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}",
+        func=func,
+        call=func,  # replaced by the wrapper below
+        is_async=is_async,
+        signature=signature,
+        spec=spec,
+        queue=queue,
+        redact=_check_hook("redact", options["redact"]),
+        classifier=_check_classifier(options["classifier"]),
+        policies=_check_policies(options["policies"]),
+        retry=None,
+        swallow=swallow,
+        critical=bool(options["critical"]),
+        on_dead_letter=_check_hook("on_dead_letter", options["on_dead_letter"]),
+        on_retry_exhausted=_check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
+    )
+    if spec is not None and getattr(spec.options, "cache_errors", None) is not None:
+        reg.body_code = getattr(spec.func, "__code__", None)
+    reg.retry = _check_retry(options["retry"], reg.classifier)
+    wrapper = functools.wraps(func)(_recording(reg, func, None))
+    reg.call = wrapper
+    _register(reg)
+    w: Any = wrapper
+    setattr(w, _MARKER, reg)
+    w.dead_letter_name = name
+    w.using = functools.partial(_using, reg, func)
+    return w
+
+
+def _recording(reg: _Registration, call: Callable[..., Any], explicit: str | None) -> Any:
+    """``call`` wrapped so that a failure is recorded before it propagates.
+
+    ``explicit`` is the per-call idempotency key given to ``using(key=...)``, if any.
+    """
+    # In-call retries sit inside the recording: only their last failure is dead-lettered.
+    # (Under @idempotent(cache_errors=...) a retry would meet the cached error: leave
+    # retry= off there.)
+    inner: Callable[..., Any] = call if reg.retry is None else reg.retry.wrap(call)
+    name, swallow = reg.name, reg.swallow
+
+    if reg.is_async:
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            token = _claim_replay(name)
+            if token is not None:
+                # A replay: the processor records the outcome on the letter itself.
+                try:
+                    return await inner(*args, **kwargs)
+                finally:
+                    _replaying.reset(token)
+            try:
+                return await inner(*args, **kwargs)
+            except Exception as exc:
+                if not _dead_letterable(reg, exc):
+                    raise
+                await _adrive(_failure_flow(reg, exc, args, kwargs, explicit))
+                if swallow:
+                    return None
+                raise
+
+        return async_wrapper
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _claim_replay(name)
+        if token is not None:
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _replaying.reset(token)
+        try:
+            return inner(*args, **kwargs)
+        except Exception as exc:
+            if not _dead_letterable(reg, exc):
+                raise
+            _drive(_failure_flow(reg, exc, args, kwargs, explicit))
+            if swallow:
+                return None
+            raise
+
+    return wrapper
+
+
+def _using(
+    reg: _Registration, func: Any, *, key: str | None = None, owner: str | None = None
+) -> Any:
+    """``fn.using(key=..., owner=...)`` through the recording: the inner ``@idempotent``
+    function's per-call key and owner, with failures still dead-lettered."""
+    if reg.spec is None or not callable(getattr(func, "using", None)):
+        if key is not None:
+            raise ConfigurationError(
+                f"{reg.name}: using(key=...) needs @idempotent under @dead_letter"
+            )
+        return reg.call
+    bound = func.using(key=key, owner=owner)
+    if not reg.is_async:
+        return functools.wraps(func)(_recording(reg, bound, key))
+
+    # A coroutine function, so that in-call retries see an async callable.
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await bound(*args, **kwargs)
+
+    return functools.wraps(func)(_recording(reg, call, key))
+
+
+def _check_retry(retry: Any, classifier: Classifier | None) -> InCallRetry | None:
+    """``retry=``: None/False (off), True (the defaults), a number of attempts, or an
+    :class:`~idempotask.retry.InCallRetry`."""
+    if retry is None or retry is False:
+        return None
+    if isinstance(retry, InCallRetry):
+        return retry
+    if retry is True:
+        return InCallRetry(classifier=classifier)
+    if isinstance(retry, int):
+        return InCallRetry(attempts=retry, classifier=classifier)
+    raise ConfigurationError(
+        f"retry: expected True, a number of attempts or an idempotask.retry.InCallRetry, "
+        f"got {retry!r}"
+    )
+
+
+@overload
+def dead_letter(func: Callable[P, R], /) -> DeadLetterFunction[P, R]: ...
+
+
+@overload
+def dead_letter(
+    *,
+    name: str | None = None,
+    queue: DeadLetterQueue | None = None,
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    classifier: Classifier | None = None,
+    policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
+    retry: bool | int | InCallRetry | None = None,
+    swallow: Literal[False] = False,
+    critical: bool = False,
+    on_dead_letter: Hook | None = None,
+    on_retry_exhausted: Hook | None = None,
+) -> Callable[[Callable[P, R]], DeadLetterFunction[P, R]]: ...
+
+
+@overload
+def dead_letter(
+    *,
+    name: str | None = None,
+    queue: DeadLetterQueue | None = None,
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    classifier: Classifier | None = None,
+    policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
+    retry: bool | int | InCallRetry | None = None,
+    swallow: Literal[True],
+    critical: bool = False,
+    on_dead_letter: Hook | None = None,
+    on_retry_exhausted: Hook | None = None,
+) -> _Swallowing: ...
+
+
+@overload
+def dead_letter(
+    *,
+    name: str | None = None,
+    queue: DeadLetterQueue | None = None,
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    classifier: Classifier | None = None,
+    policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
+    retry: bool | int | InCallRetry | None = None,
+    swallow: bool,
+    critical: bool = False,
+    on_dead_letter: Hook | None = None,
+    on_retry_exhausted: Hook | None = None,
+) -> _Swallowing: ...
+
+
+def dead_letter(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: DeadLetterQueue | None = None,
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    classifier: Classifier | None = None,
+    policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
+    retry: bool | int | InCallRetry | None = None,
+    swallow: bool = False,
+    critical: bool = False,
+    on_dead_letter: Hook | None = None,
+    on_retry_exhausted: Hook | None = None,
+) -> Any:
+    """Record every failure of a function as a dead letter before it propagates.
+
+    Put it outside ``@idempotent`` (the other order is refused), or on a plain
+    function; sync and ``async def`` alike::
+
+        @dead_letter(critical=True, redact=lambda a: {**a, "card": "<redacted>"})
+        @idempotent(ttl=3600)
+        def charge(order_id: int, card: str) -> str: ...
+
+    On an exception (``Exception`` subclasses only: cancellation and ``KeyboardInterrupt``
+    pass through untouched, as do ``AlreadyInProgress`` and ``KeyMismatchError``), the
+    failure is classified and written to the queue's store -- or its spool if the store
+    is down -- with the arguments, the idempotency key of the inner ``@idempotent``, the
+    traceback and the next retry time from the kind's policy (ABANDONED at once when the
+    policy allows no retry, as for PERMANENT). Then the exception is re-raised.
+
+    Options:
+
+    - ``name``: the replay name letters carry (default: the inner ``@idempotent``'s
+      name, else ``module.qualname``). Two functions cannot share one.
+    - ``queue``: a :class:`DeadLetterQueue` (default: :func:`default_queue`).
+    - ``redact``: receives the bound arguments (name -> value, defaults applied) and
+      returns what to keep. **By default every argument is kept**, so drop or mask
+      secrets here. Values the JSON serializer cannot hold are stored as an
+      :class:`Unserializable` placeholder (such a letter cannot be replayed); a
+      ``redact`` that raises keeps no arguments. Recording never fails the call path.
+    - ``classifier`` / ``policies``: override the queue's for this function.
+    - ``retry``: short in-call retries of TRANSIENT failures before anything is
+      dead-lettered: ``True`` (3 attempts), a number of attempts, or an
+      :class:`~idempotask.retry.InCallRetry` (needs tenacity).
+    - ``swallow``: return None instead of raising once the failure is recorded.
+    - ``critical``: log at CRITICAL and call the alert hooks (``queue.on_alert``,
+      ``configure(on_alert=...)``) for each letter.
+    - ``on_dead_letter(letter)``: called after each new letter is written;
+      ``on_retry_exhausted(letter)``: called when the letter is ABANDONED.
+    """
+    options = {
+        "name": name,
+        "queue": queue,
+        "redact": redact,
+        "classifier": classifier,
+        "policies": policies,
+        "retry": retry,
+        "swallow": swallow,
+        "critical": critical,
+        "on_dead_letter": on_dead_letter,
+        "on_retry_exhausted": on_retry_exhausted,
+    }
+    if func is not None:
+        return _wrap(func, options)
+    return lambda f: _wrap(f, dict(options))
+
+
+class _Swallowing(Protocol):
+    """``@dead_letter(swallow=True)``: a failure returns None instead of raising."""
+
+    @overload
+    def __call__(
+        self, func: Callable[P, Coroutine[Any, Any, T]], /
+    ) -> DeadLetterFunction[P, Coroutine[Any, Any, T | None]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> DeadLetterFunction[P, R | None]: ...
