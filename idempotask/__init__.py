@@ -14,6 +14,7 @@ backend that needs them is built.
 from __future__ import annotations
 
 from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.breaker import CircuitBreaker
 from idempotask.config import Settings, configure, get_backend, settings
 from idempotask.deadletter import (
     DeadLetterFunction,
@@ -28,6 +29,7 @@ from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     CachedFailure,
+    CircuitOpenError,
     ConfigurationError,
     CorruptRecordError,
     DuplicateNameError,
@@ -49,6 +51,8 @@ __all__ = [
     "AlreadyInProgress",
     "BackendError",
     "CachedFailure",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigurationError",
     "CorruptRecordError",
     "DeadLetter",

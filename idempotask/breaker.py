@@ -938,3 +938,12 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+
+
+def check_breaker(value: Any) -> CircuitBreaker | None:
+    """Validate a ``breaker=`` option: a :class:`CircuitBreaker` or None."""
+    if value is None or isinstance(value, CircuitBreaker):
+        return value
+    raise ConfigurationError(
+        f"breaker: expected an idempotask.CircuitBreaker, got {type(value).__name__}"
+    )

@@ -47,6 +47,8 @@ from idempotask.serializers import Serializer, dump_exception, get_serializer, l
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
 
+    from idempotask.breaker import CircuitBreaker
+
 __all__ = ["IdempotentFunction", "idempotent"]
 
 log = logging.getLogger("idempotask")
@@ -558,9 +560,12 @@ def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
         key_args=options.pop("key_args"),
         exclude_args=options.pop("exclude_args"),
     )
+    breaker = _check_breaker(options.pop("breaker"))
     opts = _validate(name, options)
     claim_name(name, f"{func.__module__}.{func.__qualname__}")
-    spec = _Spec(func, opts, keyer)
+    # The breaker guards the body, inside the claim: an open breaker fails fast and the
+    # key is released like after any failure.
+    spec = _Spec(func if breaker is None else breaker(func), opts, keyer)
     is_async = inspect.iscoroutinefunction(func)
 
     if is_async:
@@ -583,6 +588,12 @@ def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
     w.forget_key = lambda key, *, force=False: _forget_key(spec, key, force)
     w.using = lambda *, key=None, owner=None: _BoundCall(spec, is_async, key, owner or "")
     return w
+
+
+def _check_breaker(breaker: Any) -> Any:
+    from idempotask.breaker import check_breaker  # imported only when a breaker is given
+
+    return None if breaker is None else check_breaker(breaker)
 
 
 def _validate(name: str, o: dict[str, Any]) -> Options:
@@ -637,6 +648,7 @@ def idempotent(
     backend: Backend | str | None = None,
     serializer: Serializer | str | None = None,
     on_backend_error: Literal["raise", "open"] | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
 
 
@@ -656,6 +668,7 @@ def idempotent(
     backend: Backend | str | None = None,
     serializer: Serializer | str | None = None,
     on_backend_error: Literal["raise", "open"] | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> Any:
     """Make a function idempotent: the same logical call within ``ttl`` runs once.
 
@@ -688,6 +701,8 @@ def idempotent(
       ``dumps`` / ``loads``.
     - ``on_backend_error``: ``"raise"`` (fail closed, default) or ``"open"`` (run
       unprotected when the store is down, loudly logged).
+    - ``breaker``: a :class:`idempotask.CircuitBreaker` guarding the body; while it is
+      open, calls fail fast with :class:`idempotask.CircuitOpenError` and release the key.
     """
     options = {
         "ttl": ttl,
@@ -702,6 +717,7 @@ def idempotent(
         "backend": backend,
         "serializer": serializer,
         "on_backend_error": on_backend_error,
+        "breaker": breaker,
     }
     if key is not None and not callable(key):
         raise ConfigurationError(

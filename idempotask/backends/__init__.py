@@ -32,6 +32,12 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "redis": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
     "rediss": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
     "unix": ("idempotask.backends.redis:RedisBackend.from_url", "redis"),
+    # Redis first, another store during an outage: the Redis URL with "fallback+" before
+    # its scheme and ?secondary=<percent-encoded URL> (see idempotask.backends.fallback).
+    # No extra: the two stores' own factories name what they need.
+    "fallback+redis": ("idempotask.backends.fallback:FallbackBackend.from_url", ""),
+    "fallback+rediss": ("idempotask.backends.fallback:FallbackBackend.from_url", ""),
+    "fallback+unix": ("idempotask.backends.fallback:FallbackBackend.from_url", ""),
 }
 # SQLAlchemy dialect names; a URL's scheme is "dialect" or "dialect+driver".
 _SQL_DIALECTS = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
@@ -78,6 +84,11 @@ def _resolve(target: str, extra: str) -> BackendFactory:
 def backend_from_url(url: str) -> Backend:
     """Build a backend from a URL: ``memory://``, ``redis://host:6379/0``,
     ``postgresql+psycopg://...``, ``sqlite:///path.db``, or a registered scheme.
+
+    Redis first with a SQL store during outages is the Redis URL with ``fallback+`` before
+    its scheme and the other store's URL, percent-encoded whole, as ``secondary``:
+    ``fallback+redis://host:6379/0?secondary=postgresql%2Bpsycopg%3A%2F%2Fapp%40db%2Fapp``
+    (:func:`idempotask.backends.fallback.fallback_url` builds it).
 
     An unknown scheme is a :class:`ConfigurationError` listing the known ones; a missing
     driver is a :class:`MissingDependencyError` naming the extra to install.

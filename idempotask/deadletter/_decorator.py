@@ -19,6 +19,8 @@ from idempotask.taxonomy import Classifier, FailureKind
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from idempotask.breaker import CircuitBreaker
+
 from idempotask.deadletter._core import (
     _NOT_DEAD_LETTERED,
     Flow,
@@ -238,6 +240,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         critical=bool(options["critical"]),
         on_dead_letter=_check_hook("on_dead_letter", options["on_dead_letter"]),
         on_retry_exhausted=_check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
+        breaker=_check_breaker(options["breaker"]),
     )
     if spec is not None and getattr(spec.options, "cache_errors", None) is not None:
         reg.body_code = getattr(spec.func, "__code__", None)
@@ -260,7 +263,9 @@ def _recording(reg: _Registration, call: Callable[..., Any], explicit: str | Non
     # In-call retries sit inside the recording: only their last failure is dead-lettered.
     # (Under @idempotent(cache_errors=...) a retry would meet the cached error: leave
     # retry= off there.)
-    inner: Callable[..., Any] = call if reg.retry is None else reg.retry.wrap(call)
+    # The breaker guards each attempt, so in-call retries stop as soon as it opens.
+    guarded: Callable[..., Any] = call if reg.breaker is None else reg.breaker(call)
+    inner: Callable[..., Any] = guarded if reg.retry is None else reg.retry.wrap(guarded)
     name, swallow = reg.name, reg.swallow
 
     if reg.is_async:
@@ -327,6 +332,12 @@ def _using(
     return functools.wraps(func)(_recording(reg, call, key))
 
 
+def _check_breaker(breaker: Any) -> Any:
+    from idempotask.breaker import check_breaker  # imported only when a breaker is given
+
+    return None if breaker is None else check_breaker(breaker)
+
+
 def _check_retry(retry: Any, classifier: Classifier | None) -> InCallRetry | None:
     """``retry=``: None/False (off), True (the defaults), a number of attempts, or an
     :class:`~idempotask.retry.InCallRetry`."""
@@ -361,6 +372,7 @@ def dead_letter(
     critical: bool = False,
     on_dead_letter: Hook | None = None,
     on_retry_exhausted: Hook | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> Callable[[Callable[P, R]], DeadLetterFunction[P, R]]: ...
 
 
@@ -377,6 +389,7 @@ def dead_letter(
     critical: bool = False,
     on_dead_letter: Hook | None = None,
     on_retry_exhausted: Hook | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> _Swallowing: ...
 
 
@@ -393,6 +406,7 @@ def dead_letter(
     critical: bool = False,
     on_dead_letter: Hook | None = None,
     on_retry_exhausted: Hook | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> _Swallowing: ...
 
 
@@ -410,6 +424,7 @@ def dead_letter(
     critical: bool = False,
     on_dead_letter: Hook | None = None,
     on_retry_exhausted: Hook | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> Any:
     """Record every failure of a function as a dead letter before it propagates.
 
@@ -446,6 +461,9 @@ def dead_letter(
       ``configure(on_alert=...)``) for each letter.
     - ``on_dead_letter(letter)``: called after each new letter is written;
       ``on_retry_exhausted(letter)``: called when the letter is ABANDONED.
+    - ``breaker``: a :class:`idempotask.CircuitBreaker` guarding each attempt. While it
+      is open, calls fail fast with :class:`idempotask.CircuitOpenError`, classified
+      EXTERNAL; its letter is retried later without using up an attempt.
     """
     options = {
         "name": name,
@@ -458,6 +476,7 @@ def dead_letter(
         "critical": critical,
         "on_dead_letter": on_dead_letter,
         "on_retry_exhausted": on_retry_exhausted,
+        "breaker": breaker,
     }
     if func is not None:
         return _wrap(func, options)

@@ -56,6 +56,7 @@ class _Registration:
     critical: bool
     on_dead_letter: Hook | None
     on_retry_exhausted: Hook | None
+    breaker: Any = None  # a CircuitBreaker guarding each attempt, or None
     # The code of the body under @idempotent(cache_errors=...), to tell a failure of the
     # body from a duplicate answered by its cached error; None otherwise.
     body_code: CodeType | None = None
