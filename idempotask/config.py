@@ -64,6 +64,12 @@ class Settings:
     """``"raise"`` (fail closed) or ``"open"`` (run unprotected, loudly logged)."""
     serializer: Serializer | str = "json"
     """How results are stored: ``"json"`` (typed JSON), ``"pickle"`` or an object."""
+    max_result_bytes: int = 1024 * 1024
+    """Largest serialized result stored (default 1 MiB): a bigger one is a
+    :class:`SerializationError` and the key is released. Store a reference instead."""
+    max_argument_bytes: int = 1024 * 1024
+    """Largest encoded key material (default 1 MiB): bigger arguments are a
+    :class:`KeyEncodingError`; key them by an id with ``key=`` or ``key_args=``."""
     dead_letter_store: DeadLetterStore | str | None = None
     """Where dead letters go: a store, a URL, or None for ``$IDEMPOTASK_DEAD_LETTER_URL``,
     else the idempotency backend's URL (``memory://`` by default)."""
@@ -94,6 +100,13 @@ def check_seconds(option: str, value: Any, *, allow_zero: bool = False) -> float
             f"{option}: must be a finite number of seconds {bound}, got {value!r}"
         )
     return float(value)
+
+
+def check_size(option: str, value: Any) -> int:
+    """Validate a size in bytes (a positive int); the error names the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(f"{option}: expected a positive number of bytes, got {value!r}")
+    return value
 
 
 def check_choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -170,6 +183,8 @@ def configure(
     wait_timeout: float = _UNSET,
     on_backend_error: OnBackendError = _UNSET,
     serializer: Serializer | str = _UNSET,
+    max_result_bytes: int = _UNSET,
+    max_argument_bytes: int = _UNSET,
     dead_letter_store: DeadLetterStore | str | None = _UNSET,
     spool_path: str | os.PathLike[str] | None = _UNSET,
     dead_letter_retention: float = _UNSET,
@@ -204,6 +219,10 @@ def configure(
     if serializer is not _UNSET:
         get_serializer(serializer)  # validates
         changes["serializer"] = serializer
+    if max_result_bytes is not _UNSET:
+        changes["max_result_bytes"] = check_size("max_result_bytes", max_result_bytes)
+    if max_argument_bytes is not _UNSET:
+        changes["max_argument_bytes"] = check_size("max_argument_bytes", max_argument_bytes)
     if dead_letter_store is not _UNSET:
         changes["dead_letter_store"] = check_dead_letter_store(dead_letter_store)
     if spool_path is not _UNSET:

@@ -37,6 +37,7 @@ from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     ConfigurationError,
+    KeyEncodingError,
     KeyMismatchError,
     SerializationError,
 )
@@ -99,6 +100,7 @@ class Options:
     backend: Backend | str | None
     serializer: Serializer | None
     on_backend_error: Literal["raise", "open"] | None
+    max_result_bytes: int | None = None
 
 
 class _Outcome:
@@ -129,6 +131,7 @@ class _Spec:
         self._ttl = self._lease = self._wait = 0.0
         self._fail_open = False
         self._serializer: Serializer = get_serializer(None)
+        self._max_result = self._max_argument = 0
 
     # Settings are read once per configure() generation, not once per call.
     def refresh(self) -> None:
@@ -147,6 +150,8 @@ class _Spec:
         self._wait = o.wait_timeout if o.wait_timeout is not None else s.wait_timeout
         self._fail_open = (o.on_backend_error or s.on_backend_error) == "open"
         self._serializer = o.serializer or get_serializer(s.serializer)
+        self._max_result = o.max_result_bytes or s.max_result_bytes
+        self._max_argument = s.max_argument_bytes
         self._generation = config.generation
 
     def backend(self) -> Backend:
@@ -159,10 +164,17 @@ class _Spec:
             # An explicit key (an Idempotency-Key header) is hashed too: it may be secret.
             d = digest(b"explicit:" + explicit.encode("utf-8", "surrogatepass"))
             return f"{self._namespace}:{self.name}:{KEY_VERSION}:x{d}"
-        return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.keyer.digest(args, kwargs)}"
+        return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.fingerprint(args, kwargs)}"
 
     def fingerprint(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return self.keyer.digest(args, kwargs)
+        material = self.keyer.material(args, kwargs)
+        if len(material) > self._max_argument:
+            raise KeyEncodingError(
+                f"{self.name}: the arguments encode to {len(material):,} bytes of key material, "
+                f"over max_argument_bytes={self._max_argument:,}; key the call by an id with "
+                "key= or key_args=, or raise the limit with configure(max_argument_bytes=...)"
+            )
+        return digest(material)
 
     # ----------------------------------------------------------------------------------
     # The decision core. No I/O here: every store operation, the body and every sleep
@@ -249,6 +261,14 @@ class _Spec:
                 f"{self.name} returned a value that cannot be stored, so {key} was released "
                 f"and the call is not protected: {exc}"
             ) from exc
+        if len(payload) > self._max_result:
+            yield from self._release(key, token)
+            raise SerializationError(
+                f"{self.name} returned a result of {len(payload):,} bytes, over "
+                f"max_result_bytes={self._max_result:,}, so {key} was released and the call "
+                "is not protected; store the data elsewhere and return a reference, or raise "
+                "the limit (max_result_bytes= on the decorator or in configure())"
+            )
         try:
             stored = yield _COMPLETE, (key, token, payload, self._ttl)
         except BackendError as exc:
@@ -620,6 +640,9 @@ def _validate(name: str, o: dict[str, Any]) -> Options:
         cache_errors=None if cache is None else config.check_seconds("cache_errors", cache),
         backend=config.check_backend(o["backend"]),
         serializer=None if o["serializer"] is None else get_serializer(o["serializer"]),
+        max_result_bytes=None
+        if o["max_result_bytes"] is None
+        else config.check_size("max_result_bytes", o["max_result_bytes"]),
         on_backend_error=None
         if on_backend_error is None
         else cast(
@@ -649,6 +672,7 @@ def idempotent(
     serializer: Serializer | str | None = None,
     on_backend_error: Literal["raise", "open"] | None = None,
     breaker: CircuitBreaker | None = None,
+    max_result_bytes: int | None = None,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
 
 
@@ -669,6 +693,7 @@ def idempotent(
     serializer: Serializer | str | None = None,
     on_backend_error: Literal["raise", "open"] | None = None,
     breaker: CircuitBreaker | None = None,
+    max_result_bytes: int | None = None,
 ) -> Any:
     """Make a function idempotent: the same logical call within ``ttl`` runs once.
 
@@ -703,6 +728,8 @@ def idempotent(
       unprotected when the store is down, loudly logged).
     - ``breaker``: a :class:`idempotask.CircuitBreaker` guarding the body; while it is
       open, calls fail fast with :class:`idempotask.CircuitOpenError` and release the key.
+    - ``max_result_bytes``: the largest serialized result stored (default 1 MiB, see
+      ``configure``); a bigger one is a :class:`SerializationError` and releases the key.
     """
     options = {
         "ttl": ttl,
@@ -718,6 +745,7 @@ def idempotent(
         "serializer": serializer,
         "on_backend_error": on_backend_error,
         "breaker": breaker,
+        "max_result_bytes": max_result_bytes,
     }
     if key is not None and not callable(key):
         raise ConfigurationError(

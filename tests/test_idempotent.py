@@ -856,3 +856,64 @@ def test_idempotent_may_also_sit_over_staticmethod_and_classmethod(store: Memory
     assert Rates.fetch("EUR") == Rates().fetch("EUR") == 1.5
     assert Rates.make(1) == Rates().make(1) == ("Rates", 1)
     assert calls == ["EUR", "Rates"]
+
+
+# ---------------------------------------------------------------------------- size limits
+
+
+def test_an_oversized_result_is_a_clear_error_and_releases_the_key(store: MemoryBackend) -> None:
+    attempts = 0
+
+    @idempotent(max_result_bytes=1000)
+    def export() -> str:
+        nonlocal attempts
+        attempts += 1
+        return "x" * 5000
+
+    with pytest.raises(SerializationError, match=r"max_result_bytes=1,000") as info:
+        export()
+    assert "5,00" in str(info.value)  # the size, within a few bytes of framing
+    with pytest.raises(SerializationError):
+        export()
+    assert attempts == 2  # released: nothing half-stored blocks the key
+
+
+def test_the_result_limit_comes_from_configure_by_default(store: MemoryBackend) -> None:
+    idempotask.configure(max_result_bytes=100)
+
+    @idempotent
+    def small() -> str:
+        return "ok"
+
+    @idempotent
+    def big() -> list[int]:
+        return list(range(1000))
+
+    assert small() == "ok"
+    with pytest.raises(SerializationError, match="max_result_bytes=100"):
+        big()
+
+
+def test_oversized_arguments_are_a_key_error_naming_the_fix(store: MemoryBackend) -> None:
+    idempotask.configure(max_argument_bytes=10_000)
+    calls = 0
+
+    @idempotent
+    def ingest(blob: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        return len(blob)
+
+    assert ingest(b"x" * 100) == 100
+    with pytest.raises(idempotask.KeyEncodingError, match="max_argument_bytes=10,000") as info:
+        ingest(b"x" * 50_000)
+    assert "key=" in str(info.value)
+    assert calls == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1MB"])
+def test_size_limits_are_validated(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="max_result_bytes"):
+        idempotent(max_result_bytes=bad)(lambda: None)
+    with pytest.raises(ConfigurationError, match="max_argument_bytes"):
+        idempotask.configure(max_argument_bytes=bad)
