@@ -101,6 +101,7 @@ class Options:
     serializer: Serializer | None
     on_backend_error: Literal["raise", "open"] | None
     max_result_bytes: int | None = None
+    previous_names: tuple[str, ...] = ()
 
 
 class _Outcome:
@@ -166,6 +167,13 @@ class _Spec:
             return f"{self._namespace}:{self.name}:{KEY_VERSION}:x{d}"
         return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.fingerprint(args, kwargs)}"
 
+    def previous_keys(self, key: str) -> tuple[str, ...]:
+        """The keys this call had under ``previous_names`` (same digest, older name)."""
+        if not self.options.previous_names:
+            return ()
+        tail = key[len(self._namespace) + len(self.name) + 2 :]  # "v1:digest"
+        return tuple(f"{self._namespace}:{old}:{tail}" for old in self.options.previous_names)
+
     def fingerprint(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         material = self.keyer.material(args, kwargs)
         if len(material) > self._max_argument:
@@ -185,6 +193,7 @@ class _Spec:
         self, key: str, owner: str, fingerprint: str
     ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
         token = _new_token()
+        legacy = self.previous_keys(key)
         deadline = -1.0
         poll = _POLL_FIRST
         while True:
@@ -193,7 +202,12 @@ class _Spec:
             except BackendError as exc:
                 return (yield from self._fail_open_or_raise(key, exc))
             if record.token == token and record.state is State.IN_PROGRESS:
-                break
+                if not legacy:
+                    break
+                blocker = yield from self._claim_legacy(key, legacy, token, owner, fingerprint)
+                if blocker is None:
+                    break
+                record = blocker  # a record under a previous name answers, or blocks
             if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
                 raise KeyMismatchError(
                     f"idempotency key {key} was first used for {self.name} with other "
@@ -223,11 +237,41 @@ class _Spec:
             poll = min(poll * 2, _POLL_MAX)
 
         events.emit(EventKind.CLAIMED, self.name, key)
-        outcome: _Outcome = yield _RUN, (key, token)
+        keys = (key, *legacy)
+        outcome: _Outcome = yield _RUN, (keys, token)
         if outcome.error is None:
-            return (yield from self._store_result(key, token, outcome))
-        yield from self._store_error(key, token, outcome)
+            return (yield from self._store_result(keys, token, outcome))
+        yield from self._store_error(keys, token, outcome)
         raise outcome.error
+
+    def _claim_legacy(
+        self, key: str, legacy: tuple[str, ...], token: str, owner: str, fingerprint: str
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Record | None]:
+        """During a rename, also claim the keys of the previous names.
+
+        Processes still running the old code claim only the old key, so holding it too is
+        what keeps a rolling deploy from running a call twice. Returns None when every
+        key is held, else the record under a previous name that answers or blocks this
+        call (after giving back what was taken).
+        """
+        taken = [key]
+        blocker: Record | None = None
+        for old in legacy:
+            try:
+                record: Record = yield _CLAIM, (old, token, self._lease, owner, fingerprint)
+            except BackendError:
+                for k in taken:
+                    yield from self._release(k, token)
+                raise
+            if record.token == token and record.state is State.IN_PROGRESS:
+                taken.append(old)
+                continue
+            blocker = record
+            break
+        if blocker is not None:
+            for k in taken:
+                yield from self._release(k, token)
+        return blocker
 
     def _fail_open_or_raise(
         self, key: str, exc: BackendError
@@ -251,33 +295,39 @@ class _Spec:
         return outcome.value
 
     def _store_result(
-        self, key: str, token: str, outcome: _Outcome
+        self, keys: tuple[str, ...], token: str, outcome: _Outcome
     ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+        key = keys[0]
         try:
             payload = self._serializer.dumps(outcome.value)
         except SerializationError as exc:
-            yield from self._release(key, token)
+            yield from self._release_all(keys, token)
             raise SerializationError(
                 f"{self.name} returned a value that cannot be stored, so {key} was released "
                 f"and the call is not protected: {exc}"
             ) from exc
         if len(payload) > self._max_result:
-            yield from self._release(key, token)
+            yield from self._release_all(keys, token)
             raise SerializationError(
                 f"{self.name} returned a result of {len(payload):,} bytes, over "
                 f"max_result_bytes={self._max_result:,}, so {key} was released and the call "
                 "is not protected; store the data elsewhere and return a reference, or raise "
                 "the limit (max_result_bytes= on the decorator or in configure())"
             )
-        try:
-            stored = yield _COMPLETE, (key, token, payload, self._ttl)
-        except BackendError as exc:
-            # The body ran; raising would make a framework run it again. The result is
-            # returned, and the claim expires with its lease.
-            log.error("idempotask: could not store the result of %s (%s): %s", self.name, key, exc)
-            events.emit(EventKind.BACKEND_ERROR, self.name, key, error=type(exc).__name__)
-            return outcome.value
-        if stored:
+        stored_all = True
+        for k in keys:
+            try:
+                stored = yield _COMPLETE, (k, token, payload, self._ttl)
+            except BackendError as exc:
+                # The body ran; raising would make a framework run it again. The result
+                # is returned, and the claim expires with its lease.
+                log.error(
+                    "idempotask: could not store the result of %s (%s): %s", self.name, k, exc
+                )
+                events.emit(EventKind.BACKEND_ERROR, self.name, k, error=type(exc).__name__)
+                return outcome.value
+            stored_all = stored_all and bool(stored)
+        if stored_all:
             events.emit(EventKind.COMPLETED, self.name, key, duration=outcome.duration)
         elif not outcome.lost:
             lease.report_lost(
@@ -289,32 +339,33 @@ class _Spec:
         return outcome.value
 
     def _store_error(
-        self, key: str, token: str, outcome: _Outcome
+        self, keys: tuple[str, ...], token: str, outcome: _Outcome
     ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+        key = keys[0]
         error = outcome.error
         assert error is not None
         ttl = self.options.cache_errors
-        if ttl is None or not isinstance(error, Exception):
-            # Failures and cancellations (CancelledError, KeyboardInterrupt...) release.
-            events.emit(
-                EventKind.FAILED,
-                self.name,
-                key,
-                duration=outcome.duration,
-                error=type(error).__name__,
-            )
-            yield from self._release(key, token)
-            return
-        try:
-            payload = dump_exception(error)
-            if not (yield _FAIL, (key, token, payload, ttl)) and not outcome.lost:
-                lease.report_lost(self.name, key, "the key was taken over while the body ran")
-        except (BackendError, SerializationError) as exc:
-            log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
-            yield from self._release(key, token)
         events.emit(
             EventKind.FAILED, self.name, key, duration=outcome.duration, error=type(error).__name__
         )
+        if ttl is None or not isinstance(error, Exception):
+            # Failures and cancellations (CancelledError, KeyboardInterrupt...) release.
+            yield from self._release_all(keys, token)
+            return
+        try:
+            payload = dump_exception(error)
+            for k in keys:
+                if not (yield _FAIL, (k, token, payload, ttl)) and not outcome.lost:
+                    lease.report_lost(self.name, k, "the key was taken over while the body ran")
+        except (BackendError, SerializationError) as exc:
+            log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
+            yield from self._release_all(keys, token)
+
+    def _release_all(
+        self, keys: tuple[str, ...], token: str
+    ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+        for k in keys:
+            yield from self._release(k, token)
 
     def _release(self, key: str, token: str) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
         try:
@@ -394,9 +445,9 @@ def _drive(
 
 
 class _Running:
-    """A body being run: its lease (when protected) and its start time."""
+    """A body being run: the leases it holds (when protected) and its start time."""
 
-    __slots__ = ("lease", "started", "stop")
+    __slots__ = ("leases", "started", "stops")
 
     def __init__(
         self,
@@ -405,18 +456,17 @@ class _Running:
         a: tuple[Any, ...],
         hold: Callable[[lease.Lease], Callable[[], None]],
     ) -> None:
-        key, token = a
-        # key is None when the body runs unprotected (fail-open): nothing to renew.
-        self.lease = (
-            None if key is None else lease.Lease(backend, key, token, spec._lease, spec.name)
-        )
-        self.stop = None if self.lease is None else hold(self.lease)
+        keys, token = a
+        # keys is None when the body runs unprotected (fail-open): nothing to renew.
+        self.leases = [lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys or ()]
+        # The primary key's lease is held last, so lease_held() reports on it.
+        self.stops = [hold(x) for x in reversed(self.leases)]
         self.started = time.perf_counter()
 
     def done(self, value: Any, error: BaseException | None) -> _Outcome:
-        if self.stop is not None:
-            self.stop()
-        lost = self.lease is not None and self.lease.reported_lost
+        for stop in reversed(self.stops):  # contextvar resets must unwind in order
+            stop()
+        lost = any(x.reported_lost for x in self.leases)
         return _Outcome(value, error, time.perf_counter() - self.started, lost)
 
 
@@ -616,6 +666,18 @@ def _check_breaker(breaker: Any) -> Any:
     return None if breaker is None else check_breaker(breaker)
 
 
+def _check_previous(name: str, previous: Any) -> tuple[str, ...]:
+    if isinstance(previous, str) or not isinstance(previous, (tuple, list)):
+        raise ConfigurationError(f"previous_names: expected a tuple of names, got {previous!r}")
+    names = tuple(_check_name(p) for p in previous)
+    if name in names or len(set(names)) != len(names):
+        raise ConfigurationError(
+            f"previous_names: {names!r} must be distinct and must not contain the current "
+            f"name {name!r}"
+        )
+    return names
+
+
 def _validate(name: str, o: dict[str, Any]) -> Options:
     ttl = o["ttl"]
     lease_s = o["lease"]
@@ -640,6 +702,7 @@ def _validate(name: str, o: dict[str, Any]) -> Options:
         cache_errors=None if cache is None else config.check_seconds("cache_errors", cache),
         backend=config.check_backend(o["backend"]),
         serializer=None if o["serializer"] is None else get_serializer(o["serializer"]),
+        previous_names=_check_previous(name, o["previous_names"]),
         max_result_bytes=None
         if o["max_result_bytes"] is None
         else config.check_size("max_result_bytes", o["max_result_bytes"]),
@@ -673,6 +736,7 @@ def idempotent(
     on_backend_error: Literal["raise", "open"] | None = None,
     breaker: CircuitBreaker | None = None,
     max_result_bytes: int | None = None,
+    previous_names: tuple[str, ...] | list[str] = (),
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
 
 
@@ -694,6 +758,7 @@ def idempotent(
     on_backend_error: Literal["raise", "open"] | None = None,
     breaker: CircuitBreaker | None = None,
     max_result_bytes: int | None = None,
+    previous_names: tuple[str, ...] | list[str] = (),
 ) -> Any:
     """Make a function idempotent: the same logical call within ``ttl`` runs once.
 
@@ -730,6 +795,11 @@ def idempotent(
       open, calls fail fast with :class:`idempotask.CircuitOpenError` and release the key.
     - ``max_result_bytes``: the largest serialized result stored (default 1 MiB, see
       ``configure``); a bigger one is a :class:`SerializationError` and releases the key.
+    - ``previous_names``: names this function's keys had before a rename. While listed,
+      a first call also claims (and completes) the key under each previous name, so
+      results stored under them are honoured and processes still running the old code
+      never run a call twice; duplicates still cost one round trip. Remove them once
+      the old code is gone and the longest ttl has passed.
     """
     options = {
         "ttl": ttl,
@@ -746,6 +816,7 @@ def idempotent(
         "on_backend_error": on_backend_error,
         "breaker": breaker,
         "max_result_bytes": max_result_bytes,
+        "previous_names": previous_names,
     }
     if key is not None and not callable(key):
         raise ConfigurationError(
