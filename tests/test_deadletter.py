@@ -50,6 +50,7 @@ from idempotask.retry import FixedDelay, InCallRetry, RetryPolicy
 from idempotask.serializers import get_serializer
 from idempotask.spool import Spool, SpoolError, decode_letter, encode_letter
 from idempotask.taxonomy import FailureKind, PermanentError
+from tests.backends.test_redis_deadletters import redis_store_for_processes
 
 JSON = get_serializer("json")
 T0 = 1_800_000_000.0
@@ -639,8 +640,10 @@ def store_at(url: str) -> Iterator[Callable[[], DeadLetterStore]]:
 
 CROSS_PROCESS_STORES = [
     pytest.param(memory_through_a_manager, id="memory-through-a-manager"),
-    # Redis and SQL: add, e.g.
-    # pytest.param(lambda: store_at(service_url("redis")), id="redis", marks=pytest.mark.redis),
+    # A fresh queue (its own ?prefix=) on the shared Redis, deleted afterwards.
+    pytest.param(redis_store_for_processes, id="redis", marks=pytest.mark.redis),
+    # SQL: add, e.g.
+    # pytest.param(lambda: store_at(service_url("postgres")), id="pg", marks=pytest.mark.postgres),
 ]
 
 
@@ -1195,7 +1198,7 @@ def test_the_default_store_follows_a_memory_backend() -> None:
 
 def test_stores_not_yet_written_fail_clearly_and_schemes_can_be_registered() -> None:
     with pytest.raises(ConfigurationError, match="not available yet"):
-        _ = DeadLetterQueue("redis://localhost:6379/0").store
+        _ = DeadLetterQueue("postgresql+psycopg://u@h/db").store
     made: list[str] = []
 
     def factory(url: str) -> MemoryDeadLetterStore:
@@ -1212,7 +1215,7 @@ def test_stores_not_yet_written_fail_clearly_and_schemes_can_be_registered() -> 
 def test_a_misconfigured_store_spools_rather_than_losing_the_failure(
     tmp_path: Path,
 ) -> None:
-    queue = DeadLetterQueue("redis://localhost:6379/0", spool=tmp_path / "r.jsonl")
+    queue = DeadLetterQueue("postgresql+psycopg://u@h/db", spool=tmp_path / "r.jsonl")
 
     @dead_letter(queue=queue)
     def job() -> None:

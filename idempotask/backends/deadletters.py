@@ -242,10 +242,14 @@ DeadLetterStoreFactory = Callable[[str], DeadLetterStore]
 # scheme -> "module:attribute"; imported only when a store of that scheme is built.
 _BUILTIN: dict[str, str] = {
     "memory": "idempotask.backends.memory:MemoryDeadLetterStore.from_url",
+    # ?prefix=NAME picks the queue (default "idempotask"); other options go to redis-py.
+    "redis": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
+    "rediss": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
+    "unix": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
 }
 # Schemes the idempotency backends know whose dead-letter store is still to be written:
 # their URLs get an error that says so rather than "unknown scheme".
-_NOT_YET = ("redis", "rediss", "unix", "postgresql", "postgres", "sqlite", "mysql", "mariadb")
+_NOT_YET = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
 _registered: dict[str, DeadLetterStoreFactory] = {}
 
 
@@ -270,7 +274,9 @@ def register_dead_letter_scheme(scheme: str, factory: DeadLetterStoreFactory) ->
 
 
 def dead_letter_store_from_url(url: str) -> DeadLetterStore:
-    """Build a dead-letter store from a URL: ``memory://`` or a registered scheme.
+    """Build a dead-letter store from a URL: ``memory://``, ``redis://`` (``rediss://``,
+    ``unix://``; see :class:`~idempotask.backends.redis.RedisDeadLetterStore`) or a
+    registered scheme.
 
     >>> dead_letter_store_from_url("memory://")  # doctest: +ELLIPSIS
     MemoryDeadLetterStore(...)

@@ -32,17 +32,20 @@ server's policy could evict our keys.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import importlib.resources
+import json
 import logging
 import math
 import threading
+import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import redis
 import redis.asyncio
@@ -56,6 +59,14 @@ from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from idempotask.backends.base import Record, State
+from idempotask.backends.deadletters import (
+    OPEN_STATUSES,
+    DeadLetter,
+    DeadLetterFilter,
+    StatRow,
+    Status,
+    check_changes,
+)
 from idempotask.breaker import BreakerState, BreakerStatus
 from idempotask.errors import (
     BackendError,
@@ -66,9 +77,11 @@ from idempotask.errors import (
 
 __all__ = [
     "BREAKER_FORMAT",
+    "DEAD_LETTER_FORMAT",
     "RECORD_FORMAT",
     "RedisBackend",
     "RedisBreakerStore",
+    "RedisDeadLetterStore",
     "record_key",
 ]
 
@@ -1147,3 +1160,685 @@ class RedisBreakerStore:
         await self._backend._arun(
             "breaker.reset", _DELETE, self.key(name), RedisBackend._delete_args(None), parse_flag
         )
+
+
+# ------------------------------------------------------------------------ dead letters
+
+#: The ``fmt`` field of every dead-letter hash (a value without it is not ours).
+DEAD_LETTER_FORMAT = "idempotask-dlq/1"
+_DLQ_FMT = DEAD_LETTER_FORMAT.encode()
+_DLQ_ADD = _load_script("dlq_add")
+_DLQ_GET = _load_script("dlq_get")
+_DLQ_UPDATE = _load_script("dlq_update")
+_DLQ_SCAN = _load_script("dlq_scan")
+_DLQ_EXPIRE_CLAIM = _load_script("dlq_expire_claim")
+
+#: Index entries one ``dlq_scan`` call examines at most. A script blocks the server while
+#: it runs: 500 entries take 2-7 ms (purging large letters is the slow end), and a longer
+#: walk is more calls, letting other clients in between.
+SCAN_BUDGET = 500
+
+# Text fields of a letter, stored as UTF-8. surrogatepass: an exception message may carry
+# the lone surrogates of an undecodable file name, and it must round-trip, not fail.
+_LETTER_TEXT = (
+    "id",
+    "function",
+    "kind",
+    "error_type",
+    "message",
+    "traceback",
+    "key",
+    "route",
+    "resolution",
+)
+
+# A script call a flow asks its driver to make: (what, for messages; script; ARGV).
+_Call = tuple[str, _Script, tuple[Any, ...]]
+_Flow = Generator[_Call, Any, _T]
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _encode_text(value: Any, field: str) -> bytes:
+    if isinstance(value, enum.Enum):  # FailureKind and other str enums: their value
+        value = value.value
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"redis dead-letter store: {field} must be a str, got {type(value).__qualname__}"
+        )
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _encode_time(value: Any, field: str) -> bytes:
+    """Epoch seconds as the shortest exact decimal (``repr``): Lua and ``ZADD`` read it
+    back as the same double, so times round-trip exactly."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(
+            f"redis dead-letter store: {field} must be a finite number of epoch seconds, "
+            f"got {value!r}"
+        )
+    return repr(float(value)).encode()
+
+
+def _by_time_score(last_failed_at: Any) -> bytes:
+    # Negated, so ascending ZRANGE order is newest first with ties by ascending id.
+    _encode_time(last_failed_at, "last_failed_at")
+    return repr(-float(last_failed_at)).encode()
+
+
+def _encode_int(value: Any, field: str) -> bytes:
+    return str(_check_int(value, field)).encode()
+
+
+def _encode_change(field: str, value: Any) -> bytes:
+    if field == "status":
+        return Status(value).value.encode()
+    if field == "attempts":
+        return _encode_int(value, field)
+    if field == "next_retry_at":
+        return b"" if value is None else _encode_time(value, field)
+    if field == "last_failed_at":
+        return _encode_time(value, field)
+    return _encode_text(value, field)
+
+
+def letter_fields(letter: DeadLetter) -> list[bytes]:
+    """A letter as the field, value pairs of its Redis hash (the format marker first).
+
+    >>> letter = DeadLetter(id="1", function="f", kind="transient", error_type="E",
+    ...                     message="m", last_failed_at=1.5, next_retry_at=None)
+    >>> dict(zip(*[iter(letter_fields(letter))] * 2))[b"next_retry_at"]
+    b''
+    """
+    fields: list[bytes] = [b"fmt", _DLQ_FMT]
+    for name in _LETTER_TEXT:
+        fields += [name.encode(), _encode_text(getattr(letter, name), name)]
+    if not isinstance(letter.arguments, (bytes, bytearray, memoryview)):
+        raise ConfigurationError(
+            "redis dead-letter store: arguments must be bytes, got "
+            f"{type(letter.arguments).__qualname__}"
+        )
+    fields += [
+        b"arguments",
+        bytes(letter.arguments),
+        b"attempts",
+        _encode_int(letter.attempts, "attempts"),
+        b"status",
+        Status(letter.status).value.encode(),
+        b"first_failed_at",
+        _encode_time(letter.first_failed_at, "first_failed_at"),
+        b"last_failed_at",
+        _encode_time(letter.last_failed_at, "last_failed_at"),
+        b"next_retry_at",
+        _encode_change("next_retry_at", letter.next_retry_at),
+        b"critical",
+        b"1" if letter.critical else b"0",
+        b"version",
+        _encode_int(letter.version, "version"),
+    ]
+    return fields
+
+
+def _dlq_corrupt(where: str, what: Any) -> CorruptRecordError:
+    found = _as_bytes(what).decode("utf-8", "replace") if what is not None else "nothing"
+    return CorruptRecordError(
+        f"redis dead-letter store: the value under Redis key {where!r} is not an idempotask "
+        f"dead letter: found {found}. Another program uses this key, or the data is "
+        "corrupt; use another prefix, or delete the key"
+    )
+
+
+def parse_dead_letter(where: str, fields: Any) -> DeadLetter:
+    """Build a :class:`DeadLetter` from a letter hash as ``HGETALL`` lists it.
+
+    Unknown fields are ignored (``op`` is the last update's token); a missing or
+    malformed one is a :class:`CorruptRecordError` naming ``where``.
+
+    >>> pairs = letter_fields(DeadLetter(id="1", function="f", kind="transient",
+    ...                                  error_type="E", message="m", attempts=2))
+    >>> parse_dead_letter("k", pairs).attempts
+    2
+    """
+    if not isinstance(fields, list) or len(fields) % 2:
+        raise _dlq_corrupt(where, repr(fields)[:80])
+    data = {_as_bytes(fields[i]): _as_bytes(fields[i + 1]) for i in range(0, len(fields), 2)}
+    if data.get(b"fmt") != _DLQ_FMT:
+        raise _dlq_corrupt(where, f"a hash without the format marker {DEAD_LETTER_FORMAT}")
+    try:
+        text = {name: data[name.encode()].decode("utf-8", "surrogatepass") for name in _LETTER_TEXT}
+        next_retry_at = data[b"next_retry_at"]
+        return DeadLetter(
+            **text,
+            arguments=data[b"arguments"],
+            attempts=int(data[b"attempts"]),
+            status=Status(data[b"status"].decode()),
+            first_failed_at=float(data[b"first_failed_at"]),
+            last_failed_at=float(data[b"last_failed_at"]),
+            next_retry_at=float(next_retry_at) if next_retry_at else None,
+            critical=data[b"critical"] == b"1",
+            version=int(data[b"version"]),
+        )
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise _dlq_corrupt(where, f"a dead letter with a missing or malformed field ({exc!r})")
+
+
+def parse_letter_reply(where: str, reply: Any) -> DeadLetter | None:
+    """Turn a ``dlq_get`` / ``dlq_update`` reply into a letter (``None``: absent or stale).
+
+    >>> parse_letter_reply("k", [b"stale"]) is None
+    True
+    """
+    tag = _tag(reply)
+    if tag == b"dl" and len(reply) == 2:
+        return parse_dead_letter(where, reply[1])
+    if tag in (b"absent", b"stale") and len(reply) == 1:
+        return None
+    raise _dlq_corrupt(where, reply[1] if tag == b"corrupt" and len(reply) == 2 else repr(reply))
+
+
+def parse_add_reply(where: str, reply: Any, letter: DeadLetter) -> DeadLetter:
+    """The stored letter after ``dlq_add``: ``letter`` itself when it was new.
+
+    >>> letter = DeadLetter(id="1", function="f", kind="k", error_type="E", message="m")
+    >>> parse_add_reply("k", [b"new"], letter) is letter
+    True
+    """
+    if _tag(reply) == b"new" and len(reply) == 1:
+        return letter
+    stored = parse_letter_reply(where, reply)
+    if stored is None:
+        raise _dlq_corrupt(where, repr(reply))
+    return stored
+
+
+@dataclass(frozen=True, slots=True)
+class ScanPage:
+    """One ``dlq_scan`` call's answer: see ``idempotask/backends/lua/dlq_scan.lua``."""
+
+    done: bool
+    cursor: tuple[bytes, bytes]
+    skipped: int
+    items: list[Any]
+
+
+def parse_scan(base: str, reply: Any) -> ScanPage:
+    """Turn a ``dlq_scan`` reply into a :class:`ScanPage`; ``base`` is the queue's key.
+
+    >>> parse_scan("q", [b"scan", 1, b"", b"", 0, []]).done
+    True
+    """
+    tag = _tag(reply)
+    if tag == b"scan" and len(reply) == 6 and isinstance(reply[5], list):
+        _, done, score, id, skipped, items = reply
+        return ScanPage(int(done) == 1, (_as_bytes(score), _as_bytes(id)), int(skipped), items)
+    if tag == b"corrupt" and len(reply) == 3:
+        letter = _as_bytes(reply[1]).decode("utf-8", "replace")
+        raise _dlq_corrupt(f"{base}:letter:{letter}", reply[2])
+    raise _dlq_corrupt(base, repr(reply)[:80])
+
+
+def _stat_rows(items: list[Any]) -> list[tuple[str, str, Status, int, int, int]]:
+    rows = []
+    for i in range(0, len(items) - 5, 6):
+        function, kind, status = (
+            _as_bytes(x).decode("utf-8", "surrogatepass") for x in items[i : i + 3]
+        )
+        count, retries, by_retry = (int(x) for x in items[i + 3 : i + 6])
+        rows.append((function, kind, Status(status), count, retries, by_retry))
+    return rows
+
+
+def filter_json(filter: DeadLetterFilter | None) -> bytes:
+    """A filter as the JSON ``dlq_scan`` reads (empty fields left out: they match all).
+
+    >>> filter_json(DeadLetterFilter(kind=("transient",), since=1.5))
+    b'{"kind": ["transient"], "since": 1.5}'
+    """
+    spec: dict[str, Any] = {}
+    if filter is not None:
+        if filter.status:
+            spec["status"] = [Status(s).value for s in filter.status]
+        for name in ("kind", "function"):
+            values = getattr(filter, name)
+            if values:
+                spec[name] = [
+                    _encode_text(v, name).decode("utf-8", "surrogatepass") for v in values
+                ]
+        for name in ("since", "until"):
+            value = getattr(filter, name)
+            if value is not None:
+                spec[name] = float(_encode_time(value, name))
+    # UTF-8 as is (ensure_ascii=False): cjson passes the bytes through unchanged, so they
+    # compare equal to the stored fields byte for byte.
+    return json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _by_time_range(filter: DeadLetterFilter | None) -> tuple[bytes, bytes]:
+    """(exclusive lower, inclusive upper) by_time scores for ``since <= t < until``."""
+    if filter is None:
+        return b"", b""
+    lo = b"" if filter.until is None else _by_time_score(filter.until)
+    hi = b"" if filter.since is None else _by_time_score(filter.since)
+    return lo, hi
+
+
+def _check_int(value: Any, option: str, *, minimum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigurationError(
+            f"redis dead-letter store: {option} must be an int{bound}, got {value!r}"
+        )
+    return value
+
+
+def _split_prefix_option(url: str) -> tuple[str, str | None]:
+    """Take ``prefix=`` out of a URL's query (redis-py would pass it to the connection).
+
+    >>> _split_prefix_option("redis://h:6379/0?socket_timeout=1&prefix=billing")
+    ('redis://h:6379/0?socket_timeout=1', 'billing')
+    """
+    head, sep, rest = url.partition("?")
+    if not sep:
+        return url, None
+    query, hash_, fragment = rest.partition("#")
+    kept: list[str] = []
+    prefix: str | None = None
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote_plus(name) == "prefix":
+            prefix = unquote_plus(value)
+        elif part:
+            kept.append(part)
+    rebuilt = head + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+    return rebuilt, prefix
+
+
+def _raw_reply(key: str, reply: Any) -> Any:
+    return reply
+
+
+_ALL_LETTERS = DeadLetterFilter()
+_CLIENT_TYPES = (
+    redis.Redis,
+    redis.cluster.RedisCluster,
+    redis.asyncio.Redis,
+    redis.asyncio.cluster.RedisCluster,
+)
+
+
+class RedisDeadLetterStore:
+    """Dead letters on Redis or Redis Cluster: a
+    :class:`~idempotask.backends.deadletters.DeadLetterStore`.
+
+    Each operation is one ``EVALSHA`` of a ``dlq_*.lua`` script, run by a
+    :class:`RedisBackend` (its clients, timeouts, retries, ``NOSCRIPT`` recovery and error
+    wrapping: Redis failures raise :class:`~idempotask.errors.BackendError`, values that
+    are not ours :class:`~idempotask.errors.CorruptRecordError`). Pass the backend your
+    idempotency store uses to share its connections, a URL, or a redis-py client::
+
+        >>> store = RedisDeadLetterStore("redis://localhost:6379/0", prefix="billing")
+        >>> store
+        RedisDeadLetterStore('redis://localhost:6379/0', prefix='billing')
+        >>> from idempotask import DeadLetterQueue
+        >>> queue = DeadLetterQueue(store)   # or DeadLetterQueue("redis://...?prefix=billing")
+
+    Layout. A queue is the keys under one hash tag, ``{prefix:dlq}``, so it lives in one
+    cluster slot (every script touches one slot; a busy queue does not spread over a
+    cluster, several prefixes do). With base ``B = prefix:{prefix:dlq}``:
+
+    - ``B:letter:<id>``: a hash per letter, every field (times as exact decimal strings,
+      ``next_retry_at`` ``''`` for None, ``arguments`` as bytes, ``fmt`` a format marker);
+    - ``B:by_time``: sorted set of every id, score ``-last_failed_at`` (newest first, ties
+      by id: query, stats and purge walk it);
+    - ``B:due``: open letters with a next retry that no processor holds, score
+      ``next_retry_at`` (claims walk it, earliest first, ties by id);
+    - ``B:claims``: ids held by a processor, score the claim's expiry in milliseconds of
+      the server's ``TIME`` (an expired claim is moved back to ``B:due`` by the next claim).
+
+    Round trips: ``add``, ``get``, ``update``, ``expire_claim`` one each; ``claim_due``
+    one, plus one per :data:`SCAN_BUDGET` due letters its filter passes over; ``query``
+    one per page when filtering only by time (offsets are jumped), else one per
+    :data:`SCAN_BUDGET` letters examined; ``stats`` and ``purge`` one per
+    :data:`SCAN_BUDGET` letters in the time range, i.e. O(letters in the range). Every
+    call is atomic; a walk over several calls is not one snapshot.
+
+    Dead letters have no TTL: a ``maxmemory-policy`` of ``allkeys-*`` can evict them, the
+    ``volatile-*`` policies and ``noeviction`` cannot. A resent command (redis-py resends
+    one whose reply timed out) is harmless for ``add`` and ``update`` (an update knows its
+    own write by a token); a resent claim leaves the first claim's letters held until
+    their lease runs out, and a resent purge may count fewer letters than it deleted.
+    """
+
+    def __init__(
+        self,
+        backend: RedisBackend | str | SyncClient | AsyncClient,
+        *,
+        prefix: str = "idempotask",
+    ) -> None:
+        if isinstance(backend, str):
+            # Made for dead letters only: the eviction warning speaks of idempotency
+            # records with a TTL, which dead letters are not (see the class docstring).
+            backend = RedisBackend.from_url(backend, check_eviction_policy=False)
+            self._owns_backend = True
+        elif isinstance(backend, _CLIENT_TYPES):
+            backend = RedisBackend(backend, check_eviction_policy=False)
+            self._owns_backend = True
+        elif isinstance(backend, RedisBackend):
+            self._owns_backend = False
+        else:
+            raise ConfigurationError(
+                "RedisDeadLetterStore: expected a RedisBackend, a redis:// URL or a redis-py "
+                f"client, got {type(backend).__name__}"
+            )
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in ":{} \t\r\n"):
+            raise ConfigurationError(
+                f"RedisDeadLetterStore: prefix must be a non-empty str without ':', braces or "
+                f"spaces, got {prefix!r}"
+            )
+        self._backend = backend
+        self._prefix = prefix
+        # The backend hash-tags what follows the first ':', so this store key becomes the
+        # Redis key prefix:{prefix:dlq}, the base every script derives its keys from.
+        self._key = f"{prefix}:{prefix}:dlq"
+        self._base = record_key(self._key)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str | None = None) -> RedisDeadLetterStore:
+        """A store on its own connections to ``url`` (``redis://``, ``rediss://``, ``unix://``).
+
+        This is what ``DeadLetterQueue("redis://...")`` and
+        ``configure(dead_letter_store="redis://...")`` call. The query option ``prefix``
+        names the queue (default ``idempotask``); other options go to redis-py.
+
+        >>> RedisDeadLetterStore.from_url("redis://localhost:6379/0?prefix=billing")
+        RedisDeadLetterStore('redis://localhost:6379/0', prefix='billing')
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(
+                f"RedisDeadLetterStore.from_url: expected a URL, got {type(url).__name__}"
+            )
+        rest, in_url = _split_prefix_option(url)
+        chosen = prefix if prefix is not None else in_url
+        return cls(rest, prefix="idempotask" if chosen is None else chosen)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._backend._server!r}, prefix={self._prefix!r})"
+
+    @property
+    def backend(self) -> RedisBackend:
+        """The backend whose clients and script runner this store uses."""
+        return self._backend
+
+    @property
+    def prefix(self) -> str:
+        """The queue's name: its keys are ``prefix:{prefix:dlq}:...``."""
+        return self._prefix
+
+    @property
+    def base_key(self) -> str:
+        """The Redis key every key of the queue starts with (never itself written).
+
+        >>> RedisDeadLetterStore("redis://localhost", prefix="billing").base_key
+        'billing:{billing:dlq}'
+        """
+        return self._base
+
+    def letter_key(self, id: str) -> str:
+        """The Redis key of the letter ``id``.
+
+        >>> RedisDeadLetterStore("redis://localhost").letter_key("42")
+        'idempotask:{idempotask:dlq}:letter:42'
+        """
+        return f"{self._base}:letter:{id}"
+
+    def close(self) -> None:
+        """Close the connections, if this store made its own backend."""
+        if self._owns_backend:
+            self._backend.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`, for the running event loop's client."""
+        if self._owns_backend:
+            await self._backend.aclose()
+
+    # -- drivers: a flow yields script calls; these run them, sync or async ----------------
+
+    def _drive(self, flow: _Flow[_T]) -> _T:
+        reply: Any = None
+        while True:
+            try:
+                operation, script, args = flow.send(reply)
+            except StopIteration as stop:
+                result: _T = stop.value
+                return result
+            reply = self._backend._run(operation, script, self._key, args, _raw_reply)
+
+    async def _adrive(self, flow: _Flow[_T]) -> _T:
+        reply: Any = None
+        while True:
+            try:
+                operation, script, args = flow.send(reply)
+            except StopIteration as stop:
+                result: _T = stop.value
+                return result
+            reply = await self._backend._arun(operation, script, self._key, args, _raw_reply)
+
+    # -- flows: each operation written once ------------------------------------------------
+
+    def _add_flow(self, letter: DeadLetter) -> _Flow[DeadLetter]:
+        if not isinstance(letter, DeadLetter):
+            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
+        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        open_ = letter.status in OPEN_STATUSES and letter.next_retry_at is not None
+        args = (
+            _DLQ_FMT,
+            _encode_text(letter.id, "id"),
+            _by_time_score(letter.last_failed_at),
+            _encode_time(letter.next_retry_at, "next_retry_at") if open_ else b"",
+            *letter_fields(letter),
+        )
+        reply = yield (f"dead-letter add of {letter.id!r} to queue", _DLQ_ADD, args)
+        return parse_add_reply(self.letter_key(letter.id), reply, letter)
+
+    def _get_flow(self, id: str) -> _Flow[DeadLetter | None]:
+        args = (_DLQ_FMT, _encode_text(id, "id"))
+        reply = yield (f"dead-letter get of {id!r} from queue", _DLQ_GET, args)
+        return parse_letter_reply(self.letter_key(id), reply)
+
+    def _update_flow(
+        self, id: str, version: int, changes: dict[str, Any]
+    ) -> _Flow[DeadLetter | None]:
+        check_changes(changes)
+        pairs: list[bytes] = []
+        for name, value in changes.items():
+            pairs += [name.encode(), _encode_change(name, value)]
+        by_time = _by_time_score(changes["last_failed_at"]) if "last_failed_at" in changes else b""
+        args = (
+            _DLQ_FMT,
+            _encode_text(id, "id"),
+            _encode_int(version, "version"),
+            uuid.uuid4().hex.encode(),
+            by_time,
+            *pairs,
+        )
+        reply = yield (f"dead-letter update of {id!r} in queue", _DLQ_UPDATE, args)
+        return parse_letter_reply(self.letter_key(id), reply)
+
+    def _scan_flow(
+        self,
+        mode: str,
+        filter: DeadLetterFilter | None,
+        bounds: tuple[bytes, bytes],
+        *,
+        offset: int = 0,
+        wanted: int = 0,
+        lease_ms: int = 0,
+    ) -> Generator[_Call, Any, list[ScanPage]]:
+        """Walk an index to its end (or to ``wanted`` letters): every page it took."""
+        pages: list[ScanPage] = []
+        cursor = (b"", b"")
+        spec = filter_json(filter)
+        while True:
+            args = (
+                _DLQ_FMT,
+                mode.encode(),
+                spec,
+                *bounds,
+                *cursor,
+                SCAN_BUDGET,
+                offset,
+                wanted,
+                lease_ms,
+            )
+            page = parse_scan(self._base, (yield (f"dead-letter {mode} in queue", _DLQ_SCAN, args)))
+            pages.append(page)
+            offset -= page.skipped
+            wanted -= len(page.items)
+            if page.done or (mode in ("query", "claim") and wanted <= 0):
+                return pages
+            cursor = page.cursor
+
+    def _letters(self, pages: list[ScanPage]) -> list[DeadLetter]:
+        return [parse_dead_letter(self._base, fields) for page in pages for fields in page.items]
+
+    def _query_flow(
+        self, filter: DeadLetterFilter, limit: int, offset: int
+    ) -> _Flow[list[DeadLetter]]:
+        _check_int(limit, "limit")
+        _check_int(offset, "offset", minimum=0)
+        if limit <= 0:
+            return []
+        pages = yield from self._scan_flow(
+            "query", filter, _by_time_range(filter), offset=offset, wanted=limit
+        )
+        return self._letters(pages)[:limit]
+
+    def _claim_flow(
+        self, now: float, limit: int, lease: float, filter: DeadLetterFilter | None
+    ) -> _Flow[list[DeadLetter]]:
+        _check_int(limit, "limit")
+        bounds = (b"", _encode_time(now, "now"))
+        lease_ms = _milliseconds(lease, "lease")
+        if limit <= 0:
+            return []
+        pages = yield from self._scan_flow("claim", filter, bounds, wanted=limit, lease_ms=lease_ms)
+        return self._letters(pages)
+
+    def _stats_flow(self, filter: DeadLetterFilter) -> _Flow[list[StatRow]]:
+        pages = yield from self._scan_flow("stats", filter, _by_time_range(filter))
+        groups: dict[tuple[str, str, Status], list[int]] = {}
+        for page in pages:
+            for function, kind, status, count, retries, by_retry in _stat_rows(page.items):
+                sums = groups.setdefault((function, kind, status), [0, 0, 0])
+                sums[0] += count
+                sums[1] += retries
+                sums[2] += by_retry
+        return [
+            StatRow(function, kind, status, count, retries, by_retry)
+            for (function, kind, status), (count, retries, by_retry) in sorted(groups.items())
+        ]
+
+    def _purge_flow(self, filter: DeadLetterFilter) -> _Flow[int]:
+        if not isinstance(filter, DeadLetterFilter):
+            raise ConfigurationError(
+                f"purge: expected a DeadLetterFilter, got {type(filter).__name__}"
+            )
+        pages = yield from self._scan_flow("purge", filter, _by_time_range(filter))
+        return sum(int(page.items[0]) for page in pages if page.items)
+
+    def _expire_claim_flow(self, id: str) -> _Flow[bool]:
+        args = (_DLQ_FMT, _encode_text(id, "id"))
+        reply = yield (f"dead-letter expire_claim of {id!r} in queue", _DLQ_EXPIRE_CLAIM, args)
+        return parse_flag(self.letter_key(id), reply)
+
+    # -- sync API --------------------------------------------------------------------------
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store ``letter`` unless its id exists; return the stored one. One round trip."""
+        return self._drive(self._add_flow(letter))
+
+    def get(self, id: str) -> DeadLetter | None:
+        """The letter with this id, or None. One round trip."""
+        return self._drive(self._get_flow(id))
+
+    def query(
+        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        return self._drive(self._query_flow(filter, limit, offset))
+
+    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Compare-and-set ``changes`` on version ``version``; ends any claim. One round trip."""
+        return self._drive(self._update_flow(id, version, changes))
+
+    def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (server clock)."""
+        return self._drive(self._claim_flow(now, limit, lease, filter))
+
+    def stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> list[StatRow]:
+        """Counts by (function, kind, status); reads every letter in the time range."""
+        return self._drive(self._stats_flow(filter))
+
+    def purge(self, filter: DeadLetterFilter) -> int:
+        """Delete matching letters; return how many went."""
+        return self._drive(self._purge_flow(filter))
+
+    def expire_claim(self, id: str) -> bool:
+        """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
+        return self._drive(self._expire_claim_flow(id))
+
+    # -- async API -------------------------------------------------------------------------
+
+    async def aadd(self, letter: DeadLetter) -> DeadLetter:
+        """Async :meth:`add`."""
+        return await self._adrive(self._add_flow(letter))
+
+    async def aget(self, id: str) -> DeadLetter | None:
+        """Async :meth:`get`."""
+        return await self._adrive(self._get_flow(id))
+
+    async def aquery(
+        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Async :meth:`query`."""
+        return await self._adrive(self._query_flow(filter, limit, offset))
+
+    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Async :meth:`update`."""
+        return await self._adrive(self._update_flow(id, version, changes))
+
+    async def aclaim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Async :meth:`claim_due`."""
+        return await self._adrive(self._claim_flow(now, limit, lease, filter))
+
+    async def astats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> list[StatRow]:
+        """Async :meth:`stats`."""
+        return await self._adrive(self._stats_flow(filter))
+
+    async def apurge(self, filter: DeadLetterFilter) -> int:
+        """Async :meth:`purge`."""
+        return await self._adrive(self._purge_flow(filter))
+
+    async def aexpire_claim(self, id: str) -> bool:
+        """Async :meth:`expire_claim` (test hook)."""
+        return await self._adrive(self._expire_claim_flow(id))
