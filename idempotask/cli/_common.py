@@ -1,0 +1,197 @@
+"""What every command shares: its context, the refusal error, where the stores are (said
+without passwords) and how stored bytes are shown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from idempotask import config
+from idempotask.backends.deadletters import DeadLetter
+from idempotask.deadletter import DeadLetterQueue, Unserializable, default_queue
+from idempotask.serializers import get_serializer
+from idempotask.spool import spool_path
+
+_JSON = get_serializer("json")
+
+
+class CommandError(Exception):
+    """An expected failure: printed as ``idempotask: error: <message>``, exit ``code``
+    (1: refused or not found; 2: bad usage)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Context:
+    """One run of the command: its arguments and where it writes."""
+
+    args: argparse.Namespace
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    now: float = field(default_factory=time.time)
+
+    @property
+    def json(self) -> bool:
+        """Whether machine-readable output was asked for."""
+        return bool(getattr(self.args, "json", False))
+
+    def print(self, text: str = "") -> None:
+        """A line of the command's output."""
+        print(text, file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark for people, on stderr (never mixed into the output)."""
+        print(f"idempotask: {text}", file=self.err, flush=True)
+
+    def queue(self) -> DeadLetterQueue:
+        """The configured dead-letter queue."""
+        return default_queue()
+
+
+# -- where the stores are, without passwords -----------------------------------------------
+
+_USERINFO = re.compile(r"(?<=://)([^/@\s:]*):[^/@\s]*@")
+_ENCODED_USERINFO = re.compile(r"(?i)(%3A%2F%2F[^/&%@]*)%3A(?:(?!%2F)[^/&])*?%40")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (also inside a percent-encoded URL in
+    its query, as a fallback URL's ``secondary=`` carries one).
+
+    >>> redact_url("redis://:s3cret@cache:6379/0")
+    'redis://:***@cache:6379/0'
+    >>> redact_url("fallback+redis://h/0?secondary=postgresql%3A%2F%2Fapp%3Apw%40db%2Fapp")
+    'fallback+redis://h/0?secondary=postgresql%3A%2F%2Fapp%3A***%40db%2Fapp'
+    """
+    url = _USERINFO.sub(r"\1:***@", url)
+    return _ENCODED_USERINFO.sub(r"\1%3A***%40", url)
+
+
+def _secrets(url: str) -> list[str]:
+    found = [m.group(0).split(":", 1)[1][:-1] for m in _USERINFO.finditer(url)]
+    return [s for s in found if s]
+
+
+def scrub(message: str, *urls: str | None) -> str:
+    """``message`` with the passwords of ``urls`` taken out, should a driver echo them."""
+    for url in urls:
+        for secret in _secrets(url or ""):
+            message = message.replace(secret, "***")
+    return message
+
+
+def backend_url() -> str | None:
+    """The idempotency store's URL as configured (None for a store given as an object)."""
+    chosen = config.settings().backend
+    if chosen is None:
+        return os.environ.get(config.ENV_URL) or config.DEFAULT_URL
+    return chosen if isinstance(chosen, str) else None
+
+
+def dead_letter_url() -> str | None:
+    """The dead-letter store's URL as configured: the option, else
+    ``$IDEMPOTASK_DEAD_LETTER_URL``, else the idempotency store's URL (as
+    :func:`idempotask.config.get_dead_letter_store` decides); None for an object."""
+    chosen = config.settings().dead_letter_store
+    if chosen is not None:
+        return chosen if isinstance(chosen, str) else None
+    return os.environ.get(config.ENV_DEAD_LETTER_URL) or backend_url()
+
+
+def describe_backend() -> str:
+    """``the idempotency store at redis://host:6379/0``, password hidden."""
+    url = backend_url()
+    what = redact_url(url) if url is not None else repr(config.settings().backend)
+    return f"the idempotency store at {what}"
+
+
+def describe_dead_letter_store() -> str:
+    """``the dead-letter store at redis://host:6379/0``, password hidden."""
+    url = dead_letter_url()
+    what = redact_url(url) if url is not None else repr(config.settings().dead_letter_store)
+    return f"the dead-letter store at {what}"
+
+
+def current_spool_path() -> str:
+    """Where this process's queue spools letters the store cannot take."""
+    s = config.settings()
+    return spool_path(s.spool_path, s.namespace)
+
+
+# -- stored bytes, shown ---------------------------------------------------------------------
+
+
+def _readable(value: object) -> str:
+    if isinstance(value, Unserializable):
+        reason = f": {value.reason}" if value.reason else ""
+        return f"<not stored: {value.type_name}{reason}>"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Stored typed JSON, three ways: the JSON document itself (lossless, for ``--json``),
+    the Python value's repr (None when it cannot be rebuilt here), and why not."""
+
+    document: Any = None
+    text: str | None = None
+    error: str | None = None
+
+
+def _document(data: bytes) -> tuple[Any, str | None]:
+    try:
+        return json.loads(data.decode("utf-8", "surrogatepass")), None
+    except (UnicodeDecodeError, ValueError):
+        return None, f"{len(data)} bytes that are not typed JSON (another serializer?)"
+
+
+def decode(data: bytes) -> Decoded:
+    """Decode bytes written by the typed JSON serializer; never raises.
+
+    Classes are only looked up among imported modules (``--import`` the module that
+    defines them); other bytes (pickle, foreign data) are reported, never unpickled.
+    """
+    document, error = _document(data)
+    if error is not None:
+        return Decoded(error=error)
+    try:
+        value = _JSON.loads(data)
+    except Exception as exc:
+        return Decoded(document, None, str(exc))
+    return Decoded(document, _readable(value))
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """A letter's stored arguments, decoded for people and for ``--json``: the typed JSON
+    document, name -> repr of each value, or why they cannot be shown."""
+
+    kept: bool
+    document: Any = None
+    values: dict[str, str] | None = None
+    error: str | None = None
+
+
+def decode_arguments(letter: DeadLetter) -> Arguments:
+    """The letter's arguments (``kept`` is False when none were stored); never raises."""
+    if not letter.arguments:
+        return Arguments(kept=False)
+    document, error = _document(letter.arguments)
+    if error is not None:
+        return Arguments(True, None, None, error)
+    try:
+        value = _JSON.loads(letter.arguments)
+    except Exception as exc:
+        return Arguments(True, document, None, str(exc))
+    if not isinstance(value, dict):
+        return Arguments(True, document, None, "not a mapping of names to values")
+    return Arguments(True, document, {str(name): _readable(v) for name, v in value.items()})

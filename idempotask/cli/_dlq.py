@@ -1,0 +1,492 @@
+"""``idempotask dlq ...``: list, show, retry, resolve, abandon, purge, stats, process and
+flush dead letters through :class:`~idempotask.deadletter.DeadLetterQueue`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from idempotask.backends.deadletters import DeadLetter, DeadLetterFilter, Status
+from idempotask.cli._common import CommandError, Context, current_spool_path, decode_arguments
+from idempotask.cli._text import (
+    clip,
+    fields,
+    indent,
+    iso,
+    plural,
+    relative,
+    span,
+    table,
+    to_json,
+    when,
+)
+from idempotask.deadletter import DeadLetterNotFound, DeadLetterStats, ProcessReport
+from idempotask.errors import BackendError
+
+CLOSED = (Status.RESOLVED, Status.ABANDONED)
+
+
+# -- shared ---------------------------------------------------------------------------------
+
+
+def _short_type(error_type: str) -> str:
+    return error_type.rsplit(".", 1)[-1]
+
+
+def _next_retry(letter: DeadLetter, now: float) -> str:
+    if letter.next_retry_at is None:
+        return "-"
+    if letter.next_retry_at <= now:
+        return f"due ({iso(letter.next_retry_at)})"
+    return when(letter.next_retry_at, now)
+
+
+def letter_json(
+    letter: DeadLetter, *, full: bool = False, arguments: bool = True
+) -> dict[str, Any]:
+    """A letter as JSON: every field, times as ISO 8601 UTC; with ``full`` also the
+    traceback and the arguments (``arguments``: the typed JSON document, lossless;
+    ``arguments_repr``: name -> repr of the decoded value; ``arguments_error``: why they
+    could not be decoded here). ``arguments`` is null when none were kept."""
+    data: dict[str, Any] = {
+        "id": letter.id,
+        "function": letter.function,
+        "kind": letter.kind,
+        "status": letter.status.value,
+        "attempts": letter.attempts,
+        "error_type": letter.error_type,
+        "message": letter.message,
+        "key": letter.key,
+        "route": letter.route,
+        "critical": letter.critical,
+        "resolution": letter.resolution,
+        "version": letter.version,
+        "first_failed_at": iso(letter.first_failed_at, precise=True),
+        "last_failed_at": iso(letter.last_failed_at, precise=True),
+        "next_retry_at": iso(letter.next_retry_at, precise=True),
+    }
+    if full:
+        data["traceback"] = letter.traceback
+        if arguments:
+            decoded = decode_arguments(letter)
+            data["arguments"] = decoded.document
+            data["arguments_repr"] = decoded.values
+            data["arguments_error"] = decoded.error
+    return data
+
+
+def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
+    """The query filters given on the command line, as DeadLetterQueue keywords."""
+    chosen: dict[str, Any] = {
+        "status": args.status or None,
+        "kind": args.kind or None,
+        "function": args.function or None,
+    }
+    if times:
+        chosen["since"] = args.since
+        chosen["until"] = args.until
+    return chosen
+
+
+def _not_found(ctx: Context, ids: Sequence[str]) -> int:
+    for id in ids:
+        print(f"idempotask: error: no dead letter has id {id!r}", file=ctx.err, flush=True)
+    return 1 if ids else 0
+
+
+def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
+    """Apply ``act`` to each id; print what happened; exit 1 if an id was not found."""
+    changed: list[DeadLetter] = []
+    missing: list[str] = []
+    for id in dict.fromkeys(ids):  # once each, in the order given
+        try:
+            changed.append(act(id))
+        except DeadLetterNotFound:
+            missing.append(id)
+    if ctx.json:
+        ctx.print(
+            to_json(
+                {
+                    "count": len(changed),
+                    "letters": [letter_json(x) for x in changed],
+                    "not_found": missing,
+                }
+            )
+        )
+    else:
+        for letter in changed:
+            ctx.print(f"{done} {letter.id} ({letter.function}): now {letter.status.value}")
+    return _not_found(ctx, missing)
+
+
+# -- list / show ----------------------------------------------------------------------------
+
+
+def cmd_list(ctx: Context) -> int:
+    """``dlq list``: letters matching the filters, newest failure first."""
+    a = ctx.args
+    letters = ctx.queue().query(**_filters(a), limit=a.limit, offset=a.offset)
+    if ctx.json:
+        ctx.print(to_json([letter_json(x) for x in letters]))
+        return 0
+    if not letters:
+        ctx.print("no dead letters match" if a.offset == 0 else "no more dead letters match")
+        return 0
+    rows = [
+        [
+            x.id,
+            x.function,
+            x.kind,
+            x.status.value,
+            x.attempts,
+            when(x.last_failed_at, ctx.now),
+            _next_retry(x, ctx.now),
+            clip(f"{_short_type(x.error_type)}: {x.message}", 60),
+        ]
+        for x in letters
+    ]
+    headers = ["ID", "FUNCTION", "KIND", "STATUS", "ATTEMPTS"]
+    headers += ["LAST FAILURE", "NEXT RETRY", "MESSAGE"]
+    ctx.print(table(headers, rows, right="4"))
+    if len(letters) == a.limit:
+        ctx.print(f"(first {a.limit} from offset {a.offset}; more: --offset {a.offset + a.limit})")
+    return 0
+
+
+def _arguments_text(letter: DeadLetter) -> str:
+    decoded = decode_arguments(letter)
+    if not decoded.kept:
+        return "not kept (removed by redact=, or the call did not match the signature)"
+    if decoded.values is not None:
+        if not decoded.values:
+            return "none"
+        return "\n".join(f"{name} = {clip(value, 500)}" for name, value in decoded.values.items())
+    raw = letter.arguments.decode("utf-8", "replace")
+    return f"cannot be decoded here: {decoded.error}\nstored as: {clip(raw, 2000)}"
+
+
+def cmd_show(ctx: Context) -> int:
+    """``dlq show ID``: every field of one letter, arguments decoded."""
+    a = ctx.args
+    letter = ctx.queue().get(a.id)
+    if letter is None:
+        raise CommandError(f"no dead letter has id {a.id!r}")
+    if ctx.json:
+        ctx.print(to_json(letter_json(letter, full=True, arguments=not a.no_arguments)))
+        return 0
+    now = ctx.now
+    pairs: list[tuple[str, object]] = [
+        ("id", letter.id),
+        ("function", letter.function),
+        ("status", letter.status.value + (f" ({letter.resolution})" if letter.resolution else "")),
+        ("kind", letter.kind),
+        ("attempts", letter.attempts),
+        ("error", f"{letter.error_type}: {letter.message}"),
+        ("key", letter.key or "-"),
+        ("route", letter.route or "-"),
+        ("critical", "yes" if letter.critical else "no"),
+        ("first failure", when(letter.first_failed_at, now)),
+        ("last failure", when(letter.last_failed_at, now)),
+        ("next retry", _next_retry(letter, now) if letter.next_retry_at is not None else "none"),
+        ("version", letter.version),
+    ]
+    ctx.print(fields(pairs))
+    if not a.no_arguments:
+        ctx.print("\narguments:")
+        ctx.print(indent(_arguments_text(letter)))
+    ctx.print("\ntraceback:")
+    ctx.print(indent(letter.traceback.rstrip() or "(none recorded)"))
+    return 0
+
+
+# -- changes --------------------------------------------------------------------------------
+
+
+def cmd_retry(ctx: Context) -> int:
+    """``dlq retry ID...`` or ``dlq retry --all FILTERS``: make letters due now."""
+    a = ctx.args
+    queue = ctx.queue()
+    if not a.all:
+        return _each(ctx, a.ids, queue.requeue, "requeued")
+    chosen = _filters(a)
+    if not any(v is not None for v in chosen.values()) and not a.yes:
+        raise CommandError(
+            "--all without a filter would requeue every pending, retrying and abandoned dead "
+            "letter; narrow it with --status, --kind, --function, --since or --until, or pass "
+            "--yes"
+        )
+    count = queue.requeue_all(**chosen)
+    if ctx.json:
+        ctx.print(to_json({"count": count}))
+    else:
+        ctx.print(f"requeued {plural(count, 'dead letter')}: due now")
+    return 0
+
+
+def cmd_resolve(ctx: Context) -> int:
+    """``dlq resolve ID... [--note TEXT]``: close letters as RESOLVED by hand."""
+    a = ctx.args
+    resolution = "manual" if not a.note else f"manual: {' '.join(a.note.split())}"
+    queue = ctx.queue()
+    return _each(ctx, a.ids, lambda id: queue.mark_resolved(id, resolution), "resolved")
+
+
+def cmd_abandon(ctx: Context) -> int:
+    """``dlq abandon ID...``: close letters as ABANDONED (never retried)."""
+    return _each(ctx, ctx.args.ids, ctx.queue().mark_abandoned, "abandoned")
+
+
+def _confirm(ctx: Context, question: str) -> bool:
+    if ctx.json or not sys.stdin.isatty():
+        return False
+    print(f"{question} [y/N] ", end="", file=ctx.err, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except (EOFError, OSError):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_purge(ctx: Context) -> int:
+    """``dlq purge``: delete old letters (by default resolved and abandoned ones older than
+    the retention, 30 days)."""
+    a = ctx.args
+    queue = ctx.queue()
+    older = queue.retention if a.older_than is None else a.older_than
+    statuses = tuple(Status(s) for s in a.status) if a.status else CLOSED
+    chosen = DeadLetterFilter(
+        status=statuses,
+        kind=tuple(a.kind or ()),
+        function=tuple(a.function or ()),
+        until=ctx.now - older,
+    )
+    store = queue.store
+    count = sum(row.count for row in store.stats(chosen))
+    what = (
+        f"{plural(count, 'dead letter')} ({', '.join(s.value for s in statuses)}) whose last "
+        f"failure is more than {span(older)} old"
+    )
+    if count == 0 or a.dry_run:
+        if ctx.json:
+            ctx.print(to_json({"deleted": 0, "matched": count, "dry_run": bool(a.dry_run)}))
+        else:
+            ctx.print(f"would delete {what}" if count else f"nothing to purge: no {what[2:]}")
+        return 0
+    if not a.yes and not _confirm(ctx, f"Delete {what}?"):
+        raise CommandError(
+            f"would delete {what}; pass --yes to delete them (or --dry-run to count only)"
+        )
+    deleted = store.purge(chosen)
+    if ctx.json:
+        ctx.print(to_json({"deleted": deleted, "matched": count, "dry_run": False}))
+    else:
+        ctx.print(f"deleted {plural(deleted, 'dead letter')}")
+    return 0
+
+
+# -- stats ----------------------------------------------------------------------------------
+
+
+def _spooled(ctx: Context) -> int:
+    try:
+        return len(ctx.queue().spool.letters())
+    except OSError:
+        return 0
+
+
+def stats_json(stats: DeadLetterStats, hours: float, spooled: int) -> dict[str, Any]:
+    """Stats as JSON: every count, and the (function, kind, status) rows they sum."""
+    return {
+        "hours": hours,
+        "since": iso(stats.since, precise=True),
+        "until": iso(stats.until, precise=True),
+        "total": stats.total,
+        "by_status": {s.value: n for s, n in stats.by_status.items()},
+        "by_kind": dict(stats.by_kind),
+        "by_function": dict(stats.by_function),
+        "retries_failed": stats.retries_failed,
+        "retries_succeeded": stats.retries_succeeded,
+        "rows": [
+            {
+                "function": r.function,
+                "kind": r.kind,
+                "status": Status(r.status).value,
+                "count": r.count,
+                "retries_failed": r.retries,
+                "retries_succeeded": r.resolved_by_retry,
+            }
+            for r in stats.rows
+        ],
+        "spooled": spooled,
+    }
+
+
+def _count_table(title: str, counts: dict[str, int], total: int) -> str:
+    rows: list[list[object]] = [[name, n] for name, n in sorted(counts.items())]
+    rows.append(["total", total])
+    return table([title, "COUNT"], rows, right="1")
+
+
+def cmd_stats(ctx: Context) -> int:
+    """``dlq stats``: counts of recent letters by status, kind and function."""
+    a = ctx.args
+    stats = ctx.queue().stats(
+        hours=a.hours, function=a.function or None, kind=a.kind or None, now=ctx.now
+    )
+    spooled = _spooled(ctx)
+    if ctx.json:
+        ctx.print(to_json(stats_json(stats, a.hours, spooled)))
+        return 0
+    ctx.print(
+        f"Dead letters whose last failure is in the past {a.hours:g}h "
+        f"({iso(stats.since)} to {iso(stats.until)}): {stats.total}"
+    )
+    ctx.print()
+    statuses = {s.value: n for s, n in stats.by_status.items()}
+    # Statuses in their lifecycle order, not alphabetically.
+    rows: list[list[object]] = [[s, statuses.get(s, 0)] for s in (x.value for x in Status)]
+    rows.append(["total", stats.total])
+    ctx.print(table(["STATUS", "COUNT"], rows, right="1"))
+    ctx.print()
+    ctx.print(_count_table("KIND", dict(stats.by_kind), stats.total))
+    ctx.print()
+    ctx.print(_count_table("FUNCTION", dict(stats.by_function), stats.total))
+    if stats.rows:
+        ctx.print()
+        detail = [
+            [r.function, r.kind, Status(r.status).value, r.count, r.retries, r.resolved_by_retry]
+            for r in stats.rows
+        ]
+        headers = ["FUNCTION", "KIND", "STATUS", "COUNT", "FAILED REPLAYS", "RESOLVED BY REPLAY"]
+        ctx.print(table(headers, detail, right="345"))
+    ctx.print()
+    ctx.print(f"Replays: {stats.retries_failed} failed again, {stats.retries_succeeded} succeeded.")
+    if spooled:
+        ctx.print(
+            f"Spool: {plural(spooled, 'letter')} waiting for the store in {current_spool_path()}"
+            " (`idempotask dlq flush` delivers them)."
+        )
+    return 0
+
+
+# -- process / flush ------------------------------------------------------------------------
+
+_DETAIL = {
+    "resolved": "replayed successfully",
+    "completed": "the call had completed meanwhile: resolved without running",
+    "enqueued": "handed to its framework",
+}
+
+
+def report_json(report: ProcessReport) -> dict[str, Any]:
+    """A processor run as JSON: what was claimed, and each letter's outcome."""
+    return {
+        "claimed": report.claimed,
+        "spool_delivered": report.spool_delivered,
+        "resolved": report.resolved,
+        "failed": report.failed,
+        "abandoned": report.abandoned,
+        "skipped": [{"id": id, "reason": reason} for id, reason in report.skipped],
+        "results": [
+            {
+                "id": r.id,
+                "function": r.function,
+                "outcome": r.outcome,
+                "reason": r.reason,
+                "status": None if r.letter is None else r.letter.status.value,
+                "next_retry_at": None if r.letter is None else iso(r.letter.next_retry_at),
+            }
+            for r in report.results
+        ],
+    }
+
+
+def report_text(report: ProcessReport, now: float) -> str:
+    """A processor run for people: a summary line and one row per claimed letter."""
+    summary = (
+        f"claimed {report.claimed}: {len(report.resolved)} resolved, {len(report.failed)} "
+        f"failed, {len(report.abandoned)} abandoned, {len(report.skipped)} skipped"
+    )
+    if report.spool_delivered:
+        summary += f"; delivered {plural(report.spool_delivered, 'spooled letter')}"
+    if not report.results:
+        return summary if report.spool_delivered else "nothing due"
+    rows = []
+    for r in report.results:
+        detail = _DETAIL.get(r.outcome, r.reason)
+        if r.outcome == "failed" and r.letter is not None and r.letter.next_retry_at:
+            detail = f"{r.reason}; next retry {relative(r.letter.next_retry_at, now)}"
+        rows.append([r.outcome, r.id, r.function, clip(detail, 100)])
+    return summary + "\n" + table(["OUTCOME", "ID", "FUNCTION", "DETAIL"], rows)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (a second signal interrupts at once)."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_process(ctx: Context) -> int:
+    """``dlq process``: replay due letters once, or in a loop until SIGINT/SIGTERM."""
+    a = ctx.args
+    queue = ctx.queue()
+    chosen = None
+    if a.function or a.kind:
+        chosen = DeadLetterFilter(kind=tuple(a.kind or ()), function=tuple(a.function or ()))
+
+    def run() -> ProcessReport:
+        return queue.process_due(limit=a.limit, lease=a.lease, filter=chosen)
+
+    if not a.loop:
+        report = run()
+        ctx.print(to_json(report_json(report)) if ctx.json else report_text(report, time.time()))
+        return 0
+    with _stop_on_signals() as stop:
+        ctx.note(f"processing due dead letters every {span(a.interval)}; Ctrl-C stops")
+        while not stop.is_set():
+            try:
+                report = run()
+            except BackendError as exc:
+                # A worker outlives an outage: say so and try again next round.
+                ctx.note(f"warning: this round failed, trying again in {span(a.interval)}: {exc}")
+            else:
+                if ctx.json:
+                    data = {"at": iso(time.time(), precise=True), **report_json(report)}
+                    ctx.print(to_json(data, lines=True))
+                elif report.results or report.spool_delivered:
+                    ctx.print(f"{iso(time.time())} {report_text(report, time.time())}")
+            stop.wait(a.interval)
+    ctx.note("stopped")
+    return 0
+
+
+def cmd_flush(ctx: Context) -> int:
+    """``dlq flush``: deliver letters waiting in the local spool to the store."""
+    queue = ctx.queue()
+    delivered = queue.flush_spool()
+    left = _spooled(ctx)
+    if ctx.json:
+        ctx.print(to_json({"delivered": delivered, "waiting": left, "spool": queue.spool.path}))
+    else:
+        ctx.print(
+            f"delivered {plural(delivered, 'spooled dead letter')}; {left} still waiting in "
+            f"{queue.spool.path}"
+        )
+    return 0
