@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from idempotask.breaker import CircuitBreaker
 
-__all__ = ["IdempotentFunction", "idempotent"]
+__all__ = ["IdempotentFunction", "idempotent", "register_cancellation"]
 
 log = logging.getLogger("idempotask")
 
@@ -85,6 +85,43 @@ if hasattr(os, "register_at_fork"):
 
 def _new_token() -> str:
     return f"{_token_prefix}{next(_token_counter):x}"
+
+
+# Exception types a body may raise that are not failures of the call (see
+# register_cancellation): never cached; the first release the claim, the second leave
+# it with its owner.
+_releasing: tuple[type[BaseException], ...] = ()
+_keeping: tuple[type[BaseException], ...] = ()
+
+
+def register_cancellation(exc_type: type[BaseException], *, keep_claim: bool = False) -> None:
+    """Treat ``exc_type``, raised by a body, as a cancellation rather than a failure.
+
+    Like ``asyncio.CancelledError`` it is never cached as an error (not even under
+    ``cache_errors=``), and by default the claim is released so the next call runs.
+    For a framework's time limit that is an ``Exception`` subclass::
+
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        register_cancellation(SoftTimeLimitExceeded)
+
+    ``keep_claim=True`` is for a framework's "a retry of this execution is scheduled"
+    signal (Celery's ``Retry``): when the call has an owner (``using(owner=task_id)``),
+    the claim stays held by that owner until its lease runs out, so the retry re-takes
+    it and a duplicate arriving meanwhile waits instead of running. Without an owner
+    nothing could re-take it, so it is released. Integrations register their framework's
+    types when imported; registering a type again is harmless.
+    """
+    global _releasing, _keeping
+    if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+        raise ConfigurationError(
+            f"register_cancellation: expected an exception class, got {exc_type!r}"
+        )
+    if keep_claim:
+        if exc_type not in _keeping:
+            _keeping = (*_keeping, exc_type)
+    elif exc_type not in _releasing:
+        _releasing = (*_releasing, exc_type)
 
 
 @dataclass(frozen=True)
@@ -220,10 +257,10 @@ class _Spec:
             if record.state is State.FAILED:
                 events.emit(EventKind.DUPLICATE, self.name, key)
                 raise self._load_error(key, record.payload)
-            # IN_PROGRESS, held by someone else.
-            events.emit(EventKind.CONFLICT, self.name, key)
+            # IN_PROGRESS, held by someone else: one conflict event per call, not per poll.
             now = time.monotonic()
             if deadline < 0:
+                events.emit(EventKind.CONFLICT, self.name, key)
                 deadline = now + self._wait
             if self.options.on_conflict == "raise" or now >= deadline:
                 waited = "" if self.options.on_conflict == "raise" else f" after {self._wait:g}s"
@@ -241,7 +278,7 @@ class _Spec:
         outcome: _Outcome = yield _RUN, (keys, token)
         if outcome.error is None:
             return (yield from self._store_result(keys, token, outcome))
-        yield from self._store_error(keys, token, outcome)
+        yield from self._store_error(keys, token, outcome, owner)
         raise outcome.error
 
     def _claim_legacy(
@@ -339,7 +376,7 @@ class _Spec:
         return outcome.value
 
     def _store_error(
-        self, keys: tuple[str, ...], token: str, outcome: _Outcome
+        self, keys: tuple[str, ...], token: str, outcome: _Outcome, owner: str = ""
     ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
         key = keys[0]
         error = outcome.error
@@ -348,8 +385,13 @@ class _Spec:
         events.emit(
             EventKind.FAILED, self.name, key, duration=outcome.duration, error=type(error).__name__
         )
-        if ttl is None or not isinstance(error, Exception):
-            # Failures and cancellations (CancelledError, KeyboardInterrupt...) release.
+        if owner and isinstance(error, _keeping):
+            # A retry of this execution is scheduled (Celery's Retry): the claim stays
+            # with its owner, so the retry re-takes it and duplicates meanwhile wait.
+            return
+        if ttl is None or not isinstance(error, Exception) or isinstance(error, _releasing):
+            # Failures and cancellations (CancelledError, KeyboardInterrupt, registered
+            # ones) release.
             yield from self._release_all(keys, token)
             return
         try:
@@ -418,8 +460,10 @@ def _drive(
     kwargs: dict[str, Any],
     explicit: str | None = None,
     owner: str = "",
+    store_key: str | None = None,
 ) -> Any:
-    key = spec.key(args, kwargs, explicit)
+    # store_key: a key computed elsewhere (an integration's producer) for these arguments.
+    key = spec.key(args, kwargs, explicit) if store_key is None else store_key
     fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
     backend = spec.backend()
     flow = spec.flow(key, owner, fingerprint)
@@ -487,8 +531,10 @@ async def _adrive(
     kwargs: dict[str, Any],
     explicit: str | None = None,
     owner: str = "",
+    store_key: str | None = None,
 ) -> Any:
-    key = spec.key(args, kwargs, explicit)
+    # store_key: a key computed elsewhere (an integration's producer) for these arguments.
+    key = spec.key(args, kwargs, explicit) if store_key is None else store_key
     fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
     backend = spec.backend()
     flow = spec.flow(key, owner, fingerprint)

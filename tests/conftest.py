@@ -16,6 +16,7 @@ import pytest
 
 import idempotask
 from idempotask import config as idem_config
+from idempotask import events
 
 SERVICE_URLS = {
     "redis": ("IDEMPOTASK_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -45,10 +46,13 @@ def service_url(name: str) -> str:
 
 @pytest.fixture(autouse=True)
 def fresh_config() -> Iterator[None]:
-    """Each test starts from the defaults with its own in-memory store."""
+    """Each test starts from the defaults with its own in-memory store, and leaves no
+    event listener behind."""
     idem_config.reset()
     idempotask.configure(backend="memory://")
+    listeners = events.listeners
     yield
+    events.listeners = listeners
     idem_config.reset()
 
 

@@ -69,14 +69,14 @@ def test_a_renamed_function_honours_results_stored_under_its_previous_name() -> 
     idempotask.configure(backend=store)
     runs: list[str] = []
 
-    @idempotent(name="app.tasks.charge")
+    @idempotent(name="tests.upgrades.old_charge")
     def old_charge(order: int) -> str:
         runs.append("old")
         return f"charged {order} (old code)"
 
     assert old_charge(1) == "charged 1 (old code)"
 
-    @idempotent(name="billing.charge", previous_names=("app.tasks.charge",))
+    @idempotent(name="tests.upgrades.charge", previous_names=("tests.upgrades.old_charge",))
     def charge(order: int) -> str:
         runs.append("new")
         return f"charged {order} (new code)"

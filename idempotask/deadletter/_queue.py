@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from idempotask import config
+from idempotask import config, events
 from idempotask.backends.base import Backend, State
 from idempotask.backends.deadletters import (
     DeadLetter,
@@ -62,11 +62,40 @@ from idempotask.deadletter._replay import (
     _stored_arguments,
 )
 from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
+from idempotask.events import EventKind
 from idempotask.retry import DEFAULT_POLICIES, RetryPolicy
 from idempotask.spool import Spool, SpoolError, encode_letter, spool_path
 from idempotask.taxonomy import Classifier, FailureKind, default_classifier
 
 log = logging.getLogger("idempotask")
+
+
+# What a replay's outcome tells event listeners; the other outcomes (skipped, conflict,
+# enqueued to a framework) settle nothing yet, so they emit nothing.
+_REPLAY_EVENTS = {
+    "resolved": EventKind.RETRY_SUCCEEDED,
+    "completed": EventKind.RETRY_SUCCEEDED,
+    "failed": EventKind.RETRY_FAILED,
+    "abandoned": EventKind.RETRY_EXHAUSTED,
+}
+
+
+def _emit_letter(kind: EventKind, letter: DeadLetter) -> None:
+    """Tell event listeners about ``letter``: names, kinds and counts only, never its
+    arguments or message (both may hold what ``redact=`` is there to keep private).
+    Callers test ``events.listeners`` first, so nothing is built when nobody listens."""
+    attributes: dict[str, events.AttributeValue] = {
+        "letter_id": letter.id,
+        "failure_kind": letter.kind,
+        "letter_status": Status(letter.status).value,
+        "attempts": letter.attempts,
+        "critical": letter.critical,
+    }
+    if letter.resolution:
+        attributes["resolution"] = letter.resolution
+    error = None if kind is EventKind.RETRY_SUCCEEDED else (letter.error_type or None)
+    events.emit(kind, letter.function, letter.key, error=error, attributes=attributes)
+
 
 # ----------------------------------------------------------------------------------------
 # Results
@@ -422,6 +451,13 @@ class DeadLetterQueue:
                 )
                 replay_of = None
             else:
+                if events.listeners:  # a framework's replay of the letter failed again
+                    _emit_letter(
+                        EventKind.RETRY_EXHAUSTED
+                        if letter.status is Status.ABANDONED
+                        else EventKind.RETRY_FAILED,
+                        letter,
+                    )
                 if letter.status is Status.ABANDONED:
                     self._alert(letter, "ran out of retries")
                 return letter
@@ -438,6 +474,8 @@ class DeadLetterQueue:
             id=replay_of,
         )
         letter = yield from self._add_flow(letter)
+        if events.listeners:
+            _emit_letter(EventKind.DEAD_LETTER, letter)
         self._alert(letter, "failed" if letter.status is Status.PENDING else "failed for good")
         return letter
 
@@ -552,6 +590,10 @@ class DeadLetterQueue:
         for letter in letters:
             result = yield from self._replay_flow(store, letter, now)
             report.results.append(result)
+            if events.listeners and result.letter is not None:
+                replay_event = _REPLAY_EVENTS.get(result.outcome)
+                if replay_event is not None:
+                    _emit_letter(replay_event, result.letter)
         return report
 
     def _replay_flow(
