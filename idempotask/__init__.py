@@ -41,7 +41,7 @@ from idempotask.errors import (
     SerializationError,
 )
 from idempotask.events import Event, EventKind, add_listener, remove_listener
-from idempotask.idempotent import IdempotentFunction, idempotent
+from idempotask.idempotent import IdempotentFunction, idempotent, register_cancellation
 from idempotask.keys import make_key, register_encoder, unregister_encoder
 from idempotask.lease import LeaseLostWarning, current_lease, lease_held
 
@@ -83,6 +83,7 @@ __all__ = [
     "idempotent",
     "lease_held",
     "make_key",
+    "register_cancellation",
     "register_encoder",
     "register_route",
     "remove_listener",
