@@ -88,9 +88,9 @@ def _new_token() -> str:
 
 
 # Exception types a body may raise that are not failures of the call (see
-# register_cancellation): never cached; the first release the claim, the second leave
-# it with its owner.
-_releasing: tuple[type[BaseException], ...] = ()
+# register_cancellation): never cached, the claim released -- or, for the _keeping ones
+# when the call has an owner, left with that owner.
+_cancellations: tuple[type[BaseException], ...] = ()
 _keeping: tuple[type[BaseException], ...] = ()
 
 
@@ -112,16 +112,22 @@ def register_cancellation(exc_type: type[BaseException], *, keep_claim: bool = F
     nothing could re-take it, so it is released. Integrations register their framework's
     types when imported; registering a type again is harmless.
     """
-    global _releasing, _keeping
+    global _cancellations, _keeping
     if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
         raise ConfigurationError(
             f"register_cancellation: expected an exception class, got {exc_type!r}"
         )
-    if keep_claim:
-        if exc_type not in _keeping:
-            _keeping = (*_keeping, exc_type)
-    elif exc_type not in _releasing:
-        _releasing = (*_releasing, exc_type)
+    if exc_type not in _cancellations:
+        _cancellations = (*_cancellations, exc_type)
+    if keep_claim and exc_type not in _keeping:
+        _keeping = (*_keeping, exc_type)
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation, not a failure: any ``BaseException`` that is
+    not an ``Exception`` (``CancelledError``, ``KeyboardInterrupt``...) or a type given
+    to :func:`register_cancellation`. Such errors are never cached or dead-lettered."""
+    return not isinstance(error, Exception) or isinstance(error, _cancellations)
 
 
 @dataclass(frozen=True)
@@ -389,7 +395,7 @@ class _Spec:
             # A retry of this execution is scheduled (Celery's Retry): the claim stays
             # with its owner, so the retry re-takes it and duplicates meanwhile wait.
             return
-        if ttl is None or not isinstance(error, Exception) or isinstance(error, _releasing):
+        if ttl is None or not isinstance(error, Exception) or isinstance(error, _cancellations):
             # Failures and cancellations (CancelledError, KeyboardInterrupt, registered
             # ones) release.
             yield from self._release_all(keys, token)

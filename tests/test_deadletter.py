@@ -1244,3 +1244,21 @@ def test_registered_names_point_at_the_outer_wrapper() -> None:
         return n
 
     assert registered_functions()["tests.registered-outer"] is job
+
+
+def test_registered_cancellations_are_never_dead_lettered() -> None:
+    """A framework's retry signal or time limit is not a failure of the call."""
+
+    class RetryLater(Exception):
+        pass
+
+    idempotask.register_cancellation(RetryLater)
+    queue = DeadLetterQueue("memory://")
+
+    @dead_letter(queue=queue)
+    def job() -> None:
+        raise RetryLater("scheduled again in 10 s")
+
+    with pytest.raises(RetryLater):
+        job()
+    assert queue.query() == []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 
 from idempotask.backends.deadletters import DeadLetter, Status
 from idempotask.errors import CachedFailure, ConfigurationError, IdempotaskError
+from idempotask.idempotent import is_cancellation
 from idempotask.keys import _check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind
@@ -167,7 +168,7 @@ def _failure_flow(
 def _dead_letterable(reg: _Registration, error: BaseException) -> bool:
     """Whether this failure gets a letter: an ``Exception`` that is not a conflict, and
     not a duplicate answered by a cached error (the first failure's letter covers it)."""
-    if not isinstance(error, Exception) or isinstance(error, _NOT_DEAD_LETTERED):
+    if is_cancellation(error) or isinstance(error, _NOT_DEAD_LETTERED):
         return False
     return reg.body_code is None or not _answered_from_cache(reg.body_code, error)
 

@@ -32,6 +32,9 @@ IDEMPOTENCY_OPTIONS = frozenset(
         "backend",
         "serializer",
         "on_backend_error",
+        "breaker",
+        "max_result_bytes",
+        "previous_names",
     }
 )
 # @dead_letter's options an integration accepts as ``dead_letter_<name>``.

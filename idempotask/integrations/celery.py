@@ -1,0 +1,640 @@
+"""Celery: idempotent tasks whose failures go to the dead-letter queue.
+
+``pip install 'idempotask[celery]'``, then give a task the :class:`IdempotentTask` base::
+
+    from celery import Celery
+
+    import idempotask
+    from idempotask.integrations.celery import IdempotentTask
+
+    app = Celery("billing", broker="redis://localhost:6379/1", backend="redis://localhost:6379/2")
+    idempotask.configure(backend="redis://localhost:6379/0")  # shared by every worker
+
+
+    @app.task(base=IdempotentTask, bind=True, autoretry_for=(ConnectionError,), max_retries=3,
+              idempotency_ttl=4 * 3600)
+    def charge(self, order_id: int, cents: int) -> dict:
+        receipt = payments.charge(order_id, cents)  # your payment client
+        return {"order_id": order_id, "receipt": receipt}
+
+
+    charge.delay(7, 500)
+    charge.delay(order_id=7, cents=500).get()  # the same call: runs once, same result
+
+What the base class does:
+
+- **The key** is computed by the producer (``apply_async``, ``delay``, signatures,
+  chains) from the arguments bound to the task's signature, ``self`` excluded, and
+  travels in the ``idempotask_key`` message header. The worker uses that header, and
+  computes the same key itself when a message has none (``send_task``, beat). Its name is
+  the Celery task name.
+- **The task id owns the claim**, so the task's own retries (``self.retry()``,
+  ``autoretry_for``) re-take it. On ``Retry`` the claim is *kept* and its lease extended
+  by the retry's countdown, so a duplicate arriving before the retry runs waits instead
+  of running the body. A message the broker *redelivers* (``acks_late`` after a worker
+  died, a visibility timeout) claims without an owner: it waits until the holder's lease
+  runs out (or its result is stored), so a task still running elsewhere is never run
+  twice at once.
+- **Duplicates** return the stored result, so ``result.get()`` of every copy equals the
+  first run's value. ``idempotency_dedupe_enqueue=True`` goes further: a send while the
+  same call is already enqueued or done returns the original ``AsyncResult`` without
+  sending anything. (The marker lives for the ttl, capped by Celery's ``result_expires``;
+  if the message is lost meanwhile, ``charge.forget(7, 500)`` lets a send go out again.)
+- **Failures** go to the dead-letter queue once Celery's retries are exhausted (or when
+  the task has none), with the task name, the bound arguments and the traceback, under
+  the route ``"celery"``: :meth:`~idempotask.DeadLetterQueue.process_due` re-enqueues
+  them through ``apply_async`` and a new failure updates the same letter.
+- ``SoftTimeLimitExceeded``, ``Ignore`` and ``Reject`` release the claim and are never
+  cached as errors; ``Retry`` keeps it for the task's own retry (see
+  :func:`idempotask.register_cancellation`).
+
+Plain ``@idempotent`` stacked under ``@app.task`` works too (with ``bind=True``, pass
+``exclude_args=("self",)``; with ``name=`` equal to the task name the keys are the same):
+the worker computes the key, there is no owner (a ``self.retry()`` releases the claim and
+the retry claims it afresh), no enqueue dedupe and no dead-lettering on exhaustion.
+
+Options are task options with a prefix: ``idempotency_<option>`` for each option of
+:func:`idempotask.idempotent` but ``name`` (``idempotency_ttl``, ``idempotency_lease``,
+``idempotency_key_args``...), ``idempotency_dedupe_enqueue``, and ``dead_letter_<option>``
+(``dead_letter_queue``, ``dead_letter_redact``, ``dead_letter_critical``,
+``dead_letter_enabled``...). An unknown prefixed name is a
+:class:`~idempotask.ConfigurationError` naming it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import inspect
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from idempotask import config
+from idempotask.backends.base import State
+from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.deadletter import DeadLetterQueue, ReplayError, default_queue, register_route
+from idempotask.deadletter._core import (
+    Hook,
+    _check_classifier,
+    _check_hook,
+    _check_policies,
+    _fire,
+)
+from idempotask.errors import (
+    AlreadyInProgress,
+    BackendError,
+    ConfigurationError,
+    KeyMismatchError,
+    MissingDependencyError,
+)
+from idempotask.idempotent import _drive, _Spec, idempotent, register_cancellation
+from idempotask.integrations._common import check_worker_backend, split_options
+from idempotask.lease import Lease, LeaseLostWarning, current_lease
+from idempotask.retry import RetryPolicy
+from idempotask.taxonomy import Classifier, FailureKind
+
+try:
+    import celery  # type: ignore[import-untyped]
+    from celery import signals
+    from celery.exceptions import (  # type: ignore[import-untyped]
+        Ignore,
+        Reject,
+        Retry,
+        SoftTimeLimitExceeded,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError(
+        "idempotask.integrations.celery needs Celery: pip install 'idempotask[celery]'"
+    ) from exc
+
+__all__ = ["KEY_HEADER", "REPLAY_HEADER", "ROUTE", "IdempotentTask"]
+
+log = logging.getLogger("idempotask")
+
+KEY_HEADER = "idempotask_key"
+"""Message header carrying the producer's idempotency key."""
+REPLAY_HEADER = "idempotask_replay_of"
+"""Message header carrying the id of the dead letter a message replays."""
+ROUTE = "celery"
+"""The dead-letter route of Celery tasks; :meth:`DeadLetterQueue.process_due` replays
+letters on it through ``apply_async`` (``send_task`` for tasks this process lacks)."""
+
+_ENQUEUED_SUFFIX = ":enqueued"
+_OWN_OPTIONS = ("idempotency_dedupe_enqueue",)
+_PREFIXES = ("idempotency_", "dead_letter_")
+
+# A time limit stops the body from outside and Ignore/Reject tell the worker not to
+# record an outcome: none is a result of the call, so none may be cached. Retry means
+# "this execution continues in a retry": the claim stays with the task id.
+register_cancellation(SoftTimeLimitExceeded)
+register_cancellation(Ignore)
+register_cancellation(Reject)
+register_cancellation(Retry, keep_claim=True)
+
+# Not failures of the task's work: never dead-lettered (a duplicate that gave up
+# waiting, a misused explicit key, Celery's own control flow).
+_NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (
+    AlreadyInProgress,
+    KeyMismatchError,
+    LeaseLostWarning,
+    Retry,
+    Ignore,
+    Reject,
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DeadLetters:
+    """A task's ``dead_letter_*`` options, validated."""
+
+    queue: DeadLetterQueue | None
+    redact: Any
+    classifier: Classifier | None
+    policies: Mapping[FailureKind | str, RetryPolicy] | None
+    critical: bool
+    on_dead_letter: Hook | None
+    on_retry_exhausted: Hook | None
+
+
+def _class_options(cls: type) -> dict[str, Any]:
+    """The prefixed options of a task class, subclasses overriding their bases."""
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if name.startswith(_PREFIXES):
+                found[name] = value
+    return found
+
+
+def _split(cls: type) -> tuple[dict[str, Any], _DeadLetters | None, bool]:
+    """(``@idempotent`` options, dead-letter options or None when off, dedupe_enqueue)."""
+    where = f"task {getattr(cls, 'name', None) or cls.__qualname__}"
+    options = _class_options(cls)
+    dedupe = options.pop("idempotency_dedupe_enqueue", False)
+    if not isinstance(dedupe, bool):
+        raise ConfigurationError(
+            f"{where}: idempotency_dedupe_enqueue: expected True or False, got {dedupe!r}"
+        )
+    try:
+        idem, dead, _ = split_options(options, where=where)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{exc}; Celery tasks also take {', '.join(_OWN_OPTIONS)}"
+        ) from None
+    enabled = dead.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigurationError(
+            f"{where}: dead_letter_enabled: expected True or False, got {enabled!r}"
+        )
+    queue = dead.get("queue")
+    if queue is not None and not isinstance(queue, DeadLetterQueue):
+        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
+    letters = _DeadLetters(
+        queue=queue,
+        redact=_check_hook("dead_letter_redact", dead.get("redact")),
+        classifier=_check_classifier(dead.get("classifier")),
+        policies=dead.get("policies") if _check_policies(dead.get("policies")) else None,
+        critical=bool(dead.get("critical", False)),
+        on_dead_letter=_check_hook("dead_letter_on_dead_letter", dead.get("on_dead_letter")),
+        on_retry_exhausted=_check_hook(
+            "dead_letter_on_retry_exhausted", dead.get("on_retry_exhausted")
+        ),
+    )
+    return idem, (letters if enabled else None), dedupe
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """What one task needs per call, built once per process on first use."""
+
+    function: Any  # the @idempotent function wrapping Task.__call__
+    spec: _Spec
+    signature: inspect.Signature
+    dead_letters: _DeadLetters | None
+    dedupe_enqueue: bool
+
+
+class _Call:
+    """The running call's lease, seen from outside the body once it has ended."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+
+
+_calls: ContextVar[_Call | None] = ContextVar("idempotask_celery_call", default=None)
+_bind_lock = threading.Lock()
+
+
+def _bind(task: Any) -> _Binding:
+    idem, letters, dedupe = _split(type(task))
+    # autoretry_for wraps ``run`` and keeps the original as ``_orig_run``; the key and
+    # the replayed arguments follow the task's own signature, ``self`` excluded (``run``
+    # is a bound method when bind=True).
+    run = getattr(task, "_orig_run", None) or task.run
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        call = _calls.get()
+        if call is not None:
+            call.lease = current_lease()
+        # The next __call__ in the MRO (Celery's: pushes the request, runs ``run``).
+        return super(IdempotentTask, task).__call__(*args, **kwargs)
+
+    functools.update_wrapper(body, run)
+    function: Any = idempotent(name=task.name, **idem)(body)
+    return _Binding(
+        function=function,
+        spec=function.__idempotask_spec__,
+        signature=inspect.signature(run),
+        dead_letters=letters,
+        dedupe_enqueue=dedupe,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The task base class
+# ----------------------------------------------------------------------------------------
+
+
+class IdempotentTask(celery.Task):  # type: ignore[misc]
+    """A Celery task base: the same logical call runs once, duplicates get its result,
+    and failures that exhaust Celery's retries are dead-lettered.
+
+    ::
+
+        @app.task(base=IdempotentTask, bind=True, max_retries=3, idempotency_ttl=3600,
+                  dead_letter_redact=lambda a: {**a, "card": "<redacted>"})
+        def charge(self, order_id: int, card: str) -> str:
+            try:
+                return payments.charge(order_id, card)  # your payment client
+            except ConnectionError as exc:
+                raise self.retry(exc=exc, countdown=30)  # re-takes this task's claim
+
+        charge.key_for(7, "4242...")  # the store key, as the producer computes it
+        charge.forget(7, "4242...")  # drop the stored result (and enqueue marker)
+
+    See the module documentation for the semantics and options.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Refuse a misspelt option where the task is defined, not at its first call.
+        _split(cls)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _idempotask(self) -> _Binding:
+        binding: _Binding | None = self.__dict__.get("_idempotask_binding")
+        if binding is None:
+            with _bind_lock:
+                binding = self.__dict__.get("_idempotask_binding")
+                if binding is None:
+                    binding = self.__dict__["_idempotask_binding"] = _bind(self)
+        return binding
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        """The store key of this call, as the producer puts it in the message header."""
+        return str(self._idempotask().function.key_for(*args, **kwargs))
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        """Drop this call's stored result and enqueue marker, so it runs again."""
+        binding = self._idempotask()
+        key = self.key_for(*args, **kwargs)
+        binding.spec.backend().delete(key + _ENQUEUED_SUFFIX)
+        return bool(binding.function.forget_key(key))
+
+    # -- producer side --------------------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Send the task with its idempotency key in the ``idempotask_key`` header.
+
+        A retry's message keeps the header of the message it retries, so the key stays
+        the same even when ``self.retry(args=...)`` changes the arguments. With
+        ``idempotency_dedupe_enqueue=True``, a call already enqueued or done is not sent
+        again: the original task's ``AsyncResult`` is returned.
+        """
+        headers = dict(options.get("headers") or {})
+        if not headers.get(KEY_HEADER):
+            headers[KEY_HEADER] = self.key_for(*(args or ()), **(kwargs or {}))
+        options["headers"] = headers
+        binding = self._idempotask()
+        first_send = not options.get("retries") and REPLAY_HEADER not in headers
+        if not (binding.dedupe_enqueue and first_send):
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        task_id = task_id or str(uuid.uuid4())
+        marker = headers[KEY_HEADER] + _ENQUEUED_SUFFIX
+        token = uuid.uuid4().hex
+        backend = binding.spec.backend()
+        # The marker is a claim of its own key, owned by the task id and expiring with
+        # the dedupe window: one atomic step decides which send goes out.
+        record = backend.claim(marker, token, lease=self._dedupe_window(binding), owner=task_id)
+        if not record.held_by(token) and record.state is State.IN_PROGRESS and record.owner:
+            return self.AsyncResult(record.owner)
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except BaseException:
+            backend.delete(marker, token=token)  # nothing was sent: later sends must go out
+            raise
+
+    def _dedupe_window(self, binding: _Binding) -> float:
+        """How long a send is remembered: the ttl, capped by the result expiry (past it,
+        the original ``AsyncResult`` could no longer answer)."""
+        ttl = binding.spec.options.ttl or config.settings().default_ttl
+        expires = self._get_app().conf.result_expires
+        if isinstance(expires, _dt.timedelta):
+            expires = expires.total_seconds()
+        if isinstance(expires, (int, float)) and expires > 0:
+            ttl = min(ttl, float(expires))
+        return float(ttl)
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        binding = self._idempotask()
+        request = self.request
+        if request.called_directly:
+            # A plain function call (``charge(7, 500)``): idempotent, nothing else.
+            return binding.function(*args, **kwargs)
+        key = _header_key(request, binding.spec)
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        # A redelivered message may be a copy of one still running elsewhere (a
+        # visibility timeout): it must not re-take that claim, only wait it out.
+        owner = "" if redelivered else str(request.id or "")
+        call = _Call()
+        reset = _calls.set(call)
+        try:
+            return _run(binding, args, kwargs, key, owner, redelivered)
+        except Retry as exc:
+            if owner:  # without an owner the core released the claim: nothing to hold
+                _hold_for_retry(binding, call.lease, exc)
+            raise
+        except Exception as exc:
+            if not isinstance(exc, _NOT_DEAD_LETTERED):
+                # Retries are exhausted (autoretry_for and self.retry() raise Retry while
+                # any are left): the failure is final.
+                _final_failure(self, binding, request, exc, args, kwargs, key)
+            raise
+        finally:
+            _calls.reset(reset)
+
+
+def _header(request: Any, name: str) -> str | None:
+    # Protocol 2 merges custom headers into the request; eager calls keep them in
+    # ``request.headers``.
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _header_key(request: Any, spec: _Spec) -> str | None:
+    """The producer's key, if the message has one this worker agrees with.
+
+    A key of another namespace or name (a producer configured differently, the old name
+    during a rename) is ignored: the worker's own key is the one ``previous_names`` and
+    the configuration govern.
+    """
+    key = _header(request, KEY_HEADER)
+    if key is None:
+        return None
+    if not key.startswith(f"{config.settings().namespace}:{spec.name}:"):
+        log.warning(
+            "idempotask: %s received key %s for another namespace or name; using its own",
+            spec.name,
+            key,
+        )
+        return None
+    return key
+
+
+def _lease_seconds(spec: _Spec) -> float:
+    return spec.options.lease or config.settings().default_lease
+
+
+def _run(
+    binding: _Binding,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str | None,
+    owner: str,
+    redelivered: bool,
+) -> Any:
+    spec = binding.spec
+    if not redelivered or spec.options.on_conflict == "raise":
+        return _drive(spec, args, kwargs, None, owner, key)
+    # The holder of a redelivered message's claim may be a dead worker, whose lease runs
+    # out only after up to one lease: wait at least that long, whatever wait_timeout says.
+    deadline = time.monotonic() + _lease_seconds(spec)
+    while True:
+        try:
+            return _drive(spec, args, kwargs, None, owner, key)
+        except AlreadyInProgress:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _retry_delay(exc: Any) -> float:
+    when = getattr(exc, "when", None)
+    if isinstance(when, _dt.datetime):
+        return max((when - _dt.datetime.now(when.tzinfo)).total_seconds(), 0.0)
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return max(float(when), 0.0)
+    return 0.0
+
+
+def _hold_for_retry(binding: _Binding, held: Lease | None, exc: Any) -> None:
+    """Keep the claim until the scheduled retry can re-take it.
+
+    The core left the claim with its owner (the task id); its lease would run out after
+    one lease, possibly before a retry with a long countdown runs. Extend it by the
+    countdown. Compare-and-set on the token: if the retry already re-took the claim,
+    this changes nothing.
+    """
+    if held is None:
+        return  # unprotected (fail-open) or released: nothing to hold
+    seconds = _retry_delay(exc) + _lease_seconds(binding.spec)
+    try:
+        held.backend.renew(held.key, held.token, lease=seconds)
+    except BackendError as error:
+        log.warning(
+            "idempotask: could not hold %s for the retry of %s (%s); a duplicate may run it "
+            "once the lease runs out",
+            held.key,
+            binding.spec.name,
+            error,
+        )
+
+
+def _final_failure(
+    task: Any,
+    binding: _Binding,
+    request: Any,
+    error: Exception,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str | None,
+) -> None:
+    """Record a final failure; never raises (the task's exception must propagate)."""
+    try:
+        if key is None:
+            key = binding.spec.key(args, kwargs, None)
+    except Exception:
+        key = ""  # the key itself cannot be built: the letter says why
+    if binding.dedupe_enqueue and key:
+        _drop_marker(binding, key, str(request.id or ""))
+    letters = binding.dead_letters
+    if letters is None:
+        return
+    try:
+        queue = letters.queue if letters.queue is not None else default_queue()
+        letter = queue.record(
+            task.name,
+            error,
+            arguments=_arguments(binding, letters, args, kwargs),
+            key=key,
+            route=ROUTE,
+            critical=letters.critical,
+            classifier=letters.classifier,
+            policies=letters.policies,
+            replay_of=_header(request, REPLAY_HEADER),
+        )
+    except Exception:
+        # SpoolError was logged with the letter itself; anything else is a bug of ours.
+        log.exception("idempotask: could not record the failure of %s", task.name)
+        return
+    _fire(letters.on_dead_letter, letter, "on_dead_letter")
+    if letter.status is Status.ABANDONED:
+        _fire(letters.on_retry_exhausted, letter, "on_retry_exhausted")
+
+
+def _drop_marker(binding: _Binding, key: str, task_id: str) -> None:
+    """A failed call must be sendable again: drop its enqueue marker if it is ours."""
+    marker = key + _ENQUEUED_SUFFIX
+    try:
+        backend = binding.spec.backend()
+        record = backend.get(marker)
+        if record is not None and record.owner == task_id:
+            backend.delete(marker, token=record.token)
+    except BackendError as exc:
+        log.warning("idempotask: could not drop the enqueue marker %s: %s", marker, exc)
+
+
+def _arguments(
+    binding: _Binding, letters: _DeadLetters, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Mapping[str, Any] | None:
+    """The bound arguments, through ``dead_letter_redact``; None keeps nothing."""
+    try:
+        bound = binding.signature.bind(*args, **kwargs)
+    except TypeError:
+        return None  # the call itself was wrong; the TypeError is the letter
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    if letters.redact is None:
+        return arguments
+    try:
+        kept = letters.redact(arguments)
+    except Exception:
+        # Keeping the unredacted arguments could store a secret: keep nothing.
+        log.exception("idempotask: the dead_letter_redact hook of %s raised", binding.spec.name)
+        return None
+    if not isinstance(kept, Mapping):
+        log.error(
+            "idempotask: the dead_letter_redact hook of %s returned %s, not a mapping",
+            binding.spec.name,
+            type(kept).__name__,
+        )
+        return None
+    return kept
+
+
+# ----------------------------------------------------------------------------------------
+# Replays and worker checks
+# ----------------------------------------------------------------------------------------
+
+
+def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> None:
+    """The ``"celery"`` route: re-enqueue a letter through the current Celery app."""
+    app = celery.current_app
+    headers = {REPLAY_HEADER: letter.id}
+    if letter.key:
+        headers[KEY_HEADER] = letter.key  # the replay runs under the original key
+    task = app.tasks.get(letter.function)
+    if not isinstance(task, IdempotentTask):
+        # This process does not import the task: send it by name, by keyword.
+        app.send_task(letter.function, kwargs=arguments, headers=headers)
+        return
+    signature = task._idempotask().signature
+    unknown = sorted(set(arguments) - set(signature.parameters))
+    if unknown:
+        raise ReplayError(
+            f"{letter.function} no longer takes {', '.join(map(repr, unknown))}; "
+            "its signature changed"
+        )
+    ordered = {n: arguments[n] for n in signature.parameters if n in arguments}
+    bound = inspect.BoundArguments(signature, ordered)
+    task.apply_async(bound.args, bound.kwargs, headers=headers)
+
+
+register_route(ROUTE, _replay)
+
+
+def _worker_processes(worker: Any) -> int:
+    """How many processes run tasks in this worker (1 unless prefork)."""
+    pool = getattr(worker, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(name) and name != "processes":
+        return 1
+    concurrency = getattr(worker, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        return concurrency
+    return os.cpu_count() or 2
+
+
+def _check_worker(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: warn when a prefork worker would use a per-process memory store."""
+    processes = _worker_processes(sender)
+    if processes <= 1:
+        return
+    backends = {}
+    try:
+        default = config.get_backend()
+        backends[id(default)] = default
+        app = getattr(sender, "app", None) or celery.current_app
+        for task in list(app.tasks.values()):
+            if isinstance(task, IdempotentTask):
+                backend = task._idempotask().spec.backend()
+                backends[id(backend)] = backend
+    except Exception:
+        log.exception("idempotask: could not inspect the Celery worker's idempotency stores")
+    for backend in backends.values():
+        check_worker_backend(backend, framework="Celery", processes=processes)
+
+
+signals.worker_init.connect(_check_worker, weak=False)
