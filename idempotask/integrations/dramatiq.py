@@ -1,0 +1,565 @@
+"""Dramatiq integration: idempotent actors and dead letters, as one broker middleware.
+
+``pip install 'idempotask[dramatiq]'``::
+
+    import dramatiq
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+    from idempotask.integrations.dramatiq import IdempotencyMiddleware
+
+    broker = RabbitmqBroker(url="amqp://guest:guest@localhost:5672/")
+    broker.add_middleware(IdempotencyMiddleware())  # the configured idempotency store
+    dramatiq.set_broker(broker)
+
+    @dramatiq.actor(max_retries=3, idempotency_ttl=4 * 3600, dead_letter_critical=True)
+    def autoclose(job_id: int, day: str) -> dict: ...
+
+An actor is idempotent when it has an ``idempotency_*`` option, or when its function is
+a plain ``@idempotent`` one (``@dramatiq.actor`` over ``@idempotent``); either way the
+key's name is the actor name, so an actor keeps its keys whichever way it is decorated.
+The message id owns the claim: Dramatiq keeps it when the Retries middleware re-enqueues
+a message and when a broker redelivers one, so a retry or a redelivery re-takes the
+claim of its own earlier attempt instead of waiting for it. A duplicate message runs no
+body: its actor call returns the first result (which the Results middleware stores for
+the duplicate's message too) and the message is acknowledged.
+
+A message whose retries are exhausted (the Retries middleware rejects it) is recorded in
+the dead-letter queue -- ``function`` = the actor name, ``route="dramatiq"`` -- with its
+traceback; ``DeadLetterQueue.process_due()`` in any process whose broker has this
+middleware replays it through ``actor.send_with_options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.errors import ActorNotFound, Retry
+from dramatiq.middleware import Middleware, MiddlewareError
+
+from idempotask import config
+from idempotask.backends.base import Backend, Record, State
+from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.deadletter import DeadLetterQueue, ReplayError, default_queue, register_route
+from idempotask.deadletter._core import (
+    _NOT_DEAD_LETTERED,
+    _check_classifier,
+    _check_hook,
+    _check_policies,
+    _fire,
+)
+from idempotask.errors import BackendError, ConfigurationError
+from idempotask.idempotent import _adrive, _drive, _Spec, idempotent, register_cancellation
+from idempotask.integrations._common import (
+    DEAD_LETTER_OPTIONS,
+    IDEMPOTENCY_OPTIONS,
+    check_worker_backend,
+    split_options,
+)
+from idempotask.keys import claim_name
+from idempotask.taxonomy import Classifier
+
+if TYPE_CHECKING:
+    from dramatiq.actor import Actor
+    from dramatiq.broker import Broker, MessageProxy
+    from dramatiq.message import Message
+    from dramatiq.worker import Worker
+
+__all__ = ["LETTER_OPTION", "ROUTE", "ActorOptionError", "IdempotencyMiddleware"]
+
+log = logging.getLogger("idempotask")
+
+ROUTE = "dramatiq"
+"""The dead-letter route of Dramatiq messages."""
+LETTER_OPTION = "idempotask_dead_letter"
+"""The message option naming the dead letter a replayed message belongs to."""
+
+_PREPARED = "_idempotask_prepared"
+
+# A body raising dramatiq.Retry asks for its message to run again: the claim stays with
+# the message (its owner) until the retry re-takes it, so a duplicate waits meanwhile.
+# Time limits and shutdown raise BaseExceptions, which release the claim already.
+register_cancellation(Retry, keep_claim=True)
+
+
+class ActorOptionError(ConfigurationError, MiddlewareError):
+    """An actor's ``idempotency_*`` / ``dead_letter_*`` options are wrong.
+
+    A :class:`~idempotask.errors.ConfigurationError` that is also a Dramatiq
+    ``MiddlewareError``, because Dramatiq lets only those out of its ``before_*`` hooks:
+    the actor's declaration fails with it instead of a log line.
+    """
+
+
+# ----------------------------------------------------------------------------------------
+# Per-thread state: the message a worker thread is processing, and how it failed.
+# Dramatiq runs before_process_message, the actor and after_process_message, then the
+# ack/nack hooks, all in the worker thread that took the message.
+# ----------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _current_message() -> Any:
+    return getattr(_local, "message", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Dead-letter options (dead_letter_* actor options)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DeadLetterOptions:
+    queue: DeadLetterQueue | None = None
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    classifier: Classifier | None = None
+    policies: Any = None
+    critical: bool = False
+    on_dead_letter: Callable[[DeadLetter], object] | None = None
+    on_retry_exhausted: Callable[[DeadLetter], object] | None = None
+    enabled: bool = True
+
+
+_DEFAULT_DEAD_LETTER = _DeadLetterOptions()
+
+
+def _dead_letter_options(options: dict[str, Any], where: str) -> _DeadLetterOptions:
+    queue = options.get("queue")
+    if queue is not None and not isinstance(queue, DeadLetterQueue):
+        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
+    return _DeadLetterOptions(
+        queue=queue,
+        redact=_check_hook("dead_letter_redact", options.get("redact")),
+        classifier=_check_classifier(options.get("classifier")),
+        policies=_check_policies(options.get("policies")),
+        critical=bool(options.get("critical", False)),
+        on_dead_letter=_check_hook("dead_letter_on_dead_letter", options.get("on_dead_letter")),
+        on_retry_exhausted=_check_hook(
+            "dead_letter_on_retry_exhausted", options.get("on_retry_exhausted")
+        ),
+        enabled=bool(options.get("enabled", True)),
+    )
+
+
+def _bound_arguments(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The call's arguments by name, defaults applied, or None if they do not bind."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _redacted(
+    options: _DeadLetterOptions, name: str, arguments: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    if arguments is None or options.redact is None:
+        return arguments
+    try:
+        kept: object = options.redact(dict(arguments))
+    except Exception:
+        # Keeping the unredacted arguments could store a secret: keep nothing.
+        log.exception(
+            "idempotask: the dead_letter_redact hook of %s raised; no arguments kept", name
+        )
+        return None
+    if not isinstance(kept, Mapping):
+        log.error("idempotask: the dead_letter_redact hook of %s did not return a mapping", name)
+        return None
+    return dict(kept)
+
+
+# ----------------------------------------------------------------------------------------
+# Replays
+# ----------------------------------------------------------------------------------------
+
+# Brokers with this middleware in this process; a replay looks its actor up in them.
+_brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+_brokers_lock = threading.Lock()
+
+
+def _replay_arguments(
+    func: Any, arguments: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for ``func`` from arguments stored by name."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return (), dict(arguments)
+    unknown = sorted(set(arguments) - set(sig.parameters))
+    if unknown:
+        raise ValueError(
+            f"{getattr(func, '__qualname__', func)} no longer takes "
+            f"{', '.join(map(repr, unknown))}; its signature changed"
+        )
+    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
+    bound = inspect.BoundArguments(sig, ordered)
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
+    with _brokers_lock:
+        brokers = list(_brokers)
+    for broker in brokers:
+        try:
+            actor = broker.get_actor(letter.function)
+        except ActorNotFound:
+            continue
+        args, kwargs = _replay_arguments(actor.fn, arguments)
+        options: dict[str, Any] = {LETTER_OPTION: letter.id}
+        return actor.send_with_options(args=args, kwargs=kwargs, **options)
+    # ReplayError: the processor leaves the letter for a process that knows the actor.
+    raise ReplayError(
+        f"no broker with IdempotencyMiddleware in this process declares actor "
+        f"{letter.function!r}; import the module that defines it"
+    )
+
+
+def _remember_broker(broker: Broker) -> None:
+    with _brokers_lock:
+        first = not _brokers
+        _brokers.add(broker)
+    if first:
+        register_route(ROUTE, _replay)
+
+
+# ----------------------------------------------------------------------------------------
+# Running an actor: the message id owns the claim
+# ----------------------------------------------------------------------------------------
+
+
+def _clear_own_failure(
+    spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str
+) -> None:
+    """Drop a failure this very message cached (``idempotency_cache_errors``) so its
+    retry runs: a cached failure answers duplicates, and a retry of the same message is
+    the same execution, not a duplicate of itself."""
+    if spec.options.cache_errors is None:
+        return
+    try:
+        key = spec.key(args, kwargs, None)
+        backend = spec.backend()
+        record: Record | None = backend.get(key)
+        if record is not None and record.state is State.FAILED and record.owner == owner:
+            backend.delete(key, token=record.token)
+    except BackendError:
+        pass  # the claim that follows meets the same store and applies on_backend_error
+
+
+def _owned(spec: _Spec, is_async: bool) -> Callable[..., Any]:
+    """The actor function: the idempotent call, owned by the current message's id."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        message = _current_message()
+        owner = "" if message is None else str(message.message_id)
+        if owner:
+            _clear_own_failure(spec, args, kwargs, owner)
+        if not is_async:
+            return _drive(spec, args, kwargs, None, owner)
+        loop_thread = get_event_loop_thread()
+        if loop_thread is None:
+            raise RuntimeError(
+                f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
+            )
+        return loop_thread.run_coroutine(_adrive(spec, args, kwargs, None, owner))
+
+    functools.update_wrapper(call, spec.func)  # __wrapped__: the signature replays bind to
+    c: Any = call
+    c.key_for = lambda *args, **kwargs: spec.key(args, kwargs, None)
+    c.__idempotask_spec__ = spec
+    return call
+
+
+def _unwrap(fn: Any) -> tuple[Any, bool]:
+    """(the function the actor was declared with, whether it is async).
+
+    Dramatiq wraps an ``async def`` actor function in a sync ``async_to_sync`` shim whose
+    ``__wrapped__`` is the coroutine function.
+    """
+    inner = getattr(fn, "__wrapped__", None)
+    if not inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(inner):
+        return inner, True
+    return fn, inspect.iscoroutinefunction(fn)
+
+
+def _cli_processes() -> int:
+    """How many worker processes the ``dramatiq`` command runs (1 in-process).
+
+    A worker process started by the CLI inherits its command line; ``--processes``
+    defaults to the CPU count there.
+    """
+    if multiprocessing.parent_process() is None:
+        return 1
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        value = None
+        if arg in ("-p", "--processes") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--processes="):
+            value = arg.partition("=")[2]
+        if value is not None:
+            try:
+                return max(int(value), 1)
+            except ValueError:
+                break
+    return os.cpu_count() or 1
+
+
+class IdempotencyMiddleware(Middleware):
+    """Idempotent actors and dead letters for a Dramatiq broker.
+
+    ::
+
+        broker.add_middleware(IdempotencyMiddleware())
+
+        @dramatiq.actor(max_retries=3, store_results=True, idempotency_ttl=3600)
+        def charge(order: int, card: str) -> str: ...
+
+    ``backend``: the idempotency store for actors that do not name one with
+    ``idempotency_backend`` (default: the configured one, read at call time).
+    ``dead_letters``: record exhausted messages (default True; per actor
+    ``dead_letter_enabled=False``). ``dead_letter_queue``: the
+    :class:`~idempotask.deadletter.DeadLetterQueue` (default: the process-wide one).
+
+    Actor options: ``idempotency_<option>`` for each of ``@idempotent``'s options but
+    ``name`` (the actor name is the key's name), and ``dead_letter_<option>``
+    (``queue``, ``redact``, ``classifier``, ``policies``, ``critical``,
+    ``on_dead_letter``, ``on_retry_exhausted``, ``enabled``). Dramatiq itself refuses
+    names no middleware declares; a bad value is an :class:`ActorOptionError`
+    (a ``ConfigurationError``) when the actor is declared.
+
+    - **Duplicates** run no body; the actor returns the stored result (stored by the
+      Results middleware for the duplicate's message as well) and the message is acked.
+      A duplicate arriving while the first runs waits (``idempotency_on_conflict``,
+      ``idempotency_wait_timeout``); ``AlreadyInProgress`` is retried by Retries like
+      any failure and never dead-lettered.
+    - **Retries and redeliveries** keep the message id, which owns the claim: they
+      re-take their own claim at once. A failure releases the claim (or is cached with
+      ``idempotency_cache_errors`` -- for duplicates only, never for the message's own
+      retries).
+    - **Time limits and shutdown** interrupt the body with a ``BaseException``: the
+      claim is released, never cached.
+    - **A dead worker** (SIGKILL, OOM): its claim expires after the lease; a redelivered
+      message re-takes it at once, any other message for the same call runs once the
+      lease has run out.
+    - **Exhausted retries** (any message Dramatiq rejects with an exception: retries
+      used up, ``max_retries=0``, an exception listed in ``throws``): the message is
+      recorded as a dead letter (traceback, bound arguments through
+      ``dead_letter_redact``, the key) under its message id, and replayed with
+      ``actor.send_with_options`` (the actor's retry options apply to the replay); a
+      replayed message that fails for good updates its letter.
+    - The in-memory store is warned about (``MultiProcessMemoryWarning``) when the worker
+      runs several processes, where it cannot deduplicate.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        dead_letters: bool = True,
+        dead_letter_queue: DeadLetterQueue | None = None,
+    ) -> None:
+        self._backend = config.check_backend(backend)
+        if dead_letter_queue is not None and not isinstance(dead_letter_queue, DeadLetterQueue):
+            raise ConfigurationError(
+                f"dead_letter_queue: expected a DeadLetterQueue, got {dead_letter_queue!r}"
+            )
+        self._dead_letters = bool(dead_letters)
+        self._queue = dead_letter_queue
+        self._options: dict[str, _DeadLetterOptions] = {}
+        self._specs: dict[str, _Spec] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def actor_options(self) -> set[str]:
+        """The option names actors may use with this middleware."""
+        return {f"idempotency_{o}" for o in IDEMPOTENCY_OPTIONS} | {
+            f"dead_letter_{o}" for o in DEAD_LETTER_OPTIONS
+        }
+
+    # -- declaring actors ---------------------------------------------------------------
+
+    def before_declare_actor(self, broker: Broker, actor: Actor[Any, Any]) -> None:
+        self._prepare(broker, actor)
+
+    def after_declare_actor(self, broker: Broker, actor: Actor[Any, Any]) -> None:
+        # add_middleware() calls this for actors declared before the middleware was added
+        # (Dramatiq 1.x passes the actor's name there).
+        declared: Any = actor
+        if isinstance(declared, str):
+            declared = broker.get_actor(declared)
+        self._prepare(broker, declared)
+
+    def _prepare(self, broker: Broker, actor: Actor[Any, Any]) -> None:
+        if getattr(actor, _PREPARED, None) is self:
+            return
+        where = f"actor {actor.actor_name!r}"
+        try:
+            idem, dead, _ = split_options(actor.options, where=where)
+            options = _dead_letter_options(dead, where)
+            spec = self._spec_for(actor, idem, where)
+        except ActorOptionError:
+            raise
+        except ConfigurationError as exc:
+            raise ActorOptionError(str(exc)) from exc
+        _remember_broker(broker)
+        with self._lock:
+            self._options[actor.actor_name] = options
+            if spec is not None:
+                self._specs[actor.actor_name] = spec[0]
+        if spec is not None:
+            actor.fn = _owned(*spec)
+        setattr(actor, _PREPARED, self)
+
+    def _spec_for(
+        self, actor: Actor[Any, Any], idem: dict[str, Any], where: str
+    ) -> tuple[_Spec, bool] | None:
+        raw, is_async = _unwrap(actor.fn)
+        if hasattr(raw, "__idempotask_dead_letter__"):
+            raise ConfigurationError(
+                f"{where}: @dead_letter would record every failed attempt, retries included; "
+                "use dead_letter_* actor options (recorded when Dramatiq's retries are "
+                "exhausted) instead"
+            )
+        plain: _Spec | None = getattr(raw, "__idempotask_spec__", None)
+        if plain is not None:
+            if idem:
+                raise ConfigurationError(
+                    f"{where}: the function is already @idempotent; give its options there "
+                    "or as idempotency_* actor options, not both"
+                )
+            # The key's name is the actor name whichever way the actor is decorated, so
+            # switching styles keeps the keys.
+            opts = plain.options
+            if opts.name != actor.actor_name:
+                func = plain.func
+                claim_name(actor.actor_name, f"{func.__module__}.{func.__qualname__}")
+                opts = dataclasses.replace(opts, name=actor.actor_name)
+            if opts.backend is None and self._backend is not None:
+                opts = dataclasses.replace(opts, backend=self._backend)
+            return _Spec(plain.func, opts, plain.keyer), is_async
+        if not idem:
+            return None
+        if self._backend is not None:
+            idem.setdefault("backend", self._backend)
+        wrapped: Any = idempotent(name=actor.actor_name, **idem)(raw)
+        return wrapped.__idempotask_spec__, is_async
+
+    # -- messages -------------------------------------------------------------------------
+
+    def before_enqueue(self, broker: Broker, message: Message[Any], delay: int) -> None:
+        # Dramatiq checks actor options, not message options: without this a per-message
+        # idempotency_ttl would be silently ignored.
+        for name in message.options:
+            if name.startswith(("idempotency_", "dead_letter_")):
+                raise ActorOptionError(
+                    f"message to {message.actor_name!r}: {name!r} is an actor option; "
+                    "idempotency and dead-letter options cannot be set per message"
+                )
+
+    # -- the worker -----------------------------------------------------------------------
+
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        from idempotask.backends.memory import MemoryBackend
+
+        with self._lock:
+            specs = list(self._specs.values())
+        for spec in specs:
+            backend = spec.backend()
+            if isinstance(backend, MemoryBackend):
+                check_worker_backend(backend, framework="dramatiq", processes=_cli_processes())
+                return
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        _local.message = message
+        _local.failure = None
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        _local.message = None
+        # Whether the message is rejected for good is known only after the Retries
+        # middleware has run (it may run after this hook): keep the failure until nack.
+        _local.failure = None if exception is None else (message.message_id, exception)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        _local.message = None
+        _local.failure = None
+
+    def after_ack(self, broker: Broker, message: MessageProxy) -> None:
+        _local.failure = None
+
+    def before_nack(self, broker: Broker, message: MessageProxy) -> None:
+        failure = getattr(_local, "failure", None)
+        _local.failure = None
+        if not self._dead_letters or failure is None or failure[0] != message.message_id:
+            return
+        try:
+            self._record(broker, message, failure[1])
+        except Exception:
+            log.exception(
+                "idempotask: could not record the failure of message %s (%s)",
+                message.message_id,
+                message.actor_name,
+            )
+
+    def _record(self, broker: Broker, message: MessageProxy, error: BaseException) -> None:
+        if isinstance(error, (*_NOT_DEAD_LETTERED, MiddlewareError)):
+            return
+        name = str(message.actor_name)
+        with self._lock:
+            options = self._options.get(name, _DEFAULT_DEAD_LETTER)
+        if not options.enabled:
+            return
+        try:
+            fn: Any = broker.get_actor(name).fn
+        except ActorNotFound:
+            fn = None
+        args, kwargs = tuple(message.args), dict(message.kwargs)
+        arguments = None if fn is None else _bound_arguments(fn, args, kwargs)
+        arguments = _redacted(options, name, arguments)
+        key = ""
+        key_for = getattr(fn, "key_for", None)
+        if callable(key_for):
+            try:
+                key = str(key_for(*args, **kwargs))
+            except Exception:
+                key = ""
+        queue = options.queue or self._queue or default_queue()
+        # Recorded under the message id, so a message recorded twice (redelivered after
+        # its worker died between recording and rejecting it) keeps one letter; a replay
+        # names its letter in its options.
+        replay_of = str(message.options.get(LETTER_OPTION) or message.message_id)
+        letter = queue.record(
+            name,
+            error,
+            arguments=arguments,
+            key=key,
+            route=ROUTE,
+            critical=options.critical,
+            classifier=options.classifier,
+            policies=options.policies,
+            replay_of=replay_of,
+        )
+        _fire(options.on_dead_letter, letter, "dead_letter_on_dead_letter")
+        if letter.status is Status.ABANDONED:
+            _fire(options.on_retry_exhausted, letter, "dead_letter_on_retry_exhausted")

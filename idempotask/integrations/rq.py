@@ -1,0 +1,649 @@
+"""RQ integration: idempotent jobs, deduplicating enqueue, dead letters for exhausted jobs.
+
+``pip install 'idempotask[rq]'`` (RQ 2 or later). The pieces work alone or together::
+
+    from rq import Queue, Retry
+    from idempotask.integrations.rq import enqueue_once, idempotent_job
+
+    @idempotent_job(idempotency_ttl=4 * 3600, dead_letter_critical=True)
+    def autoclose(job_id: int, day: str) -> dict: ...
+
+    job = enqueue_once(queue, autoclose, 7, "2026-01-02", retry=Retry(max=2))
+
+and the worker runs with the dead-letter handler::
+
+    rq worker --exception-handler idempotask.integrations.rq.dead_letter_handler
+
+- :func:`idempotent_job` is ``@idempotent`` with prefixed options (``idempotency_ttl``,
+  ``dead_letter_redact``...) whose claims are owned by the RQ job id, so RQ's own
+  ``Retry`` (and RQ re-running a job whose worker died) re-takes the job's claim instead
+  of waiting for it. A plain ``@idempotent`` job function works in a worker too
+  (duplicates are answered from the store); :class:`IdempotentJob` (``rq worker
+  --job-class``) gives it the job-id owner as well.
+- :func:`enqueue_once` derives the job id from the idempotency key, so the same logical
+  call enqueued again returns the same job while it is queued, running, or its result is
+  still in the store.
+- :func:`dead_letter_handler` records a job whose retries are exhausted in the dead-letter
+  queue (``function`` = the job's ``func_name``, ``route="rq"``); with
+  :func:`register_replay_route`, ``DeadLetterQueue.process_due()`` re-enqueues it through
+  ``Queue.enqueue_call``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+from rq import get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import JobTimeoutException
+from rq.utils import import_attribute
+
+from idempotask import config
+from idempotask.backends.base import Record, State
+from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.deadletter import DeadLetterQueue, default_queue, register_route
+from idempotask.deadletter._core import (
+    _NOT_DEAD_LETTERED,
+    _check_classifier,
+    _check_hook,
+    _check_policies,
+    _fire,
+)
+from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
+from idempotask.idempotent import IdempotentFunction, idempotent, register_cancellation
+from idempotask.integrations._common import check_worker_backend, split_options
+from idempotask.taxonomy import Classifier
+
+__all__ = [
+    "JOB_ID_PREFIX",
+    "LETTER_META",
+    "ROUTE",
+    "IdempotentJob",
+    "dead_letter_handler",
+    "enqueue_once",
+    "idempotent_job",
+    "job_id_for",
+    "register_replay_route",
+]
+
+log = logging.getLogger("idempotask")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ROUTE = "rq"
+"""The dead-letter route of RQ jobs: letters carry it, :func:`register_replay_route`
+handles it."""
+LETTER_META = "idempotask_dead_letter"
+"""The job meta entry naming the dead letter a replayed job belongs to."""
+JOB_ID_PREFIX = "idem-"
+"""Job ids :func:`enqueue_once` derives from idempotency keys start with this."""
+
+# Statuses after which RQ never runs a job again by itself. Strings, not JobStatus
+# members: the enum gained members over RQ releases.
+_TERMINAL = frozenset({"finished", "failed", "stopped", "canceled"})
+# Queue.enqueue() keywords that are RQ's own, not the job function's (RQ 2 and 3).
+_RQ_OPTIONS = {
+    "job_timeout": "timeout",
+    "description": "description",
+    "result_ttl": "result_ttl",
+    "ttl": "ttl",
+    "failure_ttl": "failure_ttl",
+    "depends_on": "depends_on",
+    "at_front": "at_front",
+    "meta": "meta",
+    "retry": "retry",
+    "repeat": "repeat",
+    "on_success": "on_success",
+    "on_failure": "on_failure",
+    "on_stopped": "on_stopped",
+    "rate_limit": "rate_limit",
+    "webhooks": "webhooks",
+}
+_REFUSED = {
+    "job_id": "enqueue_once derives the job id from the idempotency key",
+    "unique": "enqueue_once is unique by construction",
+    "pipeline": "enqueue_once reads the existing job first, which a pipeline would defer",
+}
+_LOCK_TTL_MS = 10_000  # an enqueuer that dies holding the enqueue lock blocks others this long
+_LOCK_WAIT = 10.0
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_RQ_MARKER = "__idempotask_rq__"
+
+# RQ's job timeout interrupts the body like a time limit: the claim is released so the
+# retry (or the next call) runs, and it is never cached as the call's error.
+register_cancellation(JobTimeoutException)
+
+
+# ----------------------------------------------------------------------------------------
+# Dead-letter options (dead_letter_* on idempotent_job)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DeadLetterOptions:
+    queue: DeadLetterQueue | None = None
+    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    classifier: Classifier | None = None
+    policies: Any = None
+    critical: bool = False
+    on_dead_letter: Callable[[DeadLetter], object] | None = None
+    on_retry_exhausted: Callable[[DeadLetter], object] | None = None
+    enabled: bool = True
+
+
+_DEFAULT_DEAD_LETTER = _DeadLetterOptions()
+
+
+def _dead_letter_options(options: dict[str, Any], where: str) -> _DeadLetterOptions:
+    queue = options.get("queue")
+    if queue is not None and not isinstance(queue, DeadLetterQueue):
+        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
+    return _DeadLetterOptions(
+        queue=queue,
+        redact=_check_hook("dead_letter_redact", options.get("redact")),
+        classifier=_check_classifier(options.get("classifier")),
+        policies=_check_policies(options.get("policies")),
+        critical=bool(options.get("critical", False)),
+        on_dead_letter=_check_hook("dead_letter_on_dead_letter", options.get("on_dead_letter")),
+        on_retry_exhausted=_check_hook(
+            "dead_letter_on_retry_exhausted", options.get("on_retry_exhausted")
+        ),
+        enabled=bool(options.get("enabled", True)),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Running a job: the job id owns the claim
+# ----------------------------------------------------------------------------------------
+
+_checked_pids: set[int] = set()
+_checked_lock = threading.Lock()
+
+
+def _worker_processes(job: Job) -> int:
+    """2 when the job runs in another process than its worker (a forked or spawned work
+    horse: each job gets a fresh process), else 1 (SimpleWorker, a synchronous queue)."""
+    from rq.worker import Worker
+
+    name = job.worker_name
+    if not name:
+        return 1
+    try:
+        worker = Worker.find_by_key(
+            Worker.redis_worker_namespace_prefix + name, connection=job.connection
+        )
+    except Exception:
+        return 1
+    pid = getattr(worker, "pid", None)
+    return 2 if pid is not None and pid != os.getpid() else 1
+
+
+def _check_backend_once(fn: Any, job: Job) -> None:
+    """Warn (once per process) when a job in a forking worker uses the memory store."""
+    pid = os.getpid()
+    if pid in _checked_pids:
+        return
+    with _checked_lock:
+        _checked_pids.add(pid)
+    from idempotask.backends.memory import MemoryBackend
+
+    backend = fn.__idempotask_spec__.backend()
+    if isinstance(backend, MemoryBackend):
+        check_worker_backend(backend, framework="rq", processes=_worker_processes(job))
+
+
+def _clear_own_failure(fn: Any, owner: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Drop a failure this very job cached (``cache_errors``), so its retry runs.
+
+    A cached failure answers *duplicates*; RQ's retry of the same job is the same
+    execution, not a duplicate of itself.
+    """
+    spec = fn.__idempotask_spec__
+    if spec.options.cache_errors is None:
+        return
+    try:
+        key = fn.key_for(*args, **kwargs)
+        backend = spec.backend()
+        record: Record | None = backend.get(key)
+        if record is not None and record.state is State.FAILED and record.owner == owner:
+            backend.delete(key, token=record.token)
+    except BackendError:
+        pass  # the claim that follows meets the same store and applies on_backend_error
+
+
+def _bound_for_job(fn: Any, job: Job, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn`` (an idempotent function) bound to owner = the job id."""
+    _check_backend_once(fn, job)
+    _clear_own_failure(fn, job.id, args, kwargs)
+    return fn.using(owner=job.id)
+
+
+def _call_in_job(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    job = get_current_job()
+    if job is None:  # called directly, not by a worker
+        return fn(*args, **kwargs)
+    return _bound_for_job(fn, job, args, kwargs)(*args, **kwargs)
+
+
+class IdempotentJob(Job):
+    """An RQ job class that runs plain ``@idempotent`` functions with the job id as the
+    claim's owner, like :func:`idempotent_job` does by itself.
+
+    ``rq worker --job-class idempotask.integrations.rq.IdempotentJob`` (or
+    ``Worker(queues, job_class=IdempotentJob)``). Other functions run unchanged.
+    """
+
+    def _execute(self) -> Any:
+        func = self.func
+        if (
+            func is not None
+            and hasattr(func, "__idempotask_spec__")
+            and callable(getattr(func, "using", None))
+            and not hasattr(func, _RQ_MARKER)
+        ):
+            args, kwargs = tuple(self.args), dict(self.kwargs)
+            result = _bound_for_job(func, self, args, kwargs)(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                import asyncio
+
+                return asyncio.run(result)
+            return result
+        return super()._execute()
+
+
+@overload
+def idempotent_job(func: Callable[P, R], /) -> IdempotentFunction[P, R]: ...
+
+
+@overload
+def idempotent_job(
+    **options: Any,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
+
+
+def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """``@idempotent`` for RQ job functions, with prefixed options and the job id as owner.
+
+    ::
+
+        @idempotent_job(idempotency_ttl=3600, dead_letter_redact=lambda a: {"order": a["order"]})
+        def charge(order: int, card: str) -> str: ...
+
+        queue.enqueue(charge, 7, "tok_1", retry=Retry(max=3))
+
+    ``idempotency_<option>`` are ``@idempotent``'s options (``ttl``, ``lease``,
+    ``on_conflict``, ``cache_errors``, ``key_args``...); the key's name is the job's
+    ``func_name`` (``module.qualname``). ``dead_letter_<option>`` (``queue``, ``redact``,
+    ``classifier``, ``policies``, ``critical``, ``on_dead_letter``,
+    ``on_retry_exhausted``, ``enabled``) tell :func:`dead_letter_handler` how to record
+    this function's exhausted jobs. Unknown names are a :class:`ConfigurationError`.
+
+    Inside a worker the claim's owner is the job id: RQ's ``Retry`` re-runs re-take
+    the job's own claim, and a failure the job cached with ``idempotency_cache_errors``
+    does not answer its own retry. Called outside a job, it is plain ``@idempotent``.
+    """
+
+    def wrap(f: Callable[..., Any]) -> Any:
+        where = f"@idempotent_job on {getattr(f, '__qualname__', f)!r}"
+        idem, dead, rest = split_options(options, where=where)
+        if rest:
+            raise ConfigurationError(
+                f"{where}: unknown option(s) {', '.join(map(repr, sorted(rest)))}; options "
+                "are idempotency_* and dead_letter_* (RQ's own go to Queue.enqueue)"
+            )
+        if hasattr(f, "__idempotask_spec__") or hasattr(f, "__idempotask_dead_letter__"):
+            raise ConfigurationError(
+                f"{where}: the function is already decorated with @idempotent or "
+                "@dead_letter; use one of them (dead letters come from dead_letter_handler, "
+                "which records a job only when RQ's retries are exhausted)"
+            )
+        dead_options = _dead_letter_options(dead, where)
+        inner: Any = idempotent(**idem)(f)
+
+        if inspect.iscoroutinefunction(f):
+
+            @functools.wraps(f)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await _call_in_job(inner, args, kwargs)
+
+        else:
+
+            @functools.wraps(f)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return _call_in_job(inner, args, kwargs)
+
+        w: Any = wrapper
+        for name in ("idempotency", "__idempotask_spec__", "key_for", "forget", "forget_key"):
+            setattr(w, name, getattr(inner, name))
+        w.using = inner.using
+        w.__idempotask_rq_dead_letter__ = dead_options
+        setattr(w, _RQ_MARKER, True)
+        return w
+
+    if func is not None:
+        return wrap(func)
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------
+# Enqueueing once
+# ----------------------------------------------------------------------------------------
+
+
+def job_id_for(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """The job id :func:`enqueue_once` uses for this call: ``idem-`` and a digest of the
+    idempotency key (which may hold a namespace with ``:``, which RQ ids must not).
+
+    >>> job_id_for(charge, 7, "tok_1")  # doctest: +SKIP
+    'idem-5b0e1c...'
+    """
+    key_for = getattr(func, "key_for", None)
+    if not callable(key_for):
+        raise ConfigurationError(
+            f"enqueue_once: {getattr(func, '__qualname__', func)!r} is not idempotent; "
+            "decorate it with @idempotent_job (or @idempotent) so the same call has one key"
+        )
+    return _job_id(str(key_for(*args, **kwargs)))
+
+
+def _job_id(key: str) -> str:
+    return JOB_ID_PREFIX + hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _split_enqueue(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """(the function's args, its kwargs, RQ's enqueue_call options), as Queue.enqueue
+    would split them."""
+    kwargs = dict(kwargs)
+    for name, why in _REFUSED.items():
+        if name in kwargs:
+            raise ConfigurationError(f"enqueue_once: {name}= is not accepted: {why}")
+    idem, dead, _ = split_options(kwargs, where="enqueue_once")
+    if idem or dead:
+        raise ConfigurationError(
+            "enqueue_once: idempotency_* and dead_letter_* options belong on the job function "
+            "(@idempotent_job(idempotency_ttl=...)), where the worker sees them too"
+        )
+    rq_options = {
+        _RQ_OPTIONS[name]: kwargs.pop(name) for name in list(kwargs) if name in _RQ_OPTIONS
+    }
+    if "args" in kwargs or "kwargs" in kwargs:
+        # Queue.enqueue's explicit form: enqueue(f, args=(...), kwargs={...}).
+        if args:
+            raise ConfigurationError("enqueue_once: pass args= or positional arguments, not both")
+        args = tuple(kwargs.pop("args", None) or ())
+        kwargs = dict(kwargs.pop("kwargs", None) or {})
+    return args, kwargs, rq_options
+
+
+def enqueue_once(queue: Queue, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+    """Enqueue ``func(*args, **kwargs)`` unless the same logical call already has a job.
+
+    ::
+
+        job = enqueue_once(queue, charge, 7, "tok_1", retry=Retry(max=3))
+        assert enqueue_once(queue, charge, order=7, card="tok_1").id == job.id
+
+    ``func`` is an idempotent job function (:func:`idempotent_job` or ``@idempotent``).
+    The job id is derived from its idempotency key (:func:`job_id_for`), so positional
+    and keyword spellings, and concurrent callers in any process, meet on one job. The
+    existing job is returned while it is queued, scheduled, deferred or running, and
+    after it ended for as long as the store still answers for the key (a result within
+    its ttl, a failure cached with ``cache_errors``). When the store no longer has the
+    key -- the result expired or was forgotten, or the job failed and released it --
+    the ended job is replaced by a new one under the same id, because the call would
+    run again anyway. RQ's own options (``job_timeout``, ``result_ttl``, ``retry``,
+    ``meta``, ``at_front``...) are passed through; ``job_id``, ``unique`` and ``pipeline``
+    are refused.
+    """
+    fargs, fkwargs, rq_options = _split_enqueue(args, kwargs)
+    key_for = getattr(func, "key_for", None)
+    spec = getattr(func, "__idempotask_spec__", None)
+    if not callable(key_for) or spec is None:
+        job_id_for(func)  # raises the ConfigurationError naming the fix
+        raise AssertionError("unreachable")
+    key = str(key_for(*fargs, **fkwargs))
+    job_id = _job_id(key)
+    connection = queue.connection
+    lock = f"{config.settings().namespace}:rq-enqueue:{job_id}"
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + _LOCK_WAIT
+    pause = 0.002
+    # A short lock per job id: reading the existing job and replacing an ended one must
+    # be one step, or two enqueuers replacing the same failed job would both enqueue.
+    while not connection.set(lock, token, nx=True, px=_LOCK_TTL_MS):
+        if time.monotonic() >= deadline:
+            raise AlreadyInProgress(
+                f"enqueue_once: another enqueuer holds the lock for {job_id} after {_LOCK_WAIT:g}s",
+                key=key,
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    try:
+        try:
+            existing: Job | None = queue.job_class.fetch(
+                job_id, connection=connection, serializer=queue.serializer
+            )
+        except NoSuchJobError:
+            existing = None
+        if existing is not None:
+            status = existing.get_status(refresh=False)
+            if str(getattr(status, "value", status)) not in _TERMINAL:
+                return existing
+            if spec.backend().get(key) is not None:
+                return existing
+            existing.delete()
+        return queue.enqueue_call(func, args=fargs, kwargs=fkwargs, job_id=job_id, **rq_options)
+    finally:
+        connection.eval(_RELEASE, 1, lock, token)
+
+
+# ----------------------------------------------------------------------------------------
+# Dead letters
+# ----------------------------------------------------------------------------------------
+
+
+def _bound_arguments(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The call's arguments by name, defaults applied, or None if they do not bind."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _redacted(
+    options: _DeadLetterOptions, name: str, arguments: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    if arguments is None or options.redact is None:
+        return arguments
+    try:
+        kept: object = options.redact(dict(arguments))
+    except Exception:
+        # Keeping the unredacted arguments could store a secret: keep nothing.
+        log.exception(
+            "idempotask: the dead_letter_redact hook of %s raised; no arguments kept", name
+        )
+        return None
+    if not isinstance(kept, Mapping):
+        log.error("idempotask: the dead_letter_redact hook of %s did not return a mapping", name)
+        return None
+    return dict(kept)
+
+
+def _will_retry(job: Job) -> bool:
+    left = getattr(job, "retries_left", None)
+    return bool(left is not None and left > 0)
+
+
+def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
+    if _will_retry(job) or isinstance(error, _NOT_DEAD_LETTERED):
+        return None
+    name = job.func_name or job.id
+    try:
+        func: Any = job.func
+    except Exception:
+        func = None  # the function itself cannot be imported: the letter says so
+    options: _DeadLetterOptions = getattr(
+        func, "__idempotask_rq_dead_letter__", _DEFAULT_DEAD_LETTER
+    )
+    if not options.enabled:
+        return None
+    arguments: dict[str, Any] | None = None
+    key = ""
+    if func is not None:
+        try:
+            args, kwargs = tuple(job.args), dict(job.kwargs)
+        except Exception:
+            args, kwargs = (), {}
+        arguments = _redacted(options, name, _bound_arguments(func, args, kwargs))
+        key_for = getattr(func, "key_for", None)
+        if callable(key_for):
+            try:
+                key = str(key_for(*args, **kwargs))
+            except Exception:
+                key = ""
+    queue = options.queue if options.queue is not None else default_queue()
+    # The first failure of a job is recorded under the job's id, so the replay route can
+    # find the job (its queue and options); a replayed job names its letter in its meta.
+    replay_of = str((job.meta or {}).get(LETTER_META) or job.id)
+    letter = queue.record(
+        name,
+        error,
+        arguments=arguments,
+        key=key,
+        route=ROUTE,
+        critical=options.critical,
+        classifier=options.classifier,
+        policies=options.policies,
+        replay_of=replay_of,
+    )
+    _fire(options.on_dead_letter, letter, "dead_letter_on_dead_letter")
+    if letter.status is Status.ABANDONED:
+        _fire(options.on_retry_exhausted, letter, "dead_letter_on_retry_exhausted")
+    return letter
+
+
+def dead_letter_handler(
+    job: Job,
+    exc_type: type[BaseException] | None,
+    exc_value: BaseException | None,
+    traceback: TracebackType | None,
+) -> bool:
+    """An RQ exception handler: a job whose retries are exhausted becomes a dead letter.
+
+    ::
+
+        rq worker --exception-handler idempotask.integrations.rq.dead_letter_handler
+        Worker([queue], exception_handlers=[dead_letter_handler])
+
+    A job RQ will retry (``Retry(max=...)`` with retries left) is left alone; the last
+    failure is recorded with its traceback, ``function`` = the job's ``func_name``,
+    the bound arguments (through ``dead_letter_redact``), the idempotency key and
+    ``route="rq"``. A job abandoned by a dead worker is recorded too (RQ reports it with
+    ``AbandonedJobError``, without traceback). ``AlreadyInProgress`` (the call runs
+    elsewhere) never is. A replayed job that fails again updates its letter. Recording
+    never raises into RQ; the handler returns True so the next handlers run.
+    """
+    try:
+        if exc_value is None:
+            exc_value = exc_type() if exc_type is not None else RuntimeError("unknown failure")
+        # RQ 2 reports an abandoned job with a StackSummary where a traceback goes.
+        if exc_value.__traceback__ is None and isinstance(traceback, TracebackType):
+            exc_value = exc_value.with_traceback(traceback)
+        _record_failure(job, exc_value)
+    except Exception:
+        log.exception("idempotask: could not record the failure of RQ job %s", job.id)
+    return True
+
+
+def _replay_arguments(
+    func: Any, arguments: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for ``func`` from arguments stored by name."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return (), dict(arguments)
+    unknown = sorted(set(arguments) - set(sig.parameters))
+    if unknown:
+        raise ValueError(
+            f"{getattr(func, '__qualname__', func)} no longer takes "
+            f"{', '.join(map(repr, unknown))}; its signature changed"
+        )
+    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
+    bound = inspect.BoundArguments(sig, ordered)
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def _replay(
+    connection: Any, default_queue_name: str, letter: DeadLetter, arguments: dict[str, Any]
+) -> Job:
+    try:
+        func: Any = import_attribute(letter.function)
+    except Exception:
+        func = None
+    args, kwargs = ((), dict(arguments)) if func is None else _replay_arguments(func, arguments)
+    queue_name = default_queue_name
+    options: dict[str, Any] = {}
+    try:
+        original = Job.fetch(letter.id, connection=connection)
+    except NoSuchJobError:
+        original = None
+    except Exception:
+        original = None  # unreadable (another serializer...): fall back to the default queue
+    if original is not None and original.func_name == letter.function and original.origin:
+        queue_name = original.origin
+        options = {
+            "timeout": original.timeout,
+            "result_ttl": original.result_ttl,
+            "failure_ttl": original.failure_ttl,
+        }
+    queue = Queue(queue_name, connection=connection)
+    return queue.enqueue_call(
+        letter.function,
+        args=args,
+        kwargs=kwargs,
+        meta={LETTER_META: letter.id},
+        **{k: v for k, v in options.items() if v is not None},
+    )
+
+
+def register_replay_route(connection: Any, *, queue: str = "default") -> None:
+    """Let ``DeadLetterQueue.process_due()`` in this process replay RQ letters.
+
+    ::
+
+        register_replay_route(Redis.from_url("redis://localhost:6379/0"))
+        DeadLetterQueue().process_due()  # cron, or a loop
+
+    A due letter is enqueued again with its stored arguments on the queue its job came
+    from (the original job is found by the letter's id while RQ keeps it, with its
+    timeout and result/failure ttls), else on ``queue``. The new job carries the letter
+    id in ``meta[LETTER_META]``, so if it fails for good :func:`dead_letter_handler`
+    updates that letter instead of adding one. The processor resolves the letter as
+    ``"enqueued"`` once the job is enqueued.
+    """
+    register_route(ROUTE, functools.partial(_replay, connection, queue))

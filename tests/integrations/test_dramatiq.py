@@ -1,0 +1,477 @@
+"""The Dramatiq integration with real ``dramatiq`` worker processes on RabbitMQ.
+
+The broker is RabbitMQ (``IDEMPOTASK_AMQP_URL``), with the Results middleware and the
+idempotency store on Redis. One queue and namespace per test session (random, deleted at
+the end); tests keep apart by their arguments. Workers are started per test and stopped
+(SIGTERM, then SIGKILL of their process group) when the test ends, whatever happened.
+The last tests need no worker: they check options on an in-process stub broker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+pytest.importorskip("dramatiq")
+pytest.importorskip("pika")
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AsyncIO
+from redis import Redis
+
+import idempotask
+from idempotask import dead_letter, idempotent
+from idempotask.backends.base import State
+from idempotask.backends.deadletters import Status
+from idempotask.deadletter import default_queue
+from idempotask.errors import ConfigurationError
+from idempotask.integrations.dramatiq import (
+    LETTER_OPTION,
+    ROUTE,
+    ActorOptionError,
+    IdempotencyMiddleware,
+)
+from idempotask.serializers import get_serializer
+from tests.conftest import service_url
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = f"idqdr{uuid.uuid4().hex[:8]}"  # every queue and key this module creates has it
+RESULT_WAIT_MS = 30_000
+# The environment tests.integrations._dramatiq_actors reads when imported.
+ENV_NAMESPACE = "IDEMPOTASK_DRAMATIQ_TEST_NAMESPACE"
+ENV_BROKER = "IDEMPOTASK_DRAMATIQ_TEST_BROKER"
+ENV_REDIS = "IDEMPOTASK_DRAMATIQ_TEST_REDIS"
+ENV_DEAD_LETTERS = "IDEMPOTASK_DRAMATIQ_TEST_DEAD_LETTERS"
+ENV_SPOOL = "IDEMPOTASK_DRAMATIQ_TEST_SPOOL"
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.2)
+
+
+def _with_query(url: str, **params: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def _pika_url(url: str) -> str:
+    """Kombu's ``amqp://host//`` (vhost "/") in pika's spelling, ``amqp://host/%2F``."""
+    parts = urlsplit(url)
+    if parts.path == "//":
+        parts = parts._replace(path="/%2F")
+    return urlunsplit(parts)
+
+
+@pytest.fixture(scope="module")
+def actors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    """The actors module, imported with this session's broker, queue and stores (it reads
+    them from the environment when imported, as the worker processes do)."""
+    redis_url = service_url("redis")
+    amqp_url = _pika_url(service_url("amqp"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv(ENV_NAMESPACE, PREFIX)
+    patch.setenv(ENV_BROKER, amqp_url)
+    patch.setenv(ENV_REDIS, redis_url)
+    patch.setenv(ENV_DEAD_LETTERS, _with_query(redis_url, prefix=PREFIX))
+    patch.setenv(ENV_SPOOL, str(tmp_path_factory.mktemp("spool") / "spool.jsonl"))
+    module = importlib.import_module("tests.integrations._dramatiq_actors")
+    assert module.NAMESPACE == PREFIX
+    try:
+        yield module
+    finally:
+        broker = module.broker
+        try:
+            channel = broker.channel
+            for queue in (module.QUEUE, f"{module.QUEUE}.DQ", f"{module.QUEUE}.XQ"):
+                channel.queue_delete(queue)
+        finally:
+            broker.close()
+        conn = Redis.from_url(redis_url)
+        keys = list(conn.scan_iter(match=f"*{PREFIX}*", count=1000))
+        for i in range(0, len(keys), 500):
+            conn.delete(*keys[i : i + 500])
+        conn.close()
+        patch.undo()
+
+
+@dataclass
+class Env:
+    """One test's view of the session: the actors, stores and worker processes."""
+
+    actors: ModuleType
+    redis: Redis
+    logs: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def count(self, name: str) -> int:
+        return int(self.redis.get(self.actors.counter(name)) or 0)
+
+    def worker(
+        self, *, threads: int = 4, processes: int = 1, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start ``dramatiq`` on the session's queue."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "tests.integrations._dramatiq_actors",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--queues",
+            self.actors.QUEUE,
+        ]
+        child_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "IDEMPOTASK_DRAMATIQ_TEST_WORKER": "1",
+            "IDEMPOTASK_URL": os.environ[ENV_REDIS],
+            "PYTHONWARNINGS": "default",
+            **env,
+        }
+        log = (self.logs / f"worker{len(self.workers)}.log").open("wb")
+        proc = subprocess.Popen(
+            cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the worker's process group (the CLI and its worker processes), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def env(actors: ModuleType, tmp_path: Path) -> Iterator[Env]:
+    idempotask.configure(
+        backend=os.environ[ENV_REDIS],
+        namespace=actors.NAMESPACE,
+        dead_letter_store=os.environ[ENV_DEAD_LETTERS],
+        spool_path=os.environ[ENV_SPOOL],
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    e = Env(actors=actors, redis=Redis.from_url(os.environ[ENV_REDIS]), logs=logs)
+    try:
+        yield e
+    finally:
+        for proc in e.workers:
+            _stop(proc)
+        actors.broker.flush_all()  # nothing a test left behind reaches the next one
+        e.redis.close()
+
+
+def _stored(key: str) -> Any:
+    record = idempotask.config.get_backend().get(key)
+    assert record is not None
+    assert record.state is State.COMPLETED
+    return get_serializer("json").loads(record.payload)
+
+
+# ----------------------------------------------------------------------------------------
+# Duplicates
+# ----------------------------------------------------------------------------------------
+
+
+def test_one_call_sent_20_times_from_threads_runs_once_and_every_result_is_the_first(
+    env: Env,
+) -> None:
+    """20 messages (positional and keyword spellings, sent concurrently), a worker with 4
+    threads: the body runs once; the Results middleware has the same value for all."""
+    add = env.actors.add
+    spellings: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((2, 3), {}),
+        ((), {"a": 2, "b": 3}),
+        ((2,), {"b": 3, "scale": 1}),
+    ]
+    messages: list[Any] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(20)
+
+    def send(i: int) -> None:
+        args, kwargs = spellings[i % len(spellings)]
+        barrier.wait()
+        message = add.send_with_options(args=args, kwargs=kwargs)
+        with lock:
+            messages.append(message)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({m.message_id for m in messages}) == 20
+    env.worker(threads=4)
+
+    results = [m.get_result(block=True, timeout=RESULT_WAIT_MS) for m in messages]
+    assert results == [{"sum": 5, "pair": [2, 3]}] * 20
+    assert env.count("add") == 1
+    assert _stored(add.fn.key_for(2, 3)) == {"sum": 5, "pair": [2, 3]}
+
+
+# ----------------------------------------------------------------------------------------
+# Retries and dead letters
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_message_failing_twice_then_succeeding_under_retries_runs_three_times_without_letter(
+    env: Env,
+) -> None:
+    """max_retries=2: three runs of one message (its id kept across retries, so each
+    retry re-takes its own claim and skips its own cached failure), one stored result,
+    no dead letter."""
+    flaky = env.actors.flaky
+    message = flaky.send(21)
+    env.worker()
+    # The result is stored under the original message id: the retries kept it.
+    assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == 42
+    assert env.count("flaky:21") == 3
+    assert _stored(flaky.fn.key_for(21)) == 42
+    assert default_queue().query(function="flaky") == []
+
+    duplicate = flaky.send(n=21)
+    assert duplicate.get_result(block=True, timeout=RESULT_WAIT_MS) == 42
+    assert env.count("flaky:21") == 3
+
+
+def test_a_message_that_always_fails_is_dead_lettered_after_retries_and_replayed_by_send(
+    env: Env,
+) -> None:
+    """After max_retries=2 the message becomes one dead letter (traceback, redacted
+    arguments, key under the actor name, route "dramatiq"); process_due re-sends it
+    through the actor, the worker runs it (three more runs), and its failure updates
+    the same letter."""
+    always_fails = env.actors.always_fails
+    message = always_fails.send(7, "tok")
+    env.worker()
+    wait_for(lambda: default_queue().query(function="always_fails"), "the dead letter")
+    assert env.count("always_fails:7") == 3
+
+    (letter,) = default_queue().query(function="always_fails")
+    assert letter.id == message.message_id
+    assert letter.route == ROUTE
+    assert letter.status is Status.PENDING
+    assert letter.kind == "transient"
+    assert letter.attempts == 1
+    assert letter.error_type == "builtins.ConnectionError"
+    assert "upstream unavailable for 7" in letter.message
+    assert "in always_fails" in letter.traceback
+    assert letter.key == always_fails.fn.key_for(7, "tok")
+    assert letter.key.startswith(f"{env.actors.NAMESPACE}:always_fails:")
+    assert get_serializer("json").loads(letter.arguments) == {"n": 7}
+
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["enqueued"]
+    wait_for(lambda: env.count("always_fails:7") == 6, "the replay's three runs")
+    updated = wait_for(
+        lambda: [x for x in default_queue().query(function="always_fails") if x.attempts == 2],
+        "the letter to record the replay's failure",
+    )
+    assert [x.id for x in updated] == [letter.id]
+    assert updated[0].status is Status.RETRYING
+    assert len(default_queue().query(function="always_fails")) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Dead workers
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_redelivered_message_whose_worker_died_re_takes_its_claim_without_the_lease(
+    env: Env,
+) -> None:
+    """SIGKILL the worker mid-body: RabbitMQ redelivers the message (same id) to a new
+    worker, which re-takes the dead run's claim at once instead of waiting its 60 s lease,
+    and runs the body once more."""
+    slow_owned = env.actors.slow_owned
+    message = slow_owned.send(2)
+    first = env.worker(threads=1)
+    wait_for(lambda: env.count("slow_owned:2:started") == 1, "the first run to start")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    killed = time.monotonic()
+
+    env.worker(threads=1)
+    assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 2, "run": 2}
+    assert env.count("slow_owned:2:done") == 1
+    assert time.monotonic() - killed < 30  # well within the 60 s lease
+
+
+def test_a_worker_killed_mid_task_leaves_the_call_to_another_worker_after_the_lease(
+    env: Env,
+) -> None:
+    """SIGKILL the worker mid-body and drop the redelivered message (as if it were lost):
+    the same call sent again waits out the dead claim's lease in another worker, then
+    runs the body once; later duplicates are answered from the store."""
+    actors = env.actors
+    actors.slow.send(1)
+    first = env.worker(threads=1)
+    wait_for(lambda: env.count("slow:1:started") == 1, "the first run to start")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    killed = time.monotonic()
+    wait_for(
+        lambda: actors.broker.get_queue_message_counts(actors.QUEUE)[0] == 1,
+        "RabbitMQ to requeue the dead worker's message",
+    )
+    actors.broker.flush(actors.QUEUE)
+
+    again = actors.slow.send(n=1)
+    env.worker(threads=2)
+    assert again.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 1, "run": 2}
+    assert env.count("slow:1:started") == 2
+    assert env.count("slow:1:done") == 1
+    # The claim was renewed every third of the lease until the kill.
+    assert time.monotonic() - killed >= actors.LEASE * 2 / 3 - 0.1
+
+    later = actors.slow.send(1)
+    assert later.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 1, "run": 2}
+    assert env.count("slow:1:done") == 1
+
+
+def test_the_memory_store_in_a_multi_process_worker_is_warned_about(env: Env) -> None:
+    """Two worker processes cannot share memory://: each warns when it boots."""
+    env.worker(processes=2, threads=1, IDEMPOTASK_URL="memory://")
+    wait_for(lambda: "MultiProcessMemoryWarning" in env.log(), "the warning", timeout=20)
+    assert "memory://" in env.log()
+
+
+# ----------------------------------------------------------------------------------------
+# Options, in process (a stub broker, no worker)
+# ----------------------------------------------------------------------------------------
+
+
+def _stub() -> StubBroker:
+    broker = StubBroker()
+    broker.add_middleware(IdempotencyMiddleware())
+    return broker
+
+
+def _name(base: str) -> str:
+    return f"{base}_{uuid.uuid4().hex[:8]}"
+
+
+def test_actor_options_are_checked_when_the_actor_is_declared() -> None:
+    """Bad values are ConfigurationErrors; names no middleware declares are refused by
+    Dramatiq itself (a ValueError naming them)."""
+    broker = _stub()
+    with pytest.raises(ActorOptionError, match="lease"):
+        dramatiq.actor(broker=broker, actor_name=_name("a"), idempotency_lease=0)(lambda: None)
+    with pytest.raises(ConfigurationError, match="dead_letter_queue"):
+        dramatiq.actor(broker=broker, actor_name=_name("a"), dead_letter_queue="x")(lambda: None)
+    with pytest.raises(ValueError, match="idempotency_tll"):
+        dramatiq.actor(broker=broker, actor_name=_name("a"), idempotency_tll=5)(lambda: None)
+
+
+def test_an_actor_cannot_be_idempotent_twice_or_dead_letter_every_attempt() -> None:
+    """@idempotent plus idempotency_* options, or @dead_letter under the actor, refused."""
+    broker = _stub()
+
+    def body(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigurationError, match="already @idempotent"):
+        dramatiq.actor(broker=broker, actor_name=_name("b"), idempotency_ttl=5)(
+            idempotent(name=_name("idem"))(body)
+        )
+    with pytest.raises(ConfigurationError, match="dead_letter"):
+        dramatiq.actor(broker=broker, actor_name=_name("b"))(
+            dead_letter(name=_name("dl"))(idempotent(name=_name("idem"))(body))
+        )
+
+
+def test_prefixed_options_on_a_message_are_refused_not_ignored() -> None:
+    """Idempotency options are per actor; a per-message one would silently do nothing."""
+    broker = _stub()
+    actor = dramatiq.actor(broker=broker, actor_name=_name("c"), idempotency_ttl=5)(lambda x: x)
+    with pytest.raises(ActorOptionError, match="idempotency_ttl"):
+        actor.send_with_options(args=(1,), idempotency_ttl=9)
+    actor.send_with_options(args=(1,), **{LETTER_OPTION: "letter-1"})
+
+
+def test_the_middleware_applies_to_actors_declared_before_it_was_added() -> None:
+    """add_middleware() prepares existing actors: their key's name is the actor name."""
+    broker = StubBroker()
+    name = _name("early")
+
+    @idempotent(name=_name("early_fn"))
+    def early(x: int) -> int:
+        return x
+
+    actor = dramatiq.actor(broker=broker, actor_name=name)(early)
+    broker.add_middleware(IdempotencyMiddleware())
+    assert actor.fn.key_for(1).startswith(f"idempotask:{name}:v1:")
+
+
+def test_async_and_sync_actors_deduplicate_in_an_in_process_worker() -> None:
+    """An ``async def`` actor and a sync one, each sent three times: one run each."""
+    idempotask.configure(backend="memory://")
+    broker = StubBroker()
+    broker.add_middleware(AsyncIO())
+    broker.add_middleware(IdempotencyMiddleware())
+    runs = {"sync": 0, "async": 0}
+
+    @dramatiq.actor(broker=broker, actor_name=_name("sync"), idempotency_ttl=60)
+    def sync_actor(x: int) -> None:
+        runs["sync"] += 1
+
+    @dramatiq.actor(broker=broker, actor_name=_name("async"), idempotency_ttl=60)
+    async def async_actor(x: int) -> None:
+        runs["async"] += 1
+
+    for actor in (sync_actor, async_actor):
+        actor.send(1)
+        actor.send(x=1)
+        actor.send(1)
+    worker = dramatiq.Worker(broker, worker_timeout=50)
+    broker.emit_after("process_boot")
+    worker.start()
+    try:
+        broker.join(sync_actor.queue_name, timeout=10_000)
+        worker.join()
+    finally:
+        worker.stop()
+        broker.emit_before("process_stop")
+    assert runs == {"sync": 1, "async": 1}

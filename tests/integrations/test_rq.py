@@ -1,0 +1,651 @@
+"""The RQ integration with real ``rq worker`` processes on a real Redis.
+
+Every test gets its own namespace, queue and dead-letter prefix (under one random
+per-module prefix, deleted at the end); workers are started with the job module
+``tests.integrations._rq_jobs`` importable and are stopped (SIGTERM, then SIGKILL of the
+whole process group) when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("rq")
+
+import contextlib
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+import idempotask
+from idempotask.backends.base import State
+from idempotask.backends.deadletters import Status
+from idempotask.deadletter import default_queue, unregister_route
+from idempotask.errors import ConfigurationError
+from idempotask.integrations import rq as rq_integration
+from idempotask.integrations.rq import (
+    LETTER_META,
+    ROUTE,
+    enqueue_once,
+    idempotent_job,
+    job_id_for,
+    register_replay_route,
+)
+from idempotask.serializers import get_serializer
+from tests.conftest import service_url
+from tests.integrations import _rq_jobs as jobs
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = f"idqrq{uuid.uuid4().hex[:8]}"  # every key this module creates contains it
+_numbers = itertools.count()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.2)
+
+
+def _with_query(url: str, **params: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+@dataclass
+class Env:
+    """One test's namespace, queue, stores and worker processes."""
+
+    redis_url: str
+    namespace: str
+    dead_letters: str
+    spool: Path
+    logs: Path
+    conn: Redis
+    queue: Queue
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def count(self, name: str) -> int:
+        return int(self.conn.get(jobs.counter(self.namespace, name)) or 0)
+
+    def worker(
+        self,
+        *,
+        burst: bool = True,
+        job_class: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start an ``rq worker`` on this test's queue, with the dead-letter handler."""
+        name = f"{self.namespace}-w{len(self.workers)}"
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from rq.cli import main; sys.argv[0] = 'rq'; main()",
+            "worker",
+            "--url",
+            self.redis_url,
+            "--name",
+            name,
+            "--exception-handler",
+            "idempotask.integrations.rq.dead_letter_handler",
+            "--logging_level",
+            "INFO",
+        ]
+        if burst:
+            cmd.append("--burst")
+        if job_class is not None:
+            cmd += ["--job-class", job_class]
+        cmd.append(self.queue.name)
+        child_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            jobs.ENV_WORKER: "1",
+            jobs.ENV_NAMESPACE: self.namespace,
+            jobs.ENV_REDIS: self.redis_url,
+            jobs.ENV_DEAD_LETTERS: self.dead_letters,
+            jobs.ENV_SPOOL: str(self.spool),
+            "IDEMPOTASK_URL": self.redis_url,
+            "PYTHONWARNINGS": "default",
+            **(env or {}),
+        }
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def finish(self, *procs: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+        """Wait for burst workers to exit."""
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rq worker {proc.pid} still running after {timeout:g}s")
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s descendants (Linux /proc): RQ's work horse runs in its own process group,
+    so killing the worker's group does not reach it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send ``sig`` to the worker's process group and to each of its work horses' groups."""
+    groups = {proc.pid}
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(pid))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the worker and its work horses, then SIGKILL them."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _kill(proc, sig)
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _delete_queue_jobs(conn: Redis, queue: Queue) -> None:
+    ids = set(queue.get_job_ids())
+    for registry in (
+        queue.started_job_registry,
+        queue.finished_job_registry,
+        queue.failed_job_registry,
+        queue.deferred_job_registry,
+        queue.scheduled_job_registry,
+        queue.canceled_job_registry,
+    ):
+        ids.update(registry.get_job_ids())
+    for job_id in ids:
+        try:
+            Job.fetch(job_id, connection=conn).delete()
+        except Exception:
+            conn.delete(f"rq:job:{job_id}")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    url = service_url("redis")
+    yield url
+    conn = Redis.from_url(url)
+    keys = list(conn.scan_iter(match=f"*{PREFIX}*", count=1000))
+    for i in range(0, len(keys), 500):
+        conn.delete(*keys[i : i + 500])
+    conn.close()
+
+
+@pytest.fixture
+def env(redis_url: str, tmp_path: Path) -> Iterator[Env]:
+    namespace = f"{PREFIX}-{next(_numbers)}"
+    conn = Redis.from_url(redis_url)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    e = Env(
+        redis_url=redis_url,
+        namespace=namespace,
+        dead_letters=_with_query(redis_url, prefix=namespace),
+        spool=tmp_path / "spool.jsonl",
+        logs=logs,
+        conn=conn,
+        queue=Queue(namespace, connection=conn),
+    )
+    idempotask.configure(
+        backend=redis_url,
+        namespace=namespace,
+        dead_letter_store=e.dead_letters,
+        spool_path=e.spool,
+    )
+    try:
+        yield e
+    finally:
+        for proc in e.workers:
+            _stop(proc)
+        unregister_route(ROUTE)
+        _delete_queue_jobs(conn, e.queue)
+        conn.close()
+
+
+def _stored(key: str) -> Any:
+    record = idempotask.config.get_backend().get(key)
+    assert record is not None
+    assert record.state is State.COMPLETED
+    return get_serializer("json").loads(record.payload)
+
+
+# ----------------------------------------------------------------------------------------
+# Duplicates
+# ----------------------------------------------------------------------------------------
+
+
+def test_one_call_enqueued_20_times_from_threads_is_one_job_whose_body_runs_once(
+    env: Env,
+) -> None:
+    """enqueue_once from 20 threads, positionally and by keyword: one job, one run."""
+    spellings: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((2, 3), {}),
+        ((), {"a": 2, "b": 3}),
+        ((2,), {"b": 3, "scale": 1}),
+    ]
+    found: list[str] = []
+    barrier = threading.Barrier(20)
+
+    def enqueue(i: int) -> None:
+        args, kwargs = spellings[i % len(spellings)]
+        barrier.wait()
+        found.append(enqueue_once(env.queue, jobs.add, *args, **kwargs).id)
+
+    threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(found) == 20
+    assert set(found) == {job_id_for(jobs.add, 2, 3)}
+    assert env.queue.job_ids == [found[0]]
+    env.finish(env.worker())
+
+    job = Job.fetch(found[0], connection=env.conn)
+    assert job.get_status() == "finished"
+    assert job.return_value() == {"sum": 5, "pair": (2, 3)}
+    assert env.count("add") == 1
+    # Once finished, the same call still returns that job while the store has its result.
+    again = enqueue_once(env.queue, jobs.add, a=2, b=3)
+    assert again.id == job.id
+    assert again.get_status() == "finished"
+    assert env.queue.count == 0
+
+
+def test_twenty_separate_jobs_of_one_call_run_its_body_once_and_all_return_its_result(
+    env: Env,
+) -> None:
+    """Plain Queue.enqueue 20 times (no enqueue-time dedup), two workers at once: the
+    body runs once and every job's return value equals the first."""
+    spellings: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((4, 5), {}),
+        ((), {"a": 4, "b": 5}),
+        ((4,), {"b": 5}),
+        ((4, 5), {"scale": 1}),
+    ]
+    enqueued: list[Job] = []
+    lock = threading.Lock()
+
+    def enqueue(i: int) -> None:
+        args, kwargs = spellings[i % len(spellings)]
+        job = env.queue.enqueue(jobs.add, *args, **kwargs)
+        with lock:
+            enqueued.append(job)
+
+    threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({job.id for job in enqueued}) == 20
+
+    env.finish(env.worker(), env.worker())
+
+    results = [job.return_value(refresh=True) for job in enqueued]
+    assert results == [{"sum": 9, "pair": (4, 5)}] * 20
+    assert env.count("add") == 1
+    assert _stored(jobs.add.key_for(4, 5)) == {"sum": 9, "pair": (4, 5)}
+    record = idempotask.config.get_backend().get(jobs.add.key_for(4, 5))
+    assert record is not None
+    assert record.owner in {job.id for job in enqueued}  # the job id owns the claim
+
+
+def test_a_plain_idempotent_function_runs_once_in_a_worker_with_the_idempotent_job_class(
+    env: Env,
+) -> None:
+    """@idempotent without the integration's decorator, under IdempotentJob."""
+    enqueued = [
+        env.queue.enqueue(jobs.plain_add, 1, 2)
+        if i % 2
+        else env.queue.enqueue(jobs.plain_add, a=1, b=2)
+        for i in range(10)
+    ]
+    env.finish(env.worker(job_class="idempotask.integrations.rq.IdempotentJob"))
+    assert [job.return_value(refresh=True) for job in enqueued] == [(1, 3)] * 10
+    assert env.count("plain_add") == 1
+    # The job class made the job that ran the body the claim's owner.
+    record = idempotask.config.get_backend().get(jobs.plain_add.key_for(1, 2))
+    assert record is not None
+    assert record.owner in {job.id for job in enqueued}
+
+
+def test_enqueue_once_replaces_an_ended_job_only_once_the_store_forgot_the_call(
+    env: Env,
+) -> None:
+    """A finished job is returned while its result is stored; after forget() the same
+    call gets a fresh job under the same id, which runs."""
+    first = enqueue_once(env.queue, jobs.add, 6, 1)
+    env.finish(env.worker())
+    assert env.count("add") == 1
+    assert enqueue_once(env.queue, jobs.add, 6, b=1).get_status() == "finished"
+
+    assert jobs.add.forget(6, 1)
+    replaced = enqueue_once(env.queue, jobs.add, 6, b=1)
+    assert replaced.id == first.id
+    assert replaced.get_status() == "queued"
+    assert env.queue.job_ids == [first.id]
+    env.finish(env.worker())
+    assert env.count("add") == 2
+    assert Job.fetch(first.id, connection=env.conn).return_value() == {"sum": 7, "pair": (6, 1)}
+
+
+def test_enqueue_once_replaces_a_failed_job_unless_the_store_caches_its_failure(
+    env: Env,
+) -> None:
+    """A failure that released the key: the call is enqueued again under the same id (and
+    its letter updated). A failure cached with cache_errors answers for the call: the
+    failed job is returned and nothing runs."""
+    failed = enqueue_once(env.queue, jobs.always_fails, 8)
+    env.finish(env.worker())
+    assert failed.get_status(refresh=True) == "failed"
+    again = enqueue_once(env.queue, jobs.always_fails, n=8)
+    assert again.id == failed.id
+    assert again.get_status() == "queued"
+    env.finish(env.worker())
+    assert env.count("always_fails:8") == 2
+    (letter,) = default_queue().query(function="tests.integrations._rq_jobs.always_fails")
+    assert letter.id == failed.id
+    assert letter.attempts == 2
+
+    cached = enqueue_once(env.queue, jobs.flaky, 30)
+    env.finish(env.worker())
+    assert cached.get_status(refresh=True) == "failed"
+    assert env.count("flaky:30") == 1
+    assert enqueue_once(env.queue, jobs.flaky, n=30).get_status() == "failed"
+    assert env.queue.count == 0
+
+
+# ----------------------------------------------------------------------------------------
+# RQ's retries and dead letters
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_job_failing_twice_then_succeeding_under_rq_retry_runs_three_times_without_letter(
+    env: Env,
+) -> None:
+    """Retry(max=2): three runs in all, each retry re-taking the job's own claim (its
+    cached failures answer duplicates, not its retries), one stored result, no letter."""
+    job = env.queue.enqueue(jobs.flaky, 21, retry=Retry(max=2))
+    env.finish(env.worker())
+
+    assert job.get_status(refresh=True) == "finished"
+    assert job.return_value() == 42
+    assert env.count("flaky:21") == 3
+    assert _stored(jobs.flaky.key_for(21)) == 42
+    assert default_queue().query(function="tests.integrations._rq_jobs.flaky") == []
+    # A duplicate is answered from the store.
+    dup = env.queue.enqueue(jobs.flaky, n=21)
+    env.finish(env.worker())
+    assert dup.return_value(refresh=True) == 42
+    assert env.count("flaky:21") == 3
+
+
+def test_a_job_that_always_fails_is_dead_lettered_after_its_retries_and_replayed_through_rq(
+    env: Env,
+) -> None:
+    """After Retry(max=2) the job becomes one dead letter (traceback, redacted
+    arguments, key, route "rq"); process_due re-enqueues it with Queue.enqueue_call, the
+    worker runs it, and its failure updates the same letter."""
+    job = env.queue.enqueue(jobs.always_fails, 7, "tok", retry=Retry(max=2))
+    env.finish(env.worker())
+    assert job.get_status(refresh=True) == "failed"
+    assert env.count("always_fails:7") == 3
+
+    name = "tests.integrations._rq_jobs.always_fails"
+    (letter,) = default_queue().query(function=name)
+    assert letter.id == job.id
+    assert letter.route == ROUTE
+    assert letter.status is Status.PENDING
+    assert letter.kind == "transient"
+    assert letter.attempts == 1
+    assert letter.error_type == "builtins.ConnectionError"
+    assert "upstream unavailable for 7" in letter.message
+    assert "in always_fails" in letter.traceback
+    assert "ConnectionError" in letter.traceback
+    assert letter.key == jobs.always_fails.key_for(7, "tok")
+    arguments = get_serializer("json").loads(letter.arguments)
+    assert arguments == {"n": 7}
+
+    register_replay_route(env.conn)
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["enqueued"]
+    (replayed_id,) = env.queue.job_ids
+    replayed = Job.fetch(replayed_id, connection=env.conn)
+    assert replayed.func_name == name
+    assert replayed.meta[LETTER_META] == letter.id
+    assert replayed.args == (7,)
+    assert replayed.kwargs == {}
+
+    env.finish(env.worker())
+    assert env.count("always_fails:7") == 4
+    (updated,) = default_queue().query(function=name)
+    assert updated.id == letter.id
+    assert updated.attempts == 2
+    assert updated.status is Status.RETRYING
+
+
+# ----------------------------------------------------------------------------------------
+# Dead workers
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_job_leaves_the_call_to_another_worker_after_the_lease(
+    env: Env,
+) -> None:
+    """SIGKILL the worker (and its work horse) while the body runs: a duplicate job in
+    another worker waits out the dead claim's lease, then runs the body once."""
+    first = env.queue.enqueue(jobs.slow, 1)
+    worker = env.worker(burst=False)
+    wait_for(lambda: env.count("slow:1:started") == 1, "the first run to start")
+    _kill(worker, signal.SIGKILL)  # the worker and the work horse running the body
+    worker.wait(timeout=10)
+    killed = time.monotonic()
+
+    duplicate = env.queue.enqueue(jobs.slow, n=1)
+    env.finish(env.worker())
+    assert duplicate.get_status(refresh=True) == "finished"
+    assert duplicate.return_value() == {"n": 1, "run": 2}
+    assert env.count("slow:1:started") == 2
+    assert env.count("slow:1:done") == 1
+    # The claim was renewed every third of the lease until the kill, so it survived it
+    # by at least two thirds of a lease.
+    assert time.monotonic() - killed >= jobs.LEASE * 2 / 3 - 0.1
+    assert first.get_status(refresh=True) == "started"  # until RQ notices the dead worker
+
+    later = env.queue.enqueue(jobs.slow, 1)
+    env.finish(env.worker())
+    assert later.return_value(refresh=True) == {"n": 1, "run": 2}
+    assert env.count("slow:1:done") == 1
+
+
+def test_rq_retrying_a_job_whose_worker_died_re_takes_the_jobs_claim_without_the_lease(
+    env: Env,
+) -> None:
+    """The job id owns the claim: when RQ re-runs an abandoned job (its Retry), the new
+    run re-takes the dead run's claim at once instead of waiting its 60 s lease."""
+    job = env.queue.enqueue(jobs.slow_owned, 2, retry=Retry(max=1))
+    worker = env.worker(burst=False)
+    wait_for(lambda: env.count("slow_owned:2:started") == 1, "the first run to start")
+    _kill(worker, signal.SIGKILL)
+    worker.wait(timeout=10)
+    started = time.monotonic()
+
+    # RQ's maintenance finds abandoned jobs once their heartbeat (at least 60 s) expired;
+    # run that same cleanup now, as if the time had passed.
+    registry = StartedJobRegistry(env.queue.name, connection=env.conn)
+    registry.cleanup(timestamp=time.time() + 3600)
+    assert job.get_status(refresh=True) == "queued"
+
+    env.finish(env.worker())
+    assert job.get_status(refresh=True) == "finished"
+    assert job.return_value() == {"n": 2, "run": 2}
+    assert env.count("slow_owned:2:done") == 1
+    assert time.monotonic() - started < 30  # well within the 60 s lease
+
+
+def test_a_job_abandoned_by_a_dead_worker_without_retries_left_becomes_a_dead_letter(
+    env: Env,
+) -> None:
+    """RQ reports a job whose worker died to the exception handlers (AbandonedJobError)
+    when its maintenance finds it; with no retry left it is dead-lettered."""
+    job = env.queue.enqueue(jobs.slow, 3)
+    worker = env.worker(burst=False)
+    wait_for(lambda: env.count("slow:3:started") == 1, "the run to start")
+    _kill(worker, signal.SIGKILL)
+    worker.wait(timeout=10)
+
+    registry = StartedJobRegistry(env.queue.name, connection=env.conn)
+    registry.cleanup(
+        timestamp=time.time() + 3600, exception_handlers=[rq_integration.dead_letter_handler]
+    )
+    assert job.get_status(refresh=True) == "failed"
+    (letter,) = default_queue().query(function="tests.integrations._rq_jobs.slow")
+    assert letter.id == job.id
+    assert letter.error_type == "rq.exceptions.AbandonedJobError"
+    assert get_serializer("json").loads(letter.arguments) == {"n": 3}
+
+
+def test_the_memory_store_in_a_forking_worker_is_warned_about(env: Env) -> None:
+    """Each job runs in a fresh work horse, where memory:// cannot deduplicate."""
+    env.queue.enqueue(jobs.add, 100)
+    env.finish(env.worker(env={"IDEMPOTASK_URL": "memory://"}))
+    assert "MultiProcessMemoryWarning" in env.log()
+    assert "memory://" in env.log()
+
+
+# ----------------------------------------------------------------------------------------
+# Options and refusals (no worker)
+# ----------------------------------------------------------------------------------------
+
+
+def test_job_ids_are_derived_from_the_key_so_argument_spellings_agree(env: Env) -> None:
+    """Positional, keyword and defaulted spellings of one call give one job id."""
+    assert job_id_for(jobs.add, 1, 2) == job_id_for(jobs.add, a=1, b=2)
+    assert job_id_for(jobs.add, 1, 2) == job_id_for(jobs.add, 1, b=2, scale=1)
+    assert job_id_for(jobs.add, 1, 2) != job_id_for(jobs.add, 2, 1)
+    assert job_id_for(jobs.add, 1).startswith("idem-")
+    assert ":" not in job_id_for(jobs.add, 1)
+
+
+def test_enqueue_once_refuses_what_would_break_deduplication(env: Env) -> None:
+    """job_id, unique, pipeline, prefixed options and non-idempotent functions."""
+    with pytest.raises(ConfigurationError, match="job_id"):
+        enqueue_once(env.queue, jobs.add, 1, job_id="mine")
+    with pytest.raises(ConfigurationError, match="pipeline"):
+        enqueue_once(env.queue, jobs.add, 1, pipeline=env.conn.pipeline())
+    with pytest.raises(ConfigurationError, match="belong on the job function"):
+        enqueue_once(env.queue, jobs.add, 1, idempotency_ttl=5)
+    with pytest.raises(ConfigurationError, match="not idempotent"):
+        enqueue_once(env.queue, print, 1)
+    assert env.queue.count == 0
+
+
+def test_enqueue_once_passes_rq_options_through(env: Env) -> None:
+    """RQ's own keywords reach RQ; the rest are the function's arguments."""
+    job = enqueue_once(
+        env.queue, jobs.add, 3, b=4, job_timeout=77, result_ttl=99, meta={"who": "test"}
+    )
+    assert job.timeout == 77
+    assert job.result_ttl == 99
+    assert job.meta == {"who": "test"}
+    assert job.args == (3,)
+    assert job.kwargs == {"b": 4}
+    explicit = enqueue_once(env.queue, jobs.add, args=(3,), kwargs={"b": 4})
+    assert explicit.id == job.id
+
+
+def test_idempotent_job_refuses_unknown_and_doubled_options() -> None:
+    """Unknown prefixed names, unprefixed names and a second idempotency decorator."""
+    with pytest.raises(ConfigurationError, match="idempotency_tll"):
+        idempotent_job(idempotency_tll=5)(lambda: None)
+    with pytest.raises(ConfigurationError, match="dead_letter_critcal"):
+        idempotent_job(dead_letter_critcal=True)(lambda: None)
+    with pytest.raises(ConfigurationError, match="'ttl'"):
+        idempotent_job(ttl=5)(lambda: None)
+    with pytest.raises(ConfigurationError, match="already decorated"):
+        idempotent_job(jobs.plain_add)
+    with pytest.raises(ConfigurationError, match="dead_letter_queue"):
+        idempotent_job(dead_letter_queue="redis://")(lambda: None)
+
+
+def test_a_job_function_called_outside_a_worker_is_plain_idempotent(env: Env) -> None:
+    """No current job: no owner, same key and store."""
+    assert jobs.add(50, 1) == {"sum": 51, "pair": (50, 1)}
+    assert jobs.add(a=50, b=1) == {"sum": 51, "pair": (50, 1)}
+    assert env.count("add") == 1
+    assert rq_integration.ROUTE == "rq"
+
+
+def test_the_replay_route_falls_back_to_the_default_queue_when_the_job_is_gone(
+    env: Env,
+) -> None:
+    """A letter whose job RQ no longer keeps is enqueued on the route's queue."""
+    letter = default_queue().record(
+        "tests.integrations._rq_jobs.add",
+        ConnectionError("x"),
+        arguments={"a": 1, "b": 2, "scale": 3},
+        route=ROUTE,
+    )
+    register_replay_route(env.conn, queue=env.queue.name)
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["enqueued"]
+    (job_id,) = env.queue.job_ids
+    job = Job.fetch(job_id, connection=env.conn)
+    assert job.args == (1, 2)
+    assert job.kwargs == {"scale": 3}
+    assert job.meta[LETTER_META] == letter.id
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(letter.id, connection=env.conn)
