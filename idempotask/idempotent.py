@@ -1,9 +1,9 @@
 """``@idempotent``: the same logical call within ``ttl`` runs once.
 
-The call protocol is one pure decision core, :meth:`_Spec.flow`, a generator that
+The call protocol is one pure decision core, :meth:`Spec.flow`, a generator that
 yields the I/O it needs (``claim``, ``run``, ``sleep``, ``complete``...) and receives
-the answers. Two thin drivers perform that I/O: :func:`_drive` for sync callers and
-:func:`_adrive` for async ones, the way tenacity's ``Retrying`` and ``AsyncRetrying``
+the answers. Two thin drivers perform that I/O: :func:`drive` for sync callers and
+:func:`adrive` for async ones, the way tenacity's ``Retrying`` and ``AsyncRetrying``
 drive ``BaseRetrying.iter``. The protocol therefore exists once, for both worlds.
 """
 
@@ -161,8 +161,12 @@ class _Outcome:
         self.lost = lost  # the renewal already reported the claim lost
 
 
-class _Spec:
-    """Everything about one decorated function that does not change per call."""
+class Spec:
+    """Everything about one decorated function that does not change per call.
+
+    Public in the package (``fn.__idempotask_spec__``): the framework integrations run
+    it through :func:`drive` / :func:`adrive` with a task id as the claim's owner.
+    """
 
     def __init__(self, func: Callable[..., Any], options: Options, keyer: CallKeyer) -> None:
         self.func = func
@@ -446,7 +450,9 @@ class _Spec:
 
 
 # --------------------------------------------------------------------------------------
-# Drivers: they perform the core's ops and nothing else.
+# Drivers: they perform the core's ops and nothing else. drive and adrive are the same
+# loop but for ``await``; they stay written out twice because sharing more of it costs a
+# function call (or a coroutine) per call or per op on the benchmarked duplicate path.
 # --------------------------------------------------------------------------------------
 
 
@@ -460,15 +466,21 @@ def _store_args(op: str, a: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str,
     return (key, token, payload), {"ttl": ttl}
 
 
-def _drive(
-    spec: _Spec,
+def drive(
+    spec: Spec,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     explicit: str | None = None,
     owner: str = "",
     store_key: str | None = None,
 ) -> Any:
-    # store_key: a key computed elsewhere (an integration's producer) for these arguments.
+    """Call ``spec``'s function with ``args`` and ``kwargs``, idempotently.
+
+    ``explicit``: a per-call key (``fn.using(key=...)``); ``owner``: the claim's owner
+    (``fn.using(owner=...)``, an integration's task id); ``store_key``: the key an
+    integration's producer computed for these arguments. Public in the package: the
+    framework integrations run their tasks through it (and :func:`adrive`).
+    """
     key = spec.key(args, kwargs, explicit) if store_key is None else store_key
     fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
     backend = spec.backend()
@@ -501,7 +513,7 @@ class _Running:
 
     def __init__(
         self,
-        spec: _Spec,
+        spec: Spec,
         backend: Backend,
         a: tuple[Any, ...],
         hold: Callable[[lease.Lease], Callable[[], None]],
@@ -521,7 +533,7 @@ class _Running:
 
 
 def _run_sync(
-    spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    spec: Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Outcome:
     running = _Running(spec, backend, a, lease.hold)
     try:
@@ -531,15 +543,15 @@ def _run_sync(
     return running.done(value, None)
 
 
-async def _adrive(
-    spec: _Spec,
+async def adrive(
+    spec: Spec,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     explicit: str | None = None,
     owner: str = "",
     store_key: str | None = None,
 ) -> Any:
-    # store_key: a key computed elsewhere (an integration's producer) for these arguments.
+    """Async :func:`drive`: awaits the store's async methods, the body and the sleeps."""
     key = spec.key(args, kwargs, explicit) if store_key is None else store_key
     fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
     backend = spec.backend()
@@ -566,7 +578,7 @@ async def _adrive(
 
 
 async def _run_async(
-    spec: _Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    spec: Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Outcome:
     running = _Running(spec, backend, a, lease.ahold)
     try:
@@ -635,18 +647,18 @@ class _BoundCall(Generic[P, R]):
 
     __slots__ = ("_async", "_explicit", "_owner", "_spec")
 
-    def __init__(self, spec: _Spec, is_async: bool, explicit: str | None, owner: str) -> None:
+    def __init__(self, spec: Spec, is_async: bool, explicit: str | None, owner: str) -> None:
         self._spec = spec
         self._async = is_async
         self._explicit = explicit
         self._owner = owner
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        driver = _adrive if self._async else _drive
+        driver = adrive if self._async else drive
         return cast(R, driver(self._spec, args, kwargs, self._explicit, self._owner))
 
 
-def _forget_key(spec: _Spec, key: str, force: bool) -> bool:
+def _forget_key(spec: Spec, key: str, force: bool) -> bool:
     backend = spec.backend()
     if force:
         return backend.delete(key)
@@ -687,20 +699,20 @@ def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
     claim_name(name, f"{func.__module__}.{func.__qualname__}")
     # The breaker guards the body, inside the claim: an open breaker fails fast and the
     # key is released like after any failure.
-    spec = _Spec(func if breaker is None else breaker(func), opts, keyer)
+    spec = Spec(func if breaker is None else breaker(func), opts, keyer)
     is_async = inspect.iscoroutinefunction(func)
 
     if is_async:
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return await _adrive(spec, args, kwargs)
+            return await adrive(spec, args, kwargs)
 
     else:
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _drive(spec, args, kwargs)
+            return drive(spec, args, kwargs)
 
     w: Any = wrapper
     w.idempotency = opts

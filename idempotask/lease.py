@@ -254,16 +254,7 @@ if hasattr(os, "register_at_fork"):
 
 def hold(lease: Lease) -> Callable[[], None]:
     """Start renewing ``lease`` for a sync call; returns the function that stops it."""
-    keeper = _thread_keeper
-    keeper.add(lease)
-    token = _current.set(lease)
-
-    def release() -> None:
-        lease.active = False
-        keeper.remove(lease)
-        _current.reset(token)
-
-    return release
+    return _held(_thread_keeper, lease)
 
 
 def ahold(lease: Lease) -> Callable[[], None]:
@@ -272,6 +263,12 @@ def ahold(lease: Lease) -> Callable[[], None]:
     keeper = _loop_keepers.get(loop)
     if keeper is None:
         keeper = _loop_keepers[loop] = _LoopKeeper()
+    return _held(keeper, lease)
+
+
+def _held(keeper: _ThreadKeeper | _LoopKeeper, lease: Lease) -> Callable[[], None]:
+    """``lease`` renewed by ``keeper`` and current (:func:`current_lease`) until the
+    returned function is called."""
     keeper.add(lease)
     token = _current.set(lease)
 

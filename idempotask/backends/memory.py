@@ -8,6 +8,7 @@ forked child says so with a :class:`RuntimeWarning`; use ``redis://`` or a SQL U
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -96,10 +97,7 @@ class MemoryBackend:
             raise ConfigurationError(
                 f"MemoryBackend: max_entries must be a positive int, got {max_entries!r}"
             )
-        if not callable(clock):
-            raise ConfigurationError(
-                f"MemoryBackend: clock must be a callable returning seconds, got {clock!r}"
-            )
+        _check_clock(clock, "MemoryBackend")
         self._max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
@@ -377,6 +375,21 @@ class MemoryBackend:
             )
 
 
+def _check_clock(clock: object, owner: str) -> None:
+    """Refuse a ``clock=`` that cannot be called (a store's monotonic seconds)."""
+    if not callable(clock):
+        raise ConfigurationError(
+            f"{owner}: clock must be a callable returning seconds, got {clock!r}"
+        )
+
+
+def _fresh_locks_in_child(stores: weakref.WeakSet[Any]) -> None:
+    # The dead-letter and breaker stores' hook: a thread of the parent may have held a
+    # store's lock at fork(); the child has no such thread, so it gets fresh locks.
+    for store in list(stores):
+        store._lock = threading.Lock()
+
+
 def _before_fork() -> None:
     # Hold every store's lock across fork() so the child copies consistent records, and no
     # store is mid-update in the copy.
@@ -439,10 +452,7 @@ class MemoryDeadLetterStore:
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if not callable(clock):
-            raise ConfigurationError(
-                f"MemoryDeadLetterStore: clock must be a callable returning seconds, got {clock!r}"
-            )
+        _check_clock(clock, "MemoryDeadLetterStore")
         self._clock = clock
         self._lock = threading.Lock()
         self._letters: dict[str, DeadLetter] = {}
@@ -609,14 +619,8 @@ class MemoryDeadLetterStore:
         return self.purge(filter)
 
 
-def _fresh_dead_letter_locks_in_child() -> None:
-    # A thread of the parent may have held a lock at fork(); the child has no such thread.
-    for store in list(_dl_instances):
-        store._lock = threading.Lock()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_dead_letter_locks_in_child)
+    os.register_at_fork(after_in_child=functools.partial(_fresh_locks_in_child, _dl_instances))
 
 
 # ----------------------------------------------------------------------------------------
@@ -662,10 +666,7 @@ class MemoryBreakerStore:
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if not callable(clock):
-            raise ConfigurationError(
-                f"MemoryBreakerStore: clock must be a callable returning seconds, got {clock!r}"
-            )
+        _check_clock(clock, "MemoryBreakerStore")
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _BreakerEntry] = {}
@@ -783,11 +784,5 @@ class MemoryBreakerStore:
         return BreakerState(BreakerStatus.HALF_OPEN, retry_after=max(0.0, entry.probe_until - now))
 
 
-def _fresh_breaker_store_locks_in_child() -> None:
-    # A thread of the parent may have held a lock at fork(); the child has no such thread.
-    for store in list(_breaker_stores):
-        store._lock = threading.Lock()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_breaker_store_locks_in_child)
+    os.register_at_fork(after_in_child=functools.partial(_fresh_locks_in_child, _breaker_stores))

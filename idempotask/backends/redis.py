@@ -161,8 +161,7 @@ def _load_script(name: str) -> _Script:
 
 
 _CLAIM = _load_script("claim")
-_COMPLETE = _load_script("complete")
-_FAIL = _load_script("fail")
+_FINISH = _load_script("finish")  # complete and fail: the state to store is its last argument
 _RENEW = _load_script("renew")
 _DELETE = _load_script("delete")
 _GET = _load_script("get")
@@ -799,12 +798,15 @@ class RedisBackend:
         )
 
     @staticmethod
-    def _store_args(token: str, payload: bytes, ttl: float) -> tuple[bytes, bytes, bytes, int]:
+    def _finish_args(
+        token: str, payload: bytes, ttl: float, state: State
+    ) -> tuple[bytes, bytes, bytes, int, bytes]:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise ConfigurationError(
                 f"redis backend: payload must be bytes, got {type(payload).__qualname__}"
             )
-        return (_FORMAT, token.encode(), bytes(payload), _milliseconds(ttl, "ttl"))
+        ms = _milliseconds(ttl, "ttl")
+        return (_FORMAT, token.encode(), bytes(payload), ms, state.value.encode())
 
     @staticmethod
     def _delete_args(token: str | None) -> tuple[bytes, bytes, bytes]:
@@ -832,8 +834,8 @@ class RedisBackend:
         >>> store.complete("ns:f:1:d", "t-1", b"42", ttl=3600)  # doctest: +SKIP
         True
         """
-        args = self._store_args(token, payload, ttl)
-        return self._run("complete", _COMPLETE, key, args, parse_flag)
+        args = self._finish_args(token, payload, ttl, State.COMPLETED)
+        return self._run("complete", _FINISH, key, args, parse_flag)
 
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store ``payload`` as a failure if ``key`` is held with ``token``; keep it ``ttl`` s.
@@ -841,8 +843,8 @@ class RedisBackend:
         >>> store.fail("ns:f:1:d", "t-1", b"ValueError: no", ttl=60)  # doctest: +SKIP
         True
         """
-        args = self._store_args(token, payload, ttl)
-        return self._run("fail", _FAIL, key, args, parse_flag)
+        args = self._finish_args(token, payload, ttl, State.FAILED)
+        return self._run("fail", _FINISH, key, args, parse_flag)
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """Reset the lease of ``key`` to ``lease`` seconds if it is held with ``token``.
@@ -899,8 +901,8 @@ class RedisBackend:
         >>> await store.acomplete("ns:f:1:d", "t-1", b"42", ttl=3600)  # doctest: +SKIP
         True
         """
-        args = self._store_args(token, payload, ttl)
-        return await self._arun("complete", _COMPLETE, key, args, parse_flag)
+        args = self._finish_args(token, payload, ttl, State.COMPLETED)
+        return await self._arun("complete", _FINISH, key, args, parse_flag)
 
     async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`fail`.
@@ -908,8 +910,8 @@ class RedisBackend:
         >>> await store.afail("ns:f:1:d", "t-1", b"ValueError: no", ttl=60)  # doctest: +SKIP
         True
         """
-        args = self._store_args(token, payload, ttl)
-        return await self._arun("fail", _FAIL, key, args, parse_flag)
+        args = self._finish_args(token, payload, ttl, State.FAILED)
+        return await self._arun("fail", _FINISH, key, args, parse_flag)
 
     async def arenew(self, key: str, token: str, *, lease: float) -> bool:
         """Async :meth:`renew`.
@@ -978,7 +980,82 @@ def parse_breaker(key: str, reply: Any) -> BreakerState:
     raise _corrupt(key, reply)
 
 
-class RedisBreakerStore:
+# ------------------------------------------------- stores that run their scripts on a backend
+
+_CLIENT_TYPES = (
+    redis.Redis,
+    redis.cluster.RedisCluster,
+    redis.asyncio.Redis,
+    redis.asyncio.cluster.RedisCluster,
+)
+
+
+class _OnBackend:
+    """What the breaker and dead-letter stores share: the :class:`RedisBackend` whose
+    clients and script runner they use, and the prefix of their keys."""
+
+    # Not in a prefix: ':' and braces would break the keys' hash tags.
+    _PREFIX_FORBIDDEN = ":{} "
+    # Whether a redis-py client may be given for the backend.
+    _TAKES_CLIENTS = False
+
+    _backend: RedisBackend
+    _owns_backend: bool
+    _prefix: str
+
+    def _attach(self, backend: RedisBackend | str | SyncClient | AsyncClient, prefix: str) -> None:
+        name = type(self).__name__
+        if isinstance(backend, str):
+            # Made for this store only: the eviction-policy warning speaks of idempotency
+            # records with a TTL, which breakers (disposable) and dead letters (no TTL) are
+            # not.
+            backend = RedisBackend.from_url(backend, check_eviction_policy=False)
+            self._owns_backend = True
+        elif self._TAKES_CLIENTS and isinstance(backend, _CLIENT_TYPES):
+            backend = RedisBackend(backend, check_eviction_policy=False)
+            self._owns_backend = True
+        elif isinstance(backend, RedisBackend):
+            self._owns_backend = False
+        else:
+            accepted = (
+                "a RedisBackend, a redis:// URL or a redis-py client"
+                if self._TAKES_CLIENTS
+                else "a RedisBackend or a redis:// URL"
+            )
+            raise ConfigurationError(f"{name}: expected {accepted}, got {type(backend).__name__}")
+        if (
+            not isinstance(prefix, str)
+            or not prefix
+            or any(c in prefix for c in self._PREFIX_FORBIDDEN)
+        ):
+            raise ConfigurationError(
+                f"{name}: prefix must be a non-empty str without ':', braces or spaces, "
+                f"got {prefix!r}"
+            )
+        self._backend = backend
+        self._prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._backend._server!r}, prefix={self._prefix!r})"
+
+    @property
+    def backend(self) -> RedisBackend:
+        """The backend whose clients and script runner this store uses."""
+        return self._backend
+
+    def close(self) -> None:
+        """Close the connections, if this store made its own backend (from a URL or a
+        client)."""
+        if self._owns_backend:
+            self._backend.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`, for the running event loop's client."""
+        if self._owns_backend:
+            await self._backend.aclose()
+
+
+class RedisBreakerStore(_OnBackend):
     """Circuit breaker state on Redis: a :class:`~idempotask.breaker.BreakerStore`.
 
     One hash per breaker, at ``prefix:{breaker:NAME}`` (one cluster slot per breaker), and
@@ -1004,25 +1081,7 @@ class RedisBreakerStore:
         prefix: str = "idempotask",
         retain: float = 86400.0,
     ) -> None:
-        if isinstance(backend, str):
-            # Breaker records are disposable, so the eviction-policy warning (about losing
-            # idempotency records) does not apply to a backend made only for them.
-            backend = RedisBackend.from_url(backend, check_eviction_policy=False)
-            self._owns_backend = True
-        elif isinstance(backend, RedisBackend):
-            self._owns_backend = False
-        else:
-            raise ConfigurationError(
-                "RedisBreakerStore: expected a RedisBackend or a redis:// URL, "
-                f"got {type(backend).__name__}"
-            )
-        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in ":{} "):
-            raise ConfigurationError(
-                f"RedisBreakerStore: prefix must be a non-empty str without ':', braces or "
-                f"spaces, got {prefix!r}"
-            )
-        self._backend = backend
-        self._prefix = prefix
+        self._attach(backend, prefix)
         self._retain_ms = _milliseconds(retain, "retain")
 
     @classmethod
@@ -1033,14 +1092,6 @@ class RedisBreakerStore:
         RedisBreakerStore('redis://localhost:6379/0', prefix='billing')
         """
         return cls(url, prefix=prefix)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._backend._server!r}, prefix={self._prefix!r})"
-
-    @property
-    def backend(self) -> RedisBackend:
-        """The backend whose clients and script runner this store uses."""
-        return self._backend
 
     def key(self, name: str) -> str:
         """The store key of breaker ``name`` (its Redis key is ``record_key`` of it).
@@ -1053,16 +1104,6 @@ class RedisBreakerStore:
                 f"RedisBreakerStore: a breaker name must be a non-empty str, got {name!r}"
             )
         return f"{self._prefix}:breaker:{name}"
-
-    def close(self) -> None:
-        """Close the connections, if this store made its own backend (from a URL)."""
-        if self._owns_backend:
-            self._backend.close()
-
-    async def aclose(self) -> None:
-        """Async :meth:`close`, for the running event loop's client."""
-        if self._owns_backend:
-            await self._backend.aclose()
 
     # Script arguments; the backend's _run/_arun do the I/O and parse_breaker the rest.
 
@@ -1464,15 +1505,9 @@ def _raw_reply(key: str, reply: Any) -> Any:
 
 
 _ALL_LETTERS = DeadLetterFilter()
-_CLIENT_TYPES = (
-    redis.Redis,
-    redis.cluster.RedisCluster,
-    redis.asyncio.Redis,
-    redis.asyncio.cluster.RedisCluster,
-)
 
 
-class RedisDeadLetterStore:
+class RedisDeadLetterStore(_OnBackend):
     """Dead letters on Redis or Redis Cluster: a
     :class:`~idempotask.backends.deadletters.DeadLetterStore`.
 
@@ -1515,34 +1550,16 @@ class RedisDeadLetterStore:
     their lease runs out, and a resent purge may count fewer letters than it deleted.
     """
 
+    _PREFIX_FORBIDDEN = ":{} \t\r\n"
+    _TAKES_CLIENTS = True
+
     def __init__(
         self,
         backend: RedisBackend | str | SyncClient | AsyncClient,
         *,
         prefix: str = "idempotask",
     ) -> None:
-        if isinstance(backend, str):
-            # Made for dead letters only: the eviction warning speaks of idempotency
-            # records with a TTL, which dead letters are not (see the class docstring).
-            backend = RedisBackend.from_url(backend, check_eviction_policy=False)
-            self._owns_backend = True
-        elif isinstance(backend, _CLIENT_TYPES):
-            backend = RedisBackend(backend, check_eviction_policy=False)
-            self._owns_backend = True
-        elif isinstance(backend, RedisBackend):
-            self._owns_backend = False
-        else:
-            raise ConfigurationError(
-                "RedisDeadLetterStore: expected a RedisBackend, a redis:// URL or a redis-py "
-                f"client, got {type(backend).__name__}"
-            )
-        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in ":{} \t\r\n"):
-            raise ConfigurationError(
-                f"RedisDeadLetterStore: prefix must be a non-empty str without ':', braces or "
-                f"spaces, got {prefix!r}"
-            )
-        self._backend = backend
-        self._prefix = prefix
+        self._attach(backend, prefix)
         # The backend hash-tags what follows the first ':', so this store key becomes the
         # Redis key prefix:{prefix:dlq}, the base every script derives its keys from.
         self._key = f"{prefix}:{prefix}:dlq"
@@ -1567,14 +1584,6 @@ class RedisDeadLetterStore:
         chosen = prefix if prefix is not None else in_url
         return cls(rest, prefix="idempotask" if chosen is None else chosen)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._backend._server!r}, prefix={self._prefix!r})"
-
-    @property
-    def backend(self) -> RedisBackend:
-        """The backend whose clients and script runner this store uses."""
-        return self._backend
-
     @property
     def prefix(self) -> str:
         """The queue's name: its keys are ``prefix:{prefix:dlq}:...``."""
@@ -1596,16 +1605,6 @@ class RedisDeadLetterStore:
         'idempotask:{idempotask:dlq}:letter:42'
         """
         return f"{self._base}:letter:{id}"
-
-    def close(self) -> None:
-        """Close the connections, if this store made its own backend."""
-        if self._owns_backend:
-            self._backend.close()
-
-    async def aclose(self) -> None:
-        """Async :meth:`close`, for the running event loop's client."""
-        if self._owns_backend:
-            await self._backend.aclose()
 
     # -- drivers: a flow yields script calls; these run them, sync or async ----------------
 

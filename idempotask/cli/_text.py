@@ -85,26 +85,24 @@ positive_duration_arg = _argument_type(parse_duration, "duration", positive=True
 time_arg = _argument_type(parse_time, "time")
 
 
-def positive_int_arg(text: str) -> int:
-    """An int > 0, for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be 1 or more")
-    return value
+def _whole_number_type(minimum: int, name: str) -> Callable[[str], int]:
+    """An argparse type: an int ``>= minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a whole number")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be {minimum} or more")
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
-def non_negative_int_arg(text: str) -> int:
-    """An int >= 0, for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a whole number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be 0 or more")
-    return value
+positive_int_arg = _whole_number_type(1, "positive_int_arg")
+non_negative_int_arg = _whole_number_type(0, "non_negative_int_arg")
 
 
 def positive_float_arg(text: str) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import inspect
 import logging
 import math
 import traceback as _traceback
@@ -39,7 +40,8 @@ _JSON = get_serializer("json")
 
 # Never dead-lettered: the work is being done elsewhere (AlreadyInProgress, a lost lease
 # under warnings-as-errors) or the caller misused an explicit key (KeyMismatchError).
-_NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (
+# Public in the package: the framework integrations extend it with their control flow.
+NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (
     AlreadyInProgress,
     KeyMismatchError,
     LeaseLostWarning,
@@ -374,13 +376,22 @@ def _make_filter(
     )
 
 
-def _check_hook(option: str, hook: Any) -> Any:
+# ----------------------------------------------------------------------------------------
+# Public in the package: option checks and recording helpers that @dead_letter, the
+# queue and the framework integrations (idempotask.integrations._common) share.
+# ----------------------------------------------------------------------------------------
+
+
+def check_hook(option: str, hook: Any) -> Any:
+    """``hook`` if it is None or callable; else a :class:`ConfigurationError` naming
+    ``option``."""
     if hook is not None and not callable(hook):
         raise ConfigurationError(f"{option}: expected a callable taking a DeadLetter, got {hook!r}")
     return hook
 
 
-def _check_classifier(classifier: Any) -> Classifier | None:
+def check_classifier(classifier: Any) -> Classifier | None:
+    """``classifier`` if it is None or has a ``classify`` method."""
     if classifier is not None and not callable(getattr(classifier, "classify", None)):
         raise ConfigurationError(
             f"classifier: expected an idempotask.taxonomy.Classifier, got {classifier!r}"
@@ -388,7 +399,8 @@ def _check_classifier(classifier: Any) -> Classifier | None:
     return classifier  # type: ignore[no-any-return]
 
 
-def _check_policies(policies: Any) -> Policies | None:
+def check_policies(policies: Any) -> Policies | None:
+    """``policies`` as a dict of :class:`FailureKind` to :class:`RetryPolicy`, or None."""
     if policies is None:
         return None
     if not isinstance(policies, Mapping):
@@ -403,6 +415,60 @@ def _check_policies(policies: Any) -> Policies | None:
     return checked
 
 
+def bound_arguments(
+    target: Callable[..., Any] | inspect.Signature | None,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """A call's arguments by name, defaults applied, as a letter stores them.
+
+    ``target`` is the function called (or its signature). None when there is no
+    target, its signature cannot be read, or the arguments do not bind to it (the call
+    itself was wrong: its TypeError is the letter).
+    """
+    if target is None:
+        return None
+    try:
+        signature = target if isinstance(target, inspect.Signature) else inspect.signature(target)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def redact_arguments(
+    redact: Callable[[dict[str, Any]], object] | None,
+    arguments: Mapping[str, Any] | None,
+    *,
+    option: str,
+    name: str,
+) -> dict[str, Any] | None:
+    """``arguments`` through the ``redact`` hook (option ``option`` of function ``name``).
+
+    None keeps no arguments: there were none, or the hook raised or did not return a
+    mapping -- keeping the unredacted arguments could store a secret.
+    """
+    if arguments is None:
+        return None
+    if redact is None:
+        return dict(arguments)
+    try:
+        kept = redact(dict(arguments))
+    except Exception:
+        log.exception("idempotask: the %s hook of %s raised; no arguments kept", option, name)
+        return None
+    if not isinstance(kept, Mapping):
+        log.error(
+            "idempotask: the %s hook of %s returned %s, not a mapping; no arguments kept",
+            option,
+            name,
+            type(kept).__name__,
+        )
+        return None
+    return dict(kept)
+
+
 def _fire(hook: Hook | None, letter: DeadLetter, what: str) -> None:
     if hook is None:
         return
@@ -410,3 +476,18 @@ def _fire(hook: Hook | None, letter: DeadLetter, what: str) -> None:
         hook(letter)
     except Exception:
         log.exception("idempotask: the %s hook %r raised on dead letter %s", what, hook, letter.id)
+
+
+def fire_letter_hooks(
+    letter: DeadLetter,
+    on_dead_letter: Hook | None,
+    on_retry_exhausted: Hook | None,
+    *,
+    prefix: str = "",
+) -> None:
+    """Run the hooks of a letter just recorded: ``on_dead_letter``, then
+    ``on_retry_exhausted`` if it has no retry left. A hook that raises is logged (the
+    option name is ``prefix`` + the hook's name), never propagated."""
+    _fire(on_dead_letter, letter, f"{prefix}on_dead_letter")
+    if letter.status is Status.ABANDONED:
+        _fire(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from types import CodeType
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from idempotask.backends.deadletters import DeadLetter, Status
+from idempotask.backends.deadletters import DeadLetter
 from idempotask.errors import CachedFailure, ConfigurationError, IdempotaskError
 from idempotask.idempotent import is_cancellation
 from idempotask.keys import _check_name, default_name
@@ -23,16 +23,18 @@ if TYPE_CHECKING:
     from idempotask.breaker import CircuitBreaker
 
 from idempotask.deadletter._core import (
-    _NOT_DEAD_LETTERED,
+    NOT_DEAD_LETTERED,
     Flow,
     Hook,
     _adrive,
     _arguments_payload,
-    _check_classifier,
-    _check_hook,
-    _check_policies,
     _drive,
-    _fire,
+    bound_arguments,
+    check_classifier,
+    check_hook,
+    check_policies,
+    fire_letter_hooks,
+    redact_arguments,
 )
 from idempotask.deadletter._queue import DeadLetterQueue, default_queue
 from idempotask.deadletter._replay import _register, _Registration, _Replay, _replaying
@@ -92,39 +94,10 @@ class DeadLetterFunction(Protocol[P, R_co]):
     ) -> Callable[_P2, R_co]: ...
 
 
-def _bind(
-    reg: _Registration, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any] | None:
-    if reg.signature is None:
-        return None
-    try:
-        bound = reg.signature.bind(*args, **kwargs)
-    except TypeError:
-        return None  # the call itself was wrong; the TypeError is the letter
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def _redacted(reg: _Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    arguments = _bind(reg, args, kwargs)
-    if arguments is None:
-        return b""
-    if reg.redact is not None:
-        try:
-            kept: object = reg.redact(dict(arguments))
-        except Exception:
-            # Keeping the unredacted arguments could store a secret: keep nothing.
-            log.exception("idempotask: the redact hook of %s raised; no arguments kept", reg.name)
-            return b""
-        if not isinstance(kept, Mapping):
-            log.error(
-                "idempotask: the redact hook of %s returned %s, not a mapping; no arguments kept",
-                reg.name,
-                type(kept).__name__,
-            )
-            return b""
-        arguments = dict(kept)
-    return _arguments_payload(arguments)
+    arguments = bound_arguments(reg.signature, args, kwargs)
+    kept = redact_arguments(reg.redact, arguments, option="redact", name=reg.name)
+    return _arguments_payload(kept)
 
 
 def _failure_flow(
@@ -159,21 +132,19 @@ def _failure_flow(
         # SpoolError was logged with the letter; anything else is a bug of ours.
         log.exception("idempotask: could not record the failure of %s", reg.name)
         return None
-    _fire(reg.on_dead_letter, letter, "on_dead_letter")
-    if letter.status is Status.ABANDONED:
-        _fire(reg.on_retry_exhausted, letter, "on_retry_exhausted")
+    fire_letter_hooks(letter, reg.on_dead_letter, reg.on_retry_exhausted)
     return letter
 
 
 def _dead_letterable(reg: _Registration, error: BaseException) -> bool:
     """Whether this failure gets a letter: an ``Exception`` that is not a conflict, and
     not a duplicate answered by a cached error (the first failure's letter covers it)."""
-    if is_cancellation(error) or isinstance(error, _NOT_DEAD_LETTERED):
+    if is_cancellation(error) or isinstance(error, NOT_DEAD_LETTERED):
         return False
     return reg.body_code is None or not _answered_from_cache(reg.body_code, error)
 
 
-def _answered_from_cache(body_code: CodeType, error: Exception) -> bool:
+def _answered_from_cache(body_code: CodeType, error: BaseException) -> bool:
     """True for an error ``@idempotent(cache_errors=...)`` rebuilt from its store.
 
     The body raised it if one of its frames is in the traceback; a cached error is raised
@@ -233,14 +204,14 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         signature=signature,
         spec=spec,
         queue=queue,
-        redact=_check_hook("redact", options["redact"]),
-        classifier=_check_classifier(options["classifier"]),
-        policies=_check_policies(options["policies"]),
+        redact=check_hook("redact", options["redact"]),
+        classifier=check_classifier(options["classifier"]),
+        policies=check_policies(options["policies"]),
         retry=None,
         swallow=swallow,
         critical=bool(options["critical"]),
-        on_dead_letter=_check_hook("on_dead_letter", options["on_dead_letter"]),
-        on_retry_exhausted=_check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
+        on_dead_letter=check_hook("on_dead_letter", options["on_dead_letter"]),
+        on_retry_exhausted=check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
         breaker=_check_breaker(options["breaker"]),
     )
     if spec is not None and getattr(spec.options, "cache_errors", None) is not None:

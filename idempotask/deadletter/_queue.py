@@ -34,9 +34,6 @@ from idempotask.deadletter._core import (
     RouteHandler,
     _adrive,
     _arguments_payload,
-    _check_classifier,
-    _check_hook,
-    _check_policies,
     _classify,
     _close,
     _drive,
@@ -48,6 +45,9 @@ from idempotask.deadletter._core import (
     _Op,
     _reopen,
     _seconds,
+    check_classifier,
+    check_hook,
+    check_policies,
 )
 from idempotask.deadletter._replay import (
     _call_arguments,
@@ -256,8 +256,8 @@ class DeadLetterQueue:
         self._store: DeadLetterStore | None = (
             None if store is None or isinstance(store, str) else store
         )
-        self._classifier = _check_classifier(classifier)
-        self._policies = _check_policies(policies)
+        self._classifier = check_classifier(classifier)
+        self._policies = check_policies(policies)
         self._retention = (
             None if retention is None else _seconds(retention, "retention", allow_zero=False)
         )
@@ -338,7 +338,7 @@ class DeadLetterQueue:
         >>> remove = DeadLetterQueue("memory://").on_alert(print)
         >>> remove()
         """
-        _check_hook("on_alert", hook)
+        check_hook("on_alert", hook)
         with self._lock:
             self._alerts = (*self._alerts, hook)
 
@@ -813,8 +813,8 @@ class DeadLetterQueue:
             key=key,
             route=route,
             critical=critical,
-            classifier=_check_classifier(classifier),
-            policies=_check_policies(policies),
+            classifier=check_classifier(classifier),
+            policies=check_policies(policies),
             replay_of=replay_of,
             now=self._now(now),
         )

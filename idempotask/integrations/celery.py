@@ -71,34 +71,28 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from idempotask import config
 from idempotask.backends.base import State
-from idempotask.backends.deadletters import DeadLetter, Status
-from idempotask.deadletter import DeadLetterQueue, ReplayError, default_queue, register_route
-from idempotask.deadletter._core import (
-    Hook,
-    _check_classifier,
-    _check_hook,
-    _check_policies,
-    _fire,
-)
+from idempotask.backends.deadletters import DeadLetter
+from idempotask.deadletter import ReplayError, register_route
 from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     ConfigurationError,
-    KeyMismatchError,
     MissingDependencyError,
 )
-from idempotask.idempotent import _drive, _Spec, idempotent, register_cancellation
-from idempotask.integrations._common import check_worker_backend, split_options
-from idempotask.lease import Lease, LeaseLostWarning, current_lease
-from idempotask.retry import RetryPolicy
-from idempotask.taxonomy import Classifier, FailureKind
+from idempotask.idempotent import Spec, drive, idempotent, register_cancellation
+from idempotask.integrations._common import (
+    NOT_DEAD_LETTERED,
+    DeadLetterOptions,
+    check_worker_backend,
+    split_options,
+)
+from idempotask.lease import Lease, current_lease
 
 try:
     import celery  # type: ignore[import-untyped]
@@ -140,32 +134,12 @@ register_cancellation(Retry, keep_claim=True)
 
 # Not failures of the task's work: never dead-lettered (a duplicate that gave up
 # waiting, a misused explicit key, Celery's own control flow).
-_NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (
-    AlreadyInProgress,
-    KeyMismatchError,
-    LeaseLostWarning,
-    Retry,
-    Ignore,
-    Reject,
-)
+_NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (*NOT_DEAD_LETTERED, Retry, Ignore, Reject)
 
 
 # ----------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _DeadLetters:
-    """A task's ``dead_letter_*`` options, validated."""
-
-    queue: DeadLetterQueue | None
-    redact: Any
-    classifier: Classifier | None
-    policies: Mapping[FailureKind | str, RetryPolicy] | None
-    critical: bool
-    on_dead_letter: Hook | None
-    on_retry_exhausted: Hook | None
 
 
 def _class_options(cls: type) -> dict[str, Any]:
@@ -178,7 +152,7 @@ def _class_options(cls: type) -> dict[str, Any]:
     return found
 
 
-def _split(cls: type) -> tuple[dict[str, Any], _DeadLetters | None, bool]:
+def _split(cls: type) -> tuple[dict[str, Any], DeadLetterOptions | None, bool]:
     """(``@idempotent`` options, dead-letter options or None when off, dedupe_enqueue)."""
     where = f"task {getattr(cls, 'name', None) or cls.__qualname__}"
     options = _class_options(cls)
@@ -193,26 +167,13 @@ def _split(cls: type) -> tuple[dict[str, Any], _DeadLetters | None, bool]:
         raise ConfigurationError(
             f"{exc}; Celery tasks also take {', '.join(_OWN_OPTIONS)}"
         ) from None
-    enabled = dead.pop("enabled", True)
+    enabled = dead.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigurationError(
             f"{where}: dead_letter_enabled: expected True or False, got {enabled!r}"
         )
-    queue = dead.get("queue")
-    if queue is not None and not isinstance(queue, DeadLetterQueue):
-        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
-    letters = _DeadLetters(
-        queue=queue,
-        redact=_check_hook("dead_letter_redact", dead.get("redact")),
-        classifier=_check_classifier(dead.get("classifier")),
-        policies=dead.get("policies") if _check_policies(dead.get("policies")) else None,
-        critical=bool(dead.get("critical", False)),
-        on_dead_letter=_check_hook("dead_letter_on_dead_letter", dead.get("on_dead_letter")),
-        on_retry_exhausted=_check_hook(
-            "dead_letter_on_retry_exhausted", dead.get("on_retry_exhausted")
-        ),
-    )
-    return idem, (letters if enabled else None), dedupe
+    letters = DeadLetterOptions.from_options(dead, where)
+    return idem, (letters if letters.enabled else None), dedupe
 
 
 @dataclass(frozen=True)
@@ -220,9 +181,9 @@ class _Binding:
     """What one task needs per call, built once per process on first use."""
 
     function: Any  # the @idempotent function wrapping Task.__call__
-    spec: _Spec
+    spec: Spec
     signature: inspect.Signature
-    dead_letters: _DeadLetters | None
+    dead_letters: DeadLetterOptions | None
     dedupe_enqueue: bool
 
 
@@ -414,7 +375,7 @@ def _header(request: Any, name: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _header_key(request: Any, spec: _Spec) -> str | None:
+def _header_key(request: Any, spec: Spec) -> str | None:
     """The producer's key, if the message has one this worker agrees with.
 
     A key of another namespace or name (a producer configured differently, the old name
@@ -434,7 +395,7 @@ def _header_key(request: Any, spec: _Spec) -> str | None:
     return key
 
 
-def _lease_seconds(spec: _Spec) -> float:
+def _lease_seconds(spec: Spec) -> float:
     return spec.options.lease or config.settings().default_lease
 
 
@@ -448,13 +409,13 @@ def _run(
 ) -> Any:
     spec = binding.spec
     if not redelivered or spec.options.on_conflict == "raise":
-        return _drive(spec, args, kwargs, None, owner, key)
+        return drive(spec, args, kwargs, None, owner, key)
     # The holder of a redelivered message's claim may be a dead worker, whose lease runs
     # out only after up to one lease: wait at least that long, whatever wait_timeout says.
     deadline = time.monotonic() + _lease_seconds(spec)
     while True:
         try:
-            return _drive(spec, args, kwargs, None, owner, key)
+            return drive(spec, args, kwargs, None, owner, key)
         except AlreadyInProgress:
             if time.monotonic() >= deadline:
                 raise
@@ -513,25 +474,17 @@ def _final_failure(
     if letters is None:
         return
     try:
-        queue = letters.queue if letters.queue is not None else default_queue()
-        letter = queue.record(
+        letters.record(
             task.name,
             error,
-            arguments=_arguments(binding, letters, args, kwargs),
+            arguments=letters.arguments(binding.signature, args, kwargs, binding.spec.name),
             key=key,
             route=ROUTE,
-            critical=letters.critical,
-            classifier=letters.classifier,
-            policies=letters.policies,
             replay_of=_header(request, REPLAY_HEADER),
         )
     except Exception:
         # SpoolError was logged with the letter itself; anything else is a bug of ours.
         log.exception("idempotask: could not record the failure of %s", task.name)
-        return
-    _fire(letters.on_dead_letter, letter, "on_dead_letter")
-    if letter.status is Status.ABANDONED:
-        _fire(letters.on_retry_exhausted, letter, "on_retry_exhausted")
 
 
 def _drop_marker(binding: _Binding, key: str, task_id: str) -> None:
@@ -544,34 +497,6 @@ def _drop_marker(binding: _Binding, key: str, task_id: str) -> None:
             backend.delete(marker, token=record.token)
     except BackendError as exc:
         log.warning("idempotask: could not drop the enqueue marker %s: %s", marker, exc)
-
-
-def _arguments(
-    binding: _Binding, letters: _DeadLetters, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Mapping[str, Any] | None:
-    """The bound arguments, through ``dead_letter_redact``; None keeps nothing."""
-    try:
-        bound = binding.signature.bind(*args, **kwargs)
-    except TypeError:
-        return None  # the call itself was wrong; the TypeError is the letter
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    if letters.redact is None:
-        return arguments
-    try:
-        kept = letters.redact(arguments)
-    except Exception:
-        # Keeping the unredacted arguments could store a secret: keep nothing.
-        log.exception("idempotask: the dead_letter_redact hook of %s raised", binding.spec.name)
-        return None
-    if not isinstance(kept, Mapping):
-        log.error(
-            "idempotask: the dead_letter_redact hook of %s returned %s, not a mapping",
-            binding.spec.name,
-            type(kept).__name__,
-        )
-        return None
-    return kept
 
 
 # ----------------------------------------------------------------------------------------

@@ -39,8 +39,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dramatiq.asyncio import get_event_loop_thread
@@ -48,26 +47,24 @@ from dramatiq.errors import ActorNotFound, Retry
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from idempotask import config
-from idempotask.backends.base import Backend, Record, State
-from idempotask.backends.deadletters import DeadLetter, Status
-from idempotask.deadletter import DeadLetterQueue, ReplayError, default_queue, register_route
-from idempotask.deadletter._core import (
-    _NOT_DEAD_LETTERED,
-    _check_classifier,
-    _check_hook,
-    _check_policies,
-    _fire,
-)
-from idempotask.errors import BackendError, ConfigurationError
-from idempotask.idempotent import _adrive, _drive, _Spec, idempotent, register_cancellation
+from idempotask.backends.base import Backend
+from idempotask.backends.deadletters import DeadLetter
+from idempotask.deadletter import DeadLetterQueue, ReplayError, register_route
+from idempotask.errors import ConfigurationError
+from idempotask.idempotent import Spec, adrive, drive, idempotent, register_cancellation
 from idempotask.integrations._common import (
     DEAD_LETTER_OPTIONS,
+    DEFAULT_DEAD_LETTER_OPTIONS,
     IDEMPOTENCY_OPTIONS,
+    NOT_DEAD_LETTERED,
+    DeadLetterOptions,
+    call_key,
     check_worker_backend,
+    clear_own_failure,
+    replay_arguments,
     split_options,
 )
 from idempotask.keys import claim_name
-from idempotask.taxonomy import Classifier
 
 if TYPE_CHECKING:
     from dramatiq.actor import Actor
@@ -115,100 +112,12 @@ def _current_message() -> Any:
 
 
 # ----------------------------------------------------------------------------------------
-# Dead-letter options (dead_letter_* actor options)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _DeadLetterOptions:
-    queue: DeadLetterQueue | None = None
-    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
-    classifier: Classifier | None = None
-    policies: Any = None
-    critical: bool = False
-    on_dead_letter: Callable[[DeadLetter], object] | None = None
-    on_retry_exhausted: Callable[[DeadLetter], object] | None = None
-    enabled: bool = True
-
-
-_DEFAULT_DEAD_LETTER = _DeadLetterOptions()
-
-
-def _dead_letter_options(options: dict[str, Any], where: str) -> _DeadLetterOptions:
-    queue = options.get("queue")
-    if queue is not None and not isinstance(queue, DeadLetterQueue):
-        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
-    return _DeadLetterOptions(
-        queue=queue,
-        redact=_check_hook("dead_letter_redact", options.get("redact")),
-        classifier=_check_classifier(options.get("classifier")),
-        policies=_check_policies(options.get("policies")),
-        critical=bool(options.get("critical", False)),
-        on_dead_letter=_check_hook("dead_letter_on_dead_letter", options.get("on_dead_letter")),
-        on_retry_exhausted=_check_hook(
-            "dead_letter_on_retry_exhausted", options.get("on_retry_exhausted")
-        ),
-        enabled=bool(options.get("enabled", True)),
-    )
-
-
-def _bound_arguments(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The call's arguments by name, defaults applied, or None if they do not bind."""
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _redacted(
-    options: _DeadLetterOptions, name: str, arguments: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    if arguments is None or options.redact is None:
-        return arguments
-    try:
-        kept: object = options.redact(dict(arguments))
-    except Exception:
-        # Keeping the unredacted arguments could store a secret: keep nothing.
-        log.exception(
-            "idempotask: the dead_letter_redact hook of %s raised; no arguments kept", name
-        )
-        return None
-    if not isinstance(kept, Mapping):
-        log.error("idempotask: the dead_letter_redact hook of %s did not return a mapping", name)
-        return None
-    return dict(kept)
-
-
-# ----------------------------------------------------------------------------------------
 # Replays
 # ----------------------------------------------------------------------------------------
 
 # Brokers with this middleware in this process; a replay looks its actor up in them.
 _brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
 _brokers_lock = threading.Lock()
-
-
-def _replay_arguments(
-    func: Any, arguments: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments for ``func`` from arguments stored by name."""
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return (), dict(arguments)
-    unknown = sorted(set(arguments) - set(sig.parameters))
-    if unknown:
-        raise ValueError(
-            f"{getattr(func, '__qualname__', func)} no longer takes "
-            f"{', '.join(map(repr, unknown))}; its signature changed"
-        )
-    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
-    bound = inspect.BoundArguments(sig, ordered)
-    return tuple(bound.args), dict(bound.kwargs)
 
 
 def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
@@ -219,7 +128,7 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
             actor = broker.get_actor(letter.function)
         except ActorNotFound:
             continue
-        args, kwargs = _replay_arguments(actor.fn, arguments)
+        args, kwargs = replay_arguments(actor.fn, arguments)
         options: dict[str, Any] = {LETTER_OPTION: letter.id}
         return actor.send_with_options(args=args, kwargs=kwargs, **options)
     # ReplayError: the processor leaves the letter for a process that knows the actor.
@@ -242,40 +151,22 @@ def _remember_broker(broker: Broker) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _clear_own_failure(
-    spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str
-) -> None:
-    """Drop a failure this very message cached (``idempotency_cache_errors``) so its
-    retry runs: a cached failure answers duplicates, and a retry of the same message is
-    the same execution, not a duplicate of itself."""
-    if spec.options.cache_errors is None:
-        return
-    try:
-        key = spec.key(args, kwargs, None)
-        backend = spec.backend()
-        record: Record | None = backend.get(key)
-        if record is not None and record.state is State.FAILED and record.owner == owner:
-            backend.delete(key, token=record.token)
-    except BackendError:
-        pass  # the claim that follows meets the same store and applies on_backend_error
-
-
-def _owned(spec: _Spec, is_async: bool) -> Callable[..., Any]:
+def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
     """The actor function: the idempotent call, owned by the current message's id."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         message = _current_message()
         owner = "" if message is None else str(message.message_id)
         if owner:
-            _clear_own_failure(spec, args, kwargs, owner)
+            clear_own_failure(spec, args, kwargs, owner)
         if not is_async:
-            return _drive(spec, args, kwargs, None, owner)
+            return drive(spec, args, kwargs, None, owner)
         loop_thread = get_event_loop_thread()
         if loop_thread is None:
             raise RuntimeError(
                 f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
             )
-        return loop_thread.run_coroutine(_adrive(spec, args, kwargs, None, owner))
+        return loop_thread.run_coroutine(adrive(spec, args, kwargs, None, owner))
 
     functools.update_wrapper(call, spec.func)  # __wrapped__: the signature replays bind to
     c: Any = call
@@ -380,8 +271,8 @@ class IdempotencyMiddleware(Middleware):
             )
         self._dead_letters = bool(dead_letters)
         self._queue = dead_letter_queue
-        self._options: dict[str, _DeadLetterOptions] = {}
-        self._specs: dict[str, _Spec] = {}
+        self._options: dict[str, DeadLetterOptions] = {}
+        self._specs: dict[str, Spec] = {}
         self._lock = threading.Lock()
 
     @property
@@ -410,7 +301,7 @@ class IdempotencyMiddleware(Middleware):
         where = f"actor {actor.actor_name!r}"
         try:
             idem, dead, _ = split_options(actor.options, where=where)
-            options = _dead_letter_options(dead, where)
+            options = DeadLetterOptions.from_options(dead, where)
             spec = self._spec_for(actor, idem, where)
         except ActorOptionError:
             raise
@@ -427,7 +318,7 @@ class IdempotencyMiddleware(Middleware):
 
     def _spec_for(
         self, actor: Actor[Any, Any], idem: dict[str, Any], where: str
-    ) -> tuple[_Spec, bool] | None:
+    ) -> tuple[Spec, bool] | None:
         raw, is_async = _unwrap(actor.fn)
         if hasattr(raw, "__idempotask_dead_letter__"):
             raise ConfigurationError(
@@ -435,7 +326,7 @@ class IdempotencyMiddleware(Middleware):
                 "use dead_letter_* actor options (recorded when Dramatiq's retries are "
                 "exhausted) instead"
             )
-        plain: _Spec | None = getattr(raw, "__idempotask_spec__", None)
+        plain: Spec | None = getattr(raw, "__idempotask_spec__", None)
         if plain is not None:
             if idem:
                 raise ConfigurationError(
@@ -451,7 +342,7 @@ class IdempotencyMiddleware(Middleware):
                 opts = dataclasses.replace(opts, name=actor.actor_name)
             if opts.backend is None and self._backend is not None:
                 opts = dataclasses.replace(opts, backend=self._backend)
-            return _Spec(plain.func, opts, plain.keyer), is_async
+            return Spec(plain.func, opts, plain.keyer), is_async
         if not idem:
             return None
         if self._backend is not None:
@@ -523,11 +414,11 @@ class IdempotencyMiddleware(Middleware):
             )
 
     def _record(self, broker: Broker, message: MessageProxy, error: BaseException) -> None:
-        if isinstance(error, (*_NOT_DEAD_LETTERED, MiddlewareError)):
+        if isinstance(error, (*NOT_DEAD_LETTERED, MiddlewareError)):
             return
         name = str(message.actor_name)
         with self._lock:
-            options = self._options.get(name, _DEFAULT_DEAD_LETTER)
+            options = self._options.get(name, DEFAULT_DEAD_LETTER_OPTIONS)
         if not options.enabled:
             return
         try:
@@ -535,31 +426,16 @@ class IdempotencyMiddleware(Middleware):
         except ActorNotFound:
             fn = None
         args, kwargs = tuple(message.args), dict(message.kwargs)
-        arguments = None if fn is None else _bound_arguments(fn, args, kwargs)
-        arguments = _redacted(options, name, arguments)
-        key = ""
-        key_for = getattr(fn, "key_for", None)
-        if callable(key_for):
-            try:
-                key = str(key_for(*args, **kwargs))
-            except Exception:
-                key = ""
-        queue = options.queue or self._queue or default_queue()
+        arguments = options.arguments(fn, args, kwargs, name)
         # Recorded under the message id, so a message recorded twice (redelivered after
         # its worker died between recording and rejecting it) keeps one letter; a replay
         # names its letter in its options.
-        replay_of = str(message.options.get(LETTER_OPTION) or message.message_id)
-        letter = queue.record(
+        options.record(
             name,
             error,
             arguments=arguments,
-            key=key,
+            key=call_key(fn, args, kwargs),
             route=ROUTE,
-            critical=options.critical,
-            classifier=options.classifier,
-            policies=options.policies,
-            replay_of=replay_of,
+            replay_of=str(message.options.get(LETTER_OPTION) or message.message_id),
+            queue=self._queue,
         )
-        _fire(options.on_dead_letter, letter, "dead_letter_on_dead_letter")
-        if letter.status is Status.ABANDONED:
-            _fire(options.on_retry_exhausted, letter, "dead_letter_on_retry_exhausted")

@@ -39,8 +39,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -52,20 +51,20 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import import_attribute
 
 from idempotask import config
-from idempotask.backends.base import Record, State
-from idempotask.backends.deadletters import DeadLetter, Status
-from idempotask.deadletter import DeadLetterQueue, default_queue, register_route
-from idempotask.deadletter._core import (
-    _NOT_DEAD_LETTERED,
-    _check_classifier,
-    _check_hook,
-    _check_policies,
-    _fire,
-)
-from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
+from idempotask.backends.deadletters import DeadLetter
+from idempotask.deadletter import register_route
+from idempotask.errors import AlreadyInProgress, ConfigurationError
 from idempotask.idempotent import IdempotentFunction, idempotent, register_cancellation
-from idempotask.integrations._common import check_worker_backend, split_options
-from idempotask.taxonomy import Classifier
+from idempotask.integrations._common import (
+    DEFAULT_DEAD_LETTER_OPTIONS,
+    NOT_DEAD_LETTERED,
+    DeadLetterOptions,
+    call_key,
+    check_worker_backend,
+    clear_own_failure,
+    replay_arguments,
+    split_options,
+)
 
 __all__ = [
     "JOB_ID_PREFIX",
@@ -133,44 +132,6 @@ register_cancellation(JobTimeoutException)
 
 
 # ----------------------------------------------------------------------------------------
-# Dead-letter options (dead_letter_* on idempotent_job)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _DeadLetterOptions:
-    queue: DeadLetterQueue | None = None
-    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
-    classifier: Classifier | None = None
-    policies: Any = None
-    critical: bool = False
-    on_dead_letter: Callable[[DeadLetter], object] | None = None
-    on_retry_exhausted: Callable[[DeadLetter], object] | None = None
-    enabled: bool = True
-
-
-_DEFAULT_DEAD_LETTER = _DeadLetterOptions()
-
-
-def _dead_letter_options(options: dict[str, Any], where: str) -> _DeadLetterOptions:
-    queue = options.get("queue")
-    if queue is not None and not isinstance(queue, DeadLetterQueue):
-        raise ConfigurationError(f"{where}: dead_letter_queue: expected a DeadLetterQueue")
-    return _DeadLetterOptions(
-        queue=queue,
-        redact=_check_hook("dead_letter_redact", options.get("redact")),
-        classifier=_check_classifier(options.get("classifier")),
-        policies=_check_policies(options.get("policies")),
-        critical=bool(options.get("critical", False)),
-        on_dead_letter=_check_hook("dead_letter_on_dead_letter", options.get("on_dead_letter")),
-        on_retry_exhausted=_check_hook(
-            "dead_letter_on_retry_exhausted", options.get("on_retry_exhausted")
-        ),
-        enabled=bool(options.get("enabled", True)),
-    )
-
-
-# ----------------------------------------------------------------------------------------
 # Running a job: the job id owns the claim
 # ----------------------------------------------------------------------------------------
 
@@ -210,29 +171,10 @@ def _check_backend_once(fn: Any, job: Job) -> None:
         check_worker_backend(backend, framework="rq", processes=_worker_processes(job))
 
 
-def _clear_own_failure(fn: Any, owner: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Drop a failure this very job cached (``cache_errors``), so its retry runs.
-
-    A cached failure answers *duplicates*; RQ's retry of the same job is the same
-    execution, not a duplicate of itself.
-    """
-    spec = fn.__idempotask_spec__
-    if spec.options.cache_errors is None:
-        return
-    try:
-        key = fn.key_for(*args, **kwargs)
-        backend = spec.backend()
-        record: Record | None = backend.get(key)
-        if record is not None and record.state is State.FAILED and record.owner == owner:
-            backend.delete(key, token=record.token)
-    except BackendError:
-        pass  # the claim that follows meets the same store and applies on_backend_error
-
-
 def _bound_for_job(fn: Any, job: Job, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``fn`` (an idempotent function) bound to owner = the job id."""
     _check_backend_once(fn, job)
-    _clear_own_failure(fn, job.id, args, kwargs)
+    clear_own_failure(fn.__idempotask_spec__, args, kwargs, job.id)
     return fn.using(owner=job.id)
 
 
@@ -315,7 +257,7 @@ def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) ->
                 "@dead_letter; use one of them (dead letters come from dead_letter_handler, "
                 "which records a job only when RQ's retries are exhausted)"
             )
-        dead_options = _dead_letter_options(dead, where)
+        dead_options = DeadLetterOptions.from_options(dead, where)
         inner: Any = idempotent(**idem)(f)
 
         if inspect.iscoroutinefunction(f):
@@ -462,52 +404,21 @@ def enqueue_once(queue: Queue, func: Callable[..., Any], *args: Any, **kwargs: A
 # ----------------------------------------------------------------------------------------
 
 
-def _bound_arguments(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The call's arguments by name, defaults applied, or None if they do not bind."""
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _redacted(
-    options: _DeadLetterOptions, name: str, arguments: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    if arguments is None or options.redact is None:
-        return arguments
-    try:
-        kept: object = options.redact(dict(arguments))
-    except Exception:
-        # Keeping the unredacted arguments could store a secret: keep nothing.
-        log.exception(
-            "idempotask: the dead_letter_redact hook of %s raised; no arguments kept", name
-        )
-        return None
-    if not isinstance(kept, Mapping):
-        log.error("idempotask: the dead_letter_redact hook of %s did not return a mapping", name)
-        return None
-    return dict(kept)
-
-
 def _will_retry(job: Job) -> bool:
     left = getattr(job, "retries_left", None)
     return bool(left is not None and left > 0)
 
 
 def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
-    if _will_retry(job) or isinstance(error, _NOT_DEAD_LETTERED):
+    if _will_retry(job) or isinstance(error, NOT_DEAD_LETTERED):
         return None
     name = job.func_name or job.id
     try:
         func: Any = job.func
     except Exception:
         func = None  # the function itself cannot be imported: the letter says so
-    options: _DeadLetterOptions = getattr(
-        func, "__idempotask_rq_dead_letter__", _DEFAULT_DEAD_LETTER
+    options: DeadLetterOptions = getattr(
+        func, "__idempotask_rq_dead_letter__", DEFAULT_DEAD_LETTER_OPTIONS
     )
     if not options.enabled:
         return None
@@ -518,32 +429,18 @@ def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
             args, kwargs = tuple(job.args), dict(job.kwargs)
         except Exception:
             args, kwargs = (), {}
-        arguments = _redacted(options, name, _bound_arguments(func, args, kwargs))
-        key_for = getattr(func, "key_for", None)
-        if callable(key_for):
-            try:
-                key = str(key_for(*args, **kwargs))
-            except Exception:
-                key = ""
-    queue = options.queue if options.queue is not None else default_queue()
+        arguments = options.arguments(func, args, kwargs, name)
+        key = call_key(func, args, kwargs)
     # The first failure of a job is recorded under the job's id, so the replay route can
     # find the job (its queue and options); a replayed job names its letter in its meta.
-    replay_of = str((job.meta or {}).get(LETTER_META) or job.id)
-    letter = queue.record(
+    return options.record(
         name,
         error,
         arguments=arguments,
         key=key,
         route=ROUTE,
-        critical=options.critical,
-        classifier=options.classifier,
-        policies=options.policies,
-        replay_of=replay_of,
+        replay_of=str((job.meta or {}).get(LETTER_META) or job.id),
     )
-    _fire(options.on_dead_letter, letter, "dead_letter_on_dead_letter")
-    if letter.status is Status.ABANDONED:
-        _fire(options.on_retry_exhausted, letter, "dead_letter_on_retry_exhausted")
-    return letter
 
 
 def dead_letter_handler(
@@ -579,25 +476,6 @@ def dead_letter_handler(
     return True
 
 
-def _replay_arguments(
-    func: Any, arguments: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments for ``func`` from arguments stored by name."""
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return (), dict(arguments)
-    unknown = sorted(set(arguments) - set(sig.parameters))
-    if unknown:
-        raise ValueError(
-            f"{getattr(func, '__qualname__', func)} no longer takes "
-            f"{', '.join(map(repr, unknown))}; its signature changed"
-        )
-    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
-    bound = inspect.BoundArguments(sig, ordered)
-    return tuple(bound.args), dict(bound.kwargs)
-
-
 def _replay(
     connection: Any, default_queue_name: str, letter: DeadLetter, arguments: dict[str, Any]
 ) -> Job:
@@ -605,7 +483,7 @@ def _replay(
         func: Any = import_attribute(letter.function)
     except Exception:
         func = None
-    args, kwargs = ((), dict(arguments)) if func is None else _replay_arguments(func, arguments)
+    args, kwargs = ((), dict(arguments)) if func is None else replay_arguments(func, arguments)
     queue_name = default_queue_name
     options: dict[str, Any] = {}
     try:

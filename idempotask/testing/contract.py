@@ -131,24 +131,16 @@ class StoreContract:
         key, token = store.key(), new_token()
         record = store.claim(key, token, lease=LEASE, owner="task-1", fingerprint="fp-1")
         assert record.held_by(token), _describe(record)
-        expect_record(
-            record,
-            key=key,
-            state=State.IN_PROGRESS,
-            token=token,
-            owner="task-1",
-            fingerprint="fp-1",
-            limit=LEASE,
-        )
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.IN_PROGRESS,
-            token=token,
-            owner="task-1",
-            fingerprint="fp-1",
-            limit=LEASE,
-        )
+        for got in (record, store.get(key)):
+            expect_record(
+                got,
+                key=key,
+                state=State.IN_PROGRESS,
+                token=token,
+                owner="task-1",
+                fingerprint="fp-1",
+                limit=LEASE,
+            )
 
     def test_second_claim_returns_the_holders_record(self, store: StoreView) -> None:
         """A claim with another token gets the existing in-progress record, not the key."""

@@ -527,9 +527,9 @@ def test_scripts_are_reloaded_after_script_flush_sync(private_server: RedisServe
         key, tok = new_key(), token()
         assert store.claim(key, tok, lease=30).held_by(tok)
         admin.script_flush()
-        assert admin.script_exists(_sha("complete")) == [False]
+        assert admin.script_exists(_sha("finish")) == [False]
         assert store.complete(key, tok, b"r", ttl=30) is True
-        assert admin.script_exists(_sha("complete")) == [True], "EVAL caches it again"
+        assert admin.script_exists(_sha("finish")) == [True], "EVAL caches it again"
         assert store.get(key) is not None
     finally:
         store.close()
@@ -546,7 +546,7 @@ async def test_scripts_are_reloaded_after_script_flush_async(private_server: Red
         admin.script_flush()
         assert await store.acomplete(key, tok, b"r", ttl=30)
         assert (await store.aget(key)) is not None
-        assert admin.script_exists(_sha("complete")) == [True]
+        assert admin.script_exists(_sha("finish")) == [True]
     finally:
         await store.aclose()
         admin.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import signal
 import subprocess
@@ -41,26 +42,14 @@ from idempotask.integrations.celery import (  # noqa: E402
     _hold_for_retry,
 )
 from idempotask.lease import Lease  # noqa: E402
-from idempotask.serializers import get_serializer  # noqa: E402
 from tests.conftest import service_url  # noqa: E402
 from tests.integrations import _celery_app as capp  # noqa: E402
+from tests.integrations import _workers as workers  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60.0
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+wait_for = functools.partial(workers.wait_for, timeout=TIMEOUT)
 
 
 class Worker:
@@ -91,17 +80,9 @@ class Worker:
             "-l",
             "WARNING",
         ]
-        full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-        with open(self.log_path, "wb") as log:
-            # Its own session: the worker and its pool processes form one group to kill.
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=full_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        full_env = {**os.environ, **env, "PYTHONPATH": str(workers.ROOT)}
+        # Its own session: the worker and its pool processes form one group to kill.
+        self.process = workers.start_worker(command, full_env, self.log_path, cwd=workers.ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -150,7 +131,7 @@ class Env:
         return self.app.tasks[f"itest.{name}"]
 
     def count(self, task: str, tag: object) -> int:
-        return int(self.client.get(capp.counter(self.namespace, task, tag)) or 0)
+        return workers.counter_value(self.client, capp.counter(self.namespace, task, tag))
 
     def configure(self) -> None:
         """Point this test process at the workers' store and dead-letter queue."""
@@ -187,8 +168,7 @@ def celery_env(
         yield Env(request.param, env, capp.make_app(env), client, log_dir, worker)
     finally:
         worker.stop()
-        for key in client.scan_iter(match=f"{namespace}*", count=1000):
-            client.delete(key)
+        workers.delete_keys(store, f"{namespace}*")
         client.close()
 
 
@@ -255,10 +235,7 @@ def test_autoretry_fails_twice_then_succeeds_in_three_runs_under_its_own_claim(
     # The claim's lease is 30 s: a retry that had to wait for it would take that long.
     assert time.monotonic() - started < 15
     assert cel.count("flaky_auto", "a") == 3
-    record = idempotask.get_backend().get(task.key_for("a"))
-    assert record is not None
-    assert record.state is State.COMPLETED
-    assert get_serializer("json").loads(record.payload) == {"tag": "a", "run": 3}
+    assert workers.stored(task.key_for("a")) == {"tag": "a", "run": 3}
     assert letters_of("itest.flaky_auto") == []
 
 
@@ -337,14 +314,7 @@ def test_a_worker_killed_mid_task_is_replaced_after_the_lease_and_runs_it_once(
     assert second_start >= lease_ends - 0.05  # not before the lease ran out
     assert cel.count("crashy", "k") == 2  # two bodies started
     assert cel.count("crashy_done", "k") == 1  # one completed
-    record = idempotask.get_backend().get(task.key_for("k"))
-    assert record is not None
-    assert record.state is State.COMPLETED
-    assert get_serializer("json").loads(record.payload) == {
-        "tag": "k",
-        "run": 2,
-        "redelivered": True,
-    }
+    assert workers.stored(task.key_for("k")) == {"tag": "k", "run": 2, "redelivered": True}
 
 
 def test_the_producer_key_equals_the_key_the_worker_computes_for_send_task(cel: Env) -> None:
@@ -419,8 +389,7 @@ def test_a_prefork_worker_on_the_memory_store_warns_when_it_starts(
         worker.wait_ready(client)
     finally:
         worker.stop()
-        for key in client.scan_iter(match=f"{namespace}*", count=1000):
-            client.delete(key)
+        workers.delete_keys(store, f"{namespace}*")
         client.close()
     assert "MultiProcessMemoryWarning" in worker.log()
     assert "runs tasks in 2 processes" in worker.log()

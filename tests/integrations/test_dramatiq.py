@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +36,6 @@ from redis import Redis
 
 import idempotask
 from idempotask import dead_letter, idempotent
-from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
 from idempotask.deadletter import default_queue
 from idempotask.errors import ConfigurationError
@@ -48,8 +47,19 @@ from idempotask.integrations.dramatiq import (
 )
 from idempotask.serializers import get_serializer
 from tests.conftest import service_url
+from tests.integrations._workers import (
+    counter_value,
+    delete_keys,
+    in_threads,
+    read_logs,
+    start_worker,
+    stop_worker,
+    stored,
+    wait_for,
+    with_query,
+    worker_env,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 PREFIX = f"idqdr{uuid.uuid4().hex[:8]}"  # every queue and key this module creates has it
 RESULT_WAIT_MS = 30_000
 # The environment tests.integrations._dramatiq_actors reads when imported.
@@ -58,25 +68,6 @@ ENV_BROKER = "IDEMPOTASK_DRAMATIQ_TEST_BROKER"
 ENV_REDIS = "IDEMPOTASK_DRAMATIQ_TEST_REDIS"
 ENV_DEAD_LETTERS = "IDEMPOTASK_DRAMATIQ_TEST_DEAD_LETTERS"
 ENV_SPOOL = "IDEMPOTASK_DRAMATIQ_TEST_SPOOL"
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    pause = 0.02
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.2)
-
-
-def _with_query(url: str, **params: str) -> str:
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def _pika_url(url: str) -> str:
@@ -97,7 +88,7 @@ def actors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     patch.setenv(ENV_NAMESPACE, PREFIX)
     patch.setenv(ENV_BROKER, amqp_url)
     patch.setenv(ENV_REDIS, redis_url)
-    patch.setenv(ENV_DEAD_LETTERS, _with_query(redis_url, prefix=PREFIX))
+    patch.setenv(ENV_DEAD_LETTERS, with_query(redis_url, prefix=PREFIX))
     patch.setenv(ENV_SPOOL, str(tmp_path_factory.mktemp("spool") / "spool.jsonl"))
     module = importlib.import_module("tests.integrations._dramatiq_actors")
     assert module.NAMESPACE == PREFIX
@@ -111,11 +102,7 @@ def actors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
                 channel.queue_delete(queue)
         finally:
             broker.close()
-        conn = Redis.from_url(redis_url)
-        keys = list(conn.scan_iter(match=f"*{PREFIX}*", count=1000))
-        for i in range(0, len(keys), 500):
-            conn.delete(*keys[i : i + 500])
-        conn.close()
+        delete_keys(redis_url, f"*{PREFIX}*")
         patch.undo()
 
 
@@ -129,7 +116,7 @@ class Env:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def count(self, name: str) -> int:
-        return int(self.redis.get(self.actors.counter(name)) or 0)
+        return counter_value(self.redis, self.actors.counter(name))
 
     def worker(
         self, *, threads: int = 4, processes: int = 1, **env: str
@@ -147,40 +134,20 @@ class Env:
             "--queues",
             self.actors.QUEUE,
         ]
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "IDEMPOTASK_DRAMATIQ_TEST_WORKER": "1",
-            "IDEMPOTASK_URL": os.environ[ENV_REDIS],
-            "PYTHONWARNINGS": "default",
-            **env,
-        }
-        log = (self.logs / f"worker{len(self.workers)}.log").open("wb")
-        proc = subprocess.Popen(
-            cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        child_env = worker_env(
+            **{
+                "IDEMPOTASK_DRAMATIQ_TEST_WORKER": "1",
+                "IDEMPOTASK_URL": os.environ[ENV_REDIS],
+                **env,
+            }
         )
-        log.close()
+        log = self.logs / f"worker{len(self.workers)}.log"
+        proc = start_worker(cmd, child_env, log)
         self.workers.append(proc)
         return proc
 
     def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the worker's process group (the CLI and its worker processes), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        return read_logs(self.logs.glob("*.log"))
 
 
 @pytest.fixture
@@ -198,16 +165,9 @@ def env(actors: ModuleType, tmp_path: Path) -> Iterator[Env]:
         yield e
     finally:
         for proc in e.workers:
-            _stop(proc)
+            stop_worker(proc)  # the CLI and its worker processes
         actors.broker.flush_all()  # nothing a test left behind reaches the next one
         e.redis.close()
-
-
-def _stored(key: str) -> Any:
-    record = idempotask.config.get_backend().get(key)
-    assert record is not None
-    assert record.state is State.COMPLETED
-    return get_serializer("json").loads(record.payload)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,18 +197,14 @@ def test_one_call_sent_20_times_from_threads_runs_once_and_every_result_is_the_f
         with lock:
             messages.append(message)
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(send, 20)
     assert len({m.message_id for m in messages}) == 20
     env.worker(threads=4)
 
     results = [m.get_result(block=True, timeout=RESULT_WAIT_MS) for m in messages]
     assert results == [{"sum": 5, "pair": [2, 3]}] * 20
     assert env.count("add") == 1
-    assert _stored(add.fn.key_for(2, 3)) == {"sum": 5, "pair": [2, 3]}
+    assert stored(add.fn.key_for(2, 3)) == {"sum": 5, "pair": [2, 3]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,7 +224,7 @@ def test_a_message_failing_twice_then_succeeding_under_retries_runs_three_times_
     # The result is stored under the original message id: the retries kept it.
     assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == 42
     assert env.count("flaky:21") == 3
-    assert _stored(flaky.fn.key_for(21)) == 42
+    assert stored(flaky.fn.key_for(21)) == 42
     assert default_queue().query(function="flaky") == []
 
     duplicate = flaky.send(n=21)

@@ -9,14 +9,13 @@ whole process group) when the test ends, whatever happened.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,6 @@ import pytest
 
 pytest.importorskip("rq")
 
-import contextlib
-
 from redis import Redis
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
@@ -34,7 +31,6 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 import idempotask
-from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
 from idempotask.deadletter import default_queue, unregister_route
 from idempotask.errors import ConfigurationError
@@ -50,29 +46,22 @@ from idempotask.integrations.rq import (
 from idempotask.serializers import get_serializer
 from tests.conftest import service_url
 from tests.integrations import _rq_jobs as jobs
+from tests.integrations._workers import (
+    counter_value,
+    delete_keys,
+    in_threads,
+    kill_worker,
+    read_logs,
+    start_worker,
+    stop_worker,
+    stored,
+    wait_for,
+    with_query,
+    worker_env,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 PREFIX = f"idqrq{uuid.uuid4().hex[:8]}"  # every key this module creates contains it
 _numbers = itertools.count()
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    pause = 0.02
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.2)
-
-
-def _with_query(url: str, **params: str) -> str:
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 @dataclass
@@ -89,7 +78,7 @@ class Env:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def count(self, name: str) -> int:
-        return int(self.conn.get(jobs.counter(self.namespace, name)) or 0)
+        return counter_value(self.conn, jobs.counter(self.namespace, name))
 
     def worker(
         self,
@@ -119,23 +108,18 @@ class Env:
         if job_class is not None:
             cmd += ["--job-class", job_class]
         cmd.append(self.queue.name)
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            jobs.ENV_WORKER: "1",
-            jobs.ENV_NAMESPACE: self.namespace,
-            jobs.ENV_REDIS: self.redis_url,
-            jobs.ENV_DEAD_LETTERS: self.dead_letters,
-            jobs.ENV_SPOOL: str(self.spool),
-            "IDEMPOTASK_URL": self.redis_url,
-            "PYTHONWARNINGS": "default",
-            **(env or {}),
-        }
-        log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        child_env = worker_env(
+            **{
+                jobs.ENV_WORKER: "1",
+                jobs.ENV_NAMESPACE: self.namespace,
+                jobs.ENV_REDIS: self.redis_url,
+                jobs.ENV_DEAD_LETTERS: self.dead_letters,
+                jobs.ENV_SPOOL: str(self.spool),
+                "IDEMPOTASK_URL": self.redis_url,
+                **(env or {}),
+            }
         )
-        log.close()
+        proc = start_worker(cmd, child_env, self.logs / f"{name}.log")
         self.workers.append(proc)
         return proc
 
@@ -148,50 +132,7 @@ class Env:
                 pytest.fail(f"rq worker {proc.pid} still running after {timeout:g}s")
 
     def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
-
-
-def _descendants(pid: int) -> list[int]:
-    """``pid``'s descendants (Linux /proc): RQ's work horse runs in its own process group,
-    so killing the worker's group does not reach it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Send ``sig`` to the worker's process group and to each of its work horses' groups."""
-    groups = {proc.pid}
-    for pid in _descendants(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(pid))
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, sig)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the worker and its work horses, then SIGKILL them."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        _kill(proc, sig)
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        return read_logs(self.logs.glob("*.log"))
 
 
 def _delete_queue_jobs(conn: Redis, queue: Queue) -> None:
@@ -216,11 +157,7 @@ def _delete_queue_jobs(conn: Redis, queue: Queue) -> None:
 def redis_url() -> Iterator[str]:
     url = service_url("redis")
     yield url
-    conn = Redis.from_url(url)
-    keys = list(conn.scan_iter(match=f"*{PREFIX}*", count=1000))
-    for i in range(0, len(keys), 500):
-        conn.delete(*keys[i : i + 500])
-    conn.close()
+    delete_keys(url, f"*{PREFIX}*")
 
 
 @pytest.fixture
@@ -232,7 +169,7 @@ def env(redis_url: str, tmp_path: Path) -> Iterator[Env]:
     e = Env(
         redis_url=redis_url,
         namespace=namespace,
-        dead_letters=_with_query(redis_url, prefix=namespace),
+        dead_letters=with_query(redis_url, prefix=namespace),
         spool=tmp_path / "spool.jsonl",
         logs=logs,
         conn=conn,
@@ -248,17 +185,10 @@ def env(redis_url: str, tmp_path: Path) -> Iterator[Env]:
         yield e
     finally:
         for proc in e.workers:
-            _stop(proc)
+            stop_worker(proc, descendants=True)  # the worker and its work horses
         unregister_route(ROUTE)
         _delete_queue_jobs(conn, e.queue)
         conn.close()
-
-
-def _stored(key: str) -> Any:
-    record = idempotask.config.get_backend().get(key)
-    assert record is not None
-    assert record.state is State.COMPLETED
-    return get_serializer("json").loads(record.payload)
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,11 +213,7 @@ def test_one_call_enqueued_20_times_from_threads_is_one_job_whose_body_runs_once
         barrier.wait()
         found.append(enqueue_once(env.queue, jobs.add, *args, **kwargs).id)
 
-    threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(enqueue, 20)
 
     assert len(found) == 20
     assert set(found) == {job_id_for(jobs.add, 2, 3)}
@@ -325,11 +251,7 @@ def test_twenty_separate_jobs_of_one_call_run_its_body_once_and_all_return_its_r
         with lock:
             enqueued.append(job)
 
-    threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(enqueue, 20)
     assert len({job.id for job in enqueued}) == 20
 
     env.finish(env.worker(), env.worker())
@@ -337,7 +259,7 @@ def test_twenty_separate_jobs_of_one_call_run_its_body_once_and_all_return_its_r
     results = [job.return_value(refresh=True) for job in enqueued]
     assert results == [{"sum": 9, "pair": (4, 5)}] * 20
     assert env.count("add") == 1
-    assert _stored(jobs.add.key_for(4, 5)) == {"sum": 9, "pair": (4, 5)}
+    assert stored(jobs.add.key_for(4, 5)) == {"sum": 9, "pair": (4, 5)}
     record = idempotask.config.get_backend().get(jobs.add.key_for(4, 5))
     assert record is not None
     assert record.owner in {job.id for job in enqueued}  # the job id owns the claim
@@ -424,7 +346,7 @@ def test_a_job_failing_twice_then_succeeding_under_rq_retry_runs_three_times_wit
     assert job.get_status(refresh=True) == "finished"
     assert job.return_value() == 42
     assert env.count("flaky:21") == 3
-    assert _stored(jobs.flaky.key_for(21)) == 42
+    assert stored(jobs.flaky.key_for(21)) == 42
     assert default_queue().query(function="tests.integrations._rq_jobs.flaky") == []
     # A duplicate is answered from the store.
     dup = env.queue.enqueue(jobs.flaky, n=21)
@@ -490,7 +412,9 @@ def test_a_worker_killed_mid_job_leaves_the_call_to_another_worker_after_the_lea
     first = env.queue.enqueue(jobs.slow, 1)
     worker = env.worker(burst=False)
     wait_for(lambda: env.count("slow:1:started") == 1, "the first run to start")
-    _kill(worker, signal.SIGKILL)  # the worker and the work horse running the body
+    kill_worker(
+        worker, signal.SIGKILL, descendants=True
+    )  # the worker and the work horse running the body
     worker.wait(timeout=10)
     killed = time.monotonic()
 
@@ -519,7 +443,7 @@ def test_rq_retrying_a_job_whose_worker_died_re_takes_the_jobs_claim_without_the
     job = env.queue.enqueue(jobs.slow_owned, 2, retry=Retry(max=1))
     worker = env.worker(burst=False)
     wait_for(lambda: env.count("slow_owned:2:started") == 1, "the first run to start")
-    _kill(worker, signal.SIGKILL)
+    kill_worker(worker, signal.SIGKILL, descendants=True)
     worker.wait(timeout=10)
     started = time.monotonic()
 
@@ -544,7 +468,7 @@ def test_a_job_abandoned_by_a_dead_worker_without_retries_left_becomes_a_dead_le
     job = env.queue.enqueue(jobs.slow, 3)
     worker = env.worker(burst=False)
     wait_for(lambda: env.count("slow:3:started") == 1, "the run to start")
-    _kill(worker, signal.SIGKILL)
+    kill_worker(worker, signal.SIGKILL, descendants=True)
     worker.wait(timeout=10)
 
     registry = StartedJobRegistry(env.queue.name, connection=env.conn)
