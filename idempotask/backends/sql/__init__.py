@@ -31,10 +31,10 @@ complete / fail / renew     1           1               1                1 state
 get / delete                1           1               1                1 statement
 ==========================  ==========  ==============  ===============  ==============
 
-* **PostgreSQL** — one statement: a CTE reads the live record in the statement's snapshot,
-  ``INSERT … SELECT … WHERE <nothing blocks us> ON CONFLICT (key) DO UPDATE … WHERE
-  <expired, or same token, or same non-empty owner> RETURNING`` takes the key, and a
-  ``UNION ALL`` answers with the read when the insert returns nothing (``DO UPDATE … WHERE
+* **PostgreSQL** — one statement, read in one snapshot: ``INSERT … SELECT … WHERE NOT
+  EXISTS (<a live record that blocks us>) ON CONFLICT (key) DO UPDATE … WHERE <expired, or
+  same token, or same non-empty owner> RETURNING`` takes the key, and a ``UNION ALL``
+  answers with the live record when the insert returns nothing (``DO UPDATE … WHERE
   false`` returns no row). A duplicate therefore takes no row lock and writes nothing.
   When a concurrent claim commits after the statement's snapshot, the insert conflicts
   but the read cannot see the row: the empty (or stale) answer is detected and the
@@ -56,6 +56,13 @@ get / delete                1           1               1                1 state
   directly (they never wait on I/O).
 
 A repeated complete/fail (same token) costs one more statement outside PostgreSQL.
+
+Statements are built with SQLAlchemy Core, compiled once per engine, and run on the
+driver's own connection from SQLAlchemy's pool (psycopg prepares each after its fifth
+use on a connection), without SQLAlchemy's per-execution machinery, which cost about as
+much as the round trip itself; an asyncio operation runs in one greenlet with the
+driver's coroutines. An engine with statement event listeners or SQL logging gets every
+statement through SQLAlchemy's execution, so they see them (see ``_dbapi``).
 Database errors become :class:`~idempotask.errors.BackendError` naming the operation and
 the database (never its password); a row that is not one of ours raises
 :class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
@@ -75,16 +82,16 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from sqlalchemy import URL, Engine, MetaData, Table
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.util import greenlet_spawn
 
 from idempotask.backends.base import Record, State
-from idempotask.backends.sql import _engines
+from idempotask.backends.sql import _dbapi, _engines
 from idempotask.backends.sql._plans import (
     CLAIM_ATTEMPTS,
     Flavour,
     Plan,
     Statements,
-    Step,
     flavour_of,
     plan_claim,
     plan_delete,
@@ -107,7 +114,7 @@ from idempotask.errors import BackendError, ConfigurationError, CorruptRecordErr
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "CLAIM_ATTEMPTS",
@@ -169,25 +176,6 @@ def _is_retryable(exc: BaseException) -> bool:
         return True
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
-
-
-# The two executors differ only by ``await``; what a result means is Step.take's business.
-
-
-def _execute(conn: Connection, step: Step) -> Any:
-    try:
-        result = conn.execute(step.statement, dict(step.params))
-    except IntegrityError as exc:
-        return step.refused(exc)
-    return step.take(result)
-
-
-async def _aexecute(conn: AsyncConnection, step: Step) -> Any:
-    try:
-        result = await conn.execute(step.statement, dict(step.params))
-    except IntegrityError as exc:
-        return step.refused(exc)
-    return step.take(result)
 
 
 def _finished(stop: StopIteration) -> Any:
@@ -329,6 +317,7 @@ class SQLAlchemyBackend:
             self.metadata = MetaData()
             self.table = define_table(self.metadata, table_name, schema=schema)
         self._sql = Statements(self.table)
+        self._compiled = _dbapi.CompiledCache()
         self._connect_timeout = float(connect_timeout)
         self._busy_timeout = float(busy_timeout)
         self._engine_options = dict(engine_options or {})
@@ -498,7 +487,8 @@ class SQLAlchemyBackend:
                 f"sql backend: {operation}{target} on {self._where}: a text column holds "
                 f"bytes that are not UTF-8, so the row was not written by idempotask ({exc})"
             )
-        detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        # The driver's own error (also one raised outside its classes, in a StatementError).
+        detail = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
         message = " ".join(str(detail).split())
         if len(message) > 500:
             message = message[:500] + "…"
@@ -508,28 +498,9 @@ class SQLAlchemyBackend:
         )
 
     def _run(self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]) -> _T:
-        """Run a plan on a pooled sync connection; driver errors become BackendError."""
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
-            try:
-                engine = self._sync_engine()
-                with (
-                    self._memory_lock if self._memory else contextlib.nullcontext(),
-                    engine.connect() as conn,
-                ):
-                    plan = make(self._flavour(conn.dialect))
-                    reply: Any = None
-                    while True:
-                        try:
-                            step = plan.send(reply)
-                        except StopIteration as stop:
-                            result: _T = _finished(stop)
-                            return result
-                        reply = _execute(conn, step)
-            except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
-                if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                    continue
-                raise self._error(operation, key, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run a plan on the sync engine (in-memory SQLite: one operation at a time)."""
+        with self._memory_lock if self._memory else contextlib.nullcontext():
+            return self._run_on(self._sync_engine, operation, key, make)
 
     async def _arun(
         self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]
@@ -538,19 +509,43 @@ class SQLAlchemyBackend:
         if self._memory:
             # One in-memory connection, no I/O to wait for: the sync path, inline.
             return self._run(operation, key, make)
+        try:
+            engine = await self._async_engine()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._error(operation, key, exc) from exc
+        # The whole operation in one greenlet: the pool's checkout and return are
+        # SQLAlchemy's sync code (awaiting the driver through the greenlet), and each
+        # statement is one await of the driver's own coroutine (see _dbapi.Executor).
+        # AsyncConnection would spawn a greenlet for the checkout and another for the
+        # return, about 40 µs more per operation.
+        return await greenlet_spawn(self._run_on, lambda: engine.sync_engine, operation, key, make)
+
+    def _run_on(
+        self,
+        engine: Callable[[], Engine],
+        operation: str,
+        key: str | None,
+        make: Callable[[Flavour], Plan[_T]],
+    ) -> _T:
+        """Run a plan on a connection from ``engine()``'s pool; database errors become
+        BackendError, and a deadlock victim's plan runs again."""
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             try:
-                engine = await self._async_engine()
-                async with engine.connect() as conn:
+                with engine().connect() as conn:
+                    execute = _dbapi.Executor(conn, self._compiled)
                     plan = make(self._flavour(conn.dialect))
                     reply: Any = None
-                    while True:
-                        try:
-                            step = plan.send(reply)
-                        except StopIteration as stop:
-                            result: _T = _finished(stop)
-                            return result
-                        reply = await _aexecute(conn, step)
+                    try:
+                        while True:
+                            try:
+                                step = plan.send(reply)
+                            except StopIteration as stop:
+                                result: _T = _finished(stop)
+                                return result
+                            reply = execute(step)
+                    except BaseException as exc:
+                        execute.abandon(exc)
+                        raise
             except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
                 if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
                     continue

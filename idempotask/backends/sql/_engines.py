@@ -153,6 +153,12 @@ def _engine_options(
         # Payloads (results, tracebacks) stay out of error messages and logs.
         "hide_parameters": True,
     }
+    if "skip_autocommit_rollback" in DefaultDialect.__init__.__code__.co_varnames:
+        # The pool rolls back every connection it gets back, even in autocommit mode: a
+        # ROLLBACK round trip with PyMySQL, a thread hop with aiosqlite, a lock and a
+        # greenlet switch with psycopg. SQLAlchemy 2.0.43+ can skip it. Only SQLite's claim
+        # opens a transaction, and a plan that fails rolls back itself (_dbapi.Executor).
+        kwargs["skip_autocommit_rollback"] = True
     connect_args: dict[str, Any] = {}
     if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
         seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
@@ -160,10 +166,6 @@ def _engine_options(
     if backend in _MYSQL:
         # MySQL closes connections idle for wait_timeout (8 h by default, often less).
         kwargs["pool_recycle"] = 3600
-        if "skip_autocommit_rollback" in DefaultDialect.__init__.__code__.co_varnames:
-            # PyMySQL sends a ROLLBACK round trip when a connection goes back to the pool
-            # even in autocommit mode; SQLAlchemy 2.0.43+ can skip it.
-            kwargs["skip_autocommit_rollback"] = True
     if backend == "sqlite":
         connect_args["timeout"] = busy_timeout
         if is_memory_sqlite(url):

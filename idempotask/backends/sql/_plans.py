@@ -3,9 +3,10 @@
 An operation is a *plan*: a generator that yields :class:`Step` objects (a statement, its
 parameters and what the driver should hand back) and finally returns the operation's
 answer. The plans hold every decision (which statement for which dialect, when to retry,
-how to read a row); :class:`~idempotask.backends.sql.SQLAlchemyBackend` only runs them,
-once with ``Connection.execute`` and once with ``await AsyncConnection.execute``. The same
-pattern as tenacity's ``BaseRetrying.iter`` driven by ``Retrying`` and ``AsyncRetrying``.
+how to read a row); :class:`~idempotask.backends.sql.SQLAlchemyBackend` only runs them
+(:class:`~idempotask.backends.sql._dbapi.Executor`), on a sync connection or, for asyncio
+callers, in a greenlet on an asyncio one. The same pattern as tenacity's
+``BaseRetrying.iter`` driven by ``Retrying`` and ``AsyncRetrying``.
 
 Every statement runs on a connection in autocommit mode, so a single statement is its own
 transaction and costs one round trip with no ``BEGIN``/``COMMIT`` around it. The only
@@ -15,7 +16,7 @@ explicit transaction is SQLite's ``BEGIN IMMEDIATE`` claim.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, TypeVar
@@ -39,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import Record, State
@@ -82,20 +83,27 @@ Reply = Literal["rows", "rowcount", "inserted", "none"]
 class Step:
     """One statement for the driver to execute.
 
-    ``reply`` says what the plan gets back: ``rows`` (a list of row tuples), ``rowcount``,
-    ``inserted`` (True, or False when the INSERT hit an existing key) or ``none``.
+    ``reply`` says what the plan gets back: ``rows`` (the rows as the driver returns them,
+    sequences of raw column values), ``rowcount``, ``inserted`` (True, or False when the
+    INSERT hit an existing key) or ``none``.
     """
 
     statement: Executable
     params: Mapping[str, Any] = field(default_factory=dict)
     reply: Reply = "rows"
 
-    def take(self, result: CursorResult[Any]) -> Any:
-        """The plan's reply from an executed statement's result."""
+    @property
+    def fetches(self) -> bool:
+        """Whether the driver should fetch the statement's rows."""
+        return self.reply == "rows"
+
+    def take(self, rows: Sequence[Sequence[Any]], rowcount: int) -> Any:
+        """The plan's reply from an executed statement's rows (fetched only when
+        :attr:`fetches`) and row count."""
         if self.reply == "rows":
-            return [tuple(row) for row in result.all()]
+            return rows
         if self.reply == "rowcount":
-            return result.rowcount
+            return rowcount
         if self.reply == "inserted":
             return True
         return None
@@ -154,9 +162,10 @@ class Statements:
     """Every statement the backend sends for one table, built once and reused.
 
     Built with SQLAlchemy Core and bound parameters, so each compiles once per dialect
-    (SQLAlchemy's compiled cache) and quoting, types and driver placeholders are
-    SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token, ``o`` owner, ``f``
-    fingerprint, ``s`` state, ``p`` payload, ``d`` a duration in seconds, ``n`` a batch size.
+    (:func:`~idempotask.backends.sql._dbapi.compile_statement`) and quoting, types and
+    driver placeholders are SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token,
+    ``o`` owner, ``f`` fingerprint, ``s`` state, ``p`` payload, ``d`` a duration in seconds,
+    ``n`` a batch size.
     """
 
     def __init__(self, table: Table) -> None:
@@ -169,12 +178,12 @@ class Statements:
         self._s = bindparam("s", type_=c.state.type)
         self._p: BindParameter[bytes] = bindparam("p", type_=LargeBinary())
         self._d: BindParameter[float] = bindparam("d", type_=Double())
+        # Constant strings, typed like the columns (bytes on MySQL's VARBINARY); one bound
+        # value each however often a statement uses them, so the driver sends fewer.
+        self._in_progress = literal(_IN_PROGRESS, c.state.type)
+        self._empty = literal("", c.state.type)
 
     # Shared pieces -----------------------------------------------------------------------
-
-    def _str(self, value: str) -> BindParameter[str]:
-        # A constant string, typed like the columns (bytes on MySQL's VARBINARY).
-        return literal(value, self.table.c.state.type)
 
     def _record_columns(self, now: ColumnElement[float]) -> list[ColumnElement[Any]]:
         c = self.table.c
@@ -187,22 +196,24 @@ class Statements:
             (c.expires_at - now).label("expires_in"),
         ]
 
+    def _retakable(self, token: Any, owner: Any) -> ColumnElement[bool]:
+        """The row is a claim in progress under ``token``, or under the same non-empty
+        ``owner``: a claim with them takes it again."""
+        c = self.table.c
+        return and_(
+            c.state == self._in_progress,
+            or_(c.token == token, and_(owner != self._empty, c.owner == owner)),
+        )
+
     def _takeable(self, now: ColumnElement[float], token: Any, owner: Any) -> ColumnElement[bool]:
         """The existing row may be taken by a claim with ``token`` and ``owner``: its lease
-        or ttl ran out, or it is in progress under the same token or the same owner."""
-        c = self.table.c
-        return or_(
-            c.expires_at <= now,
-            and_(
-                c.state == self._str(_IN_PROGRESS),
-                or_(c.token == token, and_(owner != self._str(""), c.owner == owner)),
-            ),
-        )
+        or ttl ran out, or :meth:`_retakable`."""
+        return or_(self.table.c.expires_at <= now, self._retakable(token, owner))
 
     def _new_row(self, now: ColumnElement[float]) -> dict[str, Any]:
         return {
             "key": self._k,
-            "state": self._str(_IN_PROGRESS),
+            "state": self._in_progress,
             "token": self._t,
             "owner": self._o,
             "fingerprint": self._f,
@@ -221,7 +232,7 @@ class Statements:
             # a takeover of an expired record starts afresh.
             "fingerprint": case(
                 (
-                    and_(excluded.fingerprint == self._str(""), c.expires_at > now),
+                    and_(excluded.fingerprint == self._empty, c.expires_at > now),
                     c.fingerprint,
                 ),
                 else_=excluded.fingerprint,
@@ -256,35 +267,24 @@ class Statements:
 
     @cached_property
     def claim_postgresql(self) -> Executable:
-        """One statement: read the live record, insert or take over unless it blocks us,
-        and answer with the winning row.
+        """One statement: insert or take over unless the live record blocks us, and answer
+        with the winning row.
 
-        ``cur`` reads the live record in the statement's snapshot. ``ins`` inserts our
-        row only when ``cur`` holds nothing that blocks this claim, so a duplicate takes
-        no row lock and writes nothing; its ``ON CONFLICT … DO UPDATE … WHERE`` takes over
-        an expired record or re-takes our own (same token or owner) and ``RETURNING`` gives
-        our row. When ``ins`` returns nothing (``DO UPDATE … WHERE false`` returns no row)
-        the ``UNION ALL`` answers with ``cur``. The first column says which half answered.
+        ``ins`` inserts our row only when no live record blocks this claim (one that is not
+        ours to re-take), so a duplicate takes no row lock and writes nothing; its ``ON
+        CONFLICT … DO UPDATE … WHERE`` takes over an expired record or re-takes our own
+        (same token or owner), and ``RETURNING`` gives our row. When ``ins`` returns
+        nothing (``DO UPDATE … WHERE false`` returns no row) the ``UNION ALL`` answers with
+        the live record. The first column says which half answered.
+
+        Every part of the statement reads the same snapshot, taken before ``ins`` writes:
+        the blocking check and the answer see the same record. Both read the table
+        directly (a CTE holding the record, read twice, made a duplicate slower).
         """
         t, c = self.table, self.table.c
         now = DbNow()
-        cur = select(*self._record_columns(now)).where(c.key == self._k, c.expires_at > now)
-        cur_cte = cur.cte("cur")
-        blocking = (
-            select(literal(1))
-            .select_from(cur_cte)
-            .where(
-                ~or_(
-                    and_(
-                        cur_cte.c.state == self._str(_IN_PROGRESS),
-                        or_(
-                            cur_cte.c.token == self._t,
-                            and_(self._o != self._str(""), cur_cte.c.owner == self._o),
-                        ),
-                    )
-                )
-            )
-        )
+        live = and_(c.key == self._k, c.expires_at > now)
+        blocking = select(true()).where(live, ~self._retakable(self._t, self._o))
         row = self._new_row(now)
         source = select(*row.values()).where(~exists(blocking))
         ins = postgresql.insert(t).from_select(list(row), source)
@@ -295,10 +295,10 @@ class Statements:
         )
         ins_cte = ins.returning(true().label("taken"), *self._record_columns(now)).cte("ins")
         from_ins = select(*ins_cte.c)
-        from_cur = select(false().label("taken"), *cur_cte.c).where(
-            ~exists(select(literal(1)).select_from(ins_cte))
+        from_live = select(false().label("taken"), *self._record_columns(now)).where(
+            live, ~exists(select(true()).select_from(ins_cte))
         )
-        return from_ins.union_all(from_cur)
+        return from_ins.union_all(from_live)
 
     @cached_property
     def claim_mariadb(self) -> Executable:
@@ -325,9 +325,9 @@ class Statements:
         new = ins.inserted
         took = and_(
             c.token == new.token,
-            or_(c.state == self._str(_IN_PROGRESS), c.expires_at <= now),
+            or_(c.state == self._in_progress, c.expires_at <= now),
         )
-        keep_fingerprint = and_(new.fingerprint == self._str(""), c.expires_at > now)
+        keep_fingerprint = and_(new.fingerprint == self._empty, c.expires_at > now)
         return ins.on_duplicate_key_update(
             [
                 (
@@ -372,7 +372,7 @@ class Statements:
         return and_(
             c.key == self._k,
             c.token == self._t,
-            c.state == self._str(_IN_PROGRESS),
+            c.state == self._in_progress,
             c.expires_at > now,
         )
 
@@ -393,7 +393,7 @@ class Statements:
     @cached_property
     def finished_already(self) -> Executable:
         """Whether ``t`` already finished ``k`` with state ``s`` (a repeated complete/fail)."""
-        return select(literal(1)).select_from(self.table).where(self._already(DbNow()))
+        return select(true()).select_from(self.table).where(self._already(DbNow()))
 
     @cached_property
     def finish_postgresql(self) -> Executable:
@@ -402,11 +402,11 @@ class Statements:
         The ``EXISTS`` reads the statement's snapshot, taken before the UPDATE, so it sees
         a complete/fail committed earlier by the same token, never this one.
         """
-        upd = self.finish.returning(literal(1)).cte("upd")  # type: ignore[attr-defined]
+        upd = self.finish.returning(true()).cte("upd")  # type: ignore[attr-defined]
         return select(
             or_(
-                exists(select(literal(1)).select_from(upd)),
-                exists(select(literal(1)).select_from(self.table).where(self._already(DbNow()))),
+                exists(select(true()).select_from(upd)),
+                exists(select(true()).select_from(self.table).where(self._already(DbNow()))),
             ).label("done")
         )
 
@@ -483,26 +483,43 @@ class Statements:
 # -- rows ----------------------------------------------------------------------------------
 
 
-def parse_record(key: str, row: tuple[Any, ...]) -> Record:
-    """A :class:`Record` from ``(state, token, owner, fingerprint, payload, expires_in)``."""
+_STATES = {state.value: state for state in State}
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return value
+
+
+def parse_record(key: str, row: Sequence[Any]) -> Record:
+    """A :class:`Record` from ``(state, token, owner, fingerprint, payload, expires_in)``, as
+    the driver returns it."""
     try:
         state_text, token, owner, fingerprint, payload, expires_in = row
     except ValueError:
         raise CorruptRecordError(f"sql backend: record {key!r}: unexpected row {row!r}") from None
-    try:
-        state = State(state_text)
-    except ValueError:
+    if not isinstance(state_text, str):
+        # MySQL/MariaDB hold text as VARBINARY (see BinaryText): its bytes are UTF-8, or
+        # the row is not ours (UnicodeDecodeError, reported as a CorruptRecordError).
+        state_text, token, owner, fingerprint = map(_text, (state_text, token, owner, fingerprint))
+    state = _STATES.get(state_text)
+    if state is None:
         raise CorruptRecordError(
             f"sql backend: record {key!r} has an unknown state {state_text!r}; "
             "it was not written by idempotask"
-        ) from None
-    for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint)):
-        if not isinstance(value, str):
-            raise CorruptRecordError(
-                f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
-            )
-    if isinstance(payload, (bytearray, memoryview)):
-        payload = bytes(payload)
+        )
+    if not (isinstance(token, str) and isinstance(owner, str) and isinstance(fingerprint, str)):
+        name, value = next(
+            (name, value)
+            for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint))
+            if not isinstance(value, str)
+        )
+        raise CorruptRecordError(
+            f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
+        )
+    if not isinstance(payload, bytes):
+        payload = bytes(payload) if isinstance(payload, (bytearray, memoryview)) else payload
     if not isinstance(payload, bytes) or not isinstance(expires_in, (int, float)):
         raise CorruptRecordError(
             f"sql backend: record {key!r} has an unreadable payload or expiry: "
