@@ -1,4 +1,5 @@
-"""Redis: duplicate and first calls beside a raw ``SET NX PX`` round trip."""
+"""Redis: duplicate and first calls beside a raw ``SET NX PX`` round trip, the peers on the
+same Redis beside the same floor, and throughput with threads and asyncio tasks."""
 
 from __future__ import annotations
 
@@ -9,23 +10,26 @@ import uuid
 from typing import Any
 
 import idempotask
+from benchmarks import peers, roundtrips
+from benchmarks.report import Plan, Row
+from benchmarks.throughput import UNIQUE, task_rows, thread_rows
 from benchmarks.timing import Timing, ameasure, ameasure_each, measure, measure_each
 from idempotask import idempotent
 
-Row = tuple[str, Timing, str, Timing | None, str]
-
 URL = os.environ.get("IDEMPOTASK_REDIS_URL", "redis://127.0.0.1:6379/0")
+EMAIL = "user@example.com"
+FLOOR = "SET NX PX"
+AFLOOR = "SET NX PX (async)"
 
 
-def rows(quick: bool = False) -> list[Row]:
+def rows(plan: Plan) -> list[Row]:
     """Benchmark rows on the Redis at IDEMPOTASK_REDIS_URL."""
     import redis
     import redis.asyncio as aredis
 
     from idempotask.backends.redis import RedisBackend
 
-    scale = 4 if quick else 1
-    batches, count = 100 // scale, 2000 // scale
+    batches, count = 100 // plan.scale, 2000 // plan.scale
     ns = f"bench{uuid.uuid4().hex[:8]}"
     backend = RedisBackend.from_url(URL)
     idempotask.configure(backend=backend, namespace=ns)
@@ -33,20 +37,21 @@ def rows(quick: bool = False) -> list[Row]:
     raw.ping()
     seq = itertools.count()
 
-    @idempotent(name="bench.redis.charge")
+    # A ttl of an hour rather than the default day: should the clean-up below not run,
+    # the run's records still go away by themselves.
+    @idempotent(name="bench.redis.charge", ttl=3600)
     def charge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
-    @idempotent(name="bench.redis.acharge")
+    @idempotent(name="bench.redis.acharge", ttl=3600)
     async def acharge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
+    def set_floor(key: str) -> Any:
+        return raw.set(key, b"1", nx=True, px=60_000)
+
     try:
-        floor = measure(
-            lambda: raw.set(f"{ns}:floor:{next(seq)}", b"1", nx=True, px=60_000),
-            batches=batches,
-            batch=20,
-        )
+        floor = measure(lambda: set_floor(f"{ns}:floor:{next(seq)}"), batches=batches, batch=20)
 
         def set_nx_then_get() -> Any:
             k = f"{ns}:twotrips"
@@ -54,36 +59,71 @@ def rows(quick: bool = False) -> list[Row]:
             return raw.get(k)
 
         two_trips = measure(set_nx_then_get, batches=batches, batch=20)
-        charge(1, "user@example.com")
-        dup = measure(lambda: charge(1, "user@example.com"), batches=batches, batch=20)
-        first = measure_each(lambda i: charge(next(seq), "user@example.com"), count=count)
+        charge(1, EMAIL)
+        dup = measure(lambda: charge(1, EMAIL), batches=batches, batch=20)
+        first = measure_each(lambda i: charge(next(seq), EMAIL), count=count)
+        dup_trips = roundtrips.label(roundtrips.per_call(lambda i: charge(1, EMAIL)))
+        first_trips = roundtrips.label(roundtrips.per_call(lambda i: charge(next(seq), EMAIL)))
+        # Right after our own rows, so the peers stand beside the very same floor figure.
+        peer_rows = peers.rows(plan, URL, ns, FLOOR, floor) if plan.peers else []
 
-        async def async_rows() -> tuple[Timing, Timing, Timing]:
+        def make_floor(caller: int) -> Any:
+            return lambda: set_floor(f"{ns}:tfloor:{next(UNIQUE)}")
+
+        threads = thread_rows("redis", plan, FLOOR, make_floor, lambda i: charge(i, EMAIL))
+
+        async def async_rows() -> tuple[Timing, Timing, Timing, list[Row]]:
             client = aredis.Redis.from_url(URL)
+
+            def aset_floor(key: str) -> Any:
+                return client.set(key, b"1", nx=True, px=60_000)
+
             afloor = await ameasure(
-                lambda: client.set(f"{ns}:afloor:{next(seq)}", b"1", nx=True, px=60_000),
-                batches=batches,
-                batch=20,
+                lambda: aset_floor(f"{ns}:afloor:{next(seq)}"), batches=batches, batch=20
             )
-            await acharge(1, "user@example.com")
-            adup = await ameasure(lambda: acharge(1, "user@example.com"), batches=batches, batch=20)
-            afirst = await ameasure_each(
-                lambda i: acharge(next(seq), "user@example.com"), count=count
-            )
+            await acharge(1, EMAIL)
+            adup = await ameasure(lambda: acharge(1, EMAIL), batches=batches, batch=20)
+            afirst = await ameasure_each(lambda i: acharge(next(seq), EMAIL), count=count)
+
+            def make_afloor(caller: int) -> Any:
+                return lambda: aset_floor(f"{ns}:tfloor:{next(UNIQUE)}")
+
+            tasks = await task_rows("redis", plan, AFLOOR, make_afloor, lambda i: acharge(i, EMAIL))
             await client.aclose()
             await backend.aclose()
-            return afloor, adup, afirst
+            return afloor, adup, afirst, tasks
 
-        afloor, adup, afirst = asyncio.run(async_rows())
+        afloor, adup, afirst, tasks = asyncio.run(async_rows())
     finally:
-        for key in raw.scan_iter(match=f"{ns}:*", count=1000):
-            raw.delete(key)
+        _delete(raw, f"{ns}:*")
+        _delete(raw, f"qo_{ns}:*")  # celery-once's lock keys
         raw.close()
         backend.close()
     return [
-        ("redis: duplicate call, sync", dup, "SET NX PX", floor, "≤ 1.3x"),
-        ("redis: SET NX then GET (two trips)", two_trips, "SET NX PX", floor, ""),
-        ("redis: first call (claim+complete), sync", first, "SET NX PX", floor, "≤ 2.3x"),
-        ("redis: duplicate call, async", adup, "SET NX PX (async)", afloor, "≤ 1.3x"),
-        ("redis: first call, async", afirst, "SET NX PX (async)", afloor, "≤ 2.3x"),
+        Row(f"redis: duplicate call, sync ({dup_trips})", dup, FLOOR, floor, "≤ 1.3x"),
+        Row("redis: SET NX then GET (2 round trips)", two_trips, FLOOR, floor),
+        Row(
+            f"redis: first call (claim+complete), sync ({first_trips})",
+            first,
+            FLOOR,
+            floor,
+            "≤ 2.3x",
+        ),
+        Row("redis: duplicate call, async", adup, AFLOOR, afloor, "≤ 1.3x"),
+        Row("redis: first call, async", afirst, AFLOOR, afloor, "≤ 2.3x"),
+        *peer_rows,
+        *threads,
+        *tasks,
     ]
+
+
+def _delete(client: Any, pattern: str) -> None:
+    """Remove the run's keys: UNLINK in batches, since a throughput run leaves 100k+."""
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)

@@ -1,6 +1,7 @@
 """SQL stores: duplicate and first calls beside a raw ``INSERT … ON CONFLICT DO NOTHING``
 round trip with psycopg in autocommit on the same PostgreSQL; SQLite and MariaDB beside
-their own one-statement floors."""
+their own one-statement floors. Throughput with threads (and, on PostgreSQL, asyncio
+tasks) beside the same statement run by as many callers, each on its own connection."""
 
 from __future__ import annotations
 
@@ -9,31 +10,45 @@ import itertools
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import idempotask
+from benchmarks.report import Plan, Row
+from benchmarks.throughput import UNIQUE, MakeCall, task_rows, thread_rows
 from benchmarks.timing import Timing, ameasure, ameasure_each, measure, measure_each
 from idempotask import idempotent
-
-Row = tuple[str, Timing, str, Timing | None, str]
 
 POSTGRES = os.environ.get(
     "IDEMPOTASK_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 MYSQL = os.environ.get("IDEMPOTASK_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+EMAIL = "user@example.com"
 
 
 def _decorated_rows(
-    label: str, url: str, floor_name: str, floor: Timing, quick: bool, targets: tuple[str, str]
+    label: str,
+    url: str,
+    floor_name: str,
+    floor: Timing,
+    plan: Plan,
+    targets: tuple[str, str],
+    make_floor: MakeCall,
+    make_afloor: MakeCall | None = None,
+    aclose_floor: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Row]:
     from idempotask.backends.sql import SQLAlchemyBackend
 
-    scale = 4 if quick else 1
-    batches, count = 100 // scale, 1000 // scale
+    batches, count = 100 // plan.scale, 1000 // plan.scale
     table = f"idem_bench_{uuid.uuid4().hex[:8]}"
-    backend = SQLAlchemyBackend(url, table_name=table)
+    callers = max(plan.callers)
+    # One pooled connection per concurrent caller, as a deployment with that many workers
+    # would configure; SQLAlchemy's default (5 + 10 overflow, overflow closed on return)
+    # would make the 16-caller figures measure reconnects instead of the store.
+    backend = SQLAlchemyBackend(
+        url, table_name=table, engine_options={"pool_size": callers, "max_overflow": 4}
+    )
     backend.create_tables()
     idempotask.configure(backend=backend, namespace=f"bench{uuid.uuid4().hex[:6]}")
     seq = itertools.count()
@@ -47,56 +62,112 @@ def _decorated_rows(
         return {"ok": True, "account": account_id}
 
     try:
-        charge(1, "user@example.com")
-        dup = measure(lambda: charge(1, "user@example.com"), batches=batches, batch=10)
-        first = measure_each(lambda i: charge(next(seq), "user@example.com"), count=count)
+        charge(1, EMAIL)
+        dup = measure(lambda: charge(1, EMAIL), batches=batches, batch=10)
+        first = measure_each(lambda i: charge(next(seq), EMAIL), count=count)
+        threads = thread_rows(label, plan, floor_name, make_floor, lambda i: charge(i, EMAIL))
 
-        async def async_rows() -> tuple[Timing, Timing]:
-            await acharge(1, "user@example.com")
-            adup = await ameasure(lambda: acharge(1, "user@example.com"), batches=batches, batch=10)
-            afirst = await ameasure_each(
-                lambda i: acharge(next(seq), "user@example.com"), count=count
-            )
-            await backend.aclose()
-            return adup, afirst
+        async def async_rows() -> tuple[Timing, Timing, list[Row]]:
+            await acharge(1, EMAIL)
+            adup = await ameasure(lambda: acharge(1, EMAIL), batches=batches, batch=10)
+            afirst = await ameasure_each(lambda i: acharge(next(seq), EMAIL), count=count)
+            tasks: list[Row] = []
+            try:
+                if make_afloor is not None:
+                    tasks = await task_rows(
+                        label, plan, floor_name, make_afloor, lambda i: acharge(i, EMAIL)
+                    )
+            finally:
+                if aclose_floor is not None:
+                    await aclose_floor()
+                await backend.aclose()
+            return adup, afirst, tasks
 
-        adup, afirst = asyncio.run(async_rows())
+        adup, afirst, tasks = asyncio.run(async_rows())
     finally:
         backend.drop_tables()
         backend.close()
     dup_target, first_target = targets
     return [
-        (f"{label}: duplicate call, sync", dup, floor_name, floor, dup_target),
-        (f"{label}: first call (claim+complete), sync", first, floor_name, floor, first_target),
-        (f"{label}: duplicate call, async", adup, floor_name, floor, dup_target),
-        (f"{label}: first call, async", afirst, floor_name, floor, first_target),
+        Row(f"{label}: duplicate call, sync", dup, floor_name, floor, dup_target),
+        Row(f"{label}: first call (claim+complete), sync", first, floor_name, floor, first_target),
+        Row(f"{label}: duplicate call, async", adup, floor_name, floor, dup_target),
+        Row(f"{label}: first call, async", afirst, floor_name, floor, first_target),
+        *threads,
+        *tasks,
     ]
 
 
-def _floor(execute: Callable[[int], Any], quick: bool) -> Timing:
+def _floor(execute: Callable[[int], Any], plan: Plan) -> Timing:
     seq = itertools.count()
-    return measure(lambda: execute(next(seq)), batches=100 // (4 if quick else 1), batch=10)
+    return measure(lambda: execute(next(seq)), batches=100 // plan.scale, batch=10)
 
 
-def postgres_rows(quick: bool = False) -> list[Row]:
+class _PerCaller:
+    """A floor caller factory: caller ``i`` runs ``statement`` on its own connection ``i``,
+    reused across runs (a 16-caller floor holds 16 connections, not one per run)."""
+
+    def __init__(self, connect: Callable[[], Any], statement: Callable[[Any, str], Any]) -> None:
+        self._connect = connect
+        self._statement = statement
+        self._connections: dict[int, Any] = {}
+
+    def __call__(self, caller: int) -> Callable[[], Any]:
+        if caller not in self._connections:
+            self._connections[caller] = self._connect()
+        conn, statement = self._connections[caller], self._statement
+        return lambda: statement(conn, f"t{next(UNIQUE)}")
+
+    def close(self) -> None:
+        """Close every caller's connection."""
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+
+def postgres_rows(plan: Plan) -> list[Row]:
     """PostgreSQL beside a raw psycopg ``INSERT … ON CONFLICT DO NOTHING`` in autocommit."""
     import psycopg
 
     dsn = POSTGRES.replace("postgresql+psycopg://", "postgresql://")
     table = f"idem_floor_{uuid.uuid4().hex[:8]}"
+    sql = f"INSERT INTO {table} (k, v) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+    make_floor = _PerCaller(
+        lambda: psycopg.connect(dsn, autocommit=True), lambda c, k: c.execute(sql, (k, b"v"))
+    )
+    aconnections: dict[int, Any] = {}
+
+    async def make_afloor(caller: int) -> Callable[[], Any]:
+        if caller not in aconnections:
+            aconnections[caller] = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        conn = aconnections[caller]
+        return lambda: conn.execute(sql, (f"t{next(UNIQUE)}", b"v"))
+
+    async def aclose_floor() -> None:
+        for conn in aconnections.values():
+            await conn.close()
+
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (k text PRIMARY KEY, v bytea)")
         try:
-            sql = f"INSERT INTO {table} (k, v) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-            floor = _floor(lambda i: conn.execute(sql, (f"k{i}", b"v")), quick)
+            floor = _floor(lambda i: conn.execute(sql, (f"k{i}", b"v")), plan)
+            return _decorated_rows(
+                "postgresql",
+                POSTGRES,
+                "INSERT ON CONFLICT DO NOTHING",
+                floor,
+                plan,
+                ("≤ 1.5x", "≤ 2.5x"),
+                make_floor,
+                make_afloor,
+                aclose_floor,
+            )
         finally:
+            make_floor.close()
             conn.execute(f"DROP TABLE {table}")
-    return _decorated_rows(
-        "postgresql", POSTGRES, "INSERT ON CONFLICT DO NOTHING", floor, quick, ("≤ 1.5x", "≤ 2.5x")
-    )
 
 
-def sqlite_rows(quick: bool = False) -> list[Row]:
+def sqlite_rows(plan: Plan) -> list[Row]:
     """A SQLite file beside a raw sqlite3 ``INSERT OR IGNORE`` (autocommit, WAL)."""
     import sqlite3
 
@@ -105,44 +176,62 @@ def sqlite_rows(quick: bool = False) -> list[Row]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE floor (k TEXT PRIMARY KEY, v BLOB)")
-    floor = _floor(
-        lambda i: conn.execute("INSERT OR IGNORE INTO floor (k, v) VALUES (?, ?)", (f"k{i}", b"v")),
-        quick,
-    )
+    insert = "INSERT OR IGNORE INTO floor (k, v) VALUES (?, ?)"
+    floor = _floor(lambda i: conn.execute(insert, (f"k{i}", b"v")), plan)
     conn.close()
+    # check_same_thread=False: a caller's connection is made in its thread but closed
+    # from the main one; the same busy timeout as the backend's (30 s) for the writer lock.
+    make_floor = _PerCaller(
+        lambda: sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False),
+        lambda c, k: c.execute(insert, (k, b"v")),
+    )
     try:
         return _decorated_rows(
-            "sqlite", f"sqlite:///{path}", "INSERT OR IGNORE", floor, quick, ("", "")
+            "sqlite", f"sqlite:///{path}", "INSERT OR IGNORE", floor, plan, ("", ""), make_floor
         )
     finally:
+        make_floor.close()
         for f in directory.iterdir():
             f.unlink()
         directory.rmdir()
 
 
-def mysql_rows(quick: bool = False) -> list[Row]:
-    """MariaDB beside a raw PyMySQL ``INSERT IGNORE`` in autocommit."""
+def mysql_connect(**options: Any) -> Any:
+    """A PyMySQL connection in autocommit to the database at IDEMPOTASK_MYSQL_URL."""
     import pymysql
     from sqlalchemy.engine import make_url
 
     url = make_url(MYSQL)
-    conn = pymysql.connect(
+    return pymysql.connect(
         host=url.host or "127.0.0.1",
         port=url.port or 3306,
         user=url.username or "root",
         password=url.password or "",
         database=url.database,
         autocommit=True,
+        **options,
     )
+
+
+def mysql_rows(plan: Plan) -> list[Row]:
+    """MariaDB beside a raw PyMySQL ``INSERT IGNORE`` in autocommit."""
+    conn = mysql_connect()
     table = f"idem_floor_{uuid.uuid4().hex[:8]}"
+    sql = f"INSERT IGNORE INTO {table} (k, v) VALUES (%s, %s)"
     with conn.cursor() as cur:
         cur.execute(f"CREATE TABLE {table} (k VARBINARY(255) PRIMARY KEY, v BLOB)")
+
+    def insert(c: Any, key: str) -> Any:
+        with c.cursor() as cur:
+            return cur.execute(sql, (key, b"v"))
+
+    make_floor = _PerCaller(mysql_connect, insert)
     try:
         with conn.cursor() as cur:
-            sql = f"INSERT IGNORE INTO {table} (k, v) VALUES (%s, %s)"
-            floor = _floor(lambda i: cur.execute(sql, (f"k{i}", b"v")), quick)
+            floor = _floor(lambda i: cur.execute(sql, (f"k{i}", b"v")), plan)
+        return _decorated_rows("mariadb", MYSQL, "INSERT IGNORE", floor, plan, ("", ""), make_floor)
     finally:
+        make_floor.close()
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE {table}")
         conn.close()
-    return _decorated_rows("mariadb", MYSQL, "INSERT IGNORE", floor, quick, ("", ""))

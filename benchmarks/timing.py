@@ -1,4 +1,5 @@
-"""Small timing helpers: batches of calls, per-call medians and p95s."""
+"""Small measuring helpers: batches of calls, per-call medians and p95s, and the value
+types the report prints (latency, throughput, amounts such as bytes)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,45 @@ class Timing:
 
     def __str__(self) -> str:
         return f"{self.median:9.2f} µs (p95 {self.p95:9.2f})"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Throughput: calls completed per second by all callers together."""
+
+    per_second: float
+    calls: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.per_second:,.0f} calls/s"
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """An amount that is not a time, such as bytes held or records stored.
+
+    ``note`` is printed after the value, e.g. ``"peak 3.20 MiB"``.
+    """
+
+    value: float
+    unit: str
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = format_amount(self.value, self.unit)
+        return f"{text} ({self.note})" if self.note else text
+
+
+def format_amount(value: float, unit: str) -> str:
+    """``value`` in ``unit``; bytes scale to KiB/MiB so a README reader need not count digits."""
+    if unit == "B":
+        if abs(value) >= 1024 * 1024:
+            return f"{value / (1024 * 1024):.2f} MiB"
+        if abs(value) >= 10 * 1024:
+            return f"{value / 1024:.1f} KiB"
+        return f"{value:.0f} B"
+    return f"{value:,.0f} {unit}"
 
 
 def _summary(per_call: list[float]) -> Timing:
