@@ -1078,3 +1078,290 @@ def test_store_none_follows_a_configured_redis_backend(redis_url: str) -> None:
     assert store.backend is idempotask.get_backend()
     assert store.state(breaker.name).status is BreakerStatus.OPEN
     store.reset(breaker.name)
+
+
+# -- SQL: shared across processes through a table -------------------------------------------
+
+SQL_TABLE = f"idem_brk_{uuid.uuid4().hex[:10]}"
+_sql_stores: dict[str, Any] = {}
+# name -> (service for service_url, or None for a SQLite file; plan forced on the store)
+SQL_DATABASES: dict[str, tuple[str | None, str | None]] = {
+    "postgres": ("postgres", None),
+    "mariadb": ("mysql", None),
+    "mysql-plan": ("mysql", "mysql"),
+    "sqlite": (None, None),
+}
+SQL_PARAMS = [
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("mariadb", marks=pytest.mark.mysql),
+    pytest.param("mysql-plan", marks=pytest.mark.mysql),
+    "sqlite",
+]
+
+
+@pytest.fixture(scope="module")
+def sqlite_breaker_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('breakers') / 'breakers.db'}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_sql_breaker_tables() -> Iterator[None]:
+    yield
+    for sql_store in _sql_stores.values():
+        try:
+            sql_store.drop_tables()
+        finally:
+            sql_store.close()
+    _sql_stores.clear()
+
+
+def sql_url(name: str, sqlite_url: str) -> str:
+    service = SQL_DATABASES[name][0]
+    return sqlite_url if service is None else service_url(service)
+
+
+def sql_store(name: str, sqlite_url: str) -> Any:
+    """One SQLBreakerStore per database for the module, on this run's table."""
+    from idempotask.backends.sql import SQLBreakerStore
+
+    if name not in _sql_stores:
+        created = SQLBreakerStore(sql_url(name, sqlite_url), table_name=SQL_TABLE)
+        created._force_flavour = SQL_DATABASES[name][1]
+        created.create_tables()
+        _sql_stores[name] = created
+    return _sql_stores[name]
+
+
+def _sql_breaker(url: str, name: str, **options: Any) -> CircuitBreaker:
+    from idempotask.backends.sql import SQLBreakerStore
+
+    return CircuitBreaker(name, store=SQLBreakerStore(url, table_name=SQL_TABLE), **options)
+
+
+@pytest.mark.parametrize("db", SQL_PARAMS)
+def test_sql_store_follows_the_breaker_store_rules(db: str, sqlite_breaker_url: str) -> None:
+    """The BreakerStore rules on each database's clock: counting within a window, opening
+    at the threshold (changed once, with the count), failing while open, one probe per
+    token in half-open, re-opening on a failed probe, closing on a successful one."""
+    store = sql_store(db, sqlite_breaker_url)
+    name = new_name()
+    assert store.state(name) == BreakerState(BreakerStatus.CLOSED)
+    first = store.record_failure(name, threshold=3, window=30, open_for=0.3)
+    assert (first.status, first.failures, first.changed) == (BreakerStatus.CLOSED, 1, False)
+    assert store.state(name).failures == 1
+    assert store.record_failure(name, threshold=3, window=30, open_for=0.3).failures == 2
+    opened = store.record_failure(name, threshold=3, window=30, open_for=0.3)
+    assert (opened.status, opened.failures, opened.changed) == (BreakerStatus.OPEN, 3, True)
+    assert opened.retry_after == pytest.approx(0.3)
+    again = store.record_failure(name, threshold=3, window=30, open_for=0.3)
+    assert (again.status, again.changed) == (BreakerStatus.OPEN, False)
+    assert 0 < again.retry_after <= 0.3
+    assert store.try_probe(name, "p1", lease=5).probe is False  # still open
+    assert store.record_success(name).status is BreakerStatus.OPEN  # proves nothing yet
+    time.sleep(0.35)
+    assert store.state(name) == BreakerState(BreakerStatus.HALF_OPEN)
+    granted = store.try_probe(name, "p1", lease=5)
+    assert (granted.status, granted.probe, granted.retry_after) == (
+        BreakerStatus.HALF_OPEN,
+        True,
+        5,
+    )
+    assert store.try_probe(name, "p1", lease=5).probe is True  # a resent request: its own
+    refused = store.try_probe(name, "p2", lease=5)
+    assert (refused.status, refused.probe) == (BreakerStatus.HALF_OPEN, False)
+    assert 4 < refused.retry_after <= 5
+    reopened = store.record_failure(name, threshold=3, window=30, open_for=0.3)
+    assert (reopened.status, reopened.failures, reopened.changed) == (BreakerStatus.OPEN, 0, True)
+    time.sleep(0.35)
+    assert store.try_probe(name, "p3", lease=5).probe is True
+    closed = store.record_success(name)
+    assert closed == BreakerState(BreakerStatus.CLOSED, changed=True)
+    assert store.state(name) == BreakerState(BreakerStatus.CLOSED)
+    # A window that ended starts the count afresh; threshold 1 opens at once.
+    store.record_failure(name, threshold=5, window=0.1, open_for=30)
+    time.sleep(0.15)
+    assert store.state(name).failures == 0
+    assert store.record_failure(name, threshold=5, window=0.1, open_for=30).failures == 1
+    assert store.record_failure(name, threshold=1, window=30, open_for=30).changed is True
+    store.reset(name)
+    assert store.state(name) == BreakerState(BreakerStatus.CLOSED)
+    fresh = new_name()
+    instant = store.record_failure(fresh, threshold=1, window=30, open_for=30)
+    assert (instant.status, instant.failures, instant.changed) == (BreakerStatus.OPEN, 1, True)
+    store.reset(fresh)
+
+
+@pytest.mark.parametrize("db", SQL_PARAMS)
+async def test_sql_async_breaker_opens_probes_and_closes(db: str, sqlite_breaker_url: str) -> None:
+    """The async twins: open, fail fast, one probe on the database's clock, close."""
+    store = sql_store(db, sqlite_breaker_url)
+    breaker = CircuitBreaker(new_name(), failure_threshold=2, recovery_timeout=0.2, store=store)
+    calls = 0
+
+    @breaker
+    async def remote(ok: bool) -> str:
+        nonlocal calls
+        calls += 1
+        if not ok:
+            raise ConnectionError
+        return "ok"
+
+    try:
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await remote(False)
+        with pytest.raises(CircuitOpenError):
+            await remote(True)
+        await asyncio.sleep(0.25)
+        assert await remote(True) == "ok"
+        assert calls == 3
+        assert (await store.astate(breaker.name)).status is BreakerStatus.CLOSED
+        await breaker.areset()
+    finally:
+        await store.aclose()
+
+
+def _sql_child_opens_it(url: str, name: str) -> None:
+    breaker = _sql_breaker(url, name, failure_threshold=3, check_interval=None)
+    for _ in range(3):
+        with contextlib.suppress(ConnectionError):
+            breaker.call(Dependency())
+    assert breaker.status is BreakerStatus.OPEN
+
+
+@pytest.mark.postgres
+def test_sql_opened_in_one_process_fails_fast_in_another(sqlite_breaker_url: str) -> None:
+    """A forked child opens it on PostgreSQL; this process learns within its check
+    interval and fails fast without calling."""
+    sql_store("postgres", sqlite_breaker_url)
+    url = service_url("postgres")
+    name = new_name()
+    here = _sql_breaker(url, name, failure_threshold=3, check_interval=0.2)
+    dep = Dependency(down=False)
+    here.call(dep)  # first look at the shared state: closed
+    _run_child(_sql_child_opens_it, url, name)
+    time.sleep(0.25)
+    with pytest.raises(CircuitOpenError) as info:
+        here.call(dep)
+    assert dep.calls == 1
+    assert 29.0 < info.value.retry_after <= 30.0
+
+
+@pytest.mark.parametrize(
+    "db",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mysql),
+        "sqlite",
+    ],
+)
+def test_sql_exactly_one_probe_across_eight_threads(db: str, sqlite_breaker_url: str) -> None:
+    """Eight threads, each with its own breaker instance and store: one probe runs."""
+    store = sql_store(db, sqlite_breaker_url)
+    url = sql_url(db, sqlite_breaker_url)
+    name = new_name()
+    store.record_failure(name, threshold=1, window=10, open_for=0.1)
+    time.sleep(0.15)
+    breakers = [_sql_breaker(url, name) for _ in range(8)]
+    start = threading.Barrier(8)
+    ran: list[int] = []
+    outcomes: list[str] = []
+
+    def body() -> None:
+        ran.append(1)
+        time.sleep(0.3)  # hold the probe while the others try
+
+    def worker(breaker: CircuitBreaker) -> None:
+        start.wait()
+        try:
+            breaker.call(body)
+            outcomes.append("ran")
+        except CircuitOpenError:
+            outcomes.append("open")
+
+    threads = [threading.Thread(target=worker, args=(b,)) for b in breakers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(ran) == 1
+    assert sorted(outcomes) == ["open"] * 7 + ["ran"]
+    assert store.state(name).status is BreakerStatus.CLOSED
+
+
+def _sql_probe_racer(url: str, name: str, barrier: Any, ran: Any, opened: Any) -> None:
+    breaker = _sql_breaker(url, name)
+
+    def body() -> None:
+        with ran.get_lock():
+            ran.value += 1
+        time.sleep(0.5)
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            breaker.call(body)
+        except CircuitOpenError:
+            with opened.get_lock():
+                opened.value += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
+@pytest.mark.postgres
+def test_sql_exactly_one_probe_across_two_processes(sqlite_breaker_url: str) -> None:
+    """Two forked processes of four threads each race for the probe on PostgreSQL."""
+    store = sql_store("postgres", sqlite_breaker_url)
+    url = service_url("postgres")
+    name = new_name()
+    store.record_failure(name, threshold=1, window=10, open_for=0.1)
+    time.sleep(0.15)
+    barrier = FORK.Barrier(8)
+    ran, opened = FORK.Value("i", 0), FORK.Value("i", 0)
+    children = [
+        FORK.Process(target=_sql_probe_racer, args=(url, name, barrier, ran, opened))
+        for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(20)
+        assert child.exitcode == 0
+    assert (ran.value, opened.value) == (1, 7)
+    assert store.state(name).status is BreakerStatus.CLOSED
+
+
+def test_store_none_follows_a_configured_sql_backend(tmp_path: Any) -> None:
+    """configure(backend=SQLAlchemyBackend) gives breakers its breaker_store(): the same
+    engines, the idempotask_breakers table."""
+    from idempotask.backends.sql import SQLAlchemyBackend, SQLBreakerStore
+
+    backend = SQLAlchemyBackend(f"sqlite:///{tmp_path / 'app.db'}")
+    shared = backend.breaker_store()
+    shared.create_tables()
+    idempotask.configure(backend=backend)
+    breaker = CircuitBreaker(new_name(), failure_threshold=1)
+    fail_times(breaker, Dependency(), 1)
+    store = store_for_backend(idempotask.get_backend())
+    assert isinstance(store, SQLBreakerStore)
+    assert store.database is backend.database
+    assert store.state(breaker.name).status is BreakerStatus.OPEN
+    assert store.purge_stale(retain=3600) == 0
+    backend.close()
+
+
+def test_sql_bad_arguments_are_configuration_errors(sqlite_breaker_url: str) -> None:
+    store = sql_store("sqlite", sqlite_breaker_url)
+    for call, message in [
+        (lambda: store.record_failure("", threshold=1, window=1, open_for=1), "name"),
+        (lambda: store.record_failure("x", threshold=0, window=1, open_for=1), "threshold"),
+        (lambda: store.record_failure("x", threshold=1, window=-1, open_for=1), "window"),
+        (lambda: store.try_probe("x", "t", lease=float("inf")), "lease"),
+        (lambda: store.state("n" * 300), "bytes"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            call()

@@ -51,6 +51,7 @@ from idempotask.serializers import get_serializer
 from idempotask.spool import Spool, SpoolError, decode_letter, encode_letter
 from idempotask.taxonomy import FailureKind, PermanentError
 from tests.backends.test_redis_deadletters import redis_store_for_processes
+from tests.backends.test_sql_deadletters import postgres_store_for_processes
 
 JSON = get_serializer("json")
 T0 = 1_800_000_000.0
@@ -642,8 +643,8 @@ CROSS_PROCESS_STORES = [
     pytest.param(memory_through_a_manager, id="memory-through-a-manager"),
     # A fresh queue (its own ?prefix=) on the shared Redis, deleted afterwards.
     pytest.param(redis_store_for_processes, id="redis", marks=pytest.mark.redis),
-    # SQL: add, e.g.
-    # pytest.param(lambda: store_at(service_url("postgres")), id="pg", marks=pytest.mark.postgres),
+    # A fresh table on the shared PostgreSQL, dropped afterwards.
+    pytest.param(postgres_store_for_processes, id="postgres", marks=pytest.mark.postgres),
 ]
 
 
@@ -1196,9 +1197,10 @@ def test_the_default_store_follows_a_memory_backend() -> None:
     assert idempotask.default_queue().store is idempotask.default_queue().store
 
 
-def test_stores_not_yet_written_fail_clearly_and_schemes_can_be_registered() -> None:
-    with pytest.raises(ConfigurationError, match="not available yet"):
-        _ = DeadLetterQueue("postgresql+psycopg://u@h/db").store
+def test_sql_urls_build_the_sql_store_and_schemes_can_be_registered() -> None:
+    from idempotask.backends.sql import SQLDeadLetterStore
+
+    assert isinstance(DeadLetterQueue("postgresql+psycopg://u@h/db").store, SQLDeadLetterStore)
     made: list[str] = []
 
     def factory(url: str) -> MemoryDeadLetterStore:

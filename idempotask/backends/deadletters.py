@@ -247,9 +247,40 @@ _BUILTIN: dict[str, str] = {
     "rediss": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
     "unix": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
 }
+# SQL URLs as the idempotency backend takes them, bare or naming a driver (the drivers of
+# idempotask.backends.sql._engines; a test checks the two lists agree). ?table=NAME names
+# the dead-letter table.
+_BUILTIN.update(
+    {
+        f"{database}+{driver}" if driver else database: (
+            "idempotask.backends.sql:SQLDeadLetterStore.from_url"
+        )
+        for databases, drivers in (
+            (
+                ("postgresql", "postgres"),
+                ("psycopg", "psycopg2", "psycopg2cffi", "pg8000", "psycopg_async", "asyncpg"),
+            ),
+            (("sqlite",), ("pysqlite", "pysqlcipher", "aiosqlite")),
+            (
+                ("mysql", "mariadb"),
+                (
+                    "pymysql",
+                    "mysqldb",
+                    "mysqlconnector",
+                    "mariadbconnector",
+                    "cymysql",
+                    "aiomysql",
+                    "asyncmy",
+                ),
+            ),
+        )
+        for database in databases
+        for driver in ("", *drivers)
+    }
+)
 # Schemes the idempotency backends know whose dead-letter store is still to be written:
-# their URLs get an error that says so rather than "unknown scheme".
-_NOT_YET = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
+# their URLs get an error that says so rather than "unknown scheme". (None left.)
+_NOT_YET: tuple[str, ...] = ()
 _registered: dict[str, DeadLetterStoreFactory] = {}
 
 

@@ -80,10 +80,11 @@ def test_memory_url_builds_a_fresh_store_and_options_are_refused() -> None:
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://u@h/db", "sqlite:///dl.db"])
-def test_stores_not_written_yet_say_so(url: str) -> None:
-    """SQL dead-letter URLs explain they are not available yet."""
-    with pytest.raises(ConfigurationError, match="not available yet"):
-        dead_letter_store_from_url(url)
+def test_sql_urls_build_the_sql_store(url: str) -> None:
+    """SQL dead-letter URLs build a SQLDeadLetterStore (without connecting)."""
+    from idempotask.backends.sql import SQLDeadLetterStore
+
+    assert isinstance(dead_letter_store_from_url(url), SQLDeadLetterStore)
 
 
 def test_status_strings_are_stored_as_status_members() -> None:

@@ -629,8 +629,8 @@ def test_nothing_connects_before_the_first_operation() -> None:
     assert repr(store) == f"SQLAlchemyBackend('postgresql://127.0.0.1:{port}/db', table=" + (
         f"'{DEFAULT_TABLE_NAME}')"
     )
-    assert store._engine is None
-    assert not store._loops
+    assert store.database.engine is None
+    assert not store.database.loops
 
 
 @pytest.mark.parametrize(
@@ -1133,9 +1133,9 @@ def test_asyncio_run_again_and_again_leaves_no_connections_behind() -> None:
     for _ in range(25):
         asyncio.run(call(new_key()))
     assert _pg_connections(url, application) == 0
-    assert not store._loops
+    assert not store.database.loops
     gc.collect()
-    assert len(store._compiled) <= 1  # the loops' engines (and what was compiled) are gone
+    assert len(store.database.compiled) <= 1  # the loops' engines (and what was compiled) are gone
 
     async def call_then_close() -> int:
         await call(new_key())
@@ -1188,3 +1188,205 @@ def test_a_forked_child_opens_its_own_connections(name: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok" in result.stdout
+
+
+# -- statement timeouts: bounded waiting ---------------------------------------------------
+
+
+def test_statement_timeout_becomes_connect_options_and_none_turns_it_off() -> None:
+    """PostgreSQL: statement_timeout in libpq options (after the URL's own), keepalives and
+    tcp_user_timeout; MariaDB: max_statement_time in an init_command MySQL reads as a
+    comment; asyncpg: server_settings and command_timeout; the URL's own settings win."""
+    from idempotask.backends.sql._timeouts import connect_options
+
+    pg = connect_options("postgresql", "psycopg", {"options": "-c search_path=app"}, 2.5)
+    assert pg["options"] == "-c search_path=app -c statement_timeout=2500"
+    assert (pg["keepalives"], pg["keepalives_idle"], pg["tcp_user_timeout"]) == (1, 3, 3500)
+    mine = connect_options("postgresql", "psycopg", {"options": "-c statement_timeout=1"}, 2.5)
+    assert "options" not in mine
+    assert connect_options("mysql", "asyncmy", {}, 0.5)["init_command"] == (
+        "SET /*M! SESSION max_statement_time=0.5, */ @idempotask_statement_timeout=0.5"
+    )
+    assert connect_options("postgresql", "asyncpg", {}, 1.0) == {
+        "server_settings": {"statement_timeout": "1000"},
+        "command_timeout": 2.0,
+    }
+    assert connect_options("postgresql", "psycopg", {}, None) == {}
+    assert connect_options("sqlite", "pysqlite", {}, 10.0) == {}
+    with pytest.raises(ConfigurationError, match="statement_timeout"):
+        SQLAlchemyBackend(SQLITE_URL, statement_timeout=0)
+
+
+@pytest.mark.parametrize("name", SERVER_DBS)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_server_side_timeout_is_set_on_every_connection(name: str, mode: str) -> None:
+    """The engines the backend creates, sync and async, set the server's statement timeout
+    (10 s by default); None leaves the server's default."""
+    query = "SHOW statement_timeout" if name == "postgres" else "SELECT @@max_statement_time"
+
+    async def setting(store: SQLAlchemyBackend) -> str:
+        if mode == "sync":
+            with store._sync_engine().connect() as conn:
+                return str(conn.exec_driver_sql(query).scalar_one())
+        async with (await store._async_engine()).connect() as aconn:
+            return str((await aconn.exec_driver_sql(query)).scalar_one())
+
+    async def scenario() -> tuple[str, str]:
+        default = SQLAlchemyBackend(url_for(name), table_name=TABLE)
+        off = SQLAlchemyBackend(url_for(name), table_name=TABLE, statement_timeout=None)
+        try:
+            return await setting(default), await setting(off)
+        finally:
+            for store in (default, off):
+                await store.aclose()
+                store.close()
+
+    default, off = asyncio.run(scenario())
+    if name == "postgres":
+        assert (default, off) == ("10s", "0")
+    else:
+        assert (float(default), float(off)) == (10.0, 0.0)
+
+
+@pytest.mark.parametrize("name", SERVER_DBS)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_statement_past_the_timeout_is_cancelled_by_the_server_and_the_connection_kept(
+    name: str, mode: str
+) -> None:
+    """A complete waiting on a row lock held elsewhere is cancelled by the server after
+    statement_timeout (0.5 s): BackendError at once, on the same pooled connection, which
+    the next call uses (the cancellation is clean; the watchdog did not need to act)."""
+    shared_backend(name)
+    options = {"pool_size": 1, "max_overflow": 0}
+    store = SQLAlchemyBackend(
+        url_for(name), table_name=TABLE, statement_timeout=0.5, engine_options=options
+    )
+    key, first = new_key(), token()
+    assert store.claim(key, first, lease=60).held_by(first)
+    locker = create_engine(url_for(name))
+
+    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
+        if mode == "sync":
+            return getattr(store, operation)(*args, **kwargs)
+        return await getattr(store, "a" + operation)(*args, **kwargs)
+
+    async def pooled_connection_id() -> int:
+        if mode == "sync":
+            with store._sync_engine().connect() as conn:
+                return _server_connection_id(conn)
+        async with (await store._async_engine()).connect() as aconn:
+            return await aconn.run_sync(_server_connection_id)
+
+    async def scenario() -> None:
+        before = await pooled_connection_id()
+        with locker.begin() as conn:
+            conn.execute(store.table.select().where(store.table.c.key == key).with_for_update())
+            started = time.monotonic()
+            with pytest.raises(BackendError, match=f"complete {key!r} failed on "):
+                await call("complete", key, first, b"r", ttl=60)
+            assert 0.4 < time.monotonic() - started < 1.0  # the server's 0.5 s, not 1 s
+        assert await pooled_connection_id() == before
+        assert await call("complete", key, first, b"r", ttl=60)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.delete(key)
+        store.close()
+        locker.dispose()
+
+
+@pytest.mark.parametrize("name", SERVER_DBS)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_database_that_stops_answering_fails_within_the_bound_and_the_next_call_recovers(
+    name: str, mode: str
+) -> None:
+    """Guarantee (bounded waiting): the database accepts bytes on the pooled connection
+    but never answers (a proxy swallowing everything). With statement_timeout=0.3 the
+    call raises BackendError within the client bound (0.6 s) instead of hanging, the
+    connection is discarded, and once the database answers again the next call works."""
+    from urllib.parse import urlsplit
+
+    from tests.faults._proxy import DelayProxy
+
+    shared_backend(name)
+    url = url_for(name)
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip("the fault proxy only forwards to a server on 127.0.0.1")
+    proxy = DelayProxy("127.0.0.1", parts.port or (5432 if name == "postgres" else 3306)).start()
+    proxied = url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}", 1)
+    store = SQLAlchemyBackend(proxied, table_name=TABLE, statement_timeout=0.3, connect_timeout=2)
+    key, first = new_key(), token()
+
+    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
+        if mode == "sync":
+            return getattr(store, operation)(*args, **kwargs)
+        return await getattr(store, "a" + operation)(*args, **kwargs)
+
+    async def scenario() -> None:
+        assert await call("get", key) is None  # a pooled connection through the proxy
+        proxy.blackhole = True
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"claim .* no answer within 0.6 s") as caught:
+            await call("claim", key, first, lease=60)
+        assert time.monotonic() - started < 1.5
+        assert "connection was discarded" in str(caught.value)
+        proxy.blackhole = False
+        assert (await call("claim", key, first, lease=60)).held_by(first)
+        assert await call("delete", key)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def test_the_watchdog_costs_little_and_leaves_nothing_behind() -> None:
+    """Statements far under their bound: the watchdog never fires, and forgets each one."""
+    from idempotask.backends.sql._timeouts import watchdog
+
+    store = shared_backend("postgres")
+    for _ in range(200):
+        store.get(new_key())
+    assert watchdog()._live == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "driver"),
+    [
+        ("postgres", "psycopg"),
+        ("postgres", "psycopg_async"),
+        ("mariadb", "pymysql"),
+        ("mariadb", "asyncmy"),
+        ("mariadb", "aiomysql"),
+    ],
+)
+def test_the_watchdog_finds_the_socket_of_every_network_driver(name: str, driver: str) -> None:
+    """Without a socket there is no client-side bound: each driver we use exposes one."""
+    from idempotask.backends.sql._timeouts import socket_of
+
+    url = make_url(url_for(name))
+    url = url.set(drivername=f"{url.get_backend_name()}+{driver.removesuffix('_async')}")
+    if driver in ("psycopg", "pymysql"):
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert socket_of(conn.connection.driver_connection) is not None
+        finally:
+            engine.dispose()
+        return
+
+    async def check() -> None:
+        aengine = create_async_engine(url)
+        try:
+            async with aengine.connect() as aconn:
+                raw = await aconn.get_raw_connection()
+                assert socket_of(raw.driver_connection) is not None
+        finally:
+            await aengine.dispose()
+
+    asyncio.run(check())

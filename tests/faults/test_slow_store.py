@@ -256,12 +256,6 @@ def pg_through_proxy() -> Iterator[tuple[DelayProxy, Any]]:
         direct.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the SQL backend has no read/statement timeout, only connect_timeout: a "
-    "PostgreSQL that stops answering on an open connection hangs the caller indefinitely",
-)
 def test_a_blackholed_postgres_fails_closed_within_a_bound(
     pg_through_proxy: tuple[DelayProxy, Any], namespace: str
 ) -> None:

@@ -67,26 +67,35 @@ Database errors become :class:`~idempotask.errors.BackendError` naming the opera
 the database (never its password); a row that is not one of ours raises
 :class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
 deletes expired rows in short batches; run it from a periodic job.
+
+Every statement is bounded by ``statement_timeout`` (10 s by default): the server cancels
+a slower one, and a connection left unanswered a grace later is shut down by a watchdog
+thread and discarded, so a database that stops answering raises BackendError instead of
+hanging (see ``_timeouts``).
+
+The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
+URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
+:meth:`SQLAlchemyBackend.breaker_store` returns), each with its own table in
+:data:`metadata`::
+
+    >>> backend = SQLAlchemyBackend("sqlite:///:memory:")
+    >>> letters, breakers = backend.dead_letter_store(), backend.breaker_store()
+    >>> letters.database is backend.database is breakers.database
+    True
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import threading
-import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Engine, MetaData, Table
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.engine import Dialect
 
 from idempotask.backends.base import Record, State
-from idempotask.backends.sql import _dbapi, _engines
+from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
+from idempotask.backends.sql._database import DEFAULT_STATEMENT_TIMEOUT, Database
+from idempotask.backends.sql._deadletters import SQLDeadLetterStore, dead_letters
 from idempotask.backends.sql._plans import (
     CLAIM_ATTEMPTS,
     Flavour,
@@ -103,27 +112,40 @@ from idempotask.backends.sql._plans import (
     seconds,
 )
 from idempotask.backends.sql._schema import (
+    DEFAULT_BREAKER_TABLE,
+    DEFAULT_DEAD_LETTER_TABLE,
     DEFAULT_TABLE_NAME,
     KEY_LENGTH,
     TEXT_LENGTH,
     BinaryText,
     DbNow,
+    define_breaker_table,
+    define_dead_letter_table,
     define_table,
+    metadata,
 )
-from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    # Imported for real only when async is used: it needs greenlet, sync callers do not.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "CLAIM_ATTEMPTS",
+    "DEFAULT_BREAKER_TABLE",
+    "DEFAULT_DEAD_LETTER_TABLE",
+    "DEFAULT_STATEMENT_TIMEOUT",
     "DEFAULT_TABLE_NAME",
     "KEY_LENGTH",
     "TEXT_LENGTH",
     "BinaryText",
     "DbNow",
     "SQLAlchemyBackend",
+    "SQLBreakerStore",
+    "SQLDeadLetterStore",
+    "breakers",
+    "dead_letters",
+    "define_breaker_table",
+    "define_dead_letter_table",
     "define_table",
     "metadata",
     "records",
@@ -131,91 +153,9 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-#: The ``MetaData`` holding the default records table, for Alembic's ``target_metadata``
-#: (a backend with another ``table_name`` has its own, as its ``metadata`` attribute).
-metadata = MetaData()
-#: The default records table, ``idempotask_records``.
+#: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
+#: the default dead-letter and breaker tables).
 records = define_table(metadata)
-
-# A deadlock victim's statement was rolled back whole; every plan is safe to re-run then.
-_DEADLOCK_ATTEMPTS = 3
-_MYSQL_DEADLOCK = 1213
-_PG_RETRYABLE = {"40P01", "40001"}  # deadlock_detected, serialization_failure
-
-# The pid of this process, kept current by a fork hook, so a child process notices
-# (with one comparison) that its pools hold its parent's connections.
-_pid = os.getpid()
-# Loop guards of engines abandoned in a forked child: kept, never finalized (their loops
-# live in the parent).
-_orphans: list[Any] = []
-
-
-def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
-    if not type(obj).__module__.startswith("sqlalchemy.ext.asyncio"):
-        return False  # no need to import the asyncio extension (and greenlet) to know
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    return isinstance(obj, AsyncEngine)
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    """A deadlock victim: its statement was rolled back whole, so the plan can run again."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _PG_RETRYABLE:
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
-
-
-def _finished(stop: StopIteration) -> Any:
-    return stop.value
-
-
-@dataclass(slots=True)
-class _LoopEngine:
-    """The asyncio engine made for one event loop, and the guard that disposes of it."""
-
-    loop: asyncio.AbstractEventLoop
-    engine: AsyncEngine
-    guard: AsyncGenerator[None, None] | None = None
-
-
-async def _loop_guard(
-    slot: _LoopEngine, backend: weakref.ref[SQLAlchemyBackend]
-) -> AsyncGenerator[None, None]:
-    """Dispose of ``slot``'s engine when its loop shuts down.
-
-    Started once on the loop, this async generator is registered with it, so
-    ``loop.shutdown_asyncgens()`` (which ``asyncio.run()`` calls before closing the loop)
-    closes it while the loop still runs: the engine's connections are closed on the loop
-    they belong to, instead of leaking when a program calls ``asyncio.run()`` repeatedly.
-    """
-    try:
-        yield
-    finally:
-        owner = backend()
-        if owner is not None:
-            owner._forget(slot)
-        if not slot.loop.is_closed():
-            with contextlib.suppress(Exception):
-                await slot.engine.dispose()
-
-
-def _stop_guard(guard: AsyncGenerator[None, None]) -> None:
-    """Finish a guard whose loop is already closed, without awaiting anything."""
-    with contextlib.suppress(StopIteration, RuntimeError):
-        guard.aclose().send(None)
 
 
 class SQLAlchemyBackend:
@@ -229,6 +169,14 @@ class SQLAlchemyBackend:
     autocommit, a connect timeout (``connect_timeout`` seconds), hidden parameters in
     error messages, and for SQLite WAL and a busy timeout (``busy_timeout`` seconds).
     ``engine_options`` are extra ``create_engine`` arguments for the engines it creates.
+
+    ``statement_timeout`` (seconds, 10 by default; None turns it off) bounds every
+    statement: the server cancels one that runs longer (PostgreSQL ``statement_timeout``,
+    MariaDB ``max_statement_time``, on the engines it creates), TCP keepalives notice a
+    vanished peer (libpq), and on any connection, yours included, a statement still
+    unanswered a grace later (at most a second) has its socket shut down: the call raises
+    :class:`~idempotask.errors.BackendError` and the connection is discarded, so the next
+    call reconnects. Connecting is bounded by ``connect_timeout`` on top.
 
     On MySQL/MariaDB, an engine you pass should be created with
     ``isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True`` (as ours are): otherwise
@@ -257,58 +205,22 @@ class SQLAlchemyBackend:
         schema: str | None = None,
         connect_timeout: float = 10.0,
         busy_timeout: float = 30.0,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
-        url: URL | None = None
-        if isinstance(bind, (str, URL)):
-            url = _engines.parse_url(bind)
-        elif isinstance(bind, Engine):
-            if engine is not None:
-                raise ConfigurationError("SQLAlchemyBackend: two engines given")
-            engine = bind
-        elif _is_async_engine(bind):
-            if async_engine is not None:
-                raise ConfigurationError("SQLAlchemyBackend: two async engines given")
-            async_engine = bind
-        elif bind is not None:
-            raise ConfigurationError(
-                "SQLAlchemyBackend: expected a database URL, an Engine or an AsyncEngine, "
-                f"got {type(bind).__qualname__}"
-            )
-        if engine is not None and not isinstance(engine, Engine):
-            raise ConfigurationError(
-                f"SQLAlchemyBackend: engine= must be a sqlalchemy Engine, got "
-                f"{type(engine).__qualname__}"
-            )
-        if async_engine is not None and not _is_async_engine(async_engine):
-            raise ConfigurationError(
-                f"SQLAlchemyBackend: async_engine= must be a sqlalchemy AsyncEngine, got "
-                f"{type(async_engine).__qualname__}"
-            )
-        if url is not None and (engine is not None or async_engine is not None):
-            raise ConfigurationError("SQLAlchemyBackend: pass a URL or engines, not both")
-        if url is None:
-            source = engine if engine is not None else async_engine
-            if source is None:
-                raise ConfigurationError(
-                    "SQLAlchemyBackend: pass a database URL such as "
-                    "'postgresql+psycopg://user@host/db', an Engine or an AsyncEngine"
-                )
-            url = _engines.parse_url(source.url)
+        self.database = Database(
+            bind,
+            owner="SQLAlchemyBackend",
+            engine=engine,
+            async_engine=async_engine,
+            connect_timeout=connect_timeout,
+            busy_timeout=busy_timeout,
+            statement_timeout=statement_timeout,
+            engine_options=engine_options,
+        )
         if not isinstance(table_name, str) or not table_name:
             raise ConfigurationError(
                 f"SQLAlchemyBackend: table_name must be a non-empty string, got {table_name!r}"
-            )
-        for option, value in (("connect_timeout", connect_timeout), ("busy_timeout", busy_timeout)):
-            seconds(value, option)
-
-        self._url = url
-        self._where = _engines.describe(url)
-        self._memory = _engines.is_memory_sqlite(url)
-        if self._memory and engine is None and async_engine is not None:
-            raise ConfigurationError(
-                "SQLAlchemyBackend: an in-memory SQLite database lives in one connection; "
-                "pass the sync Engine (or the URL), which serves async callers too"
             )
         if table_name == DEFAULT_TABLE_NAME and schema is None:
             self.metadata = metadata
@@ -317,23 +229,6 @@ class SQLAlchemyBackend:
             self.metadata = MetaData()
             self.table = define_table(self.metadata, table_name, schema=schema)
         self._sql = Statements(self.table)
-        self._compiled = _dbapi.CompiledCache()
-        self._connect_timeout = float(connect_timeout)
-        self._busy_timeout = float(busy_timeout)
-        self._engine_options = dict(engine_options or {})
-        self._engine: Engine | None = _engines.autocommit(engine) if engine is not None else None
-        self._given_async: AsyncEngine | None = (
-            _engines.async_autocommit(async_engine) if async_engine is not None else None
-        )
-        self._owns_engine = engine is None
-        self._lock = threading.Lock()
-        # In-memory SQLite: one connection, so one operation at a time.
-        self._memory_lock = threading.RLock()
-        # asyncio connections belong to the loop they were made on: one engine per loop,
-        # disposed when that loop shuts down (see _loop_guard).
-        self._loops: dict[int, _LoopEngine] = {}
-        self._last_loop: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncEngine] | None = None
-        self._pid = _pid
         # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
         self._force_flavour: Flavour | None = None
 
@@ -350,111 +245,46 @@ class SQLAlchemyBackend:
         return cls(url, **options)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._where!r}, table={self.table.fullname!r})"
+        return f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r})"
+
+    # -- the stores that share this backend's engines ----------------------------------------
+
+    def breaker_store(self, *, table_name: str = DEFAULT_BREAKER_TABLE) -> SQLBreakerStore:
+        """A :class:`SQLBreakerStore` on this backend's engines (what ``CircuitBreaker``
+        uses with ``store=None`` when this backend is configured; create its table once
+        with ``create_tables()``).
+
+        >>> SQLAlchemyBackend("sqlite:///app.db").breaker_store()
+        SQLBreakerStore('sqlite:///app.db', table='idempotask_breakers')
+        """
+        return SQLBreakerStore(self, table_name=table_name)
+
+    def dead_letter_store(
+        self, *, table_name: str = DEFAULT_DEAD_LETTER_TABLE
+    ) -> SQLDeadLetterStore:
+        """A :class:`SQLDeadLetterStore` on this backend's engines.
+
+        >>> SQLAlchemyBackend("sqlite:///app.db").dead_letter_store()
+        SQLDeadLetterStore('sqlite:///app.db', table='idempotask_dead_letters')
+        """
+        return SQLDeadLetterStore(self, table_name=table_name)
 
     # -- engines -------------------------------------------------------------------------
 
-    def _check_fork(self) -> None:
-        """In a forked child, drop the parent's pooled connections (never close them:
-        they are the parent's sockets) and start afresh."""
-        with self._lock:
-            if self._pid == _pid:
-                return
-            self._pid = _pid
-            if self._engine is not None:
-                self._engine.dispose(close=False)
-            if self._given_async is not None:
-                self._given_async.sync_engine.dispose(close=False)
-            for slot in self._loops.values():
-                slot.engine.sync_engine.dispose(close=False)
-                _orphans.append(slot.guard)
-            self._loops.clear()
-            self._last_loop = None
-
     def _sync_engine(self) -> Engine:
-        if self._pid != _pid:
-            self._check_fork()
-        engine = self._engine
-        if engine is None:
-            with self._lock:
-                if self._engine is None:
-                    self._engine = _engines.new_sync_engine(
-                        _engines.sync_url(self._url),
-                        connect_timeout=self._connect_timeout,
-                        busy_timeout=self._busy_timeout,
-                        options=self._engine_options,
-                    )
-                engine = self._engine
-        return engine
+        return self.database.sync_engine()
 
     async def _async_engine(self) -> AsyncEngine:
-        if self._pid != _pid:
-            self._check_fork()
-        if self._given_async is not None:
-            return self._given_async
-        loop = asyncio.get_running_loop()
-        last = self._last_loop
-        if last is not None and last[0]() is loop:
-            return last[1]
-        with self._lock:
-            slot = self._loops.get(id(loop))
-            fresh = slot is None or slot.loop is not loop
-            stale: list[_LoopEngine] = []
-            if slot is None or slot.loop is not loop:
-                slot = _LoopEngine(loop, self._new_async_engine())
-                stale = [s for s in self._loops.values() if s.loop.is_closed()]
-                for old in stale:
-                    del self._loops[id(old.loop)]
-                self._loops[id(loop)] = slot
-            self._last_loop = (weakref.ref(loop), slot.engine)
-        if fresh:
-            guard = _loop_guard(slot, weakref.ref(self))
-            await guard.asend(None)  # registers the guard with the loop
-            slot.guard = guard
-            for old in stale:
-                await self._retire(old)
-        return slot.engine
-
-    def _forget(self, slot: _LoopEngine) -> None:
-        with self._lock:
-            if self._loops.get(id(slot.loop)) is slot:
-                del self._loops[id(slot.loop)]
-            if self._last_loop is not None and self._last_loop[1] is slot.engine:
-                self._last_loop = None
-
-    def _new_async_engine(self) -> AsyncEngine:
-        # Derived from the user's engine if one was given: same database, our async defaults.
-        url = self._engine.url if self._engine is not None and not self._owns_engine else self._url
-        return _engines.new_async_engine(
-            _engines.async_url(url),
-            connect_timeout=self._connect_timeout,
-            busy_timeout=self._busy_timeout,
-            options=self._engine_options,
-        )
-
-    @staticmethod
-    async def _retire(slot: _LoopEngine) -> None:
-        """Let go of the engine of a loop that closed without shutting down its async
-        generators: connections that can be closed from here are; the rest are dropped."""
-        if slot.guard is not None:
-            _stop_guard(slot.guard)
-        # psycopg and aiosqlite close a connection without its loop; MySQL drivers need the
-        # (closed) loop's transport, so their sockets are left to the garbage collector.
-        close = slot.engine.dialect.driver in ("psycopg", "psycopg_async", "aiosqlite")
-        with contextlib.suppress(Exception):
-            await slot.engine.dispose(close=close)
+        return await self.database.async_engine()
 
     def close(self) -> None:
         """Close the connections of the sync engine this backend created (an engine you
         passed stays open); async engines are closed by :meth:`aclose` or when their
-        event loop shuts down.
+        event loop shuts down. Stores sharing this backend's engines share this too.
 
         >>> SQLAlchemyBackend("sqlite:///:memory:").close()
         """
-        with self._lock:
-            engine = self._engine if self._owns_engine else None
-        if engine is not None:
-            engine.dispose()
+        self.database.close()
 
     async def aclose(self) -> None:
         """Close the connections of the asyncio engine this backend made for the running
@@ -463,94 +293,22 @@ class SQLAlchemyBackend:
         >>> import asyncio
         >>> asyncio.run(SQLAlchemyBackend("sqlite:///:memory:").aclose())
         """
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            slot = self._loops.get(id(loop))
-            if slot is None or slot.loop is not loop:
-                return
-            del self._loops[id(loop)]
-            self._last_loop = None
-        if slot.guard is not None:
-            await slot.guard.aclose()
-        else:
-            await slot.engine.dispose()
+        await self.database.aclose()
 
     # -- running plans ----------------------------------------------------------------------
 
     def _flavour(self, dialect: Dialect) -> Flavour:
         return self._force_flavour or flavour_of(dialect)
 
-    def _error(self, operation: str, key: str | None, exc: BaseException) -> BackendError:
-        target = f" {key!r}" if key is not None else ""
-        if isinstance(exc, UnicodeDecodeError):
-            return CorruptRecordError(
-                f"sql backend: {operation}{target} on {self._where}: a text column holds "
-                f"bytes that are not UTF-8, so the row was not written by idempotask ({exc})"
-            )
-        # The driver's own error (also one raised outside its classes, in a StatementError).
-        detail = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
-        message = " ".join(str(detail).split())
-        if len(message) > 500:
-            message = message[:500] + "…"
-        return BackendError(
-            f"sql backend: {operation}{target} failed on {self._where}: "
-            f"{type(detail).__name__}: {message}"
-        )
-
     def _run(self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]) -> _T:
-        """Run a plan on the sync engine (in-memory SQLite: one operation at a time)."""
-        with self._memory_lock if self._memory else contextlib.nullcontext():
-            return self._run_on(self._sync_engine, operation, key, make)
+        return self.database.run(operation, key, lambda dialect: make(self._flavour(dialect)))
 
     async def _arun(
         self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]
     ) -> _T:
-        """:meth:`_run` on the running loop's asyncio engine (the same plans)."""
-        if self._memory:
-            # One in-memory connection, no I/O to wait for: the sync path, inline.
-            return self._run(operation, key, make)
-        try:
-            engine = await self._async_engine()
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._error(operation, key, exc) from exc
-        # The whole operation in one greenlet: the pool's checkout and return are
-        # SQLAlchemy's sync code (awaiting the driver through the greenlet), and each
-        # statement is one await of the driver's own coroutine (see _dbapi.Executor).
-        # AsyncConnection would spawn a greenlet for the checkout and another for the
-        # return, about 40 µs more per operation.
-        return await greenlet_spawn(self._run_on, lambda: engine.sync_engine, operation, key, make)
-
-    def _run_on(
-        self,
-        engine: Callable[[], Engine],
-        operation: str,
-        key: str | None,
-        make: Callable[[Flavour], Plan[_T]],
-    ) -> _T:
-        """Run a plan on a connection from ``engine()``'s pool; database errors become
-        BackendError, and a deadlock victim's plan runs again."""
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
-            try:
-                with engine().connect() as conn:
-                    execute = _dbapi.Executor(conn, self._compiled)
-                    plan = make(self._flavour(conn.dialect))
-                    reply: Any = None
-                    try:
-                        while True:
-                            try:
-                                step = plan.send(reply)
-                            except StopIteration as stop:
-                                result: _T = _finished(stop)
-                                return result
-                            reply = execute(step)
-                    except BaseException as exc:
-                        execute.abandon(exc)
-                        raise
-            except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
-                if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                    continue
-                raise self._error(operation, key, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self.database.arun(
+            operation, key, lambda dialect: make(self._flavour(dialect))
+        )
 
     # -- the store protocol ------------------------------------------------------------------
 
@@ -728,62 +486,25 @@ class SQLAlchemyBackend:
         self._check_batch(batch)
         return await self._arun("purge_expired", None, lambda f: plan_purge(self._sql, f, batch))
 
-    def _ddl(self, conn: Connection, create: bool) -> None:
-        if create:
-            self.metadata.create_all(conn, tables=[self.table], checkfirst=True)
-        else:
-            self.metadata.drop_all(conn, tables=[self.table], checkfirst=True)
-
     def create_tables(self) -> None:
         """Create the records table and its index if missing (safe to call again, and from
         several processes at once). Use Alembic with :attr:`metadata` in production.
 
         >>> SQLAlchemyBackend("sqlite:///:memory:").create_tables()
         """
-        self._schema_change(True)
+        self.database.schema_change(self.metadata, [self.table], True)
 
     def drop_tables(self) -> None:
         """Drop the records table if it exists (every record is lost).
 
         >>> SQLAlchemyBackend("sqlite:///:memory:").drop_tables()
         """
-        self._schema_change(False)
-
-    def _schema_change(self, create: bool) -> None:
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            with (
-                self._memory_lock if self._memory else contextlib.nullcontext(),
-                self._sync_engine().connect() as conn,
-            ):
-                try:
-                    self._ddl(conn, create)
-                except SQLAlchemyError:
-                    # Another process created (or dropped) it between our check and our
-                    # statement; the second check sees it.
-                    self._ddl(conn, create)
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._error(operation, None, exc) from exc
+        self.database.schema_change(self.metadata, [self.table], False)
 
     async def acreate_tables(self) -> None:
         """Async :meth:`create_tables`."""
-        await self._aschema_change(True)
+        await self.database.aschema_change(self.metadata, [self.table], True)
 
     async def adrop_tables(self) -> None:
         """Async :meth:`drop_tables`."""
-        await self._aschema_change(False)
-
-    async def _aschema_change(self, create: bool) -> None:
-        if self._memory:
-            self._schema_change(create)
-            return
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            engine = await self._async_engine()
-            async with engine.connect() as conn:
-                try:
-                    await conn.run_sync(self._ddl, create)
-                except SQLAlchemyError:
-                    await conn.run_sync(self._ddl, create)
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._error(operation, None, exc) from exc
+        await self.database.aschema_change(self.metadata, [self.table], False)

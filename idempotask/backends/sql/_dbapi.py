@@ -19,6 +19,11 @@ Statements go through SQLAlchemy's own execution instead (``exec_driver_sql``, w
 same compiled SQL) when something watches the engine's statements (event listeners for
 tracing, statement comments or counting, and SQL logging such as ``echo=True``) so that
 it sees every one, and for an asyncio driver without a direct path here (asyncpg).
+
+With a ``bound`` (the stores' ``statement_timeout`` plus a grace), every statement, on
+either path, runs under the :class:`~idempotask.backends.sql._timeouts.Watchdog`: a
+statement still unanswered at its deadline has its socket shut down, and raises
+:class:`TimeoutError` with the connection discarded.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
 from idempotask.backends.sql._plans import Step
+from idempotask.backends.sql._timeouts import socket_of, watchdog
 
 __all__ = ["Compiled", "CompiledCache", "Executor", "compile_statement"]
 
@@ -189,9 +195,9 @@ class Executor:
     SQLAlchemy's adapted cursor takes several (and aiosqlite several thread hops).
     """
 
-    __slots__ = ("_async", "_compiled", "_conn", "_dialect", "_direct", "_fairy")
+    __slots__ = ("_async", "_bound", "_compiled", "_conn", "_dialect", "_direct", "_fairy", "_fd")
 
-    def __init__(self, conn: Connection, cache: CompiledCache) -> None:
+    def __init__(self, conn: Connection, cache: CompiledCache, bound: float | None = None) -> None:
         dialect = conn.dialect
         self._conn = conn
         self._dialect = dialect
@@ -200,8 +206,27 @@ class Executor:
         self._fairy = conn.connection
         self._async = _ASYNC_DRIVERS.get(dialect.driver) if dialect.is_async else None
         self._direct = (self._async is not None or not dialect.is_async) and not _observed(conn)
+        # The client-side bound needs the connection's socket (none for SQLite).
+        self._bound = bound
+        self._fd = socket_of(self._fairy.driver_connection) if bound is not None else None
 
     def __call__(self, step: Step) -> Any:
+        if self._fd is None:
+            return self._execute(step)
+        dog = watchdog()
+        watch = dog.start(self._fd, self._bound)  # type: ignore[arg-type]
+        try:
+            reply = self._execute(step)
+        except BaseException as exc:
+            if dog.stop(watch):
+                raise self._timed_out(exc) from exc
+            raise
+        if dog.stop(watch):
+            # Answered just as the deadline passed: the socket is shut down all the same.
+            raise self._timed_out(None)
+        return reply
+
+    def _execute(self, step: Step) -> Any:
         compiled = self._compiled.get(id(step.statement))
         if compiled is None:
             compiled = compile_statement(step.statement, self._dialect)
@@ -230,6 +255,19 @@ class Executor:
             self._conn.invalidate(exc)
             raise
 
+    def _timed_out(self, exc: BaseException | None) -> TimeoutError:
+        """The watchdog shut this connection's socket down: discard the connection, and
+        let the pool replace its older ones on their next checkout (a server that let a
+        statement go unanswered past its own timeout is gone, or its route is)."""
+        error = TimeoutError(
+            f"no answer within {self._bound:g} s (statement_timeout plus grace); the "
+            "connection was discarded"
+        )
+        if not self._conn.invalidated:
+            self._conn.engine.pool._invalidate(self._fairy, error, _checkin=False)
+            self._conn.invalidate(exc if exc is not None else error)
+        return error
+
     def abandon(self, exc: BaseException) -> None:
         """After a plan failed: roll back a transaction it may have left open (SQLite's
         ``BEGIN IMMEDIATE`` claim) before the connection goes back to the pool, which does
@@ -240,9 +278,19 @@ class Executor:
         if not isinstance(exc, Exception):  # interrupted: not worth waiting for a rollback
             self._conn.invalidate(exc)
             return
+        if self._fd is None:
+            try:
+                self._fairy.dbapi_connection.rollback()  # type: ignore[union-attr]
+            except Exception:
+                self._conn.invalidate(exc)
+            return
+        dog = watchdog()
+        watch = dog.start(self._fd, self._bound)  # type: ignore[arg-type]
         try:
             self._fairy.dbapi_connection.rollback()  # type: ignore[union-attr]
         except Exception:
+            self._conn.invalidate(exc)
+        if dog.stop(watch) and not self._conn.invalidated:
             self._conn.invalidate(exc)
 
     def _failed(self, exc: Exception, sql: str) -> BaseException:

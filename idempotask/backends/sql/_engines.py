@@ -14,6 +14,7 @@ from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
+from idempotask.backends.sql._timeouts import connect_options
 from idempotask.errors import ConfigurationError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -144,7 +145,12 @@ def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
 
 
 def _engine_options(
-    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+    url: URL,
+    *,
+    connect_timeout: float,
+    busy_timeout: float,
+    statement_timeout: float | None,
+    options: Mapping[str, Any],
 ) -> dict[str, Any]:
     backend, driver = url.get_backend_name(), url.get_driver_name()
     kwargs: dict[str, Any] = {
@@ -163,6 +169,8 @@ def _engine_options(
     if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
         seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
         connect_args["connect_timeout"] = seconds
+    # Server-side statement timeouts and TCP keepalives (see _timeouts).
+    connect_args.update(connect_options(backend, driver, url.query, statement_timeout))
     if backend in _MYSQL:
         # MySQL closes connections idle for wait_timeout (8 h by default, often less).
         kwargs["pool_recycle"] = 3600
@@ -209,11 +217,20 @@ def _missing_driver(url: URL, exc: ImportError) -> MissingDependencyError:
 
 
 def new_sync_engine(
-    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+    url: URL,
+    *,
+    connect_timeout: float,
+    busy_timeout: float,
+    statement_timeout: float | None,
+    options: Mapping[str, Any],
 ) -> Engine:
     """A sync engine for ``url`` with our defaults (``options`` override them)."""
     kwargs = _engine_options(
-        url, connect_timeout=connect_timeout, busy_timeout=busy_timeout, options=options
+        url,
+        connect_timeout=connect_timeout,
+        busy_timeout=busy_timeout,
+        statement_timeout=statement_timeout,
+        options=options,
     )
     try:
         engine = create_engine(url, **kwargs)
@@ -227,7 +244,12 @@ def new_sync_engine(
 
 
 def new_async_engine(
-    url: URL, *, connect_timeout: float, busy_timeout: float, options: Mapping[str, Any]
+    url: URL,
+    *,
+    connect_timeout: float,
+    busy_timeout: float,
+    statement_timeout: float | None,
+    options: Mapping[str, Any],
 ) -> AsyncEngine:
     """An asyncio engine for ``url`` with our defaults (``options`` override them)."""
     try:
@@ -238,7 +260,11 @@ def new_async_engine(
             f"pip install 'sqlalchemy[asyncio]' ({exc})"
         ) from exc
     kwargs = _engine_options(
-        url, connect_timeout=connect_timeout, busy_timeout=busy_timeout, options=options
+        url,
+        connect_timeout=connect_timeout,
+        busy_timeout=busy_timeout,
+        statement_timeout=statement_timeout,
+        options=options,
     )
     try:
         engine = create_async_engine(url, **kwargs)

@@ -8,7 +8,18 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import Column, Double, Index, LargeBinary, MetaData, String, Table
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
 from sqlalchemy.dialects.mysql import LONGBLOB, VARBINARY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import CompileError
@@ -18,13 +29,25 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 __all__ = [
+    "DEFAULT_BREAKER_TABLE",
+    "DEFAULT_DEAD_LETTER_TABLE",
     "DEFAULT_TABLE_NAME",
     "KEY_LENGTH",
+    "NAME_LENGTH",
     "TEXT_LENGTH",
     "BinaryText",
     "DbNow",
+    "DbStatementNow",
+    "define_breaker_table",
+    "define_dead_letter_table",
     "define_table",
+    "metadata",
 ]
+
+#: The ``MetaData`` holding the default tables (records, dead letters, breakers), for
+#: Alembic's ``target_metadata``; a store with another table name has its own, as its
+#: ``metadata`` attribute.
+metadata = MetaData()
 
 #: The table name used unless ``table_name=`` says otherwise.
 DEFAULT_TABLE_NAME = "idempotask_records"
@@ -33,6 +56,12 @@ DEFAULT_TABLE_NAME = "idempotask_records"
 KEY_LENGTH = 1024
 #: The longest token, owner id or fingerprint.
 TEXT_LENGTH = 255
+#: The longest function name or exception type of a dead letter.
+NAME_LENGTH = 512
+#: The dead-letter table used unless ``table_name=`` says otherwise.
+DEFAULT_DEAD_LETTER_TABLE = "idempotask_dead_letters"
+#: The circuit-breaker table used unless ``table_name=`` says otherwise.
+DEFAULT_BREAKER_TABLE = "idempotask_breakers"
 
 _MYSQL = ("mysql", "mariadb")
 
@@ -94,6 +123,22 @@ class DbNow(FunctionElement[float]):
     name = "idempotask_db_now"
 
 
+class DbStatementNow(DbNow):
+    """:class:`DbNow` read once per statement, however often the statement uses it.
+
+    PostgreSQL's ``statement_timestamp()`` (``clock_timestamp()`` is read anew at each use,
+    so two ``CASE`` branches of one statement could disagree about the time); MySQL,
+    MariaDB and SQLite read their clock once per statement already.
+
+    >>> from sqlalchemy.dialects import postgresql
+    >>> str(DbStatementNow().compile(dialect=postgresql.dialect()))
+    'CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)'
+    """
+
+    inherit_cache = True
+    name = "idempotask_db_statement_now"
+
+
 @compiles(DbNow)
 def _now_unsupported(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
     raise CompileError(
@@ -105,6 +150,11 @@ def _now_unsupported(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(DbNow, "postgresql")
 def _now_postgresql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
     return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(DbStatementNow, "postgresql")
+def _statement_now_postgresql(element: DbStatementNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 
 
 @compiles(DbNow, "sqlite")
@@ -121,14 +171,14 @@ def _now_mysql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
     return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
 
 
-def _index_name(table: str) -> str:
+def _index_name(table: str, suffix: str = "expires_at") -> str:
     # PostgreSQL cuts identifiers at 63 bytes and MySQL refuses more than 64: a long table
     # name gets a shortened, still unique, index name.
-    name = f"ix_{table}_expires_at"
+    name = f"ix_{table}_{suffix}"
     if len(name.encode()) <= 60:
         return name
     digest = hashlib.sha256(table.encode()).hexdigest()[:10]
-    return f"ix_{table.encode()[:30].decode(errors='ignore')}_{digest}_expires_at"
+    return f"ix_{table.encode()[:30].decode(errors='ignore')}_{digest}_{suffix}"
 
 
 def define_table(
@@ -161,5 +211,95 @@ def define_table(
         Column("payload", payload_type, nullable=False),
         Column("expires_at", Double(), nullable=False),
         Index(_index_name(name), "expires_at"),
+        schema=schema,
+    )
+
+
+def _ordered_text(length: int) -> TypeEngine[Any]:
+    """:class:`BinaryText` that also sorts by code point, as Python compares ``str``:
+    PostgreSQL's default collation sorts by language rules (punctuation ignored), so the
+    column gets the ``"C"`` collation there; SQLite's and MySQL's binary columns already
+    compare UTF-8 bytes, whose order is the code points'."""
+    return BinaryText(length).with_variant(String(length, collation="C"), "postgresql")
+
+
+def _blob() -> TypeEngine[Any]:
+    return LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
+
+
+def define_dead_letter_table(
+    metadata: MetaData, name: str = DEFAULT_DEAD_LETTER_TABLE, *, schema: str | None = None
+) -> Table:
+    """The dead-letter table ``name`` in ``metadata`` (the existing one if already defined),
+    for :class:`~idempotask.backends.sql.SQLDeadLetterStore` and Alembic::
+
+        from idempotask.backends.sql import define_dead_letter_table
+        define_dead_letter_table(Base.metadata)
+
+    One row per letter: every :class:`~idempotask.backends.deadletters.DeadLetter` field
+    (``id`` the primary key; ``message``, ``traceback`` and ``arguments`` as bytes, the
+    first two UTF-8, since a message may hold a NUL that PostgreSQL text refuses; times as
+    epoch seconds; ``next_retry_at`` NULL when none), plus ``claimed_until``, the end of a
+    processor's claim on the database's clock (NULL: not held). Indexed for due scans
+    (``status, next_retry_at``) and time queries (``last_failed_at``).
+    """
+    existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        metadata,
+        Column("id", _ordered_text(TEXT_LENGTH), primary_key=True),
+        Column("function", BinaryText(NAME_LENGTH), nullable=False),
+        Column("kind", BinaryText(64), nullable=False),
+        Column("error_type", BinaryText(NAME_LENGTH), nullable=False),
+        Column("message", _blob(), nullable=False),
+        Column("traceback", _blob(), nullable=False),
+        Column("arguments", _blob(), nullable=False),
+        Column("key", BinaryText(KEY_LENGTH), nullable=False),
+        Column("attempts", Integer(), nullable=False),
+        Column("status", BinaryText(16), nullable=False),
+        Column("first_failed_at", Double(), nullable=False),
+        Column("last_failed_at", Double(), nullable=False),
+        Column("next_retry_at", Double(), nullable=True),
+        Column("route", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("critical", Boolean(), nullable=False),
+        Column("resolution", BinaryText(64), nullable=False),
+        Column("version", BigInteger(), nullable=False),
+        Column("claimed_until", Double(), nullable=True),
+        Index(_index_name(name, "due"), "status", "next_retry_at"),
+        Index(_index_name(name, "last_failed_at"), "last_failed_at"),
+        schema=schema,
+    )
+
+
+def define_breaker_table(
+    metadata: MetaData, name: str = DEFAULT_BREAKER_TABLE, *, schema: str | None = None
+) -> Table:
+    """The circuit-breaker table ``name`` in ``metadata`` (the existing one if already
+    defined), for :class:`~idempotask.backends.sql.SQLBreakerStore` and Alembic::
+
+        from idempotask.backends.sql import define_breaker_table
+        define_breaker_table(Base.metadata)
+
+    One row per breaker name, as :class:`~idempotask.breaker.BreakerStore` describes it:
+    ``failures``, ``window_until``, ``open_until`` (NULL while closed), ``probe_until``
+    (NULL: no probe), ``probe_token``, all times in epoch seconds of the database's
+    clock; and ``opened_by``, the token of the failure that last opened it, which tells
+    that failure it was the one (``changed``) even where the row is read back separately.
+    """
+    existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        metadata,
+        Column("name", BinaryText(TEXT_LENGTH), primary_key=True),
+        Column("failures", Integer(), nullable=False),
+        Column("window_until", Double(), nullable=False),
+        Column("open_until", Double(), nullable=True),
+        Column("probe_until", Double(), nullable=True),
+        Column("probe_token", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("opened_by", BinaryText(64), nullable=False),
         schema=schema,
     )

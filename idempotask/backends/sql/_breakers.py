@@ -1,0 +1,580 @@
+"""Circuit breaker state on SQL: :class:`SQLBreakerStore`, its statements and its plans.
+
+One row per breaker name (see ``define_breaker_table``), every time on the database's
+clock, each operation atomic. Statements per operation:
+
+====================  ==========  =============  ==========================  ===============
+operation             PostgreSQL  MariaDB 10.5+  MySQL                       SQLite (file)
+====================  ==========  =============  ==========================  ===============
+record_failure        1           1              2 (upsert, read)            4 local (BEGIN
+                                                                             IMMEDIATE, upsert,
+                                                                             read, COMMIT)
+try_probe, granted    1           1              1                           1
+try_probe, refused    2           2              2                           2
+record_success        1 (closes)  1              1                           1
+                      / 2         / 2            / 2                         / 2
+state, reset          1           1              1                           1
+====================  ==========  =============  ==========================  ===============
+
+``record_failure`` is one ``INSERT … ON CONFLICT (name) DO UPDATE SET`` (MySQL: ``ON
+DUPLICATE KEY UPDATE``) whose ``CASE`` expressions apply the rules of
+:class:`~idempotask.breaker.BreakerStore`, with ``RETURNING`` where the database has it.
+The clock is read once per statement (``statement_timestamp()`` on PostgreSQL), so all
+branches of one statement agree on the time. The failure that opens the breaker writes
+its own random token in ``opened_by``: that is how it learns it made the change, also
+where the row is read back by a second statement. ``try_probe`` is a guarded ``UPDATE``
+(its row count says whether the probe was granted), ``record_success`` a guarded
+``DELETE``; each reads the state only when it changed nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import (
+    Double,
+    Engine,
+    Executable,
+    Integer,
+    MetaData,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+
+from idempotask.backends.sql._database import DEFAULT_STATEMENT_TIMEOUT
+from idempotask.backends.sql._deadletters import attach, check_table_name, url_and_table
+from idempotask.backends.sql._plans import Flavour, Plan, Step, flavour_of
+from idempotask.backends.sql._schema import (
+    DEFAULT_BREAKER_TABLE,
+    TEXT_LENGTH,
+    DbNow,
+    DbStatementNow,
+    define_breaker_table,
+    metadata,
+)
+from idempotask.breaker import BreakerState, BreakerStatus
+from idempotask.errors import ConfigurationError, CorruptRecordError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["BreakerStatements", "SQLBreakerStore", "breakers"]
+
+_T = TypeVar("_T")
+
+#: The default breaker table, ``idempotask_breakers``, in the shared ``metadata``.
+breakers = define_breaker_table(metadata)
+
+_CLOSED = BreakerState(BreakerStatus.CLOSED)
+_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
+_COMMIT = text("COMMIT")
+
+
+class BreakerStatements:
+    """Every statement the breaker store sends for one table, built once each.
+
+    Parameter names: ``name``, ``tok`` a token, ``threshold``, ``window``, ``open_for``,
+    ``lease`` and ``retain`` (seconds).
+    """
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        c = table.c
+        self._name = bindparam("name", type_=c.name.type)
+        self._tok = bindparam("tok", type_=c.probe_token.type)
+        self._empty = literal("", c.probe_token.type)
+        self._cache: dict[Any, Executable] = {}
+
+    def _cached(self, key: Any, build: Callable[[], Executable]) -> Executable:
+        statement = self._cache.get(key)
+        if statement is None:
+            statement = self._cache.setdefault(key, build())
+        return statement
+
+    def _state_columns(self, now: ColumnElement[float]) -> list[ColumnElement[Any]]:
+        c = self.table.c
+        return [c.failures, c.window_until, c.open_until, c.probe_until, c.opened_by, now]
+
+    def failure(self, flavour: Flavour) -> Executable:
+        """Count one failure, opening at ``threshold``, re-opening a half-open breaker."""
+        return self._cached(("failure", flavour), lambda: self._build_failure(flavour))
+
+    def _build_failure(self, flavour: Flavour) -> Executable:
+        t, c = self.table, self.table.c
+        now = DbStatementNow()
+        threshold: BindParameter[int] = bindparam("threshold", type_=Integer())
+        window: BindParameter[float] = bindparam("window", type_=Double())
+        open_for: BindParameter[float] = bindparam("open_for", type_=Double())
+        first_opens = threshold <= 1
+        row = {
+            "name": self._name,
+            "failures": 1,
+            "window_until": case((first_opens, literal(0.0)), else_=now + window),
+            "open_until": case((first_opens, now + open_for), else_=null()),
+            "probe_until": null(),
+            "probe_token": self._empty,
+            "opened_by": case((first_opens, self._tok), else_=self._empty),
+        }
+        # The rules of BreakerStore, over the row as it was (c.*).
+        is_open = and_(c.open_until.is_not(None), now < c.open_until)
+        is_half = and_(c.open_until.is_not(None), now >= c.open_until)
+        fresh_window = c.window_until <= now
+        count = case((fresh_window, 1), else_=c.failures + 1)
+        opens = or_(is_half, and_(c.open_until.is_(None), count >= threshold))
+        mysql_family = flavour in ("mysql", "mariadb")
+        # MySQL assigns left to right, each assignment seeing the ones before, so it
+        # cannot evaluate ``opens`` after failures or window_until changed: opened_by goes
+        # first, and later columns ask whether it now holds our token. PostgreSQL and
+        # SQLite evaluate every assignment on the old row, where ``opens`` is right.
+        opened = c.opened_by == self._tok if mysql_family else opens
+        assignments: list[tuple[str, Any]] = [
+            ("opened_by", case((is_open, c.opened_by), (opens, self._tok), else_=self._empty)),
+            ("probe_until", case((is_open, c.probe_until), else_=null())),
+            ("probe_token", case((is_open, c.probe_token), else_=self._empty)),
+            ("failures", case((is_open, c.failures), (is_half, 0), else_=count)),
+            (
+                "window_until",
+                case(
+                    (is_open, c.window_until),
+                    (opened, literal(0.0)),
+                    (fresh_window, now + window),
+                    else_=c.window_until,
+                ),
+            ),
+            ("open_until", case((is_open, c.open_until), (opened, now + open_for), else_=null())),
+        ]
+        if mysql_family:
+            ins = mysql.insert(t).values(row).on_duplicate_key_update(assignments)
+            return ins.returning(*self._state_columns(now)) if flavour == "mariadb" else ins
+        dialect_insert = postgresql.insert if flavour == "postgresql" else sqlite.insert
+        upsert = dialect_insert(t).values(row)
+        upsert = upsert.on_conflict_do_update(index_elements=[c.name], set_=dict(assignments))
+        return upsert.returning(*self._state_columns(now)) if flavour == "postgresql" else upsert
+
+    @property
+    def read(self) -> Executable:
+        """The breaker's row and the database's time."""
+        return self._cached(
+            "read",
+            lambda: select(*self._state_columns(DbNow())).where(self.table.c.name == self._name),
+        )
+
+    @property
+    def probe(self) -> Executable:
+        """Grant the probe to ``tok`` for ``lease`` seconds if half-open and it is free."""
+        c = self.table.c
+
+        def build() -> Executable:
+            now = DbStatementNow()
+            return (
+                update(self.table)
+                .where(
+                    c.name == self._name,
+                    c.open_until.is_not(None),
+                    c.open_until <= now,
+                    or_(c.probe_until.is_(None), c.probe_until <= now, c.probe_token == self._tok),
+                )
+                .values(probe_until=now + bindparam("lease", type_=Double()), probe_token=self._tok)
+            )
+
+        return self._cached("probe", build)
+
+    @property
+    def close_half_open(self) -> Executable:
+        """Remove the row of a half-open breaker (a probe succeeded)."""
+        c = self.table.c
+        return self._cached(
+            "close",
+            lambda: delete(self.table).where(
+                c.name == self._name, c.open_until.is_not(None), c.open_until <= DbNow()
+            ),
+        )
+
+    @property
+    def reset(self) -> Executable:
+        """Remove the row."""
+        return self._cached(
+            "reset", lambda: delete(self.table).where(self.table.c.name == self._name)
+        )
+
+    @property
+    def purge_stale(self) -> Executable:
+        """Remove rows that only say "closed": a count whose window ended, or a half-open
+        breaker whose open period ended ``retain`` seconds ago with no probe in flight."""
+        c = self.table.c
+
+        def build() -> Executable:
+            now = DbStatementNow()
+            retain: BindParameter[float] = bindparam("retain", type_=Double())
+            return delete(self.table).where(
+                or_(
+                    and_(c.open_until.is_(None), c.window_until <= now),
+                    and_(
+                        c.open_until.is_not(None),
+                        c.open_until + retain <= now,
+                        or_(c.probe_until.is_(None), c.probe_until <= now),
+                    ),
+                )
+            )
+
+        return self._cached("purge_stale", build)
+
+
+# -- replies ------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return value
+
+
+def breaker_view(
+    name: str,
+    row: Sequence[Any] | None,
+    *,
+    token: str | None = None,
+    open_for: float = 0.0,
+) -> BreakerState:
+    """A :class:`BreakerState` from ``(failures, window_until, open_until, probe_until,
+    opened_by, now)``; with ``token``, a reply to the failure carrying it (``changed`` when
+    its token is the one that opened the breaker)."""
+    if row is None:
+        return _CLOSED
+    try:
+        failures, window_until, open_until, probe_until, opened_by, now = row
+        failures, window_until, now = int(failures), float(window_until), float(now)
+        open_until = None if open_until is None else float(open_until)
+        probe_until = None if probe_until is None else float(probe_until)
+        opened_by = _text(opened_by)
+    except (TypeError, ValueError) as exc:
+        raise CorruptRecordError(
+            f"sql breaker store: the row of breaker {name!r} was not written by idempotask: {exc}"
+        ) from None
+    if open_until is None:
+        return BreakerState(BreakerStatus.CLOSED, failures=failures if window_until > now else 0)
+    if token is not None and opened_by == token:
+        return BreakerState(
+            BreakerStatus.OPEN, failures=failures, retry_after=open_for, changed=True
+        )
+    if now < open_until:
+        return BreakerState(BreakerStatus.OPEN, retry_after=open_until - now)
+    wait = 0.0 if probe_until is None else max(0.0, probe_until - now)
+    return BreakerState(BreakerStatus.HALF_OPEN, retry_after=wait)
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+
+def plan_state(sql: BreakerStatements, name: str) -> Plan[BreakerState]:
+    """Read the state."""
+    rows = yield Step(sql.read, {"name": name})
+    return breaker_view(name, rows[0] if rows else None)
+
+
+def plan_failure(
+    sql: BreakerStatements,
+    flavour: Flavour,
+    name: str,
+    *,
+    threshold: int,
+    window: float,
+    open_for: float,
+) -> Plan[BreakerState]:
+    """Count a failure (see :meth:`BreakerStatements.failure`)."""
+    token = uuid.uuid4().hex
+    params = {
+        "name": name,
+        "tok": token,
+        "threshold": threshold,
+        "window": window,
+        "open_for": open_for,
+    }
+    statement = sql.failure(flavour)
+    if flavour in ("postgresql", "mariadb"):
+        rows = yield Step(statement, params)
+    else:
+        # No RETURNING (MySQL) or not relied on (SQLite < 3.35): the row is read back, in
+        # the same transaction on SQLite (one writer, so nothing slips in between).
+        if flavour == "sqlite":
+            yield Step(_BEGIN_IMMEDIATE, reply="none")
+        yield Step(statement, params, reply="none")
+        rows = yield Step(sql.read, {"name": name})
+        if flavour == "sqlite":
+            yield Step(_COMMIT, reply="none")
+    if not rows:  # reset by someone else right after our write (MySQL): closed
+        return _CLOSED
+    return breaker_view(name, rows[0], token=token, open_for=open_for)
+
+
+def plan_success(sql: BreakerStatements, name: str) -> Plan[BreakerState]:
+    """Close a half-open breaker; otherwise report the state unchanged."""
+    if (yield Step(sql.close_half_open, {"name": name}, reply="rowcount")):
+        return BreakerState(BreakerStatus.CLOSED, changed=True)
+    return (yield from plan_state(sql, name))
+
+
+def plan_probe(sql: BreakerStatements, name: str, token: str, lease: float) -> Plan[BreakerState]:
+    """Take the half-open probe for ``token``, or report why not."""
+    params = {"name": name, "tok": token, "lease": lease}
+    if (yield Step(sql.probe, params, reply="rowcount")):
+        return BreakerState(BreakerStatus.HALF_OPEN, retry_after=lease, probe=True)
+    return (yield from plan_state(sql, name))
+
+
+def plan_delete(statement: Executable, params: Mapping[str, Any]) -> Plan[int]:
+    """One DELETE; its row count."""
+    count: int = yield Step(statement, params, reply="rowcount")
+    return max(0, count)
+
+
+# -- the store -----------------------------------------------------------------------------------
+
+
+def _seconds(value: Any, option: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(
+            f"sql breaker store: {option} must be a positive, finite number of seconds, "
+            f"got {value!r}"
+        )
+    return float(value)
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(
+            f"sql breaker store: {what} must be a non-empty str, got {value!r}"
+        )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"sql breaker store: {what} {value!r} is not valid text") from None
+    if size > TEXT_LENGTH:
+        raise ConfigurationError(
+            f"sql breaker store: {what} {value[:60]!r}… is {size} bytes in UTF-8; the SQL "
+            f"store holds up to {TEXT_LENGTH}"
+        )
+    return value
+
+
+class SQLBreakerStore:
+    """Circuit breaker state in a SQL table: a :class:`~idempotask.breaker.BreakerStore`
+    on PostgreSQL, SQLite, MariaDB or MySQL, sync and async, shared by every process
+    using the database.
+
+    ``bind`` is a URL, an ``Engine`` / ``AsyncEngine`` (with the options of
+    :class:`~idempotask.backends.sql.SQLAlchemyBackend`) or a ``SQLAlchemyBackend`` whose
+    engines it shares (``backend.breaker_store()`` does that, and it is what a
+    ``CircuitBreaker`` with ``store=None`` uses when a SQL backend is configured).
+    :meth:`create_tables` creates its table (or Alembic, see ``define_breaker_table``).
+
+    >>> from idempotask.breaker import CircuitBreaker
+    >>> store = SQLBreakerStore("sqlite:///:memory:")
+    >>> store.create_tables()
+    >>> store.record_failure("erp", threshold=1, window=60, open_for=30).status.value
+    'open'
+    >>> breaker = CircuitBreaker("erp", store=store)
+    """
+
+    def __init__(
+        self,
+        bind: Any = None,
+        /,
+        *,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        table_name: str = DEFAULT_BREAKER_TABLE,
+        schema: str | None = None,
+        connect_timeout: float = 10.0,
+        busy_timeout: float = 30.0,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        self.database, self._owns_database = attach(
+            owner,
+            bind,
+            engine=engine,
+            async_engine=async_engine,
+            connect_timeout=connect_timeout,
+            busy_timeout=busy_timeout,
+            statement_timeout=statement_timeout,
+            engine_options=engine_options,
+        )
+        check_table_name(owner, table_name)
+        if table_name == DEFAULT_BREAKER_TABLE and schema is None:
+            self.metadata = metadata
+            self.table: Table = breakers
+        else:
+            self.metadata = MetaData()
+            self.table = define_breaker_table(self.metadata, table_name, schema=schema)
+        self._sql = BreakerStatements(self.table)
+        # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
+        self._force_flavour: Flavour | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLBreakerStore:
+        """A store on its own engines for ``url``; ``?table=NAME`` names the table.
+
+        >>> SQLBreakerStore.from_url("sqlite:///breakers.db")
+        SQLBreakerStore('sqlite:///breakers.db', table='idempotask_breakers')
+        """
+        parsed, table = url_and_table(url, cls.__name__)
+        if table is not None:
+            options.setdefault("table_name", table)
+        return cls(parsed, **options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r})"
+
+    def _flavour(self, dialect: Dialect) -> Flavour:
+        return self._force_flavour or flavour_of(dialect)
+
+    def _failure(
+        self, name: str, threshold: int, window: float, open_for: float
+    ) -> Callable[[Dialect], Plan[BreakerState]]:
+        _check_text(name, "a breaker name")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigurationError(
+                f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
+            )
+        w, o = _seconds(window, "window"), _seconds(open_for, "open_for")
+        return lambda d: plan_failure(
+            self._sql, self._flavour(d), name, threshold=threshold, window=w, open_for=o
+        )
+
+    def _probe(
+        self, name: str, token: str, lease: float
+    ) -> Callable[[Dialect], Plan[BreakerState]]:
+        _check_text(name, "a breaker name")
+        _check_text(token, "a probe token")
+        seconds = _seconds(lease, "lease")
+        return lambda d: plan_probe(self._sql, name, token, seconds)
+
+    def _named(self, name: str, plan: Callable[[], Plan[_T]]) -> Callable[[Dialect], Plan[_T]]:
+        _check_text(name, "a breaker name")
+        return lambda d: plan()
+
+    # -- sync API ----------------------------------------------------------------------------
+
+    def state(self, name: str) -> BreakerState:
+        """The breaker's state; one statement, no writes."""
+        return self.database.run(
+            "breaker.state", name, self._named(name, lambda: plan_state(self._sql, name))
+        )
+
+    def record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Count a failure (opening at ``threshold``); one upsert."""
+        return self.database.run(
+            "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
+        )
+
+    def record_success(self, name: str) -> BreakerState:
+        """Report a success (closing a half-open breaker)."""
+        return self.database.run(
+            "breaker.record_success", name, self._named(name, lambda: plan_success(self._sql, name))
+        )
+
+    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Take the half-open probe for ``lease`` seconds if it is free."""
+        return self.database.run("breaker.try_probe", name, self._probe(name, token, lease))
+
+    def reset(self, name: str) -> None:
+        """Remove the breaker's row (closed, no failures)."""
+        make = self._named(name, lambda: plan_delete(self._sql.reset, {"name": name}))
+        self.database.run("breaker.reset", name, make)
+
+    def purge_stale(self, retain: float = 86400.0) -> int:
+        """Delete rows that only say "closed" (a count whose window ended) or that stayed
+        half-open ``retain`` seconds past their open period; how many went. Optional: a
+        table holds one small row per breaker name.
+
+        >>> store = SQLBreakerStore("sqlite:///:memory:"); store.create_tables()
+        >>> store.purge_stale()
+        0
+        """
+        params = {"retain": _seconds(retain, "retain")}
+        return self.database.run(
+            "breaker.purge_stale", None, lambda d: plan_delete(self._sql.purge_stale, params)
+        )
+
+    # -- async API ---------------------------------------------------------------------------
+
+    async def astate(self, name: str) -> BreakerState:
+        """Async :meth:`state`."""
+        return await self.database.arun(
+            "breaker.state", name, self._named(name, lambda: plan_state(self._sql, name))
+        )
+
+    async def arecord_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState:
+        """Async :meth:`record_failure`."""
+        return await self.database.arun(
+            "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
+        )
+
+    async def arecord_success(self, name: str) -> BreakerState:
+        """Async :meth:`record_success`."""
+        return await self.database.arun(
+            "breaker.record_success", name, self._named(name, lambda: plan_success(self._sql, name))
+        )
+
+    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+        """Async :meth:`try_probe`."""
+        return await self.database.arun("breaker.try_probe", name, self._probe(name, token, lease))
+
+    async def areset(self, name: str) -> None:
+        """Async :meth:`reset`."""
+        make = self._named(name, lambda: plan_delete(self._sql.reset, {"name": name}))
+        await self.database.arun("breaker.reset", name, make)
+
+    # -- schema and connections --------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        """Create the breaker table if missing (safe to repeat)."""
+        self.database.schema_change(self.metadata, [self.table], True)
+
+    def drop_tables(self) -> None:
+        """Drop the breaker table if it exists."""
+        self.database.schema_change(self.metadata, [self.table], False)
+
+    async def acreate_tables(self) -> None:
+        """Async :meth:`create_tables`."""
+        await self.database.aschema_change(self.metadata, [self.table], True)
+
+    async def adrop_tables(self) -> None:
+        """Async :meth:`drop_tables`."""
+        await self.database.aschema_change(self.metadata, [self.table], False)
+
+    def close(self) -> None:
+        """Close the sync engine this store created (shared engines stay open)."""
+        if self._owns_database:
+            self.database.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`, for the running loop's engine."""
+        if self._owns_database:
+            await self.database.aclose()

@@ -1,0 +1,460 @@
+"""One database as the SQL stores use it: its engines, and the runner of plans on them.
+
+:class:`Database` owns what the idempotency backend, the dead-letter store and the
+breaker store have in common: the URL, the sync engine and one asyncio engine per event
+loop (created on first use, replaced in a forked child, disposed when their loop shuts
+down), the statements compiled per engine, the statement time bound, and running a plan
+(see :mod:`~idempotask.backends.sql._plans`) with database errors turned into
+:class:`~idempotask.errors.BackendError`. Stores built from one another share one
+``Database``, hence one pool of connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+
+from sqlalchemy import URL, Engine, MetaData, Table
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.util import greenlet_spawn
+
+from idempotask.backends.sql import _dbapi, _engines
+from idempotask.backends.sql._plans import Plan, seconds
+from idempotask.backends.sql._timeouts import client_bound
+from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+
+if TYPE_CHECKING:
+    # Imported for real only when async is used: it needs greenlet, sync callers do not.
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["DEFAULT_STATEMENT_TIMEOUT", "Database", "is_async_engine"]
+
+_T = TypeVar("_T")
+
+#: Seconds a statement may take before the server cancels it (and, a grace later, the
+#: client gives up on the connection); None turns both off.
+DEFAULT_STATEMENT_TIMEOUT = 10.0
+
+# A deadlock victim's statement was rolled back whole; every plan is safe to re-run then.
+_DEADLOCK_ATTEMPTS = 3
+_MYSQL_DEADLOCK = 1213
+_PG_RETRYABLE = {"40P01", "40001"}  # deadlock_detected, serialization_failure
+
+# The pid of this process, kept current by a fork hook, so a child process notices
+# (with one comparison) that its pools hold its parent's connections.
+_pid = os.getpid()
+# Loop guards of engines abandoned in a forked child: kept, never finalized (their loops
+# live in the parent).
+_orphans: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
+    """Whether ``obj`` is an ``AsyncEngine`` (without importing greenlet to find out)."""
+    if not type(obj).__module__.startswith("sqlalchemy.ext.asyncio"):
+        return False
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    return isinstance(obj, AsyncEngine)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """A deadlock victim: its statement was rolled back whole, so the plan can run again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _PG_RETRYABLE:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
+
+
+def _finished(stop: StopIteration) -> Any:
+    return stop.value
+
+
+@dataclass(slots=True)
+class _LoopEngine:
+    """The asyncio engine made for one event loop, and the guard that disposes of it."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    guard: AsyncGenerator[None, None] | None = None
+
+
+async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGenerator[None, None]:
+    """Dispose of ``slot``'s engine when its loop shuts down.
+
+    Started once on the loop, this async generator is registered with it, so
+    ``loop.shutdown_asyncgens()`` (which ``asyncio.run()`` calls before closing the loop)
+    closes it while the loop still runs: the engine's connections are closed on the loop
+    they belong to, instead of leaking when a program calls ``asyncio.run()`` repeatedly.
+    """
+    try:
+        yield
+    finally:
+        owner = db()
+        if owner is not None:
+            owner._forget(slot)
+        if not slot.loop.is_closed():
+            with contextlib.suppress(Exception):
+                await slot.engine.dispose()
+
+
+def _stop_guard(guard: AsyncGenerator[None, None]) -> None:
+    """Finish a guard whose loop is already closed, without awaiting anything."""
+    with contextlib.suppress(StopIteration, RuntimeError):
+        guard.aclose().send(None)
+
+
+class Database:
+    """The engines of one database and the runner of plans on them.
+
+    ``bind`` is a URL, an ``Engine`` or an ``AsyncEngine`` (or pass ``engine=`` and
+    ``async_engine=``); ``owner`` names the store in configuration errors. Engines you
+    pass are used as given (in autocommit mode per connection) and never disposed here;
+    the engines made here get autocommit, ``connect_timeout``, hidden parameters in error
+    messages, for SQLite WAL and ``busy_timeout``, and the ``statement_timeout`` bounds of
+    :mod:`~idempotask.backends.sql._timeouts`. The client-side bound applies to every
+    connection, yours included.
+
+    >>> db = Database("postgresql+psycopg://app:secret@db/app", owner="SQLAlchemyBackend")
+    >>> db.where, db.bound  # nothing connects until the first operation
+    ('postgresql+psycopg://db/app', 11.0)
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine | AsyncEngine | None = None,
+        *,
+        owner: str,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        connect_timeout: float = 10.0,
+        busy_timeout: float = 30.0,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        url: URL | None = None
+        if isinstance(bind, (str, URL)):
+            url = _engines.parse_url(bind)
+        elif isinstance(bind, Engine):
+            if engine is not None:
+                raise ConfigurationError(f"{owner}: two engines given")
+            engine = bind
+        elif is_async_engine(bind):
+            if async_engine is not None:
+                raise ConfigurationError(f"{owner}: two async engines given")
+            async_engine = bind
+        elif bind is not None:
+            raise ConfigurationError(
+                f"{owner}: expected a database URL, an Engine or an AsyncEngine, "
+                f"got {type(bind).__qualname__}"
+            )
+        if engine is not None and not isinstance(engine, Engine):
+            raise ConfigurationError(
+                f"{owner}: engine= must be a sqlalchemy Engine, got {type(engine).__qualname__}"
+            )
+        if async_engine is not None and not is_async_engine(async_engine):
+            raise ConfigurationError(
+                f"{owner}: async_engine= must be a sqlalchemy AsyncEngine, got "
+                f"{type(async_engine).__qualname__}"
+            )
+        if url is not None and (engine is not None or async_engine is not None):
+            raise ConfigurationError(f"{owner}: pass a URL or engines, not both")
+        if url is None:
+            source = engine if engine is not None else async_engine
+            if source is None:
+                raise ConfigurationError(
+                    f"{owner}: pass a database URL such as "
+                    "'postgresql+psycopg://user@host/db', an Engine or an AsyncEngine"
+                )
+            url = _engines.parse_url(source.url)
+        for option, value in (("connect_timeout", connect_timeout), ("busy_timeout", busy_timeout)):
+            seconds(value, option)
+        if statement_timeout is not None:
+            seconds(statement_timeout, "statement_timeout")
+
+        self.url = url
+        #: The URL without credentials, for messages and ``repr``.
+        self.where = _engines.describe(url)
+        #: Whether this is a private in-memory SQLite database (one connection).
+        self.memory = _engines.is_memory_sqlite(url)
+        if self.memory and engine is None and async_engine is not None:
+            raise ConfigurationError(
+                f"{owner}: an in-memory SQLite database lives in one connection; "
+                "pass the sync Engine (or the URL), which serves async callers too"
+            )
+        self.compiled = _dbapi.CompiledCache()
+        self.statement_timeout = None if statement_timeout is None else float(statement_timeout)
+        # The watchdog's deadline per statement (None: no client-side bound).
+        self.bound = None if statement_timeout is None else client_bound(float(statement_timeout))
+        self._connect_timeout = float(connect_timeout)
+        self._busy_timeout = float(busy_timeout)
+        self._engine_options = dict(engine_options or {})
+        self.engine: Engine | None = _engines.autocommit(engine) if engine is not None else None
+        self._given_async: AsyncEngine | None = (
+            _engines.async_autocommit(async_engine) if async_engine is not None else None
+        )
+        self._owns_engine = engine is None
+        self._lock = threading.Lock()
+        # In-memory SQLite: one connection, so one operation at a time.
+        self.memory_lock = threading.RLock()
+        # asyncio connections belong to the loop they were made on: one engine per loop,
+        # disposed when that loop shuts down (see _loop_guard).
+        self.loops: dict[int, _LoopEngine] = {}
+        self._last_loop: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncEngine] | None = None
+        self._pid = _pid
+
+    # -- engines -------------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        """In a forked child, drop the parent's pooled connections (never close them:
+        they are the parent's sockets) and start afresh."""
+        with self._lock:
+            if self._pid == _pid:
+                return
+            self._pid = _pid
+            if self.engine is not None:
+                self.engine.dispose(close=False)
+            if self._given_async is not None:
+                self._given_async.sync_engine.dispose(close=False)
+            for slot in self.loops.values():
+                slot.engine.sync_engine.dispose(close=False)
+                _orphans.append(slot.guard)
+            self.loops.clear()
+            self._last_loop = None
+
+    def sync_engine(self) -> Engine:
+        """The sync engine, created on first use."""
+        if self._pid != _pid:
+            self._check_fork()
+        engine = self.engine
+        if engine is None:
+            with self._lock:
+                if self.engine is None:
+                    self.engine = _engines.new_sync_engine(
+                        _engines.sync_url(self.url),
+                        connect_timeout=self._connect_timeout,
+                        busy_timeout=self._busy_timeout,
+                        statement_timeout=self.statement_timeout,
+                        options=self._engine_options,
+                    )
+                engine = self.engine
+        return engine
+
+    async def async_engine(self) -> AsyncEngine:
+        """The running loop's asyncio engine, created on first use there."""
+        if self._pid != _pid:
+            self._check_fork()
+        if self._given_async is not None:
+            return self._given_async
+        loop = asyncio.get_running_loop()
+        last = self._last_loop
+        if last is not None and last[0]() is loop:
+            return last[1]
+        with self._lock:
+            slot = self.loops.get(id(loop))
+            fresh = slot is None or slot.loop is not loop
+            stale: list[_LoopEngine] = []
+            if slot is None or slot.loop is not loop:
+                slot = _LoopEngine(loop, self._new_async_engine())
+                stale = [s for s in self.loops.values() if s.loop.is_closed()]
+                for old in stale:
+                    del self.loops[id(old.loop)]
+                self.loops[id(loop)] = slot
+            self._last_loop = (weakref.ref(loop), slot.engine)
+        if fresh:
+            guard = _loop_guard(slot, weakref.ref(self))
+            await guard.asend(None)  # registers the guard with the loop
+            slot.guard = guard
+            for old in stale:
+                await self._retire(old)
+        return slot.engine
+
+    def _forget(self, slot: _LoopEngine) -> None:
+        with self._lock:
+            if self.loops.get(id(slot.loop)) is slot:
+                del self.loops[id(slot.loop)]
+            if self._last_loop is not None and self._last_loop[1] is slot.engine:
+                self._last_loop = None
+
+    def _new_async_engine(self) -> AsyncEngine:
+        # Derived from the user's engine if one was given: same database, our async defaults.
+        url = self.engine.url if self.engine is not None and not self._owns_engine else self.url
+        return _engines.new_async_engine(
+            _engines.async_url(url),
+            connect_timeout=self._connect_timeout,
+            busy_timeout=self._busy_timeout,
+            statement_timeout=self.statement_timeout,
+            options=self._engine_options,
+        )
+
+    @staticmethod
+    async def _retire(slot: _LoopEngine) -> None:
+        """Let go of the engine of a loop that closed without shutting down its async
+        generators: connections that can be closed from here are; the rest are dropped."""
+        if slot.guard is not None:
+            _stop_guard(slot.guard)
+        # psycopg and aiosqlite close a connection without its loop; MySQL drivers need the
+        # (closed) loop's transport, so their sockets are left to the garbage collector.
+        close = slot.engine.dialect.driver in ("psycopg", "psycopg_async", "aiosqlite")
+        with contextlib.suppress(Exception):
+            await slot.engine.dispose(close=close)
+
+    def close(self) -> None:
+        """Close the connections of the sync engine made here (one you passed stays open)."""
+        with self._lock:
+            engine = self.engine if self._owns_engine else None
+        if engine is not None:
+            engine.dispose()
+
+    async def aclose(self) -> None:
+        """Close the connections of the asyncio engine made here for the running loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            slot = self.loops.get(id(loop))
+            if slot is None or slot.loop is not loop:
+                return
+            del self.loops[id(loop)]
+            self._last_loop = None
+        if slot.guard is not None:
+            await slot.guard.aclose()
+        else:
+            await slot.engine.dispose()
+
+    # -- running plans ----------------------------------------------------------------------
+
+    def error(self, operation: str, key: str | None, exc: BaseException) -> BackendError:
+        """The BackendError for ``exc`` raised by ``operation`` (on ``key``, if any)."""
+        target = f" {key!r}" if key is not None else ""
+        if isinstance(exc, UnicodeDecodeError):
+            return CorruptRecordError(
+                f"sql backend: {operation}{target} on {self.where}: a text column holds "
+                f"bytes that are not UTF-8, so the row was not written by idempotask ({exc})"
+            )
+        # The driver's own error (also one raised outside its classes, in a StatementError).
+        detail = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+        message = " ".join(str(detail).split())
+        if len(message) > 500:
+            message = message[:500] + "…"
+        return BackendError(
+            f"sql backend: {operation}{target} failed on {self.where}: "
+            f"{type(detail).__name__}: {message}"
+        )
+
+    def run(self, operation: str, key: str | None, make: Callable[[Dialect], Plan[_T]]) -> _T:
+        """Run the plan ``make(dialect)`` on the sync engine (in-memory SQLite: one
+        operation at a time)."""
+        with self.memory_lock if self.memory else contextlib.nullcontext():
+            return self._run_on(self.sync_engine, operation, key, make)
+
+    async def arun(
+        self, operation: str, key: str | None, make: Callable[[Dialect], Plan[_T]]
+    ) -> _T:
+        """:meth:`run` on the running loop's asyncio engine (the same plans)."""
+        if self.memory:
+            # One in-memory connection, no I/O to wait for: the sync path, inline.
+            return self.run(operation, key, make)
+        try:
+            engine = await self.async_engine()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(operation, key, exc) from exc
+        # The whole operation in one greenlet: the pool's checkout and return are
+        # SQLAlchemy's sync code (awaiting the driver through the greenlet), and each
+        # statement is one await of the driver's own coroutine (see _dbapi.Executor).
+        # AsyncConnection would spawn a greenlet for the checkout and another for the
+        # return, about 40 µs more per operation.
+        return await greenlet_spawn(self._run_on, lambda: engine.sync_engine, operation, key, make)
+
+    def _run_on(
+        self,
+        engine: Callable[[], Engine],
+        operation: str,
+        key: str | None,
+        make: Callable[[Dialect], Plan[_T]],
+    ) -> _T:
+        """Run a plan on a connection from ``engine()``'s pool; database errors (and the
+        watchdog's TimeoutError) become BackendError, and a deadlock victim's plan runs
+        again."""
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                with engine().connect() as conn:
+                    execute = _dbapi.Executor(conn, self.compiled, self.bound)
+                    plan = make(conn.dialect)
+                    reply: Any = None
+                    try:
+                        while True:
+                            try:
+                                step = plan.send(reply)
+                            except StopIteration as stop:
+                                result: _T = _finished(stop)
+                                return result
+                            reply = execute(step)
+                    except BaseException as exc:
+                        execute.abandon(exc)
+                        raise
+            except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
+                if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
+                    continue
+                raise self.error(operation, key, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- schema ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _ddl(conn: Connection, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+        if create:
+            metadata.create_all(conn, tables=list(tables), checkfirst=True)
+        else:
+            metadata.drop_all(conn, tables=list(tables), checkfirst=True)
+
+    def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+        """Create (or drop) ``tables`` if missing (present); safe from several processes."""
+        operation = "create_tables" if create else "drop_tables"
+        try:
+            with (
+                self.memory_lock if self.memory else contextlib.nullcontext(),
+                self.sync_engine().connect() as conn,
+            ):
+                try:
+                    self._ddl(conn, metadata, tables, create)
+                except SQLAlchemyError:
+                    # Another process created (or dropped) it between our check and our
+                    # statement; the second check sees it.
+                    self._ddl(conn, metadata, tables, create)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(operation, None, exc) from exc
+
+    async def aschema_change(
+        self, metadata: MetaData, tables: Sequence[Table], create: bool
+    ) -> None:
+        """Async :meth:`schema_change`."""
+        if self.memory:
+            self.schema_change(metadata, tables, create)
+            return
+        operation = "create_tables" if create else "drop_tables"
+        try:
+            engine = await self.async_engine()
+            async with engine.connect() as conn:
+                try:
+                    await conn.run_sync(self._ddl, metadata, tables, create)
+                except SQLAlchemyError:
+                    await conn.run_sync(self._ddl, metadata, tables, create)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(operation, None, exc) from exc
