@@ -305,8 +305,9 @@ def _default_dead_letter_url() -> str:
 def get_dead_letter_store() -> DeadLetterStore:
     """The configured dead-letter store, built on first use.
 
-    ``configure(dead_letter_store=...)``, else ``$IDEMPOTASK_DEAD_LETTER_URL``, else the
-    idempotency backend's URL (a memory backend instance gets ``memory://``).
+    ``configure(dead_letter_store=...)``, else ``$IDEMPOTASK_DEAD_LETTER_URL``, else next
+    to the idempotency backend: its ``dead_letter_store()`` for a Redis or SQL backend
+    instance, its URL for a URL (a memory backend instance gets ``memory://``).
     """
     global _dead_letter_store
     current = _dead_letter_store
@@ -315,6 +316,12 @@ def get_dead_letter_store() -> DeadLetterStore:
     with _lock:
         if _dead_letter_store is None:
             chosen = _settings.dead_letter_store
+            backend = _settings.backend
+            if chosen is None and not isinstance(backend, (str, type(None))):
+                # A store instance that can keep dead letters beside its records does.
+                make = getattr(backend, "dead_letter_store", None)
+                if callable(make) and not os.environ.get(ENV_DEAD_LETTER_URL):
+                    chosen = make()
             if chosen is None:
                 chosen = _default_dead_letter_url()
             _dead_letter_store = (

@@ -1264,3 +1264,15 @@ def test_registered_cancellations_are_never_dead_lettered() -> None:
     with pytest.raises(RetryLater):
         job()
     assert queue.query() == []
+
+
+def test_the_default_dead_letter_store_sits_beside_a_backend_instance() -> None:
+    """configure(backend=<a store instance>) puts dead letters in the same store."""
+    pytest.importorskip("redis")
+    from idempotask.backends.redis import RedisBackend, RedisDeadLetterStore
+
+    backend = RedisBackend.from_url("redis://127.0.0.1:6379/0")
+    idempotask.configure(backend=backend)
+    store = idempotask.config.get_dead_letter_store()
+    assert isinstance(store, RedisDeadLetterStore)
+    assert store.backend is backend

@@ -654,6 +654,10 @@ class RedisBackend:
         if slot is not None:
             await slot.client.aclose()
 
+    def dead_letter_store(self, *, prefix: str = "idempotask") -> RedisDeadLetterStore:
+        """A dead-letter store on this backend's connections (same server, same pools)."""
+        return RedisDeadLetterStore(self, prefix=prefix)
+
     # ------------------------------------------------------------ shared core
 
     def _error(self, operation: str, key: str, exc: BaseException) -> BackendError:
