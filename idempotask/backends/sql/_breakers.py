@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     Double,
-    Engine,
     Executable,
     Integer,
     MetaData,
@@ -56,9 +55,8 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from idempotask.backends.sql._database import DEFAULT_STATEMENT_TIMEOUT
-from idempotask.backends.sql._deadletters import attach, check_table_name, url_and_table
-from idempotask.backends.sql._plans import Flavour, Plan, Step, flavour_of
+from idempotask.backends.sql._deadletters import TableStore
+from idempotask.backends.sql._plans import Flavour, Plan, Step
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
     TEXT_LENGTH,
@@ -71,7 +69,7 @@ from idempotask.breaker import BreakerState, BreakerStatus
 from idempotask.errors import ConfigurationError, CorruptRecordError
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    pass
 
 __all__ = ["BreakerStatements", "SQLBreakerStore", "breakers"]
 
@@ -377,7 +375,7 @@ def _check_text(value: Any, what: str) -> str:
     return value
 
 
-class SQLBreakerStore:
+class SQLBreakerStore(TableStore):
     """Circuit breaker state in a SQL table: a :class:`~idempotask.breaker.BreakerStore`
     on PostgreSQL, SQLite, MariaDB or MySQL, sync and async, shared by every process
     using the database.
@@ -396,59 +394,15 @@ class SQLBreakerStore:
     >>> breaker = CircuitBreaker("erp", store=store)
     """
 
-    def __init__(
-        self,
-        bind: Any = None,
-        /,
-        *,
-        engine: Engine | None = None,
-        async_engine: AsyncEngine | None = None,
-        table_name: str = DEFAULT_BREAKER_TABLE,
-        schema: str | None = None,
-        connect_timeout: float = 10.0,
-        busy_timeout: float = 30.0,
-        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
-        engine_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        owner = type(self).__name__
-        self.database, self._owns_database = attach(
-            owner,
-            bind,
-            engine=engine,
-            async_engine=async_engine,
-            connect_timeout=connect_timeout,
-            busy_timeout=busy_timeout,
-            statement_timeout=statement_timeout,
-            engine_options=engine_options,
-        )
-        check_table_name(owner, table_name)
-        if table_name == DEFAULT_BREAKER_TABLE and schema is None:
-            self.metadata = metadata
-            self.table: Table = breakers
-        else:
-            self.metadata = MetaData()
-            self.table = define_breaker_table(self.metadata, table_name, schema=schema)
-        self._sql = BreakerStatements(self.table)
-        # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
-        self._force_flavour: Flavour | None = None
+    default_table_name = DEFAULT_BREAKER_TABLE
+    default_table = breakers
+    _sql: BreakerStatements
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLBreakerStore:
-        """A store on its own engines for ``url``; ``?table=NAME`` names the table.
+    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
+        return define_breaker_table(meta, name, schema=schema)
 
-        >>> SQLBreakerStore.from_url("sqlite:///breakers.db")
-        SQLBreakerStore('sqlite:///breakers.db', table='idempotask_breakers')
-        """
-        parsed, table = url_and_table(url, cls.__name__)
-        if table is not None:
-            options.setdefault("table_name", table)
-        return cls(parsed, **options)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r})"
-
-    def _flavour(self, dialect: Dialect) -> Flavour:
-        return self._force_flavour or flavour_of(dialect)
+    def _statements(self, table: Table) -> BreakerStatements:
+        return BreakerStatements(table)
 
     def _failure(
         self, name: str, threshold: int, window: float, open_for: float
@@ -550,31 +504,3 @@ class SQLBreakerStore:
         """Async :meth:`reset`."""
         make = self._named(name, lambda: plan_delete(self._sql.reset, {"name": name}))
         await self.database.arun("breaker.reset", name, make)
-
-    # -- schema and connections --------------------------------------------------------------
-
-    def create_tables(self) -> None:
-        """Create the breaker table if missing (safe to repeat)."""
-        self.database.schema_change(self.metadata, [self.table], True)
-
-    def drop_tables(self) -> None:
-        """Drop the breaker table if it exists."""
-        self.database.schema_change(self.metadata, [self.table], False)
-
-    async def acreate_tables(self) -> None:
-        """Async :meth:`create_tables`."""
-        await self.database.aschema_change(self.metadata, [self.table], True)
-
-    async def adrop_tables(self) -> None:
-        """Async :meth:`drop_tables`."""
-        await self.database.aschema_change(self.metadata, [self.table], False)
-
-    def close(self) -> None:
-        """Close the sync engine this store created (shared engines stay open)."""
-        if self._owns_database:
-            self.database.close()
-
-    async def aclose(self) -> None:
-        """Async :meth:`close`, for the running loop's engine."""
-        if self._owns_database:
-            await self.database.aclose()

@@ -83,6 +83,7 @@ from idempotask.errors import BackendError, ConfigurationError, CorruptRecordErr
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from typing_extensions import Self
 
 __all__ = [
     "PURGE_BATCH",
@@ -797,7 +798,101 @@ def url_and_table(url: Any, owner: str) -> tuple[URL, str | None]:
     return parsed.difference_update_query(["table"]), table
 
 
-class SQLDeadLetterStore:
+class TableStore:
+    """What the SQL dead-letter and breaker stores share: the engines (their own, or a
+    backend's), one table, the flavour of plan to run, and the table's lifecycle.
+
+    Subclasses name their default table and say how to define it and build statements.
+    """
+
+    default_table_name: str
+    default_table: Table
+
+    def __init__(
+        self,
+        bind: Any = None,
+        /,
+        *,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        table_name: str | None = None,
+        schema: str | None = None,
+        connect_timeout: float = 10.0,
+        busy_timeout: float = 30.0,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        self.database, self._owns_database = attach(
+            owner,
+            bind,
+            engine=engine,
+            async_engine=async_engine,
+            connect_timeout=connect_timeout,
+            busy_timeout=busy_timeout,
+            statement_timeout=statement_timeout,
+            engine_options=engine_options,
+        )
+        table_name = self.default_table_name if table_name is None else table_name
+        check_table_name(owner, table_name)
+        if table_name == self.default_table_name and schema is None:
+            self.metadata = metadata
+            self.table = self.default_table
+        else:
+            self.metadata = MetaData()
+            self.table = self._define_table(self.metadata, table_name, schema)
+        self._sql = self._statements(self.table)
+        # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
+        self._force_flavour: Flavour | None = None
+
+    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
+        raise NotImplementedError
+
+    def _statements(self, table: Table) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """A store on its own engines for ``url``; ``?table=NAME`` names the table."""
+        parsed, table = url_and_table(url, cls.__name__)
+        if table is not None:
+            options.setdefault("table_name", table)
+        return cls(parsed, **options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r})"
+
+    def _flavour(self, dialect: Dialect) -> Flavour:
+        return self._force_flavour or flavour_of(dialect)
+
+    def create_tables(self) -> None:
+        """Create the table and its indexes if missing (safe to repeat)."""
+        self.database.schema_change(self.metadata, [self.table], True)
+
+    def drop_tables(self) -> None:
+        """Drop the table if it exists (its rows are lost)."""
+        self.database.schema_change(self.metadata, [self.table], False)
+
+    async def acreate_tables(self) -> None:
+        """Async :meth:`create_tables`."""
+        await self.database.aschema_change(self.metadata, [self.table], True)
+
+    async def adrop_tables(self) -> None:
+        """Async :meth:`drop_tables`."""
+        await self.database.aschema_change(self.metadata, [self.table], False)
+
+    def close(self) -> None:
+        """Close the sync engine this store created (shared engines stay open)."""
+        if self._owns_database:
+            self.database.close()
+
+    async def aclose(self) -> None:
+        """Close the asyncio engine this store created for the running loop."""
+        if self._owns_database:
+            await self.database.aclose()
+
+
+class SQLDeadLetterStore(TableStore):
     """Dead letters in a SQL table: a :class:`~idempotask.backends.deadletters.DeadLetterStore`
     on PostgreSQL, SQLite, MariaDB or MySQL, sync and async from one object.
 
@@ -823,64 +918,18 @@ class SQLDeadLetterStore:
     idempotency backend was configured by a SQL URL.
     """
 
-    def __init__(
-        self,
-        bind: Any = None,
-        /,
-        *,
-        engine: Engine | None = None,
-        async_engine: AsyncEngine | None = None,
-        table_name: str = DEFAULT_DEAD_LETTER_TABLE,
-        schema: str | None = None,
-        connect_timeout: float = 10.0,
-        busy_timeout: float = 30.0,
-        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
-        engine_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        owner = type(self).__name__
-        self.database, self._owns_database = attach(
-            owner,
-            bind,
-            engine=engine,
-            async_engine=async_engine,
-            connect_timeout=connect_timeout,
-            busy_timeout=busy_timeout,
-            statement_timeout=statement_timeout,
-            engine_options=engine_options,
-        )
-        check_table_name(owner, table_name)
-        if table_name == DEFAULT_DEAD_LETTER_TABLE and schema is None:
-            self.metadata = metadata
-            self.table: Table = dead_letters
-        else:
-            self.metadata = MetaData()
-            self.table = define_dead_letter_table(self.metadata, table_name, schema=schema)
-        self._sql = DeadLetterStatements(self.table)
-        # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
-        self._force_flavour: Flavour | None = None
+    default_table_name = DEFAULT_DEAD_LETTER_TABLE
+    default_table = dead_letters
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLDeadLetterStore:
-        """A store on its own engines for ``url``; ``?table=NAME`` names the table.
+    _sql: DeadLetterStatements
 
-        This is what ``DeadLetterQueue("postgresql+psycopg://...")`` and
-        ``configure(dead_letter_store="sqlite:///...")`` call.
+    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
+        return define_dead_letter_table(meta, name, schema=schema)
 
-        >>> SQLDeadLetterStore.from_url("postgresql+psycopg://app:pw@db/app?table=dlq")
-        SQLDeadLetterStore('postgresql+psycopg://db/app', table='dlq')
-        """
-        parsed, table = url_and_table(url, cls.__name__)
-        if table is not None:
-            options.setdefault("table_name", table)
-        return cls(parsed, **options)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r})"
+    def _statements(self, table: Table) -> DeadLetterStatements:
+        return DeadLetterStatements(table)
 
     # -- running -----------------------------------------------------------------------------
-
-    def _flavour(self, dialect: Dialect) -> Flavour:
-        return self._force_flavour or flavour_of(dialect)
 
     def _run(self, operation: str, id: str | None, make: Callable[[Dialect], Plan[_T]]) -> _T:
         return self.database.run(f"dead-letter {operation}", id, make)
@@ -1040,34 +1089,3 @@ class SQLDeadLetterStore:
     async def aexpire_claim(self, id: str) -> bool:
         """Async :meth:`expire_claim` (test hook)."""
         return await self._arun("expire_claim", id, lambda d: plan_expire_claim(self._sql, id))
-
-    # -- schema and connections ---------------------------------------------------------------
-
-    def create_tables(self) -> None:
-        """Create the dead-letter table and its indexes if missing (safe to repeat).
-
-        >>> SQLDeadLetterStore("sqlite:///:memory:").create_tables()
-        """
-        self.database.schema_change(self.metadata, [self.table], True)
-
-    def drop_tables(self) -> None:
-        """Drop the dead-letter table if it exists (every letter is lost)."""
-        self.database.schema_change(self.metadata, [self.table], False)
-
-    async def acreate_tables(self) -> None:
-        """Async :meth:`create_tables`."""
-        await self.database.aschema_change(self.metadata, [self.table], True)
-
-    async def adrop_tables(self) -> None:
-        """Async :meth:`drop_tables`."""
-        await self.database.aschema_change(self.metadata, [self.table], False)
-
-    def close(self) -> None:
-        """Close the sync engine this store created (shared engines stay open)."""
-        if self._owns_database:
-            self.database.close()
-
-    async def aclose(self) -> None:
-        """Close the asyncio engine this store created for the running loop."""
-        if self._owns_database:
-            await self.database.aclose()
