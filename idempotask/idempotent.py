@@ -10,6 +10,7 @@ drive ``BaseRetrying.iter``. The protocol therefore exists once, for both worlds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import itertools
@@ -121,6 +122,12 @@ def register_cancellation(exc_type: type[BaseException], *, keep_claim: bool = F
         _cancellations = (*_cancellations, exc_type)
     if keep_claim and exc_type not in _keeping:
         _keeping = (*_keeping, exc_type)
+
+
+def is_cached_error(error: BaseException) -> bool:
+    """Whether ``error`` was re-raised from a failure cached by ``cache_errors=`` rather
+    than raised by the body now."""
+    return getattr(error, "__idempotask_cached__", False) is True
 
 
 def is_cancellation(error: BaseException) -> bool:
@@ -444,9 +451,14 @@ class Spec:
 
     def _load_error(self, key: str, payload: bytes) -> BaseException:
         try:
-            return load_exception(payload)
+            error = load_exception(payload)
         except SerializationError as exc:
-            return SerializationError(f"the cached error under {key} cannot be read: {exc}")
+            error = SerializationError(f"the cached error under {key} cannot be read: {exc}")
+        # Marked where it is made, so outer layers (@dead_letter) know a duplicate was
+        # answered from the cache and the first failure's record already covers it.
+        with contextlib.suppress(AttributeError, TypeError):
+            error.__idempotask_cached__ = True  # type: ignore[attr-defined]
+        return error
 
 
 # --------------------------------------------------------------------------------------

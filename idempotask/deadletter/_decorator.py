@@ -7,12 +7,11 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from types import CodeType
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from idempotask.backends.deadletters import DeadLetter
-from idempotask.errors import CachedFailure, ConfigurationError, IdempotaskError
-from idempotask.idempotent import is_cancellation
+from idempotask.errors import ConfigurationError
+from idempotask.idempotent import is_cached_error, is_cancellation
 from idempotask.keys import _check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind
@@ -141,24 +140,7 @@ def _dead_letterable(reg: _Registration, error: BaseException) -> bool:
     not a duplicate answered by a cached error (the first failure's letter covers it)."""
     if is_cancellation(error) or isinstance(error, NOT_DEAD_LETTERED):
         return False
-    return reg.body_code is None or not _answered_from_cache(reg.body_code, error)
-
-
-def _answered_from_cache(body_code: CodeType, error: BaseException) -> bool:
-    """True for an error ``@idempotent(cache_errors=...)`` rebuilt from its store.
-
-    The body raised it if one of its frames is in the traceback; a cached error is raised
-    from the idempotency layer alone. idempotask's own errors (a store outage at claim
-    time...) never come from the cache, except :class:`CachedFailure`.
-    """
-    if isinstance(error, IdempotaskError) and not isinstance(error, CachedFailure):
-        return False
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is body_code:
-            return False
-        tb = tb.tb_next
-    return True
+    return not is_cached_error(error)
 
 
 def _claim_replay(name: str) -> contextvars.Token[_Replay | None] | None:
@@ -214,8 +196,6 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         on_retry_exhausted=check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
         breaker=_check_breaker(options["breaker"]),
     )
-    if spec is not None and getattr(spec.options, "cache_errors", None) is not None:
-        reg.body_code = getattr(spec.func, "__code__", None)
     reg.retry = _check_retry(options["retry"], reg.classifier)
     wrapper = functools.wraps(func)(_recording(reg, func, None))
     reg.call = wrapper

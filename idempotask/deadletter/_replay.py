@@ -10,7 +10,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from idempotask.backends.deadletters import DeadLetter
@@ -57,9 +56,6 @@ class _Registration:
     on_dead_letter: Hook | None
     on_retry_exhausted: Hook | None
     breaker: Any = None  # a CircuitBreaker guarding each attempt, or None
-    # The code of the body under @idempotent(cache_errors=...), to tell a failure of the
-    # body from a duplicate answered by its cached error; None otherwise.
-    body_code: CodeType | None = None
 
 
 @dataclass
