@@ -1,7 +1,8 @@
 """Lease renewal while a body runs.
 
 One renewal thread per process serves every sync call in it (re-created lazily after
-``fork``), and one task per event loop serves async calls: never a thread per call.
+``fork``), and one timer per event loop serves async calls (with one task while it sends
+renewals): never a thread or a task per call.
 Each held claim is renewed every third of its lease; a renewal the store refuses means
 another caller took the key over, which is reported (a ``lease_lost`` event and a
 :class:`LeaseLostWarning`), never silent. The body can ask through :func:`lease_held`.
@@ -10,6 +11,7 @@ another caller took the key over, which is reported (a ``lease_lost`` event and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -178,48 +180,52 @@ class _ThreadKeeper:
 
 
 class _LoopKeeper:
-    """Renews the leases of every async call on one event loop from one task."""
+    """Renews the leases of every async call on one event loop.
+
+    A loop timer set for the earliest renewal stands in for an idle task: holding a
+    lease is a dict insert unless it is due before the timer (and a lease is due a third
+    of its lease after its call started, so in a stream of calls it never is), and
+    nothing is left pending for a loop closed without cancelling its tasks. When the
+    timer fires with renewals due, one task sends them and sets the next timer.
+    """
 
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = float("inf")  # time.monotonic() at which the timer fires
+        self._task: asyncio.Task[None] | None = None  # renewals being sent
 
     def add(self, lease: Lease) -> None:
         self._leases[id(lease)] = lease
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="idempotask-lease-renewal"
-            )
-        elif self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        if self._task is None and lease.due < self._timer_due:
+            self._schedule(lease.due)
 
     def remove(self, lease: Lease) -> None:
         self._leases.pop(id(lease), None)
 
-    async def _sleep_until(self, delay: float) -> None:
-        # A future woken by add() or by a timer: no helper task per sleep.
-        loop = asyncio.get_running_loop()
-        wakeup = self._wakeup = loop.create_future()
+    def _schedule(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        # call_later, not call_at: a loop's clock (uvloop's) need not be time.monotonic().
+        delay = max(0.0, due - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._timer_due = due
 
-        def wake() -> None:
-            if not wakeup.done():
-                wakeup.set_result(None)
+    def _fire(self) -> None:
+        self._timer, self._timer_due = None, float("inf")
+        if not self._leases:
+            return
+        now = time.monotonic()
+        due = [x for x in self._leases.values() if x.due <= now]
+        if not due:
+            self._schedule(min(x.due for x in self._leases.values()))
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._renew(due), name="idempotask-lease-renewal"
+        )
 
-        timer = loop.call_later(delay, wake)
+    async def _renew(self, due: list[Lease]) -> None:
         try:
-            await wakeup
-        finally:
-            timer.cancel()
-            self._wakeup = None
-
-    async def _run(self) -> None:
-        while self._leases:
-            now = time.monotonic()
-            due = [x for x in self._leases.values() if x.due <= now]
-            if not due:
-                await self._sleep_until(min(x.due for x in self._leases.values()) - now)
-                continue
             for lease in due:
                 started = time.monotonic()
                 try:
@@ -233,6 +239,12 @@ class _LoopKeeper:
                     lease.renewed(ok, started)
                 if not lease.held:
                     self.remove(lease)
+        finally:
+            self._task = None
+            # RuntimeError: no running loop, when a task of a closed loop is collected.
+            if self._leases:
+                with contextlib.suppress(RuntimeError):
+                    self._schedule(min(x.due for x in self._leases.values()))
 
 
 _thread_keeper = _ThreadKeeper()
