@@ -13,7 +13,7 @@ import idempotask
 from benchmarks import peers, roundtrips
 from benchmarks.report import Plan, Row
 from benchmarks.throughput import UNIQUE, task_rows, thread_rows
-from benchmarks.timing import Timing, ameasure, ameasure_each, measure, measure_each
+from benchmarks.timing import Timing, ainterleaved, interleaved
 from idempotask import idempotent
 
 URL = os.environ.get("IDEMPOTASK_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -51,17 +51,26 @@ def rows(plan: Plan) -> list[Row]:
         return raw.set(key, b"1", nx=True, px=60_000)
 
     try:
-        floor = measure(lambda: set_floor(f"{ns}:floor:{next(seq)}"), batches=batches, batch=20)
 
         def set_nx_then_get() -> Any:
             k = f"{ns}:twotrips"
             raw.set(k, b"v", nx=True, px=60_000)
             return raw.get(k)
 
-        two_trips = measure(set_nx_then_get, batches=batches, batch=20)
         charge(1, EMAIL)
-        dup = measure(lambda: charge(1, EMAIL), batches=batches, batch=20)
-        first = measure_each(lambda i: charge(next(seq), EMAIL), count=count)
+        # Floor and figures in turn, batch by batch: see benchmarks.timing.interleaved.
+        timings = interleaved(
+            {
+                "floor": lambda: set_floor(f"{ns}:floor:{next(seq)}"),
+                "two_trips": set_nx_then_get,
+                "dup": lambda: charge(1, EMAIL),
+                "first": lambda: charge(next(seq), EMAIL),
+            },
+            batches=batches,
+            batch=20,
+        )
+        floor, two_trips = timings["floor"], timings["two_trips"]
+        dup, first = timings["dup"], timings["first"]
         dup_trips = roundtrips.label(roundtrips.per_call(lambda i: charge(1, EMAIL)))
         first_trips = roundtrips.label(roundtrips.per_call(lambda i: charge(next(seq), EMAIL)))
         # Right after our own rows, so the peers stand beside the very same floor figure.
@@ -78,12 +87,17 @@ def rows(plan: Plan) -> list[Row]:
             def aset_floor(key: str) -> Any:
                 return client.set(key, b"1", nx=True, px=60_000)
 
-            afloor = await ameasure(
-                lambda: aset_floor(f"{ns}:afloor:{next(seq)}"), batches=batches, batch=20
-            )
             await acharge(1, EMAIL)
-            adup = await ameasure(lambda: acharge(1, EMAIL), batches=batches, batch=20)
-            afirst = await ameasure_each(lambda i: acharge(next(seq), EMAIL), count=count)
+            atimings = await ainterleaved(
+                {
+                    "floor": lambda: aset_floor(f"{ns}:afloor:{next(seq)}"),
+                    "dup": lambda: acharge(1, EMAIL),
+                    "first": lambda: acharge(next(seq), EMAIL),
+                },
+                batches=batches,
+                batch=20,
+            )
+            afloor, adup, afirst = atimings["floor"], atimings["dup"], atimings["first"]
 
             def make_afloor(caller: int) -> Any:
                 return lambda: aset_floor(f"{ns}:tfloor:{next(UNIQUE)}")

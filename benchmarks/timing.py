@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,3 +115,50 @@ async def ameasure_each(fn: Callable[[int], Awaitable[Any]], *, count: int = 200
         await fn(i)
         samples.append((time.perf_counter_ns() - start) / 1000)
     return _summary(samples)
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], Any]], *, batches: int = 200, batch: int = 20
+) -> dict[str, Timing]:
+    """``measure`` for several functions at once, batch by batch in turn.
+
+    Round after round, each function runs one batch (the order rotating every round), so
+    a figure and its floor are sampled over the same seconds: a machine that speeds up or
+    slows down during the run (a shared VM does) moves them together instead of skewing
+    their ratio. Each batch's mean is one sample; the figure is the median of a
+    function's samples.
+    """
+    names = list(fns)
+    for name in names:  # warm up caches, connections and lazy setup
+        for _ in range(batch):
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(batches):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
+            start = time.perf_counter_ns()
+            for _ in range(batch):
+                fn()
+            samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
+    return {name: _summary(values) for name, values in samples.items()}
+
+
+async def ainterleaved(
+    fns: Mapping[str, Callable[[], Awaitable[Any]]], *, batches: int = 200, batch: int = 20
+) -> dict[str, Timing]:
+    """``interleaved`` for coroutine functions, awaited one after another on the loop."""
+    names = list(fns)
+    for name in names:
+        for _ in range(batch):
+            await fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(batches):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
+            start = time.perf_counter_ns()
+            for _ in range(batch):
+                await fn()
+            samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
+    return {name: _summary(values) for name, values in samples.items()}
