@@ -1,19 +1,22 @@
-"""The Redis store: one hash per record, one atomic Lua script per state change.
+"""The Redis store: one string per record, one atomic command per state change.
 
-A record for the key ``namespace:name:version:digest`` lives in the Redis hash
+A record for the key ``namespace:name:version:digest`` lives in the Redis string
 ``namespace:{name:version:digest}``: the hash tag keeps everything one record needs in one
-cluster slot while records spread over the cluster. The hash holds ``fmt`` (a format
-marker, so a value that is not ours is detected), ``state``, ``token``, ``owner``,
-``fingerprint`` and ``payload``; the key's own expiry is the lease (IN_PROGRESS) or the ttl
-(COMPLETED, FAILED), counted by the server's clock. An expired lease is simply an absent
-key, so a claim takes it over.
+cluster slot while records spread over the cluster. The value is a format marker (so a
+value that is not ours is detected), a state byte, the lengths of token, owner and
+fingerprint, those three, then the payload (``lua/claim.lua`` documents the layout); the
+key's own expiry is the lease (IN_PROGRESS) or the ttl (COMPLETED, FAILED), counted by
+the server's clock. An expired lease is simply an absent key, so a claim takes it over.
 
-Every operation is one ``EVALSHA`` of a script shipped in ``idempotask/backends/lua/``:
-a duplicate check is one round trip, a first call two (claim, complete). ``NOSCRIPT``
-(a restarted or flushed server, a cluster node that never saw the script) is answered by
-sending the script itself with ``EVAL``, on whichever node the key lives, which also
-caches it there. The scripts are safe to run twice with the same token, because redis-py
-resends a command whose reply timed out.
+A claim is ``SET key value NX PX lease GET``: it takes the key, or leaves it and returns
+the record holding it, in one command that needs no script. Every other state change is
+one ``EVALSHA`` of a script shipped in ``idempotask/backends/lua/``: a duplicate check is
+one round trip, a first call two (claim, complete). ``NOSCRIPT`` (a restarted or flushed
+server, a cluster node that never saw the script) is answered by sending the script
+itself with ``EVAL``, on whichever node the key lives, which also caches it there. Every
+command is safe to run twice with the same token, because redis-py resends a command
+whose reply timed out: a resent claim finds its own record and re-takes it (through
+``claim.lua``, which also serves servers older than 7.0, where NX and GET do not mix).
 
 One backend object serves sync and async callers::
 
@@ -35,10 +38,13 @@ import asyncio
 import enum
 import hashlib
 import importlib.resources
+import inspect
 import json
 import logging
 import math
+import struct
 import threading
+import types
 import uuid
 import warnings
 import weakref
@@ -91,14 +97,24 @@ SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 _T = TypeVar("_T")
 
-#: The value of the ``fmt`` field in every record hash this backend writes. A hash under
-#: one of our keys without it is foreign (or from an incompatible future format).
-RECORD_FORMAT = "idempotask/1"
+#: The marker every record this backend writes starts with. A value under one of our keys
+#: without it is foreign (or from an incompatible format: ``idempotask/1`` was a hash).
+RECORD_FORMAT = "idempotask/2"
 _FORMAT = RECORD_FORMAT.encode()
+# A record is one string: marker, state byte, the lengths of token, owner and fingerprint,
+# those fields, then the payload (see lua/claim.lua, which documents the same layout).
+_LENGTHS = struct.Struct(">HHH")
+_HEADER = len(_FORMAT) + 1 + _LENGTHS.size
+_STATE_BYTES = {State.IN_PROGRESS: b"i", State.COMPLETED: b"c", State.FAILED: b"f"}
+_STATES = {ord(v): k for k, v in _STATE_BYTES.items()}
+#: The longest token, owner id or fingerprint a record can hold, in UTF-8 bytes.
+MAX_FIELD_BYTES = 0xFFFF
 
 # redis-py passes this option down to the reply parser: the reply stays bytes even on a
 # client made with decode_responses=True, so payloads can be arbitrary bytes.
 _NEVER_DECODE = "NEVER_DECODE"
+_RAW = {_NEVER_DECODE: True}
+_RAW_SET = {_NEVER_DECODE: True, "get": True}  # get: SET's reply is the old value, as is
 
 # Defaults for the clients this backend creates itself: a dead or hung server must fail a
 # call within seconds, and a stale pooled connection deserves a quick retry, not ten.
@@ -235,44 +251,84 @@ def _tag(reply: Any) -> bytes:
     return b""
 
 
+def _field(value: str, what: str) -> bytes:
+    """A token, owner id or fingerprint as the UTF-8 bytes a record holds."""
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"redis backend: {what} must be a str, got {type(value).__qualname__}"
+        )
+    data = value.encode()
+    if len(data) > MAX_FIELD_BYTES:
+        raise ConfigurationError(
+            f"redis backend: {what} is {len(data)} bytes in UTF-8; a record holds at most "
+            f"{MAX_FIELD_BYTES}"
+        )
+    return data
+
+
+def claim_value(token: bytes, owner: bytes, fingerprint: bytes) -> bytes:
+    """The value of a fresh claim: an in-progress record with no payload.
+
+    >>> claim_value(b"t-1", b"", b"")
+    b'idempotask/2i\\x00\\x03\\x00\\x00\\x00\\x00t-1'
+    """
+    lengths = _LENGTHS.pack(len(token), len(owner), len(fingerprint))
+    return b"".join((_FORMAT, b"i", lengths, token, owner, fingerprint))
+
+
+def parse_value(key: str, value: Any, pttl: int | None = None) -> Record:
+    """Turn a record's stored value into a :class:`Record`; ``pttl`` is its PTTL in ms.
+
+    >>> parse_value("k", claim_value(b"t-1", b"", b"") + b"", 30000).held_by("t-1")
+    True
+    """
+    if isinstance(value, str):  # only if a client ignored NEVER_DECODE
+        value = value.encode()
+    if not isinstance(value, bytes) or len(value) < _HEADER or not value.startswith(_FORMAT):
+        raise _corrupt(key, [b"", f"a string without the format marker {RECORD_FORMAT}"])
+    state = _STATES.get(value[len(_FORMAT)])
+    if state is None:
+        found = value[len(_FORMAT) : len(_FORMAT) + 1]
+        raise CorruptRecordError(f"redis backend: record {key!r} has an unknown state {found!r}")
+    token_len, owner_len, fingerprint_len = _LENGTHS.unpack_from(value, len(_FORMAT) + 1)
+    owner_at = _HEADER + token_len
+    fingerprint_at = owner_at + owner_len
+    payload_at = fingerprint_at + fingerprint_len
+    if payload_at > len(value):
+        raise CorruptRecordError(
+            f"redis backend: record {key!r} is truncated ({len(value)} bytes, its header "
+            f"announces at least {payload_at})"
+        )
+    return Record(
+        key=key,
+        state=state,
+        token=_text(value[_HEADER:owner_at], key),
+        owner=_text(value[owner_at:fingerprint_at], key),
+        fingerprint=_text(value[fingerprint_at:payload_at], key),
+        payload=value[payload_at:],
+        expires_in=pttl / 1000 if pttl is not None and pttl >= 0 else None,
+    )
+
+
 def parse_record(key: str, reply: Any) -> Record | None:
     """Turn a ``claim`` or ``get`` script reply into a :class:`Record` (``None``: absent).
 
-    >>> parse_record("k", [b"rec", b"completed", b"t", b"", b"", b"42", 1500]).expires_in
+    >>> parse_record("k", [claim_value(b"t", b"", b""), 1500]).expires_in
     1.5
-    >>> parse_record("k", [b"absent"]) is None
+    >>> parse_record("k", None) is None
     True
     """
-    tag = _tag(reply)
-    if tag == b"rec" and len(reply) == 7:
-        _, state, token, owner, fingerprint, payload, pttl = reply
-        try:
-            state_ = State(_text(state, key))
-        except ValueError:
-            raise CorruptRecordError(
-                f"redis backend: record {key!r} has an unknown state {state!r}"
-            ) from None
-        if isinstance(payload, str):  # only if a client ignored NEVER_DECODE
-            payload = payload.encode()
-        pttl = int(pttl)
-        return Record(
-            key=key,
-            state=state_,
-            token=_text(token, key),
-            owner=_text(owner, key),
-            fingerprint=_text(fingerprint, key),
-            payload=bytes(payload),
-            expires_in=pttl / 1000 if pttl >= 0 else None,
-        )
-    if tag == b"absent":
+    if reply is None:
         return None
+    if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], int):
+        return parse_value(key, reply[0], reply[1])
     raise _corrupt(key, reply)
 
 
 def parse_claim(key: str, reply: Any) -> Record:
     """Like :func:`parse_record`, for ``claim``, whose reply always carries a record.
 
-    >>> parse_claim("k", [b"rec", b"in_progress", b"t", b"", b"", b"", 30000]).held_by("t")
+    >>> parse_claim("k", [claim_value(b"t", b"", b""), 30000]).held_by("t")
     True
     """
     record = parse_record(key, reply)
@@ -436,12 +492,93 @@ def _describe_url(url: str) -> str:
 _UNCHECKED, _CHECKING, _CHECKED = 0, 1, 2
 
 
+def _redis_metrics_on() -> bool:
+    """Whether redis-py's own OpenTelemetry metrics (redis-py 8) are switched on."""
+    try:
+        from redis.observability.providers import get_observability_instance
+    except ImportError:
+        return False
+    try:
+        manager = get_observability_instance().get_provider_manager()
+        return manager is not None and bool(manager.config.enabled_telemetry)
+    except Exception:
+        return True  # cannot tell: keep the client's own path
+
+
+def _direct(client: Any) -> bool:
+    """Whether this backend may send commands straight over ``client``'s pooled connections.
+
+    redis-py's ``execute_command`` takes a pooled connection, sends, reads and gives it
+    back inside its retry policy; around that it keeps per-command bookkeeping (metrics,
+    event hooks, reply callbacks) that costs about a quarter of a round trip's CPU. For a
+    plain ``redis.Redis`` or ``redis.asyncio.Redis`` the backend does those same steps
+    itself, with the connection's own retry policy, and skips the rest. Everything else
+    keeps ``execute_command``: Cluster clients (routing, redirections), single-connection
+    clients, subclasses and instrumented clients that replace ``execute_command``
+    (OpenTelemetry, ddtrace and Sentry wrap it, so they keep seeing every command), and
+    processes where redis-py's own metrics are on.
+    """
+    if type(client) is redis.Redis:
+        module = "redis.client"
+    elif type(client) is redis.asyncio.Redis:
+        module = "redis.asyncio.client"
+    else:
+        return False
+    if getattr(client, "connection", None) is not None:  # single_connection_client=True
+        return False
+    execute = inspect.getattr_static(type(client), "execute_command", None)
+    if type(execute) is not types.FunctionType or execute.__module__ != module:
+        return False
+    return not _redis_metrics_on()
+
+
+def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
+    conn.send_command(*args)
+    return conn.read_response(disable_decoding=True)
+
+
+def _execute_direct(client: Any, args: tuple[Any, ...]) -> Any:
+    """One command on a pooled connection, as redis-py's execute_command sends it."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        return conn.retry.call_with_retry(
+            lambda: _send_read(conn, args), lambda _error: conn.disconnect()
+        )
+    finally:
+        try:
+            # A server announcing maintenance (redis-py 6+) asks for a fresh connection.
+            reconnect = getattr(conn, "should_reconnect", None)
+            if reconnect is not None and reconnect():
+                conn.disconnect()
+        finally:
+            pool.release(conn)
+
+
+async def _asend_read(conn: Any, args: tuple[Any, ...]) -> Any:
+    await conn.send_command(*args)
+    return await conn.read_response(disable_decoding=True)
+
+
+async def _aexecute_direct(client: Any, args: tuple[Any, ...]) -> Any:
+    """Async :func:`_execute_direct`: a cancelled read disconnects inside redis-py."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        return await conn.retry.call_with_retry(
+            lambda: _asend_read(conn, args), lambda _error: conn.disconnect()
+        )
+    finally:
+        await pool.release(conn)
+
+
 @dataclass(slots=True)
 class _AsyncSlot:
     """An asyncio client and whether it is ready for concurrent first commands."""
 
     client: Any
     ready: bool = False
+    direct: bool = False  # commands go straight to pooled connections (see _direct)
 
 
 class RedisBackend:
@@ -551,6 +688,10 @@ class RedisBackend:
         self._last_async: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncSlot] | None
         self._last_async = None
         self._policy_state = _UNCHECKED if check_eviction_policy else _CHECKED
+        # False once the server refused SET NX GET (Redis < 7.0): claims then use a script.
+        self._set_get = True
+        # Whether the sync client's commands go straight to its connections (see _direct).
+        self._sync_direct: bool | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -639,6 +780,7 @@ class RedisBackend:
             if client is None or not self._owns_sync:
                 return
             self._sync_client = None
+            self._sync_direct = None
         client.close()
 
     async def aclose(self) -> None:
@@ -691,7 +833,7 @@ class RedisBackend:
         self._policy_state = _CHECKED
         message = eviction_warning(self._server, _policies(reply))
         if message is not None:
-            # stacklevel 4: _policy_read <- _run <- claim <- the caller
+            # stacklevel 4: _policy_read <- _client <- claim (the usual first call) <- caller
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     @staticmethod
@@ -699,6 +841,61 @@ class RedisBackend:
         if _is_cluster(client):
             return {"target_nodes": client.PRIMARIES}
         return {}
+
+    def _client(self) -> Any:
+        """The sync client, checking the eviction policy on first use."""
+        # Any: redis-py's execute_command is untyped, and replies are parsed by the caller.
+        client: Any = self._sync_client
+        if client is None:
+            client = self._make_sync()
+        if self._sync_direct is None:
+            self._sync_direct = _direct(client)
+        if self._policy_state == _UNCHECKED and self._policy_begin():
+            try:
+                reply = client.config_get("maxmemory-policy", **self._config_get_args(client))
+            except Exception as exc:
+                self._policy_failed(exc)
+            else:
+                self._policy_read(reply)
+        return client
+
+    def _execute(self, client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """Send one command on the sync client; the reply is raw (bytes, never decoded)."""
+        if self._sync_direct:
+            return _execute_direct(client, args)
+        return client.execute_command(*args, **options)
+
+    async def _aclient(self) -> _AsyncSlot:
+        """The running loop's asyncio client, ready, eviction policy checked on first use."""
+        slot = self._given_slot
+        if slot is None:
+            slot = self._loop_slot()
+        client: Any = slot.client
+        if not slot.ready:
+            if _is_cluster(client):
+                # redis-py's asyncio RedisCluster (seen with 8.1) can hand a connection
+                # that its first topology refresh is replacing to a concurrent first
+                # command ("'NoneType' object has no attribute 'writelines'").
+                # initialize() first is lock-protected and idempotent, so every early
+                # caller may await it.
+                await client.initialize()
+            slot.direct = _direct(client)
+            slot.ready = True
+        if self._policy_state == _UNCHECKED and self._policy_begin():
+            try:
+                reply = await client.config_get("maxmemory-policy", **self._config_get_args(client))
+            except Exception as exc:
+                self._policy_failed(exc)
+            else:
+                self._policy_read(reply)
+        return slot
+
+    @staticmethod
+    async def _aexecute(slot: _AsyncSlot, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """Send one command on the loop's asyncio client; the reply is raw bytes."""
+        if slot.direct:
+            return await _aexecute_direct(slot.client, args)
+        return await slot.client.execute_command(*args, **options)
 
     def _run(
         self,
@@ -710,27 +907,13 @@ class RedisBackend:
     ) -> _T:
         rkey = record_key(key).encode()
         try:
-            # Any: redis-py's execute_command is untyped, and the reply is parsed below.
-            client: Any = self._sync_client
-            if client is None:
-                client = self._make_sync()
-            if self._policy_state == _UNCHECKED and self._policy_begin():
-                try:
-                    reply = client.config_get("maxmemory-policy", **self._config_get_args(client))
-                except Exception as exc:
-                    self._policy_failed(exc)
-                else:
-                    self._policy_read(reply)
+            client = self._client()
             try:
-                reply = client.execute_command(
-                    "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
-                )
+                reply = self._execute(client, ("EVALSHA", script.sha, 1, rkey, *args), _RAW)
             except NoScriptError:
                 # This node has not cached the script (restart, SCRIPT FLUSH, a new cluster
                 # node): EVAL sends it, runs it and caches it there for the next EVALSHA.
-                reply = client.execute_command(
-                    "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
-                )
+                reply = self._execute(client, ("EVAL", script.source, 1, rkey, *args), _RAW)
         except IdempotaskError:
             raise
         except Exception as exc:
@@ -749,36 +932,11 @@ class RedisBackend:
     ) -> _T:
         rkey = record_key(key).encode()
         try:
-            slot = self._given_slot
-            if slot is None:
-                slot = self._loop_slot()
-            client: Any = slot.client
-            if not slot.ready:
-                if _is_cluster(client):
-                    # redis-py's asyncio RedisCluster (seen with 8.1) can hand a connection
-                    # that its first topology refresh is replacing to a concurrent first
-                    # command ("'NoneType' object has no attribute 'writelines'").
-                    # initialize() first is lock-protected and idempotent, so every early
-                    # caller may await it.
-                    await client.initialize()
-                slot.ready = True
-            if self._policy_state == _UNCHECKED and self._policy_begin():
-                try:
-                    reply = await client.config_get(
-                        "maxmemory-policy", **self._config_get_args(client)
-                    )
-                except Exception as exc:
-                    self._policy_failed(exc)
-                else:
-                    self._policy_read(reply)
+            slot = await self._aclient()
             try:
-                reply = await client.execute_command(
-                    "EVALSHA", script.sha, 1, rkey, *args, **{_NEVER_DECODE: True}
-                )
+                reply = await self._aexecute(slot, ("EVALSHA", script.sha, 1, rkey, *args), _RAW)
             except NoScriptError:
-                reply = await client.execute_command(
-                    "EVAL", script.source, 1, rkey, *args, **{_NEVER_DECODE: True}
-                )
+                reply = await self._aexecute(slot, ("EVAL", script.source, 1, rkey, *args), _RAW)
         except IdempotaskError:
             raise
         except Exception as exc:
@@ -787,19 +945,39 @@ class RedisBackend:
             raise self._error(operation, key, exc) from exc
         return parse(key, reply)
 
-    # Each operation is its script's arguments; _run/_arun do the I/O, parse_* the rest.
+    # A claim is first a plain SET NX PX GET: no script, the cheapest command that takes
+    # a key or returns what holds it. Only a claim the caller may re-take (its own token,
+    # its owner) and servers older than 7.0 (no NX with GET) go through claim.lua.
+
+    def _set_get_failed(self, exc: ResponseError) -> bool:
+        """Whether ``exc`` is an old server refusing NX with GET (then: use the script)."""
+        if "syntax error" not in str(exc).lower():
+            return False
+        self._set_get = False
+        logger.info(
+            "redis backend: %s refuses SET NX GET (Redis < 7.0); claims use a script",
+            self._server,
+        )
+        return True
 
     @staticmethod
-    def _claim_args(
-        token: str, lease: float, owner: str, fingerprint: str
-    ) -> tuple[bytes, bytes, int, bytes, bytes]:
-        return (
-            _FORMAT,
-            token.encode(),
-            _milliseconds(lease, "lease"),
-            owner.encode(),
-            fingerprint.encode(),
-        )
+    def _claimed(
+        key: str, reply: Any, token: str, owner: str, fingerprint: str, ms: int
+    ) -> Record | None:
+        """The record a SET NX GET reply shows, or None when claim.lua must re-take it."""
+        if reply is None:
+            return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", ms / 1000)
+        record = parse_value(key, reply)
+        if record.state is State.IN_PROGRESS and (
+            record.token == token or (owner and record.owner == owner)
+        ):
+            return None
+        return record
+
+    def _claim_fields(self, token: str, owner: str, fingerprint: str) -> tuple[bytes, bytes, bytes]:
+        return _field(token, "token"), _field(owner, "owner"), _field(fingerprint, "fingerprint")
+
+    # Each operation is its script's arguments; _run/_arun do the I/O, parse_* the rest.
 
     @staticmethod
     def _finish_args(
@@ -810,13 +988,13 @@ class RedisBackend:
                 f"redis backend: payload must be bytes, got {type(payload).__qualname__}"
             )
         ms = _milliseconds(ttl, "ttl")
-        return (_FORMAT, token.encode(), bytes(payload), ms, state.value.encode())
+        return (_FORMAT, _field(token, "token"), bytes(payload), ms, _STATE_BYTES[state])
 
     @staticmethod
     def _delete_args(token: str | None) -> tuple[bytes, bytes, bytes]:
         if token is None:
             return (_FORMAT, b"0", b"")
-        return (_FORMAT, b"1", token.encode())
+        return (_FORMAT, b"1", _field(token, "token"))
 
     # -------------------------------------------------------------- sync API
 
@@ -829,7 +1007,26 @@ class RedisBackend:
 
         >>> record = store.claim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         """
-        args = self._claim_args(token, lease, owner, fingerprint)
+        fields = self._claim_fields(token, owner, fingerprint)
+        ms = _milliseconds(lease, "lease")
+        if self._set_get:
+            try:
+                value = claim_value(*fields)
+                command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
+                reply = self._execute(self._client(), command, _RAW_SET)
+            except IdempotaskError:
+                raise
+            except ResponseError as exc:
+                if not self._set_get_failed(exc):
+                    raise self._error("claim", key, exc) from exc
+            except Exception as exc:
+                raise self._error("claim", key, exc) from exc
+            else:
+                record = self._claimed(key, reply, token, owner, fingerprint, ms)
+                if record is not None:
+                    return record
+        token_, owner_, fingerprint_ = fields
+        args = (_FORMAT, token_, ms, owner_, fingerprint_)
         return self._run("claim", _CLAIM, key, args, parse_claim)
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
@@ -856,7 +1053,7 @@ class RedisBackend:
         >>> store.renew("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         True
         """
-        args = (_FORMAT, token.encode(), _milliseconds(lease, "lease"))
+        args = (_FORMAT, _field(token, "token"), _milliseconds(lease, "lease"))
         return self._run("renew", _RENEW, key, args, parse_flag)
 
     def get(self, key: str) -> Record | None:
@@ -865,7 +1062,7 @@ class RedisBackend:
         >>> store.get("ns:f:1:d")  # doctest: +SKIP
         Record(key='ns:f:1:d', state=<State.COMPLETED: 'completed'>, ...)
         """
-        return self._run("get", _GET, key, (_FORMAT,), parse_record)
+        return self._run("get", _GET, key, (), parse_record)
 
     def delete(self, key: str, *, token: str | None = None) -> bool:
         """Remove the record of ``key`` (with ``token``: only if that token wrote it).
@@ -896,7 +1093,26 @@ class RedisBackend:
 
         >>> record = await store.aclaim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         """
-        args = self._claim_args(token, lease, owner, fingerprint)
+        fields = self._claim_fields(token, owner, fingerprint)
+        ms = _milliseconds(lease, "lease")
+        if self._set_get:
+            try:
+                value = claim_value(*fields)
+                command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
+                reply = await self._aexecute(await self._aclient(), command, _RAW_SET)
+            except IdempotaskError:
+                raise
+            except ResponseError as exc:
+                if not self._set_get_failed(exc):
+                    raise self._error("claim", key, exc) from exc
+            except Exception as exc:
+                raise self._error("claim", key, exc) from exc
+            else:
+                record = self._claimed(key, reply, token, owner, fingerprint, ms)
+                if record is not None:
+                    return record
+        token_, owner_, fingerprint_ = fields
+        args = (_FORMAT, token_, ms, owner_, fingerprint_)
         return await self._arun("claim", _CLAIM, key, args, parse_claim)
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
@@ -923,7 +1139,7 @@ class RedisBackend:
         >>> await store.arenew("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         True
         """
-        args = (_FORMAT, token.encode(), _milliseconds(lease, "lease"))
+        args = (_FORMAT, _field(token, "token"), _milliseconds(lease, "lease"))
         return await self._arun("renew", _RENEW, key, args, parse_flag)
 
     async def aget(self, key: str) -> Record | None:
@@ -931,7 +1147,7 @@ class RedisBackend:
 
         >>> await store.aget("ns:f:1:d")  # doctest: +SKIP
         """
-        return await self._arun("get", _GET, key, (_FORMAT,), parse_record)
+        return await self._arun("get", _GET, key, (), parse_record)
 
     async def adelete(self, key: str, *, token: str | None = None) -> bool:
         """Async :meth:`delete`.

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 import uuid
@@ -29,12 +30,14 @@ from redis.crc import key_slot
 from idempotask.backends import backend_from_url
 from idempotask.backends.base import Backend, Record, State, SupportsExpireNow
 from idempotask.backends.redis import (
+    MAX_FIELD_BYTES,
     RECORD_FORMAT,
     RedisBackend,
     _milliseconds,
     eviction_warning,
     parse_flag,
     parse_record,
+    parse_value,
     record_key,
 )
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
@@ -296,24 +299,36 @@ def test_non_positive_or_non_finite_durations_are_refused(bad: Any) -> None:
         _milliseconds(bad, "lease")
 
 
+def _stored(state: bytes, token: bytes, owner: bytes, fingerprint: bytes, payload: bytes) -> bytes:
+    """A record value laid out as lua/claim.lua documents, built independently here."""
+    lengths = struct.pack(">HHH", len(token), len(owner), len(fingerprint))
+    return RECORD_FORMAT.encode() + state + lengths + token + owner + fingerprint + payload
+
+
 def test_replies_parse_the_same_as_bytes_or_str() -> None:
     """The reply parsers accept bytes and str replies alike."""
-    as_bytes = [b"rec", b"completed", b"t", b"o", b"fp", b"\xff", 1500]
-    as_str = ["rec", "completed", "t", "o", "fp", "\xff", 1500]
-    assert parse_record("k", as_bytes) == Record("k", State.COMPLETED, "t", "o", "fp", b"\xff", 1.5)
-    assert parse_record("k", as_str) == Record(
-        "k", State.COMPLETED, "t", "o", "fp", "\xff".encode(), 1.5
-    )
-    persistent = parse_record("k", [b"rec", b"in_progress", b"t", b"", b"", b"", -1])
+    value = _stored(b"c", b"t", b"o", b"fp", "é".encode())
+    expected = Record("k", State.COMPLETED, "t", "o", "fp", "é".encode(), 1.5)
+    assert parse_record("k", [value, 1500]) == expected
+    assert parse_record("k", [value.decode(), 1500]) == expected
+    persistent = parse_record("k", [_stored(b"i", b"t", b"", b"", b""), -1])
     assert persistent is not None
     assert persistent.expires_in is None
-    assert parse_record("k", ["absent"]) is None
+    assert persistent.held_by("t")
+    assert parse_value("k", _stored(b"f", b"t", b"", b"", b"\xff")).payload == b"\xff"
+    assert parse_record("k", None) is None
     assert parse_flag("k", 1) is True
     assert parse_flag("k", 0) is False
     with pytest.raises(CorruptRecordError, match="'k'"):
-        parse_flag("k", [b"corrupt", b"a Redis string value"])
+        parse_flag("k", [b"corrupt", b"a Redis list value"])
+    with pytest.raises(CorruptRecordError, match=r"'k'.*list"):
+        parse_record("k", [b"corrupt", b"a Redis list value"])
     with pytest.raises(CorruptRecordError, match="unknown state"):
-        parse_record("k", [b"rec", b"exploded", b"t", b"", b"", b"", 5])
+        parse_record("k", [_stored(b"x", b"t", b"", b"", b""), 5])
+    with pytest.raises(CorruptRecordError, match="truncated"):
+        parse_value("k", _stored(b"c", b"t", b"", b"", b"")[:-1])
+    with pytest.raises(CorruptRecordError, match="format marker"):
+        parse_value("k", b"idempotask/9" + _stored(b"c", b"t", b"", b"", b"")[12:])
 
 
 def test_eviction_warning_covers_every_policy_but_noeviction() -> None:
@@ -400,28 +415,53 @@ def test_url_query_options_override_our_defaults(redis_url: str) -> None:
 # -- record layout -----------------------------------------------------------------------
 
 
-def test_a_record_is_one_hash_with_a_marker_and_a_millisecond_ttl(
+def test_a_record_is_one_marked_string_with_a_millisecond_ttl(
     backend: RedisBackend, raw: redis.Redis
 ) -> None:
-    """claim writes a marked hash expiring with the lease; complete re-arms it with the ttl."""
+    """claim writes one marked string expiring with the lease; complete re-arms it with the ttl."""
     key, tok = new_key(), token()
     record = backend.claim(key, tok, lease=0.25, owner="task-1", fingerprint="fp")
     assert record.held_by(tok)
     assert record.expires_in == 0.25
-    fields = raw.hgetall(record_key(key))
-    assert fields == {
-        b"fmt": RECORD_FORMAT.encode(),
-        b"state": b"in_progress",
-        b"token": tok.encode(),
-        b"owner": b"task-1",
-        b"fingerprint": b"fp",
-        b"payload": b"",
-    }
+    assert raw.type(record_key(key)) == b"string"
+    assert raw.get(record_key(key)) == _stored(b"i", tok.encode(), b"task-1", b"fp", b"")
     assert 0 < raw.pttl(record_key(key)) <= 250
     assert backend.complete(key, tok, b"\x00result", ttl=3600.0005) is True
     assert 3_599_000 < raw.pttl(record_key(key)) <= 3_600_001
-    assert raw.hget(record_key(key), "payload") == b"\x00result"
-    assert raw.hget(record_key(key), "state") == b"completed"
+    assert raw.get(record_key(key)) == _stored(b"c", tok.encode(), b"task-1", b"fp", b"\x00result")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_servers_without_set_nx_get_are_served_by_the_claim_script(
+    backend: RedisBackend, mode: str
+) -> None:
+    """Redis < 7.0 refuses NX with GET ("syntax error"); claims then run claim.lua instead.
+
+    No such server runs here, so this forces the switch the refusal would make and checks
+    that the script path keeps every claim outcome.
+    """
+    backend._set_get = False
+    key, first, second = new_key(), token(), token()
+    assert run(backend, mode, "claim", key, first, lease=30, owner="o", fingerprint="fp").held_by(
+        first
+    )
+    held = run(backend, mode, "claim", key, second, lease=30)
+    assert (held.state, held.token, held.fingerprint) == (State.IN_PROGRESS, first, "fp")
+    retaken = run(backend, mode, "claim", key, second, lease=30, owner="o")
+    assert retaken.held_by(second)
+    assert retaken.fingerprint == "fp"
+    assert run(backend, mode, "complete", key, second, b"r", ttl=30) is True
+    done = run(backend, mode, "claim", key, token(), lease=30)
+    assert (done.state, done.payload, done.token) == (State.COMPLETED, b"r", second)
+
+
+def test_an_oversized_token_owner_or_fingerprint_is_refused(backend: RedisBackend) -> None:
+    """Fields longer than a record can frame are a ConfigurationError naming the field."""
+    huge = "x" * (MAX_FIELD_BYTES + 1)
+    with pytest.raises(ConfigurationError, match="owner is 65536 bytes"):
+        backend.claim(new_key(), token(), lease=30, owner=huge)
+    with pytest.raises(ConfigurationError, match="token is 65536 bytes"):
+        backend.complete(new_key(), huge, b"", ttl=30)
 
 
 def test_a_short_lease_runs_out_and_the_key_is_taken_over(backend: RedisBackend) -> None:
@@ -564,8 +604,9 @@ def _sha(name: str) -> str:
 _FOREIGN = {
     "string": lambda r, k: r.set(k, "hello"),
     "list": lambda r, k: r.rpush(k, "a", "b"),
-    "hash-without-marker": lambda r, k: r.hset(k, mapping={"state": "completed", "token": "t"}),
-    "hash-of-a-future-format": lambda r, k: r.hset(k, mapping={"fmt": "idempotask/9"}),
+    "hash": lambda r, k: r.hset(k, mapping={"state": "completed", "token": "t"}),
+    "hash-of-format-1": lambda r, k: r.hset(k, mapping={"fmt": "idempotask/1", "state": "i"}),
+    "string-of-a-future-format": lambda r, k: r.set(k, "idempotask/9c\0\1\0\0\0\0t"),
 }
 
 
@@ -608,12 +649,12 @@ def test_a_foreign_value_under_our_key_is_a_corrupt_record_error(
     assert run(backend, mode, "claim", key, tok, lease=30).held_by(tok)
 
 
-def test_a_marked_hash_with_an_unknown_state_is_corrupt(
+def test_a_marked_string_with_an_unknown_state_is_corrupt(
     backend: RedisBackend, raw: redis.Redis
 ) -> None:
     """Our marker with a state we never write is reported, not trusted."""
     key = new_key()
-    raw.hset(record_key(key), mapping={"fmt": RECORD_FORMAT, "state": "exploded", "token": "t"})
+    raw.set(record_key(key), _stored(b"x", b"t", b"", b"", b""))
     with pytest.raises(CorruptRecordError, match="unknown state"):
         backend.claim(key, token(), lease=30)
     with pytest.raises(CorruptRecordError, match="unknown state"):
@@ -854,7 +895,10 @@ def _evalsha_calls(admin: redis.Redis) -> int:
 def test_a_duplicate_is_one_round_trip_and_a_first_call_two(
     private_server: RedisServer, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Counted on the wire and on the server: first call = claim + complete, duplicate = one."""
+    """Counted on the wire and on the server: first call = claim + complete, duplicate = one.
+
+    A claim is a plain SET NX GET (no script); complete is the one script of a first call.
+    """
     admin = redis.Redis.from_url(private_server.url)
     store = RedisBackend.from_url(private_server.url)
     key, tok = new_key(), token()
@@ -887,8 +931,8 @@ def test_a_duplicate_is_one_round_trip_and_a_first_call_two(
             again = (wire.take(), _evalsha_calls(admin))
         else:
             first, again, duplicate = asyncio.run(scenario())
-        assert first == (2, 2), "first call: (requests sent, EVALSHA run on the server)"
-        assert again == (1, 1), "duplicate: (requests sent, EVALSHA run on the server)"
+        assert first == (2, 1), "first call: (requests sent, EVALSHA run on the server)"
+        assert again == (1, 0), "duplicate: (requests sent, EVALSHA run on the server)"
         assert (duplicate.state, duplicate.payload) == (State.COMPLETED, b"result")
     finally:
         store.close()

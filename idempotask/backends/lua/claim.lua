@@ -1,38 +1,49 @@
 -- claim: take the key, or return the record that holds it, in one atomic step.
 --
--- KEYS[1]  the record's Redis key
--- ARGV[1]  format marker (a hash without it is not ours)
--- ARGV[2]  token   ARGV[3] lease in ms   ARGV[4] owner ('' = none)   ARGV[5] fingerprint
+-- The common claim is a plain `SET key value NX PX lease GET` sent by the client (no
+-- script). This script is the general form, used where that reply shows a claim the
+-- caller may re-take (its own token, or the same non-empty owner) and on servers older
+-- than Redis 7.0, which refuse NX together with GET.
 --
--- Reply: {'rec', state, token, owner, fingerprint, payload, pttl_ms} for the record that
--- holds the key after the claim, or {'corrupt', what_is_there}.
--- Running it twice with the same token is harmless: the second run re-takes its own
--- claim (redis-py may resend a command whose reply timed out).
+-- A record is one string: the format marker, one state byte ('i' in progress,
+-- 'c' completed, 'f' failed), the byte lengths of token, owner and fingerprint as three
+-- big-endian 16-bit numbers, those three fields, then the payload.
+--
+-- KEYS[1]  the record's Redis key
+-- ARGV[1]  format marker   ARGV[2] token   ARGV[3] lease in ms   ARGV[4] owner ('' = none)
+-- ARGV[5]  fingerprint ('' = keep the one a re-taken claim has)
+--
+-- Reply: {value, pttl_ms} of the record that holds the key after the claim, or
+-- {'corrupt', what_is_there}. Running it twice with the same token is harmless: the second
+-- run re-takes its own claim (redis-py may resend a command whose reply timed out).
 local key = KEYS[1]
 local fmt, token, lease, owner, fingerprint = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local n = #fmt
 
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'hash' then
-  local r = redis.call('HMGET', key, 'fmt', 'state', 'token', 'owner', 'fingerprint', 'payload')
-  if r[1] ~= fmt then
-    return {'corrupt', 'a hash without the format marker ' .. fmt}
+local v = redis.pcall('GET', key)
+if type(v) == 'table' then
+  return {'corrupt', 'a Redis ' .. redis.call('TYPE', key)['ok'] .. ' value'}
+end
+if v then
+  if #v < n + 7 or string.sub(v, 1, n) ~= fmt then
+    return {'corrupt', 'a string without the format marker ' .. fmt}
   end
-  local retake = r[2] == 'in_progress'
-    and (r[3] == token or (owner ~= '' and r[4] == owner))
+  local tl, ol, fl = struct.unpack('>HHH', v, n + 2)
+  local p = n + 8
+  local retake = string.sub(v, n + 1, n + 1) == 'i'
+    and (string.sub(v, p, p + tl - 1) == token
+         or (owner ~= '' and string.sub(v, p + tl, p + tl + ol - 1) == owner))
   if not retake then
-    return {'rec', r[2] or '', r[3] or '', r[4] or '', r[5] or '', r[6] or '',
-            redis.call('PTTL', key)}
+    return {v, redis.call('PTTL', key)}
   end
   -- Re-taking keeps the fingerprint unless the caller brings a new one.
   if fingerprint == '' then
-    fingerprint = r[5] or ''
+    fingerprint = string.sub(v, p + tl + ol, p + tl + ol + fl - 1)
   end
-elseif kind ~= 'none' then
-  return {'corrupt', 'a Redis ' .. kind .. ' value'}
 end
 
 -- Absent (an expired lease or ttl is absent too: the key's TTL is the lease or ttl).
-redis.call('HSET', key, 'fmt', fmt, 'state', 'in_progress', 'token', token,
-           'owner', owner, 'fingerprint', fingerprint, 'payload', '')
-redis.call('PEXPIRE', key, lease)
-return {'rec', 'in_progress', token, owner, fingerprint, '', tonumber(lease)}
+local value = fmt .. 'i' .. struct.pack('>HHH', #token, #owner, #fingerprint)
+  .. token .. owner .. fingerprint
+redis.call('SET', key, value, 'PX', lease)
+return {value, tonumber(lease)}

@@ -1,6 +1,6 @@
 -- delete: remove a record; with a token, only the record that token wrote.
 --
--- KEYS[1]  the record's Redis key
+-- KEYS[1]  the record's Redis key (a string laid out as claim.lua describes)
 -- ARGV[1]  format marker   ARGV[2] '1' to compare the token, '0' to remove anything
 -- ARGV[3]  token
 --
@@ -9,21 +9,21 @@
 -- whatever is there, foreign values included: that is how corrupt data is cleared.
 local key = KEYS[1]
 local fmt, compare, token = ARGV[1], ARGV[2], ARGV[3]
+local n = #fmt
 
 if compare ~= '1' then
   return redis.call('DEL', key)
 end
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then
+local v = redis.pcall('GET', key)
+if not v then
   return 0
-elseif kind ~= 'hash' then
-  return {'corrupt', 'a Redis ' .. kind .. ' value'}
+elseif type(v) == 'table' then
+  return {'corrupt', 'a Redis ' .. redis.call('TYPE', key)['ok'] .. ' value'}
+elseif #v < n + 7 or string.sub(v, 1, n) ~= fmt then
+  return {'corrupt', 'a string without the format marker ' .. fmt}
 end
-local r = redis.call('HMGET', key, 'fmt', 'token')
-if r[1] ~= fmt then
-  return {'corrupt', 'a hash without the format marker ' .. fmt}
-end
-if r[2] == token then
+local tl = struct.unpack('>H', v, n + 2)
+if string.sub(v, n + 8, n + 7 + tl) == token then
   return redis.call('DEL', key)
 end
 return 0

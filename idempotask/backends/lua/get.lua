@@ -1,21 +1,15 @@
 -- get: read a record and the time left on its lease or ttl, in one round trip.
 --
--- KEYS[1]  the record's Redis key
--- ARGV[1]  format marker
+-- KEYS[1]  the record's Redis key (a string laid out as claim.lua describes)
 --
--- Reply: {'rec', state, token, owner, fingerprint, payload, pttl_ms}, {'absent'}, or
--- {'corrupt', what_is_there} when the value under the key is not ours.
+-- Reply: {value, pttl_ms}, nil when absent, or {'corrupt', what_is_there} when the value
+-- under the key is not a string (the client checks a string's format marker).
 local key = KEYS[1]
-local fmt = ARGV[1]
 
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then
-  return {'absent'}
-elseif kind ~= 'hash' then
-  return {'corrupt', 'a Redis ' .. kind .. ' value'}
+local v = redis.pcall('GET', key)
+if not v then
+  return false
+elseif type(v) == 'table' then
+  return {'corrupt', 'a Redis ' .. redis.call('TYPE', key)['ok'] .. ' value'}
 end
-local r = redis.call('HMGET', key, 'fmt', 'state', 'token', 'owner', 'fingerprint', 'payload')
-if r[1] ~= fmt then
-  return {'corrupt', 'a hash without the format marker ' .. fmt}
-end
-return {'rec', r[2] or '', r[3] or '', r[4] or '', r[5] or '', r[6] or '', redis.call('PTTL', key)}
+return {v, redis.call('PTTL', key)}
