@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -937,3 +937,61 @@ def test_a_duplicate_is_one_round_trip_and_a_first_call_two(
     finally:
         store.close()
         admin.close()
+
+
+# -- instrumented clients ------------------------------------------------------------------
+
+
+class _TracedRedis(redis.Redis):
+    """A client whose execute_command is overridden, as a user's subclass may be."""
+
+    seen: ClassVar[list[str]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.seen.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
+def test_a_subclass_with_its_own_execute_command_sees_every_command(redis_url: str) -> None:
+    """Commands of a client that overrides execute_command go through it, claim included."""
+    client = _TracedRedis.from_url(redis_url)
+    store = RedisBackend(client, check_eviction_policy=False)
+    key, tok = new_key(), token()
+    _TracedRedis.seen = []
+    try:
+        assert store.claim(key, tok, lease=30).held_by(tok)
+        assert store.complete(key, tok, b"r", ttl=30) is True
+        assert store.get(key) is not None
+    finally:
+        client.close()
+    assert _TracedRedis.seen == ["SET", "EVALSHA", "EVALSHA"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_wrapped_execute_command_sees_every_command(
+    redis_url: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instrumentation (OpenTelemetry, ddtrace) wraps Redis.execute_command on the class;
+    a backend built afterwards sends every command through the wrapper."""
+    seen: ClassVar[list[str]] = []
+    cls: Any = redis.Redis if mode == "sync" else redis.asyncio.Redis
+    original = cls.execute_command
+    if mode == "sync":
+
+        def traced(self: Any, *args: Any, **options: Any) -> Any:
+            seen.append(str(args[0]))
+            return original(self, *args, **options)
+
+    else:
+
+        async def traced(self: Any, *args: Any, **options: Any) -> Any:  # type: ignore[misc]
+            seen.append(str(args[0]))
+            return await original(self, *args, **options)
+
+    monkeypatch.setattr(cls, "execute_command", traced)
+    store = RedisBackend.from_url(redis_url, check_eviction_policy=False)
+    key, tok = new_key(), token()
+    assert run(store, mode, "claim", key, tok, lease=30).held_by(tok)
+    assert run(store, mode, "complete", key, tok, b"r", ttl=30) is True
+    store.close()
+    assert seen == ["SET", "EVALSHA"]
