@@ -62,7 +62,12 @@ driver's own connection from SQLAlchemy's pool (psycopg prepares each after its 
 use on a connection), without SQLAlchemy's per-execution machinery, which cost about as
 much as the round trip itself; an asyncio operation runs in one greenlet with the
 driver's coroutines. An engine with statement event listeners or SQL logging gets every
-statement through SQLAlchemy's execution, so they see them (see ``_dbapi``).
+statement through SQLAlchemy's execution, so they see them (see ``_dbapi``). On the
+engines the backend creates, a few connections stay checked out between back-to-back
+operations (at most ``pool_size``, each for at most a second before it goes back through
+the pool; none with ``pool_pre_ping``), so a claim and its complete pay one pool checkout
+between them; an engine you pass is checked out and returned per operation (see
+``_stash``).
 Database errors become :class:`~idempotask.errors.BackendError` naming the operation and
 the database (never its password); a row that is not one of ours raises
 :class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
@@ -168,7 +173,10 @@ class SQLAlchemyBackend:
     mode per connection) and never disposed by this backend; the engines it creates get
     autocommit, a connect timeout (``connect_timeout`` seconds), hidden parameters in
     error messages, and for SQLite WAL and a busy timeout (``busy_timeout`` seconds).
-    ``engine_options`` are extra ``create_engine`` arguments for the engines it creates.
+    ``engine_options`` are extra ``create_engine`` arguments for the engines it creates,
+    which keep up to ``pool_size`` connections out of their pool between operations (for
+    at most a second each); an engine you pass gets each operation's connection from its
+    pool and back.
 
     ``statement_timeout`` (seconds, 10 by default; None turns it off) bounds every
     statement: the server cancels one that runs longer (PostgreSQL ``statement_timeout``,

@@ -27,6 +27,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from idempotask.backends.sql import _dbapi, _engines
 from idempotask.backends.sql._plans import Plan, seconds
+from idempotask.backends.sql._stash import Stash, capacity
 from idempotask.backends.sql._timeouts import client_bound
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 
@@ -90,10 +91,12 @@ def _finished(stop: StopIteration) -> Any:
 
 @dataclass(slots=True)
 class _LoopEngine:
-    """The asyncio engine made for one event loop, and the guard that disposes of it."""
+    """The asyncio engine made for one event loop, the connections kept out of its pool
+    between operations, and the guard that disposes of them."""
 
     loop: asyncio.AbstractEventLoop
     engine: AsyncEngine
+    stash: Stash
     guard: AsyncGenerator[None, None] | None = None
 
 
@@ -104,16 +107,34 @@ async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGene
     ``loop.shutdown_asyncgens()`` (which ``asyncio.run()`` calls before closing the loop)
     closes it while the loop still runs: the engine's connections are closed on the loop
     they belong to, instead of leaking when a program calls ``asyncio.run()`` repeatedly.
+    A forked child that shuts down a loop it inherited lets go of the parent's
+    connections instead (closing them would end the parent's sessions).
     """
+    started_in = _pid
     try:
         yield
     finally:
         owner = db()
         if owner is not None:
             owner._forget(slot)
-        if not slot.loop.is_closed():
+        if _pid != started_in:
+            slot.stash.let_go()
+            slot.engine.sync_engine.dispose(close=False)
+        elif not slot.loop.is_closed():
+            with contextlib.suppress(Exception):
+                await greenlet_spawn(slot.stash.clear)
             with contextlib.suppress(Exception):
                 await slot.engine.dispose()
+        else:
+            slot.stash.let_go()
+
+
+@dataclass(frozen=True, slots=True)
+class _AsyncStash:
+    """An asyncio engine and the stash of its sync engine (what an operation needs)."""
+
+    engine_of: AsyncEngine
+    stash: Stash
 
 
 def _stop_guard(guard: AsyncGenerator[None, None]) -> None:
@@ -212,13 +233,17 @@ class Database:
             _engines.async_autocommit(async_engine) if async_engine is not None else None
         )
         self._owns_engine = engine is None
+        # Connections kept out of the pool between operations: only on the engines made
+        # here (see _stash); an engine you passed gets a stash that keeps none.
+        self._stash: Stash | None = None
+        self._given_stash: _AsyncStash | None = None
         self._lock = threading.Lock()
         # In-memory SQLite: one connection, so one operation at a time.
         self.memory_lock = threading.RLock()
         # asyncio connections belong to the loop they were made on: one engine per loop,
         # disposed when that loop shuts down (see _loop_guard).
         self.loops: dict[int, _LoopEngine] = {}
-        self._last_loop: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncEngine] | None = None
+        self._last_loop: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncStash] | None = None
         self._pid = _pid
 
     # -- engines -------------------------------------------------------------------------
@@ -230,11 +255,16 @@ class Database:
             if self._pid == _pid:
                 return
             self._pid = _pid
+            if self._stash is not None:
+                self._stash.let_go()
+                self._stash = None
             if self.engine is not None:
                 self.engine.dispose(close=False)
             if self._given_async is not None:
                 self._given_async.sync_engine.dispose(close=False)
+            self._given_stash = None
             for slot in self.loops.values():
+                slot.stash.let_go()
                 slot.engine.sync_engine.dispose(close=False)
                 _orphans.append(slot.guard)
             self.loops.clear()
@@ -258,12 +288,36 @@ class Database:
                 engine = self.engine
         return engine
 
+    def _sync_stash(self) -> Stash:
+        """The sync engine's stash, created with it."""
+        if self._pid != _pid:
+            self._check_fork()
+        stash = self._stash
+        if stash is None:
+            engine = self.sync_engine()
+            with self._lock:
+                if self._stash is None:
+                    size = capacity(engine, self._engine_options) if self._owns_engine else 0
+                    self._stash = Stash(engine, self.compiled, self.bound, size)
+                stash = self._stash
+        return stash
+
     async def async_engine(self) -> AsyncEngine:
         """The running loop's asyncio engine, created on first use there."""
+        return (await self._async_stash()).engine_of
+
+    async def _async_stash(self) -> _AsyncStash:
+        """The running loop's asyncio engine and its stash, created on first use there."""
         if self._pid != _pid:
             self._check_fork()
         if self._given_async is not None:
-            return self._given_async
+            given = self._given_stash
+            if given is None:
+                engine = self._given_async
+                given = self._given_stash = _AsyncStash(
+                    engine, Stash(engine.sync_engine, self.compiled, self.bound, 0)
+                )
+            return given
         loop = asyncio.get_running_loop()
         last = self._last_loop
         if last is not None and last[0]() is loop:
@@ -273,25 +327,29 @@ class Database:
             fresh = slot is None or slot.loop is not loop
             stale: list[_LoopEngine] = []
             if slot is None or slot.loop is not loop:
-                slot = _LoopEngine(loop, self._new_async_engine())
+                engine = self._new_async_engine()
+                size = capacity(engine.sync_engine, self._engine_options)
+                stash = Stash(engine.sync_engine, self.compiled, self.bound, size)
+                slot = _LoopEngine(loop, engine, stash)
                 stale = [s for s in self.loops.values() if s.loop.is_closed()]
                 for old in stale:
                     del self.loops[id(old.loop)]
                 self.loops[id(loop)] = slot
-            self._last_loop = (weakref.ref(loop), slot.engine)
+            current = _AsyncStash(slot.engine, slot.stash)
+            self._last_loop = (weakref.ref(loop), current)
         if fresh:
             guard = _loop_guard(slot, weakref.ref(self))
             await guard.asend(None)  # registers the guard with the loop
             slot.guard = guard
             for old in stale:
                 await self._retire(old)
-        return slot.engine
+        return current
 
     def _forget(self, slot: _LoopEngine) -> None:
         with self._lock:
             if self.loops.get(id(slot.loop)) is slot:
                 del self.loops[id(slot.loop)]
-            if self._last_loop is not None and self._last_loop[1] is slot.engine:
+            if self._last_loop is not None and self._last_loop[1].stash is slot.stash:
                 self._last_loop = None
 
     def _new_async_engine(self) -> AsyncEngine:
@@ -314,6 +372,11 @@ class Database:
         # psycopg and aiosqlite close a connection without its loop; MySQL drivers need the
         # (closed) loop's transport, so their sockets are left to the garbage collector.
         close = slot.engine.dialect.driver in ("psycopg", "psycopg_async", "aiosqlite")
+        if close:
+            with contextlib.suppress(Exception):
+                await greenlet_spawn(slot.stash.clear)
+        else:
+            slot.stash.let_go()
         with contextlib.suppress(Exception):
             await slot.engine.dispose(close=close)
 
@@ -321,6 +384,9 @@ class Database:
         """Close the connections of the sync engine made here (one you passed stays open)."""
         with self._lock:
             engine = self.engine if self._owns_engine else None
+            stash = self._stash
+        if stash is not None:
+            stash.clear()
         if engine is not None:
             engine.dispose()
 
@@ -336,6 +402,7 @@ class Database:
         if slot.guard is not None:
             await slot.guard.aclose()
         else:
+            await greenlet_spawn(slot.stash.clear)
             await slot.engine.dispose()
 
     # -- running plans ----------------------------------------------------------------------
@@ -362,7 +429,7 @@ class Database:
         """Run the plan ``make(dialect)`` on the sync engine (in-memory SQLite: one
         operation at a time)."""
         with self.memory_lock if self.memory else contextlib.nullcontext():
-            return self._run_on(self.sync_engine, operation, key, make)
+            return self._run_on(self._sync_stash, operation, key, make)
 
     async def arun(
         self, operation: str, key: str | None, make: Callable[[Dialect], Plan[_T]]
@@ -372,7 +439,7 @@ class Database:
             # One in-memory connection, no I/O to wait for: the sync path, inline.
             return self.run(operation, key, make)
         try:
-            engine = await self.async_engine()
+            stash = (await self._async_stash()).stash
         except (SQLAlchemyError, OSError) as exc:
             raise self.error(operation, key, exc) from exc
         # The whole operation in one greenlet: the pool's checkout and return are
@@ -380,35 +447,39 @@ class Database:
         # statement is one await of the driver's own coroutine (see _dbapi.Executor).
         # AsyncConnection would spawn a greenlet for the checkout and another for the
         # return, about 40 µs more per operation.
-        return await greenlet_spawn(self._run_on, lambda: engine.sync_engine, operation, key, make)
+        return await greenlet_spawn(self._run_on, lambda: stash, operation, key, make)
 
     def _run_on(
         self,
-        engine: Callable[[], Engine],
+        stash: Callable[[], Stash],
         operation: str,
         key: str | None,
         make: Callable[[Dialect], Plan[_T]],
     ) -> _T:
-        """Run a plan on a connection from ``engine()``'s pool; database errors (and the
-        watchdog's TimeoutError) become BackendError, and a deadlock victim's plan runs
-        again."""
+        """Run a plan on a connection from ``stash()`` (or its engine's pool); database
+        errors (and the watchdog's TimeoutError) become BackendError, and a deadlock
+        victim's plan runs again."""
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             try:
-                with engine().connect() as conn:
-                    execute = _dbapi.Executor(conn, self.compiled, self.bound)
-                    plan = make(conn.dialect)
+                connections = stash()
+                entry = connections.take()
+                execute = entry[0]
+                try:
+                    plan = make(execute.dialect)
                     reply: Any = None
-                    try:
-                        while True:
-                            try:
-                                step = plan.send(reply)
-                            except StopIteration as stop:
-                                result: _T = _finished(stop)
-                                return result
-                            reply = execute(step)
-                    except BaseException as exc:
-                        execute.abandon(exc)
-                        raise
+                    while True:
+                        try:
+                            step = plan.send(reply)
+                        except StopIteration as stop:
+                            result: _T = _finished(stop)
+                            break
+                        reply = execute(step)
+                except BaseException as exc:
+                    execute.abandon(exc)
+                    connections.discard(entry)
+                    raise
+                connections.give(entry)
+                return result
             except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
                 if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
                     continue

@@ -195,7 +195,17 @@ class Executor:
     SQLAlchemy's adapted cursor takes several (and aiosqlite several thread hops).
     """
 
-    __slots__ = ("_async", "_bound", "_compiled", "_conn", "_dialect", "_direct", "_fairy", "_fd")
+    __slots__ = (
+        "_async",
+        "_bound",
+        "_compiled",
+        "_conn",
+        "_dialect",
+        "_direct",
+        "_fairy",
+        "_fd",
+        "_native",
+    )
 
     def __init__(self, conn: Connection, cache: CompiledCache, bound: float | None = None) -> None:
         dialect = conn.dialect
@@ -205,10 +215,27 @@ class Executor:
         # A Connection just checked out holds a valid pooled connection: no I/O here.
         self._fairy = conn.connection
         self._async = _ASYNC_DRIVERS.get(dialect.driver) if dialect.is_async else None
-        self._direct = (self._async is not None or not dialect.is_async) and not _observed(conn)
+        # Whether this driver has a direct path here at all (asyncpg has not).
+        self._native = self._async is not None or not dialect.is_async
+        self._direct = self._native and not _observed(conn)
         # The client-side bound needs the connection's socket (none for SQLite).
         self._bound = bound
         self._fd = socket_of(self._fairy.driver_connection) if bound is not None else None
+
+    @property
+    def connection(self) -> Connection:
+        """The checked-out ``Connection`` this executor runs statements on."""
+        return self._conn
+
+    @property
+    def dialect(self) -> Dialect:
+        """The connection's dialect."""
+        return self._dialect
+
+    def refresh(self) -> None:
+        """Before another operation on the same connection: look again for listeners or
+        SQL logging added to the engine since (they must see every statement)."""
+        self._direct = self._native and not _observed(self._conn)
 
     def __call__(self, step: Step) -> Any:
         if self._fd is None:
