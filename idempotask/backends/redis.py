@@ -48,7 +48,7 @@ import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus, urlsplit
@@ -891,11 +891,25 @@ class RedisBackend:
         return slot
 
     @staticmethod
-    async def _aexecute(slot: _AsyncSlot, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-        """Send one command on the loop's asyncio client; the reply is raw bytes."""
+    def _aexecute(
+        slot: _AsyncSlot, args: tuple[Any, ...], options: dict[str, Any]
+    ) -> Awaitable[Any]:
+        """Send one command on the loop's asyncio client; the reply is raw bytes.
+
+        A plain function handing back the awaitable: no coroutine of its own per command.
+        """
         if slot.direct:
-            return await _aexecute_direct(slot.client, args)
-        return await slot.client.execute_command(*args, **options)
+            return _aexecute_direct(slot.client, args)
+        return slot.client.execute_command(*args, **options)  # type: ignore[no-any-return]
+
+    def _ready_slot(self) -> _AsyncSlot | None:
+        """The running loop's slot when it needs no first-use work (else None)."""
+        slot = self._given_slot
+        if slot is None:
+            slot = self._loop_slot()
+        if slot.ready and self._policy_state != _UNCHECKED:
+            return slot
+        return None
 
     def _run(
         self,
@@ -932,7 +946,7 @@ class RedisBackend:
     ) -> _T:
         rkey = record_key(key).encode()
         try:
-            slot = await self._aclient()
+            slot = self._ready_slot() or await self._aclient()
             try:
                 reply = await self._aexecute(slot, ("EVALSHA", script.sha, 1, rkey, *args), _RAW)
             except NoScriptError:
@@ -1099,7 +1113,8 @@ class RedisBackend:
             try:
                 value = claim_value(*fields)
                 command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
-                reply = await self._aexecute(await self._aclient(), command, _RAW_SET)
+                slot = self._ready_slot() or await self._aclient()
+                reply = await self._aexecute(slot, command, _RAW_SET)
             except IdempotaskError:
                 raise
             except ResponseError as exc:
