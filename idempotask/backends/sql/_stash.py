@@ -131,7 +131,7 @@ class Stash:
             if entry[2] == self._epoch and monotonic() < entry[1]:
                 entry[0].refresh()
                 return entry
-            entry[0].connection.close()
+            entry[0].close()
         conn = self.engine.connect()
         if self.size:
             _exit_hook_registered()
@@ -154,7 +154,7 @@ class Stash:
                 _async_held.add(self)
             idle.append(entry)
         else:
-            conn.close()
+            execute.close()
         # The oldest connection waiting (one used by a thread that stopped calling, say)
         # goes back to the pool once it is due.
         try:
@@ -166,16 +166,15 @@ class Stash:
                 idle.remove(oldest)
             except ValueError:  # taken meanwhile
                 return
-            oldest[0].connection.close()
+            oldest[0].close()
 
     def discard(self, entry: Entry) -> None:
         """After an operation that failed: its connection goes back to the pool (the
         executor invalidated it if it cannot be trusted); an invalidated one empties the
         stash, since the others may be as broken."""
-        conn = entry[0].connection
-        if conn.invalidated:
+        if entry[0].connection.invalidated:
             self.clear()
-        conn.close()
+        entry[0].close()
 
     def clear(self) -> None:
         """Return every waiting connection to the pool (for an asyncio engine: inside a
@@ -187,7 +186,7 @@ class Stash:
                 execute = idle.pop()[0]
             except IndexError:
                 break
-            execute.connection.close()
+            execute.close()
         _async_held.discard(self)
 
     def let_go(self) -> None:

@@ -158,14 +158,14 @@ def socket_of(driver_connection: Any) -> int | None:
 
 
 class Watch:
-    """One statement under watch: its socket, its deadline and whether it fired."""
+    """The watch over one connection's socket, reused for each of its statements: the
+    socket, the running statement's deadline and whether it fired."""
 
-    __slots__ = ("deadline", "fd", "fired", "seq")
+    __slots__ = ("deadline", "fd", "fired")
 
-    def __init__(self, fd: int, deadline: float, seq: int) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.deadline = deadline
-        self.seq = seq
+        self.deadline = math.inf
         self.fired = False
 
 
@@ -180,7 +180,8 @@ class Watchdog:
 
     >>> dog = Watchdog()
     >>> a, b = socket.socketpair()
-    >>> watch = dog.start(a.fileno(), 0.05)
+    >>> watch = Watch(a.fileno())
+    >>> dog.start(watch, 0.05)
     >>> a.recv(1)  # blocks until the watchdog shuts the socket down
     b''
     >>> dog.stop(watch)
@@ -189,20 +190,20 @@ class Watchdog:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._live: dict[int, Watch] = {}
-        self._seq = 0
+        # Taken directly (a C-level ``with``), the condition only to wait and notify.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._live: dict[int, Watch] = {}  # id(watch) -> watch, for statements in flight
         # When the thread wakes next (inf: it sleeps until notified).
         self._wake_at = math.inf
         self._thread: threading.Thread | None = None
 
-    def start(self, fd: int, bound: float) -> Watch:
-        """Watch the socket ``fd`` for ``bound`` seconds from now."""
-        deadline = time.monotonic() + bound
-        with self._cond:
-            self._seq += 1
-            watch = Watch(fd, deadline, self._seq)
-            self._live[watch.seq] = watch
+    def start(self, watch: Watch, bound: float) -> None:
+        """Watch ``watch``'s socket for ``bound`` seconds from now."""
+        deadline = watch.deadline = time.monotonic() + bound
+        watch.fired = False
+        with self._lock:
+            self._live[id(watch)] = watch
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="idempotask-sql-watchdog", daemon=True
@@ -210,7 +211,6 @@ class Watchdog:
                 self._thread.start()
             elif deadline < self._wake_at:
                 self._cond.notify()
-        return watch
 
     def stop(self, watch: Watch) -> bool:
         """Stop watching; True if the deadline passed and the socket was shut down.
@@ -218,8 +218,8 @@ class Watchdog:
         Once this returns, the watchdog never touches the socket again: the connection
         may go back to its pool.
         """
-        with self._cond:
-            self._live.pop(watch.seq, None)
+        with self._lock:
+            self._live.pop(id(watch), None)
             return watch.fired
 
     def _run(self) -> None:
@@ -227,9 +227,9 @@ class Watchdog:
             while True:
                 now = time.monotonic()
                 earliest = math.inf
-                for seq, watch in list(self._live.items()):
+                for key, watch in list(self._live.items()):
                     if watch.deadline <= now:
-                        del self._live[seq]
+                        del self._live[key]
                         watch.fired = True
                         _shut_down(watch.fd)
                     elif watch.deadline < earliest:
