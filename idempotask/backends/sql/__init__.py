@@ -158,6 +158,11 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+# Strings this short fit their column in any encoding (UTF-8 takes at most 4 bytes a
+# character), so only longer ones are encoded to be measured.
+_KEY_CHARS = KEY_LENGTH // 4
+_TEXT_CHARS = TEXT_LENGTH // 4
+
 #: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
 #: the default dead-letter and breaker tables).
 records = define_table(metadata)
@@ -324,6 +329,12 @@ class SQLAlchemyBackend:
     def _check_key(key: str, *texts: tuple[str, str]) -> None:
         """Refuse values longer than their columns, the same way on every database (SQLite
         would store them, PostgreSQL and MySQL fail with a driver error)."""
+        if type(key) is str and len(key) <= _KEY_CHARS:
+            for _, value in texts:
+                if type(value) is not str or len(value) > _TEXT_CHARS:
+                    break
+            else:  # short strings: they fit, whatever their UTF-8 length
+                return
         for name, value, limit in (
             ("key", key, KEY_LENGTH),
             *((n, v, TEXT_LENGTH) for n, v in texts),

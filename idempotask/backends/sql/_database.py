@@ -428,8 +428,10 @@ class Database:
     def run(self, operation: str, key: str | None, make: Callable[[Dialect], Plan[_T]]) -> _T:
         """Run the plan ``make(dialect)`` on the sync engine (in-memory SQLite: one
         operation at a time)."""
-        with self.memory_lock if self.memory else contextlib.nullcontext():
-            return self._run_on(self._sync_stash, operation, key, make)
+        if self.memory:
+            with self.memory_lock:
+                return self._run_on(self._sync_stash, operation, key, make)
+        return self._run_on(self._sync_stash, operation, key, make)
 
     async def arun(
         self, operation: str, key: str | None, make: Callable[[Dialect], Plan[_T]]

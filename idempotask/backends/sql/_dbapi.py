@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Coroutine, Mapping
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Executable
@@ -49,29 +50,68 @@ __all__ = ["Compiled", "CompiledCache", "Executor", "compile_statement"]
 _Processor = Callable[[Any], Any]
 
 
-@dataclass(frozen=True, slots=True)
+def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """A function from a mapping to the tuple of its values at ``names`` (in C when there
+    are several: ``operator.itemgetter``)."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    if names:
+        name = names[0]
+        return lambda mapping: (mapping[name],)
+    return lambda mapping: ()
+
+
 class Compiled:
     """One statement compiled for one dialect: the driver's SQL and how a plan's parameters
-    are laid out for it (a dict for named paramstyles, a tuple for positional ones)."""
+    are laid out for it (a dict for named paramstyles, a tuple for positional ones).
 
-    statement: Executable  # kept alive, so the id the cache is keyed by is never reused
-    sql: str
-    # The statement's own values (``literal()``, e.g. the 'in_progress' state), processed once.
-    constants: Mapping[str, Any]
-    # (the plan's parameter name, the name in the SQL, SQLAlchemy's bind processor)
-    inputs: tuple[tuple[str, str, _Processor | None], ...]
-    # Positional paramstyles: the parameter names in placeholder order (a name may repeat).
-    positions: tuple[str, ...] | None
+    ``constants`` are the statement's own values (``literal()``, e.g. the 'in_progress'
+    state), processed once; ``inputs`` are (the plan's parameter name, the name in the
+    SQL, SQLAlchemy's bind processor or None); ``positions``, for positional paramstyles,
+    the parameter names in placeholder order (a name may repeat). ``driver_sql`` is what
+    the direct path sends (``sql`` unless given: bytes for psycopg, which would encode the
+    string per execution, and whose query cache then finds the same bytes object, its
+    hash kept).
+    """
+
+    __slots__ = (
+        "_keys",
+        "_order",
+        "_processed",
+        "_take",
+        "constants",
+        "driver_sql",
+        "sql",
+        "statement",
+    )
+
+    def __init__(
+        self,
+        statement: Executable,
+        sql: str,
+        constants: Mapping[str, Any],
+        inputs: tuple[tuple[str, str, _Processor | None], ...],
+        positions: tuple[str, ...] | None,
+        driver_sql: str | bytes | None = None,
+    ) -> None:
+        self.statement = statement  # kept alive: the cache's key, its id, is never reused
+        self.sql = sql
+        self.driver_sql = sql if driver_sql is None else driver_sql
+        self.constants = dict(constants)
+        self._keys = tuple(key for _, key, _ in inputs)
+        self._take = _getter(tuple(name for name, _, _ in inputs))
+        self._processed = tuple((key, process) for _, key, process in inputs if process)
+        self._order = None if positions is None else _getter(positions)
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
         """The driver's parameters for a plan's ``values``."""
-        params = dict(self.constants)
-        for name, key, process in self.inputs:
-            value = values[name]
-            params[key] = value if process is None else process(value)
-        if self.positions is None:
-            return params
-        return tuple([params[name] for name in self.positions])
+        params = dict(zip(self._keys, self._take(values), strict=True))
+        for key, process in self._processed:
+            params[key] = process(params[key])
+        if self.constants:
+            params.update(self.constants)
+        order = self._order
+        return params if order is None else order(params)
 
 
 def compile_statement(statement: Executable, dialect: Dialect) -> Compiled:
@@ -102,8 +142,44 @@ def compile_statement(statement: Executable, dialect: Dialect) -> Compiled:
             inputs.append((name, key, process))
         else:
             constants[key] = value if process is None else process(value)
+    sql = compiled.string
     positions = tuple(compiled.positiontup or ()) if compiled.positional else None
-    return Compiled(statement, compiled.string, constants, tuple(inputs), positions)
+    driver_sql: str | bytes = sql
+    if positions is None and dialect.driver in _FORMAT_DRIVERS:
+        keys = {key for _, key, _ in inputs} | constants.keys()
+        sql, positions = _positional(sql, keys) or (sql, None)
+        driver_sql = sql.encode()
+    return Compiled(statement, sql, constants, tuple(inputs), positions, driver_sql)
+
+
+# Drivers with the ``pyformat`` paramstyle that take ``format`` (``%s``) as well: given
+# positional parameters, psycopg sends them as they are instead of looking up each
+# placeholder's name in a dict per execution (the claim's SQL names a dozen).
+_FORMAT_DRIVERS = frozenset({"psycopg", "psycopg_async"})
+_PYFORMAT = re.compile(r"%%|%\((\w+)\)s")
+
+
+def _positional(sql: str, keys: Collection[str]) -> tuple[str, tuple[str, ...]] | None:
+    """``sql`` with ``%(name)s`` placeholders made ``%s``, and the names in order (``%%``
+    stays a literal percent sign in both styles); None unless every placeholder names one
+    of ``keys``.
+
+    >>> _positional("SELECT %(a)s, '100%%', %(b)s, %(a)s", {"a", "b"})
+    ("SELECT %s, '100%%', %s, %s", ('a', 'b', 'a'))
+    """
+    order: list[str] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "%%"
+        order.append(name)
+        return "%s"
+
+    converted = _PYFORMAT.sub(placeholder, sql)
+    if not set(order) <= set(keys) or converted.count("%s") != len(order):
+        return None
+    return converted, tuple(order)
 
 
 class CompiledCache:
@@ -139,18 +215,23 @@ def _observed(conn: Connection) -> bool:
     ``Connection`` to listen on it, and each one joins its engine's dispatcher anew,
     which made these look-ups cost 7 µs per operation.
     """
-    dispatch = conn.engine.dispatch
-    return bool(
-        dispatch.before_cursor_execute
-        or dispatch.after_cursor_execute
-        or dispatch.before_execute
-        or dispatch.after_execute
-        or conn.dialect.dispatch.handle_error
-    ) or conn.engine.logger.isEnabledFor(logging.INFO)
+    engine = conn.engine
+    # SQLAlchemy's own gate for statement events: false until a listener is added to this
+    # engine (or to every Engine), when the listeners themselves are looked at.
+    if getattr(engine, "_has_events", True):
+        dispatch = engine.dispatch
+        if (
+            dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+            or dispatch.before_execute
+            or dispatch.after_execute
+        ):
+            return True
+    return bool(conn.dialect.dispatch.handle_error) or engine.logger.isEnabledFor(logging.INFO)
 
 
 async def _execute_on_async_cursor(
-    driver: Any, held: list[Any], sql: str, params: Any, step: Step
+    driver: Any, held: list[Any], sql: str | bytes, params: Any, step: Step
 ) -> Any:
     """psycopg's ``AsyncConnection`` and asyncmy: one cursor per checkout (``held``), made
     on its first statement and reused (see :class:`Executor`)."""
@@ -164,7 +245,7 @@ async def _execute_on_async_cursor(
 
 
 async def _execute_on_aiomysql(
-    driver: Any, held: list[Any], sql: str, params: Any, step: Step
+    driver: Any, held: list[Any], sql: str | bytes, params: Any, step: Step
 ) -> Any:
     """aiomysql, whose ``cursor()`` is awaited: one cursor per statement."""
     async with driver.cursor() as cursor:
@@ -173,7 +254,7 @@ async def _execute_on_aiomysql(
 
 
 async def _execute_on_aiosqlite(
-    driver: Any, held: list[Any], sql: str, params: Any, step: Step
+    driver: Any, held: list[Any], sql: str | bytes, params: Any, step: Step
 ) -> Any:
     """aiosqlite runs each call on its own thread: one hop per statement where possible
     (``execute_fetchall``), two when the row count is needed (execute, close)."""
@@ -183,7 +264,7 @@ async def _execute_on_aiosqlite(
         return step.take((), cursor.rowcount)
 
 
-_AsyncExecute = Callable[[Any, list[Any], str, Any, Step], Coroutine[Any, Any, Any]]
+_AsyncExecute = Callable[[Any, list[Any], str | bytes, Any, Step], Coroutine[Any, Any, Any]]
 
 # An asyncio dialect's ``driver`` -> how its driver connection runs a statement.
 _ASYNC_DRIVERS: dict[str, _AsyncExecute] = {
@@ -214,6 +295,7 @@ class Executor:
         "_cursor",
         "_dialect",
         "_direct",
+        "_dog",
         "_fairy",
         "_held",
         "_native",
@@ -235,6 +317,8 @@ class Executor:
         self._bound = bound
         fd = socket_of(self._fairy.driver_connection) if bound is not None else None
         self._watch = Watch(fd) if fd is not None else None
+        # The process's watchdog (a connection is let go of, never used, across a fork).
+        self._dog = watchdog() if fd is not None else None
         self._cursor: Any = None  # the sync driver's cursor, made on the first statement
         self._held: list[Any] = []  # the asyncio driver's cursor, likewise
 
@@ -263,10 +347,9 @@ class Executor:
         self._conn.close()
 
     def __call__(self, step: Step) -> Any:
-        watch = self._watch
-        if watch is None:
+        watch, dog = self._watch, self._dog
+        if watch is None or dog is None:
             return self._execute(step)
-        dog = watchdog()
         dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
             reply = self._execute(step)
@@ -284,14 +367,14 @@ class Executor:
         if compiled is None:
             compiled = compile_statement(step.statement, self._dialect)
             self._compiled[id(step.statement)] = compiled
-        sql, params = compiled.sql, compiled.parameters(step.params)
+        params = compiled.parameters(step.params)
         if not self._direct:
             try:
-                result = self._conn.exec_driver_sql(sql, params)
+                result = self._conn.exec_driver_sql(compiled.sql, params)
             except IntegrityError as exc:
                 return step.refused(exc)
             return step.take(result.fetchall() if step.fetches else (), result.rowcount)
-        native = self._async
+        native, sql = self._async, compiled.driver_sql
         try:
             if native is not None:
                 held = self._held
@@ -304,7 +387,7 @@ class Executor:
             cursor.execute(sql, params)
             return step.take(cursor.fetchall() if step.fetches else (), cursor.rowcount)
         except Exception as exc:
-            error = self._failed(exc, sql)
+            error = self._failed(exc, compiled.sql)
             if isinstance(error, IntegrityError):
                 return step.refused(error)
             raise error from exc
@@ -337,14 +420,13 @@ class Executor:
         if not isinstance(exc, Exception):  # interrupted: not worth waiting for a rollback
             self._conn.invalidate(exc)
             return
-        watch = self._watch
-        if watch is None:
+        watch, dog = self._watch, self._dog
+        if watch is None or dog is None:
             try:
                 self._fairy.dbapi_connection.rollback()  # type: ignore[union-attr]
             except Exception:
                 self._conn.invalidate(exc)
             return
-        dog = watchdog()
         dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
             self._fairy.dbapi_connection.rollback()  # type: ignore[union-attr]

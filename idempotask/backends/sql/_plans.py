@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
@@ -79,18 +79,26 @@ CLAIM_ATTEMPTS = 10
 Reply = Literal["rows", "rowcount", "inserted", "none"]
 
 
-@dataclass(frozen=True, slots=True)
+_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
+
+
 class Step:
-    """One statement for the driver to execute.
+    """One statement for the driver to execute (not changed once made).
 
     ``reply`` says what the plan gets back: ``rows`` (the rows as the driver returns them,
     sequences of raw column values), ``rowcount``, ``inserted`` (True, or False when the
-    INSERT hit an existing key) or ``none``.
+    INSERT hit an existing key) or ``none``. A plain class: a frozen dataclass took twice
+    as long to make, once per statement.
     """
 
-    statement: Executable
-    params: Mapping[str, Any] = field(default_factory=dict)
-    reply: Reply = "rows"
+    __slots__ = ("params", "reply", "statement")
+
+    def __init__(
+        self, statement: Executable, params: Mapping[str, Any] = _NO_PARAMS, reply: Reply = "rows"
+    ) -> None:
+        self.statement = statement
+        self.params = params
+        self.reply = reply
 
     @property
     def fetches(self) -> bool:
@@ -143,6 +151,9 @@ def flavour_of(dialect: Dialect) -> Flavour:
 
 def seconds(value: float, option: str) -> float:
     """Check a lease or ttl: a positive, finite number of seconds."""
+    kind = type(value)
+    if (kind is float or kind is int) and 0 < value < math.inf:  # NaN fails too
+        return float(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))

@@ -98,6 +98,13 @@ class BinaryText(TypeDecorator[str]):
             return value.encode("utf-8")
         return value
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # Elsewhere the value passes unchanged: the implementation's own processor (as
+        # TypeDecorator does without process_bind_param), not a call per key and token.
+        if dialect.name in _MYSQL:
+            return super().bind_processor(dialect)
+        return self.impl_instance.bind_processor(dialect)
+
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
         if isinstance(value, (bytes, bytearray, memoryview)):
             # Strict: bytes that are not UTF-8 were not written by us (a CorruptRecordError).

@@ -100,7 +100,17 @@ class Stash:
     by its own loop only (inside the greenlet of an operation).
     """
 
-    __slots__ = ("__weakref__", "_bound", "_compiled", "_epoch", "_idle", "_pid", "engine", "size")
+    __slots__ = (
+        "__weakref__",
+        "_async",
+        "_bound",
+        "_compiled",
+        "_epoch",
+        "_idle",
+        "_pid",
+        "engine",
+        "size",
+    )
 
     def __init__(
         self, engine: Engine, compiled: CompiledCache, bound: float | None, size: int
@@ -114,6 +124,7 @@ class Stash:
         # the pool instead of into the stash.
         self._epoch = 0
         self._pid = os.getpid()
+        self._async = engine.dialect.is_async
         if size:
             _stashes.add(self)
 
@@ -143,14 +154,15 @@ class Stash:
         execute, due, epoch = entry
         conn = execute.connection
         idle = self._idle
+        now = monotonic()
         if (
-            epoch == self._epoch
+            now < due
+            and epoch == self._epoch
             and len(idle) < self.size
-            and monotonic() < due
             and not conn.invalidated
             and not conn.in_transaction()
         ):
-            if not idle and self.engine.dialect.is_async:
+            if self._async and not idle:
                 _async_held.add(self)
             idle.append(entry)
         else:
@@ -161,7 +173,7 @@ class Stash:
             oldest = idle[0]
         except IndexError:
             return
-        if monotonic() >= oldest[1]:
+        if now >= oldest[1]:
             try:
                 idle.remove(oldest)
             except ValueError:  # taken meanwhile
@@ -208,14 +220,14 @@ class Stash:
         """In the parent, just before ``fork()``: a sync stash returns its connections to
         the pool, so the child holds none of them checked out (asyncio stashes are let go
         of in the child: returning them needs their loop)."""
-        if not self.engine.dialect.is_async and self._pid == os.getpid():
+        if not self._async and self._pid == os.getpid():
             with contextlib.suppress(Exception):
                 self.clear()
 
     def at_exit(self) -> None:
         """At interpreter exit: return the connections of a sync stash made in this
         process; let go of the others (asyncio ones, and those inherited through fork)."""
-        if not self.engine.dialect.is_async and self._pid == os.getpid():
+        if not self._async and self._pid == os.getpid():
             with contextlib.suppress(Exception):
                 self.clear()
         else:
