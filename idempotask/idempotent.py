@@ -511,9 +511,15 @@ def drive(
             time.sleep(a[0])
             send = None
         else:
-            p, kw = _store_args(op, a)
             try:
-                send = getattr(backend, op)(*p, **kw)
+                # claim and complete, the ops of every call, skip _store_args.
+                if op == _CLAIM:
+                    send = backend.claim(a[0], a[1], lease=a[2], owner=a[3], fingerprint=a[4])
+                elif op == _COMPLETE:
+                    send = backend.complete(a[0], a[1], a[2], ttl=a[3])
+                else:
+                    p, kw = _store_args(op, a)
+                    send = getattr(backend, op)(*p, **kw)
             except BackendError as exc:
                 error = exc
 
@@ -531,16 +537,25 @@ class _Running:
         hold: Callable[[lease.Lease], Callable[[], None]],
     ) -> None:
         keys, token = a
-        # keys is None when the body runs unprotected (fail-open): nothing to renew.
-        self.leases = [lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys or ()]
-        # The primary key's lease is held last, so lease_held() reports on it.
-        self.stops = [hold(x) for x in reversed(self.leases)]
+        if keys is not None and len(keys) == 1:  # the usual case, without list building
+            held = lease.Lease(backend, keys[0], token, spec._lease, spec.name)
+            self.leases: list[lease.Lease] = [held]
+            self.stops = [hold(held)]
+        else:
+            # keys is None when the body runs unprotected (fail-open): nothing to renew.
+            self.leases = [
+                lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys or ()
+            ]
+            # The primary key's lease is held last, so lease_held() reports on it.
+            self.stops = [hold(x) for x in reversed(self.leases)]
         self.started = time.perf_counter()
 
     def done(self, value: Any, error: BaseException | None) -> _Outcome:
+        lost = False
         for stop in reversed(self.stops):  # contextvar resets must unwind in order
             stop()
-        lost = any(x.reported_lost for x in self.leases)
+        for x in self.leases:
+            lost = lost or x.reported_lost
         return _Outcome(value, error, time.perf_counter() - self.started, lost)
 
 
@@ -582,9 +597,16 @@ async def adrive(
             await asyncio.sleep(a[0])
             send = None
         else:
-            p, kw = _store_args(op, a)
             try:
-                send = await getattr(backend, _ASYNC_NAME[op])(*p, **kw)
+                if op == _CLAIM:
+                    send = await backend.aclaim(
+                        a[0], a[1], lease=a[2], owner=a[3], fingerprint=a[4]
+                    )
+                elif op == _COMPLETE:
+                    send = await backend.acomplete(a[0], a[1], a[2], ttl=a[3])
+                else:
+                    p, kw = _store_args(op, a)
+                    send = await getattr(backend, _ASYNC_NAME[op])(*p, **kw)
             except BackendError as exc:
                 error = exc
 

@@ -128,13 +128,16 @@ class _ThreadKeeper:
     """Renews the leases of every sync call in this process from one daemon thread."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # add()/remove() run on every call: a bare Lock is entered in C, where the
+        # Condition's own __enter__ would be two Python calls more each time.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._leases: dict[int, Lease] = {}
         self._thread: threading.Thread | None = None
         self._wake_at = float("inf")
 
     def add(self, lease: Lease) -> None:
-        with self._cond:
+        with self._lock:
             self._leases[id(lease)] = lease
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -145,7 +148,7 @@ class _ThreadKeeper:
                 self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
-        with self._cond:
+        with self._lock:
             self._leases.pop(id(lease), None)
 
     def _run(self) -> None:
