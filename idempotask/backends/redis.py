@@ -35,6 +35,7 @@ server's policy could evict our keys.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import hashlib
 import importlib.resources
@@ -42,6 +43,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import struct
 import threading
 import types
@@ -537,22 +539,77 @@ def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
     return conn.read_response(disable_decoding=True)
 
 
-def _execute_direct(client: Any, args: tuple[Any, ...]) -> Any:
-    """One command on a pooled connection, as redis-py's execute_command sends it."""
+class _Stash:
+    """Idle connections of a pool only this backend uses, kept out of it between commands.
+
+    Taking a connection from redis-py's pool and giving it back costs about as much CPU as
+    the command itself (a lock, pid checks, observability counters, and a non-blocking
+    read with its system calls to spot a stale connection). A backend that made its
+    client itself keeps up to :data:`_STASH_LIMIT` connections it has used cleanly and
+    takes one with a ``deque.pop()``; the pool still made them and still owns them, so
+    ``close()`` and redis-py's own health checks (``health_check_interval``, a broken
+    connection reconnecting on its next command, under the retry policy) apply. A command
+    that fails gives its connection back to the pool, which checks it before its next use.
+    Clients you pass (``limit`` 0) take and return a pooled connection per command.
+    Thread-safe without a lock: ``pop`` and ``append`` are atomic and a connection is in
+    the stash or with one command, never both. A forked child empties every stash: the
+    parent's connections are not its to use.
+    """
+
+    __slots__ = ("__weakref__", "idle", "limit", "pool")
+
+    def __init__(self, pool: Any, limit: int) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.idle: collections.deque[Any] = collections.deque()
+        if limit:
+            _stashes.add(self)
+
+    def keeps(self, conn: Any) -> bool:
+        """Whether ``conn``, which just served a command cleanly, waits here for the next."""
+        if len(self.idle) >= self.limit:
+            return False
+        # A server announcing maintenance (redis-py 6+) asks for a fresh connection.
+        reconnect = getattr(conn, "should_reconnect", None)
+        return reconnect is None or not reconnect()
+
+
+_STASH_LIMIT = 16
+_stashes: weakref.WeakSet[_Stash] = weakref.WeakSet()
+
+
+def _empty_stashes_in_child() -> None:
+    for stash in list(_stashes):
+        stash.idle.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_empty_stashes_in_child)
+
+
+def _stash_for(client: Any, owned: bool) -> _Stash:
+    """The stash for a direct client: kept connections only in a plain pool of our own."""
     pool = client.connection_pool
-    conn = pool.get_connection()
+    plain = type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
+    return _Stash(pool, _STASH_LIMIT if owned and plain else 0)
+
+
+def _execute_direct(stash: _Stash, args: tuple[Any, ...]) -> Any:
+    """One command on a kept or pooled connection, as redis-py's execute_command sends it."""
+    idle = stash.idle
+    conn = idle.pop() if idle else stash.pool.get_connection()
     try:
-        return conn.retry.call_with_retry(
+        reply = conn.retry.call_with_retry(
             lambda: _send_read(conn, args), lambda _error: conn.disconnect()
         )
-    finally:
-        try:
-            # A server announcing maintenance (redis-py 6+) asks for a fresh connection.
-            reconnect = getattr(conn, "should_reconnect", None)
-            if reconnect is not None and reconnect():
-                conn.disconnect()
-        finally:
-            pool.release(conn)
+    except BaseException:
+        stash.pool.release(conn)
+        raise
+    if stash.keeps(conn):
+        idle.append(conn)
+    else:
+        stash.pool.release(conn)  # the pool disconnects one that should reconnect
+    return reply
 
 
 async def _asend_read(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -560,16 +617,22 @@ async def _asend_read(conn: Any, args: tuple[Any, ...]) -> Any:
     return await conn.read_response(disable_decoding=True)
 
 
-async def _aexecute_direct(client: Any, args: tuple[Any, ...]) -> Any:
+async def _aexecute_direct(stash: _Stash, args: tuple[Any, ...]) -> Any:
     """Async :func:`_execute_direct`: a cancelled read disconnects inside redis-py."""
-    pool = client.connection_pool
-    conn = await pool.get_connection()
+    idle = stash.idle
+    conn = idle.pop() if idle else await stash.pool.get_connection()
     try:
-        return await conn.retry.call_with_retry(
+        reply = await conn.retry.call_with_retry(
             lambda: _asend_read(conn, args), lambda _error: conn.disconnect()
         )
-    finally:
-        await pool.release(conn)
+    except BaseException:
+        await stash.pool.release(conn)
+        raise
+    if stash.keeps(conn):
+        idle.append(conn)
+    else:
+        await stash.pool.release(conn)
+    return reply
 
 
 @dataclass(slots=True)
@@ -578,7 +641,8 @@ class _AsyncSlot:
 
     client: Any
     ready: bool = False
-    direct: bool = False  # commands go straight to pooled connections (see _direct)
+    owned: bool = True  # made by the backend (from its URL or as a twin), not passed in
+    stash: _Stash | None = None  # set when commands go straight to connections (_direct)
 
 
 class RedisBackend:
@@ -677,7 +741,7 @@ class RedisBackend:
         self._retries = retries
         self._sync_client: SyncClient | None = sync_client
         self._given_async: AsyncClient | None = async_client
-        self._given_slot = None if async_client is None else _AsyncSlot(async_client)
+        self._given_slot = None if async_client is None else _AsyncSlot(async_client, owned=False)
         self._owns_sync = sync_client is None
         self._lock = threading.Lock()
         # asyncio clients are bound to the event loop they first ran on, so the clients
@@ -690,8 +754,10 @@ class RedisBackend:
         self._policy_state = _UNCHECKED if check_eviction_policy else _CHECKED
         # False once the server refused SET NX GET (Redis < 7.0): claims then use a script.
         self._set_get = True
-        # Whether the sync client's commands go straight to its connections (see _direct).
+        # Whether the sync client's commands go straight to its connections (see _direct),
+        # and the connections they use.
         self._sync_direct: bool | None = None
+        self._sync_stash: _Stash | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -781,6 +847,9 @@ class RedisBackend:
                 return
             self._sync_client = None
             self._sync_direct = None
+            if self._sync_stash is not None:
+                self._sync_stash.idle.clear()  # closing the client disconnects them
+            self._sync_stash = None
         client.close()
 
     async def aclose(self) -> None:
@@ -794,6 +863,8 @@ class RedisBackend:
             slot = self._async_by_loop.pop(loop, None)
             self._last_async = None
         if slot is not None:
+            if slot.stash is not None:
+                slot.stash.idle.clear()  # closing the client disconnects them
             await slot.client.aclose()
 
     def dead_letter_store(self, *, prefix: str = "idempotask") -> RedisDeadLetterStore:
@@ -849,7 +920,9 @@ class RedisBackend:
         if client is None:
             client = self._make_sync()
         if self._sync_direct is None:
-            self._sync_direct = _direct(client)
+            if _direct(client):
+                self._sync_stash = _stash_for(client, self._owns_sync)
+            self._sync_direct = self._sync_stash is not None
         if self._policy_state == _UNCHECKED and self._policy_begin():
             try:
                 reply = client.config_get("maxmemory-policy", **self._config_get_args(client))
@@ -861,8 +934,9 @@ class RedisBackend:
 
     def _execute(self, client: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
         """Send one command on the sync client; the reply is raw (bytes, never decoded)."""
-        if self._sync_direct:
-            return _execute_direct(client, args)
+        stash = self._sync_stash
+        if stash is not None:
+            return _execute_direct(stash, args)
         return client.execute_command(*args, **options)
 
     async def _aclient(self) -> _AsyncSlot:
@@ -879,7 +953,8 @@ class RedisBackend:
                 # initialize() first is lock-protected and idempotent, so every early
                 # caller may await it.
                 await client.initialize()
-            slot.direct = _direct(client)
+            if _direct(client):
+                slot.stash = _stash_for(client, slot.owned)
             slot.ready = True
         if self._policy_state == _UNCHECKED and self._policy_begin():
             try:
@@ -898,8 +973,8 @@ class RedisBackend:
 
         A plain function handing back the awaitable: no coroutine of its own per command.
         """
-        if slot.direct:
-            return _aexecute_direct(slot.client, args)
+        if slot.stash is not None:
+            return _aexecute_direct(slot.stash, args)
         return slot.client.execute_command(*args, **options)  # type: ignore[no-any-return]
 
     def _ready_slot(self) -> _AsyncSlot | None:

@@ -995,3 +995,92 @@ def test_a_wrapped_execute_command_sees_every_command(
     assert run(store, mode, "complete", key, tok, b"r", ttl=30) is True
     store.close()
     assert seen == ["SET", "EVALSHA"]
+
+
+# -- kept connections ----------------------------------------------------------------------
+
+
+def _claim_for(store: RedisBackend, prefix: str, who: str, seconds: float) -> int:
+    """Re-claim ``who``'s held keys for ``seconds``; how many replies named another holder.
+
+    Every key is held by a token naming its process, so a reply read off a connection
+    the other process also uses shows up as a wrong holder.
+    """
+    wrong, i, end = 0, 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        record = store.claim(f"{prefix}:{who}:{i % 50}", "other", lease=30)
+        wrong += record.token != f"{who}-{i % 50}"
+        i += 1
+    return wrong
+
+
+def _claims_in_child(store: RedisBackend, prefix: str, go: Any, out: Any) -> None:
+    """Child side of the fork test: claims on its own keys, reporting what came back."""
+    try:
+        go.wait(30)
+        out.put(("ok", _claim_for(store, prefix, "child", 1.5)))
+    except BaseException as exc:
+        out.put(("error", repr(exc)))
+
+
+def test_a_forked_child_never_shares_the_parents_kept_connections(redis_url: str) -> None:
+    """After a fork, parent and child call on the same backend object at the same time;
+    each gets its own replies, so the child did not reuse a connection the parent kept."""
+    import multiprocessing
+
+    store = RedisBackend.from_url(redis_url, check_eviction_policy=False)
+    prefix = f"{NAMESPACE}:fork{uuid.uuid4().hex[:8]}"
+    for who in ("parent", "child"):  # and the parent now keeps connections
+        for i in range(50):
+            store.claim(f"{prefix}:{who}:{i}", f"{who}-{i}", lease=60)
+    context = multiprocessing.get_context("fork")
+    go, out = context.Event(), context.Queue()
+    child = context.Process(target=_claims_in_child, args=(store, prefix, go, out))
+    child.start()
+    try:
+        go.set()
+        wrong = _claim_for(store, prefix, "parent", 1.5)
+        result = out.get(timeout=60)
+    finally:
+        child.join(timeout=30)
+        store.close()
+    assert result == ("ok", 0)
+    assert wrong == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kept_connections_survive_a_server_restart(mode: str) -> None:
+    """A restarted server breaks every kept connection; the next call retries on a fresh
+    one and succeeds instead of failing."""
+    require_binaries()
+    servers = [RedisServer.start("--maxmemory-policy", "noeviction")]
+    store = RedisBackend.from_url(servers[0].url)
+
+    def restart() -> None:
+        old = servers[0]
+        old.kill()
+        servers.append(RedisServer.start(port=old.port, directory=old.directory))
+
+    async def scenario() -> list[bool]:
+        tok = token()
+        results = [(await store.aclaim(new_key(), tok, lease=30)).held_by(tok)]
+        restart()
+        results.append((await store.aclaim(new_key(), tok, lease=30)).held_by(tok))
+        results.append(await store.acomplete(new_key(), tok, b"r", ttl=30) is False)
+        await store.aclose()
+        return results
+
+    try:
+        if mode == "sync":
+            tok = token()
+            results = [store.claim(new_key(), tok, lease=30).held_by(tok)]
+            restart()
+            results.append(store.claim(new_key(), tok, lease=30).held_by(tok))
+            results.append(store.complete(new_key(), tok, b"r", ttl=30) is False)
+        else:
+            results = asyncio.run(scenario())
+        assert results == [True, True, True]
+    finally:
+        store.close()
+        for server in reversed(servers):
+            server.stop()
