@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import weakref
-from collections.abc import Callable, Collection, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -69,9 +68,7 @@ class Compiled:
     state), processed once; ``inputs`` are (the plan's parameter name, the name in the
     SQL, SQLAlchemy's bind processor or None); ``positions``, for positional paramstyles,
     the parameter names in placeholder order (a name may repeat). ``driver_sql`` is what
-    the direct path sends (``sql`` unless given: bytes for psycopg, which would encode the
-    string per execution, and whose query cache then finds the same bytes object, its
-    hash kept).
+    the direct path sends (``sql`` unless given).
     """
 
     __slots__ = (
@@ -144,42 +141,13 @@ def compile_statement(statement: Executable, dialect: Dialect) -> Compiled:
             constants[key] = value if process is None else process(value)
     sql = compiled.string
     positions = tuple(compiled.positiontup or ()) if compiled.positional else None
-    driver_sql: str | bytes = sql
-    if positions is None and dialect.driver in _FORMAT_DRIVERS:
-        keys = {key for _, key, _ in inputs} | constants.keys()
-        sql, positions = _positional(sql, keys) or (sql, None)
-        driver_sql = sql.encode()
+    # psycopg takes the SQL as bytes: given a str it encodes the whole statement per
+    # execution, and a new bytes object is hashed again for its query cache.
+    driver_sql = sql.encode() if dialect.driver in _BYTES_SQL else sql
     return Compiled(statement, sql, constants, tuple(inputs), positions, driver_sql)
 
 
-# Drivers with the ``pyformat`` paramstyle that take ``format`` (``%s``) as well: given
-# positional parameters, psycopg sends them as they are instead of looking up each
-# placeholder's name in a dict per execution (the claim's SQL names a dozen).
-_FORMAT_DRIVERS = frozenset({"psycopg", "psycopg_async"})
-_PYFORMAT = re.compile(r"%%|%\((\w+)\)s")
-
-
-def _positional(sql: str, keys: Collection[str]) -> tuple[str, tuple[str, ...]] | None:
-    """``sql`` with ``%(name)s`` placeholders made ``%s``, and the names in order (``%%``
-    stays a literal percent sign in both styles); None unless every placeholder names one
-    of ``keys``.
-
-    >>> _positional("SELECT %(a)s, '100%%', %(b)s, %(a)s", {"a", "b"})
-    ("SELECT %s, '100%%', %s, %s", ('a', 'b', 'a'))
-    """
-    order: list[str] = []
-
-    def placeholder(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name is None:
-            return "%%"
-        order.append(name)
-        return "%s"
-
-    converted = _PYFORMAT.sub(placeholder, sql)
-    if not set(order) <= set(keys) or converted.count("%s") != len(order):
-        return None
-    return converted, tuple(order)
+_BYTES_SQL = frozenset({"psycopg", "psycopg_async"})
 
 
 class CompiledCache:
