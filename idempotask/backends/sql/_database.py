@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
@@ -87,6 +87,19 @@ def _is_retryable(exc: BaseException) -> bool:
 
 def _finished(stop: StopIteration) -> Any:
     return stop.value
+
+
+# _greenlets.spawn, imported on the first asyncio operation (it needs greenlet, which
+# sync callers need not install).
+_spawn: Callable[..., Awaitable[Any]] | None = None
+
+
+def _load_spawn() -> Callable[..., Awaitable[Any]]:
+    global _spawn
+    from idempotask.backends.sql._greenlets import spawn
+
+    _spawn = spawn
+    return spawn
 
 
 @dataclass(slots=True)
@@ -448,8 +461,11 @@ class Database:
         # SQLAlchemy's sync code (awaiting the driver through the greenlet), and each
         # statement is one await of the driver's own coroutine (see _dbapi.Executor).
         # AsyncConnection would spawn a greenlet for the checkout and another for the
-        # return, about 40 µs more per operation.
-        return await greenlet_spawn(self._run_on, lambda: stash, operation, key, make)
+        # return, about 40 µs more per operation; a greenlet reused from one operation
+        # to the next saves making one (see _greenlets).
+        spawn = _spawn if _spawn is not None else _load_spawn()
+        result: _T = await spawn(self._run_on, lambda: stash, operation, key, make)
+        return result
 
     def _run_on(
         self,
