@@ -17,7 +17,7 @@ from typing import Any
 import idempotask
 from benchmarks.report import Plan, Row
 from benchmarks.throughput import UNIQUE, MakeCall, task_rows, thread_rows
-from benchmarks.timing import Timing, ameasure, ameasure_each, measure, measure_each
+from benchmarks.timing import Timing, ainterleaved, interleaved
 from idempotask import idempotent
 
 POSTGRES = os.environ.get(
@@ -31,7 +31,7 @@ def _decorated_rows(
     label: str,
     url: str,
     floor_name: str,
-    floor: Timing,
+    floor_call: Callable[[], Any],
     plan: Plan,
     targets: tuple[str, str],
     make_floor: MakeCall,
@@ -40,7 +40,7 @@ def _decorated_rows(
 ) -> list[Row]:
     from idempotask.backends.sql import SQLAlchemyBackend
 
-    batches, count = 100 // plan.scale, 1000 // plan.scale
+    batches = 100 // plan.scale
     table = f"idem_bench_{uuid.uuid4().hex[:8]}"
     callers = max(plan.callers)
     # One pooled connection per concurrent caller, as a deployment with that many workers
@@ -61,16 +61,36 @@ def _decorated_rows(
     async def acharge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
+    async def afloor_call() -> Any:  # the same sync floor, between the async batches
+        return floor_call()
+
     try:
         charge(1, EMAIL)
-        dup = measure(lambda: charge(1, EMAIL), batches=batches, batch=10)
-        first = measure_each(lambda i: charge(next(seq), EMAIL), count=count)
+        # The floor and the figures in turn, batch by batch (see timing.interleaved): on a
+        # shared machine a floor measured once, before, drifts away from the figures.
+        timings = interleaved(
+            {
+                "floor": floor_call,
+                "dup": lambda: charge(1, EMAIL),
+                "first": lambda: charge(next(seq), EMAIL),
+            },
+            batches=batches,
+            batch=10,
+        )
+        floor, dup, first = timings["floor"], timings["dup"], timings["first"]
         threads = thread_rows(label, plan, floor_name, make_floor, lambda i: charge(i, EMAIL))
 
-        async def async_rows() -> tuple[Timing, Timing, list[Row]]:
+        async def async_rows() -> tuple[Timing, Timing, Timing, list[Row]]:
             await acharge(1, EMAIL)
-            adup = await ameasure(lambda: acharge(1, EMAIL), batches=batches, batch=10)
-            afirst = await ameasure_each(lambda i: acharge(next(seq), EMAIL), count=count)
+            atimings = await ainterleaved(
+                {
+                    "floor": afloor_call,
+                    "dup": lambda: acharge(1, EMAIL),
+                    "first": lambda: acharge(next(seq), EMAIL),
+                },
+                batches=batches,
+                batch=10,
+            )
             tasks: list[Row] = []
             try:
                 if make_afloor is not None:
@@ -81,9 +101,9 @@ def _decorated_rows(
                 if aclose_floor is not None:
                     await aclose_floor()
                 await backend.aclose()
-            return adup, afirst, tasks
+            return atimings["floor"], atimings["dup"], atimings["first"], tasks
 
-        adup, afirst, tasks = asyncio.run(async_rows())
+        afloor, adup, afirst, tasks = asyncio.run(async_rows())
     finally:
         backend.drop_tables()
         backend.close()
@@ -91,16 +111,17 @@ def _decorated_rows(
     return [
         Row(f"{label}: duplicate call, sync", dup, floor_name, floor, dup_target),
         Row(f"{label}: first call (claim+complete), sync", first, floor_name, floor, first_target),
-        Row(f"{label}: duplicate call, async", adup, floor_name, floor, dup_target),
-        Row(f"{label}: first call, async", afirst, floor_name, floor, first_target),
+        Row(f"{label}: duplicate call, async", adup, floor_name, afloor, dup_target),
+        Row(f"{label}: first call, async", afirst, floor_name, afloor, first_target),
         *threads,
         *tasks,
     ]
 
 
-def _floor(execute: Callable[[int], Any], plan: Plan) -> Timing:
+def _floor_call(execute: Callable[[int], Any]) -> Callable[[], Any]:
+    """One floor statement per call, each with a key never used before."""
     seq = itertools.count()
-    return measure(lambda: execute(next(seq)), batches=100 // plan.scale, batch=10)
+    return lambda: execute(next(seq))
 
 
 class _PerCaller:
@@ -150,12 +171,11 @@ def postgres_rows(plan: Plan) -> list[Row]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (k text PRIMARY KEY, v bytea)")
         try:
-            floor = _floor(lambda i: conn.execute(sql, (f"k{i}", b"v")), plan)
             return _decorated_rows(
                 "postgresql",
                 POSTGRES,
                 "INSERT ON CONFLICT DO NOTHING",
-                floor,
+                _floor_call(lambda i: conn.execute(sql, (f"k{i}", b"v"))),
                 plan,
                 ("≤ 1.5x", "≤ 2.5x"),
                 make_floor,
@@ -177,8 +197,6 @@ def sqlite_rows(plan: Plan) -> list[Row]:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE floor (k TEXT PRIMARY KEY, v BLOB)")
     insert = "INSERT OR IGNORE INTO floor (k, v) VALUES (?, ?)"
-    floor = _floor(lambda i: conn.execute(insert, (f"k{i}", b"v")), plan)
-    conn.close()
     # check_same_thread=False: a caller's connection is made in its thread but closed
     # from the main one; the same busy timeout as the backend's (30 s) for the writer lock.
     make_floor = _PerCaller(
@@ -187,9 +205,16 @@ def sqlite_rows(plan: Plan) -> list[Row]:
     )
     try:
         return _decorated_rows(
-            "sqlite", f"sqlite:///{path}", "INSERT OR IGNORE", floor, plan, ("", ""), make_floor
+            "sqlite",
+            f"sqlite:///{path}",
+            "INSERT OR IGNORE",
+            _floor_call(lambda i: conn.execute(insert, (f"k{i}", b"v"))),
+            plan,
+            ("", ""),
+            make_floor,
         )
     finally:
+        conn.close()
         make_floor.close()
         for f in directory.iterdir():
             f.unlink()
@@ -228,8 +253,10 @@ def mysql_rows(plan: Plan) -> list[Row]:
     make_floor = _PerCaller(mysql_connect, insert)
     try:
         with conn.cursor() as cur:
-            floor = _floor(lambda i: cur.execute(sql, (f"k{i}", b"v")), plan)
-        return _decorated_rows("mariadb", MYSQL, "INSERT IGNORE", floor, plan, ("", ""), make_floor)
+            floor_call = _floor_call(lambda i: cur.execute(sql, (f"k{i}", b"v")))
+            return _decorated_rows(
+                "mariadb", MYSQL, "INSERT IGNORE", floor_call, plan, ("", ""), make_floor
+            )
     finally:
         make_floor.close()
         with conn.cursor() as cur:
