@@ -163,6 +163,14 @@ _T = TypeVar("_T")
 _KEY_CHARS = KEY_LENGTH // 4
 _TEXT_CHARS = TEXT_LENGTH // 4
 
+
+def _short(key: str, *texts: str) -> bool:
+    """Whether ``key`` and ``texts`` are strings short enough to fit without measuring."""
+    if type(key) is not str or len(key) > _KEY_CHARS:
+        return False
+    return all(type(text) is str and len(text) <= _TEXT_CHARS for text in texts)
+
+
 #: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
 #: the default dead-letter and breaker tables).
 records = define_table(metadata)
@@ -329,12 +337,8 @@ class SQLAlchemyBackend:
     def _check_key(key: str, *texts: tuple[str, str]) -> None:
         """Refuse values longer than their columns, the same way on every database (SQLite
         would store them, PostgreSQL and MySQL fail with a driver error)."""
-        if type(key) is str and len(key) <= _KEY_CHARS:
-            for _, value in texts:
-                if type(value) is not str or len(value) > _TEXT_CHARS:
-                    break
-            else:  # short strings: they fit, whatever their UTF-8 length
-                return
+        if _short(key, *[value for _, value in texts]):
+            return
         for name, value, limit in (
             ("key", key, KEY_LENGTH),
             *((n, v, TEXT_LENGTH) for n, v in texts),
@@ -347,21 +351,28 @@ class SQLAlchemyBackend:
                     f"UTF-8; the SQL store holds a {name} of up to {limit} bytes"
                 )
 
+    # claim and complete/fail are on every call's path: their plans take the dialect
+    # directly, and their checks start with the common case.
+
     def _claim_plan(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> Callable[[Flavour], Plan[Record]]:
-        self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
+    ) -> Callable[[Dialect], Plan[Record]]:
+        if not _short(key, token, owner, fingerprint):
+            self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
         lease = seconds(lease, "lease")
-        return lambda flavour: plan_claim(
-            self._sql, flavour, key, token, lease=lease, owner=owner, fingerprint=fingerprint
+        sql, flavour = self._sql, self._flavour
+        return lambda dialect: plan_claim(
+            sql, flavour(dialect), key, token, lease=lease, owner=owner, fingerprint=fingerprint
         )
 
     def _finish_plan(
         self, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> Callable[[Flavour], Plan[bool]]:
-        self._check_key(key, ("token", token))
+    ) -> Callable[[Dialect], Plan[bool]]:
+        if not _short(key, token):
+            self._check_key(key, ("token", token))
         ttl = seconds(ttl, "ttl")
-        return lambda flavour: plan_finish(self._sql, flavour, key, token, payload, ttl, state)
+        sql, flavour = self._sql, self._flavour
+        return lambda dialect: plan_finish(sql, flavour(dialect), key, token, payload, ttl, state)
 
     def _renew_plan(self, key: str, token: str, lease: float) -> Callable[[Flavour], Plan[bool]]:
         self._check_key(key, ("token", token))
@@ -377,7 +388,8 @@ class SQLAlchemyBackend:
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
-        return self._run("claim", key, self._claim_plan(key, token, lease, owner, fingerprint))
+        plan = self._claim_plan(key, token, lease, owner, fingerprint)
+        return self.database.run("claim", key, plan)
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a result for the claim held with ``token``; True when stored (or already).
@@ -388,7 +400,7 @@ class SQLAlchemyBackend:
         (True, b'42')
         """
         plan = self._finish_plan(key, token, payload, ttl, State.COMPLETED)
-        return self._run("complete", key, plan)
+        return self.database.run("complete", key, plan)
 
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a failure for the claim held with ``token``; True when stored (or already).
@@ -398,7 +410,8 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        return self._run("fail", key, self._finish_plan(key, token, payload, ttl, State.FAILED))
+        plan = self._finish_plan(key, token, payload, ttl, State.FAILED)
+        return self.database.run("fail", key, plan)
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """Restart the lease of the claim held with ``token``; False when it is not held.
@@ -447,19 +460,18 @@ class SQLAlchemyBackend:
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Record:
         """Async :meth:`claim`."""
-        return await self._arun(
-            "claim", key, self._claim_plan(key, token, lease, owner, fingerprint)
-        )
+        plan = self._claim_plan(key, token, lease, owner, fingerprint)
+        return await self.database.arun("claim", key, plan)
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`complete`."""
         plan = self._finish_plan(key, token, payload, ttl, State.COMPLETED)
-        return await self._arun("complete", key, plan)
+        return await self.database.arun("complete", key, plan)
 
     async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`fail`."""
         plan = self._finish_plan(key, token, payload, ttl, State.FAILED)
-        return await self._arun("fail", key, plan)
+        return await self.database.arun("fail", key, plan)
 
     async def arenew(self, key: str, token: str, *, lease: float) -> bool:
         """Async :meth:`renew`."""

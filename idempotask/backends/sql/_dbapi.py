@@ -183,9 +183,9 @@ def _observed(conn: Connection) -> bool:
     ``Connection`` to listen on it, and each one joins its engine's dispatcher anew,
     which made these look-ups cost 7 µs per operation.
     """
-    engine = conn.engine
-    # SQLAlchemy's own gate for statement events: false until a listener is added to this
-    # engine (or to every Engine), when the listeners themselves are looked at.
+    engine, dialect = conn.engine, conn.dialect
+    # SQLAlchemy's own gates for these events: false until a listener is added to the
+    # engine (or to every Engine) or its dialect; only then are the listeners looked at.
     if getattr(engine, "_has_events", True):
         dispatch = engine.dispatch
         if (
@@ -195,7 +195,9 @@ def _observed(conn: Connection) -> bool:
             or dispatch.after_execute
         ):
             return True
-    return bool(conn.dialect.dispatch.handle_error) or engine.logger.isEnabledFor(logging.INFO)
+    if getattr(dialect, "_has_events", True) and dialect.dispatch.handle_error:
+        return True
+    return engine.logger.isEnabledFor(logging.INFO)
 
 
 async def _execute_on_async_cursor(

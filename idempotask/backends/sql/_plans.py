@@ -565,9 +565,9 @@ def plan_claim(
         if flavour == "postgresql":
             rows = yield Step(sql.claim_postgresql, params)
             if rows:
-                taken, *fields = rows[0]
-                record = parse_record(key, tuple(fields))
-                if taken or not _takeable_record(record, token, owner):
+                row = rows[0]  # (taken, *the record)
+                record = parse_record(key, row[1:])
+                if row[0] or not _takeable_record(record, token, owner):
                     return record
             # Nothing came back, or our snapshot showed a record we could re-take while
             # the upsert found a newer version: a concurrent commit our snapshot missed.

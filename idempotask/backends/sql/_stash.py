@@ -173,7 +173,7 @@ class Stash:
             oldest = idle[0]
         except IndexError:
             return
-        if now >= oldest[1]:
+        if oldest is not entry and now >= oldest[1]:
             try:
                 idle.remove(oldest)
             except ValueError:  # taken meanwhile
