@@ -367,3 +367,79 @@ def test_a_forked_child_exiting_normally_leaves_the_parents_connections_working(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok" in result.stdout
     assert "SAWarning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_statement_the_server_cancels_on_a_kept_connection_fails_once_and_keeps_it(
+    mode: str,
+) -> None:
+    """A complete waiting on a row lock is cancelled by the server (statement_timeout):
+    BackendError, and the connection (clean: the server cancelled the statement) goes
+    back to the pool and serves the next calls; nothing is left in a transaction."""
+    url = service_url("postgres")
+    store = backend(url, statement_timeout=0.5)
+    locker = create_engine(url)
+    k, t = key(), uuid.uuid4().hex
+
+    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
+        if mode == "sync":
+            return getattr(store, operation)(*args, **kwargs)
+        return await getattr(store, "a" + operation)(*args, **kwargs)
+
+    async def kept() -> _stash.Stash:
+        if mode == "sync":
+            return store.database._sync_stash()
+        return (await store.database._async_stash()).stash
+
+    async def scenario() -> None:
+        assert (await call("claim", k, t, lease=60)).held_by(t)
+        before = _session_ids(store, await kept())
+        with locker.begin() as conn:
+            conn.execute(text(f"SELECT 1 FROM {TABLE} WHERE key = :k FOR UPDATE"), {"k": k})
+            with pytest.raises(BackendError, match="canceling statement due to statement"):
+                await call("complete", k, t, b"r", ttl=60)
+        assert len(await kept()) == 0
+        assert await call("complete", k, t, b"r", ttl=60)
+        assert _session_ids(store, await kept()) == before
+        assert await call("delete", k)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        locker.dispose()
+
+
+def test_an_async_call_cancelled_on_a_kept_connection_discards_it() -> None:
+    """An async complete on a kept connection, cancelled while it waits for a row lock:
+    the connection, still busy with the statement, is discarded (neither kept nor
+    pooled), and the calls after it see a consistent record."""
+    url = service_url("postgres")
+    store = backend(url)
+    locker = create_engine(url)
+    k, t = key(), uuid.uuid4().hex
+
+    async def scenario() -> None:
+        assert (await store.aclaim(k, t, lease=60)).held_by(t)
+        kept = (await store.database._async_stash()).stash
+        busy = _session_ids(store, kept)
+        with locker.begin() as conn:
+            conn.execute(text(f"SELECT 1 FROM {TABLE} WHERE key = :k FOR UPDATE"), {"k": k})
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(store.acomplete(k, t, b"late", ttl=60), 0.3)
+            assert len(kept) == 0
+        for _ in range(3):
+            record = await store.aget(k)
+            assert record is not None
+            assert record.token == t
+        assert _session_ids(store, kept) != busy
+        assert await store.acomplete(k, t, b"r", ttl=60)  # stored, or already
+        assert await store.adelete(k)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        locker.dispose()

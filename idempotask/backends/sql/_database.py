@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
@@ -27,7 +27,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from idempotask.backends.sql import _dbapi, _engines
 from idempotask.backends.sql._plans import Plan, seconds
-from idempotask.backends.sql._stash import Stash, capacity
+from idempotask.backends.sql._stash import Entry, Stash, capacity
 from idempotask.backends.sql._timeouts import client_bound
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 
@@ -91,10 +91,10 @@ def _finished(stop: StopIteration) -> Any:
 
 # _greenlets.spawn, imported on the first asyncio operation (it needs greenlet, which
 # sync callers need not install).
-_spawn: Callable[..., Awaitable[Any]] | None = None
+_spawn: _dbapi.Spawn | None = None
 
 
-def _load_spawn() -> Callable[..., Awaitable[Any]]:
+def _load_spawn() -> _dbapi.Spawn:
     global _spawn
     from idempotask.backends.sql._greenlets import spawn
 
@@ -148,6 +148,19 @@ class _AsyncStash:
 
     engine_of: AsyncEngine
     stash: Stash
+
+
+def _failed_on(stash: Stash, entry: Entry, exc: BaseException) -> None:
+    """After a plan failed on ``entry``'s connection (in a greenlet)."""
+    entry[0].abandon(exc)
+    stash.discard(entry)
+
+
+def _returned(*entries: Entry | None) -> None:
+    """Return these connections to their pool (in a greenlet)."""
+    for entry in entries:
+        if entry is not None:
+            entry[0].close()
 
 
 def _stop_guard(guard: AsyncGenerator[None, None]) -> None:
@@ -464,7 +477,44 @@ class Database:
         # return, about 40 µs more per operation; a greenlet reused from one operation
         # to the next saves making one (see _greenlets).
         spawn = _spawn if _spawn is not None else _load_spawn()
+        entry = stash.take_kept()
+        if entry is not None:
+            # A kept connection whose driver we await directly: no greenlet at all, unless
+            # something has to be returned to the pool or discarded.
+            try:
+                direct: _T = await self._arun_kept(stash, entry, make, spawn)
+                return direct
+            except (SQLAlchemyError, OSError, UnicodeDecodeError) as exc:
+                if not _is_retryable(exc):
+                    raise self.error(operation, key, exc) from exc
+                # A deadlock victim runs again, as in _run_on.
         result: _T = await spawn(self._run_on, lambda: stash, operation, key, make)
+        return result
+
+    @staticmethod
+    async def _arun_kept(
+        stash: Stash, entry: Entry, make: Callable[[Dialect], Plan[_T]], spawn: _dbapi.Spawn
+    ) -> _T:
+        """:meth:`_run_on`'s plan loop, in the coroutine, on a kept connection whose
+        executor awaits the driver directly (see ``Executor.acall``)."""
+        execute = entry[0]
+        try:
+            plan = make(execute.dialect)
+            reply: Any = None
+            while True:
+                try:
+                    step = plan.send(reply)
+                except StopIteration as stop:
+                    result: _T = _finished(stop)
+                    break
+                reply = await execute.acall(step, spawn)
+        except BaseException as exc:
+            await spawn(_failed_on, stash, entry, exc)
+            raise
+        kept = stash.keep(entry)
+        oldest = stash.due(entry)
+        if not kept or oldest is not None:
+            await spawn(_returned, None if kept else entry, oldest)
         return result
 
     def _run_on(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -44,7 +44,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from idempotask.backends.sql._plans import Step
 from idempotask.backends.sql._timeouts import Watch, socket_of, watchdog
 
-__all__ = ["Compiled", "CompiledCache", "Executor", "compile_statement"]
+__all__ = ["Compiled", "CompiledCache", "Executor", "Spawn", "compile_statement"]
 
 _Processor = Callable[[Any], Any]
 
@@ -235,6 +235,9 @@ async def _execute_on_aiosqlite(
 
 
 _AsyncExecute = Callable[[Any, list[Any], str | bytes, Any, Step], Coroutine[Any, Any, Any]]
+#: How a coroutine runs a sync function in a greenlet (SQLAlchemy's greenlet_spawn, or
+#: _greenlets.spawn).
+Spawn = Callable[..., Awaitable[Any]]
 
 # An asyncio dialect's ``driver`` -> how its driver connection runs a statement.
 _ASYNC_DRIVERS: dict[str, _AsyncExecute] = {
@@ -332,11 +335,55 @@ class Executor:
             raise self._timed_out(None)
         return reply
 
-    def _execute(self, step: Step) -> Any:
+    @property
+    def awaits_directly(self) -> bool:
+        """Whether :meth:`acall` can run this operation's statements: an asyncio driver
+        with a direct path, and nothing watching the engine's statements."""
+        return self._direct and self._async is not None
+
+    async def acall(self, step: Step, spawn: Spawn) -> Any:
+        """:meth:`__call__` from a coroutine, without a greenlet: the driver's coroutine is
+        awaited here. What may need SQLAlchemy's greenlet (discarding a connection after
+        an error or a timeout) runs in one, through ``spawn``. Only when
+        :attr:`awaits_directly`."""
+        compiled = self._compiled_for(step)
+        params = compiled.parameters(step.params)
+        watch, dog = self._watch, self._dog
+        if watch is not None and dog is not None:
+            dog.start(watch, self._bound)  # type: ignore[arg-type]
+        try:
+            reply = await self._async(  # type: ignore[misc]
+                self._fairy.driver_connection, self._held, compiled.driver_sql, params, step
+            )
+        except BaseException as exc:
+            fired = watch is not None and dog is not None and dog.stop(watch)
+            return await spawn(self._settle, step, compiled.sql, exc, fired)
+        if watch is not None and dog is not None and dog.stop(watch):
+            await spawn(self._settle, step, compiled.sql, None, True)
+        return reply
+
+    def _settle(self, step: Step, sql: str, exc: BaseException | None, fired: bool) -> Any:
+        """After :meth:`acall`'s statement raised ``exc`` or outlived its bound: the reply,
+        or the exception, that :meth:`__call__` would give (in a greenlet)."""
+        try:
+            reply = None if exc is None else self._outcome(step, sql, exc)
+        except BaseException as error:
+            if fired:
+                raise self._timed_out(error) from error
+            raise
+        if fired:
+            raise self._timed_out(None)
+        return reply
+
+    def _compiled_for(self, step: Step) -> Compiled:
         compiled = self._compiled.get(id(step.statement))
         if compiled is None:
             compiled = compile_statement(step.statement, self._dialect)
             self._compiled[id(step.statement)] = compiled
+        return compiled
+
+    def _execute(self, step: Step) -> Any:
+        compiled = self._compiled_for(step)
         params = compiled.parameters(step.params)
         if not self._direct:
             try:
@@ -356,16 +403,22 @@ class Executor:
                 cursor = self._cursor = self._fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
             cursor.execute(sql, params)
             return step.take(cursor.fetchall() if step.fetches else (), cursor.rowcount)
-        except Exception as exc:
-            error = self._failed(exc, compiled.sql)
+        except BaseException as exc:
+            return self._outcome(step, compiled.sql, exc)
+
+    def _outcome(self, step: Step, sql: str, exc: BaseException) -> Any:
+        """The reply to a statement the driver failed with ``exc``: a refused INSERT's, or
+        else SQLAlchemy's exception, raised after discarding the connection if it cannot
+        be trusted."""
+        if isinstance(exc, Exception):
+            error = self._failed(exc, sql)
             if isinstance(error, IntegrityError):
                 return step.refused(error)
             raise error from exc
-        except BaseException as exc:
-            # Interrupted mid-statement (a cancelled task, Ctrl-C): the connection may still
-            # be busy with it, so it must not go back to the pool.
-            self._conn.invalidate(exc)
-            raise
+        # Interrupted mid-statement (a cancelled task, Ctrl-C): the connection may still
+        # be busy with it, so it must not go back to the pool.
+        self._conn.invalidate(exc)
+        raise exc
 
     def _timed_out(self, exc: BaseException | None) -> TimeoutError:
         """The watchdog shut this connection's socket down: discard the connection, and

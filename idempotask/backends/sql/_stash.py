@@ -51,7 +51,7 @@ from sqlalchemy.pool import QueuePool
 
 from idempotask.backends.sql._dbapi import CompiledCache, Executor
 
-__all__ = ["MAX_AGE", "Stash", "capacity"]
+__all__ = ["MAX_AGE", "Entry", "Stash", "capacity"]
 
 #: Seconds a connection may stay checked out of its pool across operations.
 MAX_AGE = 1.0
@@ -148,15 +148,39 @@ class Stash:
             _exit_hook_registered()
         return Executor(conn, self._compiled, self._bound), monotonic() + MAX_AGE, self._epoch
 
+    def take_kept(self) -> Entry | None:
+        """The newest waiting connection if it can be used as it is, by a coroutine
+        without a greenlet (:meth:`~idempotask.backends.sql._dbapi.Executor.acall`): fresh,
+        and its executor awaits the driver directly; else None (and :meth:`take`)."""
+        idle = self._idle
+        try:
+            entry = idle.pop()
+        except IndexError:
+            return None
+        if entry[2] == self._epoch and monotonic() < entry[1]:
+            entry[0].refresh()
+            if entry[0].awaits_directly:
+                return entry
+        idle.append(entry)  # take() returns it to the pool, or runs it in a greenlet
+        return None
+
     def give(self, entry: Entry) -> None:
         """After an operation that succeeded: keep the connection for the next one, or
-        return it to the pool."""
+        return it to the pool; and return the oldest waiting one if it is due."""
+        if not self.keep(entry):
+            entry[0].close()
+        oldest = self.due(entry)
+        if oldest is not None:
+            oldest[0].close()
+
+    def keep(self, entry: Entry) -> bool:
+        """:meth:`give`'s first half, without I/O: whether the connection went back into
+        the stash (else the caller returns it to the pool)."""
         execute, due, epoch = entry
         conn = execute.connection
         idle = self._idle
-        now = monotonic()
         if (
-            now < due
+            monotonic() < due
             and epoch == self._epoch
             and len(idle) < self.size
             and not conn.invalidated
@@ -165,20 +189,25 @@ class Stash:
             if self._async and not idle:
                 _async_held.add(self)
             idle.append(entry)
-        else:
-            execute.close()
-        # The oldest connection waiting (one used by a thread that stopped calling, say)
-        # goes back to the pool once it is due.
+            return True
+        return False
+
+    def due(self, entry: Entry) -> Entry | None:
+        """:meth:`give`'s second half, without I/O: the oldest waiting connection (one used
+        by a thread that stopped calling, say), taken out of the stash for the caller to
+        return to the pool, if it is due; ``entry`` (just put back) never is."""
+        idle = self._idle
         try:
             oldest = idle[0]
         except IndexError:
-            return
-        if oldest is not entry and now >= oldest[1]:
-            try:
-                idle.remove(oldest)
-            except ValueError:  # taken meanwhile
-                return
-            oldest[0].close()
+            return None
+        if oldest is entry or monotonic() < oldest[1]:
+            return None
+        try:
+            idle.remove(oldest)
+        except ValueError:  # taken meanwhile
+            return None
+        return oldest
 
     def discard(self, entry: Entry) -> None:
         """After an operation that failed: its connection goes back to the pool (the
