@@ -12,8 +12,11 @@ reads them.
 Connections still come from SQLAlchemy's pool through a ``Connection``, which sets and
 resets the isolation level of an engine you passed, returns the connection to the pool
 (fork safety and ``dispose()`` included) and is invalidated the way SQLAlchemy does it
-when the database drops it. An asyncio engine's ``Connection`` is used the way
-SQLAlchemy's asyncio extension uses it, inside a greenlet (see :class:`Executor`).
+when the database drops it; on the engines the stores make, one stays checked out
+across back-to-back operations (see :mod:`~idempotask.backends.sql._stash`), with its
+executor and cursor. An asyncio engine's ``Connection`` is used the way SQLAlchemy's
+asyncio extension uses it, inside a greenlet, or, once checked out, by the calling
+coroutine itself (see :class:`Executor`).
 
 Statements go through SQLAlchemy's own execution instead (``exec_driver_sql``, with the
 same compiled SQL) when something watches the engine's statements (event listeners for
@@ -254,10 +257,12 @@ class Executor:
     A sync driver runs the statements of one checkout on one cursor (a cursor made and
     closed per statement cost psycopg about 17,000 instructions, an eighth of its work
     for the statement). An asyncio engine's ``Connection`` is used inside a greenlet (the
-    backend runs a whole operation in one ``greenlet_spawn``: checkout, plan and return),
-    where the driver's own coroutine runs through ``AdaptedConnection.run_async``: one
-    switch out of the greenlet per statement, where SQLAlchemy's adapted cursor takes
-    several (and aiosqlite several thread hops).
+    backend runs a whole operation in one greenlet: checkout, plan and return), where
+    the driver's own coroutine runs through ``AdaptedConnection.run_async``: one switch
+    out of the greenlet per statement, where SQLAlchemy's adapted cursor takes several
+    (and aiosqlite several thread hops). On a connection already checked out,
+    :meth:`acall` awaits the driver's coroutine from the calling coroutine, with no
+    greenlet unless a connection must be discarded.
     """
 
     __slots__ = (
