@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,3 +444,57 @@ def test_an_async_call_cancelled_on_a_kept_connection_discards_it() -> None:
     finally:
         store.close()
         locker.dispose()
+
+
+def test_a_caller_waiting_for_the_pool_gets_the_next_connection_that_finishes() -> None:
+    """Every connection of the pool is out and a caller waits in the pool (it found the
+    stash empty): the next operation to finish returns its connection to the pool rather
+    than keeping it in the stash, so that caller goes on while the others still wait."""
+    url = service_url("postgres")
+    options = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
+    # No statement timeout: the completes wait for their locks until they are released.
+    store = backend(url, engine_options=options, statement_timeout=None)
+    locker = create_engine(url, isolation_level="AUTOCOMMIT")
+    first, second = key(), key()
+    for k in (first, second):
+        assert store.claim(k, "t", lease=60).held_by("t")
+    engine = store._sync_engine()
+    locks = [locker.connect(), locker.connect()]
+    try:
+        for conn, k in zip(locks, (first, second), strict=True):
+            conn.exec_driver_sql("BEGIN")
+            conn.execute(text(f"SELECT 1 FROM {TABLE} WHERE key = :k FOR UPDATE"), {"k": k})
+        # Two completes wait for the row locks, each on one of the pool's two connections.
+        blocked = [
+            threading.Thread(target=store.complete, args=(k, "t", b"r"), kwargs={"ttl": 60})
+            for k in (first, second)
+        ]
+        for thread in blocked:
+            thread.start()
+        while engine.pool.checkedout() < 2:
+            time.sleep(0.01)
+        first_still_waiting: list[bool] = []
+
+        def waiter() -> None:
+            assert store.get(first) is not None
+            first_still_waiting.append(blocked[0].is_alive())
+
+        waiting = threading.Thread(target=waiter)
+        waiting.start()
+        time.sleep(0.2)  # the waiter is in the pool's queue now
+        assert not first_still_waiting
+        locks[1].exec_driver_sql("COMMIT")  # the second complete finishes
+        waiting.join(15)
+        # The waiter got the second complete's connection: it did not wait until the pool's
+        # timeout (5 s, then it fails) or the first complete gave its connection up.
+        assert first_still_waiting == [True]
+        locks[0].exec_driver_sql("COMMIT")
+        for thread in blocked:
+            thread.join(30)
+    finally:
+        for conn in locks:
+            conn.close()
+        locker.dispose()
+        for k in (first, second):
+            store.delete(k)
+        store.close()

@@ -27,7 +27,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from idempotask.backends.sql import _dbapi, _engines
 from idempotask.backends.sql._plans import Plan, seconds
-from idempotask.backends.sql._stash import Entry, Stash, capacity
+from idempotask.backends.sql._stash import Entry, Stash, capacity, max_overflow
 from idempotask.backends.sql._timeouts import client_bound
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 
@@ -323,8 +323,10 @@ class Database:
             engine = self.sync_engine()
             with self._lock:
                 if self._stash is None:
-                    size = capacity(engine, self._engine_options) if self._owns_engine else 0
-                    self._stash = Stash(engine, self.compiled, self.bound, size)
+                    options = self._engine_options
+                    size = capacity(engine, options) if self._owns_engine else 0
+                    overflow = max_overflow(options)
+                    self._stash = Stash(engine, self.compiled, self.bound, size, overflow)
                 stash = self._stash
         return stash
 
@@ -354,8 +356,10 @@ class Database:
             stale: list[_LoopEngine] = []
             if slot is None or slot.loop is not loop:
                 engine = self._new_async_engine()
-                size = capacity(engine.sync_engine, self._engine_options)
-                stash = Stash(engine.sync_engine, self.compiled, self.bound, size)
+                options = self._engine_options
+                size = capacity(engine.sync_engine, options)
+                overflow = max_overflow(options)
+                stash = Stash(engine.sync_engine, self.compiled, self.bound, size, overflow)
                 slot = _LoopEngine(loop, engine, stash)
                 stale = [s for s in self.loops.values() if s.loop.is_closed()]
                 for old in stale:

@@ -14,9 +14,10 @@ The pool stays in charge:
   stash (their pools serve only the stores sharing it); an engine you pass is checked out
   and returned per operation, so its pool is shared with your code exactly as configured.
 * At most :func:`capacity` connections wait in a stash: ``pool_size``, and never the
-  pool's last connection (so ``create_tables()`` or your own ``engine.connect()`` always
-  finds one); none without a ``QueuePool``, or with ``pool_pre_ping`` (a ping per
-  checkout was asked for, so each operation checks out).
+  pool's last connection (so ``create_tables()`` always finds one); none without a
+  ``QueuePool``, or with ``pool_pre_ping`` (a ping per checkout was asked for, so each
+  operation checks out). When every connection the pool may open is out, one that
+  finishes goes back to the pool, where a caller may be waiting, not into the stash.
 * A connection goes back through the pool at most :data:`MAX_AGE` after it came out of
   it, so ``pool_recycle``, invalidation after a disconnect and ``dispose()`` apply within
   a second; the oldest waiting connection is returned once it is due.
@@ -51,7 +52,7 @@ from sqlalchemy.pool import QueuePool
 
 from idempotask.backends.sql._dbapi import CompiledCache, Executor
 
-__all__ = ["MAX_AGE", "Entry", "Stash", "capacity"]
+__all__ = ["MAX_AGE", "Entry", "Stash", "capacity", "max_overflow"]
 
 #: Seconds a connection may stay checked out of its pool across operations.
 MAX_AGE = 1.0
@@ -85,10 +86,15 @@ def capacity(engine: Engine, options: Mapping[str, Any]) -> int:
     if not isinstance(pool, QueuePool) or options.get("pool_pre_ping"):
         return 0
     size = pool.size()
-    overflow = int(options.get("max_overflow", 10))
+    overflow = max_overflow(options)
     if size <= 0:  # pool_size=0: no limit, and nothing kept idle by the pool either
         return 0
     return size if overflow < 0 else max(0, min(size, size + overflow - 1))
+
+
+def max_overflow(options: Mapping[str, Any]) -> int:
+    """The ``max_overflow`` of a ``QueuePool`` made with ``options`` (-1: no limit)."""
+    return int(options.get("max_overflow", 10))
 
 
 class Stash:
@@ -107,16 +113,25 @@ class Stash:
         "_compiled",
         "_epoch",
         "_idle",
+        "_overflow",
         "_pid",
         "engine",
         "size",
     )
 
     def __init__(
-        self, engine: Engine, compiled: CompiledCache, bound: float | None, size: int
+        self,
+        engine: Engine,
+        compiled: CompiledCache,
+        bound: float | None,
+        size: int,
+        overflow: int = -1,
     ) -> None:
         self.engine = engine
         self.size = size
+        # The pool's max_overflow (-1: no limit): once that many connections beyond its
+        # size exist and none is left in the pool, a caller may be waiting for one.
+        self._overflow = overflow
         self._compiled = compiled
         self._bound = bound
         self._idle: deque[Entry] = deque()
@@ -185,12 +200,22 @@ class Stash:
             and len(idle) < self.size
             and not conn.invalidated
             and not conn.in_transaction()
+            and not self._exhausted()
         ):
             if self._async and not idle:
                 _async_held.add(self)
             idle.append(entry)
             return True
         return False
+
+    def _exhausted(self) -> bool:
+        """Whether every connection the pool may open is out of it: then a caller may be
+        waiting in the pool (it found the stash empty), so a connection goes back there
+        rather than into the stash, where that caller would not see it."""
+        if self._overflow < 0:
+            return False
+        pool: QueuePool = self.engine.pool  # type: ignore[assignment]
+        return pool.overflow() >= self._overflow and pool.checkedin() == 0
 
     def due(self, entry: Entry) -> Entry | None:
         """:meth:`give`'s second half, without I/O: the oldest waiting connection (one used
