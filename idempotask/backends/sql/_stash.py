@@ -2,7 +2,7 @@
 
 Checking a connection out of SQLAlchemy's pool and back in runs about 80,000 instructions
 per operation (a ``Connection``, the pool's proxy with its finalizer, events, the pool's
-queue): as many as psycopg's own work for the statement, and on a cold CPU cache, between
+queue): two thirds of psycopg's own work for a statement, and on a cold CPU cache, between
 two round trips, 25 µs (sync) to 100 µs (asyncio) of CPU. A :class:`Stash` keeps a few
 connections checked out, each with its :class:`~idempotask.backends.sql._dbapi.Executor`,
 so that the next operation takes one with a ``deque.pop()``: the claim and the complete of
@@ -30,9 +30,10 @@ The pool stays in charge:
 Where stashed connections go when their owner stops (see ``_database``): ``close()`` and
 an event loop's shutdown return them to the pool; before a ``fork()`` a sync stash is
 returned to the pool in the parent, so a child never holds the parent's connections out of
-it; at interpreter exit (and in a forked child) what is left is detached from its pool
-without I/O, so SQLAlchemy's finalizers never try to return, on a closed event loop or in
-the wrong process, a connection they cannot safely touch.
+it; at interpreter exit a sync stash returns its connections, and the connections of an
+asyncio stash, or a parent's left in a forked child, are detached from their pool without
+I/O, so SQLAlchemy's finalizers never try to return, on a closed event loop or in the
+wrong process, a connection they cannot safely touch.
 """
 
 from __future__ import annotations
