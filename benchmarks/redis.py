@@ -29,7 +29,7 @@ def rows(plan: Plan) -> list[Row]:
 
     from idempotask.backends.redis import RedisBackend
 
-    batches, count = 100 // plan.scale, 2000 // plan.scale
+    batches = 100 // plan.scale
     ns = f"bench{uuid.uuid4().hex[:8]}"
     backend = RedisBackend.from_url(URL)
     idempotask.configure(backend=backend, namespace=ns)
