@@ -37,7 +37,11 @@ def _decorated_rows(
     make_floor: MakeCall,
     make_afloor: MakeCall | None = None,
     aclose_floor: Callable[[], Awaitable[None]] | None = None,
+    async_floor: tuple[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]] | None = None,
 ) -> list[Row]:
+    """Rows for one SQL store. ``async_floor``: the floor statement through the driver's
+    asyncio connection (its name, and a coroutine making the call), measured in turn with
+    the async figures, which are then shown beside it as well as beside the sync floor."""
     from idempotask.backends.sql import SQLAlchemyBackend
 
     batches = 100 // plan.scale
@@ -52,6 +56,7 @@ def _decorated_rows(
     backend.create_tables()
     idempotask.configure(backend=backend, namespace=f"bench{uuid.uuid4().hex[:6]}")
     seq = itertools.count()
+    native_rows: list[Row] = []
 
     @idempotent(name=f"bench.{label}.charge")
     def charge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
@@ -82,15 +87,32 @@ def _decorated_rows(
 
         async def async_rows() -> tuple[Timing, Timing, Timing, list[Row]]:
             await acharge(1, EMAIL)
-            atimings = await ainterleaved(
-                {
-                    "floor": afloor_call,
-                    "dup": lambda: acharge(1, EMAIL),
-                    "first": lambda: acharge(next(seq), EMAIL),
-                },
-                batches=batches,
-                batch=10,
-            )
+            fns: dict[str, Callable[[], Awaitable[Any]]] = {
+                "floor": afloor_call,
+                "dup": lambda: acharge(1, EMAIL),
+                "first": lambda: acharge(next(seq), EMAIL),
+            }
+            if async_floor is not None:
+                fns["native"] = await async_floor[1]()
+            atimings = await ainterleaved(fns, batches=batches, batch=10)
+            if "native" in atimings:
+                name, native = async_floor[0] if async_floor else "", atimings["native"]
+                native_rows.extend(
+                    [
+                        Row(
+                            f"{label}: duplicate call, async (async floor)",
+                            atimings["dup"],
+                            name,
+                            native,
+                        ),
+                        Row(
+                            f"{label}: first call, async (async floor)",
+                            atimings["first"],
+                            name,
+                            native,
+                        ),
+                    ]
+                )
             tasks: list[Row] = []
             try:
                 if make_afloor is not None:
@@ -113,6 +135,7 @@ def _decorated_rows(
         Row(f"{label}: first call (claim+complete), sync", first, floor_name, floor, first_target),
         Row(f"{label}: duplicate call, async", adup, floor_name, afloor, dup_target),
         Row(f"{label}: first call, async", afirst, floor_name, afloor, first_target),
+        *native_rows,
         *threads,
         *tasks,
     ]
@@ -181,6 +204,9 @@ def postgres_rows(plan: Plan) -> list[Row]:
                 make_floor,
                 make_afloor,
                 aclose_floor,
+                # The same statement on psycopg's asyncio connection: a second floor for
+                # the async rows, with the driver's own asyncio path counted in it too.
+                ("INSERT ON CONFLICT DO NOTHING (async psycopg)", lambda: make_afloor(-1)),
             )
         finally:
             make_floor.close()
