@@ -1038,16 +1038,19 @@ class RedisBackend:
     # a key or returns what holds it. Only a claim the caller may re-take (its own token,
     # its owner) and servers older than 7.0 (no NX with GET) go through claim.lua.
 
-    def _set_get_failed(self, exc: ResponseError) -> bool:
-        """Whether ``exc`` is an old server refusing NX with GET (then: use the script)."""
-        if "syntax error" not in str(exc).lower():
-            return False
-        self._set_get = False
-        logger.info(
-            "redis backend: %s refuses SET NX GET (Redis < 7.0); claims use a script",
-            self._server,
-        )
-        return True
+    def _set_get_error(self, key: str, exc: Exception) -> None:
+        """Raise the store error for a failed SET NX GET claim, unless it was an old
+        server refusing NX with GET: then claims use the script from now on (return)."""
+        if isinstance(exc, IdempotaskError):
+            raise exc
+        if isinstance(exc, ResponseError) and "syntax error" in str(exc).lower():
+            self._set_get = False
+            logger.info(
+                "redis backend: %s refuses SET NX GET (Redis < 7.0); claims use a script",
+                self._server,
+            )
+            return
+        raise self._error("claim", key, exc) from exc
 
     @staticmethod
     def _claimed(
@@ -1063,8 +1066,18 @@ class RedisBackend:
             return None
         return record
 
-    def _claim_fields(self, token: str, owner: str, fingerprint: str) -> tuple[bytes, bytes, bytes]:
-        return _field(token, "token"), _field(owner, "owner"), _field(fingerprint, "fingerprint")
+    @staticmethod
+    def _claim_commands(
+        key: str, token: str, lease: float, owner: str, fingerprint: str
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...], int]:
+        """A claim as its SET NX GET command, claim.lua's arguments, and the lease in ms."""
+        token_ = _field(token, "token")
+        owner_ = _field(owner, "owner")
+        fingerprint_ = _field(fingerprint, "fingerprint")
+        ms = _milliseconds(lease, "lease")
+        value = claim_value(token_, owner_, fingerprint_)
+        command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
+        return command, (_FORMAT, token_, ms, owner_, fingerprint_), ms
 
     # Each operation is its script's arguments; _run/_arun do the I/O, parse_* the rest.
 
@@ -1096,26 +1109,16 @@ class RedisBackend:
 
         >>> record = store.claim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         """
-        fields = self._claim_fields(token, owner, fingerprint)
-        ms = _milliseconds(lease, "lease")
+        command, args, ms = self._claim_commands(key, token, lease, owner, fingerprint)
         if self._set_get:
             try:
-                value = claim_value(*fields)
-                command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
                 reply = self._execute(self._client(), command, _RAW_SET)
-            except IdempotaskError:
-                raise
-            except ResponseError as exc:
-                if not self._set_get_failed(exc):
-                    raise self._error("claim", key, exc) from exc
             except Exception as exc:
-                raise self._error("claim", key, exc) from exc
+                self._set_get_error(key, exc)
             else:
                 record = self._claimed(key, reply, token, owner, fingerprint, ms)
                 if record is not None:
                     return record
-        token_, owner_, fingerprint_ = fields
-        args = (_FORMAT, token_, ms, owner_, fingerprint_)
         return self._run("claim", _CLAIM, key, args, parse_claim)
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
@@ -1182,27 +1185,17 @@ class RedisBackend:
 
         >>> record = await store.aclaim("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         """
-        fields = self._claim_fields(token, owner, fingerprint)
-        ms = _milliseconds(lease, "lease")
+        command, args, ms = self._claim_commands(key, token, lease, owner, fingerprint)
         if self._set_get:
             try:
-                value = claim_value(*fields)
-                command = ("SET", record_key(key).encode(), value, "NX", "PX", ms, "GET")
                 slot = self._ready_slot() or await self._aclient()
                 reply = await self._aexecute(slot, command, _RAW_SET)
-            except IdempotaskError:
-                raise
-            except ResponseError as exc:
-                if not self._set_get_failed(exc):
-                    raise self._error("claim", key, exc) from exc
             except Exception as exc:
-                raise self._error("claim", key, exc) from exc
+                self._set_get_error(key, exc)
             else:
                 record = self._claimed(key, reply, token, owner, fingerprint, ms)
                 if record is not None:
                     return record
-        token_, owner_, fingerprint_ = fields
-        args = (_FORMAT, token_, ms, owner_, fingerprint_)
         return await self._arun("claim", _CLAIM, key, args, parse_claim)
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
