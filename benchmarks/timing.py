@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,13 @@ async def ameasure_each(fn: Callable[[int], Awaitable[Any]], *, count: int = 200
     return _summary(samples)
 
 
+def _in_turn(names: list[str], rounds: int) -> Iterator[str]:
+    """Every name once per round, the order rotating from round to round."""
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        yield from names[shift:] + names[:shift]
+
+
 def interleaved(
     fns: Mapping[str, Callable[[], Any]], *, batches: int = 200, batch: int = 20
 ) -> dict[str, Timing]:
@@ -133,14 +140,12 @@ def interleaved(
         for _ in range(batch):
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(batches):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn = fns[name]
-            start = time.perf_counter_ns()
-            for _ in range(batch):
-                fn()
-            samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
+    for name in _in_turn(names, batches):
+        fn = fns[name]
+        start = time.perf_counter_ns()
+        for _ in range(batch):
+            fn()
+        samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
     return {name: _summary(values) for name, values in samples.items()}
 
 
@@ -153,12 +158,10 @@ async def ainterleaved(
         for _ in range(batch):
             await fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(batches):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn = fns[name]
-            start = time.perf_counter_ns()
-            for _ in range(batch):
-                await fn()
-            samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
+    for name in _in_turn(names, batches):
+        fn = fns[name]
+        start = time.perf_counter_ns()
+        for _ in range(batch):
+            await fn()
+        samples[name].append((time.perf_counter_ns() - start) / batch / 1000)
     return {name: _summary(values) for name, values in samples.items()}
