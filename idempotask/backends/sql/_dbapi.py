@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
+from idempotask.backends.sql._libpq import PqStatement, Session, session_for
 from idempotask.backends.sql._plans import Step
 from idempotask.backends.sql._timeouts import Watch, socket_of, watchdog
 
@@ -81,6 +82,7 @@ class Compiled:
         "_take",
         "constants",
         "driver_sql",
+        "pq",
         "sql",
         "statement",
     )
@@ -97,6 +99,8 @@ class Compiled:
         self.statement = statement  # kept alive: the cache's key, its id, is never reused
         self.sql = sql
         self.driver_sql = sql if driver_sql is None else driver_sql
+        # psycopg's libpq path (see _libpq): the statement with $n placeholders.
+        self.pq = PqStatement(self.driver_sql) if isinstance(self.driver_sql, bytes) else None
         self.constants = dict(constants)
         self._keys = tuple(key for _, key, _ in inputs)
         self._take = _getter(tuple(name for name, _, _ in inputs))
@@ -277,6 +281,7 @@ class Executor:
         "_fairy",
         "_held",
         "_native",
+        "_pq",
         "_watch",
     )
 
@@ -291,6 +296,12 @@ class Executor:
         # Whether this driver has a direct path here at all (asyncpg has not).
         self._native = self._async is not None or not dialect.is_async
         self._direct = self._native and not _observed(conn)
+        # psycopg's libpq path, where a cursor would add nothing (see _libpq).
+        self._pq: Session | None = (
+            session_for(self._fairy.driver_connection, self._fairy.info)
+            if dialect.driver == "psycopg"
+            else None
+        )
         # The client-side bound needs the connection's socket (none for SQLite).
         self._bound = bound
         fd = socket_of(self._fairy.driver_connection) if bound is not None else None
@@ -357,9 +368,14 @@ class Executor:
         if watch is not None and dog is not None:
             dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
-            reply = await self._async(  # type: ignore[misc]
-                self._fairy.driver_connection, self._held, compiled.driver_sql, params, step
-            )
+            pq = self._pq
+            if pq is not None and compiled.pq is not None:
+                rows, count = await pq.aexecute(compiled.pq, params, step.fetches)
+                reply = step.take(rows, count)
+            else:
+                reply = await self._async(  # type: ignore[misc]
+                    self._fairy.driver_connection, self._held, compiled.driver_sql, params, step
+                )
         except BaseException as exc:
             fired = watch is not None and dog is not None and dog.stop(watch)
             return await spawn(self._settle, step, compiled.sql, exc, fired)
@@ -396,8 +412,17 @@ class Executor:
             except IntegrityError as exc:
                 return step.refused(exc)
             return step.take(result.fetchall() if step.fetches else (), result.rowcount)
-        native, sql = self._async, compiled.driver_sql
+        native, sql, pq = self._async, compiled.driver_sql, self._pq
         try:
+            if pq is not None and compiled.pq is not None:
+                if native is not None:
+                    statement = compiled.pq
+                    rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
+                        lambda driver: pq.aexecute(statement, params, step.fetches)
+                    )
+                else:
+                    rows, count = pq.execute(compiled.pq, params, step.fetches)
+                return step.take(rows, count)
             if native is not None:
                 held = self._held
                 return self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
