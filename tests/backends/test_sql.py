@@ -232,8 +232,8 @@ def test_postgres_operations_take_one_statement_and_one_round_trip_each(
     mode: str, tmp_path: Path
 ) -> None:
     """PostgreSQL, sync (psycopg) and async (psycopg's AsyncConnection): claim, complete,
-    duplicate claim, repeated complete, renew and get are one statement and one round
-    trip each (libpq trace of the only pooled connection), with no BEGIN, COMMIT or
+    duplicate claim, renew and get are one statement and one round trip each (a repeated
+    complete two) (libpq trace of the only pooled connection), with no BEGIN, COMMIT or
     ROLLBACK sent; and a claim repeated often enough runs as a prepared statement."""
     from psycopg import pq
 
@@ -281,7 +281,10 @@ def test_postgres_operations_take_one_statement_and_one_round_trip_each(
                 after = _pg_trace(trace)
                 counts[label] = (after[0] - trips, after[1] - executed)
             conn.untrace()
-        assert counts == {label: (1, 1) for label in counts}, counts
+        # A repeated complete is the one exception: its UPDATE changes nothing, and a read
+        # tells "already done by this token" from "lease lost".
+        expected = {label: (1, 1) for label in counts} | {"complete again": (2, 2)}
+        assert counts == expected, counts
         _, _, sql = _pg_trace(trace)
         words = {word.strip('"').upper() for statement in sql for word in statement.split()}
         assert not words & {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT"}, sql

@@ -374,8 +374,8 @@ class SQLAlchemyBackend:
         if not _short(key, token):
             self._check_key(key, ("token", token))
         ttl = seconds(ttl, "ttl")
-        sql, flavour = self._sql, self._flavour
-        return lambda dialect: plan_finish(sql, flavour(dialect), key, token, payload, ttl, state)
+        sql = self._sql
+        return lambda dialect: plan_finish(sql, key, token, payload, ttl, state)
 
     def _renew_plan(self, key: str, token: str, lease: float) -> Callable[[Flavour], Plan[bool]]:
         self._check_key(key, ("token", token))
