@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Executable
+from sqlalchemy import Executable, LargeBinary
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -95,12 +95,12 @@ class Compiled:
         inputs: tuple[tuple[str, str, _Processor | None], ...],
         positions: tuple[str, ...] | None,
         driver_sql: str | bytes | None = None,
+        pq: PqStatement | None = None,
     ) -> None:
         self.statement = statement  # kept alive: the cache's key, its id, is never reused
         self.sql = sql
         self.driver_sql = sql if driver_sql is None else driver_sql
-        # psycopg's libpq path (see _libpq): the statement with $n placeholders.
-        self.pq = PqStatement(self.driver_sql) if isinstance(self.driver_sql, bytes) else None
+        self.pq = pq  # psycopg's libpq path (see _libpq), for psycopg dialects
         self.constants = dict(constants)
         self._keys = tuple(key for _, key, _ in inputs)
         self._take = _getter(tuple(name for name, _, _ in inputs))
@@ -138,20 +138,32 @@ def compile_statement(statement: Executable, dialect: Dialect) -> Compiled:
     escaped: Mapping[str, str] = {} if compiled.positional else (compiled.escaped_bind_names or {})
     constants: dict[str, Any] = {}
     inputs: list[tuple[str, str, _Processor | None]] = []
+    # The libpq path's layout: psycopg's adapters dump bytes as bytea themselves, so
+    # LargeBinary's processor (a wrap in psycopg's Binary, dumped by Python code) is left
+    # out there.
+    pq_constants: dict[str, Any] = {}
+    pq_inputs: list[tuple[str, str, _Processor | None]] = []
     for name, value in compiled.params.items():
         bind = compiled.binds[name]
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        pq_process = None if isinstance(bind.type, LargeBinary) else process
         key = escaped.get(name, name)
         if bind.required:  # a bindparam() without a value: the plan provides it
             inputs.append((name, key, process))
+            pq_inputs.append((name, key, pq_process))
         else:
             constants[key] = value if process is None else process(value)
+            pq_constants[key] = value if pq_process is None else pq_process(value)
     sql = compiled.string
     positions = tuple(compiled.positiontup or ()) if compiled.positional else None
-    # psycopg takes the SQL as bytes: given a str it encodes the whole statement per
-    # execution, and a new bytes object is hashed again for its query cache.
-    driver_sql = sql.encode() if dialect.driver in _BYTES_SQL else sql
-    return Compiled(statement, sql, constants, tuple(inputs), positions, driver_sql)
+    pq = None
+    driver_sql: str | bytes = sql
+    if dialect.driver in _BYTES_SQL:
+        # psycopg takes the SQL as bytes: given a str it encodes the whole statement per
+        # execution, and a new bytes object is hashed again for its query cache.
+        driver_sql = sql.encode()
+        pq = PqStatement(driver_sql, pq_constants, tuple(pq_inputs))
+    return Compiled(statement, sql, constants, tuple(inputs), positions, driver_sql, pq)
 
 
 _BYTES_SQL = frozenset({"psycopg", "psycopg_async"})
@@ -363,18 +375,21 @@ class Executor:
         an error or a timeout) runs in one, through ``spawn``. Only when
         :attr:`awaits_directly`."""
         compiled = self._compiled_for(step)
-        params = compiled.parameters(step.params)
         watch, dog = self._watch, self._dog
         if watch is not None and dog is not None:
             dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
-            pq = self._pq
-            if pq is not None and compiled.pq is not None:
-                rows, count = await pq.aexecute(compiled.pq, params, step.fetches)
+            pq, statement = self._pq, compiled.pq
+            if pq is not None and statement is not None:
+                rows, count = await pq.aexecute(statement, step.params, step.fetches)
                 reply = step.take(rows, count)
             else:
                 reply = await self._async(  # type: ignore[misc]
-                    self._fairy.driver_connection, self._held, compiled.driver_sql, params, step
+                    self._fairy.driver_connection,
+                    self._held,
+                    compiled.driver_sql,
+                    compiled.parameters(step.params),
+                    step,
                 )
         except BaseException as exc:
             fired = watch is not None and dog is not None and dog.stop(watch)
@@ -405,24 +420,23 @@ class Executor:
 
     def _execute(self, step: Step) -> Any:
         compiled = self._compiled_for(step)
-        params = compiled.parameters(step.params)
         if not self._direct:
             try:
-                result = self._conn.exec_driver_sql(compiled.sql, params)
+                result = self._conn.exec_driver_sql(compiled.sql, compiled.parameters(step.params))
             except IntegrityError as exc:
                 return step.refused(exc)
             return step.take(result.fetchall() if step.fetches else (), result.rowcount)
-        native, sql, pq = self._async, compiled.driver_sql, self._pq
+        native, pq, statement = self._async, self._pq, compiled.pq
         try:
-            if pq is not None and compiled.pq is not None:
-                if native is not None:
-                    statement = compiled.pq
-                    rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
-                        lambda driver: pq.aexecute(statement, params, step.fetches)
-                    )
+            if pq is not None and statement is not None:
+                if native is None:
+                    rows, count = pq.execute(statement, step.params, step.fetches)
                 else:
-                    rows, count = pq.execute(compiled.pq, params, step.fetches)
+                    rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
+                        lambda driver: pq.aexecute(statement, step.params, step.fetches)
+                    )
                 return step.take(rows, count)
+            sql, params = compiled.driver_sql, compiled.parameters(step.params)
             if native is not None:
                 held = self._held
                 return self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ import itertools
 import re
 import select
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any
 
 __all__ = ["PqStatement", "Session", "session_for"]
@@ -51,11 +52,18 @@ _NOT_PREPARED = "26000"
 
 class PqStatement:
     """A pyformat statement as libpq takes it: ``$n`` placeholders (each name numbered
-    once, at its first place) and a getter for the parameter values in that order."""
+    once, at its first place) and its parameter values in that order, made from a plan's
+    values (``inputs``: the plan's name, the name in the SQL, a bind processor or None)
+    and the statement's ``constants`` (by name in the SQL)."""
 
-    __slots__ = ("formats", "order", "sql")
+    __slots__ = ("formats", "sql", "values")
 
-    def __init__(self, driver_sql: bytes) -> None:
+    def __init__(
+        self,
+        driver_sql: bytes,
+        constants: Mapping[str, Any],
+        inputs: tuple[tuple[str, str, Callable[[Any], Any] | None], ...],
+    ) -> None:
         names: list[str] = []
 
         def number(match: re.Match[bytes]) -> bytes:
@@ -67,18 +75,29 @@ class PqStatement:
             return b"$%d" % (names.index(name) + 1)
 
         self.sql = _PLACEHOLDER.sub(number, driver_sql)
-        taken = tuple(names)
-        self.order: Callable[[Mapping[str, Any]], tuple[Any, ...]]
-        if len(taken) > 1:
-            from operator import itemgetter
-
-            self.order = itemgetter(*taken)
-        elif taken:
-            only = taken[0]
-            self.order = lambda params: (params[only],)
+        self.formats = [PyFormat.AUTO] * len(names)
+        fixed = dict(constants)
+        if not names:
+            self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = lambda values: ()
+        elif all(plan == key and process is None for plan, key, process in inputs):
+            # The usual case: the plan's names are the SQL's, nothing to process.
+            pick = itemgetter(*names) if len(names) > 1 else _one(names[0])
+            self.values = lambda values: pick({**fixed, **values})
         else:
-            self.order = lambda params: ()
-        self.formats = [PyFormat.AUTO] * len(taken)
+            pick = itemgetter(*names) if len(names) > 1 else _one(names[0])
+
+            def layout(values: Mapping[str, Any]) -> tuple[Any, ...]:
+                params = dict(fixed)
+                for plan, key, process in inputs:
+                    value = values[plan]
+                    params[key] = value if process is None else process(value)
+                return pick(params)
+
+            self.values = layout
+
+
+def _one(name: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    return lambda params: (params[name],)
 
 
 def session_for(driver_connection: Any, info: dict[Any, Any]) -> Session | None:
@@ -108,20 +127,19 @@ def session_for(driver_connection: Any, info: dict[Any, Any]) -> Session | None:
 
 
 class _Sent:
-    """A statement being sent: its parameters as dumped, its key in ``Session.seen``, the
-    prepared name it is sent under (None: unprepared) and the name to prepare it under
-    first, if this is the run that prepares it."""
+    """A statement not prepared on the connection, being sent: its parameters as dumped,
+    its key in ``Session.seen``, and the name it is prepared under first when this run
+    prepares it (else None: sent unprepared)."""
 
-    __slots__ = ("formats", "fresh", "key", "name", "statement", "types", "values")
+    __slots__ = ("formats", "fresh", "key", "statement", "types", "values")
 
     def __init__(
         self,
         statement: PqStatement,
         key: tuple[PqStatement, tuple[int, ...]],
         values: Any,
-        types: Any,
+        types: tuple[int, ...],
         formats: Any,
-        name: bytes | None,
         fresh: bytes | None,
     ) -> None:
         self.statement = statement
@@ -129,7 +147,6 @@ class _Sent:
         self.values = values
         self.types = types
         self.formats = formats
-        self.name = name
         self.fresh = fresh
 
 
@@ -154,37 +171,36 @@ class Session:
     # -- sending and reading ------------------------------------------------------------
 
     def _dump(self, statement: PqStatement, params: Mapping[str, Any]) -> _Sent:
-        """The parameters as the connection's adapters dump them, and whether to prepare
-        the statement now (the name to prepare it under): on its execution number
-        ``prepare_threshold`` on this connection, as psycopg does."""
+        """A statement not prepared on this connection: its parameters as the
+        connection's adapters dump them, and whether to prepare it now (the name to
+        prepare it under): on its run number ``prepare_threshold`` here, as psycopg
+        does."""
         tx = self.tx
-        values = tx.dump_sequence(statement.order(params), statement.formats)
+        values = tx.dump_sequence(statement.values(params), statement.formats)
         types: tuple[int, ...] = tx.types or ()
         key = (statement, types)
-        seen = self.seen
-        state = seen.get(key, 0)
+        runs = self.seen.get(key, 0)
+        runs = 0 if isinstance(runs, bytes) else runs  # deallocated: counted afresh
         fresh = None
-        if isinstance(state, bytes):
-            name: bytes | None = state
-        elif self.threshold is not None and state + 1 >= self.threshold:
-            fresh = name = b"idempotask_%d" % next(_names)
+        if self.threshold is not None and runs + 1 >= self.threshold:
+            fresh = b"idempotask_%d" % next(_names)
         else:
-            seen[key] = state + 1
-            name = None
-        return _Sent(statement, key, values, types, tx.formats, name, fresh)
+            self.seen[key] = runs + 1
+        return _Sent(statement, key, values, types, tx.formats, fresh)
 
-    def _send(self, sent: _Sent, prepared: bytes | None) -> None:
-        if prepared:
-            self.pgconn.send_query_prepared(prepared, sent.values, sent.formats, 1)
+    def _send(self, sent: _Sent) -> None:
+        if sent.fresh:
+            self.pgconn.send_query_prepared(sent.fresh, sent.values, sent.formats, 1)
         else:
             self.pgconn.send_query_params(
                 sent.statement.sql, sent.values, sent.types, sent.formats, 1
             )
 
-    def _check(self, results: list[Any], sent: _Sent | None = None) -> Any:
+    def _check(self, results: list[Any], prepared: Any = None) -> Any:
         """The one result of a statement, or psycopg's exception for its error. None when
-        the error says ``sent``'s prepared statement is gone (someone deallocated it):
-        the caller sends it again unprepared (it is prepared again on its next use)."""
+        the statement was sent prepared (``prepared``: its key in :attr:`seen`) and the
+        error says the prepared statement is gone (someone deallocated it): the caller
+        sends it again unprepared (it is prepared again later)."""
         result = results[-1] if results else None
         if result is None:
             raise psycopg.OperationalError("the server sent no result for the statement")
@@ -192,8 +208,8 @@ class Session:
         if status in (_TUPLES_OK, _COMMAND_OK):
             return result
         error = _errors.error_from_result(result, encoding=self.tx.encoding)
-        if sent is not None and sent.name and error.sqlstate == _NOT_PREPARED:
-            self.seen[sent.key] = 0
+        if prepared is not None and error.sqlstate == _NOT_PREPARED:
+            self.seen[prepared] = 0
             return None
         raise error
 
@@ -207,33 +223,43 @@ class Session:
         return rows, -1 if count is None else count
 
     def execute(self, statement: PqStatement, params: Mapping[str, Any], fetch: bool) -> Any:
-        """Run ``statement`` with ``params``: its rows (when ``fetch``) and row count, as
-        a cursor's ``fetchall()`` and ``rowcount`` give them."""
+        """Run ``statement`` with the plan's ``params``: its rows (when ``fetch``) and row
+        count, as a cursor's ``fetchall()`` and ``rowcount`` give them."""
+        tx = self.tx
+        values = tx.dump_sequence(statement.values(params), statement.formats)
+        key = (statement, tx.types or ())
+        name = self.seen.get(key)
+        if type(name) is bytes:  # prepared: the path of nearly every statement
+            self.pgconn.send_query_prepared(name, values, tx.formats, 1)
+            result = self._check(self._wait(), key)
+            if result is not None:
+                return self._load(result, fetch)
         sent = self._dump(statement, params)
         if sent.fresh is not None:
             self.pgconn.send_prepare(sent.fresh, statement.sql, sent.types)
             self._check(self._wait())
             self.seen[sent.key] = sent.fresh
-        self._send(sent, sent.name)
-        result = self._check(self._wait(), sent)
-        if result is None:
-            self._send(sent, None)
-            result = self._check(self._wait())
-        return self._load(result, fetch)
+        self._send(sent)
+        return self._load(self._check(self._wait()), fetch)
 
     async def aexecute(self, statement: PqStatement, params: Mapping[str, Any], fetch: bool) -> Any:
         """:meth:`execute` on an ``AsyncConnection``, waiting on the running loop."""
+        tx = self.tx
+        values = tx.dump_sequence(statement.values(params), statement.formats)
+        key = (statement, tx.types or ())
+        name = self.seen.get(key)
+        if type(name) is bytes:
+            self.pgconn.send_query_prepared(name, values, tx.formats, 1)
+            result = self._check(await self._await(), key)
+            if result is not None:
+                return self._load(result, fetch)
         sent = self._dump(statement, params)
         if sent.fresh is not None:
             self.pgconn.send_prepare(sent.fresh, statement.sql, sent.types)
             self._check(await self._await())
             self.seen[sent.key] = sent.fresh
-        self._send(sent, sent.name)
-        result = self._check(await self._await(), sent)
-        if result is None:
-            self._send(sent, None)
-            result = self._check(await self._await())
-        return self._load(result, fetch)
+        self._send(sent)
+        return self._load(self._check(await self._await()), fetch)
 
     # -- waiting -----------------------------------------------------------------------
 
