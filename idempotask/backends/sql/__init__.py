@@ -26,21 +26,24 @@ operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite 
 ==========================  ==========  ==============  ===============  ==============
 claim, key absent           1           1               2                5 statements
 claim, duplicate            1           1               1                1 statement
-claim, lease taken over     1           1               3                5 statements
+claim, lease taken over     2           1               3                5 statements
 complete / fail / renew     1           1               1                1 statement
 get / delete                1           1               1                1 statement
 ==========================  ==========  ==============  ===============  ==============
 
-* **PostgreSQL** — one statement, read in one snapshot: ``INSERT … SELECT … WHERE NOT
+* **PostgreSQL** — one statement, read in one snapshot: ``INSERT … ON CONFLICT (key) DO
+  NOTHING RETURNING`` takes an absent key, and a ``UNION ALL`` answers with the row that
+  is there when the insert returns nothing; a duplicate therefore takes no row lock and
+  writes nothing. Only when that row is expired, or ours to re-take (same token, or same
+  non-empty owner), does a second statement take it: ``INSERT … SELECT … WHERE NOT
   EXISTS (<a live record that blocks us>) ON CONFLICT (key) DO UPDATE … WHERE <expired, or
-  same token, or same non-empty owner> RETURNING`` takes the key, and a ``UNION ALL``
-  answers with the live record when the insert returns nothing (``DO UPDATE … WHERE
-  false`` returns no row). A duplicate therefore takes no row lock and writes nothing.
-  When a concurrent claim commits after the statement's snapshot, the insert conflicts
-  but the read cannot see the row: the empty (or stale) answer is detected and the
-  statement re-sent with a fresh snapshot, at most ``CLAIM_ATTEMPTS`` times.
-  ``clock_timestamp()`` is the clock (``now()`` is frozen per transaction). A repeated
-  complete/fail is answered in the same single statement.
+  same token, or same owner> RETURNING``, with the same ``UNION ALL`` (``DO UPDATE …
+  WHERE false`` returns no row). That statement alone could do both, but it cost every
+  first call about 0.06 of a plain ``INSERT``'s round trip more on the server. When a
+  concurrent claim commits after a statement's snapshot, the insert conflicts but the
+  read cannot see the row: the empty (or stale) answer is detected and the claim re-sent
+  with a fresh snapshot, at most ``CLAIM_ATTEMPTS`` times. ``clock_timestamp()`` is the
+  clock (``now()`` is frozen per transaction).
 * **MariaDB 10.5+** — ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` (verified on 10.11):
   MariaDB returns the row as it stands after the statement, also when the conditional
   update changed nothing, so one statement both claims and answers. The SET assignments
@@ -55,13 +58,18 @@ get / delete                1           1               1                1 state
   ``sqlite:///:memory:`` keeps one connection for the process and runs async calls on it
   directly (they never wait on I/O).
 
-A repeated complete/fail (same token) costs one more statement outside PostgreSQL.
+complete/fail is a plain ``UPDATE`` on every database; only when it changes nothing (a
+repeated complete/fail with the same token, or a lost lease) does a read tell the two
+apart, one more statement.
 
 Statements are built with SQLAlchemy Core, compiled once per engine, and run on the
-driver's own connection from SQLAlchemy's pool (psycopg prepares each after its fifth
-use on a connection), without SQLAlchemy's per-execution machinery, which cost about as
-much as the round trip itself; an asyncio operation runs in one greenlet with the
-driver's coroutines. An engine with statement event listeners or SQL logging gets every
+driver's own connection from SQLAlchemy's pool, without SQLAlchemy's per-execution
+machinery, which cost about as much as the round trip itself; an asyncio operation runs
+in one greenlet with the driver's coroutines. On psycopg (sync and asyncio) they go
+through psycopg's libpq wrapper, ``psycopg.pq``, instead of a cursor, prepared on a
+connection at their ``prepare_threshold``-th run there as psycopg would (never with
+``prepare_threshold=None``); a subclassed connection or a tracing cursor factory keeps
+its cursors (see ``_libpq``). An engine with statement event listeners or SQL logging gets every
 statement through SQLAlchemy's execution, so they see them (see ``_dbapi``). On the
 engines the backend creates, a few connections stay checked out between back-to-back
 operations (at most ``pool_size``, each for at most a second before it goes back through
