@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from idempotask.backends.sql._libpq import PqStatement, Session, session_for
+from idempotask.backends.sql._libpq import PqStatement, Session, Unanswered, session_for
 from idempotask.backends.sql._plans import Step
 from idempotask.backends.sql._timeouts import Watch, socket_of, watchdog
 
@@ -284,6 +284,7 @@ class Executor:
     __slots__ = (
         "_async",
         "_bound",
+        "_bounds_itself",
         "_compiled",
         "_conn",
         "_cursor",
@@ -314,6 +315,9 @@ class Executor:
             if dialect.driver == "psycopg"
             else None
         )
+        if self._pq is not None:
+            self._pq.bound = bound  # a sync statement's wait is bounded in _libpq
+        self._bounds_itself = self._direct and self._pq is not None and self._async is None
         # The client-side bound needs the connection's socket (none for SQLite).
         self._bound = bound
         fd = socket_of(self._fairy.driver_connection) if bound is not None else None
@@ -337,6 +341,7 @@ class Executor:
         """Before another operation on the same connection: look again for listeners or
         SQL logging added to the engine since (they must see every statement)."""
         self._direct = self._native and not _observed(self._conn)
+        self._bounds_itself = self._direct and self._pq is not None and self._async is None
 
     def close(self) -> None:
         """Return the connection to its pool (its sync cursor closed first)."""
@@ -349,7 +354,8 @@ class Executor:
 
     def __call__(self, step: Step) -> Any:
         watch, dog = self._watch, self._dog
-        if watch is None or dog is None:
+        if watch is None or dog is None or self._bounds_itself:
+            # Nothing to watch, or the sync libpq path bounds its own wait (see _libpq).
             return self._execute(step)
         dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
@@ -427,14 +433,19 @@ class Executor:
                 return step.refused(exc)
             return step.take(result.fetchall() if step.fetches else (), result.rowcount)
         native, pq, statement = self._async, self._pq, compiled.pq
+        if pq is not None and statement is not None and native is None:
+            try:
+                rows, count = pq.execute(statement, step.params, step.fetches)
+            except Unanswered:
+                raise self._timed_out(None) from None
+            except BaseException as exc:
+                return self._outcome(step, compiled.sql, exc)
+            return step.take(rows, count)
         try:
             if pq is not None and statement is not None:
-                if native is None:
-                    rows, count = pq.execute(statement, step.params, step.fetches)
-                else:
-                    rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
-                        lambda driver: pq.aexecute(statement, step.params, step.fetches)
-                    )
+                rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
+                    lambda driver: pq.aexecute(statement, step.params, step.fetches)
+                )
                 return step.take(rows, count)
             sql, params = compiled.driver_sql, compiled.parameters(step.params)
             if native is not None:

@@ -26,11 +26,12 @@ import asyncio
 import itertools
 import re
 import select
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
+from time import monotonic
 from typing import Any
 
-__all__ = ["PqStatement", "Session", "session_for"]
+__all__ = ["PqStatement", "Session", "Unanswered", "session_for"]
 
 try:  # psycopg is an optional extra; without it no connection is ever a psycopg one
     import psycopg
@@ -48,6 +49,7 @@ _names = itertools.count(1)
 _COMMAND_OK, _TUPLES_OK, _FATAL_ERROR = 1, 2, 7
 #: InvalidSqlStatementName: a prepared statement that is not there (DEALLOCATE, DISCARD).
 _NOT_PREPARED = "26000"
+_NO_ROWS: tuple[()] = ()
 
 
 class PqStatement:
@@ -154,7 +156,7 @@ class Session:
     """One psycopg connection's libpq path: its ``PGconn``, a transformer for its
     adapters, and what was prepared on it."""
 
-    __slots__ = ("_poll", "connection", "fd", "pgconn", "seen", "threshold", "tx")
+    __slots__ = ("_poll", "bound", "connection", "fd", "pgconn", "seen", "threshold", "tx")
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
@@ -167,6 +169,9 @@ class Session:
         self.seen: dict[tuple[PqStatement, tuple[int, ...]], bytes | int] = {}
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
+        #: How long a sync statement may wait for its answer (seconds; None: for ever),
+        #: set by the executor using the connection.
+        self.bound: float | None = None
 
     # -- sending and reading ------------------------------------------------------------
 
@@ -213,8 +218,8 @@ class Session:
             return None
         raise error
 
-    def _load(self, result: Any, fetch: bool) -> tuple[list[Any], int]:
-        rows: list[Any] = []
+    def _load(self, result: Any, fetch: bool) -> tuple[Sequence[Any], int]:
+        rows: Sequence[Any] = _NO_ROWS
         if fetch and result.ntuples:
             tx = self.tx
             tx.set_pgresult(result)
@@ -231,7 +236,18 @@ class Session:
         name = self.seen.get(key)
         if type(name) is bytes:  # prepared: the path of nearly every statement
             self.pgconn.send_query_prepared(name, values, tx.formats, 1)
-            result = self._check(self._wait(), key)
+            results = self._wait()
+            if len(results) == 1:  # the result, inline (see _check and _load)
+                result = results[0]
+                status, count = result.status, result.command_tuples
+                if count is None:
+                    count = -1
+                if status == _TUPLES_OK and fetch and result.ntuples:
+                    tx.set_pgresult(result)
+                    return tx.load_rows(0, result.ntuples, tuple), count
+                if status in (_TUPLES_OK, _COMMAND_OK):
+                    return _NO_ROWS, count
+            result = self._check(results, key)
             if result is not None:
                 return self._load(result, fetch)
         sent = self._dump(statement, params)
@@ -264,29 +280,45 @@ class Session:
     # -- waiting -----------------------------------------------------------------------
 
     def _wait(self) -> list[Any]:
-        """Finish sending, then read until the server is ready again: the results. The
-        socket is polled without a timeout: the watchdog bounds the wait by shutting the
-        socket down, after which libpq reports the connection lost."""
-        pgconn = self.pgconn
+        """Finish sending, then read until the server is ready again: the results.
+
+        Bounded by :attr:`bound` (seconds, None: no bound) from here: past it the
+        statement is abandoned with :class:`Unanswered` (the caller discards the
+        connection). A sync connection needs no watchdog thread: the wait is ours.
+        """
+        pgconn, bound = self.pgconn, self.bound
+        deadline = 0.0 if bound is None else monotonic() + bound
         if pgconn.flush():
-            self._flush()
+            self._flush(deadline)
         results: list[Any] = []
         poll = self._poll.poll
+        timeout = None if bound is None else bound * 1000.0
         while True:
-            poll()
+            if not poll(timeout):
+                raise Unanswered
             pgconn.consume_input()
             while not pgconn.is_busy():
                 result = pgconn.get_result()
                 if result is None:
                     return results
                 results.append(result)
+            if bound is not None:  # more to come: what is left of the bound
+                timeout = (deadline - monotonic()) * 1000.0
+                if timeout <= 0:
+                    raise Unanswered
 
-    def _flush(self) -> None:
+    def _flush(self, deadline: float) -> None:
         """Send what did not fit in the socket's buffer (a large payload), reading what
-        the server sends meanwhile so neither side waits on the other."""
-        pgconn, fd = self.pgconn, self.fd
+        the server sends meanwhile so neither side waits on the other (until
+        ``deadline``, on the monotonic clock, when :attr:`bound` is set)."""
+        pgconn, fd, bound = self.pgconn, self.fd, self.bound
         while True:
-            readable, _, _ = select.select([fd], [fd], [])
+            timeout = None if bound is None else deadline - monotonic()
+            if timeout is not None and timeout <= 0:
+                raise Unanswered
+            readable, writable, _ = select.select([fd], [fd], [], timeout)
+            if not readable and not writable:
+                raise Unanswered
             if readable:
                 pgconn.consume_input()
             if not pgconn.flush():
@@ -322,6 +354,11 @@ class Session:
             pgconn.consume_input()
             if not pgconn.flush():
                 return
+
+
+class Unanswered(Exception):
+    """A sync statement got no complete answer within its bound: the connection is in an
+    unknown state, and is discarded."""
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -520,6 +520,17 @@ def parse_record(key: str, row: Sequence[Any]) -> Record:
         state_text, token, owner, fingerprint, payload, expires_in = row
     except ValueError:
         raise CorruptRecordError(f"sql backend: record {key!r}: unexpected row {row!r}") from None
+    if (  # PostgreSQL's and SQLite's rows, checked at once
+        type(state_text) is str
+        and type(token) is str
+        and type(owner) is str
+        and type(fingerprint) is str
+        and type(payload) is bytes
+        and type(expires_in) is float
+    ):
+        state = _STATES.get(state_text)
+        if state is not None:
+            return Record(key, state, token, owner, fingerprint, payload, max(0.0, expires_in))
     if not isinstance(state_text, str):
         # MySQL/MariaDB hold text as VARBINARY (see BinaryText): its bytes are UTF-8, or
         # the row is not ours (UnicodeDecodeError, reported as a CorruptRecordError).
