@@ -368,7 +368,16 @@ class SQLAlchemyBackend:
     def _claim_plan(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
     ) -> Callable[[Dialect], Plan[Record]]:
-        if not _short(key, token, owner, fingerprint):
+        if not (  # the common case at once: strings too short to need measuring
+            type(key) is str
+            and type(token) is str
+            and type(owner) is str
+            and type(fingerprint) is str
+            and len(key) <= _KEY_CHARS
+            and len(token) <= _TEXT_CHARS
+            and len(owner) <= _TEXT_CHARS
+            and len(fingerprint) <= _TEXT_CHARS
+        ):
             self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
         lease = seconds(lease, "lease")
         sql, flavour = self._sql, self._flavour
@@ -379,7 +388,12 @@ class SQLAlchemyBackend:
     def _finish_plan(
         self, key: str, token: str, payload: bytes, ttl: float, state: State
     ) -> Callable[[Dialect], Plan[bool]]:
-        if not _short(key, token):
+        if not (
+            type(key) is str
+            and type(token) is str
+            and len(key) <= _KEY_CHARS
+            and len(token) <= _TEXT_CHARS
+        ):
             self._check_key(key, ("token", token))
         ttl = seconds(ttl, "ttl")
         sql = self._sql

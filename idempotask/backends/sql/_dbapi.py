@@ -194,7 +194,7 @@ class CompiledCache:
         return compiled
 
 
-def _observed(conn: Connection) -> bool:
+def _observed(engine: Engine, dialect: Dialect) -> bool:
     """Whether something watches this engine's statements (so they must go through
     SQLAlchemy's execution to be seen): statement or error listeners, or SQL logging.
 
@@ -202,7 +202,6 @@ def _observed(conn: Connection) -> bool:
     ``Connection`` to listen on it, and each one joins its engine's dispatcher anew,
     which made these look-ups cost 7 µs per operation.
     """
-    engine, dialect = conn.engine, conn.dialect
     # SQLAlchemy's own gates for these events: false until a listener is added to the
     # engine (or to every Engine) or its dialect; only then are the listeners looked at.
     if getattr(engine, "_has_events", True):
@@ -216,7 +215,7 @@ def _observed(conn: Connection) -> bool:
             return True
     if getattr(dialect, "_has_events", True) and dialect.dispatch.handle_error:
         return True
-    return engine.logger.isEnabledFor(logging.INFO)
+    return bool(engine.logger.isEnabledFor(logging.INFO))
 
 
 async def _execute_on_async_cursor(
@@ -308,7 +307,7 @@ class Executor:
         self._async = _ASYNC_DRIVERS.get(dialect.driver) if dialect.is_async else None
         # Whether this driver has a direct path here at all (asyncpg has not).
         self._native = self._async is not None or not dialect.is_async
-        self._direct = self._native and not _observed(conn)
+        self._direct = self._native and not _observed(conn.engine, dialect)
         # psycopg's libpq path, where a cursor would add nothing (see _libpq).
         self._pq: Session | None = (
             session_for(self._fairy.driver_connection, self._fairy.info)
@@ -340,7 +339,7 @@ class Executor:
     def refresh(self) -> None:
         """Before another operation on the same connection: look again for listeners or
         SQL logging added to the engine since (they must see every statement)."""
-        self._direct = self._native and not _observed(self._conn)
+        self._direct = self._native and not _observed(self._conn.engine, self._dialect)
         self._bounds_itself = self._direct and self._pq is not None and self._async is None
 
     def close(self) -> None:
@@ -353,9 +352,23 @@ class Executor:
         self._conn.close()
 
     def __call__(self, step: Step) -> Any:
+        pq = self._pq
+        if self._bounds_itself and pq is not None:
+            # The sync libpq path, which bounds its own wait (see _libpq): the path of
+            # nearly every statement on PostgreSQL, spelled out here.
+            compiled = self._compiled.get(id(step.statement))
+            if compiled is not None and compiled.pq is not None:
+                reply = step.reply
+                try:
+                    rows, count = pq.execute(compiled.pq, step.params, reply == "rows")
+                except Unanswered:
+                    raise self._timed_out(None) from None
+                except BaseException as exc:
+                    return self._outcome(step, compiled.sql, exc)
+                return rows if reply == "rows" else step.take(rows, count)
+            return self._execute(step)
         watch, dog = self._watch, self._dog
-        if watch is None or dog is None or self._bounds_itself:
-            # Nothing to watch, or the sync libpq path bounds its own wait (see _libpq).
+        if watch is None or dog is None:
             return self._execute(step)
         dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
