@@ -297,11 +297,8 @@ class Session:
             if not poll(timeout):
                 raise Unanswered
             pgconn.consume_input()
-            while not pgconn.is_busy():
-                result = pgconn.get_result()
-                if result is None:
-                    return results
-                results.append(result)
+            if _drain(pgconn, results):
+                return results
             if bound is not None:  # more to come: what is left of the bound
                 timeout = (deadline - monotonic()) * 1000.0
                 if timeout <= 0:
@@ -334,11 +331,8 @@ class Session:
         while True:
             await _readable(loop, fd)
             pgconn.consume_input()
-            while not pgconn.is_busy():
-                result = pgconn.get_result()
-                if result is None:
-                    return results
-                results.append(result)
+            if _drain(pgconn, results):
+                return results
 
     async def _aflush(self, loop: asyncio.AbstractEventLoop) -> None:
         pgconn, fd = self.pgconn, self.fd
@@ -354,6 +348,17 @@ class Session:
             pgconn.consume_input()
             if not pgconn.flush():
                 return
+
+
+def _drain(pgconn: Any, results: list[Any]) -> bool:
+    """Collect the results libpq has read in full; True once the server is ready for the
+    next statement (libpq's last result, None, came)."""
+    while not pgconn.is_busy():
+        result = pgconn.get_result()
+        if result is None:
+            return True
+        results.append(result)
+    return False
 
 
 class Unanswered(Exception):
