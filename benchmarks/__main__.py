@@ -25,8 +25,10 @@ from benchmarks.report import (
     Plan,
     Row,
     Skipped,
+    cpu_times,
     header_lines,
     load_average,
+    steal_share,
     table_lines,
 )
 
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         header.insert(-1, note)
     emit(*header, *TABLE_HEADER)
+    run_start = suite_start = cpu_times()
+    steals: list[str] = []
     for name in suites:
         try:
             rows = SUITES[name](plan)
@@ -160,10 +164,22 @@ def main(argv: list[str] | None = None) -> int:
             emit(*table_lines([Row(f"{name}: whole suite", Skipped(reason))]))
             continue
         emit(*table_lines(rows))
+        suite_end = cpu_times()
+        share = steal_share(suite_start, suite_end)
+        if share:
+            steals.append(f"{name} {share}")
+        suite_start = suite_end
+    overall = steal_share(run_start, cpu_times())
     emit(
         "",
         f"Load average (1/5/15 min) at end: {load_average()}; "
-        f"run took {time.monotonic() - started:.0f} s.",
+        f"run took {time.monotonic() - started:.0f} s."
+        + (
+            f" CPU time taken by the hypervisor (steal) during the run: {overall} "
+            f"({', '.join(steals)})."
+            if overall
+            else ""
+        ),
     )
     if options.markdown is not None:
         options.markdown.write_text("\n".join(report) + "\n", encoding="utf-8")

@@ -164,6 +164,29 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_times() -> tuple[int, ...] | None:
+    """The machine's CPU time counters from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    return tuple(int(x) for x in fields[1:9])
+
+
+def steal_share(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> str:
+    """The share of CPU time the hypervisor took from this VM between two
+    :func:`cpu_times` readings ("steal": our code and the servers ran slower by about as
+    much, and the CPU-heavy figures most), or "" when unknown."""
+    if before is None or after is None:
+        return ""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent)
+    return f"{100 * spent[7] / total:.1f}%" if total > 0 else ""
+
+
 def package_versions() -> str:
     """``name version`` for each installed distribution in PACKAGES."""
     found = []

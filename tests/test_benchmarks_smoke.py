@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import Row, Skipped, relation, table_lines
+from benchmarks.report import Row, Skipped, relation, steal_share, table_lines
 from benchmarks.timing import Quantity, Rate, Timing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,8 @@ def test_header_names_date_machine_and_versions(memory_report: tuple[str, str]) 
     assert "idempotask " in head
     assert "load average (1/5/15 min) at start" in head
     assert "Load average (1/5/15 min) at end" in stdout
+    if Path("/proc/stat").exists():
+        assert re.search(r"hypervisor \(steal\) during the run: [\d.]+% \(memory [\d.]+%\)", stdout)
 
 
 def test_memory_suite_prints_every_expected_row(memory_report: tuple[str, str]) -> None:
@@ -140,3 +142,13 @@ def test_relation_and_rendering() -> None:
     (line,) = table_lines([Row("peer: x", Skipped("ImportError: a | b"), "floor", fast)])
     assert "skipped: ImportError: a \\| b" in line
     assert line.count(" | ") == 5  # the escaped pipe does not add a column
+
+
+def test_the_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_readings() -> None:
+    """The report says how much CPU time the hypervisor took during the run (on a shared
+    VM the reason a run's figures are off): the steal counter's share of all time spent."""
+    before = (100, 0, 50, 800, 10, 0, 5, 35)
+    after = (160, 0, 70, 880, 10, 0, 5, 75)  # 200 jiffies in all, 40 of them stolen
+    assert steal_share(before, after) == "20.0%"
+    assert steal_share(before, before) == ""
+    assert steal_share(None, after) == ""
