@@ -23,10 +23,15 @@ same compiled SQL) when something watches the engine's statements (event listene
 tracing, statement comments or counting, and SQL logging such as ``echo=True``) so that
 it sees every one, and for an asyncio driver without a direct path here (asyncpg).
 
+On psycopg, statements go through psycopg's libpq wrapper instead of a cursor where a
+cursor would add nothing (see :mod:`~idempotask.backends.sql._libpq`).
+
 With a ``bound`` (the stores' ``statement_timeout`` plus a grace), every statement, on
-either path, runs under the :class:`~idempotask.backends.sql._timeouts.Watchdog`: a
-statement still unanswered at its deadline has its socket shut down, and raises
-:class:`TimeoutError` with the connection discarded.
+either path, is bounded: it runs under the
+:class:`~idempotask.backends.sql._timeouts.Watchdog`, which shuts the socket of a
+statement still unanswered at its deadline, or, on the sync libpq path, waits on the
+socket with that deadline itself; either way it raises :class:`TimeoutError` with the
+connection discarded.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ every connection (yours too):
    daemon thread shuts the connection's socket down (``shutdown()``, never ``close()``:
    the descriptor stays the driver's, so it cannot be reused under it). The blocked
    driver call, sync or asyncio, returns at once with a connection error, and the
-   executor turns it into ``TimeoutError`` and discards the connection.
+   executor turns it into ``TimeoutError`` and discards the connection. A sync psycopg
+   statement on the libpq path waits on its socket itself, with the same deadline as
+   a poll timeout, and needs no watchdog (see ``_libpq``).
 
 Nothing here imports a driver or SQLAlchemy.
 """
