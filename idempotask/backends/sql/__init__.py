@@ -82,9 +82,10 @@ the database (never its password); a row that is not one of ours raises
 deletes expired rows in short batches; run it from a periodic job.
 
 Every statement is bounded by ``statement_timeout`` (10 s by default): the server cancels
-a slower one, and a connection left unanswered a grace later is shut down by a watchdog
-thread and discarded, so a database that stops answering raises BackendError instead of
-hanging (see ``_timeouts``).
+a slower one, and a connection left unanswered a grace later is given up (a sync psycopg
+call stops waiting on its socket; elsewhere a watchdog thread shuts the socket down) and
+discarded, so a database that stops answering raises BackendError instead of hanging
+(see ``_timeouts``).
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
