@@ -178,19 +178,29 @@ def test_a_connection_goes_back_through_the_pool_a_second_after_it_came_out(
         assert (log.checkouts, log.checkins) == (2, 1)
 
         # Two threads at once leave two connections waiting; a single caller after the
-        # age returns the one it does not use.
-        barrier = threading.Barrier(2)
+        # age returns the one it does not use. Each waits for the other once it holds a
+        # connection, so both surely hold their own: merely started together, one could
+        # finish before the other began, and both would use one connection.
+        inside = threading.Barrier(2, timeout=10)
+        take = _stash.Stash.take
 
-        def two_at_once() -> None:
-            barrier.wait()
+        def take_and_meet(self: _stash.Stash) -> Any:
+            entry = take(self)
+            inside.wait()
+            return entry
+
+        def call() -> None:
             assert store.get(key()) is None
 
         with engine.connect():  # the pool's idle connection is busy: the threads take two
-            threads = [threading.Thread(target=two_at_once) for _ in range(2)]
+            monkeypatch.setattr(_stash.Stash, "take", take_and_meet)
+            threads = [threading.Thread(target=call) for _ in range(2)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
+            monkeypatch.setattr(_stash.Stash, "take", take)
+        assert not inside.broken
         assert engine.pool.checkedout() == 2
         now[0] += _stash.MAX_AGE
         assert store.get(key()) is None
