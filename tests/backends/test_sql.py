@@ -39,6 +39,7 @@ from idempotask.backends.sql._engines import async_url, sync_url
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 from idempotask.testing import StoreContract, make_state_machine
 
+from ._modes import caller
 from ._sql_workers import claim_worker, counter_table
 
 try:  # tests/conftest.py: the URL of a service, or skip (fail in CI) when it is down
@@ -245,10 +246,7 @@ def test_postgres_operations_take_one_statement_and_one_round_trip_each(
     async_engine = create_async_engine(url, pool_size=1, max_overflow=0)
     store = SQLAlchemyBackend(engine=sync_engine, async_engine=async_engine, table_name=TABLE)
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def pgconn() -> Any:
         if mode == "sync":
@@ -844,10 +842,7 @@ def test_a_connection_the_server_ended_fails_one_call_and_the_next_reconnects(
     store = SQLAlchemyBackend(url_for(name), table_name=TABLE, engine_options=options)
     key, first = new_key(), token()
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def pooled_connection_id() -> int:
         if mode == "sync":
@@ -935,10 +930,7 @@ def test_a_sqlite_claim_failing_inside_its_transaction_leaves_none_open(
             "WHEN NEW.key = 'refused' BEGIN SELECT RAISE(ABORT, 'refused'); END"
         )
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def scenario() -> None:  # one event loop: one async engine, one connection
         for _ in range(2):
@@ -973,10 +965,7 @@ def test_statement_listeners_see_every_statement(name: str, mode: str) -> None:
     log = StatementLog(engine if mode == "sync" else aengine.sync_engine)
     key, first = new_key(), token()
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def scenario() -> None:
         assert (await call("claim", key, first, lease=60)).held_by(first)
@@ -1268,10 +1257,7 @@ def test_a_statement_past_the_timeout_is_cancelled_by_the_server_and_the_connect
     assert store.claim(key, first, lease=60).held_by(first)
     locker = create_engine(url_for(name))
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def pooled_connection_id() -> int:
         if mode == "sync":
@@ -1323,10 +1309,7 @@ def test_a_database_that_stops_answering_fails_within_the_bound_and_the_next_cal
     store = SQLAlchemyBackend(proxied, table_name=TABLE, statement_timeout=0.3, connect_timeout=2)
     key, first = new_key(), token()
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
+    call = caller(store, mode)
 
     async def scenario() -> None:
         assert await call("get", key) is None  # a pooled connection through the proxy

@@ -22,6 +22,8 @@ from idempotask.backends.sql import SQLAlchemyBackend, _stash
 from idempotask.backends.sql._engines import sync_url
 from idempotask.errors import BackendError
 
+from ._modes import caller, stash_of
+
 try:  # tests/conftest.py: the URL of a service, or skip (fail in CI) when it is down
     from tests.conftest import service_url
 except ImportError:  # tests/ is not a package: pytest imported it as top-level "conftest"
@@ -245,19 +247,11 @@ def test_a_kept_connection_the_server_ended_fails_one_call_and_the_next_reconnec
     store = backend(url)
     k, t = key(), uuid.uuid4().hex
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
-
-    async def stash() -> _stash.Stash:
-        if mode == "sync":
-            return store.database._sync_stash()
-        return (await store.database._async_stash()).stash
+    call = caller(store, mode)
 
     async def scenario() -> None:
         assert await call("get", k) is None
-        kept = await stash()
+        kept = await stash_of(store, mode)
         ended = _session_ids(store, kept)
         assert len(ended) == 1
         _end_sessions(url, ended)
@@ -392,26 +386,18 @@ def test_a_statement_the_server_cancels_on_a_kept_connection_fails_once_and_keep
     locker = create_engine(url)
     k, t = key(), uuid.uuid4().hex
 
-    async def call(operation: str, *args: Any, **kwargs: Any) -> Any:
-        if mode == "sync":
-            return getattr(store, operation)(*args, **kwargs)
-        return await getattr(store, "a" + operation)(*args, **kwargs)
-
-    async def kept() -> _stash.Stash:
-        if mode == "sync":
-            return store.database._sync_stash()
-        return (await store.database._async_stash()).stash
+    call = caller(store, mode)
 
     async def scenario() -> None:
         assert (await call("claim", k, t, lease=60)).held_by(t)
-        before = _session_ids(store, await kept())
+        before = _session_ids(store, await stash_of(store, mode))
         with locker.begin() as conn:
             conn.execute(text(f"SELECT 1 FROM {TABLE} WHERE key = :k FOR UPDATE"), {"k": k})
             with pytest.raises(BackendError, match="canceling statement due to statement"):
                 await call("complete", k, t, b"r", ttl=60)
-        assert len(await kept()) == 0
+        assert len(await stash_of(store, mode)) == 0
         assert await call("complete", k, t, b"r", ttl=60)
-        assert _session_ids(store, await kept()) == before
+        assert _session_ids(store, await stash_of(store, mode)) == before
         assert await call("delete", k)
         await store.aclose()
 
