@@ -312,7 +312,6 @@ class Executor:
         self._async = _ASYNC_DRIVERS.get(dialect.driver) if dialect.is_async else None
         # Whether this driver has a direct path here at all (asyncpg has not).
         self._native = self._async is not None or not dialect.is_async
-        self._direct = self._native and not _observed(conn.engine, dialect)
         # psycopg's libpq path, where a cursor would add nothing (see _libpq).
         self._pq: Session | None = (
             session_for(self._fairy.driver_connection, self._fairy.info)
@@ -321,7 +320,8 @@ class Executor:
         )
         if self._pq is not None:
             self._pq.bound = bound  # a sync statement's wait is bounded in _libpq
-        self._bounds_itself = self._direct and self._pq is not None and self._async is None
+        self._direct = self._bounds_itself = False
+        self.refresh()
         # The client-side bound needs the connection's socket (none for SQLite).
         self._bound = bound
         fd = socket_of(self._fairy.driver_connection) if bound is not None else None
@@ -342,8 +342,10 @@ class Executor:
         return self._dialect
 
     def refresh(self) -> None:
-        """Before another operation on the same connection: look again for listeners or
-        SQL logging added to the engine since (they must see every statement)."""
+        """Before another operation on the same connection (and when made): look again for
+        listeners or SQL logging added to the engine since (they must see every
+        statement). Without them, a sync psycopg connection takes the libpq path, which
+        bounds its own wait (:attr:`_bounds_itself`)."""
         self._direct = self._native and not _observed(self._conn.engine, self._dialect)
         self._bounds_itself = self._direct and self._pq is not None and self._async is None
 
@@ -361,17 +363,17 @@ class Executor:
         if self._bounds_itself and pq is not None:
             # The sync libpq path, which bounds its own wait (see _libpq): the path of
             # nearly every statement on PostgreSQL, spelled out here.
-            compiled = self._compiled.get(id(step.statement))
-            if compiled is not None and compiled.pq is not None:
-                reply = step.reply
-                try:
-                    rows, count = pq.execute(compiled.pq, step.params, reply == "rows")
-                except Unanswered:
-                    raise self._timed_out(None) from None
-                except BaseException as exc:
-                    return self._outcome(step, compiled.sql, exc)
-                return rows if reply == "rows" else step.take(rows, count)
-            return self._execute(step)
+            compiled = self._compiled.get(id(step.statement)) or self._compiled_for(step)
+            statement = compiled.pq
+            assert statement is not None  # every statement compiled for psycopg has one
+            reply = step.reply
+            try:
+                rows, count = pq.execute(statement, step.params, reply == "rows")
+            except Unanswered:
+                raise self._timed_out(None) from None
+            except BaseException as exc:
+                return self._outcome(step, compiled.sql, exc)
+            return rows if reply == "rows" else step.take(rows, count)
         watch, dog = self._watch, self._dog
         if watch is None or dog is None:
             return self._execute(step)
@@ -451,16 +453,10 @@ class Executor:
                 return step.refused(exc)
             return step.take(result.fetchall() if step.fetches else (), result.rowcount)
         native, pq, statement = self._async, self._pq, compiled.pq
-        if pq is not None and statement is not None and native is None:
-            try:
-                rows, count = pq.execute(statement, step.params, step.fetches)
-            except Unanswered:
-                raise self._timed_out(None) from None
-            except BaseException as exc:
-                return self._outcome(step, compiled.sql, exc)
-            return step.take(rows, count)
         try:
-            if pq is not None and statement is not None:
+            if native is not None and pq is not None and statement is not None:
+                # An asyncio psycopg connection in a greenlet (the sync libpq path is
+                # __call__'s).
                 rows, count = self._fairy.dbapi_connection.run_async(  # type: ignore[union-attr]
                     lambda driver: pq.aexecute(statement, step.params, step.fetches)
                 )
