@@ -128,30 +128,6 @@ def session_for(driver_connection: Any, info: dict[Any, Any]) -> Session | None:
     return session
 
 
-class _Sent:
-    """A statement not prepared on the connection, being sent: its parameters as dumped,
-    its key in ``Session.seen``, and the name it is prepared under first when this run
-    prepares it (else None: sent unprepared)."""
-
-    __slots__ = ("formats", "fresh", "key", "statement", "types", "values")
-
-    def __init__(
-        self,
-        statement: PqStatement,
-        key: tuple[PqStatement, tuple[int, ...]],
-        values: Any,
-        types: tuple[int, ...],
-        formats: Any,
-        fresh: bytes | None,
-    ) -> None:
-        self.statement = statement
-        self.key = key
-        self.values = values
-        self.types = types
-        self.formats = formats
-        self.fresh = fresh
-
-
 class Session:
     """One psycopg connection's libpq path: its ``PGconn``, a transformer for its
     adapters, and what was prepared on it."""
@@ -175,31 +151,24 @@ class Session:
 
     # -- sending and reading ------------------------------------------------------------
 
-    def _dump(self, statement: PqStatement, params: Mapping[str, Any]) -> _Sent:
-        """A statement not prepared on this connection: its parameters as the
-        connection's adapters dump them, and whether to prepare it now (the name to
-        prepare it under): on its run number ``prepare_threshold`` here, as psycopg
-        does."""
-        tx = self.tx
-        values = tx.dump_sequence(statement.values(params), statement.formats)
-        types: tuple[int, ...] = tx.types or ()
-        key = (statement, types)
+    def _prepare_now(self, key: tuple[PqStatement, tuple[int, ...]]) -> bytes | None:
+        """For a statement not prepared on this connection: the name to prepare it under
+        now, on its run number ``prepare_threshold`` here as psycopg does, or None (it
+        is sent unprepared, and the run counted)."""
         runs = self.seen.get(key, 0)
-        runs = 0 if isinstance(runs, bytes) else runs  # deallocated: counted afresh
-        fresh = None
+        assert not isinstance(runs, bytes)  # prepared ones are sent by execute()
         if self.threshold is not None and runs + 1 >= self.threshold:
-            fresh = b"idempotask_%d" % next(_names)
-        else:
-            self.seen[key] = runs + 1
-        return _Sent(statement, key, values, types, tx.formats, fresh)
+            return b"idempotask_%d" % next(_names)
+        self.seen[key] = runs + 1
+        return None
 
-    def _send(self, sent: _Sent) -> None:
-        if sent.fresh:
-            self.pgconn.send_query_prepared(sent.fresh, sent.values, sent.formats, 1)
+    def _send(
+        self, statement: PqStatement, types: Any, values: Any, formats: Any, name: bytes | None
+    ) -> None:
+        if name:
+            self.pgconn.send_query_prepared(name, values, formats, 1)
         else:
-            self.pgconn.send_query_params(
-                sent.statement.sql, sent.values, sent.types, sent.formats, 1
-            )
+            self.pgconn.send_query_params(statement.sql, values, types, formats, 1)
 
     def _check(self, results: list[Any], prepared: Any = None) -> Any:
         """The one result of a statement, or psycopg's exception for its error. None when
@@ -232,10 +201,10 @@ class Session:
         count, as a cursor's ``fetchall()`` and ``rowcount`` give them."""
         tx = self.tx
         values = tx.dump_sequence(statement.values(params), statement.formats)
-        key = (statement, tx.types or ())
+        key, formats = (statement, tx.types or ()), tx.formats
         name = self.seen.get(key)
         if type(name) is bytes:  # prepared: the path of nearly every statement
-            self.pgconn.send_query_prepared(name, values, tx.formats, 1)
+            self.pgconn.send_query_prepared(name, values, formats, 1)
             results = self._wait()
             if len(results) == 1:  # the result, inline (see _check and _load)
                 result = results[0]
@@ -250,31 +219,31 @@ class Session:
             result = self._check(results, key)
             if result is not None:
                 return self._load(result, fetch)
-        sent = self._dump(statement, params)
-        if sent.fresh is not None:
-            self.pgconn.send_prepare(sent.fresh, statement.sql, sent.types)
+        fresh = self._prepare_now(key)
+        if fresh is not None:
+            self.pgconn.send_prepare(fresh, statement.sql, key[1])
             self._check(self._wait())
-            self.seen[sent.key] = sent.fresh
-        self._send(sent)
+            self.seen[key] = fresh
+        self._send(statement, key[1], values, formats, fresh)
         return self._load(self._check(self._wait()), fetch)
 
     async def aexecute(self, statement: PqStatement, params: Mapping[str, Any], fetch: bool) -> Any:
         """:meth:`execute` on an ``AsyncConnection``, waiting on the running loop."""
         tx = self.tx
         values = tx.dump_sequence(statement.values(params), statement.formats)
-        key = (statement, tx.types or ())
+        key, formats = (statement, tx.types or ()), tx.formats
         name = self.seen.get(key)
         if type(name) is bytes:
-            self.pgconn.send_query_prepared(name, values, tx.formats, 1)
+            self.pgconn.send_query_prepared(name, values, formats, 1)
             result = self._check(await self._await(), key)
             if result is not None:
                 return self._load(result, fetch)
-        sent = self._dump(statement, params)
-        if sent.fresh is not None:
-            self.pgconn.send_prepare(sent.fresh, statement.sql, sent.types)
+        fresh = self._prepare_now(key)
+        if fresh is not None:
+            self.pgconn.send_prepare(fresh, statement.sql, key[1])
             self._check(await self._await())
-            self.seen[sent.key] = sent.fresh
-        self._send(sent)
+            self.seen[key] = fresh
+        self._send(statement, key[1], values, formats, fresh)
         return self._load(self._check(await self._await()), fetch)
 
     # -- waiting -----------------------------------------------------------------------
