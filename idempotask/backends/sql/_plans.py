@@ -303,8 +303,10 @@ class Statements:
 
     @cached_property
     def claim_postgresql(self) -> Executable:
-        """One statement: insert or take over unless the live record blocks us, and answer
-        with the winning row.
+        """The claim once :attr:`claim_new_postgresql` found a row it cannot settle (an
+        expired one to take over, ours to re-take, or none visible to its snapshot): one
+        statement that inserts or takes over unless the live record blocks us, and
+        answers with the winning row.
 
         ``ins`` inserts our row only when no live record blocks this claim (one that is not
         ours to re-take), so a duplicate takes no row lock and writes nothing; its ``ON
