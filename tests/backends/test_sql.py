@@ -39,7 +39,7 @@ from idempotask.backends.sql._engines import async_url, sync_url
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 from idempotask.testing import StoreContract, make_state_machine
 
-from ._modes import caller
+from ._modes import caller, pg_trace
 from ._sql_workers import claim_worker, counter_table
 
 try:  # tests/conftest.py: the URL of a service, or skip (fail in CI) when it is down
@@ -211,23 +211,6 @@ class StatementLog:
 # -- round trips ---------------------------------------------------------------------------
 
 
-def _pg_trace(path: Path) -> tuple[int, int, list[str]]:
-    """From a libpq protocol trace: round trips (Sync or simple Query messages), statements
-    executed (Execute or Query messages: a prepared statement is executed without a
-    Parse) and the SQL of each Parse or Query."""
-    trips, executed, sql = 0, 0, []
-    for line in path.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3 or parts[0] != "F":
-            continue
-        message = parts[2]
-        trips += message in ("Sync", "Query")
-        executed += message in ("Execute", "Query")
-        if message in ("Parse", "Query"):
-            sql.append(parts[3] if len(parts) > 3 else "")
-    return trips, executed, sql
-
-
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_postgres_operations_take_one_statement_and_one_round_trip_each(
     mode: str, tmp_path: Path
@@ -273,17 +256,17 @@ def test_postgres_operations_take_one_statement_and_one_round_trip_each(
                 ("get", "get", (key,), {}),
             ]:
                 out.flush()
-                trips, executed, _ = _pg_trace(trace)
+                trips, executed, _ = pg_trace(trace)
                 await call(operation, *args, **kwargs)
                 out.flush()
-                after = _pg_trace(trace)
+                after = pg_trace(trace)
                 counts[label] = (after[0] - trips, after[1] - executed)
             conn.untrace()
         # A repeated complete is the one exception: its UPDATE changes nothing, and a read
         # tells "already done by this token" from "lease lost".
         expected = {label: (1, 1) for label in counts} | {"complete again": (2, 2)}
         assert counts == expected, counts
-        _, _, sql = _pg_trace(trace)
+        _, _, sql = pg_trace(trace)
         words = {word.strip('"').upper() for statement in sql for word in statement.split()}
         assert not words & {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT"}, sql
         # The claim was prepared before the trace started: only statements seen fewer

@@ -6,6 +6,8 @@ statements prepared once per connection and prepared again when deallocated, non
 prepared under ``prepare_threshold=None``, a tracing cursor factory or subclassed
 connection still sees every statement, payloads larger than the socket's buffers go
 both ways, and errors arrive as the backend's errors with the connection still usable.
+On a connection kept between operations, where a claim or complete runs its first
+statement without a plan, the round trips and answers are the documented ones.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from idempotask.backends.base import State
+from idempotask.backends.base import Record, State
 from idempotask.backends.sql import SQLAlchemyBackend
 from idempotask.errors import BackendError
 
@@ -29,6 +32,8 @@ try:  # tests/conftest.py: the URL of a service, or skip (fail in CI) when it is
     from tests.conftest import service_url
 except ImportError:  # tests/ is not a package: pytest imported it as top-level "conftest"
     from conftest import service_url  # type: ignore[no-redef]
+
+from ._modes import caller, pg_trace
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -241,3 +246,84 @@ def test_a_server_error_is_a_backend_error_and_the_connection_stays_usable(
     finally:
         store.drop_tables()
         store.close()
+
+
+def _held(token: str) -> Callable[[Any], bool]:
+    return lambda record: isinstance(record, Record) and record.held_by(token)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_kept_connection_takes_the_documented_round_trips(
+    url: str, mode: str, tmp_path: Path
+) -> None:
+    """On the engines a store makes, one connection is kept between operations, and a
+    claim or complete sends its first statement there without a plan: still one round
+    trip each, two for a re-take of one's own claim, a repeated or lost complete and a
+    takeover of an expired record, every answer as the store protocol gives it, all on
+    the one connection."""
+    store = SQLAlchemyBackend(url, table_name=TABLE, engine_options={"pool_size": 1})
+    call = caller(store, mode)
+    trace = tmp_path / "libpq.trace"
+    connections: list[Any] = []
+
+    with trace.open("w") as out:
+
+        def traced(dbapi_connection: Any, record: Any) -> None:
+            driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+            driver.pgconn.trace(out.fileno())
+            driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            connections.append(driver)
+
+        async def scenario() -> dict[str, int]:
+            if mode == "sync":
+                engine = store.database.sync_engine()
+            else:
+                engine = (await store.database.async_engine()).sync_engine
+            event.listen(engine, "connect", traced)
+            for _ in range(6):  # connected, and the statements prepared
+                await call("claim", _key(), "warm-up", lease=60)
+                await call("complete", _key(), "warm-up", b"", ttl=60)
+            key = _key()
+
+            def completed(r: Any) -> bool:
+                return r.state is State.COMPLETED and r.token == "t1" and r.payload == b"r"
+
+            steps: list[tuple[str, str, tuple[Any, ...], dict[str, Any], Callable[[Any], bool]]]
+            steps = [
+                ("claim", "claim", (key, "t1"), {"lease": 60}, _held("t1")),
+                ("re-take", "claim", (key, "t1"), {"lease": 60}, _held("t1")),
+                ("complete", "complete", (key, "t1", b"r"), {"ttl": 600}, lambda ok: ok is True),
+                ("duplicate", "claim", (key, "t2"), {"lease": 60}, completed),
+                ("complete again", "complete", (key, "t1", b"r"), {"ttl": 600}, lambda ok: ok),
+                ("lost complete", "complete", (key, "t2", b"x"), {"ttl": 600}, lambda ok: not ok),
+                ("expire", "expire_now", (key,), {}, lambda ok: ok is True),  # sync only
+                ("takeover", "claim", (key, "t3"), {"lease": 60}, _held("t3")),
+                ("fail", "fail", (key, "t3", b"err"), {"ttl": 60}, lambda ok: ok is True),
+            ]
+            trips: dict[str, int] = {}
+            for label, operation, args, kwargs, check in steps:
+                out.flush()
+                before = pg_trace(trace)[0]
+                if operation == "expire_now":  # a test hook without an async twin
+                    answer = store.expire_now(*args)
+                else:
+                    answer = await call(operation, *args, **kwargs)
+                out.flush()
+                trips[label] = pg_trace(trace)[0] - before
+                assert check(answer), (label, answer)
+            record = await call("get", key)
+            assert record is not None
+            assert (record.state, record.token, record.payload) == (State.FAILED, "t3", b"err")
+            if mode == "async":
+                await store.aclose()
+            return trips
+
+        try:
+            trips = asyncio.run(scenario())
+        finally:
+            store.close()
+    expected = {"claim": 1, "complete": 1, "duplicate": 1, "fail": 1}
+    expected["expire"] = 1 if mode == "sync" else 0  # async: on the untraced sync engine
+    expected |= {"re-take": 2, "complete again": 2, "lost complete": 2, "takeover": 2}
+    assert trips == expected
+    assert len(connections) == 1  # kept (or returned to the pool and taken again)

@@ -115,15 +115,19 @@ from idempotask.backends.sql._plans import (
     Flavour,
     Plan,
     Statements,
+    claim_params,
+    finish_params,
     flavour_of,
     plan_claim,
     plan_delete,
     plan_expire_now,
     plan_finish,
+    plan_finished_already,
     plan_get,
     plan_purge,
     plan_renew,
     seconds,
+    settle_claim_new,
 )
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
@@ -264,6 +268,9 @@ class SQLAlchemyBackend:
         self._sql = Statements(self.table)
         # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
         self._force_flavour: Flavour | None = None
+        # PostgreSQL: claims and completes start on a kept connection where psycopg's
+        # libpq path can run them (Database.first), without a plan.
+        self._libpq = self.database.url.get_backend_name() == "postgresql"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLAlchemyBackend:
@@ -363,12 +370,13 @@ class SQLAlchemyBackend:
                     f"UTF-8; the SQL store holds a {name} of up to {limit} bytes"
                 )
 
-    # claim and complete/fail are on every call's path: their plans take the dialect
-    # directly, and their checks start with the common case.
+    # claim and complete/fail are on every call's path: their checks start with the
+    # common case, and on PostgreSQL their first statement runs without a plan when a
+    # connection is kept for it (Database.first).
 
-    def _claim_plan(
+    def _check_claim(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> Callable[[Dialect], Plan[Record]]:
+    ) -> float:
         if not (  # the common case at once: strings too short to need measuring
             type(key) is str
             and type(token) is str
@@ -380,15 +388,24 @@ class SQLAlchemyBackend:
             and len(fingerprint) <= _TEXT_CHARS
         ):
             self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
-        lease = seconds(lease, "lease")
+        return seconds(lease, "lease")
+
+    def _claim_plan(
+        self, key: str, token: str, lease: float, owner: str, fingerprint: str, first: bool
+    ) -> Callable[[Dialect], Plan[Record]]:
         sql, flavour = self._sql, self._flavour
         return lambda dialect: plan_claim(
-            sql, flavour(dialect), key, token, lease=lease, owner=owner, fingerprint=fingerprint
+            sql,
+            flavour(dialect),
+            key,
+            token,
+            lease=lease,
+            owner=owner,
+            fingerprint=fingerprint,
+            first=first,
         )
 
-    def _finish_plan(
-        self, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> Callable[[Dialect], Plan[bool]]:
+    def _check_finish(self, key: str, token: str, ttl: float) -> float:
         if not (
             type(key) is str
             and type(token) is str
@@ -396,9 +413,17 @@ class SQLAlchemyBackend:
             and len(token) <= _TEXT_CHARS
         ):
             self._check_key(key, ("token", token))
-        ttl = seconds(ttl, "ttl")
+        return seconds(ttl, "ttl")
+
+    def _finish_plan(
+        self, key: str, token: str, payload: bytes, ttl: float, state: State
+    ) -> Callable[[Dialect], Plan[bool]]:
         sql = self._sql
         return lambda dialect: plan_finish(sql, key, token, payload, ttl, state)
+
+    def _finished_plan(self, key: str, token: str, state: State) -> Callable[[Dialect], Plan[bool]]:
+        sql = self._sql
+        return lambda dialect: plan_finished_already(sql, key, token, state)
 
     def _renew_plan(self, key: str, token: str, lease: float) -> Callable[[Flavour], Plan[bool]]:
         self._check_key(key, ("token", token))
@@ -414,7 +439,18 @@ class SQLAlchemyBackend:
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
-        plan = self._claim_plan(key, token, lease, owner, fingerprint)
+        lease = self._check_claim(key, token, lease, owner, fingerprint)
+        first = self._libpq
+        if first:
+            params = claim_params(key, token, lease, owner, fingerprint)
+            answer = self.database.first("claim", key, self._sql.claim_new_postgresql, params, True)
+            if answer is not None:
+                record = settle_claim_new(key, token, owner, answer[0])
+                if record is not None:
+                    return record
+            else:
+                first = False
+        plan = self._claim_plan(key, token, lease, owner, fingerprint, not first)
         return self.database.run("claim", key, plan)
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
@@ -425,8 +461,7 @@ class SQLAlchemyBackend:
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        plan = self._finish_plan(key, token, payload, ttl, State.COMPLETED)
-        return self.database.run("complete", key, plan)
+        return self._finish(key, token, payload, ttl, State.COMPLETED)
 
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a failure for the claim held with ``token``; True when stored (or already).
@@ -436,8 +471,20 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        plan = self._finish_plan(key, token, payload, ttl, State.FAILED)
-        return self.database.run("fail", key, plan)
+        return self._finish(key, token, payload, ttl, State.FAILED)
+
+    def _finish(self, key: str, token: str, payload: bytes, ttl: float, state: State) -> bool:
+        ttl = self._check_finish(key, token, ttl)
+        operation = "complete" if state is State.COMPLETED else "fail"
+        if self._libpq:
+            params = finish_params(key, token, payload, ttl, state)
+            answer = self.database.first(operation, key, self._sql.finish, params, False)
+            if answer is not None:
+                if answer[1]:
+                    return True
+                plan = self._finished_plan(key, token, state)
+                return self.database.run(operation, key, plan)
+        return self.database.run(operation, key, self._finish_plan(key, token, payload, ttl, state))
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """Restart the lease of the claim held with ``token``; False when it is not held.
@@ -486,18 +533,45 @@ class SQLAlchemyBackend:
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Record:
         """Async :meth:`claim`."""
-        plan = self._claim_plan(key, token, lease, owner, fingerprint)
+        lease = self._check_claim(key, token, lease, owner, fingerprint)
+        first = self._libpq
+        if first:
+            params = claim_params(key, token, lease, owner, fingerprint)
+            answer = await self.database.afirst(
+                "claim", key, self._sql.claim_new_postgresql, params, True
+            )
+            if answer is not None:
+                record = settle_claim_new(key, token, owner, answer[0])
+                if record is not None:
+                    return record
+            else:
+                first = False
+        plan = self._claim_plan(key, token, lease, owner, fingerprint, not first)
         return await self.database.arun("claim", key, plan)
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`complete`."""
-        plan = self._finish_plan(key, token, payload, ttl, State.COMPLETED)
-        return await self.database.arun("complete", key, plan)
+        return await self._afinish(key, token, payload, ttl, State.COMPLETED)
 
     async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`fail`."""
-        plan = self._finish_plan(key, token, payload, ttl, State.FAILED)
-        return await self.database.arun("fail", key, plan)
+        return await self._afinish(key, token, payload, ttl, State.FAILED)
+
+    async def _afinish(
+        self, key: str, token: str, payload: bytes, ttl: float, state: State
+    ) -> bool:
+        ttl = self._check_finish(key, token, ttl)
+        operation = "complete" if state is State.COMPLETED else "fail"
+        if self._libpq:
+            params = finish_params(key, token, payload, ttl, state)
+            answer = await self.database.afirst(operation, key, self._sql.finish, params, False)
+            if answer is not None:
+                if answer[1]:
+                    return True
+                plan = self._finished_plan(key, token, state)
+                return await self.database.arun(operation, key, plan)
+        plan = self._finish_plan(key, token, payload, ttl, state)
+        return await self.database.arun(operation, key, plan)
 
     async def arenew(self, key: str, token: str, *, lease: float) -> bool:
         """Async :meth:`renew`."""

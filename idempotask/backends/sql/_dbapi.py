@@ -39,9 +39,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Executable, LargeBinary
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -359,20 +359,14 @@ class Executor:
         self._conn.close()
 
     def __call__(self, step: Step) -> Any:
-        pq = self._pq
-        if self._bounds_itself and pq is not None:
-            # The sync libpq path, which bounds its own wait (see _libpq): the path of
-            # nearly every statement on PostgreSQL, spelled out here.
-            compiled = self._compiled.get(id(step.statement)) or self._compiled_for(step)
-            statement = compiled.pq
-            assert statement is not None  # every statement compiled for psycopg has one
+        if self._bounds_itself:
+            # The sync libpq path, which bounds its own wait: nearly every statement on
+            # PostgreSQL.
             reply = step.reply
             try:
-                rows, count = pq.execute(statement, step.params, reply == "rows")
-            except Unanswered:
-                raise self._timed_out(None) from None
-            except BaseException as exc:
-                return self._outcome(step, compiled.sql, exc)
+                rows, count = self.run_pq(step.statement, step.params, reply == "rows")
+            except IntegrityError as exc:
+                return step.refused(exc)
             return rows if reply == "rows" else step.take(rows, count)
         watch, dog = self._watch, self._dog
         if watch is None or dog is None:
@@ -390,6 +384,29 @@ class Executor:
         return reply
 
     @property
+    def runs_pq(self) -> bool:
+        """Whether :meth:`run_pq` (sync) or :meth:`arun_pq` (asyncio) can run this
+        operation's statements: psycopg's libpq path, nothing watching the engine."""
+        return self._direct and self._pq is not None
+
+    def run_pq(
+        self, statement: Executable, params: Mapping[str, Any], fetch: bool
+    ) -> tuple[Sequence[Any], int]:
+        """One statement on the sync libpq path (only when :attr:`runs_pq` on a sync
+        engine): its rows (when ``fetch``) and row count. Errors are SQLAlchemy's, as
+        :meth:`__call__` raises them."""
+        compiled = self._compiled.get(id(statement)) or self._compile(statement)
+        pq = self._pq
+        assert pq is not None  # psycopg: each statement is compiled with a PqStatement
+        assert compiled.pq is not None
+        try:
+            return pq.execute(compiled.pq, params, fetch)  # type: ignore[no-any-return]
+        except Unanswered:
+            raise self._timed_out(None) from None
+        except BaseException as exc:
+            self._raise(compiled.sql, exc)
+
+    @property
     def awaits_directly(self) -> bool:
         """Whether :meth:`acall` can run this operation's statements: an asyncio driver
         with a direct path, and nothing watching the engine's statements."""
@@ -400,23 +417,24 @@ class Executor:
         awaited here. What may need SQLAlchemy's greenlet (discarding a connection after
         an error or a timeout) runs in one, through ``spawn``. Only when
         :attr:`awaits_directly`."""
+        if self._pq is not None:
+            try:
+                rows, count = await self.arun_pq(step.statement, step.params, step.fetches, spawn)
+            except IntegrityError as exc:
+                return step.refused(exc)
+            return step.take(rows, count)
         compiled = self._compiled_for(step)
         watch, dog = self._watch, self._dog
         if watch is not None and dog is not None:
             dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
-            pq, statement = self._pq, compiled.pq
-            if pq is not None and statement is not None:
-                rows, count = await pq.aexecute(statement, step.params, step.fetches)
-                reply = step.take(rows, count)
-            else:
-                reply = await self._async(  # type: ignore[misc]
-                    self._fairy.driver_connection,
-                    self._held,
-                    compiled.driver_sql,
-                    compiled.parameters(step.params),
-                    step,
-                )
+            reply = await self._async(  # type: ignore[misc]
+                self._fairy.driver_connection,
+                self._held,
+                compiled.driver_sql,
+                compiled.parameters(step.params),
+                step,
+            )
         except BaseException as exc:
             fired = watch is not None and dog is not None and dog.stop(watch)
             return await spawn(self._settle, step, compiled.sql, exc, fired)
@@ -424,11 +442,38 @@ class Executor:
             await spawn(self._settle, step, compiled.sql, None, True)
         return reply
 
-    def _settle(self, step: Step, sql: str, exc: BaseException | None, fired: bool) -> Any:
-        """After :meth:`acall`'s statement raised ``exc`` or outlived its bound: the reply,
-        or the exception, that :meth:`__call__` would give (in a greenlet)."""
+    async def arun_pq(
+        self, statement: Executable, params: Mapping[str, Any], fetch: bool, spawn: Spawn
+    ) -> tuple[Sequence[Any], int]:
+        """:meth:`run_pq` on an asyncio engine, from a coroutine (only when
+        :attr:`runs_pq` and :attr:`awaits_directly`), under the watchdog."""
+        compiled = self._compiled.get(id(statement)) or self._compile(statement)
+        pq = self._pq
+        assert pq is not None  # psycopg: each statement is compiled with a PqStatement
+        assert compiled.pq is not None
+        watch, dog = self._watch, self._dog
+        if watch is not None and dog is not None:
+            dog.start(watch, self._bound)  # type: ignore[arg-type]
         try:
-            reply = None if exc is None else self._outcome(step, sql, exc)
+            answer: tuple[Sequence[Any], int] = await pq.aexecute(compiled.pq, params, fetch)
+        except BaseException as exc:
+            fired = watch is not None and dog is not None and dog.stop(watch)
+            return await spawn(self._settle, None, compiled.sql, exc, fired)  # type: ignore[no-any-return]
+        if watch is not None and dog is not None and dog.stop(watch):
+            await spawn(self._settle, None, compiled.sql, None, True)
+        return answer
+
+    def _settle(self, step: Step | None, sql: str, exc: BaseException | None, fired: bool) -> Any:
+        """After an awaited statement raised ``exc`` or outlived its bound: the reply, or
+        the exception, that :meth:`__call__` would give (in a greenlet; ``step`` None:
+        :meth:`run_pq`'s exception)."""
+        try:
+            if exc is None:
+                reply = None
+            elif step is None:
+                self._raise(sql, exc)
+            else:
+                reply = self._outcome(step, sql, exc)
         except BaseException as error:
             if fired:
                 raise self._timed_out(error) from error
@@ -438,10 +483,10 @@ class Executor:
         return reply
 
     def _compiled_for(self, step: Step) -> Compiled:
-        compiled = self._compiled.get(id(step.statement))
-        if compiled is None:
-            compiled = compile_statement(step.statement, self._dialect)
-            self._compiled[id(step.statement)] = compiled
+        return self._compiled.get(id(step.statement)) or self._compile(step.statement)
+
+    def _compile(self, statement: Executable) -> Compiled:
+        compiled = self._compiled[id(statement)] = compile_statement(statement, self._dialect)
         return compiled
 
     def _execute(self, step: Step) -> Any:
@@ -479,13 +524,18 @@ class Executor:
         """The reply to a statement the driver failed with ``exc``: a refused INSERT's, or
         else SQLAlchemy's exception, raised after discarding the connection if it cannot
         be trusted."""
+        try:
+            self._raise(sql, exc)
+        except IntegrityError as error:
+            return step.refused(error)
+
+    def _raise(self, sql: str, exc: BaseException) -> NoReturn:
+        """Raise SQLAlchemy's exception for ``exc``, raised by the driver running ``sql``
+        (the connection discarded if it cannot be trusted). An interruption (a cancelled
+        task, Ctrl-C) is raised as it is, its connection discarded: it may still be busy
+        with the statement, so it must not go back to the pool."""
         if isinstance(exc, Exception):
-            error = self._failed(exc, sql)
-            if isinstance(error, IntegrityError):
-                return step.refused(error)
-            raise error from exc
-        # Interrupted mid-statement (a cancelled task, Ctrl-C): the connection may still
-        # be busy with it, so it must not go back to the pool.
+            raise self._failed(exc, sql) from exc
         self._conn.invalidate(exc)
         raise exc
 

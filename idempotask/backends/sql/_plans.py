@@ -53,15 +53,19 @@ __all__ = [
     "Plan",
     "Statements",
     "Step",
+    "claim_params",
+    "finish_params",
     "flavour_of",
     "plan_claim",
     "plan_delete",
     "plan_expire_now",
     "plan_finish",
+    "plan_finished_already",
     "plan_get",
     "plan_purge",
     "plan_renew",
     "seconds",
+    "settle_claim_new",
 ]
 
 _T = TypeVar("_T")
@@ -572,6 +576,27 @@ def _takeable_record(record: Record, token: str, owner: str) -> bool:
 # -- plans ---------------------------------------------------------------------------------
 
 
+def claim_params(
+    key: str, token: str, lease: float, owner: str, fingerprint: str
+) -> dict[str, Any]:
+    """A claim's statement parameters."""
+    return {"k": key, "t": token, "o": owner, "f": fingerprint, "d": lease}
+
+
+def settle_claim_new(
+    key: str, token: str, owner: str, rows: Sequence[Sequence[Any]]
+) -> Record | None:
+    """The claim's answer from the rows of :attr:`Statements.claim_new_postgresql`, or
+    None when only the full claim can settle it: an expired row to take over, ours to
+    re-take, or none visible to the statement's snapshot."""
+    if rows:
+        taken, *fields, live = rows[0]
+        record = parse_record(key, fields)
+        if taken or (live and not _takeable_record(record, token, owner)):
+            return record
+    return None
+
+
 def plan_claim(
     sql: Statements,
     flavour: Flavour,
@@ -581,17 +606,18 @@ def plan_claim(
     lease: float,
     owner: str,
     fingerprint: str,
+    first: bool = True,
 ) -> Plan[Record]:
-    """Take ``key`` or return the record holding it (the ``Backend.claim`` contract)."""
-    params = {"k": key, "t": token, "o": owner, "f": fingerprint, "d": lease}
+    """Take ``key`` or return the record holding it (the ``Backend.claim`` contract).
+    ``first=False``: PostgreSQL's first try (:attr:`Statements.claim_new_postgresql`) was
+    made already and did not settle it."""
+    params = claim_params(key, token, lease, owner, fingerprint)
     for attempt in range(CLAIM_ATTEMPTS):
-        if flavour == "postgresql" and attempt == 0:
+        if flavour == "postgresql" and attempt == 0 and first:
             rows = yield Step(sql.claim_new_postgresql, params)
-            if rows:
-                taken, *fields, live = rows[0]
-                record = parse_record(key, fields)
-                if taken or (live and not _takeable_record(record, token, owner)):
-                    return record
+            record = settle_claim_new(key, token, owner, rows)
+            if record is not None:
+                return record
             # Expired, ours to re-take, or committed after our snapshot: the full claim.
             continue
         if flavour == "postgresql":
@@ -646,6 +672,11 @@ def plan_claim(
     )
 
 
+def finish_params(key: str, token: str, payload: bytes, ttl: float, state: State) -> dict[str, Any]:
+    """complete's or fail's statement parameters (``state``: COMPLETED or FAILED)."""
+    return {"k": key, "t": token, "s": state.value, "p": bytes(payload), "d": ttl}
+
+
 def plan_finish(
     sql: Statements,
     key: str,
@@ -656,12 +687,18 @@ def plan_finish(
 ) -> Plan[bool]:
     """complete (``state=COMPLETED``) or fail (``state=FAILED``): compare-and-set on the token;
     repeating one that succeeded returns True again."""
-    params = {"k": key, "t": token, "s": state.value, "p": bytes(payload), "d": ttl}
     # A plain UPDATE; only when it changes nothing (a repeated complete, a lost lease)
     # does a read tell the two apart: a statement that did both cost every first call on
     # PostgreSQL 0.06 of a plain INSERT's round trip more.
+    params = finish_params(key, token, payload, ttl, state)
     if (yield Step(sql.finish, params, reply="rowcount")):
         return True
+    return (yield from plan_finished_already(sql, key, token, state))
+
+
+def plan_finished_already(sql: Statements, key: str, token: str, state: State) -> Plan[bool]:
+    """After :attr:`Statements.finish` changed nothing: whether ``token`` had already
+    finished ``key`` with ``state`` (a repeated complete or fail, True again) or lost it."""
     rows = yield Step(sql.finished_already, {"k": key, "t": token, "s": state.value})
     return bool(rows)
 

@@ -164,43 +164,59 @@ class Stash:
             _exit_hook_registered()
         return Executor(conn, self._compiled, self._bound), monotonic() + MAX_AGE, self._epoch
 
-    def take_kept(self) -> Entry | None:
-        """The newest waiting connection if it can be used as it is, by a coroutine
-        without a greenlet (:meth:`~idempotask.backends.sql._dbapi.Executor.acall`): fresh,
-        and its executor awaits the driver directly; else None (and :meth:`take`)."""
+    def take_kept(self, pq: bool = False) -> Entry | None:
+        """The newest waiting connection if it can be used as it is, without a greenlet or
+        SQLAlchemy's execution: fresh, and its executor awaits the driver directly
+        (:meth:`~idempotask.backends.sql._dbapi.Executor.acall`) or, with ``pq``, runs
+        psycopg's libpq path (``run_pq``, ``arun_pq``); else None (and :meth:`take`)."""
         idle = self._idle
         try:
             entry = idle.pop()
         except IndexError:
             return None
         if entry[2] == self._epoch and monotonic() < entry[1]:
-            entry[0].refresh()
-            if entry[0].awaits_directly:
+            execute = entry[0]
+            execute.refresh()
+            if execute.runs_pq if pq else execute.awaits_directly:
                 return entry
         idle.append(entry)  # take() returns it to the pool, or runs it in a greenlet
         return None
 
-    def give(self, entry: Entry) -> None:
+    def give(self, entry: Entry, untouched: bool = False) -> None:
         """After an operation that succeeded: keep the connection for the next one, or
         return it to the pool; and return the oldest waiting one if it is due."""
-        if not self.keep(entry):
-            entry[0].close()
-        oldest = self.due(entry)
-        if oldest is not None:
-            oldest[0].close()
+        returned = self.release(entry, untouched)
+        if returned is not None:
+            for done in returned:
+                if done is not None:
+                    done[0].close()
 
-    def keep(self, entry: Entry) -> bool:
+    def release(
+        self, entry: Entry, untouched: bool = False
+    ) -> tuple[Entry | None, Entry | None] | None:
+        """:meth:`give` without I/O: None, or the connections for the caller to return to
+        the pool (``entry`` unless it was kept, and the oldest waiting one if due)."""
+        kept = self.keep(entry, untouched)
+        oldest = self.due(entry)
+        if kept and oldest is None:
+            return None
+        return None if kept else entry, oldest
+
+    def keep(self, entry: Entry, untouched: bool = False) -> bool:
         """:meth:`give`'s first half, without I/O: whether the connection went back into
-        the stash (else the caller returns it to the pool)."""
+        the stash (else the caller returns it to the pool). ``untouched``: the operation
+        ran only on the libpq path, which leaves the ``Connection`` as it was (valid,
+        with no transaction), so that is not looked at again."""
         execute, due, epoch = entry
-        conn = execute.connection
         idle = self._idle
         if (
             monotonic() < due
             and epoch == self._epoch
             and len(idle) < self.size
-            and not conn.invalidated
-            and not conn.in_transaction()
+            and (
+                untouched
+                or not (execute.connection.invalidated or execute.connection.in_transaction())
+            )
             and not self._exhausted()
         ):
             if self._async and not idle:
