@@ -5,8 +5,9 @@ breaker store have in common: the URL, the sync engine and one asyncio engine pe
 loop (created on first use, replaced in a forked child, disposed when their loop shuts
 down), the statements compiled per engine, the statement time bound, and running a plan
 (see :mod:`~idempotask.backends.sql._plans`) with database errors turned into
-:class:`~idempotask.errors.BackendError`. Stores built from one another share one
-``Database``, hence one pool of connections.
+:class:`~idempotask.errors.BackendError`, or the one statement that starts a claim or a
+complete on a connection kept for it (:meth:`Database.first`). Stores built from one
+another share one ``Database``, hence one pool of connections.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from idempotask.backends.sql import _dbapi, _engines
 from idempotask.backends.sql._plans import Plan, seconds
-from idempotask.backends.sql._stash import Entry, Stash, capacity, max_overflow
+from idempotask.backends.sql._stash import Entry, Stash, capacity, max_overflow, returned_to_pool
 from idempotask.backends.sql._timeouts import client_bound
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 
@@ -157,13 +158,6 @@ def _failed_on(stash: Stash, entry: Entry, exc: BaseException) -> None:
     """After a plan failed on ``entry``'s connection (in a greenlet)."""
     entry[0].abandon(exc)
     stash.discard(entry)
-
-
-def _returned(*entries: Entry | None) -> None:
-    """Return these connections to their pool (in a greenlet)."""
-    for entry in entries:
-        if entry is not None:
-            entry[0].close()
 
 
 def _stop_guard(guard: AsyncGenerator[None, None]) -> None:
@@ -520,7 +514,7 @@ class Database:
             raise
         returned = stash.release(entry)
         if returned is not None:
-            await spawn(_returned, *returned)
+            await spawn(returned_to_pool, *returned)
         return result
 
     # -- one statement on a kept connection ------------------------------------------------
@@ -550,7 +544,9 @@ class Database:
             _failed_on(stash, entry, exc)
             self._first_failed(operation, key, exc)
             return None
-        stash.give(entry, untouched=True)
+        returned = stash.release(entry, untouched=True)
+        if returned is not None:
+            returned_to_pool(*returned)
         return answer
 
     async def afirst(
@@ -576,7 +572,7 @@ class Database:
             return None
         returned = stash.release(entry, untouched=True)
         if returned is not None:
-            await spawn(_returned, *returned)
+            await spawn(returned_to_pool, *returned)
         return answer
 
     def _first_failed(self, operation: str, key: str | None, exc: BaseException) -> None:

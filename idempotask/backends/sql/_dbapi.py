@@ -295,16 +295,20 @@ class Executor:
         "_dialect",
         "_direct",
         "_dog",
+        "_engine",
         "_fairy",
         "_held",
         "_native",
         "_pq",
         "_watch",
+        "awaits_directly",
+        "runs_pq",
     )
 
     def __init__(self, conn: Connection, cache: CompiledCache, bound: float | None = None) -> None:
         dialect = conn.dialect
         self._conn = conn
+        self._engine = conn.engine
         self._dialect = dialect
         self._compiled = cache.for_engine(conn.engine)
         # A Connection just checked out holds a valid pooled connection: no I/O here.
@@ -320,6 +324,12 @@ class Executor:
         )
         if self._pq is not None:
             self._pq.bound = bound  # a sync statement's wait is bounded in _libpq
+        #: Whether :meth:`run_pq` (sync) or :meth:`arun_pq` (asyncio) can run this
+        #: operation's statements: psycopg's libpq path, nothing watching the engine.
+        self.runs_pq = False
+        #: Whether :meth:`acall` can run this operation's statements: an asyncio driver
+        #: with a direct path, and nothing watching the engine's statements.
+        self.awaits_directly = False
         self._direct = self._bounds_itself = False
         self.refresh()
         # The client-side bound needs the connection's socket (none for SQLite).
@@ -346,8 +356,16 @@ class Executor:
         listeners or SQL logging added to the engine since (they must see every
         statement). Without them, a sync psycopg connection takes the libpq path, which
         bounds its own wait (:attr:`_bounds_itself`)."""
-        self._direct = self._native and not _observed(self._conn.engine, self._dialect)
-        self._bounds_itself = self._direct and self._pq is not None and self._async is None
+        engine, dialect = self._engine, self._dialect
+        # _observed, its usual answer first (no listeners at all, no SQL logging).
+        if getattr(engine, "_has_events", True) or getattr(dialect, "_has_events", True):
+            watched = _observed(engine, dialect)
+        else:
+            watched = engine.logger.isEnabledFor(logging.INFO)
+        direct = self._direct = self._native and not watched
+        self.runs_pq = direct and self._pq is not None
+        self.awaits_directly = direct and self._async is not None
+        self._bounds_itself = self.runs_pq and self._async is None
 
     def close(self) -> None:
         """Return the connection to its pool (its sync cursor closed first)."""
@@ -383,12 +401,6 @@ class Executor:
             raise self._timed_out(None)
         return reply
 
-    @property
-    def runs_pq(self) -> bool:
-        """Whether :meth:`run_pq` (sync) or :meth:`arun_pq` (asyncio) can run this
-        operation's statements: psycopg's libpq path, nothing watching the engine."""
-        return self._direct and self._pq is not None
-
     def run_pq(
         self, statement: Executable, params: Mapping[str, Any], fetch: bool
     ) -> tuple[Sequence[Any], int]:
@@ -405,12 +417,6 @@ class Executor:
             raise self._timed_out(None) from None
         except BaseException as exc:
             self._raise(compiled.sql, exc)
-
-    @property
-    def awaits_directly(self) -> bool:
-        """Whether :meth:`acall` can run this operation's statements: an asyncio driver
-        with a direct path, and nothing watching the engine's statements."""
-        return self._direct and self._async is not None
 
     async def acall(self, step: Step, spawn: Spawn) -> Any:
         """:meth:`__call__` from a coroutine, without a greenlet: the driver's coroutine is

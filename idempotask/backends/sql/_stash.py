@@ -53,7 +53,7 @@ from sqlalchemy.pool import QueuePool
 
 from idempotask.backends.sql._dbapi import CompiledCache, Executor
 
-__all__ = ["MAX_AGE", "Entry", "Stash", "capacity", "max_overflow"]
+__all__ = ["MAX_AGE", "Entry", "Stash", "capacity", "max_overflow", "returned_to_pool"]
 
 #: Seconds a connection may stay checked out of its pool across operations.
 MAX_AGE = 1.0
@@ -174,8 +174,8 @@ class Stash:
             entry = idle.pop()
         except IndexError:
             return None
-        if entry[2] == self._epoch and monotonic() < entry[1]:
-            execute = entry[0]
+        execute, due, epoch = entry
+        if epoch == self._epoch and monotonic() < due:
             execute.refresh()
             if execute.runs_pq if pq else execute.awaits_directly:
                 return entry
@@ -187,30 +187,24 @@ class Stash:
         return it to the pool; and return the oldest waiting one if it is due."""
         returned = self.release(entry, untouched)
         if returned is not None:
-            for done in returned:
-                if done is not None:
-                    done[0].close()
+            returned_to_pool(*returned)
 
     def release(
         self, entry: Entry, untouched: bool = False
     ) -> tuple[Entry | None, Entry | None] | None:
         """:meth:`give` without I/O: None, or the connections for the caller to return to
-        the pool (``entry`` unless it was kept, and the oldest waiting one if due)."""
-        kept = self.keep(entry, untouched)
-        oldest = self.due(entry)
-        if kept and oldest is None:
-            return None
-        return None if kept else entry, oldest
+        the pool (``entry`` unless it went back into the stash, and the oldest waiting one
+        if it is due: one used by a thread that stopped calling, say).
 
-    def keep(self, entry: Entry, untouched: bool = False) -> bool:
-        """:meth:`give`'s first half, without I/O: whether the connection went back into
-        the stash (else the caller returns it to the pool). ``untouched``: the operation
-        ran only on the libpq path, which leaves the ``Connection`` as it was (valid,
-        with no transaction), so that is not looked at again."""
+        ``untouched``: the operation ran only on the libpq path, which leaves the
+        ``Connection`` as it was (valid, with no transaction), so that is not looked at
+        again.
+        """
         execute, due, epoch = entry
         idle = self._idle
-        if (
-            monotonic() < due
+        now = monotonic()
+        kept = (
+            now < due
             and epoch == self._epoch
             and len(idle) < self.size
             and (
@@ -218,12 +212,25 @@ class Stash:
                 or not (execute.connection.invalidated or execute.connection.in_transaction())
             )
             and not self._exhausted()
-        ):
+        )
+        if kept:
             if self._async and not idle:
                 _async_held.add(self)
             idle.append(entry)
-            return True
-        return False
+        try:
+            oldest: Entry | None = idle[0]
+        except IndexError:  # another thread took the last one
+            oldest = None
+        if oldest is not None and oldest is not entry and now >= oldest[1]:
+            try:
+                idle.remove(oldest)
+            except ValueError:  # taken meanwhile
+                oldest = None
+        else:
+            oldest = None
+        if kept and oldest is None:
+            return None
+        return None if kept else entry, oldest
 
     def _exhausted(self) -> bool:
         """Whether every connection the pool may open is out of it: then a caller may be
@@ -233,23 +240,6 @@ class Stash:
             return False
         pool: QueuePool = self.engine.pool  # type: ignore[assignment]
         return pool.overflow() >= self._overflow and pool.checkedin() == 0
-
-    def due(self, entry: Entry) -> Entry | None:
-        """:meth:`give`'s second half, without I/O: the oldest waiting connection (one used
-        by a thread that stopped calling, say), taken out of the stash for the caller to
-        return to the pool, if it is due; ``entry`` (just put back) never is."""
-        idle = self._idle
-        try:
-            oldest = idle[0]
-        except IndexError:
-            return None
-        if oldest is entry or monotonic() < oldest[1]:
-            return None
-        try:
-            idle.remove(oldest)
-        except ValueError:  # taken meanwhile
-            return None
-        return oldest
 
     def discard(self, entry: Entry) -> None:
         """After an operation that failed: its connection goes back to the pool (the
@@ -303,6 +293,13 @@ class Stash:
                 self.clear()
         else:
             self.let_go()
+
+
+def returned_to_pool(*entries: Entry | None) -> None:
+    """Return these connections to their pool (an asyncio engine's: in a greenlet)."""
+    for entry in entries:
+        if entry is not None:
+            entry[0].close()
 
 
 def _before_fork() -> None:
