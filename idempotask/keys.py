@@ -435,10 +435,10 @@ class CallKeyer:
     __slots__ = (
         "_by_name",
         "_defaults",
-        "_include",
         "_key_fn",
         "_n_positional",
         "_names",
+        "_parts",
         "_sig",
         "_var_kw",
         "_var_pos",
@@ -478,7 +478,12 @@ class CallKeyer:
             else:
                 defaults.append(_MISSING if p.default is p.empty else p.default)
         self._defaults = tuple(defaults)
-        self._include = self._select(key_args, exclude_args)
+        # Each argument in the key: its index, the encoding of its name, and its name.
+        names = self._names
+        self._parts = tuple(
+            (i, f"s{len(names[i])}:{names[i]}", names[i])
+            for i in self._select(key_args, exclude_args)
+        )
 
     def _select(
         self, key_args: Iterable[str] | None, exclude_args: Iterable[str] | None
@@ -541,11 +546,8 @@ class CallKeyer:
         if self._key_fn is not None:
             return encode(self._key_fn(*args, **kwargs), "key=")
         values = self.bind(args, kwargs)
-        names = self._names
         try:
-            parts = [
-                f"s{len(names[i])}:{names[i]}" + _encode(values[i], names[i]) for i in self._include
-            ]
+            parts = [name + _encode(values[i], path) for i, name, path in self._parts]
         except RecursionError:
             raise KeyEncodingError(
                 "an argument is nested too deeply (or contains itself) to encode"
