@@ -298,7 +298,12 @@ class Session:
             await self._aflush(loop)
         results: list[Any] = []
         while True:
-            await _readable(loop, fd)
+            future = loop.create_future()
+            loop.add_reader(fd, _wake, future)
+            try:
+                await future
+            finally:
+                loop.remove_reader(fd)
             pgconn.consume_input()
             if _drain(pgconn, results):
                 return results
@@ -338,12 +343,3 @@ class Unanswered(Exception):
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    future = loop.create_future()
-    loop.add_reader(fd, _wake, future)
-    try:
-        await future
-    finally:
-        loop.remove_reader(fd)
