@@ -8,6 +8,13 @@ how to read a row); :class:`~idempotask.backends.sql.SQLAlchemyBackend` only run
 callers, in a greenlet on an asyncio one. The same pattern as tenacity's
 ``BaseRetrying.iter`` driven by ``Retrying`` and ``AsyncRetrying``.
 
+On PostgreSQL, a claim's and a complete's first statement (the only one nearly every
+call needs) is also sent on its own where a kept connection allows it
+(:meth:`~idempotask.backends.sql._database.Database.first`); its answer is read by the
+same functions the plans use (:func:`settle_claim_new`), and what it leaves unsettled is
+finished by the rest of the plan (``plan_claim(first=False)``,
+:func:`plan_finished_already`).
+
 Every statement runs on a connection in autocommit mode, so a single statement is its own
 transaction and costs one round trip with no ``BEGIN``/``COMMIT`` around it. The only
 explicit transaction is SQLite's ``BEGIN IMMEDIATE`` claim.
