@@ -331,6 +331,31 @@ class Database:
         """The running loop's asyncio engine, created on first use there."""
         return (await self._async_stash()).engine_of
 
+    def _loop_stash(self) -> Stash | None:
+        """The running loop's stash if it is made already (the usual case, answered
+        without a coroutine); None: await :meth:`_async_stash`."""
+        if self._pid != _pid:
+            return None
+        given = self._given_stash
+        if given is not None:
+            return given.stash
+        last = self._last_loop
+        if (
+            last is not None
+            and self._given_async is None
+            and last[0]() is asyncio.get_running_loop()
+        ):
+            return last[1].stash
+        return None
+
+    async def _made_stash(self, operation: str, key: str | None) -> Stash:
+        """:meth:`_async_stash`'s stash for ``operation``, a failure to make its engine
+        raised as the operation's :class:`BackendError`."""
+        try:
+            return (await self._async_stash()).stash
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(operation, key, exc) from exc
+
     async def _async_stash(self) -> _AsyncStash:
         """The running loop's asyncio engine and its stash, created on first use there."""
         if self._pid != _pid:
@@ -467,10 +492,9 @@ class Database:
         if self.memory:
             # One in-memory connection, no I/O to wait for: the sync path, inline.
             return self.run(operation, key, make)
-        try:
-            stash = (await self._async_stash()).stash
-        except (SQLAlchemyError, OSError) as exc:
-            raise self.error(operation, key, exc) from exc
+        stash = self._loop_stash()
+        if stash is None:
+            stash = await self._made_stash(operation, key)
         # The whole operation in one greenlet: the pool's checkout and return are
         # SQLAlchemy's sync code (awaiting the driver through the greenlet), and each
         # statement is one await of the driver's own coroutine (see _dbapi.Executor).
@@ -555,10 +579,9 @@ class Database:
         """:meth:`first` for asyncio callers, on the running loop's engine."""
         if self.memory:
             return None
-        try:
-            stash = (await self._async_stash()).stash
-        except (SQLAlchemyError, OSError) as exc:
-            raise self.error(operation, key, exc) from exc
+        stash = self._loop_stash()
+        if stash is None:
+            stash = await self._made_stash(operation, key)
         entry = stash.take_kept(pq=True)
         if entry is None:
             return None
