@@ -435,6 +435,7 @@ class CallKeyer:
     __slots__ = (
         "_by_name",
         "_defaults",
+        "_filled",
         "_key_fn",
         "_n_positional",
         "_names",
@@ -478,6 +479,10 @@ class CallKeyer:
             else:
                 defaults.append(_MISSING if p.default is p.empty else p.default)
         self._defaults = tuple(defaults)
+        # With at least this many positional arguments (and no keywords) every parameter
+        # has a value: the defaults left after them are all real ones.
+        missing = [i for i, value in enumerate(defaults) if value is _MISSING]
+        self._filled = missing[-1] + 1 if missing else 0
         # Each argument in the key: its index, the encoding of its name, and its name.
         names = self._names
         self._parts = tuple(
@@ -532,6 +537,8 @@ class CallKeyer:
                     values[i] = v
             if extra:
                 values[self._var_kw] = extra
+        elif len(args) >= self._filled:
+            return values
         for v in values:
             if v is _MISSING:
                 self._raise_bind_error(args, kwargs)
@@ -546,8 +553,12 @@ class CallKeyer:
         if self._key_fn is not None:
             return encode(self._key_fn(*args, **kwargs), "key=")
         values = self.bind(args, kwargs)
+        exact = _EXACT.get  # _encode's first step, without a call per argument
         try:
-            parts = [name + _encode(values[i], path) for i, name, path in self._parts]
+            parts = [
+                name + (exact(type(values[i])) or _encode)(values[i], path)
+                for i, name, path in self._parts
+            ]
         except RecursionError:
             raise KeyEncodingError(
                 "an argument is nested too deeply (or contains itself) to encode"

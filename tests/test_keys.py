@@ -435,3 +435,12 @@ def test_a_bad_call_raises_pythons_own_type_error() -> None:
         f(1, 2, a=1)  # type: ignore[misc]
     with pytest.raises(TypeError, match="too many positional"):
         f(1, 2, 3)  # type: ignore[call-arg]
+
+    @idempotent
+    def g(a: int, b: int = 1, *, k: int) -> int:
+        return a + b + k
+
+    # Every positional argument given, or a default: a keyword-only one is still missing.
+    for args in [(1,), (1, 2)]:
+        with pytest.raises(TypeError, match="missing a required argument: 'k'"):
+            g(*args)  # type: ignore[call-arg]
