@@ -445,7 +445,7 @@ class SQLAlchemyBackend:
             params = claim_params(key, token, lease, owner, fingerprint)
             answer = self.database.first("claim", key, self._sql.claim_new_postgresql, params, True)
             if answer is not None:
-                record = settle_claim_new(key, token, owner, answer[0])
+                record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
                 if record is not None:
                     return record
             else:
@@ -541,7 +541,7 @@ class SQLAlchemyBackend:
                 "claim", key, self._sql.claim_new_postgresql, params, True
             )
             if answer is not None:
-                record = settle_claim_new(key, token, owner, answer[0])
+                record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
                 if record is not None:
                     return record
             else:

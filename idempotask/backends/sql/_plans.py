@@ -591,13 +591,22 @@ def claim_params(
 
 
 def settle_claim_new(
-    key: str, token: str, owner: str, rows: Sequence[Sequence[Any]]
+    rows: Sequence[Sequence[Any]],
+    key: str,
+    token: str,
+    lease: float,
+    owner: str,
+    fingerprint: str,
 ) -> Record | None:
     """The claim's answer from the rows of :attr:`Statements.claim_new_postgresql`, or
     None when only the full claim can settle it: an expired row to take over, ours to
     re-take, or none visible to the statement's snapshot."""
     if rows:
-        taken, *fields, live = rows[0]
+        row = rows[0]
+        if row[0] is True and len(row) == 8:
+            # Taken: the row is the one this statement inserted, as the claim gave it.
+            return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", lease)
+        taken, *fields, live = row
         record = parse_record(key, fields)
         if taken or (live and not _takeable_record(record, token, owner)):
             return record
@@ -622,7 +631,7 @@ def plan_claim(
     for attempt in range(CLAIM_ATTEMPTS):
         if flavour == "postgresql" and attempt == 0 and first:
             rows = yield Step(sql.claim_new_postgresql, params)
-            record = settle_claim_new(key, token, owner, rows)
+            record = settle_claim_new(rows, key, token, lease, owner, fingerprint)
             if record is not None:
                 return record
             # Expired, ours to re-take, or committed after our snapshot: the full claim.
