@@ -690,7 +690,8 @@ def plan_claim(
 
 def finish_params(key: str, token: str, payload: bytes, ttl: float, state: State) -> dict[str, Any]:
     """complete's or fail's statement parameters (``state``: COMPLETED or FAILED)."""
-    return {"k": key, "t": token, "s": state.value, "p": bytes(payload), "d": ttl}
+    # _value_ is what Enum.value returns, read without the property's Python call.
+    return {"k": key, "t": token, "s": state._value_, "p": bytes(payload), "d": ttl}
 
 
 def plan_finish(
