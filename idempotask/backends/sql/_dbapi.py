@@ -330,7 +330,8 @@ class Executor:
         #: Whether :meth:`acall` can run this operation's statements: an asyncio driver
         #: with a direct path, and nothing watching the engine's statements.
         self.awaits_directly = False
-        self._direct = self._bounds_itself = False
+        self._bounds_itself = False
+        self._direct: bool | None = None  # until refresh() sets it
         self.refresh()
         # The client-side bound needs the connection's socket (none for SQLite).
         self._bound = bound
@@ -362,7 +363,10 @@ class Executor:
             watched = _observed(engine, dialect)
         else:
             watched = engine.logger.isEnabledFor(logging.INFO)
-        direct = self._direct = self._native and not watched
+        direct = self._native and not watched
+        if direct is self._direct:
+            return  # as before (nearly always)
+        self._direct = direct
         self.runs_pq = direct and self._pq is not None
         self.awaits_directly = direct and self._async is not None
         self._bounds_itself = self.runs_pq and self._async is None
