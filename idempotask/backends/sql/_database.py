@@ -550,10 +550,11 @@ class Database:
         through psycopg's libpq path: its rows (when ``fetch``) and row count, or None
         when no connection is ready for that (the caller runs the operation's plan).
 
-        The plans' path for the one statement that settles nearly every claim and
-        complete, without the plan, its steps and the generic executor around it (a
-        fifth of a first call's client work). Errors are as :meth:`run` raises them;
-        after a deadlock (the statement was rolled back whole) None, so the plan runs.
+        The one statement that settles nearly every claim and complete, sent without the
+        plan, its steps and the general executor around it (they were about a sixth of
+        a first call's client instructions). Errors are raised as :meth:`run` raises
+        them; after a deadlock (the statement was rolled back whole) None, so the plan
+        runs it again.
         """
         stash = self._stash
         if stash is None or self._pid != _pid:

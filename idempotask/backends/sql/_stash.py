@@ -182,10 +182,10 @@ class Stash:
         idle.append(entry)  # take() returns it to the pool, or runs it in a greenlet
         return None
 
-    def give(self, entry: Entry, untouched: bool = False) -> None:
+    def give(self, entry: Entry) -> None:
         """After an operation that succeeded: keep the connection for the next one, or
         return it to the pool; and return the oldest waiting one if it is due."""
-        returned = self.release(entry, untouched)
+        returned = self.release(entry)
         if returned is not None:
             returned_to_pool(*returned)
 
