@@ -377,16 +377,7 @@ class SQLAlchemyBackend:
     def _check_claim(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
     ) -> float:
-        if not (  # the common case at once: strings too short to need measuring
-            type(key) is str
-            and type(token) is str
-            and type(owner) is str
-            and type(fingerprint) is str
-            and len(key) <= _KEY_CHARS
-            and len(token) <= _TEXT_CHARS
-            and len(owner) <= _TEXT_CHARS
-            and len(fingerprint) <= _TEXT_CHARS
-        ):
+        if not _short(key, token, owner, fingerprint):
             self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
         return seconds(lease, "lease")
 
@@ -406,12 +397,7 @@ class SQLAlchemyBackend:
         )
 
     def _check_finish(self, key: str, token: str, ttl: float) -> float:
-        if not (
-            type(key) is str
-            and type(token) is str
-            and len(key) <= _KEY_CHARS
-            and len(token) <= _TEXT_CHARS
-        ):
+        if not _short(key, token):
             self._check_key(key, ("token", token))
         return seconds(ttl, "ttl")
 
@@ -440,17 +426,16 @@ class SQLAlchemyBackend:
         True
         """
         lease = self._check_claim(key, token, lease, owner, fingerprint)
-        first = self._libpq
-        if first:
+        first = True  # whether the plan starts with PostgreSQL's first statement
+        if self._libpq:
             params = claim_params(key, token, lease, owner, fingerprint)
             answer = self.database.first("claim", key, self._sql.claim_new_postgresql, params, True)
             if answer is not None:
                 record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
                 if record is not None:
                     return record
-            else:
-                first = False
-        plan = self._claim_plan(key, token, lease, owner, fingerprint, not first)
+                first = False  # sent already: the plan goes on from there
+        plan = self._claim_plan(key, token, lease, owner, fingerprint, first)
         return self.database.run("claim", key, plan)
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
@@ -461,7 +446,7 @@ class SQLAlchemyBackend:
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        return self._finish(key, token, payload, ttl, State.COMPLETED)
+        return self._finish("complete", key, token, payload, ttl, State.COMPLETED)
 
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a failure for the claim held with ``token``; True when stored (or already).
@@ -471,11 +456,12 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        return self._finish(key, token, payload, ttl, State.FAILED)
+        return self._finish("fail", key, token, payload, ttl, State.FAILED)
 
-    def _finish(self, key: str, token: str, payload: bytes, ttl: float, state: State) -> bool:
+    def _finish(
+        self, operation: str, key: str, token: str, payload: bytes, ttl: float, state: State
+    ) -> bool:
         ttl = self._check_finish(key, token, ttl)
-        operation = "complete" if state is State.COMPLETED else "fail"
         if self._libpq:
             params = finish_params(key, token, payload, ttl, state)
             answer = self.database.first(operation, key, self._sql.finish, params, False)
@@ -534,8 +520,8 @@ class SQLAlchemyBackend:
     ) -> Record:
         """Async :meth:`claim`."""
         lease = self._check_claim(key, token, lease, owner, fingerprint)
-        first = self._libpq
-        if first:
+        first = True  # whether the plan starts with PostgreSQL's first statement
+        if self._libpq:
             params = claim_params(key, token, lease, owner, fingerprint)
             answer = await self.database.afirst(
                 "claim", key, self._sql.claim_new_postgresql, params, True
@@ -544,24 +530,22 @@ class SQLAlchemyBackend:
                 record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
                 if record is not None:
                     return record
-            else:
-                first = False
-        plan = self._claim_plan(key, token, lease, owner, fingerprint, not first)
+                first = False  # sent already: the plan goes on from there
+        plan = self._claim_plan(key, token, lease, owner, fingerprint, first)
         return await self.database.arun("claim", key, plan)
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`complete`."""
-        return await self._afinish(key, token, payload, ttl, State.COMPLETED)
+        return await self._afinish("complete", key, token, payload, ttl, State.COMPLETED)
 
     async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`fail`."""
-        return await self._afinish(key, token, payload, ttl, State.FAILED)
+        return await self._afinish("fail", key, token, payload, ttl, State.FAILED)
 
     async def _afinish(
-        self, key: str, token: str, payload: bytes, ttl: float, state: State
+        self, operation: str, key: str, token: str, payload: bytes, ttl: float, state: State
     ) -> bool:
         ttl = self._check_finish(key, token, ttl)
-        operation = "complete" if state is State.COMPLETED else "fail"
         if self._libpq:
             params = finish_params(key, token, payload, ttl, state)
             answer = await self.database.afirst(operation, key, self._sql.finish, params, False)
