@@ -81,10 +81,10 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
+from idempotask.backends.base import BreakerState, BreakerStatus, BreakerStore
 from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
@@ -113,108 +113,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 OnStoreError = Literal["allow", "raise"]
 FailurePredicate = Callable[[BaseException], bool]
 """Decides whether an exception counts as a failure of the protected dependency."""
-
-
-class BreakerStatus(str, enum.Enum):
-    """Where a breaker stands."""
-
-    CLOSED = "closed"  # calls run; failures are counted
-    OPEN = "open"  # calls fail fast until the open period ends
-    HALF_OPEN = "half_open"  # the open period ended: one probe call decides
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerState:
-    """A breaker's shared state as a store reports it after an operation.
-
-    ``failures`` is the count in the current window (CLOSED; at the opening write, the
-    count that opened it). ``retry_after`` is seconds by the store's clock: OPEN, until a
-    probe may be taken; HALF_OPEN, what is left of the lease of a probe in flight (0 when
-    a probe may be taken now); CLOSED, 0. ``changed`` is True when *this* operation moved
-    the status (closed -> open, half-open -> open, half-open -> closed); ``probe`` is
-    True when *this* :meth:`BreakerStore.try_probe` granted the probe.
-
-    >>> BreakerState(BreakerStatus.OPEN, retry_after=30.0).status.value
-    'open'
-    """
-
-    status: BreakerStatus
-    failures: int = 0
-    retry_after: float = 0.0
-    changed: bool = False
-    probe: bool = False
-
-
-@runtime_checkable
-class BreakerStore(Protocol):
-    """Where breakers keep their shared state: one small record per breaker name.
-
-    Each operation is atomic (Redis: one Lua script; memory: one lock; SQL: one or two
-    statements in one transaction) and measures time by the *store's* clock, never the
-    caller's. ``threshold`` is a count, ``window``, ``open_for`` and ``lease`` are seconds.
-    Each method has an ``a``-prefixed async twin on the same object. Driver errors are
-    raised as :class:`~idempotask.errors.BackendError`.
-
-    The record of a breaker holds ``failures``, ``window_until``, ``open_until`` (absent
-    or NULL while closed), ``probe_until`` and ``probe_token``; no record means closed
-    with no failures. With ``now`` the store's clock:
-
-    - status: CLOSED without ``open_until``; OPEN while ``now < open_until``; HALF_OPEN
-      once ``now >= open_until`` (it stays so until a probe reports back).
-    - ``record_failure``: OPEN -> unchanged. HALF_OPEN -> open again:
-      ``open_until = now + open_for``, probe cleared, ``changed``. CLOSED -> if
-      ``window_until <= now`` start a window (``failures = 0``, ``window_until = now +
-      window``); ``failures += 1``; at ``threshold`` open (``open_until = now + open_for``,
-      failures and probe cleared, ``changed``; the reply's ``failures`` is the count that
-      opened it).
-    - ``record_success``: HALF_OPEN -> closed: the record is removed (``changed``).
-      OPEN -> unchanged (a call that began before the opening proves nothing now).
-      CLOSED -> unchanged: successes do not reset the window's count.
-    - ``try_probe(name, token, lease)``: HALF_OPEN and (no probe in flight, i.e.
-      ``probe_until <= now``, or ``probe_token == token``) -> ``probe_until = now + lease``,
-      ``probe_token = token``, reply ``probe=True``. Otherwise the state unchanged, with
-      ``probe=False`` (CLOSED: the caller just runs; OPEN or a probe in flight: it fails
-      fast). The token makes a resent command recognise its own grant; the lease lets
-      another caller probe when a prober crashed.
-    - ``state``: read only. ``reset``: remove the record (force closed).
-
-    A SQL implementation is one row per name (``name`` primary key, ``failures int``,
-    ``window_until``, ``open_until`` and ``probe_until`` timestamps by the database's
-    ``clock_timestamp()``, ``probe_token text``): ``record_failure`` is one ``INSERT ...
-    ON CONFLICT (name) DO UPDATE SET`` with ``CASE`` expressions over the rules above and
-    ``RETURNING`` (``changed`` when the returned ``open_until`` equals the statement's
-    ``now + open_for``); ``try_probe`` is one guarded ``UPDATE ... WHERE open_until <= now
-    AND (probe_until IS NULL OR probe_until <= now OR probe_token = :token) RETURNING``,
-    followed by a plain read when it updated nothing; ``record_success`` is ``DELETE ...
-    WHERE open_until <= now RETURNING`` (a row: ``changed``) plus a read; ``reset`` a
-    ``DELETE``. Rows of breakers left CLOSED past their window or HALF_OPEN long after may
-    be purged; a store may forget them (Redis drops a closed record when its window ends
-    and a half-open one a day after its open period).
-    """
-
-    def state(self, name: str) -> BreakerState: ...
-
-    def record_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState: ...
-
-    def record_success(self, name: str) -> BreakerState: ...
-
-    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
-
-    def reset(self, name: str) -> None: ...
-
-    async def astate(self, name: str) -> BreakerState: ...
-
-    async def arecord_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState: ...
-
-    async def arecord_success(self, name: str) -> BreakerState: ...
-
-    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
-
-    async def areset(self, name: str) -> None: ...
 
 
 # --------------------------------------------------------------------------- the core

@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -32,7 +32,7 @@ from typing import (
     overload,
 )
 
-from idempotask import config, events, lease
+from idempotask import config, events, flow, lease
 from idempotask.backends.base import Backend, Record, State
 from idempotask.errors import (
     AlreadyInProgress,
@@ -43,6 +43,7 @@ from idempotask.errors import (
     SerializationError,
 )
 from idempotask.events import EventKind
+from idempotask.flow import Flow, Op
 from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
 from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
 
@@ -60,11 +61,6 @@ R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 _S = TypeVar("_S")
 _P2 = ParamSpec("_P2")
-
-# Ops yielded by the decision core. Store ops name the Backend method to call.
-_CLAIM, _COMPLETE, _FAIL, _DELETE = "claim", "complete", "fail", "delete"
-_RUN, _SLEEP = "run", "sleep"
-_ASYNC_NAME = {_CLAIM: "aclaim", _COMPLETE: "acomplete", _FAIL: "afail", _DELETE: "adelete"}
 
 _POLL_FIRST, _POLL_MAX = 0.005, 0.25  # waiting on another caller: first and longest poll
 
@@ -243,22 +239,31 @@ class Spec:
     # are yielded to the driver as (op, arguments) and their result is sent back; a
     # store failure is thrown back in as BackendError.
     # ----------------------------------------------------------------------------------
-    def flow(
-        self, key: str, owner: str, fingerprint: str
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+    def flow(self, call: Call, key: str, owner: str, fingerprint: str) -> Flow[Any]:
         token = _new_token()
+        backend = call.backend
         legacy = self.previous_keys(key)
         deadline = -1.0
         poll = _POLL_FIRST
         while True:
             try:
-                record: Record = yield _CLAIM, (key, token, self._lease, owner, fingerprint)
+                record: Record = yield Op(
+                    backend.claim,
+                    backend.aclaim,
+                    key,
+                    token,
+                    lease=self._lease,
+                    owner=owner,
+                    fingerprint=fingerprint,
+                )
             except BackendError as exc:
-                return (yield from self._fail_open_or_raise(key, exc))
+                return (yield from self._fail_open_or_raise(call, key, exc))
             if record.token == token and record.state is State.IN_PROGRESS:
                 if not legacy:
                     break
-                blocker = yield from self._claim_legacy(key, legacy, token, owner, fingerprint)
+                blocker = yield from self._claim_legacy(
+                    backend, key, legacy, token, owner, fingerprint
+                )
                 if blocker is None:
                     break
                 record = blocker  # a record under a previous name answers, or blocks
@@ -287,20 +292,26 @@ class Spec:
                 )
             # Poll by claiming again: one round trip that also takes the key if the
             # holder failed or its lease ran out, and returns the result if it finished.
-            yield _SLEEP, (min(poll, deadline - now),)
+            yield Op(time.sleep, asyncio.sleep, min(poll, deadline - now))
             poll = min(poll * 2, _POLL_MAX)
 
         events.emit(EventKind.CLAIMED, self.name, key)
         keys = (key, *legacy)
-        outcome: _Outcome = yield _RUN, (keys, token)
+        outcome: _Outcome = yield Op(call.run, call.arun, keys, token)
         if outcome.error is None:
-            return (yield from self._store_result(keys, token, outcome))
-        yield from self._store_error(keys, token, outcome, owner)
+            return (yield from self._store_result(backend, keys, token, outcome))
+        yield from self._store_error(backend, keys, token, outcome, owner)
         raise outcome.error
 
     def _claim_legacy(
-        self, key: str, legacy: tuple[str, ...], token: str, owner: str, fingerprint: str
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Record | None]:
+        self,
+        backend: Backend,
+        key: str,
+        legacy: tuple[str, ...],
+        token: str,
+        owner: str,
+        fingerprint: str,
+    ) -> Flow[Record | None]:
         """During a rename, also claim the keys of the previous names.
 
         Processes still running the old code claim only the old key, so holding it too is
@@ -312,10 +323,18 @@ class Spec:
         blocker: Record | None = None
         for old in legacy:
             try:
-                record: Record = yield _CLAIM, (old, token, self._lease, owner, fingerprint)
+                record: Record = yield Op(
+                    backend.claim,
+                    backend.aclaim,
+                    old,
+                    token,
+                    lease=self._lease,
+                    owner=owner,
+                    fingerprint=fingerprint,
+                )
             except BackendError:
                 for k in taken:
-                    yield from self._release(k, token)
+                    yield from self._release(backend, k, token)
                 raise
             if record.token == token and record.state is State.IN_PROGRESS:
                 taken.append(old)
@@ -324,12 +343,10 @@ class Spec:
             break
         if blocker is not None:
             for k in taken:
-                yield from self._release(k, token)
+                yield from self._release(backend, k, token)
         return blocker
 
-    def _fail_open_or_raise(
-        self, key: str, exc: BackendError
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+    def _fail_open_or_raise(self, call: Call, key: str, exc: BackendError) -> Flow[Any]:
         events.emit(
             EventKind.BACKEND_ERROR, self.name, key, error=type(exc.__cause__ or exc).__name__
         )
@@ -343,25 +360,25 @@ class Spec:
             exc,
         )
         events.emit(EventKind.FAIL_OPEN, self.name, key)
-        outcome: _Outcome = yield _RUN, (None, None)
+        outcome: _Outcome = yield Op(call.run, call.arun, None, None)
         if outcome.error is not None:
             raise outcome.error
         return outcome.value
 
     def _store_result(
-        self, keys: tuple[str, ...], token: str, outcome: _Outcome
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, Any]:
+        self, backend: Backend, keys: tuple[str, ...], token: str, outcome: _Outcome
+    ) -> Flow[Any]:
         key = keys[0]
         try:
             payload = self._serializer.dumps(outcome.value)
         except SerializationError as exc:
-            yield from self._release_all(keys, token)
+            yield from self._release_all(backend, keys, token)
             raise SerializationError(
                 f"{self.name} returned a value that cannot be stored, so {key} was released "
                 f"and the call is not protected: {exc}"
             ) from exc
         if len(payload) > self._max_result:
-            yield from self._release_all(keys, token)
+            yield from self._release_all(backend, keys, token)
             raise SerializationError(
                 f"{self.name} returned a result of {len(payload):,} bytes, over "
                 f"max_result_bytes={self._max_result:,}, so {key} was released and the call "
@@ -371,7 +388,9 @@ class Spec:
         stored_all = True
         for k in keys:
             try:
-                stored = yield _COMPLETE, (k, token, payload, self._ttl)
+                stored = yield Op(
+                    backend.complete, backend.acomplete, k, token, payload, ttl=self._ttl
+                )
             except BackendError as exc:
                 # The body ran; raising would make a framework run it again. The result
                 # is returned, and the claim expires with its lease.
@@ -393,8 +412,13 @@ class Spec:
         return outcome.value
 
     def _store_error(
-        self, keys: tuple[str, ...], token: str, outcome: _Outcome, owner: str = ""
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+        self,
+        backend: Backend,
+        keys: tuple[str, ...],
+        token: str,
+        outcome: _Outcome,
+        owner: str = "",
+    ) -> Flow[None]:
         key = keys[0]
         error = outcome.error
         assert error is not None
@@ -409,26 +433,25 @@ class Spec:
         if ttl is None or not isinstance(error, Exception) or isinstance(error, _cancellations):
             # Failures and cancellations (CancelledError, KeyboardInterrupt, registered
             # ones) release.
-            yield from self._release_all(keys, token)
+            yield from self._release_all(backend, keys, token)
             return
         try:
             payload = dump_exception(error)
             for k in keys:
-                if not (yield _FAIL, (k, token, payload, ttl)) and not outcome.lost:
+                stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                if not stored and not outcome.lost:
                     lease.report_lost(self.name, k, "the key was taken over while the body ran")
         except (BackendError, SerializationError) as exc:
             log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
-            yield from self._release_all(keys, token)
+            yield from self._release_all(backend, keys, token)
 
-    def _release_all(
-        self, keys: tuple[str, ...], token: str
-    ) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+    def _release_all(self, backend: Backend, keys: tuple[str, ...], token: str) -> Flow[None]:
         for k in keys:
-            yield from self._release(k, token)
+            yield from self._release(backend, k, token)
 
-    def _release(self, key: str, token: str) -> Generator[tuple[str, tuple[Any, ...]], Any, None]:
+    def _release(self, backend: Backend, key: str, token: str) -> Flow[None]:
         try:
-            yield _DELETE, (key, token)
+            yield Op(backend.delete, backend.adelete, key, token=token)
         except BackendError as exc:
             log.error(
                 "idempotask: could not release %s after %s failed; it stays claimed until its "
@@ -462,20 +485,52 @@ class Spec:
 
 
 # --------------------------------------------------------------------------------------
-# Drivers: they perform the core's ops and nothing else. drive and adrive are the same
-# loop but for ``await``; they stay written out twice because sharing more of it costs a
-# function call (or a coroutine) per call or per op on the benchmarked duplicate path.
+# Running a call: the flow above, driven by idempotask.flow's drive / adrive. What the
+# flow asks to run is a Call's body, with the leases it holds renewed meanwhile.
 # --------------------------------------------------------------------------------------
 
 
-def _store_args(op: str, a: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if op == _CLAIM:
-        key, token, lease_s, owner, fingerprint = a
-        return (key, token), {"lease": lease_s, "owner": owner, "fingerprint": fingerprint}
-    if op == _DELETE:
-        return (a[0],), {"token": a[1]}
-    key, token, payload, ttl = a
-    return (key, token, payload), {"ttl": ttl}
+class Call:
+    """One call being made: the store it uses and the arguments its body gets."""
+
+    __slots__ = ("args", "backend", "kwargs", "spec")
+
+    def __init__(
+        self, spec: Spec, backend: Backend, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self, keys: tuple[str, ...] | None, token: str | None) -> _Outcome:
+        running = _Running(self.spec, self.backend, keys, token, lease.hold)
+        try:
+            value = self.spec.func(*self.args, **self.kwargs)
+        except BaseException as exc:
+            return running.done(None, exc)
+        return running.done(value, None)
+
+    async def arun(self, keys: tuple[str, ...] | None, token: str | None) -> _Outcome:
+        running = _Running(self.spec, self.backend, keys, token, lease.ahold)
+        try:
+            value = await self.spec.func(*self.args, **self.kwargs)
+        except BaseException as exc:
+            return running.done(None, exc)
+        return running.done(value, None)
+
+
+def _start(
+    spec: Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    explicit: str | None,
+    owner: str,
+    store_key: str | None,
+) -> Flow[Any]:
+    key = spec.key(args, kwargs, explicit) if store_key is None else store_key
+    fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
+    return spec.flow(Call(spec, spec.backend(), args, kwargs), key, owner, fingerprint)
 
 
 def drive(
@@ -493,81 +548,7 @@ def drive(
     integration's producer computed for these arguments. Public in the package: the
     framework integrations run their tasks through it (and :func:`adrive`).
     """
-    key = spec.key(args, kwargs, explicit) if store_key is None else store_key
-    fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
-    backend = spec.backend()
-    flow = spec.flow(key, owner, fingerprint)
-    send: Any = None
-    error: BackendError | None = None
-    while True:
-        try:
-            op, a = flow.send(send) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        if op == _RUN:
-            send = _run_sync(spec, backend, a, args, kwargs)
-        elif op == _SLEEP:
-            time.sleep(a[0])
-            send = None
-        else:
-            try:
-                # claim and complete, the ops of every call, skip _store_args.
-                if op == _CLAIM:
-                    send = backend.claim(a[0], a[1], lease=a[2], owner=a[3], fingerprint=a[4])
-                elif op == _COMPLETE:
-                    send = backend.complete(a[0], a[1], a[2], ttl=a[3])
-                else:
-                    p, kw = _store_args(op, a)
-                    send = getattr(backend, op)(*p, **kw)
-            except BackendError as exc:
-                error = exc
-
-
-class _Running:
-    """A body being run: the leases it holds (when protected) and its start time."""
-
-    __slots__ = ("leases", "started", "stops")
-
-    def __init__(
-        self,
-        spec: Spec,
-        backend: Backend,
-        a: tuple[Any, ...],
-        hold: Callable[[lease.Lease], Callable[[], None]],
-    ) -> None:
-        keys, token = a
-        if keys is not None and len(keys) == 1:  # the usual case, without list building
-            held = lease.Lease(backend, keys[0], token, spec._lease, spec.name)
-            self.leases: list[lease.Lease] = [held]
-            self.stops = [hold(held)]
-        else:
-            # keys is None when the body runs unprotected (fail-open): nothing to renew.
-            self.leases = [
-                lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys or ()
-            ]
-            # The primary key's lease is held last, so lease_held() reports on it.
-            self.stops = [hold(x) for x in reversed(self.leases)]
-        self.started = time.perf_counter()
-
-    def done(self, value: Any, error: BaseException | None) -> _Outcome:
-        lost = False
-        for stop in reversed(self.stops):  # contextvar resets must unwind in order
-            stop()
-        for x in self.leases:
-            lost = lost or x.reported_lost
-        return _Outcome(value, error, time.perf_counter() - self.started, lost)
-
-
-def _run_sync(
-    spec: Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Outcome:
-    running = _Running(spec, backend, a, lease.hold)
-    try:
-        value = spec.func(*args, **kwargs)
-    except BaseException as exc:
-        return running.done(None, exc)
-    return running.done(value, None)
+    return flow.drive(_start(spec, args, kwargs, explicit, owner, store_key))
 
 
 async def adrive(
@@ -579,47 +560,43 @@ async def adrive(
     store_key: str | None = None,
 ) -> Any:
     """Async :func:`drive`: awaits the store's async methods, the body and the sleeps."""
-    key = spec.key(args, kwargs, explicit) if store_key is None else store_key
-    fingerprint = spec.fingerprint(args, kwargs) if explicit is not None else ""
-    backend = spec.backend()
-    flow = spec.flow(key, owner, fingerprint)
-    send: Any = None
-    error: BackendError | None = None
-    while True:
-        try:
-            op, a = flow.send(send) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        if op == _RUN:
-            send = await _run_async(spec, backend, a, args, kwargs)
-        elif op == _SLEEP:
-            await asyncio.sleep(a[0])
-            send = None
+    return await flow.adrive(_start(spec, args, kwargs, explicit, owner, store_key))
+
+
+class _Running:
+    """A body being run: the leases it holds (when protected) and its start time."""
+
+    __slots__ = ("leases", "started", "stops")
+
+    def __init__(
+        self,
+        spec: Spec,
+        backend: Backend,
+        keys: tuple[str, ...] | None,
+        token: str | None,
+        hold: Callable[[lease.Lease], Callable[[], None]],
+    ) -> None:
+        if keys is not None and token is not None and len(keys) == 1:  # the usual case
+            held = lease.Lease(backend, keys[0], token, spec._lease, spec.name)
+            self.leases: list[lease.Lease] = [held]
+            self.stops = [hold(held)]
+        elif keys is None or token is None:
+            # The body runs unprotected (fail-open): nothing to renew.
+            self.leases = []
+            self.stops = []
         else:
-            try:
-                if op == _CLAIM:
-                    send = await backend.aclaim(
-                        a[0], a[1], lease=a[2], owner=a[3], fingerprint=a[4]
-                    )
-                elif op == _COMPLETE:
-                    send = await backend.acomplete(a[0], a[1], a[2], ttl=a[3])
-                else:
-                    p, kw = _store_args(op, a)
-                    send = await getattr(backend, _ASYNC_NAME[op])(*p, **kw)
-            except BackendError as exc:
-                error = exc
+            self.leases = [lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys]
+            # The primary key's lease is held last, so lease_held() reports on it.
+            self.stops = [hold(x) for x in reversed(self.leases)]
+        self.started = time.perf_counter()
 
-
-async def _run_async(
-    spec: Spec, backend: Backend, a: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Outcome:
-    running = _Running(spec, backend, a, lease.ahold)
-    try:
-        value = await spec.func(*args, **kwargs)
-    except BaseException as exc:
-        return running.done(None, exc)
-    return running.done(value, None)
+    def done(self, value: Any, error: BaseException | None) -> _Outcome:
+        lost = False
+        for stop in reversed(self.stops):  # contextvar resets must unwind in order
+            stop()
+        for x in self.leases:
+            lost = lost or x.reported_lost
+        return _Outcome(value, error, time.perf_counter() - self.started, lost)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The store protocol every idempotency backend implements.
+"""Every store contract and its value types.
 
-A store keeps one *record* per key and knows nothing of Python objects: payloads are
-bytes. Six operations, each with a sync method and an ``a``-prefixed async twin on the
-same object, so one backend serves sync and async callers::
+Three small protocols, each operation with a sync method and an ``a``-prefixed async
+twin on the same object, so one store serves sync and async callers:
+
+- :class:`Backend`, the idempotency store: one *record* per key, payloads as bytes::
 
     claim / aclaim        take the key, or return the record that holds it
     complete / acomplete  store a result (compare-and-set on the token)
@@ -11,16 +12,43 @@ same object, so one backend serves sync and async callers::
     get / aget            read a record
     delete / adelete      remove a record (optionally only if the token matches)
 
-Every expiry uses the store's clock, never the caller's.
+- :class:`DeadLetterStore`: failed calls, their schedule, and a lease for processors;
+- :class:`BreakerStore`: the shared state of circuit breakers.
+
+A backend offers the other two beside its records (:class:`ProvidesStores`). Every
+expiry uses the store's clock, never the caller's. Nothing here imports a feature
+module: features depend on these contracts, never the other way round.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Backend", "Record", "State", "SupportsExpireNow"]
+__all__ = [
+    "MUTABLE_FIELDS",
+    "OPEN_STATUSES",
+    "Backend",
+    "BreakerState",
+    "BreakerStatus",
+    "BreakerStore",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterStore",
+    "ProvidesStores",
+    "Record",
+    "StatRow",
+    "State",
+    "Status",
+    "SupportsExpireClaim",
+    "SupportsExpireNow",
+    "check_changes",
+]
+
+
+# ---------------------------------------------------------------------- idempotency records
 
 
 class State(str, enum.Enum):
@@ -124,3 +152,325 @@ class SupportsExpireNow(Protocol):
     """
 
     def expire_now(self, key: str) -> bool: ...
+
+
+# ---------------------------------------------------------------------- dead letters
+
+
+class Status(str, enum.Enum):
+    """Where a dead letter stands."""
+
+    PENDING = "pending"  # failed, waiting for its next retry (or for a person)
+    RETRYING = "retrying"  # replayed at least once and failed again; another retry is due
+    RESOLVED = (
+        "resolved"  # a replay succeeded, the call had completed meanwhile, or a person said so
+    )
+    ABANDONED = "abandoned"  # retries exhausted (or a person gave up): nothing more happens
+
+
+OPEN_STATUSES = (Status.PENDING, Status.RETRYING)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One failed call.
+
+    ``function`` is the replay name (a registered function's name, or a framework's
+    task name when ``route`` names the framework). ``arguments`` are the call's
+    arguments after the redaction hook, serialized (the store sees bytes). ``kind`` is a
+    :class:`idempotask.taxonomy.FailureKind` value. ``attempts`` counts failures so far.
+    ``version`` increases with every change and makes :meth:`DeadLetterStore.update` a
+    compare-and-set. ``resolution`` says how a RESOLVED record got there (``"retry"``,
+    ``"completed"`` -- the call had already completed --, ``"manual"``).
+    """
+
+    id: str
+    function: str
+    kind: str
+    error_type: str
+    message: str
+    traceback: str = ""
+    arguments: bytes = b""
+    key: str = ""
+    attempts: int = 1
+    status: Status = Status.PENDING
+    first_failed_at: float = 0.0
+    last_failed_at: float = 0.0
+    next_retry_at: float | None = None
+    route: str = ""
+    critical: bool = False
+    resolution: str = ""
+    version: int = 0
+
+    def evolve(self, **changes: Any) -> DeadLetter:
+        """A copy with ``changes`` applied (the version is left to the store)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters a query or a bulk operation is about; empty matches all.
+
+    ``since`` / ``until`` bound ``last_failed_at``.
+    """
+
+    status: tuple[Status, ...] = ()
+    kind: tuple[str, ...] = ()
+    function: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` passes this filter (stores may use it, or SQL/indexes)."""
+        return (
+            (not self.status or letter.status in self.status)
+            and (not self.kind or letter.kind in self.kind)
+            and (not self.function or letter.function in self.function)
+            and (self.since is None or letter.last_failed_at >= self.since)
+            and (self.until is None or letter.last_failed_at < self.until)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatRow:
+    """Counts for one (function, kind, status) group of dead letters."""
+
+    function: str
+    kind: str
+    status: Status
+    count: int
+    retries: int = field(default=0)
+    """Failed replays in the group: the sum of ``attempts - 1``."""
+    resolved_by_retry: int = field(default=0)
+    """Records of the group resolved by a successful replay."""
+
+
+# Fields update() may change; everything else is fixed once a letter is added.
+MUTABLE_FIELDS = frozenset(
+    {
+        "kind",
+        "error_type",
+        "message",
+        "traceback",
+        "attempts",
+        "status",
+        "last_failed_at",
+        "next_retry_at",
+        "resolution",
+    }
+)
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """Where dead letters live. Each operation has an ``a``-prefixed async twin.
+
+    - ``add(letter)`` stores a new letter as given (its ``version`` included, 0 for a new
+      letter); adding an id that exists changes nothing and returns the stored letter (a
+      spooled letter may be delivered twice).
+    - ``get(id)`` returns a letter or None.
+    - ``query(filter, limit=, offset=)`` lists matching letters, newest
+      ``last_failed_at`` first, ties broken by ascending ``id`` (so pages are stable).
+    - ``update(id, version, **changes)`` applies ``changes`` (only
+      :data:`MUTABLE_FIELDS`) if the stored version is ``version`` and returns the new
+      letter with ``version + 1``, else None (someone else changed it first). It also
+      ends any processor claim on the letter.
+    - ``claim_due(now, limit=, lease=, filter=)`` atomically takes up to ``limit`` open
+      letters (PENDING or RETRYING) with ``next_retry_at <= now`` that no other processor
+      holds and that match ``filter`` (None: all), earliest ``next_retry_at`` first (ties
+      by ``id``), holds them for ``lease`` seconds (store clock where it has one) and
+      returns them with their version bumped. A letter its holder does not update within
+      the lease becomes claimable again.
+    - ``stats(filter)`` counts matching letters by (function, kind, status), rows ordered
+      by those three.
+    - ``purge(filter)`` deletes matching letters and returns how many.
+    """
+
+    def add(self, letter: DeadLetter) -> DeadLetter: ...
+
+    def get(self, id: str) -> DeadLetter | None: ...
+
+    def query(
+        self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]: ...
+
+    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
+
+    def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]: ...
+
+    def stats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
+
+    def purge(self, filter: DeadLetterFilter) -> int: ...
+
+    async def aadd(self, letter: DeadLetter) -> DeadLetter: ...
+
+    async def aget(self, id: str) -> DeadLetter | None: ...
+
+    async def aquery(
+        self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]: ...
+
+    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
+
+    async def aclaim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]: ...
+
+    async def astats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
+
+    async def apurge(self, filter: DeadLetterFilter) -> int: ...
+
+
+def check_changes(changes: Iterable[str]) -> None:
+    """Refuse updates to fields that are fixed once a letter is added."""
+    fixed = set(changes) - MUTABLE_FIELDS
+    if fixed:
+        from idempotask.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"dead letter update: {', '.join(sorted(fixed))} cannot change after the letter "
+            f"is added; changeable fields: {', '.join(sorted(MUTABLE_FIELDS))}"
+        )
+
+
+@runtime_checkable
+class SupportsExpireClaim(Protocol):
+    """Test-only power: end a processor's claim on a letter now, on the store's clock.
+
+    The dead-letter conformance suite uses it to check that an unreleased claim becomes
+    claimable again without waiting for the lease. Returns whether a live claim was there.
+    """
+
+    def expire_claim(self, id: str) -> bool: ...
+
+
+# ---------------------------------------------------------------------- circuit breakers
+
+
+class BreakerStatus(str, enum.Enum):
+    """Where a breaker stands."""
+
+    CLOSED = "closed"  # calls run; failures are counted
+    OPEN = "open"  # calls fail fast until the open period ends
+    HALF_OPEN = "half_open"  # the open period ended: one probe call decides
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """A breaker's shared state as a store reports it after an operation.
+
+    ``failures`` is the count in the current window (CLOSED; at the opening write, the
+    count that opened it). ``retry_after`` is seconds by the store's clock: OPEN, until a
+    probe may be taken; HALF_OPEN, what is left of the lease of a probe in flight (0 when
+    a probe may be taken now); CLOSED, 0. ``changed`` is True when *this* operation moved
+    the status (closed -> open, half-open -> open, half-open -> closed); ``probe`` is
+    True when *this* :meth:`BreakerStore.try_probe` granted the probe.
+
+    >>> BreakerState(BreakerStatus.OPEN, retry_after=30.0).status.value
+    'open'
+    """
+
+    status: BreakerStatus
+    failures: int = 0
+    retry_after: float = 0.0
+    changed: bool = False
+    probe: bool = False
+
+
+@runtime_checkable
+class BreakerStore(Protocol):
+    """Where breakers keep their shared state: one small record per breaker name.
+
+    Each operation is atomic (Redis: one Lua script; memory: one lock; SQL: one or two
+    statements in one transaction) and measures time by the *store's* clock, never the
+    caller's. ``threshold`` is a count, ``window``, ``open_for`` and ``lease`` are seconds.
+    Each method has an ``a``-prefixed async twin on the same object. Driver errors are
+    raised as :class:`~idempotask.errors.BackendError`.
+
+    The record of a breaker holds ``failures``, ``window_until``, ``open_until`` (absent
+    or NULL while closed), ``probe_until`` and ``probe_token``; no record means closed
+    with no failures. With ``now`` the store's clock:
+
+    - status: CLOSED without ``open_until``; OPEN while ``now < open_until``; HALF_OPEN
+      once ``now >= open_until`` (it stays so until a probe reports back).
+    - ``record_failure``: OPEN -> unchanged. HALF_OPEN -> open again:
+      ``open_until = now + open_for``, probe cleared, ``changed``. CLOSED -> if
+      ``window_until <= now`` start a window (``failures = 0``, ``window_until = now +
+      window``); ``failures += 1``; at ``threshold`` open (``open_until = now + open_for``,
+      failures and probe cleared, ``changed``; the reply's ``failures`` is the count that
+      opened it).
+    - ``record_success``: HALF_OPEN -> closed: the record is removed (``changed``).
+      OPEN -> unchanged (a call that began before the opening proves nothing now).
+      CLOSED -> unchanged: successes do not reset the window's count.
+    - ``try_probe(name, token, lease)``: HALF_OPEN and (no probe in flight, i.e.
+      ``probe_until <= now``, or ``probe_token == token``) -> ``probe_until = now + lease``,
+      ``probe_token = token``, reply ``probe=True``. Otherwise the state unchanged, with
+      ``probe=False`` (CLOSED: the caller just runs; OPEN or a probe in flight: it fails
+      fast). The token makes a resent command recognise its own grant; the lease lets
+      another caller probe when a prober crashed.
+    - ``state``: read only. ``reset``: remove the record (force closed).
+
+    A SQL implementation is one row per name (``name`` primary key, ``failures int``,
+    ``window_until``, ``open_until`` and ``probe_until`` timestamps by the database's
+    ``clock_timestamp()``, ``probe_token text``): ``record_failure`` is one ``INSERT ...
+    ON CONFLICT (name) DO UPDATE SET`` with ``CASE`` expressions over the rules above and
+    ``RETURNING`` (``changed`` when the returned ``open_until`` equals the statement's
+    ``now + open_for``); ``try_probe`` is one guarded ``UPDATE ... WHERE open_until <= now
+    AND (probe_until IS NULL OR probe_until <= now OR probe_token = :token) RETURNING``,
+    followed by a plain read when it updated nothing; ``record_success`` is ``DELETE ...
+    WHERE open_until <= now RETURNING`` (a row: ``changed``) plus a read; ``reset`` a
+    ``DELETE``. Rows of breakers left CLOSED past their window or HALF_OPEN long after may
+    be purged; a store may forget them (Redis drops a closed record when its window ends
+    and a half-open one a day after its open period).
+    """
+
+    def state(self, name: str) -> BreakerState: ...
+
+    def record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState: ...
+
+    def record_success(self, name: str) -> BreakerState: ...
+
+    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
+
+    def reset(self, name: str) -> None: ...
+
+    async def astate(self, name: str) -> BreakerState: ...
+
+    async def arecord_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> BreakerState: ...
+
+    async def arecord_success(self, name: str) -> BreakerState: ...
+
+    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
+
+    async def areset(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class ProvidesStores(Protocol):
+    """A backend that keeps dead letters and breaker state beside its records.
+
+    ``namespace`` scopes what the returned store sees (the configured namespace by
+    default), so two applications sharing one server keep separate dead-letter queues.
+    Every built-in backend offers both; :func:`idempotask.configure` uses them when no
+    other dead-letter store or breaker store is given.
+    """
+
+    def dead_letter_store(self, *, namespace: str = "idempotask") -> DeadLetterStore: ...
+
+    def breaker_store(self, *, namespace: str = "idempotask") -> BreakerStore: ...

@@ -1,23 +1,25 @@
-"""The dead-letter store protocol.
+"""Building a dead-letter store from a URL.
 
-A dead letter is the record of a call that failed: what ran, with which (redacted)
-arguments, how it failed, how often, and when it is due for another try. Stores keep
-them and answer five questions; the scheduling logic lives in
-:class:`idempotask.deadletter.DeadLetterQueue`, not here.
-
-Times are wall-clock epoch seconds (``time.time()``) chosen by the caller, because a
-spooled record must keep the moment it failed. The one exclusion that must hold across
-processes -- two processors never replay one record -- is a lease taken by
-:meth:`DeadLetterStore.claim_due`, which stores measure on their own clock where they
-have one (Redis ``TIME``, the database's clock).
+The contract (:class:`~idempotask.backends.base.DeadLetterStore`) and its value types
+live in :mod:`idempotask.backends.base`; they are re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any
+
+from idempotask.backends.base import (
+    MUTABLE_FIELDS,
+    OPEN_STATUSES,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterStore,
+    StatRow,
+    Status,
+    SupportsExpireClaim,
+    check_changes,
+)
 
 __all__ = [
     "MUTABLE_FIELDS",
@@ -33,206 +35,6 @@ __all__ = [
     "dead_letter_store_from_url",
     "register_dead_letter_scheme",
 ]
-
-
-class Status(str, enum.Enum):
-    """Where a dead letter stands."""
-
-    PENDING = "pending"  # failed, waiting for its next retry (or for a person)
-    RETRYING = "retrying"  # replayed at least once and failed again; another retry is due
-    RESOLVED = (
-        "resolved"  # a replay succeeded, the call had completed meanwhile, or a person said so
-    )
-    ABANDONED = "abandoned"  # retries exhausted (or a person gave up): nothing more happens
-
-
-OPEN_STATUSES = (Status.PENDING, Status.RETRYING)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One failed call.
-
-    ``function`` is the replay name (a registered function's name, or a framework's
-    task name when ``route`` names the framework). ``arguments`` are the call's
-    arguments after the redaction hook, serialized (the store sees bytes). ``kind`` is a
-    :class:`idempotask.taxonomy.FailureKind` value. ``attempts`` counts failures so far.
-    ``version`` increases with every change and makes :meth:`DeadLetterStore.update` a
-    compare-and-set. ``resolution`` says how a RESOLVED record got there (``"retry"``,
-    ``"completed"`` -- the call had already completed --, ``"manual"``).
-    """
-
-    id: str
-    function: str
-    kind: str
-    error_type: str
-    message: str
-    traceback: str = ""
-    arguments: bytes = b""
-    key: str = ""
-    attempts: int = 1
-    status: Status = Status.PENDING
-    first_failed_at: float = 0.0
-    last_failed_at: float = 0.0
-    next_retry_at: float | None = None
-    route: str = ""
-    critical: bool = False
-    resolution: str = ""
-    version: int = 0
-
-    def evolve(self, **changes: Any) -> DeadLetter:
-        """A copy with ``changes`` applied (the version is left to the store)."""
-        return replace(self, **changes)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterFilter:
-    """Which dead letters a query or a bulk operation is about; empty matches all.
-
-    ``since`` / ``until`` bound ``last_failed_at``.
-    """
-
-    status: tuple[Status, ...] = ()
-    kind: tuple[str, ...] = ()
-    function: tuple[str, ...] = ()
-    since: float | None = None
-    until: float | None = None
-
-    def matches(self, letter: DeadLetter) -> bool:
-        """Whether ``letter`` passes this filter (stores may use it, or SQL/indexes)."""
-        return (
-            (not self.status or letter.status in self.status)
-            and (not self.kind or letter.kind in self.kind)
-            and (not self.function or letter.function in self.function)
-            and (self.since is None or letter.last_failed_at >= self.since)
-            and (self.until is None or letter.last_failed_at < self.until)
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StatRow:
-    """Counts for one (function, kind, status) group of dead letters."""
-
-    function: str
-    kind: str
-    status: Status
-    count: int
-    retries: int = field(default=0)
-    """Failed replays in the group: the sum of ``attempts - 1``."""
-    resolved_by_retry: int = field(default=0)
-    """Records of the group resolved by a successful replay."""
-
-
-# Fields update() may change; everything else is fixed once a letter is added.
-MUTABLE_FIELDS = frozenset(
-    {
-        "kind",
-        "error_type",
-        "message",
-        "traceback",
-        "attempts",
-        "status",
-        "last_failed_at",
-        "next_retry_at",
-        "resolution",
-    }
-)
-
-
-@runtime_checkable
-class DeadLetterStore(Protocol):
-    """Where dead letters live. Each operation has an ``a``-prefixed async twin.
-
-    - ``add(letter)`` stores a new letter as given (its ``version`` included, 0 for a new
-      letter); adding an id that exists changes nothing and returns the stored letter (a
-      spooled letter may be delivered twice).
-    - ``get(id)`` returns a letter or None.
-    - ``query(filter, limit=, offset=)`` lists matching letters, newest
-      ``last_failed_at`` first, ties broken by ascending ``id`` (so pages are stable).
-    - ``update(id, version, **changes)`` applies ``changes`` (only
-      :data:`MUTABLE_FIELDS`) if the stored version is ``version`` and returns the new
-      letter with ``version + 1``, else None (someone else changed it first). It also
-      ends any processor claim on the letter.
-    - ``claim_due(now, limit=, lease=, filter=)`` atomically takes up to ``limit`` open
-      letters (PENDING or RETRYING) with ``next_retry_at <= now`` that no other processor
-      holds and that match ``filter`` (None: all), earliest ``next_retry_at`` first (ties
-      by ``id``), holds them for ``lease`` seconds (store clock where it has one) and
-      returns them with their version bumped. A letter its holder does not update within
-      the lease becomes claimable again.
-    - ``stats(filter)`` counts matching letters by (function, kind, status), rows ordered
-      by those three.
-    - ``purge(filter)`` deletes matching letters and returns how many.
-    """
-
-    def add(self, letter: DeadLetter) -> DeadLetter: ...
-
-    def get(self, id: str) -> DeadLetter | None: ...
-
-    def query(
-        self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]: ...
-
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
-
-    def claim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]: ...
-
-    def stats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
-
-    def purge(self, filter: DeadLetterFilter) -> int: ...
-
-    async def aadd(self, letter: DeadLetter) -> DeadLetter: ...
-
-    async def aget(self, id: str) -> DeadLetter | None: ...
-
-    async def aquery(
-        self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]: ...
-
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
-
-    async def aclaim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]: ...
-
-    async def astats(self, filter: DeadLetterFilter = ...) -> list[StatRow]: ...
-
-    async def apurge(self, filter: DeadLetterFilter) -> int: ...
-
-
-def check_changes(changes: Iterable[str]) -> None:
-    """Refuse updates to fields that are fixed once a letter is added."""
-    fixed = set(changes) - MUTABLE_FIELDS
-    if fixed:
-        from idempotask.errors import ConfigurationError
-
-        raise ConfigurationError(
-            f"dead letter update: {', '.join(sorted(fixed))} cannot change after the letter "
-            f"is added; changeable fields: {', '.join(sorted(MUTABLE_FIELDS))}"
-        )
-
-
-@runtime_checkable
-class SupportsExpireClaim(Protocol):
-    """Test-only power: end a processor's claim on a letter now, on the store's clock.
-
-    The dead-letter conformance suite uses it to check that an unreleased claim becomes
-    claimable again without waiting for the lease. Returns whether a live claim was there.
-    """
-
-    def expire_claim(self, id: str) -> bool: ...
-
 
 # -- building a store from a URL ---------------------------------------------------------
 

@@ -21,11 +21,14 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from idempotask.backends.base import Record, State
-from idempotask.backends.deadletters import (
+from idempotask.backends.base import (
     OPEN_STATUSES,
+    BreakerState,
+    BreakerStatus,
     DeadLetter,
     DeadLetterFilter,
+    Record,
+    State,
     StatRow,
     Status,
     check_changes,
@@ -626,10 +629,6 @@ if hasattr(os, "register_at_fork"):
 # ----------------------------------------------------------------------------------------
 # Circuit breakers
 # ----------------------------------------------------------------------------------------
-
-# Imported here, not at the top: this section was appended on its own, and breaker.py
-# imports this module only lazily, so there is no cycle.
-from idempotask.breaker import BreakerState, BreakerStatus  # noqa: E402
 
 __all__ += ["MemoryBreakerStore"]
 

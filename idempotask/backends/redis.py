@@ -66,7 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from idempotask.backends.base import Record, State
+from idempotask.backends.base import BreakerState, BreakerStatus, Record, State
 from idempotask.backends.deadletters import (
     OPEN_STATUSES,
     DeadLetter,
@@ -75,7 +75,6 @@ from idempotask.backends.deadletters import (
     Status,
     check_changes,
 )
-from idempotask.breaker import BreakerState, BreakerStatus
 from idempotask.errors import (
     BackendError,
     ConfigurationError,

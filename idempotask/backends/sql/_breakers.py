@@ -55,6 +55,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.sql._deadletters import TableStore
 from idempotask.backends.sql._plans import Flavour, Plan, Step
 from idempotask.backends.sql._schema import (
@@ -65,7 +66,6 @@ from idempotask.backends.sql._schema import (
     define_breaker_table,
     metadata,
 )
-from idempotask.breaker import BreakerState, BreakerStatus
 from idempotask.errors import ConfigurationError, CorruptRecordError
 
 if TYPE_CHECKING:
