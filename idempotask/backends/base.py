@@ -28,8 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "ACTIONS",
+    "HISTORY_LIMIT",
     "MUTABLE_FIELDS",
     "OPEN_STATUSES",
+    "Action",
     "Backend",
     "BreakerState",
     "BreakerStatus",
@@ -44,7 +47,10 @@ __all__ = [
     "Status",
     "SupportsExpireClaim",
     "SupportsExpireNow",
+    "SupportsScan",
     "check_changes",
+    "decode_history",
+    "encode_history",
 ]
 
 
@@ -144,6 +150,22 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class SupportsScan(Protocol):
+    """Listing records by key prefix, for operators (``idempotask keys list``, the
+    dashboard), never on a call's path.
+
+    ``scan(prefix, limit=)`` returns up to ``limit`` live records whose key (as the
+    library builds it, ``namespace:name:v1:digest``) starts with ``prefix``, in no
+    promised order; it is bounded in the work it does, so on a large store it may return
+    fewer than exist. Every built-in backend offers it.
+    """
+
+    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]: ...
+
+    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]: ...
+
+
+@runtime_checkable
 class SupportsExpireNow(Protocol):
     """Test-only power: make a record's lease or ttl run out now, on the store's clock.
 
@@ -172,6 +194,66 @@ OPEN_STATUSES = (Status.PENDING, Status.RETRYING)
 
 
 @dataclass(frozen=True, slots=True)
+class Action:
+    """One entry of a dead letter's history: what happened, when, and who did it.
+
+    ``what`` is one of :data:`ACTIONS`; ``actor`` says who or what acted (``"worker"``
+    for the failing call, ``"processor"`` for a replay, an operator's name for a manual
+    action); ``kind`` and ``error`` describe a failure (``"ValueError: bad card"``,
+    clipped); ``note`` is an operator's note.
+    """
+
+    at: float
+    what: str
+    actor: str = ""
+    kind: str = ""
+    error: str = ""
+    note: str = ""
+
+
+ACTIONS = (
+    "failed",  # the call failed and the letter was written (or a failure updated it)
+    "retry_failed",  # a replay failed again
+    "retried",  # a replay succeeded
+    "completed",  # a replay found the call completed meanwhile
+    "requeued",  # made due now (or at a chosen time) by hand
+    "resolved",  # closed by hand
+    "abandoned",  # closed because retries ran out, or by hand
+    "skipped",  # a replay could not run (no function, arguments that cannot rebuild it)
+)
+HISTORY_LIMIT = 50  # the newest entries a letter keeps; older ones are dropped
+
+
+def encode_history(history: tuple[Action, ...]) -> str:
+    """``history`` as compact JSON text, the form stores keep (``""`` when empty)."""
+    import json
+
+    if not history:
+        return ""
+    rows = [[a.at, a.what, a.actor, a.kind, a.error, a.note] for a in history[-HISTORY_LIMIT:]]
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_history(text: str | bytes | None, where: str) -> tuple[Action, ...]:
+    """Read what :func:`encode_history` wrote; anything else is a
+    :class:`~idempotask.errors.CorruptRecordError` naming ``where``."""
+    import json
+
+    from idempotask.errors import CorruptRecordError
+
+    if not text:
+        return ()
+    try:
+        rows = json.loads(text)
+        return tuple(
+            Action(float(at), str(what), str(actor), str(kind), str(error), str(note))
+            for at, what, actor, kind, error, note in rows
+        )
+    except (ValueError, TypeError) as exc:
+        raise CorruptRecordError(f"{where}: unreadable letter history ({exc})") from None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One failed call.
 
@@ -181,7 +263,9 @@ class DeadLetter:
     :class:`idempotask.taxonomy.FailureKind` value. ``attempts`` counts failures so far.
     ``version`` increases with every change and makes :meth:`DeadLetterStore.update` a
     compare-and-set. ``resolution`` says how a RESOLVED record got there (``"retry"``,
-    ``"completed"`` -- the call had already completed --, ``"manual"``).
+    ``"completed"`` -- the call had already completed --, ``"manual"``). ``history`` is
+    what happened to the letter, oldest first (:class:`Action`); stores keep it as the
+    text :func:`encode_history` gives and read it back with :func:`decode_history`.
     """
 
     id: str
@@ -201,6 +285,7 @@ class DeadLetter:
     critical: bool = False
     resolution: str = ""
     version: int = 0
+    history: tuple[Action, ...] = ()
 
     def evolve(self, **changes: Any) -> DeadLetter:
         """A copy with ``changes`` applied (the version is left to the store)."""
@@ -211,7 +296,9 @@ class DeadLetter:
 class DeadLetterFilter:
     """Which dead letters a query or a bulk operation is about; empty matches all.
 
-    ``since`` / ``until`` bound ``last_failed_at``.
+    ``since`` / ``until`` bound ``last_failed_at``. ``search`` keeps letters whose
+    ``error_type`` or ``message`` contains it, ignoring case (a plain substring, never a
+    pattern: stores escape ``%``, ``_`` and the like).
     """
 
     status: tuple[Status, ...] = ()
@@ -219,6 +306,7 @@ class DeadLetterFilter:
     function: tuple[str, ...] = ()
     since: float | None = None
     until: float | None = None
+    search: str = ""
 
     def matches(self, letter: DeadLetter) -> bool:
         """Whether ``letter`` passes this filter (stores may use it, or SQL/indexes)."""
@@ -228,6 +316,11 @@ class DeadLetterFilter:
             and (not self.function or letter.function in self.function)
             and (self.since is None or letter.last_failed_at >= self.since)
             and (self.until is None or letter.last_failed_at < self.until)
+            and (
+                not self.search
+                or self.search.casefold() in letter.error_type.casefold()
+                or self.search.casefold() in letter.message.casefold()
+            )
         )
 
 
@@ -257,6 +350,7 @@ MUTABLE_FIELDS = frozenset(
         "last_failed_at",
         "next_retry_at",
         "resolution",
+        "history",
     }
 )
 
@@ -448,6 +542,11 @@ class BreakerStore(Protocol):
 
     def reset(self, name: str) -> None: ...
 
+    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        """Every breaker the store has a record of (up to ``limit``), by name: for
+        operators, never on a call's path. A breaker with no record is closed."""
+        ...
+
     async def astate(self, name: str) -> BreakerState: ...
 
     async def arecord_failure(
@@ -459,6 +558,8 @@ class BreakerStore(Protocol):
     async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState: ...
 
     async def areset(self, name: str) -> None: ...
+
+    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]: ...
 
 
 @runtime_checkable

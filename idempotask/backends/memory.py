@@ -9,6 +9,7 @@ forked child says so with a :class:`RuntimeWarning`; use ``redis://`` or a SQL U
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import threading
@@ -734,6 +735,15 @@ class MemoryBreakerStore:
         with self._lock:
             self._entries.pop(name, None)
 
+    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        """Every breaker with a record here (up to ``limit``), by name."""
+        with self._lock:
+            now = self._clock()
+            return {
+                name: self._view(entry, now)
+                for name, entry in itertools.islice(self._entries.items(), limit)
+            }
+
     # -- async protocol: the same short critical sections ---------------------------------
 
     async def astate(self, name: str) -> BreakerState:
@@ -753,6 +763,10 @@ class MemoryBreakerStore:
     async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
         """Async :meth:`try_probe`."""
         return self.try_probe(name, token, lease=lease)
+
+    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        """Async :meth:`states`."""
+        return self.states(limit=limit)
 
     async def areset(self, name: str) -> None:
         """Async :meth:`reset`."""
