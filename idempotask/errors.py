@@ -22,6 +22,7 @@ __all__ = [
     "KeyMismatchError",
     "MissingDependencyError",
     "MissingKeyMaterialError",
+    "MissingTableError",
     "SerializationError",
 ]
 
@@ -96,6 +97,18 @@ class BackendError(IdempotaskError):
 
 class CorruptRecordError(BackendError):
     """A value under one of our keys is not a record we wrote (corrupt or foreign data)."""
+
+
+class MissingTableError(BackendError):
+    """A SQL store's table does not exist. Not an outage: it will not appear by itself.
+
+    The message names the table and the command that creates it
+    (``idempotask db create --url ...``). ``table`` is the missing table's name.
+    """
+
+    def __init__(self, message: str, *, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
 
 
 class CachedFailure(IdempotaskError):
