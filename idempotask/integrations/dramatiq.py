@@ -16,11 +16,15 @@
 An actor is idempotent when it has an ``idempotency_*`` option, or when its function is
 a plain ``@idempotent`` one (``@dramatiq.actor`` over ``@idempotent``); either way the
 key's name is the actor name, so an actor keeps its keys whichever way it is decorated.
-The message id owns the claim: Dramatiq keeps it when the Retries middleware re-enqueues
-a message and when a broker redelivers one, so a retry or a redelivery re-takes the
-claim of its own earlier attempt instead of waiting for it. A duplicate message runs no
-body: its actor call returns the first result (which the Results middleware stores for
-the duplicate's message too) and the message is acknowledged.
+Each delivery of a message claims under an owner of its own (the message id and a
+random suffix): a message the broker redelivers while its first delivery still runs
+(RabbitMQ after a dropped consumer connection or missed heartbeats, a stalled worker)
+never re-takes that run's claim; it waits for that run's result, or for its lease to run
+out if the worker died. A retry of a failed attempt (the Retries middleware) finds the
+claim released, and failures its own message cached never answer it, so it runs at
+once; a body raising ``dramatiq.Retry`` hands its kept claim to its retry. A duplicate
+message runs no body: its actor call returns the first result (which the Results
+middleware stores for the duplicate's message too) and the message is acknowledged.
 
 A message whose retries are exhausted (the Retries middleware rejects it) is recorded in
 the dead-letter queue -- ``function`` = the actor name, ``route="dramatiq"`` -- with its
@@ -38,6 +42,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,10 +63,13 @@ from idempotask.integrations._common import (
     IDEMPOTENCY_OPTIONS,
     NOT_DEAD_LETTERED,
     DeadLetterOptions,
+    Delivery,
+    Handover,
+    arun_delivery,
     call_key,
     check_worker_backend,
-    clear_own_failure,
     replay_arguments,
+    run_delivery,
     split_options,
 )
 from idempotask.keys import claim_name
@@ -72,7 +80,7 @@ if TYPE_CHECKING:
     from dramatiq.message import Message
     from dramatiq.worker import Worker
 
-__all__ = ["LETTER_OPTION", "ROUTE", "ActorOptionError", "IdempotencyMiddleware"]
+__all__ = ["HANDOVER_OPTION", "LETTER_OPTION", "ROUTE", "ActorOptionError", "IdempotencyMiddleware"]
 
 log = logging.getLogger("idempotask")
 
@@ -80,6 +88,9 @@ ROUTE = "dramatiq"
 """The dead-letter route of Dramatiq messages."""
 LETTER_OPTION = "idempotask_dead_letter"
 """The message option naming the dead letter a replayed message belongs to."""
+HANDOVER_OPTION = "idempotask_handover"
+"""The message option with which an attempt that raised ``dramatiq.Retry`` hands its
+kept claim to its retry."""
 
 _PREPARED = "_idempotask_prepared"
 
@@ -152,27 +163,48 @@ def _remember_broker(broker: Broker) -> None:
 
 
 def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
-    """The actor function: the idempotent call, owned by the current message's id."""
+    """The actor function: the idempotent call, as one delivery of the current message.
+
+    Each delivery claims under an owner of its own (see ``_common.Delivery``), so a
+    message RabbitMQ redelivers while its first delivery still runs waits for that run
+    instead of re-taking its claim. A body raising ``dramatiq.Retry`` keeps its claim:
+    the Retries middleware re-enqueues this very message object, so the handover put in
+    its options reaches the retry, which re-takes the claim at once.
+    """
 
     def call(*args: Any, **kwargs: Any) -> Any:
         message = _current_message()
-        owner = "" if message is None else str(message.message_id)
-        if owner:
-            clear_own_failure(spec, args, kwargs, owner)
-        if not is_async:
-            return drive(spec, args, kwargs, None, owner)
-        loop_thread = get_event_loop_thread()
-        if loop_thread is None:
-            raise RuntimeError(
-                f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
-            )
-        return loop_thread.run_coroutine(adrive(spec, args, kwargs, None, owner))
+        if message is None or message.actor_name != spec.name:
+            # Called directly (``actor(...)``, maybe from another actor's body), not as
+            # the message a worker is processing.
+            if not is_async:
+                return drive(spec, args, kwargs)
+            return _loop_thread(spec).run_coroutine(adrive(spec, args, kwargs))
+        options = message.options
+        handover = Handover.from_option(options.pop(HANDOVER_OPTION, None))
+        delivery = Delivery(str(message.message_id), handover)
+        try:
+            if not is_async:
+                return run_delivery(spec, args, kwargs, delivery)
+            return _loop_thread(spec).run_coroutine(arun_delivery(spec, args, kwargs, delivery))
+        except Retry:
+            options[HANDOVER_OPTION] = Handover(delivery.owner, uuid.uuid4().hex).as_option()
+            raise
 
     functools.update_wrapper(call, spec.func)  # __wrapped__: the signature replays bind to
     c: Any = call
     c.key_for = lambda *args, **kwargs: spec.key(args, kwargs, None)
     c.__idempotask_spec__ = spec
     return call
+
+
+def _loop_thread(spec: Spec) -> Any:
+    loop_thread = get_event_loop_thread()
+    if loop_thread is None:
+        raise RuntimeError(
+            f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
+        )
+    return loop_thread
 
 
 def _unwrap(fn: Any) -> tuple[Any, bool]:
@@ -238,15 +270,21 @@ class IdempotencyMiddleware(Middleware):
       A duplicate arriving while the first runs waits (``idempotency_on_conflict``,
       ``idempotency_wait_timeout``); ``AlreadyInProgress`` is retried by Retries like
       any failure and never dead-lettered.
-    - **Retries and redeliveries** keep the message id, which owns the claim: they
-      re-take their own claim at once. A failure releases the claim (or is cached with
-      ``idempotency_cache_errors`` -- for duplicates only, never for the message's own
-      retries).
+    - **Retries** (the Retries middleware): a failure releases the claim (or is cached
+      with ``idempotency_cache_errors`` -- for duplicates only, never for the message's
+      own retries), so the retry runs at once. A body raising ``dramatiq.Retry`` keeps
+      its claim and hands it to its retry (the ``idempotask_handover`` message option),
+      which re-takes it at once; a duplicate arriving meanwhile waits.
+    - **Redeliveries** of a message whose first delivery still runs (RabbitMQ after a
+      dropped connection or missed heartbeats, a stalled worker) never re-take that
+      run's claim: each delivery has an owner of its own. The redelivery waits for that
+      run for as long as it holds its claim, whatever ``idempotency_wait_timeout`` says,
+      and returns its result.
     - **Time limits and shutdown** interrupt the body with a ``BaseException``: the
       claim is released, never cached.
-    - **A dead worker** (SIGKILL, OOM): its claim expires after the lease; a redelivered
-      message re-takes it at once, any other message for the same call runs once the
-      lease has run out.
+    - **A dead worker** (SIGKILL, OOM): its claim expires after the lease; the
+      redelivered message, like any other message for the same call, runs once the lease
+      has run out.
     - **Exhausted retries** (any message Dramatiq rejects with an exception: retries
       used up, ``max_retries=0``, an exception listed in ``throws``): the message is
       recorded as a dead letter (traceback, bound arguments through
