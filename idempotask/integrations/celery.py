@@ -347,9 +347,13 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             # A plain function call (``charge(7, 500)``): idempotent, nothing else.
             return binding.function(*args, **kwargs)
         key = _header_key(request, binding.spec)
-        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         # A redelivered message may be a copy of one still running elsewhere (a
-        # visibility timeout): it must not re-take that claim, only wait it out.
+        # visibility timeout): it must not re-take that claim, only wait it out. Celery
+        # documents ``request.delivery_info`` with broker-dependent keys; its Request
+        # fills "redelivered" from kombu's message (AMQP's flag, Redis's restored
+        # messages). test_celery.py's worker-killed test asserts it, so the version
+        # matrix names a release that drops it.
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         owner = "" if redelivered else str(request.id or "")
         call = _Call()
         reset = _calls.set(call)
@@ -534,7 +538,13 @@ register_route(ROUTE, _replay)
 
 
 def _worker_processes(worker: Any) -> int:
-    """How many processes run tasks in this worker (1 unless prefork)."""
+    """How many processes run tasks in this worker (1 unless prefork).
+
+    ``worker`` is ``worker_init``'s sender, the WorkController, which keeps its
+    documented ``pool_cls`` and ``concurrency`` arguments (``-P``, ``-c``) as attributes
+    of those names; Celery has no other public way to read them. The real prefork test
+    (test_celery.py, memory-store warning) fails if they move.
+    """
     pool = getattr(worker, "pool_cls", None)
     name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" not in str(name) and name != "processes":

@@ -47,6 +47,9 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+# The AsyncIO middleware's event loop thread, which Dramatiq's own async actors run on
+# (``dramatiq.asyncio``, no underscore, but not in Dramatiq's API reference). The async
+# actor test in test_dramatiq.py runs through it.
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.errors import ActorNotFound, Retry
 from dramatiq.middleware import Middleware, MiddlewareError
@@ -210,8 +213,9 @@ def _loop_thread(spec: Spec) -> Any:
 def _unwrap(fn: Any) -> tuple[Any, bool]:
     """(the function the actor was declared with, whether it is async).
 
-    Dramatiq wraps an ``async def`` actor function in a sync ``async_to_sync`` shim whose
-    ``__wrapped__`` is the coroutine function.
+    Dramatiq wraps an ``async def`` actor function in a sync ``async_to_sync`` shim made
+    with ``functools.wraps``, so its ``__wrapped__`` is the coroutine function; Dramatiq
+    offers no other way to get it back. test_framework_hooks.py fails if that changes.
     """
     inner = getattr(fn, "__wrapped__", None)
     if not inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(inner):
@@ -351,6 +355,13 @@ class IdempotencyMiddleware(Middleware):
             if spec is not None:
                 self._specs[actor.actor_name] = spec[0]
         if spec is not None:
+            # Dramatiq's worker runs a message as ``actor(*args, **kwargs)``, which calls
+            # ``actor.fn``. No middleware hook runs *around* that call, and a duplicate
+            # must return the stored result as the actor's own (the Results middleware
+            # stores it), so the middleware replaces ``fn`` with the idempotent call.
+            # The documented alternative, ``@dramatiq.actor(actor_class=...)``, would
+            # make every actor opt in at its declaration instead of through the broker's
+            # middleware. test_framework_hooks.py fails if the worker stops calling fn.
             actor.fn = _owned(*spec)
         setattr(actor, _PREPARED, self)
 

@@ -149,6 +149,8 @@ def _worker_processes(job: Job) -> int:
     horse: each job gets a fresh process), else 1 (SimpleWorker, a synchronous queue)."""
     from rq.worker import Worker
 
+    # Public names (Job.worker_name, Worker.find_by_key, Worker.pid), but RQ documents no
+    # way to ask whether a job runs in a work horse; test_framework_hooks.py checks them.
     name = job.worker_name
     if not name:
         return 1
