@@ -200,6 +200,16 @@ _calls: ContextVar[_Call | None] = ContextVar("idempotask_celery_call", default=
 _bind_lock = threading.Lock()
 
 
+def _next_call_is_celerys(cls: type) -> bool:
+    """Whether the first ``__call__`` after IdempotentTask in ``cls``'s MRO is
+    ``celery.Task``'s own."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(IdempotentTask) + 1 :]:
+        if "__call__" in vars(klass):
+            return klass is celery.Task
+    return False
+
+
 def _bind(task: Any) -> _Binding:
     idem, letters, dedupe = _split(type(task))
     # The key and the replayed arguments follow the task's own signature, ``self``
@@ -209,12 +219,23 @@ def _bind(task: Any) -> _Binding:
     # follows it, so the private ``task._orig_run`` is not needed. A test in the version
     # matrix (test_celery.py) fails if an autoretry task's run stops showing its signature.
     run = task.run
+    celerys_own = _next_call_is_celerys(type(task))
 
     def body(*args: Any, **kwargs: Any) -> Any:
         call = _calls.get()
-        if call is not None:
-            call.lease = current_lease()
-        # The next __call__ in the MRO (Celery's: pushes the request, runs ``run``).
+        if call is None:
+            # A direct call (``charge(7, 500)``): the next __call__ in the MRO pushes a
+            # request and runs ``run``, as for any Celery task called directly.
+            return super(IdempotentTask, task).__call__(*args, **kwargs)
+        call.lease = current_lease()
+        if celerys_own:
+            # Celery's tracer (worker or eager) pushed this task and its request before
+            # calling __call__, and calls ``run`` itself for tasks without a __call__ of
+            # their own. Celery's Task.__call__ would push a second request -- blank
+            # before Celery 5.5, hiding the message's id, retries and delivery info from
+            # the body and breaking ``self.retry()`` -- so run ``run`` as the tracer does.
+            return task.run(*args, **kwargs)
+        # A user's task base between IdempotentTask and celery.Task has its own say.
         return super(IdempotentTask, task).__call__(*args, **kwargs)
 
     functools.update_wrapper(body, run)
@@ -344,8 +365,13 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         binding = self._idempotask()
         request = self.request
         if request.called_directly:
-            # A plain function call (``charge(7, 500)``): idempotent, nothing else.
-            return binding.function(*args, **kwargs)
+            # A plain function call (``charge(7, 500)``, maybe from another task's body,
+            # whose call this is not): idempotent, nothing else.
+            direct = _calls.set(None)
+            try:
+                return binding.function(*args, **kwargs)
+            finally:
+                _calls.reset(direct)
         key = _header_key(request, binding.spec)
         # A redelivered message may be a copy of one still running elsewhere (a
         # visibility timeout): it must not re-take that claim, only wait it out. Celery
