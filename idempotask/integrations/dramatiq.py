@@ -139,7 +139,7 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
         brokers = list(_brokers)
     for broker in brokers:
         try:
-            actor = broker.get_actor(letter.function)
+            actor = _get_actor(broker, letter.function)
         except ActorNotFound:
             continue
         args, kwargs = replay_arguments(actor.fn, arguments)
@@ -150,6 +150,12 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
         f"no broker with IdempotencyMiddleware in this process declares actor "
         f"{letter.function!r}; import the module that defines it"
     )
+
+
+def _get_actor(broker: Broker, name: str) -> Any:
+    # Broker.get_actor is untyped before Dramatiq 2: the answer is Any on every release.
+    found: Any = broker
+    return found.get_actor(name)
 
 
 def _remember_broker(broker: Broker) -> None:
@@ -334,7 +340,7 @@ class IdempotencyMiddleware(Middleware):
         # (Dramatiq 1.x passes the actor's name there).
         declared: Any = actor
         if isinstance(declared, str):
-            declared = broker.get_actor(declared)
+            declared = _get_actor(broker, declared)
         self._prepare(broker, declared)
 
     def _prepare(self, broker: Broker, actor: Actor[Any, Any]) -> None:
@@ -471,7 +477,7 @@ class IdempotencyMiddleware(Middleware):
         if not options.enabled:
             return
         try:
-            fn: Any = broker.get_actor(name).fn
+            fn: Any = _get_actor(broker, name).fn
         except ActorNotFound:
             fn = None
         args, kwargs = tuple(message.args), dict(message.kwargs)
