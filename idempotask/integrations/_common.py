@@ -1,15 +1,22 @@
 """What every framework integration shares: prefixed options, dead letters for calls
-the framework gave up on, replays, claims owned by a task id, and worker checks."""
+the framework gave up on, replays, a claim owner per delivery of a message, and worker
+checks."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import inspect
+import logging
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from idempotask.backends.base import Backend, State
+from idempotask import config, flow
+from idempotask.backends.base import Backend, Record, State
 from idempotask.backends.deadletters import DeadLetter
 from idempotask.deadletter import DeadLetterQueue, default_queue
 from idempotask.deadletter._core import (
@@ -22,7 +29,9 @@ from idempotask.deadletter._core import (
     fire_letter_hooks,
     redact_arguments,
 )
-from idempotask.errors import BackendError, ConfigurationError
+from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
+from idempotask.flow import Flow, Op, store_op
+from idempotask.idempotent import adrive, drive
 from idempotask.taxonomy import Classifier
 
 if TYPE_CHECKING:
@@ -34,13 +43,19 @@ __all__ = [
     "IDEMPOTENCY_OPTIONS",
     "NOT_DEAD_LETTERED",
     "DeadLetterOptions",
+    "Delivery",
+    "Handover",
     "MultiProcessMemoryWarning",
+    "arun_delivery",
     "call_key",
     "check_worker_backend",
-    "clear_own_failure",
+    "delivery_flow",
     "replay_arguments",
+    "run_delivery",
     "split_options",
 ]
+
+log = logging.getLogger("idempotask")
 
 # @idempotent's options an integration accepts as ``idempotency_<name>``. ``name`` is
 # not among them: the key's name is always the framework's task/actor name.
@@ -266,28 +281,186 @@ def replay_arguments(
 
 
 # ----------------------------------------------------------------------------------------
-# Claims owned by the framework's task/message id
+# Deliveries: each run of a message or job claims under an owner of its own
 # ----------------------------------------------------------------------------------------
+#
+# A broker may hand one message to two workers at once: RabbitMQ redelivers an
+# unacknowledged message when its consumer's connection drops (or its heartbeat is
+# missed) while the worker still runs it, and RQ re-queues a job whose worker's heartbeat
+# expired while that worker was only stalled. Were the message id the claim's owner, the
+# second delivery would re-take the live first run's claim and run the body beside it.
+# So each delivery claims under an owner of its own, "<message id>~<16 hex digits>":
+#
+# - a delivery never re-takes a claim that another delivery holds;
+# - a delivery meeting a claim held by another delivery of its own message waits for that
+#   run for as long as it holds the claim: its result, or its lease running out after a
+#   crash (on_conflict="raise" raises at once, as for any conflict);
+# - a failure cached (cache_errors) by any delivery of its own message never answers it;
+# - so a framework retry of a failed attempt (the claim released, or its cached failure
+#   dropped) runs at once; one whose previous attempt kept its claim for it
+#   (dramatiq.Retry) is handed that claim through a one-use ticket (:class:`Handover`).
+
+_SEP = "~"
+_NONCE_HEX = 16
+_LONGEST_ID = 200  # owners are stored in 255 characters
+_OWN_RUN_PAUSE = 0.2  # between two waits for a run of the same message
+_CATCH: tuple[type[BaseException], ...] = (BackendError, AlreadyInProgress)
 
 
-def clear_own_failure(
-    spec: Spec, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str
-) -> None:
-    """Drop a failure this very task cached (``idempotency_cache_errors``), so its retry
-    runs.
+def _owner_base(execution: str) -> str:
+    if len(execution) <= _LONGEST_ID:
+        return execution
+    digest = hashlib.blake2b(execution.encode("utf-8", "surrogatepass"), digest_size=16)
+    return "h:" + digest.hexdigest()
 
-    A cached failure answers *duplicates*; the framework's retry of the same task (the
-    same ``owner``) is the same execution, not a duplicate of itself. A store error is
-    ignored: the claim that follows meets the same store and applies
-    ``on_backend_error``.
+
+@dataclass(frozen=True)
+class Handover:
+    """A claim an attempt kept for the retry it scheduled (``dramatiq.Retry``).
+
+    It travels in the retry's message: ``owner`` is the kept claim's owner, ``ticket``
+    names a one-use store record. The first delivery of the retry to take the ticket
+    claims under ``owner`` and so re-takes the kept claim at once; a redelivery of that
+    same retry finds the ticket taken and claims under an owner of its own.
     """
-    if spec.options.cache_errors is None:
-        return
+
+    owner: str
+    ticket: str
+
+    def as_option(self) -> dict[str, str]:
+        """The JSON-able form carried in a message."""
+        return {"owner": self.owner, "ticket": self.ticket}
+
+    @classmethod
+    def from_option(cls, value: Any) -> Handover | None:
+        """The handover a message carries, or None (none, or not one of ours)."""
+        if not isinstance(value, Mapping):
+            return None
+        owner, ticket = value.get("owner"), value.get("ticket")
+        if isinstance(owner, str) and isinstance(ticket, str) and owner and ticket:
+            return cls(owner, ticket)
+        return None
+
+
+class Delivery:
+    """One delivery of message (or run of job) ``execution``, with its claim owner.
+
+    ``owner`` is fresh for each delivery; :func:`delivery_flow` replaces it with a
+    :class:`Handover`'s owner when this delivery wins the handover's ticket.
+    """
+
+    __slots__ = ("_base", "execution", "handover", "owner")
+
+    def __init__(self, execution: str, handover: Handover | None = None) -> None:
+        self.execution = execution
+        self._base = _owner_base(execution)
+        self.owner = f"{self._base}{_SEP}{uuid.uuid4().hex[:_NONCE_HEX]}"
+        self.handover = handover if handover and self.is_own(handover.owner) else None
+
+    def is_own(self, owner: str) -> bool:
+        """Whether ``owner`` is that of a delivery of this same message (or the message
+        id itself, as claims made before per-delivery owners carry)."""
+        base = self._base
+        return owner == base or (
+            len(owner) == len(base) + 1 + _NONCE_HEX
+            and owner.startswith(base)
+            and owner[len(base)] == _SEP
+        )
+
+
+def delivery_flow(
+    spec: Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    delivery: Delivery,
+    store_key: str | None = None,
+) -> Flow[Any]:
+    """The idempotent call of ``spec`` for one delivery of a message (see the rules
+    above); run it with :func:`run_delivery` or :func:`arun_delivery`."""
+    key = spec.key(args, kwargs, None) if store_key is None else store_key
+    backend = spec.backend()
+    if delivery.handover is not None:
+        yield from _take_handover(spec, backend, key, delivery, delivery.handover)
+    if spec.options.cache_errors is not None:
+        yield from _drop_own_failure(backend, key, delivery)
+    waiting = False
+    while True:
+        try:
+            return (yield Op(drive, adrive, spec, args, kwargs, None, delivery.owner, key))
+        except AlreadyInProgress as exc:
+            conflict = exc
+        if conflict.key != key or spec.options.on_conflict == "raise":
+            raise conflict
+        try:
+            record: Record | None = yield store_op(backend, "get", key)
+        except BackendError:
+            raise conflict from None
+        if (
+            record is not None
+            and record.state is State.IN_PROGRESS
+            and not delivery.is_own(record.owner)
+        ):
+            raise conflict  # another message's run: on_conflict's wait is over
+        if not waiting:
+            waiting = True
+            log.info(
+                "idempotask: %s: message %s is already running in another delivery; waiting "
+                "for that run",
+                spec.name,
+                delivery.execution,
+            )
+        yield Op(time.sleep, asyncio.sleep, _OWN_RUN_PAUSE)
+
+
+def _take_handover(
+    spec: Spec, backend: Backend, key: str, delivery: Delivery, handover: Handover
+) -> Flow[None]:
+    """Claim the handover's ticket; the delivery that gets it claims as the kept claim's
+    owner. A store error leaves the delivery its own owner: it then waits for the kept
+    claim like a redelivery would, which is safe."""
+    # The ticket outlives any redelivery of the retry that could still come.
+    ttl = spec.options.ttl or config.settings().default_ttl
+    token = uuid.uuid4().hex
     try:
-        key = spec.key(args, kwargs, None)
-        backend = spec.backend()
-        record = backend.get(key)
-        if record is not None and record.state is State.FAILED and record.owner == owner:
-            backend.delete(key, token=record.token)
+        ticket: Record = yield store_op(
+            backend, "claim", f"{key}:handover:{handover.ticket}", token, lease=ttl
+        )
     except BackendError:
-        pass
+        return
+    if ticket.held_by(token):
+        delivery.owner = handover.owner
+
+
+def _drop_own_failure(backend: Backend, key: str, delivery: Delivery) -> Flow[None]:
+    """Drop a failure a delivery of this same message cached (``cache_errors``): it
+    answers duplicates, never the message's own retries and redeliveries. A FAILED record
+    holds no run, so dropping it cannot start a second one. A store error is ignored: the
+    claim that follows meets the same store and applies ``on_backend_error``."""
+    try:
+        record: Record | None = yield store_op(backend, "get", key)
+        if record is not None and record.state is State.FAILED and delivery.is_own(record.owner):
+            yield store_op(backend, "delete", key, token=record.token)
+    except BackendError:
+        return
+
+
+def run_delivery(
+    spec: Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    delivery: Delivery,
+    store_key: str | None = None,
+) -> Any:
+    """Run :func:`delivery_flow` with the sync store and body."""
+    return flow.drive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)
+
+
+async def arun_delivery(
+    spec: Spec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    delivery: Delivery,
+    store_key: str | None = None,
+) -> Any:
+    """Run :func:`delivery_flow` awaiting the async store and body."""
+    return await flow.adrive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)

@@ -200,18 +200,42 @@ _calls: ContextVar[_Call | None] = ContextVar("idempotask_celery_call", default=
 _bind_lock = threading.Lock()
 
 
+def _next_call_is_celerys(cls: type) -> bool:
+    """Whether the first ``__call__`` after IdempotentTask in ``cls``'s MRO is
+    ``celery.Task``'s own."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(IdempotentTask) + 1 :]:
+        if "__call__" in vars(klass):
+            return klass is celery.Task
+    return False
+
+
 def _bind(task: Any) -> _Binding:
     idem, letters, dedupe = _split(type(task))
-    # autoretry_for wraps ``run`` and keeps the original as ``_orig_run``; the key and
-    # the replayed arguments follow the task's own signature, ``self`` excluded (``run``
-    # is a bound method when bind=True).
-    run = getattr(task, "_orig_run", None) or task.run
+    # The key and the replayed arguments follow the task's own signature, ``self``
+    # excluded (``run`` is a bound method when bind=True). autoretry_for replaces ``run``
+    # by a ``(*args, **kwargs)`` wrapper made with ``functools.wraps`` semantics
+    # (``vine.utils.wraps``), whose ``__wrapped__`` is the original: inspect.signature
+    # follows it, so the private ``task._orig_run`` is not needed. A test in the version
+    # matrix (test_celery.py) fails if an autoretry task's run stops showing its signature.
+    run = task.run
+    celerys_own = _next_call_is_celerys(type(task))
 
     def body(*args: Any, **kwargs: Any) -> Any:
         call = _calls.get()
-        if call is not None:
-            call.lease = current_lease()
-        # The next __call__ in the MRO (Celery's: pushes the request, runs ``run``).
+        if call is None:
+            # A direct call (``charge(7, 500)``): the next __call__ in the MRO pushes a
+            # request and runs ``run``, as for any Celery task called directly.
+            return super(IdempotentTask, task).__call__(*args, **kwargs)
+        call.lease = current_lease()
+        if celerys_own:
+            # Celery's tracer (worker or eager) pushed this task and its request before
+            # calling __call__, and calls ``run`` itself for tasks without a __call__ of
+            # their own. Celery's Task.__call__ would push a second request -- blank
+            # before Celery 5.5, hiding the message's id, retries and delivery info from
+            # the body and breaking ``self.retry()`` -- so run ``run`` as the tracer does.
+            return task.run(*args, **kwargs)
+        # A user's task base between IdempotentTask and celery.Task has its own say.
         return super(IdempotentTask, task).__call__(*args, **kwargs)
 
     functools.update_wrapper(body, run)
@@ -328,7 +352,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         """How long a send is remembered: the ttl, capped by the result expiry (past it,
         the original ``AsyncResult`` could no longer answer)."""
         ttl = binding.spec.options.ttl or config.settings().default_ttl
-        expires = self._get_app().conf.result_expires
+        expires = self.app.conf.result_expires
         if isinstance(expires, _dt.timedelta):
             expires = expires.total_seconds()
         if isinstance(expires, (int, float)) and expires > 0:
@@ -341,12 +365,21 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         binding = self._idempotask()
         request = self.request
         if request.called_directly:
-            # A plain function call (``charge(7, 500)``): idempotent, nothing else.
-            return binding.function(*args, **kwargs)
+            # A plain function call (``charge(7, 500)``, maybe from another task's body,
+            # whose call this is not): idempotent, nothing else.
+            direct = _calls.set(None)
+            try:
+                return binding.function(*args, **kwargs)
+            finally:
+                _calls.reset(direct)
         key = _header_key(request, binding.spec)
-        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         # A redelivered message may be a copy of one still running elsewhere (a
-        # visibility timeout): it must not re-take that claim, only wait it out.
+        # visibility timeout): it must not re-take that claim, only wait it out. Celery
+        # documents ``request.delivery_info`` with broker-dependent keys; its Request
+        # fills "redelivered" from kombu's message (AMQP's flag, Redis's restored
+        # messages). test_celery.py's worker-killed test asserts it, so the version
+        # matrix names a release that drops it.
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         owner = "" if redelivered else str(request.id or "")
         call = _Call()
         reset = _calls.set(call)
@@ -531,7 +564,13 @@ register_route(ROUTE, _replay)
 
 
 def _worker_processes(worker: Any) -> int:
-    """How many processes run tasks in this worker (1 unless prefork)."""
+    """How many processes run tasks in this worker (1 unless prefork).
+
+    ``worker`` is ``worker_init``'s sender, the WorkController, which keeps its
+    documented ``pool_cls`` and ``concurrency`` arguments (``-P``, ``-c``) as attributes
+    of those names; Celery has no other public way to read them. The real prefork test
+    (test_celery.py, memory-store warning) fails if they move.
+    """
     pool = getattr(worker, "pool_cls", None)
     name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" not in str(name) and name != "processes":

@@ -16,11 +16,15 @@
 An actor is idempotent when it has an ``idempotency_*`` option, or when its function is
 a plain ``@idempotent`` one (``@dramatiq.actor`` over ``@idempotent``); either way the
 key's name is the actor name, so an actor keeps its keys whichever way it is decorated.
-The message id owns the claim: Dramatiq keeps it when the Retries middleware re-enqueues
-a message and when a broker redelivers one, so a retry or a redelivery re-takes the
-claim of its own earlier attempt instead of waiting for it. A duplicate message runs no
-body: its actor call returns the first result (which the Results middleware stores for
-the duplicate's message too) and the message is acknowledged.
+Each delivery of a message claims under an owner of its own (the message id and a
+random suffix): a message the broker redelivers while its first delivery still runs
+(RabbitMQ after a dropped consumer connection or missed heartbeats, a stalled worker)
+never re-takes that run's claim; it waits for that run's result, or for its lease to run
+out if the worker died. A retry of a failed attempt (the Retries middleware) finds the
+claim released, and failures its own message cached never answer it, so it runs at
+once; a body raising ``dramatiq.Retry`` hands its kept claim to its retry. A duplicate
+message runs no body: its actor call returns the first result (which the Results
+middleware stores for the duplicate's message too) and the message is acknowledged.
 
 A message whose retries are exhausted (the Retries middleware rejects it) is recorded in
 the dead-letter queue -- ``function`` = the actor name, ``route="dramatiq"`` -- with its
@@ -38,10 +42,14 @@ import multiprocessing
 import os
 import sys
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+# The AsyncIO middleware's event loop thread, which Dramatiq's own async actors run on
+# (``dramatiq.asyncio``, no underscore, but not in Dramatiq's API reference). The async
+# actor test in test_dramatiq.py runs through it.
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.errors import ActorNotFound, Retry
 from dramatiq.middleware import Middleware, MiddlewareError
@@ -58,10 +66,13 @@ from idempotask.integrations._common import (
     IDEMPOTENCY_OPTIONS,
     NOT_DEAD_LETTERED,
     DeadLetterOptions,
+    Delivery,
+    Handover,
+    arun_delivery,
     call_key,
     check_worker_backend,
-    clear_own_failure,
     replay_arguments,
+    run_delivery,
     split_options,
 )
 from idempotask.keys import claim_name
@@ -72,7 +83,7 @@ if TYPE_CHECKING:
     from dramatiq.message import Message
     from dramatiq.worker import Worker
 
-__all__ = ["LETTER_OPTION", "ROUTE", "ActorOptionError", "IdempotencyMiddleware"]
+__all__ = ["HANDOVER_OPTION", "LETTER_OPTION", "ROUTE", "ActorOptionError", "IdempotencyMiddleware"]
 
 log = logging.getLogger("idempotask")
 
@@ -80,6 +91,9 @@ ROUTE = "dramatiq"
 """The dead-letter route of Dramatiq messages."""
 LETTER_OPTION = "idempotask_dead_letter"
 """The message option naming the dead letter a replayed message belongs to."""
+HANDOVER_OPTION = "idempotask_handover"
+"""The message option with which an attempt that raised ``dramatiq.Retry`` hands its
+kept claim to its retry."""
 
 _PREPARED = "_idempotask_prepared"
 
@@ -125,7 +139,7 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
         brokers = list(_brokers)
     for broker in brokers:
         try:
-            actor = broker.get_actor(letter.function)
+            actor = _get_actor(broker, letter.function)
         except ActorNotFound:
             continue
         args, kwargs = replay_arguments(actor.fn, arguments)
@@ -136,6 +150,12 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> Any:
         f"no broker with IdempotencyMiddleware in this process declares actor "
         f"{letter.function!r}; import the module that defines it"
     )
+
+
+def _get_actor(broker: Broker, name: str) -> Any:
+    # Broker.get_actor is untyped before Dramatiq 2: the answer is Any on every release.
+    found: Any = broker
+    return found.get_actor(name)
 
 
 def _remember_broker(broker: Broker) -> None:
@@ -152,21 +172,33 @@ def _remember_broker(broker: Broker) -> None:
 
 
 def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
-    """The actor function: the idempotent call, owned by the current message's id."""
+    """The actor function: the idempotent call, as one delivery of the current message.
+
+    Each delivery claims under an owner of its own (see ``_common.Delivery``), so a
+    message RabbitMQ redelivers while its first delivery still runs waits for that run
+    instead of re-taking its claim. A body raising ``dramatiq.Retry`` keeps its claim:
+    the Retries middleware re-enqueues this very message object, so the handover put in
+    its options reaches the retry, which re-takes the claim at once.
+    """
 
     def call(*args: Any, **kwargs: Any) -> Any:
         message = _current_message()
-        owner = "" if message is None else str(message.message_id)
-        if owner:
-            clear_own_failure(spec, args, kwargs, owner)
-        if not is_async:
-            return drive(spec, args, kwargs, None, owner)
-        loop_thread = get_event_loop_thread()
-        if loop_thread is None:
-            raise RuntimeError(
-                f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
-            )
-        return loop_thread.run_coroutine(adrive(spec, args, kwargs, None, owner))
+        if message is None or message.actor_name != spec.name:
+            # Called directly (``actor(...)``, maybe from another actor's body), not as
+            # the message a worker is processing.
+            if not is_async:
+                return drive(spec, args, kwargs)
+            return _loop_thread(spec).run_coroutine(adrive(spec, args, kwargs))
+        options = message.options
+        handover = Handover.from_option(options.pop(HANDOVER_OPTION, None))
+        delivery = Delivery(str(message.message_id), handover)
+        try:
+            if not is_async:
+                return run_delivery(spec, args, kwargs, delivery)
+            return _loop_thread(spec).run_coroutine(arun_delivery(spec, args, kwargs, delivery))
+        except Retry:
+            options[HANDOVER_OPTION] = Handover(delivery.owner, uuid.uuid4().hex).as_option()
+            raise
 
     functools.update_wrapper(call, spec.func)  # __wrapped__: the signature replays bind to
     c: Any = call
@@ -175,11 +207,21 @@ def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
     return call
 
 
+def _loop_thread(spec: Spec) -> Any:
+    loop_thread = get_event_loop_thread()
+    if loop_thread is None:
+        raise RuntimeError(
+            f"actor {spec.name} is async: add Dramatiq's AsyncIO middleware to the broker"
+        )
+    return loop_thread
+
+
 def _unwrap(fn: Any) -> tuple[Any, bool]:
     """(the function the actor was declared with, whether it is async).
 
-    Dramatiq wraps an ``async def`` actor function in a sync ``async_to_sync`` shim whose
-    ``__wrapped__`` is the coroutine function.
+    Dramatiq wraps an ``async def`` actor function in a sync ``async_to_sync`` shim made
+    with ``functools.wraps``, so its ``__wrapped__`` is the coroutine function; Dramatiq
+    offers no other way to get it back. test_framework_hooks.py fails if that changes.
     """
     inner = getattr(fn, "__wrapped__", None)
     if not inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(inner):
@@ -238,15 +280,21 @@ class IdempotencyMiddleware(Middleware):
       A duplicate arriving while the first runs waits (``idempotency_on_conflict``,
       ``idempotency_wait_timeout``); ``AlreadyInProgress`` is retried by Retries like
       any failure and never dead-lettered.
-    - **Retries and redeliveries** keep the message id, which owns the claim: they
-      re-take their own claim at once. A failure releases the claim (or is cached with
-      ``idempotency_cache_errors`` -- for duplicates only, never for the message's own
-      retries).
+    - **Retries** (the Retries middleware): a failure releases the claim (or is cached
+      with ``idempotency_cache_errors`` -- for duplicates only, never for the message's
+      own retries), so the retry runs at once. A body raising ``dramatiq.Retry`` keeps
+      its claim and hands it to its retry (the ``idempotask_handover`` message option),
+      which re-takes it at once; a duplicate arriving meanwhile waits.
+    - **Redeliveries** of a message whose first delivery still runs (RabbitMQ after a
+      dropped connection or missed heartbeats, a stalled worker) never re-take that
+      run's claim: each delivery has an owner of its own. The redelivery waits for that
+      run for as long as it holds its claim, whatever ``idempotency_wait_timeout`` says,
+      and returns its result.
     - **Time limits and shutdown** interrupt the body with a ``BaseException``: the
       claim is released, never cached.
-    - **A dead worker** (SIGKILL, OOM): its claim expires after the lease; a redelivered
-      message re-takes it at once, any other message for the same call runs once the
-      lease has run out.
+    - **A dead worker** (SIGKILL, OOM): its claim expires after the lease; the
+      redelivered message, like any other message for the same call, runs once the lease
+      has run out.
     - **Exhausted retries** (any message Dramatiq rejects with an exception: retries
       used up, ``max_retries=0``, an exception listed in ``throws``): the message is
       recorded as a dead letter (traceback, bound arguments through
@@ -292,7 +340,7 @@ class IdempotencyMiddleware(Middleware):
         # (Dramatiq 1.x passes the actor's name there).
         declared: Any = actor
         if isinstance(declared, str):
-            declared = broker.get_actor(declared)
+            declared = _get_actor(broker, declared)
         self._prepare(broker, declared)
 
     def _prepare(self, broker: Broker, actor: Actor[Any, Any]) -> None:
@@ -313,6 +361,13 @@ class IdempotencyMiddleware(Middleware):
             if spec is not None:
                 self._specs[actor.actor_name] = spec[0]
         if spec is not None:
+            # Dramatiq's worker runs a message as ``actor(*args, **kwargs)``, which calls
+            # ``actor.fn``. No middleware hook runs *around* that call, and a duplicate
+            # must return the stored result as the actor's own (the Results middleware
+            # stores it), so the middleware replaces ``fn`` with the idempotent call.
+            # The documented alternative, ``@dramatiq.actor(actor_class=...)``, would
+            # make every actor opt in at its declaration instead of through the broker's
+            # middleware. test_framework_hooks.py fails if the worker stops calling fn.
             actor.fn = _owned(*spec)
         setattr(actor, _PREPARED, self)
 
@@ -422,7 +477,7 @@ class IdempotencyMiddleware(Middleware):
         if not options.enabled:
             return
         try:
-            fn: Any = broker.get_actor(name).fn
+            fn: Any = _get_actor(broker, name).fn
         except ActorNotFound:
             fn = None
         args, kwargs = tuple(message.args), dict(message.kwargs)

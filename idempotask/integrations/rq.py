@@ -15,11 +15,14 @@ and the worker runs with the dead-letter handler::
     rq worker --exception-handler idempotask.integrations.rq.dead_letter_handler
 
 - :func:`idempotent_job` is ``@idempotent`` with prefixed options (``idempotency_ttl``,
-  ``dead_letter_redact``...) whose claims are owned by the RQ job id, so RQ's own
-  ``Retry`` (and RQ re-running a job whose worker died) re-takes the job's claim instead
-  of waiting for it. A plain ``@idempotent`` job function works in a worker too
-  (duplicates are answered from the store); :class:`IdempotentJob` (``rq worker
-  --job-class``) gives it the job-id owner as well.
+  ``dead_letter_redact``...) that knows the job running it. Each run of a job claims
+  under an owner of its own (the job id and a random suffix): RQ's ``Retry`` of a failed
+  run finds the claim released (failures the job cached never answer it) and runs at
+  once, while a run of a job RQ re-queued although its first run is still alive (its
+  worker stalled past its heartbeat) waits for that run instead of running beside it.
+  A plain ``@idempotent`` job function works in a worker too (duplicates are answered
+  from the store); :class:`IdempotentJob` (``rq worker --job-class``) runs it like
+  :func:`idempotent_job` does.
 - :func:`enqueue_once` derives the job id from the idempotency key, so the same logical
   call enqueued again returns the same job while it is queued, running, or its result is
   still in the store.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -48,7 +52,6 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
-from rq.utils import import_attribute
 
 from idempotask import config
 from idempotask.backends.deadletters import DeadLetter
@@ -59,10 +62,12 @@ from idempotask.integrations._common import (
     DEFAULT_DEAD_LETTER_OPTIONS,
     NOT_DEAD_LETTERED,
     DeadLetterOptions,
+    Delivery,
+    arun_delivery,
     call_key,
     check_worker_backend,
-    clear_own_failure,
     replay_arguments,
+    run_delivery,
     split_options,
 )
 
@@ -132,7 +137,7 @@ register_cancellation(JobTimeoutException)
 
 
 # ----------------------------------------------------------------------------------------
-# Running a job: the job id owns the claim
+# Running a job: each run claims under an owner of its own
 # ----------------------------------------------------------------------------------------
 
 _checked_pids: set[int] = set()
@@ -144,6 +149,8 @@ def _worker_processes(job: Job) -> int:
     horse: each job gets a fresh process), else 1 (SimpleWorker, a synchronous queue)."""
     from rq.worker import Worker
 
+    # Public names (Job.worker_name, Worker.find_by_key, Worker.pid), but RQ documents no
+    # way to ask whether a job runs in a work horse; test_framework_hooks.py checks them.
     name = job.worker_name
     if not name:
         return 1
@@ -171,44 +178,72 @@ def _check_backend_once(fn: Any, job: Job) -> None:
         check_worker_backend(backend, framework="rq", processes=_worker_processes(job))
 
 
-def _bound_for_job(fn: Any, job: Job, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``fn`` (an idempotent function) bound to owner = the job id."""
+def _delivery(fn: Any, job: Job) -> Delivery:
+    """This run of ``job``: it claims under an owner of its own, never re-taking the
+    claim of another run of the same job (see ``_common.Delivery``)."""
     _check_backend_once(fn, job)
-    clear_own_failure(fn.__idempotask_spec__, args, kwargs, job.id)
-    return fn.using(owner=job.id)
+    return Delivery(str(job.id))
 
 
 def _call_in_job(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     job = get_current_job()
     if job is None:  # called directly, not by a worker
         return fn(*args, **kwargs)
-    return _bound_for_job(fn, job, args, kwargs)(*args, **kwargs)
+    return run_delivery(fn.__idempotask_spec__, args, kwargs, _delivery(fn, job))
+
+
+async def _acall_in_job(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    job = get_current_job()
+    if job is None:
+        return await fn(*args, **kwargs)
+    return await arun_delivery(fn.__idempotask_spec__, args, kwargs, _delivery(fn, job))
+
+
+def _is_plain_idempotent(func: Any) -> bool:
+    return (
+        func is not None
+        and hasattr(func, "__idempotask_spec__")
+        and callable(getattr(func, "using", None))
+        and not hasattr(func, _RQ_MARKER)
+    )
+
+
+def _as_job_run(func: Any, job: Job) -> Any:
+    """``func`` (plain ``@idempotent``) run as one delivery of ``job``; RQ runs the
+    coroutine an async one returns."""
+    spec = func.__idempotask_spec__
+    if inspect.iscoroutinefunction(func):
+
+        async def arun(*args: Any, **kwargs: Any) -> Any:
+            return await arun_delivery(spec, args, kwargs, _delivery(func, job))
+
+        return functools.update_wrapper(arun, func)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return run_delivery(spec, args, kwargs, _delivery(func, job))
+
+    return functools.update_wrapper(run, func)
 
 
 class IdempotentJob(Job):
-    """An RQ job class that runs plain ``@idempotent`` functions with the job id as the
-    claim's owner, like :func:`idempotent_job` does by itself.
+    """An RQ job class that runs plain ``@idempotent`` functions as :func:`idempotent_job`
+    runs its own: each run of the job claims under an owner of its own, and failures the
+    job cached never answer its retries.
 
     ``rq worker --job-class idempotask.integrations.rq.IdempotentJob`` (or
     ``Worker(queues, job_class=IdempotentJob)``). Other functions run unchanged.
     """
 
-    def _execute(self) -> Any:
-        func = self.func
-        if (
-            func is not None
-            and hasattr(func, "__idempotask_spec__")
-            and callable(getattr(func, "using", None))
-            and not hasattr(func, _RQ_MARKER)
-        ):
-            args, kwargs = tuple(self.args), dict(self.kwargs)
-            result = _bound_for_job(func, self, args, kwargs)(*args, **kwargs)
-            if inspect.iscoroutine(result):
-                import asyncio
-
-                return asyncio.run(result)
-            return result
-        return super()._execute()
+    # RQ's worker runs a job as ``job.func(*job.args, **job.kwargs)``; ``func`` is the
+    # job's public property, so overriding it (in a job class, RQ's documented way to
+    # customise jobs) changes what runs without touching RQ's private ``_execute``.
+    @property
+    def func(self) -> Any:
+        """The job's function; a plain ``@idempotent`` one run as this job's delivery."""
+        func = super().func
+        if _is_plain_idempotent(func):
+            return _as_job_run(func, self)
+        return func
 
 
 @overload
@@ -222,7 +257,7 @@ def idempotent_job(
 
 
 def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
-    """``@idempotent`` for RQ job functions, with prefixed options and the job id as owner.
+    """``@idempotent`` for RQ job functions, with prefixed options, aware of their job.
 
     ::
 
@@ -238,9 +273,14 @@ def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) ->
     ``on_retry_exhausted``, ``enabled``) tell :func:`dead_letter_handler` how to record
     this function's exhausted jobs. Unknown names are a :class:`ConfigurationError`.
 
-    Inside a worker the claim's owner is the job id: RQ's ``Retry`` re-runs re-take
-    the job's own claim, and a failure the job cached with ``idempotency_cache_errors``
-    does not answer its own retry. Called outside a job, it is plain ``@idempotent``.
+    Inside a worker each run of the job claims under an owner of its own (the job id and
+    a random suffix). A failed run releases the claim, and a failure the job cached with
+    ``idempotency_cache_errors`` answers duplicates but never the job's own retries, so
+    RQ's ``Retry`` runs at once. A run that meets a claim held by another run of the
+    same job -- RQ re-queued the job while its first run is still alive, its worker only
+    stalled past its heartbeat -- waits for that run for as long as it holds the claim
+    (whatever ``idempotency_wait_timeout`` says) and returns its result; after a crash,
+    once its lease has run out. Called outside a job, it is plain ``@idempotent``.
     """
 
     def wrap(f: Callable[..., Any]) -> Any:
@@ -264,7 +304,7 @@ def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) ->
 
             @functools.wraps(f)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _call_in_job(inner, args, kwargs)
+                return await _acall_in_job(inner, args, kwargs)
 
         else:
 
@@ -476,11 +516,26 @@ def dead_letter_handler(
     return True
 
 
+def _import_function(dotted: str) -> Any:
+    """The function a job's ``func_name`` (``module.qualname``) names, found with
+    importlib (the longest importable module prefix, then attributes)."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            found = getattr(found, name)
+        return found
+    raise ImportError(f"cannot import {dotted!r}")
+
+
 def _replay(
     connection: Any, default_queue_name: str, letter: DeadLetter, arguments: dict[str, Any]
 ) -> Job:
     try:
-        func: Any = import_attribute(letter.function)
+        func: Any = _import_function(letter.function)
     except Exception:
         func = None
     args, kwargs = ((), dict(arguments)) if func is None else replay_arguments(func, arguments)

@@ -19,6 +19,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Middleware
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 
@@ -46,7 +47,36 @@ broker: dramatiq.Broker = (
     else RabbitmqBroker(url=_broker_url)
 )
 results = RedisBackend(url=_redis_url, namespace=f"{NAMESPACE}-results")
+_counters = redis.Redis.from_url(_redis_url)
+
+
+def counter(name: str) -> str:
+    """The Redis key counting the runs of ``name``."""
+    return f"{NAMESPACE}:count:{name}"
+
+
+class DeliveryCounter(Middleware):
+    """Counts, per message id, the deliveries a worker took and those that ended without
+    an exception (``received:<id>``, ``ok:<id>``), so tests see a second delivery of one
+    message even when it runs no body."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _counters.incr(counter(f"received:{message.message_id}"))
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        outcome = "ok" if exception is None else f"error:{type(exception).__name__}"
+        _counters.incr(counter(f"{outcome}:{message.message_id}"))
+
+
 broker.add_middleware(Results(backend=results))
+broker.add_middleware(DeliveryCounter())
 broker.add_middleware(IdempotencyMiddleware())
 dramatiq.set_broker(broker)
 
@@ -57,13 +87,6 @@ if os.environ.get(ENV_WORKER) == "1":
         dead_letter_store=os.environ[ENV_DEAD_LETTERS],
         spool_path=os.environ[ENV_SPOOL],
     )
-
-_counters = redis.Redis.from_url(_redis_url)
-
-
-def counter(name: str) -> str:
-    """The Redis key counting the runs of ``name``."""
-    return f"{NAMESPACE}:count:{name}"
 
 
 def _count(name: str) -> int:
@@ -129,19 +152,58 @@ def slow(n: int) -> dict[str, int]:
     return {"n": n, "run": started}
 
 
+OWNED_LEASE = 3.0  # the lease a redelivery of a message whose worker died must wait out
+
+
 @dramatiq.actor(
     queue_name=QUEUE,
     store_results=True,
     max_retries=0,
     idempotency_ttl=600,
-    idempotency_lease=60,
-    idempotency_wait_timeout=5,
+    idempotency_lease=OWNED_LEASE,
+    idempotency_wait_timeout=0.5,
 )
 def slow_owned(n: int) -> dict[str, int]:
-    """Like :func:`slow`, with a long lease and a short wait: only a delivery that owns
-    the claim (the same message) can run it soon after its worker died."""
+    """Like :func:`slow`, with a wait far shorter than the lease: a redelivery of the
+    same message waits out a dead run's lease all the same (the run is its own
+    message's), then runs. Each run records when it started."""
     started = _count(f"slow_owned:{n}:started")
+    _counters.set(counter(f"slow_owned:{n}:started_at:{started}"), repr(time.time()))
     if started == 1:
         time.sleep(120)
     _count(f"slow_owned:{n}:done")
+    return {"n": n, "run": started}
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    store_results=True,
+    max_retries=0,
+    idempotency_ttl=600,
+    idempotency_lease=30,
+    idempotency_wait_timeout=0.5,
+)
+def stalls(n: int, seconds: float = 3.0) -> dict[str, int]:
+    """A body of a few seconds with a long lease: a test delivers its message twice at
+    once, or stops its worker mid-body and resumes it before the lease runs out."""
+    started = _count(f"stalls:{n}:started")
+    time.sleep(seconds)
+    _count(f"stalls:{n}:done")
+    return {"n": n, "run": started}
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    store_results=True,
+    max_retries=3,
+    idempotency_ttl=600,
+    idempotency_lease=60,
+    idempotency_wait_timeout=0.5,
+)
+def retries_once(n: int) -> dict[str, int]:
+    """Raises dramatiq.Retry on its first run, which keeps the claim for the retry; the
+    retry must re-take it at once rather than wait out its 60 s lease."""
+    started = _count(f"retries_once:{n}:started")
+    if started == 1:
+        raise dramatiq.Retry(delay=20)
     return {"n": n, "run": started}

@@ -99,12 +99,35 @@ def slow(n: int) -> dict[str, int]:
     return {"n": n, "run": started}
 
 
-@idempotent_job(idempotency_ttl=600, idempotency_lease=60, idempotency_wait_timeout=5)
+OWNED_LEASE = 3.0  # the lease a re-run of a job whose worker died must wait out
+
+
+@idempotent_job(idempotency_ttl=600, idempotency_lease=OWNED_LEASE, idempotency_wait_timeout=0.5)
 def slow_owned(n: int) -> dict[str, int]:
-    """Like :func:`slow`, with a long lease and a short wait: only a retry that owns the
-    claim can run it soon after its worker died."""
+    """Like :func:`slow`, with a wait far shorter than the lease: a re-run of the same
+    job waits out a dead run's lease all the same (the run is its own job's), then runs.
+    Each run records when it started."""
     started = _count(f"slow_owned:{n}:started")
+    _mark(f"slow_owned:{n}:started_at:{started}")
     if started == 1:
         time.sleep(120)
     _count(f"slow_owned:{n}:done")
     return {"n": n, "run": started}
+
+
+@idempotent_job(idempotency_ttl=600, idempotency_lease=30, idempotency_wait_timeout=0.5)
+def stalls(n: int) -> dict[str, int]:
+    """A 3 s body with a long lease: the test stops its worker mid-body and resumes it
+    before the lease runs out, so its run is stalled, never dead."""
+    started = _count(f"stalls:{n}:started")
+    time.sleep(3)
+    _count(f"stalls:{n}:done")
+    return {"n": n, "run": started}
+
+
+def _mark(name: str) -> None:
+    """Record the time (this machine's clock) under ``name``."""
+    global _counters
+    if _counters is None:
+        _counters = redis.Redis.from_url(_redis_url)
+    _counters.set(counter(idempotask.config.settings().namespace, name), repr(time.time()))

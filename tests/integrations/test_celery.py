@@ -296,12 +296,18 @@ def test_a_worker_killed_mid_task_is_replaced_after_the_lease_and_runs_it_once(
         doomed_worker.wait_ready(cel.client)
         result = task.apply_async(("k",), queue=queue)
         wait_for(lambda: cel.count("crashy", "k") == 1, "the first run to start")
+        delivered = time.monotonic()
         doomed_worker.kill()
         held = idempotask.get_backend().get(task.key_for("k"))
         assert held is not None  # the dead worker's claim, still in its lease
         assert held.state is State.IN_PROGRESS
         assert held.expires_in is not None
         lease_ends = time.time() + held.expires_in
+        # kombu before 5.7 restores unacknowledged messages when a worker starts polling,
+        # then only every ~100 s (5.7 adds unacked_restore_interval): start the rescuer
+        # once the message is past its 4 s visibility timeout, so its first restore
+        # finds it on every kombu release.
+        time.sleep(max(0.0, delivered + 5.0 - time.monotonic()))
         rescuer = Worker(env, "crash-b", queue, cel.log_dir, concurrency=1)
         rescuer.wait_ready(cel.client)
         # The broker redelivers the message, which waits out the dead worker's lease.
@@ -444,6 +450,25 @@ def test_eager_retries_re_take_their_claim_and_only_the_final_failure_is_a_lette
         "celery",
         eager_doomed.key_for(1),
     )
+
+
+def test_the_body_sees_its_own_request_id_and_retries_on_every_celery_release() -> None:
+    """IdempotentTask runs ``run`` under the request Celery's tracer pushed: before
+    Celery 5.5, going through Task.__call__ again pushed a blank one (no id, retries
+    always 0), so ``self.request`` lied and ``self.retry()`` misfired."""
+    app = _eager_app()
+    seen: list[tuple[Any, int]] = []
+
+    @app.task(base=IdempotentTask, bind=True, name="itest.request_seen", max_retries=1)
+    def request_seen(self: Any, n: int) -> int:
+        seen.append((self.request.id, self.request.retries))
+        if len(seen) == 1:
+            raise self.retry(countdown=0)
+        return n
+
+    result = request_seen.apply_async((5,), task_id="the-task-id")
+    assert result.get() == 5
+    assert seen == [("the-task-id", 0), ("the-task-id", 1)]
 
 
 def test_a_retry_holds_the_claim_for_its_countdown_plus_a_lease() -> None:

@@ -36,6 +36,7 @@ from redis import Redis
 
 import idempotask
 from idempotask import dead_letter, idempotent
+from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
 from idempotask.deadletter import default_queue
 from idempotask.errors import ConfigurationError
@@ -51,6 +52,7 @@ from tests.integrations._workers import (
     counter_value,
     delete_keys,
     in_threads,
+    kill_worker,
     read_logs,
     start_worker,
     stop_worker,
@@ -275,24 +277,92 @@ def test_a_message_that_always_fails_is_dead_lettered_after_retries_and_replayed
 # ----------------------------------------------------------------------------------------
 
 
-def test_a_redelivered_message_whose_worker_died_re_takes_its_claim_without_the_lease(
+def test_a_redelivered_message_whose_worker_died_waits_out_the_dead_runs_lease_then_runs(
     env: Env,
 ) -> None:
     """SIGKILL the worker mid-body: RabbitMQ redelivers the message (same id) to a new
-    worker, which re-takes the dead run's claim at once instead of waiting its 60 s lease,
-    and runs the body once more."""
+    worker. The redelivery never re-takes the dead run's claim: it waits for it past its
+    own short wait_timeout (the claim is its own message's) until the lease runs out,
+    then runs the body once."""
     slow_owned = env.actors.slow_owned
     message = slow_owned.send(2)
     first = env.worker(threads=1)
     wait_for(lambda: env.count("slow_owned:2:started") == 1, "the first run to start")
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
-    killed = time.monotonic()
+    held = idempotask.get_backend().get(slow_owned.fn.key_for(2))
+    assert held is not None
+    assert held.state is State.IN_PROGRESS
+    assert held.expires_in is not None
+    lease_ends = time.time() + held.expires_in
 
     env.worker(threads=1)
     assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 2, "run": 2}
     assert env.count("slow_owned:2:done") == 1
-    assert time.monotonic() - killed < 30  # well within the 60 s lease
+    second_start = float(env.redis.get(env.actors.counter("slow_owned:2:started_at:2")))
+    assert second_start >= lease_ends - 0.05  # not before the dead run's lease ran out
+
+
+def test_one_message_delivered_twice_at_once_runs_its_body_once_and_both_deliveries_succeed(
+    env: Env,
+) -> None:
+    """The same message (one id) enqueued twice, a worker with two threads: the second
+    delivery meets the first one's live claim, never re-takes it, waits for that run
+    (past its 0.5 s wait_timeout) and returns its result."""
+    stalls = env.actors.stalls
+    message = stalls.message(7)
+    env.actors.broker.enqueue(message)
+    env.actors.broker.enqueue(message)
+    env.worker(threads=2)
+
+    wait_for(lambda: env.count(f"ok:{message.message_id}") == 2, "both deliveries to end")
+    assert env.count(f"received:{message.message_id}") == 2
+    assert env.count("stalls:7:started") == 1
+    assert env.count("stalls:7:done") == 1
+    assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 7, "run": 1}
+
+
+def test_a_message_redelivered_while_its_stalled_worker_still_runs_it_waits_for_that_run(
+    env: Env,
+) -> None:
+    """SIGSTOP a worker mid-body: RabbitMQ misses its heartbeats (2 s), closes its
+    connection and redelivers the unacknowledged message to another worker. That
+    delivery must not run the body beside the stalled one: it waits; the stalled worker
+    is resumed within its lease and stores its result, which the redelivery returns."""
+    stalls = env.actors.stalls
+    message = stalls.send(8)
+    short_heartbeat = with_query(os.environ[ENV_BROKER], heartbeat="2")
+    stalled = env.worker(threads=1, **{ENV_BROKER: short_heartbeat})
+    wait_for(lambda: env.count("stalls:8:started") == 1, "the first run to start")
+    kill_worker(stalled, signal.SIGSTOP)
+    try:
+        env.worker(threads=1)
+        wait_for(
+            lambda: env.count(f"received:{message.message_id}") == 2,
+            "RabbitMQ to redeliver the stalled worker's message",
+            timeout=60,
+        )
+        time.sleep(1.0)  # room for a second run of the body to start, were it allowed to
+        assert env.count("stalls:8:started") == 1
+    finally:
+        kill_worker(stalled, signal.SIGCONT)
+    assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 8, "run": 1}
+    wait_for(lambda: env.count(f"ok:{message.message_id}") >= 1, "the redelivery to end")
+    assert env.count("stalls:8:started") == 1
+    assert env.count("stalls:8:done") == 1
+
+
+def test_dramatiq_retry_hands_its_kept_claim_to_the_retry_which_re_takes_it_at_once(
+    env: Env,
+) -> None:
+    """A body raising dramatiq.Retry keeps its claim (a duplicate would wait); the
+    retry is handed that claim and re-takes it at once, not after its 60 s lease."""
+    message = env.actors.retries_once.send(9)
+    sent = time.monotonic()
+    env.worker()
+    assert message.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 9, "run": 2}
+    assert env.count("retries_once:9:started") == 2
+    assert time.monotonic() - sent < 30  # well within the 60 s lease
 
 
 def test_a_worker_killed_mid_task_leaves_the_call_to_another_worker_after_the_lease(

@@ -31,6 +31,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 import idempotask
+from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
 from idempotask.deadletter import default_queue, unregister_route
 from idempotask.errors import ConfigurationError
@@ -285,7 +286,8 @@ def test_twenty_separate_jobs_of_one_call_run_its_body_once_and_all_return_its_r
     assert stored(jobs.add.key_for(4, 5)) == {"sum": 9, "pair": (4, 5)}
     record = idempotask.config.get_backend().get(jobs.add.key_for(4, 5))
     assert record is not None
-    assert record.owner in {job.id for job in enqueued}  # the job id owns the claim
+    # The claim's owner is the run of one of the jobs: its id and a per-run suffix.
+    assert record.owner.rpartition("~")[0] in {job.id for job in enqueued}
 
 
 def test_a_plain_idempotent_function_runs_once_in_a_worker_with_the_idempotent_job_class(
@@ -301,10 +303,10 @@ def test_a_plain_idempotent_function_runs_once_in_a_worker_with_the_idempotent_j
     env.finish(env.worker(job_class="idempotask.integrations.rq.IdempotentJob"))
     assert [job.return_value(refresh=True) for job in enqueued] == [(1, 3)] * 10
     assert env.count("plain_add") == 1
-    # The job class made the job that ran the body the claim's owner.
+    # The job class made the run of the job that ran the body the claim's owner.
     record = idempotask.config.get_backend().get(jobs.plain_add.key_for(1, 2))
     assert record is not None
-    assert record.owner in {job.id for job in enqueued}
+    assert record.owner.rpartition("~")[0] in {job.id for job in enqueued}
 
 
 def test_enqueue_once_replaces_an_ended_job_only_once_the_store_forgot_the_call(
@@ -458,17 +460,22 @@ def test_a_worker_killed_mid_job_leaves_the_call_to_another_worker_after_the_lea
     assert env.count("slow:1:done") == 1
 
 
-def test_rq_retrying_a_job_whose_worker_died_re_takes_the_jobs_claim_without_the_lease(
+def test_rq_re_running_a_job_whose_worker_died_waits_out_the_dead_runs_lease_then_runs_it(
     env: Env,
 ) -> None:
-    """The job id owns the claim: when RQ re-runs an abandoned job (its Retry), the new
-    run re-takes the dead run's claim at once instead of waiting its 60 s lease."""
+    """RQ re-runs an abandoned job (its Retry) under the same job id. That run never
+    re-takes the dead run's claim: it waits for it past its own short wait_timeout (the
+    claim is its own job's) until the lease runs out, then runs the body once."""
     job = env.queue.enqueue(jobs.slow_owned, 2, retry=Retry(max=1))
     worker = env.worker(burst=False)
     wait_for(lambda: env.count("slow_owned:2:started") == 1, "the first run to start")
     kill_worker(worker, signal.SIGKILL, descendants=True)
     worker.wait(timeout=10)
-    started = time.monotonic()
+    held = idempotask.config.get_backend().get(jobs.slow_owned.key_for(2))
+    assert held is not None
+    assert held.state is State.IN_PROGRESS
+    assert held.expires_in is not None
+    lease_ends = time.time() + held.expires_in
 
     # RQ's maintenance finds abandoned jobs once their heartbeat (at least 60 s) expired;
     # run that same cleanup now, as if the time had passed.
@@ -480,7 +487,36 @@ def test_rq_retrying_a_job_whose_worker_died_re_takes_the_jobs_claim_without_the
     assert job.get_status(refresh=True) == "finished"
     assert job.return_value() == {"n": 2, "run": 2}
     assert env.count("slow_owned:2:done") == 1
-    assert time.monotonic() - started < 30  # well within the 60 s lease
+    second_start = float(env.conn.get(jobs.counter(env.namespace, "slow_owned:2:started_at:2")))
+    assert second_start >= lease_ends - 0.05  # not before the dead run's lease ran out
+
+
+def test_a_job_re_queued_while_its_stalled_worker_still_runs_it_waits_for_that_run(
+    env: Env,
+) -> None:
+    """SIGSTOP the worker and its work horse mid-body; RQ's maintenance, finding the
+    heartbeat expired, re-queues the job (its Retry) and another worker takes it. That
+    run must not run the body beside the stalled one: it waits, the stalled worker is
+    resumed within its lease and stores its result, and the re-run returns it."""
+    job = env.queue.enqueue(jobs.stalls, 5, retry=Retry(max=1))
+    stalled = env.worker(burst=False)
+    wait_for(lambda: env.count("stalls:5:started") == 1, "the first run to start")
+    kill_worker(stalled, signal.SIGSTOP, descendants=True)
+    try:
+        registry = StartedJobRegistry(env.queue.name, connection=env.conn)
+        registry.cleanup(timestamp=time.time() + 3600)  # as if the heartbeat had expired
+        assert job.get_status(refresh=True) == "queued"
+        second = env.worker()
+        wait_for(lambda: job.get_status(refresh=True) == "started", "the second worker to take it")
+        time.sleep(1.0)  # room for a second run of the body to start, were it allowed to
+        assert env.count("stalls:5:started") == 1
+    finally:
+        kill_worker(stalled, signal.SIGCONT, descendants=True)
+    env.finish(second)
+    assert env.count("stalls:5:started") == 1
+    assert env.count("stalls:5:done") == 1
+    assert job.get_status(refresh=True) == "finished"
+    assert job.return_value() == {"n": 5, "run": 1}
 
 
 def test_a_job_abandoned_by_a_dead_worker_without_retries_left_becomes_a_dead_letter(
