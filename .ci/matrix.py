@@ -62,6 +62,10 @@ _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*>=\s*([0-9][^,
 
 # Extras of tools for our own tests and benchmarks, not drivers a user installs with us.
 _TOOL_EXTRAS = {"dev", "bench", "all"}
+# Pinned beside the floors: Celery 5.3's own kombu. pip would pair celery 5.3 with the
+# newest kombu, whose Redis transport refuses redis-py below 6.1 (kombu's requirement,
+# not ours), so the lowest end would test a combination no Celery 5.3 user runs.
+_COMPANIONS = {"kombu": "5.3.0"}
 
 
 def lowest_pins() -> dict[str, str]:
@@ -76,7 +80,7 @@ def lowest_pins() -> dict[str, str]:
             if match and match.group(1).lower() != "idempotask":
                 name = match.group(1).lower().replace("_", "-")
                 pins[name] = max(pins.get(name, match.group(3)), match.group(3), key=_version)
-    return pins
+    return {**pins, **_COMPANIONS}
 
 
 def _version(text: str) -> tuple[int, ...]:
