@@ -501,7 +501,7 @@ async def test_async_leases_are_renewed_from_one_timer_per_loop(store: MemoryBac
     assert set().union(*extra) <= {"idempotask-lease-renewal"}
 
 
-def test_sync_leases_share_one_renewal_thread(store: MemoryBackend) -> None:
+def test_sync_leases_on_one_store_share_one_renewal_thread(store: MemoryBackend) -> None:
     idempotask.configure(backend=MemoryBackend())
     gate = threading.Barrier(8)
 
@@ -511,14 +511,43 @@ def test_sync_leases_share_one_renewal_thread(store: MemoryBackend) -> None:
         time.sleep(0.4)
         return i
 
+    before = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
     threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     time.sleep(0.2)
-    renewers = [t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"]
+    renewers = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
     for t in threads:
         t.join()
-    assert len(renewers) == 1
+    assert len(renewers - before) == 1
+
+
+def test_each_store_gets_its_own_renewal_thread() -> None:
+    """Leases on two stores are renewed by two threads (one per store, not per call)."""
+    stores = [MemoryBackend(), MemoryBackend()]
+    gate = threading.Barrier(6)
+    before = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
+
+    @idempotent(lease=0.2, backend=stores[0], name="renewal.store0")
+    def job0(i: int) -> int:
+        gate.wait()
+        time.sleep(0.4)
+        return i
+
+    @idempotent(lease=0.2, backend=stores[1], name="renewal.store1")
+    def job1(i: int) -> int:
+        gate.wait()
+        time.sleep(0.4)
+        return i
+
+    threads = [threading.Thread(target=(job0, job1)[i % 2], args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    renewers = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
+    for t in threads:
+        t.join()
+    assert len(renewers - before) == 2
 
 
 # ---------------------------------------------------------------------------- keys and methods
