@@ -38,8 +38,10 @@ from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     ConfigurationError,
+    CorruptRecordError,
     KeyEncodingError,
     KeyMismatchError,
+    MissingTableError,
     SerializationError,
 )
 from idempotask.events import EventKind
@@ -63,6 +65,9 @@ _S = TypeVar("_S")
 _P2 = ParamSpec("_P2")
 
 _POLL_FIRST, _POLL_MAX = 0.005, 0.25  # waiting on another caller: first and longest poll
+
+# Store errors that are not outages: fail-open never runs a body past them.
+_NOT_OUTAGES = (CorruptRecordError, MissingTableError)
 
 # Tokens must be unique across processes and calls; a random per-process prefix and a
 # counter are as unique as uuid4 and several times cheaper on the hot path.
@@ -351,6 +356,19 @@ class Spec:
             EventKind.BACKEND_ERROR, self.name, key, error=type(exc.__cause__ or exc).__name__
         )
         if not self._fail_open:
+            raise exc
+        if isinstance(exc, _NOT_OUTAGES):
+            # on_backend_error="open" is about outages. Bad data under a key (or a table
+            # that does not exist) will not go away by itself: running unprotected would
+            # run the body on every call until someone looks.
+            log.error(
+                "idempotask: %s for %s (%s) is not an outage, so the call fails closed even "
+                "with on_backend_error='open': %s",
+                type(exc).__name__,
+                self.name,
+                key,
+                exc,
+            )
             raise exc
         log.error(
             "idempotask: store unavailable for %s (%s); on_backend_error='open', so the call "
