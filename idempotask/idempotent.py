@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -25,6 +25,7 @@ from typing import (
     Concatenate,
     Generic,
     Literal,
+    NoReturn,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -263,6 +264,10 @@ class Spec:
                 )
             except BackendError as exc:
                 return (yield from self._fail_open_or_raise(call, key, exc))
+            except asyncio.CancelledError as exc:
+                # The claim may have been taken before the cancellation arrived: give it
+                # back now rather than leave the key blocked for a whole lease.
+                yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
             if record.token == token and record.state is State.IN_PROGRESS:
                 if not legacy:
                     break
@@ -341,6 +346,9 @@ class Spec:
                 for k in taken:
                     yield from self._release(backend, k, token)
                 raise
+            except asyncio.CancelledError as exc:
+                ops = [_release_op(backend, k, token) for k in (*taken, old)]
+                yield from self._finish_cancelled(exc, ops)
             if record.token == token and record.state is State.IN_PROGRESS:
                 taken.append(old)
                 continue
@@ -409,6 +417,23 @@ class Spec:
                 stored = yield Op(
                     backend.complete, backend.acomplete, k, token, payload, ttl=self._ttl
                 )
+            except asyncio.CancelledError as exc:
+                # Cancelled while the result was being written. The body ran: its result
+                # is written to the end (repeating a complete with its token is harmless)
+                # before the cancellation goes on, or the key would stay blocked for a
+                # lease and the body run again after it.
+                ops = [
+                    Op(
+                        backend.complete,
+                        _unstoppable(backend.acomplete),
+                        x,
+                        token,
+                        payload,
+                        ttl=self._ttl,
+                    )
+                    for x in keys
+                ]
+                yield from self._finish_cancelled(exc, ops)
             except BackendError as exc:
                 # The body ran; raising would make a framework run it again. The result
                 # is returned, and the claim expires with its lease.
@@ -456,7 +481,14 @@ class Spec:
         try:
             payload = dump_exception(error)
             for k in keys:
-                stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                try:
+                    stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                except asyncio.CancelledError as exc:
+                    ops = [
+                        Op(backend.fail, _unstoppable(backend.afail), x, token, payload, ttl=ttl)
+                        for x in keys
+                    ]
+                    yield from self._finish_cancelled(exc, ops)
                 if not stored and not outcome.lost:
                     lease.report_lost(self.name, k, "the key was taken over while the body ran")
         except (BackendError, SerializationError) as exc:
@@ -470,6 +502,8 @@ class Spec:
     def _release(self, backend: Backend, key: str, token: str) -> Flow[None]:
         try:
             yield Op(backend.delete, backend.adelete, key, token=token)
+        except asyncio.CancelledError as exc:
+            yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
         except BackendError as exc:
             log.error(
                 "idempotask: could not release %s after %s failed; it stays claimed until its "
@@ -480,6 +514,24 @@ class Spec:
             )
             return
         events.emit(EventKind.RELEASED, self.name, key)
+
+    def _finish_cancelled(self, cancelled: BaseException, ops: list[Op]) -> Flow[NoReturn]:
+        """The caller was cancelled during a store write: perform ``ops`` (the writes that
+        must not be lost, made with :func:`_unstoppable`), then re-raise the cancellation.
+
+        Only the async driver throws a cancellation into the flow (see :func:`adrive`).
+        """
+        for op in ops:
+            try:
+                yield op
+            except BackendError as exc:
+                log.error(
+                    "idempotask: %s was cancelled and the store failed while its claim was "
+                    "settled; the key stays claimed until its lease runs out: %s",
+                    self.name,
+                    exc,
+                )
+        raise cancelled
 
     def _load(self, key: str, payload: bytes) -> Any:
         try:
@@ -506,6 +558,33 @@ class Spec:
 # Running a call: the flow above, driven by idempotask.flow's drive / adrive. What the
 # flow asks to run is a Call's body, with the leases it holds renewed meanwhile.
 # --------------------------------------------------------------------------------------
+
+
+# What the async driver throws back into a flow: store failures, and a cancellation of
+# the caller, which the flow answers by settling its claim before it propagates.
+_ASYNC_CATCH: tuple[type[BaseException], ...] = (BackendError, asyncio.CancelledError)
+
+
+def _unstoppable(afn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``afn`` run where its caller's cancellation cannot stop it.
+
+    Used only once a caller was cancelled: the write runs in a task of its own, and the
+    caller waits for it however often it is cancelled again (each store operation has
+    its own timeouts, so the wait is bounded).
+    """
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(afn(*args, **kwargs))
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((task,))
+        return task.result()
+
+    return run
+
+
+def _release_op(backend: Backend, key: str, token: str) -> Op:
+    return Op(backend.delete, _unstoppable(backend.adelete), key, token=token)
 
 
 class Call:
@@ -578,7 +657,7 @@ async def adrive(
     store_key: str | None = None,
 ) -> Any:
     """Async :func:`drive`: awaits the store's async methods, the body and the sleeps."""
-    return await flow.adrive(_start(spec, args, kwargs, explicit, owner, store_key))
+    return await flow.adrive(_start(spec, args, kwargs, explicit, owner, store_key), _ASYNC_CATCH)
 
 
 class _Running:
