@@ -48,7 +48,14 @@ from idempotask.errors import (
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op
 from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
-from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
+from idempotask.serializers import (
+    JSONSerializer,
+    Serializer,
+    dump_exception,
+    get_serializer,
+    load_exception,
+    result_types,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
@@ -188,6 +195,7 @@ class Spec:
         self._ttl = self._lease = self._wait = 0.0
         self._fail_open = False
         self._serializer: Serializer = get_serializer(None)
+        self._result_types: tuple[type, ...] | None = None
         self._max_result = self._max_argument = 0
 
     # Settings are read once per configure() generation, not once per call.
@@ -206,10 +214,20 @@ class Spec:
         self._lease = o.lease if o.lease is not None else s.default_lease
         self._wait = o.wait_timeout if o.wait_timeout is not None else s.wait_timeout
         self._fail_open = (o.on_backend_error or s.on_backend_error) == "open"
-        self._serializer = o.serializer or get_serializer(s.serializer)
+        self._serializer = self._bound(o.serializer or get_serializer(s.serializer))
         self._max_result = o.max_result_bytes or s.max_result_bytes
         self._max_argument = s.max_argument_bytes
         self._generation = config.generation
+
+    def _bound(self, serializer: Serializer) -> Serializer:
+        """The JSON serializer bound to the classes this function returns: a record in
+        the store can make a duplicate rebuild those classes only (see
+        :func:`idempotask.serializers.result_types`)."""
+        if type(serializer) is not JSONSerializer or serializer.types is not None:
+            return serializer
+        if self._result_types is None:
+            self._result_types = result_types(self.func)
+        return serializer.restricted_to(self._result_types)
 
     def backend(self) -> Backend:
         self.refresh()
@@ -533,7 +551,19 @@ class Spec:
                 )
         raise cancelled
 
+    def _too_big(self, key: str, payload: bytes, what: str) -> None:
+        # A read decodes at most what a write may store: bytes past it were not written
+        # under this configuration, and decoding them could take any amount of memory.
+        if len(payload) > self._max_result:
+            raise SerializationError(
+                f"the {what} of {self.name} under {key} is {len(payload):,} bytes, over "
+                f"max_result_bytes={self._max_result:,}, so it is not read; the call is not "
+                "run again. Raise max_result_bytes if the limit was lowered, or use "
+                "forget_key() to drop the record"
+            )
+
     def _load(self, key: str, payload: bytes) -> Any:
+        self._too_big(key, payload, "stored result")
         try:
             return self._serializer.loads(payload)
         except SerializationError as exc:
@@ -544,6 +574,7 @@ class Spec:
 
     def _load_error(self, key: str, payload: bytes) -> BaseException:
         try:
+            self._too_big(key, payload, "cached error")
             error = load_exception(payload)
         except SerializationError as exc:
             error = SerializationError(f"the cached error under {key} cannot be read: {exc}")
