@@ -498,3 +498,21 @@ def test_the_backend_provides_one_dead_letter_and_one_breaker_store_per_namespac
     assert backend.breaker_store(namespace="app") is breakers
     assert backend.breaker_store(namespace="other") is not breakers
     assert MemoryBackend().dead_letter_store() is not backend.dead_letter_store()
+
+
+def test_the_exporters_report_evictions() -> None:
+    """The logging listener logs 'evicted' at WARNING; Prometheus counts it per function."""
+    import logging
+
+    from idempotask import Event, EventKind
+    from idempotask.observability.logging import DEFAULT_LEVELS
+
+    assert DEFAULT_LEVELS[EventKind.EVICTED] == logging.WARNING
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from idempotask.observability.prometheus import PrometheusExporter
+
+    registry = prometheus_client.CollectorRegistry()
+    exporter = PrometheusExporter(registry)
+    exporter(Event(EventKind.EVICTED, "app.f", "ns:app.f:v1:a", attributes={"ttl_left": 5.0}))
+    sample = registry.get_sample_value("idempotask_evictions_total", {"function": "app.f"})
+    assert sample == 1.0
