@@ -9,6 +9,7 @@ connects at import time.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import threading
@@ -90,10 +91,23 @@ generation = 0
 """Bumped on every configure(); decorated functions refresh their cache when it moves."""
 
 
+Seconds = float | datetime.timedelta
+"""A duration option: seconds as a number, or a :class:`datetime.timedelta`."""
+
+
 def check_seconds(option: str, value: Any, *, allow_zero: bool = False) -> float:
-    """Validate a duration option; the error names the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{option}: expected seconds as a number, got {value!r}")
+    """Validate a duration option (seconds, or a ``timedelta``); the error names the option.
+
+    >>> check_seconds("ttl", datetime.timedelta(hours=1))
+    3600.0
+    """
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{option}: expected seconds (a number or a datetime.timedelta), "
+            f"got {type(value).__name__}"
+        )
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(
@@ -178,16 +192,16 @@ def configure(
     *,
     backend: Backend | str | None = _UNSET,
     namespace: str = _UNSET,
-    default_ttl: float = _UNSET,
-    default_lease: float = _UNSET,
-    wait_timeout: float = _UNSET,
+    default_ttl: Seconds = _UNSET,
+    default_lease: Seconds = _UNSET,
+    wait_timeout: Seconds = _UNSET,
     on_backend_error: OnBackendError = _UNSET,
     serializer: Serializer | str = _UNSET,
     max_result_bytes: int = _UNSET,
     max_argument_bytes: int = _UNSET,
     dead_letter_store: DeadLetterStore | str | None = _UNSET,
     spool_path: str | os.PathLike[str] | None = _UNSET,
-    dead_letter_retention: float = _UNSET,
+    dead_letter_retention: Seconds = _UNSET,
     on_alert: AlertHook | Iterable[AlertHook] | None = _UNSET,
 ) -> Settings:
     """Set process-wide defaults; options not given keep their current value.

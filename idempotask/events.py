@@ -48,6 +48,10 @@ class EventKind(str, enum.Enum):
     RELEASED = "released"  # the claim was given up without a result (failure, cancellation)
     BACKEND_ERROR = "backend_error"  # the store failed; see ``error``
     FAIL_OPEN = "fail_open"  # the body ran unprotected because the store failed
+    # A store dropped a stored result (or cached error) inside its ttl to make room (the
+    # memory store's max_entries): that call runs again if called again. ``attributes``
+    # hold ``ttl_left``, the seconds the record had left.
+    EVICTED = "evicted"
     # Dead letters. ``name`` is the letter's function, ``key`` its idempotency key ("" for
     # a function without @idempotent), ``error`` the exception type; ``attributes`` hold
     # ``letter_id``, ``failure_kind`` (a FailureKind value), ``letter_status``, ``attempts``,

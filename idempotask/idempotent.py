@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -25,6 +25,7 @@ from typing import (
     Concatenate,
     Generic,
     Literal,
+    NoReturn,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -38,14 +39,23 @@ from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     ConfigurationError,
+    CorruptRecordError,
     KeyEncodingError,
     KeyMismatchError,
+    MissingTableError,
     SerializationError,
 )
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op
 from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
-from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
+from idempotask.serializers import (
+    JSONSerializer,
+    Serializer,
+    dump_exception,
+    get_serializer,
+    load_exception,
+    result_types,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
@@ -63,6 +73,9 @@ _S = TypeVar("_S")
 _P2 = ParamSpec("_P2")
 
 _POLL_FIRST, _POLL_MAX = 0.005, 0.25  # waiting on another caller: first and longest poll
+
+# Store errors that are not outages: fail-open never runs a body past them.
+_NOT_OUTAGES = (CorruptRecordError, MissingTableError)
 
 # Tokens must be unique across processes and calls; a random per-process prefix and a
 # counter are as unique as uuid4 and several times cheaper on the hot path.
@@ -182,6 +195,7 @@ class Spec:
         self._ttl = self._lease = self._wait = 0.0
         self._fail_open = False
         self._serializer: Serializer = get_serializer(None)
+        self._result_types: tuple[type, ...] | None = None
         self._max_result = self._max_argument = 0
 
     # Settings are read once per configure() generation, not once per call.
@@ -200,10 +214,20 @@ class Spec:
         self._lease = o.lease if o.lease is not None else s.default_lease
         self._wait = o.wait_timeout if o.wait_timeout is not None else s.wait_timeout
         self._fail_open = (o.on_backend_error or s.on_backend_error) == "open"
-        self._serializer = o.serializer or get_serializer(s.serializer)
+        self._serializer = self._bound(o.serializer or get_serializer(s.serializer))
         self._max_result = o.max_result_bytes or s.max_result_bytes
         self._max_argument = s.max_argument_bytes
         self._generation = config.generation
+
+    def _bound(self, serializer: Serializer) -> Serializer:
+        """The JSON serializer bound to the classes this function returns: a record in
+        the store can make a duplicate rebuild those classes only (see
+        :func:`idempotask.serializers.result_types`)."""
+        if type(serializer) is not JSONSerializer or serializer.types is not None:
+            return serializer
+        if self._result_types is None:
+            self._result_types = result_types(self.func)
+        return serializer.restricted_to(self._result_types)
 
     def backend(self) -> Backend:
         self.refresh()
@@ -258,6 +282,10 @@ class Spec:
                 )
             except BackendError as exc:
                 return (yield from self._fail_open_or_raise(call, key, exc))
+            except asyncio.CancelledError as exc:
+                # The claim may have been taken before the cancellation arrived: give it
+                # back now rather than leave the key blocked for a whole lease.
+                yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
             if record.token == token and record.state is State.IN_PROGRESS:
                 if not legacy:
                     break
@@ -336,6 +364,9 @@ class Spec:
                 for k in taken:
                     yield from self._release(backend, k, token)
                 raise
+            except asyncio.CancelledError as exc:
+                ops = [_release_op(backend, k, token) for k in (*taken, old)]
+                yield from self._finish_cancelled(exc, ops)
             if record.token == token and record.state is State.IN_PROGRESS:
                 taken.append(old)
                 continue
@@ -351,6 +382,19 @@ class Spec:
             EventKind.BACKEND_ERROR, self.name, key, error=type(exc.__cause__ or exc).__name__
         )
         if not self._fail_open:
+            raise exc
+        if isinstance(exc, _NOT_OUTAGES):
+            # on_backend_error="open" is about outages. Bad data under a key (or a table
+            # that does not exist) will not go away by itself: running unprotected would
+            # run the body on every call until someone looks.
+            log.error(
+                "idempotask: %s for %s (%s) is not an outage, so the call fails closed even "
+                "with on_backend_error='open': %s",
+                type(exc).__name__,
+                self.name,
+                key,
+                exc,
+            )
             raise exc
         log.error(
             "idempotask: store unavailable for %s (%s); on_backend_error='open', so the call "
@@ -391,6 +435,23 @@ class Spec:
                 stored = yield Op(
                     backend.complete, backend.acomplete, k, token, payload, ttl=self._ttl
                 )
+            except asyncio.CancelledError as exc:
+                # Cancelled while the result was being written. The body ran: its result
+                # is written to the end (repeating a complete with its token is harmless)
+                # before the cancellation goes on, or the key would stay blocked for a
+                # lease and the body run again after it.
+                ops = [
+                    Op(
+                        backend.complete,
+                        _unstoppable(backend.acomplete),
+                        x,
+                        token,
+                        payload,
+                        ttl=self._ttl,
+                    )
+                    for x in keys
+                ]
+                yield from self._finish_cancelled(exc, ops)
             except BackendError as exc:
                 # The body ran; raising would make a framework run it again. The result
                 # is returned, and the claim expires with its lease.
@@ -438,7 +499,14 @@ class Spec:
         try:
             payload = dump_exception(error)
             for k in keys:
-                stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                try:
+                    stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                except asyncio.CancelledError as exc:
+                    ops = [
+                        Op(backend.fail, _unstoppable(backend.afail), x, token, payload, ttl=ttl)
+                        for x in keys
+                    ]
+                    yield from self._finish_cancelled(exc, ops)
                 if not stored and not outcome.lost:
                     lease.report_lost(self.name, k, "the key was taken over while the body ran")
         except (BackendError, SerializationError) as exc:
@@ -452,6 +520,8 @@ class Spec:
     def _release(self, backend: Backend, key: str, token: str) -> Flow[None]:
         try:
             yield Op(backend.delete, backend.adelete, key, token=token)
+        except asyncio.CancelledError as exc:
+            yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
         except BackendError as exc:
             log.error(
                 "idempotask: could not release %s after %s failed; it stays claimed until its "
@@ -463,7 +533,37 @@ class Spec:
             return
         events.emit(EventKind.RELEASED, self.name, key)
 
+    def _finish_cancelled(self, cancelled: BaseException, ops: list[Op]) -> Flow[NoReturn]:
+        """The caller was cancelled during a store write: perform ``ops`` (the writes that
+        must not be lost, made with :func:`_unstoppable`), then re-raise the cancellation.
+
+        Only the async driver throws a cancellation into the flow (see :func:`adrive`).
+        """
+        for op in ops:
+            try:
+                yield op
+            except BackendError as exc:
+                log.error(
+                    "idempotask: %s was cancelled and the store failed while its claim was "
+                    "settled; the key stays claimed until its lease runs out: %s",
+                    self.name,
+                    exc,
+                )
+        raise cancelled
+
+    def _too_big(self, key: str, payload: bytes, what: str) -> None:
+        # A read decodes at most what a write may store: bytes past it were not written
+        # under this configuration, and decoding them could take any amount of memory.
+        if len(payload) > self._max_result:
+            raise SerializationError(
+                f"the {what} of {self.name} under {key} is {len(payload):,} bytes, over "
+                f"max_result_bytes={self._max_result:,}, so it is not read; the call is not "
+                "run again. Raise max_result_bytes if the limit was lowered, or use "
+                "forget_key() to drop the record"
+            )
+
     def _load(self, key: str, payload: bytes) -> Any:
+        self._too_big(key, payload, "stored result")
         try:
             return self._serializer.loads(payload)
         except SerializationError as exc:
@@ -474,6 +574,7 @@ class Spec:
 
     def _load_error(self, key: str, payload: bytes) -> BaseException:
         try:
+            self._too_big(key, payload, "cached error")
             error = load_exception(payload)
         except SerializationError as exc:
             error = SerializationError(f"the cached error under {key} cannot be read: {exc}")
@@ -488,6 +589,33 @@ class Spec:
 # Running a call: the flow above, driven by idempotask.flow's drive / adrive. What the
 # flow asks to run is a Call's body, with the leases it holds renewed meanwhile.
 # --------------------------------------------------------------------------------------
+
+
+# What the async driver throws back into a flow: store failures, and a cancellation of
+# the caller, which the flow answers by settling its claim before it propagates.
+_ASYNC_CATCH: tuple[type[BaseException], ...] = (BackendError, asyncio.CancelledError)
+
+
+def _unstoppable(afn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``afn`` run where its caller's cancellation cannot stop it.
+
+    Used only once a caller was cancelled: the write runs in a task of its own, and the
+    caller waits for it however often it is cancelled again (each store operation has
+    its own timeouts, so the wait is bounded).
+    """
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(afn(*args, **kwargs))
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((task,))
+        return task.result()
+
+    return run
+
+
+def _release_op(backend: Backend, key: str, token: str) -> Op:
+    return Op(backend.delete, _unstoppable(backend.adelete), key, token=token)
 
 
 class Call:
@@ -560,7 +688,7 @@ async def adrive(
     store_key: str | None = None,
 ) -> Any:
     """Async :func:`drive`: awaits the store's async methods, the body and the sleeps."""
-    return await flow.adrive(_start(spec, args, kwargs, explicit, owner, store_key))
+    return await flow.adrive(_start(spec, args, kwargs, explicit, owner, store_key), _ASYNC_CATCH)
 
 
 class _Running:

@@ -1,8 +1,10 @@
 """Lease renewal while a body runs.
 
-One renewal thread per process serves every sync call in it (re-created lazily after
-``fork``), and one timer per event loop serves async calls (with one task while it sends
-renewals): never a thread or a task per call.
+One renewal thread per store and process serves every sync call on that store
+(re-created lazily after ``fork``, ended after a while without leases), and one timer per
+store and event loop serves async calls (with one task while it sends renewals): never a
+thread or a task per call, and never one store's renewals waiting behind another's (a
+hung store would let the other's leases run out).
 Each held claim is renewed every third of its lease; a renewal the store refuses means
 another caller took the key over, which is reported (a ``lease_lost`` event and a
 :class:`LeaseLostWarning`), never silent. The body can ask through :func:`lease_held`.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -20,6 +23,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
 from idempotask import events
 from idempotask.backends.base import Backend
@@ -124,8 +128,19 @@ def lease_held() -> bool:
     return True if lease is None else lease.held
 
 
+# A renewal worker with no lease to renew for this long ends (its thread or timer); the
+# next lease on its store starts it again. Stores made and dropped by the hundred (tests,
+# a backend per tenant) must not leave a thread each behind.
+_IDLE_EXIT = 30.0
+
+
 class _ThreadKeeper:
-    """Renews the leases of every sync call in this process from one daemon thread."""
+    """Renews the leases of every sync call on one store from one daemon thread.
+
+    One per store, not one per process: a renewal waiting on a hung store (its client
+    timeouts and retries, seconds each) must never delay the renewals of another store,
+    whose leases would run out meanwhile and whose bodies would run twice.
+    """
 
     def __init__(self) -> None:
         # add()/remove() run on every call: a bare Lock is entered in C, where the
@@ -140,6 +155,7 @@ class _ThreadKeeper:
         with self._lock:
             self._leases[id(lease)] = lease
             if self._thread is None:
+                # The name is what observability.otel looks for (events from renewals).
                 self._thread = threading.Thread(
                     target=self._run, name="idempotask-lease-renewal", daemon=True
                 )
@@ -152,9 +168,15 @@ class _ThreadKeeper:
             self._leases.pop(id(lease), None)
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._cond:
                 now = time.monotonic()
+                if self._leases:
+                    idle_since = now
+                elif now - idle_since >= _IDLE_EXIT:
+                    self._thread = None  # under the lock: the next add() starts another
+                    return
                 due = [x for x in self._leases.values() if x.due <= now]
                 if not due:
                     # Idle, it still looks every second, so add() rarely has to wake it:
@@ -183,13 +205,15 @@ class _ThreadKeeper:
 
 
 class _LoopKeeper:
-    """Renews the leases of every async call on one event loop.
+    """Renews the leases of every async call on one store, on one event loop.
 
     A loop timer set for the earliest renewal stands in for an idle task: holding a
     lease is a dict insert unless it is due before the timer (and a lease is due a third
     of its lease after its call started, so in a stream of calls it never is), and
     nothing is left pending for a loop closed without cancelling its tasks. When the
-    timer fires with renewals due, one task sends them and sets the next timer.
+    timer fires with renewals due, one task sends them and sets the next timer. One
+    keeper per store and loop, so a renewal awaiting a hung store holds up only the
+    leases of that store.
     """
 
     def __init__(self) -> None:
@@ -250,16 +274,49 @@ class _LoopKeeper:
                     self._schedule(min(x.due for x in self._leases.values()))
 
 
-_thread_keeper = _ThreadKeeper()
-_loop_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopKeeper] = (
+_K = TypeVar("_K", _ThreadKeeper, _LoopKeeper)
+# A table of keepers by store: id(store) -> (a reference to the store, its keeper). The
+# reference is weak where the store allows it, so a dropped store's entry is pruned (and
+# a reused id is never mistaken for it); the leases being renewed hold their store.
+_Table = dict[int, tuple[Callable[[], object], _K]]
+
+
+def _keeper(table: _Table[_K], store: object, make: Callable[[], _K]) -> _K:
+    entry = table.get(id(store))
+    if entry is not None and entry[0]() is store:
+        return entry[1]
+    with _table_lock:
+        entry = table.get(id(store))
+        if entry is not None and entry[0]() is store:
+            return entry[1]
+        for key, (ref, _) in list(table.items()):
+            if ref() is None:
+                del table[key]
+        try:
+            ref = weakref.ref(store)
+        except TypeError:  # a store with __slots__ and no __weakref__: keep it
+            ref = functools.partial(_same, store)
+        keeper = make()
+        table[id(store)] = (ref, keeper)
+        return keeper
+
+
+def _same(store: object) -> object:
+    return store
+
+
+_table_lock = threading.Lock()
+_thread_keepers: _Table[_ThreadKeeper] = {}
+_loop_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Table[_LoopKeeper]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def _after_fork() -> None:
-    # The parent's thread does not exist in the child and its lock may be held.
-    global _thread_keeper, _loop_keepers
-    _thread_keeper = _ThreadKeeper()
+    # The parent's threads do not exist in the child and their locks may be held.
+    global _thread_keepers, _loop_keepers, _table_lock
+    _table_lock = threading.Lock()
+    _thread_keepers = {}
     _loop_keepers = weakref.WeakKeyDictionary()
 
 
@@ -269,16 +326,16 @@ if hasattr(os, "register_at_fork"):
 
 def hold(lease: Lease) -> Callable[[], None]:
     """Start renewing ``lease`` for a sync call; returns the function that stops it."""
-    return _held(_thread_keeper, lease)
+    return _held(_keeper(_thread_keepers, lease.backend, _ThreadKeeper), lease)
 
 
 def ahold(lease: Lease) -> Callable[[], None]:
     """Start renewing ``lease`` for an async call on the running loop."""
     loop = asyncio.get_running_loop()
-    keeper = _loop_keepers.get(loop)
-    if keeper is None:
-        keeper = _loop_keepers[loop] = _LoopKeeper()
-    return _held(keeper, lease)
+    table = _loop_keepers.get(loop)
+    if table is None:
+        table = _loop_keepers[loop] = {}
+    return _held(_keeper(table, lease.backend, _LoopKeeper), lease)
 
 
 def _held(keeper: _ThreadKeeper | _LoopKeeper, lease: Lease) -> Callable[[], None]:

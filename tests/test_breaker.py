@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import idempotask
-from idempotask.backends.memory import MemoryBreakerStore
+from idempotask.backends.memory import MemoryBackend, MemoryBreakerStore
 from idempotask.breaker import (
     BreakerState,
     BreakerStatus,
@@ -98,6 +98,14 @@ class CountingStore:
     def reset(self, name: str) -> None:
         self.calls["reset"] += 1
         self.inner.reset(name)
+
+    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        self.calls["states"] += 1
+        return self.inner.states(limit=limit)
+
+    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        self.calls["states"] += 1
+        return await self.inner.astates(limit=limit)
 
     async def astate(self, name: str) -> BreakerState:
         self.calls["state"] += 1
@@ -673,7 +681,7 @@ def test_recording_an_outcome_never_replaces_the_callers_exception(clock: FakeCl
 
 
 def test_store_none_follows_the_configured_memory_backend() -> None:
-    """Without store=, breakers share one process-wide MemoryBreakerStore."""
+    """Without store=, breakers share the configured memory backend's MemoryBreakerStore."""
     a = CircuitBreaker(new_name(), failure_threshold=1)
     b = CircuitBreaker(a.name, failure_threshold=1, check_interval=None)
     fail_times(a, Dependency(), 1)
@@ -692,6 +700,45 @@ def test_store_none_refuses_a_backend_with_no_breaker_store() -> None:
 
     with pytest.raises(ConfigurationError, match="store="):
         store_for_backend(Odd())
+
+
+def test_store_none_asks_the_backend_for_its_store_under_the_namespace() -> None:
+    """store_for_backend calls breaker_store(namespace=...) on any backend, ours or not,
+    and refuses an answer that is not a BreakerStore or a method without namespace=."""
+    asked: list[str] = []
+    made = MemoryBreakerStore()
+
+    class Custom:
+        def breaker_store(self, *, namespace: str = "idempotask") -> MemoryBreakerStore:
+            asked.append(namespace)
+            return made
+
+    assert store_for_backend(Custom(), namespace="billing") is made
+    assert asked == ["billing"]
+
+    class Wrong:
+        def breaker_store(self, *, namespace: str = "idempotask") -> object:
+            return object()
+
+    class Old:
+        def breaker_store(self) -> MemoryBreakerStore:
+            return made
+
+    with pytest.raises(ConfigurationError, match="not a BreakerStore"):
+        store_for_backend(Wrong())
+    with pytest.raises(ConfigurationError, match="namespace="):
+        store_for_backend(Old())
+
+
+def test_breakers_of_two_namespaces_on_one_memory_backend_do_not_share_state() -> None:
+    backend = MemoryBackend()
+    idempotask.configure(backend=backend, namespace="app-a")
+    a = CircuitBreaker("shared-name", failure_threshold=1)
+    fail_times(a, Dependency(), 1)
+    assert a.current().status is BreakerStatus.OPEN
+    idempotask.configure(namespace="app-b")
+    b = CircuitBreaker("shared-name", failure_threshold=1)
+    assert b.current().status is BreakerStatus.CLOSED
 
 
 # -- async -------------------------------------------------------------------------

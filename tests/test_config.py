@@ -137,3 +137,54 @@ def test_backend_url_errors_never_echo_credentials() -> None:
     with pytest.raises(ConfigurationError) as info:
         idempotask.configure(backend="admin:hunter2@localhost:6379")
     assert "hunter2" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- durations
+
+
+def test_durations_may_be_timedeltas_in_configure() -> None:
+    """configure(default_ttl=timedelta(...)) and friends store seconds."""
+    from datetime import timedelta
+
+    s = idempotask.configure(
+        default_ttl=timedelta(hours=1),
+        default_lease=timedelta(seconds=90),
+        wait_timeout=timedelta(0),
+        dead_letter_retention=timedelta(days=7),
+    )
+    assert (s.default_ttl, s.default_lease, s.wait_timeout) == (3600.0, 90.0, 0.0)
+    assert s.dead_letter_retention == 7 * 86400.0
+
+
+def test_durations_may_be_timedeltas_on_the_decorator() -> None:
+    """@idempotent(ttl=timedelta(hours=1)) works as ttl=3600, for every duration option."""
+    from datetime import timedelta
+
+    @idempotent(
+        ttl=timedelta(hours=1),
+        lease=timedelta(seconds=30),
+        wait_timeout=timedelta(seconds=5),
+        cache_errors=timedelta(minutes=2),
+    )
+    def job(n: int) -> int:
+        return n
+
+    o = job.idempotency
+    assert (o.ttl, o.lease, o.wait_timeout, o.cache_errors) == (3600.0, 30.0, 5.0, 120.0)
+    assert job(3) == 3
+
+
+@pytest.mark.parametrize("option", ["ttl", "lease", "cache_errors"])
+def test_a_zero_or_negative_timedelta_is_refused_naming_the_option(option: str) -> None:
+    from datetime import timedelta
+
+    def job() -> None:
+        return None
+
+    for bad in (timedelta(0), timedelta(seconds=-1)):
+        with pytest.raises(ConfigurationError, match=f"^{option}: "):
+            idempotent(**{option: bad})(job)
+    with pytest.raises(ConfigurationError, match=r"^default_ttl: "):
+        idempotask.configure(default_ttl=timedelta(seconds=-5))
+    with pytest.raises(ConfigurationError, match=r"^wait_timeout: .*timedelta"):
+        idempotask.configure(wait_timeout="5s")  # type: ignore[arg-type]

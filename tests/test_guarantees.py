@@ -340,3 +340,45 @@ def _answers(fn: Any) -> bool:
     except BackendError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------- corrupt records
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_foreign_value_in_redis_fails_closed_even_when_fail_open(mode: str) -> None:
+    """A foreign string under a record's Redis key is bad data, not an outage: with
+    on_backend_error="open" every call still raises and the body never runs."""
+    import asyncio
+
+    from idempotask import CorruptRecordError
+    from idempotask.backends.redis import record_key
+
+    url = service_url("redis")
+    namespace = f"corrupt{uuid.uuid4().hex[:12]}"
+    idempotask.configure(backend=url, namespace=namespace, on_backend_error="open")
+    runs: list[int] = []
+
+    @idempotent(name=f"guarantee.corrupt.{mode}")
+    def job(n: int) -> int:
+        runs.append(n)
+        return n
+
+    @idempotent(name=f"guarantee.acorrupt.{mode}")
+    async def ajob(n: int) -> int:
+        runs.append(n)
+        return n
+
+    fn: Any = job if mode == "sync" else ajob
+    call = (lambda: job(1)) if mode == "sync" else (lambda: asyncio.run(ajob(1)))
+    client = redis.Redis.from_url(url)
+    storage_key = record_key(fn.key_for(1))
+    client.set(storage_key, "not a record of ours")
+    try:
+        for _ in range(2):
+            with pytest.raises(CorruptRecordError):
+                call()
+        assert runs == []
+    finally:
+        client.delete(storage_key)
+        client.close()

@@ -20,6 +20,7 @@ from idempotask import (
     AlreadyInProgress,
     BackendError,
     ConfigurationError,
+    CorruptRecordError,
     DuplicateNameError,
     EventKind,
     KeyMismatchError,
@@ -501,7 +502,7 @@ async def test_async_leases_are_renewed_from_one_timer_per_loop(store: MemoryBac
     assert set().union(*extra) <= {"idempotask-lease-renewal"}
 
 
-def test_sync_leases_share_one_renewal_thread(store: MemoryBackend) -> None:
+def test_sync_leases_on_one_store_share_one_renewal_thread(store: MemoryBackend) -> None:
     idempotask.configure(backend=MemoryBackend())
     gate = threading.Barrier(8)
 
@@ -511,14 +512,43 @@ def test_sync_leases_share_one_renewal_thread(store: MemoryBackend) -> None:
         time.sleep(0.4)
         return i
 
+    before = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
     threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     time.sleep(0.2)
-    renewers = [t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"]
+    renewers = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
     for t in threads:
         t.join()
-    assert len(renewers) == 1
+    assert len(renewers - before) == 1
+
+
+def test_each_store_gets_its_own_renewal_thread() -> None:
+    """Leases on two stores are renewed by two threads (one per store, not per call)."""
+    stores = [MemoryBackend(), MemoryBackend()]
+    gate = threading.Barrier(6)
+    before = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
+
+    @idempotent(lease=0.2, backend=stores[0], name="renewal.store0")
+    def job0(i: int) -> int:
+        gate.wait()
+        time.sleep(0.4)
+        return i
+
+    @idempotent(lease=0.2, backend=stores[1], name="renewal.store1")
+    def job1(i: int) -> int:
+        gate.wait()
+        time.sleep(0.4)
+        return i
+
+    threads = [threading.Thread(target=(job0, job1)[i % 2], args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    renewers = {t for t in threading.enumerate() if t.name == "idempotask-lease-renewal"}
+    for t in threads:
+        t.join()
+    assert len(renewers - before) == 2
 
 
 # ---------------------------------------------------------------------------- keys and methods
@@ -777,6 +807,73 @@ def test_a_store_failure_raises_by_default_and_runs_unprotected_when_fail_open(
     assert opened() == 2
     assert calls == 2
     assert EventKind.FAIL_OPEN in kinds(seen)
+
+
+class CorruptStore(MemoryBackend):
+    """A store whose record under every key is not one it wrote."""
+
+    def claim(self, key: str, *args: Any, **kwargs: Any) -> Record:
+        raise CorruptRecordError(f"memory: the value under {key} is not a record")
+
+    async def aclaim(self, key: str, *args: Any, **kwargs: Any) -> Record:
+        raise CorruptRecordError(f"memory: the value under {key} is not a record")
+
+
+def test_a_corrupt_record_fails_closed_even_when_fail_open(seen: list[Any]) -> None:
+    """on_backend_error="open" is for outages: a corrupt record never runs the body."""
+    idempotask.configure(backend=CorruptStore(), on_backend_error="open")
+    calls = 0
+
+    @idempotent
+    def job() -> int:
+        nonlocal calls
+        calls += 1
+        return 1
+
+    for _ in range(2):
+        with pytest.raises(CorruptRecordError):
+            job()
+    assert calls == 0
+    assert EventKind.FAIL_OPEN not in kinds(seen)
+
+
+async def test_a_corrupt_record_fails_closed_even_when_fail_open_async() -> None:
+    idempotask.configure(backend=CorruptStore(), on_backend_error="open")
+    calls = 0
+
+    @idempotent
+    async def job() -> int:
+        nonlocal calls
+        calls += 1
+        return 1
+
+    with pytest.raises(CorruptRecordError):
+        await job()
+    assert calls == 0
+
+
+@pytest.mark.parametrize("state", ["completed", "failed"])
+def test_a_foreign_payload_written_through_the_store_never_runs_the_body(state: str) -> None:
+    """A record whose payload is not ours (written through the store API) is an error on
+    every call, fail-open or not: the body never runs."""
+    backend = MemoryBackend()
+    idempotask.configure(backend=backend, on_backend_error="open")
+    calls = 0
+
+    @idempotent(cache_errors=60)
+    def job(n: int) -> int:
+        nonlocal calls
+        calls += 1
+        return n
+
+    key = job.key_for(1)
+    backend.claim(key, "foreign", lease=30)
+    finish = backend.complete if state == "completed" else backend.fail
+    assert finish(key, "foreign", b"\x80not ours", ttl=60)
+    for _ in range(2):
+        with pytest.raises(SerializationError):
+            job(1)
+    assert calls == 0
 
 
 async def test_async_fail_open(seen: list[Any]) -> None:

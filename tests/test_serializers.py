@@ -812,10 +812,10 @@ def test_dump_exception_survives_an_exception_whose_str_raises() -> None:
 
 def test_the_prebuilt_c_encoder_writes_what_the_public_json_encoder_writes() -> None:
     """The fast path through json's C encoder changes speed only, never bytes."""
-    from idempotask import serializers
+    from idempotask.serializers import _encode
 
     tree = {"a": [1, -0.0, float("nan"), float("-inf"), None, True, '\ud800é\n"\\'], "b": {}}
-    assert serializers._to_json_text(tree) == serializers._public_encoder.encode(tree)
+    assert _encode._to_json_text(tree) == _encode._public_encoder.encode(tree)
 
 
 def test_class_lookup_does_not_trigger_a_module_level_getattr() -> None:

@@ -22,10 +22,10 @@ and carries them as ``extra`` fields for structured (JSON) formatters:
 and exception messages are never logged: events do not carry them.
 
 Default levels: ``claimed``, ``duplicate``, ``completed``, ``released`` DEBUG;
-``conflict``, ``failed``, ``retry_succeeded`` INFO; ``lease_lost``, ``backend_error``,
-``dead_letter``, ``retry_failed`` WARNING; ``fail_open``, ``retry_exhausted`` ERROR;
-``dead_letter`` and ``retry_exhausted`` of ``@dead_letter(critical=True)`` functions
-CRITICAL. Override any with ``levels=``.
+``conflict``, ``failed``, ``retry_succeeded`` INFO; ``lease_lost``, ``evicted``,
+``backend_error``, ``dead_letter``, ``retry_failed`` WARNING; ``fail_open``,
+``retry_exhausted`` ERROR; ``dead_letter`` and ``retry_exhausted`` of
+``@dead_letter(critical=True)`` functions CRITICAL. Override any with ``levels=``.
 
 The ``idempotask`` logger keeps its own records (a dead letter with its exception
 message, a lost lease, a fail-open run); this listener adds the uniform, structured
@@ -54,6 +54,7 @@ DEFAULT_LEVELS: Mapping[EventKind, int] = {
     EventKind.FAILED: logging.INFO,
     EventKind.RETRY_SUCCEEDED: logging.INFO,
     EventKind.LEASE_LOST: logging.WARNING,
+    EventKind.EVICTED: logging.WARNING,
     EventKind.BACKEND_ERROR: logging.WARNING,
     EventKind.DEAD_LETTER: logging.WARNING,
     EventKind.RETRY_FAILED: logging.WARNING,

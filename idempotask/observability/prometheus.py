@@ -22,6 +22,8 @@ cardinality is bounded by the number of decorated functions):
 ``idempotask_failures_total``                  bodies that raised (or were cancelled)
 ``idempotask_releases_total``                  claims given up without a result
 ``idempotask_lease_losses_total``              claims taken over while the body ran
+``idempotask_evictions_total``                 stored results a store dropped inside
+                                               their ttl to make room (memory store)
 ``idempotask_backend_errors_total``            store failures; label ``error`` (type name)
 ``idempotask_fail_open_runs_total``            bodies run unprotected (fail-open)
 ``idempotask_dead_letters_total``              new dead letters; label ``kind``
@@ -85,6 +87,7 @@ _SIMPLE = {
     EventKind.FAILED: "failures",
     EventKind.RELEASED: "releases",
     EventKind.LEASE_LOST: "lease_losses",
+    EventKind.EVICTED: "evictions",
     EventKind.FAIL_OPEN: "fail_open_runs",
     EventKind.RETRY_SUCCEEDED: "retries_succeeded",
 }
@@ -130,6 +133,7 @@ class PrometheusExporter(EventListener):
     failures: Counter
     releases: Counter
     lease_losses: Counter
+    evictions: Counter
     backend_errors: Counter
     fail_open_runs: Counter
     dead_letters: Counter
@@ -183,6 +187,7 @@ class PrometheusExporter(EventListener):
         counter("failures", "Bodies that raised or were cancelled.")
         counter("releases", "Claims given up without a result.")
         counter("lease_losses", "Claims taken over by another caller while the body ran.")
+        counter("evictions", "Stored results dropped inside their ttl to make room.")
         counter("backend_errors", "Store failures, by exception type.", "error")
         counter("fail_open_runs", "Bodies run unprotected because the store failed.")
         counter("dead_letters", "Failures recorded as new dead letters.", "kind")

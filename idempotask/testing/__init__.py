@@ -25,13 +25,16 @@ about 1.2 s to check a real lease runs out; set ``real_time_tests = False`` on t
 to skip it.
 
 Dead-letter stores run :class:`DeadLetterStoreContract` the same way, with a
-``dead_letter_store`` fixture (see :mod:`idempotask.testing.deadletters`). For richer
+``dead_letter_store`` fixture (see :mod:`idempotask.testing.deadletters`), and breaker
+stores :class:`BreakerStoreContract`, with a ``breaker_store`` fixture (see
+:mod:`idempotask.testing.breakers`). For richer
 assertion messages add ``pytest.register_assert_rewrite("idempotask.testing")`` to your
 ``conftest.py``.
 """
 
 from __future__ import annotations
 
+from idempotask.testing.breakers import BreakerStoreContract, BreakerView
 from idempotask.testing.contract import (
     LEASE,
     TTL,
@@ -55,6 +58,8 @@ __all__ = [
     "TTL",
     "AsyncDeadLetterView",
     "AsyncView",
+    "BreakerStoreContract",
+    "BreakerView",
     "DeadLetterStoreContract",
     "DeadLetterView",
     "Mode",

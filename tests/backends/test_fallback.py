@@ -30,6 +30,7 @@ from idempotask import idempotent
 from idempotask.backends import Backend, backend_from_url
 from idempotask.backends.base import Record, State
 from idempotask.backends.fallback import FallbackBackend, fallback_url
+from idempotask.backends.fallback._router import MARKER_LADDER, marker_bucket
 from idempotask.backends.redis import RedisBackend
 from idempotask.backends.sql import SQLAlchemyBackend
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
@@ -113,6 +114,8 @@ class Switch:
         self.error = error
         self.down = False
         self.calls: Counter[str] = Counter()
+        self.keys: list[str] = []  # the keys claimed through it, in order
+        self.fail_keys = ""  # claims of keys starting with this fail (when set)
 
     def __repr__(self) -> str:
         return f"Switch({self.inner!r})"
@@ -124,6 +127,10 @@ class Switch:
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         self.calls[name] += 1
+        if name == "claim":
+            self.keys.append(args[0])
+            if self.fail_keys and args[0].startswith(self.fail_keys):
+                raise self.error(f"simulated failure: claim of {args[0]}")
         if self.down:
             raise self.error(f"simulated outage: {name}")
         return getattr(self.inner, name)(*args, **kwargs)
@@ -323,7 +330,9 @@ def test_healthy_redis_serves_every_call_alone_one_operation_per_duplicate(
     def call(x: int) -> int:
         return job(x) if mode == "sync" else asyncio.run(ajob(x))
 
-    assert call(0) == 0  # first use also reads the window marker, once
+    assert call(0) == 0  # first use also reads the outage markers in SQL, once
+    assert second.total == len(MARKER_LADDER)  # one get per marker length (no scan here)
+    read_markers = second.total
     before = primary.total
     assert call(1) == 2
     assert primary.total - before == 2  # a first call: claim, complete
@@ -332,7 +341,7 @@ def test_healthy_redis_serves_every_call_alone_one_operation_per_duplicate(
         assert call(1) == 2
         assert primary.total - before == 1  # a duplicate: one claim
     assert runs[1] == 1
-    assert second.total == 0
+    assert second.total == read_markers  # nothing more within a probe_interval
     assert store.status().primary_up
     primary.inner.close()
 
@@ -711,19 +720,20 @@ def test_a_client_that_has_not_seen_redis_recover_sees_claims_made_in_the_window
     shared_redis.close()
 
 
-def test_processes_started_later_or_idle_through_the_outage_join_the_window(
+def test_processes_started_later_idle_or_busy_through_the_outage_join_the_window(
     redis_url: str,
 ) -> None:
-    """The recovering client records its window in Redis; a backend used for the first time,
-    or after an idle probe_interval, reads it and confirms; a busy one that missed the
-    outage does not (the documented gap)."""
+    """The client that fell back wrote an outage marker in SQL; a backend used for the
+    first time, one idle through the outage and a busy one (at its next marker read, a
+    probe_interval later) read it and confirm. Within that interval the busy one has not
+    read it yet: the documented gap."""
     shared = RedisBackend.from_url(redis_url)
     key = marker()
     idle_clock, busy_clock, clock = Clock(), Clock(), Clock()
     idle = FallbackBackend(shared, secondary("sqlite"), marker_key=key, clock=idle_clock)
     busy = FallbackBackend(shared, secondary("sqlite"), marker_key=key, clock=busy_clock)
     for backend in (idle, busy):
-        backend.get(new_key())  # in use before the outage
+        backend.get(new_key())  # in use before the outage: markers read, none found
     primary = Switch(shared)
     first = FallbackBackend(
         primary, secondary("sqlite"), confirm_window=300, marker_key=key, clock=clock
@@ -732,17 +742,123 @@ def test_processes_started_later_or_idle_through_the_outage_join_the_window(
     done_key, tok = new_key(), token()
     first.claim(done_key, tok, lease=LEASE)
     first.complete(done_key, tok, b"during", ttl=TTL)
-    recover(first, primary, clock)
+    # Never recovered: this client is still in outage mode (or has crashed).
 
     late = FallbackBackend(shared, secondary("sqlite"), marker_key=key)
     assert late.claim(done_key, token(), lease=LEASE).payload == b"during"  # not run again
-    assert 290 < late.status().confirming_for <= 300
-    idle_clock.advance(idle.probe_interval)
-    assert idle.claim(done_key, token(), lease=LEASE).payload == b"during"
-    assert idle.status().confirming_for > 290
+    assert 300 < late.status().confirming_for <= marker_bucket(300)
     busy_clock.advance(1)
     assert busy.claim(done_key, token(), lease=LEASE).state is State.IN_PROGRESS  # the gap
+    busy.delete(done_key)
+    idle_clock.advance(idle.probe_interval)
+    assert idle.claim(done_key, token(), lease=LEASE).payload == b"during"
+    busy_clock.advance(busy.probe_interval)
+    assert busy.claim(done_key, token(), lease=LEASE).payload == b"during"
+    assert busy.status().confirming_for > 300
     shared.close()
+
+
+def test_without_markers_only_the_client_that_saw_the_outage_confirms(redis_url: str) -> None:
+    """marker_key=None: a fresh process claims in Redis alone (what markers prevent)."""
+    shared = RedisBackend.from_url(redis_url)
+    clock = Clock()
+    primary = Switch(shared)
+    first = FallbackBackend(primary, secondary("sqlite"), marker_key=None, clock=clock)
+    primary.down = True
+    done_key, tok = new_key(), token()
+    first.claim(done_key, tok, lease=LEASE)
+    first.complete(done_key, tok, b"during", ttl=TTL)
+    recover(first, primary, clock)
+    assert first.claim(done_key, token(), lease=LEASE).payload == b"during"
+    fresh = FallbackBackend(shared, secondary("sqlite"), marker_key=None)
+    assert fresh.claim(done_key, token(), lease=LEASE).state is State.IN_PROGRESS
+    shared.close()
+
+
+_WORKER = """
+import json, os, sys
+import idempotask
+from idempotask import idempotent
+from idempotask.backends.fallback import FallbackBackend
+from idempotask.backends.redis import RedisBackend
+from idempotask.backends.sql import SQLAlchemyBackend
+
+redis_url, sql_url, table, runs_file, namespace = sys.argv[1:6]
+keys = [int(k) for k in sys.argv[6:]]
+store = FallbackBackend(
+    RedisBackend.from_url(redis_url, socket_timeout=0.5, connect_timeout=0.5, retries=0),
+    SQLAlchemyBackend(sql_url, table_name=table),
+    probe_interval=0.3,
+)
+idempotask.configure(backend=store, namespace=namespace)
+
+
+@idempotent(name="fallback.fresh", ttl=600, lease=30)
+def job(k: int) -> str:
+    with open(runs_file, "a") as f:
+        f.write(f"{k}\\n")
+    return f"{k}:{os.getpid()}"
+
+
+print(json.dumps({str(k): job(k) for k in keys}))
+"""
+
+
+def _fresh_process(args: list[str]) -> dict[str, str]:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_process_started_after_the_outage_never_reruns_a_call_completed_in_sql(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Real processes: B completes calls in SQL while Redis is down; Redis comes back
+    empty; C, a new process that never saw the outage, calls them again: answered from
+    SQL, the body does not run."""
+    sql_url = f"sqlite:///{tmp_path / 'outage.db'}"
+    table = f"idem_fresh_{uuid.uuid4().hex[:8]}"
+    sql = SQLAlchemyBackend(sql_url, table_name=table)
+    sql.create_tables()
+    runs_file = tmp_path / "runs.txt"
+    runs_file.touch()
+    common = [private_redis.url, sql_url, table, str(runs_file), f"fbfresh{RUN}"]
+
+    before = _fresh_process([*common, "1"])  # A: Redis up, completes in Redis
+    private_redis.kill()
+    during = _fresh_process([*common, "2", "3"])  # B: the outage, completes in SQL
+    restarted = RedisServer.start(
+        "--maxmemory-policy",
+        "noeviction",
+        port=private_redis.port,
+        directory=private_redis.directory,
+    )
+    try:
+        after = _fresh_process([*common, "2", "3", "4"])  # C: new, never saw the outage
+        again = _fresh_process([*common, "4"])
+    finally:
+        restarted.stop()
+        sql.close()
+    runs = runs_file.read_text().split()
+    assert after["2"] == during["2"]
+    assert after["3"] == during["3"]
+    assert runs.count("2") == 1
+    assert runs.count("3") == 1
+    assert runs.count("4") == 1  # new during the window: run once, held in both stores
+    assert again["4"] == after["4"]
+    assert before["1"].startswith("1:")
 
 
 def test_clients_that_disagree_about_redis_can_both_claim_a_key(redis_url: str) -> None:
@@ -756,6 +872,68 @@ def test_clients_that_disagree_about_redis_can_both_claim_a_key(redis_url: str) 
     assert cut_off.claim(key, t1, lease=LEASE).held_by(t1)
     assert blind.claim(key, t2, lease=LEASE).held_by(t2)
     shared.close()
+
+
+def test_an_outage_marker_is_written_once_per_length_not_per_call(
+    switched: tuple[FallbackBackend, Switch, Switch, Clock],
+) -> None:
+    """During an outage the marker covering a lease is written before the first SQL
+    claim and not again while it still covers the next ones."""
+    store, primary, second, _ = switched
+    store._marker_key = marker()  # the switched fixture has none; give it one
+    primary.down = True
+    for _ in range(5):
+        store.claim(new_key(), token(), lease=LEASE)
+    marker_claims = [k for k in second.keys if k.startswith(store._marker_key)]
+    assert marker_claims == [f"{store._marker_key}:{marker_bucket(LEASE)}"]
+
+
+def test_a_claim_whose_outage_marker_cannot_be_written_is_refused(redis_url: str) -> None:
+    """Without its marker a SQL claim could be run again by a fresh process: refused."""
+    primary = Switch(RedisBackend.from_url(redis_url))
+    prefix = marker()
+    second = Switch(secondary("sqlite"))
+    second.fail_keys = prefix
+    store = FallbackBackend(primary, second, marker_key=prefix)
+    primary.down = True
+    key = new_key()
+    with pytest.raises(BackendError, match="outage marker"):
+        store.claim(key, token(), lease=LEASE)
+    assert second.inner.get(key) is None
+    primary.inner.close()
+
+
+def test_dead_letters_and_breakers_live_in_the_secondary() -> None:
+    from idempotask.backends.memory import MemoryBackend
+
+    first, second = MemoryBackend(), MemoryBackend()
+    store = FallbackBackend(first, second)
+    assert store.dead_letter_store(namespace="a") is second.dead_letter_store(namespace="a")
+    assert store.breaker_store(namespace="a") is second.breaker_store(namespace="a")
+
+
+class ScanSwitch(Switch):
+    """A Switch over a store that lists its keys."""
+
+    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+        return self._call("scan", prefix, limit=limit)  # type: ignore[no-any-return]
+
+    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+        return await self._acall("ascan", prefix, limit=limit)  # type: ignore[no-any-return]
+
+
+def test_scan_lists_the_primary_and_while_it_may_hold_records_the_secondary() -> None:
+    from idempotask.backends.memory import MemoryBackend
+
+    first, second, clock = MemoryBackend(), MemoryBackend(), Clock()
+    primary = ScanSwitch(first)
+    store = FallbackBackend(primary, second, marker_key=None, clock=clock)
+    store.claim("ns:f:v1:a", "t", lease=LEASE)
+    primary.down = True
+    store.claim("ns:f:v1:b", "t", lease=LEASE)
+    assert sorted(r.key for r in store.scan("ns:f:")) == ["ns:f:v1:b"]
+    recover(store, primary, clock)
+    assert sorted(r.key for r in store.scan("ns:f:")) == ["ns:f:v1:a", "ns:f:v1:b"]
 
 
 # -- failures ----------------------------------------------------------------------------------

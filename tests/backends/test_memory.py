@@ -374,3 +374,145 @@ def test_32_threads_on_200_keys_run_each_key_exactly_once() -> None:
         assert record is not None
         assert record.state is State.COMPLETED
         assert record.payload == key.encode()
+
+
+# ------------------------------------------------------------------ eviction is reported
+
+
+def test_evicting_a_live_result_emits_an_evicted_event_and_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A result dropped inside its ttl (the store is full) is an 'evicted' event with the
+    seconds it had left; the first eviction per store logs a warning too."""
+    from idempotask import EventKind, events
+
+    seen: list[events.Event] = []
+    remove = events.add_listener(seen.append)
+    clock = FakeClock()
+    store = MemoryBackend(max_entries=2, clock=clock)
+    try:
+        for key in ("ns:app.f:v1:a", "ns:app.f:v1:b"):
+            store.claim(key, "t", lease=60)
+            store.complete(key, "t", b"r", ttl=3600)
+        clock.now += 100
+        with caplog.at_level("WARNING", logger="idempotask"):
+            store.claim("ns:app.f:v1:c", "t", lease=60)
+            store.complete("ns:app.f:v1:c", "t", b"r", ttl=3600)
+            store.claim("ns:app.f:v1:d", "t", lease=60)
+    finally:
+        remove()
+    evicted = [e for e in seen if e.kind is EventKind.EVICTED]
+    assert [(e.name, e.key) for e in evicted] == [
+        ("app.f", "ns:app.f:v1:a"),
+        ("app.f", "ns:app.f:v1:b"),
+    ]
+    assert evicted[0].attributes["ttl_left"] == 3500.0
+    warnings = [r for r in caplog.records if "evicted the stored result" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_dropping_expired_records_emits_no_eviction() -> None:
+    from idempotask import EventKind, events
+
+    seen: list[events.Event] = []
+    remove = events.add_listener(seen.append)
+    clock = FakeClock()
+    store = MemoryBackend(max_entries=1, clock=clock)
+    try:
+        store.claim("a", "t", lease=60)
+        store.complete("a", "t", b"r", ttl=10)
+        clock.now += 11
+        store.claim("b", "t", lease=60)
+    finally:
+        remove()
+    assert [e for e in seen if e.kind is EventKind.EVICTED] == []
+
+
+def test_an_evicted_result_runs_the_call_again_and_says_so() -> None:
+    """Through @idempotent: max_entries=1, two calls, the first's result is evicted; its
+    duplicate runs again, and the eviction was reported."""
+    import idempotask
+    from idempotask import EventKind, events, idempotent
+
+    idempotask.configure(backend=MemoryBackend(max_entries=1))
+    seen: list[events.Event] = []
+    remove = events.add_listener(seen.append)
+    runs: list[int] = []
+
+    @idempotent(name=f"memory.evicted.{uuid.uuid4().hex[:8]}")
+    def job(n: int) -> int:
+        runs.append(n)
+        return n
+
+    try:
+        job(1)
+        job(2)
+        job(1)
+    finally:
+        remove()
+    assert runs == [1, 2, 1]
+    assert [e.key for e in seen if e.kind is EventKind.EVICTED] == [job.key_for(1), job.key_for(2)]
+
+
+# ------------------------------------------------------------------ scan and the stores beside
+
+
+def test_scan_lists_live_records_by_prefix_up_to_limit() -> None:
+    from idempotask.backends.base import SupportsScan
+
+    clock = FakeClock()
+    store = MemoryBackend(clock=clock)
+    assert isinstance(store, SupportsScan)
+    for i in range(5):
+        store.claim(f"ns:app.f:v1:{i}", "t", lease=60)
+    store.claim("ns:app.g:v1:0", "t", lease=60)
+    store.claim("ns:app.f:v1:gone", "t", lease=1)
+    clock.now += 2
+    assert sorted(r.key for r in store.scan("ns:app.f:")) == [f"ns:app.f:v1:{i}" for i in range(5)]
+    assert len(store.scan("ns:app.f:", limit=2)) == 2
+    assert [r.state for r in store.scan("ns:app.g:")] == [State.IN_PROGRESS]
+    with pytest.raises(ConfigurationError, match="limit"):
+        store.scan("ns:", limit=0)
+
+
+async def test_ascan_is_scan() -> None:
+    store = MemoryBackend()
+    store.claim("ns:a:v1:1", "t", lease=60)
+    assert [r.key for r in await store.ascan("ns:a:")] == ["ns:a:v1:1"]
+
+
+def test_the_backend_provides_one_dead_letter_and_one_breaker_store_per_namespace() -> None:
+    from idempotask.backends.base import BreakerStore, DeadLetterStore, ProvidesStores
+    from idempotask.backends.memory import MemoryBreakerStore, MemoryDeadLetterStore
+
+    backend = MemoryBackend()
+    assert isinstance(backend, ProvidesStores)
+    letters = backend.dead_letter_store(namespace="app")
+    assert isinstance(letters, MemoryDeadLetterStore)
+    assert isinstance(letters, DeadLetterStore)
+    assert backend.dead_letter_store(namespace="app") is letters
+    assert backend.dead_letter_store(namespace="other") is not letters
+    breakers = backend.breaker_store(namespace="app")
+    assert isinstance(breakers, MemoryBreakerStore)
+    assert isinstance(breakers, BreakerStore)
+    assert backend.breaker_store(namespace="app") is breakers
+    assert backend.breaker_store(namespace="other") is not breakers
+    assert MemoryBackend().dead_letter_store() is not backend.dead_letter_store()
+
+
+def test_the_exporters_report_evictions() -> None:
+    """The logging listener logs 'evicted' at WARNING; Prometheus counts it per function."""
+    import logging
+
+    from idempotask import Event, EventKind
+    from idempotask.observability.logging import DEFAULT_LEVELS
+
+    assert DEFAULT_LEVELS[EventKind.EVICTED] == logging.WARNING
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from idempotask.observability.prometheus import PrometheusExporter
+
+    registry = prometheus_client.CollectorRegistry()
+    exporter = PrometheusExporter(registry)
+    exporter(Event(EventKind.EVICTED, "app.f", "ns:app.f:v1:a", attributes={"ttl_left": 5.0}))
+    sample = registry.get_sample_value("idempotask_evictions_total", {"function": "app.f"})
+    assert sample == 1.0

@@ -1,70 +1,6 @@
-"""A circuit breaker whose state is shared across processes through a small store.
-
-While a dependency is down, calling it again and again only adds load and latency. A
-:class:`CircuitBreaker` counts the failures of the calls it guards and, after
-``failure_threshold`` of them within ``window`` seconds, *opens*: every call fails fast
-with :class:`~idempotask.errors.CircuitOpenError` without running. After
-``recovery_timeout`` seconds it is *half-open*: exactly one caller, across every process
-sharing the store, gets to run a *probe* call. A probe that succeeds *closes* the breaker
-(failures forgotten); a probe that fails opens it again for another ``recovery_timeout``.
-
->>> payments = CircuitBreaker("payments", failure_threshold=5, window=60, recovery_timeout=30)
->>> @payments
-... def charge(order_id: int) -> str:
-...     return f"charged {order_id}"
->>> charge(7)
-'charged 7'
-
-It also works as ``with payments:`` / ``async with payments:``, ``payments.call(fn, ...)``
-/ ``await payments.acall(fn, ...)``, on ``async def`` functions, and through
-:meth:`CircuitBreaker.guard` / :meth:`CircuitBreaker.aguard`, which wrappers such as
-``@dead_letter(breaker=...)`` use. Nothing else in idempotask uses a breaker unless given
-one.
-
-Counting
-    A *fixed window* anchored at the first failure: the first failure starts a window of
-    ``window`` seconds, each failure in it adds one, and the ``failure_threshold``-th opens
-    the breaker. A failure after the window ended starts a new window at 1. Successes do
-    not reset the count: five failures within a minute open the breaker even if hundreds
-    of calls succeeded in between (a dependency failing 5 % of a heavy load is unhealthy
-    too), and this is what lets a success in the closed state write nothing. Two bursts
-    straddling a window's end may each stay under the threshold; choose ``window``
-    accordingly.
-
-What counts as a failure
-    An exception whose :func:`~idempotask.taxonomy.classify` kind is in ``failure_kinds``
-    (TRANSIENT and EXTERNAL by default: a ``ValueError`` is the caller's bug, not the
-    dependency's), or for which a predicate given as ``failure_kinds`` returns True. Any
-    other exception is a sign the dependency answered: it counts as a success for a probe.
-    ``AlreadyInProgress`` (the work runs elsewhere), cancellation, ``KeyboardInterrupt`` and
-    other ``BaseException`` subclasses are no verdict at all.
-
-Round trips
-    The store is asked only when something must be shared: a counted failure (one write),
-    a probe (one write to take it, one to report its outcome), and an amortised read of
-    the state at most once per ``check_interval`` (1 s by default) per breaker and process,
-    so a process with no failures of its own still learns within a second that others
-    opened the breaker. A successful call in the closed state does no store I/O at all. The
-    open state is cached locally until its known end, so failing fast costs no round trip
-    either. A process that missed the opening (between two checks) makes at most one more
-    attempt: the write of its failure answers "open".
-
-Store errors
-    With ``on_store_error="allow"`` (the default) a failing store never blocks calls: the
-    call runs as if the breaker were closed, a WARNING is logged, and the store is left
-    alone for ``check_interval`` seconds. ``"raise"`` raises the
-    :class:`~idempotask.errors.BackendError` before the call instead. Recording an outcome
-    after the call never raises: the call's own result or exception always wins.
-
-Stores
-    ``store=None`` uses the configured backend's (see :func:`idempotask.configure`): a
-    Redis backend gives a :class:`~idempotask.backends.redis.RedisBreakerStore` on the same
-    server, the memory backend a process-wide
-    :class:`~idempotask.backends.memory.MemoryBreakerStore` (one process only), and any
-    other backend is asked through a ``breaker_store()`` method returning a
-    :class:`BreakerStore`. Transitions are logged at WARNING on the ``idempotask.breaker``
-    logger by the process whose write made them.
-"""
+"""The circuit breaker itself: its local view, and the decision core that asks the
+shared store (a flow of store operations run by :mod:`idempotask.flow`). See
+:mod:`idempotask.breaker` for the behaviour."""
 
 from __future__ import annotations
 
@@ -75,44 +11,40 @@ import inspect
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
+from idempotask import flow
 from idempotask.backends.base import BreakerState, BreakerStatus, BreakerStore
+from idempotask.breaker._support import (
+    AsyncBreakerGuard,
+    BreakerGuard,
+    FailurePredicate,
+    OnStoreError,
+    failure_test,
+    store_for_backend,
+)
 from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
     CircuitOpenError,
     ConfigurationError,
 )
-from idempotask.taxonomy import FailureKind, check_kind, classify
+from idempotask.flow import Flow, Op, store_op
+from idempotask.taxonomy import FailureKind
 
-__all__ = [
-    "AsyncBreakerGuard",
-    "BreakerGuard",
-    "BreakerState",
-    "BreakerStatus",
-    "BreakerStore",
-    "CircuitBreaker",
-    "CircuitOpenError",
-    "store_for_backend",
-]
+__all__ = ["CircuitBreaker", "check_breaker"]
 
 logger = logging.getLogger("idempotask.breaker")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-OnStoreError = Literal["allow", "raise"]
-FailurePredicate = Callable[[BaseException], bool]
-"""Decides whether an exception counts as a failure of the protected dependency."""
 
 
 # --------------------------------------------------------------------------- the core
@@ -127,14 +59,9 @@ class _Op(enum.Enum):
     FAILURE = "record_failure"
 
 
-# A decision step: yields store operations, receives their replies (or has the store's
-# BackendError thrown in), and returns its verdict. The sync and async drivers below run
-# the same steps, so the breaker's logic exists once.
-_Steps = Generator[_Op, BreakerState, _T]
-
-# The store breakers use with the memory backend: one per process, made on first use.
-_default_memory_store: BreakerStore | None = None
-_default_memory_lock = threading.Lock()
+# A decision step is a flow (idempotask.flow): it yields the store operations it needs,
+# receives their replies (or has the store's BackendError thrown in), and returns its
+# verdict; drive() and adrive() run the same steps, so the breaker's logic exists once.
 
 # `with breaker:` keeps whether each entry holds the probe here, per thread and per task
 # (a ContextVar is both), as a stack of (breaker, probe) so nesting works.
@@ -200,7 +127,7 @@ class CircuitBreaker:
             )
         if store is not None and not isinstance(store, BreakerStore):
             raise ConfigurationError(
-                "CircuitBreaker: store must implement idempotask.breaker.BreakerStore "
+                "CircuitBreaker: store must implement idempotask.backends.base.BreakerStore "
                 f"(e.g. MemoryBreakerStore, RedisBreakerStore), got {type(store).__name__}"
             )
         if not callable(clock):
@@ -214,7 +141,7 @@ class CircuitBreaker:
             math.inf if check_interval is None else check_seconds("check_interval", check_interval)
         )
         self._on_store_error = check_choice("on_store_error", on_store_error, ("allow", "raise"))
-        self._counts_as_failure = _failure_test(failure_kinds)
+        self._counts_as_failure = failure_test(failure_kinds)
         self._clock = clock
         self._store = store
         # (config generation, store) when the store comes from the configured backend.
@@ -456,11 +383,11 @@ class CircuitBreaker:
         self._probe_until = now + self._probe_lease
         return _Op.PROBE
 
-    def _admit(self, op: _Op) -> _Steps[bool]:
+    def _admit(self, op: _Op) -> Flow[bool]:
         """Ask the store before a call: at most a state read, then a probe request."""
         while True:
             try:
-                state = yield op
+                state = yield self._io(op)
             except BackendError as exc:
                 if op is _Op.PROBE:
                     self._release_probe()
@@ -508,9 +435,9 @@ class CircuitBreaker:
             return None
         return op
 
-    def _record(self, op: _Op, probe: bool) -> _Steps[None]:
+    def _record(self, op: _Op, probe: bool) -> Flow[None]:
         try:
-            state = yield op
+            state = yield self._io(op)
         except BackendError as exc:
             # The call's own outcome must win: log, never raise from here.
             self._store_failed(exc, op)
@@ -632,58 +559,32 @@ class CircuitBreaker:
 
     # ------------------------------------------------------------- the drivers
 
-    def _drive(self, steps: _Steps[_T]) -> _T:
+    def _drive(self, steps: Flow[_T]) -> _T:
         """Run decision steps with sync store I/O."""
-        try:
-            op = next(steps)
-            while True:
-                try:
-                    state = self._io(op)
-                except BackendError as exc:
-                    op = steps.throw(exc)
-                else:
-                    op = steps.send(state)
-        except StopIteration as stop:
-            result: _T = stop.value
-            return result
+        return flow.drive(steps)
 
-    async def _adrive(self, steps: _Steps[_T]) -> _T:
+    async def _adrive(self, steps: Flow[_T]) -> _T:
         """Run decision steps with async store I/O."""
-        try:
-            op = next(steps)
-            while True:
-                try:
-                    state = await self._aio(op)
-                except BackendError as exc:
-                    op = steps.throw(exc)
-                else:
-                    op = steps.send(state)
-        except StopIteration as stop:
-            result: _T = stop.value
-            return result
+        return await flow.adrive(steps)
 
-    def _io(self, op: _Op) -> BreakerState:
+    def _io(self, op: _Op) -> Op:
+        """The store operation ``op`` stands for, on the store in use now."""
         store = self._store_now()
         if op is _Op.STATE:
-            return store.state(self._name)
+            return store_op(store, "state", self._name)
         if op is _Op.PROBE:
-            return store.try_probe(self._name, uuid.uuid4().hex, lease=self._probe_lease)
+            return store_op(
+                store, "try_probe", self._name, uuid.uuid4().hex, lease=self._probe_lease
+            )
         if op is _Op.SUCCESS:
-            return store.record_success(self._name)
-        return store.record_failure(
-            self._name, threshold=self._threshold, window=self._window, open_for=self._recovery
-        )
-
-    async def _aio(self, op: _Op) -> BreakerState:
-        store = self._store_now()
-        if op is _Op.STATE:
-            return await store.astate(self._name)
-        if op is _Op.PROBE:
-            return await store.atry_probe(self._name, uuid.uuid4().hex, lease=self._probe_lease)
-        if op is _Op.SUCCESS:
-            return await store.arecord_success(self._name)
-        return await store.arecord_failure(
-            self._name, threshold=self._threshold, window=self._window, open_for=self._recovery
+            return store_op(store, "record_success", self._name)
+        return store_op(
+            store,
+            "record_failure",
+            self._name,
+            threshold=self._threshold,
+            window=self._window,
+            open_for=self._recovery,
         )
 
     def _store_now(self) -> BreakerStore:
@@ -698,112 +599,6 @@ class CircuitBreaker:
         store = store_for_backend(config.get_backend(), namespace=config.settings().namespace)
         self._resolved = (generation, store)
         return store
-
-
-class BreakerGuard:
-    """One guarded call: ``with breaker.guard(): ...`` (see :meth:`CircuitBreaker.guard`).
-
-    ``probe`` tells, inside the block, whether this call is the half-open probe.
-    """
-
-    __slots__ = ("_breaker", "probe")
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self._breaker = breaker
-        self.probe = False
-
-    def __enter__(self) -> BreakerGuard:
-        self.probe = self._breaker._enter()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._breaker._exit(self.probe, exc)
-
-
-class AsyncBreakerGuard:
-    """One guarded async call: ``async with breaker.aguard(): ...`` (see ``aguard``)."""
-
-    __slots__ = ("_breaker", "probe")
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self._breaker = breaker
-        self.probe = False
-
-    async def __aenter__(self) -> AsyncBreakerGuard:
-        self.probe = await self._breaker._aenter()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._breaker._aexit(self.probe, exc)
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _failure_test(value: Iterable[FailureKind | str] | FailurePredicate) -> FailurePredicate:
-    """A predicate for ``failure_kinds``: kinds are looked up through the classifier."""
-    if isinstance(value, (str, FailureKind)):
-        value = (value,)
-    if callable(value) and not isinstance(value, type):  # the FailureKind class is iterable
-        return value
-    try:
-        kinds = frozenset(check_kind("failure_kinds", kind) for kind in cast(Iterable[Any], value))
-    except TypeError:
-        raise ConfigurationError(
-            f"failure_kinds: expected FailureKinds or a predicate exc -> bool, got {value!r}"
-        ) from None
-    # classify() at call time, so failure kinds registered later apply.
-    return lambda exc: classify(exc).kind in kinds
-
-
-def store_for_backend(backend: object, *, namespace: str = "idempotask") -> BreakerStore:
-    """The breaker store that goes with an idempotency backend (used for ``store=None``).
-
-    A backend with a ``breaker_store()`` method decides itself; a ``RedisBackend`` gets a
-    ``RedisBreakerStore`` on the same clients, keys under ``namespace``; the memory backend
-    gets one process-wide ``MemoryBreakerStore``.
-
-    >>> from idempotask.backends.memory import MemoryBackend
-    >>> type(store_for_backend(MemoryBackend())).__name__
-    'MemoryBreakerStore'
-    """
-    global _default_memory_store
-    own = getattr(backend, "breaker_store", None)
-    if callable(own):
-        store = own()
-        if not isinstance(store, BreakerStore):
-            raise ConfigurationError(
-                f"{type(backend).__name__}.breaker_store() returned {type(store).__name__}, "
-                "not a BreakerStore"
-            )
-        return store
-    # Look the Redis module up rather than import it: a backend cannot be a RedisBackend
-    # unless that module (and the redis driver) is loaded already.
-    redis_module = sys.modules.get("idempotask.backends.redis")
-    if redis_module is not None and isinstance(backend, redis_module.RedisBackend):
-        redis_store: BreakerStore = redis_module.RedisBreakerStore(backend, prefix=namespace)
-        return redis_store
-    from idempotask.backends.memory import MemoryBackend, MemoryBreakerStore
-
-    if isinstance(backend, MemoryBackend):
-        with _default_memory_lock:
-            if _default_memory_store is None:
-                _default_memory_store = MemoryBreakerStore()
-            return _default_memory_store
-    raise ConfigurationError(
-        f"CircuitBreaker: no breaker store goes with a {type(backend).__name__} yet; pass "
-        "store= (MemoryBreakerStore for one process, RedisBreakerStore to share)"
-    )
 
 
 # --------------------------------------------------------------------------- fork

@@ -1,0 +1,220 @@
+"""An in-process dead-letter store: every letter in a dict, one lock."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from idempotask.backends.base import (
+    OPEN_STATUSES,
+    DeadLetter,
+    DeadLetterFilter,
+    StatRow,
+    Status,
+    check_changes,
+)
+from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
+from idempotask.errors import ConfigurationError
+
+__all__ = ["MemoryDeadLetterStore"]
+
+_ALL = DeadLetterFilter()
+# Every live dead-letter store, so a forked child can replace locks a parent thread held.
+_dl_instances: weakref.WeakSet[MemoryDeadLetterStore] = weakref.WeakSet()
+
+
+class MemoryDeadLetterStore:
+    """An in-process :class:`~idempotask.backends.deadletters.DeadLetterStore`.
+
+    Thread- and asyncio-safe: every operation is one short critical section under a
+    :class:`threading.Lock`, and the async methods run the sync ones directly. ``clock``
+    (monotonic seconds) measures claim leases; inject a fake one to move past a lease
+    without sleeping, or end a claim with :meth:`expire_claim`.
+
+    It is unbounded on purpose: a dead letter is never evicted, only purged (see
+    :meth:`idempotask.deadletter.DeadLetterQueue.purge`). Letters live as long as the
+    process, and each process has its own: two processor *processes* cannot share it.
+
+    >>> store = MemoryDeadLetterStore()
+    >>> store.add(DeadLetter(id="1", function="f", kind="transient", error_type="E",
+    ...                      message="boom")).status.value
+    'pending'
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        check_clock(clock, "MemoryDeadLetterStore")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._letters: dict[str, DeadLetter] = {}
+        # id -> store-clock time at which a processor's claim runs out.
+        self._claims: dict[str, float] = {}
+        _dl_instances.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryDeadLetterStore:
+        """Build a store from ``memory://`` (it takes no options)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "memory" or parts.netloc or parts.path not in ("", "/"):
+            raise ConfigurationError(
+                f"MemoryDeadLetterStore.from_url: expected 'memory://', got {url!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigurationError(
+                f"MemoryDeadLetterStore.from_url: memory:// takes no options, got {url!r}"
+            )
+        return cls()
+
+    @property
+    def size(self) -> int:
+        """The number of letters held (a property, so an empty store stays truthy)."""
+        return len(self._letters)
+
+    def __repr__(self) -> str:
+        return f"MemoryDeadLetterStore(letters={len(self._letters)})"
+
+    # -- sync protocol -------------------------------------------------------------------
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store ``letter`` unless its id exists; return the stored one."""
+        if not isinstance(letter, DeadLetter):
+            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
+        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        with self._lock:
+            return self._letters.setdefault(letter.id, letter)
+
+    def get(self, id: str) -> DeadLetter | None:
+        """The letter with this id, or None."""
+        return self._letters.get(id)
+
+    def query(
+        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        with self._lock:
+            found = [x for x in self._letters.values() if filter.matches(x)]
+        found.sort(key=lambda x: (-x.last_failed_at, x.id))
+        return found[offset : offset + limit]
+
+    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Compare-and-set: apply ``changes`` if the stored version is ``version``."""
+        check_changes(changes)
+        if "status" in changes:
+            changes["status"] = Status(changes["status"])
+        with self._lock:
+            current = self._letters.get(id)
+            if current is None or current.version != version:
+                return None
+            updated = replace(current, **changes, version=version + 1)
+            self._letters[id] = updated
+            self._claims.pop(id, None)
+            return updated
+
+    def claim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds."""
+        with self._lock:
+            held_until = self._clock()
+            due = [
+                x
+                for x in self._letters.values()
+                if x.status in OPEN_STATUSES
+                and x.next_retry_at is not None
+                and x.next_retry_at <= now
+                and self._claims.get(x.id, -math.inf) <= held_until
+                and (filter is None or filter.matches(x))
+            ]
+            due.sort(key=lambda x: (x.next_retry_at, x.id))
+            claimed = []
+            for letter in due[: max(limit, 0)]:
+                letter = replace(letter, version=letter.version + 1)
+                self._letters[letter.id] = letter
+                self._claims[letter.id] = held_until + lease
+                claimed.append(letter)
+            return claimed
+
+    def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+        """Counts by (function, kind, status)."""
+        groups: dict[tuple[str, str, Status], list[int]] = {}
+        with self._lock:
+            letters = [x for x in self._letters.values() if filter.matches(x)]
+        for x in letters:
+            counts = groups.setdefault((x.function, x.kind, x.status), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += max(x.attempts - 1, 0)
+            counts[2] += x.status is Status.RESOLVED and x.resolution == "retry"
+        return [
+            StatRow(function, kind, status, count, retries, resolved)
+            for (function, kind, status), (count, retries, resolved) in sorted(groups.items())
+        ]
+
+    def purge(self, filter: DeadLetterFilter) -> int:
+        """Delete matching letters; return how many went."""
+        with self._lock:
+            doomed = [id for id, x in self._letters.items() if filter.matches(x)]
+            for id in doomed:
+                del self._letters[id]
+                self._claims.pop(id, None)
+            return len(doomed)
+
+    def expire_claim(self, id: str) -> bool:
+        """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
+        with self._lock:
+            live = self._claims.pop(id, -math.inf) > self._clock()
+            return live
+
+    # -- async protocol: the same short critical sections ---------------------------------
+
+    async def aadd(self, letter: DeadLetter) -> DeadLetter:
+        """Async :meth:`add`."""
+        return self.add(letter)
+
+    async def aget(self, id: str) -> DeadLetter | None:
+        """Async :meth:`get`."""
+        return self.get(id)
+
+    async def aquery(
+        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
+        """Async :meth:`query`."""
+        return self.query(filter, limit=limit, offset=offset)
+
+    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+        """Async :meth:`update`."""
+        return self.update(id, version, **changes)
+
+    async def aclaim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
+    ) -> list[DeadLetter]:
+        """Async :meth:`claim_due`."""
+        return self.claim_due(now, limit=limit, lease=lease, filter=filter)
+
+    async def astats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+        """Async :meth:`stats`."""
+        return self.stats(filter)
+
+    async def apurge(self, filter: DeadLetterFilter) -> int:
+        """Async :meth:`purge`."""
+        return self.purge(filter)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=functools.partial(fresh_locks_in_child, _dl_instances))
