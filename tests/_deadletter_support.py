@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import uuid
+from typing import Any
 
 import pytest
 
@@ -37,10 +38,9 @@ def skip_unless_namespaced(backend_class: type) -> None:
         pytest.skip(f"{reason} (the store's own change adds it)")
 
 
-def skip_unless_keeps_history(store: object) -> None:
-    """Skip the test until ``store`` keeps a letter's history and searches messages."""
+def _probe(store: Any, what: str, check: Any) -> None:
     letter = DeadLetter(
-        id=f"history-probe-{uuid.uuid4().hex}",
+        id=f"probe-{uuid.uuid4().hex}",
         function="probe",
         kind="transient",
         error_type="builtins.TimeoutError",
@@ -48,22 +48,40 @@ def skip_unless_keeps_history(store: object) -> None:
         history=(Action(1.0, "failed", "probe"),),
     )
     try:
-        stored = store.add(letter)  # type: ignore[attr-defined]
-        kept = stored.history == letter.history
-        updated = store.update(letter.id, stored.version, history=())  # type: ignore[attr-defined]
-        kept = kept and updated is not None and updated.history == ()
-        found = store.query(DeadLetterFilter(search="HISTORY PROBE"))  # type: ignore[attr-defined]
-        kept = kept and any(x.id == letter.id for x in found)
+        ok = bool(check(store, letter))
+        why = f"its letters come back without their {what}"
     except Exception as exc:
-        kept = False
+        ok = False
         why = f"{type(exc).__name__}: {exc}"
-    else:
-        why = "its letters come back without their history, or search is ignored"
     finally:
         with contextlib.suppress(Exception):
-            store.purge(DeadLetterFilter(function=("probe",)))  # type: ignore[attr-defined]
-    if not kept:
+            store.purge(DeadLetterFilter(function=("probe",)))
+    if not ok:
         pytest.skip(
-            f"{type(store).__name__} does not keep letter history / search yet ({why}); "
+            f"{type(store).__name__} does not keep letter {what} yet ({why}); "
             "the store's own change adds it"
         )
+
+
+def _keeps_history(store: Any, letter: DeadLetter) -> bool:
+    stored = store.add(letter)
+    updated = store.update(letter.id, stored.version, history=())
+    return stored.history == letter.history and updated is not None and updated.history == ()
+
+
+def _searches(store: Any, letter: DeadLetter) -> bool:
+    other = letter.evolve(id=letter.id + "-other", message="something else", history=())
+    store.add(letter.evolve(history=()))
+    store.add(other)
+    ids = {x.id for x in store.query(DeadLetterFilter(search="HISTORY PROBE"))}
+    return letter.id in ids and other.id not in ids
+
+
+def skip_unless_keeps_history(store: Any) -> None:
+    """Skip the test until ``store`` keeps a letter's history."""
+    _probe(store, "history", _keeps_history)
+
+
+def skip_unless_searches(store: Any) -> None:
+    """Skip the test until ``store`` honours ``DeadLetterFilter.search``."""
+    _probe(store, "search", _searches)
