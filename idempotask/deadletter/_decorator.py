@@ -286,9 +286,11 @@ def _using(
 
 
 def _check_breaker(breaker: Any) -> Any:
+    if breaker is None:
+        return None
     from idempotask.breaker import check_breaker  # imported only when a breaker is given
 
-    return None if breaker is None else check_breaker(breaker)
+    return check_breaker(breaker)
 
 
 def _check_replay_with(hook: Any, signature: inspect.Signature | None) -> ReplayWith | None:
