@@ -369,9 +369,12 @@ def cmd_purge(ctx: Context) -> int:
 
 
 def _spooled(ctx: Context) -> int:
+    """Letters waiting in this namespace's spool; a spool that cannot be read is said on
+    stderr (a refused directory or file: see idempotask.spool), counted as none."""
     try:
         return len(ctx.queue().spool.letters())
-    except OSError:
+    except (OSError, SpoolError) as exc:
+        ctx.note(f"warning: the spool cannot be read: {exc}")
         return 0
 
 
