@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from idempotask.backends import Backend, backend_from_url
+from idempotask.backends.base import ProvidesStores
 from idempotask.backends.deadletters import (
     DeadLetter,
     DeadLetterStore,
@@ -73,7 +74,8 @@ class Settings:
     :class:`KeyEncodingError`; key them by an id with ``key=`` or ``key_args=``."""
     dead_letter_store: DeadLetterStore | str | None = None
     """Where dead letters go: a store, a URL, or None for ``$IDEMPOTASK_DEAD_LETTER_URL``,
-    else the idempotency backend's URL (``memory://`` by default)."""
+    else beside the idempotency backend; a store built from a URL or the backend keeps the
+    namespace's letters only."""
     spool_path: str | None = None
     """The spool file for letters the store cannot take (None: ``$IDEMPOTASK_SPOOL``, else
     a per-user cache directory); a directory holds ``spool-<namespace>.jsonl``."""
@@ -253,9 +255,9 @@ def configure(
         _settings = replace(_settings, **changes)
         if "backend" in changes:
             _backend = None
-        # The default dead-letter store follows the backend's URL; an unrelated option
-        # (a namespace, a ttl) must not swap a store full of letters for an empty one.
-        if "backend" in changes or "dead_letter_store" in changes:
+        # The default dead-letter store follows the backend and the namespace; an
+        # unrelated option (a ttl) must not swap a store full of letters for an empty one.
+        if changes.keys() & {"backend", "dead_letter_store", "namespace"}:
             _dead_letter_store = None
         generation += 1
         return _settings
@@ -296,32 +298,24 @@ def get_backend() -> Backend:
         return _backend
 
 
-def _default_dead_letter_url() -> str:
-    env = os.environ.get(ENV_DEAD_LETTER_URL)
-    if env:
-        return env
-    chosen = _settings.backend
-    if chosen is None:
-        return os.environ.get(ENV_URL) or DEFAULT_URL
+def _default_dead_letter_url() -> str | None:
+    """The dead-letter store's URL when one is configured: the option, else
+    ``$IDEMPOTASK_DEAD_LETTER_URL``; None when the store follows the backend."""
+    chosen = _settings.dead_letter_store
     if isinstance(chosen, str):
         return chosen
-    from idempotask.backends.memory import MemoryBackend
-
-    if isinstance(chosen, MemoryBackend):
-        return DEFAULT_URL
-    raise ConfigurationError(
-        f"dead_letter_store: the backend is a {type(chosen).__name__} instance, so there is "
-        "no URL to put dead letters next to it; pass configure(dead_letter_store=...) (a URL "
-        f"or a store) or set ${ENV_DEAD_LETTER_URL}"
-    )
+    return os.environ.get(ENV_DEAD_LETTER_URL) or None
 
 
 def get_dead_letter_store() -> DeadLetterStore:
     """The configured dead-letter store, built on first use.
 
-    ``configure(dead_letter_store=...)``, else ``$IDEMPOTASK_DEAD_LETTER_URL``, else next
-    to the idempotency backend: its ``dead_letter_store()`` for a Redis or SQL backend
-    instance, its URL for a URL (a memory backend instance gets ``memory://``).
+    ``configure(dead_letter_store=...)`` (a store, or a URL), else
+    ``$IDEMPOTASK_DEAD_LETTER_URL``, else beside the idempotency backend: its
+    ``dead_letter_store(namespace=...)`` (:class:`~idempotask.backends.base.ProvidesStores`).
+    A store built here keeps the letters of the configured namespace only, so
+    applications sharing one server keep separate queues (a URL naming its queue itself,
+    ``?prefix=`` or ``?table=``, is built as it says).
     """
     global _dead_letter_store
     current = _dead_letter_store
@@ -330,15 +324,27 @@ def get_dead_letter_store() -> DeadLetterStore:
     with _lock:
         if _dead_letter_store is None:
             chosen = _settings.dead_letter_store
-            backend = _settings.backend
-            if chosen is None and not isinstance(backend, (str, type(None))):
-                # A store instance that can keep dead letters beside its records does.
-                make = getattr(backend, "dead_letter_store", None)
-                if callable(make) and not os.environ.get(ENV_DEAD_LETTER_URL):
-                    chosen = make()
-            if chosen is None:
-                chosen = _default_dead_letter_url()
-            _dead_letter_store = (
-                dead_letter_store_from_url(chosen) if isinstance(chosen, str) else chosen
-            )
+            namespace = _settings.namespace
+            url = _default_dead_letter_url()
+            store: DeadLetterStore
+            if chosen is not None and not isinstance(chosen, str):
+                store = chosen
+            elif url is not None:
+                store = dead_letter_store_from_url(url, namespace=namespace)
+            else:
+                backend = get_backend()
+                if isinstance(backend, ProvidesStores):
+                    store = backend.dead_letter_store(namespace=namespace)
+                elif isinstance(_settings.backend, str) or _settings.backend is None:
+                    # A third-party scheme may register a dead-letter store of its own.
+                    backend_url = _settings.backend or os.environ.get(ENV_URL) or DEFAULT_URL
+                    store = dead_letter_store_from_url(backend_url, namespace=namespace)
+                else:
+                    raise ConfigurationError(
+                        f"dead_letter_store: the backend, a {type(backend).__name__}, keeps "
+                        "no dead letters (it offers no dead_letter_store()); pass "
+                        "configure(dead_letter_store=...) (a URL or a store) or set "
+                        f"${ENV_DEAD_LETTER_URL}"
+                    )
+            _dead_letter_store = store
         return _dead_letter_store

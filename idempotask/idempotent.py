@@ -864,9 +864,11 @@ def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
 
 
 def _check_breaker(breaker: Any) -> Any:
+    if breaker is None:
+        return None
     from idempotask.breaker import check_breaker  # imported only when a breaker is given
 
-    return None if breaker is None else check_breaker(breaker)
+    return check_breaker(breaker)
 
 
 def _check_previous(name: str, previous: Any) -> tuple[str, ...]:

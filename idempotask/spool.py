@@ -23,10 +23,20 @@ threads and processes may append to it and deliver from it:
   harmless: adding an id that exists is a no-op in every store.
 - **unreadable lines** (a crash mid-write) are moved to ``<spool>.rejected`` and logged,
   never silently dropped.
+- **privacy**: letters hold what ``redact=`` kept of personal data. Every spool file is
+  created 0600 and opened without following a symbolic link (``O_NOFOLLOW``); a file
+  that is a link, belongs to another user or that others may read or write is refused
+  (:class:`SpoolError`, and the letter goes to the CRITICAL log record instead).
 
 Where: ``configure(spool_path=...)``, else ``$IDEMPOTASK_SPOOL`` (a file, or a directory
 to hold ``spool-<namespace>.jsonl``), else ``$XDG_CACHE_HOME/idempotask`` or
-``~/.cache/idempotask``, else ``<tempdir>/idempotask-<uid>``; see :func:`spool_path`.
+``~/.cache/idempotask``, else ``<tempdir>/idempotask-<uid>``; see :func:`spool_path`. The
+two default directories are created 0700 and refused when they are a symbolic link,
+belong to another user or others may write to them (:func:`private_directory`): in a
+shared temporary directory, someone else could have made ``idempotask-<uid>`` first.
+
+One spool file per namespace: several processes may share it on POSIX (record locks and
+``flock``); on Windows, where neither exists, a spool file serves one process at a time.
 
 >>> import tempfile, os
 >>> spool = Spool(os.path.join(tempfile.mkdtemp(), "spool.jsonl"))
@@ -39,20 +49,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
 import uuid
 from collections.abc import Generator, Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from idempotask.backends.deadletters import DeadLetter, Status
-from idempotask.errors import IdempotaskError
+from idempotask.backends.base import DeadLetter, Status, decode_history, encode_history
+from idempotask.errors import CorruptRecordError, IdempotaskError
 
 if sys.platform != "win32":  # POSIX: locks that hold across processes
     import fcntl
@@ -64,6 +75,7 @@ __all__ = [
     "SpoolError",
     "decode_letter",
     "encode_letter",
+    "private_directory",
     "spool_path",
 ]
 
@@ -72,6 +84,8 @@ log = logging.getLogger("idempotask")
 ENV_SPOOL = "IDEMPOTASK_SPOOL"
 _FORMAT = 1
 _BATCH_SUFFIX = ".batch"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no such flag
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Appenders and deliverers of this process exclude each other with it (and, on POSIX,
 # other processes with a record lock on the lock file).
 _process_lock = threading.Lock()
@@ -109,6 +123,7 @@ def encode_letter(letter: DeadLetter) -> bytes:
     fields: dict[str, Any] = {f.name: getattr(letter, f.name) for f in dataclasses.fields(letter)}
     fields["arguments"] = base64.b64encode(letter.arguments).decode("ascii")
     fields["status"] = Status(letter.status).value
+    fields["history"] = encode_history(letter.history)
     # ensure_ascii keeps lone surrogates in messages writable; the line is pure ASCII.
     return json.dumps({"spool": _FORMAT, **fields}, ensure_ascii=True).encode("ascii")
 
@@ -124,6 +139,13 @@ def decode_letter(line: bytes) -> DeadLetter:
     fields = {k: v for k, v in data.items() if k in _FIELD_NAMES}
     fields["arguments"] = base64.b64decode(fields.get("arguments", ""), validate=True)
     fields["status"] = Status(fields.get("status", Status.PENDING.value))
+    history = fields.get("history") or ""
+    if not isinstance(history, str):
+        raise ValueError("spool line: history is not text")
+    try:
+        fields["history"] = decode_history(history, "spool line")
+    except CorruptRecordError as exc:
+        raise ValueError(str(exc)) from None
     try:
         return DeadLetter(**fields)
     except TypeError as exc:
@@ -155,7 +177,7 @@ class _Locked:
         if sys.platform == "win32":  # pragma: no cover
             return
         try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = _open(self._path, os.O_RDWR | os.O_CREAT)
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._release()
@@ -184,9 +206,50 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def _open(path: str, flags: int) -> int:
+    """Open a spool file (created 0600) without following a symbolic link, and refuse
+    one that another user owns or that others may read or write: letters hold what
+    ``redact=`` kept of personal data. A :class:`SpoolError` says which and why."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpoolError(
+                f"{path} is a symbolic link, and the spool never follows one: remove it"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        problem = _foreign(info, regular=True)
+        if problem:
+            raise SpoolError(f"refusing the spool file {path}: it {problem}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _foreign(info: os.stat_result, *, regular: bool) -> str:
+    """Why a spool file or directory is not private to this user ("" when it is)."""
+    if regular and not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if not regular and not stat.S_ISDIR(info.st_mode):
+        return "is not a directory (a symbolic link?)"
+    if sys.platform == "win32":  # pragma: no cover - no POSIX owners and modes there
+        return ""
+    uid = os.getuid()
+    if info.st_uid != uid:
+        return f"belongs to uid {info.st_uid}, not to this user (uid {uid})"
+    loose = info.st_mode & (0o077 if regular else 0o022)
+    if loose:
+        what = "read or written" if regular else "written"
+        return f"can be {what} by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
+
+
 def _append(path: str, data: bytes) -> None:
     """Append ``data`` (whole lines) in one write, durably."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         written = os.write(fd, data)
         if written != len(data):
@@ -197,6 +260,13 @@ def _append(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # -- the spool ---------------------------------------------------------------------------
@@ -259,9 +329,13 @@ class Spool:
         found: list[DeadLetter] = []
         for path in [self.path, *self._batch_paths()]:
             try:
-                data = Path(path).read_bytes()
+                fd = _open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
+            try:
+                data = _read_all(fd)
+            finally:
+                os.close(fd)
             for raw in data.splitlines():
                 with contextlib.suppress(ValueError):
                     found.append(decode_letter(raw))
@@ -304,21 +378,23 @@ class Spool:
 
     def _open_batch(self, path: str) -> SpoolBatch | None:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = _open(path, os.O_RDWR)
         except FileNotFoundError:
+            return None
+        except SpoolError as exc:
+            # Not a file this user wrote (planted beside the spool): never read it.
+            log.error("idempotask: dead-letter spool batch left alone: %s", exc)
             return None
         try:
             # Held by a live deliverer, or already finished and unlinked: not ours.
             if not _try_lock(fd) or os.fstat(fd).st_nlink == 0:
                 os.close(fd)
                 return None
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
+            data = _read_all(fd)
         except BaseException:
             os.close(fd)
             raise
-        return SpoolBatch(self, path, fd, b"".join(chunks))
+        return SpoolBatch(self, path, fd, data)
 
     def _reject(self, lines: list[bytes]) -> None:
         rejected = self.path + ".rejected"
@@ -399,27 +475,52 @@ class SpoolBatch:
 _default_dirs: dict[str, str] = {}
 
 
-def _writable_dir(path: str) -> bool:
+def private_directory(path: str) -> str:
+    """Why ``path`` cannot hold this user's spool ("" when it can): created 0700 when
+    missing; refused when it is a symbolic link, belongs to another user or others may
+    write to it (a shared temporary directory is where someone else could have made it
+    first)."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"cannot be created ({exc.strerror or exc})"
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    problem = _foreign(info, regular=False)
+    if problem:
+        return problem
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable by this user"
+    return ""
 
 
 def _default_directory() -> str:
     """A per-user directory: the cache directory, else a private one under the tempdir."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    key = cache
+    key = f"{cache}\0{tempfile.gettempdir()}"
     if key in _default_dirs:
         return _default_dirs[key]
-    candidate = os.path.join(cache, "idempotask")
-    if not _writable_dir(candidate):
-        uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
-        candidate = os.path.join(tempfile.gettempdir(), f"idempotask-{uid}")
-        _writable_dir(candidate)
-    _default_dirs[key] = candidate
-    return candidate
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    refused = []
+    for candidate in (
+        os.path.join(cache, "idempotask"),
+        os.path.join(tempfile.gettempdir(), f"idempotask-{uid}"),
+    ):
+        problem = private_directory(candidate)
+        if not problem:
+            _default_dirs[key] = candidate
+            return candidate
+        refused.append(f"{candidate} {problem}")
+    raise SpoolError(
+        "no private directory for the dead-letter spool: "
+        + "; ".join(refused)
+        + f". Set ${ENV_SPOOL} or configure(spool_path=...) to a directory of your own"
+    )
 
 
 def spool_path(configured: str | os.PathLike[str] | None, namespace: str) -> str:

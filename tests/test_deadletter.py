@@ -40,6 +40,7 @@ from idempotask.backends.deadletters import (
 from idempotask.backends.memory import MemoryBackend, MemoryDeadLetterStore
 from idempotask.deadletter import (
     DeadLetterNotFound,
+    Redacted,
     Unserializable,
     register_route,
     registered_functions,
@@ -50,8 +51,16 @@ from idempotask.retry import FixedDelay, InCallRetry, RetryPolicy
 from idempotask.serializers import get_serializer
 from idempotask.spool import Spool, SpoolError, decode_letter, encode_letter
 from idempotask.taxonomy import FailureKind, PermanentError
+from tests._deadletter_support import (
+    provides_namespaced_stores,
+    skip_unless_keeps_history,
+    skip_unless_namespaced,
+)
 from tests.backends.test_redis_deadletters import redis_store_for_processes
 from tests.backends.test_sql_deadletters import postgres_store_for_processes
+
+# Most functions here keep every argument on purpose; the warning has a test of its own.
+pytestmark = pytest.mark.filterwarnings("ignore::idempotask.deadletter.KeepsAllArgumentsWarning")
 
 JSON = get_serializer("json")
 T0 = 1_800_000_000.0
@@ -344,7 +353,8 @@ def test_the_redaction_hook_decides_what_is_kept(queue: DeadLetterQueue) -> None
     with pytest.raises(GatewayTimeout):
         pay(9, card="4111111111111111")
     assert received == [{"order_id": 9, "card": "4111111111111111"}]
-    assert arguments_of(only_letter(queue)) == {"order_id": 9, "card": "****1111"}
+    # What redact= changed is marked, so no replay can mistake it for the call's value.
+    assert arguments_of(only_letter(queue)) == {"order_id": 9, "card": Redacted("****1111")}
     assert b"4111111111111111" not in only_letter(queue).arguments
 
 
@@ -361,7 +371,7 @@ def test_an_unserializable_argument_is_stored_as_a_placeholder(queue: DeadLetter
     assert "lock" in stored["lock"].type_name
 
 
-def test_a_letter_with_a_placeholder_is_abandoned_by_the_processor(
+def test_a_letter_with_a_placeholder_waits_for_a_person_and_says_why(
     queue: DeadLetterQueue,
 ) -> None:
     runs: list[int] = []
@@ -374,10 +384,37 @@ def test_a_letter_with_a_placeholder_is_abandoned_by_the_processor(
     with pytest.raises(GatewayTimeout):
         locked(threading.Lock())
     report = queue.process_due(now=LATER)
-    assert report.abandoned == [only_letter(queue).id]
+    letter = only_letter(queue)
+    assert report.held == [(letter.id, report.results[0].reason)]
     assert "could not be stored" in report.results[0].reason
     assert runs == [1]
-    assert only_letter(queue).status is Status.ABANDONED
+    assert (letter.status, letter.next_retry_at) == (Status.PENDING, None)
+    assert letter.history[-1].what == "skipped"
+    assert "could not be stored" in letter.history[-1].note
+    assert queue.process_due(now=LATER).claimed == 0  # no retry is scheduled
+
+
+def test_unreplayable_abandon_closes_such_a_letter_instead(
+    store: FlakyStore, clock: WallClock, tmp_path: Path
+) -> None:
+    queue = DeadLetterQueue(
+        store, policies=FAST, clock=clock, spool=tmp_path / "q.jsonl", unreplayable="abandon"
+    )
+    exhausted: list[str] = []
+
+    @dead_letter(queue=queue, on_retry_exhausted=lambda x: exhausted.append(x.id))
+    def locked(lock: Any) -> None:
+        raise GatewayTimeout("x")
+
+    with pytest.raises(GatewayTimeout):
+        locked(threading.Lock())
+    report = queue.process_due(now=LATER)
+    letter = only_letter(queue)
+    assert report.abandoned == [letter.id]
+    assert letter.status is Status.ABANDONED
+    assert exhausted == [letter.id]
+    assert letter.history[-1].what == "abandoned"
+    assert "could not be stored" in letter.history[-1].note
 
 
 # ------------------------------------------------------------------------ the processor
@@ -466,7 +503,7 @@ def test_a_replay_that_succeeds_resolves_the_letter(queue: DeadLetterQueue) -> N
         "retry",
         None,
     )
-    assert seen_replay == [None, None]  # the marker is consumed by the dead-letter wrapper
+    assert seen_replay == [None, letter.id]  # the replay knows which letter it settles
     assert sync_job(4) == 8  # the replay's result is stored under the original key
 
 
@@ -537,18 +574,53 @@ def test_a_replay_failure_updates_the_same_letter(queue: DeadLetterQueue) -> Non
     assert letters[0].status is Status.RETRYING
 
 
-def test_a_letter_whose_function_is_unknown_here_is_skipped_and_released(
+def test_a_letter_whose_function_is_unknown_here_is_left_untouched_for_others(
     queue: DeadLetterQueue,
 ) -> None:
+    """Without routes, a processor claims only the functions it knows: another
+    function's letter is not delayed for the processes that know it."""
     letter = queue.record("somewhere.else.job", GatewayTimeout("x"), now=T0)
+    before = only_letter(queue)
     report = queue.process_due(now=T0 + 100)
-    assert report.skipped == [(letter.id, report.results[0].reason)]
-    assert "not registered in this process" in report.results[0].reason
-    after = only_letter(queue)
-    assert (after.status, after.attempts) == (Status.PENDING, 1)
-    assert after.next_retry_at == T0 + 100 + 60  # released with the skip delay
-    assert queue.process_due(now=T0 + 100).claimed == 0
-    assert queue.process_due(now=T0 + 160).claimed == 1
+    assert report.claimed == 0
+    assert only_letter(queue) == before
+    assert before.next_retry_at == letter.next_retry_at
+
+
+def test_with_a_route_registered_an_unknown_function_is_skipped_and_released(
+    queue: DeadLetterQueue,
+) -> None:
+    register_route("tests-skip-route", lambda letter, arguments: None)
+    try:
+        letter = queue.record("somewhere.else.job", GatewayTimeout("x"), now=T0)
+        report = queue.process_due(now=T0 + 100)
+        assert report.skipped == [(letter.id, report.results[0].reason)]
+        assert "not registered in this process" in report.results[0].reason
+        after = only_letter(queue)
+        assert (after.status, after.attempts) == (Status.PENDING, 1)
+        assert after.next_retry_at == T0 + 100 + 60  # released with the skip delay
+        assert queue.process_due(now=T0 + 100).claimed == 0
+        assert queue.process_due(now=T0 + 160).claimed == 1
+        # A skip repeated for the same reason is one history entry, not one per round.
+        assert [a.what for a in only_letter(queue).history] == ["failed", "skipped"]
+    finally:
+        unregister_route("tests-skip-route")
+
+
+def test_a_process_that_knows_no_function_and_no_route_claims_nothing_and_says_why(
+    store: FlakyStore, clock: WallClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from idempotask.deadletter import _replay
+
+    monkeypatch.setattr(_replay, "_registry", {})
+    monkeypatch.setattr(_replay, "_routes", {})
+    queue = DeadLetterQueue(store, clock=clock, spool=tmp_path / "q.jsonl")
+    letter = queue.record("somewhere.else.job", GatewayTimeout("x"), now=T0)
+    report = queue.process_due(now=LATER)
+    assert report.claimed == 0
+    assert "no @dead_letter function or integration route is registered" in report.note
+    assert "--import" in report.note
+    assert queue.get(letter.id) == letter
 
 
 def test_a_call_running_elsewhere_is_skipped(queue: DeadLetterQueue) -> None:
@@ -678,6 +750,7 @@ def test_two_processor_processes_replay_each_due_letter_once(
     ctx = multiprocessing.get_context("fork")
     out = tmp_path / "replays.txt"
     with shared_store() as open_store:
+        skip_unless_keeps_history(open_store())
         queue = DeadLetterQueue(open_store(), spool=tmp_path / "s.jsonl")
         letters = [
             queue.record(
@@ -734,7 +807,7 @@ async def test_the_async_processor_replays_async_and_sync_functions(
     @dead_letter(queue=queue, swallow=True)
     @idempotent
     async def async_job(n: int) -> int:
-        ran.append(f"async {n} {replaying() is None}")
+        ran.append(f"async {n} {replaying() is not None}")
         if state["fail"]:
             raise GatewayTimeout("x")
         return n
@@ -751,7 +824,7 @@ async def test_the_async_processor_replays_async_and_sync_functions(
     state["fail"] = False
     report = await queue.aprocess_due(now=LATER)
     assert sorted(r.outcome for r in report.results) == ["resolved", "resolved"]
-    assert sorted(ran) == ["async 1 True", "async 1 True", "sync 2", "sync 2"]
+    assert sorted(ran) == ["async 1 False", "async 1 True", "sync 2", "sync 2"]
     assert {x.resolution for x in await queue.aquery()} == {"retry"}
 
 
@@ -1192,15 +1265,19 @@ def test_the_dead_letter_url_comes_from_the_environment(monkeypatch: pytest.Monk
 
 
 def test_the_default_store_follows_a_memory_backend() -> None:
+    skip_unless_namespaced(MemoryBackend)
     idempotask.configure(backend=MemoryBackend())
     assert isinstance(idempotask.default_queue().store, MemoryDeadLetterStore)
     assert idempotask.default_queue().store is idempotask.default_queue().store
 
 
 def test_sql_urls_build_the_sql_store_and_schemes_can_be_registered() -> None:
-    from idempotask.backends.sql import SQLDeadLetterStore
+    from idempotask.backends.sql import SQLAlchemyBackend, SQLDeadLetterStore
 
-    assert isinstance(DeadLetterQueue("postgresql+psycopg://u@h/db").store, SQLDeadLetterStore)
+    table = DeadLetterQueue("postgresql+psycopg://u@h/db?table=letters").store
+    assert isinstance(table, SQLDeadLetterStore)
+    if not provides_namespaced_stores(SQLAlchemyBackend):
+        assert isinstance(DeadLetterQueue("postgresql+psycopg://u@h/db").store, SQLDeadLetterStore)
     made: list[str] = []
 
     def factory(url: str) -> MemoryDeadLetterStore:
@@ -1271,6 +1348,7 @@ def test_the_default_dead_letter_store_sits_beside_a_backend_instance() -> None:
     pytest.importorskip("redis")
     from idempotask.backends.redis import RedisBackend, RedisDeadLetterStore
 
+    skip_unless_namespaced(RedisBackend)
     backend = RedisBackend.from_url("redis://127.0.0.1:6379/0")
     idempotask.configure(backend=backend)
     store = idempotask.config.get_dead_letter_store()

@@ -32,7 +32,7 @@ from idempotask import (
 )
 from idempotask.backends.base import Record
 from idempotask.backends.memory import MemoryBackend
-from idempotask.deadletter import _queue
+from idempotask.deadletter import _processing, _recording
 from idempotask.errors import ConfigurationError
 from idempotask.observability import logging as idem_logging
 from idempotask.retry import FixedDelay, RetryPolicy
@@ -743,7 +743,8 @@ def test_with_no_listener_the_dead_letter_paths_build_no_event(
         raise AssertionError("an event was built with no listener installed")
 
     monkeypatch.setattr(events, "listeners", ())  # whatever other tests left installed
-    monkeypatch.setattr(_queue, "_emit_letter", forbidden)
+    monkeypatch.setattr(_recording, "emit_letter", forbidden)
+    monkeypatch.setattr(_processing, "emit_letter", forbidden)
     monkeypatch.setattr(events, "Event", forbidden)
     fail = [True]
 

@@ -25,7 +25,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from idempotask import taxonomy
 from idempotask.errors import (
     AlreadyInProgress,
     BackendError,
@@ -49,6 +48,7 @@ from idempotask.taxonomy import (
     parse_retry_after,
     register_failure_kind,
 )
+from idempotask.taxonomy._rules import BUILTIN
 
 T = FailureKind.TRANSIENT
 E = FailureKind.EXTERNAL
@@ -454,7 +454,7 @@ def test_every_built_in_name_names_a_real_class_where_installed() -> None:
     # On 3.11+ these two are aliases of builtins.TimeoutError; 3.10 has its own classes.
     aliases = {"asyncio.exceptions.TimeoutError", "concurrent.futures._base.TimeoutError"}
     checked = 0
-    for name in taxonomy._BUILTIN:
+    for name in BUILTIN:
         module_name, _, qualname = name.rpartition(".")
         try:
             module = importlib.import_module(module_name)

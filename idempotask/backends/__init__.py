@@ -21,6 +21,7 @@ __all__ = [
     "State",
     "SupportsExpireNow",
     "backend_from_url",
+    "load_factory",
     "register_scheme",
 ]
 
@@ -39,9 +40,17 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "fallback+rediss": ("idempotask.backends.fallback:FallbackBackend.from_url", ""),
     "fallback+unix": ("idempotask.backends.fallback:FallbackBackend.from_url", ""),
 }
-# SQLAlchemy dialect names; a URL's scheme is "dialect" or "dialect+driver".
-_SQL_DIALECTS = ("postgresql", "postgres", "sqlite", "mysql", "mariadb")
-_SQL_FACTORY = ("idempotask.backends.sql:SQLAlchemyBackend.from_url", "sqlalchemy")
+# SQLAlchemy dialect names; a URL's scheme is "dialect" or "dialect+driver". Each names
+# the extra that installs SQLAlchemy *and* its driver, so a bare install needs one step.
+SQL_EXTRAS = {
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "sqlite": "sqlite",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+_SQL_DIALECTS = tuple(SQL_EXTRAS)
+_SQL_FACTORY = "idempotask.backends.sql:SQLAlchemyBackend.from_url"
 
 _registered: dict[str, BackendFactory] = {}
 _entry_points_loaded = False
@@ -65,19 +74,27 @@ def _load_entry_points() -> None:
         _registered.setdefault(ep.name.lower(), ep.load())
 
 
-def _resolve(target: str, extra: str) -> BackendFactory:
+def load_factory(target: str, extra: str) -> Any:
+    """The object at ``"module:attr.path"``, importing its module; a driver that is not
+    installed is a :class:`MissingDependencyError` naming ``pip install
+    'idempotask[<extra>]'`` (shared with the dead-letter registry)."""
     module_name, _, attr_path = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        if extra and exc.name not in (None, module_name):
+        missing = exc.name or ""
+        if extra and missing and missing.split(".")[0] != "idempotask":
             raise MissingDependencyError(
-                f"this backend needs the {exc.name!r} package: pip install 'idempotask[{extra}]'"
+                f"this store needs the {exc.name!r} package: pip install 'idempotask[{extra}]'"
             ) from exc
         raise
     for part in attr_path.split("."):
         obj = getattr(obj, part)
-    factory: BackendFactory = obj
+    return obj
+
+
+def _resolve(target: str, extra: str) -> BackendFactory:
+    factory: BackendFactory = load_factory(target, extra)
     return factory
 
 
@@ -105,8 +122,9 @@ def backend_from_url(url: str) -> Backend:
         return _registered[scheme](url)
     if scheme in _BUILTIN:
         return _resolve(*_BUILTIN[scheme])(url)
-    if scheme.split("+", 1)[0] in _SQL_DIALECTS:
-        return _resolve(*_SQL_FACTORY)(url)
+    dialect = scheme.split("+", 1)[0]
+    if dialect in SQL_EXTRAS:
+        return _resolve(_SQL_FACTORY, SQL_EXTRAS[dialect])(url)
     known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
     raise ConfigurationError(
         f"backend: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)} "

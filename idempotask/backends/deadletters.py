@@ -7,14 +7,15 @@ live in :mod:`idempotask.backends.base`; they are re-exported here for existing 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from idempotask.backends import SQL_EXTRAS, backend_from_url, load_factory
 from idempotask.backends.base import (
     MUTABLE_FIELDS,
     OPEN_STATUSES,
     DeadLetter,
     DeadLetterFilter,
     DeadLetterStore,
+    ProvidesStores,
     StatRow,
     Status,
     SupportsExpireClaim,
@@ -42,21 +43,21 @@ DeadLetterStoreFactory = Callable[[str], DeadLetterStore]
 """Builds a dead-letter store from its URL."""
 
 # scheme -> "module:attribute"; imported only when a store of that scheme is built.
+_REDIS = "idempotask.backends.redis:RedisDeadLetterStore.from_url"
+_SQL = "idempotask.backends.sql:SQLDeadLetterStore.from_url"
 _BUILTIN: dict[str, str] = {
     "memory": "idempotask.backends.memory:MemoryDeadLetterStore.from_url",
-    # ?prefix=NAME picks the queue (default "idempotask"); other options go to redis-py.
-    "redis": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
-    "rediss": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
-    "unix": "idempotask.backends.redis:RedisDeadLetterStore.from_url",
+    # ?prefix=NAME picks the queue; other options go to redis-py.
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "unix": _REDIS,
 }
 # SQL URLs as the idempotency backend takes them, bare or naming a driver (the drivers of
 # idempotask.backends.sql._engines; a test checks the two lists agree). ?table=NAME names
 # the dead-letter table.
 _BUILTIN.update(
     {
-        f"{database}+{driver}" if driver else database: (
-            "idempotask.backends.sql:SQLDeadLetterStore.from_url"
-        )
+        f"{database}+{driver}" if driver else database: _SQL
         for databases, drivers in (
             (
                 ("postgresql", "postgres"),
@@ -80,9 +81,19 @@ _BUILTIN.update(
         for driver in ("", *drivers)
     }
 )
-# Schemes the idempotency backends know whose dead-letter store is still to be written:
-# their URLs get an error that says so rather than "unknown scheme". (None left.)
-_NOT_YET: tuple[str, ...] = ()
+
+
+def _extra(scheme: str) -> str:
+    """The extra that installs the driver of a built-in scheme (SQL ones: SQLAlchemy and
+    the dialect's driver at once)."""
+    if scheme in ("redis", "rediss", "unix"):
+        return "redis"
+    return SQL_EXTRAS.get(scheme.split("+", 1)[0], "")
+
+
+# URL options by which a built-in store's URL names its queue itself (a Redis key prefix,
+# a SQL table): such a URL is built as it says, whatever the namespace.
+_QUEUE_OPTIONS = frozenset({"prefix", "table"})
 _registered: dict[str, DeadLetterStoreFactory] = {}
 
 
@@ -106,19 +117,35 @@ def register_dead_letter_scheme(scheme: str, factory: DeadLetterStoreFactory) ->
     _registered[scheme.lower()] = factory
 
 
-def dead_letter_store_from_url(url: str) -> DeadLetterStore:
+def _names_its_queue(url: str) -> bool:
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return False
+    return any(name in _QUEUE_OPTIONS for name, _ in parse_qsl(query, keep_blank_values=True))
+
+
+def dead_letter_store_from_url(url: str, *, namespace: str | None = None) -> DeadLetterStore:
     """Build a dead-letter store from a URL: ``memory://``, ``redis://`` (``rediss://``,
-    ``unix://``; see :class:`~idempotask.backends.redis.RedisDeadLetterStore`) or a
-    registered scheme.
+    ``unix://``; see :class:`~idempotask.backends.redis.RedisDeadLetterStore`), a SQL URL
+    (see :class:`~idempotask.backends.sql.SQLDeadLetterStore`) or a registered scheme.
+
+    With ``namespace``, a built-in scheme keeps that namespace's letters only: the store
+    is the one its backend gives for the namespace (``backend.dead_letter_store(
+    namespace=...)``, :class:`~idempotask.backends.base.ProvidesStores`), unless the URL
+    names its queue itself (``?prefix=`` for Redis, ``?table=`` for SQL). Registered
+    schemes get the URL alone.
 
     >>> dead_letter_store_from_url("memory://")  # doctest: +ELLIPSIS
     MemoryDeadLetterStore(...)
 
-    An unknown scheme, or one whose store is not written yet, is a
-    :class:`~idempotask.errors.ConfigurationError` that says so.
+    An unknown scheme is a :class:`~idempotask.errors.ConfigurationError` listing the
+    known ones; a driver that is not installed is a
+    :class:`~idempotask.errors.MissingDependencyError` naming the extra to install
+    (``pip install 'idempotask[redis]'``, ``'idempotask[postgresql]'``...).
     """
-    import importlib
-
     from idempotask.errors import ConfigurationError
 
     if not isinstance(url, str) or "://" not in url:
@@ -131,20 +158,14 @@ def dead_letter_store_from_url(url: str) -> DeadLetterStore:
     for candidate in (scheme, scheme.split("+", 1)[0]):
         if candidate in _registered:
             return _registered[candidate](url)
-    if scheme in _BUILTIN:
-        module_name, _, attr_path = _BUILTIN[scheme].partition(":")
-        obj: Any = importlib.import_module(module_name)
-        for part in attr_path.split("."):
-            obj = getattr(obj, part)
-        store: DeadLetterStore = obj(url)
-        return store
-    if scheme.split("+", 1)[0] in _NOT_YET:
+    if scheme not in _BUILTIN:
+        known = sorted({*_BUILTIN, *_registered})
         raise ConfigurationError(
-            f"dead_letter_store: the dead-letter store for {scheme}:// URLs is not available "
-            f"yet; use 'memory://' (per process), or register a store for the scheme with "
-            f"idempotask.backends.deadletters.register_dead_letter_scheme()"
+            f"dead_letter_store: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)}"
         )
-    known = sorted({*_BUILTIN, *_registered})
-    raise ConfigurationError(
-        f"dead_letter_store: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)}"
-    )
+    if namespace is not None and not _names_its_queue(url):
+        backend = backend_from_url(url)
+        if isinstance(backend, ProvidesStores):
+            return backend.dead_letter_store(namespace=namespace)
+    store: DeadLetterStore = load_factory(_BUILTIN[scheme], _extra(scheme))(url)
+    return store

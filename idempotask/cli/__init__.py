@@ -5,11 +5,11 @@
     idempotask [--url URL] [--dead-letter-url URL] [--namespace NS] [--import MODULE]...
                [--spool PATH] [--json] [--debug] COMMAND ...
 
-    dlq list [FILTERS] [--since T] [--until T] [--limit N] [--offset N]
+    dlq list [FILTERS] [--since T] [--until T] [--search TEXT] [--limit N] [--offset N]
     dlq show ID [--no-arguments]
-    dlq retry ID...  |  dlq retry --all [FILTERS] [--since T] [--until T] [--yes]
+    dlq retry ID...  |  dlq retry --all [FILTERS] [--since T] [--until T] [--search TEXT] [--yes]
     dlq resolve ID... [--note TEXT]
-    dlq abandon ID...
+    dlq abandon ID... [--note TEXT]
     dlq purge [--older-than AGE] [FILTERS] [--dry-run] [--yes]
     dlq stats [--hours H] [--kind K]... [--function F]...
     dlq process [--limit N] [--lease D] [--kind K]... [--function F]...
@@ -19,7 +19,11 @@
     keys forget KEY [--force]
 
 ``FILTERS`` are ``--status S``, ``--kind K`` and ``--function F``, each repeatable (a
-letter matches any value given for an option, and every option given). Durations are
+letter matches any value given for an option, and every option given). An ``ID`` may be
+the first characters of a letter's id, when no other letter's id starts with them.
+Changes are recorded in each letter's history as made by ``cli:<login name>``. Text from
+letters (messages, tracebacks, arguments, names) is printed with control characters
+escaped, so it cannot drive the terminal; ``--json`` prints it exactly. Durations are
 ``90s``, ``15m``, ``24h``, ``30d`` or plain seconds; times are ISO 8601 (UTC unless an
 offset is given) or a duration ago. Every command prints aligned text, or JSON with
 ``--json``. Exit codes: 0 done, 1 refused or not found, 2 usage error, 3 a store is
@@ -56,6 +60,7 @@ from idempotask.errors import (
     ConfigurationError,
     CorruptRecordError,
     IdempotaskError,
+    MissingTableError,
 )
 
 __all__ = ["build_parser", "main"]
@@ -109,7 +114,7 @@ def _where(group: str | None) -> str:
 def _fail(ctx: Context, message: str, code: int, exc: BaseException) -> int:
     if ctx.args.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=ctx.err)
-    print(f"idempotask: error: {message}", file=ctx.err, flush=True)
+    ctx.note(f"error: {message}")
     return code
 
 
@@ -139,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(ctx, str(exc), exc.code, exc)
     except CorruptRecordError as exc:
         message = f"{_where(args.group)} holds data idempotask did not write: {exc}"
+        return _fail(ctx, message, EXIT_REFUSED, exc)
+    except MissingTableError as exc:
+        # Not an outage: the table will not appear by itself.
+        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        detail = scrub(redact_url(str(exc)), *urls)
+        message = (
+            f"{_where(args.group)} has no table {exc.table!r}: create it with "
+            f"`idempotask db create --url URL` ({detail})"
+        )
         return _fail(ctx, message, EXIT_REFUSED, exc)
     except BackendError as exc:
         where = _where(args.group)

@@ -4,6 +4,7 @@ without passwords) and how stored bytes are shown."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -14,7 +15,9 @@ from typing import Any, TextIO
 
 from idempotask import config
 from idempotask.backends.deadletters import DeadLetter
-from idempotask.deadletter import DeadLetterQueue, Unserializable, default_queue
+from idempotask.cli._text import safe
+from idempotask.deadletter import DeadLetterQueue, Redacted, Unserializable, default_queue
+from idempotask.deadletter._arguments import FINGERPRINT
 from idempotask.serializers import get_serializer
 from idempotask.spool import spool_path
 
@@ -45,16 +48,26 @@ class Context:
         return bool(getattr(self.args, "json", False))
 
     def print(self, text: str = "") -> None:
-        """A line of the command's output."""
-        print(text, file=self.out, flush=True)
+        """A line of the command's output, control characters escaped (JSON output has
+        none: :func:`~idempotask.cli._text.to_json` escapes them the JSON way)."""
+        print(safe(text), file=self.out, flush=True)
 
     def note(self, text: str) -> None:
         """A remark for people, on stderr (never mixed into the output)."""
-        print(f"idempotask: {text}", file=self.err, flush=True)
+        print(safe(f"idempotask: {text}"), file=self.err, flush=True)
 
     def queue(self) -> DeadLetterQueue:
         """The configured dead-letter queue."""
         return default_queue()
+
+    @property
+    def actor(self) -> str:
+        """Who acts, for a letter's history: ``cli:<login name>``."""
+        try:
+            user = getpass.getuser()
+        except Exception:  # no login name (a container without a passwd entry)
+            user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+        return f"cli:{user}"
 
 
 # -- where the stores are, without passwords -----------------------------------------------
@@ -134,6 +147,11 @@ def _readable(value: object) -> str:
     if isinstance(value, Unserializable):
         reason = f": {value.reason}" if value.reason else ""
         return f"<not stored: {value.type_name}{reason}>"
+    if isinstance(value, Redacted):
+        if value.how == "removed":
+            return "<removed by redact=>"
+        shown = _readable(value.shown)
+        return f"<added by redact=: {shown}>" if value.how == "added" else f"<redacted: {shown}>"
     return repr(value)
 
 
@@ -194,4 +212,5 @@ def decode_arguments(letter: DeadLetter) -> Arguments:
         return Arguments(True, document, None, str(exc))
     if not isinstance(value, dict):
         return Arguments(True, document, None, "not a mapping of names to values")
-    return Arguments(True, document, {str(name): _readable(v) for name, v in value.items()})
+    shown = {str(name): _readable(v) for name, v in value.items() if name != FINGERPRINT}
+    return Arguments(True, document, shown)

@@ -3,6 +3,7 @@ flush dead letters through :class:`~idempotask.deadletter.DeadLetterQueue`."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -25,8 +26,14 @@ from idempotask.cli._text import (
     to_json,
     when,
 )
-from idempotask.deadletter import DeadLetterNotFound, DeadLetterStats, ProcessReport
+from idempotask.deadletter import (
+    AmbiguousLetterId,
+    DeadLetterNotFound,
+    DeadLetterStats,
+    ProcessReport,
+)
 from idempotask.errors import BackendError
+from idempotask.spool import Spool, SpoolError
 
 CLOSED = (Status.RESOLVED, Status.ABANDONED)
 
@@ -38,7 +45,22 @@ def _short_type(error_type: str) -> str:
     return error_type.rsplit(".", 1)[-1]
 
 
+def held(letter: DeadLetter) -> bool:
+    """Open with no retry scheduled: the processor could not rebuild its call, so it
+    waits for a person (its history says why)."""
+    return letter.status in (Status.PENDING, Status.RETRYING) and letter.next_retry_at is None
+
+
+def _held_because(letter: DeadLetter) -> str:
+    for action in reversed(letter.history):
+        if action.what == "skipped":
+            return action.note
+    return "no retry is scheduled"
+
+
 def _next_retry(letter: DeadLetter, now: float) -> str:
+    if held(letter):
+        return "held: waits for a person (dlq show)"
     if letter.next_retry_at is None:
         return "-"
     if letter.next_retry_at <= now:
@@ -46,13 +68,29 @@ def _next_retry(letter: DeadLetter, now: float) -> str:
     return when(letter.next_retry_at, now)
 
 
+def history_json(letter: DeadLetter) -> list[dict[str, Any]]:
+    """A letter's history as JSON, oldest first, times as ISO 8601 UTC."""
+    return [
+        {
+            "at": iso(a.at, precise=True),
+            "what": a.what,
+            "actor": a.actor,
+            "kind": a.kind,
+            "error": a.error,
+            "note": a.note,
+        }
+        for a in letter.history
+    ]
+
+
 def letter_json(
     letter: DeadLetter, *, full: bool = False, arguments: bool = True
 ) -> dict[str, Any]:
-    """A letter as JSON: every field, times as ISO 8601 UTC; with ``full`` also the
-    traceback and the arguments (``arguments``: the typed JSON document, lossless;
-    ``arguments_repr``: name -> repr of the decoded value; ``arguments_error``: why they
-    could not be decoded here). ``arguments`` is null when none were kept."""
+    """A letter as JSON: every field, times as ISO 8601 UTC (``held``: open, waiting for a
+    person); with ``full`` also the traceback, the history and the arguments
+    (``arguments``: the typed JSON document, lossless; ``arguments_repr``: name -> repr of
+    the decoded value; ``arguments_error``: why they could not be decoded here).
+    ``arguments`` is null when none were kept."""
     data: dict[str, Any] = {
         "id": letter.id,
         "function": letter.function,
@@ -69,9 +107,11 @@ def letter_json(
         "first_failed_at": iso(letter.first_failed_at, precise=True),
         "last_failed_at": iso(letter.last_failed_at, precise=True),
         "next_retry_at": iso(letter.next_retry_at, precise=True),
+        "held": held(letter),
     }
     if full:
         data["traceback"] = letter.traceback
+        data["history"] = history_json(letter)
         if arguments:
             decoded = decode_arguments(letter)
             data["arguments"] = decoded.document
@@ -90,24 +130,38 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
     if times:
         chosen["since"] = args.since
         chosen["until"] = args.until
+    if getattr(args, "search", None):
+        chosen["search"] = args.search
     return chosen
 
 
-def _not_found(ctx: Context, ids: Sequence[str]) -> int:
-    for id in ids:
-        print(f"idempotask: error: no dead letter has id {id!r}", file=ctx.err, flush=True)
-    return 1 if ids else 0
+def _not_found(ctx: Context, problems: Sequence[str]) -> int:
+    for problem in problems:
+        ctx.note(f"error: {problem}")
+    return 1 if problems else 0
+
+
+def find(ctx: Context, id: str) -> DeadLetter:
+    """The letter ``id`` names: its id, or an unambiguous prefix of it (``3f2a9c...``)."""
+    try:
+        return ctx.queue().find(id)
+    except (DeadLetterNotFound, AmbiguousLetterId) as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
-    """Apply ``act`` to each id; print what happened; exit 1 if an id was not found."""
+    """Apply ``act`` to the letter each id (or id prefix) names; print what happened;
+    exit 1 if an id named no letter, or several."""
     changed: list[DeadLetter] = []
     missing: list[str] = []
+    problems: list[str] = []
+    queue = ctx.queue()
     for id in dict.fromkeys(ids):  # once each, in the order given
         try:
-            changed.append(act(id))
-        except DeadLetterNotFound:
+            changed.append(act(queue.find(id).id))
+        except (DeadLetterNotFound, AmbiguousLetterId) as exc:
             missing.append(id)
+            problems.append(str(exc))
     if ctx.json:
         ctx.print(
             to_json(
@@ -121,7 +175,7 @@ def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], do
     else:
         for letter in changed:
             ctx.print(f"{done} {letter.id} ({letter.function}): now {letter.status.value}")
-    return _not_found(ctx, missing)
+    return _not_found(ctx, problems)
 
 
 # -- list / show ----------------------------------------------------------------------------
@@ -173,9 +227,7 @@ def _arguments_text(letter: DeadLetter) -> str:
 def cmd_show(ctx: Context) -> int:
     """``dlq show ID``: every field of one letter, arguments decoded."""
     a = ctx.args
-    letter = ctx.queue().get(a.id)
-    if letter is None:
-        raise CommandError(f"no dead letter has id {a.id!r}")
+    letter = find(ctx, a.id)
     if ctx.json:
         ctx.print(to_json(letter_json(letter, full=True, arguments=not a.no_arguments)))
         return 0
@@ -195,13 +247,27 @@ def cmd_show(ctx: Context) -> int:
         ("next retry", _next_retry(letter, now) if letter.next_retry_at is not None else "none"),
         ("version", letter.version),
     ]
+    if held(letter):
+        pairs.insert(3, ("held", f"waits for a person: {_held_because(letter)}"))
     ctx.print(fields(pairs))
     if not a.no_arguments:
         ctx.print("\narguments:")
         ctx.print(indent(_arguments_text(letter)))
+    ctx.print("\nhistory:")
+    ctx.print(indent(_history_text(letter, now)))
     ctx.print("\ntraceback:")
     ctx.print(indent(letter.traceback.rstrip() or "(none recorded)"))
     return 0
+
+
+def _history_text(letter: DeadLetter, now: float) -> str:
+    if not letter.history:
+        return "(none recorded)"
+    rows = []
+    for a in letter.history:
+        detail = "; ".join(part for part in (a.kind, a.error, a.note) if part)
+        rows.append([when(a.at, now), a.what, a.actor or "-", detail])
+    return table(["WHEN", "WHAT", "WHO", "DETAIL"], rows)
 
 
 # -- changes --------------------------------------------------------------------------------
@@ -212,7 +278,7 @@ def cmd_retry(ctx: Context) -> int:
     a = ctx.args
     queue = ctx.queue()
     if not a.all:
-        return _each(ctx, a.ids, queue.requeue, "requeued")
+        return _each(ctx, a.ids, lambda id: queue.requeue(id, actor=ctx.actor), "requeued")
     chosen = _filters(a)
     if not any(v is not None for v in chosen.values()) and not a.yes:
         raise CommandError(
@@ -220,7 +286,7 @@ def cmd_retry(ctx: Context) -> int:
             "letter; narrow it with --status, --kind, --function, --since or --until, or pass "
             "--yes"
         )
-    count = queue.requeue_all(**chosen)
+    count = queue.requeue_all(**chosen, actor=ctx.actor)
     if ctx.json:
         ctx.print(to_json({"count": count}))
     else:
@@ -229,16 +295,26 @@ def cmd_retry(ctx: Context) -> int:
 
 
 def cmd_resolve(ctx: Context) -> int:
-    """``dlq resolve ID... [--note TEXT]``: close letters as RESOLVED by hand."""
+    """``dlq resolve ID... [--note TEXT]``: close letters as RESOLVED by hand; the note
+    and who did it go to each letter's history."""
     a = ctx.args
-    resolution = "manual" if not a.note else f"manual: {' '.join(a.note.split())}"
+    note = " ".join((a.note or "").split())
     queue = ctx.queue()
-    return _each(ctx, a.ids, lambda id: queue.mark_resolved(id, resolution), "resolved")
+    return _each(
+        ctx, a.ids, lambda id: queue.mark_resolved(id, note=note, actor=ctx.actor), "resolved"
+    )
 
 
 def cmd_abandon(ctx: Context) -> int:
-    """``dlq abandon ID...``: close letters as ABANDONED (never retried)."""
-    return _each(ctx, ctx.args.ids, ctx.queue().mark_abandoned, "abandoned")
+    """``dlq abandon ID... [--note TEXT]``: close letters as ABANDONED (never retried)."""
+    note = " ".join((ctx.args.note or "").split())
+    queue = ctx.queue()
+    return _each(
+        ctx,
+        ctx.args.ids,
+        lambda id: queue.mark_abandoned(id, note=note, actor=ctx.actor),
+        "abandoned",
+    )
 
 
 def _confirm(ctx: Context, question: str) -> bool:
@@ -293,9 +369,12 @@ def cmd_purge(ctx: Context) -> int:
 
 
 def _spooled(ctx: Context) -> int:
+    """Letters waiting in this namespace's spool; a spool that cannot be read is said on
+    stderr (a refused directory or file: see idempotask.spool), counted as none."""
     try:
         return len(ctx.queue().spool.letters())
-    except OSError:
+    except (OSError, SpoolError) as exc:
+        ctx.note(f"warning: the spool cannot be read: {exc}")
         return 0
 
 
@@ -384,13 +463,16 @@ _DETAIL = {
 
 
 def report_json(report: ProcessReport) -> dict[str, Any]:
-    """A processor run as JSON: what was claimed, and each letter's outcome."""
+    """A processor run as JSON: what was claimed, each letter's outcome, and ``note``:
+    why nothing was claimed, when this process can replay nothing."""
     return {
         "claimed": report.claimed,
         "spool_delivered": report.spool_delivered,
+        "note": report.note,
         "resolved": report.resolved,
         "failed": report.failed,
         "abandoned": report.abandoned,
+        "held": [{"id": id, "reason": reason} for id, reason in report.held],
         "skipped": [{"id": id, "reason": reason} for id, reason in report.skipped],
         "results": [
             {
@@ -407,10 +489,12 @@ def report_json(report: ProcessReport) -> dict[str, Any]:
 
 
 def report_text(report: ProcessReport, now: float) -> str:
-    """A processor run for people: a summary line and one row per claimed letter."""
+    """A processor run for people: a summary line, one row per claimed letter, then the
+    full reason of each letter left alone (held, skipped, changed meanwhile)."""
     summary = (
         f"claimed {report.claimed}: {len(report.resolved)} resolved, {len(report.failed)} "
-        f"failed, {len(report.abandoned)} abandoned, {len(report.skipped)} skipped"
+        f"failed, {len(report.abandoned)} abandoned, {len(report.held)} held, "
+        f"{len(report.skipped)} skipped"
     )
     if report.spool_delivered:
         summary += f"; delivered {plural(report.spool_delivered, 'spooled letter')}"
@@ -422,7 +506,25 @@ def report_text(report: ProcessReport, now: float) -> str:
         if r.outcome == "failed" and r.letter is not None and r.letter.next_retry_at:
             detail = f"{r.reason}; next retry {relative(r.letter.next_retry_at, now)}"
         rows.append([r.outcome, r.id, r.function, clip(detail, 100)])
-    return summary + "\n" + table(["OUTCOME", "ID", "FUNCTION", "DETAIL"], rows)
+    text = summary + "\n" + table(["OUTCOME", "ID", "FUNCTION", "DETAIL"], rows)
+    left = [r for r in report.results if r.outcome in ("held", "skipped", "conflict")]
+    if left:
+        text += "\n\nwhy:\n" + "\n".join(f"  {r.id} {r.outcome}: {r.reason}" for r in left)
+    return text
+
+
+def _due_now(ctx: Context, now: float) -> str:
+    """Which functions have letters due now (counted among the first 1,000 open ones)."""
+    letters = ctx.queue().query(status=("pending", "retrying"), limit=1000)
+    due: dict[str, int] = {}
+    for x in letters:
+        if x.next_retry_at is not None and x.next_retry_at <= now:
+            due[x.function] = due.get(x.function, 0) + 1
+    if not due:
+        return "no letter is due now"
+    counted = ", ".join(f"{name} ({n})" for name, n in sorted(due.items()))
+    more = " among the first 1,000 open ones" if len(letters) == 1000 else ""
+    return f"{plural(sum(due.values()), 'letter')} due now{more}: {counted}"
 
 
 @contextmanager
@@ -452,7 +554,12 @@ def cmd_process(ctx: Context) -> int:
         chosen = DeadLetterFilter(kind=tuple(a.kind or ()), function=tuple(a.function or ()))
 
     def run() -> ProcessReport:
-        return queue.process_due(limit=a.limit, lease=a.lease, filter=chosen)
+        report = queue.process_due(limit=a.limit, lease=a.lease, filter=chosen)
+        if report.note:
+            # Nothing can be replayed by this process (no --import?): claiming letters
+            # would only delay them for the processes that can.
+            raise CommandError(f"{report.note}. {_due_now(ctx, time.time())}")
+        return report
 
     if not a.loop:
         report = run()
@@ -477,16 +584,49 @@ def cmd_process(ctx: Context) -> int:
     return 0
 
 
+def _other_spools(path: str) -> dict[str, int]:
+    """Namespace -> letters waiting, for the other namespaces' spools beside ``path``
+    (a spool directory holds ``spool-<namespace>.jsonl`` per namespace)."""
+    directory, name = os.path.split(path)
+    if not (name.startswith("spool-") and name.endswith(".jsonl")):
+        return {}
+    found: dict[str, int] = {}
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    for other in names:
+        if other == name or not (other.startswith("spool-") and other.endswith(".jsonl")):
+            continue
+        try:
+            count = len(Spool(os.path.join(directory, other)).letters())
+        except (OSError, SpoolError):
+            continue
+        if count:
+            found[other[len("spool-") : -len(".jsonl")]] = count
+    return found
+
+
 def cmd_flush(ctx: Context) -> int:
-    """``dlq flush``: deliver letters waiting in the local spool to the store."""
+    """``dlq flush``: deliver letters waiting in the local spool of the configured
+    namespace to the store; say which other namespaces' spools hold letters."""
     queue = ctx.queue()
     delivered = queue.flush_spool()
     left = _spooled(ctx)
+    others = _other_spools(queue.spool.path)
     if ctx.json:
-        ctx.print(to_json({"delivered": delivered, "waiting": left, "spool": queue.spool.path}))
-    else:
+        data: dict[str, Any] = {"delivered": delivered, "waiting": left, "spool": queue.spool.path}
+        if others:
+            data["other_namespaces"] = others
+        ctx.print(to_json(data))
+        return 0
+    ctx.print(
+        f"delivered {plural(delivered, 'spooled dead letter')}; {left} still waiting in "
+        f"{queue.spool.path}"
+    )
+    for namespace, count in others.items():
         ctx.print(
-            f"delivered {plural(delivered, 'spooled dead letter')}; {left} still waiting in "
-            f"{queue.spool.path}"
+            f"{plural(count, 'letter')} wait in the spool of namespace {namespace} "
+            f"(spool-{namespace}.jsonl): `idempotask --namespace {namespace} dlq flush`"
         )
     return 0

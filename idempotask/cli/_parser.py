@@ -42,7 +42,7 @@ exit codes:
 
 examples:
   idempotask --url redis://localhost:6379/0 dlq list --status pending --since 24h
-  idempotask dlq show 3f2a9c...
+  idempotask dlq show 3f2a9c                       # an id, or its first characters
   idempotask dlq retry --all --kind external --function billing.charge
   idempotask --import myapp.tasks dlq process --loop --interval 30s
   idempotask keys forget 'idempotask:billing.charge:v1:9b1f...' --force"""
@@ -122,7 +122,11 @@ def _command(
 
 
 def _add_filters(
-    parser: argparse.ArgumentParser, *, times: bool = True, statuses: bool = True
+    parser: argparse.ArgumentParser,
+    *,
+    times: bool = True,
+    statuses: bool = True,
+    search: bool = False,
 ) -> None:
     group = parser.add_argument_group("filters (repeat an option to match any of its values)")
     if statuses:
@@ -155,10 +159,21 @@ def _add_filters(
         group.add_argument(
             "--until", type=time_arg, metavar="TIME", help="last failure before TIME"
         )
+    if search:
+        group.add_argument(
+            "--search",
+            metavar="TEXT",
+            help="error type or message contains TEXT (ignoring case; plain text, no pattern)",
+        )
 
 
 def _ids(parser: argparse.ArgumentParser, nargs: str = "+") -> None:
-    parser.add_argument("ids", nargs=nargs, metavar="ID", help="dead-letter id (from `dlq list`)")
+    parser.add_argument(
+        "ids",
+        nargs=nargs,
+        metavar="ID",
+        help="dead-letter id (from `dlq list`), or its first characters (at least 4)",
+    )
 
 
 def _dlq_commands(sub: Any) -> None:
@@ -169,7 +184,7 @@ def _dlq_commands(sub: Any) -> None:
         "list dead letters, newest failure first",
         "List dead letters matching the filters, newest failure first.",
     )
-    _add_filters(p)
+    _add_filters(p, search=True)
     p.add_argument(
         "--limit", type=positive_int_arg, default=50, metavar="N", help="at most N (default: 50)"
     )
@@ -186,7 +201,9 @@ def _dlq_commands(sub: Any) -> None:
         "Show every field of one dead letter: the error and its traceback, times, and the "
         "call's\narguments decoded (values of your own classes need --import of their module).",
     )
-    p.add_argument("id", metavar="ID", help="dead-letter id (from `dlq list`)")
+    p.add_argument(
+        "id", metavar="ID", help="dead-letter id (from `dlq list`), or its first characters"
+    )
     p.add_argument("--no-arguments", action="store_true", help="do not show the arguments")
     _add_global_options(p, late=True)
 
@@ -202,7 +219,7 @@ def _dlq_commands(sub: Any) -> None:
     _ids(p, "*")
     p.add_argument("--all", action="store_true", help="requeue every letter matching the filters")
     p.add_argument("--yes", action="store_true", help="allow --all without any filter")
-    _add_filters(p)
+    _add_filters(p, search=True)
     _add_global_options(p, late=True)
 
     p = _command(
@@ -210,11 +227,12 @@ def _dlq_commands(sub: Any) -> None:
         "resolve",
         _dlq.cmd_resolve,
         "close dead letters as resolved (handled by hand)",
-        "Close dead letters as RESOLVED: they are kept for the record and never retried.",
+        "Close dead letters as RESOLVED: they are kept for the record and never retried.\n"
+        "Each letter's history records it, with your login name and the note.",
     )
     _ids(p)
     p.add_argument(
-        "--note", metavar="TEXT", help="why, kept in the letter's resolution ('manual: TEXT')"
+        "--note", metavar="TEXT", help="why (what was done by hand), kept in the history"
     )
     _add_global_options(p, late=True)
 
@@ -226,6 +244,7 @@ def _dlq_commands(sub: Any) -> None:
         "Close dead letters as ABANDONED: kept for people to read, never retried.",
     )
     _ids(p)
+    p.add_argument("--note", metavar="TEXT", help="why, kept in the letter's history")
     _add_global_options(p, late=True)
 
     p = _command(
@@ -273,10 +292,13 @@ def _dlq_commands(sub: Any) -> None:
         "replay due dead letters through their functions",
         "Claim due dead letters with a lease (so two processors never replay one) and\n"
         "replay each through its @dead_letter function, found by name among the modules\n"
-        "imported with --import, or through its integration's route. Letters this process\n"
-        "cannot replay are left for others and reported as skipped. Spooled letters are\n"
-        "delivered first. With --loop it runs until SIGINT or SIGTERM, finishing the batch\n"
-        "at hand; with --json it then prints one JSON object per line per batch.",
+        "imported with --import, or through its integration's route. Without any such\n"
+        "function or route it claims nothing and says why (exit 1); letters of functions\n"
+        "it does not know are left for other processes. A letter whose call cannot be\n"
+        "rebuilt (redacted arguments, no replay_with=) is held for a person. Spooled\n"
+        "letters are delivered first. With --loop it runs until SIGINT or SIGTERM,\n"
+        "finishing the batch at hand; with --json it then prints one JSON object per line\n"
+        "per batch.",
     )
     p.add_argument(
         "--limit",
@@ -389,7 +411,7 @@ def _check(args: argparse.Namespace) -> None:
     handler = args.handler
     parser: argparse.ArgumentParser = args.leaf_parser
     if handler is _dlq.cmd_retry:
-        filters = ("status", "kind", "function", "since", "until")
+        filters = ("status", "kind", "function", "since", "until", "search")
         has_filter = any(getattr(args, f) is not None for f in filters)
         if args.all and args.ids:
             parser.error("give ids or --all, not both")

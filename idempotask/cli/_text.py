@@ -118,6 +118,37 @@ def positive_float_arg(text: str) -> float:
 
 # -- out ----------------------------------------------------------------------------------
 
+# What must never reach a terminal raw: C0 controls but tab and newline (ESC starts the
+# sequences that move the cursor, recolour, retitle or query the terminal; CR overwrites
+# a line), DEL, C1 controls (0x9b is a one-byte CSI, 0x9d an OSC), and the invisible
+# characters that reorder or hide text (bidirectional overrides, line separators).
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\n\t]")
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x1b": "\\x1b"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe(text: str, *, lines: bool = True) -> str:
+    """``text`` with every control character an attacker could use on a terminal shown
+    as an escape (``\\x1b``, ``\\r``, ``\\u202e``): a stored message or traceback
+    cannot move the cursor, rewrite what is shown, retitle the terminal or hide text.
+    Newlines and tabs stay unless ``lines`` is False.
+
+    >>> safe("boom\\x1b]0;pwned\\x07\\r\\nnext")
+    'boom\\\\x1b]0;pwned\\\\x07\\\\r\\nnext'
+    """
+    return (_UNSAFE if lines else _UNSAFE_LINE).sub(_escape, text)
+
 
 def iso(epoch: float | None, *, precise: bool = False) -> str | None:
     """``2026-01-02T03:04:05Z`` (milliseconds when ``precise``), or None.
@@ -170,12 +201,12 @@ def when(epoch: float | None, now: float, *, none: str = "-") -> str:
 
 
 def clip(text: str, limit: int) -> str:
-    """One line of at most ``limit`` characters.
+    """One line of at most ``limit`` characters, control characters escaped.
 
     >>> clip("gateway\\ntimed out after a long wait", 20)
     'gateway timed out...'
     """
-    line = " ".join(text.split())
+    line = safe(" ".join(text.split()), lines=False)
     return line if len(line) <= limit else line[: max(limit - 3, 0)].rstrip() + "..."
 
 
@@ -188,7 +219,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: st
     a      1
     bbb   22
     """
-    cells = [[str(h) for h in headers], *([str(c) for c in row] for row in rows)]
+    cells = [[str(h) for h in headers], *([safe(str(c), lines=False) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -206,22 +237,27 @@ def fields(pairs: Iterable[tuple[str, object]]) -> str:
     width = max((len(label) for label, _ in pairs), default=0) + 2
     lines = []
     for label, value in pairs:
-        first, *rest = str(value).split("\n") or [""]
+        first, *rest = safe(str(value)).split("\n") or [""]
         lines.append(f"{label + ':':<{width}}{first}".rstrip())
         lines.extend((" " * width + line).rstrip() for line in rest)
     return "\n".join(lines)
 
 
 def indent(text: str, prefix: str = "  ") -> str:
-    """Every line of ``text`` prefixed (blank lines stay blank)."""
-    return "\n".join((prefix + line).rstrip() for line in text.splitlines())
+    """Every line of ``text`` prefixed (blank lines stay blank), control characters
+    escaped."""
+    return "\n".join((prefix + line).rstrip() for line in safe(text).split("\n"))
 
 
 def to_json(value: Any, *, lines: bool = False) -> str:
-    """JSON with sorted keys: indented, or one line for JSON Lines output."""
+    """JSON with sorted keys: indented, or one line for JSON Lines output. Pure ASCII,
+    every control character escaped the JSON way (DEL too, which ``json`` leaves raw), so
+    the exact values reach a program and nothing reaches a terminal raw."""
     if lines:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return json.dumps(value, sort_keys=True, indent=2)
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    else:
+        text = json.dumps(value, sort_keys=True, indent=2)
+    return text.replace("\x7f", "\\u007f")
 
 
 def plural(n: int, word: str) -> str:

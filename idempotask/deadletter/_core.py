@@ -1,22 +1,19 @@
-"""The pieces every dead-letter module shares: the I/O protocol between the logic
-and its sync and async drivers, and the pure functions that turn failures into letters
-and decide what happens to them next."""
+"""What every dead-letter module shares: errors, hook types, option checks, the filter
+builder, and the helpers the framework integrations (:mod:`idempotask.integrations`)
+use to record the failures of their tasks."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import enum
-import inspect
 import logging
 import math
-import traceback as _traceback
-import uuid
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from idempotask import config
-from idempotask.backends.deadletters import OPEN_STATUSES, DeadLetter, DeadLetterFilter, Status
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
+from idempotask.deadletter._arguments import bound_arguments, redact_arguments
 from idempotask.errors import (
     AlreadyInProgress,
     ConfigurationError,
@@ -25,18 +22,42 @@ from idempotask.errors import (
 )
 from idempotask.lease import LeaseLostWarning
 from idempotask.retry import RetryPolicy
-from idempotask.serializers import get_serializer
-from idempotask.taxonomy import Classification, Classifier, FailureKind, check_kind
+from idempotask.taxonomy import Classifier, FailureKind, check_kind
+
+__all__ = [
+    "CAS_TRIES",
+    "NOT_DEAD_LETTERED",
+    "PAGE",
+    "RECORDING_CATCH",
+    "AmbiguousLetterId",
+    "DeadLetterNotFound",
+    "Hook",
+    "Policies",
+    "ReplayError",
+    "RouteHandler",
+    "bound_arguments",
+    "check_actor",
+    "check_classifier",
+    "check_hook",
+    "check_policies",
+    "epoch",
+    "fire_hook",
+    "fire_letter_hooks",
+    "kind_value",
+    "make_filter",
+    "redact_arguments",
+    "seconds",
+]
 
 log = logging.getLogger("idempotask")
 
-T = TypeVar("T")
+CAS_TRIES = 50  # read-modify-write rounds before a transition gives up
+PAGE = 500  # letters per query page when a bulk operation walks a filter
 
-_CAS_TRIES = 50  # read-modify-write rounds before a transition gives up
-_PAGE = 500  # letters per query page when a bulk operation walks a filter
-_MAX_MESSAGE = 8 * 1024
-_MAX_TRACEBACK = 64 * 1024
-_JSON = get_serializer("json")
+# Recording a failure must never lose it: whatever a store or the spool raises is thrown
+# back into the recording flows (which spool the letter, or log it at CRITICAL), not only
+# BackendError. The other flows let anything but a store error propagate.
+RECORDING_CATCH: tuple[type[BaseException], ...] = (Exception,)
 
 # Never dead-lettered: the work is being done elsewhere (AlreadyInProgress, a lost lease
 # under warnings-as-errors) or the caller misused an explicit key (KeyMismatchError).
@@ -49,9 +70,19 @@ NOT_DEAD_LETTERED: tuple[type[BaseException], ...] = (
 
 
 class DeadLetterNotFound(IdempotaskError, LookupError):
-    """No dead letter has this id."""
+    """No dead letter has this id (or no letter's id starts with this prefix)."""
 
     __module__ = "idempotask.deadletter"
+
+
+class AmbiguousLetterId(IdempotaskError, LookupError):
+    """An id prefix matches several dead letters; ``candidates`` holds their ids."""
+
+    __module__ = "idempotask.deadletter"
+
+    def __init__(self, message: str, *, candidates: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
 
 
 class ReplayError(IdempotaskError):
@@ -67,318 +98,8 @@ RouteHandler = Callable[[DeadLetter, dict[str, Any]], object]
 enqueued, raising means this replay failed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Unserializable:
-    """Stands in, in a stored letter, for an argument the JSON serializer cannot hold.
-
-    A letter holding one is kept for people to read but cannot be replayed; use
-    ``redact=`` to store something replayable instead (an id rather than an object).
-    """
-
-    type_name: str
-    reason: str = ""
-
-
-# Stored letters name the class by module and qualified name: the public module keeps
-# them readable if this package's internals move.
-Unserializable.__module__ = "idempotask.deadletter"
-
-
 # ----------------------------------------------------------------------------------------
-# The I/O protocol between the logic and its sync and async drivers.
-# ----------------------------------------------------------------------------------------
-
-
-class _Op:
-    """One operation a flow needs: ``fn`` for sync drivers, ``afn`` (a coroutine
-    function) for async ones; without ``afn`` both call ``fn`` (quick local work)."""
-
-    __slots__ = ("afn", "args", "fn", "kwargs")
-
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        afn: Callable[..., Awaitable[Any]] | None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        self.fn = fn
-        self.afn = afn
-        self.args = args
-        self.kwargs = kwargs
-
-
-Flow = Generator[_Op, Any, T]
-
-
-def _drive(flow: Flow[T]) -> T:
-    """Run ``flow`` synchronously; an operation's exception is thrown back into it."""
-    send: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            op = flow.send(send) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, error = None, None
-        try:
-            send = op.fn(*op.args, **op.kwargs)
-        except Exception as exc:
-            error = exc
-
-
-async def _adrive(flow: Flow[T]) -> T:
-    """Run ``flow`` on the event loop, awaiting the async form of each operation."""
-    send: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            op = flow.send(send) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, error = None, None
-        try:
-            if op.afn is None:
-                send = op.fn(*op.args, **op.kwargs)
-            else:
-                send = await op.afn(*op.args, **op.kwargs)
-        except Exception as exc:
-            error = exc
-
-
-# ----------------------------------------------------------------------------------------
-# Pure helpers: what a failure looks like as a letter, and what happens to it next.
-# ----------------------------------------------------------------------------------------
-
-
-def _qualified(cls: type) -> str:
-    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
-
-
-def _clip(text: str, limit: int, *, keep_end: bool = False) -> str:
-    if len(text) <= limit:
-        return text
-    note = f"... [{len(text) - limit} characters cut] ..."
-    return note + text[-limit:] if keep_end else text[:limit] + note
-
-
-def _describe(error: BaseException) -> tuple[str, str, str]:
-    """(qualified type, message, traceback text); never raises."""
-    try:
-        message = str(error)
-    except Exception:
-        message = f"<unprintable {type(error).__name__}>"
-    try:
-        tb = "".join(_traceback.format_exception(type(error), error, error.__traceback__))
-    except Exception:
-        tb = ""
-    # The innermost frames are at the end of a traceback: keep those.
-    return (
-        _qualified(type(error)),
-        _clip(message, _MAX_MESSAGE),
-        _clip(tb, _MAX_TRACEBACK, keep_end=True),
-    )
-
-
-def _classify(classifier: Classifier, error: BaseException) -> Classification:
-    try:
-        return classifier.classify(error)
-    except Exception:
-        log.exception("idempotask: the failure classifier raised; the failure counts as transient")
-        return Classification(FailureKind.TRANSIENT, None, "classifier failed")
-
-
-def _kind_value(kind: object) -> str:
-    return str(kind.value) if isinstance(kind, enum.Enum) else str(kind)
-
-
-def _next_retry(
-    policies: Policies,
-    classification: Classification,
-    attempts: int,
-    now: float,
-    error: BaseException,
-    first_failed_at: float,
-) -> float | None:
-    """When the next retry is due after failure number ``attempts``; None: no retry left.
-
-    Failure ``n`` is followed by retry ``n`` of the kind's policy.
-    """
-    policy = policies.get(classification.kind)
-    if policy is None:
-        return None
-    try:
-        delay = policy.delay(
-            attempts,
-            retry_after=classification.retry_after,
-            exception=error,
-            elapsed=max(now - first_failed_at, 0.0),
-        )
-    except Exception:
-        log.exception(
-            "idempotask: the %s retry policy raised; no retry scheduled", classification.kind
-        )
-        return None
-    return None if delay is None else now + max(float(delay), 0.0)
-
-
-def _arguments_payload(arguments: Mapping[str, Any] | None) -> bytes:
-    """Typed JSON of the arguments; values it cannot hold become :class:`Unserializable`.
-
-    ``b""`` means the arguments were not kept at all. Never raises.
-    """
-    if arguments is None:
-        return b""
-    try:
-        return _JSON.dumps(dict(arguments))
-    except Exception:
-        pass
-    kept: dict[Any, Any] = {}
-    try:
-        for name, value in arguments.items():
-            try:
-                _JSON.dumps(value)
-                kept[name] = value
-            except Exception as exc:
-                kept[name] = Unserializable(_qualified(type(value)), _clip(str(exc), 300))
-        return _JSON.dumps(kept)
-    except Exception:
-        log.warning("idempotask: the arguments of a dead letter could not be stored at all")
-        return b""
-
-
-def _new_letter(
-    *,
-    function: str,
-    error: BaseException,
-    classification: Classification,
-    policies: Policies,
-    arguments: bytes,
-    key: str,
-    route: str,
-    critical: bool,
-    now: float,
-    id: str | None = None,
-) -> DeadLetter:
-    error_type, message, tb = _describe(error)
-    next_retry_at = _next_retry(policies, classification, 1, now, error, now)
-    return DeadLetter(
-        id=id or uuid.uuid4().hex,
-        function=function,
-        kind=_kind_value(classification.kind),
-        error_type=error_type,
-        message=message,
-        traceback=tb,
-        arguments=arguments,
-        key=key,
-        attempts=1,
-        status=Status.PENDING if next_retry_at is not None else Status.ABANDONED,
-        first_failed_at=now,
-        last_failed_at=now,
-        next_retry_at=next_retry_at,
-        route=route,
-        critical=critical,
-    )
-
-
-def _failure_changes(
-    letter: DeadLetter,
-    error: BaseException,
-    classification: Classification,
-    policies: Policies,
-    now: float,
-) -> dict[str, Any]:
-    """The update for a replay of ``letter`` that failed again.
-
-    An error with ``consumes_attempt = False`` (an open circuit breaker: the call never
-    ran) leaves the attempt count alone and waits as before a first retry.
-    """
-    error_type, message, tb = _describe(error)
-    consumed = getattr(error, "consumes_attempt", True) is not False
-    attempts = letter.attempts + 1 if consumed else letter.attempts
-    next_retry_at = _next_retry(
-        policies, classification, attempts if consumed else 1, now, error, letter.first_failed_at
-    )
-    return {
-        "kind": _kind_value(classification.kind),
-        "error_type": error_type,
-        "message": message,
-        "traceback": tb,
-        "attempts": attempts,
-        "status": Status.RETRYING if next_retry_at is not None else Status.ABANDONED,
-        "last_failed_at": now,
-        "next_retry_at": next_retry_at,
-        "resolution": "",
-    }
-
-
-def _reopen(at: float) -> Callable[[DeadLetter], dict[str, Any]]:
-    """Make a letter due at ``at``; a closed one becomes PENDING again."""
-
-    def decide(letter: DeadLetter) -> dict[str, Any]:
-        status = letter.status if letter.status in OPEN_STATUSES else Status.PENDING
-        return {"status": status, "next_retry_at": at, "resolution": ""}
-
-    return decide
-
-
-def _close(status: Status, resolution: str) -> Callable[[DeadLetter], dict[str, Any]]:
-    def decide(letter: DeadLetter) -> dict[str, Any]:
-        return {"status": status, "next_retry_at": None, "resolution": resolution}
-
-    return decide
-
-
-def _epoch(value: float | _dt.datetime, option: str) -> float:
-    if isinstance(value, _dt.datetime):
-        return value.timestamp()  # a naive datetime is local time, as Python reads it
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{option}: expected epoch seconds or a datetime, got {value!r}")
-    return float(value)
-
-
-def _seconds(value: float | _dt.timedelta, option: str, *, allow_zero: bool = True) -> float:
-    if isinstance(value, _dt.timedelta):
-        value = value.total_seconds()
-    return config.check_seconds(option, value, allow_zero=allow_zero)
-
-
-def _values(value: Any, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (str, enum.Enum)) or not isinstance(value, Iterable):
-        return (convert(value),)
-    return tuple(convert(v) for v in value)
-
-
-def _status(value: Any) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        raise ConfigurationError(
-            f"status: expected one of {', '.join(s.value for s in Status)}, got {value!r}"
-        ) from None
-
-
-def _make_filter(
-    status: Any = None,
-    kind: Any = None,
-    function: Any = None,
-    since: float | _dt.datetime | None = None,
-    until: float | _dt.datetime | None = None,
-) -> DeadLetterFilter:
-    return DeadLetterFilter(
-        status=_values(status, _status),
-        kind=_values(kind, _kind_value),
-        function=_values(function, str),
-        since=None if since is None else _epoch(since, "since"),
-        until=None if until is None else _epoch(until, "until"),
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Public in the package: option checks and recording helpers that @dead_letter, the
-# queue and the framework integrations (idempotask.integrations._common) share.
+# Option checks
 # ----------------------------------------------------------------------------------------
 
 
@@ -415,61 +136,83 @@ def check_policies(policies: Any) -> Policies | None:
     return checked
 
 
-def bound_arguments(
-    target: Callable[..., Any] | inspect.Signature | None,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-) -> dict[str, Any] | None:
-    """A call's arguments by name, defaults applied, as a letter stores them.
-
-    ``target`` is the function called (or its signature). None when there is no
-    target, its signature cannot be read, or the arguments do not bind to it (the call
-    itself was wrong: its TypeError is the letter).
-    """
-    if target is None:
-        return None
-    try:
-        signature = target if isinstance(target, inspect.Signature) else inspect.signature(target)
-        bound = signature.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def redact_arguments(
-    redact: Callable[[dict[str, Any]], object] | None,
-    arguments: Mapping[str, Any] | None,
-    *,
-    option: str,
-    name: str,
-) -> dict[str, Any] | None:
-    """``arguments`` through the ``redact`` hook (option ``option`` of function ``name``).
-
-    None keeps no arguments: there were none, or the hook raised or did not return a
-    mapping -- keeping the unredacted arguments could store a secret.
-    """
-    if arguments is None:
-        return None
-    if redact is None:
-        return dict(arguments)
-    try:
-        kept = redact(dict(arguments))
-    except Exception:
-        log.exception("idempotask: the %s hook of %s raised; no arguments kept", option, name)
-        return None
-    if not isinstance(kept, Mapping):
-        log.error(
-            "idempotask: the %s hook of %s returned %s, not a mapping; no arguments kept",
-            option,
-            name,
-            type(kept).__name__,
+def check_actor(actor: Any) -> str:
+    """Who acts on a letter (``"api"``, ``"cli:alice"``, a dashboard user): a short
+    single-line string, kept in the letter's history."""
+    if not isinstance(actor, str) or not actor.strip() or len(actor) > 200:
+        raise ConfigurationError(
+            f"actor: expected a non-empty name of at most 200 characters, got {actor!r}"
         )
-        return None
-    return dict(kept)
+    return " ".join(actor.split())
 
 
-def _fire(hook: Hook | None, letter: DeadLetter, what: str) -> None:
+def epoch(value: float | _dt.datetime, option: str) -> float:
+    """Epoch seconds from a number or a datetime (a naive one is local time)."""
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{option}: expected epoch seconds or a datetime, got {value!r}")
+    return float(value)
+
+
+def seconds(value: float | _dt.timedelta, option: str, *, allow_zero: bool = True) -> float:
+    """A duration in seconds from a number or a timedelta."""
+    if isinstance(value, _dt.timedelta):
+        value = value.total_seconds()
+    return config.check_seconds(option, value, allow_zero=allow_zero)
+
+
+def kind_value(kind: object) -> str:
+    """A failure kind as the string letters store."""
+    return str(kind.value) if isinstance(kind, enum.Enum) else str(kind)
+
+
+def _values(value: Any, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, enum.Enum)) or not isinstance(value, Iterable):
+        return (convert(value),)
+    return tuple(convert(v) for v in value)
+
+
+def _status(value: Any) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"status: expected one of {', '.join(s.value for s in Status)}, got {value!r}"
+        ) from None
+
+
+def make_filter(
+    status: Any = None,
+    kind: Any = None,
+    function: Any = None,
+    since: float | _dt.datetime | None = None,
+    until: float | _dt.datetime | None = None,
+    search: str | None = None,
+) -> DeadLetterFilter:
+    """A :class:`DeadLetterFilter` from the keyword criteria the queue's methods take;
+    a bad value is a :class:`ConfigurationError` naming the criterion."""
+    if search is not None and not isinstance(search, str):
+        raise ConfigurationError(f"search: expected text, got {type(search).__name__}")
+    return DeadLetterFilter(
+        status=_values(status, _status),
+        kind=_values(kind, kind_value),
+        function=_values(function, str),
+        since=None if since is None else epoch(since, "since"),
+        until=None if until is None else epoch(until, "until"),
+        search=search or "",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------
+
+
+def fire_hook(hook: Hook | None, letter: DeadLetter, what: str) -> None:
+    """Call ``hook(letter)``; one that raises is logged (as ``what``), never propagated."""
     if hook is None:
         return
     try:
@@ -488,6 +231,6 @@ def fire_letter_hooks(
     """Run the hooks of a letter just recorded: ``on_dead_letter``, then
     ``on_retry_exhausted`` if it has no retry left. A hook that raises is logged (the
     option name is ``prefix`` + the hook's name), never propagated."""
-    _fire(on_dead_letter, letter, f"{prefix}on_dead_letter")
+    fire_hook(on_dead_letter, letter, f"{prefix}on_dead_letter")
     if letter.status is Status.ABANDONED:
-        _fire(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")
+        fire_hook(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from idempotask.backends.deadletters import DeadLetter
+from idempotask.backends.base import DeadLetter
 from idempotask.errors import ConfigurationError
+from idempotask.flow import Flow, adrive, drive
 from idempotask.idempotent import is_cached_error, is_cancellation
 from idempotask.keys import _check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
@@ -21,22 +22,23 @@ if TYPE_CHECKING:
 
     from idempotask.breaker import CircuitBreaker
 
+from idempotask.deadletter._arguments import (
+    KeepsAllArgumentsWarning,
+    bound_arguments,
+    encode_arguments,
+    keep_arguments,
+)
 from idempotask.deadletter._core import (
     NOT_DEAD_LETTERED,
-    Flow,
+    RECORDING_CATCH,
     Hook,
-    _adrive,
-    _arguments_payload,
-    _drive,
-    bound_arguments,
     check_classifier,
     check_hook,
     check_policies,
     fire_letter_hooks,
-    redact_arguments,
 )
 from idempotask.deadletter._queue import DeadLetterQueue, default_queue
-from idempotask.deadletter._replay import _register, _Registration, _Replay, _replaying
+from idempotask.deadletter._replay import Registration, ReplayWith, register
 
 log = logging.getLogger("idempotask")
 
@@ -93,14 +95,35 @@ class DeadLetterFunction(Protocol[P, R_co]):
     ) -> Callable[_P2, R_co]: ...
 
 
-def _redacted(reg: _Registration, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def _kept(
+    reg: Registration, args: tuple[Any, ...], kwargs: dict[str, Any], explicit: str | None
+) -> bytes:
+    """The call's arguments as its letter keeps them: through ``redact=`` (placeholders
+    for what it did not keep as it was), with the arguments' digest for a call under an
+    explicit key, whose key cannot be rebuilt from them."""
     arguments = bound_arguments(reg.signature, args, kwargs)
-    kept = redact_arguments(reg.redact, arguments, option="redact", name=reg.name)
-    return _arguments_payload(kept)
+    if arguments and reg.redact is None and not reg.warned:
+        reg.warned = True
+        warnings.warn(
+            f"idempotask: {reg.name} keeps every argument in its dead letters "
+            f"({', '.join(arguments)}) because no redact= was given; if one may hold a "
+            "secret, pass @dead_letter(redact=...) (and replay_with= to rebuild the call on "
+            "replay), or redact=idempotask.deadletter.keep_all to keep them all on purpose",
+            KeepsAllArgumentsWarning,
+            stacklevel=5,  # the caller of the function (through the recording flow)
+        )
+    kept = keep_arguments(reg.redact, arguments, option="redact", name=reg.name)
+    fingerprint = ""
+    if explicit is not None and kept is not None and reg.spec is not None:
+        try:
+            fingerprint = reg.spec.fingerprint(args, kwargs)
+        except Exception:
+            fingerprint = ""  # unkeyable arguments: the replay cannot check them either
+    return encode_arguments(kept, fingerprint=fingerprint)
 
 
 def _failure_flow(
-    reg: _Registration,
+    reg: Registration,
     error: Exception,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -115,17 +138,18 @@ def _failure_flow(
                 key = reg.spec.key(args, kwargs, explicit)
             except Exception:
                 key = ""  # the key itself failed to build: the letter says why
-        letter = yield from queue._record_flow(
+        letter = yield from queue.record_flow(
             reg.name,
             error,
-            arguments=_redacted(reg, args, kwargs),
+            arguments=_kept(reg, args, kwargs, explicit),
             key=key,
             route="",
             critical=reg.critical,
             classifier=reg.classifier,
             policies=reg.policies,
             replay_of=None,
-            now=queue._now(None),
+            now=queue.now(),
+            actor="worker",
         )
     except Exception:
         # SpoolError was logged with the letter; anything else is a bug of ours.
@@ -135,22 +159,12 @@ def _failure_flow(
     return letter
 
 
-def _dead_letterable(reg: _Registration, error: BaseException) -> bool:
+def _dead_letterable(error: BaseException) -> bool:
     """Whether this failure gets a letter: an ``Exception`` that is not a conflict, and
     not a duplicate answered by a cached error (the first failure's letter covers it)."""
     if is_cancellation(error) or isinstance(error, NOT_DEAD_LETTERED):
         return False
     return not is_cached_error(error)
-
-
-def _claim_replay(name: str) -> contextvars.Token[_Replay | None] | None:
-    """If this call is the processor's replay of ``name``, take the marker (so nested
-    dead-letter functions record normally) and return the token to restore it."""
-    current = _replaying.get()
-    if current is None or current.entered or current.name != name:
-        return None
-    current.entered = True
-    return _replaying.set(None)
 
 
 def _wrap(func: Any, options: dict[str, Any]) -> Any:
@@ -177,7 +191,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     except (TypeError, ValueError):
         signature = None
     swallow = bool(options["swallow"])
-    reg = _Registration(
+    reg = Registration(
         name=name,
         owner=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}",
         func=func,
@@ -187,6 +201,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         spec=spec,
         queue=queue,
         redact=check_hook("redact", options["redact"]),
+        replay_with=_check_replay_with(options["replay_with"], signature),
         classifier=check_classifier(options["classifier"]),
         policies=check_policies(options["policies"]),
         retry=None,
@@ -199,7 +214,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     reg.retry = _check_retry(options["retry"], reg.classifier)
     wrapper = functools.wraps(func)(_recording(reg, func, None))
     reg.call = wrapper
-    _register(reg)
+    register(reg)
     w: Any = wrapper
     setattr(w, _MARKER, reg)
     w.dead_letter_name = name
@@ -207,35 +222,27 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     return w
 
 
-def _recording(reg: _Registration, call: Callable[..., Any], explicit: str | None) -> Any:
+def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None) -> Any:
     """``call`` wrapped so that a failure is recorded before it propagates.
 
     ``explicit`` is the per-call idempotency key given to ``using(key=...)``, if any.
     """
     # In-call retries sit inside the recording: only their last failure is dead-lettered.
     # (Under @idempotent(cache_errors=...) a retry would meet the cached error: leave
-    # retry= off there.)
-    # The breaker guards each attempt, so in-call retries stop as soon as it opens.
-    guarded: Callable[..., Any] = call if reg.breaker is None else reg.breaker(call)
-    inner: Callable[..., Any] = guarded if reg.retry is None else reg.retry.wrap(guarded)
-    name, swallow = reg.name, reg.swallow
+    # retry= off there.) A replay runs reg.guarded(...) itself, without this recording:
+    # the processor records its outcome on the letter.
+    inner = reg.guarded(call)
+    swallow = reg.swallow
 
     if reg.is_async:
 
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            token = _claim_replay(name)
-            if token is not None:
-                # A replay: the processor records the outcome on the letter itself.
-                try:
-                    return await inner(*args, **kwargs)
-                finally:
-                    _replaying.reset(token)
             try:
                 return await inner(*args, **kwargs)
             except Exception as exc:
-                if not _dead_letterable(reg, exc):
+                if not _dead_letterable(exc):
                     raise
-                await _adrive(_failure_flow(reg, exc, args, kwargs, explicit))
+                await adrive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
                 if swallow:
                     return None
                 raise
@@ -243,18 +250,12 @@ def _recording(reg: _Registration, call: Callable[..., Any], explicit: str | Non
         return async_wrapper
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        token = _claim_replay(name)
-        if token is not None:
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                _replaying.reset(token)
         try:
             return inner(*args, **kwargs)
         except Exception as exc:
-            if not _dead_letterable(reg, exc):
+            if not _dead_letterable(exc):
                 raise
-            _drive(_failure_flow(reg, exc, args, kwargs, explicit))
+            drive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
             if swallow:
                 return None
             raise
@@ -263,7 +264,7 @@ def _recording(reg: _Registration, call: Callable[..., Any], explicit: str | Non
 
 
 def _using(
-    reg: _Registration, func: Any, *, key: str | None = None, owner: str | None = None
+    reg: Registration, func: Any, *, key: str | None = None, owner: str | None = None
 ) -> Any:
     """``fn.using(key=..., owner=...)`` through the recording: the inner ``@idempotent``
     function's per-call key and owner, with failures still dead-lettered."""
@@ -285,9 +286,29 @@ def _using(
 
 
 def _check_breaker(breaker: Any) -> Any:
+    if breaker is None:
+        return None
     from idempotask.breaker import check_breaker  # imported only when a breaker is given
 
-    return None if breaker is None else check_breaker(breaker)
+    return check_breaker(breaker)
+
+
+def _check_replay_with(hook: Any, signature: inspect.Signature | None) -> ReplayWith | None:
+    """``replay_with=``: None, or a callable taking the kept arguments by name."""
+    if hook is None:
+        return None
+    if not callable(hook) or inspect.iscoroutinefunction(hook):
+        raise ConfigurationError(
+            "replay_with: expected a (sync) callable taking the kept arguments by name and "
+            f"returning the call's arguments by name, got {hook!r}"
+        )
+    if signature is None:
+        raise ConfigurationError(
+            "replay_with: the function's signature cannot be read, so a rebuilt call cannot "
+            "be checked against it"
+        )
+    checked: ReplayWith = hook
+    return checked
 
 
 def _check_retry(retry: Any, classifier: Classifier | None) -> InCallRetry | None:
@@ -317,6 +338,7 @@ def dead_letter(
     name: str | None = None,
     queue: DeadLetterQueue | None = None,
     redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    replay_with: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     classifier: Classifier | None = None,
     policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
     retry: bool | int | InCallRetry | None = None,
@@ -334,6 +356,7 @@ def dead_letter(
     name: str | None = None,
     queue: DeadLetterQueue | None = None,
     redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    replay_with: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     classifier: Classifier | None = None,
     policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
     retry: bool | int | InCallRetry | None = None,
@@ -351,6 +374,7 @@ def dead_letter(
     name: str | None = None,
     queue: DeadLetterQueue | None = None,
     redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    replay_with: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     classifier: Classifier | None = None,
     policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
     retry: bool | int | InCallRetry | None = None,
@@ -369,6 +393,7 @@ def dead_letter(
     name: str | None = None,
     queue: DeadLetterQueue | None = None,
     redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    replay_with: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     classifier: Classifier | None = None,
     policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
     retry: bool | int | InCallRetry | None = None,
@@ -383,7 +408,10 @@ def dead_letter(
     Put it outside ``@idempotent`` (the other order is refused), or on a plain
     function; sync and ``async def`` alike::
 
-        @dead_letter(critical=True, redact=lambda a: {**a, "card": "<redacted>"})
+        @dead_letter(
+            redact=lambda a: {**a, "card": "<redacted>"},  # never store the card
+            replay_with=lambda kept: {**kept, "card": cards.token_for(kept["order_id"])},
+        )
         @idempotent(ttl=3600)
         def charge(order_id: int, card: str) -> str: ...
 
@@ -394,16 +422,29 @@ def dead_letter(
     traceback and the next retry time from the kind's policy (ABANDONED at once when the
     policy allows no retry, as for PERMANENT). Then the exception is re-raised.
 
+    A replay (:meth:`DeadLetterQueue.process_due`) runs the original call under its
+    original idempotency key, or does not run: from the stored arguments when they are
+    the call's own, else through ``replay_with``; a rebuilt call must give the letter's
+    key. A letter that cannot be rebuilt waits for a person (its history says why).
+
     Options:
 
     - ``name``: the replay name letters carry (default: the inner ``@idempotent``'s
       name, else ``module.qualname``). Two functions cannot share one.
     - ``queue``: a :class:`DeadLetterQueue` (default: :func:`default_queue`).
     - ``redact``: receives the bound arguments (name -> value, defaults applied) and
-      returns what to keep. **By default every argument is kept**, so drop or mask
-      secrets here. Values the JSON serializer cannot hold are stored as an
-      :class:`Unserializable` placeholder (such a letter cannot be replayed); a
-      ``redact`` that raises keeps no arguments. Recording never fails the call path.
+      returns what to keep. **By default every argument is kept** (a
+      :class:`KeepsAllArgumentsWarning` says so once, at the first failure; pass
+      ``redact=keep_all`` to keep them all on purpose). An argument it changes or drops
+      is stored as a :class:`Redacted` placeholder showing what it returned, values the
+      JSON serializer cannot hold as :class:`Unserializable`; a ``redact`` that raises
+      keeps no arguments. Recording never fails the call path.
+    - ``replay_with``: rebuilds the call's arguments for a replay from what was kept --
+      ``replay_with(kept)`` gets the kept arguments by name (a redacted one as ``redact``
+      returned it, a removed one absent) and returns every argument by name, reloading
+      what was not stored (a card token from the order id, say). It runs only for letters
+      whose stored arguments are not the call's own; when it raises, the replay counts
+      as failed and is retried by the policy.
     - ``classifier`` / ``policies``: override the queue's for this function.
     - ``retry``: short in-call retries of TRANSIENT failures before anything is
       dead-lettered: ``True`` (3 attempts), a number of attempts, or an
@@ -421,6 +462,7 @@ def dead_letter(
         "name": name,
         "queue": queue,
         "redact": redact,
+        "replay_with": replay_with,
         "classifier": classifier,
         "policies": policies,
         "retry": retry,

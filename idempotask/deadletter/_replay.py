@@ -1,53 +1,70 @@
-"""Replays: which functions and routes this process can replay, and the marker that
-tells a ``@dead_letter`` wrapper it is running as the replay of a letter."""
+"""Replays: which functions and routes this process can replay, how a letter's call is
+rebuilt, and running it under the letter's own idempotency key.
+
+A replay runs the original call under its original key, or does not run. The call is
+rebuilt from the stored arguments when they are the call's own (no placeholder, see
+:mod:`idempotask.deadletter._arguments`), else by the function's ``replay_with=`` hook
+from what was kept; either way it must give the letter's key (or, for a call made under
+an explicit key, the digest of the original arguments). Otherwise :func:`prepare` says
+why, and the processor leaves the letter to a person.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import inspect
-import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from idempotask.backends.deadletters import DeadLetter
-from idempotask.deadletter._core import (
-    _JSON,
-    Hook,
-    Policies,
-    ReplayError,
-    RouteHandler,
-    Unserializable,
-)
+from idempotask import flow
+from idempotask.backends.base import DeadLetter
+from idempotask.deadletter._arguments import LetterArguments, call_arguments, letter_arguments
+from idempotask.deadletter._core import Hook, Policies, ReplayError, RouteHandler
 from idempotask.errors import ConfigurationError, DuplicateNameError
+from idempotask.idempotent import Call
 from idempotask.retry import InCallRetry
 from idempotask.taxonomy import Classifier
 
 if TYPE_CHECKING:
     from idempotask.deadletter._queue import DeadLetterQueue
 
-log = logging.getLogger("idempotask")
+__all__ = [
+    "Outcome",
+    "Prepared",
+    "Registration",
+    "lookup",
+    "prepare",
+    "register",
+    "register_route",
+    "registered_functions",
+    "registered_routes",
+    "replaying",
+    "route_call",
+    "run_async",
+    "run_sync",
+    "unregister_route",
+]
 
-# ----------------------------------------------------------------------------------------
-# Replays: which functions and routes this process can replay, and the replay marker.
-# ----------------------------------------------------------------------------------------
+ReplayWith = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 
 @dataclass(eq=False)
-class _Registration:
+class Registration:
     """Everything ``@dead_letter`` knows about one function."""
 
     name: str
     owner: str
-    func: Callable[..., Any]
-    call: Callable[..., Any]  # the outer wrapper: replays run through the whole stack
+    func: Callable[..., Any]  # the decorated function (an @idempotent one, or plain)
+    call: Callable[..., Any]  # the outer wrapper
     is_async: bool
     signature: inspect.Signature | None
     spec: Any  # the inner @idempotent function's spec, or None
     queue: DeadLetterQueue | None  # None: the default queue, looked up per failure
     redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None
+    replay_with: ReplayWith | None
     classifier: Classifier | None
     policies: Policies | None
     retry: InCallRetry | None
@@ -56,33 +73,30 @@ class _Registration:
     on_dead_letter: Hook | None
     on_retry_exhausted: Hook | None
     breaker: Any = None  # a CircuitBreaker guarding each attempt, or None
+    warned: bool = False  # KeepsAllArgumentsWarning given for it
+
+    def guarded(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``call`` under this function's breaker and in-call retries (each attempt is
+        guarded by the breaker, so the retries stop as soon as it opens)."""
+        guarded = call if self.breaker is None else self.breaker(call)
+        return guarded if self.retry is None else self.retry.wrap(guarded)
 
 
-@dataclass
-class _Replay:
-    """Set while the processor replays letter ``letter_id`` of function ``name``."""
-
-    name: str
-    letter_id: str
-    entered: bool = False
-
-
-_replaying: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar(
+_replaying: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "idempotask_replaying", default=None
 )
-_registry: dict[str, _Registration] = {}
+_registry: dict[str, Registration] = {}
 _routes: dict[str, RouteHandler] = {}
 _registry_lock = threading.Lock()
 
 
 def replaying() -> str | None:
-    """The id of the dead letter being replayed by the current call, else None.
+    """The id of the dead letter whose replay is running in this context, else None.
 
     >>> replaying() is None
     True
     """
-    current = _replaying.get()
-    return None if current is None else current.letter_id
+    return _replaying.get()
 
 
 def registered_functions() -> dict[str, Callable[..., Any]]:
@@ -95,7 +109,18 @@ def registered_functions() -> dict[str, Callable[..., Any]]:
         return {name: reg.call for name, reg in _registry.items()}
 
 
-def _register(reg: _Registration) -> None:
+def registered_routes() -> tuple[str, ...]:
+    """The names of the integration routes registered in this process.
+
+    >>> isinstance(registered_routes(), tuple)
+    True
+    """
+    with _registry_lock:
+        return tuple(sorted(_routes))
+
+
+def register(reg: Registration) -> None:
+    """Make ``reg`` the function replayed for letters named ``reg.name``."""
     with _registry_lock:
         current = _registry.get(reg.name)
         if current is not None and current.owner != reg.owner:
@@ -106,6 +131,15 @@ def _register(reg: _Registration) -> None:
             )
         # The same function defined again (a reload, a test) replaces its registration.
         _registry[reg.name] = reg
+
+
+def lookup(letter: DeadLetter) -> tuple[Registration | None, RouteHandler | None]:
+    """What replays ``letter`` here: its function's registration (letters without a
+    route) or its route's handler; (None, None) when this process knows neither."""
+    with _registry_lock:
+        if letter.route:
+            return None, _routes.get(letter.route)
+        return _registry.get(letter.function), None
 
 
 def register_route(name: str, handler: RouteHandler) -> None:
@@ -119,7 +153,9 @@ def register_route(name: str, handler: RouteHandler) -> None:
 
     A handler that returns resolves the letter (``resolution="enqueued"``); if the
     framework run fails again, the integration records it with
-    ``queue.record(..., replay_of=letter.id)`` so the same letter is updated.
+    ``queue.record(..., replay_of=letter.id)`` so the same letter is updated. A letter
+    whose stored arguments are not the call's own (redacted, not storable) is never
+    handed to a route.
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"register_route: expected a non-empty name, got {name!r}")
@@ -138,7 +174,119 @@ def unregister_route(name: str) -> None:
         _routes.pop(name, None)
 
 
-class _Outcome:
+# ----------------------------------------------------------------------------------------
+# Rebuilding the call
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A letter's call, rebuilt and checked: ``call(*args, **kwargs)`` replays it."""
+
+    call: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _keyed(reg: Registration, key: str, fingerprint: str) -> Callable[..., Any]:
+    """The inner ``@idempotent`` function run under the store key ``key`` (a call made
+    under an explicit key: the key cannot be derived from the arguments), claiming with
+    the arguments' ``fingerprint`` as such a call does."""
+    spec = reg.spec
+    if reg.is_async:
+
+        async def acall(*args: Any, **kwargs: Any) -> Any:
+            run = Call(spec, spec.backend(), args, kwargs)
+            return await flow.adrive(spec.flow(run, key, "", fingerprint))
+
+        return acall
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return flow.drive(spec.flow(Call(spec, spec.backend(), args, kwargs), key, "", fingerprint))
+
+    return call
+
+
+def _rebuild(reg: Registration, stored: LetterArguments) -> dict[str, Any] | str:
+    """The call's arguments by name: stored, or from ``replay_with``; or why not. An
+    exception of ``replay_with`` propagates (the replay failed, and is retried)."""
+    if stored.complete:
+        return dict(stored.values or {})
+    reason = stored.why_incomplete()
+    if reg.replay_with is None:
+        return (
+            f"{reason}, and {reg.name} has no replay_with= hook to rebuild the call: add one "
+            "and requeue the letter, or resolve or abandon it by hand"
+        )
+    if stored.values is None:
+        return reason
+    rebuilt: object = reg.replay_with(stored.shown())  # a hook may break its promise
+    if not isinstance(rebuilt, Mapping):
+        return (
+            f"the replay_with= hook of {reg.name} returned {type(rebuilt).__name__}, not a mapping"
+        )
+    return dict(rebuilt)
+
+
+def prepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
+    """Rebuild ``letter``'s call for ``reg``, checked against the letter's key; a string
+    says why it cannot be (the letter must wait for a person).
+
+    An exception raised by the ``replay_with=`` hook propagates: a reload that failed is
+    a replay that failed.
+    """
+    stored = letter_arguments(letter)
+    values = _rebuild(reg, stored)
+    if isinstance(values, str):
+        return values
+    source = "stored" if stored.complete else "rebuilt (replay_with=)"
+    made = call_arguments(
+        reg.signature, reg.name, values, kept=stored.kept, source=f"the {source} arguments"
+    )
+    if isinstance(made, str):
+        return made
+    args, kwargs = made
+    invoke: Callable[..., Any] = reg.func
+    if letter.key and reg.spec is not None:
+        try:
+            if stored.fingerprint:
+                fingerprint = reg.spec.fingerprint(args, kwargs)
+                if fingerprint != stored.fingerprint:
+                    return (
+                        f"the {source} arguments are not those of the original call (made "
+                        "under an explicit key): their digest differs from the letter's"
+                    )
+                invoke = _keyed(reg, letter.key, fingerprint)
+            else:
+                key = reg.spec.key(args, kwargs, None)
+                if key != letter.key:
+                    return (
+                        f"the {source} arguments give the key {key}, not the letter's "
+                        f"{letter.key}: they are not the original call's, or this process "
+                        "runs with another namespace or key settings than the one that "
+                        "failed"
+                    )
+        except Exception as exc:
+            return f"the {source} arguments do not make a key ({type(exc).__name__}: {exc})"
+    return Prepared(reg.guarded(invoke), args, kwargs)
+
+
+async def aprepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
+    """:func:`prepare` for the async processor: a ``replay_with=`` hook (which may reload
+    from a database) runs in a worker thread, off the event loop."""
+    if reg.replay_with is None:
+        return prepare(reg, letter)
+    return await asyncio.to_thread(prepare, reg, letter)
+
+
+# ----------------------------------------------------------------------------------------
+# Running it
+# ----------------------------------------------------------------------------------------
+
+
+class Outcome:
+    """What a replay returned, or the exception it raised."""
+
     __slots__ = ("error", "value")
 
     def __init__(self, value: Any, error: Exception | None) -> None:
@@ -146,18 +294,17 @@ class _Outcome:
         self.error = error
 
 
-def _replay_sync(
-    reg: _Registration, letter_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Outcome:
-    token = _replaying.set(_Replay(reg.name, letter_id))
+def run_sync(reg: Registration, letter_id: str, prepared: Prepared) -> Outcome:
+    """Replay in this thread (an async function on a loop of its own)."""
+    token = _replaying.set(letter_id)
     try:
         if not reg.is_async:
-            return _Outcome(reg.call(*args, **kwargs), None)
+            return Outcome(prepared.call(*prepared.args, **prepared.kwargs), None)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return _Outcome(asyncio.run(reg.call(*args, **kwargs)), None)
-        return _Outcome(
+            return Outcome(asyncio.run(prepared.call(*prepared.args, **prepared.kwargs)), None)
+        return Outcome(
             None,
             ReplayError(
                 f"{reg.name} is async and an event loop is running in this thread: "
@@ -165,69 +312,30 @@ def _replay_sync(
             ),
         )
     except Exception as exc:
-        return _Outcome(None, exc)
+        return Outcome(None, exc)
     finally:
         _replaying.reset(token)
 
 
-async def _replay_async(
-    reg: _Registration, letter_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Outcome:
-    token = _replaying.set(_Replay(reg.name, letter_id))
+async def run_async(reg: Registration, letter_id: str, prepared: Prepared) -> Outcome:
+    """Replay on the running loop (a sync function in a worker thread)."""
+    token = _replaying.set(letter_id)
     try:
         if reg.is_async:
-            return _Outcome(await reg.call(*args, **kwargs), None)
+            return Outcome(await prepared.call(*prepared.args, **prepared.kwargs), None)
         # A sync function must not block the loop; the thread inherits the replay marker.
-        return _Outcome(await asyncio.to_thread(reg.call, *args, **kwargs), None)
+        return Outcome(
+            await asyncio.to_thread(prepared.call, *prepared.args, **prepared.kwargs), None
+        )
     except Exception as exc:
-        return _Outcome(None, exc)
+        return Outcome(None, exc)
     finally:
         _replaying.reset(token)
 
 
-def _route_call(handler: RouteHandler, letter: DeadLetter, arguments: dict[str, Any]) -> _Outcome:
+def route_call(handler: RouteHandler, letter: DeadLetter, arguments: dict[str, Any]) -> Outcome:
+    """Hand ``letter`` to its framework through ``handler``."""
     try:
-        return _Outcome(handler(letter, arguments), None)
+        return Outcome(handler(letter, arguments), None)
     except Exception as exc:
-        return _Outcome(None, exc)
-
-
-def _stored_arguments(letter: DeadLetter) -> dict[str, Any] | str:
-    """The letter's arguments as a dict, or why they cannot be replayed."""
-    if not letter.arguments:
-        return {}
-    try:
-        arguments = _JSON.loads(letter.arguments)
-    except Exception as exc:
-        return f"the stored arguments cannot be read: {exc}"
-    if not isinstance(arguments, dict):
-        return "the stored arguments are not a mapping of names to values"
-    bad = [
-        f"{name} ({v.type_name})" for name, v in arguments.items() if isinstance(v, Unserializable)
-    ]
-    if bad:
-        return f"argument(s) {', '.join(bad)} could not be stored, so the call cannot be replayed"
-    return arguments
-
-
-def _call_arguments(
-    reg: _Registration, letter: DeadLetter, arguments: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | str:
-    """Positional and keyword arguments to replay ``letter`` with, or why not."""
-    sig = reg.signature
-    if sig is None:
-        if arguments:
-            return f"{reg.name} has no inspectable signature to replay its arguments with"
-        return (), {}
-    unknown = sorted(set(arguments) - set(sig.parameters))
-    if unknown:
-        return f"{reg.name} no longer takes {', '.join(map(repr, unknown))}; its signature changed"
-    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
-    bound = inspect.BoundArguments(sig, ordered)
-    args, kwargs = bound.args, bound.kwargs
-    try:
-        sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        kept = "were not kept" if not letter.arguments else "do not make a call"
-        return f"the stored arguments {kept} ({exc}); was an argument removed by redact=?"
-    return args, kwargs
+        return Outcome(None, exc)

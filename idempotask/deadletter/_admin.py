@@ -1,0 +1,510 @@
+"""Administration: questions about letters (get, find by id prefix, query, count, stats)
+and what people do to them (requeue, resolve, abandon, purge), one by one or by filter.
+
+Every change a person makes appends an entry to the letter's history with who made it
+(``actor=``: ``"api"`` by default; the CLI passes ``"cli:<user>"``, a dashboard its
+user's name) and their ``note``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Status
+from idempotask.deadletter._base import QueueCore
+from idempotask.deadletter._core import (
+    PAGE,
+    AmbiguousLetterId,
+    DeadLetterNotFound,
+    check_actor,
+    make_filter,
+    seconds,
+)
+from idempotask.deadletter._letters import Decide, close, reopen
+from idempotask.errors import ConfigurationError
+from idempotask.flow import Flow, adrive, drive, store_op
+from idempotask.taxonomy import FailureKind
+
+__all__ = ["Administration", "DeadLetterStats"]
+
+FIND_SCAN = 10_000  # newest letters an id prefix is looked for among
+_NOT_RESOLVED = (Status.PENDING, Status.RETRYING, Status.ABANDONED)
+_OPEN = (Status.PENDING, Status.RETRYING)
+
+Statuses = Status | str | Iterable[Status | str] | None
+Kinds = FailureKind | str | Iterable[FailureKind | str] | None
+Functions = str | Iterable[str] | None
+Moment = float | _dt.datetime | None
+
+
+@dataclass(frozen=True)
+class DeadLetterStats:
+    """Dead letters whose last failure falls in ``[since, until)``, counted three ways.
+
+    ``by_kind``, ``by_function`` and ``by_status`` each sum to ``total``.
+    ``retries_failed`` counts replays that failed again (each letter's ``attempts - 1``),
+    ``retries_succeeded`` letters a replay resolved.
+
+    >>> stats = queue.stats(hours=24)  # doctest: +SKIP
+    >>> stats.total == sum(stats.by_kind.values())  # doctest: +SKIP
+    True
+    """
+
+    since: float
+    until: float
+    rows: tuple[StatRow, ...]
+    total: int
+    by_kind: Mapping[str, int]
+    by_function: Mapping[str, int]
+    by_status: Mapping[Status, int]
+    retries_failed: int
+    retries_succeeded: int
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[StatRow], since: float, until: float) -> DeadLetterStats:
+        """Sum store rows into totals (pure)."""
+        rows = tuple(rows)
+        by_kind: dict[str, int] = {}
+        by_function: dict[str, int] = {}
+        by_status: dict[Status, int] = dict.fromkeys(Status, 0)
+        for row in rows:
+            by_kind[row.kind] = by_kind.get(row.kind, 0) + row.count
+            by_function[row.function] = by_function.get(row.function, 0) + row.count
+            by_status[Status(row.status)] += row.count
+        return cls(
+            since=since,
+            until=until,
+            rows=rows,
+            total=sum(row.count for row in rows),
+            by_kind=by_kind,
+            by_function=by_function,
+            by_status=by_status,
+            retries_failed=sum(row.retries for row in rows),
+            retries_succeeded=sum(row.resolved_by_retry for row in rows),
+        )
+
+
+def _note(note: Any) -> str:
+    if not isinstance(note, str):
+        raise ConfigurationError(f"note: expected text, got {type(note).__name__}")
+    return note.strip()
+
+
+def _default_statuses(chosen: DeadLetterFilter, statuses: tuple[Status, ...]) -> DeadLetterFilter:
+    return chosen if chosen.status else dataclasses.replace(chosen, status=statuses)
+
+
+class Administration(QueueCore):
+    """The administration part of :class:`~idempotask.deadletter.DeadLetterQueue`."""
+
+    @staticmethod
+    def filter(
+        *,
+        status: Statuses = None,
+        kind: Kinds = None,
+        function: Functions = None,
+        since: Moment = None,
+        until: Moment = None,
+        search: str | None = None,
+    ) -> DeadLetterFilter:
+        """A filter for the bulk operations and :meth:`count`: letters with any of the
+        statuses, kinds and functions given (each a value or several), whose last failure
+        is in ``[since, until)`` and whose error type or message contains ``search``
+        (ignoring case). Nothing given matches every letter.
+
+        >>> from idempotask import DeadLetterQueue
+        >>> DeadLetterQueue.filter(status="pending", search="timeout").status
+        (<Status.PENDING: 'pending'>,)
+        """
+        return make_filter(status, kind, function, since, until, search)
+
+    # -- questions -------------------------------------------------------------------------
+
+    def get(self, id: str) -> DeadLetter | None:
+        """The letter with this id, or None."""
+        return drive(self._get_flow(id))
+
+    async def aget(self, id: str) -> DeadLetter | None:
+        """Async :meth:`get`."""
+        return await adrive(self._get_flow(id))
+
+    def find(self, id: str) -> DeadLetter:
+        """The letter whose id is ``id``, else the one letter whose id starts with it (at
+        least 4 characters; a trailing ``...`` is ignored), looked for among the newest
+        10,000. :class:`DeadLetterNotFound` when there is none,
+        :class:`AmbiguousLetterId` (with the ``candidates``) when there are several.
+
+        >>> queue.find("3f2a9c").id  # doctest: +SKIP
+        '3f2a9c81d2...'
+        """
+        return drive(self._find_flow(id))
+
+    async def afind(self, id: str) -> DeadLetter:
+        """Async :meth:`find`."""
+        return await adrive(self._find_flow(id))
+
+    def _find_flow(self, id: str) -> Flow[DeadLetter]:
+        if not isinstance(id, str):
+            raise ConfigurationError(f"id: expected text, got {type(id).__name__}")
+        text = id.strip().removesuffix("...").removesuffix("\u2026")
+        if text:
+            letter = yield from self._get_flow(text)
+            if letter is not None:
+                return letter
+        if len(text) < 4:
+            raise DeadLetterNotFound(f"no dead letter has id {id!r}")
+        found: list[DeadLetter] = []
+        scanned = 0
+        while scanned < FIND_SCAN:
+            page = yield from self._query_flow(DeadLetterFilter(), PAGE, scanned)
+            found.extend(x for x in page if x.id.startswith(text))
+            scanned += len(page)
+            if len(page) < PAGE or len(found) > 10:
+                break
+        if len(found) == 1:
+            return found[0]
+        if found:
+            ids = tuple(x.id for x in found[:10])
+            raise AmbiguousLetterId(
+                f"{len(found)}{'+' if len(found) > 10 else ''} dead letters have an id "
+                f"starting with {text!r} ({', '.join(ids)}); give more of the id",
+                candidates=ids,
+            )
+        among = f" among the newest {scanned:,}" if scanned >= FIND_SCAN else ""
+        raise DeadLetterNotFound(f"no dead letter has id {id!r} or an id starting with it{among}")
+
+    def query(
+        self,
+        *,
+        status: Statuses = None,
+        kind: Kinds = None,
+        function: Functions = None,
+        since: Moment = None,
+        until: Moment = None,
+        search: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Letters matching every criterion given (see :meth:`filter`), newest failure
+        first (ties by id, so pages are stable).
+
+        >>> from idempotask import DeadLetterQueue
+        >>> DeadLetterQueue("memory://").query(status="pending", kind="transient")
+        []
+        """
+        chosen = make_filter(status, kind, function, since, until, search)
+        return drive(self._query_flow(chosen, limit, offset))
+
+    async def aquery(
+        self,
+        *,
+        status: Statuses = None,
+        kind: Kinds = None,
+        function: Functions = None,
+        since: Moment = None,
+        until: Moment = None,
+        search: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Async :meth:`query`."""
+        chosen = make_filter(status, kind, function, since, until, search)
+        return await adrive(self._query_flow(chosen, limit, offset))
+
+    def _query_flow(
+        self, filter: DeadLetterFilter, limit: int, offset: int
+    ) -> Flow[list[DeadLetter]]:
+        for option, value, least in (("limit", limit, 1), ("offset", offset, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigurationError(f"{option}: expected an int >= {least}, got {value!r}")
+        store = yield from self._store_flow()
+        found: list[DeadLetter] = yield store_op(store, "query", filter, limit=limit, offset=offset)
+        return found
+
+    def count(self, filter: DeadLetterFilter | None = None) -> int:
+        """How many letters match ``filter`` (see :meth:`filter`; None: all).
+
+        >>> from idempotask import DeadLetterQueue
+        >>> DeadLetterQueue("memory://").count(DeadLetterQueue.filter(status="pending"))
+        0
+        """
+        return drive(self._count_flow(filter or DeadLetterFilter()))
+
+    async def acount(self, filter: DeadLetterFilter | None = None) -> int:
+        """Async :meth:`count`."""
+        return await adrive(self._count_flow(filter or DeadLetterFilter()))
+
+    def _count_flow(self, filter: DeadLetterFilter) -> Flow[int]:
+        store = yield from self._store_flow()
+        rows: list[StatRow] = yield store_op(store, "stats", filter)
+        return sum(row.count for row in rows)
+
+    def _stats_window(
+        self, hours: float, now: Moment, function: Functions, kind: Kinds
+    ) -> tuple[DeadLetterFilter, float, float]:
+        until = self.now(now)
+        since = until - seconds(hours, "hours") * 3600.0
+        return make_filter(None, kind, function, since), since, until
+
+    def stats(
+        self,
+        hours: float = 24,
+        *,
+        function: Functions = None,
+        kind: Kinds = None,
+        now: Moment = None,
+    ) -> DeadLetterStats:
+        """Counts of the letters that last failed in the past ``hours``, by kind,
+        function and status, with replays that failed and succeeded.
+
+        >>> from idempotask import DeadLetterQueue
+        >>> DeadLetterQueue("memory://").stats(hours=1).total
+        0
+        """
+        return drive(self._stats_flow(*self._stats_window(hours, now, function, kind)))
+
+    async def astats(
+        self,
+        hours: float = 24,
+        *,
+        function: Functions = None,
+        kind: Kinds = None,
+        now: Moment = None,
+    ) -> DeadLetterStats:
+        """Async :meth:`stats`."""
+        return await adrive(self._stats_flow(*self._stats_window(hours, now, function, kind)))
+
+    def _stats_flow(
+        self, filter: DeadLetterFilter, since: float, until: float
+    ) -> Flow[DeadLetterStats]:
+        store = yield from self._store_flow()
+        rows: list[StatRow] = yield store_op(store, "stats", filter)
+        return DeadLetterStats.from_rows(rows, since, until)
+
+    # -- one letter ------------------------------------------------------------------------
+
+    def _due_at(self, at: Moment, in_: float | _dt.timedelta | None) -> float:
+        if at is not None and in_ is not None:
+            raise ConfigurationError("schedule_retry: pass at= or in_=, not both")
+        if at is not None:
+            return self.now(at)
+        return self.now() + (0.0 if in_ is None else seconds(in_, "in_"))
+
+    def _requeue(
+        self, at: Moment, in_: float | _dt.timedelta | None, actor: str, note: str
+    ) -> Decide:
+        return reopen(self._due_at(at, in_), self.now(), check_actor(actor), _note(note))
+
+    def schedule_retry(
+        self,
+        id: str,
+        *,
+        at: Moment = None,
+        in_: float | _dt.timedelta | None = None,
+        actor: str = "api",
+        note: str = "",
+    ) -> DeadLetter:
+        """Make the letter due at ``at`` (or ``in_`` seconds from now; default now).
+
+        A resolved or abandoned letter is reopened as PENDING; attempts are kept, so
+        the policy still decides what follows a failure. The history records
+        ``requeued`` by ``actor``, with ``note``.
+
+        >>> queue.schedule_retry(letter_id, in_=3600)  # doctest: +SKIP
+        """
+        return drive(self._transition_flow(id, self._requeue(at, in_, actor, note)))
+
+    async def aschedule_retry(
+        self,
+        id: str,
+        *,
+        at: Moment = None,
+        in_: float | _dt.timedelta | None = None,
+        actor: str = "api",
+        note: str = "",
+    ) -> DeadLetter:
+        """Async :meth:`schedule_retry`."""
+        return await adrive(self._transition_flow(id, self._requeue(at, in_, actor, note)))
+
+    def requeue(self, id: str, *, actor: str = "api", note: str = "") -> DeadLetter:
+        """Make the letter due now (reopening it if it was closed)."""
+        return self.schedule_retry(id, actor=actor, note=note)
+
+    async def arequeue(self, id: str, *, actor: str = "api", note: str = "") -> DeadLetter:
+        """Async :meth:`requeue`."""
+        return await self.aschedule_retry(id, actor=actor, note=note)
+
+    def _resolve(self, resolution: str, actor: str, note: str) -> Decide:
+        if not isinstance(resolution, str) or not resolution:
+            raise ConfigurationError(f"resolution: expected a non-empty text, got {resolution!r}")
+        return close(
+            Status.RESOLVED, resolution, "resolved", self.now(), check_actor(actor), _note(note)
+        )
+
+    def mark_resolved(
+        self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
+    ) -> DeadLetter:
+        """Close the letter as RESOLVED (nothing more is retried); the history records
+        ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
+        return drive(self._transition_flow(id, self._resolve(resolution, actor, note)))
+
+    async def amark_resolved(
+        self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
+    ) -> DeadLetter:
+        """Async :meth:`mark_resolved`."""
+        return await adrive(self._transition_flow(id, self._resolve(resolution, actor, note)))
+
+    def _abandon(self, actor: str, note: str) -> Decide:
+        return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
+
+    def mark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> DeadLetter:
+        """Close the letter as ABANDONED (kept for people, never retried)."""
+        return drive(self._transition_flow(id, self._abandon(actor, note)))
+
+    async def amark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> DeadLetter:
+        """Async :meth:`mark_abandoned`."""
+        return await adrive(self._transition_flow(id, self._abandon(actor, note)))
+
+    # -- many letters ----------------------------------------------------------------------
+
+    def _bulk_flow(self, filter: DeadLetterFilter, decide: Decide) -> Flow[int]:
+        """Apply ``decide`` to every letter matching ``filter`` (ids listed first, so the
+        changes do not move the pages); how many were changed."""
+        ids: list[str] = []
+        while True:
+            page = yield from self._query_flow(filter, PAGE, len(ids))
+            ids.extend(letter.id for letter in page)
+            if len(page) < PAGE:
+                break
+        count = 0
+        for id in ids:
+            try:
+                yield from self._transition_flow(id, decide)
+            except DeadLetterNotFound:
+                continue  # purged meanwhile
+            count += 1
+        return count
+
+    def requeue_all(
+        self,
+        filter: DeadLetterFilter | None = None,
+        *,
+        status: Statuses = None,
+        kind: Kinds = None,
+        function: Functions = None,
+        since: Moment = None,
+        until: Moment = None,
+        search: str | None = None,
+        actor: str = "api",
+        note: str = "",
+    ) -> int:
+        """Make every matching letter due now; returns how many.
+
+        Without a status, RESOLVED letters are left alone (replaying them could run a
+        finished call again); ask for ``status="resolved"`` explicitly.
+
+        >>> queue.requeue_all(kind="external", function="billing.charge")  # doctest: +SKIP
+        3
+        """
+        chosen = filter or make_filter(status, kind, function, since, until, search)
+        decide = self._requeue(None, None, actor, note)
+        return drive(self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide))
+
+    async def arequeue_all(
+        self,
+        filter: DeadLetterFilter | None = None,
+        *,
+        status: Statuses = None,
+        kind: Kinds = None,
+        function: Functions = None,
+        since: Moment = None,
+        until: Moment = None,
+        search: str | None = None,
+        actor: str = "api",
+        note: str = "",
+    ) -> int:
+        """Async :meth:`requeue_all`."""
+        chosen = filter or make_filter(status, kind, function, since, until, search)
+        decide = self._requeue(None, None, actor, note)
+        return await adrive(self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide))
+
+    def resolve_all(
+        self,
+        filter: DeadLetterFilter | None = None,
+        *,
+        note: str = "",
+        actor: str = "api",
+        resolution: str = "manual",
+    ) -> int:
+        """Close every matching letter as RESOLVED (by default those not resolved yet);
+        returns how many. Each letter's history records it, with ``note``."""
+        chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
+        return drive(self._bulk_flow(chosen, self._resolve(resolution, actor, note)))
+
+    async def aresolve_all(
+        self,
+        filter: DeadLetterFilter | None = None,
+        *,
+        note: str = "",
+        actor: str = "api",
+        resolution: str = "manual",
+    ) -> int:
+        """Async :meth:`resolve_all`."""
+        chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
+        return await adrive(self._bulk_flow(chosen, self._resolve(resolution, actor, note)))
+
+    def abandon_all(
+        self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
+    ) -> int:
+        """Close every matching letter as ABANDONED (by default the open ones, PENDING and
+        RETRYING); returns how many."""
+        chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
+        return drive(self._bulk_flow(chosen, self._abandon(actor, note)))
+
+    async def aabandon_all(
+        self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
+    ) -> int:
+        """Async :meth:`abandon_all`."""
+        chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
+        return await adrive(self._bulk_flow(chosen, self._abandon(actor, note)))
+
+    def _purge_filter(
+        self, older_than: float | _dt.timedelta | None, status: Statuses, now: Moment
+    ) -> DeadLetterFilter:
+        age = self.retention if older_than is None else seconds(older_than, "older_than")
+        statuses = (Status.RESOLVED, Status.ABANDONED) if status is None else status
+        return make_filter(statuses, until=self.now(now) - age)
+
+    def purge(
+        self,
+        older_than: float | _dt.timedelta | None = None,
+        *,
+        status: Statuses = None,
+        now: Moment = None,
+    ) -> int:
+        """Delete letters whose last failure is older than ``older_than`` (default: the
+        retention); only RESOLVED and ABANDONED ones unless ``status`` says otherwise.
+
+        >>> queue.purge(older_than=timedelta(days=7))  # doctest: +SKIP
+        12
+        """
+        return drive(self._purge_flow(self._purge_filter(older_than, status, now)))
+
+    async def apurge(
+        self,
+        older_than: float | _dt.timedelta | None = None,
+        *,
+        status: Statuses = None,
+        now: Moment = None,
+    ) -> int:
+        """Async :meth:`purge`."""
+        return await adrive(self._purge_flow(self._purge_filter(older_than, status, now)))
+
+    def _purge_flow(self, filter: DeadLetterFilter) -> Flow[int]:
+        store = yield from self._store_flow()
+        count: int = yield store_op(store, "purge", filter)
+        return count

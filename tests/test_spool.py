@@ -1,0 +1,166 @@
+"""The spool keeps letters private (issue 13 §2): its default directory is created 0700
+and refused when someone else could have made it; its files are never reached through a
+symbolic link, and never shared with other users."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from idempotask import DeadLetter, DeadLetterQueue, dead_letter
+from idempotask.backends.base import Action
+from idempotask.spool import Spool, SpoolError, decode_letter, encode_letter, spool_path
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX owners, modes and symlinks"),
+    pytest.mark.filterwarnings("ignore::idempotask.deadletter.KeepsAllArgumentsWarning"),
+]
+
+NOBODY = 65534  # a uid that is not this test's (chown needs root: skipped otherwise)
+
+
+def letter(id: str = "1") -> DeadLetter:
+    return DeadLetter(
+        id=id,
+        function="billing.charge",
+        kind="transient",
+        error_type="builtins.TimeoutError",
+        message="gateway timed out",
+        arguments=b'{"card":"4111"}',
+    )
+
+
+@pytest.fixture
+def shared_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for /tmp, with the cache directory unusable so the spool falls back
+    to ``<tmp>/idempotask-<uid>``."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    cache = tmp_path / "cache-is-a-file"
+    cache.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("IDEMPOTASK_SPOOL", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    monkeypatch.setattr("idempotask.spool._default_dirs", {})
+    return shared
+
+
+def private_dir(shared: Path) -> Path:
+    return shared / f"idempotask-{os.getuid()}"
+
+
+def test_the_fallback_directory_is_created_private(shared_tmp: Path) -> None:
+    path = spool_path(None, "billing")
+    directory = private_dir(shared_tmp)
+    assert path == str(directory / "spool-billing.jsonl")
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    Spool(path).append(letter())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_world_writable_fallback_directory_is_refused(shared_tmp: Path) -> None:
+    directory = private_dir(shared_tmp)
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(SpoolError, match=r"can be written by others \(mode 0777\)"):
+        spool_path(None, "billing")
+
+
+def test_a_fallback_directory_owned_by_someone_else_is_refused(shared_tmp: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("making a directory another user owns needs root")
+    directory = private_dir(shared_tmp)
+    directory.mkdir(mode=0o700)
+    os.chown(directory, NOBODY, NOBODY)
+    with pytest.raises(SpoolError, match=f"belongs to uid {NOBODY}"):
+        spool_path(None, "billing")
+
+
+def test_a_symlink_in_place_of_the_fallback_directory_is_refused(shared_tmp: Path) -> None:
+    elsewhere = shared_tmp / "attacker"
+    elsewhere.mkdir(mode=0o700)
+    private_dir(shared_tmp).symlink_to(elsewhere)
+    with pytest.raises(SpoolError, match="not a directory"):
+        spool_path(None, "billing")
+
+
+def test_a_planted_symlink_is_never_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The letter does not land in the link's target: it goes to the CRITICAL log."""
+    target = tmp_path / "target.txt"
+    target.write_text("")
+    spool_file = tmp_path / "spool.jsonl"
+    spool_file.symlink_to(target)
+    queue = DeadLetterQueue(_DownStore(), spool=spool_file)
+
+    @dead_letter(queue=queue)
+    def charge(order_id: int) -> None:
+        raise TimeoutError("gateway timed out")
+
+    with caplog.at_level(logging.CRITICAL, logger="idempotask"), pytest.raises(TimeoutError):
+        charge(7)
+    assert target.read_text() == ""
+    assert any("symbolic link" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        Spool(spool_file).letters()
+
+
+def test_a_planted_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    spool_file = tmp_path / "spool.jsonl"
+    spool_file.write_text("")
+    spool_file.chmod(0o666)
+    with pytest.raises(SpoolError, match=r"can be read or written by others \(mode 0666\)"):
+        Spool(spool_file).append(letter())
+    assert spool_file.read_text() == ""
+
+
+def test_a_planted_lock_file_link_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    spool_file = tmp_path / "spool.jsonl"
+    Path(str(spool_file) + ".lock").symlink_to(target)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        Spool(spool_file).append(letter())
+
+
+def test_a_planted_batch_is_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path / "spool.jsonl")
+    spool.append(letter("mine"))
+    planted = tmp_path / "spool.jsonl.123-abcd.batch"
+    planted.write_bytes(encode_letter(letter("planted")) + b"\n")
+    planted.chmod(0o666)
+    delivered = []
+    with caplog.at_level(logging.ERROR, logger="idempotask"):
+        for batch in spool.take():
+            with batch:
+                for x in batch:
+                    delivered.append(x.id)
+                    batch.done(x)
+    assert delivered == ["mine"]
+    assert any("left alone" in r.getMessage() for r in caplog.records)
+
+
+def test_a_spool_line_keeps_the_letters_history() -> None:
+    history = (Action(1.5, "failed", "worker", "transient", "TimeoutError: x"),)
+    original = letter().evolve(history=history)
+    assert decode_letter(encode_letter(original)) == original
+
+
+class _DownStore:
+    """A dead-letter store that is down for every operation."""
+
+    def __getattr__(self, name: str) -> object:
+        from idempotask import BackendError
+
+        def fail(*args: object, **kwargs: object) -> object:
+            raise BackendError("store down")
+
+        return fail
