@@ -21,6 +21,7 @@ __all__ = [
     "State",
     "SupportsExpireNow",
     "backend_from_url",
+    "check_url",
     "register_scheme",
 ]
 
@@ -93,6 +94,20 @@ def backend_from_url(url: str) -> Backend:
     An unknown scheme is a :class:`ConfigurationError` listing the known ones; a missing
     driver is a :class:`MissingDependencyError` naming the extra to install.
     """
+    scheme = check_url(url)
+    if scheme in _registered:
+        return _registered[scheme](url)
+    if scheme in _BUILTIN:
+        return _resolve(*_BUILTIN[scheme])(url)
+    return _resolve(*_SQL_FACTORY)(url)
+
+
+def check_url(url: str) -> str:
+    """The lower-cased scheme of a backend URL, checked against the registry without
+    building anything (no import of a driver, no connection): a typo in a scheme fails
+    where the URL is given (``@idempotent(backend=...)``, ``configure()``), not at the
+    first call. Raises :class:`ConfigurationError` as :func:`backend_from_url` does.
+    """
     if not isinstance(url, str) or "://" not in url:
         # Never echo the value: a malformed URL may still carry a password.
         raise ConfigurationError(
@@ -101,12 +116,8 @@ def backend_from_url(url: str) -> Backend:
         )
     scheme = url.split("://", 1)[0].lower()
     _load_entry_points()
-    if scheme in _registered:
-        return _registered[scheme](url)
-    if scheme in _BUILTIN:
-        return _resolve(*_BUILTIN[scheme])(url)
-    if scheme.split("+", 1)[0] in _SQL_DIALECTS:
-        return _resolve(*_SQL_FACTORY)(url)
+    if scheme in _registered or scheme in _BUILTIN or scheme.split("+", 1)[0] in _SQL_DIALECTS:
+        return scheme
     known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
     raise ConfigurationError(
         f"backend: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)} "
