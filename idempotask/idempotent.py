@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import itertools
 import logging
@@ -45,7 +44,15 @@ from idempotask.errors import (
 )
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op
-from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
+from idempotask.keys import (
+    KEY_VERSION,
+    CallKeyer,
+    _check_name,
+    claim_name,
+    default_name,
+    digest,
+    explicit_digest,
+)
 from idempotask.serializers import Serializer, dump_exception, get_serializer, load_exception
 
 if TYPE_CHECKING:
@@ -220,8 +227,7 @@ class Spec:
         self.refresh()
         if explicit is not None:
             # An explicit key (an Idempotency-Key header) is hashed too: it may be secret.
-            d = digest(b"explicit:" + explicit.encode("utf-8", "surrogatepass"))
-            return f"{self._namespace}:{self.name}:{KEY_VERSION}:x{d}"
+            return f"{self._namespace}:{self.name}:{KEY_VERSION}:{explicit_digest(explicit)}"
         return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.fingerprint(args, kwargs)}"
 
     def previous_keys(self, key: str) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ __all__ = [
     "CallKeyer",
     "digest",
     "encode",
+    "explicit_key",
     "make_key",
     "qualified_name",
     "register_encoder",
@@ -440,6 +441,28 @@ def digest(material: bytes) -> str:
     return blake2b(material, digest_size=_DIGEST_SIZE).hexdigest()
 
 
+def explicit_digest(key: str) -> str:
+    """The last part of the store key of an explicit per-call key (``using(key=...)``):
+    ``x`` and a digest of it, as the key itself may be secret (an Idempotency-Key header)."""
+    return "x" + digest(b"explicit:" + key.encode("utf-8", "surrogatepass"))
+
+
+def explicit_key(name: str, key: str, *, namespace: str | None = None) -> str:
+    """The store key of calls to the function named ``name`` made with
+    ``using(key=key)``; the function need not be defined in this process.
+
+    >>> explicit_key("billing.charge", "Idem-123")  # doctest: +SKIP
+    'idempotask:billing.charge:v1:x4f0c...'
+    """
+    from idempotask.config import check_namespace, settings
+
+    _check_name(name)
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError("explicit_key: the explicit key must be a non-empty str")
+    ns = settings().namespace if namespace is None else check_namespace(namespace)
+    return f"{ns}:{name}:{KEY_VERSION}:{explicit_digest(key)}"
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name or name.strip() != name:
         raise ConfigurationError(f"name: expected a non-empty string, got {name!r}")
@@ -652,7 +675,7 @@ class CallKeyer:
                     if self._var_kw < 0:
                         self._raise_bind_error(args, kwargs)
                     extra[k] = v
-                elif i < len(args):
+                elif i < n_pos and i < len(args):  # given by position already
                     self._raise_bind_error(args, kwargs)
                 else:
                     values[i] = v
@@ -680,6 +703,9 @@ class CallKeyer:
             )
         ordered = {n: arguments[n] for n in signature.parameters if n in arguments}
         bound = inspect.BoundArguments(signature, ordered)
+        # Defaults first: .args stops at the first parameter without a value, which would
+        # turn a later *args into a keyword.
+        bound.apply_defaults()
         return bound.args, bound.kwargs
 
     def _raise_bind_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -528,3 +528,17 @@ def test_a_user_class_without_key_material_gets_the_method_advice() -> None:
     assert "Ledger.__idempotency_key__()" in message
     assert "exclude_args=('ledger',)" in message
     assert "secret-book" not in message
+
+
+def test_keyword_only_arguments_after_varargs_bind_with_many_positional_arguments() -> None:
+    """A keyword-only parameter's index is no position: ``f(1, 2, 3, scale=2)`` used to be
+    refused as if ``scale`` had been given twice."""
+
+    @idempotent
+    def f(a: int, *rest: int, scale: int = 1, **extra: int) -> None:
+        return None
+
+    assert f.key_for(1, 2, 3, scale=2) != f.key_for(1, 2, 3)
+    assert f.key_for(1, 2, 3, scale=1) == f.key_for(1, 2, 3)
+    assert f.key_for(1, 2, 3, scale=2, k=5) == f.key_for(1, 2, 3, k=5, scale=2)
+    assert f(1, 2, 3, scale=2) is None

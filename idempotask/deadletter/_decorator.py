@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Coroutine, Mapping
