@@ -223,3 +223,23 @@ def test_list_on_the_real_stores(run: Any, jobs: Any, store: str, tmp_path: Path
     assert sorted(r["key"] for r in data["records"]) == sorted(
         [jobs.autoclose.key_for(1, day), jobs.autoclose.key_for(2, day)]
     )
+
+
+def test_show_on_redis_prints_the_redis_key_beside_the_key(run: Any, jobs: Any) -> None:
+    """key_for() is what `keys show` takes; on Redis the record's own key is shown too."""
+    import datetime
+
+    pytest.importorskip("redis")
+    url = service_url("redis")
+    from idempotask.backends.redis import record_key
+
+    idempotask.configure(backend=url, namespace=f"show{uuid.uuid4().hex[:10]}")
+    day = datetime.date(2026, 1, 2)
+    jobs.autoclose(4, day)
+    key = jobs.autoclose.key_for(4, day)
+    try:
+        text = run("--url", url, "keys", "show", key).out
+        assert f"key:         {key}\n" in text
+        assert f"redis key:   {record_key(key)}\n" in text
+    finally:
+        jobs.autoclose.forget(4, day)
