@@ -9,9 +9,10 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from idempotask._binding import Bindable
+from idempotask._decorated import BoundCall, _BoundCall
 from idempotask.backends.deadletters import DeadLetter
 from idempotask.errors import ConfigurationError
-from idempotask.idempotent import BoundCall, _BoundCall, is_cached_error, is_cancellation
+from idempotask.idempotent import is_cached_error, is_cancellation
 from idempotask.keys import _check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind
@@ -380,7 +381,7 @@ def _using(
             raise ConfigurationError(
                 f"{reg.name}: using(key=...) needs @idempotent under @dead_letter"
             )
-        return _BoundCall(None, reg.is_async, None, "", prefix, reg.call)
+        return _BoundCall(None, None, None, "", prefix, reg.call)
     bound: _BoundCall = func.using(key=key, owner=owner, **unknown)
     if not reg.is_async:
         return bound.through(_recording(reg, bound, key), prefix)
