@@ -9,8 +9,10 @@ hashed with BLAKE2b, so no argument value reaches the key::
 The encoding never uses ``hash()``, ``repr()`` or ``id()``; its output for every kind of
 value is pinned by golden vectors in the tests. Changing it means a new version tag.
 
->>> make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))
+>>> autoclose.key_for(7, datetime.date(2026, 1, 2))  # doctest: +SKIP
 'idempotask:reports.autoclose:v1:...'
+>>> make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))  # the same key
+... # doctest: +SKIP
 """
 
 from __future__ import annotations
