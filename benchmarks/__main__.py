@@ -3,8 +3,10 @@
 Suites: ``memory`` and ``sqlite`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL; with
 the peers on the same Redis), ``postgresql`` (IDEMPOTASK_POSTGRES_URL), ``mariadb``
 (IDEMPOTASK_MYSQL_URL). Each row shows the figure, its floor measured in the same run, and
-their ratio (or the added time, for in-process figures). A suite whose server is missing
-prints one "skipped" row saying why.
+their ratio (or the added time, for in-process figures), and its target, met or MISSED.
+Latencies (lower is better), throughputs (higher is better) and memory amounts are in
+tables of their own. A suite whose server is missing prints one "skipped" row saying why;
+a busy machine (load average, CPU steal) is warned about at the top and the bottom.
 
 Regenerate the README table with ``python -m benchmarks --markdown bench.md`` on a quiet
 machine (``--wait-for-quiet 0.7`` waits for one).
@@ -21,15 +23,19 @@ from pathlib import Path
 
 from benchmarks import memory, redis, sql
 from benchmarks.report import (
-    TABLE_HEADER,
+    MISSED,
     Plan,
     Row,
     Skipped,
+    busy_lines,
     cpu_times,
     header_lines,
     load_average,
+    load_now,
+    missed,
+    section_lines,
     steal_share,
-    table_lines,
+    verdict,
 )
 
 SUITES: dict[str, Callable[[Plan], list[Row]]] = {
@@ -126,6 +132,17 @@ def _wait_for_quiet(threshold: float, limit: float) -> str:
     return ""
 
 
+def _targets(rows: list[Row]) -> list[str]:
+    """The footer's account of the targets: how many were met, and each one missed."""
+    judged = [row for row in rows if verdict(row) is not None]
+    if not judged:
+        return []
+    misses = missed(judged)
+    lines = [f"Targets: {len(judged) - len(misses)} of {len(judged)} met."]
+    lines += [f"- {MISSED}: {row.what} (target {row.target})" for row in misses]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the chosen suites, print (and optionally write) the report."""
     args = sys.argv[1:] if argv is None else argv
@@ -153,17 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     header = header_lines(plan, suites, " ".join(["python -m benchmarks", *args]))
     if note:
         header.insert(-1, note)
-    emit(*header, *TABLE_HEADER)
+    emit(*header)
     run_start = suite_start = cpu_times()
     steals: list[str] = []
+    measured: list[Row] = []
     for name in suites:
         try:
             rows = SUITES[name](plan)
         except Exception as exc:  # a missing server skips its suite, loudly
             reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-            emit(*table_lines([Row(f"{name}: whole suite", Skipped(reason))]))
+            emit(*section_lines(name, [Row(f"{name}: whole suite", Skipped(reason))]))
             continue
-        emit(*table_lines(rows))
+        measured += rows
+        emit(*section_lines(name, rows))
         suite_end = cpu_times()
         share = steal_share(suite_start, suite_end)
         if share:
@@ -171,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         suite_start = suite_end
     overall = steal_share(run_start, cpu_times())
     emit(
-        "",
         f"Load average (1/5/15 min) at end: {load_average()}; "
         f"run took {time.monotonic() - started:.0f} s."
         + (
@@ -180,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             if overall
             else ""
         ),
+        *_targets(measured),
+        *busy_lines(load_now(), os.cpu_count() or 0, overall or None, when="at the end"),
     )
     if options.markdown is not None:
         options.markdown.write_text("\n".join(report) + "\n", encoding="utf-8")

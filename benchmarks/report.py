@@ -1,10 +1,16 @@
-"""What a suite returns (rows) and how the report prints them: header, table, footer."""
+"""What a suite returns (rows) and how the report prints them: header, tables, footer.
+
+The report stands on its own: it says what each floor is, prints latencies (lower is
+better) apart from throughputs (higher is better) and memory amounts, marks every target
+MISSED or met, and warns when the machine was busy while it ran.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -107,6 +113,78 @@ def relation(figure: Figure, floor: Timing | Rate | Quantity | None) -> str:
     return ""
 
 
+# -- targets ----------------------------------------------------------------------------------
+
+MISSED = "MISSED"
+_TARGET = re.compile(r"^(added )?(≤|<=|≥|>=|=|≈)\s*([\d.,]+)?\s*(x|µs|us)?\s*(.*)$")
+
+
+def verdict(row: Row) -> bool | None:
+    """Whether ``row`` meets its target: True, False (missed) or None (no target, no
+    figure, or a target this report cannot read).
+
+    Targets read: ``≤ 1.3x`` / ``≥ 2.5x`` (the ratio to the floor), ``≤ 4 µs`` (the
+    median), ``added ≤ 8 µs`` (the median minus the floor's), ``≈ 1x`` (the ratio within
+    10 %), ``= max_entries`` (the figure equals its floor).
+    """
+    match = _TARGET.match(row.target.strip())
+    if match is None or isinstance(row.figure, Skipped):
+        return None
+    added, op, number, unit, rest = match.groups()
+    if op == "=" and number is None:  # "= max_entries": the figure is its floor
+        return _value_of(row.figure) == _value_of(row.floor) if row.floor is not None else None
+    if number is None or rest:
+        return None
+    bound = float(number.replace(",", ""))
+    if unit == "x":
+        if row.floor is None or not _value_of(row.floor):
+            return None
+        measured = _value_of(row.figure) / _value_of(row.floor)
+    elif unit in ("µs", "us") and isinstance(row.figure, Timing):
+        measured = row.figure.median
+        if added:
+            if not isinstance(row.floor, Timing):
+                return None
+            measured -= row.floor.median
+    else:
+        return None
+    if op in ("≤", "<="):
+        return measured <= bound
+    if op in ("≥", ">="):
+        return measured >= bound
+    if op == "≈":
+        return abs(measured - bound) <= 0.1 * bound
+    return measured == bound
+
+
+def _value_of(figure: Timing | Rate | Quantity | Skipped) -> float:
+    if isinstance(figure, Timing):
+        return figure.median
+    if isinstance(figure, Rate):
+        return figure.per_second
+    if isinstance(figure, Quantity):
+        return figure.value
+    return 0.0
+
+
+def target_text(row: Row) -> str:
+    """The "target" cell: the target and whether it was met, a miss in capitals."""
+    if not row.target:
+        return ""
+    met = verdict(row)
+    if met is None:
+        return row.target
+    return f"{row.target}: met" if met else f"{row.target}: **{MISSED}**"
+
+
+def missed(rows: Iterable[Row]) -> list[Row]:
+    """The rows whose target was missed."""
+    return [row for row in rows if verdict(row) is False]
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
 def table_lines(rows: Iterable[Row]) -> list[str]:
     """Markdown table rows (without the column header) for ``rows``."""
     lines = []
@@ -118,7 +196,7 @@ def table_lines(rows: Iterable[Row]) -> list[str]:
             row.floor_name,
             floor_value,
             relation(row.figure, row.floor),
-            row.target,
+            target_text(row),
         ]
         # A pipe inside a reason (an exception text) would break the markdown row.
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -129,6 +207,39 @@ TABLE_HEADER = [
     "| what | median (p95) | floor | floor median | ratio / added | target |",
     "|---|---|---|---|---|---|",
 ]
+
+# Each kind of figure gets a table of its own, titled with which way is better.
+_KINDS: tuple[tuple[type, str, str], ...] = (
+    (Timing, "Latency per call: lower is better", "median (p95)"),
+    (
+        Rate,
+        "Throughput: higher is better (the ratio is the share of the floor's calls/s)",
+        "calls/s",
+    ),
+    (Quantity, "Memory held: lower is better; a bound must hold exactly", "amount"),
+    (Skipped, "Not measured", "why"),
+)
+
+
+def section_lines(suite: str, rows: list[Row]) -> list[str]:
+    """One suite's part of the report: a heading, then a table per kind of figure."""
+    lines = [f"### {suite}", ""]
+    for kind, title, column in _KINDS:
+        chosen = [row for row in rows if isinstance(row.figure, kind)]
+        if chosen:
+            header = TABLE_HEADER[0].replace("median (p95)", column)
+            lines += [f"{title}.", "", header, TABLE_HEADER[1], *table_lines(chosen), ""]
+    return lines
+
+
+FLOORS = (
+    "- floor: the same work done without idempotask, measured in the same run, batch by "
+    "batch in turn with the figure: the least any library can spend on that store. A bare "
+    "function call (or await) for the in-process figures; one `SET k v NX PX` through "
+    "redis-py for Redis; one `INSERT … ON CONFLICT DO NOTHING` through psycopg in "
+    "autocommit for PostgreSQL, `INSERT OR IGNORE` for SQLite, `INSERT IGNORE` for "
+    "MariaDB; asyncio figures beside the same statement made by asyncio"
+)
 
 
 # -- the header: when, where, with what ---------------------------------------------------
@@ -272,7 +383,44 @@ def header_lines(plan: Plan, suites: list[str], command: str) -> list[str]:
         f"- throughput: {plan.seconds:g} s per run with {callers} concurrent callers; "
         "the duplicate-heavy mix is 9 calls in 10 to one of 100 stored keys, "
         "1 in 10 a first call",
+        FLOORS,
         "- ratio = figure / floor (for throughput, the share of the floor's calls/s); "
-        "beside an in-process floor the added µs per call instead",
+        "beside an in-process floor the added µs per call instead; a target is marked met "
+        f"or {MISSED}",
+        *busy_lines(load_now(), cores, None, when="at the start"),
         "",
+    ]
+
+
+# -- was the machine busy? -------------------------------------------------------------------
+
+BUSY_LOAD = 0.7  # per core: above it, other work competes with the benchmark
+BUSY_STEAL = 2.0  # percent of CPU time taken by the hypervisor
+
+
+def load_now() -> float | None:
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def busy_lines(load: float | None, cores: int, steal: str | None, *, when: str) -> list[str]:
+    """A warning when the 1-minute load average per core or the CPU steal share says the
+    machine was busy ``when`` (an empty list when it was quiet, or nothing is known)."""
+    reasons = []
+    if load is not None and cores and load / cores > BUSY_LOAD:
+        reasons.append(f"1-minute load average {load:.2f} on {cores} cores {when}")
+    if steal:
+        share = float(steal.rstrip("%"))
+        if share > BUSY_STEAL:
+            reasons.append(f"the hypervisor took {steal} of the CPU time (steal)")
+    if not reasons:
+        return []
+    return [
+        f"- **WARNING: the machine was busy** ({'; '.join(reasons)}): figures are slower and "
+        "noisier than on a quiet machine, the CPU-bound ones most; ratios to a floor "
+        "measured alongside hold up better than microseconds. For figures to publish, run "
+        "again with `--wait-for-quiet 0.7`"
     ]

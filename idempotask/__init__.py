@@ -35,7 +35,13 @@ from idempotask.errors import (
     SerializationError,
 )
 from idempotask.events import Event, EventKind, add_listener, remove_listener
-from idempotask.idempotent import IdempotentFunction, idempotent, register_cancellation
+from idempotask.idempotent import (
+    BoundCall,
+    IdempotentFunction,
+    IdempotentMethod,
+    idempotent,
+    register_cancellation,
+)
 from idempotask.keys import make_key, register_encoder, unregister_encoder
 from idempotask.lease import LeaseLostWarning, current_lease, lease_held
 
@@ -104,6 +110,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AlreadyInProgress",
     "BackendError",
+    "BoundCall",
     "CachedFailure",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -121,6 +128,7 @@ __all__ = [
     "FailureKind",
     "IdempotaskError",
     "IdempotentFunction",
+    "IdempotentMethod",
     "KeyEncodingError",
     "KeyMismatchError",
     "LeaseLostWarning",

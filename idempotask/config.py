@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from idempotask.backends import Backend, backend_from_url
+from idempotask.backends import Backend, backend_from_url, check_url
 from idempotask.backends.base import ProvidesStores
 from idempotask.backends.deadletters import (
     DeadLetter,
@@ -142,6 +142,8 @@ def check_backend(value: Any) -> Backend | str | None:
                 "backend: expected a URL such as 'redis://localhost:6379/0' (a scheme and "
                 "'://'); the value given has no scheme"
             )
+        if isinstance(value, str):
+            check_url(value)  # an unknown scheme fails here, not at the first call
         return value
     if isinstance(value, Backend):
         return value

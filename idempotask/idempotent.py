@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import itertools
 import logging
@@ -22,18 +21,16 @@ from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    Concatenate,
-    Generic,
     Literal,
     NoReturn,
     ParamSpec,
-    Protocol,
     TypeVar,
     cast,
     overload,
 )
 
 from idempotask import config, events, flow, lease
+from idempotask._decorated import BoundCall, IdempotentFunction, IdempotentMethod, _Idempotent
 from idempotask.backends.base import Backend, Record, State
 from idempotask.errors import (
     AlreadyInProgress,
@@ -47,7 +44,15 @@ from idempotask.errors import (
 )
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op
-from idempotask.keys import KEY_VERSION, CallKeyer, _check_name, claim_name, default_name, digest
+from idempotask.keys import (
+    KEY_VERSION,
+    CallKeyer,
+    _check_name,
+    claim_name,
+    default_name,
+    digest,
+    explicit_digest,
+)
 from idempotask.serializers import (
     JSONSerializer,
     Serializer,
@@ -58,11 +63,15 @@ from idempotask.serializers import (
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
-
     from idempotask.breaker import CircuitBreaker
 
-__all__ = ["IdempotentFunction", "idempotent", "register_cancellation"]
+__all__ = [
+    "BoundCall",
+    "IdempotentFunction",
+    "IdempotentMethod",
+    "idempotent",
+    "register_cancellation",
+]
 
 log = logging.getLogger("idempotask")
 
@@ -237,8 +246,7 @@ class Spec:
         self.refresh()
         if explicit is not None:
             # An explicit key (an Idempotency-Key header) is hashed too: it may be secret.
-            d = digest(b"explicit:" + explicit.encode("utf-8", "surrogatepass"))
-            return f"{self._namespace}:{self.name}:{KEY_VERSION}:x{d}"
+            return f"{self._namespace}:{self.name}:{KEY_VERSION}:{explicit_digest(explicit)}"
         return f"{self._namespace}:{self.name}:{KEY_VERSION}:{self.fingerprint(args, kwargs)}"
 
     def previous_keys(self, key: str) -> tuple[str, ...]:
@@ -728,102 +736,35 @@ class _Running:
 
 
 # --------------------------------------------------------------------------------------
-# The decorator.
+# The decorator. What it returns, typed and with its helpers, is in idempotask._decorated.
 # --------------------------------------------------------------------------------------
-
-
-class IdempotentFunction(Protocol[P, R_co]):
-    """What ``@idempotent`` returns: the function, plus key helpers.
-
-    For methods, pass the instance explicitly to the helpers:
-    ``Account.charge.key_for(account, 100)``.
-    """
-
-    @property
-    def __wrapped__(self) -> Callable[P, R_co]:
-        """The undecorated function."""
-        ...
-
-    @property
-    def idempotency(self) -> Options:
-        """The validated options this function was decorated with."""
-        ...
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-
-    # Methods: looked up on an instance, the function binds ``self`` like any function.
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
-
-    @overload
-    def __get__(
-        self: IdempotentFunction[Concatenate[_S, _P2], R_co],
-        instance: _S,
-        owner: type[Any] | None = None,
-    ) -> Callable[_P2, R_co]: ...
-
-    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The store key of this call, without running or claiming anything."""
-        ...
-
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Drop this call's stored result so it runs again; see :meth:`forget_key`."""
-        ...
-
-    def forget_key(self, key: str, *, force: bool = False) -> bool:
-        """Drop the record under ``key``. An in-progress claim raises
-        :class:`AlreadyInProgress` unless ``force=True``. Returns whether a record went."""
-        ...
-
-    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:
-        """This function with a per-call explicit key (an Idempotency-Key header, a
-        message id) and/or an owner id (a task id shared by a task's retries)."""
-        ...
-
-
-class _BoundCall(Generic[P, R]):
-    """``fn.using(key=..., owner=...)``: the function bound to call-level options."""
-
-    __slots__ = ("_async", "_explicit", "_owner", "_spec")
-
-    def __init__(self, spec: Spec, is_async: bool, explicit: str | None, owner: str) -> None:
-        self._spec = spec
-        self._async = is_async
-        self._explicit = explicit
-        self._owner = owner
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        driver = adrive if self._async else drive
-        return cast(R, driver(self._spec, args, kwargs, self._explicit, self._owner))
-
-
-def _forget_key(spec: Spec, key: str, force: bool) -> bool:
-    backend = spec.backend()
-    if force:
-        return backend.delete(key)
-    record = backend.get(key)
-    if record is None:
-        return False
-    if record.state is State.IN_PROGRESS:
-        raise AlreadyInProgress(
-            f"{key} is being computed right now; pass force=True to drop the claim anyway",
-            key=key,
-        )
-    return backend.delete(key, token=record.token)
 
 
 _FORBIDDEN_AFTER = ("__idempotask_dead_letter__",)
 
 
-def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
-    if isinstance(func, (staticmethod, classmethod)):
-        return type(func)(_wrap(func.__func__, options))
+def _wrap(func: Any, options: dict[str, Any]) -> Any:
+    if isinstance(func, staticmethod):
+        return staticmethod(_wrap(func.__func__, options))
+    if isinstance(func, classmethod):
+        # Binds the class itself rather than sitting in a classmethod, so the helpers
+        # bind it too (a classmethod around it would on Python < 3.13 only).
+        wrapped = _wrap(func.__func__, options)
+        wrapped.binds_class()
+        return wrapped
     if not callable(func):
         raise ConfigurationError(f"@idempotent: expected a function, got {func!r}")
     if any(hasattr(func, marker) for marker in _FORBIDDEN_AFTER):
         raise ConfigurationError(
             f"@idempotent must be applied under @dead_letter, not over it: put @dead_letter "
             f"first (outermost) on {getattr(func, '__qualname__', func)!r}"
+        )
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise ConfigurationError(
+            f"@idempotent cannot wrap {getattr(func, '__qualname__', func)!r}: it is a "
+            "generator function, so a call returns an iterator that runs later and no store "
+            "can keep it as the call's result. Collect the items in the function (return a "
+            "list) and decorate that"
         )
     name = options.pop("name")
     name = _check_name(name) if name is not None else default_name(func)
@@ -835,31 +776,27 @@ def _wrap(func: Callable[..., Any], options: dict[str, Any]) -> Any:
     )
     breaker = _check_breaker(options.pop("breaker"))
     opts = _validate(name, options)
-    claim_name(name, f"{func.__module__}.{func.__qualname__}")
+    claim_name(name, f"{func.__module__}.{func.__qualname__}", keyer)
     # The breaker guards the body, inside the claim: an open breaker fails fast and the
     # key is released like after any failure.
     spec = Spec(func if breaker is None else breaker(func), opts, keyer)
-    is_async = inspect.iscoroutinefunction(func)
 
+    is_async = inspect.iscoroutinefunction(func)
     if is_async:
 
-        @functools.wraps(func)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
             return await adrive(spec, args, kwargs)
 
+        w = _Idempotent.make(call_async, func)
     else:
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             return drive(spec, args, kwargs)
 
-    w: Any = wrapper
+        w = _Idempotent.make(call, func)
     w.idempotency = opts
     w.__idempotask_spec__ = spec
-    w.key_for = lambda *args, **kwargs: spec.key(args, kwargs, None)
-    w.forget = lambda *args, **kwargs: _forget_key(spec, spec.key(args, kwargs, None), False)
-    w.forget_key = lambda key, *, force=False: _forget_key(spec, key, force)
-    w.using = lambda *, key=None, owner=None: _BoundCall(spec, is_async, key, owner or "")
+    w._driver = adrive if is_async else drive
     return w
 
 

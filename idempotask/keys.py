@@ -9,8 +9,10 @@ hashed with BLAKE2b, so no argument value reaches the key::
 The encoding never uses ``hash()``, ``repr()`` or ``id()``; its output for every kind of
 value is pinned by golden vectors in the tests. Changing it means a new version tag.
 
->>> make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))
+>>> autoclose.key_for(7, datetime.date(2026, 1, 2))  # doctest: +SKIP
 'idempotask:reports.autoclose:v1:...'
+>>> make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))  # the same key
+... # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import enum
 import inspect
 import math
 import pathlib
+import re
 import threading
 import uuid
 import warnings
@@ -41,6 +44,7 @@ __all__ = [
     "CallKeyer",
     "digest",
     "encode",
+    "explicit_key",
     "make_key",
     "qualified_name",
     "register_encoder",
@@ -107,9 +111,29 @@ def _enc_bool(v: bool, path: Path) -> str:
     return "T" if v else "F"
 
 
+# Ints of more than this many digits are refused, whatever sys.set_int_max_str_digits()
+# says in this process (Python's default limit): every process must agree on what
+# encodes, and such a number is never how a call is identified.
+_MAX_INT_DIGITS = 4300
+
+
 def _enc_int(v: int, path: Path) -> str:
-    s = str(v)
+    try:
+        s = str(v)
+    except ValueError:  # over this interpreter's limit, which is at most ours
+        raise _too_long_int(path) from None
+    if len(s) > _MAX_INT_DIGITS and len(s) - (s[0] == "-") > _MAX_INT_DIGITS:
+        raise _too_long_int(path)
     return f"i{len(s)}:{s}"
+
+
+def _too_long_int(path: Path) -> KeyEncodingError:
+    return KeyEncodingError(
+        f"{_where(path)} is an int of more than {_MAX_INT_DIGITS:,} digits, which key "
+        f"material cannot hold; {_advice(path, 'key the call by something shorter')}",
+        path=path,
+        type_name="builtins.int",
+    )
 
 
 def _enc_float(v: float, path: Path) -> str:
@@ -144,13 +168,21 @@ def _enc_set(v: Iterable[Any], path: Path) -> str:
 
 
 def _enc_dict(v: Mapping[Any, Any], path: Path) -> str:
+    # Paths name an entry by its position and its key's type, never by the key itself:
+    # a dict key may be a secret (a card number, a token).
     pairs = []
-    for k, item in v.items():
-        ek = _encode(k, f"{path}<key>")
-        sub = f"{path}[{k!r}]" if isinstance(k, (str, int)) else f"{path}[...]"
-        pairs.append(ek + _encode(item, sub))
+    for i, (k, item) in enumerate(v.items()):
+        ek = _encode(k, f"{path}<key {i}>")
+        pairs.append(ek + _encode(item, f"{path}[<{type(k).__name__} key {i}>]"))
     pairs.sort()
     return f"d{len(pairs)}[{''.join(pairs)}]"
+
+
+# normalize() in a context that can neither round nor overflow: every finite Decimal has
+# one canonical form (the default context's exponent range stops at 1E+999999).
+_DECIMAL_CONTEXT = decimal.Context(
+    prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN
+)
 
 
 def _enc_decimal(v: decimal.Decimal, path: Path) -> str:
@@ -158,7 +190,7 @@ def _enc_decimal(v: decimal.Decimal, path: Path) -> str:
         return "mnan"
     if v.is_zero():
         return "m0"
-    s = str(v.normalize(decimal.Context(prec=max(decimal.MAX_PREC, 1))))
+    s = str(v.normalize(_DECIMAL_CONTEXT))
     return f"m{len(s)}:{s}"
 
 
@@ -167,7 +199,15 @@ def _enc_datetime(v: datetime.datetime, path: Path) -> str:
         s = v.isoformat()
         return f"t{len(s)}:{s}"
     # aware: by instant, so the same moment in two zones gives one key
-    s = v.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+    try:
+        s = v.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+    except OverflowError:  # within a day of datetime.min / max: no UTC datetime for it
+        raise KeyEncodingError(
+            f"{_where(path)} is an aware datetime whose UTC instant falls outside the years "
+            f"1-9999, so it has no canonical form; {_advice(path, 'pass it in UTC')}",
+            path=path,
+            type_name=qualified_name(type(v)),
+        ) from None
     return f"z{len(s)}:{s}"
 
 
@@ -306,23 +346,67 @@ def _find_encoder(cls: type) -> Callable[[Any, Path], str] | None:
     return None
 
 
+# Paths start with what holds the value: an argument's name, "key=" (what the key=
+# callable returned), or "value" / "" (a value given to encode() directly).
+_KEY_CALLABLE = "key="
+_NOT_AN_ARGUMENT = ("", "value", _KEY_CALLABLE)
+_PATH_STEP = re.compile(r"[.\[{<]")
+
+
+def _argument(path: Path) -> str:
+    """The argument a path starts in ("" when the value is not an argument)."""
+    head = _PATH_STEP.split(path, maxsplit=1)[0]
+    return "" if head in _NOT_AN_ARGUMENT else head
+
+
+def _where(path: Path) -> str:
+    if path.startswith(_KEY_CALLABLE):
+        rest = path[len(_KEY_CALLABLE) :]
+        return f"what key= returned{f' (at {rest})' if rest else ''}"
+    if not _argument(path):
+        return f"key material at {path!r}" if path else "key material"
+    return f"argument {path!r}"
+
+
+def _advice(path: Path, first: str) -> str:
+    """What the user can do about an argument: ``first``, then key= or exclude_args."""
+    if path.startswith(_KEY_CALLABLE):
+        return f"{first}, or make key= return an id"
+    argument = _argument(path)
+    if not argument:
+        return first
+    return (
+        f"{first}, pass key=... to the decorator, or leave the argument out with "
+        f"exclude_args=({argument!r},)"
+    )
+
+
+def _user_defined(cls: type) -> bool:
+    """Whether the user can add a method to ``cls`` (not a builtin such as ``function``)."""
+    return cls.__module__ != "builtins" and hasattr(cls, "__dict__")
+
+
 def _unsupported(v: Any, path: Path) -> KeyEncodingError:
     cls = type(v)
     tname = qualified_name(cls)
-    where = f"argument {path!r}" if path else "key material"
-    if getattr(cls, "__init__", object.__init__) is not object.__init__ or hasattr(v, "__dict__"):
+    where = _where(path)
+    register = f"call idempotask.register_encoder({cls.__name__}, ...)"
+    if _user_defined(cls) and (
+        getattr(cls, "__init__", object.__init__) is not object.__init__ or hasattr(v, "__dict__")
+    ):
         return MissingKeyMaterialError(
-            f"{where} is a {tname} instance, which carries no key material: define "
-            f"{cls.__name__}.__idempotency_key__() returning what identifies it, call "
-            f"idempotask.register_encoder({cls.__name__}, ...), pass key=... to the "
-            f"decorator, or leave the argument out with exclude_args=({path.split('.')[0]!r},)",
+            f"{where} is a {tname} instance, which carries no key material; "
+            + _advice(
+                path,
+                f"define {cls.__name__}.__idempotency_key__() returning what identifies it, "
+                f"{register}",
+            ),
             path=path,
             type_name=tname,
         )
+    first = register if cls.__module__ != "builtins" else "key the call by an id instead"
     return KeyEncodingError(
-        f"{where} has type {tname}, which idempotency keys cannot encode; register an encoder "
-        f"with idempotask.register_encoder({cls.__name__}, ...), pass key=... or exclude it "
-        "with exclude_args=",
+        f"{where} has type {tname}, which idempotency keys cannot encode; " + _advice(path, first),
         path=path,
         type_name=tname,
     )
@@ -348,7 +432,7 @@ def encode(value: Any, path: str = "value") -> bytes:
         return _encode(value, path).encode("utf-8", "surrogatepass")
     except RecursionError:
         raise KeyEncodingError(
-            f"{path!r} is nested too deeply (or contains itself) to encode as key material",
+            f"{_where(path)} is nested too deeply (or contains itself) to encode as key material",
             path=path,
             type_name=qualified_name(type(value)),
         ) from None
@@ -357,6 +441,28 @@ def encode(value: Any, path: str = "value") -> bytes:
 def digest(material: bytes) -> str:
     """The hex BLAKE2b digest used in keys."""
     return blake2b(material, digest_size=_DIGEST_SIZE).hexdigest()
+
+
+def explicit_digest(key: str) -> str:
+    """The last part of the store key of an explicit per-call key (``using(key=...)``):
+    ``x`` and a digest of it, as the key itself may be secret (an Idempotency-Key header)."""
+    return "x" + digest(b"explicit:" + key.encode("utf-8", "surrogatepass"))
+
+
+def explicit_key(name: str, key: str, *, namespace: str | None = None) -> str:
+    """The store key of calls to the function named ``name`` made with
+    ``using(key=key)``; the function need not be defined in this process.
+
+    >>> explicit_key("billing.charge", "Idem-123")  # doctest: +SKIP
+    'idempotask:billing.charge:v1:x4f0c...'
+    """
+    from idempotask.config import check_namespace, settings
+
+    _check_name(name)
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError("explicit_key: the explicit key must be a non-empty str")
+    ns = settings().namespace if namespace is None else check_namespace(namespace)
+    return f"{ns}:{name}:{KEY_VERSION}:{explicit_digest(key)}"
 
 
 def _check_name(name: str) -> str:
@@ -371,23 +477,51 @@ def _check_name(name: str) -> str:
     return name
 
 
-def make_key(name: str, /, namespace: str | None = None, **parts: Any) -> str:
-    """A key built by hand from named parts, in the same format as decorated calls.
+def make_key(
+    name: str,
+    arguments: Mapping[str, Any] | None = None,
+    /,
+    *,
+    namespace: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """The store key of a call to the ``@idempotent`` function named ``name``, from its
+    arguments by name: the same key as ``fn.key_for(...)``, for code (or the ``idempotask
+    keys compute`` command) that has the name and the arguments but not the function.
 
     >>> make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))  # doctest: +SKIP
     'idempotask:reports.autoclose:v1:...'
+    >>> make_key("reports.autoclose", {"job_id": 7, "day": datetime.date(2026, 1, 2)})
+    ... # doctest: +SKIP
 
-    The namespace defaults to the configured one. Part order does not matter.
+    What it needs: the function must be defined in this process (import its module), as
+    its signature says the order of the arguments and their defaults, and its
+    ``key_args`` / ``exclude_args`` / ``key=`` what makes the key. Arguments go by
+    parameter name, in any order; defaults apply; ``*args`` is given as a list under its
+    name and ``**kwargs`` as a dict under its name (as dead letters store them).
+    Give them as a mapping when a parameter is called ``namespace``. The namespace
+    defaults to the configured one.
     """
-    from idempotask.config import settings
+    from idempotask.config import check_namespace, settings
 
     _check_name(name)
-    ns = settings().namespace if namespace is None else namespace
-    try:
-        material = _enc_dict(parts, "")
-    except RecursionError:
-        raise KeyEncodingError("make_key: a part is nested too deeply to encode") from None
-    return f"{ns}:{name}:{KEY_VERSION}:{digest(material.encode('utf-8', 'surrogatepass'))}"
+    with _names_lock:
+        keyer = _keyers.get(name)
+    if keyer is None:
+        raise ConfigurationError(
+            f"make_key: no @idempotent function named {name!r} is defined in this process; "
+            "import the module that defines it (its signature gives the arguments' order "
+            "and defaults), or call fn.key_for(...) on the function itself"
+        )
+    if arguments is not None and not isinstance(arguments, Mapping):
+        raise ConfigurationError(
+            f"make_key: arguments must be a mapping of parameter names to values, got "
+            f"{type(arguments).__name__}"
+        )
+    given = {**(arguments or {}), **kwargs}
+    ns = settings().namespace if namespace is None else check_namespace(namespace)
+    args, kw = keyer.call_arguments(name, given)
+    return f"{ns}:{name}:{KEY_VERSION}:{digest(keyer.material(args, kw))}"
 
 
 # --------------------------------------------------------------------------------------
@@ -395,17 +529,22 @@ def make_key(name: str, /, namespace: str | None = None, **parts: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 _names: dict[str, str] = {}
+_keyers: dict[str, CallKeyer] = {}  # what make_key() needs to key a call by name
 _names_lock = threading.Lock()
 
 
-def claim_name(name: str, owner: str) -> None:
-    """Register ``name`` for the function ``owner`` (its qualified name).
+def claim_name(name: str, owner: str, keyer: CallKeyer | None = None) -> None:
+    """Register ``name`` for the function ``owner`` (its qualified name), with the
+    ``keyer`` that keys its calls (for :func:`make_key`).
 
     The same function registered again (a module reload, a test re-definition) is
-    fine; a different function under the same name is a :class:`DuplicateNameError`.
+    fine and its latest keyer is kept; a different function under the same name is a
+    :class:`DuplicateNameError`.
     """
     with _names_lock:
         current = _names.setdefault(name, owner)
+        if current == owner and keyer is not None:
+            _keyers[name] = keyer
     if current != owner:
         raise DuplicateNameError(
             f"idempotency name {name!r} is already used by {current}; {owner} cannot share it "
@@ -417,6 +556,7 @@ def release_name(name: str) -> None:
     """Forget a registered name (for tests that define throwaway functions)."""
     with _names_lock:
         _names.pop(name, None)
+        _keyers.pop(name, None)
 
 
 _MISSING = object()
@@ -495,6 +635,12 @@ class CallKeyer:
     ) -> tuple[int, ...]:
         if key_args is not None and exclude_args is not None:
             raise ConfigurationError("key_args and exclude_args cannot be combined; pick one")
+        if self._key_fn is not None and (key_args is not None or exclude_args is not None):
+            option = "key_args" if key_args is not None else "exclude_args"
+            raise ConfigurationError(
+                f"key= and {option}= cannot be combined: key= computes the key material from "
+                f"the arguments itself, so {option}= would be ignored; pick one"
+            )
         chosen = key_args if key_args is not None else exclude_args
         if isinstance(chosen, str):
             option = "key_args" if key_args is not None else "exclude_args"
@@ -531,7 +677,7 @@ class CallKeyer:
                     if self._var_kw < 0:
                         self._raise_bind_error(args, kwargs)
                     extra[k] = v
-                elif i < len(args):
+                elif i < n_pos and i < len(args):  # given by position already
                     self._raise_bind_error(args, kwargs)
                 else:
                     values[i] = v
@@ -544,6 +690,26 @@ class CallKeyer:
                 self._raise_bind_error(args, kwargs)
         return values
 
+    def call_arguments(
+        self, name: str, arguments: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments for a call given by parameter name
+        (``*args`` as a sequence under its name, ``**kwargs`` as a mapping under its)."""
+        params = list(self._sig.parameters.values())[len(self._sig.parameters) - len(self._names) :]
+        signature = self._sig.replace(parameters=params)
+        unknown = [n for n in arguments if n not in signature.parameters]
+        if unknown:
+            raise ConfigurationError(
+                f"{name} takes no argument {', '.join(map(repr, unknown))}; its parameters "
+                f"are ({', '.join(signature.parameters)})"
+            )
+        ordered = {n: arguments[n] for n in signature.parameters if n in arguments}
+        bound = inspect.BoundArguments(signature, ordered)
+        # Defaults first: .args stops at the first parameter without a value, which would
+        # turn a later *args into a keyword.
+        bound.apply_defaults()
+        return bound.args, bound.kwargs
+
     def _raise_bind_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._sig.bind(*args, **kwargs)  # raises Python's own, precise TypeError
         raise TypeError(f"cannot bind arguments to {self._sig}")  # pragma: no cover
@@ -551,7 +717,7 @@ class CallKeyer:
     def material(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         """The canonical encoding of one call's key material."""
         if self._key_fn is not None:
-            return encode(self._key_fn(*args, **kwargs), "key=")
+            return encode(self._key_fn(*args, **kwargs), _KEY_CALLABLE)
         values = self.bind(args, kwargs)
         exact = _EXACT.get  # _encode's first step, without a call per argument
         try:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import idempotask
-from idempotask import KeyEncodingError, MissingKeyMaterialError, idempotent, make_key
+from idempotask import KeyEncodingError, MissingKeyMaterialError, idempotent
 from idempotask.keys import encode
 
 UTC = datetime.timezone.utc
@@ -204,9 +204,9 @@ def test_unsupported_values_name_the_argument_path_and_type() -> None:
 
     with pytest.raises(KeyEncodingError) as info:
         place.key_for({"items": [1, 2, object()]})
-    assert info.value.path == "order['items'][2]"
+    assert info.value.path == "order[<str key 0>][2]"
     assert info.value.type_name == "builtins.object"
-    assert "order['items'][2]" in str(info.value)
+    assert "order[<str key 0>][2]" in str(info.value)
     assert isinstance(info.value, TypeError)
 
 
@@ -279,16 +279,7 @@ def test_classmethod_cls_encodes_as_its_qualified_name() -> None:
 
     assert Base.make() == "Base"
     assert Child.make() == "Child"
-    assert Base.make.__func__.key_for(Base) != Base.make.__func__.key_for(Child)
-
-
-def test_make_key_builds_keys_from_named_parts_in_any_order() -> None:
-    a = make_key("reports.autoclose", job_id=7, day=datetime.date(2026, 1, 2))
-    b = make_key("reports.autoclose", day=datetime.date(2026, 1, 2), job_id=7)
-    c = make_key("reports.autoclose", job_id=8, day=datetime.date(2026, 1, 2))
-    assert a == b != c
-    assert a.startswith("idempotask:reports.autoclose:v1:")
-    assert make_key("x", namespace="other", a=1).startswith("other:x:v1:")
+    assert Base.make.key_for() != Child.make.key_for()
 
 
 # ---------------------------------------------------------------------------- properties
@@ -393,11 +384,17 @@ def test_keys_are_identical_in_other_interpreters_with_other_hash_seeds() -> Non
     script = textwrap.dedent(
         """
         import datetime, decimal, uuid
-        from idempotask import make_key
-        print(make_key("x.y", a={"k": {1, 2, "z"}, 3.5: [None, b"b"]},
-                       b=frozenset({"p", "q", "r"}), c=decimal.Decimal("2.50"),
-                       d=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
-                       e=uuid.UUID(int=3)))
+        import idempotask
+        from idempotask import idempotent
+
+        @idempotent(name="x.y")
+        def f(a, b, c, d, e):
+            return None
+
+        print(f.key_for(a={"k": {1, 2, "z"}, 3.5: [None, b"b"]},
+                        b=frozenset({"p", "q", "r"}), c=decimal.Decimal("2.50"),
+                        d=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+                        e=uuid.UUID(int=3)))
         """
     )
     outputs = set()
@@ -444,3 +441,104 @@ def test_a_bad_call_raises_pythons_own_type_error() -> None:
     for args in [(1,), (1, 2)]:
         with pytest.raises(TypeError, match="missing a required argument: 'k'"):
             g(*args)  # type: ignore[call-arg]
+
+
+# ---------------------------------------------------------------- errors never show values
+
+
+def test_a_key_encoding_error_names_dict_entries_by_position_and_type_never_by_value() -> None:
+    """A dict key may be a secret (a card number): the path and message never show it."""
+
+    @idempotent
+    def pay(cards: dict[Any, Any]) -> None:
+        return None
+
+    with pytest.raises(KeyEncodingError) as info:
+        pay.key_for({"4111 1111 1111 1111": object()})
+    assert "4111" not in str(info.value)
+    assert "4111" not in info.value.path
+    assert info.value.path == "cards[<str key 0>]"
+    with pytest.raises(KeyEncodingError) as info:
+        pay.key_for({"ok": 1, 4111111111111111: [object()]})
+    assert "4111" not in str(info.value)
+    assert info.value.path == "cards[<int key 1>][0]"
+    with pytest.raises(KeyEncodingError) as info:
+        pay.key_for({("4111", object()): 1})
+    assert "4111" not in str(info.value)
+    assert info.value.path == "cards<key 0>[1]"
+
+
+def test_advice_for_a_nested_value_names_the_argument_not_the_path() -> None:
+    @idempotent
+    def place(order: dict[str, Any]) -> None:
+        return None
+
+    class Opaque:
+        __slots__ = ()
+
+    with pytest.raises(KeyEncodingError) as info:
+        place.key_for({"items": [Opaque()]})
+    message = str(info.value)
+    assert "exclude_args=('order',)" in message
+    assert "exclude_args=('order[" not in message
+
+
+def test_advice_never_asks_to_define_a_method_on_a_builtin_type() -> None:
+    """A lambda (or any builtin type) cannot get ``__idempotency_key__``: the advice is
+    what the user can do, and its type is named."""
+
+    @idempotent
+    def schedule(callback: Any) -> None:
+        return None
+
+    with pytest.raises(KeyEncodingError) as info:
+        schedule.key_for(lambda: 1)
+    message = str(info.value)
+    assert not isinstance(info.value, MissingKeyMaterialError)
+    assert "function.__idempotency_key__" not in message
+    assert "__idempotency_key__" not in message
+    assert "builtins.function" in message
+    assert "exclude_args=('callback',)" in message
+
+
+def test_advice_for_key_material_from_key_callable_does_not_suggest_exclude_args() -> None:
+    @idempotent(key=lambda event: event["payload"])
+    def handle(event: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(KeyEncodingError) as info:
+        handle.key_for({"payload": object()})
+    message = str(info.value)
+    assert "exclude_args" not in message
+    assert "key=" in message
+
+
+def test_a_user_class_without_key_material_gets_the_method_advice() -> None:
+    class Ledger:
+        def __init__(self) -> None:
+            self.book = "secret-book"
+
+    @idempotent
+    def post(ledger: Ledger) -> None:
+        return None
+
+    with pytest.raises(MissingKeyMaterialError) as info:
+        post.key_for(Ledger())
+    message = str(info.value)
+    assert "Ledger.__idempotency_key__()" in message
+    assert "exclude_args=('ledger',)" in message
+    assert "secret-book" not in message
+
+
+def test_keyword_only_arguments_after_varargs_bind_with_many_positional_arguments() -> None:
+    """A keyword-only parameter's index is no position: ``f(1, 2, 3, scale=2)`` used to be
+    refused as if ``scale`` had been given twice."""
+
+    @idempotent
+    def f(a: int, *rest: int, scale: int = 1, **extra: int) -> None:
+        return None
+
+    assert f.key_for(1, 2, 3, scale=2) != f.key_for(1, 2, 3)
+    assert f.key_for(1, 2, 3, scale=1) == f.key_for(1, 2, 3)
+    assert f.key_for(1, 2, 3, scale=2, k=5) == f.key_for(1, 2, 3, k=5, scale=2)
+    assert f(1, 2, 3, scale=2) is None

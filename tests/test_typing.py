@@ -38,3 +38,32 @@ def test_a_wrong_argument_type_is_caught_by_mypy(tmp_path: Path) -> None:
     result = _mypy(bad)
     assert result.returncode == 1
     assert 'incompatible type "str"' in result.stdout
+
+
+def test_helpers_of_a_method_looked_up_on_an_instance_check_their_arguments(
+    tmp_path: Path,
+) -> None:
+    """The bound helpers take the method's arguments without self, typed."""
+    bad = tmp_path / "bad_method.py"
+    bad.write_text(
+        "from idempotask import idempotent\n"
+        "class A:\n"
+        "    @idempotent\n"
+        "    def charge(self, amount: int) -> int:\n"
+        "        return amount\n"
+        "    @classmethod\n"
+        "    @idempotent\n"
+        "    def make(cls, n: int) -> str:\n"
+        "        return ''\n"
+        "A().charge.key_for('five')\n"
+        "A().charge.forget(A(), 5)\n"
+        "A.make.key_for('one')\n"
+        "x: int = A().charge.using(key='h')(5)\n"
+    )
+    result = _mypy(bad)
+    assert result.returncode == 1
+    lines = {line.split(":")[1] for line in result.stdout.splitlines() if ": error:" in line}
+    assert lines == {"10", "11", "12"}, result.stdout
+    assert ':10: error: Argument 1 to "key_for"' in result.stdout
+    assert ":11: error:" in result.stdout
+    assert ':12: error: Argument 1 to "key_for"' in result.stdout

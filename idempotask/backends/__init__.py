@@ -21,6 +21,7 @@ __all__ = [
     "State",
     "SupportsExpireNow",
     "backend_from_url",
+    "check_url",
     "load_factory",
     "register_scheme",
 ]
@@ -98,6 +99,30 @@ def _resolve(target: str, extra: str) -> BackendFactory:
     return factory
 
 
+def check_url(url: str) -> str:
+    """The lower-cased scheme of a backend URL, checked against the registry without
+    building anything (no import of a driver, no connection): a typo in a scheme fails
+    where the URL is given (``@idempotent(backend=...)``, ``configure()``), not at the
+    first call. Raises :class:`ConfigurationError` as :func:`backend_from_url` does.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        # Never echo the value: a malformed URL may still carry a password.
+        raise ConfigurationError(
+            "backend: expected a URL such as 'memory://' or 'redis://localhost:6379/0', "
+            f"got a {type(url).__name__} without '://'"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    _load_entry_points()
+    if scheme in _registered or scheme in _BUILTIN or scheme.split("+", 1)[0] in SQL_EXTRAS:
+        return scheme
+    known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
+    raise ConfigurationError(
+        f"backend: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)} "
+        "(SQL URLs may name a driver, e.g. 'postgresql+psycopg'); third-party stores "
+        "register through the 'idempotask.backends' entry-point group"
+    )
+
+
 def backend_from_url(url: str) -> Backend:
     """Build a backend from a URL: ``memory://``, ``redis://host:6379/0``,
     ``postgresql+psycopg://...``, ``sqlite:///path.db``, or a registered scheme.
@@ -110,24 +135,10 @@ def backend_from_url(url: str) -> Backend:
     An unknown scheme is a :class:`ConfigurationError` listing the known ones; a missing
     driver is a :class:`MissingDependencyError` naming the extra to install.
     """
-    if not isinstance(url, str) or "://" not in url:
-        # Never echo the value: a malformed URL may still carry a password.
-        raise ConfigurationError(
-            "backend: expected a URL such as 'memory://' or 'redis://localhost:6379/0', "
-            f"got a {type(url).__name__} without '://'"
-        )
-    scheme = url.split("://", 1)[0].lower()
-    _load_entry_points()
+    scheme = check_url(url)
     if scheme in _registered:
         return _registered[scheme](url)
     if scheme in _BUILTIN:
         return _resolve(*_BUILTIN[scheme])(url)
     dialect = scheme.split("+", 1)[0]
-    if dialect in SQL_EXTRAS:
-        return _resolve(_SQL_FACTORY, SQL_EXTRAS[dialect])(url)
-    known = sorted({*_BUILTIN, *_registered, *_SQL_DIALECTS})
-    raise ConfigurationError(
-        f"backend: unknown URL scheme {scheme!r}; known schemes: {', '.join(known)} "
-        "(SQL URLs may name a driver, e.g. 'postgresql+psycopg'); third-party stores "
-        "register through the 'idempotask.backends' entry-point group"
-    )
+    return _resolve(_SQL_FACTORY, SQL_EXTRAS[dialect])(url)

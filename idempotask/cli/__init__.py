@@ -1,4 +1,4 @@
-"""The ``idempotask`` command (also ``python -m idempotask``): dead letters and keys.
+"""The ``idempotask`` command (also ``python -m idempotask``): dead letters, keys, a demo.
 
 ::
 
@@ -15,8 +15,11 @@
     dlq process [--limit N] [--lease D] [--kind K]... [--function F]...
                 [--loop [--interval D]]
     dlq flush
+    keys list NAME [--limit N]
+    keys compute NAME [ARGUMENTS] [--explicit KEY]
     keys show KEY
     keys forget KEY [--force]
+    demo [--keep]
 
 ``FILTERS`` are ``--status S``, ``--kind K`` and ``--function F``, each repeatable (a
 letter matches any value given for an option, and every option given). An ``ID`` may be
@@ -95,6 +98,8 @@ def _configure(ctx: Context) -> None:
         options["spool_path"] = a.spool
     if options:
         config.configure(**options)  # type: ignore[arg-type]
+    if getattr(a, "offline", False):
+        return  # the command reads no configured store (keys compute, demo): nothing to note
     url = dead_letter_url() if a.group == "dlq" else backend_url()
     if url is not None and url.lower().startswith("memory:"):
         what = "dead-letter" if a.group == "dlq" else "idempotency"

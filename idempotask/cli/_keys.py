@@ -1,14 +1,60 @@
-"""``idempotask keys ...``: inspect the record under an idempotency key, or release it."""
+"""``idempotask keys ...``: list a function's keys, compute one, inspect the record under
+a key, or release it.
+
+Keys are shown as the library builds them (``namespace:name:v1:digest``, what
+``fn.key_for()`` returns and every command takes); on Redis the record lives under
+``namespace:{name:v1:digest}`` (``idempotask.backends.redis.record_key``), shown beside it.
+Everything read from the store is printed with its control characters escaped, so a
+stored value cannot drive the operator's terminal.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from idempotask import config
-from idempotask.backends.base import Backend, Record, State
-from idempotask.cli._common import CommandError, Context, Decoded, decode
-from idempotask.cli._text import fields, iso, span, to_json
-from idempotask.errors import CorruptRecordError
+from idempotask.backends.base import Backend, Record, State, SupportsScan
+from idempotask.cli._common import (
+    CommandError,
+    Context,
+    Decoded,
+    backend_url,
+    decode,
+    describe_backend,
+)
+from idempotask.cli._text import fields, iso, plural, span, table, to_json
+from idempotask.errors import ConfigurationError, CorruptRecordError
+from idempotask.keys import _check_name, explicit_key, make_key
+from idempotask.serializers import get_serializer
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "fallback+redis", "fallback+rediss", "fallback+unix")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (ESC, OSC, CR, line
+    breaks, bidi overrides...), as Python escapes them in a string literal (``repr``
+    does the same, so values shown with ``!r`` need no more).
+
+    >>> printable("ok\x1b]0;owned\x07\r")
+    'ok\\x1b]0;owned\\x07\\r'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def redis_key(key: str) -> str | None:
+    """Where a Redis store keeps the record of ``key``, when the configured store is
+    Redis (None otherwise, or when the driver is not installed)."""
+    url = backend_url()
+    if url is None or url.split("://", 1)[0].lower() not in _REDIS_SCHEMES:
+        return None
+    try:
+        from idempotask.backends.redis import record_key
+    except ImportError:
+        return None
+    return record_key(key)
 
 
 class _NotARecord(CommandError):
@@ -105,17 +151,19 @@ def cmd_show(ctx: Context) -> int:
         return 0
     label = "lease expires in" if record.state is State.IN_PROGRESS else "expires in"
     payload_label, payload = _payload_text(record)
+    stored_as = redis_key(key)
     ctx.print(
         fields(
             [
-                ("key", key),
+                ("key", printable(key)),
+                *([("redis key", printable(stored_as))] if stored_as else []),
                 ("state", record.state.value),
-                ("token", record.token),
-                ("owner", record.owner or "-"),
-                ("fingerprint", record.fingerprint or "-"),
+                ("token", printable(record.token)),
+                ("owner", printable(record.owner) or "-"),
+                ("fingerprint", printable(record.fingerprint) or "-"),
                 (label, _expiry(record, ctx.now)[0]),
                 ("payload", f"{len(record.payload)} bytes"),
-                (payload_label, payload),
+                (payload_label, printable(payload)),
             ]
         )
     )
@@ -136,7 +184,7 @@ def cmd_forget(ctx: Context) -> int:
         if ctx.json:
             ctx.print(to_json({"key": key, "forgotten": True, "state": None}))
         else:
-            ctx.print(f"forgot {key} (it held data that was not an idempotask record)")
+            ctx.print(f"forgot {printable(key)} (it held data that was not an idempotask record)")
         return 0
     if record is None:
         raise CommandError(f"no record under key {ctx.args.key!r}")
@@ -144,15 +192,129 @@ def cmd_forget(ctx: Context) -> int:
         lease = "" if record.expires_in is None else f", lease expires in {span(record.expires_in)}"
         owner = f", owner {record.owner!r}" if record.owner else ""
         raise CommandError(
-            f"{key} is in progress (token {record.token!r}{owner}{lease}): a call may be "
-            "running right now, and forgetting the key lets a duplicate run beside it. Wait "
-            "for the lease to run out, or pass --force to release it anyway"
+            f"{printable(key)} is in progress (token {record.token!r}{owner}{lease}): a call "
+            "may be running right now, and forgetting the key lets a duplicate run beside it. "
+            "Wait for the lease to run out, or pass --force to release it anyway"
         )
     # Delete only the record we looked at: if another call took the key meanwhile, keep it.
     if not backend.delete(key, token=record.token):
-        raise CommandError(f"{key} changed while it was being forgotten; look again")
+        raise CommandError(f"{printable(key)} changed while it was being forgotten; look again")
     if ctx.json:
         ctx.print(to_json({"key": key, "forgotten": True, "state": record.state.value}))
     else:
-        ctx.print(f"forgot {key} (it was {record.state.value}); the next call runs again")
+        ctx.print(
+            f"forgot {printable(key)} (it was {record.state.value}); the next call runs again"
+        )
+    return 0
+
+
+def _name(ctx: Context) -> str:
+    try:
+        return _check_name(ctx.args.name)
+    except ConfigurationError as exc:
+        raise CommandError(f"NAME: {exc}", 2) from exc
+
+
+def cmd_list(ctx: Context) -> int:
+    """``keys list NAME [--limit N]``: the live records of one function, bounded."""
+    name = _name(ctx)
+    backend = config.get_backend()
+    if not isinstance(backend, SupportsScan):
+        raise CommandError(
+            f"{describe_backend()} cannot list its keys: its store ({type(backend).__name__}) "
+            "does not offer scan(prefix, limit=) (idempotask.backends.base.SupportsScan). Compute "
+            "a key with `idempotask keys compute` and look at it with `idempotask keys show`"
+        )
+    limit: int = ctx.args.limit
+    prefix = f"{config.settings().namespace}:{name}:"
+    # One more than asked tells whether there are more; the store bounds its own work.
+    records = backend.scan(prefix, limit=limit + 1)
+    more = len(records) > limit
+    records = sorted(records[:limit], key=lambda r: r.key)
+    if ctx.json:
+        rows = [_listed_json(r, ctx.now) for r in records]
+        ctx.print(to_json({"prefix": prefix, "records": rows, "more": more}))
+        return 0
+    if not records:
+        ctx.print(f"no live records under {printable(prefix)}*")
+        return 0
+    ctx.print(
+        table(
+            ["KEY", "STATE", "EXPIRES IN", "OWNER", "PAYLOAD"],
+            [
+                [
+                    printable(r.key),
+                    r.state.value,
+                    "-" if r.expires_in is None else span(r.expires_in),
+                    printable(r.owner) or "-",
+                    f"{len(r.payload)} B",
+                ]
+                for r in records
+            ],
+            right="4",
+        )
+    )
+    shown = plural(len(records), "record")
+    if more:
+        ctx.print(f"{shown} shown; there are more (raise --limit, at most 10000)")
+    else:
+        ctx.print(f"{shown} (the store may report fewer than it holds: scans are bounded)")
+    return 0
+
+
+def _listed_json(record: Record, now: float) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "state": record.state.value,
+        "owner": record.owner,
+        "fingerprint": record.fingerprint,
+        "expires_in": record.expires_in,
+        "expires_at": _expiry(record, now)[1],
+        "payload_size": len(record.payload),
+    }
+
+
+def _arguments(text: str | None) -> dict[str, Any]:
+    """The JSON object given on the command line: plain JSON, or idempotask's typed JSON
+    for values JSON lacks (``{"$t": "date", "v": "2026-01-02"}``, as ``dlq show --json``
+    prints stored arguments)."""
+    if text is None:
+        return {}
+    try:
+        json.loads(text)
+        value = get_serializer("json").loads(text.encode("utf-8", "surrogatepass"))
+    except Exception as exc:
+        raise CommandError(f"ARGUMENTS: not valid JSON ({exc})", 2) from exc
+    if not isinstance(value, dict):
+        raise CommandError(
+            'ARGUMENTS: expected a JSON object of parameter names to values, e.g. {"order_id": 7}',
+            2,
+        )
+    return value
+
+
+def cmd_compute(ctx: Context) -> int:
+    """``keys compute NAME [ARGUMENTS] [--explicit KEY]``: the key a call is stored under."""
+    name = _name(ctx)
+    a = ctx.args
+    if a.explicit is not None:
+        if a.arguments is not None:
+            raise CommandError("give ARGUMENTS or --explicit, not both", 2)
+        try:
+            key = explicit_key(name, a.explicit)
+        except ConfigurationError as exc:
+            raise CommandError(f"--explicit: {exc}", 2) from exc
+    else:
+        try:
+            key = make_key(name, _arguments(a.arguments))
+        except ConfigurationError as exc:
+            hint = "" if a.imports else " (pass --import MODULE, the module that defines it)"
+            raise CommandError(f"{exc}{hint}", 1) from exc
+        except TypeError as exc:  # Python's own: a missing or misplaced argument
+            raise CommandError(f"ARGUMENTS do not make a call to {name}: {exc}", 1) from exc
+    stored_as = redis_key(key)
+    if ctx.json:
+        ctx.print(to_json({"key": key, "redis_key": stored_as}))
+    else:
+        ctx.print(fields([("key", key), *([("redis key", stored_as)] if stored_as else [])]))
     return 0

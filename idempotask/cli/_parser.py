@@ -45,6 +45,8 @@ examples:
   idempotask dlq show 3f2a9c                       # an id, or its first characters
   idempotask dlq retry --all --kind external --function billing.charge
   idempotask --import myapp.tasks dlq process --loop --interval 30s
+  idempotask --import myapp.tasks keys compute billing.charge '{"order_id": 7}'
+  idempotask keys list billing.charge --limit 20
   idempotask keys forget 'idempotask:billing.charge:v1:9b1f...' --force"""
 
 GLOBAL_DESTS = ("url", "dead_letter_url", "namespace", "spool", "json", "debug")
@@ -334,7 +336,57 @@ def _dlq_commands(sub: Any) -> None:
     _add_global_options(p, late=True)
 
 
+def _limit_arg(text: str) -> int:
+    value = positive_int_arg(text)
+    if value > 10_000:
+        raise argparse.ArgumentTypeError(f"at most 10000, got {value}")
+    return value
+
+
 def _keys_commands(sub: Any) -> None:
+    p = _command(
+        sub,
+        "list",
+        _keys.cmd_list,
+        "list the live records of one function",
+        "List the live records of the @idempotent function named NAME (its name= or\n"
+        "module.qualname) in the configured namespace, at most --limit of them: key,\n"
+        "state, expiry, owner, payload size. The store must offer scan() (every built-in\n"
+        "one does); scans are bounded, so a large store may show fewer than it holds.",
+    )
+    p.add_argument("name", metavar="NAME", help="e.g. billing.charge")
+    p.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=100,
+        metavar="N",
+        help="show at most N records (default: 100, at most 10000)",
+    )
+    _add_global_options(p, late=True)
+
+    p = _command(
+        sub,
+        "compute",
+        _keys.cmd_compute,
+        "compute the key of a call from JSON arguments",
+        "Print the store key of a call to the @idempotent function named NAME, the key\n"
+        "fn.key_for(...) gives: ARGUMENTS is a JSON object of parameter names to values\n"
+        "(defaults apply; *args as a list and **kwargs as an object under their names;\n"
+        'typed values as `dlq show --json` prints them, e.g. {"$t": "date", "v":\n'
+        '"2026-01-02"}). The function\'s signature decides the key, so --import the\n'
+        "module that defines it. With --explicit, the key of calls made with\n"
+        "fn.using(key=KEY) instead (no import needed). On Redis, the Redis key too.",
+    )
+    p.add_argument("name", metavar="NAME", help="e.g. billing.charge")
+    p.add_argument("arguments", metavar="ARGUMENTS", nargs="?", help="e.g. '{\"order_id\": 7}'")
+    p.set_defaults(offline=True)  # computes; reads no store
+    p.add_argument(
+        "--explicit",
+        metavar="KEY",
+        help="an explicit key given to fn.using(key=...), e.g. an Idempotency-Key header",
+    )
+    _add_global_options(p, late=True)
+
     p = _command(
         sub,
         "show",
@@ -386,12 +438,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = groups.add_parser(
         "keys",
-        help="idempotency keys: show a record, forget (release) a key",
-        description="Inspect or release idempotency keys.",
+        help="idempotency keys: list, compute, show a record, forget (release) a key",
+        description="List, compute, inspect or release idempotency keys.",
         formatter_class=_Formatter,
     )
     _keys_commands(keys.add_subparsers(dest="command", metavar="COMMAND", required=True))
+
+    demo = groups.add_parser(
+        "demo",
+        help="see @idempotent and @dead_letter at work on a SQLite file, in seconds",
+        description="Run a duplicate call, two processes racing on one key, a crash taken\n"
+        "over after its lease and a dead letter replayed, on a SQLite file in a temporary\n"
+        "directory, and say what happened. Needs pip install 'idempotask[sqlite]'.",
+        formatter_class=_Formatter,
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(handler=_demo, leaf_parser=demo, offline=True, command="demo")
     return parser
+
+
+def _demo(ctx: Any) -> int:
+    from idempotask.demo import main as demo  # loads SQLAlchemy: only for this command
+
+    return demo(["--keep"] if ctx.args.keep else [], out=ctx.out)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

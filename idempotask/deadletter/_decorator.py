@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import warnings
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
+from idempotask._binding import Bindable
+from idempotask._decorated import BoundCall, _BoundCall
 from idempotask.backends.base import DeadLetter
 from idempotask.errors import ConfigurationError
 from idempotask.flow import Flow, adrive, drive
@@ -56,16 +57,14 @@ _P2 = ParamSpec("_P2")
 _MARKER = "__idempotask_dead_letter__"
 
 
-class DeadLetterFunction(Protocol[P, R_co]):
-    """What ``@dead_letter`` returns: the function, recording its failures.
+class DeadLetterMethod(Protocol[P, R_co]):
+    """A ``@dead_letter`` function as a caller sees it, and what looking it up on an
+    instance gives (a method: the instance is passed first to the call and the helpers).
 
-    ``dead_letter_name`` is the name its letters carry and replays look up.
+    ``dead_letter_name`` is the name its letters carry and replays look up. The key
+    helpers are those of the ``@idempotent`` function under it (over a plain function
+    they raise :class:`ConfigurationError`).
     """
-
-    @property
-    def __wrapped__(self) -> Callable[P, R_co]:
-        """The decorated function (an ``@idempotent`` one, or plain)."""
-        ...
 
     @property
     def dead_letter_name(self) -> str:
@@ -74,7 +73,31 @@ class DeadLetterFunction(Protocol[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
-    def using(self, *, key: str | None = None, owner: str | None = None) -> Callable[P, R_co]:
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The inner ``@idempotent`` function's store key of this call."""
+        ...
+
+    def key_for_explicit(self, key: str) -> str:
+        """The store key of calls made with ``using(key=key)``."""
+        ...
+
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop this call's stored result so it runs again."""
+        ...
+
+    async def aforget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Async :meth:`forget`."""
+        ...
+
+    def forget_key(self, key: str, *, force: bool = False) -> bool:
+        """Drop the record under one of the function's store keys."""
+        ...
+
+    async def aforget_key(self, key: str, *, force: bool = False) -> bool:
+        """Async :meth:`forget_key`."""
+        ...
+
+    def using(self, *, key: str | None = None, owner: str | None = None) -> BoundCall[P, R_co]:
         """This function with the inner ``@idempotent``'s per-call explicit ``key`` (an
         Idempotency-Key header) and/or ``owner`` (a task id), failures still recorded.
 
@@ -84,15 +107,86 @@ class DeadLetterFunction(Protocol[P, R_co]):
         """
         ...
 
+
+class DeadLetterFunction(DeadLetterMethod[P, R_co], Protocol[P, R_co]):
+    """What ``@dead_letter`` returns: the function, recording its failures, with the key
+    helpers of the ``@idempotent`` function under it. Looked up on an instance it binds
+    like a function, helpers included."""
+
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]:
+        """The decorated function (an ``@idempotent`` one, or plain)."""
+        ...
+
+    # Binding for type checkers, as IdempotentFunction.__get__ explains.
+    @overload
+    def __get__(  # type: ignore[misc]
+        self: Callable[Concatenate[type[_S], _P2], R_co], instance: None, owner: type[_S]
+    ) -> DeadLetterMethod[_P2, R_co]: ...
+
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
 
     @overload
-    def __get__(
-        self: DeadLetterFunction[Concatenate[_S, _P2], R_co],
+    def __get__(  # type: ignore[misc]
+        self: Callable[Concatenate[type[_S], _P2], R_co],
         instance: _S,
         owner: type[Any] | None = None,
-    ) -> Callable[_P2, R_co]: ...
+    ) -> DeadLetterMethod[_P2, R_co]: ...
+
+    @overload
+    def __get__(
+        self: Callable[Concatenate[_S, _P2], R_co],
+        instance: _S,
+        owner: type[Any] | None = None,
+    ) -> DeadLetterMethod[_P2, R_co]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Self: ...
+
+
+class _DeadLetter(Bindable):
+    """The runtime type of :class:`DeadLetterFunction` (see :mod:`idempotask._binding`)."""
+
+    _kind = "dead-letter function"
+    dead_letter_name: str
+
+    def _idempotent(self, helper: str) -> Any:
+        inner = self.__wrapped__
+        if getattr(inner, "__idempotask_spec__", None) is None or not callable(
+            getattr(inner, helper, None)
+        ):
+            raise ConfigurationError(
+                f"{self.dead_letter_name}.{helper}() needs @idempotent under @dead_letter"
+            )
+        return inner
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        return str(self._idempotent("key_for").key_for(*args, **kwargs))
+
+    def key_for_explicit(self, key: str) -> str:
+        return str(self._idempotent("key_for_explicit").key_for_explicit(key))
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._idempotent("forget").forget(*args, **kwargs))
+
+    async def aforget(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(await self._idempotent("aforget").aforget(*args, **kwargs))
+
+    def forget_key(self, key: str, *, force: bool = False) -> bool:
+        return bool(self._idempotent("forget_key").forget_key(key, force=force))
+
+    async def aforget_key(self, key: str, *, force: bool = False) -> bool:
+        return bool(await self._idempotent("aforget_key").aforget_key(key, force=force))
+
+    def using(self, *, key: str | None = None, owner: str | None = None, **unknown: Any) -> Any:
+        return self._bound_using(key, owner, unknown, ())
+
+    def _bound_using(
+        self, key: Any, owner: Any, unknown: dict[str, Any], prefix: tuple[Any, ...]
+    ) -> Any:
+        reg: Registration = getattr(self, _MARKER)
+        return _using(reg, self.__wrapped__, key, owner, unknown, prefix)
 
 
 def _kept(
@@ -168,8 +262,12 @@ def _dead_letterable(error: BaseException) -> bool:
 
 
 def _wrap(func: Any, options: dict[str, Any]) -> Any:
-    if isinstance(func, (staticmethod, classmethod)):
-        return type(func)(_wrap(func.__func__, options))
+    if isinstance(func, staticmethod):
+        return staticmethod(_wrap(func.__func__, options))
+    if isinstance(func, classmethod):
+        wrapped = _wrap(func.__func__, options)
+        wrapped.binds_class()  # its helpers bind the class too (see idempotask._binding)
+        return wrapped
     if not callable(func):
         raise ConfigurationError(f"@dead_letter: expected a function, got {func!r}")
     if hasattr(func, _MARKER):
@@ -212,13 +310,13 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         breaker=_check_breaker(options["breaker"]),
     )
     reg.retry = _check_retry(options["retry"], reg.classifier)
-    wrapper = functools.wraps(func)(_recording(reg, func, None))
-    reg.call = wrapper
-    register(reg)
-    w: Any = wrapper
+    # Binds like a function, helpers included; a class method's binding comes along
+    # with the @idempotent function's attributes.
+    w = _DeadLetter.make(_recording(reg, func, None), func)
     setattr(w, _MARKER, reg)
     w.dead_letter_name = name
-    w.using = functools.partial(_using, reg, func)
+    reg.call = w
+    register(reg)
     return w
 
 
@@ -264,25 +362,36 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
 
 
 def _using(
-    reg: Registration, func: Any, *, key: str | None = None, owner: str | None = None
-) -> Any:
+    reg: Registration,
+    func: Any,
+    key: Any,
+    owner: Any,
+    unknown: dict[str, Any],
+    prefix: tuple[Any, ...],
+) -> _BoundCall:
     """``fn.using(key=..., owner=...)`` through the recording: the inner ``@idempotent``
-    function's per-call key and owner, with failures still dead-lettered."""
+    function's per-call key and owner, with failures still dead-lettered. ``prefix``:
+    the instance of a method looked up on one."""
     if reg.spec is None or not callable(getattr(func, "using", None)):
+        if unknown:
+            raise TypeError(
+                f"{reg.name}.using() got an unexpected keyword argument "
+                f"{next(iter(unknown))!r}; it takes key= and owner="
+            )
         if key is not None:
             raise ConfigurationError(
                 f"{reg.name}: using(key=...) needs @idempotent under @dead_letter"
             )
-        return reg.call
-    bound = func.using(key=key, owner=owner)
+        return _BoundCall(None, None, None, "", prefix, reg.call)
+    bound: _BoundCall = func.using(key=key, owner=owner, **unknown)
     if not reg.is_async:
-        return functools.wraps(func)(_recording(reg, bound, key))
+        return bound.through(_recording(reg, bound, key), prefix)
 
     # A coroutine function, so that in-call retries see an async callable.
     async def call(*args: Any, **kwargs: Any) -> Any:
         return await bound(*args, **kwargs)
 
-    return functools.wraps(func)(_recording(reg, call, key))
+    return bound.through(_recording(reg, call, key), prefix)
 
 
 def _check_breaker(breaker: Any) -> Any:

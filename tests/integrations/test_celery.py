@@ -554,6 +554,6 @@ def test_plain_idempotent_stacked_under_app_task_runs_once_without_a_producer_ke
         return n * scale
 
     # The same signature gives the same digest either way: switching keeps the keys.
-    stacked_key = stacked.run.key_for(None, 5)
+    stacked_key = stacked.run.key_for(5)  # run is bound to the task, like the call
     assert stacked_key.startswith("idempotask:itest.stacked:v1:")
     assert stacked_key.rsplit(":", 1)[1] == twin.key_for(5).rsplit(":", 1)[1]
