@@ -18,7 +18,7 @@ from idempotask.keys import KEY_VERSION
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs 3.11; only mypy reads this
 
-    from idempotask.idempotent import Options, Spec
+    from idempotask.call import Options, Spec
 
 __all__ = ["BoundCall", "IdempotentFunction", "IdempotentMethod", "check_explicit_key"]
 

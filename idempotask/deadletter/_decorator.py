@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 from idempotask._binding import Bindable
 from idempotask._decorated import BoundCall, _BoundCall
 from idempotask.backends.base import DeadLetter
+from idempotask.call import is_cached_error, is_cancellation
 from idempotask.errors import ConfigurationError
 from idempotask.flow import Flow, adrive, drive
-from idempotask.idempotent import is_cached_error, is_cancellation
 from idempotask.keys import _check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from idempotask import flow
 from idempotask.backends.base import DeadLetter
+from idempotask.call import Call
 from idempotask.deadletter._arguments import LetterArguments, call_arguments, letter_arguments
 from idempotask.deadletter._core import Hook, Policies, ReplayError, RouteHandler
 from idempotask.errors import ConfigurationError, DuplicateNameError
-from idempotask.idempotent import Call
 from idempotask.retry import InCallRetry
 from idempotask.taxonomy import Classifier
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from idempotask import config, flow
 from idempotask.backends.base import Backend, Record, State
 from idempotask.backends.deadletters import DeadLetter
+from idempotask.call import adrive, drive
 from idempotask.deadletter import DeadLetterQueue, default_queue
 from idempotask.deadletter._core import (
     NOT_DEAD_LETTERED,
@@ -31,11 +32,10 @@ from idempotask.deadletter._core import (
 )
 from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
 from idempotask.flow import Flow, Op, store_op
-from idempotask.idempotent import adrive, drive
 from idempotask.taxonomy import Classifier
 
 if TYPE_CHECKING:
-    from idempotask.idempotent import Spec
+    from idempotask.call import Spec
 
 __all__ = [
     "DEAD_LETTER_OPTIONS",

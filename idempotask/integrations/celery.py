@@ -78,6 +78,7 @@ from typing import Any
 from idempotask import config
 from idempotask.backends.base import State
 from idempotask.backends.deadletters import DeadLetter
+from idempotask.call import Spec, drive, register_cancellation
 from idempotask.deadletter import ReplayError, register_route
 from idempotask.errors import (
     AlreadyInProgress,
@@ -85,7 +86,7 @@ from idempotask.errors import (
     ConfigurationError,
     MissingDependencyError,
 )
-from idempotask.idempotent import Spec, drive, idempotent, register_cancellation
+from idempotask.idempotent import idempotent
 from idempotask.integrations._common import (
     NOT_DEAD_LETTERED,
     DeadLetterOptions,

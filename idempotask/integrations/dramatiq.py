@@ -57,9 +57,10 @@ from dramatiq.middleware import Middleware, MiddlewareError
 from idempotask import config
 from idempotask.backends.base import Backend
 from idempotask.backends.deadletters import DeadLetter
+from idempotask.call import Spec, adrive, drive, register_cancellation
 from idempotask.deadletter import DeadLetterQueue, ReplayError, register_route
 from idempotask.errors import ConfigurationError
-from idempotask.idempotent import Spec, adrive, drive, idempotent, register_cancellation
+from idempotask.idempotent import idempotent
 from idempotask.integrations._common import (
     DEAD_LETTER_OPTIONS,
     DEFAULT_DEAD_LETTER_OPTIONS,

@@ -55,9 +55,10 @@ from rq.timeouts import JobTimeoutException
 
 from idempotask import config
 from idempotask.backends.deadletters import DeadLetter
+from idempotask.call import register_cancellation
 from idempotask.deadletter import register_route
 from idempotask.errors import AlreadyInProgress, ConfigurationError
-from idempotask.idempotent import IdempotentFunction, idempotent, register_cancellation
+from idempotask.idempotent import IdempotentFunction, idempotent
 from idempotask.integrations._common import (
     DEFAULT_DEAD_LETTER_OPTIONS,
     NOT_DEAD_LETTERED,

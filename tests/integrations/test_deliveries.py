@@ -17,8 +17,8 @@ import pytest
 
 import idempotask
 from idempotask import idempotent
+from idempotask.call import is_cached_error
 from idempotask.errors import AlreadyInProgress
-from idempotask.idempotent import is_cached_error
 from idempotask.integrations._common import Delivery, Handover, arun_delivery, run_delivery
 
 
