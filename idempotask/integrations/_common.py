@@ -20,15 +20,14 @@ from idempotask.backends.base import Backend, Record, State
 from idempotask.backends.deadletters import DeadLetter
 from idempotask.call import adrive, drive
 from idempotask.deadletter import DeadLetterQueue, default_queue
+from idempotask.deadletter._arguments import bound_arguments, keep_arguments
 from idempotask.deadletter._core import (
     NOT_DEAD_LETTERED,
     Hook,
-    bound_arguments,
     check_classifier,
     check_hook,
     check_policies,
     fire_letter_hooks,
-    redact_arguments,
 )
 from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
 from idempotask.flow import Flow, Op, store_op
@@ -202,10 +201,12 @@ class DeadLetterOptions:
     ) -> dict[str, Any] | None:
         """The call's arguments as its letter keeps them: bound by name to ``target``
         (the task's function or signature), defaults applied, through
-        ``dead_letter_redact``. None keeps none (no target, arguments that do not bind, a
-        redact hook that failed)."""
+        ``dead_letter_redact``: an argument the hook changed or removed is kept as a
+        :class:`~idempotask.deadletter.Redacted` placeholder, so a replay never sends the
+        task a redacted value (the letter waits for a person instead). None keeps none
+        (no target, arguments that do not bind, a redact hook that failed)."""
         arguments = bound_arguments(target, args, kwargs)
-        return redact_arguments(self.redact, arguments, option="dead_letter_redact", name=name)
+        return keep_arguments(self.redact, arguments, option="dead_letter_redact", name=name)
 
     def record(
         self,

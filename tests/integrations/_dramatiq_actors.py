@@ -25,6 +25,7 @@ from dramatiq.results.backends import RedisBackend
 
 import idempotask
 from idempotask import idempotent
+from idempotask.deadletter import keep_all
 from idempotask.integrations.dramatiq import IdempotencyMiddleware
 
 ENV_WORKER = "IDEMPOTASK_DRAMATIQ_TEST_WORKER"
@@ -106,6 +107,18 @@ def add(a: int, b: int = 0, scale: int = 1) -> dict[str, Any]:
 
 @dramatiq.actor(
     queue_name=QUEUE,
+    max_retries=0,
+    # The card is not kept: its letter cannot rebuild the call, so it waits for a person.
+    dead_letter_redact=lambda arguments: {**arguments, "card": "<redacted>"},
+)
+def charge_fails(n: int, card: str) -> None:
+    """Always fails; its dead letter keeps no card."""
+    _count(f"charge_fails:{n}")
+    raise ConnectionError(f"gateway unavailable for {n}")
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
     store_results=True,
     max_retries=2,
     idempotency_ttl=600,
@@ -124,8 +137,7 @@ def flaky(n: int) -> int:
 @dramatiq.actor(
     queue_name=QUEUE,
     max_retries=2,
-    # The secret is not kept; a replay runs with the default.
-    dead_letter_redact=lambda arguments: {k: v for k, v in arguments.items() if k != "secret"},
+    dead_letter_redact=keep_all,  # kept on purpose: the replay sends the same call again
     **_FAST_RETRIES,
 )
 @idempotent(ttl=600)  # the plain decorator: the key's name is still the actor name

@@ -17,6 +17,7 @@ import redis
 
 import idempotask
 from idempotask import idempotent
+from idempotask.deadletter import keep_all
 from idempotask.integrations.rq import idempotent_job
 
 ENV_WORKER = "IDEMPOTASK_RQ_TEST_WORKER"
@@ -80,13 +81,23 @@ def flaky(n: int) -> int:
 
 @idempotent_job(
     idempotency_ttl=600,
-    # The secret is not kept; a replay runs with the default.
-    dead_letter_redact=lambda arguments: {k: v for k, v in arguments.items() if k != "secret"},
+    dead_letter_redact=keep_all,  # kept on purpose: the replay sends the same call again
 )
 def always_fails(n: int, secret: str = "s3cret") -> None:
     """Always fails with a transient error (so its dead letter gets a next retry)."""
     _count(f"always_fails:{n}")
     raise ConnectionError(f"upstream unavailable for {n}")
+
+
+@idempotent_job(
+    idempotency_ttl=600,
+    # The card is not kept: its letter cannot rebuild the call, so it waits for a person.
+    dead_letter_redact=lambda arguments: {**arguments, "card": "<redacted>"},
+)
+def charge_fails(n: int, card: str) -> None:
+    """Always fails; its dead letter keeps no card."""
+    _count(f"charge_fails:{n}")
+    raise ConnectionError(f"gateway unavailable for {n}")
 
 
 @idempotent_job(idempotency_ttl=600, idempotency_lease=LEASE, idempotency_wait_timeout=60)

@@ -38,7 +38,7 @@ import idempotask
 from idempotask import dead_letter, idempotent
 from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
-from idempotask.deadletter import default_queue
+from idempotask.deadletter import Redacted, default_queue, letter_arguments
 from idempotask.errors import ConfigurationError
 from idempotask.integrations.dramatiq import (
     LETTER_OPTION,
@@ -258,7 +258,7 @@ def test_a_message_that_always_fails_is_dead_lettered_after_retries_and_replayed
     assert "in always_fails" in letter.traceback
     assert letter.key == always_fails.fn.key_for(7, "tok")
     assert letter.key.startswith(f"{env.actors.NAMESPACE}:always_fails:")
-    assert get_serializer("json").loads(letter.arguments) == {"n": 7}
+    assert get_serializer("json").loads(letter.arguments) == {"n": 7, "secret": "tok"}
 
     report = default_queue().process_due(now=time.time() + 24 * 3600)
     assert [r.outcome for r in report.results] == ["enqueued"]
@@ -270,6 +270,26 @@ def test_a_message_that_always_fails_is_dead_lettered_after_retries_and_replayed
     assert [x.id for x in updated] == [letter.id]
     assert updated[0].status is Status.RETRYING
     assert len(default_queue().query(function="always_fails")) == 1
+
+
+def test_a_message_whose_letter_lost_an_argument_to_redaction_is_held_not_replayed(
+    env: Env,
+) -> None:
+    """dead_letter_redact replaced the card: a replay would charge "<redacted>", so the
+    letter waits for a person, says why, and nothing is sent."""
+    env.actors.charge_fails.send(9, "4111 1111 1111 1111")
+    env.worker()
+    (letter,) = wait_for(lambda: default_queue().query(function="charge_fails"), "the letter")
+    kept = letter_arguments(letter)
+    assert kept.values is not None
+    assert isinstance(kept.values["card"], Redacted)
+    assert "4111" not in letter.arguments.decode()
+
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["held"]
+    assert "card" in report.results[0].reason
+    time.sleep(1)  # a send would have reached the worker by now
+    assert env.count("charge_fails:9") == 1
 
 
 # ----------------------------------------------------------------------------------------

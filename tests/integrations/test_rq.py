@@ -33,7 +33,7 @@ from rq.registry import StartedJobRegistry
 import idempotask
 from idempotask.backends.base import State
 from idempotask.backends.deadletters import Status
-from idempotask.deadletter import default_queue, unregister_route
+from idempotask.deadletter import Redacted, default_queue, letter_arguments, unregister_route
 from idempotask.errors import ConfigurationError
 from idempotask.integrations import rq as rq_integration
 from idempotask.integrations.rq import (
@@ -404,7 +404,7 @@ def test_a_job_that_always_fails_is_dead_lettered_after_its_retries_and_replayed
     assert "ConnectionError" in letter.traceback
     assert letter.key == jobs.always_fails.key_for(7, "tok")
     arguments = get_serializer("json").loads(letter.arguments)
-    assert arguments == {"n": 7}
+    assert arguments == {"n": 7, "secret": "tok"}
 
     register_replay_route(env.conn)
     report = default_queue().process_due(now=time.time() + 24 * 3600)
@@ -413,8 +413,7 @@ def test_a_job_that_always_fails_is_dead_lettered_after_its_retries_and_replayed
     replayed = Job.fetch(replayed_id, connection=env.conn)
     assert replayed.func_name == name
     assert replayed.meta[LETTER_META] == letter.id
-    assert replayed.args == (7,)
-    assert replayed.kwargs == {}
+    assert (replayed.args, replayed.kwargs) in (((7, "tok"), {}), ((7,), {"secret": "tok"}))
 
     env.finish(env.worker())
     assert env.count("always_fails:7") == 4
@@ -422,6 +421,31 @@ def test_a_job_that_always_fails_is_dead_lettered_after_its_retries_and_replayed
     assert updated.id == letter.id
     assert updated.attempts == 2
     assert updated.status is Status.RETRYING
+
+
+def test_a_job_whose_letter_lost_an_argument_to_redaction_is_held_not_replayed(
+    env: Env,
+) -> None:
+    """dead_letter_redact replaced the card: a replay would charge "<redacted>" (or the
+    default), so the letter waits for a person, says why, and nothing is enqueued."""
+    job = env.queue.enqueue(jobs.charge_fails, 9, "4111 1111 1111 1111")
+    env.finish(env.worker())
+    assert job.get_status(refresh=True) == "failed"
+    name = "tests.integrations._rq_jobs.charge_fails"
+    (letter,) = default_queue().query(function=name)
+    kept = letter_arguments(letter)
+    assert kept.values is not None
+    assert kept.values["n"] == 9
+    assert isinstance(kept.values["card"], Redacted)
+    assert "4111" not in letter.arguments.decode()
+
+    register_replay_route(env.conn)
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["held"]
+    assert "card" in report.results[0].reason
+    assert env.queue.job_ids == []
+    assert env.count("charge_fails:9") == 1
+    assert default_queue().get(letter.id).status is Status.PENDING
 
 
 # ----------------------------------------------------------------------------------------
