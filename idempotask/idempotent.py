@@ -30,12 +30,13 @@ from idempotask.call import (
     drive,
     register_cancellation,
 )
+from idempotask.config import Seconds
 from idempotask.errors import (
     ConfigurationError,
 )
 from idempotask.keys import (
     CallKeyer,
-    _check_name,
+    check_name,
     claim_name,
     default_name,
 )
@@ -95,7 +96,15 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
             "list) and decorate that"
         )
     name = options.pop("name")
-    name = _check_name(name) if name is not None else default_name(func)
+    qualname = getattr(func, "__qualname__", None)
+    if name is None and not isinstance(qualname, str):
+        # A callable instance (or a functools.partial) has no name to key its calls by.
+        raise ConfigurationError(
+            f"@idempotent: a {type(func).__name__} object has no __qualname__ to name its "
+            "keys by; pass name='...' (a stable name such as 'billing.charge')"
+        )
+    name = check_name(name) if name is not None else default_name(func)
+    owner = f"{getattr(func, '__module__', None) or '?'}.{qualname or type(func).__qualname__}"
     keyer = CallKeyer(
         func,
         key=options.pop("key"),
@@ -104,7 +113,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     )
     breaker = _check_breaker(options.pop("breaker"))
     opts = _validate(name, options)
-    claim_name(name, f"{func.__module__}.{func.__qualname__}", keyer)
+    claim_name(name, owner, keyer)
     # The breaker guards the body, inside the claim: an open breaker fails fast and the
     # key is released like after any failure.
     spec = Spec(func if breaker is None else breaker(func), opts, keyer)
@@ -139,7 +148,7 @@ def _check_breaker(breaker: Any) -> Any:
 def _check_previous(name: str, previous: Any) -> tuple[str, ...]:
     if isinstance(previous, str) or not isinstance(previous, (tuple, list)):
         raise ConfigurationError(f"previous_names: expected a tuple of names, got {previous!r}")
-    names = tuple(_check_name(p) for p in previous)
+    names = tuple(check_name(p) for p in previous)
     if name in names or len(set(names)) != len(names):
         raise ConfigurationError(
             f"previous_names: {names!r} must be distinct and must not contain the current "
@@ -192,11 +201,11 @@ def idempotent(func: Callable[P, R], /) -> IdempotentFunction[P, R]: ...
 @overload
 def idempotent(
     *,
-    ttl: float | None = None,
-    lease: float | None = None,
+    ttl: Seconds | None = None,
+    lease: Seconds | None = None,
     on_conflict: Literal["wait", "raise"] = "wait",
-    wait_timeout: float | None = None,
-    cache_errors: float | None = None,
+    wait_timeout: Seconds | None = None,
+    cache_errors: Seconds | None = None,
     key: Callable[..., Any] | None = None,
     key_args: tuple[str, ...] | list[str] | None = None,
     exclude_args: tuple[str, ...] | list[str] | None = None,
@@ -214,11 +223,11 @@ def idempotent(
     func: Callable[..., Any] | None = None,
     /,
     *,
-    ttl: float | None = None,
-    lease: float | None = None,
+    ttl: Seconds | None = None,
+    lease: Seconds | None = None,
     on_conflict: Literal["wait", "raise"] = "wait",
-    wait_timeout: float | None = None,
-    cache_errors: float | None = None,
+    wait_timeout: Seconds | None = None,
+    cache_errors: Seconds | None = None,
     key: Callable[..., Any] | None = None,
     key_args: tuple[str, ...] | list[str] | None = None,
     exclude_args: tuple[str, ...] | list[str] | None = None,

@@ -42,6 +42,7 @@ from idempotask.errors import (
 __all__ = [
     "KEY_VERSION",
     "CallKeyer",
+    "check_name",
     "digest",
     "encode",
     "explicit_key",
@@ -458,14 +459,16 @@ def explicit_key(name: str, key: str, *, namespace: str | None = None) -> str:
     """
     from idempotask.config import check_namespace, settings
 
-    _check_name(name)
+    check_name(name)
     if not isinstance(key, str) or not key:
         raise ConfigurationError("explicit_key: the explicit key must be a non-empty str")
     ns = settings().namespace if namespace is None else check_namespace(namespace)
     return f"{ns}:{name}:{KEY_VERSION}:{explicit_digest(key)}"
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it can be an idempotency name (the stable part of a key), else a
+    :class:`ConfigurationError` saying what is wrong with it."""
     if not isinstance(name, str) or not name or name.strip() != name:
         raise ConfigurationError(f"name: expected a non-empty string, got {name!r}")
     bad = set(name) & set("{}\n\r\t ")
@@ -504,7 +507,7 @@ def make_key(
     """
     from idempotask.config import check_namespace, settings
 
-    _check_name(name)
+    check_name(name)
     with _names_lock:
         keyer = _keyers.get(name)
     if keyer is None:

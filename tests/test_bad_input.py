@@ -184,3 +184,23 @@ def test_generator_functions_are_refused_when_decorating() -> None:
         message = str(info.value)
         assert "generator" in message
         assert "pickle" not in message
+
+
+def test_a_callable_object_without_a_name_is_refused_and_with_name_works() -> None:
+    """A callable instance has no ``__qualname__``: the decorator asks for ``name=``
+    instead of failing with AttributeError; with a name it deduplicates like a function."""
+
+    class Charger:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def __call__(self, order: int) -> int:
+            self.runs += 1
+            return order
+
+    with pytest.raises(ConfigurationError, match="name="):
+        idempotask.idempotent(Charger())
+    charger = Charger()
+    charge = idempotask.idempotent(name="tests.bad_input.charger")(charger)
+    assert charge(7) == charge(7) == 7
+    assert charger.runs == 1

@@ -25,7 +25,7 @@ from idempotask.cli._common import (
 )
 from idempotask.cli._text import fields, iso, plural, span, table, to_json
 from idempotask.errors import ConfigurationError, CorruptRecordError
-from idempotask.keys import _check_name, explicit_key, make_key
+from idempotask.keys import check_name, explicit_key, make_key
 from idempotask.serializers import get_serializer
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "fallback+redis", "fallback+rediss", "fallback+unix")
@@ -210,7 +210,7 @@ def cmd_forget(ctx: Context) -> int:
 
 def _name(ctx: Context) -> str:
     try:
-        return _check_name(ctx.args.name)
+        return check_name(ctx.args.name)
     except ConfigurationError as exc:
         raise CommandError(f"NAME: {exc}", 2) from exc
 

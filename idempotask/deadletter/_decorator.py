@@ -14,7 +14,7 @@ from idempotask.backends.base import DeadLetter
 from idempotask.call import is_cached_error, is_cancellation
 from idempotask.errors import ConfigurationError
 from idempotask.flow import Flow, adrive, drive
-from idempotask.keys import _check_name, default_name
+from idempotask.keys import check_name, default_name
 from idempotask.retry import InCallRetry, RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind
 
@@ -279,7 +279,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     name = options["name"]
     if name is None:
         name = spec.name if spec is not None else default_name(func)
-    name = _check_name(name)
+    name = check_name(name)
     queue = options["queue"]
     if queue is not None and not isinstance(queue, DeadLetterQueue):
         raise ConfigurationError(f"queue: expected a DeadLetterQueue, got {queue!r}")
