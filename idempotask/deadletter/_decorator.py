@@ -101,9 +101,9 @@ class DeadLetterMethod(Protocol[P, R_co]):
         """This function with the inner ``@idempotent``'s per-call explicit ``key`` (an
         Idempotency-Key header) and/or ``owner`` (a task id), failures still recorded.
 
-        A letter recorded under an explicit key keeps that key, so the processor resolves
-        it if the call completed meanwhile; a replay itself runs under the key of the
-        stored arguments.
+        A letter recorded under an explicit key keeps that key and a digest of the
+        arguments: the processor resolves it if the call completed meanwhile, and a
+        replay runs under that same key, with arguments that must match the digest.
         """
         ...
 
