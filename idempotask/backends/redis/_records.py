@@ -44,6 +44,8 @@ FORMAT = RECORD_FORMAT.encode()
 # Marker, state byte, the lengths of token, owner and fingerprint: see lua/claim.lua.
 _LENGTHS = struct.Struct(">HHH")
 _HEADER = len(FORMAT) + 1 + _LENGTHS.size
+_MARKER = len(FORMAT)  # where the state byte is
+_unpack_lengths = _LENGTHS.unpack_from
 STATE_BYTES = {State.IN_PROGRESS: b"i", State.COMPLETED: b"c", State.FAILED: b"f"}
 _STATES = {ord(v): k for k, v in STATE_BYTES.items()}
 #: The longest token, owner id or fingerprint a record can hold, in UTF-8 bytes.
@@ -121,12 +123,20 @@ def library_key(redis_key: str | bytes) -> str | None:
 # ------------------------------------------------------------------------ durations
 
 
+_MS_CACHE: dict[float, int] = {}  # the few leases and ttls a process uses, converted once
+_NUMBERS = (int, float)
+
+
 def milliseconds(seconds: float, option: str) -> int:
     """Seconds -> whole milliseconds for ``PX``/``PEXPIRE``, rounded up, at least 1.
 
     >>> milliseconds(1.1, "ttl"), milliseconds(0.0000001, "lease")
     (1100, 1)
     """
+    if type(seconds) in _NUMBERS:  # not bool: True == 1 must not find 1's entry
+        ms = _MS_CACHE.get(seconds)
+        if ms is not None:
+            return ms
     if (
         isinstance(seconds, bool)
         or not isinstance(seconds, (int, float))
@@ -137,7 +147,10 @@ def milliseconds(seconds: float, option: str) -> int:
             f"redis backend: {option} must be a positive, finite number of seconds, got {seconds!r}"
         )
     # round() first so float noise (1.1 * 1000 = 1100.0000000000002) does not add a ms.
-    return max(1, math.ceil(round(seconds * 1000, 6)))
+    ms = max(1, math.ceil(round(seconds * 1000, 6)))
+    if type(seconds) in _NUMBERS and len(_MS_CACHE) < 1024:
+        _MS_CACHE[seconds] = ms
+    return ms
 
 
 def check_max_record_bytes(value: Any) -> int:
@@ -154,6 +167,8 @@ def check_max_record_bytes(value: Any) -> int:
 
 def field(value: str, what: str) -> bytes:
     """A token, owner id or fingerprint as the UTF-8 bytes a record holds."""
+    if not value and type(value) is str:
+        return b""
     if not isinstance(value, str):
         raise ConfigurationError(
             f"redis backend: {what} must be a str, got {type(value).__qualname__}"
@@ -178,6 +193,8 @@ def claim_value(token: bytes, owner: bytes, fingerprint: bytes) -> bytes:
 
 
 def _text(value: bytes, key: str) -> str:
+    if not value:
+        return ""
     try:
         return value.decode()
     except UnicodeDecodeError:
@@ -224,10 +241,10 @@ def parse_value(
         )
     if len(value) < _HEADER or not value.startswith(FORMAT):
         raise corrupt(key, f"a string without the format marker {RECORD_FORMAT}")
-    state = _STATES.get(value[len(FORMAT)])
+    state = _STATES.get(value[_MARKER])
     if state is None:
         raise CorruptRecordError(f"redis backend: record {key!r} has an unknown state byte")
-    token_len, owner_len, fingerprint_len = _LENGTHS.unpack_from(value, len(FORMAT) + 1)
+    token_len, owner_len, fingerprint_len = _unpack_lengths(value, _MARKER + 1)
     owner_at = _HEADER + token_len
     fingerprint_at = owner_at + owner_len
     payload_at = fingerprint_at + fingerprint_len
