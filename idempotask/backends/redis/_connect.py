@@ -160,8 +160,7 @@ def check_url(url: object, who: str) -> str:
     assert isinstance(url, str)
     failure = ""
     try:  # parse only: nothing connects before the first operation
-        parse_url: Any = redis.connection.parse_url  # untyped in redis-py
-        parse_url(url)
+        redis.ConnectionPool.from_url(url)  # a pool object: it connects on first use only
     except (ValueError, TypeError) as exc:
         failure = type(exc).__name__
     if failure:
