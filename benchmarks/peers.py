@@ -244,6 +244,23 @@ def _check_once(label: str, runs: itertools.count[int], seq: itertools.count[int
         raise AssertionError(f"{label}: body ran {ran} times for {distinct} distinct calls")
 
 
+def versus_ours(peer_rows: list[Row], ours: Timing) -> list[Row]:
+    """Powertools' duplicate call beside ours (the same call, the same Redis): the ratio is
+    how many times slower it is, target at least 2.5x."""
+    for row in peer_rows:
+        if row.what.startswith(f"{POWERTOOLS}: duplicate call") and isinstance(row.figure, Timing):
+            return [
+                Row(
+                    f"{POWERTOOLS}: duplicate call, beside ours",
+                    row.figure,
+                    "idempotask duplicate, sync",
+                    ours,
+                    "≥ 2.5x",
+                )
+            ]
+    return []
+
+
 def rows(plan: Plan, url: str, ns: str, floor_name: str, floor: Timing) -> list[Row]:
     """Rows for every peer; one that fails says so in its rows and the others still run."""
     result: list[Row] = []

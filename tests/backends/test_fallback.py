@@ -996,7 +996,7 @@ def test_the_url_form_builds_redis_and_sql_with_their_own_options(tmp_path: Path
     store = backend_from_url(url + "&confirm_window=60")
     assert isinstance(store, FallbackBackend)
     assert isinstance(store.primary, RedisBackend)
-    assert store.primary._url == "redis://127.0.0.1:6379/0?socket_timeout=1"  # kept whole
+    assert store.primary.connections.url == "redis://127.0.0.1:6379/0?socket_timeout=1"  # whole
     assert isinstance(store.secondary, SQLAlchemyBackend)
     assert (store.probe_interval, store.confirm_window) == (2.0, 60.0)
     assert isinstance(

@@ -9,6 +9,7 @@ cluster start their own ``redis-server`` processes on free loopback ports.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -28,18 +29,27 @@ import redis.cluster
 from redis.crc import key_slot
 
 from idempotask.backends import backend_from_url
-from idempotask.backends.base import Backend, Record, State, SupportsExpireNow
+from idempotask.backends.base import (
+    Backend,
+    ProvidesStores,
+    Record,
+    State,
+    SupportsExpireNow,
+    SupportsScan,
+)
 from idempotask.backends.redis import (
     MAX_FIELD_BYTES,
     RECORD_FORMAT,
     RedisBackend,
-    _milliseconds,
     eviction_warning,
+    library_key,
     parse_flag,
     parse_record,
     parse_value,
     record_key,
 )
+from idempotask.backends.redis import milliseconds as _milliseconds
+from idempotask.backends.redis._clients import SOURCES
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 from idempotask.testing import StoreContract, make_state_machine
 
@@ -350,8 +360,10 @@ def test_construction_never_connects_and_satisfies_the_protocols() -> None:
     store = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0")
     assert isinstance(store, Backend)
     assert isinstance(store, SupportsExpireNow)
-    assert store._sync_client is None
-    assert not store._async_by_loop
+    assert isinstance(store, SupportsScan)
+    assert isinstance(store, ProvidesStores)
+    assert store.connections.loop_count() == 0
+    store.close()
 
 
 @pytest.mark.parametrize(
@@ -392,7 +404,7 @@ def test_bad_arguments_raise_configuration_error(kwargs: dict[str, Any], message
 def test_clients_we_create_get_our_timeouts_and_bounded_retries(backend: RedisBackend) -> None:
     """Our own clients use a 5 s socket timeout, 2 s connect timeout and 2 quick retries."""
     backend.get(new_key())
-    client = backend._sync_client
+    client = backend.connections.sync().client
     assert isinstance(client, redis.Redis)
     settings = client.connection_pool.connection_kwargs
     assert settings["socket_timeout"] == 5.0
@@ -405,7 +417,7 @@ def test_url_query_options_override_our_defaults(redis_url: str) -> None:
     store = RedisBackend.from_url(redis_url + "?socket_timeout=9")
     try:
         store.get(new_key())
-        client = store._sync_client
+        client = store.connections.sync().client
         assert isinstance(client, redis.Redis)
         assert client.connection_pool.connection_kwargs["socket_timeout"] == 9
     finally:
@@ -510,7 +522,7 @@ async def test_a_sync_client_alone_serves_async_callers_through_a_derived_client
         key, tok = new_key(), token()
         assert store.claim(key, tok, lease=30).held_by(tok)
         assert await store.acomplete(key, tok, b"r", ttl=30)
-        derived = store._async_by_loop[asyncio.get_running_loop()].client
+        derived = (await store.connections.achannel()).client
         assert isinstance(derived, redis.asyncio.Redis)
         settings = derived.connection_pool.connection_kwargs
         assert settings["socket_timeout"] == 3
@@ -531,7 +543,7 @@ async def test_an_async_client_alone_serves_sync_callers_through_a_derived_clien
         key, tok = new_key(), token()
         assert (await store.aclaim(key, tok, lease=30)).held_by(tok)
         assert store.complete(key, tok, b"r", ttl=30) is True
-        derived: object = store._sync_client
+        derived: object = store.connections.sync().client
         assert isinstance(derived, redis.Redis), "a sync client of its own"
     finally:
         store.close()
@@ -593,10 +605,7 @@ async def test_scripts_are_reloaded_after_script_flush_async(private_server: Red
 
 
 def _sha(name: str) -> str:
-    from idempotask.backends import redis as module
-
-    script = getattr(module, f"_{name.upper()}")
-    return str(script.sha)
+    return hashlib.sha1(SOURCES[name]).hexdigest()
 
 
 # -- values that are not ours ------------------------------------------------------------
@@ -732,7 +741,7 @@ def test_a_dead_server_on_first_use_fails_promptly_too() -> None:
     with pytest.raises(BackendError, match="claim"):
         store.claim(new_key(), token(), lease=30)
     assert time.monotonic() - started < 10
-    assert store._policy_state == 0, "the eviction check is retried on the next call"
+    assert not store.connections.policy_checked, "the eviction check is retried next call"
 
 
 def test_a_redis_error_reply_becomes_backend_error(private_server: RedisServer) -> None:
@@ -997,61 +1006,13 @@ def test_a_wrapped_execute_command_sees_every_command(
     assert seen == ["SET", "EVALSHA"]
 
 
-# -- kept connections ----------------------------------------------------------------------
-
-
-def _claim_for(store: RedisBackend, prefix: str, who: str, seconds: float) -> int:
-    """Re-claim ``who``'s held keys for ``seconds``; how many replies named another holder.
-
-    Every key is held by a token naming its process, so a reply read off a connection
-    the other process also uses shows up as a wrong holder.
-    """
-    wrong, i, end = 0, 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        record = store.claim(f"{prefix}:{who}:{i % 50}", "other", lease=30)
-        wrong += record.token != f"{who}-{i % 50}"
-        i += 1
-    return wrong
-
-
-def _claims_in_child(store: RedisBackend, prefix: str, go: Any, out: Any) -> None:
-    """Child side of the fork test: claims on its own keys, reporting what came back."""
-    try:
-        go.wait(30)
-        out.put(("ok", _claim_for(store, prefix, "child", 1.5)))
-    except BaseException as exc:
-        out.put(("error", repr(exc)))
-
-
-def test_a_forked_child_never_shares_the_parents_kept_connections(redis_url: str) -> None:
-    """After a fork, parent and child call on the same backend object at the same time;
-    each gets its own replies, so the child did not reuse a connection the parent kept."""
-    import multiprocessing
-
-    store = RedisBackend.from_url(redis_url, check_eviction_policy=False)
-    prefix = f"{NAMESPACE}:fork{uuid.uuid4().hex[:8]}"
-    for who in ("parent", "child"):  # and the parent now keeps connections
-        for i in range(50):
-            store.claim(f"{prefix}:{who}:{i}", f"{who}-{i}", lease=60)
-    context = multiprocessing.get_context("fork")
-    go, out = context.Event(), context.Queue()
-    child = context.Process(target=_claims_in_child, args=(store, prefix, go, out))
-    child.start()
-    try:
-        go.set()
-        wrong = _claim_for(store, prefix, "parent", 1.5)
-        result = out.get(timeout=60)
-    finally:
-        child.join(timeout=30)
-        store.close()
-    assert result == ("ok", 0)
-    assert wrong == 0
+# -- connections ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_kept_connections_survive_a_server_restart(mode: str) -> None:
-    """A restarted server breaks every kept connection; the next call retries on a fresh
-    one and succeeds instead of failing."""
+def test_pooled_connections_survive_a_server_restart(mode: str) -> None:
+    """A restarted server breaks every pooled connection; the next call retries on a fresh
+    one (redis-py's retry policy, as we configured it) and succeeds instead of failing."""
     require_binaries()
     servers = [RedisServer.start("--maxmemory-policy", "noeviction")]
     store = RedisBackend.from_url(servers[0].url)
@@ -1084,3 +1045,131 @@ def test_kept_connections_survive_a_server_restart(mode: str) -> None:
         store.close()
         for server in reversed(servers):
             server.stop()
+
+
+# -- library keys, listing, size bounds --------------------------------------------------------
+
+
+def test_library_key_reverses_record_key() -> None:
+    """The Redis key of a record maps back to its library key; other shapes map to None."""
+    for key in ["ns:billing.charge:1:ab12", "ns:{a}:1:%7B", "n{s}:x", "plain", "ns:"]:
+        assert library_key(record_key(key)) == key
+        assert library_key(record_key(key).encode()) == key
+    for other in ["ns:{a}:letter:1", "ns:x", "a:b:{c}", "{a}{b}", b"\xff{x}"]:
+        assert library_key(other) is None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_scan_lists_records_by_library_key_prefix(
+    backend: RedisBackend, raw: redis.Redis, mode: str
+) -> None:
+    """scan(prefix) finds the live records under a prefix, returns their library keys (which
+    get and delete accept), honours limit, and leaves out values that are not records."""
+    ns = f"{NAMESPACE}scan{uuid.uuid4().hex[:6]}"
+    keys = {f"{ns}:fa:1:{i}" for i in range(7)} | {f"{ns}:fb:1:{i}" for i in range(3)}
+    for key in keys:
+        tok = token()
+        assert backend.claim(key, tok, lease=30).held_by(tok)
+        assert backend.complete(key, tok, key.encode(), ttl=60)
+    raw.set(record_key(f"{ns}:fa:1:foreign"), "not ours")
+    raw.hset(record_key(f"{ns}:fa:1:hash"), mapping={"a": "b"})
+    raw.set(f"{ns}:fa:1:untagged", "not a record key")
+
+    everything = run(backend, mode, "scan", f"{ns}:", limit=100)
+    assert {r.key for r in everything} == keys
+    assert all(r.payload == r.key.encode() and r.state is State.COMPLETED for r in everything)
+    assert all(r.expires_in is not None and 0 < r.expires_in <= 60 for r in everything)
+    only_fa = run(backend, mode, "scan", f"{ns}:fa:", limit=100)
+    assert {r.key for r in only_fa} == {k for k in keys if ":fa:" in k}
+    assert len(run(backend, mode, "scan", f"{ns}:", limit=4)) == 4
+    assert run(backend, mode, "scan", f"{ns}:", limit=0) == []
+    assert run(backend, mode, "scan", f"{ns}:nothing", limit=10) == []
+    listed = everything[0].key
+    fetched = run(backend, mode, "get", listed)
+    assert fetched is not None
+    assert (fetched.key, fetched.payload) == (listed, everything[0].payload)
+    assert run(backend, mode, "delete", listed) is True
+    assert run(backend, mode, "get", listed) is None
+
+
+def test_scan_escapes_glob_characters_in_the_prefix(backend: RedisBackend) -> None:
+    """A prefix with * ? [ ] is matched literally, never as a pattern."""
+    ns = f"{NAMESPACE}glob{uuid.uuid4().hex[:6]}"
+    for name in ["a*b", "axb", "a?b", "a[x]b"]:
+        tok = token()
+        backend.claim(f"{ns}:{name}:1:d", tok, lease=30)
+    assert [r.key for r in backend.scan(f"{ns}:a*b")] == [f"{ns}:a*b:1:d"]
+    assert [r.key for r in backend.scan(f"{ns}:a[x]")] == [f"{ns}:a[x]b:1:d"]
+    assert len(backend.scan(f"{ns}:a")) == 4
+
+
+async def test_scan_works_through_a_decoding_client(redis_url: str) -> None:
+    """A decode_responses=True client's scan returns the records' exact bytes too."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisBackend(async_client=client)
+    ns = f"{NAMESPACE}dscan{uuid.uuid4().hex[:6]}"
+    try:
+        tok = token()
+        assert (await store.aclaim(f"{ns}:f:1:d", tok, lease=30)).held_by(tok)
+        assert await store.acomplete(f"{ns}:f:1:d", tok, b"\xff\xfe", ttl=30)
+        (record,) = await store.ascan(f"{ns}:")
+        assert (record.key, record.payload) == (f"{ns}:f:1:d", b"\xff\xfe")
+    finally:
+        await client.aclose()
+
+
+def test_scan_walks_every_master_of_a_cluster(cluster_client: redis.cluster.RedisCluster) -> None:
+    """On a cluster, scan finds records on all three masters."""
+    store = RedisBackend(cluster_client)
+    ns = f"{NAMESPACE}cscan{uuid.uuid4().hex[:6]}"
+    keys = {f"{ns}:spread{i}:1:d" for i in range(30)}
+    for key in keys:
+        store.claim(key, token(), lease=30)
+    owners = {cluster_client.get_node_from_key(record_key(k)).name for k in keys}
+    assert len(owners) == 3
+    assert {r.key for r in store.scan(f"{ns}:", limit=100)} == keys
+    assert {r.key for r in run(store, "async", "scan", f"{ns}:", limit=100)} == keys
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_value_over_max_record_bytes_is_refused_before_it_is_parsed(
+    redis_url: str, raw: redis.Redis, mode: str
+) -> None:
+    """A stored value over max_record_bytes (here one of ours, 8 KiB) is a
+    CorruptRecordError naming the key, on claim (SET NX GET) and get alike."""
+    store = RedisBackend.from_url(redis_url, max_record_bytes=4096)
+    key = new_key()
+    raw.set(record_key(key), _stored(b"c", b"t", b"", b"", b"x" * 8192), px=30_000)
+    try:
+        for operation, args, kwargs in [
+            ("claim", (key, token()), {"lease": 30}),
+            ("get", (key,), {}),
+        ]:
+            with pytest.raises(CorruptRecordError, match=f"{key}.*over max_record_bytes=4,096"):
+                run(store, mode, operation, *args, **kwargs)
+        # The same value is fine under the default bound.
+        assert RedisBackend.from_url(redis_url).get(key) is not None
+    finally:
+        store.close()
+
+
+def test_a_result_over_max_record_bytes_is_not_written(redis_url: str, raw: redis.Redis) -> None:
+    """complete() with a payload no read would accept raises BackendError and writes nothing."""
+    store = RedisBackend.from_url(redis_url, max_record_bytes=4096)
+    key, tok = new_key(), token()
+    try:
+        assert store.claim(key, tok, lease=30).held_by(tok)
+        with pytest.raises(BackendError, match="max_record_bytes=4,096"):
+            store.complete(key, tok, b"x" * 5000, ttl=30)
+        record = store.get(key)
+        assert record is not None
+        assert record.state is State.IN_PROGRESS
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bad", [0, 1023, True, "16MB"])
+def test_max_record_bytes_must_be_an_int_of_at_least_a_kib(bad: Any) -> None:
+    """max_record_bytes below 1024 or not an int is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="max_record_bytes"):
+        RedisBackend.from_url("redis://h", max_record_bytes=bad)

@@ -25,8 +25,9 @@ import redis.cluster
 from redis.crc import key_slot
 
 import idempotask
-import idempotask.backends.redis as redis_module
+import idempotask.backends.redis._deadletters as dlq_module
 from idempotask import DeadLetterQueue, Status, dead_letter, idempotent
+from idempotask.backends.base import Action
 from idempotask.backends.deadletters import (
     OPEN_STATUSES,
     DeadLetter,
@@ -38,12 +39,12 @@ from idempotask.backends.redis import (
     DEAD_LETTER_FORMAT,
     RedisBackend,
     RedisDeadLetterStore,
-    _raw_reply,
     filter_json,
     letter_fields,
     parse_dead_letter,
 )
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.flow import Op
 from idempotask.retry import FixedDelay, RetryPolicy
 from idempotask.taxonomy import FailureKind
 from idempotask.testing import DeadLetterStoreContract
@@ -196,7 +197,7 @@ class TestRedisDeadLetterContractInTinySteps(RedisContract):
     def dead_letter_store(
         self, redis_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> Iterator[RedisDeadLetterStore]:
-        monkeypatch.setattr(redis_module, "SCAN_BUDGET", 2)
+        monkeypatch.setattr(dlq_module, "SCAN_BUDGET", 2)
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         yield RedisDeadLetterStore(client, prefix=PREFIX)
         client.close()
@@ -310,13 +311,14 @@ def test_single_letter_operations_are_one_round_trip_each(
 ) -> None:
     """add, get, update, expire_claim, an unfiltered claim and a time-only query: one call."""
     calls: list[str] = []
-    run = store.backend._run
+    connections = store.backend.connections
+    run = connections.run
 
     def counting(operation: str, *args: Any) -> Any:
         calls.append(operation)
         return run(operation, *args)
 
-    monkeypatch.setattr(store.backend, "_run", counting)
+    monkeypatch.setattr(connections, "run", counting)
     added = store.add(letter("rt", next_retry_at=T0))
     store.get(added.id)
     (claimed,) = store.claim_due(T0 + 1)
@@ -343,8 +345,10 @@ def test_bad_arguments_raise_configuration_error_and_write_nothing(
     with pytest.raises(ConfigurationError, match="lease"):
         store.claim_due(T0, lease=0)
     for prefix in ("", "a:b", "{x}", "a b"):
-        with pytest.raises(ConfigurationError, match="prefix"):
+        with pytest.raises(ConfigurationError, match="namespace"):
             RedisDeadLetterStore("redis://localhost", prefix=prefix)
+        with pytest.raises(ConfigurationError, match="namespace"):
+            RedisDeadLetterStore("redis://localhost", namespace=prefix)
     with pytest.raises(ConfigurationError, match="RedisBackend"):
         RedisDeadLetterStore(42)  # type: ignore[arg-type]
 
@@ -372,7 +376,7 @@ def test_the_prefix_option_is_taken_out_of_the_url_and_the_rest_kept() -> None:
     )
     assert built.prefix == "billing"
     assert built.letter_key("7") == "billing:{billing:dlq}:letter:7"
-    assert built.backend._url == "redis://localhost:6379/3?socket_timeout=0.5"
+    assert built.backend.connections.url == "redis://localhost:6379/3?socket_timeout=0.5"
     queue = DeadLetterQueue("redis://localhost:6379/0?prefix=ops")
     assert isinstance(queue.store, RedisDeadLetterStore)
     assert queue.store.prefix == "ops"
@@ -396,8 +400,7 @@ def test_a_store_shares_a_given_backend_and_closes_only_its_own(redis_url: str) 
     shared = RedisDeadLetterStore(backend, prefix=fresh_prefix())
     shared.add(letter("s"))
     shared.close()
-    assert backend._sync_client is not None, "the backend's client stays open"
-    assert shared.get("s") is not None
+    assert shared.get("s") is not None, "the backend's client stays open"
     shared.purge(DeadLetterFilter())
     backend.close()
 
@@ -453,10 +456,9 @@ def test_a_resent_update_recognises_its_own_write(store: RedisDeadLetterStore) -
     """redis-py resends a command whose reply timed out: the second run returns the letter."""
     added = store.add(letter("resend"))
     flow = store._update_flow(added.id, added.version, {"attempts": 2})
-    operation, script, args = next(flow)
-    backend = store.backend
-    backend._run(operation, script, store._key, args, _raw_reply)  # the reply "was lost"
-    again = backend._run(operation, script, store._key, args, _raw_reply)
+    op = next(flow)
+    op.fn(*op.args, **op.kwargs)  # the reply "was lost"
+    again = op.fn(*op.args, **op.kwargs)
     with pytest.raises(StopIteration) as stop:
         flow.send(again)
     updated = stop.value.value
@@ -468,8 +470,8 @@ def finish_by_hand(store: RedisDeadLetterStore, flow: Any, reply: Any) -> Any:
     """Drive a store's flow to its end, sending ``reply`` first; its return value."""
     try:
         while True:
-            operation, script, args = flow.send(reply)
-            reply = store.backend._run(operation, script, store._key, args, _raw_reply)
+            op: Op = flow.send(reply)
+            reply = op.fn(*op.args, **op.kwargs)
     except StopIteration as stop:
         return stop.value
 
@@ -479,13 +481,13 @@ def test_a_walk_continues_when_its_cursor_letter_goes_between_calls(
 ) -> None:
     """Tied scores, steps of two, the cursor's letter leaves the index mid-walk: the walk
     goes on after it, missing nothing and returning nothing twice."""
-    monkeypatch.setattr(redis_module, "SCAN_BUDGET", 2)
+    monkeypatch.setattr(dlq_module, "SCAN_BUDGET", 2)
     for id in ("a", "b", "c", "d", "e", "f"):
         store.add(letter(id, function="fx" if id in "bdf" else "fy"))
     wanted = DeadLetterFilter(function=("fx",))
     flow = store._query_flow(wanted, 100, 0)
-    operation, script, args = next(flow)
-    reply = store.backend._run(operation, script, store._key, args, _raw_reply)
+    op = next(flow)
+    reply = op.fn(*op.args, **op.kwargs)
     assert reply[3] == b"b", "the first step walked a and b and stopped at b"
     raw.zrem(f"{store.base_key}:by_time", "b")  # as a concurrent purge would
     assert [x.id for x in finish_by_hand(store, flow, reply)] == ["b", "d", "f"]
@@ -496,7 +498,7 @@ def test_big_walks_take_several_calls_and_still_count_everything(
     store: RedisDeadLetterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stats, claims and purges over more letters than one call examines add up."""
-    monkeypatch.setattr(redis_module, "SCAN_BUDGET", 7)
+    monkeypatch.setattr(dlq_module, "SCAN_BUDGET", 7)
     for i in range(40):
         store.add(letter(f"l{i:02d}", function=f"f{i % 3}", next_retry_at=T0 + i))
     rows = store.stats()
@@ -558,7 +560,8 @@ def test_store_down_at_failure_time_spools_and_delivers_after_restart(
         assert queue.flush_spool() == 1
         assert not queue.spool.pending()
         (stored,) = queue.query(limit=10)
-        assert stored == spooled
+        # The spool reads a letter's history back as a list (its JSON); stores keep tuples.
+        assert stored == spooled.evolve(history=tuple(spooled.history))
         assert stored.function == "tests.redis.spooled_charge"
         assert (stored.kind, stored.status, stored.attempts) == ("transient", Status.PENDING, 1)
         assert stored.error_type.endswith("GatewayTimeout")
@@ -647,3 +650,124 @@ def test_a_replay_of_a_call_that_completed_meanwhile_is_resolved_without_running
     (resolved,) = queue.query()
     assert (resolved.status, resolved.resolution) == (Status.RESOLVED, "completed")
     assert queue.stats(hours=10**6, now=T0 + 1).total == 1
+
+
+# -- namespaces, history, search, size bounds -----------------------------------------------
+
+
+def test_each_namespace_has_its_own_queue(redis_url: str) -> None:
+    """Regression (issue 13 §3): every app shared one queue whatever its namespace, so one
+    app's processor claimed another's letters. A backend's dead_letter_store(namespace=)
+    and the URL's ?namespace= now each scope their own queue."""
+    backend = RedisBackend.from_url(redis_url)
+    a, b = fresh_prefix(), fresh_prefix()
+    try:
+        app_a = backend.dead_letter_store(namespace=a)
+        app_b = backend.dead_letter_store(namespace=b)
+        assert app_a.base_key == f"{a}:{{{a}:dlq}}"
+        app_a.add(letter("only-a", next_retry_at=T0))
+        assert app_b.get("only-a") is None
+        assert app_b.claim_due(T0 + 1) == []
+        assert [x.id for x in app_a.claim_due(T0 + 1)] == ["only-a"]
+        by_url = dead_letter_store_from_url(f"{redis_url}?namespace={a}")
+        assert isinstance(by_url, RedisDeadLetterStore)
+        assert by_url.namespace == a
+        assert by_url.get("only-a") is not None
+        by_url.close()
+        assert RedisDeadLetterStore.from_url(with_prefix(redis_url, b)).namespace == b
+    finally:
+        backend.close()
+
+
+def test_namespace_and_its_older_name_prefix_must_agree() -> None:
+    """prefix= is accepted as the old name of namespace=; both, different, is an error."""
+    assert RedisDeadLetterStore("redis://h", prefix="x").namespace == "x"
+    assert RedisDeadLetterStore("redis://h", namespace="x", prefix="x").namespace == "x"
+    with pytest.raises(ConfigurationError, match="disagree"):
+        RedisDeadLetterStore("redis://h", namespace="x", prefix="y")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_letters_history_is_stored_and_updated(store: RedisDeadLetterStore, mode: str) -> None:
+    """history round-trips through add, get, update and claim_due, sync and async."""
+    first = (Action(T0, "failed", "worker", "transient", "ConnectionError: refused"),)
+    later = (*first, Action(T0 + 60, "retry_failed", "processor", note="again, ünïcode"))
+
+    async def scenario() -> list[Any]:
+        try:
+            added = await store.aadd(letter("h", history=first, next_retry_at=T0))
+            got = await store.aget("h")
+            updated = await store.aupdate("h", added.version, history=later)
+            return [added, got, updated, await store.aclaim_due(T0 + 1)]
+        finally:
+            await store.aclose()
+
+    if mode == "sync":
+        added = store.add(letter("h", history=first, next_retry_at=T0))
+        got = store.get("h")
+        updated = store.update("h", added.version, history=later)
+        seen = [added, got, updated, store.claim_due(T0 + 1)]
+    else:
+        seen = asyncio.run(scenario())
+    assert seen[0].history == first
+    assert seen[1].history == first
+    assert seen[2].history == later
+    assert seen[3][0].history == later
+
+
+def test_search_is_a_plain_case_insensitive_substring(
+    store: RedisDeadLetterStore, raw: redis.Redis
+) -> None:
+    """search matches error_type or message ignoring case (Unicode too), as plain text:
+    Lua pattern characters match themselves, and letters without the case-folded copies
+    (written before them) are still found by their ASCII text."""
+    store.add(letter("t", error_type="builtins.TimeoutError", message="Gateway timed out"))
+    store.add(letter("p", error_type="app.Err", message="50% done (a.b) [x]"))
+    store.add(letter("u", error_type="app.Err", message="ÉCHEC de la Straße"))
+    store.add(letter("old", error_type="app.LegacyError", message="Old News"))
+    raw.hdel(store.letter_key("old"), "cf_error_type", "cf_message")
+
+    def ids(search: str, **more: Any) -> list[str]:
+        return sorted(x.id for x in store.query(DeadLetterFilter(search=search, **more)))
+
+    assert ids("timeout") == ["t"]
+    assert ids("GATEWAY") == ["t"]
+    assert ids("50%") == ["p"]
+    assert ids("(a.b)") == ["p"]
+    assert ids("[x]") == ["p"]
+    assert ids(".%") == []
+    assert ids("a.b.c") == []
+    assert ids("échec") == ["u"]
+    assert ids("strasse") == ["u"]  # casefold: ß is ss
+    assert ids("legacy") == ["old"]
+    assert ids("old news") == ["old"]
+    assert ids("err", function=("billing.charge",)) == ["old", "p", "t", "u"]
+    assert len(store.query(DeadLetterFilter(search="e"), limit=2)) == 2
+    counts = store.stats(DeadLetterFilter(search="timeout"))
+    assert sum(row.count for row in counts) == 1
+    assert store.purge(DeadLetterFilter(search="échec")) == 1
+    assert store.get("u") is None
+    updated = store.update("t", 0, message="now it is a refusal")
+    assert updated is not None
+    assert ids("refusal") == ["t"]
+    assert ids("gateway") == []
+
+
+def test_a_letter_over_max_record_bytes_is_refused_before_it_is_parsed(redis_url: str) -> None:
+    """A letter hash bigger than the backend's max_record_bytes is a CorruptRecordError
+    naming its Redis key, on get and on a walk."""
+    writer = RedisDeadLetterStore(redis_url, namespace=fresh_prefix())
+    reader = RedisBackend.from_url(redis_url, max_record_bytes=4096).dead_letter_store(
+        namespace=writer.namespace
+    )
+    try:
+        writer.add(letter("big", traceback="x" * 8192))
+        with pytest.raises(CorruptRecordError, match=r"letter:big.*over max_record_bytes"):
+            reader.get("big")
+        with pytest.raises(CorruptRecordError, match="over max_record_bytes"):
+            reader.query()
+        assert writer.get("big") is not None
+    finally:
+        writer.purge(DeadLetterFilter())
+        writer.close()
+        reader.backend.close()

@@ -8,7 +8,9 @@
 -- ARGV[1]  format marker
 -- ARGV[2]  mode: 'query', 'stats' or 'purge' (these walk by_time) or 'claim' (walks due)
 -- ARGV[3]  the filter as JSON: {"status": [...], "kind": [...], "function": [...],
---          "since": t, "until": t}; an absent field does not filter
+--          "since": t, "until": t, "search": text}; an absent field does not filter.
+--          search is case-folded by the client and found as plain text (never a Lua
+--          pattern) in the letter's case-folded error_type or message
 -- ARGV[4]  lower bound of the scores walked, exclusive ('' = none)
 -- ARGV[5]  upper bound, inclusive ('' = none)
 -- ARGV[6]  cursor: the score and ARGV[7] the id of the last entry an earlier call of the
@@ -57,6 +59,10 @@ end
 local statuses, kinds, functions = set_of(filter['status']), set_of(filter['kind']),
   set_of(filter['function'])
 local since, until_ = tonumber(filter['since']), tonumber(filter['until'])
+local search = filter['search']
+if type(search) ~= 'string' or search == '' then
+  search = nil
+end
 
 local function matches(fn, kind, status, last_failed_at)
   if (statuses and not statuses[status]) or (kinds and not kinds[kind])
@@ -83,6 +89,22 @@ end
 
 local function letter_key(id)
   return base .. ':letter:' .. id
+end
+
+-- The case-folded copies the client wrote (cf_*); a letter from before them is lowered
+-- here (ASCII only). string.find with plain = true: no pattern characters.
+local function has_text(key)
+  local s = redis.call('HMGET', key, 'cf_error_type', 'cf_message')
+  for i, name in ipairs({'error_type', 'message'}) do
+    local text = s[i]
+    if not text then
+      text = string.lower(redis.call('HGET', key, name) or '')
+    end
+    if string.find(text, search, 1, true) then
+      return true
+    end
+  end
+  return false
 end
 
 local now = 0
@@ -121,7 +143,7 @@ if cursor_id ~= '' then
     skip_score, skip_id = tonumber(cursor_score), cursor_id
   end
 end
-local fast = mode == 'query' and not statuses and not kinds and not functions
+local fast = mode == 'query' and not statuses and not kinds and not functions and not search
 if fast and offset > 0 then
   -- Every letter in the range matches: jump over the offset instead of reading it.
   pos = pos + offset
@@ -175,7 +197,7 @@ while done == 0 and examined < budget do
           stale[#stale + 1] = id
           keep = false
         end
-      elseif matches(r[2], r[3], r[4], r[5]) then
+      elseif matches(r[2], r[3], r[4], r[5]) and (not search or has_text(key)) then
         if offset > 0 then
           offset = offset - 1
           skipped = skipped + 1
