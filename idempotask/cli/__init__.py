@@ -17,6 +17,7 @@
     dlq flush
     keys show KEY
     keys forget KEY [--force]
+    db create
 
 ``FILTERS`` are ``--status S``, ``--kind K`` and ``--function F``, each repeatable (a
 letter matches any value given for an option, and every option given). Durations are
@@ -56,6 +57,7 @@ from idempotask.errors import (
     ConfigurationError,
     CorruptRecordError,
     IdempotaskError,
+    MissingTableError,
 )
 
 __all__ = ["build_parser", "main"]
@@ -140,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorruptRecordError as exc:
         message = f"{_where(args.group)} holds data idempotask did not write: {exc}"
         return _fail(ctx, message, EXIT_REFUSED, exc)
+    except MissingTableError as exc:
+        # Not an outage: the table will not appear by itself. The message names it and
+        # the command that creates it.
+        detail = scrub(redact_url(str(exc)), backend_url(), dead_letter_url(), args.url)
+        return _fail(ctx, detail, EXIT_REFUSED, exc)
     except BackendError as exc:
         where = _where(args.group)
         urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)

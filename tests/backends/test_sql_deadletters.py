@@ -368,6 +368,7 @@ def test_the_tables_are_in_the_shared_metadata_for_alembic() -> None:
         "ix_my_letters_due",
         "ix_my_letters_last_failed_at",
         "ix_my_letters_function",
+        "ix_my_letters_status",
     }
     assert [c.name for c in next(ix for ix in table.indexes if "due" in ix.name).columns] == [
         "namespace",

@@ -62,30 +62,25 @@ complete/fail is a plain ``UPDATE`` on every database; only when it changes noth
 repeated complete/fail with the same token, or a lost lease) does a read tell the two
 apart, one more statement.
 
-Statements are built with SQLAlchemy Core, compiled once per engine, and run on the
-driver's own connection from SQLAlchemy's pool, without SQLAlchemy's per-execution
-machinery, which cost about as much as the round trip itself; an asyncio operation runs
-in one greenlet with the driver's coroutines. On psycopg (sync and asyncio) they go
-through psycopg's libpq wrapper, ``psycopg.pq``, instead of a cursor, prepared on a
-connection at their ``prepare_threshold``-th run there as psycopg would (never with
-``prepare_threshold=None``); a subclassed connection or a tracing cursor factory keeps
-its cursors (see ``_libpq``). An engine with statement event listeners or SQL logging gets every
-statement through SQLAlchemy's execution, so they see them (see ``_dbapi``). On the
-engines the backend creates, a few connections stay checked out between back-to-back
-operations (at most ``pool_size``, each for at most a second before it goes back through
-the pool; none with ``pool_pre_ping``), so a claim and its complete pay one pool checkout
-between them; an engine you pass is checked out and returned per operation (see
-``_stash``).
-Database errors become :class:`~idempotask.errors.BackendError` naming the operation and
-the database (never its password); a row that is not one of ours raises
+Each operation is a flow (:mod:`idempotask.flow`) run on one connection from the
+engine's pool with SQLAlchemy's public ``Connection.execute`` (``AsyncConnection.execute``
+for asyncio callers): the pool as you configured it (``pool_pre_ping``,
+``pool_recycle``), statement events (OpenTelemetry, Sentry, ddtrace instrumentation) and
+``echo`` see every statement. Statements are built with SQLAlchemy Core and compiled once
+per engine by SQLAlchemy's own cache; psycopg prepares them on the server after its
+``prepare_threshold`` runs on a connection. Database errors become
+:class:`~idempotask.errors.BackendError` naming the operation and the database (never its
+password); a missing table :class:`~idempotask.errors.MissingTableError` naming the table
+and ``idempotask db create``; a row that is not one of ours
 :class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
-deletes expired rows in short batches; run it from a periodic job.
+deletes expired records in short batches; run it from a periodic job.
 
-Every statement is bounded by ``statement_timeout`` (10 s by default): the server cancels
-a slower one, and a connection left unanswered a grace later is given up (a sync psycopg
-call stops waiting on its socket; elsewhere a watchdog thread shuts the socket down) and
-discarded, so a database that stops answering raises BackendError instead of hanging
-(see ``_timeouts``).
+Every statement is bounded by ``statement_timeout`` (10 s by default) with the drivers'
+own settings: the server cancels a slower one, libpq keepalives and ``tcp_user_timeout``
+notice a vanished peer, PyMySQL's ``read_timeout`` and ``asyncio.timeout`` a silent one;
+libpq has no client-side timeout, so a psycopg statement still unanswered a grace later
+has its socket shut down (through psycopg's documented ``fileno()``). The call raises
+BackendError and the connection is discarded (see ``_timeouts``).
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
@@ -597,6 +592,16 @@ class SQLAlchemyBackend:
         )
 
     # -- tables -------------------------------------------------------------------------------
+
+    @property
+    def tables(self) -> list[str]:
+        """The names of the tables :meth:`create_tables` creates: records, dead letters,
+        breakers (with their schema, if any).
+
+        >>> SQLAlchemyBackend("sqlite:///:memory:").tables
+        ['idempotask_records', 'idempotask_dead_letters', 'idempotask_breakers']
+        """
+        return [table.fullname for table in self._tables]
 
     def _all_tables(self) -> tuple[MetaData, list[Table]]:
         """Every table this backend's stores use: records, dead letters, breakers."""

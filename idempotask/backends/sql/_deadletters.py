@@ -415,6 +415,11 @@ class TableStore:
     ) -> _T:
         return await self.database.arun(operation, key, make, self.table)
 
+    @property
+    def tables(self) -> list[str]:
+        """The name of this store's table (with its schema, if any), in a list."""
+        return [self.table.fullname]
+
     def create_tables(self) -> None:
         """Create the table and its indexes if missing (safe to repeat)."""
         self.database.schema_change(self.metadata, [self.table], True)

@@ -132,8 +132,14 @@ def fold(error_type: str, message: str) -> str:
 
 
 def _needle(search: str) -> str:
-    """A filter's ``search`` as the ``search`` column is compared with it."""
-    return _clean(search.casefold())
+    """The ``LIKE`` pattern of a filter's ``search``: its folded text anywhere in the
+    ``search`` column, with ``%`` and ``_`` escaped (by ``/``) to match themselves.
+
+    >>> _needle("100% A_b")
+    '%100/% a/_b%'
+    """
+    text = _clean(search.casefold())
+    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
 
 
 def padded(count: int) -> int:
@@ -423,7 +429,7 @@ class DeadLetterStatements:
             clauses.append(c.last_failed_at < bindparam("until", type_=Double()))
         if search:
             needle = bindparam("needle", type_=String())
-            clauses.append(c.search.contains(needle, autoescape=True))
+            clauses.append(c.search.like(needle, escape="/"))
         return clauses
 
     # add / get -----------------------------------------------------------------------------

@@ -293,13 +293,14 @@ def define_dead_letter_table(
     ``search``, the case-folded error type and message that ``DeadLetterFilter.search``
     looks in, and ``claimed_until``, the end of a processor's claim on the database's
     clock (NULL: not held). Indexed for due scans (``namespace, status, next_retry_at``)
-    and pages sorted by the last failure (``namespace, last_failed_at``, and
-    ``namespace, function, last_failed_at``).
+    and pages sorted by the last failure, newest first (``namespace, last_failed_at DESC,
+    id``; by status ``namespace, status, last_failed_at DESC, id``; by function
+    ``namespace, function, last_failed_at DESC, id``).
     """
     existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
     if existing is not None:
         return existing
-    return Table(
+    table = Table(
         name,
         metadata,
         Column("namespace", BinaryText(TEXT_LENGTH), nullable=False),
@@ -325,10 +326,16 @@ def define_dead_letter_table(
         Column("claimed_until", Double(), nullable=True),
         PrimaryKeyConstraint("namespace", "id"),
         Index(_index_name(name, "due"), "namespace", "status", "next_retry_at"),
-        Index(_index_name(name, "last_failed_at"), "namespace", "last_failed_at"),
-        Index(_index_name(name, "function"), "namespace", "function", "last_failed_at"),
         schema=schema,
     )
+    # Pages are newest last failure first, ties by ascending id: indexes in that very
+    # order (descending on last_failed_at) give them without a sort.
+    c = table.c
+    newest = (c.last_failed_at.desc(), c.id)
+    Index(_index_name(name, "last_failed_at"), c.namespace, *newest)
+    Index(_index_name(name, "status"), c.namespace, c.status, *newest)
+    Index(_index_name(name, "function"), c.namespace, c.function, *newest)
+    return table
 
 
 def define_breaker_table(
