@@ -251,6 +251,8 @@ class SQLAlchemyBackend:
             options.pop("namespace", None)  # keys carry their namespace
             table_name = options.pop("table_name", table_name)
             create_tables = options.pop("create_tables", create_tables)
+            dead_letter_table = options.pop("dead_letter_table", dead_letter_table)
+            breaker_table = options.pop("breaker_table", breaker_table)
         self.database = Database(
             bind,
             owner="SQLAlchemyBackend",
@@ -305,7 +307,8 @@ class SQLAlchemyBackend:
 
         This is what ``backend_from_url`` and ``configure(backend="postgresql://...")``
         call. ``options`` are the constructor's keyword arguments; the URL may also say
-        ``?create_tables=true`` and ``?table=NAME``.
+        ``?create_tables=true``, ``?table=NAME`` (the records table),
+        ``?dead_letter_table=NAME`` and ``?breaker_table=NAME``.
 
         >>> SQLAlchemyBackend.from_url("postgresql+psycopg://app:secret@db:5432/app")
         SQLAlchemyBackend('postgresql+psycopg://db:5432/app', table='idempotask_records')

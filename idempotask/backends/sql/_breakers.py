@@ -427,6 +427,7 @@ class SQLBreakerStore(TableStore):
 
     default_table_name = DEFAULT_BREAKER_TABLE
     default_table = breakers
+    table_option = "breaker_table"
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)

@@ -339,6 +339,8 @@ class TableStore:
 
     default_table_name: str
     default_table: Table
+    #: The URL option naming this store's table when one URL serves several stores.
+    table_option: str
 
     def __init__(
         self,
@@ -360,7 +362,9 @@ class TableStore:
         if isinstance(bind, str):
             bind, options = _engines.store_options(bind, owner)
             namespace = options.get("namespace", namespace)
-            table_name = options.get("table_name", table_name)
+            # One URL may serve the backend and this store: its own option names its
+            # table before ``table=`` (the records table's, or this store's alone).
+            table_name = options.get(self.table_option, options.get("table_name", table_name))
             create_tables = options.get("create_tables", create_tables)
         self.database, self._owns_database = attach(
             owner,
@@ -392,8 +396,9 @@ class TableStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
-        """A store on its own engines for ``url``; the URL may also say ``?table=NAME``,
-        ``?namespace=NS`` and ``?create_tables=true``."""
+        """A store on its own engines for ``url``; the URL may also say ``?table=NAME``
+        (or ``?dead_letter_table=`` / ``?breaker_table=``, which win: one URL can serve
+        the backend and this store), ``?namespace=NS`` and ``?create_tables=true``."""
         if not isinstance(url, str):
             raise ConfigurationError(f"{cls.__name__}.from_url: expected a URL, got {url!r}")
         return cls(url, **options)
@@ -476,6 +481,7 @@ class SQLDeadLetterStore(TableStore):
 
     default_table_name = DEFAULT_DEAD_LETTER_TABLE
     default_table = dead_letters
+    table_option = "dead_letter_table"
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)

@@ -80,7 +80,7 @@ def parse_url(url: str | URL) -> URL:
 
 
 #: Query options of a store URL that are idempotask's, not the driver's.
-OPTIONS = ("create_tables", "table", "namespace")
+OPTIONS = ("create_tables", "table", "namespace", "dead_letter_table", "breaker_table")
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
