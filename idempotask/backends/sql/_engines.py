@@ -9,7 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import URL, Engine, create_engine, event, make_url
+import sqlalchemy
+from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
@@ -261,7 +262,9 @@ def new_sync_engine(
         options=options,
     )
     try:
-        engine = create_engine(url, **kwargs)
+        # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
+        # (OpenTelemetry's, when switched on after this module was imported) sees ours.
+        engine = sqlalchemy.create_engine(url, **kwargs)
     except NoSuchModuleError as exc:
         raise ConfigurationError(f"sql backend: {exc}") from exc
     except ImportError as exc:
