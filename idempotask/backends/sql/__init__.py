@@ -12,9 +12,11 @@ database's clock, never the client's. One backend object serves sync and async c
 
 Engines are created on first use: the sync one for the URL's sync driver, and one asyncio
 engine per event loop for the matching async driver (psycopg serves both on PostgreSQL;
-SQLite uses aiosqlite, MySQL/MariaDB asyncmy; aiomysql 0.3 cannot send bytes with
-PyMySQL 1.2.3+, aio-libs/aiomysql#1080). Pass your own ``Engine`` and/or
-``AsyncEngine`` instead of a URL to control pools; the missing one is derived from its URL.
+MySQL/MariaDB use asyncmy; aiomysql 0.3 cannot send statements with PyMySQL 1.2.3+,
+aio-libs/aiomysql#1080). On a SQLite file an asyncio call runs the sync operation in a
+worker thread (``asyncio.to_thread``: one hop, where aiosqlite makes one per statement)
+unless you pass an ``AsyncEngine``. Pass your own ``Engine`` and/or ``AsyncEngine``
+instead of a URL to control pools; the missing one is derived from its URL.
 
 Round trips per operation (every statement runs in autocommit mode, so there is no
 ``BEGIN``/``COMMIT`` around single statements). Counted by ``tests/backends/test_sql.py``:

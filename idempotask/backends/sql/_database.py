@@ -24,26 +24,26 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar
 
-from sqlalchemy import URL, Engine, Executable, MetaData, Table, text
+from sqlalchemy import URL, Engine, MetaData, Table
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
 from idempotask.backends.sql import _engines
-from idempotask.backends.sql._timeouts import bounded, client_bound, watchdog
+from idempotask.backends.sql._session import Session
+from idempotask.backends.sql._timeouts import bounded, client_bound
 from idempotask.errors import (
     BackendError,
     ConfigurationError,
     CorruptRecordError,
     MissingTableError,
 )
-from idempotask.flow import Flow, Op, adrive, drive
+from idempotask.flow import Flow, adrive, drive
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
@@ -65,8 +65,6 @@ DEFAULT_STATEMENT_TIMEOUT = 10.0
 #: on ``INSERT … ON DUPLICATE KEY UPDATE``), ``mysql`` (no RETURNING), ``sqlite``.
 Flavour = Literal["postgresql", "mariadb", "mysql", "sqlite"]
 
-Reply = Literal["rows", "rowcount", "none"]
-_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 
 # A deadlock victim's statement was rolled back whole; every flow is safe to re-run then.
 _DEADLOCK_ATTEMPTS = 3
@@ -81,11 +79,6 @@ _ASYNC_BOUNDED = frozenset({"asyncmy", "aiomysql", "aiosqlite"})
 # Errors a flow gets thrown back: a plain INSERT that found the key taken (MySQL).
 _CAUGHT = (IntegrityError,)
 _FAILURES = (SQLAlchemyError, OSError, UnicodeDecodeError, TimeoutError, asyncio.TimeoutError)
-
-_BEGIN = text("BEGIN")
-_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
-_COMMIT = text("COMMIT")
-_ROLLBACK = text("ROLLBACK")
 
 
 def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
@@ -153,113 +146,6 @@ def _is_missing_table(exc: BaseException) -> bool:
         return True
     # sqlite3's (and aiosqlite's, which raises sqlite3's) error carries only its message.
     return type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")
-
-
-class Session:
-    """One connection checked out for one operation, sync (``conn``) or asyncio
-    (``aconn``): the statements of the operation's flow run on it, in order.
-
-    :meth:`op` makes the :class:`~idempotask.flow.Op` of one statement; its reply is the
-    rows (``"rows"``: sequences of column values, processed by the columns' types), the
-    row count (``"rowcount"``) or None. Statements run in autocommit mode, each its own
-    transaction, unless the flow opens one with :meth:`begin` (it ends it with
-    :meth:`commit`; if the flow fails first, the run rolls it back).
-    """
-
-    __slots__ = ("aconn", "bound", "conn", "dialect", "flavour", "in_transaction")
-
-    def __init__(
-        self,
-        conn: Connection,
-        aconn: AsyncConnection | None,
-        flavour: Flavour,
-        bound: float | None,
-    ) -> None:
-        self.conn = conn  # the sync Connection (an asyncio one's sync_connection)
-        self.aconn = aconn
-        self.dialect = conn.dialect
-        self.flavour = flavour
-        self.bound = bound  # the watchdog's bound on each statement (psycopg), or None
-        self.in_transaction = False
-
-    def op(
-        self, statement: Executable, params: Mapping[str, Any] = _NO_PARAMS, reply: Reply = "rows"
-    ) -> Op:
-        """The operation that executes ``statement`` with ``params`` on this connection."""
-        return Op(self.execute, self.aexecute, statement, params, reply)
-
-    def begin(self) -> Op:
-        """Open a transaction (SQLite: ``BEGIN IMMEDIATE``, taking the write lock now)."""
-        self.in_transaction = True
-        return self.op(_BEGIN_IMMEDIATE if self.flavour == "sqlite" else _BEGIN, reply="none")
-
-    def commit(self) -> Op:
-        """Commit the transaction :meth:`begin` opened."""
-        self.in_transaction = False
-        return self.op(_COMMIT, reply="none")
-
-    def execute(self, statement: Executable, params: Mapping[str, Any], reply: Reply) -> Any:
-        """Run one statement (sync)."""
-        conn = self.conn
-        if self.bound is None:
-            result = conn.execute(statement, params)
-        else:
-            fd = conn.connection.driver_connection.fileno()  # type: ignore[union-attr]
-            dog = watchdog()
-            watch = dog.start(fd, self.bound)
-            try:
-                result = conn.execute(statement, params)
-            finally:
-                if dog.stop(watch):
-                    conn.invalidate()
-                    raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
-
-    async def aexecute(self, statement: Executable, params: Mapping[str, Any], reply: Reply) -> Any:
-        """Run one statement (asyncio)."""
-        aconn = self.aconn
-        assert aconn is not None
-        if self.bound is None:
-            result = await aconn.execute(statement, params)
-        else:
-            driver = self.conn.connection.driver_connection
-            dog = watchdog()
-            watch = dog.start(driver.fileno(), self.bound)  # type: ignore[union-attr]
-            try:
-                result = await aconn.execute(statement, params)
-            finally:
-                if dog.stop(watch):
-                    await aconn.invalidate()
-                    raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
-
-    def end(self) -> None:
-        """After a failed flow (sync): roll back a transaction it left open."""
-        if self.in_transaction:
-            self.in_transaction = False
-            try:
-                self.conn.execute(_ROLLBACK)
-            except Exception:
-                self.conn.invalidate()
-
-    async def aend(self) -> None:
-        """After a failed flow (asyncio): roll back a transaction it left open."""
-        if self.in_transaction and self.aconn is not None:
-            self.in_transaction = False
-            try:
-                await self.aconn.execute(_ROLLBACK)
-            except Exception:
-                await self.aconn.invalidate()
 
 
 @dataclass(slots=True)
@@ -367,6 +253,9 @@ class Database:
         self.where = _engines.describe(url)
         #: Whether this is a private in-memory SQLite database (one connection).
         self.memory = _engines.is_memory_sqlite(url)
+        #: Whether asyncio operations run the sync ones in a worker thread: a SQLite file
+        #: (no network), unless an AsyncEngine was given.
+        self.local = url.get_backend_name() == "sqlite" and async_engine is None
         if self.memory and engine is None and async_engine is not None:
             raise ConfigurationError(
                 f"{owner}: an in-memory SQLite database lives in one connection; "
@@ -438,7 +327,7 @@ class Database:
             self._after_fork()
         if self._given_async is not None:
             if self._async is None:
-                self._async = await _async_autocommit(self._given_async)
+                self._async = await _engines.async_autocommit(self._given_async)
             return self._async
         loop = asyncio.get_running_loop()
         slot = self.loops.get(id(loop))
@@ -592,6 +481,11 @@ class Database:
         if self.memory:
             # One in-memory connection, no I/O to wait for: the sync path, inline.
             return self.run(operation, key, make, table)
+        if self.local:
+            # A SQLite file: a few local statements, which may wait for the file's write
+            # lock (busy_timeout). One hop to a worker thread for the whole operation;
+            # aiosqlite would hop for every statement, checkout and return.
+            return await asyncio.to_thread(self.run, operation, key, make, table)
         if self._pending:
             await self._acreate_pending()
         try:
@@ -676,6 +570,9 @@ class Database:
         if self.memory:
             self.schema_change(metadata, tables, create)
             return
+        if self.local:
+            await asyncio.to_thread(self.schema_change, metadata, tables, create)
+            return
         operation = "create_tables" if create else "drop_tables"
         try:
             engine = await self.async_engine()
@@ -689,18 +586,3 @@ class Database:
                             raise
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
-
-
-async def _async_autocommit(engine: AsyncEngine) -> AsyncEngine:
-    """:func:`~idempotask.backends.sql._engines.autocommit` for an ``AsyncEngine``."""
-    if engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-        return engine
-    async with engine.connect() as aconn:
-        raw = await aconn.get_raw_connection()
-        try:
-            already = raw.dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
-                raw.dbapi_connection
-            )
-        except NotImplementedError:
-            already = False
-    return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPTIONS",
+    "async_autocommit",
     "async_url",
     "autocommit",
     "describe",
@@ -169,6 +170,21 @@ def autocommit(engine: Engine) -> Engine:
         try:
             already = dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
                 dbapi_connection
+            )
+        except NotImplementedError:
+            already = False
+    return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """:func:`~idempotask.backends.sql._engines.autocommit` for an ``AsyncEngine``."""
+    if engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return engine
+    async with engine.connect() as aconn:
+        raw = await aconn.get_raw_connection()
+        try:
+            already = raw.dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
+                raw.dbapi_connection
             )
         except NotImplementedError:
             already = False
