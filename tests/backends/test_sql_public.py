@@ -177,6 +177,13 @@ def test_a_users_engine_with_pool_pre_ping_recovers_from_a_dropped_connection(
     """A user's Engine with ``pool_pre_ping=True`` is used as configured: after the
     server ended its pooled connection, the pre-ping notices on checkout and the next
     call succeeds without an error."""
+    import sqlalchemy
+
+    version = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2])
+    if mode == "async" and name == "mariadb" and version < (2, 1):
+        # SQLAlchemy 2.0's asyncmy adapter calls ping() without its reconnect argument
+        # (TypeError on every pre-ping); 2.1 passes it. Not ours to work around.
+        pytest.skip("pool_pre_ping on asyncmy needs SQLAlchemy 2.1+")
     shared = new_backend(name)
     url = sync_url(shared.database.url)
     engine = create_engine(url, pool_pre_ping=True, pool_size=1, max_overflow=0)
