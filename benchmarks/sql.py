@@ -3,7 +3,13 @@ round trip with psycopg in autocommit on the same PostgreSQL (asyncio calls besi
 same statement on psycopg's asyncio connection, and for information beside the sync
 one); SQLite and MariaDB beside their own one-statement floors. Throughput with threads
 (and, on PostgreSQL, asyncio tasks) beside the same statement run by as many callers,
-each on its own connection."""
+each on its own connection.
+
+PostgreSQL is measured twice in one run: as is, and with OpenTelemetry's SQLAlchemy
+instrumentation on the store's engines (what production runs: a span per statement,
+batched to an exporter), each beside the same raw floor. The instrumented rows need
+``opentelemetry-sdk`` and ``opentelemetry-instrumentation-sqlalchemy`` (the ``bench``
+extra); without them they say so."""
 
 from __future__ import annotations
 
@@ -17,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import idempotask
-from benchmarks.report import Plan, Row
+from benchmarks.report import Plan, Row, Skipped
 from benchmarks.throughput import UNIQUE, MakeCall, task_rows, thread_rows
-from benchmarks.timing import Timing, ainterleaved, interleaved
+from benchmarks.timing import Quantity, Timing, ainterleaved, interleaved
 from idempotask import idempotent
 
 POSTGRES = os.environ.get(
@@ -40,11 +46,14 @@ def _decorated_rows(
     make_afloor: MakeCall | None = None,
     aclose_floor: Callable[[], Awaitable[None]] | None = None,
     async_floor: tuple[str, Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]] | None = None,
+    instrumented: bool = False,
 ) -> list[Row]:
     """Rows for one SQL store. ``async_floor``: the floor statement through the driver's
     asyncio connection (its name, and a coroutine making the call), measured in turn with
     the async figures, which are then shown beside it (with the targets) as well as
-    beside the sync floor; without one, the async figures stand beside the sync floor."""
+    beside the sync floor; without one, the async figures stand beside the sync floor.
+    ``instrumented``: OpenTelemetry instruments every engine made meanwhile (the
+    throughput rows are left out)."""
     from idempotask.backends.sql import SQLAlchemyBackend
 
     batches = 100 // plan.scale
@@ -54,18 +63,24 @@ def _decorated_rows(
     # would configure; SQLAlchemy's default (5 + 10 overflow, overflow closed on return)
     # would make the 16-caller figures measure reconnects instead of the store.
     backend = SQLAlchemyBackend(
-        url, table_name=table, engine_options={"pool_size": callers, "max_overflow": 4}
+        url,
+        table_name=table,
+        dead_letter_table=f"{table}_dl",
+        breaker_table=f"{table}_br",
+        engine_options={"pool_size": callers, "max_overflow": 4},
     )
     backend.create_tables()
     idempotask.configure(backend=backend, namespace=f"bench{uuid.uuid4().hex[:6]}")
     seq = itertools.count()
     beside_sync: list[Row] = []
 
-    @idempotent(name=f"bench.{label}.charge")
+    slug = label.split()[0] + ("_otel" if instrumented else "")
+
+    @idempotent(name=f"bench.{slug}.charge")
     def charge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
-    @idempotent(name=f"bench.{label}.acharge")
+    @idempotent(name=f"bench.{slug}.acharge")
     async def acharge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
@@ -86,7 +101,11 @@ def _decorated_rows(
             batch=10,
         )
         floor, dup, first = timings["floor"], timings["dup"], timings["first"]
-        threads = thread_rows(label, plan, floor_name, make_floor, lambda i: charge(i, EMAIL))
+        threads = (
+            []
+            if instrumented
+            else thread_rows(label, plan, floor_name, make_floor, lambda i: charge(i, EMAIL))
+        )
 
         async def async_rows() -> tuple[Timing, Timing, Timing, list[Row]]:
             await acharge(1, EMAIL)
@@ -119,7 +138,7 @@ def _decorated_rows(
                 )
             tasks: list[Row] = []
             try:
-                if make_afloor is not None:
+                if make_afloor is not None and not instrumented:
                     tasks = await task_rows(
                         label, plan, floor_name, make_afloor, lambda i: acharge(i, EMAIL)
                     )
@@ -134,6 +153,8 @@ def _decorated_rows(
         afloor_name = async_floor[0] if async_floor is not None else floor_name
     finally:
         backend.drop_tables()
+        backend.dead_letter_store().drop_tables()
+        backend.breaker_store().drop_tables()
         backend.close()
     dup_target, first_target = targets
     return [
@@ -196,27 +217,95 @@ def postgres_rows(plan: Plan) -> list[Row]:
     async def aclose_floor() -> None:
         for conn in aconnections.values():
             await conn.close()
+        aconnections.clear()  # the next loop (the instrumented run) connects anew
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (k text PRIMARY KEY, v bytea)")
+        floor_call = _floor_call(lambda i: conn.execute(sql, (f"k{i}", b"v")))
+        # The same statement on psycopg's asyncio connection: a second floor for the async
+        # rows, with the driver's own asyncio path counted in it too.
+        async_floor = ("INSERT ON CONFLICT DO NOTHING (async psycopg)", lambda: make_afloor(-1))
         try:
-            return _decorated_rows(
+            rows = _decorated_rows(
                 "postgresql",
                 POSTGRES,
                 "INSERT ON CONFLICT DO NOTHING",
-                _floor_call(lambda i: conn.execute(sql, (f"k{i}", b"v"))),
+                floor_call,
                 plan,
-                ("≤ 1.5x", "≤ 2.5x"),
+                TARGETS,
                 make_floor,
                 make_afloor,
                 aclose_floor,
-                # The same statement on psycopg's asyncio connection: a second floor for
-                # the async rows, with the driver's own asyncio path counted in it too.
-                ("INSERT ON CONFLICT DO NOTHING (async psycopg)", lambda: make_afloor(-1)),
+                async_floor,
             )
+            otel = _otel()
+            if isinstance(otel, Skipped):
+                return [*rows, Row("postgresql + OpenTelemetry: all rows", otel)]
+            instrumentor, spans = otel
+            try:
+                traced = _decorated_rows(
+                    "postgresql + OpenTelemetry",
+                    POSTGRES,
+                    "INSERT ON CONFLICT DO NOTHING",
+                    floor_call,
+                    plan,
+                    TARGETS,
+                    make_floor,
+                    make_afloor,
+                    aclose_floor,
+                    async_floor,
+                    instrumented=True,
+                )
+            finally:
+                instrumentor.uninstrument()
+            count = Quantity(spans(), "spans", "one per statement, batched to an exporter")
+            return [*rows, *traced, Row("postgresql + OpenTelemetry: spans made", count)]
         finally:
             make_floor.close()
             conn.execute(f"DROP TABLE {table}")
+
+
+#: issue 14: a duplicate within 1.5x and a first call (claim + complete) within 3.0x of
+#: one raw INSERT ... ON CONFLICT DO NOTHING in autocommit.
+TARGETS = ("≤ 1.5x", "≤ 3.0x")
+
+
+def _otel() -> tuple[Any, Callable[[], int]] | Skipped:
+    """OpenTelemetry's SQLAlchemy instrumentation, switched on for every engine made from
+    now on (as ``opentelemetry-instrument`` does for an application), spans going through
+    a batch processor to an exporter that counts and drops them: the cost of making and
+    queueing spans, not of shipping them. Returns the instrumentor (to switch it off) and
+    the span count; or why it cannot be done here."""
+    try:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+    except ImportError as exc:
+        return Skipped(f"pip install 'idempotask[bench]' ({exc.name} is missing)")
+
+    exported = [0]
+
+    class Counted(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            exported[0] += len(spans)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Counted()))
+    instrumentor = SQLAlchemyInstrumentor()
+    # skip_dep_check: the instrumentation declares SQLAlchemy < 2.1 and refuses 2.1 (it
+    # works with it: its listeners are public engine and pool events).
+    instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
+
+    def spans() -> int:
+        provider.force_flush()
+        return exported[0]
+
+    return instrumentor, spans
 
 
 def sqlite_rows(plan: Plan) -> list[Row]:

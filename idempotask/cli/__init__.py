@@ -20,6 +20,7 @@
     keys show KEY
     keys forget KEY [--force]
     demo [--keep]
+    db create
 
 ``FILTERS`` are ``--status S``, ``--kind K`` and ``--function F``, each repeatable (a
 letter matches any value given for an option, and every option given). An ``ID`` may be

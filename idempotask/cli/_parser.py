@@ -8,7 +8,7 @@ from typing import Any
 
 from idempotask import __version__
 from idempotask.backends.deadletters import Status
-from idempotask.cli import _dlq, _keys
+from idempotask.cli import _db, _dlq, _keys
 from idempotask.cli._text import (
     DURATION_HELP,
     TIME_HELP,
@@ -47,7 +47,8 @@ examples:
   idempotask --import myapp.tasks dlq process --loop --interval 30s
   idempotask --import myapp.tasks keys compute billing.charge '{"order_id": 7}'
   idempotask keys list billing.charge --limit 20
-  idempotask keys forget 'idempotask:billing.charge:v1:9b1f...' --force"""
+  idempotask keys forget 'idempotask:billing.charge:v1:9b1f...' --force
+  idempotask db create --url postgresql+psycopg://app@db/app"""
 
 GLOBAL_DESTS = ("url", "dead_letter_url", "namespace", "spool", "json", "debug")
 
@@ -416,6 +417,20 @@ def _keys_commands(sub: Any) -> None:
     _add_global_options(p, late=True)
 
 
+def _db_commands(sub: Any) -> None:
+    p = _command(
+        sub,
+        "create",
+        _db.cmd_create,
+        "create the tables the configured SQL stores need",
+        "Create, if missing, every table the configured SQL stores use: idempotency\n"
+        "records, dead letters and circuit breakers (safe to run again, and from several\n"
+        "machines at once). Namespaces share these tables. Stores that keep no tables\n"
+        "(Redis, memory) need nothing.",
+    )
+    _add_global_options(p, late=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``idempotask`` parser."""
     parser = argparse.ArgumentParser(
@@ -454,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(handler=_demo, leaf_parser=demo, offline=True, command="demo")
+
+    db = groups.add_parser(
+        "db",
+        help="SQL stores: create their tables",
+        description="Set up the SQL stores' tables. `idempotask db create --url URL`.",
+        formatter_class=_Formatter,
+    )
+    _db_commands(db.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return parser
 
 

@@ -8,8 +8,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from idempotask.backends.sql import SQLAlchemyBackend, _stash
-
 
 def caller(store: Any, mode: str) -> Callable[..., Awaitable[Any]]:
     """``call(operation, *args, **kwargs)``: the store's ``operation`` (``claim``,
@@ -22,13 +20,6 @@ def caller(store: Any, mode: str) -> Callable[..., Awaitable[Any]]:
         return await getattr(store, "a" + operation)(*args, **kwargs)
 
     return call
-
-
-async def stash_of(store: SQLAlchemyBackend, mode: str) -> _stash.Stash:
-    """The stash of kept connections the mode's engine uses (the running loop's, async)."""
-    if mode == "sync":
-        return store.database._sync_stash()
-    return (await store.database._async_stash()).stash
 
 
 def pg_trace(path: Path) -> tuple[int, int, list[str]]:

@@ -185,8 +185,7 @@ class TestSqliteMemoryDeadLetterContract(DeadLetterStoreContract):
 
 
 class Statements:
-    """The first word of every statement an engine runs (a listener makes the store send
-    them through SQLAlchemy's execution, with the same SQL)."""
+    """The first word of every statement an engine runs (``before_cursor_execute``)."""
 
     def __init__(self, engine: Any) -> None:
         self.words: list[str] = []
@@ -212,7 +211,7 @@ class Statements:
                 "get": ["SELECT"],
                 "query": ["SELECT"],
                 "update": ["UPDATE"],
-                "claim": ["UPDATE"],
+                "claim": ["WITH"],  # WITH due AS (SELECT … FOR UPDATE SKIP LOCKED) UPDATE
                 "stats": ["SELECT"],
                 "purge": ["DELETE"],
             },
@@ -252,7 +251,7 @@ class Statements:
 )
 def test_statements_per_operation(name: str, expected: dict[str, list[str]]) -> None:
     """The documented statements: PostgreSQL one per operation (update RETURNING, claim
-    one UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING); MariaDB a
+    one WITH due AS (SELECT … FOR UPDATE SKIP LOCKED) UPDATE … RETURNING); MariaDB a
     short transaction for the claim and a read after the update; SQLite transactions."""
     shared_store(name)
     options = {"isolation_level": "AUTOCOMMIT"}
@@ -368,11 +367,15 @@ def test_the_tables_are_in_the_shared_metadata_for_alembic() -> None:
     assert {ix.name for ix in table.indexes} == {
         "ix_my_letters_due",
         "ix_my_letters_last_failed_at",
+        "ix_my_letters_function",
+        "ix_my_letters_status",
     }
     assert [c.name for c in next(ix for ix in table.indexes if "due" in ix.name).columns] == [
+        "namespace",
         "status",
         "next_retry_at",
     ]
+    assert [c.name for c in table.primary_key.columns] == ["namespace", "id"]
 
 
 # -- bad input and foreign rows ----------------------------------------------------------------

@@ -45,21 +45,29 @@ class PgTarget:
     """A table of our own, and a URL whose connections are recognisable."""
 
     def __init__(self) -> None:
-        from idempotask.backends.sql import SQLAlchemyBackend
 
         base = service_url("postgres")
         self.app = unique("idemfault_")
         self.url = f"{base}{'&' if '?' in base else '?'}application_name={self.app}"
         self.table = f"idem_fault_{uuid.uuid4().hex[:10]}"
         self.admin_url = base
-        setup = SQLAlchemyBackend(base, table_name=self.table)
+        setup = self._backend(base)
         setup.create_tables()
         setup.close()
 
-    def backend(self) -> Any:
+    def _backend(self, url: str) -> Any:
+        """A backend on this target's tables (records, dead letters, breakers)."""
         from idempotask.backends.sql import SQLAlchemyBackend
 
-        return SQLAlchemyBackend(self.url, table_name=self.table)
+        return SQLAlchemyBackend(
+            url,
+            table_name=self.table,
+            dead_letter_table=f"{self.table}_dl",
+            breaker_table=f"{self.table}_br",
+        )
+
+    def backend(self) -> Any:
+        return self._backend(self.url)
 
     def terminate(self) -> int:
         """Terminate every connection of ours; how many there were."""
@@ -83,11 +91,11 @@ class PgTarget:
         return int(row[0]) if row else 0
 
     def drop(self) -> None:
-        from idempotask.backends.sql import SQLAlchemyBackend
-
         self.terminate()
-        backend = SQLAlchemyBackend(self.admin_url, table_name=self.table)
+        backend = self._backend(self.admin_url)
         backend.drop_tables()
+        backend.dead_letter_store().drop_tables()
+        backend.breaker_store().drop_tables()
         backend.close()
 
 

@@ -242,17 +242,24 @@ def pg_through_proxy() -> Iterator[tuple[DelayProxy, Any]]:
     if parts.hostname not in ("127.0.0.1", "localhost"):
         pytest.skip("the fault proxy only forwards to a PostgreSQL on 127.0.0.1")
     table = unique("idem_fault_hole_")
-    direct = SQLAlchemyBackend(url, table_name=table)
+    tables = {
+        "table_name": table,
+        "dead_letter_table": f"{table}_dl",
+        "breaker_table": f"{table}_br",
+    }
+    direct = SQLAlchemyBackend(url, **tables)
     direct.create_tables()
     proxy = DelayProxy("127.0.0.1", parts.port or 5432).start()
     proxied = url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}", 1)
-    backend = SQLAlchemyBackend(proxied, table_name=table, connect_timeout=2)
+    backend = SQLAlchemyBackend(proxied, connect_timeout=2, **tables)
     try:
         yield proxy, backend
     finally:
         backend.close()
         proxy.stop()  # also wakes a call still blocked on a blackholed connection
         direct.drop_tables()
+        direct.dead_letter_store().drop_tables()
+        direct.breaker_store().drop_tables()
         direct.close()
 
 

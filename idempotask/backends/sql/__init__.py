@@ -12,9 +12,11 @@ database's clock, never the client's. One backend object serves sync and async c
 
 Engines are created on first use: the sync one for the URL's sync driver, and one asyncio
 engine per event loop for the matching async driver (psycopg serves both on PostgreSQL;
-SQLite uses aiosqlite, MySQL/MariaDB asyncmy; aiomysql 0.3 cannot send bytes with
-PyMySQL 1.2.3+, aio-libs/aiomysql#1080). Pass your own ``Engine`` and/or
-``AsyncEngine`` instead of a URL to control pools; the missing one is derived from its URL.
+MySQL/MariaDB use asyncmy; aiomysql 0.3 cannot send statements with PyMySQL 1.2.3+,
+aio-libs/aiomysql#1080). On a SQLite file an asyncio call runs the sync operation in a
+worker thread (``asyncio.to_thread``: one hop, where aiosqlite makes one per statement)
+unless you pass an ``AsyncEngine``. Pass your own ``Engine`` and/or ``AsyncEngine``
+instead of a URL to control pools; the missing one is derived from its URL.
 
 Round trips per operation (every statement runs in autocommit mode, so there is no
 ``BEGIN``/``COMMIT`` around single statements). Counted by ``tests/backends/test_sql.py``:
@@ -62,30 +64,25 @@ complete/fail is a plain ``UPDATE`` on every database; only when it changes noth
 repeated complete/fail with the same token, or a lost lease) does a read tell the two
 apart, one more statement.
 
-Statements are built with SQLAlchemy Core, compiled once per engine, and run on the
-driver's own connection from SQLAlchemy's pool, without SQLAlchemy's per-execution
-machinery, which cost about as much as the round trip itself; an asyncio operation runs
-in one greenlet with the driver's coroutines. On psycopg (sync and asyncio) they go
-through psycopg's libpq wrapper, ``psycopg.pq``, instead of a cursor, prepared on a
-connection at their ``prepare_threshold``-th run there as psycopg would (never with
-``prepare_threshold=None``); a subclassed connection or a tracing cursor factory keeps
-its cursors (see ``_libpq``). An engine with statement event listeners or SQL logging gets every
-statement through SQLAlchemy's execution, so they see them (see ``_dbapi``). On the
-engines the backend creates, a few connections stay checked out between back-to-back
-operations (at most ``pool_size``, each for at most a second before it goes back through
-the pool; none with ``pool_pre_ping``), so a claim and its complete pay one pool checkout
-between them; an engine you pass is checked out and returned per operation (see
-``_stash``).
-Database errors become :class:`~idempotask.errors.BackendError` naming the operation and
-the database (never its password); a row that is not one of ours raises
+Each operation is a flow (:mod:`idempotask.flow`) run on one connection from the
+engine's pool with SQLAlchemy's public ``Connection.execute`` (``AsyncConnection.execute``
+for asyncio callers): the pool as you configured it (``pool_pre_ping``,
+``pool_recycle``), statement events (OpenTelemetry, Sentry, ddtrace instrumentation) and
+``echo`` see every statement. Statements are built with SQLAlchemy Core and compiled once
+per engine by SQLAlchemy's own cache; psycopg prepares them on the server after its
+``prepare_threshold`` runs on a connection. Database errors become
+:class:`~idempotask.errors.BackendError` naming the operation and the database (never its
+password); a missing table :class:`~idempotask.errors.MissingTableError` naming the table
+and ``idempotask db create``; a row that is not one of ours
 :class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
-deletes expired rows in short batches; run it from a periodic job.
+deletes expired records in short batches; run it from a periodic job.
 
-Every statement is bounded by ``statement_timeout`` (10 s by default): the server cancels
-a slower one, and a connection left unanswered a grace later is given up (a sync psycopg
-call stops waiting on its socket; elsewhere a watchdog thread shuts the socket down) and
-discarded, so a database that stops answering raises BackendError instead of hanging
-(see ``_timeouts``).
+Every statement is bounded by ``statement_timeout`` (10 s by default) with the drivers'
+own settings: the server cancels a slower one, libpq keepalives and ``tcp_user_timeout``
+notice a vanished peer, PyMySQL's ``read_timeout`` and ``asyncio.timeout`` a silent one;
+libpq has no client-side timeout, so a psycopg statement still unanswered a grace later
+has its socket shut down (through psycopg's documented ``fileno()``). The call raises
+BackendError and the connection is discarded (see ``_timeouts``).
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
@@ -104,30 +101,29 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Engine, MetaData, Table
-from sqlalchemy.engine import Dialect
 
 from idempotask.backends.base import Record, State
+from idempotask.backends.sql import _engines
 from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
-from idempotask.backends.sql._database import DEFAULT_STATEMENT_TIMEOUT, Database
-from idempotask.backends.sql._deadletters import SQLDeadLetterStore, dead_letters
-from idempotask.backends.sql._plans import (
-    CLAIM_ATTEMPTS,
+from idempotask.backends.sql._database import (
+    DEFAULT_STATEMENT_TIMEOUT,
+    Database,
     Flavour,
-    Plan,
-    Statements,
-    claim_params,
-    finish_params,
-    flavour_of,
-    plan_claim,
-    plan_delete,
-    plan_expire_now,
-    plan_finish,
-    plan_finished_already,
-    plan_get,
-    plan_purge,
-    plan_renew,
+    Session,
     seconds,
-    settle_claim_new,
+)
+from idempotask.backends.sql._deadletters import SQLDeadLetterStore, dead_letters
+from idempotask.backends.sql._records import (
+    CLAIM_ATTEMPTS,
+    Statements,
+    flow_claim,
+    flow_delete,
+    flow_expire_now,
+    flow_finish,
+    flow_get,
+    flow_purge,
+    flow_renew,
+    flow_scan,
 )
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
@@ -143,6 +139,7 @@ from idempotask.backends.sql._schema import (
     metadata,
 )
 from idempotask.errors import ConfigurationError
+from idempotask.flow import Flow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -198,30 +195,33 @@ class SQLAlchemyBackend:
 
     ``bind`` is a URL (``"postgresql+psycopg://user:pw@host/db"``, ``"sqlite:///app.db"``,
     ``"mysql+pymysql://user@host/db"``), an ``Engine`` or an ``AsyncEngine``; ``engine=``
-    and ``async_engine=`` pass both. Engines you pass are used as given (in autocommit
-    mode per connection) and never disposed by this backend; the engines it creates get
-    autocommit, a connect timeout (``connect_timeout`` seconds), hidden parameters in
+    and ``async_engine=`` pass both. Engines you pass are used as you configured them
+    (pool, ``pool_pre_ping``, events, ``echo``), in autocommit mode per connection unless
+    they are in it already, and never disposed by this backend; the engines it creates
+    get autocommit, a connect timeout (``connect_timeout`` seconds), hidden parameters in
     error messages, and for SQLite WAL and a busy timeout (``busy_timeout`` seconds).
-    ``engine_options`` are extra ``create_engine`` arguments for the engines it creates,
-    which keep up to ``pool_size`` connections out of their pool between operations (for
-    at most a second each); an engine you pass gets each operation's connection from its
-    pool and back.
+    ``engine_options`` are extra ``create_engine`` arguments for the engines it creates.
 
     ``statement_timeout`` (seconds, 10 by default; None turns it off) bounds every
-    statement: the server cancels one that runs longer (PostgreSQL ``statement_timeout``,
-    MariaDB ``max_statement_time``, on the engines it creates), TCP keepalives notice a
-    vanished peer (libpq), and on any connection, yours included, a statement still
-    unanswered a grace later (at most a second) has its socket shut down: the call raises
-    :class:`~idempotask.errors.BackendError` and the connection is discarded, so the next
-    call reconnects. Connecting is bounded by ``connect_timeout`` on top.
+    statement: on the engines it creates the server cancels one that runs longer
+    (PostgreSQL ``statement_timeout``, MariaDB ``max_statement_time``), TCP keepalives
+    notice a vanished peer (libpq) and PyMySQL gives up reading after the bound; on any
+    engine, a psycopg statement still unanswered a grace later (at most a second) has its
+    socket shut down, and an asyncio operation on MySQL or SQLite is cancelled
+    (``asyncio.timeout``): the call raises :class:`~idempotask.errors.BackendError` and the
+    connection is discarded. Connecting is bounded by ``connect_timeout`` on top.
 
     On MySQL/MariaDB, an engine you pass should be created with
     ``isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True`` (as ours are): otherwise
     every operation also pays a ``SET autocommit`` on checkout and a ``ROLLBACK`` and a
     reset on return. PostgreSQL and SQLite engines need nothing special.
 
-    ``table_name`` (and ``schema``) name the records table; :meth:`create_tables` creates
-    it, or let Alembic do it from :attr:`metadata`.
+    ``table_name`` (and ``schema``) name the records table, ``dead_letter_table`` and
+    ``breaker_table`` those of :meth:`dead_letter_store` and :meth:`breaker_store`.
+    :meth:`create_tables` creates all three (so does ``idempotask db create``, or
+    ``create_tables=True`` / the URL option ``?create_tables=true`` on first use); or let
+    Alembic do it from :attr:`metadata`. Without them, an operation raises
+    :class:`~idempotask.errors.MissingTableError` naming the table.
 
     >>> store = SQLAlchemyBackend("sqlite:///:memory:")
     >>> store.create_tables()
@@ -244,7 +244,17 @@ class SQLAlchemyBackend:
         busy_timeout: float = 30.0,
         statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
         engine_options: Mapping[str, Any] | None = None,
+        create_tables: bool = False,
+        dead_letter_table: str = DEFAULT_DEAD_LETTER_TABLE,
+        breaker_table: str = DEFAULT_BREAKER_TABLE,
     ) -> None:
+        if isinstance(bind, (str, URL)):
+            bind, options = _engines.store_options(bind, "SQLAlchemyBackend")
+            options.pop("namespace", None)  # keys carry their namespace
+            table_name = options.pop("table_name", table_name)
+            create_tables = options.pop("create_tables", create_tables)
+            dead_letter_table = options.pop("dead_letter_table", dead_letter_table)
+            breaker_table = options.pop("breaker_table", breaker_table)
         self.database = Database(
             bind,
             owner="SQLAlchemyBackend",
@@ -259,25 +269,48 @@ class SQLAlchemyBackend:
             raise ConfigurationError(
                 f"SQLAlchemyBackend: table_name must be a non-empty string, got {table_name!r}"
             )
-        if table_name == DEFAULT_TABLE_NAME and schema is None:
+        for option, name in (
+            ("dead_letter_table", dead_letter_table),
+            ("breaker_table", breaker_table),
+        ):
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(
+                    f"SQLAlchemyBackend: {option} must be a non-empty string, got {name!r}"
+                )
+        self.schema = schema
+        self.dead_letter_table = dead_letter_table
+        self.breaker_table = breaker_table
+        default = (table_name, dead_letter_table, breaker_table) == (
+            DEFAULT_TABLE_NAME,
+            DEFAULT_DEAD_LETTER_TABLE,
+            DEFAULT_BREAKER_TABLE,
+        )
+        if default and schema is None:
             self.metadata = metadata
             self.table: Table = records
+            self._tables = [records, dead_letters, breakers]
         else:
             self.metadata = MetaData()
             self.table = define_table(self.metadata, table_name, schema=schema)
+            self._tables = [
+                self.table,
+                define_dead_letter_table(self.metadata, dead_letter_table, schema=schema),
+                define_breaker_table(self.metadata, breaker_table, schema=schema),
+            ]
         self._sql = Statements(self.table)
-        # Tests force "mysql" on MariaDB to run the MySQL plan on a real server.
+        # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
         self._force_flavour: Flavour | None = None
-        # PostgreSQL: claims and completes start on a kept connection where psycopg's
-        # libpq path can run them (Database.first), without a plan.
-        self._libpq = self.database.url.get_backend_name() == "postgresql"
+        if create_tables:
+            self.database.create_on_first_use(*self._all_tables())
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLAlchemyBackend:
         """Build a backend for a SQLAlchemy URL; nothing connects until the first operation.
 
         This is what ``backend_from_url`` and ``configure(backend="postgresql://...")``
-        call. ``options`` are the constructor's keyword arguments.
+        call. ``options`` are the constructor's keyword arguments; the URL may also say
+        ``?create_tables=true``, ``?table=NAME`` (the records table),
+        ``?dead_letter_table=NAME`` and ``?breaker_table=NAME``.
 
         >>> SQLAlchemyBackend.from_url("postgresql+psycopg://app:secret@db:5432/app")
         SQLAlchemyBackend('postgresql+psycopg://db:5432/app', table='idempotask_records')
@@ -289,33 +322,32 @@ class SQLAlchemyBackend:
 
     # -- the stores that share this backend's engines ----------------------------------------
 
-    def breaker_store(self, *, table_name: str = DEFAULT_BREAKER_TABLE) -> SQLBreakerStore:
-        """A :class:`SQLBreakerStore` on this backend's engines (what ``CircuitBreaker``
-        uses with ``store=None`` when this backend is configured; create its table once
-        with ``create_tables()``).
+    def breaker_store(
+        self, *, namespace: str = "idempotask", table_name: str | None = None
+    ) -> SQLBreakerStore:
+        """A :class:`SQLBreakerStore` on this backend's engines, its breakers scoped by
+        ``namespace`` (what ``CircuitBreaker`` uses with ``store=None`` when this backend
+        is configured; :meth:`create_tables` creates its table).
 
-        >>> SQLAlchemyBackend("sqlite:///app.db").breaker_store()
-        SQLBreakerStore('sqlite:///app.db', table='idempotask_breakers')
+        >>> SQLAlchemyBackend("sqlite:///app.db").breaker_store(namespace="billing")
+        SQLBreakerStore('sqlite:///app.db', table='idempotask_breakers', namespace='billing')
         """
-        return SQLBreakerStore(self, table_name=table_name)
+        table = self.breaker_table if table_name is None else table_name
+        return SQLBreakerStore(self, namespace=namespace, table_name=table, schema=self.schema)
 
     def dead_letter_store(
-        self, *, table_name: str = DEFAULT_DEAD_LETTER_TABLE
+        self, *, namespace: str = "idempotask", table_name: str | None = None
     ) -> SQLDeadLetterStore:
-        """A :class:`SQLDeadLetterStore` on this backend's engines.
+        """A :class:`SQLDeadLetterStore` on this backend's engines, its queue scoped by
+        ``namespace``: two applications sharing a database keep separate dead letters.
 
-        >>> SQLAlchemyBackend("sqlite:///app.db").dead_letter_store()
-        SQLDeadLetterStore('sqlite:///app.db', table='idempotask_dead_letters')
+        >>> SQLAlchemyBackend("sqlite:///app.db").dead_letter_store(namespace="shop").namespace
+        'shop'
         """
-        return SQLDeadLetterStore(self, table_name=table_name)
+        table = self.dead_letter_table if table_name is None else table_name
+        return SQLDeadLetterStore(self, namespace=namespace, table_name=table, schema=self.schema)
 
     # -- engines -------------------------------------------------------------------------
-
-    def _sync_engine(self) -> Engine:
-        return self.database.sync_engine()
-
-    async def _async_engine(self) -> AsyncEngine:
-        return await self.database.async_engine()
 
     def close(self) -> None:
         """Close the connections of the sync engine this backend created (an engine you
@@ -335,22 +367,20 @@ class SQLAlchemyBackend:
         """
         await self.database.aclose()
 
-    # -- running plans ----------------------------------------------------------------------
+    # -- running flows ------------------------------------------------------------------------
 
-    def _flavour(self, dialect: Dialect) -> Flavour:
-        return self._force_flavour or flavour_of(dialect)
+    def _flavour(self, q: Session) -> Flavour:
+        return self._force_flavour or q.flavour
 
-    def _run(self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]) -> _T:
-        return self.database.run(operation, key, lambda dialect: make(self._flavour(dialect)))
+    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
+        return self.database.run(operation, key, make, self.table)
 
     async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Flavour], Plan[_T]]
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
     ) -> _T:
-        return await self.database.arun(
-            operation, key, lambda dialect: make(self._flavour(dialect))
-        )
+        return await self.database.arun(operation, key, make, self.table)
 
-    # -- the store protocol ------------------------------------------------------------------
+    # -- checks -------------------------------------------------------------------------------
 
     @staticmethod
     def _check_key(key: str, *texts: tuple[str, str]) -> None:
@@ -370,51 +400,48 @@ class SQLAlchemyBackend:
                     f"UTF-8; the SQL store holds a {name} of up to {limit} bytes"
                 )
 
-    # claim and complete/fail are on every call's path: their checks start with the
-    # common case, and on PostgreSQL their first statement runs without a plan when a
-    # connection is kept for it (Database.first).
-
-    def _check_claim(
+    def _claim(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> float:
+    ) -> Callable[[Session], Flow[Record]]:
         if not _short(key, token, owner, fingerprint):
             self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
-        return seconds(lease, "lease")
-
-    def _claim_plan(
-        self, key: str, token: str, lease: float, owner: str, fingerprint: str, first: bool
-    ) -> Callable[[Dialect], Plan[Record]]:
-        sql, flavour = self._sql, self._flavour
-        return lambda dialect: plan_claim(
+        lease = seconds(lease, "lease")
+        sql = self._sql
+        return lambda q: flow_claim(
             sql,
-            flavour(dialect),
+            q,
+            self._force_flavour or q.flavour,
             key,
             token,
             lease=lease,
             owner=owner,
             fingerprint=fingerprint,
-            first=first,
         )
 
-    def _check_finish(self, key: str, token: str, ttl: float) -> float:
+    def _finish(
+        self, key: str, token: str, payload: bytes, ttl: float, state: State
+    ) -> Callable[[Session], Flow[bool]]:
         if not _short(key, token):
             self._check_key(key, ("token", token))
-        return seconds(ttl, "ttl")
-
-    def _finish_plan(
-        self, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> Callable[[Dialect], Plan[bool]]:
+        ttl = seconds(ttl, "ttl")
         sql = self._sql
-        return lambda dialect: plan_finish(sql, key, token, payload, ttl, state)
+        return lambda q: flow_finish(sql, q, key, token, payload, ttl, state)
 
-    def _finished_plan(self, key: str, token: str, state: State) -> Callable[[Dialect], Plan[bool]]:
-        sql = self._sql
-        return lambda dialect: plan_finished_already(sql, key, token, state)
-
-    def _renew_plan(self, key: str, token: str, lease: float) -> Callable[[Flavour], Plan[bool]]:
+    def _renew(self, key: str, token: str, lease: float) -> Callable[[Session], Flow[bool]]:
         self._check_key(key, ("token", token))
         lease = seconds(lease, "lease")
-        return lambda flavour: plan_renew(self._sql, key, token, lease)
+        return lambda q: flow_renew(self._sql, q, key, token, lease)
+
+    def _scan(self, prefix: str, limit: int) -> Callable[[Session], Flow[list[Record]]]:
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"sql backend: scan prefix must be a str, got {prefix!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(
+                f"sql backend: scan limit must be a non-negative int, got {limit!r}"
+            )
+        return lambda q: flow_scan(self._sql, q, prefix[:KEY_LENGTH], limit)
+
+    # -- the store protocol ------------------------------------------------------------------
 
     def claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
@@ -425,18 +452,7 @@ class SQLAlchemyBackend:
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
-        lease = self._check_claim(key, token, lease, owner, fingerprint)
-        first = True  # whether the plan starts with PostgreSQL's first statement
-        if self._libpq:
-            params = claim_params(key, token, lease, owner, fingerprint)
-            answer = self.database.first("claim", key, self._sql.claim_new_postgresql, params, True)
-            if answer is not None:
-                record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
-                if record is not None:
-                    return record
-                first = False  # sent already: the plan goes on from there
-        plan = self._claim_plan(key, token, lease, owner, fingerprint, first)
-        return self.database.run("claim", key, plan)
+        return self._run("claim", key, self._claim(key, token, lease, owner, fingerprint))
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a result for the claim held with ``token``; True when stored (or already).
@@ -446,7 +462,7 @@ class SQLAlchemyBackend:
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        return self._finish("complete", key, token, payload, ttl, State.COMPLETED)
+        return self._run("complete", key, self._finish(key, token, payload, ttl, State.COMPLETED))
 
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Store a failure for the claim held with ``token``; True when stored (or already).
@@ -456,21 +472,7 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        return self._finish("fail", key, token, payload, ttl, State.FAILED)
-
-    def _finish(
-        self, operation: str, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> bool:
-        ttl = self._check_finish(key, token, ttl)
-        if self._libpq:
-            params = finish_params(key, token, payload, ttl, state)
-            answer = self.database.first(operation, key, self._sql.finish, params, False)
-            if answer is not None:
-                if answer[1]:
-                    return True
-                plan = self._finished_plan(key, token, state)
-                return self.database.run(operation, key, plan)
-        return self.database.run(operation, key, self._finish_plan(key, token, payload, ttl, state))
+        return self._run("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """Restart the lease of the claim held with ``token``; False when it is not held.
@@ -480,7 +482,7 @@ class SQLAlchemyBackend:
         >>> store.renew("k", "t1", lease=30), store.renew("k", "other", lease=30)
         (True, False)
         """
-        return self._run("renew", key, self._renew_plan(key, token, lease))
+        return self._run("renew", key, self._renew(key, token, lease))
 
     def get(self, key: str) -> Record | None:
         """The live record under ``key``, or None when absent or expired.
@@ -490,7 +492,7 @@ class SQLAlchemyBackend:
         True
         """
         self._check_key(key)
-        return self._run("get", key, lambda flavour: plan_get(self._sql, key))
+        return self._run("get", key, lambda q: flow_get(self._sql, q, key))
 
     def delete(self, key: str, *, token: str | None = None) -> bool:
         """Remove the record (only if it carries ``token``, when given); True if removed.
@@ -501,7 +503,18 @@ class SQLAlchemyBackend:
         (False, True)
         """
         self._check_key(key)
-        return self._run("delete", key, lambda flavour: plan_delete(self._sql, key, token))
+        return self._run("delete", key, lambda q: flow_delete(self._sql, q, key, token))
+
+    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+        """Up to ``limit`` live records whose key starts with ``prefix`` (one statement:
+        a range on the key's index), for operators; never on a call's path.
+
+        >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
+        >>> _ = store.claim("app:billing.charge:v1:ab", "t1", lease=30)
+        >>> [r.key for r in store.scan("app:billing.")]
+        ['app:billing.charge:v1:ab']
+        """
+        return self._run("scan", None, self._scan(prefix, limit))
 
     def expire_now(self, key: str) -> bool:
         """Test hook: the record's lease or ttl runs out now on the database's clock
@@ -513,63 +526,41 @@ class SQLAlchemyBackend:
         (True, None)
         """
         self._check_key(key)
-        return self._run("expire_now", key, lambda flavour: plan_expire_now(self._sql, key))
+        return self._run("expire_now", key, lambda q: flow_expire_now(self._sql, q, key))
 
     async def aclaim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Record:
         """Async :meth:`claim`."""
-        lease = self._check_claim(key, token, lease, owner, fingerprint)
-        first = True  # whether the plan starts with PostgreSQL's first statement
-        if self._libpq:
-            params = claim_params(key, token, lease, owner, fingerprint)
-            answer = await self.database.afirst(
-                "claim", key, self._sql.claim_new_postgresql, params, True
-            )
-            if answer is not None:
-                record = settle_claim_new(answer[0], key, token, lease, owner, fingerprint)
-                if record is not None:
-                    return record
-                first = False  # sent already: the plan goes on from there
-        plan = self._claim_plan(key, token, lease, owner, fingerprint, first)
-        return await self.database.arun("claim", key, plan)
+        return await self._arun("claim", key, self._claim(key, token, lease, owner, fingerprint))
 
     async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`complete`."""
-        return await self._afinish("complete", key, token, payload, ttl, State.COMPLETED)
+        return await self._arun(
+            "complete", key, self._finish(key, token, payload, ttl, State.COMPLETED)
+        )
 
     async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """Async :meth:`fail`."""
-        return await self._afinish("fail", key, token, payload, ttl, State.FAILED)
-
-    async def _afinish(
-        self, operation: str, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> bool:
-        ttl = self._check_finish(key, token, ttl)
-        if self._libpq:
-            params = finish_params(key, token, payload, ttl, state)
-            answer = await self.database.afirst(operation, key, self._sql.finish, params, False)
-            if answer is not None:
-                if answer[1]:
-                    return True
-                plan = self._finished_plan(key, token, state)
-                return await self.database.arun(operation, key, plan)
-        plan = self._finish_plan(key, token, payload, ttl, state)
-        return await self.database.arun(operation, key, plan)
+        return await self._arun("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
 
     async def arenew(self, key: str, token: str, *, lease: float) -> bool:
         """Async :meth:`renew`."""
-        return await self._arun("renew", key, self._renew_plan(key, token, lease))
+        return await self._arun("renew", key, self._renew(key, token, lease))
 
     async def aget(self, key: str) -> Record | None:
         """Async :meth:`get`."""
         self._check_key(key)
-        return await self._arun("get", key, lambda flavour: plan_get(self._sql, key))
+        return await self._arun("get", key, lambda q: flow_get(self._sql, q, key))
 
     async def adelete(self, key: str, *, token: str | None = None) -> bool:
         """Async :meth:`delete`."""
         self._check_key(key)
-        return await self._arun("delete", key, lambda flavour: plan_delete(self._sql, key, token))
+        return await self._arun("delete", key, lambda q: flow_delete(self._sql, q, key, token))
+
+    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+        """Async :meth:`scan`."""
+        return await self._arun("scan", None, self._scan(prefix, limit))
 
     # -- maintenance ---------------------------------------------------------------------------
 
@@ -594,23 +585,45 @@ class SQLAlchemyBackend:
         1
         """
         self._check_batch(batch)
-        return self._run("purge_expired", None, lambda f: plan_purge(self._sql, f, batch))
+        return self._run(
+            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+        )
 
     async def apurge_expired(self, batch: int = 1000) -> int:
         """Async :meth:`purge_expired`."""
         self._check_batch(batch)
-        return await self._arun("purge_expired", None, lambda f: plan_purge(self._sql, f, batch))
+        return await self._arun(
+            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+        )
+
+    # -- tables -------------------------------------------------------------------------------
+
+    @property
+    def tables(self) -> list[str]:
+        """The names of the tables :meth:`create_tables` creates: records, dead letters,
+        breakers (with their schema, if any).
+
+        >>> SQLAlchemyBackend("sqlite:///:memory:").tables
+        ['idempotask_records', 'idempotask_dead_letters', 'idempotask_breakers']
+        """
+        return [table.fullname for table in self._tables]
+
+    def _all_tables(self) -> tuple[MetaData, list[Table]]:
+        """Every table this backend's stores use: records, dead letters, breakers."""
+        return self.metadata, self._tables
 
     def create_tables(self) -> None:
-        """Create the records table and its index if missing (safe to call again, and from
-        several processes at once). Use Alembic with :attr:`metadata` in production.
+        """Create the records, dead-letter and breaker tables and their indexes if missing
+        (safe to call again, and from several processes at once). Use Alembic with
+        :attr:`metadata` in production, or ``idempotask db create``.
 
         >>> SQLAlchemyBackend("sqlite:///:memory:").create_tables()
         """
-        self.database.schema_change(self.metadata, [self.table], True)
+        self.database.schema_change(*self._all_tables(), True)
 
     def drop_tables(self) -> None:
-        """Drop the records table if it exists (every record is lost).
+        """Drop the records table if it exists (every record is lost); the dead-letter and
+        breaker tables stay (drop them through their stores).
 
         >>> SQLAlchemyBackend("sqlite:///:memory:").drop_tables()
         """
@@ -618,7 +631,7 @@ class SQLAlchemyBackend:
 
     async def acreate_tables(self) -> None:
         """Async :meth:`create_tables`."""
-        await self.database.aschema_change(self.metadata, [self.table], True)
+        await self.database.aschema_change(*self._all_tables(), True)
 
     async def adrop_tables(self) -> None:
         """Async :meth:`drop_tables`."""

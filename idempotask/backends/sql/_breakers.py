@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Double,
@@ -48,16 +48,14 @@ from sqlalchemy import (
     null,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import BreakerState, BreakerStatus
+from idempotask.backends.sql._database import Flavour, Session
 from idempotask.backends.sql._deadletters import TableStore
-from idempotask.backends.sql._plans import Flavour, Plan, Step
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
     TEXT_LENGTH,
@@ -67,9 +65,7 @@ from idempotask.backends.sql._schema import (
     metadata,
 )
 from idempotask.errors import ConfigurationError, CorruptRecordError
-
-if TYPE_CHECKING:
-    pass
+from idempotask.flow import Flow
 
 __all__ = ["BreakerStatements", "SQLBreakerStore", "breakers"]
 
@@ -79,21 +75,22 @@ _T = TypeVar("_T")
 breakers = define_breaker_table(metadata)
 
 _CLOSED = BreakerState(BreakerStatus.CLOSED)
-_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
-_COMMIT = text("COMMIT")
 
 
 class BreakerStatements:
     """Every statement the breaker store sends for one table, built once each.
 
-    Parameter names: ``name``, ``tok`` a token, ``threshold``, ``window``, ``open_for``,
-    ``lease`` and ``retain`` (seconds).
+    Parameter names (none is a column's name: an UPDATE would take it for a new value):
+    ``ns`` the namespace (in every statement), ``bn`` the breaker's name, ``tok`` a
+    token, ``threshold``, ``window``, ``open_for``, ``lease`` and ``retain`` (seconds),
+    ``n`` a limit.
     """
 
     def __init__(self, table: Table) -> None:
         self.table = table
         c = table.c
-        self._name = bindparam("name", type_=c.name.type)
+        self._name = bindparam("bn", type_=c.name.type)
+        self._ns = bindparam("ns", type_=c.namespace.type)
         self._tok = bindparam("tok", type_=c.probe_token.type)
         self._empty = literal("", c.probe_token.type)
         self._cache: dict[Any, Executable] = {}
@@ -108,6 +105,10 @@ class BreakerStatements:
         c = self.table.c
         return [c.failures, c.window_until, c.open_until, c.probe_until, c.opened_by, now]
 
+    def _one(self) -> ColumnElement[bool]:
+        c = self.table.c
+        return and_(c.namespace == self._ns, c.name == self._name)
+
     def failure(self, flavour: Flavour) -> Executable:
         """Count one failure, opening at ``threshold``, re-opening a half-open breaker."""
         return self._cached(("failure", flavour), lambda: self._build_failure(flavour))
@@ -120,6 +121,7 @@ class BreakerStatements:
         open_for: BindParameter[float] = bindparam("open_for", type_=Double())
         first_opens = threshold <= 1
         row = {
+            "namespace": self._ns,
             "name": self._name,
             "failures": 1,
             "window_until": case((first_opens, literal(0.0)), else_=now + window),
@@ -161,7 +163,9 @@ class BreakerStatements:
             return ins.returning(*self._state_columns(now)) if flavour == "mariadb" else ins
         dialect_insert = postgresql.insert if flavour == "postgresql" else sqlite.insert
         upsert = dialect_insert(t).values(row)
-        upsert = upsert.on_conflict_do_update(index_elements=[c.name], set_=dict(assignments))
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[c.namespace, c.name], set_=dict(assignments)
+        )
         return upsert.returning(*self._state_columns(now)) if flavour == "postgresql" else upsert
 
     @property
@@ -169,7 +173,7 @@ class BreakerStatements:
         """The breaker's row and the database's time."""
         return self._cached(
             "read",
-            lambda: select(*self._state_columns(DbNow())).where(self.table.c.name == self._name),
+            lambda: select(*self._state_columns(DbNow())).where(self._one()),
         )
 
     @property
@@ -182,7 +186,7 @@ class BreakerStatements:
             return (
                 update(self.table)
                 .where(
-                    c.name == self._name,
+                    self._one(),
                     c.open_until.is_not(None),
                     c.open_until <= now,
                     or_(c.probe_until.is_(None), c.probe_until <= now, c.probe_token == self._tok),
@@ -199,15 +203,27 @@ class BreakerStatements:
         return self._cached(
             "close",
             lambda: delete(self.table).where(
-                c.name == self._name, c.open_until.is_not(None), c.open_until <= DbNow()
+                self._one(), c.open_until.is_not(None), c.open_until <= DbNow()
             ),
         )
 
     @property
     def reset(self) -> Executable:
         """Remove the row."""
+        return self._cached("reset", lambda: delete(self.table).where(self._one()))
+
+    @property
+    def all(self) -> Executable:
+        """Up to ``n`` breakers of the namespace, by name, and the database's time."""
+        c = self.table.c
         return self._cached(
-            "reset", lambda: delete(self.table).where(self.table.c.name == self._name)
+            "all",
+            lambda: (
+                select(c.name, *self._state_columns(DbNow()))
+                .where(c.namespace == self._ns)
+                .order_by(c.name)
+                .limit(bindparam("n", type_=Integer()))
+            ),
         )
 
     @property
@@ -220,6 +236,7 @@ class BreakerStatements:
             now = DbStatementNow()
             retain: BindParameter[float] = bindparam("retain", type_=Double())
             return delete(self.table).where(
+                c.namespace == self._ns,
                 or_(
                     and_(c.open_until.is_(None), c.window_until <= now),
                     and_(
@@ -227,7 +244,7 @@ class BreakerStatements:
                         c.open_until + retain <= now,
                         or_(c.probe_until.is_(None), c.probe_until <= now),
                     ),
-                )
+                ),
             )
 
         return self._cached("purge_stale", build)
@@ -276,28 +293,39 @@ def breaker_view(
     return BreakerState(BreakerStatus.HALF_OPEN, retry_after=wait)
 
 
-# -- plans ---------------------------------------------------------------------------------------
+# -- flows ---------------------------------------------------------------------------------------
 
 
-def plan_state(sql: BreakerStatements, name: str) -> Plan[BreakerState]:
+def flow_state(sql: BreakerStatements, q: Session, ns: str, name: str) -> Flow[BreakerState]:
     """Read the state."""
-    rows = yield Step(sql.read, {"name": name})
+    rows = yield q.op(sql.read, {"ns": ns, "bn": name})
     return breaker_view(name, rows[0] if rows else None)
 
 
-def plan_failure(
+def flow_states(
+    sql: BreakerStatements, q: Session, ns: str, limit: int
+) -> Flow[dict[str, BreakerState]]:
+    """Every breaker of the namespace with a row, up to ``limit``."""
+    rows = yield q.op(sql.all, {"ns": ns, "n": limit})
+    return {_text(name): breaker_view(_text(name), row) for name, *row in rows}
+
+
+def flow_failure(
     sql: BreakerStatements,
+    q: Session,
     flavour: Flavour,
+    ns: str,
     name: str,
     *,
     threshold: int,
     window: float,
     open_for: float,
-) -> Plan[BreakerState]:
+) -> Flow[BreakerState]:
     """Count a failure (see :meth:`BreakerStatements.failure`)."""
     token = uuid.uuid4().hex
     params = {
-        "name": name,
+        "ns": ns,
+        "bn": name,
         "tok": token,
         "threshold": threshold,
         "window": window,
@@ -305,39 +333,41 @@ def plan_failure(
     }
     statement = sql.failure(flavour)
     if flavour in ("postgresql", "mariadb"):
-        rows = yield Step(statement, params)
+        rows = yield q.op(statement, params)
     else:
         # No RETURNING (MySQL) or not relied on (SQLite < 3.35): the row is read back, in
         # the same transaction on SQLite (one writer, so nothing slips in between).
         if flavour == "sqlite":
-            yield Step(_BEGIN_IMMEDIATE, reply="none")
-        yield Step(statement, params, reply="none")
-        rows = yield Step(sql.read, {"name": name})
+            yield q.begin()
+        yield q.op(statement, params, "none")
+        rows = yield q.op(sql.read, {"ns": ns, "bn": name})
         if flavour == "sqlite":
-            yield Step(_COMMIT, reply="none")
+            yield q.commit()
     if not rows:  # reset by someone else right after our write (MySQL): closed
         return _CLOSED
     return breaker_view(name, rows[0], token=token, open_for=open_for)
 
 
-def plan_success(sql: BreakerStatements, name: str) -> Plan[BreakerState]:
+def flow_success(sql: BreakerStatements, q: Session, ns: str, name: str) -> Flow[BreakerState]:
     """Close a half-open breaker; otherwise report the state unchanged."""
-    if (yield Step(sql.close_half_open, {"name": name}, reply="rowcount")):
+    if (yield q.op(sql.close_half_open, {"ns": ns, "bn": name}, "rowcount")):
         return BreakerState(BreakerStatus.CLOSED, changed=True)
-    return (yield from plan_state(sql, name))
+    return (yield from flow_state(sql, q, ns, name))
 
 
-def plan_probe(sql: BreakerStatements, name: str, token: str, lease: float) -> Plan[BreakerState]:
+def flow_probe(
+    sql: BreakerStatements, q: Session, ns: str, name: str, token: str, lease: float
+) -> Flow[BreakerState]:
     """Take the half-open probe for ``token``, or report why not."""
-    params = {"name": name, "tok": token, "lease": lease}
-    if (yield Step(sql.probe, params, reply="rowcount")):
+    params = {"ns": ns, "bn": name, "tok": token, "lease": lease}
+    if (yield q.op(sql.probe, params, "rowcount")):
         return BreakerState(BreakerStatus.HALF_OPEN, retry_after=lease, probe=True)
-    return (yield from plan_state(sql, name))
+    return (yield from flow_state(sql, q, ns, name))
 
 
-def plan_delete(statement: Executable, params: Mapping[str, Any]) -> Plan[int]:
+def flow_delete(q: Session, statement: Executable, params: Mapping[str, Any]) -> Flow[int]:
     """One DELETE; its row count."""
-    count: int = yield Step(statement, params, reply="rowcount")
+    count: int = yield q.op(statement, params, "rowcount")
     return max(0, count)
 
 
@@ -376,7 +406,7 @@ def _check_text(value: Any, what: str) -> str:
 
 
 class SQLBreakerStore(TableStore):
-    """Circuit breaker state in a SQL table: a :class:`~idempotask.breaker.BreakerStore`
+    """Circuit breaker state in a SQL table: a :class:`~idempotask.backends.base.BreakerStore`
     on PostgreSQL, SQLite, MariaDB or MySQL, sync and async, shared by every process
     using the database.
 
@@ -384,6 +414,7 @@ class SQLBreakerStore(TableStore):
     :class:`~idempotask.backends.sql.SQLAlchemyBackend`) or a ``SQLAlchemyBackend`` whose
     engines it shares (``backend.breaker_store()`` does that, and it is what a
     ``CircuitBreaker`` with ``store=None`` uses when a SQL backend is configured).
+    ``namespace`` scopes the breakers: two namespaces on one table have separate ones.
     :meth:`create_tables` creates its table (or Alembic, see ``define_breaker_table``).
 
     >>> from idempotask.breaker import CircuitBreaker
@@ -396,69 +427,99 @@ class SQLBreakerStore(TableStore):
 
     default_table_name = DEFAULT_BREAKER_TABLE
     default_table = breakers
-    _sql: BreakerStatements
+    table_option = "breaker_table"
+
+    def __init__(self, bind: Any = None, /, **options: Any) -> None:
+        super().__init__(bind, **options)
+        self._sql = BreakerStatements(self.table)
 
     def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
         return define_breaker_table(meta, name, schema=schema)
 
-    def _statements(self, table: Table) -> BreakerStatements:
-        return BreakerStatements(table)
-
     def _failure(
         self, name: str, threshold: int, window: float, open_for: float
-    ) -> Callable[[Dialect], Plan[BreakerState]]:
+    ) -> Callable[[Session], Flow[BreakerState]]:
         _check_text(name, "a breaker name")
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigurationError(
                 f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
             )
         w, o = _seconds(window, "window"), _seconds(open_for, "open_for")
-        return lambda d: plan_failure(
-            self._sql, self._flavour(d), name, threshold=threshold, window=w, open_for=o
+        return lambda q: flow_failure(
+            self._sql,
+            q,
+            self._flavour(q),
+            self.namespace,
+            name,
+            threshold=threshold,
+            window=w,
+            open_for=o,
         )
 
     def _probe(
         self, name: str, token: str, lease: float
-    ) -> Callable[[Dialect], Plan[BreakerState]]:
+    ) -> Callable[[Session], Flow[BreakerState]]:
         _check_text(name, "a breaker name")
         _check_text(token, "a probe token")
         seconds = _seconds(lease, "lease")
-        return lambda d: plan_probe(self._sql, name, token, seconds)
+        return lambda q: flow_probe(self._sql, q, self.namespace, name, token, seconds)
 
-    def _named(self, name: str, plan: Callable[[], Plan[_T]]) -> Callable[[Dialect], Plan[_T]]:
+    def _state(self, name: str) -> Callable[[Session], Flow[BreakerState]]:
         _check_text(name, "a breaker name")
-        return lambda d: plan()
+        return lambda q: flow_state(self._sql, q, self.namespace, name)
+
+    def _success(self, name: str) -> Callable[[Session], Flow[BreakerState]]:
+        _check_text(name, "a breaker name")
+        return lambda q: flow_success(self._sql, q, self.namespace, name)
+
+    def _reset(self, name: str) -> Callable[[Session], Flow[int]]:
+        _check_text(name, "a breaker name")
+        params = {"ns": self.namespace, "bn": name}
+        return lambda q: flow_delete(q, self._sql.reset, params)
+
+    def _states(self, limit: int) -> Callable[[Session], Flow[dict[str, BreakerState]]]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(
+                f"sql breaker store: limit must be a non-negative int, got {limit!r}"
+            )
+        return lambda q: flow_states(self._sql, q, self.namespace, limit)
 
     # -- sync API ----------------------------------------------------------------------------
 
     def state(self, name: str) -> BreakerState:
         """The breaker's state; one statement, no writes."""
-        return self.database.run(
-            "breaker.state", name, self._named(name, lambda: plan_state(self._sql, name))
-        )
+        return self._run("breaker.state", name, self._state(name))
+
+    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        """Every breaker of the namespace with a row (up to ``limit``, by name): one
+        statement, for operators. A breaker with no row is closed.
+
+        >>> store = SQLBreakerStore("sqlite:///:memory:"); store.create_tables()
+        >>> _ = store.record_failure("erp", threshold=1, window=60, open_for=30)
+        >>> {name: state.status.value for name, state in store.states().items()}
+        {'erp': 'open'}
+        """
+        return self._run("breaker.states", None, self._states(limit))
 
     def record_failure(
         self, name: str, *, threshold: int, window: float, open_for: float
     ) -> BreakerState:
         """Count a failure (opening at ``threshold``); one upsert."""
-        return self.database.run(
+        return self._run(
             "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
         )
 
     def record_success(self, name: str) -> BreakerState:
         """Report a success (closing a half-open breaker)."""
-        return self.database.run(
-            "breaker.record_success", name, self._named(name, lambda: plan_success(self._sql, name))
-        )
+        return self._run("breaker.record_success", name, self._success(name))
 
     def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
         """Take the half-open probe for ``lease`` seconds if it is free."""
-        return self.database.run("breaker.try_probe", name, self._probe(name, token, lease))
+        return self._run("breaker.try_probe", name, self._probe(name, token, lease))
 
     def reset(self, name: str) -> None:
         """Remove the breaker's row (closed, no failures)."""
-        make = self._named(name, lambda: plan_delete(self._sql.reset, {"name": name}))
-        self.database.run("breaker.reset", name, make)
+        self._run("breaker.reset", name, self._reset(name))
 
     def purge_stale(self, retain: float = 86400.0) -> int:
         """Delete rows that only say "closed" (a count whose window ended) or that stayed
@@ -469,38 +530,37 @@ class SQLBreakerStore(TableStore):
         >>> store.purge_stale()
         0
         """
-        params = {"retain": _seconds(retain, "retain")}
-        return self.database.run(
-            "breaker.purge_stale", None, lambda d: plan_delete(self._sql.purge_stale, params)
+        params = {"ns": self.namespace, "retain": _seconds(retain, "retain")}
+        return self._run(
+            "breaker.purge_stale", None, lambda q: flow_delete(q, self._sql.purge_stale, params)
         )
 
     # -- async API ---------------------------------------------------------------------------
 
     async def astate(self, name: str) -> BreakerState:
         """Async :meth:`state`."""
-        return await self.database.arun(
-            "breaker.state", name, self._named(name, lambda: plan_state(self._sql, name))
-        )
+        return await self._arun("breaker.state", name, self._state(name))
+
+    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+        """Async :meth:`states`."""
+        return await self._arun("breaker.states", None, self._states(limit))
 
     async def arecord_failure(
         self, name: str, *, threshold: int, window: float, open_for: float
     ) -> BreakerState:
         """Async :meth:`record_failure`."""
-        return await self.database.arun(
+        return await self._arun(
             "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
         )
 
     async def arecord_success(self, name: str) -> BreakerState:
         """Async :meth:`record_success`."""
-        return await self.database.arun(
-            "breaker.record_success", name, self._named(name, lambda: plan_success(self._sql, name))
-        )
+        return await self._arun("breaker.record_success", name, self._success(name))
 
     async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
         """Async :meth:`try_probe`."""
-        return await self.database.arun("breaker.try_probe", name, self._probe(name, token, lease))
+        return await self._arun("breaker.try_probe", name, self._probe(name, token, lease))
 
     async def areset(self, name: str) -> None:
         """Async :meth:`reset`."""
-        make = self._named(name, lambda: plan_delete(self._sql.reset, {"name": name}))
-        await self.database.arun("breaker.reset", name, make)
+        await self._arun("breaker.reset", name, self._reset(name))

@@ -9,8 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import URL, Engine, create_engine, event, make_url
-from sqlalchemy.engine.default import DefaultDialect
+import sqlalchemy
+from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
+    "OPTIONS",
+    "async_autocommit",
     "async_url",
     "autocommit",
     "describe",
@@ -28,6 +30,7 @@ __all__ = [
     "new_async_engine",
     "new_sync_engine",
     "parse_url",
+    "store_options",
     "sync_url",
 ]
 
@@ -78,6 +81,39 @@ def parse_url(url: str | URL) -> URL:
     return parsed
 
 
+#: Query options of a store URL that are idempotask's, not the driver's.
+OPTIONS = ("create_tables", "table", "namespace", "dead_letter_table", "breaker_table")
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def store_options(url: str | URL, owner: str) -> tuple[URL, dict[str, Any]]:
+    """``url`` without idempotask's own query options (:data:`OPTIONS`), and those options
+    as constructor arguments (``table`` becomes ``table_name``, ``create_tables`` a bool).
+
+    >>> url, options = store_options("sqlite:///app.db?create_tables=true&table=t", "S")
+    >>> str(url), options
+    ('sqlite:///app.db', {'create_tables': True, 'table_name': 't'})
+    """
+    parsed = parse_url(url)
+    options: dict[str, Any] = {}
+    for name in OPTIONS:
+        value = parsed.query.get(name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            raise ConfigurationError(f"{owner}: the URL option {name}= is given twice")
+        if name == "create_tables":
+            if value.lower() not in _TRUE + _FALSE:
+                raise ConfigurationError(
+                    f"{owner}: the URL option create_tables= takes true or false, got {value!r}"
+                )
+            options[name] = value.lower() in _TRUE
+        else:
+            options["table_name" if name == "table" else name] = value
+    return parsed.difference_update_query(OPTIONS), options
+
+
 def describe(url: URL) -> str:
     """The URL without credentials or query options, for messages and ``repr``."""
     bare = URL.create(url.drivername, host=url.host, port=url.port, database=url.database)
@@ -118,30 +154,41 @@ def async_url(url: URL) -> URL:
     return url if driver in keep else _with_driver(url, default)
 
 
-def is_autocommit(engine: Engine | AsyncEngine) -> bool:
-    """Whether the engine's connections are already in autocommit mode."""
-    sync: Engine = engine.sync_engine if hasattr(engine, "sync_engine") else engine
-    option = sync.get_execution_options().get("isolation_level")
-    return "AUTOCOMMIT" in (option, getattr(sync.dialect, "_on_connect_isolation_level", None))
-
-
 def autocommit(engine: Engine) -> Engine:
-    """``engine`` in autocommit mode: every statement its own transaction, no BEGIN/COMMIT.
+    """``engine``, or a view of it that sets autocommit on each connection it checks out.
 
-    A user's engine is given the option per connection (its pool is shared); an engine
-    created in autocommit mode is used as is, which saves MySQL two ``SET`` round trips
-    per checkout.
+    An engine whose connections already are in autocommit mode (made with
+    ``isolation_level="AUTOCOMMIT"``, as the stores' own are) is used as is: setting it
+    per connection would cost MySQL a ``SET autocommit`` on every checkout and return.
+    One connection is checked out to tell, with the dialect's documented
+    ``detect_autocommit_setting`` (no round trip).
     """
-    return (
-        engine if is_autocommit(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
-    )
+    if engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return engine
+    with engine.connect() as conn:
+        dbapi_connection = conn.connection.dbapi_connection
+        try:
+            already = dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
+                dbapi_connection
+            )
+        except NotImplementedError:
+            already = False
+    return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
-    """:func:`autocommit` for an :class:`AsyncEngine`."""
-    return (
-        engine if is_autocommit(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
-    )
+async def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """:func:`~idempotask.backends.sql._engines.autocommit` for an ``AsyncEngine``."""
+    if engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return engine
+    async with engine.connect() as aconn:
+        raw = await aconn.get_raw_connection()
+        try:
+            already = raw.dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
+                raw.dbapi_connection
+            )
+        except NotImplementedError:
+            already = False
+    return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _engine_options(
@@ -158,13 +205,11 @@ def _engine_options(
         "isolation_level": "AUTOCOMMIT",
         # Payloads (results, tracebacks) stay out of error messages and logs.
         "hide_parameters": True,
-    }
-    if "skip_autocommit_rollback" in DefaultDialect.__init__.__code__.co_varnames:
         # The pool rolls back every connection it gets back, even in autocommit mode: a
-        # ROLLBACK round trip with PyMySQL, a thread hop with aiosqlite, a lock and a
-        # greenlet switch with psycopg. SQLAlchemy 2.0.43+ can skip it. Only SQLite's claim
-        # opens a transaction, and a plan that fails rolls back itself (_dbapi.Executor).
-        kwargs["skip_autocommit_rollback"] = True
+        # ROLLBACK round trip with PyMySQL, a thread hop with aiosqlite. The few flows
+        # that open a transaction end it themselves, or discard the connection.
+        "skip_autocommit_rollback": True,
+    }
     connect_args: dict[str, Any] = {}
     if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
         seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
@@ -233,7 +278,9 @@ def new_sync_engine(
         options=options,
     )
     try:
-        engine = create_engine(url, **kwargs)
+        # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
+        # (OpenTelemetry's, when switched on after this module was imported) sees ours.
+        engine = sqlalchemy.create_engine(url, **kwargs)
     except NoSuchModuleError as exc:
         raise ConfigurationError(f"sql backend: {exc}") from exc
     except ImportError as exc:

@@ -17,10 +17,12 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
+    Text,
 )
-from sqlalchemy.dialects.mysql import LONGBLOB, VARBINARY
+from sqlalchemy.dialects.mysql import LONGBLOB, LONGTEXT, VARBINARY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.compiler import compiles
@@ -36,6 +38,7 @@ __all__ = [
     "NAME_LENGTH",
     "TEXT_LENGTH",
     "BinaryText",
+    "CodePoints",
     "DbNow",
     "DbStatementNow",
     "define_breaker_table",
@@ -178,6 +181,36 @@ def _now_mysql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
     return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
 
 
+class CodePoints(FunctionElement[str]):
+    """A string column compared by code point (so a ``>=``/``<`` range is a prefix):
+    ``COLLATE "C"`` on PostgreSQL, whose default collations sort by language rules;
+    elsewhere the column itself (MySQL's VARBINARY and SQLite's BINARY collation already
+    compare that way). On a column defined with the ``"C"`` collation, as the tables
+    here are, PostgreSQL still uses the column's index.
+
+    >>> from sqlalchemy import column
+    >>> from sqlalchemy.dialects import postgresql, sqlite
+    >>> str(CodePoints(column("key")).compile(dialect=postgresql.dialect()))
+    'key COLLATE "C"'
+    >>> str(CodePoints(column("key")).compile(dialect=sqlite.dialect()))
+    '"key"'
+    """
+
+    type = String()
+    inherit_cache = True
+    name = "idempotask_code_points"
+
+
+@compiles(CodePoints)
+def _code_points(element: CodePoints, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(CodePoints, "postgresql")
+def _code_points_postgresql(element: CodePoints, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'{compiler.process(element.clauses, **kw)} COLLATE "C"'
+
+
 def _index_name(table: str, suffix: str = "expires_at") -> str:
     # PostgreSQL cuts identifiers at 63 bytes and MySQL refuses more than 64: a long table
     # name gets a shortened, still unique, index name.
@@ -186,6 +219,14 @@ def _index_name(table: str, suffix: str = "expires_at") -> str:
         return name
     digest = hashlib.sha256(table.encode()).hexdigest()[:10]
     return f"ix_{table.encode()[:30].decode(errors='ignore')}_{digest}_{suffix}"
+
+
+def _ordered_text(length: int) -> TypeEngine[Any]:
+    """:class:`BinaryText` that also sorts by code point, as Python compares ``str``:
+    PostgreSQL's default collation sorts by language rules (punctuation ignored), so the
+    column gets the ``"C"`` collation there; SQLite's and MySQL's binary columns already
+    compare UTF-8 bytes, whose order is the code points'."""
+    return BinaryText(length).with_variant(String(length, collation="C"), "postgresql")
 
 
 def define_table(
@@ -198,7 +239,8 @@ def define_table(
         from idempotask.backends.sql import define_table
         define_table(Base.metadata)          # or define_table(metadata, "my_records")
 
-    Columns: ``key`` (the primary key, compared byte for byte), ``state``, ``token``,
+    Columns: ``key`` (the primary key, compared byte for byte and ordered by code point:
+    ``COLLATE "C"`` on PostgreSQL, so listing keys by prefix uses the index), ``state``, ``token``,
     ``owner``, ``fingerprint``, ``payload`` (``LONGBLOB`` on MySQL/MariaDB for results of
     megabytes) and ``expires_at`` (epoch seconds on the database's clock, indexed for
     :meth:`~idempotask.backends.sql.SQLAlchemyBackend.purge_expired`).
@@ -210,7 +252,7 @@ def define_table(
     return Table(
         name,
         metadata,
-        Column("key", BinaryText(KEY_LENGTH), primary_key=True),
+        Column("key", _ordered_text(KEY_LENGTH), primary_key=True),
         Column("state", BinaryText(16), nullable=False),
         Column("token", BinaryText(TEXT_LENGTH), nullable=False),
         Column("owner", BinaryText(TEXT_LENGTH), nullable=False),
@@ -222,16 +264,15 @@ def define_table(
     )
 
 
-def _ordered_text(length: int) -> TypeEngine[Any]:
-    """:class:`BinaryText` that also sorts by code point, as Python compares ``str``:
-    PostgreSQL's default collation sorts by language rules (punctuation ignored), so the
-    column gets the ``"C"`` collation there; SQLite's and MySQL's binary columns already
-    compare UTF-8 bytes, whose order is the code points'."""
-    return BinaryText(length).with_variant(String(length, collation="C"), "postgresql")
-
-
 def _blob() -> TypeEngine[Any]:
     return LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
+
+
+def _unicode_text() -> TypeEngine[Any]:
+    """Text of any length in any language: ``TEXT`` (PostgreSQL, SQLite), ``LONGTEXT`` in
+    utf8mb4 with byte-wise comparison on MySQL/MariaDB (whose default charset may not hold
+    every character and whose default collation folds case)."""
+    return Text().with_variant(LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin"), *_MYSQL)
 
 
 def define_dead_letter_table(
@@ -243,20 +284,27 @@ def define_dead_letter_table(
         from idempotask.backends.sql import define_dead_letter_table
         define_dead_letter_table(Base.metadata)
 
-    One row per letter: every :class:`~idempotask.backends.deadletters.DeadLetter` field
-    (``id`` the primary key; ``message``, ``traceback`` and ``arguments`` as bytes, the
-    first two UTF-8, since a message may hold a NUL that PostgreSQL text refuses; times as
-    epoch seconds; ``next_retry_at`` NULL when none), plus ``claimed_until``, the end of a
-    processor's claim on the database's clock (NULL: not held). Indexed for due scans
-    (``status, next_retry_at``) and time queries (``last_failed_at``).
+    One row per letter and namespace (the primary key is ``namespace, id``: applications
+    sharing a database keep separate queues): every
+    :class:`~idempotask.backends.base.DeadLetter` field (``message``, ``traceback`` and
+    ``arguments`` as bytes, the first two UTF-8, since a message may hold a NUL that
+    PostgreSQL text refuses; times as epoch seconds; ``next_retry_at`` NULL when none;
+    ``history`` as the text of :func:`~idempotask.backends.base.encode_history`), plus
+    ``search``, the case-folded error type and message that ``DeadLetterFilter.search``
+    looks in, and ``claimed_until``, the end of a processor's claim on the database's
+    clock (NULL: not held). Indexed for due scans (``namespace, status, next_retry_at``)
+    and pages sorted by the last failure, newest first (``namespace, last_failed_at DESC,
+    id``; by status ``namespace, status, last_failed_at DESC, id``; by function
+    ``namespace, function, last_failed_at DESC, id``).
     """
     existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
     if existing is not None:
         return existing
-    return Table(
+    table = Table(
         name,
         metadata,
-        Column("id", _ordered_text(TEXT_LENGTH), primary_key=True),
+        Column("namespace", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("id", _ordered_text(TEXT_LENGTH), nullable=False),
         Column("function", BinaryText(NAME_LENGTH), nullable=False),
         Column("kind", BinaryText(64), nullable=False),
         Column("error_type", BinaryText(NAME_LENGTH), nullable=False),
@@ -273,11 +321,21 @@ def define_dead_letter_table(
         Column("critical", Boolean(), nullable=False),
         Column("resolution", BinaryText(64), nullable=False),
         Column("version", BigInteger(), nullable=False),
+        Column("history", _unicode_text(), nullable=False),
+        Column("search", _unicode_text(), nullable=False),
         Column("claimed_until", Double(), nullable=True),
-        Index(_index_name(name, "due"), "status", "next_retry_at"),
-        Index(_index_name(name, "last_failed_at"), "last_failed_at"),
+        PrimaryKeyConstraint("namespace", "id"),
+        Index(_index_name(name, "due"), "namespace", "status", "next_retry_at"),
         schema=schema,
     )
+    # Pages are newest last failure first, ties by ascending id: indexes in that very
+    # order (descending on last_failed_at) give them without a sort.
+    c = table.c
+    newest = (c.last_failed_at.desc(), c.id)
+    Index(_index_name(name, "last_failed_at"), c.namespace, *newest)
+    Index(_index_name(name, "status"), c.namespace, c.status, *newest)
+    Index(_index_name(name, "function"), c.namespace, c.function, *newest)
+    return table
 
 
 def define_breaker_table(
@@ -289,11 +347,12 @@ def define_breaker_table(
         from idempotask.backends.sql import define_breaker_table
         define_breaker_table(Base.metadata)
 
-    One row per breaker name, as :class:`~idempotask.breaker.BreakerStore` describes it:
-    ``failures``, ``window_until``, ``open_until`` (NULL while closed), ``probe_until``
-    (NULL: no probe), ``probe_token``, all times in epoch seconds of the database's
-    clock; and ``opened_by``, the token of the failure that last opened it, which tells
-    that failure it was the one (``changed``) even where the row is read back separately.
+    One row per breaker name and namespace (the primary key), as
+    :class:`~idempotask.backends.base.BreakerStore` describes it: ``failures``,
+    ``window_until``, ``open_until`` (NULL while closed), ``probe_until`` (NULL: no
+    probe), ``probe_token``, all times in epoch seconds of the database's clock; and
+    ``opened_by``, the token of the failure that last opened it, which tells that failure
+    it was the one (``changed``) even where the row is read back separately.
     """
     existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
     if existing is not None:
@@ -301,12 +360,14 @@ def define_breaker_table(
     return Table(
         name,
         metadata,
-        Column("name", BinaryText(TEXT_LENGTH), primary_key=True),
+        Column("namespace", BinaryText(TEXT_LENGTH), nullable=False),
+        Column("name", BinaryText(TEXT_LENGTH), nullable=False),
         Column("failures", Integer(), nullable=False),
         Column("window_until", Double(), nullable=False),
         Column("open_until", Double(), nullable=True),
         Column("probe_until", Double(), nullable=True),
         Column("probe_token", BinaryText(TEXT_LENGTH), nullable=False),
         Column("opened_by", BinaryText(64), nullable=False),
+        PrimaryKeyConstraint("namespace", "name"),
         schema=schema,
     )

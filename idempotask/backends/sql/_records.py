@@ -1,19 +1,11 @@
-"""What each store operation says to the database, as plans the sync and async drivers run.
+"""What each idempotency-store operation says to the database: statements and flows.
 
-An operation is a *plan*: a generator that yields :class:`Step` objects (a statement, its
-parameters and what the driver should hand back) and finally returns the operation's
-answer. The plans hold every decision (which statement for which dialect, when to retry,
-how to read a row); :class:`~idempotask.backends.sql.SQLAlchemyBackend` only runs them
-(:class:`~idempotask.backends.sql._dbapi.Executor`), on a sync connection or, for asyncio
-callers, in a greenlet on an asyncio one. The same pattern as tenacity's
-``BaseRetrying.iter`` driven by ``Retrying`` and ``AsyncRetrying``.
-
-On PostgreSQL, a claim's and a complete's first statement (the only one nearly every
-call needs) is also sent on its own where a kept connection allows it
-(:meth:`~idempotask.backends.sql._database.Database.first`); its answer is read by the
-same functions the plans use (:func:`settle_claim_new`), and what it leaves unsettled is
-finished by the rest of the plan (``plan_claim(first=False)``,
-:func:`plan_finished_already`).
+Every operation is a flow (:mod:`idempotask.flow`): a generator that yields the
+statements it needs, made by the :class:`~idempotask.backends.sql._database.Session` it
+runs on (one pooled connection), and returns the operation's answer. The flows hold
+every decision (which statement for which database, when to retry, how to read a row);
+:class:`~idempotask.backends.sql._database.Database` runs them with
+:func:`~idempotask.flow.drive` or :func:`~idempotask.flow.adrive`.
 
 Every statement runs on a connection in autocommit mode, so a single statement is its own
 transaction and costs one round trip with no ``BEGIN``/``COMMIT`` around it. The only
@@ -22,15 +14,14 @@ explicit transaction is SQLite's ``BEGIN IMMEDIATE`` claim.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Sequence
 from functools import cached_property
-from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     Double,
     Executable,
+    Integer,
     LargeBinary,
     Table,
     and_,
@@ -42,142 +33,38 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     true,
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import Record, State
-from idempotask.backends.sql._schema import DbNow
-from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.backends.sql._database import Flavour, Session
+from idempotask.backends.sql._schema import CodePoints, DbNow
+from idempotask.errors import BackendError, CorruptRecordError
+from idempotask.flow import Flow
 
 __all__ = [
     "CLAIM_ATTEMPTS",
-    "Flavour",
-    "Plan",
     "Statements",
-    "Step",
-    "claim_params",
-    "finish_params",
-    "flavour_of",
-    "plan_claim",
-    "plan_delete",
-    "plan_expire_now",
-    "plan_finish",
-    "plan_finished_already",
-    "plan_get",
-    "plan_purge",
-    "plan_renew",
-    "seconds",
-    "settle_claim_new",
+    "flow_claim",
+    "flow_delete",
+    "flow_expire_now",
+    "flow_finish",
+    "flow_get",
+    "flow_purge",
+    "flow_renew",
+    "flow_scan",
+    "parse_record",
 ]
-
-_T = TypeVar("_T")
-
-#: How the claim is done: ``postgresql`` (one statement), ``mariadb`` (one statement,
-#: MariaDB 10.5+ returns the row of ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING``),
-#: ``mysql`` (no RETURNING: read, then insert or upsert and read), ``sqlite`` (read, then
-#: upsert and read in one ``BEGIN IMMEDIATE`` transaction).
-Flavour = Literal["postgresql", "mariadb", "mysql", "sqlite"]
 
 #: How often a claim is re-sent when a concurrent change slipped between its read and its
 #: write (each attempt sees a newer snapshot, so one retry nearly always settles it).
 CLAIM_ATTEMPTS = 10
 
-Reply = Literal["rows", "rowcount", "inserted", "none"]
-
-
-_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
-
-
-class Step:
-    """One statement for the driver to execute (not changed once made).
-
-    ``reply`` says what the plan gets back: ``rows`` (the rows as the driver returns them,
-    sequences of raw column values), ``rowcount``, ``inserted`` (True, or False when the
-    INSERT hit an existing key) or ``none``. A plain class: a frozen dataclass took twice
-    as long to make, once per statement.
-    """
-
-    __slots__ = ("params", "reply", "statement")
-
-    def __init__(
-        self, statement: Executable, params: Mapping[str, Any] = _NO_PARAMS, reply: Reply = "rows"
-    ) -> None:
-        self.statement = statement
-        self.params = params
-        self.reply = reply
-
-    @property
-    def fetches(self) -> bool:
-        """Whether the driver should fetch the statement's rows."""
-        return self.reply == "rows"
-
-    def take(self, rows: Sequence[Sequence[Any]], rowcount: int) -> Any:
-        """The plan's reply from an executed statement's rows (fetched only when
-        :attr:`fetches`) and row count."""
-        if self.reply == "rows":
-            return rows
-        if self.reply == "rowcount":
-            return rowcount
-        if self.reply == "inserted":
-            return True
-        return None
-
-    def refused(self, exc: Exception) -> Any:
-        """The plan's reply when the statement hit a constraint: False for an ``inserted``
-        step (the key exists; the plan takes the upsert path), else the error stands."""
-        if self.reply == "inserted":
-            return False
-        raise exc
-
-
-Plan = Generator[Step, Any, _T]
-
 _IN_PROGRESS = State.IN_PROGRESS.value
-_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
-_COMMIT = text("COMMIT")
-
-
-def flavour_of(dialect: Dialect) -> Flavour:
-    """The claim strategy for a connected dialect (MariaDB is known only once connected)."""
-    name = dialect.name
-    if name == "postgresql":
-        return "postgresql"
-    if name == "sqlite":
-        return "sqlite"
-    if name in ("mysql", "mariadb"):
-        version = dialect.server_version_info or (0,)
-        if getattr(dialect, "is_mariadb", False) and tuple(version) >= (10, 5):
-            return "mariadb"
-        return "mysql"
-    raise ConfigurationError(
-        f"sql backend: {name!r} databases are not supported; use PostgreSQL, SQLite, "
-        "MySQL or MariaDB"
-    )
-
-
-def seconds(value: float, option: str) -> float:
-    """Check a lease or ttl: a positive, finite number of seconds."""
-    kind = type(value)
-    if (kind is float or kind is int) and 0 < value < math.inf:  # NaN fails too
-        return float(value)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(
-            f"sql backend: {option} must be a positive, finite number of seconds, got {value!r}"
-        )
-    return float(value)
-
-
-# -- statements ----------------------------------------------------------------------------
 
 
 class Statements:
@@ -199,6 +86,8 @@ class Statements:
         self._f = bindparam("f", type_=c.fingerprint.type)
         self._s = bindparam("s", type_=c.state.type)
         self._p: BindParameter[bytes] = bindparam("p", type_=LargeBinary())
+        self._lo = bindparam("lo", type_=c.key.type)
+        self._hi = bindparam("hi", type_=c.key.type)
         self._d: BindParameter[float] = bindparam("d", type_=Double())
         # Constant strings, typed like the columns (bytes on MySQL's VARBINARY); one bound
         # value each however often a statement uses them, so the driver sends fewer.
@@ -475,6 +364,36 @@ class Statements:
             .values(expires_at=now - 1.0)
         )
 
+    # scan --------------------------------------------------------------------------------
+
+    def _scan(self, *where: ColumnElement[bool]) -> Executable:
+        c = self.table.c
+        now = select(DbNow()).scalar_subquery()
+        return (
+            select(c.key, *self._record_columns(DbNow()))
+            .where(*where, c.expires_at > now)
+            .limit(bindparam("n", type_=Integer()))
+        )
+
+    def _key_order(self) -> ColumnElement[Any]:
+        return CodePoints(self.table.c.key)
+
+    @cached_property
+    def scan_range(self) -> Executable:
+        """Live records with ``lo <= key < hi``, up to ``n`` (a key prefix's range)."""
+        key = self._key_order()
+        return self._scan(key >= self._lo, key < self._hi)
+
+    @cached_property
+    def scan_from(self) -> Executable:
+        """Live records with ``key >= lo``, up to ``n``."""
+        return self._scan(self._key_order() >= self._lo)
+
+    @cached_property
+    def scan_all(self) -> Executable:
+        """Any live records, up to ``n``."""
+        return self._scan()
+
     # purge -------------------------------------------------------------------------------
 
     def purge(self, flavour: Flavour, batch: int) -> Executable:
@@ -580,41 +499,12 @@ def _takeable_record(record: Record, token: str, owner: str) -> bool:
     )
 
 
-# -- plans ---------------------------------------------------------------------------------
+# -- flows ---------------------------------------------------------------------------------
 
 
-def claim_params(
-    key: str, token: str, lease: float, owner: str, fingerprint: str
-) -> dict[str, Any]:
-    """A claim's statement parameters."""
-    return {"k": key, "t": token, "o": owner, "f": fingerprint, "d": lease}
-
-
-def settle_claim_new(
-    rows: Sequence[Sequence[Any]],
-    key: str,
-    token: str,
-    lease: float,
-    owner: str,
-    fingerprint: str,
-) -> Record | None:
-    """The claim's answer from the rows of :attr:`Statements.claim_new_postgresql`, or
-    None when only the full claim can settle it: an expired row to take over, ours to
-    re-take, or none visible to the statement's snapshot."""
-    if rows:
-        row = rows[0]
-        if row[0] is True and len(row) == 8:
-            # Taken: the row is the one this statement inserted, as the claim gave it.
-            return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", lease)
-        taken, *fields, live = row
-        record = parse_record(key, fields)
-        if taken or (live and not _takeable_record(record, token, owner)):
-            return record
-    return None
-
-
-def plan_claim(
+def flow_claim(
     sql: Statements,
+    q: Session,
     flavour: Flavour,
     key: str,
     token: str,
@@ -622,22 +512,24 @@ def plan_claim(
     lease: float,
     owner: str,
     fingerprint: str,
-    first: bool = True,
-) -> Plan[Record]:
-    """Take ``key`` or return the record holding it (the ``Backend.claim`` contract).
-    ``first=False``: PostgreSQL's first try (:attr:`Statements.claim_new_postgresql`) was
-    made already and did not settle it."""
-    params = claim_params(key, token, lease, owner, fingerprint)
-    for attempt in range(CLAIM_ATTEMPTS):
-        if flavour == "postgresql" and attempt == 0 and first:
-            rows = yield Step(sql.claim_new_postgresql, params)
-            record = settle_claim_new(rows, key, token, lease, owner, fingerprint)
-            if record is not None:
+) -> Flow[Record]:
+    """Take ``key`` or return the record holding it (the ``Backend.claim`` contract)."""
+    params = {"k": key, "t": token, "o": owner, "f": fingerprint, "d": lease}
+    if flavour == "postgresql":
+        # The first try settles nearly every claim: an absent key is taken, a live record
+        # of someone else's is the answer (a duplicate writes nothing, locks nothing).
+        rows = yield q.op(sql.claim_new_postgresql, params)
+        if rows:
+            taken, *fields, live = rows[0]
+            if taken:
+                return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", lease)
+            record = parse_record(key, fields)
+            if live and not _takeable_record(record, token, owner):
                 return record
-            # Expired, ours to re-take, or committed after our snapshot: the full claim.
-            continue
+        # Expired, ours to re-take, or committed after our snapshot: the full claim.
+    for _ in range(CLAIM_ATTEMPTS):
         if flavour == "postgresql":
-            rows = yield Step(sql.claim_postgresql, params)
+            rows = yield q.op(sql.claim_postgresql, params)
             if rows:
                 row = rows[0]  # (taken, *the record)
                 record = parse_record(key, row[1:])
@@ -648,38 +540,41 @@ def plan_claim(
             continue
 
         if flavour == "mariadb":
-            rows = yield Step(sql.claim_mariadb, params)
+            rows = yield q.op(sql.claim_mariadb, params)
             if rows:
                 return parse_record(key, rows[0])
             continue
 
         # MySQL and SQLite: a plain read answers duplicates in one statement, without
         # locks; only a claim that may take the key writes.
-        rows = yield Step(sql.read_first, {"k": key})
+        rows = yield q.op(sql.read_first, {"k": key})
         if rows:
             *fields, live = rows[0]
-            current = parse_record(key, tuple(fields))
+            current = parse_record(key, fields)
             if live and not _takeable_record(current, token, owner):
                 return current
         if flavour == "sqlite":
             # One writer at a time on the file: the upsert and the read that follows see
             # the same state, and no other process changes it in between.
-            yield Step(_BEGIN_IMMEDIATE, reply="none")
-            yield Step(sql.upsert_sqlite, params, reply="none")
-            rows = yield Step(sql.read_any, {"k": key})
-            yield Step(_COMMIT, reply="none")
+            yield q.begin()
+            yield q.op(sql.upsert_sqlite, params, "none")
+            rows = yield q.op(sql.read_any, {"k": key})
+            yield q.commit()
             if rows:
                 return parse_record(key, rows[0])
             continue
         if not rows:  # absent: a plain INSERT takes it, unless someone was faster
-            inserted = yield Step(sql.insert_new, params, reply="inserted")
-            if inserted:
+            try:
+                yield q.op(sql.insert_new, params, "none")
+            except IntegrityError:
+                pass
+            else:
                 return Record(key, State.IN_PROGRESS, token, owner, fingerprint, b"", lease)
         # A record to take over or re-take, or one inserted by someone else since our
         # read: the conditional upsert decides atomically, the read shows who won. Our
         # token is unique to this claim, so the row carries it only if we took the key.
-        yield Step(sql.upsert_mysql, params, reply="none")
-        rows = yield Step(sql.read_any, {"k": key})
+        yield q.op(sql.upsert_mysql, params, "none")
+        rows = yield q.op(sql.read_any, {"k": key})
         if rows:
             return parse_record(key, rows[0])
     raise BackendError(
@@ -688,71 +583,84 @@ def plan_claim(
     )
 
 
-def finish_params(key: str, token: str, payload: bytes, ttl: float, state: State) -> dict[str, Any]:
-    """complete's or fail's statement parameters (``state``: COMPLETED or FAILED)."""
-    # _value_ is what Enum.value returns, read without the property's Python call.
-    return {"k": key, "t": token, "s": state._value_, "p": bytes(payload), "d": ttl}
-
-
-def plan_finish(
-    sql: Statements,
-    key: str,
-    token: str,
-    payload: bytes,
-    ttl: float,
-    state: State,
-) -> Plan[bool]:
-    """complete (``state=COMPLETED``) or fail (``state=FAILED``): compare-and-set on the token;
-    repeating one that succeeded returns True again."""
+def flow_finish(
+    sql: Statements, q: Session, key: str, token: str, payload: bytes, ttl: float, state: State
+) -> Flow[bool]:
+    """complete (``state=COMPLETED``) or fail (``state=FAILED``): compare-and-set on the
+    token; repeating one that succeeded returns True again."""
     # A plain UPDATE; only when it changes nothing (a repeated complete, a lost lease)
     # does a read tell the two apart: a statement that did both cost every first call on
     # PostgreSQL 0.06 of a plain INSERT's round trip more.
-    params = finish_params(key, token, payload, ttl, state)
-    if (yield Step(sql.finish, params, reply="rowcount")):
+    params = {"k": key, "t": token, "s": state.value, "p": bytes(payload), "d": ttl}
+    if (yield q.op(sql.finish, params, "rowcount")):
         return True
-    return (yield from plan_finished_already(sql, key, token, state))
-
-
-def plan_finished_already(sql: Statements, key: str, token: str, state: State) -> Plan[bool]:
-    """After :attr:`Statements.finish` changed nothing: whether ``token`` had already
-    finished ``key`` with ``state`` (a repeated complete or fail, True again) or lost it."""
-    rows = yield Step(sql.finished_already, {"k": key, "t": token, "s": state.value})
+    rows = yield q.op(sql.finished_already, {"k": key, "t": token, "s": state.value})
     return bool(rows)
 
 
-def plan_renew(sql: Statements, key: str, token: str, lease: float) -> Plan[bool]:
+def flow_renew(sql: Statements, q: Session, key: str, token: str, lease: float) -> Flow[bool]:
     """Restart the lease of the claim held with ``token``."""
-    count = yield Step(sql.renew, {"k": key, "t": token, "d": lease}, reply="rowcount")
+    count = yield q.op(sql.renew, {"k": key, "t": token, "d": lease}, "rowcount")
     return bool(count)
 
 
-def plan_get(sql: Statements, key: str) -> Plan[Record | None]:
+def flow_get(sql: Statements, q: Session, key: str) -> Flow[Record | None]:
     """The live record under ``key``, or None."""
-    rows = yield Step(sql.read_live, {"k": key})
+    rows = yield q.op(sql.read_live, {"k": key})
     return parse_record(key, rows[0]) if rows else None
 
 
-def plan_delete(sql: Statements, key: str, token: str | None) -> Plan[bool]:
+def flow_scan(sql: Statements, q: Session, prefix: str, limit: int) -> Flow[list[Record]]:
+    """Up to ``limit`` live records whose key starts with ``prefix``."""
+    if prefix:
+        params: dict[str, Any] = {"lo": prefix, "n": limit}
+        upper = _successor(prefix)
+        statement = sql.scan_range if upper is not None else sql.scan_from
+        if upper is not None:
+            params["hi"] = upper
+    else:
+        statement, params = sql.scan_all, {"n": limit}
+    rows = yield q.op(statement, params)
+    records = []
+    for key, *fields in rows:
+        if key.startswith(prefix):  # the range is exact; this only guards a foreign row
+            records.append(parse_record(key, fields))
+    return records
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (code point
+    order, which is UTF-8 byte order), or None when there is none."""
+    for i in range(len(prefix) - 1, -1, -1):
+        point = ord(prefix[i]) + 1
+        if 0xD800 <= point <= 0xDFFF:
+            point = 0xE000
+        if point <= 0x10FFFF:
+            return prefix[:i] + chr(point)
+    return None
+
+
+def flow_delete(sql: Statements, q: Session, key: str, token: str | None) -> Flow[bool]:
     """Remove the live record (only if it carries ``token``, when given)."""
     if token is None:
-        count = yield Step(sql.delete_any, {"k": key}, reply="rowcount")
+        count = yield q.op(sql.delete_any, {"k": key}, "rowcount")
     else:
-        count = yield Step(sql.delete_token, {"k": key, "t": token}, reply="rowcount")
+        count = yield q.op(sql.delete_token, {"k": key, "t": token}, "rowcount")
     return bool(count)
 
 
-def plan_expire_now(sql: Statements, key: str) -> Plan[bool]:
+def flow_expire_now(sql: Statements, q: Session, key: str) -> Flow[bool]:
     """Make the live record under ``key`` expired now."""
-    count = yield Step(sql.expire_now, {"k": key}, reply="rowcount")
+    count = yield q.op(sql.expire_now, {"k": key}, "rowcount")
     return bool(count)
 
 
-def plan_purge(sql: Statements, flavour: Flavour, batch: int) -> Plan[int]:
+def flow_purge(sql: Statements, q: Session, flavour: Flavour, batch: int) -> Flow[int]:
     """Delete expired records ``batch`` at a time until a batch comes back short."""
     statement = sql.purge(flavour, batch)
     total = 0
     while True:
-        count: int = yield Step(statement, {"n": batch}, reply="rowcount")
+        count: int = yield q.op(statement, {"n": batch}, "rowcount")
         total += max(0, count)
         if count < batch:
             return total
