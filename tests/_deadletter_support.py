@@ -1,9 +1,8 @@
 """What the dead-letter tests need from the stores, checked rather than assumed.
 
-The store contracts grew (ProvidesStores with ``namespace=``, a letter's ``history``,
-``DeadLetterFilter.search``) before every store implemented them; each store's own
-change lands separately. These checks skip a test, naming what is missing, until the
-store in question offers it -- and stop skipping by themselves once it does.
+Every built-in store offers ProvidesStores with ``namespace=``, a letter's ``history``
+and ``DeadLetterFilter.search``; these checks fail a test, naming what is missing, when
+a store stops offering one.
 """
 
 from __future__ import annotations
@@ -32,10 +31,10 @@ def provides_namespaced_stores(backend_class: type) -> str:
 
 
 def skip_unless_namespaced(backend_class: type) -> None:
-    """Skip the test until ``backend_class`` implements ProvidesStores with namespace=."""
+    """Fail the test unless ``backend_class`` implements ProvidesStores with namespace=."""
     reason = provides_namespaced_stores(backend_class)
     if reason:
-        pytest.skip(f"{reason} (the store's own change adds it)")
+        pytest.fail(reason)
 
 
 def _probe(store: Any, what: str, check: Any) -> None:
@@ -57,10 +56,7 @@ def _probe(store: Any, what: str, check: Any) -> None:
         with contextlib.suppress(Exception):
             store.purge(DeadLetterFilter(function=("probe",)))
     if not ok:
-        pytest.skip(
-            f"{type(store).__name__} does not keep letter {what} yet ({why}); "
-            "the store's own change adds it"
-        )
+        pytest.fail(f"{type(store).__name__} does not keep letter {what} ({why})")
 
 
 def _keeps_history(store: Any, letter: DeadLetter) -> bool:

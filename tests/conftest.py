@@ -26,6 +26,14 @@ SERVICE_URLS = {
 }
 
 
+def unavailable(reason: str) -> None:
+    """Skip the test because something it needs is missing (a service, a server binary),
+    or fail it under IDEMPOTASK_REQUIRE_SERVICES=1 (as in CI), where nothing may be."""
+    if os.environ.get("IDEMPOTASK_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"IDEMPOTASK_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
 def service_url(name: str) -> str:
     """The URL of a service, or skip (fail under IDEMPOTASK_REQUIRE_SERVICES=1) when it
     does not accept connections."""
@@ -37,10 +45,7 @@ def service_url(name: str) -> str:
         with socket.create_connection((host, port or 0), timeout=2):
             pass
     except OSError as exc:
-        reason = f"{name} is not reachable at {host}:{port} ({env}={url}): {exc}"
-        if os.environ.get("IDEMPOTASK_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"IDEMPOTASK_REQUIRE_SERVICES=1 but {reason}")
-        pytest.skip(reason)
+        unavailable(f"{name} is not reachable at {host}:{port} ({env}={url}): {exc}")
     return url
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import idempotask
 from idempotask import AlreadyInProgress, BackendError, EventKind, idempotent
-from tests.conftest import service_url
+from tests.conftest import service_url, unavailable
 
 redis = pytest.importorskip("redis")
 
@@ -284,7 +284,7 @@ def private_redis() -> Iterator[Any]:
     from tests.backends._redis_servers import RedisServer, have_redis_binaries
 
     if not have_redis_binaries():
-        pytest.skip("redis-server is not on PATH")
+        unavailable("redis-server is not on PATH")
     server = RedisServer.start("--maxmemory-policy", "noeviction")
     yield server
     server.stop()

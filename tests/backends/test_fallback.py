@@ -39,7 +39,7 @@ from idempotask.testing import StoreContract, make_state_machine
 from ._redis_servers import RedisServer, have_redis_binaries
 
 try:  # tests/conftest.py: the URL of a service, or skip (fail in CI) when it is down
-    from tests.conftest import service_url
+    from tests.conftest import service_url, unavailable
 except ImportError:  # tests/ is not a package: pytest imported it as top-level "conftest"
     from conftest import service_url  # type: ignore[no-redef]
 
@@ -244,7 +244,7 @@ def private_redis() -> Iterator[RedisServer]:
     if not have_redis_binaries():
         if os.environ.get("IDEMPOTASK_REQUIRE_SERVICES") == "1":
             pytest.fail("IDEMPOTASK_REQUIRE_SERVICES=1 but redis-server is not on PATH")
-        pytest.skip("redis-server is not on PATH")
+        unavailable("redis-server is not on PATH")
     server = RedisServer.start("--maxmemory-policy", "noeviction")
     yield server
     server.stop()

@@ -30,7 +30,7 @@ from idempotask import BackendError, DeadLetter, DeadLetterQueue, dead_letter, i
 from idempotask.backends.deadletters import DeadLetterStore, dead_letter_store_from_url
 from idempotask.backends.memory import MemoryDeadLetterStore
 from idempotask.errors import ConfigurationError
-from tests.conftest import service_url
+from tests.conftest import service_url, unavailable
 from tests.faults._support import FORK, Workers, drop_keys, unique, wait_for
 
 pytest.importorskip("redis")
@@ -122,7 +122,7 @@ class KilledRedisStore:
         from tests.backends._redis_servers import RedisServer, have_redis_binaries
 
         if not have_redis_binaries():
-            pytest.skip("redis-server is not on PATH")
+            unavailable("redis-server is not on PATH")
         self._cls = RedisServer
         self.server = RedisServer.start(*self.ARGS)
         self._servers = [self.server]
@@ -130,9 +130,9 @@ class KilledRedisStore:
         self.url = f"{self.server.url}?prefix={unique('faultdlq')}"
         try:
             dead_letter_store_from_url(self.url)
-        except ConfigurationError as exc:  # the Redis dead-letter store is not there yet
+        except ConfigurationError as exc:
             self.close()
-            pytest.skip(f"no Redis dead-letter store: {exc}")
+            pytest.fail(f"the Redis dead-letter store cannot be built: {exc}")
 
     def open(self) -> DeadLetterStore:
         return dead_letter_store_from_url(self.url)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from idempotask import idempotent
-from tests.conftest import service_url
+from tests.conftest import service_url, unavailable
 from tests.faults._support import drop_keys, unique
 
 pytest.importorskip("redis")
@@ -36,7 +36,7 @@ BODY = 6.0
 @pytest.fixture
 def hung_server() -> Iterator[RedisServer]:
     if not have_redis_binaries():
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not on PATH")
     server = RedisServer.start()
     try:
         yield server

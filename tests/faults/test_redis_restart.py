@@ -22,7 +22,7 @@ import pytest
 
 import idempotask
 from idempotask import idempotent
-from tests.conftest import service_url
+from tests.conftest import service_url, unavailable
 from tests.faults._support import (
     CALL_BOUND,
     FORK,
@@ -59,7 +59,7 @@ class KillableRedis:
         from tests.backends._redis_servers import RedisServer, have_redis_binaries
 
         if not have_redis_binaries():
-            pytest.skip("redis-server is not on PATH")
+            unavailable("redis-server is not on PATH")
         self._cls = RedisServer
         self.server = RedisServer.start(*PERSISTENT)
         self.port = self.server.port
