@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import idempotask
 from idempotask import dead_letter, idempotent
+from idempotask.deadletter import keep_all
 
 __all__ = ["main"]
 
@@ -78,7 +79,7 @@ def ship(order_id: int) -> str:
     return f"parcel-{order_id}"
 
 
-@dead_letter(name="idempotask.demo.notify")
+@dead_letter(name="idempotask.demo.notify", redact=keep_all)  # an order id is no secret
 @idempotent(name="idempotask.demo.notify", ttl=3600)
 def notify(order_id: int) -> str:
     """Send a mail through a gateway that is down at first."""
@@ -95,8 +96,7 @@ def _configure(directory: Path) -> None:
     _Demo.directory = directory
     backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
     idempotask.configure(
-        backend=backend,
-        dead_letter_store=backend.dead_letter_store(),
+        backend=backend,  # dead letters go beside the records, in the "demo" namespace
         namespace="demo",
         spool_path=str(directory / "spool"),
     )
@@ -106,8 +106,7 @@ def _create_tables(directory: Path) -> None:
     from idempotask.backends.sql import SQLAlchemyBackend
 
     backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
-    backend.create_tables()
-    backend.dead_letter_store().create_tables()
+    backend.create_tables()  # records, dead letters, breakers
     backend.close()
 
 
