@@ -32,8 +32,8 @@ returns seconds, where ``retry_state.attempt_number`` is the retry's number (1 f
 first retry). :class:`ExponentialBackoff` and :class:`FixedDelay` are such waits written
 with the standard library, so the defaults work without tenacity, and they work as
 ``tenacity.Retrying(wait=...)`` too. Any other wait (``tenacity.wait_exponential``,
-``wait_chain``, ``wait_exception``...) is called with a real ``tenacity.RetryCallState``,
-and tenacity is imported only then.
+``wait_chain``, tenacity 9's ``wait_exception``...) is called with a real
+``tenacity.RetryCallState``, and tenacity is imported only then.
 """
 
 from __future__ import annotations
