@@ -376,12 +376,12 @@ class Handler:
             payload = encode(Reply(status, headers, captured.body, captured.reason))
         else:
             log.warning(
-                "idempotask.http: %s %s answered %d with %d bytes, over max_response_bytes=%d: "
-                "sent, but not kept; retries with its key get 422 and do not run it again",
+                "idempotask.http: %s %s answered %d with a response over "
+                "max_response_bytes=%d: sent, but not kept; retries with its key get 422 "
+                "and do not run it again",
                 exchange.method,
                 exchange.path,
                 status,
-                captured.size,
                 policy.max_response_bytes,
             )
             payload = encode(Reply(status, reason=captured.reason, unkept=captured.size))
@@ -480,9 +480,10 @@ class Handler:
                 422,
                 "response-not-kept",
                 f"A request with this Idempotency-Key was already processed (status "
-                f"{reply.status}); its response of {reply.unkept} bytes was too large to "
-                "keep, so it cannot be replayed and the request is not run again. Fetch "
-                "the resource it created, or use a new key for a new request.",
+                f"{reply.status}); its response was larger than the "
+                f"{policy.max_response_bytes} bytes kept for a replay, so it cannot be "
+                "replayed, and the request is not run again. Fetch the resource it "
+                "created, or use a new key for a new request.",
             )
         reply.headers.append((policy.replay_header, "true"))
         return reply

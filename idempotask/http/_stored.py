@@ -8,7 +8,7 @@ without ``Set-Cookie`` unless the policy keeps cookies) and body, as bytes:
 Header names and values are Latin-1 text, which maps every byte to one character, so a
 replay sends the bytes the handler sent. The JSON part is plain data: reading a record
 builds no object of any class a record could name. A response too large to keep is
-stored as ``{"status", "unkept": size}`` without a body, so its key stays used.
+stored as ``{"status", "unkept": bytes seen}`` without a body, so its key stays used.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Reply:
 
     ``headers`` are ``(name, value)`` pairs as Latin-1 text; ``reason`` the reason
     phrase (empty: the server's own). ``unkept`` is set on a record of a response that
-    was too large to keep: its original size in bytes.
+    was too large to keep: the bytes it had when it went over the limit.
     """
 
     status: int
