@@ -196,14 +196,18 @@ def parse_key(values: list[str], limit: int) -> tuple[str, str]:
 class Handler:
     """The policies of one middleware and the flow that applies them to a request."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, always_look_up_views: bool = False) -> None:
         self.policy = policy
         self.routes = RoutePolicies(policy)
+        # Until a view is marked the lookup is skipped, unless the framework imports its
+        # views lazily (Django's URLconf, on the first request): then marks may appear
+        # only once the lookup has run.
+        self.always_look_up_views = always_look_up_views
         self._backends: dict[int, Backend] = {}
 
     def policy_for(self, exchange: Exchange) -> Policy | None:
         """The policy covering ``exchange``, or None when it passes through."""
-        if _policy.marked:
+        if _policy.marked or self.always_look_up_views:
             view = exchange.view()
             if view is not None:
                 marked = self.routes.for_view(view)

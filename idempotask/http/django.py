@@ -60,7 +60,7 @@ class IdempotencyMiddleware:
                 f"Policy, got {type(options).__name__}"
             )
         self.get_response = get_response
-        self.handler = Handler(policy)
+        self.handler = Handler(policy, always_look_up_views=True)
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)

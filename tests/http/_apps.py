@@ -31,7 +31,16 @@ from idempotask.http import idempotent_route
 from idempotask.http.asgi import IdempotencyMiddleware as ASGIMiddleware
 from idempotask.http.wsgi import IdempotencyMiddleware as WSGIMiddleware
 
-from ._runlog import MARKED_WAIT, answer, options, record, should_fail, stream_chunks
+from ._runlog import (
+    MARKED_WAIT,
+    answer,
+    held,
+    hold,
+    options,
+    record,
+    should_fail,
+    stream_chunks,
+)
 
 
 def _order(tag: str, body: bytes, status: int) -> tuple[bytes, int, dict[str, str]]:
@@ -54,6 +63,10 @@ async def _fastapi_order(tag: str, request: Request, default: int) -> Response:
     sleep = float(request.query_params.get("sleep", "0"))
     if sleep:
         await asyncio.sleep(sleep)
+    for _ in range(1200):
+        if not held(tag):
+            break
+        await asyncio.sleep(0.05)
     status = int(request.query_params.get("status", default))
     content, status, headers = _order(tag, body, status)
     response = Response(content, status, headers, media_type="application/json")
@@ -107,6 +120,7 @@ def _flask_order(tag: str, default: int) -> FlaskResponse:
     sleep = float(flask_request.args.get("sleep", "0"))
     if sleep:
         time.sleep(sleep)
+    hold(tag)
     status = int(flask_request.args.get("status", default))
     content, status, headers = _order(tag, body, status)
     response = FlaskResponse(content, status, headers, mimetype="application/json")

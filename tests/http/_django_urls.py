@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 
 from idempotask.http import idempotent_route
 
-from ._runlog import MARKED_WAIT, answer, record, should_fail, stream_chunks
+from ._runlog import MARKED_WAIT, answer, hold, record, should_fail, stream_chunks
 
 
 def _order(request: Any, tag: str, default: int) -> HttpResponse:
@@ -22,6 +22,7 @@ def _order(request: Any, tag: str, default: int) -> HttpResponse:
     sleep = float(request.GET.get("sleep", "0"))
     if sleep:
         time.sleep(sleep)
+    hold(tag)
     if should_fail(tag):
         record(tag, "fail")
         raise RuntimeError(f"the handler for {tag} failed, as the test asked")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from typing import Any
 
@@ -32,6 +33,20 @@ def record(tag: str, what: str) -> None:
 def should_fail(tag: str) -> bool:
     """Whether the test asked the handler for ``tag`` to raise (a flag file)."""
     return os.path.exists(f"{RUNLOG}.fail-{tag}")
+
+
+def held(tag: str) -> bool:
+    """Whether the test asks the handler for ``tag`` to keep running (a flag file);
+    a minute at most."""
+    return os.path.exists(f"{RUNLOG}.hold-{tag}")
+
+
+def hold(tag: str) -> None:
+    """Keep running while :func:`held` (sync handlers)."""
+    for _ in range(1200):
+        if not held(tag):
+            return
+        time.sleep(0.05)
 
 
 def answer(tag: str, body: bytes) -> bytes:

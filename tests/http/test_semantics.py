@@ -293,3 +293,17 @@ def test_keys_are_scoped_by_client_and_by_path(server: Server, runlog: Path) -> 
     assert post(server, f"/orders/{two}", key, headers={"X-Client": "alice"}).status_code == 201
     assert runs(runlog, one) == 2
     assert runs(runlog, two) == 1
+
+
+@pytest.mark.parametrize("kind", ["django", "django-asgi"])
+def test_a_marked_django_view_is_covered_from_the_first_request(
+    kind: str, start_server: StartServer, runlog: Path
+) -> None:
+    """Django imports the URLconf (and so marks its views) on the first request that
+    needs it, not at start: the very first request to a marked view is covered."""
+    fresh = start_server(kind)
+    tag = new_tag()
+    missing = post(fresh, f"/marked/{tag}", None)
+    fresh.stop()
+    problem(missing, 400, "idempotency-key-missing")
+    assert runs(runlog, tag) == 0
