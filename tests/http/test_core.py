@@ -294,6 +294,24 @@ def test_the_lease_is_renewed_while_a_long_handler_runs() -> None:
     assert app.runs == 1
 
 
+def test_another_request_with_a_key_in_use_gets_422_not_409() -> None:
+    """A key reused for another request is a client error even while the first request
+    runs: waiting would not make it right."""
+    app = Counting(sleep=1.0)
+    web = client(app, wait=5)
+    thread = threading.Thread(
+        target=lambda: web.post("/x", data=b"one", headers={"Idempotency-Key": KEY})
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while app.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = web.post("/x", data=b"two", headers={"Idempotency-Key": KEY})
+    thread.join()
+    assert other.status_code == 422
+    assert app.runs == 1
+
+
 # ---------------------------------------------------------------------------- scopes
 
 
