@@ -2,8 +2,10 @@
 
 Suites: ``memory`` and ``sqlite`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL; with
 the peers on the same Redis), ``postgresql`` (IDEMPOTASK_POSTGRES_URL), ``mariadb``
-(IDEMPOTASK_MYSQL_URL). Each row shows the figure, its floor measured in the same run, and
-their ratio (or the added time, for in-process figures), and its target, met or MISSED.
+(IDEMPOTASK_MYSQL_URL), ``http`` (the Idempotency-Key middlewares, in process and under
+uvicorn; on Redis too when it answers). Each row shows the figure, its floor measured in
+the same run, and their ratio (or the added time, for in-process figures), and its
+target, met or MISSED.
 Latencies (lower is better), throughputs (higher is better) and memory amounts are in
 tables of their own. A suite whose server is missing prints one "skipped" row saying why;
 a busy machine (load average, CPU steal) is warned about at the top and the bottom.
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import memory, redis, sql
+from benchmarks import http, memory, redis, sql
 from benchmarks.report import (
     MISSED,
     Plan,
@@ -44,6 +46,7 @@ SUITES: dict[str, Callable[[Plan], list[Row]]] = {
     "postgresql": sql.postgres_rows,
     "sqlite": sql.sqlite_rows,
     "mariadb": sql.mysql_rows,
+    "http": http.rows,
 }
 
 
