@@ -139,7 +139,8 @@ class Shop:
         """Call ``function`` for each order, each call failing for real with ``reason``."""
         fn = self.functions[function]
         for order in orders:
-            with pytest.raises(BaseException):  # noqa: PT011 - whatever the reason raises
+            error = type(self.errors[reason](order))
+            with pytest.raises(error):
                 fn(order, reason)
 
     def ids(self, **filters: Any) -> list[str]:

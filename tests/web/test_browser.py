@@ -44,7 +44,8 @@ def test_the_overview_shows_the_failures_and_updates_itself(
     bars = page.locator("#chart-hourly g.bar").evaluate_all(
         "bars => bars.map(b => Number(b.dataset.total))"
     )
-    assert len(bars) == 24 and bars[-1] == 5  # the current hour holds all five
+    assert len(bars) == 24
+    assert bars[-1] == 5  # the current hour holds all five
     expect(page.locator("section.grid2 table").last).to_contain_text(f"{shop.namespace}.charge")
     expect(page.locator("table.matrix")).to_contain_text("abandoned")
     expect(page.locator("[data-figure=health]")).to_have_text("up")
@@ -118,7 +119,8 @@ def test_bulk_retry_by_filter_asks_with_the_count_and_records_each_letter(
     expect(page.locator(".notice")).to_contain_text("4 letters made due now")
     now = time.time()
     for letter in shop.queue.query(function=function):
-        assert letter.next_retry_at is not None and letter.next_retry_at <= now
+        assert letter.next_retry_at is not None
+        assert letter.next_retry_at <= now
         last = letter.history[-1]
         assert (last.what, last.actor, last.note) == ("requeued", "web:local", "gateway back")
     for letter in shop.queue.query(function=f"{shop.namespace}.ship"):
@@ -139,7 +141,8 @@ def test_resolve_with_a_note_then_purge_closed_letters(shop: Shop, serve: Any, p
         "refunded by hand <b>twice</b>"
     )
     resolved = shop.queue.get(first)
-    assert resolved is not None and resolved.status is Status.RESOLVED
+    assert resolved is not None
+    assert resolved.status is Status.RESOLVED
     assert (resolved.history[-1].actor, resolved.history[-1].note) == (
         "web:local",
         "refunded by hand <b>twice</b>",
@@ -228,7 +231,9 @@ def test_a_hostile_exception_message_is_shown_as_inert_text(
     page.goto(f"{served.url}/letters/{letter_id}")
     text = page.locator(".headline").inner_text()
     assert "<script>window.__pwned=2</script>" in text
-    assert "\\x1b]0;owned\\x07" in text and "\\u202e" in text and "\x1b" not in text
+    assert "\\x1b]0;owned\\x07" in text
+    assert "\\u202e" in text
+    assert "\x1b" not in text
     assert "\\x1b]0;owned" in page.locator("pre.traceback").inner_text()
 
 
@@ -274,7 +279,8 @@ def test_a_token_protects_the_dashboard_and_names_who_acted(
     finally:
         context.close()
     letter = shop.queue.get(letter_id)
-    assert letter is not None and letter.history[-1].actor == "web:alice"
+    assert letter is not None
+    assert letter.history[-1].actor == "web:alice"
 
 
 def test_screenshots_of_the_overview_and_of_a_letter(
