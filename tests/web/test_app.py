@@ -7,7 +7,6 @@ import re
 import threading
 import warnings
 import wsgiref.simple_server
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,9 +27,9 @@ with warnings.catch_warnings():
 
 
 @pytest.fixture
-def queue() -> Iterator[DeadLetterQueue]:
+def queue() -> DeadLetterQueue:
     configure(backend="memory://", namespace="webapp")
-    yield DeadLetterQueue()
+    return DeadLetterQueue()
 
 
 def test_mounted_under_a_prefix_every_link_and_action_stays_under_it(

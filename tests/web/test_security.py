@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,9 +21,9 @@ LOCAL = ("127.0.0.1", 50000)
 
 
 @pytest.fixture
-def queue() -> Iterator[DeadLetterQueue]:
+def queue() -> DeadLetterQueue:
     configure(backend="memory://", namespace="websec")
-    yield DeadLetterQueue()
+    return DeadLetterQueue()
 
 
 def letter_id(queue: DeadLetterQueue, message: str = "gateway timed out") -> str:
