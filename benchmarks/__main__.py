@@ -2,9 +2,10 @@
 
 Suites: ``memory`` and ``sqlite`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL; with
 the peers on the same Redis), ``postgresql`` (IDEMPOTASK_POSTGRES_URL), ``mariadb``
-(IDEMPOTASK_MYSQL_URL). Each row shows the figure, its floor measured in the same run, and
-their ratio (or the added time, for in-process figures), and its target, met or MISSED.
-Latencies (lower is better), throughputs (higher is better) and memory amounts are in
+(IDEMPOTASK_MYSQL_URL), ``web`` (the dashboard's pages with 100,000 dead letters on Redis
+and PostgreSQL; needs ``idempotask[web]``). Each row shows the figure, its floor measured in
+the same run, and their ratio (or the added time, for in-process figures), and its target,
+met or MISSED. Latencies (lower is better), throughputs (higher is better) and memory amounts are in
 tables of their own. A suite whose server is missing prints one "skipped" row saying why;
 a busy machine (load average, CPU steal) is warned about at the top and the bottom.
 
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import memory, redis, sql
+from benchmarks import memory, redis, sql, web
 from benchmarks.report import (
     MISSED,
     Plan,
@@ -44,6 +45,7 @@ SUITES: dict[str, Callable[[Plan], list[Row]]] = {
     "postgresql": sql.postgres_rows,
     "sqlite": sql.sqlite_rows,
     "mariadb": sql.mysql_rows,
+    "web": web.rows,
 }
 
 
