@@ -80,7 +80,7 @@ def bar_chart(
     plot_height = height - top - bottom
     totals = [sum(counts.values()) for _, _, counts in buckets]
     peak = _nice_ceiling(max([*totals, 1]))
-    slot = (width - left) / max(len(buckets), 1)
+    slot = (width - left - 14) / max(len(buckets), 1)  # room for the last label
     bars = []
     for i, (label, title, counts) in enumerate(buckets):
         y = top + plot_height

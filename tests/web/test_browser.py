@@ -292,9 +292,11 @@ def test_screenshots_of_the_overview_and_of_a_letter(
         pytest.skip("one set of pictures is enough")
     shop.fail("charge", range(6))
     shop.fail("ship", range(3), "declined")
+    charges = shop.ids(function=f"{shop.namespace}.charge")  # newest first: order 5 .. 0
     shop.succeeds.add(0)
-    shop.queue.requeue(shop.ids(function=f"{shop.namespace}.charge")[-1], actor="web:alice")
-    shop.queue.process_due(limit=10)
+    shop.queue.requeue(charges[-1], actor="web:alice")  # succeeds when replayed
+    shop.queue.requeue(charges[0], actor="web:alice", note="gateway says it is back")
+    shop.queue.process_due(limit=10)  # order 5 fails again: retrying
     shop.backend.breaker_store(namespace=shop.namespace).record_failure(
         "erp", threshold=1, window=60, open_for=300
     )
@@ -307,8 +309,8 @@ def test_screenshots_of_the_overview_and_of_a_letter(
         page.goto(served.url + "/")
         expect(page.locator("[data-figure=total]")).to_have_text("9")
         page.screenshot(path=str(where / "dashboard-overview.png"), full_page=True)
-        letter_id = shop.ids(function=f"{shop.namespace}.charge", status="pending")[0]
-        page.goto(f"{served.url}/letters/{letter_id}")
+        page.goto(f"{served.url}/letters/{charges[0]}")
+        expect(page.locator("h1 .badge")).to_have_text("retrying")
         page.screenshot(path=str(where / "dashboard-letter.png"), full_page=True)
     finally:
         context.close()
