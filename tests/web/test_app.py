@@ -141,3 +141,26 @@ def test_the_package_ships_its_templates_and_static_files() -> None:
     assert {"base.html", "overview.html", "_live.html", "letters.html", "letter.html"} <= names
     assert root.joinpath("static", "dashboard.js").is_file()
     assert root.joinpath("static", "dashboard.css").is_file()
+
+
+def test_the_keys_page_lists_a_functions_live_records_and_never_shows_results_unasked(
+    queue: DeadLetterQueue,
+) -> None:
+    """A function name alone lists its records; a record's result shows only on request."""
+    from idempotask import idempotent
+
+    @idempotent(name="webapp.report", ttl=600)
+    def report(day: int) -> str:
+        return f"secret report {day}"
+
+    report(1)
+    report(2)
+    c = TestClient(create_app(), client=("127.0.0.1", 1))
+    listing = c.get("/keys?function=webapp.report").text
+    keys = re.findall(r"<code>(webapp:webapp\.report:v1:[0-9a-f]+)</code>", listing)
+    assert sorted(keys) == sorted([report.key_for(1), report.key_for(2)])
+    shown = c.get(f"/keys?key={report.key_for(1)}").text
+    assert "secret report" not in shown
+    assert "completed" in shown
+    revealed = c.get(f"/keys?key={report.key_for(1)}&reveal=1").text
+    assert "secret report 1" in revealed
