@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -155,8 +156,6 @@ def notice(params: Mapping[str, str]) -> str:
 
 def redirect(path: str, **params: str | int) -> RedirectResponse:
     """See Other, to ``path`` with ``params`` added to its query string."""
-    from urllib.parse import urlencode
-
     extra = urlencode({k: str(v) for k, v in params.items()})
     joiner = "&" if "?" in path else "?"
     return RedirectResponse(f"{path}{joiner}{extra}" if extra else path, status_code=303)

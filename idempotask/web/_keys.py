@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -95,7 +97,7 @@ async def keys(request: Request) -> Response:
         error = f"{exc} (start the dashboard with --import of the module defining it)"
     except TypeError as exc:  # Python's own: a missing or unexpected argument
         error = f"these arguments do not make a call to {function}: {exc}"
-    shown = record_json(key, record, dash_now()) if record is not None else None
+    shown = record_json(key, record, time.time()) if record is not None else None
     return dash.render(
         request,
         "keys.html",
@@ -114,13 +116,6 @@ async def keys(request: Request) -> Response:
         more=more,
         in_progress=record is not None and record.state is State.IN_PROGRESS,
     )
-
-
-def dash_now() -> float:
-    """The time records' expiries are shown against."""
-    import time
-
-    return time.time()
 
 
 async def _listing(request: Request, function: str) -> tuple[list[Record], bool]:
@@ -161,8 +156,6 @@ async def forget(request: Request) -> Response:
 
 
 def _query(**params: str) -> str:
-    from urllib.parse import urlencode
-
     return urlencode(params)
 
 

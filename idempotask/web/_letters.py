@@ -28,6 +28,7 @@ from idempotask.cli._common import decode_arguments
 from idempotask.errors import BackendError, CorruptRecordError
 from idempotask.web._app import dashboard, redirect
 from idempotask.web._forms import Cursor, FormError, LetterQuery
+from idempotask.web._security import Refused
 
 __all__ = ["ROUTES"]
 
@@ -180,8 +181,6 @@ async def confirm(request: Request) -> Response:
     """What an action will do, and to how many letters; the form that does it."""
     dash = dashboard(request)
     if dash.read_only:
-        from idempotask.web._security import Refused
-
         raise Refused(403, "this dashboard is read-only: it changes nothing")
     params = _params(request)
     action = (params.get("action") or [""])[0]
