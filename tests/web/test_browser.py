@@ -316,3 +316,35 @@ def test_screenshots_of_the_overview_and_of_a_letter(
         context.close()
     for name in ("dashboard-overview.png", "dashboard-letter.png"):
         assert (where / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_form_on_another_site_cannot_act_through_the_operators_browser(
+    shop: Shop, serve: Any, page: Any
+) -> None:
+    """A page on another origin posts to the dashboard from a browser that has the
+    dashboard open: refused (no CSRF token, cookie withheld, cross-site), letter untouched."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    shop.fail("charge", [1])
+    (letter_id,) = shop.ids()
+    dashboard = serve(create_app(refresh=0.3))
+    page.goto(f"{dashboard.url}/letters/{letter_id}")  # the operator's session: its cookie
+
+    async def lure(request: Any) -> HTMLResponse:
+        return HTMLResponse(
+            f'<form method="post" action="{dashboard.url}/letters/act">'
+            f'<input name="action" value="resolve"><input name="id" value="{letter_id}">'
+            '<input name="csrf" value="guessed"><button type="submit">win a prize</button></form>'
+        )
+
+    evil = serve(Starlette(routes=[Route("/", lure)]), host="127.0.0.2")
+    page.goto(evil.url + "/")
+    with page.expect_navigation():
+        page.click("text=win a prize")
+    assert "Refused" in page.content()
+    letter = shop.queue.get(letter_id)
+    assert letter is not None
+    assert letter.status is Status.PENDING
+    assert [a.what for a in letter.history] == ["failed"]
