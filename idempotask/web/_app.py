@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from idempotask.backends.base import BreakerStore, DeadLetterStore, Status
+from idempotask.backends.base import Backend, BreakerStore, DeadLetterStore, Status
 from idempotask.deadletter import AmbiguousLetterId, DeadLetterNotFound, DeadLetterQueue
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
 from idempotask.web._charts import KIND_ORDER, bar_chart
@@ -263,7 +263,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(
     *,
-    backend: Any = None,
+    backend: Backend | str | None = None,
     dead_letter_store: DeadLetterStore | str | None = None,
     namespace: str | None = None,
     queue: DeadLetterQueue | None = None,
