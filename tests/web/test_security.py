@@ -122,6 +122,8 @@ def test_without_authentication_only_this_machine_is_served(queue: DeadLetterQue
         assert refused.status_code == 403, path
         assert "only answers on the machine" in refused.text
     assert client(app, host=("::1", 40000)).get("/").status_code == 200
+    assert client(app, host=("::ffff:127.0.0.1", 40000)).get("/").status_code == 200
+    assert client(app, host=("::ffff:10.1.2.3", 40000)).get("/").status_code == 403
 
 
 def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
