@@ -3,10 +3,16 @@ prefix, served through WSGI, started by ``idempotask web``; and its paging."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 import warnings
 import wsgiref.simple_server
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -164,3 +170,35 @@ def test_the_keys_page_lists_a_functions_live_records_and_never_shows_results_un
     assert "completed" in shown
     revealed = c.get(f"/keys?key={report.key_for(1)}&reveal=1").text
     assert "secret report 1" in revealed
+
+
+def test_idempotask_web_serves_the_dashboard_on_loopback(tmp_path: Any) -> None:
+    """The command as a newcomer runs it: a page on 127.0.0.1:PORT, then Ctrl-C."""
+    port = free_port()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "IDEMPOTASK_SPOOL": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "idempotask", "web", "--url", "memory://", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/letters", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "idempotask web did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200
+        assert "Dead letters" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    assert f"dashboard on http://127.0.0.1:{port}/" in err
