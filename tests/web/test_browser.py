@@ -45,7 +45,7 @@ def test_the_overview_shows_the_failures_and_updates_itself(
         "bars => bars.map(b => Number(b.dataset.total))"
     )
     assert len(bars) == 24
-    assert bars[-1] == 5  # the current hour holds all five
+    assert sum(bars[-2:]) == 5  # this hour (or the last, if the hour turned meanwhile)
     expect(page.locator("section.grid2 table").last).to_contain_text(f"{shop.namespace}.charge")
     expect(page.locator("table.matrix")).to_contain_text("abandoned")
     expect(page.locator("[data-figure=health]")).to_have_text("up")
