@@ -183,3 +183,15 @@ def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
     shop.functions = {short: make(short) for short in ("charge", "ship")}
     yield shop
     queue.store.purge(DeadLetterFilter())
+
+
+def from_address(app: Any, host: tuple[str, int]) -> Any:
+    """``app`` as if every request came from ``host`` (what a server puts in the ASGI
+    scope's ``client``), for in-process clients of any Starlette version."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "client": host}
+        await app(scope, receive, send)
+
+    return wrapped

@@ -12,6 +12,7 @@ import pytest
 from idempotask import DeadLetterQueue, configure
 from idempotask.backends.base import Status
 from idempotask.web import create_app
+from tests.web.conftest import from_address
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*httpx2")  # Starlette prefers httpx2 now
@@ -36,7 +37,7 @@ def client(
     auth: tuple[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> TestClient:
-    c = TestClient(app, client=host, follow_redirects=False, headers=headers)
+    c = TestClient(from_address(app, host), follow_redirects=False, headers=headers)
     if auth is not None:
         c.auth = auth
     return c
