@@ -3,9 +3,10 @@
 Suites: ``memory`` and ``sqlite`` (no server needed), ``redis`` (IDEMPOTASK_REDIS_URL; with
 the peers on the same Redis), ``postgresql`` (IDEMPOTASK_POSTGRES_URL), ``mariadb``
 (IDEMPOTASK_MYSQL_URL), ``http`` (the Idempotency-Key middlewares, in process and under
-uvicorn; on Redis too when it answers). Each row shows the figure, its floor measured in
-the same run, and their ratio (or the added time, for in-process figures), and its
-target, met or MISSED.
+uvicorn; on Redis too when it answers), ``web`` (the dashboard's pages with 100,000 dead
+letters on Redis and PostgreSQL; needs ``idempotask[web]``). Each row shows the figure,
+its floor measured in the same run, and their ratio (or the added time, for in-process
+figures), and its target, met or MISSED.
 Latencies (lower is better), throughputs (higher is better) and memory amounts are in
 tables of their own. A suite whose server is missing prints one "skipped" row saying why;
 a busy machine (load average, CPU steal) is warned about at the top and the bottom.
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import http, memory, redis, sql
+from benchmarks import http, memory, redis, sql, web
 from benchmarks.report import (
     MISSED,
     Plan,
@@ -47,6 +48,7 @@ SUITES: dict[str, Callable[[Plan], list[Row]]] = {
     "sqlite": sql.sqlite_rows,
     "mariadb": sql.mysql_rows,
     "http": http.rows,
+    "web": web.rows,
 }
 
 

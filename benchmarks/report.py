@@ -37,6 +37,8 @@ PACKAGES = (
     "aws-lambda-powertools",
     "celery",
     "celery-once",
+    "starlette",
+    "Jinja2",
 )
 
 
@@ -354,7 +356,9 @@ def server_versions(suites: Iterable[str]) -> str:
         "sqlite": ("SQLite", lambda: f"SQLite {sqlite3.sqlite_version}"),
     }
     found = []
-    for suite in suites:
+    # The web suite runs on Redis and PostgreSQL.
+    expanded = [part for s in suites for part in (("redis", "postgresql") if s == "web" else (s,))]
+    for suite in dict.fromkeys(expanded):
         if suite not in probes:
             continue
         label, probe = probes[suite]

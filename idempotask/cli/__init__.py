@@ -21,6 +21,7 @@
     keys forget KEY [--force]
     demo [--keep]
     db create
+    web [--host H] [--port P] [--read-only] [--token T] [--hide-arguments] [--refresh S]
 
 ``FILTERS`` are ``--status S``, ``--kind K`` and ``--function F``, each repeatable (a
 letter matches any value given for an option, and every option given). An ``ID`` may be

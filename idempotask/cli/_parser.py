@@ -477,7 +477,43 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     _db_commands(db.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _web_command(groups)
     return parser
+
+
+def _web_command(groups: Any) -> None:
+    web = groups.add_parser(
+        "web",
+        help="serve the dashboard: dead letters, keys and breakers in a browser",
+        description="Serve the web dashboard (pip install 'idempotask[web]') on the configured\n"
+        "stores, on 127.0.0.1:8765 by default. Any other --host needs --token.",
+        formatter_class=_Formatter,
+    )
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    web.add_argument("--port", type=positive_int_arg, default=8765, help="port (default: 8765)")
+    web.add_argument("--read-only", action="store_true", help="hide and refuse every action")
+    web.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="require it as the basic-auth password (any user name, recorded with actions) "
+        "or a Bearer token (default: $IDEMPOTASK_WEB_TOKEN)",
+    )
+    web.add_argument("--hide-arguments", action="store_true", help="never show letters' arguments")
+    web.add_argument(
+        "--refresh",
+        type=positive_float_arg,
+        default=5.0,
+        metavar="S",
+        help="seconds between the overview's counts (default: 5)",
+    )
+    web.set_defaults(handler=_web, leaf_parser=web, command="web")
+    _add_global_options(web, late=True)
+
+
+def _web(ctx: Any) -> int:
+    from idempotask.web._serve import serve  # loads Starlette: only for this command
+
+    return serve(ctx)
 
 
 def _demo(ctx: Any) -> int:

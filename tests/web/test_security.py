@@ -1,0 +1,246 @@
+"""The dashboard's safety, request by request: authentication, CSRF, read-only mode,
+headers, and that a GET never changes anything (in-process, on the memory store)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import pytest
+
+from idempotask import DeadLetterQueue, configure
+from idempotask.backends.base import Status
+from idempotask.web import create_app
+from tests.web.conftest import from_address
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*httpx2")  # Starlette prefers httpx2 now
+    from starlette.testclient import TestClient
+
+LOCAL = ("127.0.0.1", 50000)
+
+
+@pytest.fixture
+def queue() -> DeadLetterQueue:
+    configure(backend="memory://", namespace="websec")
+    return DeadLetterQueue()
+
+
+def letter_id(queue: DeadLetterQueue, message: str = "gateway timed out") -> str:
+    return queue.record("billing.charge", TimeoutError(message), arguments={"order": 7}).id
+
+
+def client(
+    app: Any,
+    host: tuple[str, int] = LOCAL,
+    auth: tuple[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> TestClient:
+    c = TestClient(from_address(app, host), follow_redirects=False, headers=headers)
+    if auth is not None:
+        c.auth = auth
+    return c
+
+
+def csrf_of(c: TestClient, path: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', c.get(path).text)
+    assert found, path
+    return found.group(1)
+
+
+def last_action(queue: DeadLetterQueue, id: str) -> tuple[str, str]:
+    letter = queue.get(id)
+    assert letter is not None
+    return letter.history[-1].what, letter.history[-1].actor
+
+
+def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(
+    queue: DeadLetterQueue,
+) -> None:
+    """Missing token, another session's token, a cross-site request: 403, letter as it was."""
+    id = letter_id(queue)
+    c = client(create_app())
+    token = csrf_of(c, f"/letters/confirm?action=resolve&id={id}")
+    attempts = [
+        {"action": "resolve", "id": id},
+        {"action": "resolve", "id": id, "csrf": "0" * 64},
+    ]
+    for form in attempts:
+        assert c.post("/letters/act", data=form).status_code == 403
+    other = client(create_app())  # another browser: its own cookie, so its own token
+    other_token = csrf_of(other, f"/letters/confirm?action=resolve&id={id}")
+    assert other_token != token
+    assert (
+        c.post(
+            "/letters/act", data={"action": "resolve", "id": id, "csrf": other_token}
+        ).status_code
+        == 403
+    )
+    cross = c.post(
+        "/letters/act",
+        data={"action": "resolve", "id": id, "csrf": token},
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )
+    assert cross.status_code == 403
+    assert last_action(queue, id) == ("failed", "worker")
+    done = c.post("/letters/act", data={"action": "resolve", "id": id, "csrf": token})
+    assert done.status_code == 303
+    assert last_action(queue, id) == ("resolved", "web:local")
+
+
+def test_no_get_changes_anything(queue: DeadLetterQueue) -> None:
+    """Every page, the confirmations included, read only; the action URLs refuse GET."""
+    id = letter_id(queue)
+    c = client(create_app())
+    for path in (
+        "/",
+        "/live",
+        "/letters",
+        f"/letters/{id}",
+        f"/letters/confirm?action=retry&id={id}",
+        f"/letters/confirm?action=abandon&id={id}",
+        "/letters/confirm?action=purge&status=resolved",
+        "/letters/confirm?action=resolve_all",
+        "/keys?key=idempotask:x:v1:00",
+        "/breakers",
+    ):
+        assert c.get(path).status_code == 200, path
+    for path in ("/letters/act", "/keys/forget", "/breakers/act"):
+        # /letters/act reads as a letter id there: "no letter act" (404); others 405
+        assert c.get(f"{path}?action=resolve&id={id}").status_code in (404, 405), path
+    letter = queue.get(id)
+    assert letter is not None
+    assert letter.status is Status.PENDING
+    assert [a.what for a in letter.history] == ["failed"]
+
+
+def test_without_authentication_only_this_machine_is_served(queue: DeadLetterQueue) -> None:
+    """A client on another address gets 403 and nothing else, static files included."""
+    app = create_app()
+    for path in ("/", "/letters", "/static/dashboard.css"):
+        refused = client(app, host=("10.1.2.3", 40000)).get(path)
+        assert refused.status_code == 403, path
+        assert "only answers on the machine" in refused.text
+    assert client(app, host=("::1", 40000)).get("/").status_code == 200
+    assert client(app, host=("::ffff:127.0.0.1", 40000)).get("/").status_code == 200
+    assert client(app, host=("::ffff:10.1.2.3", 40000)).get("/").status_code == 403
+
+
+def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
+    """401 with a Basic challenge without it; the basic-auth name is the recorded user."""
+    id = letter_id(queue)
+    app = create_app(token="a-long-enough-token")
+    anonymous = client(app, host=("10.1.2.3", 40000)).get("/")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Basic realm=")
+    bad = client(app, host=("10.1.2.3", 40000), auth=("bob", "wrong")).get("/")
+    assert bad.status_code == 401
+    bearer = client(app, headers={"Authorization": "Bearer a-long-enough-token"})
+    assert bearer.get("/letters").status_code == 200
+    c = client(app, host=("10.1.2.3", 40000), auth=("bob", "a-long-enough-token"))
+    token = csrf_of(c, f"/letters/confirm?action=abandon&id={id}")
+    assert (
+        c.post("/letters/act", data={"action": "abandon", "id": id, "csrf": token}).status_code
+        == 303
+    )
+    assert last_action(queue, id) == ("abandoned", "web:bob")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_auth_hook_names_the_user_or_refuses(
+    queue: DeadLetterQueue, asynchronous: bool
+) -> None:
+    """The hook gets the request: a name is recorded as web:<name>; None or
+    PermissionError refuses with 403."""
+    id = letter_id(queue)
+
+    def decide(request: Any) -> str | None:
+        who = request.headers.get("x-user")
+        if who == "mallory":
+            raise PermissionError("mallory is not on the on-call list")
+        return who
+
+    async def adecide(request: Any) -> str | None:
+        return decide(request)
+
+    app = create_app(auth=adecide if asynchronous else decide)
+    remote = ("10.1.2.3", 40000)
+    assert client(app, host=remote).get("/").status_code == 403
+    refused = client(app, host=remote, headers={"x-user": "mallory"}).get("/")
+    assert refused.status_code == 403
+    assert "on-call" in refused.text
+    c = client(app, host=remote, headers={"x-user": "carol\x1b[31m"})
+    token = csrf_of(c, f"/letters/confirm?action=retry&id={id}")
+    assert (
+        c.post("/letters/act", data={"action": "retry", "id": id, "csrf": token}).status_code == 303
+    )
+    assert last_action(queue, id) == ("requeued", "web:carol\\x1b[31m")
+
+
+def test_read_only_refuses_every_action(queue: DeadLetterQueue) -> None:
+    """Confirmations and POSTs answer 403; pages show no form."""
+    id = letter_id(queue)
+    c = client(create_app(read_only=True))
+    page = c.get(f"/letters/{id}").text
+    assert "<form" not in page
+    assert c.get(f"/letters/confirm?action=retry&id={id}").status_code == 403
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token is None
+    for path, form in (
+        ("/letters/act", {"action": "retry", "id": id}),
+        ("/keys/forget", {"key": "idempotask:x:v1:0", "token": "t"}),
+        ("/breakers/act", {"action": "open", "name": "erp"}),
+    ):
+        assert c.post(path, data=form).status_code == 403, path
+    assert last_action(queue, id) == ("failed", "worker")
+
+
+def test_every_response_carries_a_strict_content_security_policy(queue: DeadLetterQueue) -> None:
+    """Pages, static files, errors and refusals: no inline script, no framing."""
+    app = create_app()
+    responses = [
+        client(app).get("/"),
+        client(app).get("/static/dashboard.js"),
+        client(app).get("/letters/nope-not-there"),
+        client(app, host=("10.1.2.3", 1)).get("/"),
+    ]
+    for response in responses:
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp
+        assert "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["server-timing"].startswith("app;dur=")
+    page = responses[0].text
+    assert "<script>" not in page  # the one script is a file of the app
+    assert "style=" not in page
+
+
+def test_a_notice_in_the_query_string_cannot_put_words_on_the_page(queue: DeadLetterQueue) -> None:
+    """Only the fixed notices show, with a number; anything else shows nothing."""
+    c = client(create_app())
+    assert "made due now" in c.get("/letters?done=retried&n=3").text
+    crafted = c.get("/letters?done=Your+account+is+locked&n=call+us").text
+    assert "locked" not in crafted
+    assert "call us" not in crafted
+
+
+def test_an_unknown_letter_is_a_404_page(queue: DeadLetterQueue) -> None:
+    """An id (or prefix) that matches nothing: 404, said plainly."""
+    response = client(create_app()).get("/letters/feedface")
+    assert response.status_code == 404
+    assert "no dead letter has id" in response.text
+
+
+def test_create_app_refuses_unsafe_options() -> None:
+    """A short token, a token and a hook together, a short secret."""
+    from idempotask.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="at least 12"):
+        create_app(token="short")
+    with pytest.raises(ConfigurationError, match="not both"):
+        create_app(token="a-long-enough-token", auth=lambda r: "x")
+    with pytest.raises(ConfigurationError, match="16 bytes"):
+        create_app(secret="tiny")
