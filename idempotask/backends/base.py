@@ -48,6 +48,8 @@ __all__ = [
     "SupportsExpireClaim",
     "SupportsExpireNow",
     "SupportsScan",
+    "SupportsTransactions",
+    "Transaction",
     "check_changes",
     "decode_history",
     "encode_history",
@@ -575,3 +577,52 @@ class ProvidesStores(Protocol):
     def dead_letter_store(self, *, namespace: str = "idempotask") -> DeadLetterStore: ...
 
     def breaker_store(self, *, namespace: str = "idempotask") -> BreakerStore: ...
+
+
+# ---------------------------------------------------------------------- transactional calls
+
+
+@runtime_checkable
+class Transaction(Protocol):
+    """One database transaction that a transactional call's body writes in.
+
+    Made by :meth:`SupportsTransactions.begin` after the claim was committed. The body
+    writes through :attr:`connection` (what it is depends on the store: a SQLAlchemy
+    ``Connection`` or ``AsyncConnection``, a Django database alias...), then the call
+    writes its result with :meth:`complete` in the same transaction and commits once, so
+    the body's writes and the result commit together or not at all. Each method has an
+    ``a``-prefixed async twin.
+    """
+
+    @property
+    def connection(self) -> Any:
+        """What the body uses for its own writes, inside this transaction."""
+        ...
+
+    def complete(self, payload: bytes, *, ttl: float) -> bool:
+        """Write the COMPLETED record in this transaction if the key is still held with
+        the claim's token and its lease has not run out (compare-and-set; the record's
+        row stays locked until commit or rollback). False: the claim was taken over,
+        and the caller rolls the whole transaction back, the body's writes included."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    async def acomplete(self, payload: bytes, *, ttl: float) -> bool: ...
+
+    async def acommit(self) -> None: ...
+
+    async def arollback(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsTransactions(Protocol):
+    """A store whose database can hold a call's own writes (``@idempotent(transactional=
+    True)``): ``begin(key, token)`` opens a transaction on the store's database for the
+    call holding ``key`` with ``token``. Driver errors are :class:`BackendError`."""
+
+    def begin(self, key: str, token: str) -> Transaction: ...
+
+    async def abegin(self, key: str, token: str) -> Transaction: ...
