@@ -55,7 +55,8 @@ GROUPS = (
     Group(("dramatiq",), ("tests/integrations/test_dramatiq*.py",)),
     Group(("tenacity",), ("tests/test_retry*.py",)),
     Group(("prometheus-client", "opentelemetry-api"), ("tests/test_observability*.py",)),
-    Group(("django",), ("tests/http/test_*.py",)),
+    Group(("django",), ("tests/http/test_*.py", "tests/django/test_*.py")),
+    Group(("starlette", "jinja2", "uvicorn", "a2wsgi"), ("tests/web/test_*.py",)),
 )
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*>=\s*([0-9][^,;\s]*)")
