@@ -26,6 +26,14 @@ def test_ordinary_usage_type_checks_under_mypy_strict() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_http_middlewares_type_check_where_frameworks_take_them() -> None:
+    # Starlette's add_middleware types its factory with a positional-only app: a middleware
+    # whose app could be passed by keyword was refused (README's FastAPI example).
+    pytest.importorskip("starlette")
+    result = _mypy(HERE / "typing" / "http_api.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_wrong_argument_type_is_caught_by_mypy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text(

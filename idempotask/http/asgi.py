@@ -58,7 +58,9 @@ class IdempotencyMiddleware:
     are found through a Starlette/FastAPI app's ``routes``.
     """
 
-    def __init__(self, app: ASGIApp, policy: Policy | None = None, **options: Any) -> None:
+    # ``app`` is positional-only, as Starlette's middleware factory protocol has it:
+    # otherwise ``app.add_middleware(IdempotencyMiddleware, ...)`` fails under mypy.
+    def __init__(self, app: ASGIApp, /, policy: Policy | None = None, **options: Any) -> None:
         if policy is not None and options:
             raise ConfigurationError(
                 "IdempotencyMiddleware: give a Policy or its options, not both"
