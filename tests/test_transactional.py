@@ -285,6 +285,45 @@ def test_a_transaction_idle_for_a_lease_is_ended_by_the_server(db: Db) -> None:
     assert db.store.get(idle.key_for("f")) is None
 
 
+def test_a_lock_wait_in_the_body_is_bounded_by_the_lease(db: Db) -> None:
+    """A body whose write waits on a row lock another transaction holds (here the
+    caller's own, on another connection) fails after about a lease instead of waiting
+    for ever; nothing it wrote is kept and the key is released."""
+    unique = workers.unique_table(db.prefix)
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=1.0, backend=db.store, transactional=True, name=f"{db.prefix}.lock")
+    def blocked(n: int) -> int:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=str(n), writer="blocked"))
+        conn.execute(insert(unique).values(id=n, writer="blocked"))
+        return n
+
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            blocked(5)
+        except Exception as exc:
+            errors.append(exc)
+
+    with db.engine.connect().execution_options(isolation_level="READ COMMITTED") as holder:
+        held = holder.begin()
+        holder.execute(insert(unique).values(id=5, writer="holder"))
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(60)  # liveness: unbounded, the call would wait for the holder
+        finished = not thread.is_alive()
+        held.rollback()
+    thread.join(60)
+    assert finished, "the body's lock wait was not bounded"
+    assert len(errors) == 1, errors
+    assert "lock" in str(errors[0]).lower(), errors  # the database's lock-wait timeout
+    assert db.rows() == []
+    assert db.unique_rows() == []
+    assert db.store.get(blocked.key_for(5)) is None
+
+
 # -- nesting -------------------------------------------------------------------------------------
 
 
