@@ -264,6 +264,37 @@ def test_the_lease_is_renewed_while_the_body_works_in_its_transaction(db: Db) ->
     assert record.state is State.COMPLETED
 
 
+def test_duplicates_see_the_claim_while_the_body_runs(db: Db) -> None:
+    """The record's row is not locked while the body runs (only complete() locks it, at
+    the end): a concurrent duplicate gets its answer (in progress) at once."""
+    rows = workers.rows_table(db.prefix)
+    answers: list[BaseException] = []
+
+    def duplicate(key: str) -> None:
+        try:
+            busy(key)
+        except Exception as exc:
+            answers.append(exc)
+
+    @idempotent(
+        ttl=600,
+        on_conflict="raise",
+        backend=db.store,
+        transactional=True,
+        name=f"{db.prefix}.busy",
+    )
+    def busy(key: str) -> str:
+        idempotask.transaction().execute(insert(rows).values(key=key, writer="busy"))
+        other = threading.Thread(target=duplicate, args=(key,))
+        other.start()
+        other.join(30)  # liveness: a duplicate blocked on a row lock would not return
+        return key
+
+    assert busy("r") == "r"
+    assert [type(a) for a in answers] == [idempotask.AlreadyInProgress]
+    assert db.rows() == [("r", "busy")]
+
+
 def test_a_transaction_idle_for_a_lease_is_ended_by_the_server(db: Db) -> None:
     """The bound on a paused owner's locks: a transaction left idle for longer than the
     lease is ended by the database, so the body's next statement fails, nothing it wrote
@@ -529,6 +560,7 @@ def test_sigkill_between_the_write_and_the_commit(db: Db, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    assert db.rows() == []  # the killed owner's write was never committed
     owner = workers.make_owner(db.store, db.prefix, "rerun", None, 0)
     assert db.store.get(owner.key_for(1)) is not None  # the dead owner's claim, until its lease
     assert owner(1) == "rerun"  # waits out the lease, takes over, runs once
