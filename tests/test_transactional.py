@@ -104,8 +104,8 @@ def db(request: pytest.FixtureRequest) -> Iterator[Db]:
 
 
 @pytest.fixture
-def pg(request: pytest.FixtureRequest) -> Iterator[Db]:
-    yield from _make_db(service_url("postgres"))
+def mariadb() -> Iterator[Db]:
+    yield from _make_db(service_url("mysql"))
 
 
 def _writer(db: Db, *, name: str, fail: bool = False, **options: Any) -> Any:
@@ -208,6 +208,27 @@ def test_an_orm_session_on_the_connection_commits_with_the_call(db: Db) -> None:
     assert db.rows() == []
     assert orm("y", False) == "y"
     assert db.rows() == [("y", "session")]
+
+
+def test_the_mysql_plan_commits_together_and_refuses_a_late_owner(mariadb: Db) -> None:
+    """MySQL (no idle-transaction timeout, no RETURNING), run as the plan forced on
+    MariaDB: writes and result commit together, a late owner is rolled back whole."""
+    db = mariadb
+    db.store._force_flavour = "mysql"
+    write = _writer(db, name="mysql")
+    assert write("s") == write("s") == "wrote s"
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, backend=db.store, transactional=True, name=f"{db.prefix}.mlate")
+    def late(key: str) -> str:
+        idempotask.transaction().execute(insert(rows).values(key=key, writer="late"))
+        assert db.store.expire_now(late.key_for(key))
+        assert db.store.claim(late.key_for(key), "new", lease=60).held_by("new")
+        return key
+
+    with pytest.raises(LeaseLostError):
+        late("t")
+    assert db.rows() == [("s", "body")]
 
 
 # -- late owners, leases -------------------------------------------------------------------------
