@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -641,6 +642,47 @@ def test_eight_processes_two_hundred_keys_three_duplicates(db: Db) -> None:
     rows = db.rows()
     assert len(rows) == 200
     assert Counter(key for key, _ in rows) == Counter({key: 1 for key in keys})
+
+
+def test_threads_run_each_key_once(db: Db) -> None:
+    """8 threads, 50 keys, 3 duplicates each, in one process: 50 rows, each key once."""
+    keys = [f"t{i}" for i in range(50)]
+    write = _writer(db, name="threads")
+    failures: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        order = [key for key in keys for _ in range(3)]
+        random.Random(seed).shuffle(order)
+        try:
+            for key in order:
+                assert write(key) == f"wrote {key}"
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert Counter(key for key, _ in db.rows()) == Counter({key: 1 for key in keys})
+
+
+async def test_concurrent_tasks_run_each_key_once(db: Db) -> None:
+    """30 keys, 3 duplicates each, as concurrent asyncio tasks: 30 rows, each key once."""
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, backend=db.store, transactional=True, name=f"{db.prefix}.tasks")
+    async def awrite(key: str) -> str:
+        await idempotask.transaction().execute(insert(rows).values(key=key, writer="task"))
+        return key
+
+    keys = [f"a{i}" for i in range(30)]
+    calls = [key for key in keys for _ in range(3)]
+    random.Random(1).shuffle(calls)
+    assert await asyncio.gather(*(awrite(key) for key in calls)) == calls
+    assert Counter(key for key, _ in db.rows()) == Counter({key: 1 for key in keys})
+    await db.store.aclose()
 
 
 # -- stores that cannot, options -----------------------------------------------------------------
