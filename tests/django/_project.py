@@ -110,7 +110,8 @@ def base_settings(databases: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def environment(root: Path) -> dict[str, str]:
-    path = os.pathsep.join([str(root), str(ROOT)])
+    inherited = os.environ.get("PYTHONPATH", "")  # e.g. another Django version first
+    path = os.pathsep.join(p for p in (inherited, str(root), str(ROOT)) if p)
     return {**os.environ, "PYTHONPATH": path, "DJANGO_SETTINGS_MODULE": "proj.settings"}
 
 
