@@ -23,6 +23,7 @@ code.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -247,6 +248,9 @@ class DjangoDatabase(Database):
         vendor = connections[alias].vendor
         self.dialect = dialect_for(vendor)
         self.flavour: Flavour = "mysql" if vendor == "mysql" else vendor
+        #: MySQL or MariaDB: told apart (and the server's version read) on first use.
+        self.mariadb = False
+        self._server_known = vendor != "mysql"
         self.where = f"django:{alias}"
         self.memory = False
         self.local = False
@@ -276,6 +280,8 @@ class DjangoDatabase(Database):
 
         if self._pending:
             self._create_pending()
+        if not self._server_known:
+            self._read_server(operation, key)
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             session = DjangoSession(self)
             try:
@@ -290,6 +296,27 @@ class DjangoDatabase(Database):
                 session.end()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_server(self, operation: str, key: str | None) -> None:
+        """MySQL or MariaDB, and its version: MariaDB 10.5+ runs the one-statement
+        ``RETURNING`` plan, and ``SKIP LOCKED`` depends on the version (as on the SQL
+        store, whose dialect learns both when it connects)."""
+        from django.db import DatabaseError, connections
+
+        try:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute("SELECT VERSION()")
+                (text,) = cursor.fetchone()
+        except DatabaseError as exc:
+            raise self.error(operation, key, exc) from exc
+        numbers = [int(n) for n in re.findall(r"\d+", str(text).split("-")[0])[:3]]
+        version = tuple(numbers) or (0,)
+        self.mariadb = "mariadb" in str(text).lower()
+        self.dialect.server_version_info = version
+        self.dialect.is_mariadb = self.mariadb  # type: ignore[attr-defined]
+        if self.mariadb and version >= (10, 5):
+            self.flavour = self._flavour = "mariadb"
+        self._server_known = True
 
     async def arun(
         self,

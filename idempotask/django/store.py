@@ -243,7 +243,7 @@ class DjangoTransaction:
                 f"idempotask.django: begin on {key!r} failed on django:{alias}: {exc}"
             ) from exc
         self._open = True
-        bounds = _bounds(backend.database.flavour, connections[alias], lease)
+        bounds = _bounds(backend.database, lease)
         if bounds is not None:
             try:
                 with connections[alias].cursor() as cursor:
@@ -333,8 +333,9 @@ async def _to_the_end(fn: Callable[[], None]) -> None:
         raise
 
 
-def _bounds(flavour: str, connection: Any, lease: float) -> tuple[str, Any] | None:
+def _bounds(database: DjangoDatabase, lease: float) -> tuple[str, Any] | None:
     """The statement bounding the transaction's waits by ``lease`` (as the SQL store)."""
+    flavour = database.flavour
     if flavour == "postgresql":
         ms = f"{max(1, math.ceil(lease * 1000))}ms"
         return (
@@ -342,9 +343,9 @@ def _bounds(flavour: str, connection: Any, lease: float) -> tuple[str, Any] | No
             "set_config('lock_timeout', %s, true)",
             [ms, ms],
         )
-    if flavour == "mysql":
+    if flavour in ("mysql", "mariadb"):
         whole = max(1, math.ceil(lease))  # an integer: formatted, never user text
-        if connection.mysql_is_mariadb:
+        if database.mariadb:
             return (
                 f"SET SESSION idle_transaction_timeout = {whole}, "
                 f"innodb_lock_wait_timeout = {whole}",

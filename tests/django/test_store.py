@@ -49,6 +49,30 @@ class TestSqliteContract(StoreContract):
         return DjangoBackend(sqlite_alias)
 
 
+class TestMariadbContract(StoreContract):
+    """The idempotency contract on MariaDB (its one-statement RETURNING plan)."""
+
+    @pytest.fixture
+    def backend(self, maria_alias: str) -> DjangoBackend:
+        return DjangoBackend(maria_alias)
+
+
+class TestMariadbDeadLetterContract(DeadLetterStoreContract):
+    """The dead-letter contract on MariaDB (a namespace per test)."""
+
+    @pytest.fixture
+    def dead_letter_store(self, maria_alias: str) -> DjangoDeadLetterStore:
+        return DjangoDeadLetterStore(maria_alias, namespace=f"c{uuid.uuid4().hex[:12]}")
+
+
+class TestMariadbBreakerContract(BreakerStoreContract):
+    """The breaker contract on MariaDB (a namespace per test)."""
+
+    @pytest.fixture
+    def breaker_store(self, maria_alias: str) -> DjangoBreakerStore:
+        return DjangoBreakerStore(maria_alias, namespace=f"c{uuid.uuid4().hex[:12]}")
+
+
 class TestPostgresDeadLetterContract(DeadLetterStoreContract):
     """The dead-letter contract on PostgreSQL (a namespace per test)."""
 

@@ -25,10 +25,10 @@ pytest.importorskip("django")
 from idempotask.django import DjangoBackend
 
 
-@pytest.fixture(params=["pg", "sqlite"])
+@pytest.fixture(params=["pg", "maria", "sqlite"])
 def alias(request: pytest.FixtureRequest, django_aliases: list[str]) -> str:
-    if request.param == "pg":
-        return str(request.getfixturevalue("pg_alias"))
+    if request.param != "sqlite":
+        return str(request.getfixturevalue(f"{request.param}_alias"))
     return "default"
 
 
