@@ -264,3 +264,31 @@ def test_create_tables_makes_other_tables_and_drop_tables_removes_them(sqlite_al
     store.drop_tables()
     with pytest.raises(MissingTableError):
         store.get("k")
+
+
+def test_a_connection_the_server_dropped_is_replaced(pg_alias: str) -> None:
+    """After the server ends the thread's connection, one operation fails with
+    BackendError and the next one works on a new connection (Django itself reconnects
+    only between requests)."""
+    import psycopg
+    from django.db import connections
+
+    from idempotask.errors import BackendError
+
+    store = DjangoBackend(pg_alias)
+    store.get("warm-up")
+    with connections[pg_alias].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    params = pg_params(service_url("postgres"))
+    with psycopg.connect(
+        host=params["HOST"],
+        port=params["PORT"],
+        user=params["USER"],
+        dbname="test",
+        autocommit=True,
+    ) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    with pytest.raises(BackendError):
+        store.get("after")
+    assert store.get("after") is None

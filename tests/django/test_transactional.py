@@ -156,12 +156,7 @@ def test_duplicates_from_threads_write_exactly_once(store: DjangoBackend, alias:
     calls = [o for o in orders for _ in range(2)] * 4
 
     def call(order: str) -> int:
-        from django.db import connections
-
-        try:
-            return int(pay(order, 5))
-        finally:
-            connections[alias].close()
+        return int(pay(order, 5))
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(call, calls))
@@ -211,3 +206,45 @@ def test_sqlite_refuses_transactional_calls_unless_opted_in(sqlite_alias: str) -
     with pytest.raises(ConfigurationError, match="sqlite_transactions=True"):
         pay(uuid.uuid4().hex, 1)
     assert pay.runs == []  # type: ignore[attr-defined]
+
+
+def test_concurrent_async_calls_each_have_their_own_transaction(
+    store: DjangoBackend, alias: str
+) -> None:
+    """Two async transactional calls at once on one event loop: each body writes in its
+    own transaction (one failing rolls back only its own rows), and neither call's
+    claim or renewal joins the other's transaction."""
+    if alias == "default":
+        pytest.skip("one writer at a time on SQLite")
+    from asgiref.sync import sync_to_async
+
+    from tests.django.testapp.models import Payment
+
+    both_inside = asyncio.Event()
+    inside = 0
+
+    @idempotent(transactional=True, name=f"cpay.{uuid.uuid4().hex[:8]}")
+    async def cpay(order: str, fail: bool) -> int:
+        nonlocal inside
+        row = await sync_to_async(
+            lambda: Payment.objects.using(alias).create(order=order, amount=7),
+            thread_sensitive=True,
+        )()
+        inside += 1
+        if inside == 2:
+            both_inside.set()
+        await asyncio.wait_for(both_inside.wait(), 10)
+        if fail:
+            raise RuntimeError("declined")
+        return int(row.pk)
+
+    good, bad = uuid.uuid4().hex, uuid.uuid4().hex
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(cpay(good, False), cpay(bad, True), return_exceptions=True)
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, int)
+    assert isinstance(second, RuntimeError)
+    assert payments(alias, good) == 1
+    assert payments(alias, bad) == 0
