@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from idempotask._transactional import transaction
 from idempotask.backends.base import DeadLetter, Status
 from idempotask.config import Settings, configure, get_backend, settings
 from idempotask.errors import (
@@ -29,6 +30,7 @@ from idempotask.errors import (
     IdempotaskError,
     KeyEncodingError,
     KeyMismatchError,
+    LeaseLostError,
     MissingDependencyError,
     MissingKeyMaterialError,
     MissingTableError,
@@ -131,6 +133,7 @@ __all__ = [
     "IdempotentMethod",
     "KeyEncodingError",
     "KeyMismatchError",
+    "LeaseLostError",
     "LeaseLostWarning",
     "MissingDependencyError",
     "MissingKeyMaterialError",
@@ -160,5 +163,6 @@ __all__ = [
     "register_route",
     "remove_listener",
     "settings",
+    "transaction",
     "unregister_encoder",
 ]

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from idempotask import config, events, flow, lease
+from idempotask import _transactional, config, events, flow, lease
 from idempotask.backends.base import Backend, Record, State
 from idempotask.errors import (
     AlreadyInProgress,
@@ -147,6 +147,7 @@ class Options:
     on_backend_error: Literal["raise", "open"] | None
     max_result_bytes: int | None = None
     previous_names: tuple[str, ...] = ()
+    transactional: bool = False
 
 
 class _Outcome:
@@ -251,6 +252,9 @@ class Spec:
     def flow(self, call: Call, key: str, owner: str, fingerprint: str) -> Flow[Any]:
         token = _new_token()
         backend = call.backend
+        if self.options.transactional:
+            _transactional.refuse_nested(self.name)
+            _transactional.check_store(self.name, backend)
         legacy = self.previous_keys(key)
         deadline = -1.0
         poll = _POLL_FIRST
@@ -309,6 +313,8 @@ class Spec:
             poll = min(poll * 2, _POLL_MAX)
 
         events.emit(EventKind.CLAIMED, self.name, key)
+        if self.options.transactional:  # (no legacy keys: refused at decoration)
+            return (yield from _transactional.flow(self, call, key, token, owner))
         keys = (key, *legacy)
         outcome: _Outcome = yield Op(call.run, call.arun, keys, token)
         if outcome.error is None:
@@ -366,7 +372,8 @@ class Spec:
         events.emit(
             EventKind.BACKEND_ERROR, self.name, key, error=type(exc.__cause__ or exc).__name__
         )
-        if not self._fail_open:
+        if not self._fail_open or self.options.transactional:
+            # A transactional body needs the store's database: it cannot run without it.
             raise exc
         if isinstance(exc, _NOT_OUTAGES):
             # on_backend_error="open" is about outages. Bad data under a key (or a table

@@ -20,6 +20,7 @@ __all__ = [
     "IdempotaskError",
     "KeyEncodingError",
     "KeyMismatchError",
+    "LeaseLostError",
     "MissingDependencyError",
     "MissingKeyMaterialError",
     "MissingTableError",
@@ -85,6 +86,15 @@ class AlreadyInProgress(IdempotaskError):
     def __init__(self, message: str, *, key: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class LeaseLostError(AlreadyInProgress):
+    """A transactional call (``@idempotent(transactional=True)``) lost its claim while
+    its body ran: its lease ran out and another caller took the key over, so its whole
+    transaction, the body's writes included, was rolled back. The other caller's run is
+    the one that counts; a duplicate made now gets its result. Like
+    :class:`AlreadyInProgress`, never dead-lettered.
+    """
 
 
 class BackendError(IdempotaskError):

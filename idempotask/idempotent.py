@@ -167,6 +167,7 @@ def _validate(name: str, o: dict[str, Any]) -> Options:
     if cache is True:
         raise ConfigurationError("cache_errors: pass the seconds to keep a failure, not True")
     on_backend_error = o["on_backend_error"]
+    transactional = _check_transactional(name, o)
     return Options(
         name=name,
         ttl=None if ttl is None else config.check_seconds("ttl", ttl),
@@ -191,7 +192,31 @@ def _validate(name: str, o: dict[str, Any]) -> Options:
             Literal["raise", "open"],
             config.check_choice("on_backend_error", on_backend_error, ("raise", "open")),
         ),
+        transactional=transactional,
     )
+
+
+def _check_transactional(name: str, o: dict[str, Any]) -> bool:
+    transactional = o["transactional"]
+    if not isinstance(transactional, bool):
+        raise ConfigurationError(f"transactional: expected True or False, got {transactional!r}")
+    if not transactional:
+        return False
+    if o["on_backend_error"] == "open":
+        raise ConfigurationError(
+            f"{name}: transactional=True cannot run with on_backend_error='open': the body "
+            "writes in the store's database, so it cannot run while that store is down"
+        )
+    if o["previous_names"]:
+        raise ConfigurationError(
+            f"{name}: transactional=True does not support previous_names yet: the result "
+            "is written in one transaction under the current name only"
+        )
+    if o["backend"] is not None:
+        from idempotask._transactional import check_store
+
+        check_store(name, o["backend"])
+    return True
 
 
 @overload
@@ -216,6 +241,7 @@ def idempotent(
     breaker: CircuitBreaker | None = None,
     max_result_bytes: int | None = None,
     previous_names: tuple[str, ...] | list[str] = (),
+    transactional: bool = False,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]: ...
 
 
@@ -238,6 +264,7 @@ def idempotent(
     breaker: CircuitBreaker | None = None,
     max_result_bytes: int | None = None,
     previous_names: tuple[str, ...] | list[str] = (),
+    transactional: bool = False,
 ) -> Any:
     """Make a function idempotent: the same logical call within ``ttl`` runs once.
 
@@ -279,6 +306,12 @@ def idempotent(
       results stored under them are honoured and processes still running the old code
       never run a call twice; duplicates still cost one round trip. Remove them once
       the old code is gone and the longest ttl has passed.
+    - ``transactional``: run the body in one database transaction on the store's database
+      (a SQL store), in which the result is written too, with a compare-and-set on the
+      claim, and commit once: the body's writes (through :func:`idempotask.transaction`)
+      and the result commit together or not at all. A late owner's transaction is rolled
+      back whole (:class:`idempotask.LeaseLostError`); a failure rolls the writes back and
+      is recorded outside the transaction. See the README's "Transactional mode".
     """
     options = {
         "ttl": ttl,
@@ -296,6 +329,7 @@ def idempotent(
         "breaker": breaker,
         "max_result_bytes": max_result_bytes,
         "previous_names": previous_names,
+        "transactional": transactional,
     }
     if key is not None and not callable(key):
         raise ConfigurationError(

@@ -608,6 +608,13 @@ class Transaction(Protocol):
     writes its result with :meth:`complete` in the same transaction and commits once, so
     the body's writes and the result commit together or not at all. Each method has an
     ``a``-prefixed async twin.
+
+    Every method ends the transaction's connection when it fails (the database then rolls
+    the transaction back); :meth:`commit` and :meth:`rollback` also end it when they
+    succeed, and are each called at most once. Driver errors are :class:`BackendError`.
+    :meth:`acommit` and :meth:`arollback` run to their end even when the caller is
+    cancelled meanwhile, and then re-raise the cancellation: a cancellation raised by
+    ``acommit`` means the transaction *was* committed.
     """
 
     @property
@@ -636,9 +643,13 @@ class Transaction(Protocol):
 @runtime_checkable
 class SupportsTransactions(Protocol):
     """A store whose database can hold a call's own writes (``@idempotent(transactional=
-    True)``): ``begin(key, token)`` opens a transaction on the store's database for the
-    call holding ``key`` with ``token``. Driver errors are :class:`BackendError`."""
+    True)``): ``begin(key, token, lease=...)`` opens a transaction on the store's
+    database for the call holding ``key`` with ``token`` and a lease of ``lease``
+    seconds (a store may derive the bounds of the transaction's waits from it).
+    Driver errors are :class:`BackendError`; a store that cannot offer transactions in
+    its current configuration (SQLite without opting in) raises
+    :class:`~idempotask.errors.ConfigurationError` naming the fix."""
 
-    def begin(self, key: str, token: str) -> Transaction: ...
+    def begin(self, key: str, token: str, *, lease: float) -> Transaction: ...
 
-    async def abegin(self, key: str, token: str) -> Transaction: ...
+    async def abegin(self, key: str, token: str, *, lease: float) -> Transaction: ...

@@ -16,4 +16,6 @@ class IdempotaskConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        pass
+        from idempotask.django import checks, settings  # noqa: F401 - registers the checks
+
+        settings.apply_at_startup()

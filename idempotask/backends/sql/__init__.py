@@ -103,7 +103,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import URL, Engine, MetaData, Table
 
 from idempotask.backends.base import Record, State
-from idempotask.backends.sql import _engines
+from idempotask.backends.sql import _engines, _transactions
 from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
 from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
@@ -218,6 +218,8 @@ class SQLAlchemyBackend:
 
     ``table_name`` (and ``schema``) name the records table, ``dead_letter_table`` and
     ``breaker_table`` those of :meth:`dead_letter_store` and :meth:`breaker_store`.
+    ``sqlite_transactions=True`` lets transactional calls run on a SQLite file (see
+    :meth:`begin`).
     :meth:`create_tables` creates all three (so does ``idempotask db create``, or
     ``create_tables=True`` / the URL option ``?create_tables=true`` on first use); or let
     Alembic do it from :attr:`metadata`. Without them, an operation raises
@@ -247,6 +249,7 @@ class SQLAlchemyBackend:
         create_tables: bool = False,
         dead_letter_table: str = DEFAULT_DEAD_LETTER_TABLE,
         breaker_table: str = DEFAULT_BREAKER_TABLE,
+        sqlite_transactions: bool = False,
     ) -> None:
         if isinstance(bind, (str, URL)):
             bind, options = _engines.store_options(bind, "SQLAlchemyBackend")
@@ -278,6 +281,13 @@ class SQLAlchemyBackend:
                     f"SQLAlchemyBackend: {option} must be a non-empty string, got {name!r}"
                 )
         self.schema = schema
+        if not isinstance(sqlite_transactions, bool):
+            raise ConfigurationError(
+                f"SQLAlchemyBackend: sqlite_transactions must be True or False, got "
+                f"{sqlite_transactions!r}"
+            )
+        #: Whether transactional calls may run on SQLite (see :meth:`begin`).
+        self.sqlite_transactions = sqlite_transactions
         self.dead_letter_table = dead_letter_table
         self.breaker_table = breaker_table
         default = (table_name, dead_letter_table, breaker_table) == (
@@ -561,6 +571,21 @@ class SQLAlchemyBackend:
     async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
         """Async :meth:`scan`."""
         return await self._arun("scan", None, self._scan(prefix, limit))
+
+    # -- transactional calls (idempotask.backends.sql._transactions) -----------------------
+
+    def begin(self, key: str, token: str, *, lease: float) -> _transactions.SQLTransaction:
+        """Open the transaction of an ``@idempotent(transactional=True)`` call holding
+        ``key`` with ``token``: a pooled connection taken out of autocommit, its waits
+        bounded by ``lease`` (PostgreSQL ``idle_in_transaction_session_timeout`` and
+        ``lock_timeout``, MariaDB ``idle_transaction_timeout`` and
+        ``innodb_lock_wait_timeout``). On SQLite, only with ``sqlite_transactions=True``.
+        """
+        return _transactions.begin(self, key, token, lease)
+
+    async def abegin(self, key: str, token: str, *, lease: float) -> _transactions.SQLTransaction:
+        """Async :meth:`begin` (the body gets an ``AsyncConnection``)."""
+        return await _transactions.abegin(self, key, token, lease)
 
     # -- maintenance ---------------------------------------------------------------------------
 

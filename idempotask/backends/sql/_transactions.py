@@ -1,0 +1,311 @@
+"""Transactions a transactional call's body writes in (``@idempotent(transactional=True)``).
+
+:func:`begin` / :func:`abegin` check a connection out of the store's engine (sync
+``Connection``, asyncio ``AsyncConnection``), take it out of autocommit for the time of
+the call (SQLAlchemy's ``execution_options(isolation_level=...)``, which the pool undoes
+when the connection goes back) and open a transaction with ``Connection.begin()``. The
+body writes through that connection; :class:`SQLTransaction` then writes the result with
+the store's compare-and-set ``UPDATE`` (held with the claim's token, lease not run out),
+which locks the record's row only at the very end, and commits.
+
+The waits a paused owner can cause are bounded by the call's lease, set for the
+transaction only:
+
+* **PostgreSQL** — ``idle_in_transaction_session_timeout`` and ``lock_timeout``, both one
+  lease (``set_config(..., true)``, i.e. ``SET LOCAL``): a transaction left idle for a
+  lease (its process paused or stuck) is ended by the server, its locks with it, so by the
+  time its lease has run out and a new owner claims, the new owner's writes find them
+  gone (or wait at most the part of a lease the renewals had added after the last
+  statement); any lock wait of a transactional body is bounded by one lease.
+* **MariaDB** — ``idle_transaction_timeout`` and ``innodb_lock_wait_timeout``, one lease
+  rounded up to whole seconds (session variables: the next transactional call on the
+  connection sets them again; single statements are not in a transaction between calls).
+* **MySQL** — only ``innodb_lock_wait_timeout`` (MySQL has no idle-transaction timeout:
+  a paused owner's locks last until its connection ends).
+* **SQLite** — one writer at a time for the whole file, so a transaction holding the
+  write lock blocks every claim, renewal and result of every process on it. Refused
+  (:class:`~idempotask.errors.ConfigurationError`) unless the store is made with
+  ``sqlite_transactions=True``; never on ``sqlite:///:memory:`` (one connection for all).
+
+Each statement of the body is also bounded by the store's ``statement_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, text
+
+from idempotask.backends.base import State
+from idempotask.backends.sql._database import seconds
+from idempotask.errors import BackendError, ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Transaction as SATransaction
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
+
+    from idempotask.backends.sql import SQLAlchemyBackend
+
+__all__ = ["SQLTransaction", "abegin", "begin"]
+
+_T = TypeVar("_T")
+
+_PG_BOUNDS = text(
+    "SELECT set_config('idle_in_transaction_session_timeout', :ms, true), "
+    "set_config('lock_timeout', :ms, true)"
+)
+
+
+def _bounds(flavour: str, lease: float) -> tuple[Any, dict[str, Any]] | None:
+    """The statement that bounds the transaction's waits by ``lease`` (see the module)."""
+    if flavour == "postgresql":
+        return _PG_BOUNDS, {"ms": f"{max(1, math.ceil(lease * 1000))}ms"}
+    whole = max(1, math.ceil(lease))  # integers: formatted, never user text
+    if flavour == "mariadb":
+        return (
+            text(
+                f"SET SESSION idle_transaction_timeout = {whole}, "
+                f"innodb_lock_wait_timeout = {whole}"
+            ),
+            {},
+        )
+    if flavour == "mysql":
+        return text(f"SET SESSION innodb_lock_wait_timeout = {whole}"), {}
+    return None
+
+
+def _flavour(store: SQLAlchemyBackend, conn: Connection) -> str:
+    return store._force_flavour or store.database._flavour_of(conn.dialect)
+
+
+def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
+    """Refuse transactions where SQLite cannot hold them well (see the module)."""
+    db = store.database
+    if db.url.get_backend_name() != "sqlite":
+        return
+    if db.memory:
+        raise ConfigurationError(
+            f"{store!r}: transactional calls cannot run on an in-memory SQLite database: "
+            "its one connection serves every operation, which would all run inside the "
+            "call's transaction. Use a SQLite file with sqlite_transactions=True, or "
+            "PostgreSQL / MariaDB"
+        )
+    if not store.sqlite_transactions:
+        raise ConfigurationError(
+            f"{store!r}: SQLite has one writer at a time, so a transactional call holds the "
+            "write lock of the whole file from its first write to its commit, and every "
+            "claim, renewal and result of every process waits for it (busy_timeout), a "
+            "paused process's for ever. Make the store with sqlite_transactions=True to "
+            "accept that (one process, short bodies), or use PostgreSQL / MariaDB"
+        )
+    if asynchronous and db.local:
+        raise ConfigurationError(
+            f"{store!r}: an async transactional call on SQLite needs an AsyncEngine "
+            "(sqlite+aiosqlite://...) passed as async_engine=, so the body gets an "
+            "AsyncConnection"
+        )
+
+
+def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTransaction:
+    """Open the transaction of the call holding ``key`` with ``token`` (sync)."""
+    _refuse(store, False)
+    lease = seconds(lease, "lease")
+    db = store.database
+    try:
+        conn = db.sync_engine().connect()
+    except Exception as exc:
+        raise db.error("begin", key, exc, store.table) from exc
+    try:
+        conn = conn.execution_options(isolation_level=conn.default_isolation_level)
+        trans = conn.begin()
+        bounds = _bounds(_flavour(store, conn), lease)
+        if bounds is not None:
+            conn.execute(*bounds)
+    except BaseException as exc:
+        _discard(conn)
+        if isinstance(exc, Exception):
+            raise db.error("begin", key, exc, store.table) from exc
+        raise
+    return SQLTransaction(store, key, token, conn, trans, None, None)
+
+
+async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTransaction:
+    """Open the transaction of the call holding ``key`` with ``token`` (asyncio)."""
+    _refuse(store, True)
+    lease = seconds(lease, "lease")
+    db = store.database
+    if db.memory:  # pragma: no cover - refused above
+        raise AssertionError
+    try:
+        engine = await db.async_engine()
+        aconn = await engine.connect()
+    except Exception as exc:
+        raise db.error("begin", key, exc, store.table) from exc
+    try:
+        conn = aconn.sync_connection
+        assert conn is not None
+        await aconn.execution_options(isolation_level=conn.default_isolation_level)
+        atrans = await aconn.begin()
+        bounds = _bounds(_flavour(store, conn), lease)
+        if bounds is not None:
+            await aconn.execute(*bounds)
+    except BaseException as exc:
+        await _to_end(_adiscard(aconn))
+        if isinstance(exc, Exception):
+            raise db.error("begin", key, exc, store.table) from exc
+        raise
+    return SQLTransaction(store, key, token, conn, None, aconn, atrans)
+
+
+def _discard(conn: Connection) -> None:
+    """End a connection whose state is unknown: invalidated, it is never reused."""
+    try:
+        conn.invalidate()
+    finally:
+        conn.close()
+
+
+async def _adiscard(aconn: AsyncConnection) -> None:
+    try:
+        await aconn.invalidate()
+    finally:
+        await aconn.close()
+
+
+async def _to_end(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` to its end however often the caller is cancelled meanwhile,
+    then re-raise the cancellation (after its result, or its error, is in)."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    result = task.result()  # its error, if it failed: the cancellation is then lost
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class SQLTransaction:
+    """The transaction of one transactional call on a SQL store (see the module).
+
+    :attr:`connection` is a SQLAlchemy ``Connection`` for a sync call, an
+    ``AsyncConnection`` for an async one, inside the open transaction.
+    """
+
+    __slots__ = ("_aconn", "_atrans", "_conn", "_key", "_store", "_token", "_trans")
+
+    def __init__(
+        self,
+        store: SQLAlchemyBackend,
+        key: str,
+        token: str,
+        conn: Connection,
+        trans: SATransaction | None,
+        aconn: AsyncConnection | None,
+        atrans: AsyncTransaction | None,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._token = token
+        self._conn = conn
+        self._trans = trans
+        self._aconn = aconn
+        self._atrans = atrans
+
+    @property
+    def connection(self) -> Any:
+        return self._aconn if self._aconn is not None else self._conn
+
+    def __repr__(self) -> str:
+        return f"<SQLTransaction {self._key!r} on {self._store.database.where!r}>"
+
+    def _params(self, payload: bytes, ttl: float) -> dict[str, Any]:
+        return {
+            "k": self._key,
+            "t": self._token,
+            "s": State.COMPLETED.value,
+            "p": bytes(payload),
+            "d": seconds(ttl, "ttl"),
+        }
+
+    def _fail(self, operation: str, exc: Exception) -> BackendError:
+        return self._store.database.error(operation, self._key, exc, self._store.table)
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def complete(self, payload: bytes, *, ttl: float) -> bool:
+        params = self._params(payload, ttl)
+        try:
+            count = self._conn.execute(self._store._sql.finish, params).rowcount
+        except Exception as exc:
+            _discard(self._conn)
+            raise self._fail("complete", exc) from exc
+        return bool(count)
+
+    def commit(self) -> None:
+        self._end("commit", self._commit_sync)
+
+    def rollback(self) -> None:
+        self._end("rollback", self._rollback_sync)
+
+    def _commit_sync(self) -> None:
+        assert self._trans is not None
+        self._trans.commit()
+
+    def _rollback_sync(self) -> None:
+        assert self._trans is not None
+        self._trans.rollback()
+
+    def _end(self, operation: str, end: Callable[[], None]) -> None:
+        try:
+            end()
+        except Exception as exc:
+            _discard(self._conn)
+            raise self._fail(operation, exc) from exc
+        except BaseException:
+            _discard(self._conn)
+            raise
+        self._conn.close()
+
+    # -- asyncio ---------------------------------------------------------------------------
+
+    async def acomplete(self, payload: bytes, *, ttl: float) -> bool:
+        params = self._params(payload, ttl)
+        aconn = self._aconn
+        assert aconn is not None
+        try:
+            result = await aconn.execute(self._store._sql.finish, params)
+        except BaseException as exc:
+            await _to_end(_adiscard(aconn))
+            if isinstance(exc, Exception):
+                raise self._fail("complete", exc) from exc
+            raise
+        return bool(result.rowcount)
+
+    async def acommit(self) -> None:
+        await _to_end(self._aend("commit"))
+
+    async def arollback(self) -> None:
+        await _to_end(self._aend("rollback"))
+
+    async def _aend(self, operation: str) -> None:
+        aconn, atrans = self._aconn, self._atrans
+        assert aconn is not None
+        assert atrans is not None
+        try:
+            if operation == "commit":
+                await atrans.commit()
+            else:
+                await atrans.rollback()
+        except BaseException as exc:
+            await _adiscard(aconn)
+            if isinstance(exc, Exception):
+                raise self._fail(operation, exc) from exc
+            raise
+        await aconn.close()
