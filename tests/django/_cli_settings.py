@@ -1,5 +1,6 @@
 """Settings of a minimal project for running ``manage.py idempotask`` in a subprocess
-(``python -m django`` with ``DJANGO_SETTINGS_MODULE`` naming this module)."""
+(``python -m django`` with ``DJANGO_SETTINGS_MODULE`` naming this module): idempotask's
+stores on the ``default`` alias, a SQLite file named by ``IDEMPOTASK_TEST_SQLITE``."""
 
 from __future__ import annotations
 
@@ -14,3 +15,4 @@ DATABASES = {
     }
 }
 USE_TZ = True
+IDEMPOTASK = {"backend": "default", "namespace": os.environ.get("IDEMPOTASK_TEST_NS", "cli")}

@@ -9,6 +9,9 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,8 @@ from idempotask.backends.base import State, SupportsExpireNow
 from idempotask.cli import main as cli_main
 from idempotask.deadletter import DeadLetterQueue, keep_all
 from tests.django._admin_project import (
-    Router,
-    django_project,  # noqa: F401 - a fixture, used through `on_both`
+    Current,
+    admin_project,  # noqa: F401 - a fixture, used by `on_both`
     on_both,  # noqa: F401 - a fixture, used through `both`
     store_url,
 )
@@ -131,7 +134,7 @@ def test_output_is_the_command_lines_own(capsys: pytest.CaptureFixture[str]) -> 
     ours, _ = manage("dlq", "show", id, "--json")
     namespace = config.settings().namespace
     capsys.readouterr()
-    url = store_url(Router.alias)
+    url = store_url(Current.alias)
     code = cli_main(["--url", url, "--namespace", namespace, "dlq", "show", id, "--json"])
     assert code == 0
     assert json.loads(ours) == json.loads(capsys.readouterr().out)
@@ -236,11 +239,11 @@ def test_keys_purge_deletes_expired_records() -> None:
     backend.claim(key, "token-1", lease=60)
     assert isinstance(backend, SupportsExpireNow)
     assert backend.expire_now(key)
-    assert IdempotencyRecord.objects.filter(key=key).exists()
+    assert IdempotencyRecord.objects.using(Current.alias).filter(key=key).exists()
     data = json.loads(manage("keys", "purge", "--json")[0])
     assert data["purges"]
     assert data["deleted"] >= 1
-    assert not IdempotencyRecord.objects.filter(key=key).exists()
+    assert not IdempotencyRecord.objects.using(Current.alias).filter(key=key).exists()
 
 
 @both
@@ -250,7 +253,9 @@ def test_backend_option_reaches_a_store_by_url() -> None:
     namespace = config.settings().namespace
     config.reset()
     config.configure(backend="memory://")
-    out, err = manage("dlq", "list", "--backend", store_url(Router.alias), "--namespace", namespace)
+    out, err = manage(
+        "dlq", "list", "--backend", store_url(Current.alias), "--namespace", namespace
+    )
     assert id in out
     assert err == ""
     out, err = manage("dlq", "list", "--namespace", namespace)
@@ -333,17 +338,16 @@ def test_process_without_known_functions_says_why() -> None:
     assert queue.find(letter.id).history[-1].what == "requeued"  # not claimed
 
 
-def test_manage_py_runs_it_from_the_command_line(tmp_path: Any) -> None:
-    """A real `python -m django` (manage.py) process: migrate, then the command, with
-    the command line's exit codes and Django's `CommandError:` line on stderr."""
-    import os
-    import subprocess
-    import sys
-
+def test_manage_py_runs_it_from_the_command_line(tmp_path: Path) -> None:
+    """A real `python -m django` (manage.py) process whose IDEMPOTASK setting names the
+    `default` alias: migrate, then the command on that store (and on one named by
+    `--backend`), with the command line's exit codes and Django's `CommandError:` line."""
+    namespace = f"djcli{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.django._cli_settings",
         "IDEMPOTASK_TEST_SQLITE": str(tmp_path / "cli.sqlite3"),
+        "IDEMPOTASK_TEST_NS": namespace,
     }
     url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
 
@@ -357,17 +361,19 @@ def test_manage_py_runs_it_from_the_command_line(tmp_path: Any) -> None:
             cwd=str(Path(__file__).resolve().parents[2]),
         )
 
-    assert django("migrate", "idempotask", "-v", "0").returncode == 0
+    done = django("migrate", "idempotask", "-v", "0")
+    assert done.returncode == 0, done.stderr
+    config.configure(namespace=namespace)
     queue = DeadLetterQueue(url)
     letter = queue.record("cli.job", TimeoutError("gateway"), arguments={"order_id": 3})
-    done = django("idempotask", "dlq", "list", "--backend", url)
+    done = django("idempotask", "dlq", "list")  # the store IDEMPOTASK configures
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1].startswith(letter.id)
     assert "\n\n" not in done.stdout  # one line end per line
     done = django("idempotask", "dlq", "resolve", letter.id[:6], "--backend", url, "--note", "ok")
     assert done.returncode == 0, done.stderr
     assert queue.find(letter.id).history[-1].actor == me()
-    done = django("idempotask", "dlq", "show", "nosuchletter", "--backend", url)
+    done = django("idempotask", "dlq", "show", "nosuchletter")
     assert done.returncode == 1
     assert done.stderr.startswith("CommandError: ")
     assert "nosuchletter" in done.stderr

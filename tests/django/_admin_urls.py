@@ -1,8 +1,0 @@
-"""URLs of the admin tests' project: the Django admin at /admin/."""
-
-from __future__ import annotations
-
-from django.contrib import admin
-from django.urls import path
-
-urlpatterns = [path("admin/", admin.site.urls)]
