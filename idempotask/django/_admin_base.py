@@ -17,6 +17,7 @@ from django.http import (  # type: ignore[import-untyped]
 )
 from django.template.response import TemplateResponse  # type: ignore[import-untyped]
 from django.urls import reverse  # type: ignore[import-untyped]
+from django.utils.html import format_html  # type: ignore[import-untyped]
 
 from idempotask.backends.base import DeadLetter, State, Status, decode_history
 from idempotask.cli._text import iso, relative, safe
@@ -79,9 +80,13 @@ def shown(value: Any) -> str:
     return safe(str(value))
 
 
-def when(epoch: float | None) -> str:
+def when(epoch: float | None, *, short: bool = False) -> Any:
+    """``5m ago (2026-01-02T03:04:05Z)``, or when ``short`` only ``5m ago`` with the
+    time in its tooltip (for list columns); ``-`` for none."""
     if epoch is None:
         return "-"
+    if short:
+        return format_html('<span title="{}">{}</span>', iso(epoch), relative(epoch, time.time()))
     return f"{relative(epoch, time.time())} ({iso(epoch)})"
 
 
@@ -282,7 +287,7 @@ class ExpiryFilter(admin.SimpleListFilter):
     parameter_name = "expiry"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("live", "live"), ("expired", "expired (purged by `keys purge`)")]
+        return [("live", "live"), ("expired", "expired")]
 
     def queryset(self, request: HttpRequest, queryset: Any) -> Any:
         now = time.time()

@@ -110,8 +110,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                     "attempts",
                     "error",
                     "first_failure",
-                    "last_failure",
-                    "next_retry",
+                    "last_failure_full",
+                    "next_retry_full",
                     "key",
                     "route",
                     "critical",
@@ -131,8 +131,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         "attempts",
         "error",
         "first_failure",
-        "last_failure",
-        "next_retry",
+        "last_failure_full",
+        "next_retry_full",
         "key",
         "route",
         "critical",
@@ -190,25 +190,36 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return text
 
     @display(description="last failure", ordering="last_failed_at")
-    def last_failure(self, row: DeadLetterRecord) -> str:
+    def last_failure(self, row: DeadLetterRecord) -> Any:
+        return when(row.last_failed_at, short=True)
+
+    @display(description="last failure")
+    def last_failure_full(self, row: DeadLetterRecord) -> Any:
         return when(row.last_failed_at)
 
     @display(description="first failure")
-    def first_failure(self, row: DeadLetterRecord) -> str:
+    def first_failure(self, row: DeadLetterRecord) -> Any:
         return when(row.first_failed_at)
 
     @display(description="next retry", ordering="next_retry_at")
-    def next_retry(self, row: DeadLetterRecord) -> str:
+    def next_retry(self, row: DeadLetterRecord) -> Any:
+        if row.next_retry_at is not None and row.next_retry_at <= time.time():
+            return format_html('<span title="{}">due now</span>', iso(row.next_retry_at))
+        return when(row.next_retry_at, short=True)
+
+    @display(description="next retry")
+    def next_retry_full(self, row: DeadLetterRecord) -> Any:
         if row.next_retry_at is None:
-            return "-"
+            held = row.status in ("pending", "retrying")
+            return "none: held, waits for a person (retry it, or resolve it)" if held else "-"
         if row.next_retry_at <= time.time():
-            return f"due ({iso(row.next_retry_at)})"
+            return f"due now ({iso(row.next_retry_at)}): the next `dlq process` replays it"
         return when(row.next_retry_at)
 
     @display(description="error")
     def error(self, row: DeadLetterRecord) -> str:
         short = str(row.error_type).rsplit(".", 1)[-1]
-        return clip(f"{shown(short)}: {shown(row.message)}", 120)
+        return clip(f"{shown(short)}: {shown(row.message)}", 100)
 
     @display(description="arguments")
     def arguments_shown(self, row: DeadLetterRecord) -> Any:
@@ -374,7 +385,7 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
         "token",
         "owner",
         "fingerprint",
-        "expires",
+        "expires_full",
         "payload_size",
         "result",
     )
@@ -408,11 +419,18 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
         return safe(str(row.key))
 
     @display(description="expires", ordering="expires_at")
-    def expires(self, row: IdempotencyRecord) -> str:
+    def expires(self, row: IdempotencyRecord) -> Any:
+        left = row.expires_at - time.time()
+        text = "expired" if left <= 0 else f"in {span(left)}"
+        return format_html('<span title="{}">{}</span>', iso(row.expires_at), text)
+
+    @display(description="expires")
+    def expires_full(self, row: IdempotencyRecord) -> str:
         left = row.expires_at - time.time()
         if left <= 0:
-            return f"expired {iso(row.expires_at)}"
-        what = "lease ends" if row.state == State.IN_PROGRESS.value else "in"
+            purge = "`manage.py idempotask keys purge` deletes it"
+            return f"expired at {iso(row.expires_at)} ({purge})"
+        what = "lease ends in" if row.state == State.IN_PROGRESS.value else "in"
         return f"{what} {span(left)} ({iso(row.expires_at)})"
 
     @display(description="payload")
@@ -495,7 +513,7 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
         )
 
     def _label(self, row: IdempotencyRecord) -> str:
-        return f"{safe(str(row.key))} — {row.state}, {self.expires(row)}"
+        return f"{safe(str(row.key))} — {row.state}, expires: {self.expires_full(row)}"
 
     @action(description="Forget the selected keys…")
     def forget_selected(self, request: HttpRequest, queryset: Any) -> HttpResponse | None:
