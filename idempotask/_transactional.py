@@ -94,6 +94,24 @@ def refuse_nested(name: str) -> None:
         )
 
 
+# The store's begin, its errors returned rather than raised: the driver throws only store
+# errors back into a flow, and the claim must be given back whatever begin raised.
+def _begin(store: Any, key: str, token: str, lease: float) -> Transaction | Exception:
+    try:
+        tx: Transaction = store.begin(key, token, lease=lease)
+    except Exception as exc:
+        return exc
+    return tx
+
+
+async def _abegin(store: Any, key: str, token: str, lease: float) -> Transaction | Exception:
+    try:
+        tx: Transaction = await store.abegin(key, token, lease=lease)
+    except Exception as exc:
+        return exc
+    return tx
+
+
 def _run(call: Call, tx: Transaction, keys: tuple[str, ...], token: str) -> _Outcome:
     reset = _current.set(tx)
     try:
@@ -133,12 +151,12 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
     keys = (key,)
     store: Any = backend  # checked by check_store: SupportsTransactions
     try:
-        tx: Transaction = yield Op(store.begin, store.abegin, key, token, lease=spec._lease)
+        tx: Transaction | Exception = yield Op(_begin, _abegin, store, key, token, spec._lease)
     except asyncio.CancelledError as exc:
         yield from spec._finish_cancelled(exc, [_release_op(backend, key, token)])
-    except BaseException:
+    if isinstance(tx, Exception):  # a store error, or a store refusing (SQLite)
         yield from spec._release_all(backend, keys, token)
-        raise
+        raise tx
     outcome: _Outcome = yield Op(_run, _arun, call, tx, keys, token)
     if outcome.error is not None:
         cancelled = yield from _rollback(spec, tx, key)
@@ -170,8 +188,15 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
     except asyncio.CancelledError as exc:
         yield from _abandon(spec, tx, backend, key, token)
         raise exc
-    except BackendError:
-        yield from _abandon(spec, tx, backend, key, token)
+    except BackendError as exc:
+        cancelled = yield from _rollback(spec, tx, key)
+        if cancelled is not None:
+            yield from spec._finish_cancelled(cancelled, [_release_op(backend, key, token)])
+        if (yield from _taken_over(backend, key, token)):
+            # The server ended a late owner's transaction (its idle bound) and another
+            # caller took the key: say so, rather than the driver's disconnect.
+            raise _lost(spec, key) from exc
+        yield from spec._release(backend, key, token)
         raise
     if not stored:
         cancelled = yield from _rollback(spec, tx, key)
@@ -210,7 +235,7 @@ def _settle(
     claim runs out with its lease."""
     try:
         record = yield Op(backend.get, backend.aget, key)
-    except (BackendError, asyncio.CancelledError):
+    except BackendError:
         raise exc from None
     if record is not None and record.token == token and record.state is State.COMPLETED:
         log.warning(
@@ -224,6 +249,15 @@ def _settle(
     if record is not None and record.token != token:
         raise _lost(spec, key) from exc
     raise exc
+
+
+def _taken_over(backend: Backend, key: str, token: str) -> Flow[bool]:
+    """Whether another caller holds ``key`` now (False when the store cannot tell)."""
+    try:
+        record = yield Op(backend.get, backend.aget, key)
+    except BackendError:
+        return False
+    return record is not None and record.token != token
 
 
 def _lost(spec: Spec, key: str) -> LeaseLostError:

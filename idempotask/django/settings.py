@@ -18,7 +18,9 @@ Every key but ``backend``, ``dead_letter_store`` and ``configure`` is the
 store on Django's own connections, :class:`~idempotask.django.store.DjangoBackend`) or
 a URL of any idempotask store; it defaults to ``"default"``. ``dead_letter_store`` is
 an alias or a URL, by default the backend's own dead-letter store. ``"configure":
-False`` leaves :func:`idempotask.configure` to you (the checks still run).
+False`` leaves :func:`idempotask.configure` to you (the checks still run);
+``"sqlite_transactions": True`` lets transactional calls run when the backend is a
+SQLite alias (see :meth:`~idempotask.django.store.DjangoBackend.begin`).
 
 The dict is validated by Django's system checks (``manage.py check``: ``idempotask.E001``
 and on, naming the key) and applied by the app's ``ready()``: the configured store
@@ -101,6 +103,7 @@ _VALUES: dict[str, Callable[[Any], Any]] = {
     "spool_path": _spool,
     "on_alert": _hooks,
     "configure": _flag,
+    "sqlite_transactions": _flag,
 }
 
 #: Every key ``IDEMPOTASK`` may hold.
@@ -114,6 +117,7 @@ class Resolved:
 
     options: dict[str, Any] = field(default_factory=dict)
     configure: bool = True
+    sqlite_transactions: bool = False
 
 
 def read() -> Any:
@@ -123,7 +127,9 @@ def read() -> Any:
     return getattr(settings, "IDEMPOTASK", {})
 
 
-def _store_option(key: str, value: Any, problems: list[Problem]) -> Any:
+def _store_option(
+    key: str, value: Any, problems: list[Problem], sqlite_transactions: bool = False
+) -> Any:
     """A backend or dead-letter store option: an alias becomes a Django store."""
     from django.db import connections  # type: ignore[import-untyped]
 
@@ -184,7 +190,7 @@ def _store_option(key: str, value: Any, problems: list[Problem]) -> Any:
     from idempotask.django.store import DjangoBackend, DjangoDeadLetterStore
 
     if key == "backend":
-        return DjangoBackend(value)
+        return DjangoBackend(value, sqlite_transactions=sqlite_transactions)
     return ("alias", value, DjangoDeadLetterStore)
 
 
@@ -225,9 +231,13 @@ def validate(raw: Any) -> tuple[Resolved, list[Problem]]:
             continue
         if key == "configure":
             resolved.configure = value
+        elif key == "sqlite_transactions":
+            resolved.sqlite_transactions = value
         else:
             resolved.options[key] = raw[key] if key == "spool_path" else value
-    backend = _store_option("backend", raw.get("backend", DEFAULT_BACKEND), problems)
+    backend = _store_option(
+        "backend", raw.get("backend", DEFAULT_BACKEND), problems, resolved.sqlite_transactions
+    )
     if backend is not None:
         resolved.options["backend"] = backend
     letters = _store_option("dead_letter_store", raw.get("dead_letter_store"), problems)

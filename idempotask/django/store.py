@@ -21,6 +21,9 @@ compare-and-set on the claim's token and lease before it commits (see
 
 from __future__ import annotations
 
+import asyncio
+import math
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import MetaData, Table
@@ -92,9 +95,17 @@ class DjangoBackend(SQLAlchemyBackend):
         dead_letter_table: str = DEFAULT_DEAD_LETTER_TABLE,
         breaker_table: str = DEFAULT_BREAKER_TABLE,
         create_tables: bool = False,
+        sqlite_transactions: bool = False,
     ) -> None:
-        self.database = DjangoDatabase(alias)
+        self.database: DjangoDatabase = DjangoDatabase(alias)
         self.alias = alias
+        if not isinstance(sqlite_transactions, bool):
+            raise ConfigurationError(
+                f"DjangoBackend: sqlite_transactions must be True or False, got "
+                f"{sqlite_transactions!r}"
+            )
+        #: Whether transactional calls may run on a SQLite alias (see :meth:`begin`).
+        self.sqlite_transactions = sqlite_transactions
         for option, name in (
             ("table_name", table_name),
             ("dead_letter_table", dead_letter_table),
@@ -155,23 +166,44 @@ class DjangoBackend(SQLAlchemyBackend):
 
     # -- transactional calls --------------------------------------------------------------
 
-    def begin(self, key: str, token: str) -> DjangoTransaction:
+    # Not a SQLTransaction (a SQLAlchemy connection): the Django one, same protocol.
+    def begin(  # type: ignore[override]
+        self, key: str, token: str, *, lease: float
+    ) -> DjangoTransaction:
         """Open ``transaction.atomic(using=alias)`` for the call holding ``key`` with
-        ``token`` (its claim already committed). Refused with
-        :class:`~idempotask.errors.ConfigurationError` when the alias is already in a
-        transaction (your ``atomic()``, ``ATOMIC_REQUESTS``, another transactional
-        call's body): the claim would not be committed, so concurrent callers could not
-        see it, and the lease renewal could not find it."""
-        self._check_key(key, ("token", token))
-        return DjangoTransaction(self, key, token)
+        ``token`` (its claim already committed), its waits bounded by ``lease`` as on
+        the SQL store (PostgreSQL ``idle_in_transaction_session_timeout`` and
+        ``lock_timeout``, MariaDB ``idle_transaction_timeout`` and
+        ``innodb_lock_wait_timeout``, MySQL the latter, all for this transaction).
 
-    async def abegin(self, key: str, token: str) -> DjangoTransaction:
+        Refused with :class:`~idempotask.errors.ConfigurationError`: when the alias is
+        already in a transaction (your ``atomic()``, ``ATOMIC_REQUESTS``): the claim
+        would not be committed, so concurrent callers could not see it and the lease
+        renewal could not find it; and on SQLite unless the store is made with
+        ``sqlite_transactions=True`` (one writer for the whole file: a body's open
+        transaction blocks every claim and renewal on it, a paused process's for ever).
+        """
+        self._check_key(key, ("token", token))
+        lease = seconds(lease, "lease")
+        if self.database.flavour == "sqlite" and not self.sqlite_transactions:
+            raise ConfigurationError(
+                f"DjangoBackend({self.alias!r}): transactional calls on SQLite hold the "
+                "file's only write lock for the whole body, blocking every claim, renewal "
+                "and result of every process on it (a paused process's, for ever). Make "
+                "the store with sqlite_transactions=True (IDEMPOTASK['sqlite_transactions'] "
+                "= True) if one process at a time is what you run, or use PostgreSQL"
+            )
+        return DjangoTransaction(self, key, token, lease)
+
+    async def abegin(  # type: ignore[override]
+        self, key: str, token: str, *, lease: float
+    ) -> DjangoTransaction:
         """Async :meth:`begin`: the transaction lives on the thread Django's
-        ``sync_to_async(thread_sensitive=True)`` runs it on; the body's ORM calls reach
-        it from async code the same way."""
+        ``sync_to_async(thread_sensitive=True)`` runs it on, where the body's ORM calls
+        (``sync_to_async``, or Django's async ORM methods) reach it too."""
         from asgiref.sync import sync_to_async
 
-        return await sync_to_async(self.begin, thread_sensitive=True)(key, token)
+        return await sync_to_async(self.begin, thread_sensitive=True)(key, token, lease=lease)
 
 
 class DjangoTransaction:
@@ -185,7 +217,7 @@ class DjangoTransaction:
     body's writes and the result together; :meth:`rollback` leaves it rolling both back.
     """
 
-    def __init__(self, backend: DjangoBackend, key: str, token: str) -> None:
+    def __init__(self, backend: DjangoBackend, key: str, token: str, lease: float) -> None:
         from django.db import transaction  # type: ignore[import-untyped]
 
         alias = backend.alias
@@ -202,13 +234,25 @@ class DjangoTransaction:
         self._token = token
         self._atomic = transaction.atomic(using=alias)
         self._open = False
+        from django.db import DatabaseError, connections
+
         try:
             self._atomic.__enter__()
-        except Exception as exc:
+        except DatabaseError as exc:
             raise BackendError(
                 f"idempotask.django: begin on {key!r} failed on django:{alias}: {exc}"
             ) from exc
         self._open = True
+        bounds = _bounds(backend.database.flavour, connections[alias], lease)
+        if bounds is not None:
+            try:
+                with connections[alias].cursor() as cursor:
+                    cursor.execute(*bounds)
+            except DatabaseError as exc:
+                self._exit(rollback=True)
+                raise BackendError(
+                    f"idempotask.django: begin on {key!r} failed on django:{alias}: {exc}"
+                ) from exc
 
     @property
     def connection(self) -> str:
@@ -264,14 +308,50 @@ class DjangoTransaction:
         return await sync_to_async(self.complete, thread_sensitive=True)(payload, ttl=ttl)
 
     async def acommit(self) -> None:
-        from asgiref.sync import sync_to_async
-
-        await sync_to_async(self.commit, thread_sensitive=True)()
+        """Async :meth:`commit`: runs to its end even if the caller is cancelled meanwhile,
+        then re-raises the cancellation (raised here, it means the commit happened)."""
+        await _to_the_end(self.commit)
 
     async def arollback(self) -> None:
-        from asgiref.sync import sync_to_async
+        """Async :meth:`rollback`, run to its end like :meth:`acommit`."""
+        await _to_the_end(self.rollback)
 
-        await sync_to_async(self.rollback, thread_sensitive=True)()
+
+async def _to_the_end(fn: Callable[[], None]) -> None:
+    from asgiref.sync import sync_to_async
+
+    task = asyncio.ensure_future(sync_to_async(fn, thread_sensitive=True)())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+        task.result()
+        raise
+
+
+def _bounds(flavour: str, connection: Any, lease: float) -> tuple[str, Any] | None:
+    """The statement bounding the transaction's waits by ``lease`` (as the SQL store)."""
+    if flavour == "postgresql":
+        ms = f"{max(1, math.ceil(lease * 1000))}ms"
+        return (
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
+            "set_config('lock_timeout', %s, true)",
+            [ms, ms],
+        )
+    if flavour == "mysql":
+        whole = max(1, math.ceil(lease))  # an integer: formatted, never user text
+        if connection.mysql_is_mariadb:
+            return (
+                f"SET SESSION idle_transaction_timeout = {whole}, "
+                f"innodb_lock_wait_timeout = {whole}",
+                [],
+            )
+        return f"SET SESSION innodb_lock_wait_timeout = {whole}", []
+    return None
 
 
 class DjangoDeadLetterStore(SQLDeadLetterStore):

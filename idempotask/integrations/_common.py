@@ -74,6 +74,7 @@ IDEMPOTENCY_OPTIONS = frozenset(
         "breaker",
         "max_result_bytes",
         "previous_names",
+        "transactional",
     }
 )
 # @dead_letter's options an integration accepts as ``dead_letter_<name>``.

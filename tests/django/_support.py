@@ -76,6 +76,7 @@ def settings_for(databases: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "django.contrib.sessions",
             "django.contrib.messages",
             "idempotask.django",
+            "tests.django.testapp",
         ],
         "MIDDLEWARE": [
             "django.contrib.sessions.middleware.SessionMiddleware",

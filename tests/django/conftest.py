@@ -55,8 +55,12 @@ def django_aliases() -> Iterator[list[str]]:
         django.setup()
         stack.callback(connections.close_all)
         sqlite_wal("default")
+        from tests.django.testapp.models import Payment
+
         for alias in databases:
             call_command("migrate", "idempotask", database=alias, verbosity=0)
+            with connections[alias].schema_editor() as editor:
+                editor.create_model(Payment)
         yield list(databases)
 
 

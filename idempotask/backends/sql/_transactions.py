@@ -198,7 +198,7 @@ class SQLTransaction:
     ``AsyncConnection`` for an async one, inside the open transaction.
     """
 
-    __slots__ = ("_aconn", "_atrans", "_conn", "_key", "_store", "_token", "_trans")
+    __slots__ = ("_aconn", "_atrans", "_conn", "_ended", "_key", "_store", "_token", "_trans")
 
     def __init__(
         self,
@@ -217,6 +217,7 @@ class SQLTransaction:
         self._trans = trans
         self._aconn = aconn
         self._atrans = atrans
+        self._ended = False  # the connection is gone: nothing is left to roll back
 
     @property
     def connection(self) -> Any:
@@ -244,6 +245,7 @@ class SQLTransaction:
         try:
             count = self._conn.execute(self._store._sql.finish, params).rowcount
         except Exception as exc:
+            self._ended = True
             _discard(self._conn)
             raise self._fail("complete", exc) from exc
         return bool(count)
@@ -263,6 +265,9 @@ class SQLTransaction:
         self._trans.rollback()
 
     def _end(self, operation: str, end: Callable[[], None]) -> None:
+        if self._ended:
+            return
+        self._ended = True
         try:
             end()
         except Exception as exc:
@@ -282,6 +287,7 @@ class SQLTransaction:
         try:
             result = await aconn.execute(self._store._sql.finish, params)
         except BaseException as exc:
+            self._ended = True
             await _to_end(_adiscard(aconn))
             if isinstance(exc, Exception):
                 raise self._fail("complete", exc) from exc
@@ -298,6 +304,9 @@ class SQLTransaction:
         aconn, atrans = self._aconn, self._atrans
         assert aconn is not None
         assert atrans is not None
+        if self._ended:
+            return
+        self._ended = True
         try:
             if operation == "commit":
                 await atrans.commit()

@@ -1,0 +1,1 @@
+"""A small app whose model the transactional tests write with the ORM."""
