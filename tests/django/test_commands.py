@@ -219,6 +219,21 @@ def test_keys_show_and_forget_a_record() -> None:
 
 
 @both
+def test_keys_list_and_compute_find_a_functions_keys() -> None:
+    FAIL["charge"] = False
+    charge(12, "y")
+    key = charge.key_for(12, "y")
+    out, _ = manage("keys", "list", "djcommands.charge")
+    assert key in out
+    assert "completed" in out
+    out, _ = manage("keys", "compute", "djcommands.charge", '{"order_id": 12, "card": "y"}')
+    assert out.strip() == f"key: {key}"
+    error = refused("keys", "compute", "djcommands.charge", "[1, 2]")
+    assert error.returncode == 2
+    assert "ARGUMENTS" in str(error)
+
+
+@both
 def test_keys_forget_refuses_a_claim_in_progress_without_force() -> None:
     key = charge.key_for(5, "x")
     assert config.get_backend().claim(key, "token-1", lease=60).state is State.IN_PROGRESS
