@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
-from django.contrib import admin  # type: ignore[import-untyped]
+from django.contrib import admin, messages  # type: ignore[import-untyped]
 from django.http import (  # type: ignore[import-untyped]
     Http404,
     HttpRequest,
@@ -41,6 +41,7 @@ __all__ = [
     "letter_of",
     "shown",
     "store_alias",
+    "warn_elsewhere",
     "when",
 ]
 
@@ -70,6 +71,23 @@ def store_alias(store: Any) -> str | None:
     """The Django alias a store keeps its rows on (None: not on a Django database)."""
     database = getattr(store, "database", None)
     return database.alias if isinstance(database, DjangoDatabase) else None
+
+
+def warn_elsewhere(model_admin: Any, request: HttpRequest, what: str, store: Any) -> None:
+    """Say so on a list page when the configured ``store`` is not on a Django alias: the
+    page shows the idempotask tables of Django's own database, which are that store's
+    only when it points at the same database (a SQLAlchemy URL of it); Redis keeps its
+    rows elsewhere."""
+    if store_alias(store) is not None:
+        return
+    model_admin.message_user(
+        request,
+        f"The {what} are kept in {safe(repr(store))}, not on a Django database alias: this "
+        "page shows the idempotask tables of Django's database, which are that store's only "
+        "if it points at the same database. Set IDEMPOTASK's backend to an alias, or use "
+        "`manage.py idempotask` or the dashboard.",
+        messages.WARNING,
+    )
 
 
 def shown(value: Any) -> str:

@@ -45,11 +45,6 @@ from idempotask.backends.base import Backend, State
 from idempotask.cli._common import decode, decode_arguments
 from idempotask.cli._text import clip, iso, safe, span
 from idempotask.deadletter import DeadLetterQueue, default_queue
-from idempotask.django.models import DeadLetterRecord, IdempotencyRecord
-from idempotask.errors import IdempotaskError
-
-__all__ = ["DeadLetterAdmin", "IdempotencyRecordAdmin", "admin_actor"]
-
 from idempotask.django._admin_base import (
     ErrorTypeFilter,
     ExpiryFilter,
@@ -65,8 +60,13 @@ from idempotask.django._admin_base import (
     letter_of,
     shown,
     store_alias,
+    warn_elsewhere,
     when,
 )
+from idempotask.django.models import DeadLetterRecord, IdempotencyRecord
+from idempotask.errors import IdempotaskError
+
+__all__ = ["DeadLetterAdmin", "IdempotencyRecordAdmin", "admin_actor"]
 
 _ACTIONS = {
     # what: (title, button, past tense)
@@ -149,9 +149,13 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return default_queue()
 
     def get_queryset(self, request: HttpRequest) -> Any:
-        """The letters of the configured queue: its namespace, on its store's alias."""
-        store = self.queue().store
+        """The letters of the configured queue: its namespace, on its store's alias
+        (none while the configured store cannot be built: the list says why)."""
         queryset = super().get_queryset(request)
+        try:
+            store = self.queue().store
+        except IdempotaskError:
+            return queryset.none()
         alias = store_alias(store)
         if alias is not None:
             queryset = queryset.using(alias)
@@ -159,15 +163,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return queryset.filter(namespace=namespace)
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        store = self.queue().store
-        if store_alias(store) is None and request.method == "GET":
-            self.message_user(
-                request,
-                f"The dead letters are kept in {safe(repr(store))}, not in a Django database, "
-                "so none are listed here: use `manage.py idempotask dlq list` or the "
-                "dashboard, or set IDEMPOTASK's backend to a database alias.",
-                messages.WARNING,
-            )
+        if request.method == "GET":
+            try:
+                store: Any = self.queue().store
+            except IdempotaskError as exc:
+                message = f"The dead-letter store cannot be used: {exc} (`manage.py check`)"
+                self.message_user(request, safe(message), messages.ERROR)
+            else:
+                warn_elsewhere(self, request, "dead letters", store)
         return super().changelist_view(request, extra_context)
 
     # -- columns and fields ----------------------------------------------------------------
@@ -398,20 +401,22 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
     def get_queryset(self, request: HttpRequest) -> Any:
         """The records of the configured namespace, on the configured store's alias."""
         queryset = super().get_queryset(request)
-        alias = store_alias(self.backend())
+        try:
+            alias = store_alias(self.backend())
+        except IdempotaskError:
+            return queryset.none()
         if alias is not None:
             queryset = queryset.using(alias)
         return queryset.filter(key__startswith=f"{config.settings().namespace}:")
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        backend = self.backend()
-        if store_alias(backend) is None and request.method == "GET":
-            self.message_user(
-                request,
-                f"The idempotency records are kept in {safe(repr(backend))}, not in a Django "
-                "database, so none are listed here: use `manage.py idempotask keys show`.",
-                messages.WARNING,
-            )
+        if request.method == "GET":
+            try:
+                backend = self.backend()
+            except IdempotaskError as exc:
+                self.message_user(request, safe(str(exc)), messages.ERROR)
+            else:
+                warn_elsewhere(self, request, "idempotency records", backend)
         return super().changelist_view(request, extra_context)
 
     @display(description="key", ordering="key")

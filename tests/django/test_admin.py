@@ -20,6 +20,7 @@ from django.test import Client
 from idempotask import config, dead_letter, idempotent
 from idempotask.backends.base import State
 from idempotask.deadletter import DeadLetterQueue, keep_all
+from idempotask.django.settings import Misconfigured, Problem
 from tests.django._admin_project import (
     admin_project,  # noqa: F401 - a fixture, used by `on_both`
     on_both,  # noqa: F401 - a fixture, used through `both`
@@ -403,3 +404,23 @@ def test_forget_the_selected_records(client: Client) -> None:
     assert "Forgot 2 keys" in response.content.decode()
     assert all(config.get_backend().get(k) is None for k in keys)
     assert client.get(f"{RECORDS}add/").status_code == 403
+
+
+@both
+def test_a_store_elsewhere_is_said_on_the_list_pages(client: Client) -> None:
+    """With the stores in memory (not on a Django alias), the pages render and say where
+    the rows are; an invalid store is named as an error, not a crash."""
+    config.configure(backend="memory://")
+    for url in (LETTERS, RECORDS):
+        text = html.unescape(page(client, url))
+        assert "are kept in" in text
+        assert "not on a Django database alias" in text
+    # an invalid IDEMPOTASK setting: the store refuses, naming the problem
+    problem = Problem("idempotask.E004", "backend", "IDEMPOTASK['backend'] is 'nosuch'")
+    config.configure(backend=Misconfigured([problem]))  # type: ignore[arg-type]
+    response = client.get(LETTERS)
+    assert response.status_code == 200
+    assert "The dead-letter store cannot be used" in html.unescape(response.content.decode())
+    response = client.get(RECORDS)
+    assert response.status_code == 200
+    assert "Misconfigured(['idempotask.E004'])" in html.unescape(response.content.decode())
