@@ -203,6 +203,29 @@ def test_purge_deletes_closed_letters_and_asks_for_yes() -> None:
 
 
 @both
+def test_dlq_flush_delivers_spooled_letters(tmp_path: Path) -> None:
+    """A letter waiting in the spool (the store was down when it was written) reaches the
+    store through `dlq flush`."""
+    from idempotask.backends.base import DeadLetter
+    from idempotask.spool import Spool
+
+    spool = tmp_path / "spool.jsonl"
+    letter = DeadLetter(
+        id=uuid.uuid4().hex,
+        function="djcommands.charge",
+        kind="transient",
+        error_type="builtins.TimeoutError",
+        message="spooled",
+        last_failed_at=1.0,
+        first_failed_at=1.0,
+    )
+    Spool(str(spool)).append(letter)
+    out, _ = manage("dlq", "flush", "--spool", str(spool))
+    assert out.startswith("delivered 1 spooled dead letter; 0 still waiting")
+    assert DeadLetterQueue().find(letter.id).message == "spooled"
+
+
+@both
 def test_keys_show_and_forget_a_record() -> None:
     FAIL["charge"] = False
     assert charge(8, "x")["charged"]
