@@ -529,7 +529,10 @@ def test_eight_processes_two_hundred_keys_three_duplicates(db: Db) -> None:
     """8 processes call 200 keys 3 times each in their own random orders: each key's body
     commits exactly once (200 rows), every call answers."""
     keys = [f"k{i}" for i in range(200)]
-    context = multiprocessing.get_context("spawn")
+    # A fork server that has imported the workers' modules once: eight spawned children
+    # would each import SQLAlchemy and idempotask again, seconds on a busy machine.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests._transactional_workers"])
     with context.Pool(8) as pool:
         answered = pool.starmap(
             workers.many_worker, [(db.url, db.prefix, keys, 3, seed) for seed in range(8)]

@@ -17,12 +17,15 @@ operation uses a savepoint: what the store writes then commits or rolls back wit
 your transaction.
 
 Async callers run the sync operation with ``asgiref.sync.sync_to_async(
-thread_sensitive=True)``, Django's documented way to use its database from async
-code.
+thread_sensitive=False)``, Django's documented way to use its database from async
+code, in a thread of the event loop's executor with that thread's connection (one per
+executor thread at most): never on the thread of an async transactional call, whose
+open transaction a claim or a lease renewal must not join.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -247,6 +250,9 @@ class DjangoDatabase(Database):
         vendor = connections[alias].vendor
         self.dialect = dialect_for(vendor)
         self.flavour: Flavour = "mysql" if vendor == "mysql" else vendor
+        #: MySQL or MariaDB: told apart (and the server's version read) on first use.
+        self.mariadb = False
+        self._server_known = vendor != "mysql"
         self.where = f"django:{alias}"
         self.memory = False
         self.local = False
@@ -272,10 +278,12 @@ class DjangoDatabase(Database):
     ) -> _T:
         """Run the flow on the alias's connection for this thread; a deadlock victim's flow
         runs again (outside a transaction of yours only: inside, the whole of it is gone)."""
-        from django.db import transaction
+        from django.db import connections, transaction
 
         if self._pending:
             self._create_pending()
+        if not self._server_known:
+            self._read_server(operation, key)
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             session = DjangoSession(self)
             try:
@@ -285,11 +293,38 @@ class DjangoDatabase(Database):
                 outer = not transaction.get_autocommit(using=self.alias)
                 if attempt < _DEADLOCK_ATTEMPTS and _retryable(exc, outer):
                     continue
+                if not outer and isinstance(exc, DBAPIError):
+                    # Django reconnects only between requests: a connection the server
+                    # dropped would fail every later operation of this thread (the lease
+                    # renewal's, a worker's). Outside a transaction of yours nothing is
+                    # lost by closing it; the next operation connects again.
+                    connections[self.alias].close()
                 raise self.error(operation, key, exc, table) from exc
             except BaseException:
                 session.end()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_server(self, operation: str, key: str | None) -> None:
+        """MySQL or MariaDB, and its version: MariaDB 10.5+ runs the one-statement
+        ``RETURNING`` plan, and ``SKIP LOCKED`` depends on the version (as on the SQL
+        store, whose dialect learns both when it connects)."""
+        from django.db import DatabaseError, connections
+
+        try:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute("SELECT VERSION()")
+                (text,) = cursor.fetchone()
+        except DatabaseError as exc:
+            raise self.error(operation, key, exc) from exc
+        numbers = [int(n) for n in re.findall(r"\d+", str(text).split("-")[0])[:3]]
+        version = tuple(numbers) or (0,)
+        self.mariadb = "mariadb" in str(text).lower()
+        self.dialect.server_version_info = version
+        self.dialect.is_mariadb = self.mariadb  # type: ignore[attr-defined]
+        if self.mariadb and version >= (10, 5):
+            self.flavour = self._flavour = "mariadb"
+        self._server_known = True
 
     async def arun(
         self,
@@ -298,10 +333,13 @@ class DjangoDatabase(Database):
         make: Callable[[Session], Flow[_T]],
         table: Table | None = None,
     ) -> _T:
-        """:meth:`run` through ``sync_to_async(thread_sensitive=True)``."""
+        """:meth:`run` through ``sync_to_async(thread_sensitive=False)``: in a thread of the
+        loop's executor, on that thread's own connection, never on the thread of a
+        transactional call's open transaction (which would make a claim or a renewal
+        part of it)."""
         from asgiref.sync import sync_to_async
 
-        return await sync_to_async(self.run, thread_sensitive=True)(operation, key, make, table)
+        return await sync_to_async(self.run, thread_sensitive=False)(operation, key, make, table)
 
     # -- schema (tests and scripts; an application has ``manage.py migrate idempotask``) --
 

@@ -198,12 +198,22 @@ class DjangoBackend(SQLAlchemyBackend):
     async def abegin(  # type: ignore[override]
         self, key: str, token: str, *, lease: float
     ) -> DjangoTransaction:
-        """Async :meth:`begin`: the transaction lives on the thread Django's
-        ``sync_to_async(thread_sensitive=True)`` runs it on, where the body's ORM calls
-        (``sync_to_async``, or Django's async ORM methods) reach it too."""
-        from asgiref.sync import sync_to_async
+        """Async :meth:`begin`. The transaction lives on one thread, as Django's
+        connections do: this enters an ``asgiref.sync.ThreadSensitiveContext`` for the
+        rest of the call (unless one is already active, as in Django's ASGI handler), so
+        the body's ``sync_to_async`` calls and Django's async ORM methods run on the
+        transaction's thread, inside it; the context ends with the transaction."""
+        from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
-        return await sync_to_async(self.begin, thread_sensitive=True)(key, token, lease=lease)
+        context: Any = ThreadSensitiveContext()  # entered here, left by acommit/arollback
+        await context.__aenter__()
+        try:
+            tx = await sync_to_async(self.begin, thread_sensitive=True)(key, token, lease=lease)
+        except BaseException:
+            await context.__aexit__(None, None, None)
+            raise
+        tx._context = context
+        return tx
 
 
 class DjangoTransaction:
@@ -234,6 +244,7 @@ class DjangoTransaction:
         self._token = token
         self._atomic = transaction.atomic(using=alias)
         self._open = False
+        self._context: Any = None  # the async path's ThreadSensitiveContext
         from django.db import DatabaseError, connections
 
         try:
@@ -243,7 +254,7 @@ class DjangoTransaction:
                 f"idempotask.django: begin on {key!r} failed on django:{alias}: {exc}"
             ) from exc
         self._open = True
-        bounds = _bounds(backend.database.flavour, connections[alias], lease)
+        bounds = _bounds(backend.database, lease)
         if bounds is not None:
             try:
                 with connections[alias].cursor() as cursor:
@@ -296,6 +307,11 @@ class DjangoTransaction:
             if rollback:
                 transaction.set_rollback(True, using=alias)
             self._atomic.__exit__(None, None, None)
+            if self._context is not None:
+                # The async path's thread ends with its context: so does its connection.
+                from django.db import connections
+
+                connections[alias].close()
         except DatabaseError as exc:
             raise BackendError(
                 f"idempotask.django: {'rollback' if rollback else 'commit'} on "
@@ -310,11 +326,22 @@ class DjangoTransaction:
     async def acommit(self) -> None:
         """Async :meth:`commit`: runs to its end even if the caller is cancelled meanwhile,
         then re-raises the cancellation (raised here, it means the commit happened)."""
-        await _to_the_end(self.commit)
+        try:
+            await _to_the_end(self.commit)
+        finally:
+            await self._leave()
 
     async def arollback(self) -> None:
         """Async :meth:`rollback`, run to its end like :meth:`acommit`."""
-        await _to_the_end(self.rollback)
+        try:
+            await _to_the_end(self.rollback)
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        context, self._context = self._context, None
+        if context is not None:
+            await context.__aexit__(None, None, None)
 
 
 async def _to_the_end(fn: Callable[[], None]) -> None:
@@ -333,8 +360,9 @@ async def _to_the_end(fn: Callable[[], None]) -> None:
         raise
 
 
-def _bounds(flavour: str, connection: Any, lease: float) -> tuple[str, Any] | None:
+def _bounds(database: DjangoDatabase, lease: float) -> tuple[str, Any] | None:
     """The statement bounding the transaction's waits by ``lease`` (as the SQL store)."""
+    flavour = database.flavour
     if flavour == "postgresql":
         ms = f"{max(1, math.ceil(lease * 1000))}ms"
         return (
@@ -342,9 +370,9 @@ def _bounds(flavour: str, connection: Any, lease: float) -> tuple[str, Any] | No
             "set_config('lock_timeout', %s, true)",
             [ms, ms],
         )
-    if flavour == "mysql":
+    if flavour in ("mysql", "mariadb"):
         whole = max(1, math.ceil(lease))  # an integer: formatted, never user text
-        if connection.mysql_is_mariadb:
+        if database.mariadb:
             return (
                 f"SET SESSION idle_transaction_timeout = {whole}, "
                 f"innodb_lock_wait_timeout = {whole}",

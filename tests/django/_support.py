@@ -2,7 +2,8 @@
 dropped after it), a SQLite file in a temporary directory, and Django settings that
 name both, configured once per test process.
 
-Aliases: ``default`` (SQLite) and ``pg`` (PostgreSQL, when reachable). The admin and
+Aliases: ``default`` (SQLite), ``pg`` (PostgreSQL) and ``maria`` (MariaDB), the last two
+when reachable. The admin and
 command tests use the same settings (the admin apps are installed; ``ROOT_URLCONF`` is
 :mod:`tests.django._urls`).
 """
@@ -59,6 +60,40 @@ def fresh_pg_database(url: str, name: str) -> Iterator[dict[str, Any]]:
     finally:
         with _admin_connection(params) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def fresh_mysql_database(url: str, name: str) -> Iterator[dict[str, Any]]:
+    """A new MySQL/MariaDB database ``name`` on the server of ``url`` (dropped at the
+    end). Django's MySQL backend is given PyMySQL as ``MySQLdb`` (PyMySQL's documented
+    ``install_as_MySQLdb()``): mysqlclient needs a C build this machine lacks."""
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+    parts = urlsplit(url)
+    params = {
+        "HOST": parts.hostname or "127.0.0.1",
+        "PORT": str(parts.port or 3306),
+        "USER": parts.username or "root",
+        "PASSWORD": parts.password or "",
+    }
+
+    def admin() -> Any:
+        return pymysql.connect(
+            host=params["HOST"],
+            port=int(params["PORT"]),
+            user=params["USER"],
+            password=params["PASSWORD"],
+            autocommit=True,
+        )
+
+    with admin() as conn, conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield {**params, "NAME": name, "OPTIONS": {"charset": "utf8mb4"}}
+    finally:
+        with admin() as conn, conn.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def settings_for(databases: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import service_url
-from tests.django._support import RUN, Scratch, fresh_pg_database, settings_for, sqlite_wal
+from tests.django._support import (
+    RUN,
+    Scratch,
+    fresh_mysql_database,
+    fresh_pg_database,
+    settings_for,
+    sqlite_wal,
+)
 
 pytest.importorskip("django")
 
@@ -42,15 +49,23 @@ def django_aliases() -> Iterator[list[str]]:
             "OPTIONS": {"timeout": 30},
         }
     }
-    try:
-        url = service_url("postgres")
-    except pytest.skip.Exception:
-        url = None
+
+    def reachable(name: str) -> str | None:
+        try:
+            return service_url(name)
+        except pytest.skip.Exception:
+            return None
+
+    url = reachable("postgres")
+    mysql_url = reachable("mysql")
     with contextlib.ExitStack() as stack:
         stack.callback(scratch.close)
         if url is not None:
             pg = stack.enter_context(fresh_pg_database(url, f"idempotask_dj_{RUN}"))
             databases["pg"] = {"ENGINE": "django.db.backends.postgresql", **pg}
+        if mysql_url is not None:
+            maria = stack.enter_context(fresh_mysql_database(mysql_url, f"idempotask_dj_{RUN}"))
+            databases["maria"] = {"ENGINE": "django.db.backends.mysql", **maria}
         settings.configure(**settings_for(databases))
         django.setup()
         stack.callback(connections.close_all)
@@ -67,6 +82,13 @@ def django_aliases() -> Iterator[list[str]]:
 @pytest.fixture
 def sqlite_alias(django_aliases: list[str]) -> str:
     return "default"
+
+
+@pytest.fixture
+def maria_alias(django_aliases: list[str]) -> str:
+    if "maria" not in django_aliases:
+        service_url("mysql")  # skips (or fails in CI) with the reason
+    return "maria"
 
 
 @pytest.fixture

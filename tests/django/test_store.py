@@ -49,6 +49,30 @@ class TestSqliteContract(StoreContract):
         return DjangoBackend(sqlite_alias)
 
 
+class TestMariadbContract(StoreContract):
+    """The idempotency contract on MariaDB (its one-statement RETURNING plan)."""
+
+    @pytest.fixture
+    def backend(self, maria_alias: str) -> DjangoBackend:
+        return DjangoBackend(maria_alias)
+
+
+class TestMariadbDeadLetterContract(DeadLetterStoreContract):
+    """The dead-letter contract on MariaDB (a namespace per test)."""
+
+    @pytest.fixture
+    def dead_letter_store(self, maria_alias: str) -> DjangoDeadLetterStore:
+        return DjangoDeadLetterStore(maria_alias, namespace=f"c{uuid.uuid4().hex[:12]}")
+
+
+class TestMariadbBreakerContract(BreakerStoreContract):
+    """The breaker contract on MariaDB (a namespace per test)."""
+
+    @pytest.fixture
+    def breaker_store(self, maria_alias: str) -> DjangoBreakerStore:
+        return DjangoBreakerStore(maria_alias, namespace=f"c{uuid.uuid4().hex[:12]}")
+
+
 class TestPostgresDeadLetterContract(DeadLetterStoreContract):
     """The dead-letter contract on PostgreSQL (a namespace per test)."""
 
@@ -240,3 +264,31 @@ def test_create_tables_makes_other_tables_and_drop_tables_removes_them(sqlite_al
     store.drop_tables()
     with pytest.raises(MissingTableError):
         store.get("k")
+
+
+def test_a_connection_the_server_dropped_is_replaced(pg_alias: str) -> None:
+    """After the server ends the thread's connection, one operation fails with
+    BackendError and the next one works on a new connection (Django itself reconnects
+    only between requests)."""
+    import psycopg
+    from django.db import connections
+
+    from idempotask.errors import BackendError
+
+    store = DjangoBackend(pg_alias)
+    store.get("warm-up")
+    with connections[pg_alias].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    params = pg_params(service_url("postgres"))
+    with psycopg.connect(
+        host=params["HOST"],
+        port=params["PORT"],
+        user=params["USER"],
+        dbname="test",
+        autocommit=True,
+    ) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    with pytest.raises(BackendError):
+        store.get("after")
+    assert store.get("after") is None

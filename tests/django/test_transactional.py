@@ -7,10 +7,14 @@ late owner's writes are rolled back; a call inside the user's own atomic() is re
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,10 +29,10 @@ pytest.importorskip("django")
 from idempotask.django import DjangoBackend
 
 
-@pytest.fixture(params=["pg", "sqlite"])
+@pytest.fixture(params=["pg", "maria", "sqlite"])
 def alias(request: pytest.FixtureRequest, django_aliases: list[str]) -> str:
-    if request.param == "pg":
-        return str(request.getfixturevalue("pg_alias"))
+    if request.param != "sqlite":
+        return str(request.getfixturevalue(f"{request.param}_alias"))
     return "default"
 
 
@@ -156,12 +160,7 @@ def test_duplicates_from_threads_write_exactly_once(store: DjangoBackend, alias:
     calls = [o for o in orders for _ in range(2)] * 4
 
     def call(order: str) -> int:
-        from django.db import connections
-
-        try:
-            return int(pay(order, 5))
-        finally:
-            connections[alias].close()
+        return int(pay(order, 5))
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(call, calls))
@@ -211,3 +210,120 @@ def test_sqlite_refuses_transactional_calls_unless_opted_in(sqlite_alias: str) -
     with pytest.raises(ConfigurationError, match="sqlite_transactions=True"):
         pay(uuid.uuid4().hex, 1)
     assert pay.runs == []  # type: ignore[attr-defined]
+
+
+def test_concurrent_async_calls_each_have_their_own_transaction(
+    store: DjangoBackend, alias: str
+) -> None:
+    """Two async transactional calls at once on one event loop: each body writes in its
+    own transaction (one failing rolls back only its own rows), and neither call's
+    claim or renewal joins the other's transaction."""
+    if alias == "default":
+        pytest.skip("one writer at a time on SQLite")
+    from asgiref.sync import sync_to_async
+
+    from tests.django.testapp.models import Payment
+
+    both_inside = asyncio.Event()
+    inside = 0
+
+    @idempotent(transactional=True, name=f"cpay.{uuid.uuid4().hex[:8]}")
+    async def cpay(order: str, fail: bool) -> int:
+        nonlocal inside
+        row = await sync_to_async(
+            lambda: Payment.objects.using(alias).create(order=order, amount=7),
+            thread_sensitive=True,
+        )()
+        inside += 1
+        if inside == 2:
+            both_inside.set()
+        await asyncio.wait_for(both_inside.wait(), 10)
+        if fail:
+            raise RuntimeError("declined")
+        return int(row.pk)
+
+    good, bad = uuid.uuid4().hex, uuid.uuid4().hex
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(cpay(good, False), cpay(bad, True), return_exceptions=True)
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, int)
+    assert isinstance(second, RuntimeError)
+    assert payments(alias, good) == 1
+    assert payments(alias, bad) == 0
+
+
+CRASH = '''\
+"""Charge ORDER in a transactional call; with "hang", stop after the ORM write."""
+import sys
+import time
+
+import django
+
+django.setup()
+
+from idempotask import idempotent  # noqa: E402
+from shop.models import Payment  # noqa: E402
+
+order, mode = sys.argv[1], sys.argv[2]
+
+
+@idempotent(transactional=True, name="shop.charge", lease=1.0)
+def charge(order: str) -> int:
+    payment = Payment.objects.create(order=order, cents=500)
+    if mode == "hang":
+        print("written", flush=True)
+        time.sleep(120)
+    return payment.pk
+
+
+print("result", charge(order), flush=True)
+'''
+
+
+def test_a_process_killed_mid_body_leaves_no_rows_and_the_call_runs_once_more(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL between the body's ORM write and the commit (PostgreSQL): no row; after
+    the lease the call runs again and writes exactly one; a duplicate then writes none."""
+    from tests.conftest import service_url
+    from tests.django._project import base_settings, environment, run, write_project
+    from tests.django._support import RUN, fresh_pg_database
+
+    url = service_url("postgres")
+    with fresh_pg_database(url, f"idempotask_djk_{RUN}_{uuid.uuid4().hex[:6]}") as params:
+        databases = {"default": {"ENGINE": "django.db.backends.postgresql", **params}}
+        namespace = f"kill{uuid.uuid4().hex[:8]}"
+        root = write_project(
+            tmp_path / "site",
+            base_settings(databases, IDEMPOTASK={"backend": "default", "namespace": namespace}),
+        )
+        (root / "crash.py").write_text(CRASH)
+        for args in (("makemigrations", "shop"), ("migrate",)):
+            done = run(root, "manage.py", *args)
+            assert done.returncode == 0, done.stdout + done.stderr
+        child = subprocess.Popen(
+            [sys.executable, "crash.py", "A-1", "hang"],
+            cwd=root,
+            env=environment(root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "written", child.stderr
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        count = (
+            "import django; django.setup(); from shop.models import Payment; "
+            "print(Payment.objects.filter(order='A-1').count())"
+        )
+        assert run(root, "-c", count).stdout.strip() == "0"
+        again = run(root, "crash.py", "A-1", "run")  # waits out the dead owner's lease
+        assert again.returncode == 0, again.stderr
+        duplicate = run(root, "crash.py", "A-1", "run")
+        assert duplicate.stdout == again.stdout  # the stored result
+        assert run(root, "-c", count).stdout.strip() == "1"
