@@ -285,21 +285,36 @@ def test_keys_purge_deletes_expired_records() -> None:
 
 
 @both
-def test_backend_option_reaches_a_store_by_url() -> None:
-    """`--backend URL` reads that store (its dead letters too), whatever is configured."""
+def test_backend_option_reaches_a_store_by_url_or_alias() -> None:
+    """`--backend URL` or `--backend ALIAS` reads that store (its dead letters too),
+    whatever is configured, for that command only."""
     id = failed_charge()
     namespace = config.settings().namespace
     config.reset()
     config.configure(backend="memory://")
-    out, err = manage(
-        "dlq", "list", "--backend", store_url(Current.alias), "--namespace", namespace
-    )
-    assert id in out
-    assert err == ""
+    for store in (store_url(Current.alias), Current.alias):
+        out, err = manage("dlq", "list", "--backend", store, "--namespace", namespace)
+        assert id in out
+        assert err == ""
     out, err = manage("dlq", "list", "--namespace", namespace)
     assert out.strip() == "no dead letters match"
     assert "memory://" in err
-    assert "--backend URL" in err
+    assert "--backend STORE" in err
+    out, _ = manage(
+        "dlq",
+        "show",
+        id,
+        "--backend",
+        "memory://",
+        "--dead-letter-store",
+        Current.alias,
+        "--namespace",
+        namespace,
+    )
+    assert id in out
+    error = refused("dlq", "list", "--backend", "nosuchalias")
+    assert "'nosuchalias' is neither a URL" in str(error)
+    assert "'default'" in str(error)
 
 
 # -- bad input -------------------------------------------------------------------------------

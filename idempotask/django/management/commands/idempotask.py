@@ -8,8 +8,9 @@ on the stores the ``IDEMPOTASK`` setting configures.
 
 Every subcommand is the command line's own (:mod:`idempotask.cli`): the same options,
 output (aligned text, or ``--json``), messages and exit codes, on the stores the app
-configured at startup from ``settings.IDEMPOTASK``. ``--backend URL`` (and
-``--dead-letter-store URL``) reach another store instead. Changes to letters are
+configured at startup from ``settings.IDEMPOTASK``. ``--backend STORE`` (and
+``--dead-letter-store STORE``), a ``DATABASES`` alias or a URL, reach another store for
+this command only. Changes to letters are
 recorded in their history as made by ``manage.py:<login name>``, or by ``--actor NAME``.
 Expected failures (an unknown id, a refused change, a store unreachable, a bad option)
 are raised as Django's :class:`~django.core.management.CommandError` with the message
@@ -60,17 +61,18 @@ def _leaf_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backend",
         dest="url",
-        metavar="URL",
+        metavar="STORE",
         default=no,
-        help="the idempotency store by URL, e.g. postgresql+psycopg://app@db/app, instead "
-        "of the one settings.IDEMPOTASK configures (dead letters then live beside it too)",
+        help="the idempotency store: a DATABASES alias or a URL (postgresql+psycopg://app@db"
+        "/app, redis://...), instead of the one settings.IDEMPOTASK configures (its dead "
+        "letters then too)",
     )
     group.add_argument(
         "--dead-letter-store",
         dest="dead_letter_url",
-        metavar="URL",
+        metavar="STORE",
         default=no,
-        help="the dead-letter store by URL, instead of the configured one",
+        help="the dead-letter store: a DATABASES alias or a URL, instead of the configured one",
     )
     group.add_argument(
         "--namespace", metavar="NS", default=no, help="the key namespace (default: the setting's)"
@@ -143,12 +145,11 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         ns = argparse.Namespace(**options)
         ns.debug = bool(options.get("traceback"))
-        url = getattr(ns, "url", None)
-        if url is not None and getattr(ns, "dead_letter_url", None) is None:
-            ns.dead_letter_url = url  # a store named here holds the dead letters too
         actor = getattr(ns, "actor", None)
         if actor is not None and not actor.strip():
             raise CommandError("--actor: give a name to record in the letters' history")
+        named = getattr(ns, "url", None) is not None
+        stores = _aliases(ns)
         finish(ns)
         ctx = _Context(
             ns,
@@ -157,21 +158,24 @@ class Command(BaseCommand):
             prog=PROG,
             acting_as=actor.strip() if actor is not None else default_actor(),
             store_hint=(
-                'set IDEMPOTASK = {"backend": ...} in your settings, or pass --backend URL'
+                'set IDEMPOTASK = {"backend": ...} in your settings, or pass --backend STORE '
+                "(a DATABASES alias or a URL)"
             ),
             tables_hint=(
                 "create it with `idempotask db create --url URL`"
-                if url is not None
+                if ns.url is not None
                 else "create it with `manage.py migrate idempotask`"
             ),
         )
         before = config.settings()
         try:
+            if stores:
+                config.configure(**stores)
             code = run(ctx)
         except CliError as exc:
             raise CommandError(str(exc), returncode=exc.code) from exc
         finally:
-            if any(getattr(ns, name) is not None for name in _STORE_OPTIONS):
+            if named or any(getattr(ns, name) is not None for name in _STORE_OPTIONS):
                 # call_command() may run in a long-lived process: the stores named for
                 # this command must not become the application's.
                 config.configure(
@@ -182,3 +186,40 @@ class Command(BaseCommand):
                 )
         if code:
             raise CommandError("; ".join(ctx.errors) or f"failed (exit {code})", returncode=code)
+
+
+def _alias_of(option: str, value: str) -> str:
+    """``value`` of ``option`` when it names a ``DATABASES`` alias (else a CommandError)."""
+    from django.db import connections  # type: ignore[import-untyped]
+
+    if value not in connections:
+        known = ", ".join(repr(a) for a in connections) or "none"
+        raise CommandError(
+            f"{option}: {value!r} is neither a URL (redis://..., postgresql+psycopg://...) "
+            f"nor an alias in DATABASES (aliases: {known})"
+        )
+    return value
+
+
+def _aliases(ns: argparse.Namespace) -> dict[str, Any]:
+    """The stores ``--backend`` / ``--dead-letter-store`` name by database alias, as
+    :func:`idempotask.configure` options (those given by URL stay in ``ns`` for the
+    command line's own handling); a store named by ``--backend`` alone holds the dead
+    letters too."""
+    from idempotask.django.store import DjangoBackend, DjangoDeadLetterStore
+
+    stores: dict[str, Any] = {}
+    url, letters = getattr(ns, "url", None), getattr(ns, "dead_letter_url", None)
+    if url is not None and "://" not in url:
+        stores["backend"] = DjangoBackend(_alias_of("--backend", url))
+        ns.url = None
+        if letters is None:
+            stores["dead_letter_store"] = None  # beside that backend
+    elif url is not None and letters is None:
+        ns.dead_letter_url = url
+    if letters is not None and "://" not in letters:
+        namespace = getattr(ns, "namespace", None) or config.settings().namespace
+        alias = _alias_of("--dead-letter-store", letters)
+        stores["dead_letter_store"] = DjangoDeadLetterStore(alias, namespace=namespace)
+        ns.dead_letter_url = None
+    return stores
