@@ -162,6 +162,18 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         namespace = getattr(store, "namespace", config.settings().namespace)
         return queryset.filter(namespace=namespace)
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: Any, search_term: str
+    ) -> tuple[Any, bool]:
+        """Also search with the text case-folded: the ``search`` column holds the error
+        type and message folded, and compares bytes on MySQL/MariaDB."""
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        folded = search_term.casefold()
+        if folded != search_term:
+            more, more_duplicates = super().get_search_results(request, queryset, folded)
+            found, duplicates = found | more, duplicates or more_duplicates
+        return found, duplicates
+
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         if request.method == "GET":
             try:

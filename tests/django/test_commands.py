@@ -1,5 +1,5 @@
 """``manage.py idempotask``, run through Django's ``call_command`` in a real project, on
-SQLite and on PostgreSQL: every ``dlq`` and ``keys`` subcommand end to end on letters
+SQLite, PostgreSQL and MariaDB: every ``dlq`` and ``keys`` subcommand end to end on letters
 written by real ``@dead_letter`` failures, its output the command line's own, changes
 recorded with who made them, and every bad input a ``CommandError`` naming what was
 wrong, with the command line's exit code."""
@@ -28,13 +28,13 @@ from idempotask.cli import main as cli_main
 from idempotask.deadletter import DeadLetterQueue, keep_all
 from tests.django._admin_project import (
     Current,
-    admin_project,  # noqa: F401 - a fixture, used by `on_both`
-    on_both,  # noqa: F401 - a fixture, used through `both`
+    admin_project,  # noqa: F401 - a fixture, used by `on_each`
+    on_each,  # noqa: F401 - a fixture, used through `each_database`
     store_url,
 )
 
 pytestmark = pytest.mark.postgres
-both = pytest.mark.usefixtures("on_both")  # on SQLite, then on PostgreSQL
+each_database = pytest.mark.usefixtures("on_each")  # SQLite, PostgreSQL, MariaDB
 
 FAIL = {"charge": True}
 
@@ -95,7 +95,7 @@ def me() -> str:
     return f"manage.py:{getpass.getuser()}"
 
 
-@both
+@each_database
 def test_dlq_list_shows_letters_as_a_table_and_filters_them() -> None:
     charged, rejected = failed_charge(), failed_reject()
     out, _ = manage("dlq", "list")
@@ -114,19 +114,19 @@ def test_dlq_list_shows_letters_as_a_table_and_filters_them() -> None:
     assert out.strip() == "no dead letters match"
 
 
-@both
+@each_database
 def test_dlq_show_prints_arguments_redacted_and_the_traceback() -> None:
     id = failed_charge()
     out, _ = manage("dlq", "show", id[:8])
     assert id in out
     assert "order_id = 7" in out
     assert "card = <redacted: '<redacted>'>" in out
-    assert "4111" not in out
+    assert "4111 1111 1111 1111" not in out  # the card itself
     assert "Traceback (most recent call last)" in out
     assert "TimeoutError: gateway timed out for order 7" in out
 
 
-@both
+@each_database
 def test_output_is_the_command_lines_own(capsys: pytest.CaptureFixture[str]) -> None:
     """`manage.py idempotask dlq show --json` prints what `idempotask dlq show --json`
     prints for the same letter."""
@@ -140,7 +140,7 @@ def test_output_is_the_command_lines_own(capsys: pytest.CaptureFixture[str]) -> 
     assert json.loads(ours) == json.loads(capsys.readouterr().out)
 
 
-@both
+@each_database
 def test_retry_resolve_and_abandon_are_recorded_with_the_actor() -> None:
     first, second, third = failed_charge(1), failed_charge(2), failed_charge(3)
     out, _ = manage("dlq", "retry", first)
@@ -161,7 +161,7 @@ def test_retry_resolve_and_abandon_are_recorded_with_the_actor() -> None:
     assert (abandoned.what, abandoned.actor, abandoned.note) == ("abandoned", me(), "customer left")
 
 
-@both
+@each_database
 def test_retry_all_by_filter_then_process_replays_the_letter() -> None:
     id = failed_charge()
     out, _ = manage("dlq", "retry", "--all", "--function", "djcommands.charge")
@@ -175,7 +175,7 @@ def test_retry_all_by_filter_then_process_replays_the_letter() -> None:
     assert charge(7, "4111 1111 1111 1111") == {"order_id": 7, "charged": True}
 
 
-@both
+@each_database
 def test_stats_counts_by_status_kind_and_function() -> None:
     failed_charge()
     failed_reject()
@@ -187,7 +187,7 @@ def test_stats_counts_by_status_kind_and_function() -> None:
     assert data["by_function"] == {"djcommands.charge": 1, "djcommands.reject": 1}
 
 
-@both
+@each_database
 def test_purge_deletes_closed_letters_and_asks_for_yes() -> None:
     kept, closed = failed_charge(), failed_reject()
     out, _ = manage("dlq", "purge", "--older-than", "0", "--dry-run")
@@ -202,7 +202,7 @@ def test_purge_deletes_closed_letters_and_asks_for_yes() -> None:
     assert queue.get(kept) is not None
 
 
-@both
+@each_database
 def test_dlq_flush_delivers_spooled_letters(tmp_path: Path) -> None:
     """A letter waiting in the spool (the store was down when it was written) reaches the
     store through `dlq flush`."""
@@ -225,7 +225,7 @@ def test_dlq_flush_delivers_spooled_letters(tmp_path: Path) -> None:
     assert DeadLetterQueue().find(letter.id).message == "spooled"
 
 
-@both
+@each_database
 def test_keys_show_and_forget_a_record() -> None:
     FAIL["charge"] = False
     assert charge(8, "x")["charged"]
@@ -241,7 +241,7 @@ def test_keys_show_and_forget_a_record() -> None:
     assert error.returncode == 1
 
 
-@both
+@each_database
 def test_keys_list_and_compute_find_a_functions_keys() -> None:
     FAIL["charge"] = False
     charge(12, "y")
@@ -256,7 +256,7 @@ def test_keys_list_and_compute_find_a_functions_keys() -> None:
     assert "ARGUMENTS" in str(error)
 
 
-@both
+@each_database
 def test_keys_forget_refuses_a_claim_in_progress_without_force() -> None:
     key = charge.key_for(5, "x")
     assert config.get_backend().claim(key, "token-1", lease=60).state is State.IN_PROGRESS
@@ -268,7 +268,7 @@ def test_keys_forget_refuses_a_claim_in_progress_without_force() -> None:
     assert config.get_backend().get(key) is None
 
 
-@both
+@each_database
 def test_keys_purge_deletes_expired_records() -> None:
     from idempotask.django.models import IdempotencyRecord
 
@@ -284,7 +284,7 @@ def test_keys_purge_deletes_expired_records() -> None:
     assert not IdempotencyRecord.objects.using(Current.alias).filter(key=key).exists()
 
 
-@both
+@each_database
 def test_backend_option_reaches_a_store_by_url_or_alias() -> None:
     """`--backend URL` or `--backend ALIAS` reads that store (its dead letters too),
     whatever is configured, for that command only."""
@@ -320,7 +320,7 @@ def test_backend_option_reaches_a_store_by_url_or_alias() -> None:
 # -- bad input -------------------------------------------------------------------------------
 
 
-@both
+@each_database
 def test_an_unknown_id_is_a_command_error_naming_it() -> None:
     known = failed_charge()
     error = refused("dlq", "show", "feedc0de")
@@ -334,7 +334,7 @@ def test_an_unknown_id_is_a_command_error_naming_it() -> None:
     assert f"resolved {known}" in out.getvalue()  # the known one was resolved all the same
 
 
-@both
+@each_database
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -354,14 +354,14 @@ def test_bad_usage_is_a_command_error_naming_the_option(args: tuple[str, ...], s
     assert says in str(error)
 
 
-@both
+@each_database
 def test_retry_all_without_a_filter_needs_yes() -> None:
     error = refused("dlq", "retry", "--all")
     assert "--all without a filter" in str(error)
     assert error.returncode == 1
 
 
-@both
+@each_database
 def test_an_unreachable_store_exits_3_without_its_password() -> None:
     url = "postgresql+psycopg://app:s3cret@127.0.0.1:1/app?connect_timeout=2"
     error = refused("dlq", "list", "--backend", url)
@@ -370,14 +370,14 @@ def test_an_unreachable_store_exits_3_without_its_password() -> None:
     assert "s3cret" not in str(error)
 
 
-@both
+@each_database
 def test_a_bad_url_is_a_usage_error() -> None:
     error = refused("keys", "show", "k", "--backend", "nosuchscheme://x")
     assert error.returncode == 2
     assert "nosuchscheme" in str(error)
 
 
-@both
+@each_database
 def test_process_without_known_functions_says_why() -> None:
     """Asked to replay only a function this process does not know, `dlq process` claims
     nothing and says why, naming the due letters and --import (exit 1)."""
