@@ -263,9 +263,10 @@ def _taken_over(backend: Backend, key: str, token: str) -> Flow[bool]:
 def _lost(spec: Spec, key: str) -> LeaseLostError:
     events.emit(EventKind.LEASE_LOST, spec.name, key)
     message = (
-        f"{spec.name}: the claim on {key} was taken over while the body ran (its lease ran "
-        "out), so its transaction was rolled back, the body's writes included; the other "
-        "caller's run is the one that counts"
+        f"{spec.name}: the claim on {key} was lost while the body ran (its lease ran out "
+        "before the result was written, and another caller may have taken the key over), "
+        "so its transaction was rolled back, the body's writes included; the run that "
+        "stores a result for this key is the one that counts"
     )
     log.warning("idempotask: %s", message)
     return LeaseLostError(message, key=key)

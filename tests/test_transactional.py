@@ -40,6 +40,7 @@ from idempotask import (
     lease_held,
 )
 from idempotask.backends.base import State
+from idempotask.backends.fallback import fallback_url
 from idempotask.backends.memory import MemoryBackend
 from idempotask.backends.sql import SQLAlchemyBackend
 
@@ -103,8 +104,8 @@ def db(request: pytest.FixtureRequest) -> Iterator[Db]:
 
 
 @pytest.fixture
-def pg(request: pytest.FixtureRequest) -> Iterator[Db]:
-    yield from _make_db(service_url("postgres"))
+def mariadb() -> Iterator[Db]:
+    yield from _make_db(service_url("mysql"))
 
 
 def _writer(db: Db, *, name: str, fail: bool = False, **options: Any) -> Any:
@@ -209,6 +210,27 @@ def test_an_orm_session_on_the_connection_commits_with_the_call(db: Db) -> None:
     assert db.rows() == [("y", "session")]
 
 
+def test_the_mysql_plan_commits_together_and_refuses_a_late_owner(mariadb: Db) -> None:
+    """MySQL (no idle-transaction timeout, no RETURNING), run as the plan forced on
+    MariaDB: writes and result commit together, a late owner is rolled back whole."""
+    db = mariadb
+    db.store._force_flavour = "mysql"
+    write = _writer(db, name="mysql")
+    assert write("s") == write("s") == "wrote s"
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, backend=db.store, transactional=True, name=f"{db.prefix}.mlate")
+    def late(key: str) -> str:
+        idempotask.transaction().execute(insert(rows).values(key=key, writer="late"))
+        assert db.store.expire_now(late.key_for(key))
+        assert db.store.claim(late.key_for(key), "new", lease=60).held_by("new")
+        return key
+
+    with pytest.raises(LeaseLostError):
+        late("t")
+    assert db.rows() == [("s", "body")]
+
+
 # -- late owners, leases -------------------------------------------------------------------------
 
 
@@ -263,6 +285,37 @@ def test_the_lease_is_renewed_while_the_body_works_in_its_transaction(db: Db) ->
     assert record.state is State.COMPLETED
 
 
+def test_duplicates_see_the_claim_while_the_body_runs(db: Db) -> None:
+    """The record's row is not locked while the body runs (only complete() locks it, at
+    the end): a concurrent duplicate gets its answer (in progress) at once."""
+    rows = workers.rows_table(db.prefix)
+    answers: list[BaseException] = []
+
+    def duplicate(key: str) -> None:
+        try:
+            busy(key)
+        except Exception as exc:
+            answers.append(exc)
+
+    @idempotent(
+        ttl=600,
+        on_conflict="raise",
+        backend=db.store,
+        transactional=True,
+        name=f"{db.prefix}.busy",
+    )
+    def busy(key: str) -> str:
+        idempotask.transaction().execute(insert(rows).values(key=key, writer="busy"))
+        other = threading.Thread(target=duplicate, args=(key,))
+        other.start()
+        other.join(30)  # liveness: a duplicate blocked on a row lock would not return
+        return key
+
+    assert busy("r") == "r"
+    assert [type(a) for a in answers] == [idempotask.AlreadyInProgress]
+    assert db.rows() == [("r", "busy")]
+
+
 def test_a_transaction_idle_for_a_lease_is_ended_by_the_server(db: Db) -> None:
     """The bound on a paused owner's locks: a transaction left idle for longer than the
     lease is ended by the database, so the body's next statement fails, nothing it wrote
@@ -282,6 +335,45 @@ def test_a_transaction_idle_for_a_lease_is_ended_by_the_server(db: Db) -> None:
     assert not isinstance(caught.value, AssertionError)
     assert db.rows() == []
     assert db.store.get(idle.key_for("f")) is None
+
+
+def test_a_lock_wait_in_the_body_is_bounded_by_the_lease(db: Db) -> None:
+    """A body whose write waits on a row lock another transaction holds (here the
+    caller's own, on another connection) fails after about a lease instead of waiting
+    for ever; nothing it wrote is kept and the key is released."""
+    unique = workers.unique_table(db.prefix)
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=1.0, backend=db.store, transactional=True, name=f"{db.prefix}.lock")
+    def blocked(n: int) -> int:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=str(n), writer="blocked"))
+        conn.execute(insert(unique).values(id=n, writer="blocked"))
+        return n
+
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            blocked(5)
+        except Exception as exc:
+            errors.append(exc)
+
+    with db.engine.connect().execution_options(isolation_level="READ COMMITTED") as holder:
+        held = holder.begin()
+        holder.execute(insert(unique).values(id=5, writer="holder"))
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(60)  # liveness: unbounded, the call would wait for the holder
+        finished = not thread.is_alive()
+        held.rollback()
+    thread.join(60)
+    assert finished, "the body's lock wait was not bounded"
+    assert len(errors) == 1, errors
+    assert "lock" in str(errors[0]).lower(), errors  # the database's lock-wait timeout
+    assert db.rows() == []
+    assert db.unique_rows() == []
+    assert db.store.get(blocked.key_for(5)) is None
 
 
 # -- nesting -------------------------------------------------------------------------------------
@@ -411,10 +503,10 @@ async def test_async_cancellation_mid_body_rolls_back_and_releases(db: Db) -> No
     await db.store.aclose()
 
 
-async def test_async_cancellation_while_committing_never_leaves_half_a_state(db: Db) -> None:
-    """Cancelled at every point of the call in turn (after 0, 1, 2... loop passes): each
-    time, either the row and the COMPLETED record are both there, or neither is and the
-    key is free."""
+async def test_async_cancellation_anywhere_never_leaves_half_a_state(db: Db) -> None:
+    """Cancelled at points spread over a whole call (claim, begin, body, complete,
+    commit): each time, either the row and the COMPLETED record are both there, or
+    neither is and the key is free."""
     rows = workers.rows_table(db.prefix)
 
     @idempotent(ttl=600, backend=db.store, transactional=True, name=f"{db.prefix}.points")
@@ -422,21 +514,28 @@ async def test_async_cancellation_while_committing_never_leaves_half_a_state(db:
         await idempotask.transaction().execute(insert(rows).values(key=key, writer="p"))
         return key
 
-    for steps in range(0, 40):
-        key = f"p{steps}"
+    await point("warm-up")  # engines and pools made, statements compiled
+    started = time.perf_counter()
+    await point("measured")
+    whole = time.perf_counter() - started
+    outcomes: Counter[str] = Counter()
+    for step in range(40):
+        key = f"p{step}"
         task = asyncio.ensure_future(point(key))
-        for _ in range(steps):
-            await asyncio.sleep(0)
+        await asyncio.sleep(whole * 1.2 * step / 40)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         record = await db.store.aget(point.key_for(key))
         written = [r for r in db.rows() if r[0] == key]
         if record is not None and record.state is State.COMPLETED:
-            assert written == [(key, "p")], steps
+            assert written == [(key, "p")], step
+            outcomes["committed"] += 1
         else:
-            assert record is None, (steps, record)
-            assert written == [], steps
+            assert record is None, (step, record)
+            assert written == [], step
+            outcomes["rolled back"] += 1
+    print(f"cancelled over a {whole * 1000:.1f} ms call: {dict(outcomes)}")
     await db.store.aclose()
 
 
@@ -482,6 +581,7 @@ def test_sigkill_between_the_write_and_the_commit(db: Db, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    assert db.rows() == []  # the killed owner's write was never committed
     owner = workers.make_owner(db.store, db.prefix, "rerun", None, 0)
     assert db.store.get(owner.key_for(1)) is not None  # the dead owner's claim, until its lease
     assert owner(1) == "rerun"  # waits out the lease, takes over, runs once
@@ -551,6 +651,25 @@ def test_a_store_without_transactions_is_refused_when_decorating() -> None:
 
         @idempotent(backend=MemoryBackend(), transactional=True)
         def f() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("url", "store"),
+    [
+        ("redis://127.0.0.1:6379/0", "RedisBackend"),
+        (fallback_url("redis://127.0.0.1:6379/0", "sqlite:///:memory:"), "FallbackBackend"),
+    ],
+)
+def test_redis_and_fallback_stores_are_refused(url: str, store: str) -> None:
+    """Stores given by URL are resolved at the first call, refused before anything runs
+    (and before any connection is made)."""
+
+    @idempotent(backend=url, transactional=True, name=f"tx.{store}")
+    def f() -> int:
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(ConfigurationError, match=store):
+        f()
 
 
 def test_a_configured_store_without_transactions_is_refused_at_the_first_call() -> None:

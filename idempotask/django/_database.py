@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from sqlalchemy import MetaData, Table
@@ -44,6 +45,7 @@ from idempotask.flow import Flow, Op, drive
 __all__ = ["DjangoDatabase", "DjangoSession"]
 
 _T = TypeVar("_T")
+_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 _DEADLOCK_ATTEMPTS = 3
 _PG_RETRYABLE = {"40P01", "40001"}
 _MYSQL_DEADLOCK = 1213

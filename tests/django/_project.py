@@ -59,6 +59,12 @@ from .models import Payment
 def charge(self, order: str, cents: int) -> dict:
     payment = Payment.objects.create(order=order, cents=cents)
     return {"order": order, "payment": payment.pk}
+
+
+@shared_task(base=IdempotentTask, bind=True, idempotency_transactional=True)
+def refund(self, order: str) -> None:
+    Payment.objects.create(order=f"refund-{order}", cents=-1)
+    raise LookupError(f"no payment for {order}")
 """
 
 SEND = '''\
@@ -70,14 +76,19 @@ import django
 
 django.setup()
 
+from idempotask.django.models import DeadLetterRecord  # noqa: E402
 from shop.models import Payment  # noqa: E402
-from shop.tasks import charge  # noqa: E402
+from shop.tasks import charge, refund  # noqa: E402
 
 orders = sys.argv[1:]
 sent = [(order, charge.delay(order, 500)) for order in orders for _ in range(3)]
 results = [[order, result.get(timeout=60)] for order, result in sent]
 counts = {order: Payment.objects.filter(order=order).count() for order in orders}
-print(json.dumps({"results": results, "counts": counts}))
+failed = refund.delay(orders[0])
+failed.get(timeout=60, propagate=False)
+letters = list(DeadLetterRecord.objects.values_list("function", "error_type", "status"))
+refunds = Payment.objects.filter(order__startswith="refund-").count()
+print(json.dumps({"results": results, "counts": counts, "letters": letters, "refunds": refunds}))
 '''
 
 

@@ -11,7 +11,6 @@ command tests use the same settings (the admin apps are installed; ``ROOT_URLCON
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import uuid
@@ -155,7 +154,3 @@ def sqlite_wal(alias: str) -> None:
 
     with connections[alias].cursor() as cursor:
         cursor.execute("PRAGMA journal_mode=WAL")
-
-
-def environ_flag(name: str) -> bool:
-    return os.environ.get(name) == "1"

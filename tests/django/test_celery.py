@@ -1,7 +1,8 @@
 """Celery under Django: a real project (``app.config_from_object("django.conf:settings",
 namespace="CELERY")``, ``autodiscover_tasks()``), a real ``celery worker`` process, a
 transactional ``IdempotentTask`` writing with the ORM; every order sent three times is
-charged once, on PostgreSQL and on SQLite.
+charged once, and a failing task leaves no writes and a dead letter in the Django
+database, on PostgreSQL and on SQLite.
 """
 
 from __future__ import annotations
@@ -115,3 +116,7 @@ def test_duplicate_tasks_are_charged_once(tmp_path: Path, databases: dict[str, A
         assert result["order"] == order
         by_order.setdefault(order, set()).add(result["payment"])
     assert all(len(ids) == 1 for ids in by_order.values())
+    # A task that fails: its writes rolled back, a dead letter in the Django database.
+    assert answer["refunds"] == 0
+    # LookupError is a permanent failure: recorded, not scheduled for a retry.
+    assert answer["letters"] == [["shop.tasks.refund", "builtins.LookupError", "abandoned"]]

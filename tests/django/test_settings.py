@@ -93,6 +93,17 @@ def test_an_invalid_setting_fails_closed_at_the_first_call(tmp_path: Path) -> No
     assert "idempotask.E003" in done.stderr
 
 
+def test_check_database_warns_while_the_tables_are_missing(tmp_path: Path) -> None:
+    root = project(tmp_path, IDEMPOTASK={"namespace": "shop"})
+    before = run(root, "manage.py", "check", "--database", "default")
+    assert before.returncode == 0, before.stderr
+    assert "idempotask.W001" in before.stderr
+    assert "migrate idempotask --database default" in before.stderr
+    assert run(root, "manage.py", "migrate", "idempotask").returncode == 0
+    after = run(root, "manage.py", "check", "--database", "default")
+    assert "idempotask.W001" not in after.stderr + after.stdout
+
+
 # -- migrations -----------------------------------------------------------------------------
 
 

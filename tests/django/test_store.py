@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -115,32 +116,25 @@ def test_the_state_machine_holds_on_postgres(pg_alias: str) -> None:
 
 
 def test_operations_use_the_connection_django_holds_for_the_thread(pg_alias: str) -> None:
-    """No second pool: the store's statements run on connections[alias], whose backend
-    process is the one PostgreSQL reports for the store's own query."""
+    """No second pool: the store's statements go through connections[alias] (Django's
+    documented execute_wrapper sees them), the very connection object Django holds for
+    this thread."""
     from django.db import connections
 
     store = DjangoBackend(pg_alias)
-    store.claim(f"pid:{uuid.uuid4().hex}", "t", lease=30)
-    with connections[pg_alias].cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        ours = cursor.fetchone()[0]
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> %s AND backend_type = 'client backend'",
-            [ours],
-        )
-        others = cursor.fetchone()[0]
-    # Other threads of the contract tests may hold their own Django connections, but
-    # this thread's store used this thread's connection: a store operation opens none.
-    before = others
-    store.get("anything")
-    with connections[pg_alias].cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> %s AND backend_type = 'client backend'",
-            [ours],
-        )
-        assert cursor.fetchone()[0] == before
+    seen: list[tuple[str, Any]] = []
+    connection = connections[pg_alias]
+
+    def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append((sql, context["connection"]))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        store.claim(f"pid:{uuid.uuid4().hex}", "t", lease=30)
+        store.get("anything")
+    statements = [(sql, conn) for sql, conn in seen if "idempotask_records" in sql]
+    assert len(statements) >= 2
+    assert all(conn is connection for _, conn in statements)
 
 
 def test_a_sqlalchemy_backend_on_the_same_database_sees_the_same_rows(pg_alias: str) -> None:

@@ -168,3 +168,15 @@ async def use_async_helpers() -> None:
     page_key: str = Feed().pull.key_for(1)
     explicit_forgot: bool = await Feed().pull.using(key="hdr-6").aforget(1)
     print(got, forgot_async, forgot_key_async, page, page_forgot, page_key, explicit_forgot)
+
+
+# Transactional mode: the option types, and transaction() gives the body's connection.
+@idempotent(ttl=60, transactional=True)
+def write_order(order_id: int) -> int:
+    conn = idempotask.transaction()
+    conn.execute("...")
+    return order_id
+
+
+write_total: int = write_order(1)
+lost: type[idempotask.AlreadyInProgress] = idempotask.LeaseLostError

@@ -123,7 +123,7 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
         trans = conn.begin()
         bounds = _bounds(_flavour(store, conn), lease)
         if bounds is not None:
-            conn.execute(*bounds)
+            conn.execute(*bounds).close()
     except BaseException as exc:
         _discard(conn)
         if isinstance(exc, Exception):
@@ -151,7 +151,7 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         atrans = await aconn.begin()
         bounds = _bounds(_flavour(store, conn), lease)
         if bounds is not None:
-            await aconn.execute(*bounds)
+            (await aconn.execute(*bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
         if isinstance(exc, Exception):
