@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import idempotask
-from idempotask.backends.base import Record
+from idempotask.backends.base import Record, SupportsExpireNow
 from idempotask.backends.memory import MemoryBackend
 from idempotask.cli import main
 from tests.conftest import service_url
@@ -252,3 +252,28 @@ def test_show_on_redis_prints_the_redis_key_beside_the_key(run: Any, jobs: Any) 
         assert f"redis key:   {record_key(key)}\n" in text
     finally:
         jobs.autoclose.forget(4, day)
+
+
+def test_purge_deletes_expired_records_from_a_sql_store(run: Any, tmp_path: Path) -> None:
+    """`keys purge` deletes the expired records of a SQL store and keeps the live ones."""
+    url = f"sqlite:///{tmp_path / 'purge.sqlite3'}?create_tables=true"
+    idempotask.configure(backend=url)
+    backend = idempotask.config.get_backend()
+    for key in ("ns:f:v1:old1", "ns:f:v1:old2", "ns:f:v1:live"):
+        backend.claim(key, "token", lease=60)
+    assert isinstance(backend, SupportsExpireNow)
+    backend.expire_now("ns:f:v1:old1")
+    backend.expire_now("ns:f:v1:old2")
+    assert run("--url", url, "keys", "purge", "--batch", "1", "--json").json() == {
+        "deleted": 2,
+        "purges": True,
+    }
+    assert backend.get("ns:f:v1:live") is not None
+    out = run("--url", url, "keys", "purge").out
+    assert out.startswith("deleted 0 expired records from the idempotency store at sqlite:///")
+
+
+def test_purge_on_a_store_that_expires_records_itself_deletes_nothing(run: Any) -> None:
+    out = run("--url", "memory://", "keys", "purge").out
+    assert out.startswith("nothing to purge: the idempotency store at memory:// expires")
+    run("keys", "purge", "--batch", "0", code=2)

@@ -47,6 +47,7 @@ __all__ = [
     "Status",
     "SupportsExpireClaim",
     "SupportsExpireNow",
+    "SupportsPurgeExpired",
     "SupportsScan",
     "SupportsTransactions",
     "Transaction",
@@ -165,6 +166,21 @@ class SupportsScan(Protocol):
     def scan(self, prefix: str, *, limit: int = 100) -> list[Record]: ...
 
     async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]: ...
+
+
+@runtime_checkable
+class SupportsPurgeExpired(Protocol):
+    """Deleting expired records, for stores whose expired rows stay until deleted (SQL);
+    Redis and memory expire records by themselves and do not offer it.
+
+    ``purge_expired(batch=)`` deletes expired records ``batch`` at a time, each batch its
+    own short transaction, and returns how many it deleted. Expired records already behave
+    as absent: purging only reclaims space (``idempotask keys purge``).
+    """
+
+    def purge_expired(self, batch: int = 1000) -> int: ...
+
+    async def apurge_expired(self, batch: int = 1000) -> int: ...
 
 
 @runtime_checkable

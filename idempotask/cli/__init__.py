@@ -19,6 +19,7 @@
     keys compute NAME [ARGUMENTS] [--explicit KEY]
     keys show KEY
     keys forget KEY [--force]
+    keys purge [--batch N]
     demo [--keep]
     db create
     web [--host H] [--port P] [--read-only] [--token T] [--hide-arguments] [--refresh S]
@@ -68,7 +69,7 @@ from idempotask.errors import (
     MissingTableError,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["CommandError", "Context", "build_parser", "main", "run"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -107,7 +108,7 @@ def _configure(ctx: Context) -> None:
         what = "dead-letter" if a.group == "dlq" else "idempotency"
         ctx.note(
             f"note: the {what} store is memory://, which lives in this process only and "
-            "starts empty; pass --url (or set $IDEMPOTASK_URL) to reach your store"
+            f"starts empty; {ctx.store_hint}"
         )
 
 
@@ -123,6 +124,41 @@ def _fail(ctx: Context, message: str, code: int, exc: BaseException) -> int:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=ctx.err)
     ctx.note(f"error: {message}")
     return code
+
+
+def run(ctx: Context) -> int:
+    """Run the parsed command of ``ctx``: import ``--import`` modules, apply the store
+    options, call the command; returns its exit code. Every expected failure (a refusal,
+    an unknown id, a store unreachable or holding foreign data, a bad setting) is raised
+    as :class:`CommandError` with the one-line message and exit code ``main`` prints and
+    returns (``manage.py idempotask`` raises it as Django's ``CommandError``)."""
+    args = ctx.args
+    try:
+        _import(args.imports)
+        _configure(ctx)
+        code: int = args.handler(ctx)
+        return code
+    except CommandError:
+        raise
+    except CorruptRecordError as exc:
+        message = f"{_where(args.group)} holds data idempotask did not write: {exc}"
+        raise CommandError(message, EXIT_REFUSED) from exc
+    except MissingTableError as exc:
+        # Not an outage: the table will not appear by itself.
+        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        detail = scrub(redact_url(str(exc)), *urls)
+        message = f"{_where(args.group)} has no table {exc.table!r}: {ctx.tables_hint} ({detail})"
+        raise CommandError(message, EXIT_REFUSED) from exc
+    except BackendError as exc:
+        where = _where(args.group)
+        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        detail = scrub(redact_url(str(exc)), *urls)
+        raise CommandError(f"cannot reach {where}: {detail}", EXIT_UNREACHABLE) from exc
+    except ConfigurationError as exc:
+        detail = scrub(str(exc), args.url, args.dead_letter_url)
+        raise CommandError(detail, EXIT_USAGE) from exc
+    except IdempotaskError as exc:
+        raise CommandError(str(exc), EXIT_REFUSED) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,34 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s: %(message)s")
     try:
-        _import(args.imports)
-        _configure(ctx)
-        code: int = args.handler(ctx)
-        return code
+        return run(ctx)
     except CommandError as exc:
         return _fail(ctx, str(exc), exc.code, exc)
-    except CorruptRecordError as exc:
-        message = f"{_where(args.group)} holds data idempotask did not write: {exc}"
-        return _fail(ctx, message, EXIT_REFUSED, exc)
-    except MissingTableError as exc:
-        # Not an outage: the table will not appear by itself.
-        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
-        detail = scrub(redact_url(str(exc)), *urls)
-        message = (
-            f"{_where(args.group)} has no table {exc.table!r}: create it with "
-            f"`idempotask db create --url URL` ({detail})"
-        )
-        return _fail(ctx, message, EXIT_REFUSED, exc)
-    except BackendError as exc:
-        where = _where(args.group)
-        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
-        detail = scrub(redact_url(str(exc)), *urls)
-        return _fail(ctx, f"cannot reach {where}: {detail}", EXIT_UNREACHABLE, exc)
-    except ConfigurationError as exc:
-        detail = scrub(str(exc), args.url, args.dead_letter_url)
-        return _fail(ctx, detail, EXIT_USAGE, exc)
-    except IdempotaskError as exc:
-        return _fail(ctx, str(exc), EXIT_REFUSED, exc)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and keep Python's exit-time
         # flush of stdout from complaining about it again.

@@ -41,6 +41,15 @@ class Context:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     now: float = field(default_factory=time.time)
+    prog: str = "idempotask"
+    """How the command is run, in the hints messages give (``manage.py idempotask``
+    under Django)."""
+    acting_as: str | None = None
+    """Who acts, for a letter's history, when not the default ``cli:<login name>``."""
+    store_hint: str = "pass --url (or set $IDEMPOTASK_URL) to reach your store"
+    """What to do when the configured store is the process-local ``memory://``."""
+    tables_hint: str = "create it with `idempotask db create --url URL`"
+    """What to do when a SQL store's table is missing."""
 
     @property
     def json(self) -> bool:
@@ -62,7 +71,10 @@ class Context:
 
     @property
     def actor(self) -> str:
-        """Who acts, for a letter's history: ``cli:<login name>``."""
+        """Who acts, for a letter's history: ``acting_as`` when given, else
+        ``cli:<login name>``."""
+        if self.acting_as:
+            return self.acting_as
         try:
             user = getpass.getuser()
         except Exception:  # no login name (a container without a passwd entry)

@@ -448,7 +448,7 @@ def cmd_stats(ctx: Context) -> int:
     if spooled:
         ctx.print(
             f"Spool: {plural(spooled, 'letter')} waiting for the store in {current_spool_path()}"
-            " (`idempotask dlq flush` delivers them)."
+            f" (`{ctx.prog} dlq flush` delivers them)."
         )
     return 0
 
@@ -627,6 +627,6 @@ def cmd_flush(ctx: Context) -> int:
     for namespace, count in others.items():
         ctx.print(
             f"{plural(count, 'letter')} wait in the spool of namespace {namespace} "
-            f"(spool-{namespace}.jsonl): `idempotask --namespace {namespace} dlq flush`"
+            f"(spool-{namespace}.jsonl): `{ctx.prog} dlq flush --namespace {namespace}`"
         )
     return 0

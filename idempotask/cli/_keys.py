@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from idempotask import config
-from idempotask.backends.base import Backend, Record, State, SupportsScan
+from idempotask.backends.base import Backend, Record, State, SupportsPurgeExpired, SupportsScan
 from idempotask.cli._common import (
     CommandError,
     Context,
@@ -60,29 +60,27 @@ def redis_key(key: str) -> str | None:
 class _NotARecord(CommandError):
     """The data under ``key`` is not a record idempotask wrote."""
 
-    def __init__(self, key: str, error: CorruptRecordError) -> None:
-        super().__init__(
-            f"{error}\n(`idempotask keys forget {key} --force` deletes whatever is there)"
-        )
+    def __init__(self, key: str, error: CorruptRecordError, prog: str) -> None:
+        super().__init__(f"{error}\n(`{prog} keys forget {key} --force` deletes whatever is there)")
         self.key = key
 
 
-def _get(backend: Backend, key: str) -> Record | None:
+def _get(backend: Backend, key: str, prog: str) -> Record | None:
     try:
         return backend.get(key)
     except CorruptRecordError as exc:
-        raise _NotARecord(key, exc) from exc
+        raise _NotARecord(key, exc, prog) from exc
 
 
-def _find(backend: Backend, key: str) -> tuple[str, Record | None]:
+def _find(backend: Backend, key: str, prog: str = "idempotask") -> tuple[str, Record | None]:
     """The record under ``key``, else under ``<namespace>:key`` (keys are shown with
     their namespace, but people may leave it out). Data that is not a record is refused
     with a hint (exit 1), not reported as an unreachable store."""
-    record = _get(backend, key)
+    record = _get(backend, key, prog)
     namespace = config.settings().namespace
     if record is None and not key.startswith(namespace + ":"):
         prefixed = f"{namespace}:{key}"
-        found = _get(backend, prefixed)
+        found = _get(backend, prefixed, prog)
         if found is not None:
             return prefixed, found
     return key, record
@@ -143,7 +141,7 @@ def _payload_text(record: Record) -> tuple[str, str]:
 
 def cmd_show(ctx: Context) -> int:
     """``keys show KEY``: the record under an idempotency key."""
-    key, record = _find(config.get_backend(), ctx.args.key)
+    key, record = _find(config.get_backend(), ctx.args.key, ctx.prog)
     if record is None:
         raise CommandError(f"no record under key {ctx.args.key!r}")
     if ctx.json:
@@ -174,7 +172,7 @@ def cmd_forget(ctx: Context) -> int:
     """``keys forget KEY [--force]``: delete the record so the next call runs again."""
     backend = config.get_backend()
     try:
-        key, record = _find(backend, ctx.args.key)
+        key, record = _find(backend, ctx.args.key, ctx.prog)
     except _NotARecord as exc:
         if not ctx.args.force:
             raise
@@ -208,6 +206,27 @@ def cmd_forget(ctx: Context) -> int:
     return 0
 
 
+def cmd_purge(ctx: Context) -> int:
+    """``keys purge [--batch N]``: delete expired records from a store that keeps them
+    (SQL); stores that expire records by themselves (Redis, memory) need nothing."""
+    backend = config.get_backend()
+    if not isinstance(backend, SupportsPurgeExpired):
+        if ctx.json:
+            ctx.print(to_json({"deleted": 0, "purges": False}))
+        else:
+            ctx.print(
+                f"nothing to purge: {describe_backend()} expires its records by itself "
+                f"({type(backend).__name__} keeps no expired rows)"
+            )
+        return 0
+    deleted = backend.purge_expired(batch=ctx.args.batch)
+    if ctx.json:
+        ctx.print(to_json({"deleted": deleted, "purges": True}))
+    else:
+        ctx.print(f"deleted {plural(deleted, 'expired record')} from {describe_backend()}")
+    return 0
+
+
 def _name(ctx: Context) -> str:
     try:
         return check_name(ctx.args.name)
@@ -223,7 +242,7 @@ def cmd_list(ctx: Context) -> int:
         raise CommandError(
             f"{describe_backend()} cannot list its keys: its store ({type(backend).__name__}) "
             "does not offer scan(prefix, limit=) (idempotask.backends.base.SupportsScan). Compute "
-            "a key with `idempotask keys compute` and look at it with `idempotask keys show`"
+            f"a key with `{ctx.prog} keys compute` and look at it with `{ctx.prog} keys show`"
         )
     limit: int = ctx.args.limit
     prefix = f"{config.settings().namespace}:{name}:"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from idempotask import __version__
@@ -51,6 +52,9 @@ examples:
   idempotask db create --url postgresql+psycopg://app@db/app"""
 
 GLOBAL_DESTS = ("url", "dead_letter_url", "namespace", "spool", "json", "debug")
+
+LeafOptions = Callable[[argparse.ArgumentParser], None]
+"""Adds the options every command takes to one command's parser (the store, --json...)."""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -179,7 +183,11 @@ def _ids(parser: argparse.ArgumentParser, nargs: str = "+") -> None:
     )
 
 
-def _dlq_commands(sub: Any) -> None:
+def _late_options(parser: argparse.ArgumentParser) -> None:
+    _add_global_options(parser, late=True)
+
+
+def _dlq_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
     p = _command(
         sub,
         "list",
@@ -194,7 +202,7 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument(
         "--offset", type=non_negative_int_arg, default=0, metavar="N", help="skip the first N"
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -208,7 +216,7 @@ def _dlq_commands(sub: Any) -> None:
         "id", metavar="ID", help="dead-letter id (from `dlq list`), or its first characters"
     )
     p.add_argument("--no-arguments", action="store_true", help="do not show the arguments")
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -223,7 +231,7 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument("--all", action="store_true", help="requeue every letter matching the filters")
     p.add_argument("--yes", action="store_true", help="allow --all without any filter")
     _add_filters(p, search=True)
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -237,7 +245,7 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument(
         "--note", metavar="TEXT", help="why (what was done by hand), kept in the history"
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -248,7 +256,7 @@ def _dlq_commands(sub: Any) -> None:
     )
     _ids(p)
     p.add_argument("--note", metavar="TEXT", help="why, kept in the letter's history")
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -268,7 +276,7 @@ def _dlq_commands(sub: Any) -> None:
     _add_filters(p, times=False)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--yes", action="store_true", help="delete without asking")
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -286,7 +294,7 @@ def _dlq_commands(sub: Any) -> None:
         help="the window, in hours (default: 24)",
     )
     _add_filters(p, times=False, statuses=False)
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -325,7 +333,7 @@ def _dlq_commands(sub: Any) -> None:
         help="pause between batches with --loop (default: 30s)",
     )
     _add_filters(p, times=False, statuses=False)
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -334,7 +342,7 @@ def _dlq_commands(sub: Any) -> None:
         "deliver letters waiting in the local spool to the store",
         "Deliver the dead letters that were spooled locally while the store was down.",
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
 
 def _limit_arg(text: str) -> int:
@@ -344,7 +352,7 @@ def _limit_arg(text: str) -> int:
     return value
 
 
-def _keys_commands(sub: Any) -> None:
+def _keys_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
     p = _command(
         sub,
         "list",
@@ -363,7 +371,7 @@ def _keys_commands(sub: Any) -> None:
         metavar="N",
         help="show at most N records (default: 100, at most 10000)",
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -386,7 +394,7 @@ def _keys_commands(sub: Any) -> None:
         metavar="KEY",
         help="an explicit key given to fn.using(key=...), e.g. an Idempotency-Key header",
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -398,7 +406,7 @@ def _keys_commands(sub: Any) -> None:
         "JSON). The namespace may be left out of KEY.",
     )
     p.add_argument("key", metavar="KEY", help="e.g. idempotask:billing.charge:v1:9b1f...")
-    _add_global_options(p, late=True)
+    leaf_options(p)
 
     p = _command(
         sub,
@@ -414,7 +422,26 @@ def _keys_commands(sub: Any) -> None:
         action="store_true",
         help="release a key in progress (or delete data that is not a record)",
     )
-    _add_global_options(p, late=True)
+    leaf_options(p)
+
+    p = _command(
+        sub,
+        "purge",
+        _keys.cmd_purge,
+        "delete expired idempotency records (SQL stores)",
+        "Delete the expired records of a SQL store, --batch rows per statement (each its\n"
+        "own short transaction). Expired records already behave as absent: this only\n"
+        "reclaims space; run it from a periodic job. Redis and memory stores expire their\n"
+        "records by themselves, so there it deletes nothing.",
+    )
+    p.add_argument(
+        "--batch",
+        type=_limit_arg,
+        default=1000,
+        metavar="N",
+        help="rows per statement (default: 1000, at most 10000)",
+    )
+    leaf_options(p)
 
 
 def _db_commands(sub: Any) -> None:
@@ -431,6 +458,41 @@ def _db_commands(sub: Any) -> None:
     _add_global_options(p, late=True)
 
 
+def add_dlq_group(
+    groups: Any, leaf_options: LeafOptions = _late_options, prog: str = "idempotask"
+) -> argparse.ArgumentParser:
+    """Add the ``dlq`` command and its subcommands to ``groups`` (what
+    ``add_subparsers()`` returned); ``leaf_options`` adds the options every subcommand
+    takes (``manage.py idempotask`` gives its own)."""
+    dlq: argparse.ArgumentParser = groups.add_parser(
+        "dlq",
+        help="dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
+        description=f"Inspect and act on dead letters. `{prog} dlq COMMAND --help` tells more.",
+        formatter_class=_Formatter,
+    )
+    sub = dlq.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _dlq_commands(sub, leaf_options)
+    return dlq
+
+
+def add_keys_group(
+    groups: Any, leaf_options: LeafOptions = _late_options, prog: str = "idempotask"
+) -> argparse.ArgumentParser:
+    """Add the ``keys`` command and its subcommands to ``groups``, as
+    :func:`add_dlq_group` does."""
+    keys: argparse.ArgumentParser = groups.add_parser(
+        "keys",
+        help="idempotency keys: list, compute, show a record, forget (release) a key, "
+        "purge expired records",
+        description=f"List, compute, inspect, release or purge idempotency keys. `{prog} keys "
+        "COMMAND --help` tells more.",
+        formatter_class=_Formatter,
+    )
+    sub = keys.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _keys_commands(sub, leaf_options)
+    return keys
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``idempotask`` parser."""
     parser = argparse.ArgumentParser(
@@ -443,21 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, late=False)
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
-    dlq = groups.add_parser(
-        "dlq",
-        help="dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
-        description="Inspect and act on dead letters. `idempotask dlq COMMAND --help` tells more.",
-        formatter_class=_Formatter,
-    )
-    _dlq_commands(dlq.add_subparsers(dest="command", metavar="COMMAND", required=True))
-
-    keys = groups.add_parser(
-        "keys",
-        help="idempotency keys: list, compute, show a record, forget (release) a key",
-        description="List, compute, inspect or release idempotency keys.",
-        formatter_class=_Formatter,
-    )
-    _keys_commands(keys.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    add_dlq_group(groups)
+    add_keys_group(groups)
 
     demo = groups.add_parser(
         "demo",
@@ -527,12 +576,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     defaults and checks the combinations argparse cannot express."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for dest in GLOBAL_DESTS:
-        if not hasattr(args, dest):
-            setattr(args, dest, False if dest in ("json", "debug") else None)
-    args.imports = [*getattr(args, "imports", []), *getattr(args, "imports_late", [])]
-    _check(args)
+    finish(args)
     return args
+
+
+def finish(args: argparse.Namespace) -> None:
+    """Fill in the global options' defaults (those given after the command win over those
+    before it) and check the combinations argparse cannot express, as usage errors of the
+    command's own parser."""
+    for dest in GLOBAL_DESTS:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, False if dest in ("json", "debug") else None)
+    before, after = getattr(args, "imports", None), getattr(args, "imports_late", None)
+    args.imports = [*(before or []), *(after or [])]
+    _check(args)
 
 
 def _check(args: argparse.Namespace) -> None:
