@@ -23,6 +23,7 @@ from idempotask.backends.base import DeadLetter, State, Status, decode_history
 from idempotask.cli._text import iso, relative, safe
 from idempotask.django._database import DjangoDatabase
 from idempotask.django.models import DeadLetterRecord
+from idempotask.django.settings import Misconfigured
 from idempotask.taxonomy import FailureKind
 
 __all__ = [
@@ -79,6 +80,11 @@ def warn_elsewhere(model_admin: Any, request: HttpRequest, what: str, store: Any
     only when it points at the same database (a SQLAlchemy URL of it); Redis keeps its
     rows elsewhere."""
     if store_alias(store) is not None:
+        return
+    if isinstance(store, Misconfigured):
+        listed = "; ".join(f"{p.id}: {p.message}" for p in store.problems)
+        message = f"The IDEMPOTASK setting is invalid ({listed}): run `manage.py check`."
+        model_admin.message_user(request, safe(message), messages.ERROR)
         return
     model_admin.message_user(
         request,

@@ -423,4 +423,6 @@ def test_a_store_elsewhere_is_said_on_the_list_pages(client: Client) -> None:
     assert "The dead-letter store cannot be used" in html.unescape(response.content.decode())
     response = client.get(RECORDS)
     assert response.status_code == 200
-    assert "Misconfigured(['idempotask.E004'])" in html.unescape(response.content.decode())
+    text = html.unescape(response.content.decode())
+    assert "The IDEMPOTASK setting is invalid (idempotask.E004: " in text
+    assert "IDEMPOTASK['backend'] is 'nosuch'" in text
