@@ -555,13 +555,6 @@ def claim_name(name: str, owner: str, keyer: CallKeyer | None = None) -> None:
         )
 
 
-def release_name(name: str) -> None:
-    """Forget a registered name (for tests that define throwaway functions)."""
-    with _names_lock:
-        _names.pop(name, None)
-        _keyers.pop(name, None)
-
-
 _MISSING = object()
 
 
