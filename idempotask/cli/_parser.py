@@ -194,7 +194,6 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument(
         "--offset", type=non_negative_int_arg, default=0, metavar="N", help="skip the first N"
     )
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -208,7 +207,6 @@ def _dlq_commands(sub: Any) -> None:
         "id", metavar="ID", help="dead-letter id (from `dlq list`), or its first characters"
     )
     p.add_argument("--no-arguments", action="store_true", help="do not show the arguments")
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -223,7 +221,6 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument("--all", action="store_true", help="requeue every letter matching the filters")
     p.add_argument("--yes", action="store_true", help="allow --all without any filter")
     _add_filters(p, search=True)
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -237,7 +234,6 @@ def _dlq_commands(sub: Any) -> None:
     p.add_argument(
         "--note", metavar="TEXT", help="why (what was done by hand), kept in the history"
     )
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -248,7 +244,6 @@ def _dlq_commands(sub: Any) -> None:
     )
     _ids(p)
     p.add_argument("--note", metavar="TEXT", help="why, kept in the letter's history")
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -268,7 +263,6 @@ def _dlq_commands(sub: Any) -> None:
     _add_filters(p, times=False)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--yes", action="store_true", help="delete without asking")
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -286,7 +280,6 @@ def _dlq_commands(sub: Any) -> None:
         help="the window, in hours (default: 24)",
     )
     _add_filters(p, times=False, statuses=False)
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -325,16 +318,14 @@ def _dlq_commands(sub: Any) -> None:
         help="pause between batches with --loop (default: 30s)",
     )
     _add_filters(p, times=False, statuses=False)
-    _add_global_options(p, late=True)
 
-    p = _command(
+    _command(
         sub,
         "flush",
         _dlq.cmd_flush,
         "deliver letters waiting in the local spool to the store",
         "Deliver the dead letters that were spooled locally while the store was down.",
     )
-    _add_global_options(p, late=True)
 
 
 def _limit_arg(text: str) -> int:
@@ -363,7 +354,6 @@ def _keys_commands(sub: Any) -> None:
         metavar="N",
         help="show at most N records (default: 100, at most 10000)",
     )
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -386,7 +376,6 @@ def _keys_commands(sub: Any) -> None:
         metavar="KEY",
         help="an explicit key given to fn.using(key=...), e.g. an Idempotency-Key header",
     )
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -398,7 +387,6 @@ def _keys_commands(sub: Any) -> None:
         "JSON). The namespace may be left out of KEY.",
     )
     p.add_argument("key", metavar="KEY", help="e.g. idempotask:billing.charge:v1:9b1f...")
-    _add_global_options(p, late=True)
 
     p = _command(
         sub,
@@ -414,11 +402,10 @@ def _keys_commands(sub: Any) -> None:
         action="store_true",
         help="release a key in progress (or delete data that is not a record)",
     )
-    _add_global_options(p, late=True)
 
 
 def _db_commands(sub: Any) -> None:
-    p = _command(
+    _command(
         sub,
         "create",
         _db.cmd_create,
@@ -428,7 +415,14 @@ def _db_commands(sub: Any) -> None:
         "machines at once). Namespaces share these tables. Stores that keep no tables\n"
         "(Redis, memory) need nothing.",
     )
-    _add_global_options(p, late=True)
+
+
+def _leaves(add: Any, group: argparse.ArgumentParser) -> None:
+    """Add a group's commands, each with the global options after its own."""
+    sub = group.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add(sub)
+    for parser in sub.choices.values():
+        _add_global_options(parser, late=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect and act on dead letters. `idempotask dlq COMMAND --help` tells more.",
         formatter_class=_Formatter,
     )
-    _dlq_commands(dlq.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _leaves(_dlq_commands, dlq)
 
     keys = groups.add_parser(
         "keys",
@@ -457,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List, compute, inspect or release idempotency keys.",
         formatter_class=_Formatter,
     )
-    _keys_commands(keys.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _leaves(_keys_commands, keys)
 
     demo = groups.add_parser(
         "demo",
@@ -476,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Set up the SQL stores' tables. `idempotask db create --url URL`.",
         formatter_class=_Formatter,
     )
-    _db_commands(db.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _leaves(_db_commands, db)
     _web_command(groups)
     return parser
 
