@@ -417,8 +417,11 @@ def _db_commands(sub: Any) -> None:
     )
 
 
-def _leaves(add: Any, group: argparse.ArgumentParser) -> None:
-    """Add a group's commands, each with the global options after its own."""
+def _group(groups: Any, name: str, add: Any, summary: str, description: str) -> None:
+    """A group of commands, each with the global options after its own."""
+    group = groups.add_parser(
+        name, help=summary, description=description, formatter_class=_Formatter
+    )
     sub = group.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add(sub)
     for parser in sub.choices.values():
@@ -437,21 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, late=False)
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
-    dlq = groups.add_parser(
+    _group(
+        groups,
         "dlq",
-        help="dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
-        description="Inspect and act on dead letters. `idempotask dlq COMMAND --help` tells more.",
-        formatter_class=_Formatter,
+        _dlq_commands,
+        "dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
+        "Inspect and act on dead letters. `idempotask dlq COMMAND --help` tells more.",
     )
-    _leaves(_dlq_commands, dlq)
-
-    keys = groups.add_parser(
+    _group(
+        groups,
         "keys",
-        help="idempotency keys: list, compute, show a record, forget (release) a key",
-        description="List, compute, inspect or release idempotency keys.",
-        formatter_class=_Formatter,
+        _keys_commands,
+        "idempotency keys: list, compute, show a record, forget (release) a key",
+        "List, compute, inspect or release idempotency keys.",
     )
-    _leaves(_keys_commands, keys)
 
     demo = groups.add_parser(
         "demo",
@@ -464,13 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(handler=_demo, leaf_parser=demo, offline=True, command="demo")
 
-    db = groups.add_parser(
+    _group(
+        groups,
         "db",
-        help="SQL stores: create their tables",
-        description="Set up the SQL stores' tables. `idempotask db create --url URL`.",
-        formatter_class=_Formatter,
+        _db_commands,
+        "SQL stores: create their tables",
+        "Set up the SQL stores' tables. `idempotask db create --url URL`.",
     )
-    _leaves(_db_commands, db)
     _web_command(groups)
     return parser
 
