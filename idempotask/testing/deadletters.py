@@ -27,7 +27,6 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from idempotask.backends.deadletters import (
     SupportsExpireClaim,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.testing.views import Mode
+from idempotask.testing.views import Mode, in_threads
 
 __all__ = [
     "T0",
@@ -199,30 +198,14 @@ class SyncDeadLetterView(DeadLetterView):
     ) -> list[list[DeadLetter]]:
         """One thread per claimer, released together by a barrier."""
         scope = self.scope()
-        got: list[list[DeadLetter]] = [[] for _ in range(claimers)]
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(claimers, timeout=30)
 
-        def claimer(index: int) -> None:
-            try:
-                barrier.wait()
-                while batch := self.store.claim_due(now, limit=limit, lease=lease, filter=scope):
-                    got[index].extend(batch)
-            except BaseException as exc:  # re-raised in the calling thread below
-                errors.append(exc)
+        def claimer() -> list[DeadLetter]:
+            got: list[DeadLetter] = []
+            while batch := self.store.claim_due(now, limit=limit, lease=lease, filter=scope):
+                got.extend(batch)
+            return got
 
-        threads = [
-            threading.Thread(target=claimer, args=(i,), daemon=True) for i in range(claimers)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        if errors:
-            raise errors[0]
-        if any(thread.is_alive() for thread in threads):
-            raise TimeoutError("concurrent claimers did not finish within 60 s")
-        return got
+        return in_threads([claimer] * claimers)
 
 
 class AsyncDeadLetterView(DeadLetterView):

@@ -11,15 +11,44 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import threading
 import uuid
-from typing import Any, Literal, cast
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, cast
 
 from idempotask.backends.base import Backend, Record, SupportsExpireNow
 
-__all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "open_view"]
+__all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "in_threads", "open_view"]
 
 Mode = Literal["sync", "async"]
+_T = TypeVar("_T")
+
+
+def in_threads(calls: list[Callable[[], _T]], timeout: float = 60.0) -> list[_T]:
+    """Run each call in a thread of its own, all released together by a barrier; their
+    answers in order. The first exception raised in a thread is raised here."""
+    answers: dict[int, _T] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls), timeout=30)
+
+    def worker(index: int, call: Callable[[], _T]) -> None:
+        try:
+            barrier.wait()
+            answers[index] = call()
+        except BaseException as exc:  # re-raised in the calling thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=x, daemon=True) for x in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    if len(answers) != len(calls):
+        raise TimeoutError(f"{len(calls) - len(answers)} concurrent calls did not return")
+    return [answers[i] for i in range(len(calls))]
 
 
 def _require_expire_now(backend: Backend) -> SupportsExpireNow:
@@ -117,30 +146,8 @@ class SyncView(StoreView):
 
     def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
         """One thread per token, released together by a barrier."""
-        results: list[Record | None] = [None] * len(tokens)
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(len(tokens), timeout=30)
-
-        def worker(index: int, token: str) -> None:
-            try:
-                barrier.wait()
-                results[index] = self.backend.claim(key, token, lease=lease)
-            except BaseException as exc:  # re-raised in the calling thread below
-                errors.append(exc)
-
-        threads = [
-            threading.Thread(target=worker, args=(i, t), daemon=True) for i, t in enumerate(tokens)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        if errors:
-            raise errors[0]
-        answers = [r for r in results if r is not None]
-        if len(answers) != len(tokens):
-            raise TimeoutError(f"{len(tokens) - len(answers)} concurrent claims did not return")
-        return answers
+        claim = self.backend.claim
+        return in_threads([functools.partial(claim, key, t, lease=lease) for t in tokens])
 
 
 class AsyncView(StoreView):
