@@ -555,13 +555,6 @@ def claim_name(name: str, owner: str, keyer: CallKeyer | None = None) -> None:
         )
 
 
-def release_name(name: str) -> None:
-    """Forget a registered name (for tests that define throwaway functions)."""
-    with _names_lock:
-        _names.pop(name, None)
-        _keyers.pop(name, None)
-
-
 _MISSING = object()
 
 
@@ -638,20 +631,18 @@ class CallKeyer:
     ) -> tuple[int, ...]:
         if key_args is not None and exclude_args is not None:
             raise ConfigurationError("key_args and exclude_args cannot be combined; pick one")
+        option = "key_args" if key_args is not None else "exclude_args"
         if self._key_fn is not None and (key_args is not None or exclude_args is not None):
-            option = "key_args" if key_args is not None else "exclude_args"
             raise ConfigurationError(
                 f"key= and {option}= cannot be combined: key= computes the key material from "
                 f"the arguments itself, so {option}= would be ignored; pick one"
             )
         chosen = key_args if key_args is not None else exclude_args
         if isinstance(chosen, str):
-            option = "key_args" if key_args is not None else "exclude_args"
             raise ConfigurationError(f"{option}: expected a tuple of names, got {chosen!r}")
         names = tuple(chosen) if chosen is not None else ()
         unknown = [n for n in names if n not in self._names]
         if unknown:
-            option = "key_args" if key_args is not None else "exclude_args"
             raise ConfigurationError(
                 f"{option}: {', '.join(map(repr, unknown))} not in the signature "
                 f"({', '.join(self._names)})"

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from idempotask import events
+from idempotask import events, flow
 from idempotask.backends.base import Backend
 from idempotask.errors import BackendError
 
@@ -134,6 +134,25 @@ def lease_held() -> bool:
 _IDLE_EXIT = 30.0
 
 
+_ANY_ERROR = (Exception,)
+
+
+def _renewal(lease: Lease) -> flow.Flow[None]:
+    """Renew ``lease`` once and note how it went; never raises an Exception."""
+    started = time.monotonic()
+    try:
+        ok = yield flow.store_op(
+            lease.backend, "renew", lease.key, lease.token, lease=lease.seconds
+        )
+    except BackendError as exc:
+        lease.failed(exc)
+    except Exception as exc:  # a broken third-party store must not stop the renewals
+        log.exception("idempotask: unexpected error renewing %s", lease.key)
+        lease.failed(exc)
+    else:
+        lease.renewed(ok, started)
+
+
 class _ThreadKeeper:
     """Renews the leases of every sync call on one store from one daemon thread.
 
@@ -190,16 +209,7 @@ class _ThreadKeeper:
                 self._renew(lease)
 
     def _renew(self, lease: Lease) -> None:
-        started = time.monotonic()
-        try:
-            ok = lease.backend.renew(lease.key, lease.token, lease=lease.seconds)
-        except BackendError as exc:
-            lease.failed(exc)
-        except Exception as exc:  # a broken third-party store must not kill the thread
-            log.exception("idempotask: unexpected error renewing %s", lease.key)
-            lease.failed(exc)
-        else:
-            lease.renewed(ok, started)
+        flow.drive(_renewal(lease), _ANY_ERROR)
         if lease.held is False:
             self.remove(lease)
 
@@ -254,16 +264,7 @@ class _LoopKeeper:
     async def _renew(self, due: list[Lease]) -> None:
         try:
             for lease in due:
-                started = time.monotonic()
-                try:
-                    ok = await lease.backend.arenew(lease.key, lease.token, lease=lease.seconds)
-                except BackendError as exc:
-                    lease.failed(exc)
-                except Exception as exc:
-                    log.exception("idempotask: unexpected error renewing %s", lease.key)
-                    lease.failed(exc)
-                else:
-                    lease.renewed(ok, started)
+                await flow.adrive(_renewal(lease), _ANY_ERROR)
                 if not lease.held:
                     self.remove(lease)
         finally:

@@ -326,18 +326,18 @@ class CircuitBreaker:
     def _enter(self) -> bool:
         """Admit one call (sync); True when it is the probe."""
         op = self._before(self._clock())
-        return False if op is None else self._drive(self._admit(op))
+        return False if op is None else flow.drive(self._admit(op))
 
     async def _aenter(self) -> bool:
         op = self._before(self._clock())
-        return False if op is None else await self._adrive(self._admit(op))
+        return False if op is None else await flow.adrive(self._admit(op))
 
     def _exit(self, probe: bool, exc: BaseException | None) -> None:
         """Record one call's outcome (sync); never raises."""
         op = self._after(probe, exc)
         if op is not None:
             try:
-                self._drive(self._record(op, probe))
+                flow.drive(self._record(op, probe))
             except Exception:
                 self._record_crashed(op, probe)
 
@@ -345,7 +345,7 @@ class CircuitBreaker:
         op = self._after(probe, exc)
         if op is not None:
             try:
-                await self._adrive(self._record(op, probe))
+                await flow.adrive(self._record(op, probe))
             except Exception:
                 self._record_crashed(op, probe)
 
@@ -556,16 +556,6 @@ class CircuitBreaker:
                 _entered.set(stack[:i] + stack[i + 1 :])
                 return stack[i][1]
         return False
-
-    # ------------------------------------------------------------- the drivers
-
-    def _drive(self, steps: Flow[_T]) -> _T:
-        """Run decision steps with sync store I/O."""
-        return flow.drive(steps)
-
-    async def _adrive(self, steps: Flow[_T]) -> _T:
-        """Run decision steps with async store I/O."""
-        return await flow.adrive(steps)
 
     def _io(self, op: _Op) -> Op:
         """The store operation ``op`` stands for, on the store in use now."""

@@ -90,17 +90,15 @@ def _import(modules: Sequence[str]) -> None:
 def _configure(ctx: Context) -> None:
     """Apply the store options given on the command line, over what imports configured."""
     a = ctx.args
-    options: dict[str, str] = {}
-    if a.url is not None:
-        options["backend"] = a.url
-    if a.dead_letter_url is not None:
-        options["dead_letter_store"] = a.dead_letter_url
-    if a.namespace is not None:
-        options["namespace"] = a.namespace
-    if a.spool is not None:
-        options["spool_path"] = a.spool
+    given = {
+        "backend": a.url,
+        "dead_letter_store": a.dead_letter_url,
+        "namespace": a.namespace,
+        "spool_path": a.spool,
+    }
+    options = {name: value for name, value in given.items() if value is not None}
     if options:
-        config.configure(**options)  # type: ignore[arg-type]
+        config.configure(**options)
     if getattr(a, "offline", False):
         return  # the command reads no configured store (keys compute, demo): nothing to note
     url = dead_letter_url() if a.group == "dlq" else backend_url()

@@ -294,27 +294,20 @@ def cmd_retry(ctx: Context) -> int:
     return 0
 
 
+def _close(ctx: Context, mark: Callable[..., DeadLetter], done: str) -> int:
+    note = " ".join((ctx.args.note or "").split())
+    return _each(ctx, ctx.args.ids, lambda id: mark(id, note=note, actor=ctx.actor), done)
+
+
 def cmd_resolve(ctx: Context) -> int:
     """``dlq resolve ID... [--note TEXT]``: close letters as RESOLVED by hand; the note
     and who did it go to each letter's history."""
-    a = ctx.args
-    note = " ".join((a.note or "").split())
-    queue = ctx.queue()
-    return _each(
-        ctx, a.ids, lambda id: queue.mark_resolved(id, note=note, actor=ctx.actor), "resolved"
-    )
+    return _close(ctx, ctx.queue().mark_resolved, "resolved")
 
 
 def cmd_abandon(ctx: Context) -> int:
     """``dlq abandon ID... [--note TEXT]``: close letters as ABANDONED (never retried)."""
-    note = " ".join((ctx.args.note or "").split())
-    queue = ctx.queue()
-    return _each(
-        ctx,
-        ctx.args.ids,
-        lambda id: queue.mark_abandoned(id, note=note, actor=ctx.actor),
-        "abandoned",
-    )
+    return _close(ctx, ctx.queue().mark_abandoned, "abandoned")
 
 
 def _confirm(ctx: Context, question: str) -> bool:

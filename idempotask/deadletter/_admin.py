@@ -20,13 +20,15 @@ from idempotask.deadletter._core import (
     PAGE,
     AmbiguousLetterId,
     DeadLetterNotFound,
+    awaited,
     check_actor,
     make_filter,
     seconds,
+    synced,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
 from idempotask.errors import ConfigurationError
-from idempotask.flow import Flow, adrive, drive, store_op
+from idempotask.flow import Flow, store_op
 from idempotask.taxonomy import FailureKind
 
 __all__ = ["Administration", "DeadLetterStats"]
@@ -124,15 +126,14 @@ class Administration(QueueCore):
 
     # -- questions -------------------------------------------------------------------------
 
-    def get(self, id: str) -> DeadLetter | None:
+    def _get(self, id: str) -> Flow[DeadLetter | None]:
         """The letter with this id, or None."""
-        return drive(self._get_flow(id))
+        return self._get_flow(id)
 
-    async def aget(self, id: str) -> DeadLetter | None:
-        """Async :meth:`get`."""
-        return await adrive(self._get_flow(id))
+    get = synced(_get)
+    aget = awaited(_get)
 
-    def find(self, id: str) -> DeadLetter:
+    def _find(self, id: str) -> Flow[DeadLetter]:
         """The letter whose id is ``id``, else the one letter whose id starts with it (at
         least 4 characters; a trailing ``...`` is ignored), looked for among the newest
         10,000. :class:`DeadLetterNotFound` when there is none,
@@ -141,13 +142,6 @@ class Administration(QueueCore):
         >>> queue.find("3f2a9c").id  # doctest: +SKIP
         '3f2a9c81d2...'
         """
-        return drive(self._find_flow(id))
-
-    async def afind(self, id: str) -> DeadLetter:
-        """Async :meth:`find`."""
-        return await adrive(self._find_flow(id))
-
-    def _find_flow(self, id: str) -> Flow[DeadLetter]:
         if not isinstance(id, str):
             raise ConfigurationError(f"id: expected text, got {type(id).__name__}")
         text = id.strip().removesuffix("...").removesuffix("\u2026")
@@ -177,7 +171,10 @@ class Administration(QueueCore):
         among = f" among the newest {scanned:,}" if scanned >= FIND_SCAN else ""
         raise DeadLetterNotFound(f"no dead letter has id {id!r} or an id starting with it{among}")
 
-    def query(
+    find = synced(_find)
+    afind = awaited(_find)
+
+    def _query(
         self,
         *,
         status: Statuses = None,
@@ -188,7 +185,7 @@ class Administration(QueueCore):
         search: str | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[DeadLetter]:
+    ) -> Flow[list[DeadLetter]]:
         """Letters matching every criterion given (see :meth:`filter`), newest failure
         first (ties by id, so pages are stable).
 
@@ -197,23 +194,10 @@ class Administration(QueueCore):
         []
         """
         chosen = make_filter(status, kind, function, since, until, search)
-        return drive(self._query_flow(chosen, limit, offset))
+        return self._query_flow(chosen, limit, offset)
 
-    async def aquery(
-        self,
-        *,
-        status: Statuses = None,
-        kind: Kinds = None,
-        function: Functions = None,
-        since: Moment = None,
-        until: Moment = None,
-        search: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[DeadLetter]:
-        """Async :meth:`query`."""
-        chosen = make_filter(status, kind, function, since, until, search)
-        return await adrive(self._query_flow(chosen, limit, offset))
+    query = synced(_query)
+    aquery = awaited(_query)
 
     def _query_flow(
         self, filter: DeadLetterFilter, limit: int, offset: int
@@ -225,39 +209,28 @@ class Administration(QueueCore):
         found: list[DeadLetter] = yield store_op(store, "query", filter, limit=limit, offset=offset)
         return found
 
-    def count(self, filter: DeadLetterFilter | None = None) -> int:
+    def _count(self, filter: DeadLetterFilter | None = None) -> Flow[int]:
         """How many letters match ``filter`` (see :meth:`filter`; None: all).
 
         >>> from idempotask import DeadLetterQueue
         >>> DeadLetterQueue("memory://").count(DeadLetterQueue.filter(status="pending"))
         0
         """
-        return drive(self._count_flow(filter or DeadLetterFilter()))
-
-    async def acount(self, filter: DeadLetterFilter | None = None) -> int:
-        """Async :meth:`count`."""
-        return await adrive(self._count_flow(filter or DeadLetterFilter()))
-
-    def _count_flow(self, filter: DeadLetterFilter) -> Flow[int]:
         store = yield from self._store_flow()
-        rows: list[StatRow] = yield store_op(store, "stats", filter)
+        rows: list[StatRow] = yield store_op(store, "stats", filter or DeadLetterFilter())
         return sum(row.count for row in rows)
 
-    def _stats_window(
-        self, hours: float, now: Moment, function: Functions, kind: Kinds
-    ) -> tuple[DeadLetterFilter, float, float]:
-        until = self.now(now)
-        since = until - seconds(hours, "hours") * 3600.0
-        return make_filter(None, kind, function, since), since, until
+    count = synced(_count)
+    acount = awaited(_count)
 
-    def stats(
+    def _stats(
         self,
         hours: float = 24,
         *,
         function: Functions = None,
         kind: Kinds = None,
         now: Moment = None,
-    ) -> DeadLetterStats:
+    ) -> Flow[DeadLetterStats]:
         """Counts of the letters that last failed in the past ``hours``, by kind,
         function and status, with replays that failed and succeeded.
 
@@ -265,18 +238,12 @@ class Administration(QueueCore):
         >>> DeadLetterQueue("memory://").stats(hours=1).total
         0
         """
-        return drive(self._stats_flow(*self._stats_window(hours, now, function, kind)))
+        until = self.now(now)
+        since = until - seconds(hours, "hours") * 3600.0
+        return self._stats_flow(make_filter(None, kind, function, since), since, until)
 
-    async def astats(
-        self,
-        hours: float = 24,
-        *,
-        function: Functions = None,
-        kind: Kinds = None,
-        now: Moment = None,
-    ) -> DeadLetterStats:
-        """Async :meth:`stats`."""
-        return await adrive(self._stats_flow(*self._stats_window(hours, now, function, kind)))
+    stats = synced(_stats)
+    astats = awaited(_stats)
 
     def _stats_flow(
         self, filter: DeadLetterFilter, since: float, until: float
@@ -294,12 +261,12 @@ class Administration(QueueCore):
             return self.now(at)
         return self.now() + (0.0 if in_ is None else seconds(in_, "in_"))
 
-    def _requeue(
+    def _reopen(
         self, at: Moment, in_: float | _dt.timedelta | None, actor: str, note: str
     ) -> Decide:
         return reopen(self._due_at(at, in_), self.now(), check_actor(actor), _note(note))
 
-    def schedule_retry(
+    def _schedule_retry(
         self,
         id: str,
         *,
@@ -307,7 +274,7 @@ class Administration(QueueCore):
         in_: float | _dt.timedelta | None = None,
         actor: str = "api",
         note: str = "",
-    ) -> DeadLetter:
+    ) -> Flow[DeadLetter]:
         """Make the letter due at ``at`` (or ``in_`` seconds from now; default now).
 
         A resolved or abandoned letter is reopened as PENDING; attempts are kept, so
@@ -316,27 +283,17 @@ class Administration(QueueCore):
 
         >>> queue.schedule_retry(letter_id, in_=3600)  # doctest: +SKIP
         """
-        return drive(self._transition_flow(id, self._requeue(at, in_, actor, note)))
+        return self._transition_flow(id, self._reopen(at, in_, actor, note))
 
-    async def aschedule_retry(
-        self,
-        id: str,
-        *,
-        at: Moment = None,
-        in_: float | _dt.timedelta | None = None,
-        actor: str = "api",
-        note: str = "",
-    ) -> DeadLetter:
-        """Async :meth:`schedule_retry`."""
-        return await adrive(self._transition_flow(id, self._requeue(at, in_, actor, note)))
+    schedule_retry = synced(_schedule_retry)
+    aschedule_retry = awaited(_schedule_retry)
 
-    def requeue(self, id: str, *, actor: str = "api", note: str = "") -> DeadLetter:
+    def _requeue(self, id: str, *, actor: str = "api", note: str = "") -> Flow[DeadLetter]:
         """Make the letter due now (reopening it if it was closed)."""
-        return self.schedule_retry(id, actor=actor, note=note)
+        return self._schedule_retry(id, actor=actor, note=note)
 
-    async def arequeue(self, id: str, *, actor: str = "api", note: str = "") -> DeadLetter:
-        """Async :meth:`requeue`."""
-        return await self.aschedule_retry(id, actor=actor, note=note)
+    requeue = synced(_requeue)
+    arequeue = awaited(_requeue)
 
     def _resolve(self, resolution: str, actor: str, note: str) -> Decide:
         if not isinstance(resolution, str) or not resolution:
@@ -345,29 +302,25 @@ class Administration(QueueCore):
             Status.RESOLVED, resolution, "resolved", self.now(), check_actor(actor), _note(note)
         )
 
-    def mark_resolved(
+    def _mark_resolved(
         self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
-    ) -> DeadLetter:
+    ) -> Flow[DeadLetter]:
         """Close the letter as RESOLVED (nothing more is retried); the history records
         ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
-        return drive(self._transition_flow(id, self._resolve(resolution, actor, note)))
+        return self._transition_flow(id, self._resolve(resolution, actor, note))
 
-    async def amark_resolved(
-        self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
-    ) -> DeadLetter:
-        """Async :meth:`mark_resolved`."""
-        return await adrive(self._transition_flow(id, self._resolve(resolution, actor, note)))
+    mark_resolved = synced(_mark_resolved)
+    amark_resolved = awaited(_mark_resolved)
 
     def _abandon(self, actor: str, note: str) -> Decide:
         return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
 
-    def mark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> DeadLetter:
+    def _mark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> Flow[DeadLetter]:
         """Close the letter as ABANDONED (kept for people, never retried)."""
-        return drive(self._transition_flow(id, self._abandon(actor, note)))
+        return self._transition_flow(id, self._abandon(actor, note))
 
-    async def amark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> DeadLetter:
-        """Async :meth:`mark_abandoned`."""
-        return await adrive(self._transition_flow(id, self._abandon(actor, note)))
+    mark_abandoned = synced(_mark_abandoned)
+    amark_abandoned = awaited(_mark_abandoned)
 
     # -- many letters ----------------------------------------------------------------------
 
@@ -389,7 +342,7 @@ class Administration(QueueCore):
             count += 1
         return count
 
-    def requeue_all(
+    def _requeue_all(
         self,
         filter: DeadLetterFilter | None = None,
         *,
@@ -401,7 +354,7 @@ class Administration(QueueCore):
         search: str | None = None,
         actor: str = "api",
         note: str = "",
-    ) -> int:
+    ) -> Flow[int]:
         """Make every matching letter due now; returns how many.
 
         Without a status, RESOLVED letters are left alone (replaying them could run a
@@ -411,100 +364,58 @@ class Administration(QueueCore):
         3
         """
         chosen = filter or make_filter(status, kind, function, since, until, search)
-        decide = self._requeue(None, None, actor, note)
-        return drive(self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide))
+        decide = self._reopen(None, None, actor, note)
+        return self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide)
 
-    async def arequeue_all(
-        self,
-        filter: DeadLetterFilter | None = None,
-        *,
-        status: Statuses = None,
-        kind: Kinds = None,
-        function: Functions = None,
-        since: Moment = None,
-        until: Moment = None,
-        search: str | None = None,
-        actor: str = "api",
-        note: str = "",
-    ) -> int:
-        """Async :meth:`requeue_all`."""
-        chosen = filter or make_filter(status, kind, function, since, until, search)
-        decide = self._requeue(None, None, actor, note)
-        return await adrive(self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide))
+    requeue_all = synced(_requeue_all)
+    arequeue_all = awaited(_requeue_all)
 
-    def resolve_all(
+    def _resolve_all(
         self,
         filter: DeadLetterFilter | None = None,
         *,
         note: str = "",
         actor: str = "api",
         resolution: str = "manual",
-    ) -> int:
+    ) -> Flow[int]:
         """Close every matching letter as RESOLVED (by default those not resolved yet);
         returns how many. Each letter's history records it, with ``note``."""
         chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
-        return drive(self._bulk_flow(chosen, self._resolve(resolution, actor, note)))
+        return self._bulk_flow(chosen, self._resolve(resolution, actor, note))
 
-    async def aresolve_all(
-        self,
-        filter: DeadLetterFilter | None = None,
-        *,
-        note: str = "",
-        actor: str = "api",
-        resolution: str = "manual",
-    ) -> int:
-        """Async :meth:`resolve_all`."""
-        chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
-        return await adrive(self._bulk_flow(chosen, self._resolve(resolution, actor, note)))
+    resolve_all = synced(_resolve_all)
+    aresolve_all = awaited(_resolve_all)
 
-    def abandon_all(
+    def _abandon_all(
         self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
-    ) -> int:
+    ) -> Flow[int]:
         """Close every matching letter as ABANDONED (by default the open ones, PENDING and
         RETRYING); returns how many."""
         chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
-        return drive(self._bulk_flow(chosen, self._abandon(actor, note)))
+        return self._bulk_flow(chosen, self._abandon(actor, note))
 
-    async def aabandon_all(
-        self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
-    ) -> int:
-        """Async :meth:`abandon_all`."""
-        chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
-        return await adrive(self._bulk_flow(chosen, self._abandon(actor, note)))
+    abandon_all = synced(_abandon_all)
+    aabandon_all = awaited(_abandon_all)
 
-    def _purge_filter(
-        self, older_than: float | _dt.timedelta | None, status: Statuses, now: Moment
-    ) -> DeadLetterFilter:
-        age = self.retention if older_than is None else seconds(older_than, "older_than")
-        statuses = (Status.RESOLVED, Status.ABANDONED) if status is None else status
-        return make_filter(statuses, until=self.now(now) - age)
-
-    def purge(
+    def _purge(
         self,
         older_than: float | _dt.timedelta | None = None,
         *,
         status: Statuses = None,
         now: Moment = None,
-    ) -> int:
+    ) -> Flow[int]:
         """Delete letters whose last failure is older than ``older_than`` (default: the
         retention); only RESOLVED and ABANDONED ones unless ``status`` says otherwise.
 
         >>> queue.purge(older_than=timedelta(days=7))  # doctest: +SKIP
         12
         """
-        return drive(self._purge_flow(self._purge_filter(older_than, status, now)))
-
-    async def apurge(
-        self,
-        older_than: float | _dt.timedelta | None = None,
-        *,
-        status: Statuses = None,
-        now: Moment = None,
-    ) -> int:
-        """Async :meth:`purge`."""
-        return await adrive(self._purge_flow(self._purge_filter(older_than, status, now)))
-
-    def _purge_flow(self, filter: DeadLetterFilter) -> Flow[int]:
+        age = self.retention if older_than is None else seconds(older_than, "older_than")
+        statuses = (Status.RESOLVED, Status.ABANDONED) if status is None else status
+        filter = make_filter(statuses, until=self.now(now) - age)
         store = yield from self._store_flow()
         count: int = yield store_op(store, "purge", filter)
         return count
+
+    purge = synced(_purge)
+    apurge = awaited(_purge)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import functools
+import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
@@ -20,6 +22,7 @@ from idempotask.errors import (
     IdempotaskError,
     KeyMismatchError,
 )
+from idempotask.flow import DEFAULT_CATCH, Flow, adrive, drive
 from idempotask.lease import LeaseLostWarning
 from idempotask.retry import RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind, check_kind
@@ -35,6 +38,7 @@ __all__ = [
     "Policies",
     "ReplayError",
     "RouteHandler",
+    "awaited",
     "bound_arguments",
     "check_actor",
     "check_classifier",
@@ -47,9 +51,14 @@ __all__ = [
     "make_filter",
     "redact_arguments",
     "seconds",
+    "synced",
 ]
 
 log = logging.getLogger("idempotask")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_S = TypeVar("_S")
 
 CAS_TRIES = 50  # read-modify-write rounds before a transition gives up
 PAGE = 500  # letters per query page when a bulk operation walks a filter
@@ -234,3 +243,47 @@ def fire_letter_hooks(
     fire_hook(on_dead_letter, letter, f"{prefix}on_dead_letter")
     if letter.status is Status.ABANDONED:
         fire_hook(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")
+
+
+# A queue method is written once, as a method returning its flow; these make the sync
+# method that drives it and the async twin that awaits it, with the same signature.
+def synced(
+    flow: Callable[Concatenate[_S, _P], Flow[_T]],
+    catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
+) -> Callable[Concatenate[_S, _P], _T]:
+    """The public sync method of a private ``_name`` method returning a flow, driven
+    with ``catch``."""
+
+    @functools.wraps(flow)
+    def method(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return drive(flow(self, *args, **kwargs), catch)
+
+    _rename(method, flow, flow.__name__.lstrip("_"))
+    return method
+
+
+def awaited(
+    flow: Callable[Concatenate[_S, _P], Flow[_T]],
+    catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
+    doc: str = "",
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
+    """The async twin of :func:`synced`: ``a<name>``, documented as "Async :meth:`name`"."""
+
+    @functools.wraps(flow)
+    async def method(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await adrive(flow(self, *args, **kwargs), catch)
+
+    name = flow.__name__.lstrip("_")
+    _rename(method, flow, "a" + name)
+    method.__doc__ = doc or f"Async :meth:`{name}`."
+    return method
+
+
+def _rename(method: Any, flow: Callable[..., Any], name: str) -> None:
+    # help() and inspect show the public name, and the flow's parameters without its
+    # return type (a Flow, which the caller never sees).
+    method.__name__ = name
+    method.__qualname__ = method.__qualname__.replace(flow.__name__, name)
+    method.__signature__ = inspect.signature(flow).replace(
+        return_annotation=inspect.Parameter.empty
+    )

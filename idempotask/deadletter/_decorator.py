@@ -469,24 +469,6 @@ def dead_letter(
     classifier: Classifier | None = None,
     policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
     retry: bool | int | InCallRetry | None = None,
-    swallow: Literal[True],
-    critical: bool = False,
-    on_dead_letter: Hook | None = None,
-    on_retry_exhausted: Hook | None = None,
-    breaker: CircuitBreaker | None = None,
-) -> _Swallowing: ...
-
-
-@overload
-def dead_letter(
-    *,
-    name: str | None = None,
-    queue: DeadLetterQueue | None = None,
-    redact: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
-    replay_with: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
-    classifier: Classifier | None = None,
-    policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
-    retry: bool | int | InCallRetry | None = None,
     swallow: bool,
     critical: bool = False,
     on_dead_letter: Hook | None = None,
@@ -567,20 +549,8 @@ def dead_letter(
       is open, calls fail fast with :class:`idempotask.CircuitOpenError`, classified
       EXTERNAL; its letter is retried later without using up an attempt.
     """
-    options = {
-        "name": name,
-        "queue": queue,
-        "redact": redact,
-        "replay_with": replay_with,
-        "classifier": classifier,
-        "policies": policies,
-        "retry": retry,
-        "swallow": swallow,
-        "critical": critical,
-        "on_dead_letter": on_dead_letter,
-        "on_retry_exhausted": on_retry_exhausted,
-        "breaker": breaker,
-    }
+    options = dict(locals())  # the keyword options, by name
+    del options["func"]
     if func is not None:
         return _wrap(func, options)
     return lambda f: _wrap(f, dict(options))

@@ -13,7 +13,7 @@ from idempotask import config, events
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
-from idempotask.deadletter._core import ReplayError, fire_hook
+from idempotask.deadletter._core import ReplayError, awaited, fire_hook, synced
 from idempotask.deadletter._letters import after_failure, classify, close, hold, skipped
 from idempotask.deadletter._replay import (
     Outcome,
@@ -30,7 +30,7 @@ from idempotask.deadletter._replay import (
 )
 from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
 from idempotask.events import EventKind
-from idempotask.flow import Flow, Op, adrive, drive, store_op
+from idempotask.flow import Flow, Op, store_op
 
 __all__ = ["ProcessReport", "Processing", "ReplayResult"]
 
@@ -162,14 +162,14 @@ def _claim_filter(
 class Processing(QueueCore):
     """The processing part of :class:`~idempotask.deadletter.DeadLetterQueue`."""
 
-    def process_due(
+    def _process_due(
         self,
         limit: int = 100,
         lease: float = 300.0,
         *,
         now: float | _dt.datetime | None = None,
         filter: DeadLetterFilter | None = None,
-    ) -> ProcessReport:
+    ) -> Flow[ProcessReport]:
         """Claim up to ``limit`` due letters for ``lease`` seconds and replay each.
 
         Run it from cron or a loop, in as many processes as you like: a letter is
@@ -182,26 +182,6 @@ class Processing(QueueCore):
         >>> report = queue.process_due(limit=50)  # doctest: +SKIP
         >>> report.resolved, report.failed, report.skipped  # doctest: +SKIP
         """
-        return drive(self._process(limit, lease, now, filter))
-
-    async def aprocess_due(
-        self,
-        limit: int = 100,
-        lease: float = 300.0,
-        *,
-        now: float | _dt.datetime | None = None,
-        filter: DeadLetterFilter | None = None,
-    ) -> ProcessReport:
-        """Async :meth:`process_due`; sync functions are replayed in a worker thread."""
-        return await adrive(self._process(limit, lease, now, filter))
-
-    def _process(
-        self,
-        limit: int,
-        lease: float,
-        now: float | _dt.datetime | None,
-        filter: DeadLetterFilter | None,
-    ) -> Flow[ProcessReport]:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(f"limit: expected a positive int, got {limit!r}")
         if filter is not None and not isinstance(filter, DeadLetterFilter):
@@ -209,6 +189,12 @@ class Processing(QueueCore):
         return self._process_flow(
             limit, config.check_seconds("lease", lease), self.now(now), filter
         )
+
+    process_due = synced(_process_due)
+    aprocess_due = awaited(
+        _process_due,
+        doc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
+    )
 
     def _process_flow(
         self, limit: int, lease: float, now: float, filter: DeadLetterFilter | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from idempotask import events
@@ -16,14 +16,16 @@ from idempotask.deadletter._core import (
     RECORDING_CATCH,
     DeadLetterNotFound,
     Policies,
+    awaited,
     check_actor,
     check_classifier,
     check_policies,
+    synced,
 )
 from idempotask.deadletter._letters import after_failure, classify, new_letter
 from idempotask.errors import ConfigurationError, MissingTableError
 from idempotask.events import EventKind
-from idempotask.flow import Flow, Op, adrive, drive, store_op
+from idempotask.flow import Flow, Op, store_op
 from idempotask.retry import RetryPolicy
 from idempotask.spool import SpoolError, encode_letter
 from idempotask.taxonomy import Classifier, FailureKind
@@ -36,7 +38,7 @@ log = logging.getLogger("idempotask")
 class Recording(QueueCore):
     """The recording part of :class:`~idempotask.deadletter.DeadLetterQueue`."""
 
-    def record(
+    def _record(
         self,
         function: str,
         error: BaseException,
@@ -50,7 +52,7 @@ class Recording(QueueCore):
         replay_of: str | None = None,
         now: float | _dt.datetime | None = None,
         actor: str | None = None,
-    ) -> DeadLetter:
+    ) -> Flow[DeadLetter]:
         """Record that ``function`` failed with ``error``; returns the letter.
 
         ``arguments`` (name -> value, already redacted) are stored as typed JSON; values
@@ -66,70 +68,27 @@ class Recording(QueueCore):
         >>> DeadLetterQueue("memory://").record("jobs.sync", ValueError("bad")).status.value
         'abandoned'
         """
-        flow = self._checked_record(
-            function, error, arguments, key, route, critical, classifier, policies, replay_of
-        )
-        return drive(flow(self.now(now), actor), RECORDING_CATCH)
-
-    async def arecord(
-        self,
-        function: str,
-        error: BaseException,
-        *,
-        arguments: Mapping[str, Any] | None = None,
-        key: str = "",
-        route: str = "",
-        critical: bool = False,
-        classifier: Classifier | None = None,
-        policies: Mapping[FailureKind | str, RetryPolicy] | None = None,
-        replay_of: str | None = None,
-        now: float | _dt.datetime | None = None,
-        actor: str | None = None,
-    ) -> DeadLetter:
-        """Async :meth:`record`."""
-        flow = self._checked_record(
-            function, error, arguments, key, route, critical, classifier, policies, replay_of
-        )
-        return await adrive(flow(self.now(now), actor), RECORDING_CATCH)
-
-    def _checked_record(
-        self,
-        function: str,
-        error: BaseException,
-        arguments: Mapping[str, Any] | None,
-        key: str,
-        route: str,
-        critical: bool,
-        classifier: Classifier | None,
-        policies: Mapping[FailureKind | str, RetryPolicy] | None,
-        replay_of: str | None,
-    ) -> Callable[[float, str | None], Flow[DeadLetter]]:
-        """Check :meth:`record`'s arguments now (a bad one raises before anything is
-        stored); returns the flow to run for a time and an actor."""
+        # Checked now: a bad argument raises before anything is stored.
         if not isinstance(function, str) or not function:
             raise ConfigurationError(f"record: expected a function name, got {function!r}")
         if not isinstance(error, BaseException):
             raise ConfigurationError(f"record: expected an exception, got {error!r}")
-        payload = encode_arguments(arguments)
-        checked_classifier = check_classifier(classifier)
-        checked_policies = check_policies(policies)
+        return self.record_flow(
+            function,
+            error,
+            arguments=encode_arguments(arguments),
+            key=key,
+            route=route,
+            critical=critical,
+            classifier=check_classifier(classifier),
+            policies=check_policies(policies),
+            replay_of=replay_of,
+            now=self.now(now),
+            actor=check_actor(actor) if actor is not None else (route or "worker"),
+        )
 
-        def flow(now: float, actor: str | None) -> Flow[DeadLetter]:
-            return self.record_flow(
-                function,
-                error,
-                arguments=payload,
-                key=key,
-                route=route,
-                critical=critical,
-                classifier=checked_classifier,
-                policies=checked_policies,
-                replay_of=replay_of,
-                now=now,
-                actor=check_actor(actor) if actor is not None else (route or "worker"),
-            )
-
-        return flow
+    record = synced(_record, RECORDING_CATCH)
+    arecord = awaited(_record, RECORDING_CATCH)
 
     def record_flow(
         self,
@@ -259,13 +218,12 @@ class Recording(QueueCore):
         )
         return letter
 
-    def flush_spool(self) -> int:
+    def _flush_spool(self) -> Flow[int]:
         """Deliver spooled letters to the store; returns how many were delivered.
 
         Letters the store still refuses stay spooled; delivering one twice is harmless.
         """
-        return drive(self._flush_flow())
+        return self._flush_flow()
 
-    async def aflush_spool(self) -> int:
-        """Async :meth:`flush_spool`."""
-        return await adrive(self._flush_flow())
+    flush_spool = synced(_flush_spool)
+    aflush_spool = awaited(_flush_spool)

@@ -104,23 +104,21 @@ def split_options(
     idem: dict[str, Any] = {}
     dead: dict[str, Any] = {}
     rest: dict[str, Any] = {}
+    groups = (
+        ("idempotency_", "idempotency", IDEMPOTENCY_OPTIONS, idem),
+        ("dead_letter_", "dead-letter", DEAD_LETTER_OPTIONS, dead),
+    )
     for name, value in options.items():
-        if name.startswith("idempotency_"):
-            option = name.removeprefix("idempotency_")
-            if option not in IDEMPOTENCY_OPTIONS:
-                raise ConfigurationError(
-                    f"{where}: unknown option {name!r}; idempotency options are "
-                    + ", ".join(f"idempotency_{o}" for o in sorted(IDEMPOTENCY_OPTIONS))
-                )
-            idem[option] = value
-        elif name.startswith("dead_letter_"):
-            option = name.removeprefix("dead_letter_")
-            if option not in DEAD_LETTER_OPTIONS:
-                raise ConfigurationError(
-                    f"{where}: unknown option {name!r}; dead-letter options are "
-                    + ", ".join(f"dead_letter_{o}" for o in sorted(DEAD_LETTER_OPTIONS))
-                )
-            dead[option] = value
+        for prefix, what, known, chosen in groups:
+            if name.startswith(prefix):
+                option = name.removeprefix(prefix)
+                if option not in known:
+                    raise ConfigurationError(
+                        f"{where}: unknown option {name!r}; {what} options are "
+                        + ", ".join(prefix + o for o in sorted(known))
+                    )
+                chosen[option] = value
+                break
         else:
             rest[name] = value
     return idem, dead, rest

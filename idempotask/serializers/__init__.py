@@ -14,8 +14,8 @@ different from ``{"1": x}``, datetimes, ``Decimal`` and ``UUID`` come back as th
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from idempotask.errors import ConfigurationError, SerializationError
 from idempotask.serializers._decode import from_bytes
@@ -39,6 +39,9 @@ __all__ = [
     "register_type",
     "result_types",
 ]
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 
 @runtime_checkable
@@ -114,13 +117,7 @@ class JSONSerializer:
         (``result["items"][2]``) and its type, for unsupported objects, classes this
         serializer may not write, and cycles.
         """
-        if self._types is None:
-            return to_bytes(value)
-        token = allowed_classes.set(self._types)
-        try:
-            return to_bytes(value)
-        finally:
-            allowed_classes.reset(token)
+        return self._restricted(to_bytes, value)
 
     def loads(self, data: bytes) -> object:
         """Decode bytes written by :meth:`dumps`.
@@ -129,11 +126,14 @@ class JSONSerializer:
         name a class that is not loaded in this process or that this serializer may not
         rebuild, or are crafted to make decoding slow or deep.
         """
+        return self._restricted(from_bytes, data)
+
+    def _restricted(self, convert: Callable[[_A], _R], value: _A) -> _R:
         if self._types is None:
-            return from_bytes(data)
+            return convert(value)
         token = allowed_classes.set(self._types)
         try:
-            return from_bytes(data)
+            return convert(value)
         finally:
             allowed_classes.reset(token)
 

@@ -20,28 +20,14 @@ from typing import Any, NoReturn
 
 from idempotask.errors import SerializationError
 from idempotask.serializers._types import (
-    BIG_INT as _BIG_INT,
-)
-from idempotask.serializers._types import (
-    MARKER as _MARKER,
-)
-from idempotask.serializers._types import (
-    PAYLOAD as _PAYLOAD,
-)
-from idempotask.serializers._types import (
-    SCALARS as _SCALARS,
-)
-from idempotask.serializers._types import (
-    find_class as _find_class,
-)
-from idempotask.serializers._types import (
-    not_allowed as _not_allowed,
-)
-from idempotask.serializers._types import (
-    permitted as _permitted,
-)
-from idempotask.serializers._types import (
-    type_name as _type_name,
+    BIG_INT,
+    MARKER,
+    PAYLOAD,
+    SCALARS,
+    find_class,
+    not_allowed,
+    permitted,
+    type_name,
 )
 
 __all__ = ["to_bytes", "tree", "tree_to_bytes"]
@@ -86,15 +72,15 @@ def _index_of(items: Iterable[object], child: object) -> int:
 def _enc(value: object) -> object:
     """Return a JSON-ready tree for ``value`` (anything json can write unchanged)."""
     t = type(value)
-    if t in _SCALARS:
+    if t in SCALARS:
         return value
     return _ENCODERS[t](value)
 
 
 def _enc_items(values: Any) -> list[object]:
     for x in values:
-        if type(x) not in _SCALARS:
-            return [x if type(x) in _SCALARS else _ENCODERS[type(x)](x) for x in values]
+        if type(x) not in SCALARS:
+            return [x if type(x) in SCALARS else _ENCODERS[type(x)](x) for x in values]
     return list(values)
 
 
@@ -102,12 +88,12 @@ def _enc_list(value: list[object]) -> object:
     # A list or dict of scalars is JSON already and goes to json as it is; checking is
     # cheaper than copying, and at the sizes of most results a Python loop beats a C scan.
     for x in value:
-        if type(x) not in _SCALARS:
+        if type(x) not in SCALARS:
             break
     else:
         return value
     try:
-        return [x if type(x) in _SCALARS else _ENCODERS[type(x)](x) for x in value]
+        return [x if type(x) in SCALARS else _ENCODERS[type(x)](x) for x in value]
     except _EncodeError as e:
         e.within(value, f"[{_index_of(value, e.child)}]")
         raise
@@ -115,7 +101,7 @@ def _enc_list(value: list[object]) -> object:
 
 def _enc_tuple(value: tuple[object, ...]) -> object:
     try:
-        return {_MARKER: "tuple", _PAYLOAD: _enc_items(value)}
+        return {MARKER: "tuple", PAYLOAD: _enc_items(value)}
     except _EncodeError as e:
         e.within(value, f"[{_index_of(value, e.child)}]")
         raise
@@ -124,7 +110,7 @@ def _enc_tuple(value: tuple[object, ...]) -> object:
 def _enc_set_like(tag: str) -> _Encoder:
     def encode(value: set[object] | frozenset[object]) -> object:
         try:
-            return {_MARKER: tag, _PAYLOAD: _enc_items(value)}
+            return {MARKER: tag, PAYLOAD: _enc_items(value)}
         except _EncodeError as e:
             e.within(value, "[<set item>]")
             raise
@@ -133,13 +119,13 @@ def _enc_set_like(tag: str) -> _Encoder:
 
 
 def _enc_dict(value: dict[Any, object]) -> object:
-    if _MARKER in value:
+    if MARKER in value:
         return _enc_dict_pairs(value)
     items = iter(value.items())
     for k, x in items:
         if type(k) is not str:
             return _enc_dict_pairs(value)
-        if type(x) not in _SCALARS:
+        if type(x) not in SCALARS:
             break
     else:
         return value
@@ -151,7 +137,7 @@ def _enc_dict(value: dict[Any, object]) -> object:
         for k, x in items:
             if type(k) is not str:
                 return _enc_dict_pairs(value)
-            if type(x) not in _SCALARS:
+            if type(x) not in SCALARS:
                 out[k] = _ENCODERS[type(x)](x)
     except _EncodeError as e:
         e.within(value, _dict_segment(value, e.child))
@@ -164,12 +150,12 @@ def _enc_dict_pairs(value: dict[Any, object]) -> object:
     append = flat.append
     try:
         for k, x in value.items():
-            append(k if type(k) in _SCALARS else _ENCODERS[type(k)](k))
-            append(x if type(x) in _SCALARS else _ENCODERS[type(x)](x))
+            append(k if type(k) in SCALARS else _ENCODERS[type(k)](k))
+            append(x if type(x) in SCALARS else _ENCODERS[type(x)](x))
     except _EncodeError as e:
         e.within(value, _dict_segment(value, e.child))
         raise
-    return {_MARKER: "dict", _PAYLOAD: flat}
+    return {MARKER: "dict", PAYLOAD: flat}
 
 
 def _dict_segment(value: dict[Any, object], child: object) -> str:
@@ -182,11 +168,11 @@ def _dict_segment(value: dict[Any, object], child: object) -> str:
 
 
 def _enc_bytes(value: bytes) -> object:
-    return {_MARKER: "bytes", _PAYLOAD: base64.b64encode(value).decode("ascii")}
+    return {MARKER: "bytes", PAYLOAD: base64.b64encode(value).decode("ascii")}
 
 
 def _enc_bytearray(value: bytearray) -> object:
-    return {_MARKER: "bytearray", _PAYLOAD: base64.b64encode(value).decode("ascii")}
+    return {MARKER: "bytearray", PAYLOAD: base64.b64encode(value).decode("ascii")}
 
 
 _ONE_MICROSECOND = _dt.timedelta(microseconds=1)
@@ -216,10 +202,10 @@ def _zone(tz: _dt.tzinfo | None, offset: _dt.timedelta | None) -> object:
 def _enc_datetime(value: _dt.datetime) -> object:
     tz = value.tzinfo
     if tz is None:
-        return {_MARKER: "datetime", _PAYLOAD: [value.isoformat(), value.fold, None]}
+        return {MARKER: "datetime", PAYLOAD: [value.isoformat(), value.fold, None]}
     return {
-        _MARKER: "datetime",
-        _PAYLOAD: [
+        MARKER: "datetime",
+        PAYLOAD: [
             value.replace(tzinfo=None).isoformat(),
             value.fold,
             _zone(tz, value.utcoffset()),
@@ -230,8 +216,8 @@ def _enc_datetime(value: _dt.datetime) -> object:
 def _enc_time(value: _dt.time) -> object:
     tz = value.tzinfo
     return {
-        _MARKER: "time",
-        _PAYLOAD: [
+        MARKER: "time",
+        PAYLOAD: [
             value.replace(tzinfo=None).isoformat(),
             value.fold,
             None if tz is None else _zone(tz, value.utcoffset()),
@@ -240,25 +226,25 @@ def _enc_time(value: _dt.time) -> object:
 
 
 def _enc_date(value: _dt.date) -> object:
-    return {_MARKER: "date", _PAYLOAD: value.isoformat()}
+    return {MARKER: "date", PAYLOAD: value.isoformat()}
 
 
 def _enc_timedelta(value: _dt.timedelta) -> object:
-    return {_MARKER: "timedelta", _PAYLOAD: [value.days, value.seconds, value.microseconds]}
+    return {MARKER: "timedelta", PAYLOAD: [value.days, value.seconds, value.microseconds]}
 
 
 def _enc_decimal(value: decimal.Decimal) -> object:
     # str() of a Decimal is exact: sign, digits, exponent, NaN/sNaN and Infinity.
-    return {_MARKER: "decimal", _PAYLOAD: str(value)}
+    return {MARKER: "decimal", PAYLOAD: str(value)}
 
 
 def _enc_uuid(value: uuid.UUID) -> object:
-    return {_MARKER: "uuid", _PAYLOAD: str(value)}
+    return {MARKER: "uuid", PAYLOAD: str(value)}
 
 
 def _enc_path_as(tag: str) -> _Encoder:
     def encode(value: pathlib.PurePath) -> object:
-        return {_MARKER: tag, _PAYLOAD: str(value)}
+        return {MARKER: tag, PAYLOAD: str(value)}
 
     return encode
 
@@ -266,13 +252,13 @@ def _enc_path_as(tag: str) -> _Encoder:
 def _class_ref(value: object) -> list[object]:
     """``[module, qualname]`` of ``value``'s class, if this serializer may write it."""
     cls = type(value)
-    if not _permitted(cls):
-        raise _EncodeError(value, _not_allowed(cls))
+    if not permitted(cls):
+        raise _EncodeError(value, not_allowed(cls))
     return [cls.__module__, cls.__qualname__]
 
 
 def _enc_enum(value: enum.Enum) -> object:
-    return {_MARKER: "enum", _PAYLOAD: [*_class_ref(value), value.name]}
+    return {MARKER: "enum", PAYLOAD: [*_class_ref(value), value.name]}
 
 
 def _enc_flag(value: enum.Flag) -> object:
@@ -283,7 +269,7 @@ def _enc_flag(value: enum.Flag) -> object:
     except _EncodeError as e:
         e.within(value, ".value")
         raise
-    return {_MARKER: "flag", _PAYLOAD: [*ref, payload]}
+    return {MARKER: "flag", PAYLOAD: [*ref, payload]}
 
 
 def _enc_namedtuple(value: Any) -> object:
@@ -293,7 +279,7 @@ def _enc_namedtuple(value: Any) -> object:
     except _EncodeError as e:
         e.within(value, f".{value._fields[_index_of(value, e.child)]}")
         raise
-    return {_MARKER: "namedtuple", _PAYLOAD: [*ref, items]}
+    return {MARKER: "namedtuple", PAYLOAD: [*ref, items]}
 
 
 def _enc_dataclass(value: Any) -> object:
@@ -301,14 +287,14 @@ def _enc_dataclass(value: Any) -> object:
     names = [f.name for f in dataclasses.fields(value)]
     try:
         state = {
-            n: (x if type(x := getattr(value, n)) in _SCALARS else _ENCODERS[type(x)](x))
+            n: (x if type(x := getattr(value, n)) in SCALARS else _ENCODERS[type(x)](x))
             for n in names
         }
     except _EncodeError as e:
         e.within(value, "." + next((n for n in names if getattr(value, n) is e.child), "?"))
         raise
     # Field names are identifiers, never the marker, so the state needs no escaping.
-    return {_MARKER: "dataclass", _PAYLOAD: [*ref, state]}
+    return {MARKER: "dataclass", PAYLOAD: [*ref, state]}
 
 
 class _EncoderTable(dict[type, _Encoder]):
@@ -370,24 +356,24 @@ def _resolve(cls: type) -> _Encoder:
     elif dataclasses.is_dataclass(cls):
         encode = _enc_dataclass
     if encode is None:
-        base = next((b for b in cls.__mro__[1:] if b in _ENCODERS or b in _SCALARS), None)
+        base = next((b for b in cls.__mro__[1:] if b in _ENCODERS or b in SCALARS), None)
         if base is not None:
             return _rejecting(
-                f"{_type_name(cls)} is a subclass of {_type_name(base)}, and the JSON "
+                f"{type_name(cls)} is a subclass of {type_name(base)}, and the JSON "
                 f"serializer gives back exact types only; convert it to {base.__name__} "
                 f'or choose serializer="pickle"'
             )
         return _rejecting(
-            f"objects of type {_type_name(cls)} are not supported by the JSON serializer; "
+            f"objects of type {type_name(cls)} are not supported by the JSON serializer; "
             f"{_UNSUPPORTED_HINT}"
         )
     try:
-        found = _find_class(cls.__module__, cls.__qualname__)
+        found = find_class(cls.__module__, cls.__qualname__)
     except SerializationError:
         found = None
     if found is not cls:
         return _rejecting(
-            f"class {_type_name(cls)} cannot be found again by module and qualified name "
+            f"class {type_name(cls)} cannot be found again by module and qualified name "
             f"when the result is read back (is it defined inside a function?); define it "
             f'at module level or choose serializer="pickle"'
         )
@@ -449,7 +435,7 @@ def _tag_big_ints(node: Any) -> object:
     """Rewrite ints too long for str() (the int/str digit limit) as hex-tagged ints."""
     t = type(node)
     if t is int:
-        return node if -_BIG_INT < node < _BIG_INT else {_MARKER: "int", _PAYLOAD: hex(node)}
+        return node if -BIG_INT < node < BIG_INT else {MARKER: "int", PAYLOAD: hex(node)}
     if t is list:
         return [_tag_big_ints(x) for x in node]
     if t is dict:
@@ -460,7 +446,7 @@ def _tag_big_ints(node: Any) -> object:
 def _tree(value: object) -> object:
     """The JSON-ready tree for ``value``; SerializationError names the failing part."""
     try:
-        return value if type(value) in _SCALARS else _enc(value)
+        return value if type(value) in SCALARS else _enc(value)
     except _EncodeError as e:
         raise SerializationError(f"cannot serialize {e.path()}: {e.reason}") from None
     except RecursionError:

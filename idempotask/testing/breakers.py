@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+import functools
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 
 from idempotask.backends.base import BreakerState, BreakerStatus, BreakerStore
-from idempotask.testing.views import Mode
+from idempotask.testing.views import Mode, in_threads
 
 __all__ = ["BreakerStoreContract", "BreakerView"]
 
@@ -77,27 +77,22 @@ class BreakerView:
 
     def state(self, name: str) -> BreakerState:
         """``state`` / ``astate``."""
-        result: BreakerState = self._call("state", name)
-        return result
+        return cast(BreakerState, self._call("state", name))
 
     def fail(
         self, name: str, *, threshold: int = 3, window: float = LONG, open_for: float = LONG
     ) -> BreakerState:
         """``record_failure`` / ``arecord_failure``."""
-        result: BreakerState = self._call(
-            "record_failure", name, threshold=threshold, window=window, open_for=open_for
-        )
-        return result
+        args = {"threshold": threshold, "window": window, "open_for": open_for}
+        return cast(BreakerState, self._call("record_failure", name, **args))
 
     def succeed(self, name: str) -> BreakerState:
         """``record_success`` / ``arecord_success``."""
-        result: BreakerState = self._call("record_success", name)
-        return result
+        return cast(BreakerState, self._call("record_success", name))
 
     def probe(self, name: str, token: str, *, lease: float = LONG) -> BreakerState:
         """``try_probe`` / ``atry_probe``."""
-        result: BreakerState = self._call("try_probe", name, token, lease=lease)
-        return result
+        return cast(BreakerState, self._call("try_probe", name, token, lease=lease))
 
     def reset(self, name: str) -> None:
         """``reset`` / ``areset``."""
@@ -105,8 +100,7 @@ class BreakerView:
 
     def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
         """``states`` / ``astates``."""
-        result: dict[str, BreakerState] = self._call("states", limit=limit)
-        return result
+        return cast("dict[str, BreakerState]", self._call("states", limit=limit))
 
     def open(self, name: str, *, open_for: float = LONG) -> BreakerState:
         """Open ``name`` with one failure (threshold 1)."""
@@ -126,25 +120,8 @@ class BreakerView:
                 return list(await asyncio.gather(*(fn(*args, **kwargs) for args in calls)))
 
             return self._loop.run_until_complete(race())
-        results: list[Any] = [None] * len(calls)
-        errors: list[BaseException] = []
-        gate = threading.Barrier(len(calls))
-
-        def worker(i: int, args: tuple[Any, ...]) -> None:
-            try:
-                gate.wait(30)
-                results[i] = getattr(self.store, method)(*args, **kwargs)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(i, a)) for i, a in enumerate(calls)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        if errors:
-            raise errors[0]
-        return results
+        fn = getattr(self.store, method)
+        return in_threads([functools.partial(fn, *args, **kwargs) for args in calls])
 
     def close(self) -> None:
         """Reset every breaker this view named, then close its event loop."""

@@ -67,7 +67,6 @@ def _describe(record: Record | None) -> str:
 
 def expect_record(
     record: Record | None,
-    *,
     key: str,
     state: State,
     token: str,
@@ -76,7 +75,9 @@ def expect_record(
     payload: bytes = b"",
     limit: float | None = None,
 ) -> Record:
-    """Assert ``record`` has exactly these fields, and a sane ``expires_in`` (≤ ``limit``)."""
+    """Assert ``record`` has exactly these fields, and a sane ``expires_in`` (≤ ``limit``).
+
+    Fields may be given by position: key, state, token, owner, fingerprint, payload."""
     assert record is not None, f"expected a {state.value} record under {key!r}, got none"
     got = (record.key, record.state, record.token, record.owner, record.fingerprint)
     want = (key, state, token, owner, fingerprint)
@@ -132,15 +133,7 @@ class StoreContract:
         record = store.claim(key, token, lease=LEASE, owner="task-1", fingerprint="fp-1")
         assert record.held_by(token), _describe(record)
         for got in (record, store.get(key)):
-            expect_record(
-                got,
-                key=key,
-                state=State.IN_PROGRESS,
-                token=token,
-                owner="task-1",
-                fingerprint="fp-1",
-                limit=LEASE,
-            )
+            expect_record(got, key, State.IN_PROGRESS, token, "task-1", "fp-1", limit=LEASE)
 
     def test_second_claim_returns_the_holders_record(self, store: StoreView) -> None:
         """A claim with another token gets the existing in-progress record, not the key."""
@@ -148,15 +141,7 @@ class StoreContract:
         store.claim(key, first, lease=LEASE, owner="task-1", fingerprint="fp-1")
         record = store.claim(key, second, lease=LEASE, owner="task-2", fingerprint="fp-2")
         assert not record.held_by(second), _describe(record)
-        expect_record(
-            record,
-            key=key,
-            state=State.IN_PROGRESS,
-            token=first,
-            owner="task-1",
-            fingerprint="fp-1",
-            limit=LEASE,
-        )
+        expect_record(record, key, State.IN_PROGRESS, first, "task-1", "fp-1", limit=LEASE)
 
     def test_claim_retried_with_same_token_retakes_it(self, store: StoreView) -> None:
         """A claim retried with its own token (after a timeout) recognises its success."""
@@ -164,15 +149,7 @@ class StoreContract:
         store.claim(key, token, lease=LEASE, owner="task-1", fingerprint="fp-1")
         record = store.claim(key, token, lease=LEASE, owner="task-1", fingerprint="fp-1")
         assert record.held_by(token), _describe(record)
-        expect_record(
-            record,
-            key=key,
-            state=State.IN_PROGRESS,
-            token=token,
-            owner="task-1",
-            fingerprint="fp-1",
-            limit=LEASE,
-        )
+        expect_record(record, key, State.IN_PROGRESS, token, "task-1", "fp-1", limit=LEASE)
 
     def test_claim_with_same_owner_retakes_it_with_the_new_token(self, store: StoreView) -> None:
         """A framework retry (same owner, new token) re-takes the claim; the old token is out."""
@@ -181,28 +158,11 @@ class StoreContract:
         record = store.claim(key, second, lease=LEASE, owner="task-1")
         assert record.held_by(second), _describe(record)
         # No new fingerprint given: the record keeps the one it had.
-        expect_record(
-            record,
-            key=key,
-            state=State.IN_PROGRESS,
-            token=second,
-            owner="task-1",
-            fingerprint="fp-1",
-            limit=LEASE,
-        )
+        expect_record(record, key, State.IN_PROGRESS, second, "task-1", "fp-1", limit=LEASE)
         assert store.complete(key, first, b"stale", ttl=TTL) is False
         assert store.renew(key, first, lease=LEASE) is False
         assert store.complete(key, second, b"fresh", ttl=TTL) is True
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.COMPLETED,
-            token=second,
-            owner="task-1",
-            fingerprint="fp-1",
-            payload=b"fresh",
-            limit=TTL,
-        )
+        expect_record(store.get(key), key, State.COMPLETED, second, "task-1", "fp-1", b"fresh", TTL)
 
     def test_retake_replaces_the_fingerprint_when_a_new_one_is_given(
         self, store: StoreView
@@ -232,9 +192,7 @@ class StoreContract:
         store.claim(key, first, lease=LEASE, owner="task-1")
         record = store.claim(key, second, lease=LEASE, owner="task-2")
         assert not record.held_by(second), _describe(record)
-        expect_record(
-            record, key=key, state=State.IN_PROGRESS, token=first, owner="task-1", limit=LEASE
-        )
+        expect_record(record, key, State.IN_PROGRESS, first, "task-1", limit=LEASE)
 
     def test_empty_owners_never_match_each_other(self, store: StoreView) -> None:
         """Two claims without an owner are different executions: the second is not held."""
@@ -260,9 +218,7 @@ class StoreContract:
         record = store.claim(key, second, lease=LEASE, owner="task-2")
         assert record.held_by(second), _describe(record)
         # A takeover starts a new record: nothing of the old claim's survives.
-        expect_record(
-            record, key=key, state=State.IN_PROGRESS, token=second, owner="task-2", limit=LEASE
-        )
+        expect_record(record, key, State.IN_PROGRESS, second, "task-2", limit=LEASE)
 
     def test_late_holder_changes_nothing_after_a_takeover(self, store: StoreView) -> None:
         """After a takeover the old token's complete, fail, renew and delete all do nothing."""
@@ -274,15 +230,7 @@ class StoreContract:
         assert store.fail(key, first, b"late", ttl=TTL) is False
         assert store.renew(key, first, lease=LEASE) is False
         assert store.delete(key, token=first) is False
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.IN_PROGRESS,
-            token=second,
-            owner="task-2",
-            fingerprint="fp-2",
-            limit=LEASE,
-        )
+        expect_record(store.get(key), key, State.IN_PROGRESS, second, "task-2", "fp-2", limit=LEASE)
 
     def test_expired_lease_cannot_be_completed_by_its_holder(self, store: StoreView) -> None:
         """A lease that ran out is gone: its own token can no longer complete, fail or renew."""
@@ -315,16 +263,7 @@ class StoreContract:
         claimed = store.claim(key, other, lease=LEASE)
         assert not claimed.held_by(other), _describe(claimed)
         for record in (store.get(key), claimed):
-            expect_record(
-                record,
-                key=key,
-                state=State.COMPLETED,
-                token=token,
-                owner="task-1",
-                fingerprint="fp-1",
-                payload=payload,
-                limit=TTL,
-            )
+            expect_record(record, key, State.COMPLETED, token, "task-1", "fp-1", payload, TTL)
 
     def test_complete_repeated_with_same_token_is_harmless(self, store: StoreView) -> None:
         """A retried complete with the same token and payload returns True again."""
@@ -332,14 +271,7 @@ class StoreContract:
         store.claim(key, token, lease=LEASE)
         assert store.complete(key, token, b"result", ttl=TTL) is True
         assert store.complete(key, token, b"result", ttl=TTL) is True
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.COMPLETED,
-            token=token,
-            payload=b"result",
-            limit=TTL,
-        )
+        expect_record(store.get(key), key, State.COMPLETED, token, payload=b"result", limit=TTL)
 
     def test_complete_with_wrong_token_changes_nothing(self, store: StoreView) -> None:
         """complete is compare-and-set on the token: another token returns False."""
@@ -347,14 +279,7 @@ class StoreContract:
         store.claim(key, token, lease=LEASE, owner="task-1")
         assert store.complete(key, new_token(), b"intruder", ttl=TTL) is False
         assert store.fail(key, new_token(), b"intruder", ttl=TTL) is False
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.IN_PROGRESS,
-            token=token,
-            owner="task-1",
-            limit=LEASE,
-        )
+        expect_record(store.get(key), key, State.IN_PROGRESS, token, "task-1", limit=LEASE)
 
     def test_complete_and_fail_on_absent_key_return_false(self, store: StoreView) -> None:
         """Nothing is stored for a key that was never claimed."""
@@ -370,16 +295,7 @@ class StoreContract:
         store.claim(key, token, lease=LEASE, owner="task-1", fingerprint="fp-1")
         assert store.fail(key, token, payload, ttl=30) is True
         assert store.fail(key, token, payload, ttl=30) is True
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.FAILED,
-            token=token,
-            owner="task-1",
-            fingerprint="fp-1",
-            payload=payload,
-            limit=30,
-        )
+        expect_record(store.get(key), key, State.FAILED, token, "task-1", "fp-1", payload, 30)
 
     def test_complete_after_fail_returns_false(self, store: StoreView) -> None:
         """Once FAILED, the same token cannot turn the record into COMPLETED, nor back."""
@@ -388,22 +304,13 @@ class StoreContract:
         assert store.fail(key, token, b"error", ttl=TTL) is True
         assert store.complete(key, token, b"result", ttl=TTL) is False
         assert store.renew(key, token, lease=LEASE) is False
-        expect_record(
-            store.get(key), key=key, state=State.FAILED, token=token, payload=b"error", limit=TTL
-        )
+        expect_record(store.get(key), key, State.FAILED, token, payload=b"error", limit=TTL)
 
         other = store.key("other")
         store.claim(other, token, lease=LEASE)
         assert store.complete(other, token, b"result", ttl=TTL) is True
         assert store.fail(other, token, b"error", ttl=TTL) is False
-        expect_record(
-            store.get(other),
-            key=other,
-            state=State.COMPLETED,
-            token=token,
-            payload=b"result",
-            limit=TTL,
-        )
+        expect_record(store.get(other), other, State.COMPLETED, token, payload=b"result", limit=TTL)
 
     @pytest.mark.parametrize("state", [State.COMPLETED, State.FAILED], ids=lambda s: s.value)
     def test_claim_on_a_finished_record_returns_it(self, store: StoreView, state: State) -> None:
@@ -415,15 +322,7 @@ class StoreContract:
         for claimant, owner in [(new_token(), "task-2"), (new_token(), "task-1"), (token, "")]:
             record = store.claim(key, claimant, lease=LEASE, owner=owner)
             assert not record.held_by(claimant), _describe(record)
-            expect_record(
-                record,
-                key=key,
-                state=state,
-                token=token,
-                owner="task-1",
-                payload=b"stored",
-                limit=TTL,
-            )
+            expect_record(record, key, state, token, "task-1", payload=b"stored", limit=TTL)
 
     @pytest.mark.parametrize("state", [State.COMPLETED, State.FAILED], ids=lambda s: s.value)
     def test_ttl_expiry_makes_the_key_absent_and_claimable(
@@ -450,14 +349,7 @@ class StoreContract:
         key, token = store.key(), new_token()
         store.claim(key, token, lease=5, owner="task-1")
         assert store.renew(key, token, lease=3600) is True
-        record = expect_record(
-            store.get(key),
-            key=key,
-            state=State.IN_PROGRESS,
-            token=token,
-            owner="task-1",
-            limit=3600,
-        )
+        record = expect_record(store.get(key), key, State.IN_PROGRESS, token, "task-1", limit=3600)
         if record.expires_in is not None:
             assert record.expires_in > 5 + _RESOLUTION, _describe(record)
 
@@ -470,9 +362,7 @@ class StoreContract:
         assert store.renew(key, new_token(), lease=LEASE) is False
         assert store.complete(key, token, b"done", ttl=TTL) is True
         assert store.renew(key, token, lease=LEASE) is False
-        expect_record(
-            store.get(key), key=key, state=State.COMPLETED, token=token, payload=b"done", limit=TTL
-        )
+        expect_record(store.get(key), key, State.COMPLETED, token, payload=b"done", limit=TTL)
 
     # -- get and delete ------------------------------------------------------------------
 
@@ -534,9 +424,7 @@ class StoreContract:
         key, token = store.key(name), new_token()
         assert store.claim(key, token, lease=LEASE).held_by(token)
         assert store.complete(key, token, b"ok", ttl=TTL) is True
-        expect_record(
-            store.get(key), key=key, state=State.COMPLETED, token=token, payload=b"ok", limit=TTL
-        )
+        expect_record(store.get(key), key, State.COMPLETED, token, payload=b"ok", limit=TTL)
         assert store.delete(key, token=token) is True
 
     def test_distinct_keys_do_not_interfere(self, store: StoreView) -> None:
@@ -550,9 +438,9 @@ class StoreContract:
         for name, token in tokens.items():
             expect_record(
                 store.get(store.key(name)),
-                key=store.key(name),
-                state=State.COMPLETED,
-                token=token,
+                store.key(name),
+                State.COMPLETED,
+                token,
                 payload=name.encode(),
                 limit=TTL,
             )
@@ -568,16 +456,7 @@ class StoreContract:
         owner = "celery:" + str(uuid.uuid4())
         store.claim(key, token, lease=LEASE, owner=owner, fingerprint=fingerprint)
         store.complete(key, token, b"r", ttl=TTL)
-        expect_record(
-            store.get(key),
-            key=key,
-            state=State.COMPLETED,
-            token=token,
-            owner=owner,
-            fingerprint=fingerprint,
-            payload=b"r",
-            limit=TTL,
-        )
+        expect_record(store.get(key), key, State.COMPLETED, token, owner, fingerprint, b"r", TTL)
 
     def test_expires_in_is_none_or_within_the_lease_and_ttl(self, store: StoreView) -> None:
         """expires_in is None or a non-negative number no larger than the lease or ttl."""

@@ -27,11 +27,10 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -44,7 +43,7 @@ from idempotask.backends.deadletters import (
     SupportsExpireClaim,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.testing.views import Mode
+from idempotask.testing.views import Mode, in_threads
 
 __all__ = [
     "T0",
@@ -130,31 +129,20 @@ class DeadLetterView(abc.ABC):
         """Run the store's test hook: the claim on ``id`` runs out now."""
         return self._expirer.expire_claim(id)
 
-    @abc.abstractmethod
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.store, method)(*args, **kwargs)
+
     def add(self, letter: DeadLetter) -> DeadLetter:
         """``add`` / ``aadd``."""
+        return cast(DeadLetter, self._call("add", letter))
 
-    @abc.abstractmethod
     def get(self, id: str) -> DeadLetter | None:
         """``get`` / ``aget``."""
+        return cast("DeadLetter | None", self._call("get", id))
 
-    @abc.abstractmethod
-    def _query(self, filter: DeadLetterFilter, limit: int, offset: int) -> list[DeadLetter]: ...
-
-    @abc.abstractmethod
     def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
         """``update`` / ``aupdate``."""
-
-    @abc.abstractmethod
-    def _claim_due(
-        self, now: float, limit: int, lease: float, filter: DeadLetterFilter
-    ) -> list[DeadLetter]: ...
-
-    @abc.abstractmethod
-    def _stats(self, filter: DeadLetterFilter) -> list[StatRow]: ...
-
-    @abc.abstractmethod
-    def _purge(self, filter: DeadLetterFilter) -> int: ...
+        return cast("DeadLetter | None", self._call("update", id, version, **changes))
 
     @abc.abstractmethod
     def claim_concurrently(
@@ -166,7 +154,8 @@ class DeadLetterView(abc.ABC):
         self, filter: DeadLetterFilter | None = None, *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]:
         """``query`` / ``aquery`` within :meth:`scope`."""
-        return self._query(self.scope(filter), limit, offset)
+        found = self._call("query", self.scope(filter), limit=limit, offset=offset)
+        return cast("list[DeadLetter]", found)
 
     def claim_due(
         self,
@@ -177,15 +166,16 @@ class DeadLetterView(abc.ABC):
         filter: DeadLetterFilter | None = None,
     ) -> list[DeadLetter]:
         """``claim_due`` / ``aclaim_due`` within :meth:`scope`."""
-        return self._claim_due(now, limit, lease, self.scope(filter))
+        found = self._call("claim_due", now, limit=limit, lease=lease, filter=self.scope(filter))
+        return cast("list[DeadLetter]", found)
 
     def stats(self, filter: DeadLetterFilter | None = None) -> list[StatRow]:
         """``stats`` / ``astats`` within :meth:`scope`."""
-        return self._stats(self.scope(filter))
+        return cast("list[StatRow]", self._call("stats", self.scope(filter)))
 
     def purge(self, filter: DeadLetterFilter | None = None) -> int:
         """``purge`` / ``apurge`` within :meth:`scope`."""
-        return self._purge(self.scope(filter))
+        return cast(int, self._call("purge", self.scope(filter)))
 
     def close(self) -> None:
         """Purge this view's letters (best effort) and release resources."""
@@ -203,61 +193,19 @@ class SyncDeadLetterView(DeadLetterView):
     mode: Mode = "sync"
     concurrency = 8
 
-    def add(self, letter: DeadLetter) -> DeadLetter:
-        """``store.add``."""
-        return self.store.add(letter)
-
-    def get(self, id: str) -> DeadLetter | None:
-        """``store.get``."""
-        return self.store.get(id)
-
-    def _query(self, filter: DeadLetterFilter, limit: int, offset: int) -> list[DeadLetter]:
-        return self.store.query(filter, limit=limit, offset=offset)
-
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """``store.update``."""
-        return self.store.update(id, version, **changes)
-
-    def _claim_due(
-        self, now: float, limit: int, lease: float, filter: DeadLetterFilter
-    ) -> list[DeadLetter]:
-        return self.store.claim_due(now, limit=limit, lease=lease, filter=filter)
-
-    def _stats(self, filter: DeadLetterFilter) -> list[StatRow]:
-        return self.store.stats(filter)
-
-    def _purge(self, filter: DeadLetterFilter) -> int:
-        return self.store.purge(filter)
-
     def claim_concurrently(
         self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE
     ) -> list[list[DeadLetter]]:
         """One thread per claimer, released together by a barrier."""
         scope = self.scope()
-        got: list[list[DeadLetter]] = [[] for _ in range(claimers)]
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(claimers, timeout=30)
 
-        def claimer(index: int) -> None:
-            try:
-                barrier.wait()
-                while batch := self.store.claim_due(now, limit=limit, lease=lease, filter=scope):
-                    got[index].extend(batch)
-            except BaseException as exc:  # re-raised in the calling thread below
-                errors.append(exc)
+        def claimer() -> list[DeadLetter]:
+            got: list[DeadLetter] = []
+            while batch := self.store.claim_due(now, limit=limit, lease=lease, filter=scope):
+                got.extend(batch)
+            return got
 
-        threads = [
-            threading.Thread(target=claimer, args=(i,), daemon=True) for i in range(claimers)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        if errors:
-            raise errors[0]
-        if any(thread.is_alive() for thread in threads):
-            raise TimeoutError("concurrent claimers did not finish within 60 s")
-        return got
+        return in_threads([claimer] * claimers)
 
 
 class AsyncDeadLetterView(DeadLetterView):
@@ -270,33 +218,8 @@ class AsyncDeadLetterView(DeadLetterView):
         super().__init__(store, prefix=prefix)
         self.loop = asyncio.new_event_loop()
 
-    def add(self, letter: DeadLetter) -> DeadLetter:
-        """``await store.aadd``."""
-        return self.loop.run_until_complete(self.store.aadd(letter))
-
-    def get(self, id: str) -> DeadLetter | None:
-        """``await store.aget``."""
-        return self.loop.run_until_complete(self.store.aget(id))
-
-    def _query(self, filter: DeadLetterFilter, limit: int, offset: int) -> list[DeadLetter]:
-        return self.loop.run_until_complete(self.store.aquery(filter, limit=limit, offset=offset))
-
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """``await store.aupdate``."""
-        return self.loop.run_until_complete(self.store.aupdate(id, version, **changes))
-
-    def _claim_due(
-        self, now: float, limit: int, lease: float, filter: DeadLetterFilter
-    ) -> list[DeadLetter]:
-        return self.loop.run_until_complete(
-            self.store.aclaim_due(now, limit=limit, lease=lease, filter=filter)
-        )
-
-    def _stats(self, filter: DeadLetterFilter) -> list[StatRow]:
-        return self.loop.run_until_complete(self.store.astats(filter))
-
-    def _purge(self, filter: DeadLetterFilter) -> int:
-        return self.loop.run_until_complete(self.store.apurge(filter))
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.loop.run_until_complete(getattr(self.store, "a" + method)(*args, **kwargs))
 
     def claim_concurrently(
         self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE

@@ -190,13 +190,13 @@ def make_state_machine(
                 return
             expect_record(
                 got,
-                key=key,
-                state=want.state,
-                token=want.token,
-                owner=want.owner,
-                fingerprint=want.fingerprint,
-                payload=want.payload,
-                limit=want.duration,
+                key,
+                want.state,
+                want.token,
+                want.owner,
+                want.fingerprint,
+                want.payload,
+                want.duration,
             )
 
         @rule(

@@ -11,15 +11,44 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import threading
 import uuid
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, cast
 
 from idempotask.backends.base import Backend, Record, SupportsExpireNow
 
-__all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "open_view"]
+__all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "in_threads", "open_view"]
 
 Mode = Literal["sync", "async"]
+_T = TypeVar("_T")
+
+
+def in_threads(calls: list[Callable[[], _T]], timeout: float = 60.0) -> list[_T]:
+    """Run each call in a thread of its own, all released together by a barrier; their
+    answers in order. The first exception raised in a thread is raised here."""
+    answers: dict[int, _T] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls), timeout=30)
+
+    def worker(index: int, call: Callable[[], _T]) -> None:
+        try:
+            barrier.wait()
+            answers[index] = call()
+        except BaseException as exc:  # re-raised in the calling thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=x, daemon=True) for x in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    if len(answers) != len(calls):
+        raise TimeoutError(f"{len(calls) - len(answers)} concurrent calls did not return")
+    return [answers[i] for i in range(len(calls))]
 
 
 def _require_expire_now(backend: Backend) -> SupportsExpireNow:
@@ -60,31 +89,37 @@ class StoreView(abc.ABC):
         """Run the backend's test hook: the record's lease or ttl runs out now."""
         return self._expirer.expire_now(key)
 
-    @abc.abstractmethod
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.backend, method)(*args, **kwargs)
+
     def claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Record:
         """``claim`` / ``aclaim``."""
+        return cast(
+            Record,
+            self._call("claim", key, token, lease=lease, owner=owner, fingerprint=fingerprint),
+        )
 
-    @abc.abstractmethod
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """``complete`` / ``acomplete``."""
+        return cast(bool, self._call("complete", key, token, payload, ttl=ttl))
 
-    @abc.abstractmethod
     def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """``fail`` / ``afail``."""
+        return cast(bool, self._call("fail", key, token, payload, ttl=ttl))
 
-    @abc.abstractmethod
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """``renew`` / ``arenew``."""
+        return cast(bool, self._call("renew", key, token, lease=lease))
 
-    @abc.abstractmethod
     def get(self, key: str) -> Record | None:
         """``get`` / ``aget``."""
+        return cast("Record | None", self._call("get", key))
 
-    @abc.abstractmethod
     def delete(self, key: str, *, token: str | None = None) -> bool:
         """``delete`` / ``adelete``."""
+        return cast(bool, self._call("delete", key, token=token))
 
     @abc.abstractmethod
     def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
@@ -109,58 +144,10 @@ class SyncView(StoreView):
     mode: Mode = "sync"
     concurrency = 16
 
-    def claim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """``backend.claim``."""
-        return self.backend.claim(key, token, lease=lease, owner=owner, fingerprint=fingerprint)
-
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """``backend.complete``."""
-        return self.backend.complete(key, token, payload, ttl=ttl)
-
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """``backend.fail``."""
-        return self.backend.fail(key, token, payload, ttl=ttl)
-
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
-        """``backend.renew``."""
-        return self.backend.renew(key, token, lease=lease)
-
-    def get(self, key: str) -> Record | None:
-        """``backend.get``."""
-        return self.backend.get(key)
-
-    def delete(self, key: str, *, token: str | None = None) -> bool:
-        """``backend.delete``."""
-        return self.backend.delete(key, token=token)
-
     def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
         """One thread per token, released together by a barrier."""
-        results: list[Record | None] = [None] * len(tokens)
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(len(tokens), timeout=30)
-
-        def worker(index: int, token: str) -> None:
-            try:
-                barrier.wait()
-                results[index] = self.backend.claim(key, token, lease=lease)
-            except BaseException as exc:  # re-raised in the calling thread below
-                errors.append(exc)
-
-        threads = [
-            threading.Thread(target=worker, args=(i, t), daemon=True) for i, t in enumerate(tokens)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        if errors:
-            raise errors[0]
-        answers = [r for r in results if r is not None]
-        if len(answers) != len(tokens):
-            raise TimeoutError(f"{len(tokens) - len(answers)} concurrent claims did not return")
-        return answers
+        claim = self.backend.claim
+        return in_threads([functools.partial(claim, key, t, lease=lease) for t in tokens])
 
 
 class AsyncView(StoreView):
@@ -176,33 +163,8 @@ class AsyncView(StoreView):
         super().__init__(backend, prefix=prefix)
         self.loop = asyncio.new_event_loop()
 
-    def claim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """``await backend.aclaim``."""
-        return self.loop.run_until_complete(
-            self.backend.aclaim(key, token, lease=lease, owner=owner, fingerprint=fingerprint)
-        )
-
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """``await backend.acomplete``."""
-        return self.loop.run_until_complete(self.backend.acomplete(key, token, payload, ttl=ttl))
-
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """``await backend.afail``."""
-        return self.loop.run_until_complete(self.backend.afail(key, token, payload, ttl=ttl))
-
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
-        """``await backend.arenew``."""
-        return self.loop.run_until_complete(self.backend.arenew(key, token, lease=lease))
-
-    def get(self, key: str) -> Record | None:
-        """``await backend.aget``."""
-        return self.loop.run_until_complete(self.backend.aget(key))
-
-    def delete(self, key: str, *, token: str | None = None) -> bool:
-        """``await backend.adelete``."""
-        return self.loop.run_until_complete(self.backend.adelete(key, token=token))
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.loop.run_until_complete(getattr(self.backend, "a" + method)(*args, **kwargs))
 
     def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
         """One task per token, gathered on this view's loop."""
