@@ -1,0 +1,66 @@
+"""A store's sync method and its ``a``-prefixed async twin, written once.
+
+Every store contract in :mod:`idempotask.backends.base` pairs ``op`` with ``aop``. A store
+writes the operation once, as a flow (:mod:`idempotask.flow`), and takes both methods
+from it::
+
+    def _get(self, id: str) -> Flow[DeadLetter | None]:
+        \"\"\"The letter with this id, or None.\"\"\"
+        ...
+    get, aget = twins(_get)
+
+A store whose operations never wait on I/O (memory) writes the sync method and gets its
+twin from :func:`inline`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from idempotask.flow import Flow, adrive, drive
+
+__all__ = ["inline", "twins"]
+
+S = TypeVar("S")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Method = Callable[Concatenate[S, P], T]
+AsyncMethod = Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
+
+
+def _named(method: Any, like: Any, name: str, doc: str | None) -> None:
+    functools.update_wrapper(method, like)
+    method.__name__ = name
+    method.__qualname__ = like.__qualname__.rsplit(".", 1)[0] + "." + name
+    method.__doc__ = doc
+
+
+def twins(
+    flow: Callable[Concatenate[S, P], Flow[T]],
+) -> tuple[Method[S, P, T], AsyncMethod[S, P, T]]:
+    """The sync method that drives ``flow`` and the async one that awaits it; named after
+    ``flow`` without its leading ``_``, documented by its docstring."""
+    name = flow.__name__.lstrip("_")
+
+    def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return drive(flow(self, *args, **kwargs))
+
+    async def amethod(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await adrive(flow(self, *args, **kwargs))
+
+    _named(method, flow, name, flow.__doc__)
+    _named(amethod, flow, "a" + name, f"Async :meth:`{name}`.")
+    return method, amethod
+
+
+def inline(method: Method[S, P, T]) -> AsyncMethod[S, P, T]:
+    """The async twin of a sync method that never waits on I/O: it runs it in place."""
+
+    async def amethod(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return method(self, *args, **kwargs)
+
+    _named(amethod, method, "a" + method.__name__, f"Async :meth:`{method.__name__}`.")
+    return amethod
