@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from idempotask.backends._twins import inline
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
 
@@ -128,31 +129,12 @@ class MemoryBreakerStore:
 
     # -- async protocol: the same short critical sections ---------------------------------
 
-    async def astate(self, name: str) -> BreakerState:
-        """Async :meth:`state`."""
-        return self.state(name)
-
-    async def arecord_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
-        """Async :meth:`record_failure`."""
-        return self.record_failure(name, threshold=threshold, window=window, open_for=open_for)
-
-    async def arecord_success(self, name: str) -> BreakerState:
-        """Async :meth:`record_success`."""
-        return self.record_success(name)
-
-    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
-        """Async :meth:`try_probe`."""
-        return self.try_probe(name, token, lease=lease)
-
-    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
-        """Async :meth:`states`."""
-        return self.states(limit=limit)
-
-    async def areset(self, name: str) -> None:
-        """Async :meth:`reset`."""
-        self.reset(name)
+    astate = inline(state)
+    arecord_failure = inline(record_failure)
+    arecord_success = inline(record_success)
+    atry_probe = inline(try_probe)
+    astates = inline(states)
+    areset = inline(reset)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
     DeadLetter,
@@ -103,7 +104,7 @@ class MemoryDeadLetterStore:
         found.sort(key=lambda x: (-x.last_failed_at, x.id))
         return found[offset : offset + limit]
 
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+    def update(self, /, id: str, version: int, **changes: Any) -> DeadLetter | None:
         """Compare-and-set: apply ``changes`` if the stored version is ``version``."""
         check_changes(changes)
         if "status" in changes:
@@ -178,42 +179,13 @@ class MemoryDeadLetterStore:
 
     # -- async protocol: the same short critical sections ---------------------------------
 
-    async def aadd(self, letter: DeadLetter) -> DeadLetter:
-        """Async :meth:`add`."""
-        return self.add(letter)
-
-    async def aget(self, id: str) -> DeadLetter | None:
-        """Async :meth:`get`."""
-        return self.get(id)
-
-    async def aquery(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
-        """Async :meth:`query`."""
-        return self.query(filter, limit=limit, offset=offset)
-
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Async :meth:`update`."""
-        return self.update(id, version, **changes)
-
-    async def aclaim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
-        """Async :meth:`claim_due`."""
-        return self.claim_due(now, limit=limit, lease=lease, filter=filter)
-
-    async def astats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
-        """Async :meth:`stats`."""
-        return self.stats(filter)
-
-    async def apurge(self, filter: DeadLetterFilter) -> int:
-        """Async :meth:`purge`."""
-        return self.purge(filter)
+    aadd = inline(add)
+    aget = inline(get)
+    aquery = inline(query)
+    aupdate = inline(update)
+    aclaim_due = inline(claim_due)
+    astats = inline(stats)
+    apurge = inline(purge)
 
 
 if hasattr(os, "register_at_fork"):

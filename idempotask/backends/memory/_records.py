@@ -21,6 +21,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from idempotask import events
+from idempotask.backends._twins import inline
 from idempotask.backends.base import Record, State
 from idempotask.backends.memory._breakers import MemoryBreakerStore
 from idempotask.backends.memory._common import check_clock
@@ -335,9 +336,7 @@ class MemoryBackend:
 
     # -- async protocol: the same critical sections, which never block for long ------------
 
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return self.scan(prefix, limit=limit)
+    ascan = inline(scan)
 
     async def aclaim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
@@ -353,17 +352,9 @@ class MemoryBackend:
         """Async :meth:`fail`."""
         return self._finish(key, token, payload, ttl, _FAILED)
 
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`."""
-        return self.renew(key, token, lease=lease)
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`."""
-        return self.get(key)
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`."""
-        return self.delete(key, token=token)
+    arenew = inline(renew)
+    aget = inline(get)
+    adelete = inline(delete)
 
     # -- internals -------------------------------------------------------------------------
 
