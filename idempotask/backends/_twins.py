@@ -39,11 +39,12 @@ def _named(method: Any, like: Any, name: str, doc: str | None) -> None:
 
 
 def twins(
-    flow: Callable[Concatenate[S, P], Flow[T]],
+    flow: Callable[Concatenate[S, P], Flow[T]], name: str = ""
 ) -> tuple[Method[S, P, T], AsyncMethod[S, P, T]]:
-    """The sync method that drives ``flow`` and the async one that awaits it; named after
-    ``flow`` without its leading ``_``, documented by its docstring."""
-    name = flow.__name__.lstrip("_")
+    """The sync method that drives ``flow`` and the async one that awaits it; named
+    ``name`` (default: ``flow``'s name without its leading ``_``), documented by
+    ``flow``'s docstring."""
+    name = name or flow.__name__.lstrip("_")
 
     def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return drive(flow(self, *args, **kwargs))
