@@ -7,7 +7,7 @@ from typing import Any
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.redis._records import library_key, milliseconds, parse_flag
-from idempotask.backends.redis._store import SCAN_CALLS, SCAN_COUNT, RedisBackend, scan_pattern
+from idempotask.backends.redis._store import RedisBackend, scan_keys, scan_pattern
 from idempotask.backends.redis._stores import OnBackend
 from idempotask.errors import ConfigurationError, CorruptRecordError
 from idempotask.flow import Flow, Op
@@ -170,35 +170,26 @@ class RedisBreakerStore(OnBackend):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigurationError(f"RedisBreakerStore: limit must be an int >= 0, got {limit!r}")
         found: dict[str, BreakerState] = {}
-        if limit == 0:
-            return found
         head = self.key("x")[:-1]  # namespace:breaker:
-        match = scan_pattern(head)
-        c = self._connections
-        targets = yield Op(c.scan_targets, c.ascan_targets)
-        for target in targets:
-            cursor = 0
-            for _ in range(SCAN_CALLS):
-                cursor, keys = yield Op(
-                    c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT
-                )
-                for redis_key in keys:
-                    key = library_key(redis_key)
-                    if key is None or not key.startswith(head) or len(key) == len(head):
-                        continue
-                    name = key[len(head) :]
-                    if name in found:
-                        continue
-                    try:
-                        found[name] = yield from self._script(
-                            "states", "breaker_state", name, (_FMT,)
-                        )
-                    except CorruptRecordError:
-                        continue  # not a breaker of ours: a listing leaves it out
-                    if len(found) >= limit:
-                        return found
-                if cursor == 0:
-                    break
+
+        def visit(keys: list[Any]) -> Flow[bool]:
+            for redis_key in keys:
+                key = library_key(redis_key)
+                if key is None or not key.startswith(head) or len(key) == len(head):
+                    continue
+                name = key[len(head) :]
+                if name in found:
+                    continue
+                try:
+                    found[name] = yield from self._script("states", "breaker_state", name, (_FMT,))
+                except CorruptRecordError:
+                    continue  # not a breaker of ours: a listing leaves it out
+                if len(found) >= limit:
+                    return True
+            return False
+
+        if limit > 0:
+            yield from scan_keys(self._connections, scan_pattern(head), visit)
         return found
 
     states, astates = twins(_states)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
@@ -462,31 +463,37 @@ class RedisBackend:
                 f"redis backend: scan limit must be an int >= 0, got {limit!r}"
             )
         found: list[Record] = []
-        if limit == 0:
-            return found
-        match = scan_pattern(prefix)
         c = self._connections
-        targets = yield Op(c.scan_targets, c.ascan_targets)
-        for target in targets:
-            cursor = 0
-            for _ in range(SCAN_CALLS):
-                cursor, keys = yield Op(
-                    c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT
-                )
-                named = [(k, lk) for k in keys if (lk := library_key(k)) and lk.startswith(prefix)]
-                if named:
-                    replies = yield Op(c.values, c.avalues, [k for k, _ in named])
-                    for (_, lk), value, pttl in zip(
-                        named, replies[::2], replies[1::2], strict=True
-                    ):
-                        if not isinstance(value, (bytes, str)) or not isinstance(pttl, int):
-                            continue  # gone since the SCAN, or another type (a breaker's hash)
-                        try:
-                            found.append(parse_value(lk, value, pttl, limit=self._max))
-                        except CorruptRecordError:
-                            continue  # not an idempotask record: a listing leaves it out
-                        if len(found) >= limit:
-                            return found
-                if cursor == 0:
-                    break
+
+        def visit(keys: list[Any]) -> Flow[bool]:
+            named = [(k, lk) for k in keys if (lk := library_key(k)) and lk.startswith(prefix)]
+            if named:
+                replies = yield Op(c.values, c.avalues, [k for k, _ in named])
+                for (_, lk), value, pttl in zip(named, replies[::2], replies[1::2], strict=True):
+                    if not isinstance(value, (bytes, str)) or not isinstance(pttl, int):
+                        continue  # gone since the SCAN, or another type (a breaker's hash)
+                    try:
+                        found.append(parse_value(lk, value, pttl, limit=self._max))
+                    except CorruptRecordError:
+                        continue  # not an idempotask record: a listing leaves it out
+                    if len(found) >= limit:
+                        return True
+            return False
+
+        if limit > 0:
+            yield from scan_keys(c, scan_pattern(prefix), visit)
         return found
+
+
+def scan_keys(c: Connections, match: str, visit: Callable[[list[Any]], Flow[bool]]) -> Flow[None]:
+    """``SCAN MATCH match`` on every primary, at most :data:`SCAN_CALLS` calls each;
+    ``visit`` each page of keys until it returns True."""
+    targets = yield Op(c.scan_targets, c.ascan_targets)
+    for target in targets:
+        cursor = 0
+        for _ in range(SCAN_CALLS):
+            cursor, keys = yield Op(c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT)
+            if (yield from visit(keys)):
+                return
+            if cursor == 0:
+                break
