@@ -97,11 +97,13 @@ URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Engine, MetaData, Table
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import Record, State
 from idempotask.backends.sql import _engines
 from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
@@ -139,7 +141,7 @@ from idempotask.backends.sql._schema import (
     metadata,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.flow import Flow
+from idempotask.flow import Flow, Op
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -441,20 +443,30 @@ class SQLAlchemyBackend:
             )
         return lambda q: flow_scan(self._sql, q, prefix[:KEY_LENGTH], limit)
 
-    # -- the store protocol ------------------------------------------------------------------
+    # -- the store protocol: each operation one flow, twins() makes both methods --------------
 
-    def claim(
+    def _on_db(
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
+    ) -> Flow[_T]:
+        result: _T = yield Op(self._run, self._arun, operation, key, make)
+        return result
+
+    def _claim_op(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
+    ) -> Flow[Record]:
         """Take ``key`` for ``token`` or return the record that holds it (see ``Backend``).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
-        return self._run("claim", key, self._claim(key, token, lease, owner, fingerprint))
+        return (
+            yield from self._on_db("claim", key, self._claim(key, token, lease, owner, fingerprint))
+        )
 
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    claim, aclaim = twins(_claim_op, "claim")
+
+    def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``; True when stored (or already).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -462,9 +474,12 @@ class SQLAlchemyBackend:
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        return self._run("complete", key, self._finish(key, token, payload, ttl, State.COMPLETED))
+        make = self._finish(key, token, payload, ttl, State.COMPLETED)
+        return (yield from self._on_db("complete", key, make))
 
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    complete, acomplete = twins(_complete)
+
+    def _fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a failure for the claim held with ``token``; True when stored (or already).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -472,9 +487,12 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        return self._run("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
+        make = self._finish(key, token, payload, ttl, State.FAILED)
+        return (yield from self._on_db("fail", key, make))
 
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
+    fail, afail = twins(_fail)
+
+    def _renew_op(self, key: str, token: str, *, lease: float) -> Flow[bool]:
         """Restart the lease of the claim held with ``token``; False when it is not held.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -482,9 +500,11 @@ class SQLAlchemyBackend:
         >>> store.renew("k", "t1", lease=30), store.renew("k", "other", lease=30)
         (True, False)
         """
-        return self._run("renew", key, self._renew(key, token, lease))
+        return (yield from self._on_db("renew", key, self._renew(key, token, lease)))
 
-    def get(self, key: str) -> Record | None:
+    renew, arenew = twins(_renew_op, "renew")
+
+    def _get(self, key: str) -> Flow[Record | None]:
         """The live record under ``key``, or None when absent or expired.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -492,9 +512,11 @@ class SQLAlchemyBackend:
         True
         """
         self._check_key(key)
-        return self._run("get", key, lambda q: flow_get(self._sql, q, key))
+        return (yield from self._on_db("get", key, lambda q: flow_get(self._sql, q, key)))
 
-    def delete(self, key: str, *, token: str | None = None) -> bool:
+    get, aget = twins(_get)
+
+    def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record (only if it carries ``token``, when given); True if removed.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -503,9 +525,12 @@ class SQLAlchemyBackend:
         (False, True)
         """
         self._check_key(key)
-        return self._run("delete", key, lambda q: flow_delete(self._sql, q, key, token))
+        make = functools.partial(flow_delete, self._sql, key=key, token=token)
+        return (yield from self._on_db("delete", key, make))
 
-    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+    delete, adelete = twins(_delete)
+
+    def _scan_op(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix`` (one statement:
         a range on the key's index), for operators; never on a call's path.
 
@@ -514,7 +539,9 @@ class SQLAlchemyBackend:
         >>> [r.key for r in store.scan("app:billing.")]
         ['app:billing.charge:v1:ab']
         """
-        return self._run("scan", None, self._scan(prefix, limit))
+        return (yield from self._on_db("scan", None, self._scan(prefix, limit)))
+
+    scan, ascan = twins(_scan_op, "scan")
 
     def expire_now(self, key: str) -> bool:
         """Test hook: the record's lease or ttl runs out now on the database's clock
@@ -528,40 +555,6 @@ class SQLAlchemyBackend:
         self._check_key(key)
         return self._run("expire_now", key, lambda q: flow_expire_now(self._sql, q, key))
 
-    async def aclaim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """Async :meth:`claim`."""
-        return await self._arun("claim", key, self._claim(key, token, lease, owner, fingerprint))
-
-    async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`complete`."""
-        return await self._arun(
-            "complete", key, self._finish(key, token, payload, ttl, State.COMPLETED)
-        )
-
-    async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`fail`."""
-        return await self._arun("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
-
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`."""
-        return await self._arun("renew", key, self._renew(key, token, lease))
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`."""
-        self._check_key(key)
-        return await self._arun("get", key, lambda q: flow_get(self._sql, q, key))
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`."""
-        self._check_key(key)
-        return await self._arun("delete", key, lambda q: flow_delete(self._sql, q, key, token))
-
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return await self._arun("scan", None, self._scan(prefix, limit))
-
     # -- maintenance ---------------------------------------------------------------------------
 
     @staticmethod
@@ -572,7 +565,7 @@ class SQLAlchemyBackend:
             )
         return batch
 
-    def purge_expired(self, batch: int = 1000) -> int:
+    def _purge_expired(self, batch: int = 1000) -> Flow[int]:
         """Delete expired records, ``batch`` rows per statement (each its own short
         transaction, so no lock is held for long); returns how many were deleted.
 
@@ -585,16 +578,13 @@ class SQLAlchemyBackend:
         1
         """
         self._check_batch(batch)
-        return self._run(
-            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+        return (
+            yield from self._on_db(
+                "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+            )
         )
 
-    async def apurge_expired(self, batch: int = 1000) -> int:
-        """Async :meth:`purge_expired`."""
-        self._check_batch(batch)
-        return await self._arun(
-            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
-        )
+    purge_expired, apurge_expired = twins(_purge_expired)
 
     # -- tables -------------------------------------------------------------------------------
 
