@@ -45,12 +45,15 @@ def twins(
     ``name`` (default: ``flow``'s name without its leading ``_``), documented by
     ``flow``'s docstring."""
     name = name or flow.__name__.lstrip("_")
+    own = flow.__name__  # looked up on the instance: a subclass may override the flow
 
     def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return drive(flow(self, *args, **kwargs))
+        run: Callable[P, Flow[T]] = getattr(self, own)
+        return drive(run(*args, **kwargs))
 
     async def amethod(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await adrive(flow(self, *args, **kwargs))
+        run: Callable[P, Flow[T]] = getattr(self, own)
+        return await adrive(run(*args, **kwargs))
 
     _named(method, flow, name, flow.__doc__)
     _named(amethod, flow, "a" + name, f"Async :meth:`{name}`.")
@@ -58,10 +61,13 @@ def twins(
 
 
 def inline(method: Method[S, P, T]) -> AsyncMethod[S, P, T]:
-    """The async twin of a sync method that never waits on I/O: it runs it in place."""
+    """The async twin of a sync method that never waits on I/O: it runs it in place (as
+    the instance has it: a subclass's override counts)."""
+    name = method.__name__
 
     async def amethod(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return method(self, *args, **kwargs)
+        run: Callable[P, T] = getattr(self, name)
+        return run(*args, **kwargs)
 
-    _named(amethod, method, "a" + method.__name__, f"Async :meth:`{method.__name__}`.")
+    _named(amethod, method, "a" + name, f"Async :meth:`{name}`.")
     return amethod

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from idempotask.backends._letters import stored, sum_stats
 from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -30,6 +31,10 @@ __all__ = ["MemoryDeadLetterStore"]
 _ALL = DeadLetterFilter()
 # Every live dead-letter store, so a forked child can replace locks a parent thread held.
 _dl_instances: weakref.WeakSet[MemoryDeadLetterStore] = weakref.WeakSet()
+
+
+def _by_retry(letter: DeadLetter) -> bool:
+    return letter.status is Status.RESOLVED and letter.resolution == "retry"
 
 
 class MemoryDeadLetterStore:
@@ -85,9 +90,7 @@ class MemoryDeadLetterStore:
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store ``letter`` unless its id exists; return the stored one."""
-        if not isinstance(letter, DeadLetter):
-            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        letter = stored(letter)
         with self._lock:
             return self._letters.setdefault(letter.id, letter)
 
@@ -149,18 +152,12 @@ class MemoryDeadLetterStore:
 
     def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
         """Counts by (function, kind, status)."""
-        groups: dict[tuple[str, str, Status], list[int]] = {}
         with self._lock:
             letters = [x for x in self._letters.values() if filter.matches(x)]
-        for x in letters:
-            counts = groups.setdefault((x.function, x.kind, x.status), [0, 0, 0])
-            counts[0] += 1
-            counts[1] += max(x.attempts - 1, 0)
-            counts[2] += x.status is Status.RESOLVED and x.resolution == "retry"
-        return [
-            StatRow(function, kind, status, count, retries, resolved)
-            for (function, kind, status), (count, retries, resolved) in sorted(groups.items())
-        ]
+        return sum_stats(
+            (x.function, x.kind, x.status, 1, max(x.attempts - 1, 0), int(_by_retry(x)))
+            for x in letters
+        )
 
     def purge(self, filter: DeadLetterFilter) -> int:
         """Delete matching letters; return how many went."""

@@ -6,13 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from idempotask.backends._letters import stored, sum_stats
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     OPEN_STATUSES,
     DeadLetter,
     DeadLetterFilter,
     StatRow,
-    Status,
     check_changes,
 )
 from idempotask.backends.redis._connect import AsyncClient, SyncClient, split_query_option
@@ -20,7 +20,7 @@ from idempotask.backends.redis._letters import (
     FMT,
     by_time_range,
     by_time_score,
-    check_int,
+    check_count,
     encode_change,
     encode_text,
     encode_time,
@@ -165,9 +165,7 @@ class RedisDeadLetterStore(OnBackend):
 
     def _add(self, letter: DeadLetter) -> Flow[DeadLetter]:
         """Store ``letter`` unless its id exists; return the stored one. One round trip."""
-        if not isinstance(letter, DeadLetter):
-            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        letter = stored(letter)
         open_ = letter.status in OPEN_STATUSES and letter.next_retry_at is not None
         args = (
             FMT,
@@ -200,7 +198,7 @@ class RedisDeadLetterStore(OnBackend):
         args = (
             FMT,
             encode_text(id, "id"),
-            str(check_int(version, "version")).encode(),
+            str(check_count(version, "version")).encode(),
             uuid.uuid4().hex.encode(),
             by_time,
             *pairs,
@@ -243,8 +241,8 @@ class RedisDeadLetterStore(OnBackend):
         self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
-        check_int(limit, "limit")
-        check_int(offset, "offset", minimum=0)
+        check_count(limit, "limit")
+        check_count(offset, "offset", minimum=0)
         if limit <= 0:
             return []
         items = yield from self._scan(
@@ -263,7 +261,7 @@ class RedisDeadLetterStore(OnBackend):
         filter: DeadLetterFilter | None = None,
     ) -> Flow[list[DeadLetter]]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (server clock)."""
-        check_int(limit, "limit")
+        check_count(limit, "limit")
         bounds = (b"", encode_time(now, "now"))
         lease_ms = milliseconds(lease, "lease")
         if limit <= 0:
@@ -276,13 +274,7 @@ class RedisDeadLetterStore(OnBackend):
     def _stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status); reads every letter in the time range."""
         items = yield from self._scan("stats", filter, by_time_range(filter))
-        groups: dict[tuple[str, str, Status], list[int]] = {}
-        for function, kind, status, count, retries, by_retry in stat_rows(items):
-            sums = groups.setdefault((function, kind, status), [0, 0, 0])
-            sums[0] += count
-            sums[1] += retries
-            sums[2] += by_retry
-        return [StatRow(*group, *sums) for group, sums in sorted(groups.items())]
+        return sum_stats(stat_rows(items))
 
     stats, astats = twins(_stats)
 

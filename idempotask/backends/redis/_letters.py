@@ -3,21 +3,21 @@ JSON ``dlq_scan.lua`` reads, and the scripts' replies parsed back (pure: no I/O)
 
 from __future__ import annotations
 
-import enum
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from idempotask.backends.base import (
-    DeadLetter,
-    DeadLetterFilter,
-    Status,
-    decode_history,
-    encode_history,
+from idempotask.backends._letters import (
+    FIELDS,
+    TEXT_FIELDS,
+    check_int,
+    check_text,
+    check_time,
+    field_value,
 )
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.redis._records import DEFAULT_MAX_RECORD_BYTES
-from idempotask.errors import ConfigurationError, CorruptRecordError
+from idempotask.errors import CorruptRecordError
 
 __all__ = [
     "DEAD_LETTER_FORMAT",
@@ -36,19 +36,7 @@ __all__ = [
 DEAD_LETTER_FORMAT = "idempotask-dlq/1"
 FMT = DEAD_LETTER_FORMAT.encode()
 
-# Text fields of a letter, stored as UTF-8. surrogatepass: an exception message may carry
-# the lone surrogates of an undecodable file name, and it must round-trip, not fail.
-_LETTER_TEXT = (
-    "id",
-    "function",
-    "kind",
-    "error_type",
-    "message",
-    "traceback",
-    "key",
-    "route",
-    "resolution",
-)
+_WHO = "redis dead-letter store"
 # Case-folded copies of the searched fields (Lua's string.lower knows ASCII only).
 _SEARCHED = ("error_type", "message")
 
@@ -59,66 +47,47 @@ def _as_bytes(value: Any) -> bytes:
     return str(value).encode("utf-8", "surrogatepass")
 
 
+def _utf8(text: str) -> bytes:
+    # surrogatepass: an exception message may carry the lone surrogates of an undecodable
+    # file name, and it must round-trip, not fail.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def encode_text(value: Any, field: str) -> bytes:
     """A text field as the UTF-8 a letter hash holds."""
-    if isinstance(value, enum.Enum):  # FailureKind and other str enums: their value
-        value = value.value
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"redis dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
-    return value.encode("utf-8", "surrogatepass")
+    return _utf8(check_text(value, field, _WHO))
 
 
 def encode_time(value: Any, field: str) -> bytes:
     """Epoch seconds as the shortest exact decimal (``repr``): Lua and ``ZADD`` read it
     back as the same double, so times round-trip exactly."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(
-            f"redis dead-letter store: {field} must be a finite number of epoch seconds, "
-            f"got {value!r}"
-        )
-    return repr(float(value)).encode()
+    return repr(check_time(value, field, _WHO)).encode()
 
 
 def by_time_score(last_failed_at: Any) -> bytes:
     """A letter's ``by_time`` score: negated, so ascending ZRANGE order is newest first."""
-    encode_time(last_failed_at, "last_failed_at")
-    return repr(-float(last_failed_at)).encode()
+    return repr(-check_time(last_failed_at, "last_failed_at", _WHO)).encode()
 
 
-def check_int(value: Any, option: str, *, minimum: int | None = None) -> int:
+def check_count(value: Any, option: str, *, minimum: int | None = None) -> int:
     """``value`` if it is an int (not a bool) of at least ``minimum``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or (minimum is not None and value < minimum)
-    ):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ConfigurationError(
-            f"redis dead-letter store: {option} must be an int{bound}, got {value!r}"
-        )
-    return value
+    return check_int(value, option, _WHO, minimum=minimum)
 
 
 def encode_change(field: str, value: Any) -> bytes:
-    """The hash value of one field an update changes."""
-    if field == "status":
-        return Status(value).value.encode()
-    if field == "attempts":
-        return str(check_int(value, field)).encode()
-    if field == "next_retry_at":
-        return b"" if value is None else encode_time(value, field)
-    if field == "last_failed_at":
-        return encode_time(value, field)
-    if field == "history":
-        if not isinstance(value, (tuple, list)):
-            raise ConfigurationError(
-                "redis dead-letter store: history must be a tuple of Action, got "
-                f"{type(value).__qualname__}"
-            )
-        return encode_history(tuple(value)).encode("utf-8", "surrogatepass")
-    return encode_text(value, field)
+    """The hash value of one letter field (checked first)."""
+    value = field_value(field, value, _WHO)
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, Status):
+        return value.value.encode()
+    if isinstance(value, bool):
+        return b"1" if value else b"0"
+    if isinstance(value, (int, float)):
+        return repr(value).encode()
+    return _utf8(value)
 
 
 def search_fields(changes: dict[str, Any]) -> list[bytes]:
@@ -126,8 +95,8 @@ def search_fields(changes: dict[str, Any]) -> list[bytes]:
     pairs: list[bytes] = []
     for name in _SEARCHED:
         if name in changes:
-            folded = encode_text(changes[name], name).decode("utf-8", "surrogatepass").casefold()
-            pairs += [f"cf_{name}".encode(), folded.encode("utf-8", "surrogatepass")]
+            folded = check_text(changes[name], name, _WHO).casefold()
+            pairs += [f"cf_{name}".encode(), _utf8(folded)]
     return pairs
 
 
@@ -140,35 +109,9 @@ def letter_fields(letter: DeadLetter) -> list[bytes]:
     b''
     """
     fields: list[bytes] = [b"fmt", FMT]
-    for name in _LETTER_TEXT:
-        fields += [name.encode(), encode_text(getattr(letter, name), name)]
-    if not isinstance(letter.arguments, (bytes, bytearray, memoryview)):
-        raise ConfigurationError(
-            "redis dead-letter store: arguments must be bytes, got "
-            f"{type(letter.arguments).__qualname__}"
-        )
-    fields += [
-        b"arguments",
-        bytes(letter.arguments),
-        b"attempts",
-        encode_change("attempts", letter.attempts),
-        b"status",
-        Status(letter.status).value.encode(),
-        b"first_failed_at",
-        encode_time(letter.first_failed_at, "first_failed_at"),
-        b"last_failed_at",
-        encode_time(letter.last_failed_at, "last_failed_at"),
-        b"next_retry_at",
-        encode_change("next_retry_at", letter.next_retry_at),
-        b"critical",
-        b"1" if letter.critical else b"0",
-        b"version",
-        str(check_int(letter.version, "version")).encode(),
-        b"history",
-        encode_change("history", letter.history),
-        *search_fields({name: getattr(letter, name) for name in _SEARCHED}),
-    ]
-    return fields
+    for name in FIELDS:
+        fields += [name.encode(), encode_change(name, getattr(letter, name))]
+    return fields + search_fields({name: getattr(letter, name) for name in _SEARCHED})
 
 
 def corrupt(where: str, what: Any) -> CorruptRecordError:
@@ -208,7 +151,7 @@ def parse_dead_letter(
     if data.get(b"fmt") != FMT:
         raise corrupt(where, f"a hash without the format marker {DEAD_LETTER_FORMAT}")
     try:
-        text = {name: data[name.encode()].decode("utf-8", "surrogatepass") for name in _LETTER_TEXT}
+        text = {n: data[n.encode()].decode("utf-8", "surrogatepass") for n in TEXT_FIELDS}
         next_retry_at = data[b"next_retry_at"]
         return DeadLetter(
             **text,
@@ -324,15 +267,13 @@ def filter_json(filter: DeadLetterFilter | None) -> bytes:
         for name in ("kind", "function"):
             values = getattr(filter, name)
             if values:
-                spec[name] = [encode_text(v, name).decode("utf-8", "surrogatepass") for v in values]
+                spec[name] = [check_text(v, name, _WHO) for v in values]
         for name in ("since", "until"):
             value = getattr(filter, name)
             if value is not None:
-                spec[name] = float(encode_time(value, name))
+                spec[name] = check_time(value, name, _WHO)
         if filter.search:
-            spec["search"] = (
-                encode_text(filter.search, "search").decode("utf-8", "surrogatepass").casefold()
-            )
+            spec["search"] = check_text(filter.search, "search", _WHO).casefold()
     # UTF-8 as is (ensure_ascii=False): cjson passes the bytes through unchanged, so they
     # compare equal to the stored fields byte for byte.
     return json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass")

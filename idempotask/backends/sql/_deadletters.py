@@ -40,6 +40,7 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
+from idempotask.backends._letters import sum_stats
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     DeadLetter,
@@ -67,6 +68,7 @@ from idempotask.backends.sql._letters import (
     letter_params,
     padded,
     parse_letter,
+    text_of,
 )
 from idempotask.backends.sql._schema import (
     DEFAULT_DEAD_LETTER_TABLE,
@@ -233,31 +235,16 @@ def flow_claim_due(
     return letters
 
 
-def _str(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def flow_stats(
     sql: DeadLetterStatements, q: Session, ns: str, filter: DeadLetterFilter
 ) -> Flow[list[StatRow]]:
     """Counts by (function, kind, status), sorted as Python sorts them."""
     shape, params = filter_params(filter)
     rows = yield q.op(sql.stats(shape), {**params, "ns": ns})
-    stats = [
-        StatRow(
-            _str(function),
-            _str(kind),
-            Status(_str(status)),
-            int(count),
-            int(retries or 0),
-            int(by_retry or 0),
-        )
-        for function, kind, status, count, retries, by_retry in rows
-    ]
-    stats.sort(key=lambda row: (row.function, row.kind, row.status))
-    return stats
+    return sum_stats(
+        (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
+        for f, k, s, n, r, b in rows
+    )
 
 
 def flow_purge(

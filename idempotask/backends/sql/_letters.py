@@ -11,7 +11,6 @@ case-folded error type and message.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,13 +34,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from idempotask.backends.base import (
-    DeadLetter,
-    DeadLetterFilter,
-    Status,
-    decode_history,
-    encode_history,
-)
+from idempotask.backends import _letters as shared
+from idempotask.backends._letters import FIELDS
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.sql._database import Flavour
 from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow
 from idempotask.errors import ConfigurationError, CorruptRecordError
@@ -65,31 +60,11 @@ __all__ = [
 #: Letters deleted per statement by ``purge`` (each its own short transaction).
 PURGE_BATCH = 1000
 
+_WHO = "sql dead-letter store"
 _OPEN = (Status.PENDING.value, Status.RETRYING.value)
 _INT32 = 2**31
 _INT64 = 2**63
 
-#: Letter fields in the order every statement reads them.
-FIELDS = (
-    "id",
-    "function",
-    "kind",
-    "error_type",
-    "message",
-    "traceback",
-    "arguments",
-    "key",
-    "attempts",
-    "status",
-    "first_failed_at",
-    "last_failed_at",
-    "next_retry_at",
-    "route",
-    "critical",
-    "resolution",
-    "version",
-    "history",
-)
 # Text fields held as (binary-compared) strings, with their column's size in UTF-8 bytes.
 _TEXT_LIMITS = {
     "namespace": TEXT_LENGTH,
@@ -104,7 +79,6 @@ _TEXT_LIMITS = {
 }
 # Free text held as UTF-8 bytes ("surrogatepass": any str round-trips, NUL included).
 _BLOB_TEXT = ("message", "traceback")
-_TIMES = ("first_failed_at", "last_failed_at")
 
 #: A filter's shape: how many statuses, kinds and functions (rounded up to a power of
 #: two), and whether it has since / until / search. One statement per shape and operation.
@@ -201,88 +175,42 @@ def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
 
 
 def check_time(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a finite number of epoch seconds, "
-            f"got {value!r}"
-        )
-    return float(value)
+    return shared.check_time(value, field, _WHO)
 
 
 def check_int(value: Any, field: str, *, limit: int = _INT32, minimum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not -limit <= value < limit
-        or (minimum is not None and value < minimum)
-    ):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be an int{bound}, got {value!r}"
-        )
-    return value
+    return shared.check_int(value, field, _WHO, limit=limit, minimum=minimum)
 
 
 def check_text(value: Any, field: str) -> str:
-    value = _value(value)
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
+    """A text field that fits its column (UTF-8 bytes, no lone surrogate)."""
+    text = shared.check_text(value, field, _WHO)
     limit = _TEXT_LIMITS[field]
     try:
-        size = len(value.encode("utf-8"))
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise ConfigurationError(
-            f"sql dead-letter store: {field} {value[:60]!r} is not valid Unicode text "
+            f"{_WHO}: {field} {text[:60]!r} is not valid Unicode text "
             "(a lone surrogate); only message and traceback may hold one"
         ) from None
     if size > limit:
         raise ConfigurationError(
-            f"sql dead-letter store: {field} {value[:60]!r}… is {size} bytes in UTF-8; the "
+            f"{_WHO}: {field} {text[:60]!r}… is {size} bytes in UTF-8; the "
             f"SQL store holds a {field} of up to {limit} bytes"
         )
-    return value
-
-
-def _blob_text(value: Any, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
-    return value.encode("utf-8", "surrogatepass")
+    return text
 
 
 def column_value(field: str, value: Any) -> Any:
     """A letter field's value as its column holds it (validated)."""
-    if field in _TEXT_LIMITS:
-        return Status(value).value if field == "status" else check_text(value, field)
+    value = shared.field_value(field, value, _WHO, attempts_limit=_INT32)
+    if field == "status":
+        return value.value
     if field in _BLOB_TEXT:
-        return _blob_text(value, field)
-    if field == "arguments":
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise ConfigurationError(
-                f"sql dead-letter store: arguments must be bytes, got {type(value).__qualname__}"
-            )
-        return bytes(value)
-    if field in _TIMES:
-        return check_time(value, field)
-    if field == "next_retry_at":
-        return None if value is None else check_time(value, field)
-    if field == "attempts":
-        return check_int(value, field)
-    if field == "version":
-        return check_int(value, field, limit=_INT64)
-    if field == "critical":
-        return bool(value)
-    if field == "history":
-        if not isinstance(value, tuple):
-            raise ConfigurationError(
-                f"sql dead-letter store: history must be a tuple of Action, got "
-                f"{type(value).__qualname__}"
-            )
-        return encode_history(value)
-    raise AssertionError(field)  # pragma: no cover
+        return value.encode("utf-8", "surrogatepass")
+    if field in _TEXT_LIMITS:
+        return check_text(value, field)
+    return value
 
 
 def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
@@ -298,7 +226,7 @@ def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
 # -- rows --------------------------------------------------------------------------------------
 
 
-def _str(value: Any) -> Any:
+def text_of(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         # MySQL/MariaDB hold text as VARBINARY: UTF-8, or the row is not ours (the
         # UnicodeDecodeError is reported as a CorruptRecordError).
@@ -332,25 +260,25 @@ def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
         ) = row
     except ValueError:
         raise CorruptRecordError(f"sql dead-letter store: unexpected row {row!r}") from None
-    id = _str(id)
+    id = text_of(id)
     try:
         letter = DeadLetter(
             id=id,
-            function=_str(function),
-            kind=_str(kind),
-            error_type=_str(error_type),
+            function=text_of(function),
+            kind=text_of(kind),
+            error_type=text_of(error_type),
             message=bytes(message).decode("utf-8", "surrogatepass"),
             traceback=bytes(traceback).decode("utf-8", "surrogatepass"),
             arguments=bytes(arguments),
-            key=_str(key),
+            key=text_of(key),
             attempts=int(attempts),
-            status=Status(_str(status)),
+            status=Status(text_of(status)),
             first_failed_at=float(first_failed_at),
             last_failed_at=float(last_failed_at),
             next_retry_at=None if next_retry_at is None else float(next_retry_at),
-            route=_str(route),
+            route=text_of(route),
             critical=bool(critical),
-            resolution=_str(resolution),
+            resolution=text_of(resolution),
             version=int(version) + bump,
             history=decode_history(history, f"sql dead-letter store: letter {id!r}"),
         )
