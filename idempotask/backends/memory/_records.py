@@ -75,6 +75,17 @@ class _Entry:
         # out; the record is live while ``deadline > now``.
         self.deadline = deadline
 
+    def record(self, key: str, now: float) -> Record:
+        return Record(
+            key,
+            self.state,
+            self.token,
+            self.owner,
+            self.fingerprint,
+            self.payload,
+            self.deadline - now,
+        )
+
 
 class MemoryBackend:
     """An in-process store implementing :class:`~idempotask.backends.base.Backend`.
@@ -194,15 +205,7 @@ class MemoryBackend:
                     entry.token != token and (not owner or entry.owner != owner)
                 ):
                     # The duplicate path: someone else's live record, returned as is.
-                    return Record(
-                        key,
-                        entry.state,
-                        entry.token,
-                        entry.owner,
-                        entry.fingerprint,
-                        entry.payload,
-                        entry.deadline - now,
-                    )
+                    return entry.record(key, now)
                 # Same token (a retried claim) or same owner (a framework retry): re-take.
                 entry.token = token
                 entry.owner = owner
@@ -259,15 +262,7 @@ class MemoryBackend:
             if entry.deadline <= now:
                 self._drop(key, entry)
                 return None
-            return Record(
-                key,
-                entry.state,
-                entry.token,
-                entry.owner,
-                entry.fingerprint,
-                entry.payload,
-                entry.deadline - now,
-            )
+            return entry.record(key, now)
 
     def delete(self, key: str, *, token: str | None = None) -> bool:
         """Remove the record (only if it carries ``token``, when given); True if removed."""
@@ -315,10 +310,7 @@ class MemoryBackend:
             now = self._clock()
             for key, e in self._records.items():
                 if e.deadline > now and key.startswith(prefix):
-                    left = e.deadline - now
-                    found.append(
-                        Record(key, e.state, e.token, e.owner, e.fingerprint, e.payload, left)
-                    )
+                    found.append(e.record(key, now))
                     if len(found) >= limit:
                         break
         return found

@@ -14,75 +14,18 @@ Engines are created on first use: the sync one for the URL's sync driver, and on
 engine per event loop for the matching async driver (psycopg serves both on PostgreSQL;
 MySQL/MariaDB use asyncmy; aiomysql 0.3 cannot send statements with PyMySQL 1.2.3+,
 aio-libs/aiomysql#1080). On a SQLite file an asyncio call runs the sync operation in a
-worker thread (``asyncio.to_thread``: one hop, where aiosqlite makes one per statement)
-unless you pass an ``AsyncEngine``. Pass your own ``Engine`` and/or ``AsyncEngine``
-instead of a URL to control pools; the missing one is derived from its URL.
+worker thread unless you pass an ``AsyncEngine``.
 
-Round trips per operation (every statement runs in autocommit mode, so there is no
-``BEGIN``/``COMMIT`` around single statements). Counted by ``tests/backends/test_sql.py``:
-PostgreSQL from a libpq protocol trace, MariaDB from the server's ``Questions`` counter,
-the MySQL column by running the MySQL plan (no ``RETURNING``) on MariaDB:
-
-==========================  ==========  ==============  ===============  ==============
-operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite (file)
-==========================  ==========  ==============  ===============  ==============
-claim, key absent           1           1               2                5 statements
-claim, duplicate            1           1               1                1 statement
-claim, lease taken over     2           1               3                5 statements
-complete / fail / renew     1           1               1                1 statement
-get / delete                1           1               1                1 statement
-==========================  ==========  ==============  ===============  ==============
-
-* **PostgreSQL** — one statement, read in one snapshot: ``INSERT … ON CONFLICT (key) DO
-  NOTHING RETURNING`` takes an absent key, and a ``UNION ALL`` answers with the row that
-  is there when the insert returns nothing; a duplicate therefore takes no row lock and
-  writes nothing. Only when that row is expired, or ours to re-take (same token, or same
-  non-empty owner), does a second statement take it: ``INSERT … SELECT … WHERE NOT
-  EXISTS (<a live record that blocks us>) ON CONFLICT (key) DO UPDATE … WHERE <expired, or
-  same token, or same owner> RETURNING``, with the same ``UNION ALL`` (``DO UPDATE …
-  WHERE false`` returns no row). That statement alone could do both, but it cost every
-  first call about 0.06 of a plain ``INSERT``'s round trip more on the server. When a
-  concurrent claim commits after a statement's snapshot, the insert conflicts but the
-  read cannot see the row: the empty (or stale) answer is detected and the claim re-sent
-  with a fresh snapshot, at most ``CLAIM_ATTEMPTS`` times. ``clock_timestamp()`` is the
-  clock (``now()`` is frozen per transaction).
-* **MariaDB 10.5+** — ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` (verified on 10.11):
-  MariaDB returns the row as it stands after the statement, also when the conditional
-  update changed nothing, so one statement both claims and answers. The SET assignments
-  are ordered so MySQL's left-to-right evaluation keeps them consistent.
-* **MySQL** (no ``RETURNING``) — a plain read answers duplicates; an absent key is taken
-  with a plain ``INSERT``; a takeover (or an insert that lost a race) is the same
-  conditional ``ON DUPLICATE KEY UPDATE`` followed by a read. Our token is unique to the
-  claim, so the row carries it only if this claim took the key.
-* **SQLite** — a plain read answers duplicates (WAL lets it run beside a writer);
-  otherwise ``BEGIN IMMEDIATE``, the upsert, a read and ``COMMIT``, on the local file.
-  Every connection gets WAL and a busy timeout so several processes can share one file;
-  ``sqlite:///:memory:`` keeps one connection for the process and runs async calls on it
-  directly (they never wait on I/O).
-
-complete/fail is a plain ``UPDATE`` on every database; only when it changes nothing (a
-repeated complete/fail with the same token, or a lost lease) does a read tell the two
-apart, one more statement.
-
-Each operation is a flow (:mod:`idempotask.flow`) run on one connection from the
-engine's pool with SQLAlchemy's public ``Connection.execute`` (``AsyncConnection.execute``
-for asyncio callers): the pool as you configured it (``pool_pre_ping``,
-``pool_recycle``), statement events (OpenTelemetry, Sentry, ddtrace instrumentation) and
-``echo`` see every statement. Statements are built with SQLAlchemy Core and compiled once
-per engine by SQLAlchemy's own cache; psycopg prepares them on the server after its
-``prepare_threshold`` runs on a connection. Database errors become
+Every statement runs in autocommit mode, through SQLAlchemy's public
+``Connection.execute`` on a connection of the engine's pool, so pools, statement events
+(instrumentation) and ``echo`` work as configured. A duplicate is one statement on every
+database; a first call two on PostgreSQL and MariaDB (claim, complete). How each database
+claims a key, the round trips per operation (counted by ``tests/backends/test_sql.py``)
+and the time bounds of statements are in the README's SQL section and in
+:mod:`~idempotask.backends.sql._records`. Database errors become
 :class:`~idempotask.errors.BackendError` naming the operation and the database (never its
-password); a missing table :class:`~idempotask.errors.MissingTableError` naming the table
-and ``idempotask db create``; a row that is not one of ours
-:class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
-deletes expired records in short batches; run it from a periodic job.
-
-Every statement is bounded by ``statement_timeout`` (10 s by default) with the drivers'
-own settings: the server cancels a slower one, libpq keepalives and ``tcp_user_timeout``
-notice a vanished peer, PyMySQL's ``read_timeout`` and ``asyncio.timeout`` a silent one;
-libpq has no client-side timeout, so a psycopg statement still unanswered a grace later
-has its socket shut down (through psycopg's documented ``fileno()``). The call raises
-BackendError and the connection is discarded (see ``_timeouts``).
+password); a missing table :class:`~idempotask.errors.MissingTableError`; a row that is
+not ours :class:`~idempotask.errors.CorruptRecordError`.
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what

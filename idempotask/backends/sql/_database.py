@@ -526,10 +526,18 @@ class Database:
 
     @staticmethod
     def _ddl(conn: Connection, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
-        if create:
-            metadata.create_all(conn, tables=list(tables), checkfirst=True)
-        else:
-            metadata.drop_all(conn, tables=list(tables), checkfirst=True)
+        # Another process may create (or drop) a table between our check and our
+        # statement: the next check sees it. One more try per table at most.
+        for attempt in range(len(tables) + 1):
+            try:
+                if create:
+                    metadata.create_all(conn, tables=list(tables), checkfirst=True)
+                else:
+                    metadata.drop_all(conn, tables=list(tables), checkfirst=True)
+                return
+            except SQLAlchemyError:
+                if attempt == len(tables):
+                    raise
 
     def _create_pending(self) -> None:
         with self._lock:
@@ -551,15 +559,7 @@ class Database:
                 self.memory_lock if self.memory else contextlib.nullcontext(),
                 self.sync_engine().connect() as conn,
             ):
-                # Another process may create (or drop) a table between our check and our
-                # statement: the next check sees it. One more try per table at most.
-                for attempt in range(len(tables) + 1):
-                    try:
-                        self._ddl(conn, metadata, tables, create)
-                        break
-                    except SQLAlchemyError:
-                        if attempt == len(tables):
-                            raise
+                self._ddl(conn, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
 
@@ -577,12 +577,6 @@ class Database:
         try:
             engine = await self.async_engine()
             async with engine.connect() as conn:
-                for attempt in range(len(tables) + 1):
-                    try:
-                        await conn.run_sync(self._ddl, metadata, tables, create)
-                        break
-                    except SQLAlchemyError:
-                        if attempt == len(tables):
-                            raise
+                await conn.run_sync(self._ddl, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc

@@ -103,12 +103,7 @@ class Session:
                 if dog.stop(watch):
                     conn.invalidate()
                     raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
+        return _answer(result, reply)
 
     async def aexecute(self, statement: Executable, params: Mapping[str, Any], reply: Reply) -> Any:
         """Run one statement (asyncio)."""
@@ -126,12 +121,7 @@ class Session:
                 if dog.stop(watch):
                     await aconn.invalidate()
                     raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
+        return _answer(result, reply)
 
     def end(self) -> None:
         """After a failed flow (sync): roll back a transaction it left open."""
@@ -150,3 +140,12 @@ class Session:
                 await self.aconn.execute(_ROLLBACK)
             except Exception:
                 await self.aconn.invalidate()
+
+
+def _answer(result: Any, reply: Reply) -> Any:
+    if reply == "rows":
+        return result.all()
+    if reply == "rowcount":
+        return result.rowcount
+    result.close()
+    return None
