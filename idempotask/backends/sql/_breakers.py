@@ -65,6 +65,7 @@ from idempotask.backends.sql._schema import (
     DbStatementNow,
     define_breaker_table,
     metadata,
+    text_of,
 )
 from idempotask.errors import ConfigurationError, CorruptRecordError
 from idempotask.flow import Flow
@@ -255,12 +256,6 @@ class BreakerStatements:
 # -- replies ------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def breaker_view(
     name: str,
     row: Sequence[Any] | None,
@@ -278,7 +273,7 @@ def breaker_view(
         failures, window_until, now = int(failures), float(window_until), float(now)
         open_until = None if open_until is None else float(open_until)
         probe_until = None if probe_until is None else float(probe_until)
-        opened_by = _text(opened_by)
+        opened_by = text_of(opened_by)
     except (TypeError, ValueError) as exc:
         raise CorruptRecordError(
             f"sql breaker store: the row of breaker {name!r} was not written by idempotask: {exc}"
@@ -309,7 +304,7 @@ def flow_states(
 ) -> Flow[dict[str, BreakerState]]:
     """Every breaker of the namespace with a row, up to ``limit``."""
     rows = yield q.op(sql.all, {"ns": ns, "n": limit})
-    return {_text(name): breaker_view(_text(name), row) for name, *row in rows}
+    return {text_of(name): breaker_view(text_of(name), row) for name, *row in rows}
 
 
 def flow_failure(
@@ -390,7 +385,7 @@ def _seconds(value: Any, option: str) -> float:
     return float(value)
 
 
-def _check_text(value: Any, what: str) -> str:
+def _checktext_of(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(
             f"sql breaker store: {what} must be a non-empty str, got {value!r}"
@@ -440,7 +435,7 @@ class SQLBreakerStore(TableStore):
 
     def _state(self, name: str) -> Flow[BreakerState]:
         """The breaker's state; one statement, no writes."""
-        _check_text(name, "a breaker name")
+        _checktext_of(name, "a breaker name")
         make = functools.partial(flow_state, self._sql, ns=self.namespace, name=name)
         return (yield from self._on_db("breaker.state", name, make))
 
@@ -468,7 +463,7 @@ class SQLBreakerStore(TableStore):
         self, name: str, *, threshold: int, window: float, open_for: float
     ) -> Flow[BreakerState]:
         """Count a failure (opening at ``threshold``); one upsert."""
-        _check_text(name, "a breaker name")
+        _checktext_of(name, "a breaker name")
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigurationError(
                 f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
@@ -496,7 +491,7 @@ class SQLBreakerStore(TableStore):
 
     def _record_success(self, name: str) -> Flow[BreakerState]:
         """Report a success (closing a half-open breaker)."""
-        _check_text(name, "a breaker name")
+        _checktext_of(name, "a breaker name")
         make = functools.partial(flow_success, self._sql, ns=self.namespace, name=name)
         return (yield from self._on_db("breaker.record_success", name, make))
 
@@ -504,8 +499,8 @@ class SQLBreakerStore(TableStore):
 
     def _try_probe(self, name: str, token: str, *, lease: float) -> Flow[BreakerState]:
         """Take the half-open probe for ``lease`` seconds if it is free."""
-        _check_text(name, "a breaker name")
-        _check_text(token, "a probe token")
+        _checktext_of(name, "a breaker name")
+        _checktext_of(token, "a probe token")
         make = functools.partial(
             flow_probe,
             self._sql,
@@ -520,7 +515,7 @@ class SQLBreakerStore(TableStore):
 
     def _reset(self, name: str) -> Flow[None]:
         """Remove the breaker's row (closed, no failures)."""
-        _check_text(name, "a breaker name")
+        _checktext_of(name, "a breaker name")
         params = {"ns": self.namespace, "bn": name}
         make = functools.partial(flow_delete, statement=self._sql.reset, params=params)
         yield from self._on_db("breaker.reset", name, make)

@@ -90,7 +90,7 @@ def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
     return isinstance(obj, AsyncEngine)
 
 
-def seconds(value: Any, option: str) -> float:
+def seconds(value: Any, option: str, who: str = "sql backend") -> float:
     """A positive, finite number of seconds (a lease, a ttl, a timeout), as a float."""
     kind = type(value)
     if (kind is float or kind is int) and 0 < value < float("inf"):  # NaN fails too
@@ -101,7 +101,7 @@ def seconds(value: Any, option: str) -> float:
         or not (0 < value < float("inf"))
     ):
         raise ConfigurationError(
-            f"sql backend: {option} must be a positive, finite number of seconds, got {value!r}"
+            f"{who}: {option} must be a positive, finite number of seconds, got {value!r}"
         )
     return float(value)
 

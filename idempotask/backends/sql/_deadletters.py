@@ -32,7 +32,6 @@ An update that changes the error type or the message but not both reads the othe
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,6 +54,7 @@ from idempotask.backends.sql._database import (
     Database,
     Flavour,
     Session,
+    seconds,
 )
 from idempotask.backends.sql._letters import (
     PURGE_BATCH,
@@ -68,13 +68,13 @@ from idempotask.backends.sql._letters import (
     letter_params,
     padded,
     parse_letter,
-    text_of,
 )
 from idempotask.backends.sql._schema import (
     DEFAULT_DEAD_LETTER_TABLE,
     TEXT_LENGTH,
     define_dead_letter_table,
     metadata,
+    text_of,
 )
 from idempotask.errors import BackendError, ConfigurationError
 from idempotask.flow import Flow, Op
@@ -565,26 +565,18 @@ class SQLDeadLetterStore(TableStore):
         database's clock); concurrent claimers skip each other's rows (``SKIP LOCKED``)."""
         now = check_time(now, "now")
         check_int(limit, "limit", limit=_INT64)
-        if (
-            isinstance(lease, bool)
-            or not isinstance(lease, (int, float))
-            or not (math.isfinite(lease) and lease > 0)
-        ):
-            raise ConfigurationError(
-                f"sql dead-letter store: lease must be a positive, finite number of seconds, "
-                f"got {lease!r}"
-            )
+        lease = seconds(lease, "lease", "sql dead-letter store")
         chosen = _ALL if filter is None else filter
         filter_params(chosen)
         if limit <= 0:
             return []
-        ns, seconds = self.namespace, float(lease)
+        ns = self.namespace
         return (
             yield from self._on_db(
                 "dead-letter claim_due",
                 None,
                 lambda q: flow_claim_due(
-                    self._sql, q, self._flavour(q), ns, now, limit, seconds, chosen
+                    self._sql, q, self._flavour(q), ns, now, limit, lease, chosen
                 ),
             )
         )

@@ -38,7 +38,7 @@ from idempotask.backends import _letters as shared
 from idempotask.backends._letters import FIELDS
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.sql._database import Flavour
-from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow
+from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow, text_of
 from idempotask.errors import ConfigurationError, CorruptRecordError
 
 __all__ = [
@@ -224,14 +224,6 @@ def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
 
 
 # -- rows --------------------------------------------------------------------------------------
-
-
-def text_of(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        # MySQL/MariaDB hold text as VARBINARY: UTF-8, or the row is not ours (the
-        # UnicodeDecodeError is reported as a CorruptRecordError).
-        return bytes(value).decode("utf-8")
-    return value
 
 
 def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:

@@ -63,7 +63,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import Record, State
 from idempotask.backends.sql._database import Flavour, Session
-from idempotask.backends.sql._schema import CodePoints, DbNow
+from idempotask.backends.sql._schema import CodePoints, DbNow, text_of
 from idempotask.errors import BackendError, CorruptRecordError
 from idempotask.flow import Flow
 
@@ -460,12 +460,6 @@ class Statements:
 _STATES = {state.value: state for state in State}
 
 
-def _text(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def parse_record(key: str, row: Sequence[Any]) -> Record:
     """A :class:`Record` from ``(state, token, owner, fingerprint, payload, expires_in)``, as
     the driver returns it."""
@@ -487,7 +481,9 @@ def parse_record(key: str, row: Sequence[Any]) -> Record:
     if not isinstance(state_text, str):
         # MySQL/MariaDB hold text as VARBINARY (see BinaryText): its bytes are UTF-8, or
         # the row is not ours (UnicodeDecodeError, reported as a CorruptRecordError).
-        state_text, token, owner, fingerprint = map(_text, (state_text, token, owner, fingerprint))
+        state_text, token, owner, fingerprint = map(
+            text_of, (state_text, token, owner, fingerprint)
+        )
     state = _STATES.get(state_text)
     if state is None:
         raise CorruptRecordError(

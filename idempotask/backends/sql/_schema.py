@@ -45,6 +45,7 @@ __all__ = [
     "define_dead_letter_table",
     "define_table",
     "metadata",
+    "text_of",
 ]
 
 #: The ``MetaData`` holding the default tables (records, dead letters, breakers), for
@@ -109,10 +110,16 @@ class BinaryText(TypeDecorator[str]):
         return self.impl_instance.bind_processor(dialect)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            # Strict: bytes that are not UTF-8 were not written by us (a CorruptRecordError).
-            return bytes(value).decode("utf-8")
-        return value  # type: ignore[no-any-return]
+        return text_of(value)  # type: ignore[no-any-return]
+
+
+def text_of(value: Any) -> Any:
+    """A text column's value as str: MySQL/MariaDB hold text as VARBINARY, whose bytes are
+    UTF-8 -- strictly: bytes that are not were not written by us (the UnicodeDecodeError
+    is reported as a CorruptRecordError)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return value
 
 
 class DbNow(FunctionElement[float]):
