@@ -113,22 +113,6 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-# Strings this short fit their column in any encoding (UTF-8 takes at most 4 bytes a
-# character), so only longer ones are encoded to be measured.
-_KEY_CHARS = KEY_LENGTH // 4
-_TEXT_CHARS = TEXT_LENGTH // 4
-
-
-def _short(key: str, *texts: str) -> bool:
-    """Whether ``key`` and ``texts`` are strings short enough to fit without measuring."""
-    if type(key) is not str or len(key) > _KEY_CHARS:
-        return False
-    for text in texts:  # noqa: SIM110 - all() over a generator costs twice the bytecodes
-        if type(text) is not str or len(text) > _TEXT_CHARS:
-            return False
-    return True
-
-
 #: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
 #: the default dead-letter and breaker tables).
 records = define_table(metadata)
@@ -331,14 +315,13 @@ class SQLAlchemyBackend:
     def _check_key(key: str, *texts: tuple[str, str]) -> None:
         """Refuse values longer than their columns, the same way on every database (SQLite
         would store them, PostgreSQL and MySQL fail with a driver error)."""
-        if _short(key, *[value for _, value in texts]):
-            return
         for name, value, limit in (
             ("key", key, KEY_LENGTH),
             *((n, v, TEXT_LENGTH) for n, v in texts),
         ):
             if not isinstance(value, str):
                 raise ConfigurationError(f"sql backend: {name} must be a str, got {value!r}")
+            # UTF-8 takes at most 4 bytes a character: only long strings are measured.
             if len(value) > limit // 4 and len(value.encode("utf-8")) > limit:
                 raise ConfigurationError(
                     f"sql backend: {name} {value[:60]!r}… is {len(value.encode())} bytes in "
@@ -348,8 +331,7 @@ class SQLAlchemyBackend:
     def _claim(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
     ) -> Callable[[Session], Flow[Record]]:
-        if not _short(key, token, owner, fingerprint):
-            self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
+        self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
         lease = seconds(lease, "lease")
         sql = self._sql
         return lambda q: flow_claim(
@@ -366,8 +348,7 @@ class SQLAlchemyBackend:
     def _finish(
         self, key: str, token: str, payload: bytes, ttl: float, state: State
     ) -> Callable[[Session], Flow[bool]]:
-        if not _short(key, token):
-            self._check_key(key, ("token", token))
+        self._check_key(key, ("token", token))
         ttl = seconds(ttl, "ttl")
         sql = self._sql
         return lambda q: flow_finish(sql, q, key, token, payload, ttl, state)

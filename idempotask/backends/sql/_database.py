@@ -92,9 +92,6 @@ def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
 
 def seconds(value: Any, option: str, who: str = "sql backend") -> float:
     """A positive, finite number of seconds (a lease, a ttl, a timeout), as a float."""
-    kind = type(value)
-    if (kind is float or kind is int) and 0 < value < float("inf"):  # NaN fails too
-        return float(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
