@@ -53,7 +53,7 @@ from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
 from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
     Database,
-    Flavour,
+    OnDatabase,
     Session,
     seconds,
 )
@@ -84,7 +84,7 @@ from idempotask.backends.sql._schema import (
     metadata,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.flow import Flow, Op
+from idempotask.flow import Flow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -118,7 +118,7 @@ _T = TypeVar("_T")
 records = define_table(metadata)
 
 
-class SQLAlchemyBackend:
+class SQLAlchemyBackend(OnDatabase):
     """The idempotency store on a SQL database, implementing
     :class:`~idempotask.backends.base.Backend` for sync and async callers.
 
@@ -227,8 +227,6 @@ class SQLAlchemyBackend:
                 define_breaker_table(self.metadata, breaker_table, schema=schema),
             ]
         self._sql = Statements(self.table)
-        # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
-        self._force_flavour: Flavour | None = None
         if create_tables:
             self.database.create_on_first_use(*self._all_tables())
 
@@ -298,17 +296,6 @@ class SQLAlchemyBackend:
 
     # -- running flows ------------------------------------------------------------------------
 
-    def _flavour(self, q: Session) -> Flavour:
-        return self._force_flavour or q.flavour
-
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
-
     # -- checks -------------------------------------------------------------------------------
 
     @staticmethod
@@ -368,12 +355,6 @@ class SQLAlchemyBackend:
         return lambda q: flow_scan(self._sql, q, prefix[:KEY_LENGTH], limit)
 
     # -- the store protocol: each operation one flow, twins() makes both methods --------------
-
-    def _on_db(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> Flow[_T]:
-        result: _T = yield Op(self._run, self._arun, operation, key, make)
-        return result
 
     def _claim_op(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""

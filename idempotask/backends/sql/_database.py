@@ -39,7 +39,7 @@ from idempotask.errors import (
     CorruptRecordError,
     MissingTableError,
 )
-from idempotask.flow import Flow, adrive, drive
+from idempotask.flow import Flow, Op, adrive, drive
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
     "Database",
     "Flavour",
+    "OnDatabase",
     "Session",
     "flavour_of",
     "is_async_engine",
@@ -577,3 +578,30 @@ class Database:
                 await conn.run_sync(self._ddl, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
+
+
+class OnDatabase:
+    """What a SQL store runs its operations with: its :class:`Database` and its table."""
+
+    database: Database
+    table: Table
+    # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
+    _force_flavour: Flavour | None = None
+
+    def _flavour(self, q: Session) -> Flavour:
+        return self._force_flavour or q.flavour
+
+    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
+        return self.database.run(operation, key, make, self.table)
+
+    async def _arun(
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
+    ) -> _T:
+        return await self.database.arun(operation, key, make, self.table)
+
+    def _on_db(
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
+    ) -> Flow[_T]:
+        """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
+        result: _T = yield Op(self._run, self._arun, operation, key, make)
+        return result

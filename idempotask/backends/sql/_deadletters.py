@@ -32,7 +32,7 @@ An update that changes the error type or the message but not both reads the othe
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, MetaData, Table
@@ -53,6 +53,7 @@ from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
     Database,
     Flavour,
+    OnDatabase,
     Session,
     seconds,
 )
@@ -77,7 +78,7 @@ from idempotask.backends.sql._schema import (
     text_of,
 )
 from idempotask.errors import BackendError, ConfigurationError
-from idempotask.flow import Flow, Op
+from idempotask.flow import Flow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -321,7 +322,7 @@ def _check_name(owner: str, what: str, value: Any) -> str:
     return value
 
 
-class TableStore:
+class TableStore(OnDatabase):
     """What the SQL dead-letter and breaker stores share: the engines (their own, or a
     backend's), one table, the ``namespace`` their rows are scoped by, and the table's
     lifecycle. Subclasses name their default table and say how to define it."""
@@ -375,8 +376,6 @@ class TableStore:
         else:
             self.metadata = MetaData()
             self.table = self._define_table(self.metadata, table_name, schema)
-        # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
-        self._force_flavour: Flavour | None = None
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
 
@@ -397,24 +396,6 @@ class TableStore:
             f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r}, "
             f"namespace={self.namespace!r})"
         )
-
-    def _flavour(self, q: Session) -> Flavour:
-        return self._force_flavour or q.flavour
-
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
-
-    def _on_db(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> Flow[_T]:
-        """The flow of one operation: ``make``'s flow run on a connection, sync or async."""
-        result: _T = yield Op(self._run, self._arun, operation, key, make)
-        return result
 
     @property
     def tables(self) -> list[str]:
