@@ -8,10 +8,20 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from idempotask.backends.base import DeadLetter, StatRow, Status, encode_history
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Status, encode_history
 from idempotask.errors import ConfigurationError
 
-__all__ = ["FIELDS", "TEXT_FIELDS", "check_int", "check_text", "check_time", "field_value"]
+__all__ = [
+    "FIELDS",
+    "TEXT_FIELDS",
+    "check_int",
+    "check_text",
+    "check_time",
+    "field_value",
+    "filter_fields",
+    "stored",
+    "sum_stats",
+]
 
 #: Letter fields in the order stores write and read them.
 FIELDS = (
@@ -120,3 +130,24 @@ def sum_stats(rows: Iterable[tuple[str, str, Status, int, int, int]]) -> list[St
         for i, count in enumerate(counts):
             sums[i] += count
     return [StatRow(*group, *sums) for group, sums in sorted(groups.items())]
+
+
+def filter_fields(filter: DeadLetterFilter | None, who: str) -> dict[str, Any]:
+    """The fields of ``filter`` that narrow it, checked: ``status``, ``kind``, ``function``
+    (lists of str), ``since``, ``until`` (floats), ``search`` (a str)."""
+    if filter is None:
+        return {}
+    if not isinstance(filter, DeadLetterFilter):
+        raise ConfigurationError(f"{who}: expected a DeadLetterFilter, got {type(filter).__name__}")
+    fields: dict[str, Any] = {}
+    if filter.status:
+        fields["status"] = [Status(s).value for s in filter.status]
+    for name in ("kind", "function"):
+        if getattr(filter, name):
+            fields[name] = [check_text(v, name, who) for v in getattr(filter, name)]
+    for name in ("since", "until"):
+        if getattr(filter, name) is not None:
+            fields[name] = check_time(getattr(filter, name), name, who)
+    if check_text(filter.search, "search", who):
+        fields["search"] = filter.search
+    return fields

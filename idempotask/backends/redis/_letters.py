@@ -14,6 +14,7 @@ from idempotask.backends._letters import (
     check_text,
     check_time,
     field_value,
+    filter_fields,
 )
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.redis._records import DEFAULT_MAX_RECORD_BYTES
@@ -260,20 +261,9 @@ def filter_json(filter: DeadLetterFilter | None) -> bytes:
     >>> filter_json(DeadLetterFilter(search="TimeOut"))
     b'{"search": "timeout"}'
     """
-    spec: dict[str, Any] = {}
-    if filter is not None:
-        if filter.status:
-            spec["status"] = [Status(s).value for s in filter.status]
-        for name in ("kind", "function"):
-            values = getattr(filter, name)
-            if values:
-                spec[name] = [check_text(v, name, _WHO) for v in values]
-        for name in ("since", "until"):
-            value = getattr(filter, name)
-            if value is not None:
-                spec[name] = check_time(value, name, _WHO)
-        if filter.search:
-            spec["search"] = check_text(filter.search, "search", _WHO).casefold()
+    spec = filter_fields(filter, _WHO)
+    if "search" in spec:
+        spec["search"] = spec["search"].casefold()
     # UTF-8 as is (ensure_ascii=False): cjson passes the bytes through unchanged, so they
     # compare equal to the stored fields byte for byte.
     return json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass")

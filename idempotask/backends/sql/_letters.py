@@ -121,52 +121,29 @@ def padded(count: int) -> int:
     return 0 if count == 0 else 1 << (count - 1).bit_length()
 
 
-def _value(item: Any) -> Any:
-    """A filter value as stored: an enum (Status, FailureKind) by its value."""
-    return getattr(item, "value", item)
-
-
 def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
     """The shape of ``filter`` and its parameters (lists padded with their last value)."""
-    if not isinstance(filter, DeadLetterFilter):
-        raise ConfigurationError(
-            f"sql dead-letter store: expected a DeadLetterFilter, got {type(filter).__name__}"
-        )
+    fields = shared.filter_fields(filter, _WHO)
     params: dict[str, Any] = {}
     counts = []
-    for prefix, values in (
-        ("fs", [Status(x).value for x in filter.status]),
-        ("fk", [_value(x) for x in filter.kind]),
-        ("ff", [_value(x) for x in filter.function]),
-    ):
-        for i, value in enumerate(values):
-            if not isinstance(value, str):
-                raise ConfigurationError(
-                    f"sql dead-letter store: filter values must be str, got {value!r}"
-                )
-            params[f"{prefix}{i}"] = value
+    for prefix, name in (("fs", "status"), ("fk", "kind"), ("ff", "function")):
+        values = fields.get(name, [])
         size = padded(len(values))
-        for i in range(len(values), size):
-            params[f"{prefix}{i}"] = values[-1]
+        for i in range(size):
+            params[f"{prefix}{i}"] = values[min(i, len(values) - 1)]
         counts.append(size)
     for name in ("since", "until"):
-        bound = getattr(filter, name)
-        if bound is not None:
-            params[name] = check_time(bound, name)
-    search = filter.search
-    if not isinstance(search, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: filter search must be a str, got {type(search).__name__}"
-        )
-    if search:
-        params["needle"] = _needle(search)
-    shape = (
+        if name in fields:
+            params[name] = fields[name]
+    if "search" in fields:
+        params["needle"] = _needle(fields["search"])
+    shape: Shape = (
         counts[0],
         counts[1],
         counts[2],
-        filter.since is not None,
-        filter.until is not None,
-        bool(search),
+        "since" in fields,
+        "until" in fields,
+        "search" in fields,
     )
     return shape, params
 
