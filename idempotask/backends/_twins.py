@@ -1,16 +1,12 @@
-"""A store's sync method and its ``a``-prefixed async twin, written once.
-
-Every store contract in :mod:`idempotask.backends.base` pairs ``op`` with ``aop``. A store
-writes the operation once, as a flow (:mod:`idempotask.flow`), and takes both methods
-from it::
+"""A store's sync method and its ``a``-prefixed async twin, written once: as a flow
+(:mod:`idempotask.flow`) for :func:`twins`, or as a sync method that never waits on I/O
+for :func:`inline`::
 
     def _get(self, id: str) -> Flow[DeadLetter | None]:
         \"\"\"The letter with this id, or None.\"\"\"
         ...
-    get, aget = twins(_get)
 
-A store whose operations never wait on I/O (memory) writes the sync method and gets its
-twin from :func:`inline`.
+    get, aget = twins(_get)
 """
 
 from __future__ import annotations

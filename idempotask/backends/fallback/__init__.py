@@ -7,9 +7,7 @@ any process confirms new claims in SQL until those records have expired: calls c
 during the outage are not run again. Its docstring states the guarantee exactly (the
 README quotes it).
 
-Every decision is made once, in flows (:mod:`idempotask.flow`) in
-:mod:`idempotask.backends.fallback._router`; the sync methods drive them with
-:func:`idempotask.flow.drive`, the ``a``-prefixed ones with :func:`idempotask.flow.adrive`.
+Every decision is made once, in flows (:mod:`idempotask.flow`) in ``_router``.
 
 The URL form (registered as ``fallback+redis``, ``fallback+rediss`` and
 ``fallback+unix``) is the primary's Redis URL with ``fallback+`` before its scheme and the

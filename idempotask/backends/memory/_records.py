@@ -1,10 +1,4 @@
-"""An in-process idempotency store: bounded, thread- and asyncio-safe, with an injectable clock.
-
-It is the default backend and the one tests use. It deduplicates calls made *within one
-process* only: every worker process of a pre-fork server (Celery prefork, gunicorn, RQ) has
-its own copy, so a duplicate delivered to another worker runs again. The first use in a
-forked child says so with a :class:`RuntimeWarning`; use ``redis://`` or a SQL URL there.
-"""
+"""The in-process idempotency store, :class:`MemoryBackend` (see the package docstring)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,16 @@
 """Client plumbing shared by the Redis stores: which redis-py client serves a call, the
 Lua scripts registered on it, the eviction-policy check, and error wrapping.
 
-Every command goes through redis-py's public API: ``execute_command``, pipelines and
-``register_script`` (a ``Script``/``AsyncScript`` per shipped ``.lua`` file and client:
-its ``EVALSHA`` is sent with ``execute_command``, and on ``NOSCRIPT`` the ``Script`` itself
-recovers -- ``SCRIPT LOAD``, on every primary of a cluster, and one more ``EVALSHA``). So
-whatever wraps ``execute_command`` (OpenTelemetry, ddtrace, Sentry, a subclass) sees every
-command, and the client's own retry policy, timeouts and health checks apply.
+Every command goes through redis-py's public API (``execute_command``, pipelines,
+``register_script``: on ``NOSCRIPT`` the ``Script`` itself loads the script and runs it
+again), so whatever wraps ``execute_command`` (OpenTelemetry, ddtrace, Sentry) sees every
+command, and the client's own retries, timeouts and health checks apply.
 
-asyncio clients are bound to the event loop they first ran on. A client this package
-makes (from a URL, or as the asyncio twin of a sync client you gave) is made per event
-loop and closed *with* that loop: beside it runs a tiny async generator, started on the
-loop, whose ``finally`` awaits the client's ``aclose()``. ``asyncio.run()``, pytest's and
-anyio's runners call ``loop.shutdown_asyncgens()`` before closing a loop (PEP 525), which
-finalizes it while the loop still runs, so every socket of the loop's client is closed and
-the server forgets the client. A loop closed without that (a bare ``loop.close()``) is
-dropped the next time a new loop shows up or :meth:`Connections.close` runs, so no loop is
-kept alive by this package; its sockets close when the garbage collector takes them.
+asyncio clients this package makes are made per event loop and closed *with* it: a tiny
+async generator started on the loop awaits the client's ``aclose()`` in its ``finally``,
+which ``loop.shutdown_asyncgens()`` (``asyncio.run()``, pytest's and anyio's runners) runs
+while the loop still runs (PEP 525). A loop closed without it is dropped when a new loop
+shows up or :meth:`Connections.close` runs, so no loop is kept alive here.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """One database as the SQL stores use it: its engines, and running flows on them.
 
-:class:`Database` owns what the idempotency backend, the dead-letter store and the
-breaker store have in common: the URL, the sync engine and one asyncio engine per event
-loop (created on first use, disposed when their loop shuts down, let go of in a forked
-child), the time bound of a statement, and running an operation. An operation is a
-*flow* (:mod:`idempotask.flow`): a generator that yields the statements it needs as
-:class:`~idempotask.flow.Op` objects made by a :class:`Session`, one connection checked
-out of the engine's pool for the operation; :func:`~idempotask.flow.drive` runs it with
-SQLAlchemy's ``Connection.execute``, :func:`~idempotask.flow.adrive` with
-``AsyncConnection.execute``. So the engine's pool, events, logging and instrumentation
-see every statement exactly as the user configured them. Database errors become
-:class:`~idempotask.errors.BackendError` (a missing table a
-:class:`~idempotask.errors.MissingTableError`). Stores built from one another share one
-``Database``, hence one pool of connections.
+:class:`Database` owns what the SQL stores share: the URL, the sync engine and one asyncio
+engine per event loop (made on first use, disposed when their loop shuts down, let go of
+in a forked child), the time bound of a statement, and running an operation: a flow
+(:mod:`idempotask.flow`) of statements on one connection of the engine's pool, through
+SQLAlchemy's public ``Connection.execute`` / ``AsyncConnection.execute``. Database errors
+become :class:`~idempotask.errors.BackendError`.
 """
 
 from __future__ import annotations
@@ -156,13 +149,9 @@ class _LoopEngine:
 
 
 async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGenerator[None, None]:
-    """Dispose of ``slot``'s engine when its loop shuts down.
-
-    Started once on the loop, this async generator is registered with it, so
-    ``loop.shutdown_asyncgens()`` (which ``asyncio.run()`` calls before closing the loop)
-    closes it while the loop still runs: the engine's connections are closed on the loop
-    they belong to, instead of leaking when a program calls ``asyncio.run()`` repeatedly.
-    """
+    """Dispose of ``slot``'s engine when its loop shuts down: registered with the loop,
+    ``loop.shutdown_asyncgens()`` (``asyncio.run()``) closes it while the loop still runs,
+    so the connections close on their own loop instead of leaking."""
     started_in = os.getpid()
     try:
         yield
@@ -178,16 +167,9 @@ async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGene
 
 
 class Database:
-    """The engines of one database, and the runner of flows on them.
-
-    ``bind`` is a URL, an ``Engine`` or an ``AsyncEngine`` (or pass ``engine=`` and
-    ``async_engine=``); ``owner`` names the store in configuration errors. Engines you
-    pass are used as configured (pool, events, logging), given autocommit per connection
-    when they are not in autocommit mode already, and never disposed here. The engines
-    made here get autocommit, ``connect_timeout``, hidden parameters in error messages,
-    for SQLite WAL and ``busy_timeout``, and the ``statement_timeout`` settings of
-    :mod:`~idempotask.backends.sql._timeouts`; the client-side bounds (psycopg's watchdog,
-    ``asyncio.timeout``) apply to every engine.
+    """The engines of one database, and the runner of flows on them. ``bind`` and the
+    options are ``SQLAlchemyBackend``'s (which documents what engines get); ``owner``
+    names the store in configuration errors.
 
     >>> db = Database("postgresql+psycopg://app:secret@db/app", owner="SQLAlchemyBackend")
     >>> db.where, db.bound  # nothing connects until the first operation
