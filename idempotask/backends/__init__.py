@@ -51,6 +51,26 @@ SQL_EXTRAS = {
     "mariadb": "mysql",
 }
 _SQL_DIALECTS = tuple(SQL_EXTRAS)
+# dialect -> (sync drivers kept as a URL names them, the sync default, async drivers kept,
+# the async default): the SQL backend's drivers (a URL naming an async driver gets the
+# sync default for sync callers and the other way round; psycopg 3 serves both).
+_MYSQL_DRIVERS = (
+    frozenset({"pymysql", "mysqldb", "mysqlconnector", "mariadbconnector", "cymysql"}),
+    "pymysql",
+    frozenset({"aiomysql", "asyncmy"}),
+    "asyncmy",
+)
+SQL_DRIVERS: dict[str, tuple[frozenset[str], str, frozenset[str], str]] = {
+    "postgresql": (
+        frozenset({"psycopg", "psycopg2", "psycopg2cffi", "pg8000"}),
+        "psycopg",
+        frozenset({"psycopg", "psycopg_async", "asyncpg"}),
+        "psycopg",
+    ),
+    "sqlite": (frozenset({"pysqlite", "pysqlcipher"}), "", frozenset({"aiosqlite"}), "aiosqlite"),
+    "mysql": _MYSQL_DRIVERS,
+    "mariadb": _MYSQL_DRIVERS,
+}
 _SQL_FACTORY = "idempotask.backends.sql:SQLAlchemyBackend.from_url"
 
 _registered: dict[str, BackendFactory] = {}

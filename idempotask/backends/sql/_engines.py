@@ -14,6 +14,7 @@ from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
+from idempotask.backends import SQL_DRIVERS
 from idempotask.backends.sql._timeouts import connect_options
 from idempotask.errors import ConfigurationError, MissingDependencyError
 
@@ -37,25 +38,7 @@ __all__ = [
 _MYSQL = ("mysql", "mariadb")
 _SUPPORTED = ("postgresql", "sqlite", *_MYSQL)
 
-# backend -> (sync drivers kept as given, the sync default, async drivers kept, the async
-# default). A URL naming an async driver gets the sync default for sync callers and the
-# other way round; psycopg (3) serves both.
-_DRIVERS: dict[str, tuple[frozenset[str], str, frozenset[str], str]] = {
-    "postgresql": (
-        frozenset({"psycopg", "psycopg2", "psycopg2cffi", "pg8000"}),
-        "psycopg",
-        frozenset({"psycopg", "psycopg_async", "asyncpg"}),
-        "psycopg",
-    ),
-    "sqlite": (frozenset({"pysqlite", "pysqlcipher"}), "", frozenset({"aiosqlite"}), "aiosqlite"),
-    "mysql": (
-        frozenset({"pymysql", "mysqldb", "mysqlconnector", "mariadbconnector", "cymysql"}),
-        "pymysql",
-        frozenset({"aiomysql", "asyncmy"}),
-        "asyncmy",
-    ),
-}
-_DRIVERS["mariadb"] = _DRIVERS["mysql"]
+_DRIVERS = SQL_DRIVERS
 
 # Drivers whose connect() takes a connect_timeout in seconds (libpq's must be whole).
 _TIMEOUT_DRIVERS = {"psycopg", "psycopg_async", "pymysql", "aiomysql", "asyncmy", "mysqldb"}
