@@ -79,6 +79,8 @@ _TEXT_LIMITS = {
 }
 # Free text held as UTF-8 bytes ("surrogatepass": any str round-trips, NUL included).
 _BLOB_TEXT = ("message", "traceback")
+# Text columns read back as str (not status, not the blobs).
+_STR_FIELDS = ("id", "function", "kind", "error_type", "key", "route", "resolution")
 
 #: A filter's shape: how many statuses, kinds and functions (rounded up to a power of
 #: two), and whether it has since / until / search. One statement per shape and operation.
@@ -204,52 +206,27 @@ def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
 
 
 def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
-    """A :class:`DeadLetter` from a row in the order of :data:`FIELDS` as the driver returns it
+    """A :class:`DeadLetter` from a row in the order of ``FIELDS`` as the driver returns it
     (``bump`` is added to its version: a claim read before its own update)."""
     try:
-        (
-            id,
-            function,
-            kind,
-            error_type,
-            message,
-            traceback,
-            arguments,
-            key,
-            attempts,
-            status,
-            first_failed_at,
-            last_failed_at,
-            next_retry_at,
-            route,
-            critical,
-            resolution,
-            version,
-            history,
-        ) = row
-    except ValueError:
+        raw = dict(zip(FIELDS, row, strict=True))
+    except (TypeError, ValueError):
         raise CorruptRecordError(f"sql dead-letter store: unexpected row {row!r}") from None
-    id = text_of(id)
+    id = text_of(raw["id"])
     try:
         letter = DeadLetter(
-            id=id,
-            function=text_of(function),
-            kind=text_of(kind),
-            error_type=text_of(error_type),
-            message=bytes(message).decode("utf-8", "surrogatepass"),
-            traceback=bytes(traceback).decode("utf-8", "surrogatepass"),
-            arguments=bytes(arguments),
-            key=text_of(key),
-            attempts=int(attempts),
-            status=Status(text_of(status)),
-            first_failed_at=float(first_failed_at),
-            last_failed_at=float(last_failed_at),
-            next_retry_at=None if next_retry_at is None else float(next_retry_at),
-            route=text_of(route),
-            critical=bool(critical),
-            resolution=text_of(resolution),
-            version=int(version) + bump,
-            history=decode_history(history, f"sql dead-letter store: letter {id!r}"),
+            **{name: text_of(raw[name]) for name in _STR_FIELDS},
+            message=bytes(raw["message"]).decode("utf-8", "surrogatepass"),
+            traceback=bytes(raw["traceback"]).decode("utf-8", "surrogatepass"),
+            arguments=bytes(raw["arguments"]),
+            attempts=int(raw["attempts"]),
+            status=Status(text_of(raw["status"])),
+            first_failed_at=float(raw["first_failed_at"]),
+            last_failed_at=float(raw["last_failed_at"]),
+            next_retry_at=None if raw["next_retry_at"] is None else float(raw["next_retry_at"]),
+            critical=bool(raw["critical"]),
+            version=int(raw["version"]) + bump,
+            history=decode_history(raw["history"], f"sql dead-letter store: letter {id!r}"),
         )
     except UnicodeDecodeError:
         raise
@@ -257,8 +234,7 @@ def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
         raise CorruptRecordError(
             f"sql dead-letter store: the row of letter {id!r} was not written by idempotask: {exc}"
         ) from None
-    texts = (letter.id, letter.function, letter.kind, letter.error_type, letter.key, letter.route)
-    if not all(isinstance(x, str) for x in texts) or not isinstance(letter.resolution, str):
+    if not all(isinstance(getattr(letter, name), str) for name in _STR_FIELDS):
         raise CorruptRecordError(
             f"sql dead-letter store: the row of letter {id!r} has a text column that is not text"
         )
