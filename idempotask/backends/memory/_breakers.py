@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 
 from idempotask.backends._twins import inline
 from idempotask.backends.base import BreakerState, BreakerStatus
-from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
+from idempotask.backends.memory._common import check_clock, new_lock
 
 __all__ = ["MemoryBreakerStore"]
 
 _BREAKER_CLOSED = BreakerState(BreakerStatus.CLOSED)
-# Every live breaker store, so a forked child can replace locks a parent thread held.
-_breaker_stores: weakref.WeakSet[MemoryBreakerStore] = weakref.WeakSet()
 
 
 class _BreakerEntry:
@@ -52,9 +46,8 @@ class MemoryBreakerStore:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         check_clock(clock, "MemoryBreakerStore")
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)
         self._entries: dict[str, _BreakerEntry] = {}
-        _breaker_stores.add(self)
 
     def __repr__(self) -> str:
         return f"MemoryBreakerStore(breakers={len(self._entries)})"
@@ -159,7 +152,3 @@ class MemoryBreakerStore:
         if now < entry.open_until:
             return BreakerState(BreakerStatus.OPEN, retry_after=entry.open_until - now)
         return BreakerState(BreakerStatus.HALF_OPEN, retry_after=max(0.0, entry.probe_until - now))
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=functools.partial(fresh_locks_in_child, _breaker_stores))

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,14 +19,12 @@ from idempotask.backends.base import (
     Status,
     check_changes,
 )
-from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
+from idempotask.backends.memory._common import check_clock, new_lock
 from idempotask.errors import ConfigurationError
 
 __all__ = ["MemoryDeadLetterStore"]
 
 _ALL = DeadLetterFilter()
-# Every live dead-letter store, so a forked child can replace locks a parent thread held.
-_dl_instances: weakref.WeakSet[MemoryDeadLetterStore] = weakref.WeakSet()
 
 
 def _by_retry(letter: DeadLetter) -> bool:
@@ -58,11 +52,10 @@ class MemoryDeadLetterStore:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         check_clock(clock, "MemoryDeadLetterStore")
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)
         self._letters: dict[str, DeadLetter] = {}
         # id -> store-clock time at which a processor's claim runs out.
         self._claims: dict[str, float] = {}
-        _dl_instances.add(self)
 
     @classmethod
     def from_url(cls, url: str) -> MemoryDeadLetterStore:
@@ -183,7 +176,3 @@ class MemoryDeadLetterStore:
     aclaim_due = inline(claim_due)
     astats = inline(stats)
     apurge = inline(purge)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=functools.partial(fresh_locks_in_child, _dl_instances))
