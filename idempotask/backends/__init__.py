@@ -114,11 +114,6 @@ def load_factory(target: str, extra: str) -> Any:
     return obj
 
 
-def _resolve(target: str, extra: str) -> BackendFactory:
-    factory: BackendFactory = load_factory(target, extra)
-    return factory
-
-
 def check_url(url: str) -> str:
     """The lower-cased scheme of a backend URL, checked against the registry without
     building anything (no import of a driver, no connection): a typo in a scheme fails
@@ -158,7 +153,6 @@ def backend_from_url(url: str) -> Backend:
     scheme = check_url(url)
     if scheme in _registered:
         return _registered[scheme](url)
-    if scheme in _BUILTIN:
-        return _resolve(*_BUILTIN[scheme])(url)
-    dialect = scheme.split("+", 1)[0]
-    return _resolve(_SQL_FACTORY, SQL_EXTRAS[dialect])(url)
+    target, extra = _BUILTIN.get(scheme) or (_SQL_FACTORY, SQL_EXTRAS[scheme.split("+", 1)[0]])
+    backend: Backend = load_factory(target, extra)(url)
+    return backend

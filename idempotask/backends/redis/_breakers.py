@@ -6,6 +6,7 @@ from typing import Any
 
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
+from idempotask.backends.redis._letters import as_bytes, reply_tag
 from idempotask.backends.redis._records import library_key, milliseconds, parse_flag
 from idempotask.backends.redis._store import RedisBackend, scan_keys, scan_pattern
 from idempotask.backends.redis._stores import OnBackend
@@ -22,13 +23,6 @@ _STATUSES = {status.value.encode(): status for status in BreakerStatus}
 _RESET_ARGS = (b"", b"0", b"")  # delete.lua without a token: remove whatever is there
 
 
-def _tag(reply: Any) -> bytes:
-    if isinstance(reply, list) and reply:
-        first = reply[0]
-        return first if isinstance(first, bytes) else str(first).encode()
-    return b""
-
-
 def parse_breaker(key: str, reply: Any) -> BreakerState:
     """Turn a ``breaker_*`` script reply into a :class:`~idempotask.backends.base.BreakerState`.
 
@@ -36,9 +30,9 @@ def parse_breaker(key: str, reply: Any) -> BreakerState:
     >>> state.status.value, state.failures, state.retry_after, state.changed
     ('open', 5, 30.0, True)
     """
-    if _tag(reply) == b"brk" and len(reply) == 6:
+    if reply_tag(reply) == b"brk" and len(reply) == 6:
         _, status, failures, wait_ms, changed, probe = reply
-        found = _STATUSES.get(status if isinstance(status, bytes) else str(status).encode())
+        found = _STATUSES.get(as_bytes(status))
         if found is not None:
             return BreakerState(
                 found,
@@ -47,7 +41,7 @@ def parse_breaker(key: str, reply: Any) -> BreakerState:
                 changed=int(changed) == 1,
                 probe=int(probe) == 1,
             )
-    what = reply[1] if _tag(reply) == b"corrupt" and len(reply) == 2 else repr(reply)[:80]
+    what = reply[1] if reply_tag(reply) == b"corrupt" and len(reply) == 2 else repr(reply)[:80]
     if isinstance(what, bytes):
         what = what.decode(errors="replace")
     raise CorruptRecordError(

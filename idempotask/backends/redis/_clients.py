@@ -207,9 +207,8 @@ class Connections:
             try:
                 reply = channel.client.config_get("maxmemory-policy", **_primaries(channel))
             except Exception as exc:
-                self._policy_failed(exc)
-            else:
-                self._policy_read(reply)
+                reply = exc
+            self._policy_read(reply)
         return channel
 
     def ready_channel(self) -> Channel | None:
@@ -236,9 +235,8 @@ class Connections:
             try:
                 reply = await channel.client.config_get("maxmemory-policy", **_primaries(channel))
             except Exception as exc:
-                self._policy_failed(exc)
-            else:
-                self._policy_read(reply)
+                reply = exc
+            self._policy_read(reply)
         return channel
 
     async def _loop_channel(self) -> Channel:
@@ -312,17 +310,20 @@ class Connections:
             self._policy = _CHECKING
             return True
 
-    def _policy_failed(self, exc: Exception) -> None:
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, RedisClusterException)):
+    def _policy_read(self, reply: Any) -> None:
+        """Warn once if ``reply`` (CONFIG GET's, or the exception it raised) shows a
+        policy that could evict records."""
+        if isinstance(reply, (RedisConnectionError, RedisTimeoutError, RedisClusterException)):
             # The server is unreachable: the operation fails too; check on the next call.
             self._policy = _UNCHECKED
-            raise exc
-        # Managed Redis services often forbid CONFIG; that is no reason to fail.
+            raise reply
         self._policy = _CHECKED
-        logger.debug("redis backend: cannot read maxmemory-policy on %s: %s", self.server, exc)
-
-    def _policy_read(self, reply: Any) -> None:
-        self._policy = _CHECKED
+        if isinstance(reply, Exception):
+            # Managed Redis services often forbid CONFIG; that is no reason to fail.
+            logger.debug(
+                "redis backend: cannot read maxmemory-policy on %s: %s", self.server, reply
+            )
+            return
         message = eviction_warning(self.server, policies(reply))
         if message is not None:
             warnings.warn(message, RuntimeWarning, stacklevel=5)

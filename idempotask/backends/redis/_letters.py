@@ -42,7 +42,8 @@ _WHO = "redis dead-letter store"
 _SEARCHED = ("error_type", "message")
 
 
-def _as_bytes(value: Any) -> bytes:
+def as_bytes(value: Any) -> bytes:
+    """A reply item as bytes (a client with ``decode_responses=True`` gives str)."""
     if isinstance(value, bytes):
         return value
     return str(value).encode("utf-8", "surrogatepass")
@@ -117,7 +118,7 @@ def letter_fields(letter: DeadLetter) -> list[bytes]:
 
 def corrupt(where: str, what: Any) -> CorruptRecordError:
     """The error for a value at ``where`` that is not one of our dead letters."""
-    found = _as_bytes(what).decode("utf-8", "replace") if what is not None else "nothing"
+    found = as_bytes(what).decode("utf-8", "replace") if what is not None else "nothing"
     return CorruptRecordError(
         f"redis dead-letter store: the value under Redis key {where!r} is not an idempotask "
         f"dead letter: found {found}. Another program uses this key, or the data is "
@@ -148,7 +149,7 @@ def parse_dead_letter(
             f"bytes, over max_record_bytes={limit:,}; it was not read. Delete it if it is "
             "not ours, or raise max_record_bytes= on the RedisBackend"
         )
-    data = {_as_bytes(fields[i]): _as_bytes(fields[i + 1]) for i in range(0, len(fields), 2)}
+    data = {as_bytes(fields[i]): as_bytes(fields[i + 1]) for i in range(0, len(fields), 2)}
     if data.get(b"fmt") != FMT:
         raise corrupt(where, f"a hash without the format marker {DEAD_LETTER_FORMAT}")
     try:
@@ -173,9 +174,10 @@ def parse_dead_letter(
         raise corrupt(where, f"a dead letter with a missing or malformed field ({exc!r})")
 
 
-def _tag(reply: Any) -> bytes:
+def reply_tag(reply: Any) -> bytes:
+    """The first item of a script's reply, which says what the reply is."""
     if isinstance(reply, list) and reply:
-        return _as_bytes(reply[0])
+        return as_bytes(reply[0])
     return b""
 
 
@@ -187,7 +189,7 @@ def parse_letter_reply(
     >>> parse_letter_reply("k", [b"stale"]) is None
     True
     """
-    tag = _tag(reply)
+    tag = reply_tag(reply)
     if tag == b"dl" and len(reply) == 2:
         return parse_dead_letter(where, reply[1], limit=limit)
     if tag in (b"absent", b"stale") and len(reply) == 1:
@@ -204,7 +206,7 @@ def parse_add_reply(
     >>> parse_add_reply("k", [b"new"], letter) is letter
     True
     """
-    if _tag(reply) == b"new" and len(reply) == 1:
+    if reply_tag(reply) == b"new" and len(reply) == 1:
         return letter
     stored = parse_letter_reply(where, reply, limit=limit)
     if stored is None:
@@ -228,12 +230,12 @@ def parse_scan(base: str, reply: Any) -> ScanPage:
     >>> parse_scan("q", [b"scan", 1, b"", b"", 0, []]).done
     True
     """
-    tag = _tag(reply)
+    tag = reply_tag(reply)
     if tag == b"scan" and len(reply) == 6 and isinstance(reply[5], list):
         _, done, score, id, skipped, items = reply
-        return ScanPage(int(done) == 1, (_as_bytes(score), _as_bytes(id)), int(skipped), items)
+        return ScanPage(int(done) == 1, (as_bytes(score), as_bytes(id)), int(skipped), items)
     if tag == b"corrupt" and len(reply) == 3:
-        letter = _as_bytes(reply[1]).decode("utf-8", "replace")
+        letter = as_bytes(reply[1]).decode("utf-8", "replace")
         raise corrupt(f"{base}:letter:{letter}", reply[2])
     raise corrupt(base, repr(reply)[:80])
 
@@ -243,7 +245,7 @@ def stat_rows(items: list[Any]) -> list[tuple[str, str, Status, int, int, int]]:
     rows = []
     for i in range(0, len(items) - 5, 6):
         function, kind, status = (
-            _as_bytes(x).decode("utf-8", "surrogatepass") for x in items[i : i + 3]
+            as_bytes(x).decode("utf-8", "surrogatepass") for x in items[i : i + 3]
         )
         count, retries, by_retry = (int(x) for x in items[i + 3 : i + 6])
         rows.append((function, kind, Status(status), count, retries, by_retry))
