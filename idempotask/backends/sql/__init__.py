@@ -194,11 +194,8 @@ class SQLAlchemyBackend(OnDatabase):
             statement_timeout=statement_timeout,
             engine_options=engine_options,
         )
-        if not isinstance(table_name, str) or not table_name:
-            raise ConfigurationError(
-                f"SQLAlchemyBackend: table_name must be a non-empty string, got {table_name!r}"
-            )
         for option, name in (
+            ("table_name", table_name),
             ("dead_letter_table", dead_letter_table),
             ("breaker_table", breaker_table),
         ):
