@@ -255,7 +255,6 @@ def define_table(
     existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
     if existing is not None:
         return existing
-    payload_type = LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
     return Table(
         name,
         metadata,
@@ -264,7 +263,7 @@ def define_table(
         Column("token", BinaryText(TEXT_LENGTH), nullable=False),
         Column("owner", BinaryText(TEXT_LENGTH), nullable=False),
         Column("fingerprint", BinaryText(TEXT_LENGTH), nullable=False),
-        Column("payload", payload_type, nullable=False),
+        Column("payload", _blob(), nullable=False),
         Column("expires_at", Double(), nullable=False),
         Index(_index_name(name), "expires_at"),
         schema=schema,
