@@ -51,6 +51,26 @@ SQL_EXTRAS = {
     "mariadb": "mysql",
 }
 _SQL_DIALECTS = tuple(SQL_EXTRAS)
+# dialect -> (sync drivers kept as a URL names them, the sync default, async drivers kept,
+# the async default): the SQL backend's drivers (a URL naming an async driver gets the
+# sync default for sync callers and the other way round; psycopg 3 serves both).
+_MYSQL_DRIVERS = (
+    frozenset({"pymysql", "mysqldb", "mysqlconnector", "mariadbconnector", "cymysql"}),
+    "pymysql",
+    frozenset({"aiomysql", "asyncmy"}),
+    "asyncmy",
+)
+SQL_DRIVERS: dict[str, tuple[frozenset[str], str, frozenset[str], str]] = {
+    "postgresql": (
+        frozenset({"psycopg", "psycopg2", "psycopg2cffi", "pg8000"}),
+        "psycopg",
+        frozenset({"psycopg", "psycopg_async", "asyncpg"}),
+        "psycopg",
+    ),
+    "sqlite": (frozenset({"pysqlite", "pysqlcipher"}), "", frozenset({"aiosqlite"}), "aiosqlite"),
+    "mysql": _MYSQL_DRIVERS,
+    "mariadb": _MYSQL_DRIVERS,
+}
 _SQL_FACTORY = "idempotask.backends.sql:SQLAlchemyBackend.from_url"
 
 _registered: dict[str, BackendFactory] = {}
@@ -94,11 +114,6 @@ def load_factory(target: str, extra: str) -> Any:
     return obj
 
 
-def _resolve(target: str, extra: str) -> BackendFactory:
-    factory: BackendFactory = load_factory(target, extra)
-    return factory
-
-
 def check_url(url: str) -> str:
     """The lower-cased scheme of a backend URL, checked against the registry without
     building anything (no import of a driver, no connection): a typo in a scheme fails
@@ -138,7 +153,6 @@ def backend_from_url(url: str) -> Backend:
     scheme = check_url(url)
     if scheme in _registered:
         return _registered[scheme](url)
-    if scheme in _BUILTIN:
-        return _resolve(*_BUILTIN[scheme])(url)
-    dialect = scheme.split("+", 1)[0]
-    return _resolve(_SQL_FACTORY, SQL_EXTRAS[dialect])(url)
+    target, extra = _BUILTIN.get(scheme) or (_SQL_FACTORY, SQL_EXTRAS[scheme.split("+", 1)[0]])
+    backend: Backend = load_factory(target, extra)(url)
+    return backend

@@ -534,18 +534,9 @@ class BreakerStore(Protocol):
       another caller probe when a prober crashed.
     - ``state``: read only. ``reset``: remove the record (force closed).
 
-    A SQL implementation is one row per name (``name`` primary key, ``failures int``,
-    ``window_until``, ``open_until`` and ``probe_until`` timestamps by the database's
-    ``clock_timestamp()``, ``probe_token text``): ``record_failure`` is one ``INSERT ...
-    ON CONFLICT (name) DO UPDATE SET`` with ``CASE`` expressions over the rules above and
-    ``RETURNING`` (``changed`` when the returned ``open_until`` equals the statement's
-    ``now + open_for``); ``try_probe`` is one guarded ``UPDATE ... WHERE open_until <= now
-    AND (probe_until IS NULL OR probe_until <= now OR probe_token = :token) RETURNING``,
-    followed by a plain read when it updated nothing; ``record_success`` is ``DELETE ...
-    WHERE open_until <= now RETURNING`` (a row: ``changed``) plus a read; ``reset`` a
-    ``DELETE``. Rows of breakers left CLOSED past their window or HALF_OPEN long after may
-    be purged; a store may forget them (Redis drops a closed record when its window ends
-    and a half-open one a day after its open period).
+    Rows of breakers left CLOSED past their window or HALF_OPEN long after may be purged;
+    a store may forget them (Redis drops a closed record when its window ends and a
+    half-open one a day after its open period).
     """
 
     def state(self, name: str) -> BreakerState: ...

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from idempotask.backends import SQL_EXTRAS, backend_from_url, load_factory
+from idempotask.backends import SQL_DRIVERS, SQL_EXTRAS, backend_from_url, load_factory
 from idempotask.backends.base import (
     MUTABLE_FIELDS,
     OPEN_STATUSES,
@@ -52,33 +52,14 @@ _BUILTIN: dict[str, str] = {
     "rediss": _REDIS,
     "unix": _REDIS,
 }
-# SQL URLs as the idempotency backend takes them, bare or naming a driver (the drivers of
-# idempotask.backends.sql._engines; a test checks the two lists agree). ?table=NAME names
-# the dead-letter table.
+# SQL URLs as the idempotency backend takes them, bare or naming one of its drivers;
+# ?table=NAME names the dead-letter table.
 _BUILTIN.update(
     {
         f"{database}+{driver}" if driver else database: _SQL
-        for databases, drivers in (
-            (
-                ("postgresql", "postgres"),
-                ("psycopg", "psycopg2", "psycopg2cffi", "pg8000", "psycopg_async", "asyncpg"),
-            ),
-            (("sqlite",), ("pysqlite", "pysqlcipher", "aiosqlite")),
-            (
-                ("mysql", "mariadb"),
-                (
-                    "pymysql",
-                    "mysqldb",
-                    "mysqlconnector",
-                    "mariadbconnector",
-                    "cymysql",
-                    "aiomysql",
-                    "asyncmy",
-                ),
-            ),
-        )
-        for database in databases
-        for driver in ("", *drivers)
+        for dialect, (sync, _, asynchronous, _) in SQL_DRIVERS.items()
+        for database in ((dialect, "postgres") if dialect == "postgresql" else (dialect,))
+        for driver in ("", *sync, *asynchronous)
     }
 )
 

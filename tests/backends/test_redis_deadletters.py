@@ -455,7 +455,7 @@ def test_index_entries_of_deleted_letters_are_passed_over_and_cleaned(
 def test_a_resent_update_recognises_its_own_write(store: RedisDeadLetterStore) -> None:
     """redis-py resends a command whose reply timed out: the second run returns the letter."""
     added = store.add(letter("resend"))
-    flow = store._update_flow(added.id, added.version, {"attempts": 2})
+    flow = store._update(added.id, added.version, attempts=2)
     op = next(flow)
     op.fn(*op.args, **op.kwargs)  # the reply "was lost"
     again = op.fn(*op.args, **op.kwargs)
@@ -485,7 +485,7 @@ def test_a_walk_continues_when_its_cursor_letter_goes_between_calls(
     for id in ("a", "b", "c", "d", "e", "f"):
         store.add(letter(id, function="fx" if id in "bdf" else "fy"))
     wanted = DeadLetterFilter(function=("fx",))
-    flow = store._query_flow(wanted, 100, 0)
+    flow = store._query(wanted, limit=100, offset=0)
     op = next(flow)
     reply = op.fn(*op.args, **op.kwargs)
     assert reply[3] == b"b", "the first step walked a and b and stopped at b"

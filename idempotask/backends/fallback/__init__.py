@@ -7,9 +7,7 @@ any process confirms new claims in SQL until those records have expired: calls c
 during the outage are not run again. Its docstring states the guarantee exactly (the
 README quotes it).
 
-Every decision is made once, in flows (:mod:`idempotask.flow`) in
-:mod:`idempotask.backends.fallback._router`; the sync methods drive them with
-:func:`idempotask.flow.drive`, the ``a``-prefixed ones with :func:`idempotask.flow.adrive`.
+Every decision is made once, in flows (:mod:`idempotask.flow`) in ``_router``.
 
 The URL form (registered as ``fallback+redis``, ``fallback+rediss`` and
 ``fallback+unix``) is the primary's Redis URL with ``fallback+`` before its scheme and the
@@ -31,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     Backend,
     BreakerStore,
@@ -43,7 +42,7 @@ from idempotask.backends.base import (
 from idempotask.backends.fallback._router import Router, is_outage
 from idempotask.backends.fallback._url import fallback_url, seconds, split_url
 from idempotask.errors import BackendError, ConfigurationError
-from idempotask.flow import Flow, adrive, drive, store_op
+from idempotask.flow import Flow, store_op
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
@@ -293,11 +292,12 @@ class FallbackBackend(Router):
                 last_error=self._last_error,
             )
 
-    # ------------------------------------------------------------------ sync API
+    # ------------------------------------------------------------------ the store protocol
+    # Each operation is a flow of the Router; twins() makes its sync and async methods.
 
-    def claim(
+    def _claim_op(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
+    ) -> Flow[Record]:
         """Take ``key`` with ``token``, or return the record that holds it (see the class
         docstring for which store answers).
 
@@ -306,9 +306,11 @@ class FallbackBackend(Router):
         >>> store.claim("k", "t1", lease=30).held_by("t1")
         True
         """
-        return drive(self._claim(key, token, lease, owner, fingerprint))
+        return (yield from self._claim(key, token, lease, owner, fingerprint))
 
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    claim, aclaim = twins(_claim_op, "claim")
+
+    def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``, in the store(s) holding it.
 
         >>> from idempotask.backends.memory import MemoryBackend
@@ -317,11 +319,12 @@ class FallbackBackend(Router):
         >>> store.complete("k", "t1", b"42", ttl=3600)
         True
         """
-        return drive(
-            self._by_token("complete", key, token, (key, token, payload), {"ttl": ttl}, ttl)
-        )
+        args = (key, token, payload)
+        return (yield from self._by_token("complete", key, token, args, {"ttl": ttl}, ttl))
 
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    complete, acomplete = twins(_complete)
+
+    def _fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a failure for the claim held with ``token``, in the store(s) holding it.
 
         >>> from idempotask.backends.memory import MemoryBackend
@@ -330,9 +333,12 @@ class FallbackBackend(Router):
         >>> store.fail("k", "t1", b"ValueError: no", ttl=60)
         True
         """
-        return drive(self._by_token("fail", key, token, (key, token, payload), {"ttl": ttl}, ttl))
+        args = (key, token, payload)
+        return (yield from self._by_token("fail", key, token, args, {"ttl": ttl}, ttl))
 
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
+    fail, afail = twins(_fail)
+
+    def _renew(self, key: str, token: str, *, lease: float) -> Flow[bool]:
         """Restart the lease of the claim held with ``token``, where it was taken.
 
         >>> from idempotask.backends.memory import MemoryBackend
@@ -341,9 +347,13 @@ class FallbackBackend(Router):
         >>> store.renew("k", "t1", lease=30)
         True
         """
-        return drive(self._by_token("renew", key, token, (key, token), {"lease": lease}, lease))
+        return (
+            yield from self._by_token("renew", key, token, (key, token), {"lease": lease}, lease)
+        )
 
-    def get(self, key: str) -> Record | None:
+    renew, arenew = twins(_renew)
+
+    def _get_op(self, key: str) -> Flow[Record | None]:
         """The record under ``key``: the primary's; the secondary's while the primary is
         down, or in the confirm window when the primary has none.
 
@@ -351,9 +361,11 @@ class FallbackBackend(Router):
         >>> FallbackBackend(MemoryBackend(), MemoryBackend()).get("k") is None
         True
         """
-        return drive(self._get(key))
+        return (yield from self._get(key))
 
-    def delete(self, key: str, *, token: str | None = None) -> bool:
+    get, aget = twins(_get_op, "get")
+
+    def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record (only if it carries ``token``, when given). Without a token
         it is removed from the secondary too whenever the secondary may hold one.
 
@@ -364,8 +376,10 @@ class FallbackBackend(Router):
         True
         """
         if token is None:
-            return drive(self._delete_any(key))
-        return drive(self._by_token("delete", key, token, (key,), {"token": token}, None))
+            return (yield from self._delete_any(key))
+        return (yield from self._by_token("delete", key, token, (key,), {"token": token}, None))
+
+    delete, adelete = twins(_delete)
 
     def expire_now(self, key: str) -> bool:
         """Test hook: the record's lease or ttl runs out now in both stores (a primary
@@ -426,16 +440,9 @@ class FallbackBackend(Router):
             f"offers {what}(namespace=...); pass a store explicitly"
         )
 
-    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+    def _scan(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix``: the primary's,
         with the secondary's added while it may hold records this backend honours."""
-        return drive(self._scan(prefix, limit))
-
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return await adrive(self._scan(prefix, limit))
-
-    def _scan(self, prefix: str, limit: int) -> Flow[list[Record]]:
         found: dict[str, Record] = {}
         primary_error: BackendError | None = None
         try:
@@ -459,63 +466,7 @@ class FallbackBackend(Router):
                 found.setdefault(record.key, record)
         return list(found.values())[:limit]
 
-    # ------------------------------------------------------------------ async API
-
-    async def aclaim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """Async :meth:`claim`.
-
-        >>> record = await store.aclaim("k", "t1", lease=30)  # doctest: +SKIP
-        """
-        return await adrive(self._claim(key, token, lease, owner, fingerprint))
-
-    async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`complete`.
-
-        >>> await store.acomplete("k", "t1", b"42", ttl=3600)  # doctest: +SKIP
-        True
-        """
-        return await adrive(
-            self._by_token("complete", key, token, (key, token, payload), {"ttl": ttl}, ttl)
-        )
-
-    async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`fail`.
-
-        >>> await store.afail("k", "t1", b"ValueError: no", ttl=60)  # doctest: +SKIP
-        True
-        """
-        return await adrive(
-            self._by_token("fail", key, token, (key, token, payload), {"ttl": ttl}, ttl)
-        )
-
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`.
-
-        >>> await store.arenew("k", "t1", lease=30)  # doctest: +SKIP
-        True
-        """
-        return await adrive(
-            self._by_token("renew", key, token, (key, token), {"lease": lease}, lease)
-        )
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`.
-
-        >>> await store.aget("k")  # doctest: +SKIP
-        """
-        return await adrive(self._get(key))
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`.
-
-        >>> await store.adelete("k", token="t1")  # doctest: +SKIP
-        True
-        """
-        if token is None:
-            return await adrive(self._delete_any(key))
-        return await adrive(self._by_token("delete", key, token, (key,), {"token": token}, None))
+    scan, ascan = twins(_scan)
 
     async def aclose(self) -> None:
         """Close both stores' connections for the running event loop.

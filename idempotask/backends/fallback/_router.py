@@ -1,12 +1,6 @@
-"""The fallback store's decisions: which store serves each operation, and when.
-
-Everything here is a flow (:mod:`idempotask.flow`): plans that yield the store
-operations they need and receive the answers, or have the store's
-:class:`~idempotask.errors.BackendError` thrown in. :class:`Router` holds the state the
-plans share (the primary's health, the confirm window, the claims taken outside the
-primary alone); :class:`~idempotask.backends.fallback.FallbackBackend` drives the plans
-sync or async.
-"""
+"""The fallback store's decisions, as flows (:mod:`idempotask.flow`): which store serves
+each operation, and when. :class:`Router` holds the state they share (the primary's
+health, the confirm window, the claims taken outside the primary alone)."""
 
 from __future__ import annotations
 

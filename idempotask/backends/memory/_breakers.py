@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 
+from idempotask.backends._twins import inline
 from idempotask.backends.base import BreakerState, BreakerStatus
-from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
+from idempotask.backends.memory._common import check_clock, new_lock
 
 __all__ = ["MemoryBreakerStore"]
 
 _BREAKER_CLOSED = BreakerState(BreakerStatus.CLOSED)
-# Every live breaker store, so a forked child can replace locks a parent thread held.
-_breaker_stores: weakref.WeakSet[MemoryBreakerStore] = weakref.WeakSet()
 
 
 class _BreakerEntry:
@@ -51,9 +46,8 @@ class MemoryBreakerStore:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         check_clock(clock, "MemoryBreakerStore")
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)
         self._entries: dict[str, _BreakerEntry] = {}
-        _breaker_stores.add(self)
 
     def __repr__(self) -> str:
         return f"MemoryBreakerStore(breakers={len(self._entries)})"
@@ -128,31 +122,12 @@ class MemoryBreakerStore:
 
     # -- async protocol: the same short critical sections ---------------------------------
 
-    async def astate(self, name: str) -> BreakerState:
-        """Async :meth:`state`."""
-        return self.state(name)
-
-    async def arecord_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
-        """Async :meth:`record_failure`."""
-        return self.record_failure(name, threshold=threshold, window=window, open_for=open_for)
-
-    async def arecord_success(self, name: str) -> BreakerState:
-        """Async :meth:`record_success`."""
-        return self.record_success(name)
-
-    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
-        """Async :meth:`try_probe`."""
-        return self.try_probe(name, token, lease=lease)
-
-    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
-        """Async :meth:`states`."""
-        return self.states(limit=limit)
-
-    async def areset(self, name: str) -> None:
-        """Async :meth:`reset`."""
-        self.reset(name)
+    astate = inline(state)
+    arecord_failure = inline(record_failure)
+    arecord_success = inline(record_success)
+    atry_probe = inline(try_probe)
+    astates = inline(states)
+    areset = inline(reset)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -177,7 +152,3 @@ class MemoryBreakerStore:
         if now < entry.open_until:
             return BreakerState(BreakerStatus.OPEN, retry_after=entry.open_until - now)
         return BreakerState(BreakerStatus.HALF_OPEN, retry_after=max(0.0, entry.probe_until - now))
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=functools.partial(fresh_locks_in_child, _breaker_stores))

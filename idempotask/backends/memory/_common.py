@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any
 
 from idempotask.errors import ConfigurationError
 
-__all__ = ["check_clock", "fresh_locks_in_child"]
+__all__ = ["check_clock", "new_lock"]
 
 
 def check_clock(clock: object, owner: str) -> None:
@@ -19,8 +20,21 @@ def check_clock(clock: object, owner: str) -> None:
         )
 
 
-def fresh_locks_in_child(stores: weakref.WeakSet[Any]) -> None:
-    # The dead-letter and breaker stores' hook: a thread of the parent may have held a
-    # store's lock at fork(); the child has no such thread, so it gets fresh locks.
-    for store in list(stores):
+# Every store with a lock from new_lock(), so a forked child can replace the locks.
+_locked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def new_lock(store: object) -> threading.Lock:
+    """A lock for ``store``'s ``_lock``, replaced by a fresh one in a forked child: a
+    thread of the parent may have held it at fork(), and the child has no such thread."""
+    _locked.add(store)
+    return threading.Lock()
+
+
+def _fresh_locks_in_child() -> None:
+    for store in list(_locked):
         store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from idempotask.backends._letters import stored, sum_stats
+from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
     DeadLetter,
@@ -21,14 +19,16 @@ from idempotask.backends.base import (
     Status,
     check_changes,
 )
-from idempotask.backends.memory._common import check_clock, fresh_locks_in_child
+from idempotask.backends.memory._common import check_clock, new_lock
 from idempotask.errors import ConfigurationError
 
 __all__ = ["MemoryDeadLetterStore"]
 
 _ALL = DeadLetterFilter()
-# Every live dead-letter store, so a forked child can replace locks a parent thread held.
-_dl_instances: weakref.WeakSet[MemoryDeadLetterStore] = weakref.WeakSet()
+
+
+def _by_retry(letter: DeadLetter) -> bool:
+    return letter.status is Status.RESOLVED and letter.resolution == "retry"
 
 
 class MemoryDeadLetterStore:
@@ -52,11 +52,10 @@ class MemoryDeadLetterStore:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         check_clock(clock, "MemoryDeadLetterStore")
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)
         self._letters: dict[str, DeadLetter] = {}
         # id -> store-clock time at which a processor's claim runs out.
         self._claims: dict[str, float] = {}
-        _dl_instances.add(self)
 
     @classmethod
     def from_url(cls, url: str) -> MemoryDeadLetterStore:
@@ -84,9 +83,7 @@ class MemoryDeadLetterStore:
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store ``letter`` unless its id exists; return the stored one."""
-        if not isinstance(letter, DeadLetter):
-            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+        letter = stored(letter)
         with self._lock:
             return self._letters.setdefault(letter.id, letter)
 
@@ -103,7 +100,7 @@ class MemoryDeadLetterStore:
         found.sort(key=lambda x: (-x.last_failed_at, x.id))
         return found[offset : offset + limit]
 
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+    def update(self, /, id: str, version: int, **changes: Any) -> DeadLetter | None:
         """Compare-and-set: apply ``changes`` if the stored version is ``version``."""
         check_changes(changes)
         if "status" in changes:
@@ -148,18 +145,12 @@ class MemoryDeadLetterStore:
 
     def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
         """Counts by (function, kind, status)."""
-        groups: dict[tuple[str, str, Status], list[int]] = {}
         with self._lock:
             letters = [x for x in self._letters.values() if filter.matches(x)]
-        for x in letters:
-            counts = groups.setdefault((x.function, x.kind, x.status), [0, 0, 0])
-            counts[0] += 1
-            counts[1] += max(x.attempts - 1, 0)
-            counts[2] += x.status is Status.RESOLVED and x.resolution == "retry"
-        return [
-            StatRow(function, kind, status, count, retries, resolved)
-            for (function, kind, status), (count, retries, resolved) in sorted(groups.items())
-        ]
+        return sum_stats(
+            (x.function, x.kind, x.status, 1, max(x.attempts - 1, 0), int(_by_retry(x)))
+            for x in letters
+        )
 
     def purge(self, filter: DeadLetterFilter) -> int:
         """Delete matching letters; return how many went."""
@@ -178,43 +169,10 @@ class MemoryDeadLetterStore:
 
     # -- async protocol: the same short critical sections ---------------------------------
 
-    async def aadd(self, letter: DeadLetter) -> DeadLetter:
-        """Async :meth:`add`."""
-        return self.add(letter)
-
-    async def aget(self, id: str) -> DeadLetter | None:
-        """Async :meth:`get`."""
-        return self.get(id)
-
-    async def aquery(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
-        """Async :meth:`query`."""
-        return self.query(filter, limit=limit, offset=offset)
-
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Async :meth:`update`."""
-        return self.update(id, version, **changes)
-
-    async def aclaim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
-        """Async :meth:`claim_due`."""
-        return self.claim_due(now, limit=limit, lease=lease, filter=filter)
-
-    async def astats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
-        """Async :meth:`stats`."""
-        return self.stats(filter)
-
-    async def apurge(self, filter: DeadLetterFilter) -> int:
-        """Async :meth:`purge`."""
-        return self.purge(filter)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=functools.partial(fresh_locks_in_child, _dl_instances))
+    aadd = inline(add)
+    aget = inline(get)
+    aquery = inline(query)
+    aupdate = inline(update)
+    aclaim_due = inline(claim_due)
+    astats = inline(stats)
+    apurge = inline(purge)

@@ -1,10 +1,4 @@
-"""An in-process idempotency store: bounded, thread- and asyncio-safe, with an injectable clock.
-
-It is the default backend and the one tests use. It deduplicates calls made *within one
-process* only: every worker process of a pre-fork server (Celery prefork, gunicorn, RQ) has
-its own copy, so a duplicate delivered to another worker runs again. The first use in a
-forked child says so with a :class:`RuntimeWarning`; use ``redis://`` or a SQL URL there.
-"""
+"""The in-process idempotency store, :class:`MemoryBackend` (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -21,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from idempotask import events
+from idempotask.backends._twins import inline
 from idempotask.backends.base import Record, State
 from idempotask.backends.memory._breakers import MemoryBreakerStore
 from idempotask.backends.memory._common import check_clock
@@ -73,6 +68,17 @@ class _Entry:
         # Store-clock time at which the lease (IN_PROGRESS) or ttl (COMPLETED/FAILED) runs
         # out; the record is live while ``deadline > now``.
         self.deadline = deadline
+
+    def record(self, key: str, now: float) -> Record:
+        return Record(
+            key,
+            self.state,
+            self.token,
+            self.owner,
+            self.fingerprint,
+            self.payload,
+            self.deadline - now,
+        )
 
 
 class MemoryBackend:
@@ -193,15 +199,7 @@ class MemoryBackend:
                     entry.token != token and (not owner or entry.owner != owner)
                 ):
                     # The duplicate path: someone else's live record, returned as is.
-                    return Record(
-                        key,
-                        entry.state,
-                        entry.token,
-                        entry.owner,
-                        entry.fingerprint,
-                        entry.payload,
-                        entry.deadline - now,
-                    )
+                    return entry.record(key, now)
                 # Same token (a retried claim) or same owner (a framework retry): re-take.
                 entry.token = token
                 entry.owner = owner
@@ -258,15 +256,7 @@ class MemoryBackend:
             if entry.deadline <= now:
                 self._drop(key, entry)
                 return None
-            return Record(
-                key,
-                entry.state,
-                entry.token,
-                entry.owner,
-                entry.fingerprint,
-                entry.payload,
-                entry.deadline - now,
-            )
+            return entry.record(key, now)
 
     def delete(self, key: str, *, token: str | None = None) -> bool:
         """Remove the record (only if it carries ``token``, when given); True if removed."""
@@ -314,10 +304,7 @@ class MemoryBackend:
             now = self._clock()
             for key, e in self._records.items():
                 if e.deadline > now and key.startswith(prefix):
-                    left = e.deadline - now
-                    found.append(
-                        Record(key, e.state, e.token, e.owner, e.fingerprint, e.payload, left)
-                    )
+                    found.append(e.record(key, now))
                     if len(found) >= limit:
                         break
         return found
@@ -335,9 +322,7 @@ class MemoryBackend:
 
     # -- async protocol: the same critical sections, which never block for long ------------
 
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return self.scan(prefix, limit=limit)
+    ascan = inline(scan)
 
     async def aclaim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
@@ -353,17 +338,9 @@ class MemoryBackend:
         """Async :meth:`fail`."""
         return self._finish(key, token, payload, ttl, _FAILED)
 
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`."""
-        return self.renew(key, token, lease=lease)
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`."""
-        return self.get(key)
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`."""
-        return self.delete(key, token=token)
+    arenew = inline(renew)
+    aget = inline(get)
+    adelete = inline(delete)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
+from idempotask.backends.redis._letters import as_bytes, reply_tag
 from idempotask.backends.redis._records import library_key, milliseconds, parse_flag
-from idempotask.backends.redis._store import SCAN_CALLS, SCAN_COUNT, RedisBackend, scan_pattern
+from idempotask.backends.redis._store import RedisBackend, scan_keys, scan_pattern
 from idempotask.backends.redis._stores import OnBackend
 from idempotask.errors import ConfigurationError, CorruptRecordError
-from idempotask.flow import Flow, Op, adrive, drive
+from idempotask.flow import Flow, Op
 
 __all__ = ["BREAKER_FORMAT", "RedisBreakerStore", "parse_breaker"]
 
@@ -21,13 +23,6 @@ _STATUSES = {status.value.encode(): status for status in BreakerStatus}
 _RESET_ARGS = (b"", b"0", b"")  # delete.lua without a token: remove whatever is there
 
 
-def _tag(reply: Any) -> bytes:
-    if isinstance(reply, list) and reply:
-        first = reply[0]
-        return first if isinstance(first, bytes) else str(first).encode()
-    return b""
-
-
 def parse_breaker(key: str, reply: Any) -> BreakerState:
     """Turn a ``breaker_*`` script reply into a :class:`~idempotask.backends.base.BreakerState`.
 
@@ -35,9 +30,9 @@ def parse_breaker(key: str, reply: Any) -> BreakerState:
     >>> state.status.value, state.failures, state.retry_after, state.changed
     ('open', 5, 30.0, True)
     """
-    if _tag(reply) == b"brk" and len(reply) == 6:
+    if reply_tag(reply) == b"brk" and len(reply) == 6:
         _, status, failures, wait_ms, changed, probe = reply
-        found = _STATUSES.get(status if isinstance(status, bytes) else str(status).encode())
+        found = _STATUSES.get(as_bytes(status))
         if found is not None:
             return BreakerState(
                 found,
@@ -46,7 +41,7 @@ def parse_breaker(key: str, reply: Any) -> BreakerState:
                 changed=int(changed) == 1,
                 probe=int(probe) == 1,
             )
-    what = reply[1] if _tag(reply) == b"corrupt" and len(reply) == 2 else repr(reply)[:80]
+    what = reply[1] if reply_tag(reply) == b"corrupt" and len(reply) == 2 else repr(reply)[:80]
     if isinstance(what, bytes):
         what = what.decode(errors="replace")
     raise CorruptRecordError(
@@ -110,136 +105,85 @@ class RedisBreakerStore(OnBackend):
             )
         return f"{self._namespace}:breaker:{name}"
 
-    @staticmethod
-    def _failure_args(threshold: int, window: float, open_for: float) -> tuple[Any, ...]:
+    def _script(
+        self, what: str, script: str, name: str, args: tuple[Any, ...]
+    ) -> Flow[BreakerState]:
+        c = self._connections
+        key = self.key(name)
+        state: BreakerState = yield Op(
+            c.run, c.arun, f"breaker.{what}", script, key, args, parse_breaker
+        )
+        return state
+
+    def _state(self, name: str) -> Flow[BreakerState]:
+        """The breaker's state; one round trip, no writes."""
+        return (yield from self._script("state", "breaker_state", name, (_FMT,)))
+
+    state, astate = twins(_state)
+
+    def _record_failure(
+        self, name: str, *, threshold: int, window: float, open_for: float
+    ) -> Flow[BreakerState]:
+        """Count a failure (opening at ``threshold``); one round trip."""
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigurationError(
                 f"redis breaker store: threshold must be an int >= 1, got {threshold!r}"
             )
-        return (threshold, milliseconds(window, "window"), milliseconds(open_for, "open_for"))
+        window_ms, open_ms = milliseconds(window, "window"), milliseconds(open_for, "open_for")
+        args = (_FMT, threshold, window_ms, open_ms, self._retain_ms)
+        return (yield from self._script("record_failure", "breaker_failure", name, args))
 
-    def _probe_args(self, token: str, lease: float) -> tuple[Any, ...]:
-        return (milliseconds(lease, "lease"), token.encode(), self._retain_ms)
+    record_failure, arecord_failure = twins(_record_failure)
 
-    # -------------------------------------------------------------- sync API
-
-    def state(self, name: str) -> BreakerState:
-        """The breaker's state; one round trip, no writes."""
-        return self._connections.run(
-            "breaker.state", "breaker_state", self.key(name), (_FMT,), parse_breaker
-        )
-
-    def record_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
-        """Count a failure (opening at ``threshold``); one round trip."""
-        args = (_FMT, *self._failure_args(threshold, window, open_for), self._retain_ms)
-        return self._connections.run(
-            "breaker.record_failure", "breaker_failure", self.key(name), args, parse_breaker
-        )
-
-    def record_success(self, name: str) -> BreakerState:
+    def _record_success(self, name: str) -> Flow[BreakerState]:
         """Report a success (closing a half-open breaker); one round trip."""
-        return self._connections.run(
-            "breaker.record_success", "breaker_success", self.key(name), (_FMT,), parse_breaker
-        )
+        return (yield from self._script("record_success", "breaker_success", name, (_FMT,)))
 
-    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+    record_success, arecord_success = twins(_record_success)
+
+    def _try_probe(self, name: str, token: str, *, lease: float) -> Flow[BreakerState]:
         """Take the half-open probe for ``lease`` seconds if it is free; one round trip."""
-        args = (_FMT, *self._probe_args(token, lease))
-        return self._connections.run(
-            "breaker.try_probe", "breaker_probe", self.key(name), args, parse_breaker
-        )
+        args = (_FMT, milliseconds(lease, "lease"), token.encode(), self._retain_ms)
+        return (yield from self._script("try_probe", "breaker_probe", name, args))
 
-    def reset(self, name: str) -> None:
+    try_probe, atry_probe = twins(_try_probe)
+
+    def _reset(self, name: str) -> Flow[None]:
         """Remove the breaker's record (closed, no failures); one round trip."""
-        self._connections.run("breaker.reset", "delete", self.key(name), _RESET_ARGS, parse_flag)
+        c = self._connections
+        yield Op(c.run, c.arun, "breaker.reset", "delete", self.key(name), _RESET_ARGS, parse_flag)
 
-    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
-        """Every breaker with a record (up to ``limit``), by name: ``SCAN`` for their keys
-        (bounded as :meth:`RedisBackend.scan` is), then one read per breaker. For operators,
-        never on a call's path; a breaker without a record is closed."""
-        return drive(self._states_flow(limit))
-
-    # ------------------------------------------------------------- async API
-
-    async def astate(self, name: str) -> BreakerState:
-        """Async :meth:`state`."""
-        return await self._connections.arun(
-            "breaker.state", "breaker_state", self.key(name), (_FMT,), parse_breaker
-        )
-
-    async def arecord_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
-        """Async :meth:`record_failure`."""
-        args = (_FMT, *self._failure_args(threshold, window, open_for), self._retain_ms)
-        return await self._connections.arun(
-            "breaker.record_failure", "breaker_failure", self.key(name), args, parse_breaker
-        )
-
-    async def arecord_success(self, name: str) -> BreakerState:
-        """Async :meth:`record_success`."""
-        return await self._connections.arun(
-            "breaker.record_success", "breaker_success", self.key(name), (_FMT,), parse_breaker
-        )
-
-    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
-        """Async :meth:`try_probe`."""
-        args = (_FMT, *self._probe_args(token, lease))
-        return await self._connections.arun(
-            "breaker.try_probe", "breaker_probe", self.key(name), args, parse_breaker
-        )
-
-    async def areset(self, name: str) -> None:
-        """Async :meth:`reset`."""
-        await self._connections.arun(
-            "breaker.reset", "delete", self.key(name), _RESET_ARGS, parse_flag
-        )
-
-    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
-        """Async :meth:`states`."""
-        return await adrive(self._states_flow(limit))
+    reset, areset = twins(_reset)
 
     # ------------------------------------------------------------------ listing
 
-    def _states_flow(self, limit: int) -> Flow[dict[str, BreakerState]]:
+    def _states(self, *, limit: int = 1000) -> Flow[dict[str, BreakerState]]:
+        """Every breaker with a record (up to ``limit``), by name: ``SCAN`` for their keys
+        (bounded as :meth:`RedisBackend.scan` is), then one read per breaker. For operators,
+        never on a call's path; a breaker without a record is closed."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigurationError(f"RedisBreakerStore: limit must be an int >= 0, got {limit!r}")
         found: dict[str, BreakerState] = {}
-        if limit == 0:
-            return found
         head = self.key("x")[:-1]  # namespace:breaker:
-        match = scan_pattern(head)
-        c = self._connections
-        targets = yield Op(c.scan_targets, c.ascan_targets)
-        for target in targets:
-            cursor = 0
-            for _ in range(SCAN_CALLS):
-                cursor, keys = yield Op(
-                    c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT
-                )
-                for redis_key in keys:
-                    key = library_key(redis_key)
-                    if key is None or not key.startswith(head) or len(key) == len(head):
-                        continue
-                    name = key[len(head) :]
-                    if name in found:
-                        continue
-                    try:
-                        found[name] = yield Op(
-                            c.run,
-                            c.arun,
-                            "breaker.states",
-                            "breaker_state",
-                            key,
-                            (_FMT,),
-                            parse_breaker,
-                        )
-                    except CorruptRecordError:
-                        continue  # not a breaker of ours: a listing leaves it out
-                    if len(found) >= limit:
-                        return found
-                if cursor == 0:
-                    break
+
+        def visit(keys: list[Any]) -> Flow[bool]:
+            for redis_key in keys:
+                key = library_key(redis_key)
+                if key is None or not key.startswith(head) or len(key) == len(head):
+                    continue
+                name = key[len(head) :]
+                if name in found:
+                    continue
+                try:
+                    found[name] = yield from self._script("states", "breaker_state", name, (_FMT,))
+                except CorruptRecordError:
+                    continue  # not a breaker of ours: a listing leaves it out
+                if len(found) >= limit:
+                    return True
+            return False
+
+        if limit > 0:
+            yield from scan_keys(self._connections, scan_pattern(head), visit)
         return found
+
+    states, astates = twins(_states)

@@ -1,34 +1,29 @@
 """Client plumbing shared by the Redis stores: which redis-py client serves a call, the
 Lua scripts registered on it, the eviction-policy check, and error wrapping.
 
-Every command goes through redis-py's public API: ``execute_command``, pipelines and
-``register_script`` (a ``Script``/``AsyncScript`` per shipped ``.lua`` file and client:
-its ``EVALSHA`` is sent with ``execute_command``, and on ``NOSCRIPT`` the ``Script`` itself
-recovers -- ``SCRIPT LOAD``, on every primary of a cluster, and one more ``EVALSHA``). So
-whatever wraps ``execute_command`` (OpenTelemetry, ddtrace, Sentry, a subclass) sees every
-command, and the client's own retry policy, timeouts and health checks apply.
+Every command goes through redis-py's public API (``execute_command``, pipelines,
+``register_script``: on ``NOSCRIPT`` the ``Script`` itself loads the script and runs it
+again), so whatever wraps ``execute_command`` (OpenTelemetry, ddtrace, Sentry) sees every
+command, and the client's own retries, timeouts and health checks apply.
 
-asyncio clients are bound to the event loop they first ran on. A client this package
-makes (from a URL, or as the asyncio twin of a sync client you gave) is made per event
-loop and closed *with* that loop: beside it runs a tiny async generator, started on the
-loop, whose ``finally`` awaits the client's ``aclose()``. ``asyncio.run()``, pytest's and
-anyio's runners call ``loop.shutdown_asyncgens()`` before closing a loop (PEP 525), which
-finalizes it while the loop still runs, so every socket of the loop's client is closed and
-the server forgets the client. A loop closed without that (a bare ``loop.close()``) is
-dropped the next time a new loop shows up or :meth:`Connections.close` runs, so no loop is
-kept alive by this package; its sockets close when the garbage collector takes them.
+asyncio clients this package makes are made per event loop and closed *with* it: a tiny
+async generator started on the loop awaits the client's ``aclose()`` in its ``finally``,
+which ``loop.shutdown_asyncgens()`` (``asyncio.run()``, pytest's and anyio's runners) runs
+while the loop still runs (PEP 525). A loop closed without it is dropped when a new loop
+shows up or :meth:`Connections.close` runs, so no loop is kept alive here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.resources
 import logging
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 # NEVER_DECODE is the execute_command option redis-py's own commands use (DUMP, for one)
@@ -212,9 +207,8 @@ class Connections:
             try:
                 reply = channel.client.config_get("maxmemory-policy", **_primaries(channel))
             except Exception as exc:
-                self._policy_failed(exc)
-            else:
-                self._policy_read(reply)
+                reply = exc
+            self._policy_read(reply)
         return channel
 
     def ready_channel(self) -> Channel | None:
@@ -241,9 +235,8 @@ class Connections:
             try:
                 reply = await channel.client.config_get("maxmemory-policy", **_primaries(channel))
             except Exception as exc:
-                self._policy_failed(exc)
-            else:
-                self._policy_read(reply)
+                reply = exc
+            self._policy_read(reply)
         return channel
 
     async def _loop_channel(self) -> Channel:
@@ -317,17 +310,20 @@ class Connections:
             self._policy = _CHECKING
             return True
 
-    def _policy_failed(self, exc: Exception) -> None:
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, RedisClusterException)):
+    def _policy_read(self, reply: Any) -> None:
+        """Warn once if ``reply`` (CONFIG GET's, or the exception it raised) shows a
+        policy that could evict records."""
+        if isinstance(reply, (RedisConnectionError, RedisTimeoutError, RedisClusterException)):
             # The server is unreachable: the operation fails too; check on the next call.
             self._policy = _UNCHECKED
-            raise exc
-        # Managed Redis services often forbid CONFIG; that is no reason to fail.
+            raise reply
         self._policy = _CHECKED
-        logger.debug("redis backend: cannot read maxmemory-policy on %s: %s", self.server, exc)
-
-    def _policy_read(self, reply: Any) -> None:
-        self._policy = _CHECKED
+        if isinstance(reply, Exception):
+            # Managed Redis services often forbid CONFIG; that is no reason to fail.
+            logger.debug(
+                "redis backend: cannot read maxmemory-policy on %s: %s", self.server, reply
+            )
+            return
         message = eviction_warning(self.server, policies(reply))
         if message is not None:
             warnings.warn(message, RuntimeWarning, stacklevel=5)
@@ -351,6 +347,18 @@ class Connections:
             f"{type(exc).__name__}: {exc}"
         )
 
+    @contextlib.contextmanager
+    def wrapped(self, operation: str, key: str) -> Iterator[None]:
+        """Raise every failure inside as a :class:`BackendError` (see :meth:`error`)."""
+        try:
+            yield
+        except IdempotaskError:
+            raise
+        except Exception as exc:
+            # Not only RedisError: cluster routing errors (RedisClusterException) and driver
+            # bugs surface as other types, and on_backend_error must see every store failure.
+            raise self.error(operation, key, exc) from exc
+
     def run(
         self,
         operation: str,
@@ -366,7 +374,7 @@ class Connections:
         ``NOSCRIPT``, the registered ``Script`` runs it instead, loading it first.
         """
         rkey = record_key(key)
-        try:
+        with self.wrapped(operation, key):
             channel = self._sync
             if channel is None or self._policy == _UNCHECKED:
                 channel = self.sync()
@@ -377,12 +385,6 @@ class Connections:
                 )
             except NoScriptError:
                 reply = registered(keys=(rkey,), args=args, client=channel.undecoded)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            # Not only RedisError: cluster routing errors (RedisClusterException) and driver
-            # bugs surface as other types, and on_backend_error must see every store failure.
-            raise self.error(operation, key, exc) from exc
         return parse(key, reply)
 
     async def arun(
@@ -395,7 +397,7 @@ class Connections:
     ) -> _T:
         """Async :meth:`run`, on the running loop's client."""
         rkey = record_key(key)
-        try:
+        with self.wrapped(operation, key):
             channel = self.ready_channel() or await self.achannel()
             registered = channel.scripts[script]
             try:
@@ -404,92 +406,62 @@ class Connections:
                 )
             except NoScriptError:
                 reply = await registered(keys=(rkey,), args=args, client=channel.undecoded)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error(operation, key, exc) from exc
         return parse(key, reply)
 
     # ------------------------------------------------------------ scanning keys
 
     def scan_targets(self) -> list[Any]:
         """What a full SCAN walks: every primary of a cluster, else the one server."""
-        try:
+        with self.wrapped("scan", "*"):
             return _targets(self.sync().client)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", "*", exc) from exc
 
     async def ascan_targets(self) -> list[Any]:
         """Async :meth:`scan_targets`."""
-        try:
+        with self.wrapped("scan", "*"):
             return _targets((await self.achannel()).client)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", "*", exc) from exc
 
     def scan_page(self, target: Any, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
         """One ``SCAN cursor MATCH match COUNT count`` on ``target``: (next cursor, keys)."""
-        try:
-            client = self.sync().client
-            if target is None:
-                next_cursor, keys = client.scan(cursor=cursor, match=match, count=count)
-                return int(next_cursor), list(keys)
-            cursors, keys = client.scan(
-                cursor=cursor, match=match, count=count, target_nodes=target
-            )
-            return int(cursors[target.name]), list(keys)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", match, exc) from exc
+        with self.wrapped("scan", match):
+            nodes = {} if target is None else {"target_nodes": target}
+            reply = self.sync().client.scan(cursor=cursor, match=match, count=count, **nodes)
+        return _page(target, reply)
 
     async def ascan_page(
         self, target: Any, cursor: int, match: str, count: int
     ) -> tuple[int, list[Any]]:
         """Async :meth:`scan_page`."""
-        try:
+        with self.wrapped("scan", match):
             client = (await self.achannel()).client
-            if target is None:
-                next_cursor, keys = await client.scan(cursor=cursor, match=match, count=count)
-                return int(next_cursor), list(keys)
-            cursors, keys = await client.scan(
-                cursor=cursor, match=match, count=count, target_nodes=target
-            )
-            return int(cursors[target.name]), list(keys)
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", match, exc) from exc
+            nodes = {} if target is None else {"target_nodes": target}
+            reply = await client.scan(cursor=cursor, match=match, count=count, **nodes)
+        return _page(target, reply)
 
     def values(self, keys: list[Any]) -> list[Any]:
         """``GET`` (undecoded) and ``PTTL`` of each key in one pipeline: a flat list of
         replies, an error object in place of a failed one (a key holding another type)."""
-        try:
-            with self.sync().client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.execute_command("GET", key, **RAW)
-                    pipe.execute_command("PTTL", key)
-                return list(pipe.execute(raise_on_error=False))
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", "*", exc) from exc
+        with self.wrapped("scan", "*"), self.sync().client.pipeline(transaction=False) as pipe:
+            _get_and_pttl(pipe, keys)
+            return list(pipe.execute(raise_on_error=False))
 
     async def avalues(self, keys: list[Any]) -> list[Any]:
         """Async :meth:`values`."""
-        try:
+        with self.wrapped("scan", "*"):
             async with (await self.achannel()).client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.execute_command("GET", key, **RAW)
-                    pipe.execute_command("PTTL", key)
+                _get_and_pttl(pipe, keys)
                 return list(await pipe.execute(raise_on_error=False))
-        except IdempotaskError:
-            raise
-        except Exception as exc:
-            raise self.error("scan", "*", exc) from exc
+
+
+def _get_and_pttl(pipe: Any, keys: list[Any]) -> None:
+    for key in keys:
+        pipe.execute_command("GET", key, **RAW)
+        pipe.execute_command("PTTL", key)
+
+
+def _page(target: Any, reply: Any) -> tuple[int, list[Any]]:
+    """A SCAN reply as (next cursor, keys); a cluster's has a cursor per node."""
+    cursor, keys = reply
+    return int(cursor if target is None else cursor[target.name]), list(keys)
 
 
 def _primaries(channel: Channel) -> dict[str, Any]:

@@ -6,21 +6,21 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from idempotask.backends._letters import stored, sum_stats
+from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     OPEN_STATUSES,
     DeadLetter,
     DeadLetterFilter,
     StatRow,
-    Status,
     check_changes,
 )
 from idempotask.backends.redis._connect import AsyncClient, SyncClient, split_query_option
 from idempotask.backends.redis._letters import (
     FMT,
-    ScanPage,
     by_time_range,
     by_time_score,
-    check_int,
+    check_count,
     encode_change,
     encode_text,
     encode_time,
@@ -37,7 +37,7 @@ from idempotask.backends.redis._records import milliseconds, parse_flag, record_
 from idempotask.backends.redis._store import RedisBackend
 from idempotask.backends.redis._stores import OnBackend
 from idempotask.errors import ConfigurationError
-from idempotask.flow import Flow, Op, adrive, drive
+from idempotask.flow import Flow, Op
 
 __all__ = ["SCAN_BUDGET", "RedisDeadLetterStore"]
 
@@ -157,16 +157,15 @@ class RedisDeadLetterStore(OnBackend):
         """
         return f"{self._base}:letter:{id}"
 
-    # -- flows: each operation written once, driven by idempotask.flow ----------------------
+    # -- each operation written once as a flow; twins() makes the sync and async methods --
 
     def _call(self, what: str, script: str, args: tuple[Any, ...]) -> Op:
         c = self._connections
         return Op(c.run, c.arun, what, script, self._key, args, _raw)
 
-    def _add_flow(self, letter: DeadLetter) -> Flow[DeadLetter]:
-        if not isinstance(letter, DeadLetter):
-            raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-        letter = letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+    def _add(self, letter: DeadLetter) -> Flow[DeadLetter]:
+        """Store ``letter`` unless its id exists; return the stored one. One round trip."""
+        letter = stored(letter)
         open_ = letter.status in OPEN_STATUSES and letter.next_retry_at is not None
         args = (
             FMT,
@@ -178,14 +177,18 @@ class RedisDeadLetterStore(OnBackend):
         reply = yield self._call(f"dead-letter add of {letter.id!r} to queue", "dlq_add", args)
         return parse_add_reply(self.letter_key(letter.id), reply, letter, limit=self._limit)
 
-    def _get_flow(self, id: str) -> Flow[DeadLetter | None]:
+    add, aadd = twins(_add)
+
+    def _get(self, id: str) -> Flow[DeadLetter | None]:
+        """The letter with this id, or None. One round trip."""
         args = (FMT, encode_text(id, "id"))
         reply = yield self._call(f"dead-letter get of {id!r} from queue", "dlq_get", args)
         return parse_letter_reply(self.letter_key(id), reply, limit=self._limit)
 
-    def _update_flow(
-        self, id: str, version: int, changes: dict[str, Any]
-    ) -> Flow[DeadLetter | None]:
+    get, aget = twins(_get)
+
+    def _update(self, /, id: str, version: int, **changes: Any) -> Flow[DeadLetter | None]:
+        """Compare-and-set ``changes`` on version ``version``; ends any claim. One round trip."""
         check_changes(changes)
         pairs: list[bytes] = []
         for name, value in changes.items():
@@ -195,7 +198,7 @@ class RedisDeadLetterStore(OnBackend):
         args = (
             FMT,
             encode_text(id, "id"),
-            str(check_int(version, "version")).encode(),
+            str(check_count(version, "version")).encode(),
             uuid.uuid4().hex.encode(),
             by_time,
             *pairs,
@@ -203,7 +206,9 @@ class RedisDeadLetterStore(OnBackend):
         reply = yield self._call(f"dead-letter update of {id!r} in queue", "dlq_update", args)
         return parse_letter_reply(self.letter_key(id), reply, limit=self._limit)
 
-    def _scan_flow(
+    update, aupdate = twins(_update)
+
+    def _scan(
         self,
         mode: str,
         filter: DeadLetterFilter | None,
@@ -212,9 +217,9 @@ class RedisDeadLetterStore(OnBackend):
         offset: int = 0,
         wanted: int = 0,
         lease_ms: int = 0,
-    ) -> Flow[list[ScanPage]]:
-        """Walk an index to its end (or to ``wanted`` letters): every page it took."""
-        pages: list[ScanPage] = []
+    ) -> Flow[list[Any]]:
+        """Walk an index to its end (or to ``wanted`` letters): what every page held."""
+        items: list[Any] = []
         cursor = (b"", b"")
         spec = filter_json(filter)
         while True:
@@ -222,153 +227,73 @@ class RedisDeadLetterStore(OnBackend):
             args += (SCAN_BUDGET, offset, wanted, lease_ms)
             reply = yield self._call(f"dead-letter {mode} in queue", "dlq_scan", args)
             page = parse_scan(self._base, reply)
-            pages.append(page)
+            items += page.items
             offset -= page.skipped
             wanted -= len(page.items)
             if page.done or (mode in ("query", "claim") and wanted <= 0):
-                return pages
+                return items
             cursor = page.cursor
 
-    def _letters(self, pages: list[ScanPage]) -> list[DeadLetter]:
-        return [
-            parse_dead_letter(self._base, fields, limit=self._limit)
-            for page in pages
-            for fields in page.items
-        ]
+    def _letters(self, items: list[Any]) -> list[DeadLetter]:
+        return [parse_dead_letter(self._base, fields, limit=self._limit) for fields in items]
 
-    def _query_flow(
-        self, filter: DeadLetterFilter, limit: int, offset: int
+    def _query(
+        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
-        check_int(limit, "limit")
-        check_int(offset, "offset", minimum=0)
+        """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        check_count(limit, "limit")
+        check_count(offset, "offset", minimum=0)
         if limit <= 0:
             return []
-        pages = yield from self._scan_flow(
+        items = yield from self._scan(
             "query", filter, by_time_range(filter), offset=offset, wanted=limit
         )
-        return self._letters(pages)[:limit]
+        return self._letters(items)[:limit]
 
-    def _claim_flow(
-        self, now: float, limit: int, lease: float, filter: DeadLetterFilter | None
+    query, aquery = twins(_query)
+
+    def _claim_due(
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        lease: float = 300.0,
+        filter: DeadLetterFilter | None = None,
     ) -> Flow[list[DeadLetter]]:
-        check_int(limit, "limit")
+        """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (server clock)."""
+        check_count(limit, "limit")
         bounds = (b"", encode_time(now, "now"))
         lease_ms = milliseconds(lease, "lease")
         if limit <= 0:
             return []
-        pages = yield from self._scan_flow("claim", filter, bounds, wanted=limit, lease_ms=lease_ms)
-        return self._letters(pages)
+        items = yield from self._scan("claim", filter, bounds, wanted=limit, lease_ms=lease_ms)
+        return self._letters(items)
 
-    def _stats_flow(self, filter: DeadLetterFilter) -> Flow[list[StatRow]]:
-        pages = yield from self._scan_flow("stats", filter, by_time_range(filter))
-        groups: dict[tuple[str, str, Status], list[int]] = {}
-        for page in pages:
-            for function, kind, status, count, retries, by_retry in stat_rows(page.items):
-                sums = groups.setdefault((function, kind, status), [0, 0, 0])
-                sums[0] += count
-                sums[1] += retries
-                sums[2] += by_retry
-        return [
-            StatRow(function, kind, status, count, retries, by_retry)
-            for (function, kind, status), (count, retries, by_retry) in sorted(groups.items())
-        ]
+    claim_due, aclaim_due = twins(_claim_due)
 
-    def _purge_flow(self, filter: DeadLetterFilter) -> Flow[int]:
+    def _stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> Flow[list[StatRow]]:
+        """Counts by (function, kind, status); reads every letter in the time range."""
+        items = yield from self._scan("stats", filter, by_time_range(filter))
+        return sum_stats(stat_rows(items))
+
+    stats, astats = twins(_stats)
+
+    def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
+        """Delete matching letters; return how many went."""
         if not isinstance(filter, DeadLetterFilter):
             raise ConfigurationError(
                 f"purge: expected a DeadLetterFilter, got {type(filter).__name__}"
             )
-        pages = yield from self._scan_flow("purge", filter, by_time_range(filter))
-        return sum(int(page.items[0]) for page in pages if page.items)
+        counts = yield from self._scan("purge", filter, by_time_range(filter))  # one a page
+        return sum(int(count) for count in counts)
 
-    def _expire_claim_flow(self, id: str) -> Flow[bool]:
+    purge, apurge = twins(_purge)
+
+    def _expire_claim(self, id: str) -> Flow[bool]:
+        """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
         args = (FMT, encode_text(id, "id"))
         what = f"dead-letter expire_claim of {id!r} in queue"
         reply = yield self._call(what, "dlq_expire_claim", args)
         return parse_flag(self.letter_key(id), reply)
 
-    # -- sync API --------------------------------------------------------------------------
-
-    def add(self, letter: DeadLetter) -> DeadLetter:
-        """Store ``letter`` unless its id exists; return the stored one. One round trip."""
-        return drive(self._add_flow(letter))
-
-    def get(self, id: str) -> DeadLetter | None:
-        """The letter with this id, or None. One round trip."""
-        return drive(self._get_flow(id))
-
-    def query(
-        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
-        """Matching letters, newest ``last_failed_at`` first, ties by id."""
-        return drive(self._query_flow(filter, limit, offset))
-
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Compare-and-set ``changes`` on version ``version``; ends any claim. One round trip."""
-        return drive(self._update_flow(id, version, changes))
-
-    def claim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
-        """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (server clock)."""
-        return drive(self._claim_flow(now, limit, lease, filter))
-
-    def stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> list[StatRow]:
-        """Counts by (function, kind, status); reads every letter in the time range."""
-        return drive(self._stats_flow(filter))
-
-    def purge(self, filter: DeadLetterFilter) -> int:
-        """Delete matching letters; return how many went."""
-        return drive(self._purge_flow(filter))
-
-    def expire_claim(self, id: str) -> bool:
-        """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
-        return drive(self._expire_claim_flow(id))
-
-    # -- async API -------------------------------------------------------------------------
-
-    async def aadd(self, letter: DeadLetter) -> DeadLetter:
-        """Async :meth:`add`."""
-        return await adrive(self._add_flow(letter))
-
-    async def aget(self, id: str) -> DeadLetter | None:
-        """Async :meth:`get`."""
-        return await adrive(self._get_flow(id))
-
-    async def aquery(
-        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
-        """Async :meth:`query`."""
-        return await adrive(self._query_flow(filter, limit, offset))
-
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Async :meth:`update`."""
-        return await adrive(self._update_flow(id, version, changes))
-
-    async def aclaim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
-        """Async :meth:`claim_due`."""
-        return await adrive(self._claim_flow(now, limit, lease, filter))
-
-    async def astats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> list[StatRow]:
-        """Async :meth:`stats`."""
-        return await adrive(self._stats_flow(filter))
-
-    async def apurge(self, filter: DeadLetterFilter) -> int:
-        """Async :meth:`purge`."""
-        return await adrive(self._purge_flow(filter))
-
-    async def aexpire_claim(self, id: str) -> bool:
-        """Async :meth:`expire_claim` (test hook)."""
-        return await adrive(self._expire_claim_flow(id))
+    expire_claim, aexpire_claim = twins(_expire_claim)

@@ -3,21 +3,22 @@ JSON ``dlq_scan.lua`` reads, and the scripts' replies parsed back (pure: no I/O)
 
 from __future__ import annotations
 
-import enum
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from idempotask.backends.base import (
-    DeadLetter,
-    DeadLetterFilter,
-    Status,
-    decode_history,
-    encode_history,
+from idempotask.backends._letters import (
+    FIELDS,
+    TEXT_FIELDS,
+    check_int,
+    check_text,
+    check_time,
+    field_value,
+    filter_fields,
 )
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.redis._records import DEFAULT_MAX_RECORD_BYTES
-from idempotask.errors import ConfigurationError, CorruptRecordError
+from idempotask.errors import CorruptRecordError
 
 __all__ = [
     "DEAD_LETTER_FORMAT",
@@ -36,89 +37,59 @@ __all__ = [
 DEAD_LETTER_FORMAT = "idempotask-dlq/1"
 FMT = DEAD_LETTER_FORMAT.encode()
 
-# Text fields of a letter, stored as UTF-8. surrogatepass: an exception message may carry
-# the lone surrogates of an undecodable file name, and it must round-trip, not fail.
-_LETTER_TEXT = (
-    "id",
-    "function",
-    "kind",
-    "error_type",
-    "message",
-    "traceback",
-    "key",
-    "route",
-    "resolution",
-)
+_WHO = "redis dead-letter store"
 # Case-folded copies of the searched fields (Lua's string.lower knows ASCII only).
 _SEARCHED = ("error_type", "message")
 
 
-def _as_bytes(value: Any) -> bytes:
+def as_bytes(value: Any) -> bytes:
+    """A reply item as bytes (a client with ``decode_responses=True`` gives str)."""
     if isinstance(value, bytes):
         return value
     return str(value).encode("utf-8", "surrogatepass")
 
 
+def _utf8(text: str) -> bytes:
+    # surrogatepass: an exception message may carry the lone surrogates of an undecodable
+    # file name, and it must round-trip, not fail.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def encode_text(value: Any, field: str) -> bytes:
     """A text field as the UTF-8 a letter hash holds."""
-    if isinstance(value, enum.Enum):  # FailureKind and other str enums: their value
-        value = value.value
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"redis dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
-    return value.encode("utf-8", "surrogatepass")
+    return _utf8(check_text(value, field, _WHO))
 
 
 def encode_time(value: Any, field: str) -> bytes:
     """Epoch seconds as the shortest exact decimal (``repr``): Lua and ``ZADD`` read it
     back as the same double, so times round-trip exactly."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(
-            f"redis dead-letter store: {field} must be a finite number of epoch seconds, "
-            f"got {value!r}"
-        )
-    return repr(float(value)).encode()
+    return repr(check_time(value, field, _WHO)).encode()
 
 
 def by_time_score(last_failed_at: Any) -> bytes:
     """A letter's ``by_time`` score: negated, so ascending ZRANGE order is newest first."""
-    encode_time(last_failed_at, "last_failed_at")
-    return repr(-float(last_failed_at)).encode()
+    return repr(-check_time(last_failed_at, "last_failed_at", _WHO)).encode()
 
 
-def check_int(value: Any, option: str, *, minimum: int | None = None) -> int:
+def check_count(value: Any, option: str, *, minimum: int | None = None) -> int:
     """``value`` if it is an int (not a bool) of at least ``minimum``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or (minimum is not None and value < minimum)
-    ):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ConfigurationError(
-            f"redis dead-letter store: {option} must be an int{bound}, got {value!r}"
-        )
-    return value
+    return check_int(value, option, _WHO, minimum=minimum)
 
 
 def encode_change(field: str, value: Any) -> bytes:
-    """The hash value of one field an update changes."""
-    if field == "status":
-        return Status(value).value.encode()
-    if field == "attempts":
-        return str(check_int(value, field)).encode()
-    if field == "next_retry_at":
-        return b"" if value is None else encode_time(value, field)
-    if field == "last_failed_at":
-        return encode_time(value, field)
-    if field == "history":
-        if not isinstance(value, (tuple, list)):
-            raise ConfigurationError(
-                "redis dead-letter store: history must be a tuple of Action, got "
-                f"{type(value).__qualname__}"
-            )
-        return encode_history(tuple(value)).encode("utf-8", "surrogatepass")
-    return encode_text(value, field)
+    """The hash value of one letter field (checked first)."""
+    value = field_value(field, value, _WHO)
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, Status):
+        return value.value.encode()
+    if isinstance(value, bool):
+        return b"1" if value else b"0"
+    if isinstance(value, (int, float)):
+        return repr(value).encode()
+    return _utf8(value)
 
 
 def search_fields(changes: dict[str, Any]) -> list[bytes]:
@@ -126,8 +97,8 @@ def search_fields(changes: dict[str, Any]) -> list[bytes]:
     pairs: list[bytes] = []
     for name in _SEARCHED:
         if name in changes:
-            folded = encode_text(changes[name], name).decode("utf-8", "surrogatepass").casefold()
-            pairs += [f"cf_{name}".encode(), folded.encode("utf-8", "surrogatepass")]
+            folded = check_text(changes[name], name, _WHO).casefold()
+            pairs += [f"cf_{name}".encode(), _utf8(folded)]
     return pairs
 
 
@@ -140,40 +111,14 @@ def letter_fields(letter: DeadLetter) -> list[bytes]:
     b''
     """
     fields: list[bytes] = [b"fmt", FMT]
-    for name in _LETTER_TEXT:
-        fields += [name.encode(), encode_text(getattr(letter, name), name)]
-    if not isinstance(letter.arguments, (bytes, bytearray, memoryview)):
-        raise ConfigurationError(
-            "redis dead-letter store: arguments must be bytes, got "
-            f"{type(letter.arguments).__qualname__}"
-        )
-    fields += [
-        b"arguments",
-        bytes(letter.arguments),
-        b"attempts",
-        encode_change("attempts", letter.attempts),
-        b"status",
-        Status(letter.status).value.encode(),
-        b"first_failed_at",
-        encode_time(letter.first_failed_at, "first_failed_at"),
-        b"last_failed_at",
-        encode_time(letter.last_failed_at, "last_failed_at"),
-        b"next_retry_at",
-        encode_change("next_retry_at", letter.next_retry_at),
-        b"critical",
-        b"1" if letter.critical else b"0",
-        b"version",
-        str(check_int(letter.version, "version")).encode(),
-        b"history",
-        encode_change("history", letter.history),
-        *search_fields({name: getattr(letter, name) for name in _SEARCHED}),
-    ]
-    return fields
+    for name in FIELDS:
+        fields += [name.encode(), encode_change(name, getattr(letter, name))]
+    return fields + search_fields({name: getattr(letter, name) for name in _SEARCHED})
 
 
 def corrupt(where: str, what: Any) -> CorruptRecordError:
     """The error for a value at ``where`` that is not one of our dead letters."""
-    found = _as_bytes(what).decode("utf-8", "replace") if what is not None else "nothing"
+    found = as_bytes(what).decode("utf-8", "replace") if what is not None else "nothing"
     return CorruptRecordError(
         f"redis dead-letter store: the value under Redis key {where!r} is not an idempotask "
         f"dead letter: found {found}. Another program uses this key, or the data is "
@@ -204,11 +149,11 @@ def parse_dead_letter(
             f"bytes, over max_record_bytes={limit:,}; it was not read. Delete it if it is "
             "not ours, or raise max_record_bytes= on the RedisBackend"
         )
-    data = {_as_bytes(fields[i]): _as_bytes(fields[i + 1]) for i in range(0, len(fields), 2)}
+    data = {as_bytes(fields[i]): as_bytes(fields[i + 1]) for i in range(0, len(fields), 2)}
     if data.get(b"fmt") != FMT:
         raise corrupt(where, f"a hash without the format marker {DEAD_LETTER_FORMAT}")
     try:
-        text = {name: data[name.encode()].decode("utf-8", "surrogatepass") for name in _LETTER_TEXT}
+        text = {n: data[n.encode()].decode("utf-8", "surrogatepass") for n in TEXT_FIELDS}
         next_retry_at = data[b"next_retry_at"]
         return DeadLetter(
             **text,
@@ -229,9 +174,10 @@ def parse_dead_letter(
         raise corrupt(where, f"a dead letter with a missing or malformed field ({exc!r})")
 
 
-def _tag(reply: Any) -> bytes:
+def reply_tag(reply: Any) -> bytes:
+    """The first item of a script's reply, which says what the reply is."""
     if isinstance(reply, list) and reply:
-        return _as_bytes(reply[0])
+        return as_bytes(reply[0])
     return b""
 
 
@@ -243,7 +189,7 @@ def parse_letter_reply(
     >>> parse_letter_reply("k", [b"stale"]) is None
     True
     """
-    tag = _tag(reply)
+    tag = reply_tag(reply)
     if tag == b"dl" and len(reply) == 2:
         return parse_dead_letter(where, reply[1], limit=limit)
     if tag in (b"absent", b"stale") and len(reply) == 1:
@@ -260,7 +206,7 @@ def parse_add_reply(
     >>> parse_add_reply("k", [b"new"], letter) is letter
     True
     """
-    if _tag(reply) == b"new" and len(reply) == 1:
+    if reply_tag(reply) == b"new" and len(reply) == 1:
         return letter
     stored = parse_letter_reply(where, reply, limit=limit)
     if stored is None:
@@ -284,12 +230,12 @@ def parse_scan(base: str, reply: Any) -> ScanPage:
     >>> parse_scan("q", [b"scan", 1, b"", b"", 0, []]).done
     True
     """
-    tag = _tag(reply)
+    tag = reply_tag(reply)
     if tag == b"scan" and len(reply) == 6 and isinstance(reply[5], list):
         _, done, score, id, skipped, items = reply
-        return ScanPage(int(done) == 1, (_as_bytes(score), _as_bytes(id)), int(skipped), items)
+        return ScanPage(int(done) == 1, (as_bytes(score), as_bytes(id)), int(skipped), items)
     if tag == b"corrupt" and len(reply) == 3:
-        letter = _as_bytes(reply[1]).decode("utf-8", "replace")
+        letter = as_bytes(reply[1]).decode("utf-8", "replace")
         raise corrupt(f"{base}:letter:{letter}", reply[2])
     raise corrupt(base, repr(reply)[:80])
 
@@ -299,7 +245,7 @@ def stat_rows(items: list[Any]) -> list[tuple[str, str, Status, int, int, int]]:
     rows = []
     for i in range(0, len(items) - 5, 6):
         function, kind, status = (
-            _as_bytes(x).decode("utf-8", "surrogatepass") for x in items[i : i + 3]
+            as_bytes(x).decode("utf-8", "surrogatepass") for x in items[i : i + 3]
         )
         count, retries, by_retry = (int(x) for x in items[i + 3 : i + 6])
         rows.append((function, kind, Status(status), count, retries, by_retry))
@@ -317,22 +263,9 @@ def filter_json(filter: DeadLetterFilter | None) -> bytes:
     >>> filter_json(DeadLetterFilter(search="TimeOut"))
     b'{"search": "timeout"}'
     """
-    spec: dict[str, Any] = {}
-    if filter is not None:
-        if filter.status:
-            spec["status"] = [Status(s).value for s in filter.status]
-        for name in ("kind", "function"):
-            values = getattr(filter, name)
-            if values:
-                spec[name] = [encode_text(v, name).decode("utf-8", "surrogatepass") for v in values]
-        for name in ("since", "until"):
-            value = getattr(filter, name)
-            if value is not None:
-                spec[name] = float(encode_time(value, name))
-        if filter.search:
-            spec["search"] = (
-                encode_text(filter.search, "search").decode("utf-8", "surrogatepass").casefold()
-            )
+    spec = filter_fields(filter, _WHO)
+    if "search" in spec:
+        spec["search"] = spec["search"].casefold()
     # UTF-8 as is (ensure_ascii=False): cjson passes the bytes through unchanged, so they
     # compare equal to the stored fields byte for byte.
     return json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass")

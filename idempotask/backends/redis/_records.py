@@ -123,20 +123,12 @@ def library_key(redis_key: str | bytes) -> str | None:
 # ------------------------------------------------------------------------ durations
 
 
-_MS_CACHE: dict[float, int] = {}  # the few leases and ttls a process uses, converted once
-_NUMBERS = (int, float)
-
-
 def milliseconds(seconds: float, option: str) -> int:
     """Seconds -> whole milliseconds for ``PX``/``PEXPIRE``, rounded up, at least 1.
 
     >>> milliseconds(1.1, "ttl"), milliseconds(0.0000001, "lease")
     (1100, 1)
     """
-    if type(seconds) in _NUMBERS:  # not bool: True == 1 must not find 1's entry
-        ms = _MS_CACHE.get(seconds)
-        if ms is not None:
-            return ms
     if (
         isinstance(seconds, bool)
         or not isinstance(seconds, (int, float))
@@ -147,10 +139,7 @@ def milliseconds(seconds: float, option: str) -> int:
             f"redis backend: {option} must be a positive, finite number of seconds, got {seconds!r}"
         )
     # round() first so float noise (1.1 * 1000 = 1100.0000000000002) does not add a ms.
-    ms = max(1, math.ceil(round(seconds * 1000, 6)))
-    if type(seconds) in _NUMBERS and len(_MS_CACHE) < 1024:
-        _MS_CACHE[seconds] = ms
-    return ms
+    return max(1, math.ceil(round(seconds * 1000, 6)))
 
 
 def check_max_record_bytes(value: Any) -> int:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import ResponseError
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import Record, State
 from idempotask.backends.redis._clients import RAW_SET, Connections
 from idempotask.backends.redis._connect import (
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["SCAN_CALLS", "SCAN_COUNT", "RedisBackend", "scan_pattern"]
 
 logger = logging.getLogger("idempotask.backends.redis")
+_T = TypeVar("_T")
 
 #: Keys one ``SCAN`` call looks at (its ``COUNT``), and the most calls :meth:`RedisBackend.scan`
 #: makes per server: at most 100,000 keys examined per server, whatever the database holds.
@@ -330,42 +333,62 @@ class RedisBackend:
                     return record
         return self._connections.run("claim", "claim", key, args, self._parse_claim)
 
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    def _script(
+        self,
+        operation: str,
+        script: str,
+        key: str,
+        args: tuple[Any, ...],
+        parse: Callable[[str, Any], _T],
+    ) -> Flow[_T]:
+        c = self._connections
+        answer: _T = yield Op(c.run, c.arun, operation, script, key, args, parse)
+        return answer
+
+    def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store ``payload`` as the result if ``key`` is held with ``token``; keep it ``ttl`` s.
 
         >>> store.complete("ns:f:1:d", "t-1", b"42", ttl=3600)  # doctest: +SKIP
         True
         """
         args = self._finish_args(key, token, payload, ttl, State.COMPLETED)
-        return self._connections.run("complete", "finish", key, args, parse_flag)
+        return (yield from self._script("complete", "finish", key, args, parse_flag))
 
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    complete, acomplete = twins(_complete)
+
+    def _fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store ``payload`` as a failure if ``key`` is held with ``token``; keep it ``ttl`` s.
 
         >>> store.fail("ns:f:1:d", "t-1", b"ValueError: no", ttl=60)  # doctest: +SKIP
         True
         """
         args = self._finish_args(key, token, payload, ttl, State.FAILED)
-        return self._connections.run("fail", "finish", key, args, parse_flag)
+        return (yield from self._script("fail", "finish", key, args, parse_flag))
 
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
+    fail, afail = twins(_fail)
+
+    def _renew(self, key: str, token: str, *, lease: float) -> Flow[bool]:
         """Reset the lease of ``key`` to ``lease`` seconds if it is held with ``token``.
 
         >>> store.renew("ns:f:1:d", "t-1", lease=30)  # doctest: +SKIP
         True
         """
         args = (FORMAT, field(token, "token"), milliseconds(lease, "lease"))
-        return self._connections.run("renew", "renew", key, args, parse_flag)
+        return (yield from self._script("renew", "renew", key, args, parse_flag))
 
-    def get(self, key: str) -> Record | None:
+    renew, arenew = twins(_renew)
+
+    def _get(self, key: str) -> Flow[Record | None]:
         """The record of the library key ``key`` with the time left on its lease or ttl.
 
         >>> store.get("ns:f:1:d")  # doctest: +SKIP
         Record(key='ns:f:1:d', state=<State.COMPLETED: 'completed'>, ...)
         """
-        return self._connections.run("get", "get", key, (), self._parse_record)
+        return (yield from self._script("get", "get", key, (), self._parse_record))
 
-    def delete(self, key: str, *, token: str | None = None) -> bool:
+    get, aget = twins(_get)
+
+    def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record of ``key`` (with ``token``: only if that token wrote it).
 
         Without a token, whatever is under the key goes, foreign values included.
@@ -373,15 +396,20 @@ class RedisBackend:
         >>> store.delete("ns:f:1:d")  # doctest: +SKIP
         True
         """
-        return self._connections.run("delete", "delete", key, self._delete_args(token), parse_flag)
+        args = self._delete_args(token)
+        return (yield from self._script("delete", "delete", key, args, parse_flag))
 
-    def expire_now(self, key: str) -> bool:
+    delete, adelete = twins(_delete)
+
+    def _expire_now(self, key: str) -> Flow[bool]:
         """Test-only: end the record's lease or ttl now; returns whether one was there.
 
         An expired Redis key is an absent key, so this deletes it.
         """
         args = self._delete_args(None)
-        return self._connections.run("expire_now", "delete", key, args, parse_flag)
+        return (yield from self._script("expire_now", "delete", key, args, parse_flag))
+
+    expire_now, aexpire_now = twins(_expire_now)
 
     def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
         """Up to ``limit`` live records whose library key starts with ``prefix``.
@@ -396,6 +424,10 @@ class RedisBackend:
         [Record(key='ns:billing.charge:1:ab12', ...)]
         """
         return drive(self._scan_flow(prefix, limit))
+
+    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+        """Async :meth:`scan`."""
+        return await adrive(self._scan_flow(prefix, limit))
 
     # ------------------------------------------------------------- async API
 
@@ -417,39 +449,6 @@ class RedisBackend:
                     return record
         return await self._connections.arun("claim", "claim", key, args, self._parse_claim)
 
-    async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`complete`."""
-        args = self._finish_args(key, token, payload, ttl, State.COMPLETED)
-        return await self._connections.arun("complete", "finish", key, args, parse_flag)
-
-    async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`fail`."""
-        args = self._finish_args(key, token, payload, ttl, State.FAILED)
-        return await self._connections.arun("fail", "finish", key, args, parse_flag)
-
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`."""
-        args = (FORMAT, field(token, "token"), milliseconds(lease, "lease"))
-        return await self._connections.arun("renew", "renew", key, args, parse_flag)
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`."""
-        return await self._connections.arun("get", "get", key, (), self._parse_record)
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`."""
-        args = self._delete_args(token)
-        return await self._connections.arun("delete", "delete", key, args, parse_flag)
-
-    async def aexpire_now(self, key: str) -> bool:
-        """Async :meth:`expire_now` (test-only)."""
-        args = self._delete_args(None)
-        return await self._connections.arun("expire_now", "delete", key, args, parse_flag)
-
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return await adrive(self._scan_flow(prefix, limit))
-
     # ------------------------------------------------------------------ scan
 
     def _scan_flow(self, prefix: str, limit: int) -> Flow[list[Record]]:
@@ -462,31 +461,37 @@ class RedisBackend:
                 f"redis backend: scan limit must be an int >= 0, got {limit!r}"
             )
         found: list[Record] = []
-        if limit == 0:
-            return found
-        match = scan_pattern(prefix)
         c = self._connections
-        targets = yield Op(c.scan_targets, c.ascan_targets)
-        for target in targets:
-            cursor = 0
-            for _ in range(SCAN_CALLS):
-                cursor, keys = yield Op(
-                    c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT
-                )
-                named = [(k, lk) for k in keys if (lk := library_key(k)) and lk.startswith(prefix)]
-                if named:
-                    replies = yield Op(c.values, c.avalues, [k for k, _ in named])
-                    for (_, lk), value, pttl in zip(
-                        named, replies[::2], replies[1::2], strict=True
-                    ):
-                        if not isinstance(value, (bytes, str)) or not isinstance(pttl, int):
-                            continue  # gone since the SCAN, or another type (a breaker's hash)
-                        try:
-                            found.append(parse_value(lk, value, pttl, limit=self._max))
-                        except CorruptRecordError:
-                            continue  # not an idempotask record: a listing leaves it out
-                        if len(found) >= limit:
-                            return found
-                if cursor == 0:
-                    break
+
+        def visit(keys: list[Any]) -> Flow[bool]:
+            named = [(k, lk) for k in keys if (lk := library_key(k)) and lk.startswith(prefix)]
+            if named:
+                replies = yield Op(c.values, c.avalues, [k for k, _ in named])
+                for (_, lk), value, pttl in zip(named, replies[::2], replies[1::2], strict=True):
+                    if not isinstance(value, (bytes, str)) or not isinstance(pttl, int):
+                        continue  # gone since the SCAN, or another type (a breaker's hash)
+                    try:
+                        found.append(parse_value(lk, value, pttl, limit=self._max))
+                    except CorruptRecordError:
+                        continue  # not an idempotask record: a listing leaves it out
+                    if len(found) >= limit:
+                        return True
+            return False
+
+        if limit > 0:
+            yield from scan_keys(c, scan_pattern(prefix), visit)
         return found
+
+
+def scan_keys(c: Connections, match: str, visit: Callable[[list[Any]], Flow[bool]]) -> Flow[None]:
+    """``SCAN MATCH match`` on every primary, at most :data:`SCAN_CALLS` calls each;
+    ``visit`` each page of keys until it returns True."""
+    targets = yield Op(c.scan_targets, c.ascan_targets)
+    for target in targets:
+        cursor = 0
+        for _ in range(SCAN_CALLS):
+            cursor, keys = yield Op(c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT)
+            if (yield from visit(keys)):
+                return
+            if cursor == 0:
+                break

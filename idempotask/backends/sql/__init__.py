@@ -14,75 +14,18 @@ Engines are created on first use: the sync one for the URL's sync driver, and on
 engine per event loop for the matching async driver (psycopg serves both on PostgreSQL;
 MySQL/MariaDB use asyncmy; aiomysql 0.3 cannot send statements with PyMySQL 1.2.3+,
 aio-libs/aiomysql#1080). On a SQLite file an asyncio call runs the sync operation in a
-worker thread (``asyncio.to_thread``: one hop, where aiosqlite makes one per statement)
-unless you pass an ``AsyncEngine``. Pass your own ``Engine`` and/or ``AsyncEngine``
-instead of a URL to control pools; the missing one is derived from its URL.
+worker thread unless you pass an ``AsyncEngine``.
 
-Round trips per operation (every statement runs in autocommit mode, so there is no
-``BEGIN``/``COMMIT`` around single statements). Counted by ``tests/backends/test_sql.py``:
-PostgreSQL from a libpq protocol trace, MariaDB from the server's ``Questions`` counter,
-the MySQL column by running the MySQL plan (no ``RETURNING``) on MariaDB:
-
-==========================  ==========  ==============  ===============  ==============
-operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite (file)
-==========================  ==========  ==============  ===============  ==============
-claim, key absent           1           1               2                5 statements
-claim, duplicate            1           1               1                1 statement
-claim, lease taken over     2           1               3                5 statements
-complete / fail / renew     1           1               1                1 statement
-get / delete                1           1               1                1 statement
-==========================  ==========  ==============  ===============  ==============
-
-* **PostgreSQL** — one statement, read in one snapshot: ``INSERT … ON CONFLICT (key) DO
-  NOTHING RETURNING`` takes an absent key, and a ``UNION ALL`` answers with the row that
-  is there when the insert returns nothing; a duplicate therefore takes no row lock and
-  writes nothing. Only when that row is expired, or ours to re-take (same token, or same
-  non-empty owner), does a second statement take it: ``INSERT … SELECT … WHERE NOT
-  EXISTS (<a live record that blocks us>) ON CONFLICT (key) DO UPDATE … WHERE <expired, or
-  same token, or same owner> RETURNING``, with the same ``UNION ALL`` (``DO UPDATE …
-  WHERE false`` returns no row). That statement alone could do both, but it cost every
-  first call about 0.06 of a plain ``INSERT``'s round trip more on the server. When a
-  concurrent claim commits after a statement's snapshot, the insert conflicts but the
-  read cannot see the row: the empty (or stale) answer is detected and the claim re-sent
-  with a fresh snapshot, at most ``CLAIM_ATTEMPTS`` times. ``clock_timestamp()`` is the
-  clock (``now()`` is frozen per transaction).
-* **MariaDB 10.5+** — ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` (verified on 10.11):
-  MariaDB returns the row as it stands after the statement, also when the conditional
-  update changed nothing, so one statement both claims and answers. The SET assignments
-  are ordered so MySQL's left-to-right evaluation keeps them consistent.
-* **MySQL** (no ``RETURNING``) — a plain read answers duplicates; an absent key is taken
-  with a plain ``INSERT``; a takeover (or an insert that lost a race) is the same
-  conditional ``ON DUPLICATE KEY UPDATE`` followed by a read. Our token is unique to the
-  claim, so the row carries it only if this claim took the key.
-* **SQLite** — a plain read answers duplicates (WAL lets it run beside a writer);
-  otherwise ``BEGIN IMMEDIATE``, the upsert, a read and ``COMMIT``, on the local file.
-  Every connection gets WAL and a busy timeout so several processes can share one file;
-  ``sqlite:///:memory:`` keeps one connection for the process and runs async calls on it
-  directly (they never wait on I/O).
-
-complete/fail is a plain ``UPDATE`` on every database; only when it changes nothing (a
-repeated complete/fail with the same token, or a lost lease) does a read tell the two
-apart, one more statement.
-
-Each operation is a flow (:mod:`idempotask.flow`) run on one connection from the
-engine's pool with SQLAlchemy's public ``Connection.execute`` (``AsyncConnection.execute``
-for asyncio callers): the pool as you configured it (``pool_pre_ping``,
-``pool_recycle``), statement events (OpenTelemetry, Sentry, ddtrace instrumentation) and
-``echo`` see every statement. Statements are built with SQLAlchemy Core and compiled once
-per engine by SQLAlchemy's own cache; psycopg prepares them on the server after its
-``prepare_threshold`` runs on a connection. Database errors become
+Every statement runs in autocommit mode, through SQLAlchemy's public
+``Connection.execute`` on a connection of the engine's pool, so pools, statement events
+(instrumentation) and ``echo`` work as configured. A duplicate is one statement on every
+database; a first call two on PostgreSQL and MariaDB (claim, complete). How each database
+claims a key, the round trips per operation (counted by ``tests/backends/test_sql.py``)
+and the time bounds of statements are in the README's SQL section and in
+:mod:`~idempotask.backends.sql._records`. Database errors become
 :class:`~idempotask.errors.BackendError` naming the operation and the database (never its
-password); a missing table :class:`~idempotask.errors.MissingTableError` naming the table
-and ``idempotask db create``; a row that is not one of ours
-:class:`~idempotask.errors.CorruptRecordError`. :meth:`SQLAlchemyBackend.purge_expired`
-deletes expired records in short batches; run it from a periodic job.
-
-Every statement is bounded by ``statement_timeout`` (10 s by default) with the drivers'
-own settings: the server cancels a slower one, libpq keepalives and ``tcp_user_timeout``
-notice a vanished peer, PyMySQL's ``read_timeout`` and ``asyncio.timeout`` a silent one;
-libpq has no client-side timeout, so a psycopg statement still unanswered a grace later
-has its socket shut down (through psycopg's documented ``fileno()``). The call raises
-BackendError and the connection is discarded (see ``_timeouts``).
+password); a missing table :class:`~idempotask.errors.MissingTableError`; a row that is
+not ours :class:`~idempotask.errors.CorruptRecordError`.
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
@@ -97,18 +40,20 @@ URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Engine, MetaData, Table
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import Record, State
 from idempotask.backends.sql import _engines, _transactions
 from idempotask.backends.sql._breakers import SQLBreakerStore, breakers
 from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
     Database,
-    Flavour,
+    OnDatabase,
     Session,
     seconds,
 )
@@ -168,28 +113,12 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-# Strings this short fit their column in any encoding (UTF-8 takes at most 4 bytes a
-# character), so only longer ones are encoded to be measured.
-_KEY_CHARS = KEY_LENGTH // 4
-_TEXT_CHARS = TEXT_LENGTH // 4
-
-
-def _short(key: str, *texts: str) -> bool:
-    """Whether ``key`` and ``texts`` are strings short enough to fit without measuring."""
-    if type(key) is not str or len(key) > _KEY_CHARS:
-        return False
-    for text in texts:  # noqa: SIM110 - all() over a generator costs twice the bytecodes
-        if type(text) is not str or len(text) > _TEXT_CHARS:
-            return False
-    return True
-
-
 #: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
 #: the default dead-letter and breaker tables).
 records = define_table(metadata)
 
 
-class SQLAlchemyBackend:
+class SQLAlchemyBackend(OnDatabase):
     """The idempotency store on a SQL database, implementing
     :class:`~idempotask.backends.base.Backend` for sync and async callers.
 
@@ -268,11 +197,8 @@ class SQLAlchemyBackend:
             statement_timeout=statement_timeout,
             engine_options=engine_options,
         )
-        if not isinstance(table_name, str) or not table_name:
-            raise ConfigurationError(
-                f"SQLAlchemyBackend: table_name must be a non-empty string, got {table_name!r}"
-            )
         for option, name in (
+            ("table_name", table_name),
             ("dead_letter_table", dead_letter_table),
             ("breaker_table", breaker_table),
         ):
@@ -308,8 +234,6 @@ class SQLAlchemyBackend:
                 define_breaker_table(self.metadata, breaker_table, schema=schema),
             ]
         self._sql = Statements(self.table)
-        # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
-        self._force_flavour: Flavour | None = None
         if create_tables:
             self.database.create_on_first_use(*self._all_tables())
 
@@ -379,31 +303,19 @@ class SQLAlchemyBackend:
 
     # -- running flows ------------------------------------------------------------------------
 
-    def _flavour(self, q: Session) -> Flavour:
-        return self._force_flavour or q.flavour
-
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
-
     # -- checks -------------------------------------------------------------------------------
 
     @staticmethod
     def _check_key(key: str, *texts: tuple[str, str]) -> None:
         """Refuse values longer than their columns, the same way on every database (SQLite
         would store them, PostgreSQL and MySQL fail with a driver error)."""
-        if _short(key, *[value for _, value in texts]):
-            return
         for name, value, limit in (
             ("key", key, KEY_LENGTH),
             *((n, v, TEXT_LENGTH) for n, v in texts),
         ):
             if not isinstance(value, str):
                 raise ConfigurationError(f"sql backend: {name} must be a str, got {value!r}")
+            # UTF-8 takes at most 4 bytes a character: only long strings are measured.
             if len(value) > limit // 4 and len(value.encode("utf-8")) > limit:
                 raise ConfigurationError(
                     f"sql backend: {name} {value[:60]!r}… is {len(value.encode())} bytes in "
@@ -413,8 +325,7 @@ class SQLAlchemyBackend:
     def _claim(
         self, key: str, token: str, lease: float, owner: str, fingerprint: str
     ) -> Callable[[Session], Flow[Record]]:
-        if not _short(key, token, owner, fingerprint):
-            self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
+        self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
         lease = seconds(lease, "lease")
         sql = self._sql
         return lambda q: flow_claim(
@@ -431,8 +342,7 @@ class SQLAlchemyBackend:
     def _finish(
         self, key: str, token: str, payload: bytes, ttl: float, state: State
     ) -> Callable[[Session], Flow[bool]]:
-        if not _short(key, token):
-            self._check_key(key, ("token", token))
+        self._check_key(key, ("token", token))
         ttl = seconds(ttl, "ttl")
         sql = self._sql
         return lambda q: flow_finish(sql, q, key, token, payload, ttl, state)
@@ -451,20 +361,24 @@ class SQLAlchemyBackend:
             )
         return lambda q: flow_scan(self._sql, q, prefix[:KEY_LENGTH], limit)
 
-    # -- the store protocol ------------------------------------------------------------------
+    # -- the store protocol: each operation one flow, twins() makes both methods --------------
 
-    def claim(
+    def _claim_op(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
+    ) -> Flow[Record]:
         """Take ``key`` for ``token`` or return the record that holds it (see ``Backend``).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
-        return self._run("claim", key, self._claim(key, token, lease, owner, fingerprint))
+        return (
+            yield from self._on_db("claim", key, self._claim(key, token, lease, owner, fingerprint))
+        )
 
-    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    claim, aclaim = twins(_claim_op, "claim")
+
+    def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``; True when stored (or already).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -472,9 +386,12 @@ class SQLAlchemyBackend:
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        return self._run("complete", key, self._finish(key, token, payload, ttl, State.COMPLETED))
+        make = self._finish(key, token, payload, ttl, State.COMPLETED)
+        return (yield from self._on_db("complete", key, make))
 
-    def fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    complete, acomplete = twins(_complete)
+
+    def _fail(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a failure for the claim held with ``token``; True when stored (or already).
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -482,9 +399,12 @@ class SQLAlchemyBackend:
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        return self._run("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
+        make = self._finish(key, token, payload, ttl, State.FAILED)
+        return (yield from self._on_db("fail", key, make))
 
-    def renew(self, key: str, token: str, *, lease: float) -> bool:
+    fail, afail = twins(_fail)
+
+    def _renew_op(self, key: str, token: str, *, lease: float) -> Flow[bool]:
         """Restart the lease of the claim held with ``token``; False when it is not held.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -492,9 +412,11 @@ class SQLAlchemyBackend:
         >>> store.renew("k", "t1", lease=30), store.renew("k", "other", lease=30)
         (True, False)
         """
-        return self._run("renew", key, self._renew(key, token, lease))
+        return (yield from self._on_db("renew", key, self._renew(key, token, lease)))
 
-    def get(self, key: str) -> Record | None:
+    renew, arenew = twins(_renew_op, "renew")
+
+    def _get(self, key: str) -> Flow[Record | None]:
         """The live record under ``key``, or None when absent or expired.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -502,9 +424,11 @@ class SQLAlchemyBackend:
         True
         """
         self._check_key(key)
-        return self._run("get", key, lambda q: flow_get(self._sql, q, key))
+        return (yield from self._on_db("get", key, lambda q: flow_get(self._sql, q, key)))
 
-    def delete(self, key: str, *, token: str | None = None) -> bool:
+    get, aget = twins(_get)
+
+    def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record (only if it carries ``token``, when given); True if removed.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -513,9 +437,12 @@ class SQLAlchemyBackend:
         (False, True)
         """
         self._check_key(key)
-        return self._run("delete", key, lambda q: flow_delete(self._sql, q, key, token))
+        make = functools.partial(flow_delete, self._sql, key=key, token=token)
+        return (yield from self._on_db("delete", key, make))
 
-    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+    delete, adelete = twins(_delete)
+
+    def _scan_op(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix`` (one statement:
         a range on the key's index), for operators; never on a call's path.
 
@@ -524,7 +451,9 @@ class SQLAlchemyBackend:
         >>> [r.key for r in store.scan("app:billing.")]
         ['app:billing.charge:v1:ab']
         """
-        return self._run("scan", None, self._scan(prefix, limit))
+        return (yield from self._on_db("scan", None, self._scan(prefix, limit)))
+
+    scan, ascan = twins(_scan_op, "scan")
 
     def expire_now(self, key: str) -> bool:
         """Test hook: the record's lease or ttl runs out now on the database's clock
@@ -537,40 +466,6 @@ class SQLAlchemyBackend:
         """
         self._check_key(key)
         return self._run("expire_now", key, lambda q: flow_expire_now(self._sql, q, key))
-
-    async def aclaim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """Async :meth:`claim`."""
-        return await self._arun("claim", key, self._claim(key, token, lease, owner, fingerprint))
-
-    async def acomplete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`complete`."""
-        return await self._arun(
-            "complete", key, self._finish(key, token, payload, ttl, State.COMPLETED)
-        )
-
-    async def afail(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """Async :meth:`fail`."""
-        return await self._arun("fail", key, self._finish(key, token, payload, ttl, State.FAILED))
-
-    async def arenew(self, key: str, token: str, *, lease: float) -> bool:
-        """Async :meth:`renew`."""
-        return await self._arun("renew", key, self._renew(key, token, lease))
-
-    async def aget(self, key: str) -> Record | None:
-        """Async :meth:`get`."""
-        self._check_key(key)
-        return await self._arun("get", key, lambda q: flow_get(self._sql, q, key))
-
-    async def adelete(self, key: str, *, token: str | None = None) -> bool:
-        """Async :meth:`delete`."""
-        self._check_key(key)
-        return await self._arun("delete", key, lambda q: flow_delete(self._sql, q, key, token))
-
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return await self._arun("scan", None, self._scan(prefix, limit))
 
     # -- transactional calls (idempotask.backends.sql._transactions) -----------------------
 
@@ -597,7 +492,7 @@ class SQLAlchemyBackend:
             )
         return batch
 
-    def purge_expired(self, batch: int = 1000) -> int:
+    def _purge_expired(self, batch: int = 1000) -> Flow[int]:
         """Delete expired records, ``batch`` rows per statement (each its own short
         transaction, so no lock is held for long); returns how many were deleted.
 
@@ -610,16 +505,13 @@ class SQLAlchemyBackend:
         1
         """
         self._check_batch(batch)
-        return self._run(
-            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+        return (
+            yield from self._on_db(
+                "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+            )
         )
 
-    async def apurge_expired(self, batch: int = 1000) -> int:
-        """Async :meth:`purge_expired`."""
-        self._check_batch(batch)
-        return await self._arun(
-            "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
-        )
+    purge_expired, apurge_expired = twins(_purge_expired)
 
     # -- tables -------------------------------------------------------------------------------
 

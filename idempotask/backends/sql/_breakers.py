@@ -29,6 +29,7 @@ where the row is read back by a second statement. ``try_probe`` is a guarded ``U
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.sql._database import Flavour, Session
 from idempotask.backends.sql._deadletters import TableStore
@@ -63,6 +65,7 @@ from idempotask.backends.sql._schema import (
     DbStatementNow,
     define_breaker_table,
     metadata,
+    text_of,
 )
 from idempotask.errors import ConfigurationError, CorruptRecordError
 from idempotask.flow import Flow
@@ -253,12 +256,6 @@ class BreakerStatements:
 # -- replies ------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def breaker_view(
     name: str,
     row: Sequence[Any] | None,
@@ -276,7 +273,7 @@ def breaker_view(
         failures, window_until, now = int(failures), float(window_until), float(now)
         open_until = None if open_until is None else float(open_until)
         probe_until = None if probe_until is None else float(probe_until)
-        opened_by = _text(opened_by)
+        opened_by = text_of(opened_by)
     except (TypeError, ValueError) as exc:
         raise CorruptRecordError(
             f"sql breaker store: the row of breaker {name!r} was not written by idempotask: {exc}"
@@ -307,7 +304,7 @@ def flow_states(
 ) -> Flow[dict[str, BreakerState]]:
     """Every breaker of the namespace with a row, up to ``limit``."""
     rows = yield q.op(sql.all, {"ns": ns, "n": limit})
-    return {_text(name): breaker_view(_text(name), row) for name, *row in rows}
+    return {text_of(name): breaker_view(text_of(name), row) for name, *row in rows}
 
 
 def flow_failure(
@@ -388,7 +385,7 @@ def _seconds(value: Any, option: str) -> float:
     return float(value)
 
 
-def _check_text(value: Any, what: str) -> str:
+def _checktext_of(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(
             f"sql breaker store: {what} must be a non-empty str, got {value!r}"
@@ -436,61 +433,15 @@ class SQLBreakerStore(TableStore):
     def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
         return define_breaker_table(meta, name, schema=schema)
 
-    def _failure(
-        self, name: str, threshold: int, window: float, open_for: float
-    ) -> Callable[[Session], Flow[BreakerState]]:
-        _check_text(name, "a breaker name")
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ConfigurationError(
-                f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
-            )
-        w, o = _seconds(window, "window"), _seconds(open_for, "open_for")
-        return lambda q: flow_failure(
-            self._sql,
-            q,
-            self._flavour(q),
-            self.namespace,
-            name,
-            threshold=threshold,
-            window=w,
-            open_for=o,
-        )
-
-    def _probe(
-        self, name: str, token: str, lease: float
-    ) -> Callable[[Session], Flow[BreakerState]]:
-        _check_text(name, "a breaker name")
-        _check_text(token, "a probe token")
-        seconds = _seconds(lease, "lease")
-        return lambda q: flow_probe(self._sql, q, self.namespace, name, token, seconds)
-
-    def _state(self, name: str) -> Callable[[Session], Flow[BreakerState]]:
-        _check_text(name, "a breaker name")
-        return lambda q: flow_state(self._sql, q, self.namespace, name)
-
-    def _success(self, name: str) -> Callable[[Session], Flow[BreakerState]]:
-        _check_text(name, "a breaker name")
-        return lambda q: flow_success(self._sql, q, self.namespace, name)
-
-    def _reset(self, name: str) -> Callable[[Session], Flow[int]]:
-        _check_text(name, "a breaker name")
-        params = {"ns": self.namespace, "bn": name}
-        return lambda q: flow_delete(q, self._sql.reset, params)
-
-    def _states(self, limit: int) -> Callable[[Session], Flow[dict[str, BreakerState]]]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(
-                f"sql breaker store: limit must be a non-negative int, got {limit!r}"
-            )
-        return lambda q: flow_states(self._sql, q, self.namespace, limit)
-
-    # -- sync API ----------------------------------------------------------------------------
-
-    def state(self, name: str) -> BreakerState:
+    def _state(self, name: str) -> Flow[BreakerState]:
         """The breaker's state; one statement, no writes."""
-        return self._run("breaker.state", name, self._state(name))
+        _checktext_of(name, "a breaker name")
+        make = functools.partial(flow_state, self._sql, ns=self.namespace, name=name)
+        return (yield from self._on_db("breaker.state", name, make))
 
-    def states(self, *, limit: int = 1000) -> dict[str, BreakerState]:
+    state, astate = twins(_state)
+
+    def _states(self, *, limit: int = 1000) -> Flow[dict[str, BreakerState]]:
         """Every breaker of the namespace with a row (up to ``limit``, by name): one
         statement, for operators. A breaker with no row is closed.
 
@@ -499,27 +450,77 @@ class SQLBreakerStore(TableStore):
         >>> {name: state.status.value for name, state in store.states().items()}
         {'erp': 'open'}
         """
-        return self._run("breaker.states", None, self._states(limit))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(
+                f"sql breaker store: limit must be a non-negative int, got {limit!r}"
+            )
+        make = functools.partial(flow_states, self._sql, ns=self.namespace, limit=limit)
+        return (yield from self._on_db("breaker.states", None, make))
 
-    def record_failure(
+    states, astates = twins(_states)
+
+    def _record_failure(
         self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
+    ) -> Flow[BreakerState]:
         """Count a failure (opening at ``threshold``); one upsert."""
-        return self._run(
-            "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
+        _checktext_of(name, "a breaker name")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigurationError(
+                f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
+            )
+        w, o = _seconds(window, "window"), _seconds(open_for, "open_for")
+        ns = self.namespace
+        return (
+            yield from self._on_db(
+                "breaker.record_failure",
+                name,
+                lambda q: flow_failure(
+                    self._sql,
+                    q,
+                    self._flavour(q),
+                    ns,
+                    name,
+                    threshold=threshold,
+                    window=w,
+                    open_for=o,
+                ),
+            )
         )
 
-    def record_success(self, name: str) -> BreakerState:
+    record_failure, arecord_failure = twins(_record_failure)
+
+    def _record_success(self, name: str) -> Flow[BreakerState]:
         """Report a success (closing a half-open breaker)."""
-        return self._run("breaker.record_success", name, self._success(name))
+        _checktext_of(name, "a breaker name")
+        make = functools.partial(flow_success, self._sql, ns=self.namespace, name=name)
+        return (yield from self._on_db("breaker.record_success", name, make))
 
-    def try_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
+    record_success, arecord_success = twins(_record_success)
+
+    def _try_probe(self, name: str, token: str, *, lease: float) -> Flow[BreakerState]:
         """Take the half-open probe for ``lease`` seconds if it is free."""
-        return self._run("breaker.try_probe", name, self._probe(name, token, lease))
+        _checktext_of(name, "a breaker name")
+        _checktext_of(token, "a probe token")
+        make = functools.partial(
+            flow_probe,
+            self._sql,
+            ns=self.namespace,
+            name=name,
+            token=token,
+            lease=_seconds(lease, "lease"),
+        )
+        return (yield from self._on_db("breaker.try_probe", name, make))
 
-    def reset(self, name: str) -> None:
+    try_probe, atry_probe = twins(_try_probe)
+
+    def _reset(self, name: str) -> Flow[None]:
         """Remove the breaker's row (closed, no failures)."""
-        self._run("breaker.reset", name, self._reset(name))
+        _checktext_of(name, "a breaker name")
+        params = {"ns": self.namespace, "bn": name}
+        make = functools.partial(flow_delete, statement=self._sql.reset, params=params)
+        yield from self._on_db("breaker.reset", name, make)
+
+    reset, areset = twins(_reset)
 
     def purge_stale(self, retain: float = 86400.0) -> int:
         """Delete rows that only say "closed" (a count whose window ended) or that stayed
@@ -531,36 +532,5 @@ class SQLBreakerStore(TableStore):
         0
         """
         params = {"ns": self.namespace, "retain": _seconds(retain, "retain")}
-        return self._run(
-            "breaker.purge_stale", None, lambda q: flow_delete(q, self._sql.purge_stale, params)
-        )
-
-    # -- async API ---------------------------------------------------------------------------
-
-    async def astate(self, name: str) -> BreakerState:
-        """Async :meth:`state`."""
-        return await self._arun("breaker.state", name, self._state(name))
-
-    async def astates(self, *, limit: int = 1000) -> dict[str, BreakerState]:
-        """Async :meth:`states`."""
-        return await self._arun("breaker.states", None, self._states(limit))
-
-    async def arecord_failure(
-        self, name: str, *, threshold: int, window: float, open_for: float
-    ) -> BreakerState:
-        """Async :meth:`record_failure`."""
-        return await self._arun(
-            "breaker.record_failure", name, self._failure(name, threshold, window, open_for)
-        )
-
-    async def arecord_success(self, name: str) -> BreakerState:
-        """Async :meth:`record_success`."""
-        return await self._arun("breaker.record_success", name, self._success(name))
-
-    async def atry_probe(self, name: str, token: str, *, lease: float) -> BreakerState:
-        """Async :meth:`try_probe`."""
-        return await self._arun("breaker.try_probe", name, self._probe(name, token, lease))
-
-    async def areset(self, name: str) -> None:
-        """Async :meth:`reset`."""
-        await self._arun("breaker.reset", name, self._reset(name))
+        make = functools.partial(flow_delete, statement=self._sql.purge_stale, params=params)
+        return self._run("breaker.purge_stale", None, make)

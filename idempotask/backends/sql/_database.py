@@ -1,18 +1,11 @@
 """One database as the SQL stores use it: its engines, and running flows on them.
 
-:class:`Database` owns what the idempotency backend, the dead-letter store and the
-breaker store have in common: the URL, the sync engine and one asyncio engine per event
-loop (created on first use, disposed when their loop shuts down, let go of in a forked
-child), the time bound of a statement, and running an operation. An operation is a
-*flow* (:mod:`idempotask.flow`): a generator that yields the statements it needs as
-:class:`~idempotask.flow.Op` objects made by a :class:`Session`, one connection checked
-out of the engine's pool for the operation; :func:`~idempotask.flow.drive` runs it with
-SQLAlchemy's ``Connection.execute``, :func:`~idempotask.flow.adrive` with
-``AsyncConnection.execute``. So the engine's pool, events, logging and instrumentation
-see every statement exactly as the user configured them. Database errors become
-:class:`~idempotask.errors.BackendError` (a missing table a
-:class:`~idempotask.errors.MissingTableError`). Stores built from one another share one
-``Database``, hence one pool of connections.
+:class:`Database` owns what the SQL stores share: the URL, the sync engine and one asyncio
+engine per event loop (made on first use, disposed when their loop shuts down, let go of
+in a forked child), the time bound of a statement, and running an operation: a flow
+(:mod:`idempotask.flow`) of statements on one connection of the engine's pool, through
+SQLAlchemy's public ``Connection.execute`` / ``AsyncConnection.execute``. Database errors
+become :class:`~idempotask.errors.BackendError`.
 """
 
 from __future__ import annotations
@@ -39,7 +32,7 @@ from idempotask.errors import (
     CorruptRecordError,
     MissingTableError,
 )
-from idempotask.flow import Flow, adrive, drive
+from idempotask.flow import Flow, Op, adrive, drive
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
@@ -49,6 +42,7 @@ __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
     "Database",
     "Flavour",
+    "OnDatabase",
     "Session",
     "flavour_of",
     "is_async_engine",
@@ -90,18 +84,15 @@ def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
     return isinstance(obj, AsyncEngine)
 
 
-def seconds(value: Any, option: str) -> float:
+def seconds(value: Any, option: str, who: str = "sql backend") -> float:
     """A positive, finite number of seconds (a lease, a ttl, a timeout), as a float."""
-    kind = type(value)
-    if (kind is float or kind is int) and 0 < value < float("inf"):  # NaN fails too
-        return float(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not (0 < value < float("inf"))
     ):
         raise ConfigurationError(
-            f"sql backend: {option} must be a positive, finite number of seconds, got {value!r}"
+            f"{who}: {option} must be a positive, finite number of seconds, got {value!r}"
         )
     return float(value)
 
@@ -158,13 +149,9 @@ class _LoopEngine:
 
 
 async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGenerator[None, None]:
-    """Dispose of ``slot``'s engine when its loop shuts down.
-
-    Started once on the loop, this async generator is registered with it, so
-    ``loop.shutdown_asyncgens()`` (which ``asyncio.run()`` calls before closing the loop)
-    closes it while the loop still runs: the engine's connections are closed on the loop
-    they belong to, instead of leaking when a program calls ``asyncio.run()`` repeatedly.
-    """
+    """Dispose of ``slot``'s engine when its loop shuts down: registered with the loop,
+    ``loop.shutdown_asyncgens()`` (``asyncio.run()``) closes it while the loop still runs,
+    so the connections close on their own loop instead of leaking."""
     started_in = os.getpid()
     try:
         yield
@@ -180,16 +167,9 @@ async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGene
 
 
 class Database:
-    """The engines of one database, and the runner of flows on them.
-
-    ``bind`` is a URL, an ``Engine`` or an ``AsyncEngine`` (or pass ``engine=`` and
-    ``async_engine=``); ``owner`` names the store in configuration errors. Engines you
-    pass are used as configured (pool, events, logging), given autocommit per connection
-    when they are not in autocommit mode already, and never disposed here. The engines
-    made here get autocommit, ``connect_timeout``, hidden parameters in error messages,
-    for SQLite WAL and ``busy_timeout``, and the ``statement_timeout`` settings of
-    :mod:`~idempotask.backends.sql._timeouts`; the client-side bounds (psycopg's watchdog,
-    ``asyncio.timeout``) apply to every engine.
+    """The engines of one database, and the runner of flows on them. ``bind`` and the
+    options are ``SQLAlchemyBackend``'s (which documents what engines get); ``owner``
+    names the store in configuration errors.
 
     >>> db = Database("postgresql+psycopg://app:secret@db/app", owner="SQLAlchemyBackend")
     >>> db.where, db.bound  # nothing connects until the first operation
@@ -526,10 +506,18 @@ class Database:
 
     @staticmethod
     def _ddl(conn: Connection, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
-        if create:
-            metadata.create_all(conn, tables=list(tables), checkfirst=True)
-        else:
-            metadata.drop_all(conn, tables=list(tables), checkfirst=True)
+        # Another process may create (or drop) a table between our check and our
+        # statement: the next check sees it. One more try per table at most.
+        for attempt in range(len(tables) + 1):
+            try:
+                if create:
+                    metadata.create_all(conn, tables=list(tables), checkfirst=True)
+                else:
+                    metadata.drop_all(conn, tables=list(tables), checkfirst=True)
+                return
+            except SQLAlchemyError:
+                if attempt == len(tables):
+                    raise
 
     def _create_pending(self) -> None:
         with self._lock:
@@ -551,15 +539,7 @@ class Database:
                 self.memory_lock if self.memory else contextlib.nullcontext(),
                 self.sync_engine().connect() as conn,
             ):
-                # Another process may create (or drop) a table between our check and our
-                # statement: the next check sees it. One more try per table at most.
-                for attempt in range(len(tables) + 1):
-                    try:
-                        self._ddl(conn, metadata, tables, create)
-                        break
-                    except SQLAlchemyError:
-                        if attempt == len(tables):
-                            raise
+                self._ddl(conn, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
 
@@ -577,12 +557,33 @@ class Database:
         try:
             engine = await self.async_engine()
             async with engine.connect() as conn:
-                for attempt in range(len(tables) + 1):
-                    try:
-                        await conn.run_sync(self._ddl, metadata, tables, create)
-                        break
-                    except SQLAlchemyError:
-                        if attempt == len(tables):
-                            raise
+                await conn.run_sync(self._ddl, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
+
+
+class OnDatabase:
+    """What a SQL store runs its operations with: its :class:`Database` and its table."""
+
+    database: Database
+    table: Table
+    # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
+    _force_flavour: Flavour | None = None
+
+    def _flavour(self, q: Session) -> Flavour:
+        return self._force_flavour or q.flavour
+
+    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
+        return self.database.run(operation, key, make, self.table)
+
+    async def _arun(
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
+    ) -> _T:
+        return await self.database.arun(operation, key, make, self.table)
+
+    def _on_db(
+        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
+    ) -> Flow[_T]:
+        """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
+        result: _T = yield Op(self._run, self._arun, operation, key, make)
+        return result

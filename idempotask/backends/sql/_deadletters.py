@@ -31,14 +31,16 @@ An update that changes the error type or the message but not both reads the othe
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
+from idempotask.backends._letters import sum_stats
+from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     DeadLetter,
     DeadLetterFilter,
@@ -51,7 +53,9 @@ from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
     Database,
     Flavour,
+    OnDatabase,
     Session,
+    seconds,
 )
 from idempotask.backends.sql._letters import (
     PURGE_BATCH,
@@ -71,6 +75,7 @@ from idempotask.backends.sql._schema import (
     TEXT_LENGTH,
     define_dead_letter_table,
     metadata,
+    text_of,
 )
 from idempotask.errors import BackendError, ConfigurationError
 from idempotask.flow import Flow
@@ -231,31 +236,16 @@ def flow_claim_due(
     return letters
 
 
-def _str(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def flow_stats(
     sql: DeadLetterStatements, q: Session, ns: str, filter: DeadLetterFilter
 ) -> Flow[list[StatRow]]:
     """Counts by (function, kind, status), sorted as Python sorts them."""
     shape, params = filter_params(filter)
     rows = yield q.op(sql.stats(shape), {**params, "ns": ns})
-    stats = [
-        StatRow(
-            _str(function),
-            _str(kind),
-            Status(_str(status)),
-            int(count),
-            int(retries or 0),
-            int(by_retry or 0),
-        )
-        for function, kind, status, count, retries, by_retry in rows
-    ]
-    stats.sort(key=lambda row: (row.function, row.kind, row.status))
-    return stats
+    return sum_stats(
+        (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
+        for f, k, s, n, r, b in rows
+    )
 
 
 def flow_purge(
@@ -332,7 +322,7 @@ def _check_name(owner: str, what: str, value: Any) -> str:
     return value
 
 
-class TableStore:
+class TableStore(OnDatabase):
     """What the SQL dead-letter and breaker stores share: the engines (their own, or a
     backend's), one table, the ``namespace`` their rows are scoped by, and the table's
     lifecycle. Subclasses name their default table and say how to define it."""
@@ -386,8 +376,6 @@ class TableStore:
         else:
             self.metadata = MetaData()
             self.table = self._define_table(self.metadata, table_name, schema)
-        # Tests force "mysql" on MariaDB to run the MySQL flows on a real server.
-        self._force_flavour: Flavour | None = None
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
 
@@ -408,17 +396,6 @@ class TableStore:
             f"{type(self).__name__}({self.database.where!r}, table={self.table.fullname!r}, "
             f"namespace={self.namespace!r})"
         )
-
-    def _flavour(self, q: Session) -> Flavour:
-        return self._force_flavour or q.flavour
-
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
 
     @property
     def tables(self) -> list[str]:
@@ -490,169 +467,128 @@ class SQLDeadLetterStore(TableStore):
     def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
         return define_dead_letter_table(meta, name, schema=schema)
 
-    # -- checks, before any I/O ------------------------------------------------------------------
+    # -- each operation one flow (checks first, then one run on the database) -----------
 
-    def _add(self, letter: DeadLetter) -> Callable[[Session], Flow[DeadLetter]]:
-        letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
-        return lambda q: flow_add(self._sql, q, self._flavour(q), self.namespace, letter)
-
-    def _get(self, id: str) -> Callable[[Session], Flow[DeadLetter | None]]:
-        check_text(id, "id")
-        return lambda q: flow_get(self._sql, q, self.namespace, id)
-
-    def _query(
-        self, filter: DeadLetterFilter, limit: int, offset: int
-    ) -> Callable[[Session], Flow[list[DeadLetter]]] | None:
-        check_int(limit, "limit", limit=_INT64)
-        check_int(offset, "offset", limit=_INT64, minimum=0)
-        filter_params(filter)
-        if limit <= 0:
-            return None
-        return lambda q: flow_query(self._sql, q, self.namespace, filter, limit, offset)
-
-    def _update(
-        self, id: str, version: int, changes: dict[str, Any]
-    ) -> Callable[[Session], Flow[DeadLetter | None]]:
-        check_changes(changes)
-        check_text(id, "id")
-        check_int(version, "version", limit=_INT64)
-        for field, value in changes.items():
-            column_value(field, value)
-        return lambda q: flow_update(
-            self._sql, q, self._flavour(q), self.namespace, id, version, changes
-        )
-
-    def _claim(
-        self, now: float, limit: int, lease: float, filter: DeadLetterFilter | None
-    ) -> Callable[[Session], Flow[list[DeadLetter]]] | None:
-        now = check_time(now, "now")
-        check_int(limit, "limit", limit=_INT64)
-        if (
-            isinstance(lease, bool)
-            or not isinstance(lease, (int, float))
-            or not (math.isfinite(lease) and lease > 0)
-        ):
-            raise ConfigurationError(
-                f"sql dead-letter store: lease must be a positive, finite number of seconds, "
-                f"got {lease!r}"
-            )
-        chosen = _ALL if filter is None else filter
-        filter_params(chosen)
-        if limit <= 0:
-            return None
-        ns = self.namespace
-        return lambda q: flow_claim_due(
-            self._sql, q, self._flavour(q), ns, now, limit, float(lease), chosen
-        )
-
-    def _stats(self, filter: DeadLetterFilter) -> Callable[[Session], Flow[list[StatRow]]]:
-        filter_params(filter)
-        return lambda q: flow_stats(self._sql, q, self.namespace, filter)
-
-    def _purge(self, filter: DeadLetterFilter) -> Callable[[Session], Flow[int]]:
-        filter_params(filter)
-        return lambda q: flow_purge(self._sql, q, self._flavour(q), self.namespace, filter)
-
-    def _expire_claim(self, id: str) -> Callable[[Session], Flow[bool]]:
-        check_text(id, "id")
-        return lambda q: flow_expire_claim(self._sql, q, self.namespace, id)
-
-    # -- sync API ------------------------------------------------------------------------------
-
-    def add(self, letter: DeadLetter) -> DeadLetter:
+    def _add(self, letter: DeadLetter) -> Flow[DeadLetter]:
         """Store ``letter`` unless its id exists; return the stored one.
 
         One ``INSERT`` that skips an existing id (PostgreSQL, SQLite ``ON CONFLICT DO
         NOTHING``; MySQL/MariaDB a duplicate-key error), and a read when it did.
         """
-        return self._run("dead-letter add", getattr(letter, "id", None), self._add(letter))
+        letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
+        return (
+            yield from self._on_db(
+                "dead-letter add",
+                getattr(letter, "id", None),
+                lambda q: flow_add(self._sql, q, self._flavour(q), self.namespace, letter),
+            )
+        )
 
-    def get(self, id: str) -> DeadLetter | None:
+    add, aadd = twins(_add)
+
+    def _get(self, id: str) -> Flow[DeadLetter | None]:
         """The letter with this id, or None. One statement."""
-        return self._run("dead-letter get", id, self._get(id))
+        check_text(id, "id")
+        make = functools.partial(flow_get, self._sql, ns=self.namespace, id=id)
+        return (yield from self._on_db("dead-letter get", id, make))
 
-    def query(
+    get, aget = twins(_get)
+
+    def _query(
         self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
+    ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id. One statement
         (on the ``namespace, last_failed_at`` index)."""
-        make = self._query(filter, limit, offset)
-        return [] if make is None else self._run("dead-letter query", None, make)
+        check_int(limit, "limit", limit=_INT64)
+        check_int(offset, "offset", limit=_INT64, minimum=0)
+        filter_params(filter)
+        if limit <= 0:
+            return []
+        make = functools.partial(
+            flow_query, self._sql, ns=self.namespace, filter=filter, limit=limit, offset=offset
+        )
+        return (yield from self._on_db("dead-letter query", None, make))
 
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
+    query, aquery = twins(_query)
+
+    def _update(self, /, id: str, version: int, **changes: Any) -> Flow[DeadLetter | None]:
         """Compare-and-set ``changes`` on version ``version``; ends any claim.
 
         One ``UPDATE … WHERE version = :v`` (with ``RETURNING`` on PostgreSQL; elsewhere
         followed by a read).
         """
-        return self._run("dead-letter update", id, self._update(id, version, changes))
+        check_changes(changes)
+        check_text(id, "id")
+        check_int(version, "version", limit=_INT64)
+        for field, value in changes.items():
+            column_value(field, value)
+        return (
+            yield from self._on_db(
+                "dead-letter update",
+                id,
+                lambda q: flow_update(
+                    self._sql, q, self._flavour(q), self.namespace, id, version, changes
+                ),
+            )
+        )
 
-    def claim_due(
+    update, aupdate = twins(_update)
+
+    def _claim_due(
         self,
         now: float,
         *,
         limit: int = 100,
         lease: float = 300.0,
         filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
+    ) -> Flow[list[DeadLetter]]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (the
         database's clock); concurrent claimers skip each other's rows (``SKIP LOCKED``)."""
-        make = self._claim(now, limit, lease, filter)
-        return [] if make is None else self._run("dead-letter claim_due", None, make)
+        now = check_time(now, "now")
+        check_int(limit, "limit", limit=_INT64)
+        lease = seconds(lease, "lease", "sql dead-letter store")
+        chosen = _ALL if filter is None else filter
+        filter_params(chosen)
+        if limit <= 0:
+            return []
+        ns = self.namespace
+        return (
+            yield from self._on_db(
+                "dead-letter claim_due",
+                None,
+                lambda q: flow_claim_due(
+                    self._sql, q, self._flavour(q), ns, now, limit, lease, chosen
+                ),
+            )
+        )
 
-    def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+    claim_due, aclaim_due = twins(_claim_due)
+
+    def _stats(self, filter: DeadLetterFilter = _ALL) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status): one ``GROUP BY`` statement."""
-        return self._run("dead-letter stats", None, self._stats(filter))
+        filter_params(filter)
+        make = functools.partial(flow_stats, self._sql, ns=self.namespace, filter=filter)
+        return (yield from self._on_db("dead-letter stats", None, make))
 
-    def purge(self, filter: DeadLetterFilter) -> int:
+    stats, astats = twins(_stats)
+
+    def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
         """Delete matching letters, :data:`PURGE_BATCH` per statement; how many went."""
-        return self._run("dead-letter purge", None, self._purge(filter))
+        filter_params(filter)
+        return (
+            yield from self._on_db(
+                "dead-letter purge",
+                None,
+                lambda q: flow_purge(self._sql, q, self._flavour(q), self.namespace, filter),
+            )
+        )
 
-    def expire_claim(self, id: str) -> bool:
+    purge, apurge = twins(_purge)
+
+    def _expire_claim(self, id: str) -> Flow[bool]:
         """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
-        return self._run("dead-letter expire_claim", id, self._expire_claim(id))
+        check_text(id, "id")
+        make = functools.partial(flow_expire_claim, self._sql, ns=self.namespace, id=id)
+        return (yield from self._on_db("dead-letter expire_claim", id, make))
 
-    # -- async API -----------------------------------------------------------------------------
-
-    async def aadd(self, letter: DeadLetter) -> DeadLetter:
-        """Async :meth:`add`."""
-        return await self._arun("dead-letter add", getattr(letter, "id", None), self._add(letter))
-
-    async def aget(self, id: str) -> DeadLetter | None:
-        """Async :meth:`get`."""
-        return await self._arun("dead-letter get", id, self._get(id))
-
-    async def aquery(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
-    ) -> list[DeadLetter]:
-        """Async :meth:`query`."""
-        make = self._query(filter, limit, offset)
-        return [] if make is None else await self._arun("dead-letter query", None, make)
-
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Async :meth:`update`."""
-        return await self._arun("dead-letter update", id, self._update(id, version, changes))
-
-    async def aclaim_due(
-        self,
-        now: float,
-        *,
-        limit: int = 100,
-        lease: float = 300.0,
-        filter: DeadLetterFilter | None = None,
-    ) -> list[DeadLetter]:
-        """Async :meth:`claim_due`."""
-        make = self._claim(now, limit, lease, filter)
-        return [] if make is None else await self._arun("dead-letter claim_due", None, make)
-
-    async def astats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
-        """Async :meth:`stats`."""
-        return await self._arun("dead-letter stats", None, self._stats(filter))
-
-    async def apurge(self, filter: DeadLetterFilter) -> int:
-        """Async :meth:`purge`."""
-        return await self._arun("dead-letter purge", None, self._purge(filter))
-
-    async def aexpire_claim(self, id: str) -> bool:
-        """Async :meth:`expire_claim` (test hook)."""
-        return await self._arun("dead-letter expire_claim", id, self._expire_claim(id))
+    expire_claim, aexpire_claim = twins(_expire_claim)

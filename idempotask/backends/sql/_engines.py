@@ -14,6 +14,7 @@ from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
+from idempotask.backends import SQL_DRIVERS
 from idempotask.backends.sql._timeouts import connect_options
 from idempotask.errors import ConfigurationError, MissingDependencyError
 
@@ -37,25 +38,7 @@ __all__ = [
 _MYSQL = ("mysql", "mariadb")
 _SUPPORTED = ("postgresql", "sqlite", *_MYSQL)
 
-# backend -> (sync drivers kept as given, the sync default, async drivers kept, the async
-# default). A URL naming an async driver gets the sync default for sync callers and the
-# other way round; psycopg (3) serves both.
-_DRIVERS: dict[str, tuple[frozenset[str], str, frozenset[str], str]] = {
-    "postgresql": (
-        frozenset({"psycopg", "psycopg2", "psycopg2cffi", "pg8000"}),
-        "psycopg",
-        frozenset({"psycopg", "psycopg_async", "asyncpg"}),
-        "psycopg",
-    ),
-    "sqlite": (frozenset({"pysqlite", "pysqlcipher"}), "", frozenset({"aiosqlite"}), "aiosqlite"),
-    "mysql": (
-        frozenset({"pymysql", "mysqldb", "mysqlconnector", "mariadbconnector", "cymysql"}),
-        "pymysql",
-        frozenset({"aiomysql", "asyncmy"}),
-        "asyncmy",
-    ),
-}
-_DRIVERS["mariadb"] = _DRIVERS["mysql"]
+_DRIVERS = SQL_DRIVERS
 
 # Drivers whose connect() takes a connect_timeout in seconds (libpq's must be whole).
 _TIMEOUT_DRIVERS = {"psycopg", "psycopg_async", "pymysql", "aiomysql", "asyncmy", "mysqldb"}
@@ -127,9 +110,14 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
 
 
-def _with_driver(url: URL, driver: str) -> URL:
+def _with_driver(url: URL, asyncio_: bool) -> URL:
+    keep_sync, default_sync, keep_async, default_async = _DRIVERS[url.get_backend_name()]
+    keep, default = (keep_async, default_async) if asyncio_ else (keep_sync, default_sync)
+    driver = url.get_driver_name() if "+" in url.drivername else ""
+    if driver in keep:
+        return url
     backend = url.get_backend_name()
-    return url.set(drivername=f"{backend}+{driver}" if driver else backend)
+    return url.set(drivername=f"{backend}+{default}" if default else backend)
 
 
 def sync_url(url: URL) -> URL:
@@ -138,9 +126,7 @@ def sync_url(url: URL) -> URL:
     >>> str(sync_url(make_url("sqlite+aiosqlite:///x.db")))
     'sqlite:///x.db'
     """
-    keep, default, _, _ = _DRIVERS[url.get_backend_name()]
-    driver = url.get_driver_name() if "+" in url.drivername else ""
-    return url if driver in keep else _with_driver(url, default)
+    return _with_driver(url, False)
 
 
 def async_url(url: URL) -> URL:
@@ -149,9 +135,7 @@ def async_url(url: URL) -> URL:
     >>> str(async_url(make_url("mysql+pymysql://root@db/test")))
     'mysql+asyncmy://root@db/test'
     """
-    _, _, keep, default = _DRIVERS[url.get_backend_name()]
-    driver = url.get_driver_name() if "+" in url.drivername else ""
-    return url if driver in keep else _with_driver(url, default)
+    return _with_driver(url, True)
 
 
 def autocommit(engine: Engine) -> Engine:
@@ -166,13 +150,7 @@ def autocommit(engine: Engine) -> Engine:
     if engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return engine
     with engine.connect() as conn:
-        dbapi_connection = conn.connection.dbapi_connection
-        try:
-            already = dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
-                dbapi_connection
-            )
-        except NotImplementedError:
-            already = False
+        already = _in_autocommit(engine, conn.connection.dbapi_connection)
     return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
@@ -182,13 +160,17 @@ async def async_autocommit(engine: AsyncEngine) -> AsyncEngine:
         return engine
     async with engine.connect() as aconn:
         raw = await aconn.get_raw_connection()
-        try:
-            already = raw.dbapi_connection is not None and engine.dialect.detect_autocommit_setting(
-                raw.dbapi_connection
-            )
-        except NotImplementedError:
-            already = False
+        already = _in_autocommit(engine, raw.dbapi_connection)
     return engine if already else engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _in_autocommit(engine: Engine | AsyncEngine, dbapi_connection: Any) -> bool:
+    try:
+        return dbapi_connection is not None and bool(
+            engine.dialect.detect_autocommit_setting(dbapi_connection)
+        )
+    except NotImplementedError:
+        return False
 
 
 def _engine_options(
@@ -261,44 +243,17 @@ def _missing_driver(url: URL, exc: ImportError) -> MissingDependencyError:
     )
 
 
-def new_sync_engine(
-    url: URL,
-    *,
-    connect_timeout: float,
-    busy_timeout: float,
-    statement_timeout: float | None,
-    options: Mapping[str, Any],
-) -> Engine:
-    """A sync engine for ``url`` with our defaults (``options`` override them)."""
-    kwargs = _engine_options(
-        url,
-        connect_timeout=connect_timeout,
-        busy_timeout=busy_timeout,
-        statement_timeout=statement_timeout,
-        options=options,
-    )
-    try:
-        # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
-        # (OpenTelemetry's, when switched on after this module was imported) sees ours.
-        engine = sqlalchemy.create_engine(url, **kwargs)
-    except NoSuchModuleError as exc:
-        raise ConfigurationError(f"sql backend: {exc}") from exc
-    except ImportError as exc:
-        raise _missing_driver(url, exc) from exc
-    if url.get_backend_name() == "sqlite":
-        _sqlite_pragmas(engine, busy_timeout, wal=not is_memory_sqlite(url))
+def new_sync_engine(url: URL, **settings: Any) -> Engine:
+    """A sync engine for ``url`` with our defaults (``options`` override them); ``settings``
+    are ``connect_timeout``, ``busy_timeout``, ``statement_timeout`` and ``options``."""
+    # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
+    # (OpenTelemetry's, when switched on after this module was imported) sees ours.
+    engine: Engine = _created(sqlalchemy.create_engine, url, **settings)
     return engine
 
 
-def new_async_engine(
-    url: URL,
-    *,
-    connect_timeout: float,
-    busy_timeout: float,
-    statement_timeout: float | None,
-    options: Mapping[str, Any],
-) -> AsyncEngine:
-    """An asyncio engine for ``url`` with our defaults (``options`` override them)."""
+def new_async_engine(url: URL, **settings: Any) -> AsyncEngine:
+    """An asyncio engine for ``url`` with our defaults, as :func:`new_sync_engine`."""
     try:
         from sqlalchemy.ext.asyncio import create_async_engine
     except ImportError as exc:  # SQLAlchemy's asyncio support needs greenlet
@@ -306,6 +261,19 @@ def new_async_engine(
             f"sql backend: async calls need SQLAlchemy's asyncio support: "
             f"pip install 'sqlalchemy[asyncio]' ({exc})"
         ) from exc
+    engine: AsyncEngine = _created(create_async_engine, url, **settings)
+    return engine
+
+
+def _created(
+    create: Any,
+    url: URL,
+    *,
+    connect_timeout: float,
+    busy_timeout: float,
+    statement_timeout: float | None,
+    options: Mapping[str, Any],
+) -> Any:
     kwargs = _engine_options(
         url,
         connect_timeout=connect_timeout,
@@ -314,7 +282,7 @@ def new_async_engine(
         options=options,
     )
     try:
-        engine = create_async_engine(url, **kwargs)
+        engine = create(url, **kwargs)
     except NoSuchModuleError as exc:
         raise ConfigurationError(f"sql backend: {exc}") from exc
     except ImportError as exc:
@@ -322,5 +290,6 @@ def new_async_engine(
     except InvalidRequestError as exc:  # "The asyncio extension requires an async driver"
         raise ConfigurationError(f"sql backend: {describe(url)!r}: {exc}") from exc
     if url.get_backend_name() == "sqlite":
-        _sqlite_pragmas(engine.sync_engine, busy_timeout, wal=not is_memory_sqlite(url))
+        sync_engine = getattr(engine, "sync_engine", engine)
+        _sqlite_pragmas(sync_engine, busy_timeout, wal=not is_memory_sqlite(url))
     return engine

@@ -11,7 +11,6 @@ case-folded error type and message.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,15 +34,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from idempotask.backends.base import (
-    DeadLetter,
-    DeadLetterFilter,
-    Status,
-    decode_history,
-    encode_history,
-)
+from idempotask.backends import _letters as shared
+from idempotask.backends._letters import FIELDS
+from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.sql._database import Flavour
-from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow
+from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow, text_of
 from idempotask.errors import ConfigurationError, CorruptRecordError
 
 __all__ = [
@@ -65,31 +60,11 @@ __all__ = [
 #: Letters deleted per statement by ``purge`` (each its own short transaction).
 PURGE_BATCH = 1000
 
+_WHO = "sql dead-letter store"
 _OPEN = (Status.PENDING.value, Status.RETRYING.value)
 _INT32 = 2**31
 _INT64 = 2**63
 
-#: Letter fields in the order every statement reads them.
-FIELDS = (
-    "id",
-    "function",
-    "kind",
-    "error_type",
-    "message",
-    "traceback",
-    "arguments",
-    "key",
-    "attempts",
-    "status",
-    "first_failed_at",
-    "last_failed_at",
-    "next_retry_at",
-    "route",
-    "critical",
-    "resolution",
-    "version",
-    "history",
-)
 # Text fields held as (binary-compared) strings, with their column's size in UTF-8 bytes.
 _TEXT_LIMITS = {
     "namespace": TEXT_LENGTH,
@@ -104,7 +79,8 @@ _TEXT_LIMITS = {
 }
 # Free text held as UTF-8 bytes ("surrogatepass": any str round-trips, NUL included).
 _BLOB_TEXT = ("message", "traceback")
-_TIMES = ("first_failed_at", "last_failed_at")
+# Text columns read back as str (not status, not the blobs).
+_STR_FIELDS = ("id", "function", "kind", "error_type", "key", "route", "resolution")
 
 #: A filter's shape: how many statuses, kinds and functions (rounded up to a power of
 #: two), and whether it has since / until / search. One statement per shape and operation.
@@ -147,52 +123,29 @@ def padded(count: int) -> int:
     return 0 if count == 0 else 1 << (count - 1).bit_length()
 
 
-def _value(item: Any) -> Any:
-    """A filter value as stored: an enum (Status, FailureKind) by its value."""
-    return getattr(item, "value", item)
-
-
 def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
     """The shape of ``filter`` and its parameters (lists padded with their last value)."""
-    if not isinstance(filter, DeadLetterFilter):
-        raise ConfigurationError(
-            f"sql dead-letter store: expected a DeadLetterFilter, got {type(filter).__name__}"
-        )
+    fields = shared.filter_fields(filter, _WHO)
     params: dict[str, Any] = {}
     counts = []
-    for prefix, values in (
-        ("fs", [Status(x).value for x in filter.status]),
-        ("fk", [_value(x) for x in filter.kind]),
-        ("ff", [_value(x) for x in filter.function]),
-    ):
-        for i, value in enumerate(values):
-            if not isinstance(value, str):
-                raise ConfigurationError(
-                    f"sql dead-letter store: filter values must be str, got {value!r}"
-                )
-            params[f"{prefix}{i}"] = value
+    for prefix, name in (("fs", "status"), ("fk", "kind"), ("ff", "function")):
+        values = fields.get(name, [])
         size = padded(len(values))
-        for i in range(len(values), size):
-            params[f"{prefix}{i}"] = values[-1]
+        for i in range(size):
+            params[f"{prefix}{i}"] = values[min(i, len(values) - 1)]
         counts.append(size)
     for name in ("since", "until"):
-        bound = getattr(filter, name)
-        if bound is not None:
-            params[name] = check_time(bound, name)
-    search = filter.search
-    if not isinstance(search, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: filter search must be a str, got {type(search).__name__}"
-        )
-    if search:
-        params["needle"] = _needle(search)
-    shape = (
+        if name in fields:
+            params[name] = fields[name]
+    if "search" in fields:
+        params["needle"] = _needle(fields["search"])
+    shape: Shape = (
         counts[0],
         counts[1],
         counts[2],
-        filter.since is not None,
-        filter.until is not None,
-        bool(search),
+        "since" in fields,
+        "until" in fields,
+        "search" in fields,
     )
     return shape, params
 
@@ -201,88 +154,42 @@ def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
 
 
 def check_time(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a finite number of epoch seconds, "
-            f"got {value!r}"
-        )
-    return float(value)
+    return shared.check_time(value, field, _WHO)
 
 
 def check_int(value: Any, field: str, *, limit: int = _INT32, minimum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not -limit <= value < limit
-        or (minimum is not None and value < minimum)
-    ):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be an int{bound}, got {value!r}"
-        )
-    return value
+    return shared.check_int(value, field, _WHO, limit=limit, minimum=minimum)
 
 
 def check_text(value: Any, field: str) -> str:
-    value = _value(value)
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
+    """A text field that fits its column (UTF-8 bytes, no lone surrogate)."""
+    text = shared.check_text(value, field, _WHO)
     limit = _TEXT_LIMITS[field]
     try:
-        size = len(value.encode("utf-8"))
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise ConfigurationError(
-            f"sql dead-letter store: {field} {value[:60]!r} is not valid Unicode text "
+            f"{_WHO}: {field} {text[:60]!r} is not valid Unicode text "
             "(a lone surrogate); only message and traceback may hold one"
         ) from None
     if size > limit:
         raise ConfigurationError(
-            f"sql dead-letter store: {field} {value[:60]!r}… is {size} bytes in UTF-8; the "
+            f"{_WHO}: {field} {text[:60]!r}… is {size} bytes in UTF-8; the "
             f"SQL store holds a {field} of up to {limit} bytes"
         )
-    return value
-
-
-def _blob_text(value: Any, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"sql dead-letter store: {field} must be a str, got {type(value).__qualname__}"
-        )
-    return value.encode("utf-8", "surrogatepass")
+    return text
 
 
 def column_value(field: str, value: Any) -> Any:
     """A letter field's value as its column holds it (validated)."""
-    if field in _TEXT_LIMITS:
-        return Status(value).value if field == "status" else check_text(value, field)
+    value = shared.field_value(field, value, _WHO, attempts_limit=_INT32)
+    if field == "status":
+        return value.value
     if field in _BLOB_TEXT:
-        return _blob_text(value, field)
-    if field == "arguments":
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise ConfigurationError(
-                f"sql dead-letter store: arguments must be bytes, got {type(value).__qualname__}"
-            )
-        return bytes(value)
-    if field in _TIMES:
-        return check_time(value, field)
-    if field == "next_retry_at":
-        return None if value is None else check_time(value, field)
-    if field == "attempts":
-        return check_int(value, field)
-    if field == "version":
-        return check_int(value, field, limit=_INT64)
-    if field == "critical":
-        return bool(value)
-    if field == "history":
-        if not isinstance(value, tuple):
-            raise ConfigurationError(
-                f"sql dead-letter store: history must be a tuple of Action, got "
-                f"{type(value).__qualname__}"
-            )
-        return encode_history(value)
-    raise AssertionError(field)  # pragma: no cover
+        return value.encode("utf-8", "surrogatepass")
+    if field in _TEXT_LIMITS:
+        return check_text(value, field)
+    return value
 
 
 def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
@@ -298,61 +205,28 @@ def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
 # -- rows --------------------------------------------------------------------------------------
 
 
-def _str(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        # MySQL/MariaDB hold text as VARBINARY: UTF-8, or the row is not ours (the
-        # UnicodeDecodeError is reported as a CorruptRecordError).
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
-    """A :class:`DeadLetter` from a row in the order of :data:`FIELDS` as the driver returns it
+    """A :class:`DeadLetter` from a row in the order of ``FIELDS`` as the driver returns it
     (``bump`` is added to its version: a claim read before its own update)."""
     try:
-        (
-            id,
-            function,
-            kind,
-            error_type,
-            message,
-            traceback,
-            arguments,
-            key,
-            attempts,
-            status,
-            first_failed_at,
-            last_failed_at,
-            next_retry_at,
-            route,
-            critical,
-            resolution,
-            version,
-            history,
-        ) = row
-    except ValueError:
+        raw = dict(zip(FIELDS, row, strict=True))
+    except (TypeError, ValueError):
         raise CorruptRecordError(f"sql dead-letter store: unexpected row {row!r}") from None
-    id = _str(id)
+    id = text_of(raw["id"])
     try:
         letter = DeadLetter(
-            id=id,
-            function=_str(function),
-            kind=_str(kind),
-            error_type=_str(error_type),
-            message=bytes(message).decode("utf-8", "surrogatepass"),
-            traceback=bytes(traceback).decode("utf-8", "surrogatepass"),
-            arguments=bytes(arguments),
-            key=_str(key),
-            attempts=int(attempts),
-            status=Status(_str(status)),
-            first_failed_at=float(first_failed_at),
-            last_failed_at=float(last_failed_at),
-            next_retry_at=None if next_retry_at is None else float(next_retry_at),
-            route=_str(route),
-            critical=bool(critical),
-            resolution=_str(resolution),
-            version=int(version) + bump,
-            history=decode_history(history, f"sql dead-letter store: letter {id!r}"),
+            **{name: text_of(raw[name]) for name in _STR_FIELDS},
+            message=bytes(raw["message"]).decode("utf-8", "surrogatepass"),
+            traceback=bytes(raw["traceback"]).decode("utf-8", "surrogatepass"),
+            arguments=bytes(raw["arguments"]),
+            attempts=int(raw["attempts"]),
+            status=Status(text_of(raw["status"])),
+            first_failed_at=float(raw["first_failed_at"]),
+            last_failed_at=float(raw["last_failed_at"]),
+            next_retry_at=None if raw["next_retry_at"] is None else float(raw["next_retry_at"]),
+            critical=bool(raw["critical"]),
+            version=int(raw["version"]) + bump,
+            history=decode_history(raw["history"], f"sql dead-letter store: letter {id!r}"),
         )
     except UnicodeDecodeError:
         raise
@@ -360,8 +234,7 @@ def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
         raise CorruptRecordError(
             f"sql dead-letter store: the row of letter {id!r} was not written by idempotask: {exc}"
         ) from None
-    texts = (letter.id, letter.function, letter.kind, letter.error_type, letter.key, letter.route)
-    if not all(isinstance(x, str) for x in texts) or not isinstance(letter.resolution, str):
+    if not all(isinstance(getattr(letter, name), str) for name in _STR_FIELDS):
         raise CorruptRecordError(
             f"sql dead-letter store: the row of letter {id!r} has a text column that is not text"
         )

@@ -1,15 +1,36 @@
-"""What each idempotency-store operation says to the database: statements and flows.
+"""What each idempotency-store operation says to the database: statements and flows
+(generators of statements, :mod:`idempotask.flow`, run by
+:class:`~idempotask.backends.sql._database.Database` on one pooled connection).
 
-Every operation is a flow (:mod:`idempotask.flow`): a generator that yields the
-statements it needs, made by the :class:`~idempotask.backends.sql._database.Session` it
-runs on (one pooled connection), and returns the operation's answer. The flows hold
-every decision (which statement for which database, when to retry, how to read a row);
-:class:`~idempotask.backends.sql._database.Database` runs them with
-:func:`~idempotask.flow.drive` or :func:`~idempotask.flow.adrive`.
+Every statement runs in autocommit mode: no ``BEGIN``/``COMMIT`` around single statements.
+Round trips, counted by ``tests/backends/test_sql.py``:
 
-Every statement runs on a connection in autocommit mode, so a single statement is its own
-transaction and costs one round trip with no ``BEGIN``/``COMMIT`` around it. The only
-explicit transaction is SQLite's ``BEGIN IMMEDIATE`` claim.
+==========================  ==========  ==============  ===============  ==============
+operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite (file)
+==========================  ==========  ==============  ===============  ==============
+claim, key absent           1           1               2                5 statements
+claim, duplicate            1           1               1                1 statement
+claim, lease taken over     2           1               3                5 statements
+complete / fail / renew     1           1               1                1 statement
+get / delete                1           1               1                1 statement
+==========================  ==========  ==============  ===============  ==============
+
+* **PostgreSQL** -- ``INSERT … ON CONFLICT (key) DO NOTHING RETURNING`` with a ``UNION
+  ALL`` that answers with the existing row, in one snapshot: a duplicate takes no lock
+  and writes nothing. Only an expired row, or ours to re-take, needs
+  :attr:`Statements.claim_postgresql`; a concurrent commit the snapshot missed is
+  detected and the claim re-sent, at most :data:`CLAIM_ATTEMPTS` times.
+  ``clock_timestamp()`` is the clock (``now()`` is frozen per transaction).
+* **MariaDB 10.5+** -- ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` returns the row as
+  it stands after the statement, so one statement claims and answers.
+* **MySQL** (no ``RETURNING``) -- a read answers duplicates; a plain ``INSERT`` takes an
+  absent key; a takeover is the conditional upsert and a read (our token is unique to
+  the claim, so the row carries it only if we took the key).
+* **SQLite** -- a read answers duplicates (WAL lets it run beside a writer); otherwise
+  ``BEGIN IMMEDIATE``, the upsert, a read and ``COMMIT``.
+
+complete/fail is a plain ``UPDATE``; only when it changes nothing does a read tell a
+repeated complete from a lost lease.
 """
 
 from __future__ import annotations
@@ -42,7 +63,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import Record, State
 from idempotask.backends.sql._database import Flavour, Session
-from idempotask.backends.sql._schema import CodePoints, DbNow
+from idempotask.backends.sql._schema import CodePoints, DbNow, text_of
 from idempotask.errors import BackendError, CorruptRecordError
 from idempotask.flow import Flow
 
@@ -439,12 +460,6 @@ class Statements:
 _STATES = {state.value: state for state in State}
 
 
-def _text(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    return value
-
-
 def parse_record(key: str, row: Sequence[Any]) -> Record:
     """A :class:`Record` from ``(state, token, owner, fingerprint, payload, expires_in)``, as
     the driver returns it."""
@@ -466,7 +481,9 @@ def parse_record(key: str, row: Sequence[Any]) -> Record:
     if not isinstance(state_text, str):
         # MySQL/MariaDB hold text as VARBINARY (see BinaryText): its bytes are UTF-8, or
         # the row is not ours (UnicodeDecodeError, reported as a CorruptRecordError).
-        state_text, token, owner, fingerprint = map(_text, (state_text, token, owner, fingerprint))
+        state_text, token, owner, fingerprint = map(
+            text_of, (state_text, token, owner, fingerprint)
+        )
     state = _STATES.get(state_text)
     if state is None:
         raise CorruptRecordError(

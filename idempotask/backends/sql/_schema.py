@@ -45,6 +45,7 @@ __all__ = [
     "define_dead_letter_table",
     "define_table",
     "metadata",
+    "text_of",
 ]
 
 #: The ``MetaData`` holding the default tables (records, dead letters, breakers), for
@@ -109,10 +110,16 @@ class BinaryText(TypeDecorator[str]):
         return self.impl_instance.bind_processor(dialect)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            # Strict: bytes that are not UTF-8 were not written by us (a CorruptRecordError).
-            return bytes(value).decode("utf-8")
-        return value  # type: ignore[no-any-return]
+        return text_of(value)  # type: ignore[no-any-return]
+
+
+def text_of(value: Any) -> Any:
+    """A text column's value as str: MySQL/MariaDB hold text as VARBINARY, whose bytes are
+    UTF-8 -- strictly: bytes that are not were not written by us (the UnicodeDecodeError
+    is reported as a CorruptRecordError)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return value
 
 
 class DbNow(FunctionElement[float]):
@@ -248,7 +255,6 @@ def define_table(
     existing = metadata.tables.get(f"{schema}.{name}" if schema else name)
     if existing is not None:
         return existing
-    payload_type = LargeBinary().with_variant(LONGBLOB(), *_MYSQL)
     return Table(
         name,
         metadata,
@@ -257,7 +263,7 @@ def define_table(
         Column("token", BinaryText(TEXT_LENGTH), nullable=False),
         Column("owner", BinaryText(TEXT_LENGTH), nullable=False),
         Column("fingerprint", BinaryText(TEXT_LENGTH), nullable=False),
-        Column("payload", payload_type, nullable=False),
+        Column("payload", _blob(), nullable=False),
         Column("expires_at", Double(), nullable=False),
         Index(_index_name(name), "expires_at"),
         schema=schema,

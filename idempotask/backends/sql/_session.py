@@ -1,11 +1,5 @@
-"""One connection's share of an operation: :class:`Session` runs a flow's statements.
-
-An operation checks one connection out of the engine's pool (sync ``Connection`` or
-asyncio ``AsyncConnection``) and wraps it in a :class:`Session`; the operation's flow
-yields the :class:`~idempotask.flow.Op` objects the session makes, and
-:func:`~idempotask.flow.drive` / :func:`~idempotask.flow.adrive` run them with
-SQLAlchemy's public ``execute``.
-"""
+"""One connection's share of an operation: :class:`Session` runs a flow's statements with
+SQLAlchemy's public ``execute``."""
 
 from __future__ import annotations
 
@@ -38,14 +32,9 @@ _ROLLBACK = text("ROLLBACK")
 
 class Session:
     """One connection checked out for one operation, sync (``conn``) or asyncio
-    (``aconn``): the statements of the operation's flow run on it, in order.
-
-    :meth:`op` makes the :class:`~idempotask.flow.Op` of one statement; its reply is the
-    rows (``"rows"``: sequences of column values, processed by the columns' types), the
-    row count (``"rowcount"``) or None. Statements run in autocommit mode, each its own
-    transaction, unless the flow opens one with :meth:`begin` (it ends it with
-    :meth:`commit`; if the flow fails first, the run rolls it back).
-    """
+    (``aconn``). :meth:`op` makes the :class:`~idempotask.flow.Op` of one statement,
+    answering its rows, its row count or None. Statements run in autocommit mode unless
+    the flow opens a transaction with :meth:`begin` (a failing flow's is rolled back)."""
 
     __slots__ = ("aconn", "bound", "conn", "dialect", "flavour", "in_transaction")
 
@@ -103,12 +92,7 @@ class Session:
                 if dog.stop(watch):
                     conn.invalidate()
                     raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
+        return _answer(result, reply)
 
     async def aexecute(self, statement: Executable, params: Mapping[str, Any], reply: Reply) -> Any:
         """Run one statement (asyncio)."""
@@ -126,12 +110,7 @@ class Session:
                 if dog.stop(watch):
                     await aconn.invalidate()
                     raise TimeoutError
-        if reply == "rows":
-            return result.all()
-        if reply == "rowcount":
-            return result.rowcount
-        result.close()
-        return None
+        return _answer(result, reply)
 
     def end(self) -> None:
         """After a failed flow (sync): roll back a transaction it left open."""
@@ -150,3 +129,12 @@ class Session:
                 await self.aconn.execute(_ROLLBACK)
             except Exception:
                 await self.aconn.invalidate()
+
+
+def _answer(result: Any, reply: Reply) -> Any:
+    if reply == "rows":
+        return result.all()
+    if reply == "rowcount":
+        return result.rowcount
+    result.close()
+    return None

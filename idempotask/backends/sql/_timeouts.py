@@ -1,32 +1,15 @@
 """Bounded waiting for SQL statements, from the drivers' own documented settings.
 
-A database that stops answering must not hang its callers. What bounds a statement:
-
-1. **The server** (engines the stores create): PostgreSQL's ``statement_timeout`` (libpq
-   ``options=-c statement_timeout=…``; asyncpg ``server_settings``) and MariaDB's
-   ``max_statement_time`` (an ``init_command`` that MySQL, which lacks the variable,
-   reads as a comment). A statement that runs too long, say waiting for a lock, is
-   cancelled by the server with a clean error; the connection stays usable.
-2. **TCP** (libpq, engines the stores create): keepalives on idle connections and
-   ``tcp_user_timeout``, so a peer that vanished (no RST, unacknowledged data) is noticed
-   by the kernel.
-3. **The client**, for a peer that acknowledges packets but never answers (a hung server,
-   a proxy that lost its upstream), which defeats both:
-
-   - PyMySQL: its ``read_timeout`` / ``write_timeout`` connect arguments (engines the
-     stores create);
-   - asyncio drivers: the operation runs under ``asyncio.timeout`` (``asyncio.wait_for``
-     on Python 3.10), on any engine;
-   - psycopg (sync and asyncio), on any engine: libpq has no client-side statement
-     timeout, so :class:`Watchdog` shuts the connection's socket down (``shutdown()``,
-     never ``close()``; the descriptor stays libpq's) when a statement outlives the
-     bound. The socket comes from psycopg's documented ``Connection.fileno()``; the
-     blocked call then fails at once with a connection error and SQLAlchemy discards the
-     connection. (A cancelled asyncio psycopg call would instead spend up to 10 s trying
-     to cancel the statement through the same dead route.)
-
-The bound is ``statement_timeout`` plus a grace of at most a second, so the server's own,
-cleaner cancellation normally comes first. Nothing here imports a driver or SQLAlchemy.
+A database that stops answering must not hang its callers (the README's "Time bounds"):
+the server cancels a slow statement (PostgreSQL ``statement_timeout``, MariaDB
+``max_statement_time``; engines the stores create), libpq's keepalives and
+``tcp_user_timeout`` notice a vanished peer, and for a peer that acknowledges packets but
+never answers the client gives up: PyMySQL's ``read_timeout``, ``asyncio.timeout`` for
+asyncio drivers, and for psycopg, whose libpq has no client-side timeout, a
+:class:`Watchdog` that shuts the socket (psycopg's documented ``Connection.fileno()``)
+down, never closes it. The client's bound is ``statement_timeout`` plus a grace of at most
+a second, so the server's cleaner cancellation normally comes first. Nothing here imports
+a driver or SQLAlchemy.
 """
 
 from __future__ import annotations
