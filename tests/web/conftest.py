@@ -87,9 +87,11 @@ def serve() -> Iterator[Callable[..., Served]]:
         served.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium, headless, driven by Playwright."""
+    """Debian's Chromium, headless, driven by Playwright. Per module, not per session:
+    Playwright's sync API keeps an event loop running while it is open, which would make
+    every asyncio test that runs after it in the same session fail."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         message = f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
