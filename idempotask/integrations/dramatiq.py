@@ -55,7 +55,7 @@ from dramatiq.errors import ActorNotFound, Retry
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from idempotask import config
-from idempotask.backends.base import Backend
+from idempotask.backends.base import Backend, State
 from idempotask.backends.deadletters import DeadLetter
 from idempotask.call import Spec, adrive, drive, register_cancellation
 from idempotask.deadletter import DeadLetterQueue, ReplayError, register_route
@@ -285,7 +285,9 @@ class IdempotencyMiddleware(Middleware):
       with ``idempotency_cache_errors`` -- for duplicates only, never for the message's
       own retries), so the retry runs at once. A body raising ``dramatiq.Retry`` keeps
       its claim and hands it to its retry (the ``idempotask_handover`` message option),
-      which re-takes it at once; a duplicate arriving meanwhile waits.
+      which re-takes it at once; a duplicate arriving meanwhile waits. When Retries gives
+      up instead (retries used up), the kept claim is released as the message is
+      rejected.
     - **Redeliveries** of a message whose first delivery still runs (RabbitMQ after a
       dropped connection or missed heartbeats, a stalled worker) never re-take that
       run's claim: each delivery has an owner of its own. The redelivery waits for that
@@ -458,7 +460,11 @@ class IdempotencyMiddleware(Middleware):
     def before_nack(self, broker: Broker, message: MessageProxy) -> None:
         failure = getattr(_local, "failure", None)
         _local.failure = None
-        if not self._dead_letters or failure is None or failure[0] != message.message_id:
+        if failure is None or failure[0] != message.message_id:
+            return
+        if isinstance(failure[1], Retry):
+            self._release_kept_claim(message)
+        if not self._dead_letters:
             return
         try:
             self._record(broker, message, failure[1])
@@ -467,6 +473,35 @@ class IdempotencyMiddleware(Middleware):
                 "idempotask: could not record the failure of message %s (%s)",
                 message.message_id,
                 message.actor_name,
+            )
+
+    def _release_kept_claim(self, message: MessageProxy) -> None:
+        """The Retries middleware gave up on a message whose body raised
+        ``dramatiq.Retry``: release the claim that attempt kept for its retry, so a
+        duplicate runs at once instead of waiting out the claim's lease. Only that claim:
+        the record must still be in progress under the owner the handover names."""
+        handover = Handover.from_option(message.options.get(HANDOVER_OPTION))
+        with self._lock:
+            spec = self._specs.get(str(message.actor_name))
+        if handover is None or spec is None:
+            return
+        try:
+            key = spec.key(tuple(message.args), dict(message.kwargs), None)
+            backend = spec.backend()
+            record = backend.get(key)
+            if (
+                record is not None
+                and record.state is State.IN_PROGRESS
+                and record.owner == handover.owner
+            ):
+                backend.delete(key, token=record.token)
+        except Exception:
+            log.warning(
+                "idempotask: could not release the claim message %s (%s) kept for a retry "
+                "that will not run; it runs out with its lease",
+                message.message_id,
+                message.actor_name,
+                exc_info=True,
             )
 
     def _record(self, broker: Broker, message: MessageProxy, error: BaseException) -> None:

@@ -219,3 +219,21 @@ def retries_once(n: int) -> dict[str, int]:
     if started == 1:
         raise dramatiq.Retry(delay=20)
     return {"n": n, "run": started}
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    store_results=True,
+    max_retries=1,
+    idempotency_ttl=600,
+    idempotency_lease=60,
+    idempotency_wait_timeout=0.5,
+)
+def retries_until_given_up(n: int) -> dict[str, int]:
+    """Raises dramatiq.Retry on its first two runs: the second is its last retry, so the
+    Retries middleware gives up and the claim kept for a retry must be released. A
+    duplicate sent after that runs (the third run) at once."""
+    started = _count(f"retries_until_given_up:{n}:started")
+    if started <= 2:
+        raise dramatiq.Retry(delay=20)
+    return {"n": n, "run": started}

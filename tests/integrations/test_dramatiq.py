@@ -387,6 +387,23 @@ def test_dramatiq_retry_hands_its_kept_claim_to_the_retry_which_re_takes_it_at_o
     assert time.monotonic() - sent < 30  # well within the 60 s lease
 
 
+def test_a_claim_kept_for_a_retry_is_released_when_the_retries_middleware_gives_up(
+    env: Env,
+) -> None:
+    """dramatiq.Retry on the last allowed attempt: the message fails for good, and the
+    claim kept for a retry that will never run is released, so a duplicate sent then runs
+    at once instead of waiting out the 60 s lease (it would wait 0.5 s, then fail)."""
+    env.actors.retries_until_given_up.send(11)
+    env.worker()
+    # The claim is released before the failure is recorded as a dead letter.
+    wait_for(lambda: default_queue().query(function="retries_until_given_up"), "the letter")
+    assert env.count("retries_until_given_up:11:started") == 2
+    sent = time.monotonic()
+    again = env.actors.retries_until_given_up.send(11)
+    assert again.get_result(block=True, timeout=RESULT_WAIT_MS) == {"n": 11, "run": 3}
+    assert time.monotonic() - sent < 30  # well within the kept claim's 60 s lease
+
+
 def test_a_worker_killed_mid_task_leaves_the_call_to_another_worker_after_the_lease(
     env: Env,
 ) -> None:
