@@ -58,9 +58,17 @@ class IdempotencyMiddleware:
     are found through a Starlette/FastAPI app's ``routes``.
     """
 
-    # ``app`` is positional-only, as Starlette's middleware factory protocol has it:
-    # otherwise ``app.add_middleware(IdempotencyMiddleware, ...)`` fails under mypy.
-    def __init__(self, app: ASGIApp, /, policy: Policy | None = None, **options: Any) -> None:
+    # ``app`` is positional-only for type checkers, as Starlette's middleware factory
+    # protocol has it (otherwise ``app.add_middleware(IdempotencyMiddleware, ...)`` fails
+    # under mypy), and still taken by keyword at run time: older Starlette (0.40) builds
+    # middlewares with ``cls(app=app, ...)``.
+    def __init__(
+        self, app: ASGIApp | None = None, /, policy: Policy | None = None, **options: Any
+    ) -> None:
+        if app is None:
+            app = options.pop("app", None)
+            if app is None:
+                raise ConfigurationError("IdempotencyMiddleware: the ASGI app to wrap is missing")
         if policy is not None and options:
             raise ConfigurationError(
                 "IdempotencyMiddleware: give a Policy or its options, not both"

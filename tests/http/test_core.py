@@ -451,3 +451,16 @@ def test_django_keys_are_scoped_by_the_authenticated_user() -> None:
     assert runs == [1, 2]
     assert answers[2].content == answers[0].content
     assert answers[2]["Idempotent-Replayed"] == "true"
+
+
+def test_the_asgi_middleware_takes_its_app_by_position_or_by_keyword() -> None:
+    """Starlette 1.x builds middlewares with ``cls(app, ...)``, Starlette 0.40 with
+    ``cls(app=app, ...)``: both wrap the app; no app at all is a clear error."""
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    assert ASGIMiddleware(inner, required=True).app is inner
+    assert ASGIMiddleware(app=inner, required=True).app is inner
+    with pytest.raises(ConfigurationError, match="the ASGI app to wrap is missing"):
+        ASGIMiddleware(required=True)
