@@ -76,6 +76,24 @@ _ACTIONS = {
 }
 
 
+# The letter's own fields on its page, read-only like every field of the admin.
+_LETTER_FIELDS = (
+    "letter_id_full",
+    "function",
+    "status_shown",
+    "kind",
+    "attempts",
+    "error",
+    "first_failure",
+    "last_failure_full",
+    "next_retry_full",
+    "key",
+    "route",
+    "critical",
+    "version",
+)
+
+
 @admin.register(DeadLetterRecord)
 class DeadLetterAdmin(ReadOnlyAdmin):
     """The configured queue's dead letters: filter, search, read, and retry, resolve or
@@ -99,44 +117,13 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     actions = ("retry_selected", "resolve_selected", "abandon_selected")
     change_form_template = "admin/idempotask/deadletterrecord/change_form.html"
     fieldsets = (
-        (
-            None,
-            {
-                "fields": (
-                    "letter_id_full",
-                    "function",
-                    "status_shown",
-                    "kind",
-                    "attempts",
-                    "error",
-                    "first_failure",
-                    "last_failure_full",
-                    "next_retry_full",
-                    "key",
-                    "route",
-                    "critical",
-                    "version",
-                )
-            },
-        ),
+        (None, {"fields": _LETTER_FIELDS}),
         ("Arguments, as stored (after the function's redact=)", {"fields": ("arguments_shown",)}),
         ("Traceback", {"fields": ("traceback_shown",)}),
         ("History", {"fields": ("history_shown",)}),
     )
     readonly_fields = (
-        "letter_id_full",
-        "function",
-        "status_shown",
-        "kind",
-        "attempts",
-        "error",
-        "first_failure",
-        "last_failure_full",
-        "next_retry_full",
-        "key",
-        "route",
-        "critical",
-        "version",
+        *_LETTER_FIELDS,
         "arguments_shown",
         "traceback_shown",
         "history_shown",
