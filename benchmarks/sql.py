@@ -84,6 +84,15 @@ def _decorated_rows(
     async def acharge(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
         return {"ok": True, "account": account_id}
 
+    # A transactional first call (claim; begin; the result written in the transaction;
+    # commit): on the servers that take transactional calls, not on SQLite (refused by
+    # default: one writer for the file).
+    transactional = not label.startswith("sqlite")
+
+    @idempotent(name=f"bench.{slug}.charge_tx", transactional=True)
+    def charge_tx(account_id: int, email: str, notify: bool = True) -> dict[str, Any]:
+        return {"ok": True, "account": account_id}
+
     async def afloor_call() -> Any:  # the same sync floor, between the async batches
         return floor_call()
 
@@ -96,11 +105,25 @@ def _decorated_rows(
                 "floor": floor_call,
                 "dup": lambda: charge(1, EMAIL),
                 "first": lambda: charge(next(seq), EMAIL),
+                **({"tx": lambda: charge_tx(next(seq), EMAIL)} if transactional else {}),
             },
             batches=batches,
             batch=10,
         )
         floor, dup, first = timings["floor"], timings["dup"], timings["first"]
+        tx_rows = (
+            [
+                Row(
+                    f"{label}: transactional first call (claim, then result and commit in "
+                    "the body's transaction), sync",
+                    timings["tx"],
+                    floor_name,
+                    floor,
+                )
+            ]
+            if transactional
+            else []
+        )
         threads = (
             []
             if instrumented
@@ -160,6 +183,7 @@ def _decorated_rows(
     return [
         Row(f"{label}: duplicate call, sync", dup, floor_name, floor, dup_target),
         Row(f"{label}: first call (claim+complete), sync", first, floor_name, floor, first_target),
+        *tx_rows,
         Row(f"{label}: duplicate call, async", adup, afloor_name, afloor, dup_target),
         Row(f"{label}: first call, async", afirst, afloor_name, afloor, first_target),
         *beside_sync,
