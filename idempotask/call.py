@@ -252,7 +252,8 @@ class Spec:
     def flow(self, call: Call, key: str, owner: str, fingerprint: str) -> Flow[Any]:
         token = _new_token()
         backend = call.backend
-        if self.options.transactional:
+        transactional = self.options.transactional
+        if transactional:
             _transactional.refuse_nested(self.name)
             _transactional.check_store(self.name, backend)
         legacy = self.previous_keys(key)
@@ -313,7 +314,7 @@ class Spec:
             poll = min(poll * 2, _POLL_MAX)
 
         events.emit(EventKind.CLAIMED, self.name, key)
-        if self.options.transactional:  # (no legacy keys: refused at decoration)
+        if transactional:  # (no legacy keys: refused at decoration)
             return (yield from _transactional.flow(self, call, key, token, owner))
         keys = (key, *legacy)
         outcome: _Outcome = yield Op(call.run, call.arun, keys, token)

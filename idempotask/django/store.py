@@ -37,6 +37,7 @@ from idempotask.backends.sql import (
     SQLBreakerStore,
     SQLDeadLetterStore,
     breakers,
+    check_store_options,
     dead_letters,
     define_breaker_table,
     define_dead_letter_table,
@@ -99,22 +100,15 @@ class DjangoBackend(SQLAlchemyBackend):
     ) -> None:
         self.database: DjangoDatabase = DjangoDatabase(alias)
         self.alias = alias
-        if not isinstance(sqlite_transactions, bool):
-            raise ConfigurationError(
-                f"DjangoBackend: sqlite_transactions must be True or False, got "
-                f"{sqlite_transactions!r}"
-            )
+        check_store_options(
+            "DjangoBackend",
+            sqlite_transactions,
+            table_name=table_name,
+            dead_letter_table=dead_letter_table,
+            breaker_table=breaker_table,
+        )
         #: Whether transactional calls may run on a SQLite alias (see :meth:`begin`).
         self.sqlite_transactions = sqlite_transactions
-        for option, name in (
-            ("table_name", table_name),
-            ("dead_letter_table", dead_letter_table),
-            ("breaker_table", breaker_table),
-        ):
-            if not isinstance(name, str) or not name:
-                raise ConfigurationError(
-                    f"DjangoBackend: {option} must be a non-empty string, got {name!r}"
-                )
         self.schema = None
         self.dead_letter_table = dead_letter_table
         self.breaker_table = breaker_table

@@ -1185,7 +1185,9 @@ def test_a_forked_child_opens_its_own_connections(name: str) -> None:
 def test_statement_timeout_becomes_connect_options_and_none_turns_it_off() -> None:
     """PostgreSQL: statement_timeout in libpq options (after the URL's own), keepalives and
     tcp_user_timeout; MariaDB: max_statement_time in an init_command MySQL reads as a
-    comment; asyncpg: server_settings and command_timeout; the URL's own settings win."""
+    comment; asyncpg: server_settings and command_timeout; the URL's own settings win.
+    In the version matrix, tcp_user_timeout also checks the libpq version lookup
+    (psycopg's documented pq.version()) at the lowest and newest psycopg."""
     from idempotask.backends.sql._timeouts import connect_options
 
     pg = connect_options("postgresql", "psycopg", {"options": "-c search_path=app"}, 2.5)

@@ -232,6 +232,15 @@ def test_an_unknown_alias_is_a_clear_error(django_aliases: list[str]) -> None:
         DjangoBackend.from_url("postgresql://x/y")
 
 
+def test_bad_table_names_and_sqlite_transactions_are_clear_errors(sqlite_alias: str) -> None:
+    with pytest.raises(ConfigurationError, match="DjangoBackend: table_name must be a non-empty"):
+        DjangoBackend(sqlite_alias, table_name="")
+    with pytest.raises(ConfigurationError, match="breaker_table must be a non-empty string"):
+        DjangoBackend(sqlite_alias, breaker_table=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="sqlite_transactions must be True or False"):
+        DjangoBackend(sqlite_alias, sqlite_transactions="yes")  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def unmigrated(sqlite_alias: str) -> Iterator[DjangoBackend]:
     store = DjangoBackend(sqlite_alias, table_name=f"missing_{uuid.uuid4().hex[:8]}")

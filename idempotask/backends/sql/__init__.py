@@ -118,6 +118,18 @@ _T = TypeVar("_T")
 records = define_table(metadata)
 
 
+def check_store_options(owner: str, sqlite_transactions: object, **tables: object) -> None:
+    """The checks a SQL idempotency store (this module's, or the Django one) makes of its
+    table names and ``sqlite_transactions``, with ``owner`` naming it in the error."""
+    for option, name in tables.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"{owner}: {option} must be a non-empty string, got {name!r}")
+    if not isinstance(sqlite_transactions, bool):
+        raise ConfigurationError(
+            f"{owner}: sqlite_transactions must be True or False, got {sqlite_transactions!r}"
+        )
+
+
 class SQLAlchemyBackend(OnDatabase):
     """The idempotency store on a SQL database, implementing
     :class:`~idempotask.backends.base.Backend` for sync and async callers.
@@ -197,21 +209,14 @@ class SQLAlchemyBackend(OnDatabase):
             statement_timeout=statement_timeout,
             engine_options=engine_options,
         )
-        for option, name in (
-            ("table_name", table_name),
-            ("dead_letter_table", dead_letter_table),
-            ("breaker_table", breaker_table),
-        ):
-            if not isinstance(name, str) or not name:
-                raise ConfigurationError(
-                    f"SQLAlchemyBackend: {option} must be a non-empty string, got {name!r}"
-                )
+        check_store_options(
+            "SQLAlchemyBackend",
+            sqlite_transactions,
+            table_name=table_name,
+            dead_letter_table=dead_letter_table,
+            breaker_table=breaker_table,
+        )
         self.schema = schema
-        if not isinstance(sqlite_transactions, bool):
-            raise ConfigurationError(
-                f"SQLAlchemyBackend: sqlite_transactions must be True or False, got "
-                f"{sqlite_transactions!r}"
-            )
         #: Whether transactional calls may run on SQLite (see :meth:`begin`).
         self.sqlite_transactions = sqlite_transactions
         self.dead_letter_table = dead_letter_table

@@ -48,9 +48,14 @@ def client_bound(statement_timeout: float) -> float:
     return statement_timeout + min(statement_timeout, 1.0)
 
 
+# psycopg's ``pq.version()`` is public and documented ("psycopg.pq -- libpq wrapper
+# module": the version of the libpq loaded), as is psycopg2's ``libpq_version()``; they
+# are the only way to know whether libpq takes ``tcp_user_timeout`` (libpq 12+). The
+# version matrix runs test_statement_timeout_becomes_connect_options_and_none_turns_it_off
+# (tests/backends/test_sql.py) at the lowest and newest psycopg: it fails if this changes.
 def _libpq_version(driver: str) -> int:
     """The libpq version the driver links (0 when unknown: assume an old one), from the
-    documented ``psycopg.pq.version()`` / ``psycopg2.extensions.libpq_version()``."""
+    documented ``version()`` of psycopg's libpq wrapper / psycopg2's ``libpq_version()``."""
     module, function = (
         ("psycopg.pq", "version")
         if driver.startswith("psycopg_") or driver == "psycopg"
