@@ -188,7 +188,7 @@ def _normalize_name(name: str) -> str:
 
 
 class _Context:
-    """What a built-in rule may ask of the classifier running it."""
+    """The :class:`RuleContext` of one exception being classified."""
 
     __slots__ = ("_classifier", "_depth", "_exc")
 
@@ -198,14 +198,12 @@ class _Context:
         self._depth = depth
 
     def inner(self, wrapped: BaseException) -> Classification | None:
-        """The classification of a wrapped exception, or None (no default applied)."""
         if self._depth >= _MAX_DEPTH or wrapped is self._exc:
             return None
         return self._classifier._find(wrapped, self._depth + 1)
 
     def named(self, name: str) -> FailureKind | None:
-        """The kind registered under a qualified name, if it is a plain kind."""
-        entry = self._classifier._names.get(_normalize_name(name))
+        entry = self._classifier._registry.get(_normalize_name(name))
         return entry if isinstance(entry, FailureKind) else None
 
 
@@ -235,8 +233,10 @@ class Classifier:
     ) -> None:
         self._default_kind = check_kind("default_kind", default_kind)
         self._defaults = bool(defaults)
-        self._types: dict[type[BaseException], FailureKind] = {}
-        self._names: dict[str, FailureKind | Rule] = dict(BUILTIN) if defaults else {}
+        # Classes given to register() and "module.QualName" strings, in one table.
+        self._registry: dict[type[BaseException] | str, FailureKind | Rule] = {}
+        if defaults:
+            self._registry.update(BUILTIN)
         # A tuple swapped whole on change, so classifying iterates without a lock.
         self._predicates: tuple[Predicate, ...] = ()
 
@@ -259,19 +259,11 @@ class Classifier:
         specific.
         """
         key = self._key(exc_type)
-        checked = check_kind("kind", kind)
-        if isinstance(key, str):
-            self._names[key] = checked
-        else:
-            self._types[key] = checked
+        self._registry[key] = check_kind("kind", kind)
 
     def unregister(self, exc_type: type[BaseException] | str) -> None:
         """Forget a registration (a class or a name; unknown ones are ignored)."""
-        key = self._key(exc_type)
-        if isinstance(key, str):
-            self._names.pop(key, None)
-        else:
-            self._types.pop(key, None)
+        self._registry.pop(self._key(exc_type), None)
 
     @staticmethod
     def _key(exc_type: object) -> type[BaseException] | str:
@@ -307,8 +299,7 @@ class Classifier:
         """An independent copy: registering on it leaves this classifier alone."""
         other = Classifier(default_kind=self._default_kind, defaults=False)
         other._defaults = self._defaults
-        other._types = dict(self._types)
-        other._names = dict(self._names)
+        other._registry = dict(self._registry)
         other._predicates = self._predicates
         return other
 
@@ -341,10 +332,10 @@ class Classifier:
 
     def _from_registry(self, exc: BaseException, ctx: _Context) -> Classification | None:
         for cls in type(exc).__mro__:
-            entry: FailureKind | Rule | None = self._types.get(cls)
             name = _name(cls)
+            entry = self._registry.get(cls)
             if entry is None:
-                entry = self._names.get(name)
+                entry = self._registry.get(name)
             if entry is None:
                 continue
             if isinstance(entry, FailureKind):

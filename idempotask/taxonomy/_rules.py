@@ -10,7 +10,7 @@ import errno as _errno
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeGuard
+from typing import TypeGuard, TypeVar
 
 from idempotask.taxonomy._kinds import (
     Classification,
@@ -29,6 +29,8 @@ _T = FailureKind.TRANSIENT
 _E = FailureKind.EXTERNAL
 _C = FailureKind.CONFIGURATION
 _P = FailureKind.PERMANENT
+_V = TypeVar("_V")
+_Table = dict[str, "FailureKind | Rule"]
 
 
 def _errnos(names: str) -> set[int]:
@@ -74,7 +76,15 @@ def _keyerror_rule(exc: BaseException, ctx: RuleContext) -> Classification | Non
     return Classification(_P, None, "missing key")
 
 
-def _unwrap(get: Callable[[BaseException], object], fallback: FailureKind | None) -> Rule:
+def _fallback(kind: FailureKind | None, reason: str) -> Classification | None:
+    return None if kind is None else Classification(kind, None, reason)
+
+
+def _unwrap(
+    get: Callable[[BaseException], object],
+    fallback: FailureKind | None,
+    reason: str = "no known inner error",
+) -> Rule:
     """A rule for exceptions that wrap another: the inner one's kind, else ``fallback``."""
 
     def rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
@@ -83,7 +93,7 @@ def _unwrap(get: Callable[[BaseException], object], fallback: FailureKind | None
             found = ctx.inner(wrapped)
             if found is not None:
                 return replace(found, reason=f"wraps ({found.reason})")
-        return None if fallback is None else Classification(fallback, None, "no known inner error")
+        return _fallback(fallback, reason)
 
     return rule
 
@@ -169,63 +179,60 @@ def _header(headers: object, name: str) -> object:
         return None
 
 
-def _http_response_status(exc: BaseException) -> tuple[int, object] | None:
-    """``exc.response.status_code`` (requests, httpx, openai...) and its headers."""
+def _http_status(exc: BaseException, *attrs: str) -> Classification | None:
+    """By ``exc.response.status_code`` (requests, httpx, openai...) and the response's
+    headers, else by the first of ``exc.status_code`` and ``exc.<attrs>`` that holds a
+    status, and ``exc.headers``."""
     response = getattr(exc, "response", None)
     # `is not None`, not truthiness: a requests Response is falsy for 4xx/5xx.
-    if response is not None:
-        status = getattr(response, "status_code", None)
+    places = [(response, "status_code")] if response is not None else []
+    for owner, attr in [*places, *((exc, attr) for attr in ("status_code", *attrs))]:
+        status = getattr(owner, attr, None)
         if _is_status(status):
-            return int(status), getattr(response, "headers", None)
-    status = getattr(exc, "status_code", None)
-    if _is_status(status):
-        return int(status), getattr(exc, "headers", None)
+            headers = getattr(owner, "headers", None)
+            return classify_http_status(int(status), retry_after=_header(headers, "Retry-After"))
     return None
 
 
 def _http_rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
     """The status of a known client's HTTP error: ``response.status_code`` (requests,
     httpx), ``status`` (aiohttp) or ``code`` (urllib)."""
-    found = _http_response_status(exc)
-    if found is None:
-        for attr in ("status", "code"):
-            status = getattr(exc, attr, None)
-            if _is_status(status):
-                found = int(status), getattr(exc, "headers", None)
-                break
-    if found is None:
-        return None
-    status, headers = found
-    return classify_http_status(status, retry_after=_header(headers, "Retry-After"))
+    return _http_status(exc, "status", "code")
 
 
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
+def _words(value: _V, names: str, prefix: str = "") -> dict[str, _V]:
+    """``value`` for each of the whitespace-separated ``names``, after ``prefix``."""
+    return dict.fromkeys([prefix + name for name in names.split()], value)
 
 
 # botocore's own lists of throttling and transient error codes (retries/standard.py),
 # plus the authentication codes AWS services return.
-_AWS_THROTTLING = _words(
-    """
-    Throttling ThrottlingException ThrottledException RequestThrottledException
-    TooManyRequestsException ProvisionedThroughputExceededException
-    TransactionInProgressException RequestLimitExceeded BandwidthLimitExceeded
-    LimitExceededException RequestThrottled SlowDown EC2ThrottledException
-    """
-)
-_AWS_TRANSIENT = _words(
-    """
-    RequestTimeout RequestTimeoutException PriorRequestNotComplete InternalError
-    InternalFailure ServiceUnavailable ServiceUnavailableException
-    """
-)
-_AWS_CONFIGURATION = _words(
-    """
-    AccessDenied AccessDeniedException UnrecognizedClientException InvalidClientTokenId
-    InvalidAccessKeyId ExpiredToken ExpiredTokenException SignatureDoesNotMatch AuthFailure
-    UnauthorizedOperation MissingAuthenticationToken
-    """
-)
+_AWS_CODES: dict[str, FailureKind] = {
+    **_words(
+        _E,
+        """
+        Throttling ThrottlingException ThrottledException RequestThrottledException
+        TooManyRequestsException ProvisionedThroughputExceededException
+        TransactionInProgressException RequestLimitExceeded BandwidthLimitExceeded
+        LimitExceededException RequestThrottled SlowDown EC2ThrottledException
+        """,
+    ),
+    **_words(
+        _T,
+        """
+        RequestTimeout RequestTimeoutException PriorRequestNotComplete InternalError
+        InternalFailure ServiceUnavailable ServiceUnavailableException
+        """,
+    ),
+    **_words(
+        _C,
+        """
+        AccessDenied AccessDeniedException UnrecognizedClientException InvalidClientTokenId
+        InvalidAccessKeyId ExpiredToken ExpiredTokenException SignatureDoesNotMatch
+        AuthFailure UnauthorizedOperation MissingAuthenticationToken
+        """,
+    ),
+}
 
 
 def _botocore_rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
@@ -239,12 +246,9 @@ def _botocore_rule(exc: BaseException, ctx: RuleContext) -> Classification | Non
     code = error.get("Code") if isinstance(error, dict) else None
     headers = meta.get("HTTPHeaders") if isinstance(meta, dict) else None
     hint = parse_retry_after(_header(headers, "Retry-After"))
-    if code in _AWS_THROTTLING:
-        return Classification(_E, hint, f"AWS {code}")
-    if code in _AWS_TRANSIENT:
-        return Classification(_T, hint, f"AWS {code}")
-    if code in _AWS_CONFIGURATION:
-        return Classification(_C, hint, f"AWS {code}")
+    kind = None if code is None else _AWS_CODES.get(code)
+    if kind is not None:
+        return Classification(kind, hint, f"AWS {code}")
     status = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
     return classify_http_status(status, retry_after=hint) if _is_status(status) else None
 
@@ -300,10 +304,7 @@ def _db_rule(fallback: FailureKind | None) -> Rule:
     """A DB-API driver error: its SQLSTATE or error number first, else ``fallback``."""
 
     def rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
-        found = _db_refinement(exc)
-        if found is not None:
-            return found
-        return None if fallback is None else Classification(fallback, None, "driver error")
+        return _db_refinement(exc) or _fallback(fallback, "driver error")
 
     return rule
 
@@ -312,15 +313,12 @@ def _sqlalchemy_rule(fallback: FailureKind | None) -> Rule:
     """A SQLAlchemy DBAPIError: a disconnect, else the driver error it wraps (``orig``)
     when that is known, else ``fallback`` for its class."""
 
+    unwrap = _unwrap(lambda e: getattr(e, "orig", None), fallback, "database error")
+
     def rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
         if getattr(exc, "connection_invalidated", False) is True:
             return Classification(_T, None, "connection invalidated")
-        orig = getattr(exc, "orig", None)
-        if isinstance(orig, BaseException):
-            found = ctx.inner(orig)
-            if found is not None:
-                return replace(found, reason=f"wraps ({found.reason})")
-        return None if fallback is None else Classification(fallback, None, "database error")
+        return unwrap(exc, ctx)
 
     return rule
 
@@ -364,11 +362,7 @@ def _improperly_configured_heuristic(exc: BaseException, ctx: RuleContext) -> Cl
 
 
 def _http_heuristic(exc: BaseException, ctx: RuleContext) -> Classification | None:
-    found = _http_response_status(exc)
-    if found is None:
-        return None
-    status, headers = found
-    return classify_http_status(status, retry_after=_header(headers, "Retry-After"))
+    return _http_status(exc)
 
 
 _HEURISTICS: tuple[Rule, ...] = (
@@ -394,148 +388,125 @@ def from_heuristics(exc: BaseException, ctx: RuleContext) -> Classification | No
 # Keyed by "module.QualName" so nothing is imported; the names are checked against the
 # real classes in tests/test_taxonomy.py.
 
+
+def _driver(make: Callable[[FailureKind | None], Rule], module: str, extra: str) -> _Table:
+    """``make(kind)`` for a driver module's PEP 249 classes that have a kind of their own
+    (:data:`_DBAPI_NAMES`), and ``make(None)`` for its ``extra`` classes."""
+    names = [*extra.split(), *_DBAPI_NAMES]
+    return {f"{module}.{name}": make(_DBAPI_NAMES.get(name)) for name in names}
+
+
 _http = _http_rule
 
-BUILTIN: dict[str, FailureKind | Rule] = {
+BUILTIN: _Table = {
     # Standard library: blips. socket.timeout, and asyncio's and concurrent.futures'
     # TimeoutError from 3.11, are builtins.TimeoutError; 3.10 has its own classes.
-    "builtins.TimeoutError": _T,
-    "asyncio.exceptions.TimeoutError": _T,
+    # ConnectionError: reset, refused, aborted, broken pipe.
+    **_words(_T, "TimeoutError ConnectionError BlockingIOError InterruptedError", "builtins."),
+    **_words(_T, "TimeoutError IncompleteReadError", "asyncio.exceptions."),
     "concurrent.futures._base.TimeoutError": _T,
-    "builtins.ConnectionError": _T,  # reset, refused, aborted, broken pipe
-    "builtins.BlockingIOError": _T,
-    "builtins.InterruptedError": _T,
     "builtins.OSError": _oserror_rule,  # by errno; other OSErrors get the default
     # DNS: usually a resolver outage (a misspelt host shows at deploy time).
-    "socket.gaierror": _T,
-    "socket.herror": _T,
+    **_words(_T, "gaierror herror", "socket."),
     "ssl.SSLError": _T,  # EOFs and resets during TLS; certificate errors are below
     "ssl.SSLCertVerificationError": _C,
     "subprocess.TimeoutExpired": _T,
-    "asyncio.exceptions.IncompleteReadError": _T,
     "http.client.IncompleteRead": _T,
     # Standard library: the environment. A missing path is taken as the environment's
     # fault (a missing config file, mount or directory) rather than the input's: a
     # person fixes it and the one CONFIGURATION retry then succeeds, while a truly
     # missing input costs one retry and ends ABANDONED, as PERMANENT would.
-    "builtins.PermissionError": _C,
-    "builtins.FileNotFoundError": _C,
-    "builtins.NotADirectoryError": _C,
-    "builtins.IsADirectoryError": _C,
-    "builtins.ImportError": _C,  # and ModuleNotFoundError: a missing package
-    # Standard library: the call or the code is wrong.
-    "builtins.KeyError": _keyerror_rule,  # but os.environ[...] is CONFIGURATION
-    "builtins.LookupError": _P,
-    "builtins.ValueError": _P,  # UnicodeError, JSONDecodeError...
-    "builtins.TypeError": _P,
-    "builtins.AttributeError": _P,
-    "builtins.NameError": _P,
-    "builtins.NotImplementedError": _P,
-    "builtins.RecursionError": _P,
-    "builtins.AssertionError": _P,
-    "builtins.ArithmeticError": _P,
-    "builtins.SyntaxError": _P,
-    "builtins.FileExistsError": _P,
-    # idempotask itself.
+    # ImportError (and ModuleNotFoundError): a missing package.
+    **_words(
+        _C,
+        "PermissionError FileNotFoundError NotADirectoryError IsADirectoryError ImportError",
+        "builtins.",
+    ),
+    # Standard library: the call or the code is wrong. ValueError covers UnicodeError,
+    # JSONDecodeError...; a KeyError from os.environ[...] is CONFIGURATION.
+    "builtins.KeyError": _keyerror_rule,
+    **_words(
+        _P,
+        """
+        LookupError ValueError TypeError AttributeError NameError NotImplementedError
+        RecursionError AssertionError ArithmeticError SyntaxError FileExistsError
+        """,
+        "builtins.",
+    ),
+    # idempotask itself. CorruptRecordError: foreign data under our key, for a person.
     "idempotask.errors.BackendError": _backend_rule,
-    "idempotask.errors.CorruptRecordError": _C,  # foreign data under our key: a person
-    "idempotask.errors.ConfigurationError": _C,
-    "idempotask.errors.MissingDependencyError": _C,
+    **_words(
+        _C, "CorruptRecordError ConfigurationError MissingDependencyError", "idempotask.errors."
+    ),
     "idempotask.errors.AlreadyInProgress": _T,
     "idempotask.errors.CachedFailure": _cached_failure_rule,
     "tenacity.RetryError": _unwrap(_retry_error_inner, None),
-    # redis-py. AuthenticationError and AuthorizationError derive from its
-    # ConnectionError and are more specific.
-    "redis.exceptions.ConnectionError": _T,  # and BusyLoadingError, MaxConnectionsError
-    "redis.exceptions.TimeoutError": _T,
-    "redis.exceptions.BusyLoadingError": _T,
-    "redis.exceptions.TryAgainError": _T,
-    "redis.exceptions.ClusterDownError": _T,  # and MasterDownError
-    "redis.exceptions.ReadOnlyError": _T,  # writing to a replica during failover
-    "redis.exceptions.AskError": _T,  # and MovedError: slots migrating
-    "redis.exceptions.OutOfMemoryError": _T,
-    "redis.exceptions.WatchError": _T,
-    "redis.exceptions.InvalidResponse": _T,
-    "redis.exceptions.AuthenticationError": _C,
-    "redis.exceptions.AuthenticationWrongNumberOfArgsError": _C,
-    "redis.exceptions.AuthorizationError": _C,
-    "redis.exceptions.NoPermissionError": _C,
-    "redis.exceptions.ModuleError": _C,  # a server module (RedisJSON...) is not loaded
-    "redis.exceptions.ResponseError": _P,
-    "redis.exceptions.DataError": _P,
-    # SQLAlchemy: the wrapped driver error decides when it is known.
-    "sqlalchemy.exc.DBAPIError": _sqlalchemy_rule(None),
-    "sqlalchemy.exc.DatabaseError": _sqlalchemy_rule(None),
-    "sqlalchemy.exc.InternalError": _sqlalchemy_rule(None),
-    "sqlalchemy.exc.OperationalError": _sqlalchemy_rule(_T),
-    "sqlalchemy.exc.InterfaceError": _sqlalchemy_rule(_T),
-    "sqlalchemy.exc.IntegrityError": _sqlalchemy_rule(_P),
-    "sqlalchemy.exc.DataError": _sqlalchemy_rule(_P),
-    "sqlalchemy.exc.ProgrammingError": _sqlalchemy_rule(_P),
-    "sqlalchemy.exc.NotSupportedError": _sqlalchemy_rule(_P),
-    "sqlalchemy.exc.DisconnectionError": _T,
-    "sqlalchemy.exc.TimeoutError": _T,  # the connection pool is exhausted
-    "sqlalchemy.exc.NoSuchModuleError": _C,  # a dialect or driver is not installed
-    "sqlalchemy.exc.NoSuchTableError": _C,  # the schema is not migrated
-    "sqlalchemy.exc.InvalidRequestError": _P,
-    "sqlalchemy.exc.ArgumentError": _P,
-    "sqlalchemy.exc.CompileError": _P,
+    # redis-py. ConnectionError covers BusyLoadingError and MaxConnectionsError,
+    # ClusterDownError MasterDownError, AskError MovedError (slots migrating); a
+    # ReadOnlyError is a write to a replica during failover. AuthenticationError and
+    # AuthorizationError derive from its ConnectionError and are more specific;
+    # ModuleError: a server module (RedisJSON...) is not loaded.
+    **_words(
+        _T,
+        """
+        ConnectionError TimeoutError BusyLoadingError TryAgainError ClusterDownError
+        ReadOnlyError AskError OutOfMemoryError WatchError InvalidResponse
+        """,
+        "redis.exceptions.",
+    ),
+    **_words(
+        _C,
+        """
+        AuthenticationError AuthenticationWrongNumberOfArgsError AuthorizationError
+        NoPermissionError ModuleError
+        """,
+        "redis.exceptions.",
+    ),
+    **_words(_P, "ResponseError DataError", "redis.exceptions."),
+    # SQLAlchemy: the wrapped driver error decides when it is known. Its TimeoutError:
+    # the connection pool is exhausted; NoSuchModuleError: a dialect or driver is not
+    # installed; NoSuchTableError: the schema is not migrated.
+    **_driver(_sqlalchemy_rule, "sqlalchemy.exc", "DBAPIError DatabaseError InternalError"),
+    **_words(_T, "DisconnectionError TimeoutError", "sqlalchemy.exc."),
+    **_words(_C, "NoSuchModuleError NoSuchTableError", "sqlalchemy.exc."),
+    **_words(_P, "InvalidRequestError ArgumentError CompileError", "sqlalchemy.exc."),
     # psycopg 3 (its base classes live in the top-level module).
-    "psycopg.Error": _db_rule(None),
-    "psycopg.DatabaseError": _db_rule(None),
-    "psycopg.InternalError": _db_rule(None),
-    "psycopg.OperationalError": _db_rule(_T),
-    "psycopg.InterfaceError": _db_rule(_T),
-    "psycopg.IntegrityError": _db_rule(_P),
-    "psycopg.DataError": _db_rule(_P),
-    "psycopg.ProgrammingError": _db_rule(_P),
-    "psycopg.NotSupportedError": _db_rule(_P),
-    "psycopg.errors.SerializationFailure": _T,
-    "psycopg.errors.DeadlockDetected": _T,
-    "psycopg.errors.InsufficientPrivilege": _C,
-    "psycopg.errors.InvalidPassword": _C,
-    "psycopg.errors.InvalidAuthorizationSpecification": _C,
+    **_driver(_db_rule, "psycopg", "Error DatabaseError InternalError"),
+    **_words(_T, "SerializationFailure DeadlockDetected", "psycopg.errors."),
+    **_words(
+        _C,
+        "InsufficientPrivilege InvalidPassword InvalidAuthorizationSpecification",
+        "psycopg.errors.",
+    ),
     # PyMySQL.
-    "pymysql.err.OperationalError": _db_rule(_T),
-    "pymysql.err.InterfaceError": _db_rule(_T),
-    "pymysql.err.InternalError": _db_rule(None),
-    "pymysql.err.IntegrityError": _db_rule(_P),
-    "pymysql.err.DataError": _db_rule(_P),
-    "pymysql.err.ProgrammingError": _db_rule(_P),
-    "pymysql.err.NotSupportedError": _db_rule(_P),
+    **_driver(_db_rule, "pymysql.err", "InternalError"),
     # requests and urllib3. requests' errors are OSErrors, so they must be listed to
-    # be more specific than builtins.OSError.
+    # be more specific than builtins.OSError. requests' ConnectionError covers
+    # ConnectTimeout, ProxyError and SSLError; its RetryError: urllib3 retries on a
+    # status ran out. urllib3's TimeoutError covers NewConnectionError and
+    # NameResolutionError.
     "requests.exceptions.HTTPError": _http,
-    "requests.exceptions.ConnectionError": _T,  # and ConnectTimeout, ProxyError, SSLError
-    "requests.exceptions.Timeout": _T,
-    "requests.exceptions.ChunkedEncodingError": _T,
-    "requests.exceptions.RetryError": _T,  # urllib3 retries on a status ran out
-    "urllib3.exceptions.TimeoutError": _T,  # and NewConnectionError, NameResolutionError
-    "urllib3.exceptions.ProtocolError": _T,
-    "urllib3.exceptions.ProxyError": _T,
-    "urllib3.exceptions.SSLError": _T,
+    **_words(_T, "ConnectionError Timeout ChunkedEncodingError RetryError", "requests.exceptions."),
+    **_words(_T, "TimeoutError ProtocolError ProxyError SSLError", "urllib3.exceptions."),
     "urllib3.exceptions.MaxRetryError": _unwrap(lambda e: getattr(e, "reason", None), _T),
     # urllib.
     "urllib.error.HTTPError": _http,
     "urllib.error.URLError": _unwrap(lambda e: getattr(e, "reason", None), _T),
-    # httpx (which sets __module__ to "httpx" on its public classes).
+    # httpx (which sets __module__ to "httpx" on its public classes). NetworkError:
+    # ConnectError, ReadError, WriteError, CloseError.
     "httpx.HTTPStatusError": _http,
-    "httpx.TimeoutException": _T,
-    "httpx.NetworkError": _T,  # ConnectError, ReadError, WriteError, CloseError
-    "httpx.RemoteProtocolError": _T,
-    "httpx.ProxyError": _T,
-    # aiohttp.
+    **_words(_T, "TimeoutException NetworkError RemoteProtocolError ProxyError", "httpx."),
+    # aiohttp. ClientConnectionError covers ServerTimeoutError.
     "aiohttp.client_exceptions.ClientResponseError": _http,
-    "aiohttp.client_exceptions.ClientConnectionError": _T,  # and ServerTimeoutError
-    "aiohttp.client_exceptions.ClientPayloadError": _T,
+    **_words(_T, "ClientConnectionError ClientPayloadError", "aiohttp.client_exceptions."),
     "aiohttp.client_exceptions.ClientConnectorCertificateError": _C,
-    # botocore (boto3).
+    # botocore (boto3). ConnectionError: EndpointConnectionError, ConnectTimeout;
+    # HTTPClientError: ReadTimeoutError, ConnectionClosedError.
     "botocore.exceptions.ClientError": _botocore_rule,
-    "botocore.exceptions.ConnectionError": _T,  # EndpointConnectionError, ConnectTimeout
-    "botocore.exceptions.HTTPClientError": _T,  # ReadTimeoutError, ConnectionClosedError
-    "botocore.exceptions.NoCredentialsError": _C,
-    "botocore.exceptions.PartialCredentialsError": _C,
-    "botocore.exceptions.NoRegionError": _C,
+    **_words(_T, "ConnectionError HTTPClientError", "botocore.exceptions."),
+    **_words(
+        _C, "NoCredentialsError PartialCredentialsError NoRegionError", "botocore.exceptions."
+    ),
     # Django; any other *ImproperlyConfigured is caught by a heuristic.
     "django.core.exceptions.ImproperlyConfigured": _C,
 }
