@@ -14,17 +14,17 @@ different from ``{"1": x}``, datetimes, ``Decimal`` and ``UUID`` come back as th
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 from idempotask.errors import ConfigurationError, SerializationError
 from idempotask.serializers._decode import from_bytes
 from idempotask.serializers._encode import to_bytes
 from idempotask.serializers._exceptions import dump_exception, load_exception
 from idempotask.serializers._types import (
-    allowed_classes,
     classes_of,
     register_type,
+    restricted,
     result_types,
     type_name,
 )
@@ -39,9 +39,6 @@ __all__ = [
     "register_type",
     "result_types",
 ]
-
-_A = TypeVar("_A")
-_R = TypeVar("_R")
 
 
 @runtime_checkable
@@ -117,7 +114,7 @@ class JSONSerializer:
         (``result["items"][2]``) and its type, for unsupported objects, classes this
         serializer may not write, and cycles.
         """
-        return self._restricted(to_bytes, value)
+        return restricted(self._types, to_bytes, value)
 
     def loads(self, data: bytes) -> object:
         """Decode bytes written by :meth:`dumps`.
@@ -126,16 +123,7 @@ class JSONSerializer:
         name a class that is not loaded in this process or that this serializer may not
         rebuild, or are crafted to make decoding slow or deep.
         """
-        return self._restricted(from_bytes, data)
-
-    def _restricted(self, convert: Callable[[_A], _R], value: _A) -> _R:
-        if self._types is None:
-            return convert(value)
-        token = allowed_classes.set(self._types)
-        try:
-            return convert(value)
-        finally:
-            allowed_classes.reset(token)
+        return restricted(self._types, from_bytes, data)
 
     def __repr__(self) -> str:
         if self._types is None:

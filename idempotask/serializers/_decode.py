@@ -6,44 +6,26 @@ set's items are tuples, not lists) when its tag is applied.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import datetime as _dt
-import decimal
 import enum
 import json
-import pathlib
-import uuid
-import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
 from idempotask.errors import SerializationError
 from idempotask.serializers._types import MARKER as _MARKER
 from idempotask.serializers._types import PAYLOAD as _PAYLOAD
+from idempotask.serializers._types import VALUE_TYPES
+from idempotask.serializers._types import BadData as _BadData
+from idempotask.serializers._types import expect as _expect
 from idempotask.serializers._types import find_class as _find_class
 from idempotask.serializers._types import not_allowed as _not_allowed
 from idempotask.serializers._types import permitted as _permitted
 from idempotask.serializers._types import type_name as _type_name
 
-__all__ = ["BadData", "from_bytes"]
+__all__ = ["from_bytes"]
 
 _Decoder = Callable[[Any], object]
-
-# --------------------------------------------------------------------------------------
-# Decoding: json calls _object_hook bottom-up, so a payload's children are already
-# decoded (a set's items are tuples, not lists) when its tag is applied.
-# --------------------------------------------------------------------------------------
-
-
-class _BadData(Exception):
-    """The bytes are valid JSON but not in our format."""
-
-
-def _expect(value: object, kind: type) -> Any:
-    if type(value) is not kind:
-        raise _BadData(f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 # Hashed containers (sets, dicts with keys that are not str) are built from stored items.
@@ -80,40 +62,6 @@ def _dec_dict(payload: object) -> object:
     _check_hashes(flat[::2])
     it = iter(flat)
     return dict(zip(it, it, strict=True))
-
-
-def _dec_bytes(payload: object) -> bytes:
-    return base64.b64decode(_expect(payload, str), validate=True)
-
-
-def _dec_timed(payload: object, parse: Callable[[str], Any]) -> Any:
-    iso, fold, zone = _expect(payload, list)
-    value = parse(_expect(iso, str))
-    if value.tzinfo is not None:
-        raise _BadData("the wall time must be naive")
-    if zone is not None:
-        micros, name, key = _expect(zone, list)
-        tz: _dt.tzinfo | None = None
-        if key is not None:
-            try:
-                tz = zoneinfo.ZoneInfo(_expect(key, str))
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-                if micros is None:
-                    raise
-        if tz is None:
-            offset = _dt.timedelta(microseconds=_expect(micros, int))
-            tz = _dt.timezone(offset) if name is None else _dt.timezone(offset, _expect(name, str))
-        value = value.replace(tzinfo=tz)
-    if fold:
-        value = value.replace(fold=1)
-    return value
-
-
-def _dec_timedelta(payload: object) -> _dt.timedelta:
-    days, seconds, micros = _expect(payload, list)
-    return _dt.timedelta(
-        days=_expect(days, int), seconds=_expect(seconds, int), microseconds=_expect(micros, int)
-    )
 
 
 def _dec_class(payload: object, base: type) -> tuple[Any, object]:
@@ -179,18 +127,8 @@ _DECODERS: dict[str, _Decoder] = {
     "set": lambda p: _dec_hashed(p, set),
     "frozenset": lambda p: _dec_hashed(p, frozenset),
     "dict": _dec_dict,
-    "bytes": _dec_bytes,
-    "bytearray": lambda p: bytearray(_dec_bytes(p)),
     "int": lambda p: int(_expect(p, str), 16),
-    "datetime": lambda p: _dec_timed(p, _dt.datetime.fromisoformat),
-    "date": lambda p: _dt.date.fromisoformat(_expect(p, str)),
-    "time": lambda p: _dec_timed(p, _dt.time.fromisoformat),
-    "timedelta": _dec_timedelta,
-    "decimal": lambda p: decimal.Decimal(_expect(p, str)),
-    "uuid": lambda p: uuid.UUID(_expect(p, str)),
-    "pureposixpath": lambda p: pathlib.PurePosixPath(_expect(p, str)),
-    "purewindowspath": lambda p: pathlib.PureWindowsPath(_expect(p, str)),
-    "path": lambda p: pathlib.Path(_expect(p, str)),
+    **{tag: decode for _, tag, _, decode in VALUE_TYPES},
     "enum": _dec_enum,
     "flag": _dec_flag,
     "namedtuple": _dec_namedtuple,
@@ -233,7 +171,3 @@ def from_bytes(data: bytes) -> object:
             f"stored data is not a result written by the JSON serializer: {exc}"
         ) from exc
     return value
-
-
-BadData = _BadData
-expect = _expect

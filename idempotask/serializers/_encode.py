@@ -5,16 +5,10 @@ See :mod:`idempotask.serializers._types` for the wire format's markers.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import datetime as _dt
-import decimal
 import enum
 import json
 import json.encoder
-import pathlib
-import uuid
-import zoneinfo
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
@@ -24,6 +18,7 @@ from idempotask.serializers._types import (
     MARKER,
     PAYLOAD,
     SCALARS,
+    VALUE_TYPES,
     find_class,
     not_allowed,
     permitted,
@@ -99,23 +94,20 @@ def _enc_list(value: list[object]) -> object:
         raise
 
 
-def _enc_tuple(value: tuple[object, ...]) -> object:
+def _tuple_items(value: tuple[object, ...]) -> list[object]:
     try:
-        return {MARKER: "tuple", PAYLOAD: _enc_items(value)}
+        return _enc_items(value)
     except _EncodeError as e:
         e.within(value, f"[{_index_of(value, e.child)}]")
         raise
 
 
-def _enc_set_like(tag: str) -> _Encoder:
-    def encode(value: set[object] | frozenset[object]) -> object:
-        try:
-            return {MARKER: tag, PAYLOAD: _enc_items(value)}
-        except _EncodeError as e:
-            e.within(value, "[<set item>]")
-            raise
-
-    return encode
+def _set_items(value: set[object] | frozenset[object]) -> list[object]:
+    try:
+        return _enc_items(value)
+    except _EncodeError as e:
+        e.within(value, "[<set item>]")
+        raise
 
 
 def _enc_dict(value: dict[Any, object]) -> object:
@@ -167,86 +159,8 @@ def _dict_segment(value: dict[Any, object], child: object) -> str:
     return "[?]"
 
 
-def _enc_bytes(value: bytes) -> object:
-    return {MARKER: "bytes", PAYLOAD: base64.b64encode(value).decode("ascii")}
-
-
-def _enc_bytearray(value: bytearray) -> object:
-    return {MARKER: "bytearray", PAYLOAD: base64.b64encode(value).decode("ascii")}
-
-
-_ONE_MICROSECOND = _dt.timedelta(microseconds=1)
-
-
-def _zone(tz: _dt.tzinfo | None, offset: _dt.timedelta | None) -> object:
-    """The wire form of a tzinfo: None, or [offset in us or None, name or None, key or None].
-
-    The offset is written as a number, not left to isoformat(): fromisoformat() reads an
-    offset of a few microseconds back as UTC on some Python versions.
-    """
-    if tz is None:
-        return None
-    micros = None if offset is None else offset // _ONE_MICROSECOND
-    if isinstance(tz, zoneinfo.ZoneInfo) and tz.key is not None:
-        # Rebuilt by key; the offset lets a reader without this zone keep the instant.
-        return [micros, None, tz.key]
-    if offset is None:
-        return None  # a tzinfo without an offset is naive in all but name
-    name = None
-    if type(tz) is _dt.timezone and tz.tzname(None) != _dt.timezone(offset).tzname(None):
-        name = tz.tzname(None)
-    # Any other tzinfo class keeps its offset: the same instant, as a fixed-offset zone.
-    return [micros, name, None]
-
-
-def _enc_datetime(value: _dt.datetime) -> object:
-    tz = value.tzinfo
-    if tz is None:
-        return {MARKER: "datetime", PAYLOAD: [value.isoformat(), value.fold, None]}
-    return {
-        MARKER: "datetime",
-        PAYLOAD: [
-            value.replace(tzinfo=None).isoformat(),
-            value.fold,
-            _zone(tz, value.utcoffset()),
-        ],
-    }
-
-
-def _enc_time(value: _dt.time) -> object:
-    tz = value.tzinfo
-    return {
-        MARKER: "time",
-        PAYLOAD: [
-            value.replace(tzinfo=None).isoformat(),
-            value.fold,
-            None if tz is None else _zone(tz, value.utcoffset()),
-        ],
-    }
-
-
-def _enc_date(value: _dt.date) -> object:
-    return {MARKER: "date", PAYLOAD: value.isoformat()}
-
-
-def _enc_timedelta(value: _dt.timedelta) -> object:
-    return {MARKER: "timedelta", PAYLOAD: [value.days, value.seconds, value.microseconds]}
-
-
-def _enc_decimal(value: decimal.Decimal) -> object:
-    # str() of a Decimal is exact: sign, digits, exponent, NaN/sNaN and Infinity.
-    return {MARKER: "decimal", PAYLOAD: str(value)}
-
-
-def _enc_uuid(value: uuid.UUID) -> object:
-    return {MARKER: "uuid", PAYLOAD: str(value)}
-
-
-def _enc_path_as(tag: str) -> _Encoder:
-    def encode(value: pathlib.PurePath) -> object:
-        return {MARKER: tag, PAYLOAD: str(value)}
-
-    return encode
+def _tagged(tag: str, payload: _Encoder) -> _Encoder:
+    return lambda value: {MARKER: tag, PAYLOAD: payload(value)}
 
 
 def _class_ref(value: object) -> list[object]:
@@ -307,22 +221,11 @@ class _EncoderTable(dict[type, _Encoder]):
 _ENCODERS = _EncoderTable(
     {
         list: _enc_list,
-        tuple: _enc_tuple,
+        tuple: _tagged("tuple", _tuple_items),
         dict: _enc_dict,
-        set: _enc_set_like("set"),
-        frozenset: _enc_set_like("frozenset"),
-        bytes: _enc_bytes,
-        bytearray: _enc_bytearray,
-        _dt.datetime: _enc_datetime,
-        _dt.date: _enc_date,
-        _dt.time: _enc_time,
-        _dt.timedelta: _enc_timedelta,
-        decimal.Decimal: _enc_decimal,
-        uuid.UUID: _enc_uuid,
-        pathlib.PurePosixPath: _enc_path_as("pureposixpath"),
-        pathlib.PureWindowsPath: _enc_path_as("purewindowspath"),
-        pathlib.PosixPath: _enc_path_as("path"),
-        pathlib.WindowsPath: _enc_path_as("path"),
+        set: _tagged("set", _set_items),
+        frozenset: _tagged("frozenset", _set_items),
+        **{cls: _tagged(tag, encode) for cls, tag, encode, _ in VALUE_TYPES},
     }
 )
 

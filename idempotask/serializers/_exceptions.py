@@ -7,16 +7,17 @@ attributes, and rebuilt from them: a cached error never builds a dataclass.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from idempotask.errors import CachedFailure, SerializationError
-from idempotask.serializers._decode import BadData as _BadData
-from idempotask.serializers._decode import expect as _expect
 from idempotask.serializers._decode import from_bytes
 from idempotask.serializers._encode import tree as _tree
 from idempotask.serializers._encode import tree_to_bytes as _tree_to_bytes
-from idempotask.serializers._types import allowed_classes
+from idempotask.serializers._types import BadData as _BadData
+from idempotask.serializers._types import expect as _expect
 from idempotask.serializers._types import find_class as _find_class
+from idempotask.serializers._types import restricted
 from idempotask.serializers._types import type_name as _type_name
 
 __all__ = ["dump_exception", "load_exception"]
@@ -36,11 +37,7 @@ def dump_exception(exc: BaseException) -> bytes:
     ``exc.args`` and the instance's attributes are kept when the JSON serializer can hold
     them and silently left out otherwise. Never raises for an exception it is given.
     """
-    token = allowed_classes.set(())  # registered types only, as load_exception reads
-    try:
-        return _dump_exception(exc)
-    finally:
-        allowed_classes.reset(token)
+    return restricted((), _dump_exception, exc)  # registered types only, as loaded
 
 
 def _dump_exception(exc: BaseException) -> bytes:
@@ -74,11 +71,7 @@ def load_exception(data: bytes) -> BaseException:
     :class:`~idempotask.errors.CachedFailure` carrying the type name and message.
     Raises ``SerializationError`` only if ``data`` is not a stored exception at all.
     """
-    token = allowed_classes.set(())  # registered types only
-    try:
-        record = from_bytes(data)
-    finally:
-        allowed_classes.reset(token)
+    record = restricted((), from_bytes, data)  # registered types only
     try:
         fields: dict[str, Any] = _expect(record, dict)
         module: str = _expect(fields["module"], str)
@@ -133,24 +126,19 @@ def _rebuild(
     return first
 
 
-def _from_args(
-    cls: type[BaseException], args: tuple[object, ...] | None, message: str
-) -> BaseException | None:
-    return None if args is None else cls(*args)
-
-
-def _from_message(
-    cls: type[BaseException], args: tuple[object, ...] | None, message: str
-) -> BaseException | None:
-    return cls(message)
-
-
 def _without_init(
     cls: type[BaseException], args: tuple[object, ...] | None, message: str
-) -> BaseException | None:
+) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = (message,) if args is None else args
     return exc
 
 
-_RECIPES = (_from_args, _from_message, _without_init)
+_Recipe = Callable[[type[BaseException], "tuple[object, ...] | None", str], "BaseException | None"]
+
+# The ways _rebuild tries, in its order; None: this way does not apply.
+_RECIPES: tuple[_Recipe, ...] = (
+    lambda cls, args, message: None if args is None else cls(*args),
+    lambda cls, args, message: cls(message),
+    _without_init,
+)

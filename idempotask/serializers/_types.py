@@ -1,15 +1,22 @@
-"""What every part of the typed JSON shares: the wire markers, finding a class again by
-name, and which classes a serializer may write and rebuild (its allowlist)."""
+"""What every part of the typed JSON shares: the wire markers, the value types written
+and read in both directions, finding a class again by name, and which classes a
+serializer may write and rebuild (its allowlist)."""
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import dataclasses
+import datetime as _dt
+import decimal
 import enum
+import pathlib
 import sys
 import typing
+import uuid
+import zoneinfo
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from idempotask.errors import ConfigurationError, SerializationError
 
@@ -36,6 +43,112 @@ SCALARS = frozenset({str, int, float, bool, type(None)})
 # CVE-2020-10735), ints from this size up are written as hex, which the limit exempts;
 # smaller ones stay plain JSON numbers.
 BIG_INT = 10**600
+
+
+class BadData(Exception):
+    """The bytes are valid JSON but not in our format."""
+
+
+def expect(value: object, kind: type) -> Any:
+    if type(value) is not kind:
+        raise BadData(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Value types: each one's class, tag, and payload in both directions, written once.
+# --------------------------------------------------------------------------------------
+
+_ONE_MICROSECOND = _dt.timedelta(microseconds=1)
+
+
+def _zone(tz: _dt.tzinfo | None, offset: _dt.timedelta | None) -> object:
+    """The wire form of a tzinfo: None, or [offset in us or None, name or None, key or None].
+
+    The offset is written as a number, not left to isoformat(): fromisoformat() reads an
+    offset of a few microseconds back as UTC on some Python versions.
+    """
+    if tz is None:
+        return None
+    micros = None if offset is None else offset // _ONE_MICROSECOND
+    if isinstance(tz, zoneinfo.ZoneInfo) and tz.key is not None:
+        # Rebuilt by key; the offset lets a reader without this zone keep the instant.
+        return [micros, None, tz.key]
+    if offset is None:
+        return None  # a tzinfo without an offset is naive in all but name
+    name = None
+    if type(tz) is _dt.timezone and tz.tzname(None) != _dt.timezone(offset).tzname(None):
+        name = tz.tzname(None)
+    # Any other tzinfo class keeps its offset: the same instant, as a fixed-offset zone.
+    return [micros, name, None]
+
+
+def _timed(value: _dt.datetime | _dt.time) -> list[object]:
+    """A datetime or time as [its naive wall time in ISO format, fold, zone]."""
+    naive = value.replace(tzinfo=None).isoformat()
+    return [naive, value.fold, _zone(value.tzinfo, value.utcoffset())]
+
+
+def _untimed(payload: object, parse: Callable[[str], Any]) -> Any:
+    iso, fold, zone = expect(payload, list)
+    value = parse(expect(iso, str))
+    if value.tzinfo is not None:
+        raise BadData("the wall time must be naive")
+    if zone is not None:
+        micros, name, key = expect(zone, list)
+        tz: _dt.tzinfo | None = None
+        if key is not None:
+            try:
+                tz = zoneinfo.ZoneInfo(expect(key, str))
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+                if micros is None:
+                    raise
+        if tz is None:
+            offset = _dt.timedelta(microseconds=expect(micros, int))
+            tz = _dt.timezone(offset) if name is None else _dt.timezone(offset, expect(name, str))
+        value = value.replace(tzinfo=tz)
+    if fold:
+        value = value.replace(fold=1)
+    return value
+
+
+def _untimedelta(payload: object) -> _dt.timedelta:
+    days, seconds, micros = expect(payload, list)
+    return _dt.timedelta(
+        days=expect(days, int), seconds=expect(seconds, int), microseconds=expect(micros, int)
+    )
+
+
+def _b64(value: bytes | bytearray) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _from_text(parse: Callable[[str], object]) -> Callable[[object], object]:
+    return lambda payload: parse(expect(payload, str))
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+_Codec = Callable[[Any], object]
+
+# (exact class, tag, value -> payload, payload -> value). str() of a Decimal is exact:
+# sign, digits, exponent, NaN/sNaN and Infinity.
+VALUE_TYPES: tuple[tuple[type, str, _Codec, _Codec], ...] = (
+    (bytes, "bytes", _b64, _from_text(_unb64)),
+    (bytearray, "bytearray", _b64, _from_text(lambda text: bytearray(_unb64(text)))),
+    (_dt.datetime, "datetime", _timed, lambda p: _untimed(p, _dt.datetime.fromisoformat)),
+    (_dt.date, "date", _dt.date.isoformat, _from_text(_dt.date.fromisoformat)),
+    (_dt.time, "time", _timed, lambda p: _untimed(p, _dt.time.fromisoformat)),
+    (_dt.timedelta, "timedelta", lambda v: [v.days, v.seconds, v.microseconds], _untimedelta),
+    (decimal.Decimal, "decimal", str, _from_text(decimal.Decimal)),
+    (uuid.UUID, "uuid", str, _from_text(uuid.UUID)),
+    (pathlib.PurePosixPath, "pureposixpath", str, _from_text(pathlib.PurePosixPath)),
+    (pathlib.PureWindowsPath, "purewindowspath", str, _from_text(pathlib.PureWindowsPath)),
+    (pathlib.PosixPath, "path", str, _from_text(pathlib.Path)),
+    (pathlib.WindowsPath, "path", str, _from_text(pathlib.Path)),
+)
 
 
 def type_name(cls: type) -> str:
@@ -86,6 +199,20 @@ allowed_classes: contextvars.ContextVar[tuple[type, ...] | None] = contextvars.C
     "idempotask_serializer_classes", default=None
 )
 _registered: tuple[type, ...] = ()
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+def restricted(types: tuple[type, ...] | None, convert: Callable[[_A], _R], value: _A) -> _R:
+    """``convert(value)`` writing and rebuilding only ``types`` and registered types
+    (None: leave the current restriction alone)."""
+    if types is None:
+        return convert(value)
+    token = allowed_classes.set(types)
+    try:
+        return convert(value)
+    finally:
+        allowed_classes.reset(token)
 
 
 def register_type(cls: type) -> type:
