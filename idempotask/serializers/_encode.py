@@ -84,17 +84,11 @@ def _enc_list(value: list[object]) -> object:
     # cheaper than copying, and at the sizes of most results a Python loop beats a C scan.
     for x in value:
         if type(x) not in SCALARS:
-            break
-    else:
-        return value
-    try:
-        return [x if type(x) in SCALARS else _ENCODERS[type(x)](x) for x in value]
-    except _EncodeError as e:
-        e.within(value, f"[{_index_of(value, e.child)}]")
-        raise
+            return _sequence_items(value)
+    return value
 
 
-def _tuple_items(value: tuple[object, ...]) -> list[object]:
+def _sequence_items(value: list[object] | tuple[object, ...]) -> list[object]:
     try:
         return _enc_items(value)
     except _EncodeError as e:
@@ -221,7 +215,7 @@ class _EncoderTable(dict[type, _Encoder]):
 _ENCODERS = _EncoderTable(
     {
         list: _enc_list,
-        tuple: _tagged("tuple", _tuple_items),
+        tuple: _tagged("tuple", _sequence_items),
         dict: _enc_dict,
         set: _tagged("set", _set_items),
         frozenset: _tagged("frozenset", _set_items),

@@ -442,10 +442,10 @@ BUILTIN: _Table = {
     "idempotask.errors.CachedFailure": _cached_failure_rule,
     "tenacity.RetryError": _unwrap(_retry_error_inner, None),
     # redis-py. ConnectionError covers BusyLoadingError and MaxConnectionsError,
-    # ClusterDownError MasterDownError, AskError MovedError (slots migrating); a
-    # ReadOnlyError is a write to a replica during failover. AuthenticationError and
-    # AuthorizationError derive from its ConnectionError and are more specific;
-    # ModuleError: a server module (RedisJSON...) is not loaded.
+    # ClusterDownError covers MasterDownError, AskError covers MovedError (slots
+    # migrating); a ReadOnlyError is a write to a replica during failover.
+    # AuthenticationError and AuthorizationError derive from its ConnectionError and are
+    # more specific; ModuleError: a server module (RedisJSON...) is not loaded.
     **_words(
         _T,
         """
