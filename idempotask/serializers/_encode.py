@@ -340,7 +340,7 @@ def _tag_big_ints(node: Any) -> object:
     return node
 
 
-def _tree(value: object) -> object:
+def tree(value: object) -> object:
     """The JSON-ready tree for ``value``; SerializationError names the failing part."""
     try:
         return value if type(value) in SCALARS else _enc(value)
@@ -350,12 +350,12 @@ def _tree(value: object) -> object:
         raise SerializationError(_too_deep(value)) from None
 
 
-def _tree_to_bytes(tree: object) -> bytes:
+def tree_to_bytes(json_tree: object) -> bytes:
     try:
-        text = _to_json_text(tree)
+        text = _to_json_text(json_tree)
     except ValueError:
         # Only a huge int makes json raise here; rare enough to walk the tree again.
-        text = _to_json_text(_tag_big_ints(tree))
+        text = _to_json_text(_tag_big_ints(json_tree))
     except RecursionError:
         raise SerializationError("cannot serialize result: it is nested too deeply") from None
     # surrogatepass keeps lone surrogates ("\ud800"), which are valid in a Python str.
@@ -407,8 +407,4 @@ def _too_deep(value: object) -> str:
 
 def to_bytes(value: object) -> bytes:
     """``value`` as typed JSON bytes; ``SerializationError`` names the failing part."""
-    return _tree_to_bytes(_tree(value))
-
-
-tree = _tree
-tree_to_bytes = _tree_to_bytes
+    return tree_to_bytes(tree(value))

@@ -127,20 +127,17 @@ def _retry_error_inner(exc: BaseException) -> object:
 # --- HTTP ------------------------------------------------------------------------------
 
 
+# The statuses whose kind is not their class's (4xx PERMANENT, 5xx TRANSIENT).
+_HTTP_STATUSES: dict[int, FailureKind] = {
+    429: _E,
+    **dict.fromkeys((401, 403, 407, 511), _C),  # credentials, permissions, proxy/network login
+    **dict.fromkeys((408, 425), _T),  # request timeout, too early: try again
+    **dict.fromkeys((501, 505), _P),  # the server will never support this method or version
+}
+
+
 def _http_kind(status: int) -> FailureKind | None:
-    if status == 429:
-        return _E
-    if status in (401, 403, 407, 511):  # credentials, permissions, proxy/network login
-        return _C
-    if status in (408, 425):  # request timeout, too early: try again
-        return _T
-    if 400 <= status < 500:
-        return _P
-    if status in (501, 505):  # the server will never support this method or version
-        return _P
-    if 500 <= status < 600:
-        return _T
-    return None
+    return _HTTP_STATUSES.get(status) or {4: _P, 5: _T}.get(status // 100)
 
 
 def classify_http_status(status: int, *, retry_after: object = None) -> Classification | None:
