@@ -36,7 +36,6 @@ import importlib
 import inspect
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -137,8 +136,7 @@ register_cancellation(JobTimeoutException)
 # Running a job: each run claims under an owner of its own
 # ----------------------------------------------------------------------------------------
 
-_checked_pids: set[int] = set()
-_checked_lock = threading.Lock()
+_checked_pid = 0  # the process whose store was checked (a forked work horse checks its own)
 
 
 def _worker_processes(job: Job) -> int:
@@ -163,11 +161,10 @@ def _worker_processes(job: Job) -> int:
 
 def _check_backend_once(fn: Any, job: Job) -> None:
     """Warn (once per process) when a job in a forking worker uses the memory store."""
-    pid = os.getpid()
-    if pid in _checked_pids:
+    global _checked_pid
+    if _checked_pid == os.getpid():
         return
-    with _checked_lock:
-        _checked_pids.add(pid)
+    _checked_pid = os.getpid()
     from idempotask.backends.memory import MemoryBackend
 
     backend = fn.__idempotask_spec__.backend()
@@ -520,10 +517,8 @@ def _replay(
     options: dict[str, Any] = {}
     try:
         original = Job.fetch(letter.id, connection=connection)
-    except NoSuchJobError:
-        original = None
-    except Exception:
-        original = None  # unreadable (another serializer...): fall back to the default queue
+    except Exception:  # gone (NoSuchJobError) or unreadable (another serializer...)
+        original = None  # the default queue then
     if original is not None and original.func_name == letter.function and original.origin:
         queue_name = original.origin
         options = {
