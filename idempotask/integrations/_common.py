@@ -353,11 +353,10 @@ def delivery_flow(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Flow[Any]:
     """The idempotent call of ``spec`` for one delivery of a message (see the rules
     above); run it with :func:`run_delivery` or :func:`arun_delivery`."""
-    key = spec.key(args, kwargs, None) if store_key is None else store_key
+    key = spec.key(args, kwargs, None)
     backend = spec.backend()
     if delivery.handover is not None:
         yield from _take_handover(spec, backend, key, delivery, delivery.handover)
@@ -429,10 +428,9 @@ def run_delivery(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Any:
     """Run :func:`delivery_flow` with the sync store and body."""
-    return flow.drive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)
+    return flow.drive(delivery_flow(spec, args, kwargs, delivery), _CATCH)
 
 
 async def arun_delivery(
@@ -440,7 +438,6 @@ async def arun_delivery(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Any:
     """Run :func:`delivery_flow` awaiting the async store and body."""
-    return await flow.adrive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)
+    return await flow.adrive(delivery_flow(spec, args, kwargs, delivery), _CATCH)
