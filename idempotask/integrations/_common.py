@@ -5,6 +5,7 @@ checks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -31,6 +32,7 @@ from idempotask.deadletter._core import (
 )
 from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
 from idempotask.flow import Flow, Op, store_op
+from idempotask.idempotent import idempotent
 from idempotask.taxonomy import Classifier
 
 if TYPE_CHECKING:
@@ -56,39 +58,12 @@ __all__ = [
 
 log = logging.getLogger("idempotask")
 
-# @idempotent's options an integration accepts as ``idempotency_<name>``. ``name`` is
-# not among them: the key's name is always the framework's task/actor name.
+# @idempotent's options an integration accepts as ``idempotency_<name>``: its keyword
+# parameters but ``name`` (the key's name is always the framework's task/actor name).
 IDEMPOTENCY_OPTIONS = frozenset(
-    {
-        "ttl",
-        "lease",
-        "on_conflict",
-        "wait_timeout",
-        "cache_errors",
-        "key",
-        "key_args",
-        "exclude_args",
-        "backend",
-        "serializer",
-        "on_backend_error",
-        "breaker",
-        "max_result_bytes",
-        "previous_names",
-        "transactional",
-    }
-)
-# @dead_letter's options an integration accepts as ``dead_letter_<name>``.
-DEAD_LETTER_OPTIONS = frozenset(
-    {
-        "queue",
-        "redact",
-        "classifier",
-        "policies",
-        "critical",
-        "on_dead_letter",
-        "on_retry_exhausted",
-        "enabled",
-    }
+    name
+    for name, parameter in inspect.signature(idempotent).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "name"
 )
 
 
@@ -191,28 +166,14 @@ class DeadLetterOptions:
             enabled=bool(options.get("enabled", True)),
         )
 
-    def arguments(
-        self,
-        target: Callable[..., Any] | inspect.Signature | None,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        name: str,
-    ) -> dict[str, Any] | None:
-        """The call's arguments as its letter keeps them: bound by name to ``target``
-        (the task's function or signature), defaults applied, through
-        ``dead_letter_redact``: an argument the hook changed or removed is kept as a
-        :class:`~idempotask.deadletter.Redacted` placeholder, so a replay never sends the
-        task a redacted value (the letter waits for a person instead). None keeps none
-        (no target, arguments that do not bind, a redact hook that failed)."""
-        arguments = bound_arguments(target, args, kwargs)
-        return keep_arguments(self.redact, arguments, option="dead_letter_redact", name=name)
-
     def record(
         self,
         name: str,
         error: BaseException,
+        target: Callable[..., Any] | inspect.Signature | None,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
         *,
-        arguments: Mapping[str, Any] | None,
         key: str,
         route: str,
         replay_of: str | None,
@@ -220,12 +181,24 @@ class DeadLetterOptions:
     ) -> DeadLetter:
         """Record the final failure of task ``name`` and run the letter's hooks.
 
+        The letter keeps the call's arguments bound by name to ``target`` (the task's
+        function or signature), defaults applied, through ``dead_letter_redact``: an
+        argument the hook changed or removed is kept as a
+        :class:`~idempotask.deadletter.Redacted` placeholder, so a replay never sends the
+        task a redacted value (the letter waits for a person instead). It keeps none when
+        there is no target, the arguments do not bind, or the redact hook failed.
+
         The letter goes to ``dead_letter_queue``, else ``queue`` (the integration's),
         else the process-wide queue. ``replay_of``: the letter a replayed task belongs
         to, or the task's own id, so that a task recorded twice keeps one letter.
         """
-        target = self.queue or queue or default_queue()
-        letter = target.record(
+        arguments = keep_arguments(
+            self.redact,
+            bound_arguments(target, args, kwargs),
+            option="dead_letter_redact",
+            name=name,
+        )
+        letter = (self.queue or queue or default_queue()).record(
             name,
             error,
             arguments=arguments,
@@ -242,6 +215,8 @@ class DeadLetterOptions:
         return letter
 
 
+# @dead_letter's options an integration accepts as ``dead_letter_<name>``.
+DEAD_LETTER_OPTIONS = frozenset(field.name for field in dataclasses.fields(DeadLetterOptions))
 DEFAULT_DEAD_LETTER_OPTIONS = DeadLetterOptions()
 """The options of a task that sets no ``dead_letter_*`` option."""
 
@@ -260,22 +235,27 @@ def call_key(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str
 
 
 def replay_arguments(
-    func: Any, arguments: Mapping[str, Any]
+    target: Any,
+    arguments: Mapping[str, Any],
+    *,
+    name: str = "",
+    error: type[Exception] = ValueError,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments for ``func`` from arguments a letter stored by
-    name; a ``ValueError`` if ``func`` no longer takes some of them. When its signature
-    cannot be read, everything goes by keyword."""
+    """Positional and keyword arguments for ``target`` (a function or its signature)
+    from arguments a letter stored by name; ``error`` (a ``ValueError`` unless told),
+    naming ``name`` (default: the function's qualified name), if it no longer takes some
+    of them. When its signature cannot be read, everything goes by keyword."""
     try:
-        sig = inspect.signature(func)
+        sig = target if isinstance(target, inspect.Signature) else inspect.signature(target)
     except (TypeError, ValueError):
         return (), dict(arguments)
     unknown = sorted(set(arguments) - set(sig.parameters))
     if unknown:
-        raise ValueError(
-            f"{getattr(func, '__qualname__', func)} no longer takes "
+        raise error(
+            f"{name or getattr(target, '__qualname__', target)} no longer takes "
             f"{', '.join(map(repr, unknown))}; its signature changed"
         )
-    ordered = {name: arguments[name] for name in sig.parameters if name in arguments}
+    ordered = {arg: arguments[arg] for arg in sig.parameters if arg in arguments}
     bound = inspect.BoundArguments(sig, ordered)
     return tuple(bound.args), dict(bound.kwargs)
 
@@ -373,11 +353,10 @@ def delivery_flow(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Flow[Any]:
     """The idempotent call of ``spec`` for one delivery of a message (see the rules
     above); run it with :func:`run_delivery` or :func:`arun_delivery`."""
-    key = spec.key(args, kwargs, None) if store_key is None else store_key
+    key = spec.key(args, kwargs, None)
     backend = spec.backend()
     if delivery.handover is not None:
         yield from _take_handover(spec, backend, key, delivery, delivery.handover)
@@ -449,10 +428,9 @@ def run_delivery(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Any:
     """Run :func:`delivery_flow` with the sync store and body."""
-    return flow.drive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)
+    return flow.drive(delivery_flow(spec, args, kwargs, delivery), _CATCH)
 
 
 async def arun_delivery(
@@ -460,7 +438,6 @@ async def arun_delivery(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
-    store_key: str | None = None,
 ) -> Any:
     """Run :func:`delivery_flow` awaiting the async store and body."""
-    return await flow.adrive(delivery_flow(spec, args, kwargs, delivery, store_key), _CATCH)
+    return await flow.adrive(delivery_flow(spec, args, kwargs, delivery), _CATCH)

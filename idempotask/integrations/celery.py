@@ -53,12 +53,8 @@ Plain ``@idempotent`` stacked under ``@app.task`` works too (with ``bind=True``,
 the worker computes the key, there is no owner (a ``self.retry()`` releases the claim and
 the retry claims it afresh), no enqueue dedupe and no dead-lettering on exhaustion.
 
-Options are task options with a prefix: ``idempotency_<option>`` for each option of
-:func:`idempotask.idempotent` but ``name`` (``idempotency_ttl``, ``idempotency_lease``,
-``idempotency_key_args``...), ``idempotency_dedupe_enqueue``, and ``dead_letter_<option>``
-(``dead_letter_queue``, ``dead_letter_redact``, ``dead_letter_critical``,
-``dead_letter_enabled``...). An unknown prefixed name is a
-:class:`~idempotask.ConfigurationError` naming it.
+Options are task options: the prefixed ones of :mod:`idempotask.integrations`
+(``idempotency_ttl``, ``dead_letter_redact``...) and ``idempotency_dedupe_enqueue``.
 """
 
 from __future__ import annotations
@@ -91,6 +87,7 @@ from idempotask.integrations._common import (
     NOT_DEAD_LETTERED,
     DeadLetterOptions,
     check_worker_backend,
+    replay_arguments,
     split_options,
 )
 from idempotask.lease import Lease, current_lease
@@ -511,7 +508,9 @@ def _final_failure(
         letters.record(
             task.name,
             error,
-            arguments=letters.arguments(binding.signature, args, kwargs, binding.spec.name),
+            binding.signature,
+            args,
+            kwargs,
             key=key,
             route=ROUTE,
             replay_of=_header(request, REPLAY_HEADER),
@@ -549,16 +548,10 @@ def _replay(letter: DeadLetter, arguments: dict[str, Any]) -> None:
         # This process does not import the task: send it by name, by keyword.
         app.send_task(letter.function, kwargs=arguments, headers=headers)
         return
-    signature = task._idempotask().signature
-    unknown = sorted(set(arguments) - set(signature.parameters))
-    if unknown:
-        raise ReplayError(
-            f"{letter.function} no longer takes {', '.join(map(repr, unknown))}; "
-            "its signature changed"
-        )
-    ordered = {n: arguments[n] for n in signature.parameters if n in arguments}
-    bound = inspect.BoundArguments(signature, ordered)
-    task.apply_async(bound.args, bound.kwargs, headers=headers)
+    args, kwargs = replay_arguments(
+        task._idempotask().signature, arguments, name=letter.function, error=ReplayError
+    )
+    task.apply_async(args, kwargs, headers=headers)
 
 
 register_route(ROUTE, _replay)

@@ -16,20 +16,8 @@
 An actor is idempotent when it has an ``idempotency_*`` option, or when its function is
 a plain ``@idempotent`` one (``@dramatiq.actor`` over ``@idempotent``); either way the
 key's name is the actor name, so an actor keeps its keys whichever way it is decorated.
-Each delivery of a message claims under an owner of its own (the message id and a
-random suffix): a message the broker redelivers while its first delivery still runs
-(RabbitMQ after a dropped consumer connection or missed heartbeats, a stalled worker)
-never re-takes that run's claim; it waits for that run's result, or for its lease to run
-out if the worker died. A retry of a failed attempt (the Retries middleware) finds the
-claim released, and failures its own message cached never answer it, so it runs at
-once; a body raising ``dramatiq.Retry`` hands its kept claim to its retry. A duplicate
-message runs no body: its actor call returns the first result (which the Results
-middleware stores for the duplicate's message too) and the message is acknowledged.
-
-A message whose retries are exhausted (the Retries middleware rejects it) is recorded in
-the dead-letter queue -- ``function`` = the actor name, ``route="dramatiq"`` -- with its
-traceback; ``DeadLetterQueue.process_due()`` in any process whose broker has this
-middleware replays it through ``actor.send_with_options``.
+What happens to duplicates, retries, redeliveries and messages whose retries are
+exhausted (dead letters): see :class:`IdempotencyMiddleware`.
 """
 
 from __future__ import annotations
@@ -173,14 +161,10 @@ def _remember_broker(broker: Broker) -> None:
 
 
 def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
-    """The actor function: the idempotent call, as one delivery of the current message.
-
-    Each delivery claims under an owner of its own (see ``_common.Delivery``), so a
-    message RabbitMQ redelivers while its first delivery still runs waits for that run
-    instead of re-taking its claim. A body raising ``dramatiq.Retry`` keeps its claim:
-    the Retries middleware re-enqueues this very message object, so the handover put in
-    its options reaches the retry, which re-takes the claim at once.
-    """
+    """The actor function: the idempotent call, as one delivery of the current message
+    (see ``_common.Delivery``). A body raising ``dramatiq.Retry`` keeps its claim: the
+    Retries middleware re-enqueues this very message object, so the handover put in its
+    options reaches the retry, which re-takes the claim at once."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         message = _current_message()
@@ -269,11 +253,8 @@ class IdempotencyMiddleware(Middleware):
     ``dead_letter_enabled=False``). ``dead_letter_queue``: the
     :class:`~idempotask.deadletter.DeadLetterQueue` (default: the process-wide one).
 
-    Actor options: ``idempotency_<option>`` for each of ``@idempotent``'s options but
-    ``name`` (the actor name is the key's name), and ``dead_letter_<option>``
-    (``queue``, ``redact``, ``classifier``, ``policies``, ``critical``,
-    ``on_dead_letter``, ``on_retry_exhausted``, ``enabled``). Dramatiq itself refuses
-    names no middleware declares; a bad value is an :class:`ActorOptionError`
+    Actor options: the prefixed ones of :mod:`idempotask.integrations`. Dramatiq itself
+    refuses names no middleware declares; a bad value is an :class:`ActorOptionError`
     (a ``ConfigurationError``) when the actor is declared.
 
     - **Duplicates** run no body; the actor returns the stored result (stored by the
@@ -300,10 +281,11 @@ class IdempotencyMiddleware(Middleware):
       has run out.
     - **Exhausted retries** (any message Dramatiq rejects with an exception: retries
       used up, ``max_retries=0``, an exception listed in ``throws``): the message is
-      recorded as a dead letter (traceback, bound arguments through
-      ``dead_letter_redact``, the key) under its message id, and replayed with
-      ``actor.send_with_options`` (the actor's retry options apply to the replay); a
-      replayed message that fails for good updates its letter.
+      recorded as a dead letter (``function`` = the actor name, ``route="dramatiq"``,
+      traceback, bound arguments through ``dead_letter_redact``, the key) under its
+      message id. ``DeadLetterQueue.process_due()`` in any process whose broker has this
+      middleware replays it with ``actor.send_with_options`` (the actor's retry options
+      apply to the replay); a replayed message that fails for good updates its letter.
     - The in-memory store is warned about (``MultiProcessMemoryWarning``) when the worker
       runs several processes, where it cannot deduplicate.
     """
@@ -517,14 +499,15 @@ class IdempotencyMiddleware(Middleware):
         except ActorNotFound:
             fn = None
         args, kwargs = tuple(message.args), dict(message.kwargs)
-        arguments = options.arguments(fn, args, kwargs, name)
         # Recorded under the message id, so a message recorded twice (redelivered after
         # its worker died between recording and rejecting it) keeps one letter; a replay
         # names its letter in its options.
         options.record(
             name,
             error,
-            arguments=arguments,
+            fn,
+            args,
+            kwargs,
             key=call_key(fn, args, kwargs),
             route=ROUTE,
             replay_of=str(message.options.get(LETTER_OPTION) or message.message_id),

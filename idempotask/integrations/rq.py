@@ -15,14 +15,10 @@ and the worker runs with the dead-letter handler::
     rq worker --exception-handler idempotask.integrations.rq.dead_letter_handler
 
 - :func:`idempotent_job` is ``@idempotent`` with prefixed options (``idempotency_ttl``,
-  ``dead_letter_redact``...) that knows the job running it. Each run of a job claims
-  under an owner of its own (the job id and a random suffix): RQ's ``Retry`` of a failed
-  run finds the claim released (failures the job cached never answer it) and runs at
-  once, while a run of a job RQ re-queued although its first run is still alive (its
-  worker stalled past its heartbeat) waits for that run instead of running beside it.
-  A plain ``@idempotent`` job function works in a worker too (duplicates are answered
-  from the store); :class:`IdempotentJob` (``rq worker --job-class``) runs it like
-  :func:`idempotent_job` does.
+  ``dead_letter_redact``...) that knows the job running it: each run of a job claims
+  under an owner of its own (see there). A plain ``@idempotent`` job function works in a
+  worker too (duplicates are answered from the store); :class:`IdempotentJob`
+  (``rq worker --job-class``) runs it like :func:`idempotent_job` does.
 - :func:`enqueue_once` derives the job id from the idempotency key, so the same logical
   call enqueued again returns the same job while it is queued, running, or its result is
   still in the store.
@@ -40,7 +36,6 @@ import importlib
 import inspect
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -141,8 +136,7 @@ register_cancellation(JobTimeoutException)
 # Running a job: each run claims under an owner of its own
 # ----------------------------------------------------------------------------------------
 
-_checked_pids: set[int] = set()
-_checked_lock = threading.Lock()
+_checked_pid = 0  # the process whose store was checked (a forked work horse checks its own)
 
 
 def _worker_processes(job: Job) -> int:
@@ -167,11 +161,10 @@ def _worker_processes(job: Job) -> int:
 
 def _check_backend_once(fn: Any, job: Job) -> None:
     """Warn (once per process) when a job in a forking worker uses the memory store."""
-    pid = os.getpid()
-    if pid in _checked_pids:
+    global _checked_pid
+    if _checked_pid == os.getpid():
         return
-    with _checked_lock:
-        _checked_pids.add(pid)
+    _checked_pid = os.getpid()
     from idempotask.backends.memory import MemoryBackend
 
     backend = fn.__idempotask_spec__.backend()
@@ -179,25 +172,38 @@ def _check_backend_once(fn: Any, job: Job) -> None:
         check_worker_backend(backend, framework="rq", processes=_worker_processes(job))
 
 
-def _delivery(fn: Any, job: Job) -> Delivery:
-    """This run of ``job``: it claims under an owner of its own, never re-taking the
-    claim of another run of the same job (see ``_common.Delivery``)."""
-    _check_backend_once(fn, job)
-    return Delivery(str(job.id))
+def _job_run(func: Any, job: Job | None, wrapped: Any) -> Any:
+    """``func`` (``@idempotent``) run as one delivery of ``job``, or of the current job
+    when ``job`` is None (plain ``func`` outside any job), with ``wrapped``'s name and
+    docstring; RQ runs the coroutine an async one returns."""
+    spec = func.__idempotask_spec__
 
+    def delivery() -> Delivery | None:
+        # This run of the job: it claims under an owner of its own, never re-taking the
+        # claim of another run of the same job (see ``_common.Delivery``).
+        current = job if job is not None else get_current_job()
+        if current is None:
+            return None
+        _check_backend_once(func, current)
+        return Delivery(str(current.id))
 
-def _call_in_job(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    job = get_current_job()
-    if job is None:  # called directly, not by a worker
-        return fn(*args, **kwargs)
-    return run_delivery(fn.__idempotask_spec__, args, kwargs, _delivery(fn, job))
+    if inspect.iscoroutinefunction(wrapped):
 
+        async def arun(*args: Any, **kwargs: Any) -> Any:
+            this = delivery()
+            if this is None:  # called directly, not by a worker
+                return await func(*args, **kwargs)
+            return await arun_delivery(spec, args, kwargs, this)
 
-async def _acall_in_job(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    job = get_current_job()
-    if job is None:
-        return await fn(*args, **kwargs)
-    return await arun_delivery(fn.__idempotask_spec__, args, kwargs, _delivery(fn, job))
+        return functools.update_wrapper(arun, wrapped)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        this = delivery()
+        if this is None:  # called directly, not by a worker
+            return func(*args, **kwargs)
+        return run_delivery(spec, args, kwargs, this)
+
+    return functools.update_wrapper(run, wrapped)
 
 
 def _is_plain_idempotent(func: Any) -> bool:
@@ -207,23 +213,6 @@ def _is_plain_idempotent(func: Any) -> bool:
         and callable(getattr(func, "using", None))
         and not hasattr(func, _RQ_MARKER)
     )
-
-
-def _as_job_run(func: Any, job: Job) -> Any:
-    """``func`` (plain ``@idempotent``) run as one delivery of ``job``; RQ runs the
-    coroutine an async one returns."""
-    spec = func.__idempotask_spec__
-    if inspect.iscoroutinefunction(func):
-
-        async def arun(*args: Any, **kwargs: Any) -> Any:
-            return await arun_delivery(spec, args, kwargs, _delivery(func, job))
-
-        return functools.update_wrapper(arun, func)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return run_delivery(spec, args, kwargs, _delivery(func, job))
-
-    return functools.update_wrapper(run, func)
 
 
 class IdempotentJob(Job):
@@ -243,7 +232,7 @@ class IdempotentJob(Job):
         """The job's function; a plain ``@idempotent`` one run as this job's delivery."""
         func = super().func
         if _is_plain_idempotent(func):
-            return _as_job_run(func, self)
+            return _job_run(func, self, func)
         return func
 
 
@@ -267,12 +256,9 @@ def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) ->
 
         queue.enqueue(charge, 7, "tok_1", retry=Retry(max=3))
 
-    ``idempotency_<option>`` are ``@idempotent``'s options (``ttl``, ``lease``,
-    ``on_conflict``, ``cache_errors``, ``key_args``...); the key's name is the job's
-    ``func_name`` (``module.qualname``). ``dead_letter_<option>`` (``queue``, ``redact``,
-    ``classifier``, ``policies``, ``critical``, ``on_dead_letter``,
-    ``on_retry_exhausted``, ``enabled``) tell :func:`dead_letter_handler` how to record
-    this function's exhausted jobs. Unknown names are a :class:`ConfigurationError`.
+    Options: the prefixed ones of :mod:`idempotask.integrations`; the key's name is the
+    job's ``func_name`` (``module.qualname``), and the ``dead_letter_*`` options tell
+    :func:`dead_letter_handler` how to record this function's exhausted jobs.
 
     Inside a worker each run of the job claims under an owner of its own (the job id and
     a random suffix). A failed run releases the claim, and a failure the job cached with
@@ -300,20 +286,7 @@ def idempotent_job(func: Callable[..., Any] | None = None, /, **options: Any) ->
             )
         dead_options = DeadLetterOptions.from_options(dead, where)
         inner: Any = idempotent(**idem)(f)
-
-        if inspect.iscoroutinefunction(f):
-
-            @functools.wraps(f)
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _acall_in_job(inner, args, kwargs)
-
-        else:
-
-            @functools.wraps(f)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return _call_in_job(inner, args, kwargs)
-
-        w: Any = wrapper
+        w = _job_run(inner, None, f)
         for name in ("idempotency", "__idempotask_spec__", "key_for", "forget", "forget_key"):
             setattr(w, name, getattr(inner, name))
         w.using = inner.using
@@ -463,22 +436,22 @@ def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
     )
     if not options.enabled:
         return None
-    arguments: dict[str, Any] | None = None
-    key = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
     if func is not None:
         try:
             args, kwargs = tuple(job.args), dict(job.kwargs)
         except Exception:
             args, kwargs = (), {}
-        arguments = options.arguments(func, args, kwargs, name)
-        key = call_key(func, args, kwargs)
     # The first failure of a job is recorded under the job's id, so the replay route can
     # find the job (its queue and options); a replayed job names its letter in its meta.
     return options.record(
         name,
         error,
-        arguments=arguments,
-        key=key,
+        func,
+        args,
+        kwargs,
+        key=call_key(func, args, kwargs),
         route=ROUTE,
         replay_of=str((job.meta or {}).get(LETTER_META) or job.id),
     )
@@ -544,10 +517,8 @@ def _replay(
     options: dict[str, Any] = {}
     try:
         original = Job.fetch(letter.id, connection=connection)
-    except NoSuchJobError:
-        original = None
-    except Exception:
-        original = None  # unreadable (another serializer...): fall back to the default queue
+    except Exception:  # gone (NoSuchJobError) or unreadable (another serializer...)
+        original = None  # the default queue then
     if original is not None and original.func_name == letter.function and original.origin:
         queue_name = original.origin
         options = {
