@@ -120,12 +120,6 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
     return chosen
 
 
-def _not_found(ctx: Context, problems: Sequence[str]) -> int:
-    for problem in problems:
-        ctx.note(f"error: {problem}")
-    return 1 if problems else 0
-
-
 def find(ctx: Context, id: str) -> DeadLetter:
     """The letter ``id`` names: its id, or an unambiguous prefix of it (``3f2a9c...``)."""
     try:
@@ -151,7 +145,9 @@ def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], do
         {"count": len(changed), "letters": [letter_json(x) for x in changed], "not_found": missing},
         *(f"{done} {x.id} ({x.function}): now {x.status.value}" for x in changed),
     )
-    return _not_found(ctx, problems)
+    for problem in problems:
+        ctx.note(f"error: {problem}")
+    return 1 if problems else 0
 
 
 # -- list / show ----------------------------------------------------------------------------
@@ -509,9 +505,8 @@ def cmd_process(ctx: Context) -> int:
     """``dlq process``: replay due letters once, or in a loop until SIGINT/SIGTERM."""
     a = ctx.args
     queue = ctx.queue()
-    chosen = None
-    if a.function or a.kind:
-        chosen = DeadLetterFilter(kind=tuple(a.kind or ()), function=tuple(a.function or ()))
+    kinds, functions = tuple(a.kind or ()), tuple(a.function or ())
+    chosen = DeadLetterFilter(kind=kinds, function=functions) if kinds or functions else None
 
     def run() -> ProcessReport:
         report = queue.process_due(limit=a.limit, lease=a.lease, filter=chosen)

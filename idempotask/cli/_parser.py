@@ -145,33 +145,18 @@ def _add_filters(
     search: bool = False,
 ) -> None:
     group = parser.add_argument_group("filters (repeat an option to match any of its values)")
+    lowered: dict[str, Any] = {"action": "append", "type": str.lower}  # --status PENDING
     if statuses:
-        group.add_argument(
-            "--status",
-            action="append",
-            type=str.lower,
-            choices=STATUSES,
-            metavar="STATUS",
-            help=f"one of: {', '.join(STATUSES)}",
-        )
-    group.add_argument(
-        "--kind",
-        action="append",
-        type=str.lower,
-        choices=KINDS,
-        metavar="KIND",
-        help=f"failure kind, one of: {', '.join(KINDS)}",
-    )
+        text = f"one of: {', '.join(STATUSES)}"
+        group.add_argument("--status", choices=STATUSES, metavar="STATUS", help=text, **lowered)
+    text = f"failure kind, one of: {', '.join(KINDS)}"
+    group.add_argument("--kind", choices=KINDS, metavar="KIND", help=text, **lowered)
     group.add_argument(
         "--function", action="append", metavar="NAME", help="the function's dead-letter name"
     )
     if times:
-        group.add_argument(
-            "--since",
-            type=time_arg,
-            metavar="TIME",
-            help=f"last failure at or after TIME: {TIME_HELP}",
-        )
+        text = f"last failure at or after TIME: {TIME_HELP}"
+        group.add_argument("--since", type=time_arg, metavar="TIME", help=text)
         group.add_argument(
             "--until", type=time_arg, metavar="TIME", help="last failure before TIME"
         )
