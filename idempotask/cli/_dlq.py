@@ -383,14 +383,12 @@ def cmd_stats(ctx: Context) -> int:
         f"Dead letters whose last failure is in the past {a.hours:g}h "
         f"({iso(stats.since)} to {iso(stats.until)}): {stats.total}"
     )
-    ctx.print()
     # Statuses in their lifecycle order, not alphabetically.
     statuses = [(s.value, stats.by_status.get(s, 0)) for s in Status]
-    ctx.print(_count_table("STATUS", statuses, stats.total))
-    ctx.print()
-    ctx.print(_count_table("KIND", sorted(stats.by_kind.items()), stats.total))
-    ctx.print()
-    ctx.print(_count_table("FUNCTION", sorted(stats.by_function.items()), stats.total))
+    kinds, functions = sorted(stats.by_kind.items()), sorted(stats.by_function.items())
+    for title, counts in (("STATUS", statuses), ("KIND", kinds), ("FUNCTION", functions)):
+        ctx.print()
+        ctx.print(_count_table(title, counts, stats.total))
     if stats.rows:
         ctx.print()
         detail = [
