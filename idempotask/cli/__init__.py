@@ -131,7 +131,6 @@ def run(ctx: Context) -> int:
     as :class:`CommandError` with the one-line message and exit code ``main`` prints and
     returns (``manage.py idempotask`` raises it as Django's ``CommandError``)."""
     args = ctx.args
-    urls = (args.url, args.dead_letter_url)
     try:
         _import(args.imports)
         _configure(ctx)
@@ -144,16 +143,17 @@ def run(ctx: Context) -> int:
         raise CommandError(message, EXIT_REFUSED) from exc
     except MissingTableError as exc:
         # Not an outage: the table will not appear by itself.
-        detail = scrub(redact_url(str(exc)), backend_url(), dead_letter_url(), *urls)
+        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        detail = scrub(redact_url(str(exc)), *urls)
         message = f"{_where(args.group)} has no table {exc.table!r}: {ctx.tables_hint} ({detail})"
         raise CommandError(message, EXIT_REFUSED) from exc
     except BackendError as exc:
-        detail = scrub(redact_url(str(exc)), backend_url(), dead_letter_url(), *urls)
-        raise CommandError(
-            f"cannot reach {_where(args.group)}: {detail}", EXIT_UNREACHABLE
-        ) from exc
+        where = _where(args.group)
+        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        detail = scrub(redact_url(str(exc)), *urls)
+        raise CommandError(f"cannot reach {where}: {detail}", EXIT_UNREACHABLE) from exc
     except ConfigurationError as exc:
-        detail = scrub(str(exc), *urls)
+        detail = scrub(str(exc), args.url, args.dead_letter_url)
         raise CommandError(detail, EXIT_USAGE) from exc
     except IdempotaskError as exc:
         raise CommandError(str(exc), EXIT_REFUSED) from exc
