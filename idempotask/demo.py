@@ -89,25 +89,21 @@ def notify(order_id: int) -> str:
     return f"mail sent for order {order_id}"
 
 
-def _configure(directory: Path) -> None:
-    """Point idempotask at the demo's SQLite file (in this process)."""
+def _store(directory: Path) -> Any:
+    """The SQLite store of the demo's file (records, dead letters, breakers)."""
     from idempotask.backends.sql import SQLAlchemyBackend
 
+    return SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
+
+
+def _configure(directory: Path) -> None:
+    """Point idempotask at the demo's SQLite file (in this process)."""
     _Demo.directory = directory
-    backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
     idempotask.configure(
-        backend=backend,  # dead letters go beside the records, in the "demo" namespace
+        backend=_store(directory),  # dead letters go beside the records, in the "demo" namespace
         namespace="demo",
         spool_path=str(directory / "spool"),
     )
-
-
-def _create_tables(directory: Path) -> None:
-    from idempotask.backends.sql import SQLAlchemyBackend
-
-    backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
-    backend.create_tables()  # records, dead letters, breakers
-    backend.close()
 
 
 # -- the processes the demo starts (spawned: each imports this module afresh) ---------------
@@ -241,7 +237,9 @@ def _dead_letter(out: _Out, context: Any) -> None:
 
 def run(directory: Path, out: _Out) -> None:
     """The four scenes, on a SQLite file in ``directory``."""
-    _create_tables(directory)
+    store = _store(directory)
+    store.create_tables()  # records, dead letters, breakers
+    store.close()
     _configure(directory)
     context = multiprocessing.get_context("spawn")  # fresh processes, as on any OS
     out(f"idempotask demo on a SQLite file: {directory / 'demo.db'}")

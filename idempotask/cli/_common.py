@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from idempotask import config
 from idempotask.backends.deadletters import DeadLetter
-from idempotask.cli._text import safe
+from idempotask.cli._text import safe, to_json
 from idempotask.deadletter import DeadLetterQueue, Redacted, Unserializable, default_queue
 from idempotask.deadletter._arguments import FINGERPRINT
 from idempotask.serializers import get_serializer
@@ -60,6 +60,13 @@ class Context:
         """A line of the command's output, control characters escaped (JSON output has
         none: :func:`~idempotask.cli._text.to_json` escapes them the JSON way)."""
         print(safe(text), file=self.out, flush=True)
+
+    def show(self, data: Any, *lines: str) -> None:
+        """The command's result: ``data`` as JSON with ``--json``, else ``lines``."""
+        if self.json:
+            self.print(to_json(data))
+        for line in () if self.json else lines:
+            self.print(line)
 
     def note(self, text: str) -> None:
         """A remark for people, on stderr (never mixed into the output)."""
@@ -132,18 +139,18 @@ def dead_letter_url() -> str | None:
     return os.environ.get(config.ENV_DEAD_LETTER_URL) or backend_url()
 
 
+def _describe(store: str, url: str | None, chosen: object) -> str:
+    return f"the {store} store at {redact_url(url) if url is not None else repr(chosen)}"
+
+
 def describe_backend() -> str:
     """``the idempotency store at redis://host:6379/0``, password hidden."""
-    url = backend_url()
-    what = redact_url(url) if url is not None else repr(config.settings().backend)
-    return f"the idempotency store at {what}"
+    return _describe("idempotency", backend_url(), config.settings().backend)
 
 
 def describe_dead_letter_store() -> str:
     """``the dead-letter store at redis://host:6379/0``, password hidden."""
-    url = dead_letter_url()
-    what = redact_url(url) if url is not None else repr(config.settings().dead_letter_store)
-    return f"the dead-letter store at {what}"
+    return _describe("dead-letter", dead_letter_url(), config.settings().dead_letter_store)
 
 
 def current_spool_path() -> str:
@@ -177,11 +184,17 @@ class Decoded:
     error: str | None = None
 
 
-def _document(data: bytes) -> tuple[Any, str | None]:
+def _load(data: bytes) -> tuple[Any, Any, str | None]:
+    """The JSON document in ``data``, the value the typed JSON serializer makes of it,
+    and why not when either fails (the value is then None)."""
     try:
-        return json.loads(data.decode("utf-8", "surrogatepass")), None
+        document = json.loads(data.decode("utf-8", "surrogatepass"))
     except (UnicodeDecodeError, ValueError):
-        return None, f"{len(data)} bytes that are not typed JSON (another serializer?)"
+        return None, None, f"{len(data)} bytes that are not typed JSON (another serializer?)"
+    try:
+        return document, _JSON.loads(data), None
+    except Exception as exc:
+        return document, None, str(exc)
 
 
 def decode(data: bytes) -> Decoded:
@@ -190,14 +203,8 @@ def decode(data: bytes) -> Decoded:
     Classes are only looked up among imported modules (``--import`` the module that
     defines them); other bytes (pickle, foreign data) are reported, never unpickled.
     """
-    document, error = _document(data)
-    if error is not None:
-        return Decoded(error=error)
-    try:
-        value = _JSON.loads(data)
-    except Exception as exc:
-        return Decoded(document, None, str(exc))
-    return Decoded(document, _readable(value))
+    document, value, error = _load(data)
+    return Decoded(document, None if error is not None else _readable(value), error)
 
 
 @dataclass(frozen=True)
@@ -215,14 +222,10 @@ def decode_arguments(letter: DeadLetter) -> Arguments:
     """The letter's arguments (``kept`` is False when none were stored); never raises."""
     if not letter.arguments:
         return Arguments(kept=False)
-    document, error = _document(letter.arguments)
+    document, value, error = _load(letter.arguments)
+    if error is None and not isinstance(value, dict):
+        error = "not a mapping of names to values"
     if error is not None:
-        return Arguments(True, None, None, error)
-    try:
-        value = _JSON.loads(letter.arguments)
-    except Exception as exc:
-        return Arguments(True, document, None, str(exc))
-    if not isinstance(value, dict):
-        return Arguments(True, document, None, "not a mapping of names to values")
+        return Arguments(True, document, None, error)
     shown = {str(name): _readable(v) for name, v in value.items() if name != FINGERPRINT}
     return Arguments(True, document, shown)

@@ -13,7 +13,6 @@ from typing import Any
 
 from idempotask import config
 from idempotask.cli._common import Context, redact_url
-from idempotask.cli._text import to_json
 
 __all__ = ["cmd_create"]
 
@@ -52,11 +51,11 @@ def cmd_create(ctx: Context) -> int:
         create()
         ready.update((where, name) for name in tables)
         done.append({"store": role, "database": where, "tables": tables})
-    if ctx.json:
-        ctx.print(to_json({"created": done}))
-    elif not done:
-        ctx.print("nothing to create: the configured stores keep no SQL tables")
-    for entry in [] if ctx.json else done:
-        names = ", ".join(entry["tables"]) or "its tables"
-        ctx.print(f"{entry['store']}: {names} ready on {entry['database']}")
+    lines = [
+        f"{x['store']}: {', '.join(x['tables']) or 'its tables'} ready on {x['database']}"
+        for x in done
+    ]
+    ctx.show(
+        {"created": done}, *lines or ["nothing to create: the configured stores keep no SQL tables"]
+    )
     return 0

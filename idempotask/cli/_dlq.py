@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,17 +70,17 @@ def _next_retry(letter: DeadLetter, now: float) -> str:
 
 def history_json(letter: DeadLetter) -> list[dict[str, Any]]:
     """A letter's history as JSON, oldest first, times as ISO 8601 UTC."""
+    names = ("what", "actor", "kind", "error", "note")
     return [
-        {
-            "at": iso(a.at, precise=True),
-            "what": a.what,
-            "actor": a.actor,
-            "kind": a.kind,
-            "error": a.error,
-            "note": a.note,
-        }
+        {"at": iso(a.at, precise=True), **{name: getattr(a, name) for name in names}}
         for a in letter.history
     ]
+
+
+_LETTER_FIELDS = ["id", "function", "kind", "attempts", "error_type", "message", "key", "route"]
+_LETTER_FIELDS += ["critical", "resolution", "version"]
+"""The fields letter_json() gives as they are (times: ISO 8601; the status: its value)."""
+_LETTER_TIMES = ("first_failed_at", "last_failed_at", "next_retry_at")
 
 
 def letter_json(
@@ -91,24 +91,9 @@ def letter_json(
     (``arguments``: the typed JSON document, lossless; ``arguments_repr``: name -> repr of
     the decoded value; ``arguments_error``: why they could not be decoded here).
     ``arguments`` is null when none were kept."""
-    data: dict[str, Any] = {
-        "id": letter.id,
-        "function": letter.function,
-        "kind": letter.kind,
-        "status": letter.status.value,
-        "attempts": letter.attempts,
-        "error_type": letter.error_type,
-        "message": letter.message,
-        "key": letter.key,
-        "route": letter.route,
-        "critical": letter.critical,
-        "resolution": letter.resolution,
-        "version": letter.version,
-        "first_failed_at": iso(letter.first_failed_at, precise=True),
-        "last_failed_at": iso(letter.last_failed_at, precise=True),
-        "next_retry_at": iso(letter.next_retry_at, precise=True),
-        "held": held(letter),
-    }
+    data: dict[str, Any] = {name: getattr(letter, name) for name in _LETTER_FIELDS}
+    data.update({name: iso(getattr(letter, name), precise=True) for name in _LETTER_TIMES})
+    data.update(status=letter.status.value, held=held(letter))
     if full:
         data["traceback"] = letter.traceback
         data["history"] = history_json(letter)
@@ -135,12 +120,6 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
     return chosen
 
 
-def _not_found(ctx: Context, problems: Sequence[str]) -> int:
-    for problem in problems:
-        ctx.note(f"error: {problem}")
-    return 1 if problems else 0
-
-
 def find(ctx: Context, id: str) -> DeadLetter:
     """The letter ``id`` names: its id, or an unambiguous prefix of it (``3f2a9c...``)."""
     try:
@@ -162,20 +141,13 @@ def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], do
         except (DeadLetterNotFound, AmbiguousLetterId) as exc:
             missing.append(id)
             problems.append(str(exc))
-    if ctx.json:
-        ctx.print(
-            to_json(
-                {
-                    "count": len(changed),
-                    "letters": [letter_json(x) for x in changed],
-                    "not_found": missing,
-                }
-            )
-        )
-    else:
-        for letter in changed:
-            ctx.print(f"{done} {letter.id} ({letter.function}): now {letter.status.value}")
-    return _not_found(ctx, problems)
+    ctx.show(
+        {"count": len(changed), "letters": [letter_json(x) for x in changed], "not_found": missing},
+        *(f"{done} {x.id} ({x.function}): now {x.status.value}" for x in changed),
+    )
+    for problem in problems:
+        ctx.note(f"error: {problem}")
+    return 1 if problems else 0
 
 
 # -- list / show ----------------------------------------------------------------------------
@@ -287,10 +259,7 @@ def cmd_retry(ctx: Context) -> int:
             "--yes"
         )
     count = queue.requeue_all(**chosen, actor=ctx.actor)
-    if ctx.json:
-        ctx.print(to_json({"count": count}))
-    else:
-        ctx.print(f"requeued {plural(count, 'dead letter')}: due now")
+    ctx.show({"count": count}, f"requeued {plural(count, 'dead letter')}: due now")
     return 0
 
 
@@ -341,20 +310,16 @@ def cmd_purge(ctx: Context) -> int:
         f"failure is more than {span(older)} old"
     )
     if count == 0 or a.dry_run:
-        if ctx.json:
-            ctx.print(to_json({"deleted": 0, "matched": count, "dry_run": bool(a.dry_run)}))
-        else:
-            ctx.print(f"would delete {what}" if count else f"nothing to purge: no {what[2:]}")
+        said = f"would delete {what}" if count else f"nothing to purge: no {what[2:]}"
+        ctx.show({"deleted": 0, "matched": count, "dry_run": bool(a.dry_run)}, said)
         return 0
     if not a.yes and not _confirm(ctx, f"Delete {what}?"):
         raise CommandError(
             f"would delete {what}; pass --yes to delete them (or --dry-run to count only)"
         )
     deleted = store.purge(chosen)
-    if ctx.json:
-        ctx.print(to_json({"deleted": deleted, "matched": count, "dry_run": False}))
-    else:
-        ctx.print(f"deleted {plural(deleted, 'dead letter')}")
+    said = f"deleted {plural(deleted, 'dead letter')}"
+    ctx.show({"deleted": deleted, "matched": count, "dry_run": False}, said)
     return 0
 
 
@@ -398,8 +363,8 @@ def stats_json(stats: DeadLetterStats, hours: float, spooled: int) -> dict[str, 
     }
 
 
-def _count_table(title: str, counts: dict[str, int], total: int) -> str:
-    rows: list[list[object]] = [[name, n] for name, n in sorted(counts.items())]
+def _count_table(title: str, counts: Iterable[tuple[str, int]], total: int) -> str:
+    rows: list[list[object]] = [[name, n] for name, n in counts]
     rows.append(["total", total])
     return table([title, "COUNT"], rows, right="1")
 
@@ -418,16 +383,12 @@ def cmd_stats(ctx: Context) -> int:
         f"Dead letters whose last failure is in the past {a.hours:g}h "
         f"({iso(stats.since)} to {iso(stats.until)}): {stats.total}"
     )
-    ctx.print()
-    statuses = {s.value: n for s, n in stats.by_status.items()}
     # Statuses in their lifecycle order, not alphabetically.
-    rows: list[list[object]] = [[s, statuses.get(s, 0)] for s in (x.value for x in Status)]
-    rows.append(["total", stats.total])
-    ctx.print(table(["STATUS", "COUNT"], rows, right="1"))
-    ctx.print()
-    ctx.print(_count_table("KIND", dict(stats.by_kind), stats.total))
-    ctx.print()
-    ctx.print(_count_table("FUNCTION", dict(stats.by_function), stats.total))
+    statuses = [(s.value, stats.by_status.get(s, 0)) for s in Status]
+    kinds, functions = sorted(stats.by_kind.items()), sorted(stats.by_function.items())
+    for title, counts in (("STATUS", statuses), ("KIND", kinds), ("FUNCTION", functions)):
+        ctx.print()
+        ctx.print(_count_table(title, counts, stats.total))
     if stats.rows:
         ctx.print()
         detail = [
@@ -542,9 +503,8 @@ def cmd_process(ctx: Context) -> int:
     """``dlq process``: replay due letters once, or in a loop until SIGINT/SIGTERM."""
     a = ctx.args
     queue = ctx.queue()
-    chosen = None
-    if a.function or a.kind:
-        chosen = DeadLetterFilter(kind=tuple(a.kind or ()), function=tuple(a.function or ()))
+    kinds, functions = tuple(a.kind or ()), tuple(a.function or ())
+    chosen = DeadLetterFilter(kind=kinds, function=functions) if kinds or functions else None
 
     def run() -> ProcessReport:
         report = queue.process_due(limit=a.limit, lease=a.lease, filter=chosen)
@@ -607,19 +567,17 @@ def cmd_flush(ctx: Context) -> int:
     delivered = queue.flush_spool()
     left = _spooled(ctx)
     others = _other_spools(queue.spool.path)
-    if ctx.json:
-        data: dict[str, Any] = {"delivered": delivered, "waiting": left, "spool": queue.spool.path}
-        if others:
-            data["other_namespaces"] = others
-        ctx.print(to_json(data))
-        return 0
-    ctx.print(
+    data: dict[str, Any] = {"delivered": delivered, "waiting": left, "spool": queue.spool.path}
+    if others:
+        data["other_namespaces"] = others
+    ctx.show(
+        data,
         f"delivered {plural(delivered, 'spooled dead letter')}; {left} still waiting in "
-        f"{queue.spool.path}"
-    )
-    for namespace, count in others.items():
-        ctx.print(
+        f"{queue.spool.path}",
+        *(
             f"{plural(count, 'letter')} wait in the spool of namespace {namespace} "
             f"(spool-{namespace}.jsonl): `{ctx.prog} dlq flush --namespace {namespace}`"
-        )
+            for namespace, count in others.items()
+        ),
+    )
     return 0

@@ -110,14 +110,9 @@ def record_json(key: str, record: Record, now: float) -> dict[str, Any]:
     decoded = decode(record.payload) if record.payload else Decoded()
     error = _error(decoded) if record.state is State.FAILED else None
     return {
+        **_listed_json(record, now),
         "key": key,
-        "state": record.state.value,
         "token": record.token,
-        "owner": record.owner,
-        "fingerprint": record.fingerprint,
-        "expires_in": record.expires_in,
-        "expires_at": _expiry(record, now)[1],
-        "payload_size": len(record.payload),
         "result": decoded.document if record.state is State.COMPLETED else None,
         "result_repr": decoded.text if record.state is State.COMPLETED else None,
         "error": error,
@@ -144,13 +139,11 @@ def cmd_show(ctx: Context) -> int:
     key, record = _find(config.get_backend(), ctx.args.key, ctx.prog)
     if record is None:
         raise CommandError(f"no record under key {ctx.args.key!r}")
-    if ctx.json:
-        ctx.print(to_json(record_json(key, record, ctx.now)))
-        return 0
     label = "lease expires in" if record.state is State.IN_PROGRESS else "expires in"
     payload_label, payload = _payload_text(record)
     stored_as = redis_key(key)
-    ctx.print(
+    ctx.show(
+        record_json(key, record, ctx.now),
         fields(
             [
                 ("key", printable(key)),
@@ -163,7 +156,7 @@ def cmd_show(ctx: Context) -> int:
                 ("payload", f"{len(record.payload)} bytes"),
                 (payload_label, printable(payload)),
             ]
-        )
+        ),
     )
     return 0
 
@@ -179,10 +172,8 @@ def cmd_forget(ctx: Context) -> int:
         # Not a record of ours: --force removes whatever is under the key.
         key = exc.key
         backend.delete(key)
-        if ctx.json:
-            ctx.print(to_json({"key": key, "forgotten": True, "state": None}))
-        else:
-            ctx.print(f"forgot {printable(key)} (it held data that was not an idempotask record)")
+        said = f"forgot {printable(key)} (it held data that was not an idempotask record)"
+        ctx.show({"key": key, "forgotten": True, "state": None}, said)
         return 0
     if record is None:
         raise CommandError(f"no record under key {ctx.args.key!r}")
@@ -197,12 +188,8 @@ def cmd_forget(ctx: Context) -> int:
     # Delete only the record we looked at: if another call took the key meanwhile, keep it.
     if not backend.delete(key, token=record.token):
         raise CommandError(f"{printable(key)} changed while it was being forgotten; look again")
-    if ctx.json:
-        ctx.print(to_json({"key": key, "forgotten": True, "state": record.state.value}))
-    else:
-        ctx.print(
-            f"forgot {printable(key)} (it was {record.state.value}); the next call runs again"
-        )
+    said = f"forgot {printable(key)} (it was {record.state.value}); the next call runs again"
+    ctx.show({"key": key, "forgotten": True, "state": record.state.value}, said)
     return 0
 
 
@@ -211,19 +198,15 @@ def cmd_purge(ctx: Context) -> int:
     (SQL); stores that expire records by themselves (Redis, memory) need nothing."""
     backend = config.get_backend()
     if not isinstance(backend, SupportsPurgeExpired):
-        if ctx.json:
-            ctx.print(to_json({"deleted": 0, "purges": False}))
-        else:
-            ctx.print(
-                f"nothing to purge: {describe_backend()} expires its records by itself "
-                f"({type(backend).__name__} keeps no expired rows)"
-            )
+        ctx.show(
+            {"deleted": 0, "purges": False},
+            f"nothing to purge: {describe_backend()} expires its records by itself "
+            f"({type(backend).__name__} keeps no expired rows)",
+        )
         return 0
     deleted = backend.purge_expired(batch=ctx.args.batch)
-    if ctx.json:
-        ctx.print(to_json({"deleted": deleted, "purges": True}))
-    else:
-        ctx.print(f"deleted {plural(deleted, 'expired record')} from {describe_backend()}")
+    said = f"deleted {plural(deleted, 'expired record')} from {describe_backend()}"
+    ctx.show({"deleted": deleted, "purges": True}, said)
     return 0
 
 
@@ -332,8 +315,6 @@ def cmd_compute(ctx: Context) -> int:
         except TypeError as exc:  # Python's own: a missing or misplaced argument
             raise CommandError(f"ARGUMENTS do not make a call to {name}: {exc}", 1) from exc
     stored_as = redis_key(key)
-    if ctx.json:
-        ctx.print(to_json({"key": key, "redis_key": stored_as}))
-    else:
-        ctx.print(fields([("key", key), *([("redis key", stored_as)] if stored_as else [])]))
+    said = fields([("key", key), *([("redis key", stored_as)] if stored_as else [])])
+    ctx.show({"key": key, "redis_key": stored_as}, said)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from idempotask import __version__
@@ -55,6 +56,9 @@ GLOBAL_DESTS = ("url", "dead_letter_url", "namespace", "spool", "json", "debug")
 
 LeafOptions = Callable[[argparse.ArgumentParser], None]
 """Adds the options every command takes to one command's parser (the store, --json...)."""
+
+Adds = Callable[[argparse.ArgumentParser], object]
+"""Adds one thing (an option, the filters, defaults) to a command's parser."""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -115,17 +119,22 @@ def _add_global_options(parser: argparse.ArgumentParser, *, late: bool) -> None:
     )
 
 
-def _command(
-    sub: Any, name: str, handler: Any, summary: str, description: str = ""
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        name,
-        help=summary,
-        description=description or summary[0].upper() + summary[1:] + ".",
-        formatter_class=_Formatter,
-    )
-    parser.set_defaults(handler=handler, leaf_parser=parser)
-    return parser
+def _late_options(parser: argparse.ArgumentParser) -> None:
+    _add_global_options(parser, late=True)
+
+
+def _opt(flag: str, metavar: str | None, help: str, **options: Any) -> Adds:
+    """An option (or a positional argument) with its metavar and help."""
+    return lambda parser: parser.add_argument(flag, metavar=metavar, help=help, **options)
+
+
+def _flag(flag: str, help: str) -> Adds:
+    """An option that takes no value."""
+    return lambda parser: parser.add_argument(flag, action="store_true", help=help)
+
+
+def _defaults(**values: Any) -> Adds:
+    return lambda parser: parser.set_defaults(**values)
 
 
 def _add_filters(
@@ -136,33 +145,18 @@ def _add_filters(
     search: bool = False,
 ) -> None:
     group = parser.add_argument_group("filters (repeat an option to match any of its values)")
+    lowered: dict[str, Any] = {"action": "append", "type": str.lower}  # --status PENDING
     if statuses:
-        group.add_argument(
-            "--status",
-            action="append",
-            type=str.lower,
-            choices=STATUSES,
-            metavar="STATUS",
-            help=f"one of: {', '.join(STATUSES)}",
-        )
-    group.add_argument(
-        "--kind",
-        action="append",
-        type=str.lower,
-        choices=KINDS,
-        metavar="KIND",
-        help=f"failure kind, one of: {', '.join(KINDS)}",
-    )
+        text = f"one of: {', '.join(STATUSES)}"
+        group.add_argument("--status", choices=STATUSES, metavar="STATUS", help=text, **lowered)
+    text = f"failure kind, one of: {', '.join(KINDS)}"
+    group.add_argument("--kind", choices=KINDS, metavar="KIND", help=text, **lowered)
     group.add_argument(
         "--function", action="append", metavar="NAME", help="the function's dead-letter name"
     )
     if times:
-        group.add_argument(
-            "--since",
-            type=time_arg,
-            metavar="TIME",
-            help=f"last failure at or after TIME: {TIME_HELP}",
-        )
+        text = f"last failure at or after TIME: {TIME_HELP}"
+        group.add_argument("--since", type=time_arg, metavar="TIME", help=text)
         group.add_argument(
             "--until", type=time_arg, metavar="TIME", help="last failure before TIME"
         )
@@ -174,131 +168,106 @@ def _add_filters(
         )
 
 
-def _ids(parser: argparse.ArgumentParser, nargs: str = "+") -> None:
-    parser.add_argument(
-        "ids",
-        nargs=nargs,
-        metavar="ID",
-        help="dead-letter id (from `dlq list`), or its first characters (at least 4)",
+def _ids(nargs: str = "+") -> Adds:
+    help = "dead-letter id (from `dlq list`), or its first characters (at least 4)"
+    return _opt("ids", "ID", help, nargs=nargs)
+
+
+def _parser(groups: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = groups.add_parser(
+        name, help=summary, description=description, formatter_class=_Formatter
     )
+    return parser
 
 
-def _late_options(parser: argparse.ArgumentParser) -> None:
-    _add_global_options(parser, late=True)
+def _adder(sub: Any, leaf_options: LeafOptions | None) -> Callable[..., object]:
+    """What adds a command to ``sub``: a parser named after its handler (``cmd_list``:
+    ``list``), with what ``adds`` add in that order, then ``leaf_options``."""
+
+    def command(handler: Callable[[Any], int], summary: str, description: str, *adds: Adds) -> None:
+        parser = _parser(sub, handler.__name__.removeprefix("cmd_"), summary, description)
+        parser.set_defaults(handler=handler, leaf_parser=parser)
+        for add in (*adds, leaf_options) if leaf_options else adds:
+            add(parser)
+
+    return command
 
 
 def _dlq_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
-    p = _command(
-        sub,
-        "list",
+    command = _adder(sub, leaf_options)
+    command(
         _dlq.cmd_list,
         "list dead letters, newest failure first",
         "List dead letters matching the filters, newest failure first.",
+        partial(_add_filters, search=True),
+        _opt("--limit", "N", "at most N (default: 50)", type=positive_int_arg, default=50),
+        _opt("--offset", "N", "skip the first N", type=non_negative_int_arg, default=0),
     )
-    _add_filters(p, search=True)
-    p.add_argument(
-        "--limit", type=positive_int_arg, default=50, metavar="N", help="at most N (default: 50)"
-    )
-    p.add_argument(
-        "--offset", type=non_negative_int_arg, default=0, metavar="N", help="skip the first N"
-    )
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "show",
+    command(
         _dlq.cmd_show,
         "show one dead letter with its arguments and traceback",
         "Show every field of one dead letter: the error and its traceback, times, and the "
         "call's\narguments decoded (values of your own classes need --import of their module).",
+        _opt("id", "ID", "dead-letter id (from `dlq list`), or its first characters"),
+        _flag("--no-arguments", "do not show the arguments"),
     )
-    p.add_argument(
-        "id", metavar="ID", help="dead-letter id (from `dlq list`), or its first characters"
-    )
-    p.add_argument("--no-arguments", action="store_true", help="do not show the arguments")
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "retry",
+    command(
         _dlq.cmd_retry,
         "make dead letters due now, by id or by filter",
         "Make dead letters due now; the next `dlq process` replays them. A resolved or\n"
         "abandoned letter named by id is reopened. With --all, every letter matching the\n"
         "filters (resolved ones only if --status resolved is given).",
+        _ids("*"),
+        _flag("--all", "requeue every letter matching the filters"),
+        _flag("--yes", "allow --all without any filter"),
+        partial(_add_filters, search=True),
     )
-    _ids(p, "*")
-    p.add_argument("--all", action="store_true", help="requeue every letter matching the filters")
-    p.add_argument("--yes", action="store_true", help="allow --all without any filter")
-    _add_filters(p, search=True)
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "resolve",
+    command(
         _dlq.cmd_resolve,
         "close dead letters as resolved (handled by hand)",
         "Close dead letters as RESOLVED: they are kept for the record and never retried.\n"
         "Each letter's history records it, with your login name and the note.",
+        _ids(),
+        _opt("--note", "TEXT", "why (what was done by hand), kept in the history"),
     )
-    _ids(p)
-    p.add_argument(
-        "--note", metavar="TEXT", help="why (what was done by hand), kept in the history"
-    )
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "abandon",
+    command(
         _dlq.cmd_abandon,
         "close dead letters as abandoned (never retried)",
         "Close dead letters as ABANDONED: kept for people to read, never retried.",
+        _ids(),
+        _opt("--note", "TEXT", "why, kept in the letter's history"),
     )
-    _ids(p)
-    p.add_argument("--note", metavar="TEXT", help="why, kept in the letter's history")
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "purge",
+    command(
         _dlq.cmd_purge,
         "delete old dead letters",
         "Delete dead letters whose last failure is older than --older-than: by default\n"
         "resolved and abandoned ones older than the retention (30 days). Asks first on a\n"
         "terminal; elsewhere it needs --yes.",
+        _opt(
+            "--older-than",
+            "AGE",
+            f"age of the last failure: {DURATION_HELP} (default: the retention, 30d)",
+            type=duration_arg,
+        ),
+        partial(_add_filters, times=False),
+        _flag("--dry-run", "only count what would be deleted"),
+        _flag("--yes", "delete without asking"),
     )
-    p.add_argument(
-        "--older-than",
-        type=duration_arg,
-        metavar="AGE",
-        help=f"age of the last failure: {DURATION_HELP} (default: the retention, 30d)",
-    )
-    _add_filters(p, times=False)
-    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
-    p.add_argument("--yes", action="store_true", help="delete without asking")
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "stats",
+    command(
         _dlq.cmd_stats,
         "count recent dead letters by status, kind and function",
         "Count the dead letters whose last failure is in the past --hours, by status, kind\n"
         "and function, with the replays that failed again and those that succeeded.",
+        _opt(
+            "--hours",
+            "H",
+            "the window, in hours (default: 24)",
+            type=positive_float_arg,
+            default=24.0,
+        ),
+        partial(_add_filters, times=False, statuses=False),
     )
-    p.add_argument(
-        "--hours",
-        type=positive_float_arg,
-        default=24.0,
-        metavar="H",
-        help="the window, in hours (default: 24)",
-    )
-    _add_filters(p, times=False, statuses=False)
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "process",
+    command(
         _dlq.cmd_process,
         "replay due dead letters through their functions",
         "Claim due dead letters with a lease (so two processors never replay one) and\n"
@@ -310,39 +279,30 @@ def _dlq_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
         "letters are delivered first. With --loop it runs until SIGINT or SIGTERM,\n"
         "finishing the batch at hand; with --json it then prints one JSON object per line\n"
         "per batch.",
+        _opt(
+            "--limit", "N", "letters per batch (default: 100)", type=positive_int_arg, default=100
+        ),
+        _opt(
+            "--lease",
+            "DURATION",
+            "how long a claim holds a letter (default: 300s)",
+            type=positive_duration_arg,
+            default=300.0,
+        ),
+        _flag("--loop", "keep processing until stopped"),
+        _opt(
+            "--interval",
+            "DURATION",
+            "pause between batches with --loop (default: 30s)",
+            type=positive_duration_arg,
+        ),
+        partial(_add_filters, times=False, statuses=False),
     )
-    p.add_argument(
-        "--limit",
-        type=positive_int_arg,
-        default=100,
-        metavar="N",
-        help="letters per batch (default: 100)",
-    )
-    p.add_argument(
-        "--lease",
-        type=positive_duration_arg,
-        default=300.0,
-        metavar="DURATION",
-        help="how long a claim holds a letter (default: 300s)",
-    )
-    p.add_argument("--loop", action="store_true", help="keep processing until stopped")
-    p.add_argument(
-        "--interval",
-        type=positive_duration_arg,
-        metavar="DURATION",
-        help="pause between batches with --loop (default: 30s)",
-    )
-    _add_filters(p, times=False, statuses=False)
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "flush",
+    command(
         _dlq.cmd_flush,
         "deliver letters waiting in the local spool to the store",
         "Deliver the dead letters that were spooled locally while the store was down.",
     )
-    leaf_options(p)
 
 
 def _limit_arg(text: str) -> int:
@@ -353,29 +313,26 @@ def _limit_arg(text: str) -> int:
 
 
 def _keys_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
-    p = _command(
-        sub,
-        "list",
+    command = _adder(sub, leaf_options)
+    name = _opt("name", "NAME", "e.g. billing.charge")
+    key = _opt("key", "KEY", "e.g. idempotask:billing.charge:v1:9b1f...")
+    command(
         _keys.cmd_list,
         "list the live records of one function",
         "List the live records of the @idempotent function named NAME (its name= or\n"
         "module.qualname) in the configured namespace, at most --limit of them: key,\n"
         "state, expiry, owner, payload size. The store must offer scan() (every built-in\n"
         "one does); scans are bounded, so a large store may show fewer than it holds.",
+        name,
+        _opt(
+            "--limit",
+            "N",
+            "show at most N records (default: 100, at most 10000)",
+            type=_limit_arg,
+            default=100,
+        ),
     )
-    p.add_argument("name", metavar="NAME", help="e.g. billing.charge")
-    p.add_argument(
-        "--limit",
-        type=_limit_arg,
-        default=100,
-        metavar="N",
-        help="show at most N records (default: 100, at most 10000)",
-    )
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "compute",
+    command(
         _keys.cmd_compute,
         "compute the key of a call from JSON arguments",
         "Print the store key of a call to the @idempotent function named NAME, the key\n"
@@ -385,77 +342,59 @@ def _keys_commands(sub: Any, leaf_options: LeafOptions = _late_options) -> None:
         '"2026-01-02"}). The function\'s signature decides the key, so --import the\n'
         "module that defines it. With --explicit, the key of calls made with\n"
         "fn.using(key=KEY) instead (no import needed). On Redis, the Redis key too.",
+        name,
+        _opt("arguments", "ARGUMENTS", "e.g. '{\"order_id\": 7}'", nargs="?"),
+        _defaults(offline=True),  # computes; reads no store
+        _opt(
+            "--explicit",
+            "KEY",
+            "an explicit key given to fn.using(key=...), e.g. an Idempotency-Key header",
+        ),
     )
-    p.add_argument("name", metavar="NAME", help="e.g. billing.charge")
-    p.add_argument("arguments", metavar="ARGUMENTS", nargs="?", help="e.g. '{\"order_id\": 7}'")
-    p.set_defaults(offline=True)  # computes; reads no store
-    p.add_argument(
-        "--explicit",
-        metavar="KEY",
-        help="an explicit key given to fn.using(key=...), e.g. an Idempotency-Key header",
-    )
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "show",
+    command(
         _keys.cmd_show,
         "show the record under an idempotency key",
         "Show the record under an idempotency key: its state, claim token, owner,\n"
         "fingerprint, expiry and the stored result or error (decoded when it is typed\n"
         "JSON). The namespace may be left out of KEY.",
+        key,
     )
-    p.add_argument("key", metavar="KEY", help="e.g. idempotask:billing.charge:v1:9b1f...")
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "forget",
+    command(
         _keys.cmd_forget,
         "release a stuck idempotency key",
         "Delete the record under an idempotency key, so the next call runs again. A key\n"
         "in progress is refused unless --force: a call may be running right now.",
+        key,
+        _flag("--force", "release a key in progress (or delete data that is not a record)"),
     )
-    p.add_argument("key", metavar="KEY", help="e.g. idempotask:billing.charge:v1:9b1f...")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="release a key in progress (or delete data that is not a record)",
-    )
-    leaf_options(p)
-
-    p = _command(
-        sub,
-        "purge",
+    command(
         _keys.cmd_purge,
         "delete expired idempotency records (SQL stores)",
         "Delete the expired records of a SQL store, --batch rows per statement (each its\n"
         "own short transaction). Expired records already behave as absent: this only\n"
         "reclaims space; run it from a periodic job. Redis and memory stores expire their\n"
         "records by themselves, so there it deletes nothing.",
+        _opt(
+            "--batch",
+            "N",
+            "rows per statement (default: 1000, at most 10000)",
+            type=_limit_arg,
+            default=1000,
+        ),
     )
-    p.add_argument(
-        "--batch",
-        type=_limit_arg,
-        default=1000,
-        metavar="N",
-        help="rows per statement (default: 1000, at most 10000)",
-    )
-    leaf_options(p)
 
 
-def _db_commands(sub: Any) -> None:
-    p = _command(
-        sub,
-        "create",
-        _db.cmd_create,
-        "create the tables the configured SQL stores need",
-        "Create, if missing, every table the configured SQL stores use: idempotency\n"
-        "records, dead letters and circuit breakers (safe to run again, and from several\n"
-        "machines at once). Namespaces share these tables. Stores that keep no tables\n"
-        "(Redis, memory) need nothing.",
-    )
-    _add_global_options(p, late=True)
+def _group(
+    groups: Any,
+    name: str,
+    summary: str,
+    description: str,
+    commands: Callable[[Any, LeafOptions], None],
+    leaf_options: LeafOptions,
+) -> argparse.ArgumentParser:
+    parser = _parser(groups, name, summary, description)
+    commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), leaf_options)
+    return parser
 
 
 def add_dlq_group(
@@ -464,15 +403,14 @@ def add_dlq_group(
     """Add the ``dlq`` command and its subcommands to ``groups`` (what
     ``add_subparsers()`` returned); ``leaf_options`` adds the options every subcommand
     takes (``manage.py idempotask`` gives its own)."""
-    dlq: argparse.ArgumentParser = groups.add_parser(
+    return _group(
+        groups,
         "dlq",
-        help="dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
-        description=f"Inspect and act on dead letters. `{prog} dlq COMMAND --help` tells more.",
-        formatter_class=_Formatter,
+        "dead letters: list, show, retry, resolve, abandon, purge, stats, process, flush",
+        f"Inspect and act on dead letters. `{prog} dlq COMMAND --help` tells more.",
+        _dlq_commands,
+        leaf_options,
     )
-    sub = dlq.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _dlq_commands(sub, leaf_options)
-    return dlq
 
 
 def add_keys_group(
@@ -480,17 +418,28 @@ def add_keys_group(
 ) -> argparse.ArgumentParser:
     """Add the ``keys`` command and its subcommands to ``groups``, as
     :func:`add_dlq_group` does."""
-    keys: argparse.ArgumentParser = groups.add_parser(
+    return _group(
+        groups,
         "keys",
-        help="idempotency keys: list, compute, show a record, forget (release) a key, "
+        "idempotency keys: list, compute, show a record, forget (release) a key, "
         "purge expired records",
-        description=f"List, compute, inspect, release or purge idempotency keys. `{prog} keys "
+        f"List, compute, inspect, release or purge idempotency keys. `{prog} keys "
         "COMMAND --help` tells more.",
-        formatter_class=_Formatter,
+        _keys_commands,
+        leaf_options,
     )
-    sub = keys.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _keys_commands(sub, leaf_options)
-    return keys
+
+
+def _db_commands(sub: Any, leaf_options: LeafOptions) -> None:
+    command = _adder(sub, leaf_options)
+    command(
+        _db.cmd_create,
+        "create the tables the configured SQL stores need",
+        "Create, if missing, every table the configured SQL stores use: idempotency\n"
+        "records, dead letters and circuit breakers (safe to run again, and from several\n"
+        "machines at once). Namespaces share these tables. Stores that keep no tables\n"
+        "(Redis, memory) need nothing.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,65 +456,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dlq_group(groups)
     add_keys_group(groups)
-
-    demo = groups.add_parser(
-        "demo",
-        help="see @idempotent and @dead_letter at work on a SQLite file, in seconds",
-        description="Run a duplicate call, two processes racing on one key, a crash taken\n"
+    command = _adder(groups, None)
+    command(
+        cmd_demo,
+        "see @idempotent and @dead_letter at work on a SQLite file, in seconds",
+        "Run a duplicate call, two processes racing on one key, a crash taken\n"
         "over after its lease and a dead letter replayed, on a SQLite file in a temporary\n"
         "directory, and say what happened. Needs pip install 'idempotask[sqlite]'.",
-        formatter_class=_Formatter,
+        _flag("--keep", "keep the temporary directory"),
+        _defaults(offline=True, command="demo"),
     )
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    demo.set_defaults(handler=_demo, leaf_parser=demo, offline=True, command="demo")
-
-    db = groups.add_parser(
+    _group(
+        groups,
         "db",
-        help="SQL stores: create their tables",
-        description="Set up the SQL stores' tables. `idempotask db create --url URL`.",
-        formatter_class=_Formatter,
+        "SQL stores: create their tables",
+        "Set up the SQL stores' tables. `idempotask db create --url URL`.",
+        _db_commands,
+        _late_options,
     )
-    _db_commands(db.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    _web_command(groups)
+    command(
+        cmd_web,
+        "serve the dashboard: dead letters, keys and breakers in a browser",
+        "Serve the web dashboard (pip install 'idempotask[web]') on the configured\n"
+        "stores, on 127.0.0.1:8765 by default. Any other --host needs --token.",
+        _opt("--host", None, "address to bind (default: 127.0.0.1)", default="127.0.0.1"),
+        _opt("--port", None, "port (default: 8765)", type=positive_int_arg, default=8765),
+        _flag("--read-only", "hide and refuse every action"),
+        _opt(
+            "--token",
+            "TOKEN",
+            "require it as the basic-auth password (any user name, recorded with actions) "
+            "or a Bearer token (default: $IDEMPOTASK_WEB_TOKEN)",
+        ),
+        _flag("--hide-arguments", "never show letters' arguments"),
+        _opt(
+            "--refresh",
+            "S",
+            "seconds between the overview's counts (default: 5)",
+            type=positive_float_arg,
+            default=5.0,
+        ),
+        _defaults(command="web"),
+        _late_options,
+    )
     return parser
 
 
-def _web_command(groups: Any) -> None:
-    web = groups.add_parser(
-        "web",
-        help="serve the dashboard: dead letters, keys and breakers in a browser",
-        description="Serve the web dashboard (pip install 'idempotask[web]') on the configured\n"
-        "stores, on 127.0.0.1:8765 by default. Any other --host needs --token.",
-        formatter_class=_Formatter,
-    )
-    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    web.add_argument("--port", type=positive_int_arg, default=8765, help="port (default: 8765)")
-    web.add_argument("--read-only", action="store_true", help="hide and refuse every action")
-    web.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="require it as the basic-auth password (any user name, recorded with actions) "
-        "or a Bearer token (default: $IDEMPOTASK_WEB_TOKEN)",
-    )
-    web.add_argument("--hide-arguments", action="store_true", help="never show letters' arguments")
-    web.add_argument(
-        "--refresh",
-        type=positive_float_arg,
-        default=5.0,
-        metavar="S",
-        help="seconds between the overview's counts (default: 5)",
-    )
-    web.set_defaults(handler=_web, leaf_parser=web, command="web")
-    _add_global_options(web, late=True)
-
-
-def _web(ctx: Any) -> int:
+def cmd_web(ctx: Any) -> int:
     from idempotask.web._serve import serve  # loads Starlette: only for this command
 
     return serve(ctx)
 
 
-def _demo(ctx: Any) -> int:
+def cmd_demo(ctx: Any) -> int:
     from idempotask.demo import main as demo  # loads SQLAlchemy: only for this command
 
     return demo(["--keep"] if ctx.args.keep else [], out=ctx.out)
