@@ -20,11 +20,10 @@ from idempotask.deadletter._core import (
     PAGE,
     AmbiguousLetterId,
     DeadLetterNotFound,
-    awaited,
     check_actor,
     make_filter,
     seconds,
-    synced,
+    twins,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
 from idempotask.errors import ConfigurationError
@@ -130,8 +129,7 @@ class Administration(QueueCore):
         """The letter with this id, or None."""
         return self._get_flow(id)
 
-    get = synced(_get)
-    aget = awaited(_get)
+    get, aget = twins(_get)
 
     def _find(self, id: str) -> Flow[DeadLetter]:
         """The letter whose id is ``id``, else the one letter whose id starts with it (at
@@ -171,8 +169,7 @@ class Administration(QueueCore):
         among = f" among the newest {scanned:,}" if scanned >= FIND_SCAN else ""
         raise DeadLetterNotFound(f"no dead letter has id {id!r} or an id starting with it{among}")
 
-    find = synced(_find)
-    afind = awaited(_find)
+    find, afind = twins(_find)
 
     def _query(
         self,
@@ -196,8 +193,7 @@ class Administration(QueueCore):
         chosen = make_filter(status, kind, function, since, until, search)
         return self._query_flow(chosen, limit, offset)
 
-    query = synced(_query)
-    aquery = awaited(_query)
+    query, aquery = twins(_query)
 
     def _query_flow(
         self, filter: DeadLetterFilter, limit: int, offset: int
@@ -220,8 +216,7 @@ class Administration(QueueCore):
         rows: list[StatRow] = yield store_op(store, "stats", filter or DeadLetterFilter())
         return sum(row.count for row in rows)
 
-    count = synced(_count)
-    acount = awaited(_count)
+    count, acount = twins(_count)
 
     def _stats(
         self,
@@ -242,8 +237,7 @@ class Administration(QueueCore):
         since = until - seconds(hours, "hours") * 3600.0
         return self._stats_flow(make_filter(None, kind, function, since), since, until)
 
-    stats = synced(_stats)
-    astats = awaited(_stats)
+    stats, astats = twins(_stats)
 
     def _stats_flow(
         self, filter: DeadLetterFilter, since: float, until: float
@@ -285,15 +279,13 @@ class Administration(QueueCore):
         """
         return self._transition_flow(id, self._reopen(at, in_, actor, note))
 
-    schedule_retry = synced(_schedule_retry)
-    aschedule_retry = awaited(_schedule_retry)
+    schedule_retry, aschedule_retry = twins(_schedule_retry)
 
     def _requeue(self, id: str, *, actor: str = "api", note: str = "") -> Flow[DeadLetter]:
         """Make the letter due now (reopening it if it was closed)."""
         return self._schedule_retry(id, actor=actor, note=note)
 
-    requeue = synced(_requeue)
-    arequeue = awaited(_requeue)
+    requeue, arequeue = twins(_requeue)
 
     def _resolve(self, resolution: str, actor: str, note: str) -> Decide:
         if not isinstance(resolution, str) or not resolution:
@@ -309,8 +301,7 @@ class Administration(QueueCore):
         ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
         return self._transition_flow(id, self._resolve(resolution, actor, note))
 
-    mark_resolved = synced(_mark_resolved)
-    amark_resolved = awaited(_mark_resolved)
+    mark_resolved, amark_resolved = twins(_mark_resolved)
 
     def _abandon(self, actor: str, note: str) -> Decide:
         return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
@@ -319,8 +310,7 @@ class Administration(QueueCore):
         """Close the letter as ABANDONED (kept for people, never retried)."""
         return self._transition_flow(id, self._abandon(actor, note))
 
-    mark_abandoned = synced(_mark_abandoned)
-    amark_abandoned = awaited(_mark_abandoned)
+    mark_abandoned, amark_abandoned = twins(_mark_abandoned)
 
     # -- many letters ----------------------------------------------------------------------
 
@@ -367,8 +357,7 @@ class Administration(QueueCore):
         decide = self._reopen(None, None, actor, note)
         return self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide)
 
-    requeue_all = synced(_requeue_all)
-    arequeue_all = awaited(_requeue_all)
+    requeue_all, arequeue_all = twins(_requeue_all)
 
     def _resolve_all(
         self,
@@ -383,8 +372,7 @@ class Administration(QueueCore):
         chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
         return self._bulk_flow(chosen, self._resolve(resolution, actor, note))
 
-    resolve_all = synced(_resolve_all)
-    aresolve_all = awaited(_resolve_all)
+    resolve_all, aresolve_all = twins(_resolve_all)
 
     def _abandon_all(
         self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
@@ -394,8 +382,7 @@ class Administration(QueueCore):
         chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
         return self._bulk_flow(chosen, self._abandon(actor, note))
 
-    abandon_all = synced(_abandon_all)
-    aabandon_all = awaited(_abandon_all)
+    abandon_all, aabandon_all = twins(_abandon_all)
 
     def _purge(
         self,
@@ -417,5 +404,4 @@ class Administration(QueueCore):
         count: int = yield store_op(store, "purge", filter)
         return count
 
-    purge = synced(_purge)
-    apurge = awaited(_purge)
+    purge, apurge = twins(_purge)

@@ -13,7 +13,7 @@ from idempotask import config, events
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
-from idempotask.deadletter._core import ReplayError, awaited, fire_hook, synced
+from idempotask.deadletter._core import ReplayError, fire_hook, twins
 from idempotask.deadletter._letters import after_failure, classify, close, hold, skipped
 from idempotask.deadletter._replay import (
     Outcome,
@@ -190,10 +190,9 @@ class Processing(QueueCore):
             limit, config.check_seconds("lease", lease), self.now(now), filter
         )
 
-    process_due = synced(_process_due)
-    aprocess_due = awaited(
+    process_due, aprocess_due = twins(
         _process_due,
-        doc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
+        adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
     )
 
     def _process_flow(
