@@ -15,7 +15,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
-from idempotask.deadletter._arguments import bound_arguments, redact_arguments
 from idempotask.errors import (
     AlreadyInProgress,
     ConfigurationError,
@@ -38,7 +37,6 @@ __all__ = [
     "Policies",
     "ReplayError",
     "RouteHandler",
-    "bound_arguments",
     "check_actor",
     "check_classifier",
     "check_hook",
@@ -48,7 +46,6 @@ __all__ = [
     "fire_letter_hooks",
     "kind_value",
     "make_filter",
-    "redact_arguments",
     "seconds",
     "twins",
 ]

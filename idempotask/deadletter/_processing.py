@@ -3,6 +3,7 @@ replay each -- the original call under its original idempotency key, or not at a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as _dt
 import logging
@@ -14,12 +15,11 @@ from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Reco
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
 from idempotask.deadletter._core import ReplayError, fire_hook, twins
-from idempotask.deadletter._letters import after_failure, classify, close, hold, skipped
+from idempotask.deadletter._letters import after_failure, classify, close, skipped
 from idempotask.deadletter._replay import (
     Outcome,
     Prepared,
     Registration,
-    aprepare,
     lookup,
     prepare,
     registered_functions,
@@ -129,10 +129,11 @@ def _safe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
 
 
 async def _asafe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
-    try:
-        return Outcome(await aprepare(reg, letter), None)
-    except Exception as exc:
-        return Outcome(None, exc)
+    # A replay_with= hook (which may reload from a database) runs in a worker thread,
+    # off the event loop.
+    if reg.replay_with is None:
+        return _safe_prepare(reg, letter)
+    return await asyncio.to_thread(_safe_prepare, reg, letter)
 
 
 def _claim_filter(
@@ -256,7 +257,7 @@ class Processing(QueueCore):
                     log.error("idempotask: dead letter %s abandoned: %s", letter.id, reason)
                     self._exhausted(result.letter, reg)
                 return result
-            result = yield from finish("held", hold(letter, now, ACTOR, reason), reason)
+            result = yield from finish("held", skipped(letter, now, ACTOR, reason, None), reason)
             if result.letter is not None:
                 log.warning(
                     "idempotask: dead letter %s of %s cannot be replayed, so it waits for a "
