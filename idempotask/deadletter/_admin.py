@@ -127,7 +127,9 @@ class Administration(QueueCore):
 
     def _get(self, id: str) -> Flow[DeadLetter | None]:
         """The letter with this id, or None."""
-        return self._get_flow(id)
+        store = yield from self._store_flow()
+        letter: DeadLetter | None = yield store_op(store, "get", id)
+        return letter
 
     get, aget = twins(_get)
 
@@ -144,7 +146,7 @@ class Administration(QueueCore):
             raise ConfigurationError(f"id: expected text, got {type(id).__name__}")
         text = id.strip().removesuffix("...").removesuffix("\u2026")
         if text:
-            letter = yield from self._get_flow(text)
+            letter = yield from self._get(text)
             if letter is not None:
                 return letter
         if len(text) < 4:
@@ -235,16 +237,12 @@ class Administration(QueueCore):
         """
         until = self.now(now)
         since = until - seconds(hours, "hours") * 3600.0
-        return self._stats_flow(make_filter(None, kind, function, since), since, until)
+        chosen = make_filter(None, kind, function, since)
+        store = yield from self._store_flow()
+        rows: list[StatRow] = yield store_op(store, "stats", chosen)
+        return DeadLetterStats.from_rows(rows, since, until)
 
     stats, astats = twins(_stats)
-
-    def _stats_flow(
-        self, filter: DeadLetterFilter, since: float, until: float
-    ) -> Flow[DeadLetterStats]:
-        store = yield from self._store_flow()
-        rows: list[StatRow] = yield store_op(store, "stats", filter)
-        return DeadLetterStats.from_rows(rows, since, until)
 
     # -- one letter ------------------------------------------------------------------------
 

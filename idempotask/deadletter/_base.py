@@ -213,11 +213,6 @@ class QueueCore:
         store: DeadLetterStore = yield Op(lambda: self.store, None)
         return store
 
-    def _get_flow(self, id: str) -> Flow[DeadLetter | None]:
-        store = yield from self._store_flow()
-        letter: DeadLetter | None = yield store_op(store, "get", id)
-        return letter
-
     def _transition_flow(self, id: str, decide: Decide) -> Flow[DeadLetter]:
         """Read-modify-write with compare-and-set, again until no one interferes."""
         store = yield from self._store_flow()

@@ -187,18 +187,8 @@ class Processing(QueueCore):
             raise ConfigurationError(f"limit: expected a positive int, got {limit!r}")
         if filter is not None and not isinstance(filter, DeadLetterFilter):
             raise ConfigurationError(f"filter: expected a DeadLetterFilter, got {filter!r}")
-        return self._process_flow(
-            limit, config.check_seconds("lease", lease), self.now(now), filter
-        )
-
-    process_due, aprocess_due = twins(
-        _process_due,
-        adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
-    )
-
-    def _process_flow(
-        self, limit: int, lease: float, now: float, filter: DeadLetterFilter | None
-    ) -> Flow[ProcessReport]:
+        lease = config.check_seconds("lease", lease)
+        at = self.now(now)
         report = ProcessReport()
         try:
             report.spool_delivered = yield from self._flush_flow()
@@ -210,16 +200,21 @@ class Processing(QueueCore):
             return report
         store = yield from self._store_flow()
         letters: list[DeadLetter] = yield store_op(
-            store, "claim_due", now, limit=limit, lease=lease, filter=chosen
+            store, "claim_due", at, limit=limit, lease=lease, filter=chosen
         )
         for letter in letters:
-            result = yield from self._replay_flow(store, letter, now)
+            result = yield from self._replay_flow(store, letter, at)
             report.results.append(result)
             if events.listeners and result.letter is not None:
                 replay_event = _REPLAY_EVENTS.get(result.outcome)
                 if replay_event is not None:
                     emit_letter(replay_event, result.letter)
         return report
+
+    process_due, aprocess_due = twins(
+        _process_due,
+        adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
+    )
 
     def _replay_flow(self, store: Any, letter: DeadLetter, now: float) -> Flow[ReplayResult]:
         """Replay one claimed letter and record what happened, under its claim."""
