@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Status
 from idempotask.deadletter._base import QueueCore
 from idempotask.deadletter._core import (
@@ -22,7 +23,6 @@ from idempotask.deadletter._core import (
     DeadLetterNotFound,
     check_actor,
     make_filter,
-    seconds,
     twins,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
@@ -236,7 +236,7 @@ class Administration(QueueCore):
         0
         """
         until = self.now(now)
-        since = until - seconds(hours, "hours") * 3600.0
+        since = until - config.check_seconds("hours", hours, allow_zero=True) * 3600.0
         chosen = make_filter(None, kind, function, since)
         store = yield from self._store_flow()
         rows: list[StatRow] = yield store_op(store, "stats", chosen)
@@ -246,17 +246,17 @@ class Administration(QueueCore):
 
     # -- one letter ------------------------------------------------------------------------
 
-    def _due_at(self, at: Moment, in_: float | _dt.timedelta | None) -> float:
-        if at is not None and in_ is not None:
-            raise ConfigurationError("schedule_retry: pass at= or in_=, not both")
-        if at is not None:
-            return self.now(at)
-        return self.now() + (0.0 if in_ is None else seconds(in_, "in_"))
-
     def _reopen(
         self, at: Moment, in_: float | _dt.timedelta | None, actor: str, note: str
     ) -> Decide:
-        return reopen(self._due_at(at, in_), self.now(), check_actor(actor), _note(note))
+        if at is not None and in_ is not None:
+            raise ConfigurationError("schedule_retry: pass at= or in_=, not both")
+        if at is not None:
+            due = self.now(at)
+        else:
+            delay = 0.0 if in_ is None else config.check_seconds("in_", in_, allow_zero=True)
+            due = self.now() + delay
+        return reopen(due, self.now(), check_actor(actor), _note(note))
 
     def _schedule_retry(
         self,
@@ -395,7 +395,11 @@ class Administration(QueueCore):
         >>> queue.purge(older_than=timedelta(days=7))  # doctest: +SKIP
         12
         """
-        age = self.retention if older_than is None else seconds(older_than, "older_than")
+        age = (
+            self.retention
+            if older_than is None
+            else config.check_seconds("older_than", older_than, allow_zero=True)
+        )
         statuses = (Status.RESOLVED, Status.ABANDONED) if status is None else status
         filter = make_filter(statuses, until=self.now(now) - age)
         store = yield from self._store_flow()

@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
 from idempotask.errors import (
     AlreadyInProgress,
@@ -46,7 +45,6 @@ __all__ = [
     "fire_letter_hooks",
     "kind_value",
     "make_filter",
-    "seconds",
     "twins",
 ]
 
@@ -158,13 +156,6 @@ def epoch(value: float | _dt.datetime, option: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigurationError(f"{option}: expected epoch seconds or a datetime, got {value!r}")
     return float(value)
-
-
-def seconds(value: float | _dt.timedelta, option: str, *, allow_zero: bool = True) -> float:
-    """A duration in seconds from a number or a timedelta."""
-    if isinstance(value, _dt.timedelta):
-        value = value.total_seconds()
-    return config.check_seconds(option, value, allow_zero=allow_zero)
 
 
 def kind_value(kind: object) -> str:
