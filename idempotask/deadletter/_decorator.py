@@ -361,11 +361,10 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
             try:
                 return await inner(*args, **kwargs)
             except Exception as exc:
-                if not _dead_letterable(exc):
-                    raise
-                await adrive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
-                if swallow:
-                    return None
+                if _dead_letterable(exc):
+                    await adrive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
+                    if swallow:
+                        return None
                 raise
 
         return async_wrapper
@@ -374,11 +373,10 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
         try:
             return inner(*args, **kwargs)
         except Exception as exc:
-            if not _dead_letterable(exc):
-                raise
-            drive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
-            if swallow:
-                return None
+            if _dead_letterable(exc):
+                drive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
+                if swallow:
+                    return None
             raise
 
     return wrapper
