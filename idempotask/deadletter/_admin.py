@@ -14,17 +14,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Status
 from idempotask.deadletter._base import QueueCore
 from idempotask.deadletter._core import (
     PAGE,
     AmbiguousLetterId,
     DeadLetterNotFound,
-    awaited,
     check_actor,
     make_filter,
-    seconds,
-    synced,
+    twins,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
 from idempotask.errors import ConfigurationError
@@ -128,10 +127,11 @@ class Administration(QueueCore):
 
     def _get(self, id: str) -> Flow[DeadLetter | None]:
         """The letter with this id, or None."""
-        return self._get_flow(id)
+        store = yield from self._store_flow()
+        letter: DeadLetter | None = yield store_op(store, "get", id)
+        return letter
 
-    get = synced(_get)
-    aget = awaited(_get)
+    get, aget = twins(_get)
 
     def _find(self, id: str) -> Flow[DeadLetter]:
         """The letter whose id is ``id``, else the one letter whose id starts with it (at
@@ -146,7 +146,7 @@ class Administration(QueueCore):
             raise ConfigurationError(f"id: expected text, got {type(id).__name__}")
         text = id.strip().removesuffix("...").removesuffix("\u2026")
         if text:
-            letter = yield from self._get_flow(text)
+            letter = yield from self._get(text)
             if letter is not None:
                 return letter
         if len(text) < 4:
@@ -171,8 +171,7 @@ class Administration(QueueCore):
         among = f" among the newest {scanned:,}" if scanned >= FIND_SCAN else ""
         raise DeadLetterNotFound(f"no dead letter has id {id!r} or an id starting with it{among}")
 
-    find = synced(_find)
-    afind = awaited(_find)
+    find, afind = twins(_find)
 
     def _query(
         self,
@@ -196,8 +195,7 @@ class Administration(QueueCore):
         chosen = make_filter(status, kind, function, since, until, search)
         return self._query_flow(chosen, limit, offset)
 
-    query = synced(_query)
-    aquery = awaited(_query)
+    query, aquery = twins(_query)
 
     def _query_flow(
         self, filter: DeadLetterFilter, limit: int, offset: int
@@ -220,8 +218,7 @@ class Administration(QueueCore):
         rows: list[StatRow] = yield store_op(store, "stats", filter or DeadLetterFilter())
         return sum(row.count for row in rows)
 
-    count = synced(_count)
-    acount = awaited(_count)
+    count, acount = twins(_count)
 
     def _stats(
         self,
@@ -239,32 +236,27 @@ class Administration(QueueCore):
         0
         """
         until = self.now(now)
-        since = until - seconds(hours, "hours") * 3600.0
-        return self._stats_flow(make_filter(None, kind, function, since), since, until)
-
-    stats = synced(_stats)
-    astats = awaited(_stats)
-
-    def _stats_flow(
-        self, filter: DeadLetterFilter, since: float, until: float
-    ) -> Flow[DeadLetterStats]:
+        since = until - config.check_seconds("hours", hours, allow_zero=True) * 3600.0
+        chosen = make_filter(None, kind, function, since)
         store = yield from self._store_flow()
-        rows: list[StatRow] = yield store_op(store, "stats", filter)
+        rows: list[StatRow] = yield store_op(store, "stats", chosen)
         return DeadLetterStats.from_rows(rows, since, until)
 
-    # -- one letter ------------------------------------------------------------------------
+    stats, astats = twins(_stats)
 
-    def _due_at(self, at: Moment, in_: float | _dt.timedelta | None) -> float:
-        if at is not None and in_ is not None:
-            raise ConfigurationError("schedule_retry: pass at= or in_=, not both")
-        if at is not None:
-            return self.now(at)
-        return self.now() + (0.0 if in_ is None else seconds(in_, "in_"))
+    # -- one letter ------------------------------------------------------------------------
 
     def _reopen(
         self, at: Moment, in_: float | _dt.timedelta | None, actor: str, note: str
     ) -> Decide:
-        return reopen(self._due_at(at, in_), self.now(), check_actor(actor), _note(note))
+        if at is not None and in_ is not None:
+            raise ConfigurationError("schedule_retry: pass at= or in_=, not both")
+        if at is not None:
+            due = self.now(at)
+        else:
+            delay = 0.0 if in_ is None else config.check_seconds("in_", in_, allow_zero=True)
+            due = self.now() + delay
+        return reopen(due, self.now(), check_actor(actor), _note(note))
 
     def _schedule_retry(
         self,
@@ -285,15 +277,13 @@ class Administration(QueueCore):
         """
         return self._transition_flow(id, self._reopen(at, in_, actor, note))
 
-    schedule_retry = synced(_schedule_retry)
-    aschedule_retry = awaited(_schedule_retry)
+    schedule_retry, aschedule_retry = twins(_schedule_retry)
 
     def _requeue(self, id: str, *, actor: str = "api", note: str = "") -> Flow[DeadLetter]:
         """Make the letter due now (reopening it if it was closed)."""
         return self._schedule_retry(id, actor=actor, note=note)
 
-    requeue = synced(_requeue)
-    arequeue = awaited(_requeue)
+    requeue, arequeue = twins(_requeue)
 
     def _resolve(self, resolution: str, actor: str, note: str) -> Decide:
         if not isinstance(resolution, str) or not resolution:
@@ -309,8 +299,7 @@ class Administration(QueueCore):
         ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
         return self._transition_flow(id, self._resolve(resolution, actor, note))
 
-    mark_resolved = synced(_mark_resolved)
-    amark_resolved = awaited(_mark_resolved)
+    mark_resolved, amark_resolved = twins(_mark_resolved)
 
     def _abandon(self, actor: str, note: str) -> Decide:
         return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
@@ -319,8 +308,7 @@ class Administration(QueueCore):
         """Close the letter as ABANDONED (kept for people, never retried)."""
         return self._transition_flow(id, self._abandon(actor, note))
 
-    mark_abandoned = synced(_mark_abandoned)
-    amark_abandoned = awaited(_mark_abandoned)
+    mark_abandoned, amark_abandoned = twins(_mark_abandoned)
 
     # -- many letters ----------------------------------------------------------------------
 
@@ -367,8 +355,7 @@ class Administration(QueueCore):
         decide = self._reopen(None, None, actor, note)
         return self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide)
 
-    requeue_all = synced(_requeue_all)
-    arequeue_all = awaited(_requeue_all)
+    requeue_all, arequeue_all = twins(_requeue_all)
 
     def _resolve_all(
         self,
@@ -383,8 +370,7 @@ class Administration(QueueCore):
         chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
         return self._bulk_flow(chosen, self._resolve(resolution, actor, note))
 
-    resolve_all = synced(_resolve_all)
-    aresolve_all = awaited(_resolve_all)
+    resolve_all, aresolve_all = twins(_resolve_all)
 
     def _abandon_all(
         self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
@@ -394,8 +380,7 @@ class Administration(QueueCore):
         chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
         return self._bulk_flow(chosen, self._abandon(actor, note))
 
-    abandon_all = synced(_abandon_all)
-    aabandon_all = awaited(_abandon_all)
+    abandon_all, aabandon_all = twins(_abandon_all)
 
     def _purge(
         self,
@@ -410,12 +395,15 @@ class Administration(QueueCore):
         >>> queue.purge(older_than=timedelta(days=7))  # doctest: +SKIP
         12
         """
-        age = self.retention if older_than is None else seconds(older_than, "older_than")
+        age = (
+            self.retention
+            if older_than is None
+            else config.check_seconds("older_than", older_than, allow_zero=True)
+        )
         statuses = (Status.RESOLVED, Status.ABANDONED) if status is None else status
         filter = make_filter(statuses, until=self.now(now) - age)
         store = yield from self._store_flow()
         count: int = yield store_op(store, "purge", filter)
         return count
 
-    purge = synced(_purge)
-    apurge = awaited(_purge)
+    purge, apurge = twins(_purge)

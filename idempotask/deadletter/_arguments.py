@@ -40,7 +40,7 @@ __all__ = [
     "keep_all",
     "keep_arguments",
     "letter_arguments",
-    "redact_arguments",
+    "qualified",
 ]
 
 log = logging.getLogger("idempotask")
@@ -122,39 +122,6 @@ def bound_arguments(
     return dict(bound.arguments)
 
 
-def redact_arguments(
-    redact: Callable[[dict[str, Any]], object] | None,
-    arguments: Mapping[str, Any] | None,
-    *,
-    option: str,
-    name: str,
-) -> dict[str, Any] | None:
-    """``arguments`` through the ``redact`` hook (option ``option`` of function ``name``),
-    as the hook returned them.
-
-    None keeps no arguments: there were none, or the hook raised or did not return a
-    mapping -- keeping the unredacted arguments could store a secret.
-    """
-    if arguments is None:
-        return None
-    if redact is None:
-        return dict(arguments)
-    try:
-        kept = redact(dict(arguments))
-    except Exception:
-        log.exception("idempotask: the %s hook of %s raised; no arguments kept", option, name)
-        return None
-    if not isinstance(kept, Mapping):
-        log.error(
-            "idempotask: the %s hook of %s returned %s, not a mapping; no arguments kept",
-            option,
-            name,
-            type(kept).__name__,
-        )
-        return None
-    return dict(kept)
-
-
 def _same(kept: object, original: object) -> bool:
     """Whether ``redact=`` left a value as it was (the same object, or an equal one of the
     same type); a comparison that raises counts as changed."""
@@ -173,14 +140,29 @@ def keep_arguments(
     option: str,
     name: str,
 ) -> dict[str, Any] | None:
-    """What a letter keeps of ``arguments``: each argument ``redact`` left as it was, and a
-    :class:`Redacted` placeholder for each one it changed or removed and each name it
-    added. None keeps nothing (see :func:`redact_arguments`)."""
+    """What a letter keeps of ``arguments`` (``redact`` is option ``option`` of function
+    ``name``): each argument ``redact`` left as it was, and a :class:`Redacted`
+    placeholder for each one it changed or removed and each name it added.
+
+    None keeps no arguments: there were none, or the hook raised or did not return a
+    mapping -- keeping the unredacted arguments could store a secret.
+    """
     if arguments is None or redact is None or redact is keep_all:
         return None if arguments is None else dict(arguments)
-    kept = redact_arguments(redact, arguments, option=option, name=name)
-    if kept is None:
+    try:
+        kept = redact(dict(arguments))
+    except Exception:
+        log.exception("idempotask: the %s hook of %s raised; no arguments kept", option, name)
         return None
+    if not isinstance(kept, Mapping):
+        log.error(
+            "idempotask: the %s hook of %s returned %s, not a mapping; no arguments kept",
+            option,
+            name,
+            type(kept).__name__,
+        )
+        return None
+    kept = dict(kept)
     marked: dict[str, Any] = {}
     for arg, original in arguments.items():
         if arg not in kept:
@@ -194,7 +176,8 @@ def keep_arguments(
     return marked
 
 
-def _qualified(cls: type) -> str:
+def qualified(cls: type) -> str:
+    """``module.qualname`` of a class."""
     return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
 
 
@@ -207,8 +190,8 @@ def _storable(value: object) -> object:
         reason = str(exc)
         reason = reason if len(reason) <= 300 else reason[:300] + "..."
         if isinstance(value, Redacted):
-            return Redacted(Unserializable(_qualified(type(value.shown)), reason), value.how)
-        return Unserializable(_qualified(type(value)), reason)
+            return Redacted(Unserializable(qualified(type(value.shown)), reason), value.how)
+        return Unserializable(qualified(type(value)), reason)
 
 
 def encode_arguments(arguments: Mapping[str, Any] | None, *, fingerprint: str = "") -> bytes:

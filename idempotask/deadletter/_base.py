@@ -30,7 +30,6 @@ from idempotask.deadletter._core import (
     check_policies,
     epoch,
     fire_hook,
-    seconds,
 )
 from idempotask.deadletter._letters import Decide
 from idempotask.errors import BackendError, ConfigurationError
@@ -87,7 +86,7 @@ class QueueCore:
         self._classifier = check_classifier(classifier)
         self._policies = check_policies(policies)
         self._retention = (
-            None if retention is None else seconds(retention, "retention", allow_zero=False)
+            None if retention is None else config.check_seconds("retention", retention)
         )
         if spool is not None and not isinstance(spool, (Spool, str, os.PathLike)):
             raise ConfigurationError(f"spool: expected a path or a Spool, got {spool!r}")
@@ -212,11 +211,6 @@ class QueueCore:
         # driver) is thrown back into the flow like any store error.
         store: DeadLetterStore = yield Op(lambda: self.store, None)
         return store
-
-    def _get_flow(self, id: str) -> Flow[DeadLetter | None]:
-        store = yield from self._store_flow()
-        letter: DeadLetter | None = yield store_op(store, "get", id)
-        return letter
 
     def _transition_flow(self, id: str, decide: Decide) -> Flow[DeadLetter]:
         """Read-modify-write with compare-and-set, again until no one interferes."""

@@ -13,9 +13,7 @@ import math
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from idempotask import config
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
-from idempotask.deadletter._arguments import bound_arguments, redact_arguments
 from idempotask.errors import (
     AlreadyInProgress,
     ConfigurationError,
@@ -38,8 +36,6 @@ __all__ = [
     "Policies",
     "ReplayError",
     "RouteHandler",
-    "awaited",
-    "bound_arguments",
     "check_actor",
     "check_classifier",
     "check_hook",
@@ -49,9 +45,7 @@ __all__ = [
     "fire_letter_hooks",
     "kind_value",
     "make_filter",
-    "redact_arguments",
-    "seconds",
-    "synced",
+    "twins",
 ]
 
 log = logging.getLogger("idempotask")
@@ -164,13 +158,6 @@ def epoch(value: float | _dt.datetime, option: str) -> float:
     return float(value)
 
 
-def seconds(value: float | _dt.timedelta, option: str, *, allow_zero: bool = True) -> float:
-    """A duration in seconds from a number or a timedelta."""
-    if isinstance(value, _dt.timedelta):
-        value = value.total_seconds()
-    return config.check_seconds(option, value, allow_zero=allow_zero)
-
-
 def kind_value(kind: object) -> str:
     """A failure kind as the string letters store."""
     return str(kind.value) if isinstance(kind, enum.Enum) else str(kind)
@@ -245,45 +232,35 @@ def fire_letter_hooks(
         fire_hook(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")
 
 
-# A queue method is written once, as a method returning its flow; these make the sync
-# method that drives it and the async twin that awaits it, with the same signature.
-def synced(
+# A queue method is written once, as a method returning its flow; twins() makes the
+# sync method that drives it and the async twin that awaits it, with the same signature.
+def twins(
     flow: Callable[Concatenate[_S, _P], Flow[_T]],
     catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
-) -> Callable[Concatenate[_S, _P], _T]:
-    """The public sync method of a private ``_name`` method returning a flow, driven
-    with ``catch``."""
+    adoc: str = "",
+) -> tuple[
+    Callable[Concatenate[_S, _P], _T], Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]
+]:
+    """The public sync method ``name`` of a private ``_name`` method returning a flow, and
+    its async twin ``a<name>`` (documented as "Async :meth:`name`" unless ``adoc`` is
+    given), each driving the flow with ``catch``."""
 
     @functools.wraps(flow)
     def method(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         return drive(flow(self, *args, **kwargs), catch)
 
-    _rename(method, flow, flow.__name__.lstrip("_"))
-    return method
-
-
-def awaited(
-    flow: Callable[Concatenate[_S, _P], Flow[_T]],
-    catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
-    doc: str = "",
-) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
-    """The async twin of :func:`synced`: ``a<name>``, documented as "Async :meth:`name`"."""
-
     @functools.wraps(flow)
-    async def method(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def amethod(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         return await adrive(flow(self, *args, **kwargs), catch)
 
     name = flow.__name__.lstrip("_")
-    _rename(method, flow, "a" + name)
-    method.__doc__ = doc or f"Async :meth:`{name}`."
-    return method
-
-
-def _rename(method: Any, flow: Callable[..., Any], name: str) -> None:
-    # help() and inspect show the public name, and the flow's parameters without its
+    # help() and inspect show the public names, and the flow's parameters without its
     # return type (a Flow, which the caller never sees).
-    method.__name__ = name
-    method.__qualname__ = method.__qualname__.replace(flow.__name__, name)
-    method.__signature__ = inspect.signature(flow).replace(
-        return_annotation=inspect.Parameter.empty
-    )
+    signature = inspect.signature(flow).replace(return_annotation=inspect.Parameter.empty)
+    made: Any
+    for made, public in ((method, name), (amethod, "a" + name)):
+        made.__name__ = public
+        made.__qualname__ = made.__qualname__.replace(flow.__name__, public)
+        made.__signature__ = signature
+    amethod.__doc__ = adoc or f"Async :meth:`{name}`."
+    return method, amethod

@@ -184,9 +184,32 @@ class _DeadLetter(Bindable):
 
     def _bound_using(
         self, key: Any, owner: Any, unknown: dict[str, Any], prefix: tuple[Any, ...]
-    ) -> Any:
+    ) -> _BoundCall:
+        """``fn.using(key=..., owner=...)`` through the recording: the inner ``@idempotent``
+        function's per-call key and owner, with failures still dead-lettered. ``prefix``:
+        the instance of a method looked up on one."""
         reg: Registration = getattr(self, _MARKER)
-        return _using(reg, self.__wrapped__, key, owner, unknown, prefix)
+        func: Any = self.__wrapped__
+        if reg.spec is None or not callable(getattr(func, "using", None)):
+            if unknown:
+                raise TypeError(
+                    f"{reg.name}.using() got an unexpected keyword argument "
+                    f"{next(iter(unknown))!r}; it takes key= and owner="
+                )
+            if key is not None:
+                raise ConfigurationError(
+                    f"{reg.name}: using(key=...) needs @idempotent under @dead_letter"
+                )
+            return _BoundCall(None, None, None, "", prefix, reg.call)
+        bound: _BoundCall = func.using(key=key, owner=owner, **unknown)
+        if not reg.is_async:
+            return bound.through(_recording(reg, bound, key), prefix)
+
+        # A coroutine function, so that in-call retries see an async callable.
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await bound(*args, **kwargs)
+
+        return bound.through(_recording(reg, call, key), prefix)
 
 
 def _kept(
@@ -338,11 +361,10 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
             try:
                 return await inner(*args, **kwargs)
             except Exception as exc:
-                if not _dead_letterable(exc):
-                    raise
-                await adrive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
-                if swallow:
-                    return None
+                if _dead_letterable(exc):
+                    await adrive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
+                    if swallow:
+                        return None
                 raise
 
         return async_wrapper
@@ -351,47 +373,13 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
         try:
             return inner(*args, **kwargs)
         except Exception as exc:
-            if not _dead_letterable(exc):
-                raise
-            drive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
-            if swallow:
-                return None
+            if _dead_letterable(exc):
+                drive(_failure_flow(reg, exc, args, kwargs, explicit), RECORDING_CATCH)
+                if swallow:
+                    return None
             raise
 
     return wrapper
-
-
-def _using(
-    reg: Registration,
-    func: Any,
-    key: Any,
-    owner: Any,
-    unknown: dict[str, Any],
-    prefix: tuple[Any, ...],
-) -> _BoundCall:
-    """``fn.using(key=..., owner=...)`` through the recording: the inner ``@idempotent``
-    function's per-call key and owner, with failures still dead-lettered. ``prefix``:
-    the instance of a method looked up on one."""
-    if reg.spec is None or not callable(getattr(func, "using", None)):
-        if unknown:
-            raise TypeError(
-                f"{reg.name}.using() got an unexpected keyword argument "
-                f"{next(iter(unknown))!r}; it takes key= and owner="
-            )
-        if key is not None:
-            raise ConfigurationError(
-                f"{reg.name}: using(key=...) needs @idempotent under @dead_letter"
-            )
-        return _BoundCall(None, None, None, "", prefix, reg.call)
-    bound: _BoundCall = func.using(key=key, owner=owner, **unknown)
-    if not reg.is_async:
-        return bound.through(_recording(reg, bound, key), prefix)
-
-    # A coroutine function, so that in-call retries see an async callable.
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        return await bound(*args, **kwargs)
-
-    return bound.through(_recording(reg, call, key), prefix)
 
 
 def _check_breaker(breaker: Any) -> Any:

@@ -20,6 +20,7 @@ from idempotask.backends.base import (
     DeadLetter,
     Status,
 )
+from idempotask.deadletter._arguments import qualified
 from idempotask.deadletter._core import Policies, kind_value
 from idempotask.taxonomy import Classification, Classifier, FailureKind
 
@@ -29,7 +30,6 @@ __all__ = [
     "classify",
     "close",
     "describe",
-    "hold",
     "new_letter",
     "reopen",
     "skipped",
@@ -44,10 +44,6 @@ Decide = Callable[[DeadLetter], dict[str, Any]]
 _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 64 * 1024
 _MAX_ACTION_TEXT = 500
-
-
-def _qualified(cls: type) -> str:
-    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
 
 
 def _clip(text: str, limit: int, *, keep_end: bool = False) -> str:
@@ -69,7 +65,7 @@ def describe(error: BaseException) -> tuple[str, str, str]:
         tb = ""
     # The innermost frames are at the end of a traceback: keep those.
     return (
-        _qualified(type(error)),
+        qualified(type(error)),
         _clip(message, _MAX_MESSAGE),
         _clip(tb, _MAX_TRACEBACK, keep_end=True),
     )
@@ -257,23 +253,13 @@ def close(status: Status, resolution: str, what: str, now: float, actor: str, no
 
 
 def skipped(
-    letter: DeadLetter, now: float, actor: str, reason: str, retry_at: float
+    letter: DeadLetter, now: float, actor: str, reason: str, retry_at: float | None
 ) -> dict[str, Any]:
     """A replay that could not run now (``skipped``): the letter is due again at
-    ``retry_at``."""
+    ``retry_at``; None holds it, open with no retry scheduled, until a person acts (the
+    stored arguments cannot rebuild the call). The reason goes to its history."""
     return {
         "next_retry_at": retry_at,
-        "history": with_action(
-            letter.history, Action(now, "skipped", actor, note=_clip(reason, _MAX_ACTION_TEXT))
-        ),
-    }
-
-
-def hold(letter: DeadLetter, now: float, actor: str, reason: str) -> dict[str, Any]:
-    """A replay that cannot run until a person acts (the stored arguments cannot rebuild
-    the call): the letter stays open with no retry scheduled, the reason in its history."""
-    return {
-        "next_retry_at": None,
         "history": with_action(
             letter.history, Action(now, "skipped", actor, note=_clip(reason, _MAX_ACTION_TEXT))
         ),

@@ -3,6 +3,7 @@ replay each -- the original call under its original idempotency key, or not at a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as _dt
 import logging
@@ -13,13 +14,12 @@ from idempotask import config, events
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
-from idempotask.deadletter._core import ReplayError, awaited, fire_hook, synced
-from idempotask.deadletter._letters import after_failure, classify, close, hold, skipped
+from idempotask.deadletter._core import ReplayError, fire_hook, twins
+from idempotask.deadletter._letters import after_failure, classify, close, skipped
 from idempotask.deadletter._replay import (
     Outcome,
     Prepared,
     Registration,
-    aprepare,
     lookup,
     prepare,
     registered_functions,
@@ -129,10 +129,11 @@ def _safe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
 
 
 async def _asafe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
-    try:
-        return Outcome(await aprepare(reg, letter), None)
-    except Exception as exc:
-        return Outcome(None, exc)
+    # A replay_with= hook (which may reload from a database) runs in a worker thread,
+    # off the event loop.
+    if reg.replay_with is None:
+        return _safe_prepare(reg, letter)
+    return await asyncio.to_thread(_safe_prepare, reg, letter)
 
 
 def _claim_filter(
@@ -186,19 +187,8 @@ class Processing(QueueCore):
             raise ConfigurationError(f"limit: expected a positive int, got {limit!r}")
         if filter is not None and not isinstance(filter, DeadLetterFilter):
             raise ConfigurationError(f"filter: expected a DeadLetterFilter, got {filter!r}")
-        return self._process_flow(
-            limit, config.check_seconds("lease", lease), self.now(now), filter
-        )
-
-    process_due = synced(_process_due)
-    aprocess_due = awaited(
-        _process_due,
-        doc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
-    )
-
-    def _process_flow(
-        self, limit: int, lease: float, now: float, filter: DeadLetterFilter | None
-    ) -> Flow[ProcessReport]:
+        lease = config.check_seconds("lease", lease)
+        at = self.now(now)
         report = ProcessReport()
         try:
             report.spool_delivered = yield from self._flush_flow()
@@ -210,16 +200,21 @@ class Processing(QueueCore):
             return report
         store = yield from self._store_flow()
         letters: list[DeadLetter] = yield store_op(
-            store, "claim_due", now, limit=limit, lease=lease, filter=chosen
+            store, "claim_due", at, limit=limit, lease=lease, filter=chosen
         )
         for letter in letters:
-            result = yield from self._replay_flow(store, letter, now)
+            result = yield from self._replay_flow(store, letter, at)
             report.results.append(result)
             if events.listeners and result.letter is not None:
                 replay_event = _REPLAY_EVENTS.get(result.outcome)
                 if replay_event is not None:
                     emit_letter(replay_event, result.letter)
         return report
+
+    process_due, aprocess_due = twins(
+        _process_due,
+        adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
+    )
 
     def _replay_flow(self, store: Any, letter: DeadLetter, now: float) -> Flow[ReplayResult]:
         """Replay one claimed letter and record what happened, under its claim."""
@@ -257,7 +252,7 @@ class Processing(QueueCore):
                     log.error("idempotask: dead letter %s abandoned: %s", letter.id, reason)
                     self._exhausted(result.letter, reg)
                 return result
-            result = yield from finish("held", hold(letter, now, ACTOR, reason), reason)
+            result = yield from finish("held", skipped(letter, now, ACTOR, reason, None), reason)
             if result.letter is not None:
                 log.warning(
                     "idempotask: dead letter %s of %s cannot be replayed, so it waits for a "

@@ -16,11 +16,10 @@ from idempotask.deadletter._core import (
     RECORDING_CATCH,
     DeadLetterNotFound,
     Policies,
-    awaited,
     check_actor,
     check_classifier,
     check_policies,
-    synced,
+    twins,
 )
 from idempotask.deadletter._letters import after_failure, classify, new_letter
 from idempotask.errors import ConfigurationError, MissingTableError
@@ -87,8 +86,7 @@ class Recording(QueueCore):
             actor=check_actor(actor) if actor is not None else (route or "worker"),
         )
 
-    record = synced(_record, RECORDING_CATCH)
-    arecord = awaited(_record, RECORDING_CATCH)
+    record, arecord = twins(_record, RECORDING_CATCH)
 
     def record_flow(
         self,
@@ -225,5 +223,4 @@ class Recording(QueueCore):
         """
         return self._flush_flow()
 
-    flush_spool = synced(_flush_spool)
-    aflush_spool = awaited(_flush_spool)
+    flush_spool, aflush_spool = twins(_flush_spool)

@@ -17,7 +17,7 @@ import inspect
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from idempotask import flow
 from idempotask.backends.base import DeadLetter
@@ -271,27 +271,16 @@ def prepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
     return Prepared(reg.guarded(invoke), args, kwargs)
 
 
-async def aprepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
-    """:func:`prepare` for the async processor: a ``replay_with=`` hook (which may reload
-    from a database) runs in a worker thread, off the event loop."""
-    if reg.replay_with is None:
-        return prepare(reg, letter)
-    return await asyncio.to_thread(prepare, reg, letter)
-
-
 # ----------------------------------------------------------------------------------------
 # Running it
 # ----------------------------------------------------------------------------------------
 
 
-class Outcome:
+class Outcome(NamedTuple):
     """What a replay returned, or the exception it raised."""
 
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: Any, error: Exception | None) -> None:
-        self.value = value
-        self.error = error
+    value: Any
+    error: Exception | None
 
 
 def run_sync(reg: Registration, letter_id: str, prepared: Prepared) -> Outcome:
