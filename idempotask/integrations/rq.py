@@ -311,13 +311,22 @@ def job_id_for(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     >>> job_id_for(charge, 7, "tok_1")  # doctest: +SKIP
     'idem-5b0e1c...'
     """
+    key_for, _ = _idempotent_parts(func)
+    return _job_id(str(key_for(*args, **kwargs)))
+
+
+def _idempotent_parts(func: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
+    """``func``'s ``key_for`` and its idempotency spec, or the error naming the fix: a
+    function with a ``key_for`` of its own that ``@idempotent`` did not make is refused
+    like any other."""
     key_for = getattr(func, "key_for", None)
-    if not callable(key_for):
+    spec = getattr(func, "__idempotask_spec__", None)
+    if not callable(key_for) or spec is None:
         raise ConfigurationError(
             f"enqueue_once: {getattr(func, '__qualname__', func)!r} is not idempotent; "
             "decorate it with @idempotent_job (or @idempotent) so the same call has one key"
         )
-    return _job_id(str(key_for(*args, **kwargs)))
+    return key_for, spec
 
 
 def _job_id(key: str) -> str:
@@ -372,11 +381,7 @@ def enqueue_once(queue: Queue, func: Callable[..., Any], *args: Any, **kwargs: A
     are refused.
     """
     fargs, fkwargs, rq_options = _split_enqueue(args, kwargs)
-    key_for = getattr(func, "key_for", None)
-    spec = getattr(func, "__idempotask_spec__", None)
-    if not callable(key_for) or spec is None:
-        job_id_for(func)  # raises the ConfigurationError naming the fix
-        raise AssertionError("unreachable")
+    key_for, spec = _idempotent_parts(func)
     key = str(key_for(*fargs, **fkwargs))
     job_id = _job_id(key)
     connection = queue.connection

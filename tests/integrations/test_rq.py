@@ -599,6 +599,15 @@ def test_enqueue_once_refuses_what_would_break_deduplication(env: Env) -> None:
         enqueue_once(env.queue, jobs.add, 1, idempotency_ttl=5)
     with pytest.raises(ConfigurationError, match="not idempotent"):
         enqueue_once(env.queue, print, 1)
+
+    def lookalike(order: int) -> int:  # a key_for of its own, not made by @idempotent
+        return order
+
+    lookalike.key_for = lambda order: f"order:{order}"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="not idempotent"):
+        enqueue_once(env.queue, lookalike, 1)
+    with pytest.raises(ConfigurationError, match="not idempotent"):
+        job_id_for(lookalike, 1)
     assert env.queue.count == 0
 
 
