@@ -21,10 +21,7 @@ in the query too; every other query parameter belongs to the Redis URL.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +36,10 @@ from idempotask.backends.base import (
     SupportsExpireNow,
     SupportsScan,
 )
-from idempotask.backends.fallback._router import Router, is_outage
+from idempotask.backends.fallback._router import Router
 from idempotask.backends.fallback._url import fallback_url, seconds, split_url
 from idempotask.errors import BackendError, ConfigurationError
-from idempotask.flow import Flow, store_op
+from idempotask.flow import Flow, Op, adrive, drive
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
@@ -77,19 +74,6 @@ class FallbackStatus:
     confirming_for: float
     tracked_claims: int
     last_error: str | None
-
-
-# Locks are re-made in a forked child: the parent may have held one while forking.
-_instances: weakref.WeakSet[FallbackBackend] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for backend in list(_instances):
-        backend._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class FallbackBackend(Router):
@@ -227,7 +211,6 @@ class FallbackBackend(Router):
             else seconds("confirm_window", confirm_window, allow_zero=True)
         )
         self._init_state(max_tracked_claims, marker_key, clock)
-        _instances.add(self)
 
     # ------------------------------------------------------------------ building
 
@@ -409,12 +392,17 @@ class FallbackBackend(Router):
         >>> from idempotask.backends.memory import MemoryBackend
         >>> FallbackBackend(MemoryBackend(), MemoryBackend()).close()
         """
-        errors: list[BaseException] = []
+        drive(self._close_each("close"), catch=(Exception,))
+
+    def _close_each(self, name: str) -> Flow[None]:
+        """``close`` or ``aclose`` of each store that has it; the first failure is raised
+        once both were tried."""
+        errors: list[Exception] = []
         for store in (self.primary, self.secondary):
-            close = getattr(store, "close", None)
-            if callable(close):
+            method = getattr(store, name, None)
+            if callable(method):
                 try:
-                    close()
+                    yield Op(method, method)
                 except Exception as exc:  # close the other one all the same
                     errors.append(exc)
         if errors:
@@ -443,25 +431,15 @@ class FallbackBackend(Router):
     def _scan(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix``: the primary's,
         with the secondary's added while it may hold records this backend honours."""
-        found: dict[str, Record] = {}
-        primary_error: BackendError | None = None
-        try:
-            if isinstance(self.primary, SupportsScan):
-                for record in (yield from self._primary("scan", prefix, limit=limit)):
-                    found[record.key] = record
-        except BackendError as exc:
-            if not is_outage(exc):
-                raise
-            primary_error = exc
-        if (primary_error is not None or self._secondary_may_hold()) and isinstance(
+        records: list[Record] | None = None
+        down: BackendError | None = None
+        if isinstance(self.primary, SupportsScan):
+            records, down = yield from self._try_primary("scan", prefix, limit=limit)
+        found = {record.key: record for record in records or ()}
+        if (down is not None or self._secondary_may_hold()) and isinstance(
             self.secondary, SupportsScan
         ):
-            try:
-                more: list[Record] = yield store_op(self.secondary, "scan", prefix, limit=limit)
-            except BackendError as exc:
-                if primary_error is not None:
-                    raise self._both_failed(primary_error, exc) from exc
-                raise
+            more: list[Record] = yield from self._secondary(down, "scan", prefix, limit=limit)
             for record in more:
                 found.setdefault(record.key, record)
         return list(found.values())[:limit]
@@ -473,13 +451,4 @@ class FallbackBackend(Router):
 
         >>> await store.aclose()  # doctest: +SKIP
         """
-        errors: list[BaseException] = []
-        for store in (self.primary, self.secondary):
-            aclose = getattr(store, "aclose", None)
-            if callable(aclose):
-                try:
-                    await aclose()
-                except Exception as exc:  # close the other one all the same
-                    errors.append(exc)
-        if errors:
-            raise errors[0]
+        await adrive(self._close_each("aclose"), catch=(Exception,))
