@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.resources
+import inspect
 import logging
 import threading
 import warnings
@@ -47,7 +48,7 @@ from idempotask.backends.redis._connect import (
 from idempotask.backends.redis._records import eviction_warning, policies, record_key
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError, IdempotaskError
 
-__all__ = ["RAW", "RAW_SET", "SCRIPTS", "Channel", "Connections"]
+__all__ = ["RAW", "RAW_SET", "SCRIPTS", "Channel", "Connections", "scan_targets"]
 
 logger = logging.getLogger("idempotask.backends.redis")
 _T = TypeVar("_T")
@@ -410,32 +411,17 @@ class Connections:
 
     # ------------------------------------------------------------ scanning keys
 
-    def scan_targets(self) -> list[Any]:
-        """What a full SCAN walks: every primary of a cluster, else the one server."""
-        with self.wrapped("scan", "*"):
-            return _targets(self.sync().client)
+    def call(self, operation: str, key: str, use: Callable[[Any], Any]) -> Any:
+        """``use(client)`` on the sync client, failures raised as :meth:`wrapped` says."""
+        with self.wrapped(operation, key):
+            return use(self.sync().client)
 
-    async def ascan_targets(self) -> list[Any]:
-        """Async :meth:`scan_targets`."""
-        with self.wrapped("scan", "*"):
-            return _targets((await self.achannel()).client)
-
-    def scan_page(self, target: Any, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
-        """One ``SCAN cursor MATCH match COUNT count`` on ``target``: (next cursor, keys)."""
-        with self.wrapped("scan", match):
-            nodes = {} if target is None else {"target_nodes": target}
-            reply = self.sync().client.scan(cursor=cursor, match=match, count=count, **nodes)
-        return _page(target, reply)
-
-    async def ascan_page(
-        self, target: Any, cursor: int, match: str, count: int
-    ) -> tuple[int, list[Any]]:
-        """Async :meth:`scan_page`."""
-        with self.wrapped("scan", match):
-            client = (await self.achannel()).client
-            nodes = {} if target is None else {"target_nodes": target}
-            reply = await client.scan(cursor=cursor, match=match, count=count, **nodes)
-        return _page(target, reply)
+    async def acall(self, operation: str, key: str, use: Callable[[Any], Any]) -> Any:
+        """Async :meth:`call`, on the running loop's client; an awaitable that ``use``
+        returns is awaited."""
+        with self.wrapped(operation, key):
+            reply = use((await self.achannel()).client)
+            return await reply if inspect.isawaitable(reply) else reply
 
     def values(self, keys: list[Any]) -> list[Any]:
         """``GET`` (undecoded) and ``PTTL`` of each key in one pipeline: a flat list of
@@ -458,19 +444,14 @@ def _get_and_pttl(pipe: Any, keys: list[Any]) -> None:
         pipe.execute_command("PTTL", key)
 
 
-def _page(target: Any, reply: Any) -> tuple[int, list[Any]]:
-    """A SCAN reply as (next cursor, keys); a cluster's has a cursor per node."""
-    cursor, keys = reply
-    return int(cursor if target is None else cursor[target.name]), list(keys)
-
-
 def _primaries(channel: Channel) -> dict[str, Any]:
     if is_cluster(channel.client):
         return {"target_nodes": channel.client.PRIMARIES}
     return {}
 
 
-def _targets(client: Any) -> list[Any]:
+def scan_targets(client: Any) -> list[Any]:
+    """What a full SCAN walks: every primary of a cluster, else the one server (None)."""
     if is_cluster(client):
         return list(client.get_primaries())
     return [None]
