@@ -10,6 +10,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -39,28 +40,18 @@ _pid = os.getpid()
 _warned_pid = 0
 
 
+@dataclass(slots=True, eq=False)
 class _Entry:
     """One stored record; mutable, slotted to keep a record at a few dozen bytes."""
 
-    __slots__ = ("deadline", "fingerprint", "owner", "payload", "state", "token")
-
-    def __init__(
-        self,
-        state: State,
-        token: str,
-        owner: str,
-        fingerprint: str,
-        payload: bytes,
-        deadline: float,
-    ) -> None:
-        self.state = state
-        self.token = token
-        self.owner = owner
-        self.fingerprint = fingerprint
-        self.payload = payload
-        # Store-clock time at which the lease (IN_PROGRESS) or ttl (COMPLETED/FAILED) runs
-        # out; the record is live while ``deadline > now``.
-        self.deadline = deadline
+    state: State
+    token: str
+    owner: str
+    fingerprint: str
+    payload: bytes
+    # Store-clock time at which the lease (IN_PROGRESS) or ttl (COMPLETED/FAILED) runs
+    # out; the record is live while ``deadline > now``.
+    deadline: float
 
     def record(self, key: str, now: float) -> Record:
         return Record(

@@ -156,9 +156,7 @@ class Connections:
         self._sync: Channel | None = None if client is None else Channel(client, owned=False)
         self._given_sync = client
         self._given_async = async_client
-        self._async: Channel | None = None
-        if async_client is not None:
-            self._async = Channel(async_client, owned=False)
+        self._async = None if async_client is None else Channel(async_client, owned=False)
         self._lock = threading.Lock()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Channel]
         self._loops = weakref.WeakKeyDictionary()
@@ -261,20 +259,19 @@ class Connections:
     def drop_loop(self, loop: asyncio.AbstractEventLoop) -> Channel | None:
         """Forget ``loop``'s channel (its closer is finishing it); returns it."""
         with self._lock:
-            channel = self._loops.pop(loop, None)
-            last = self._last
-            if last is not None and last[0]() is loop:
-                self._last = None
+            return self._pop_loop(loop)
+
+    def _pop_loop(self, loop: asyncio.AbstractEventLoop) -> Channel | None:
+        channel = self._loops.pop(loop, None)
+        if self._last is not None and self._last[0]() is loop:
+            self._last = None
         return channel
 
     def _sweep(self) -> None:
         """Drop the channels of loops closed without ``shutdown_asyncgens`` (lock held):
         keeping them would keep those loops alive through their transports."""
-        for loop, _ in [item for item in self._loops.items() if item[0].is_closed()]:
-            self._loops.pop(loop, None)
-            last = self._last
-            if last is not None and last[0]() is loop:
-                self._last = None
+        for loop in [loop for loop in self._loops if loop.is_closed()]:
+            self._pop_loop(loop)
 
     def loop_count(self) -> int:
         """How many event loops currently have a client of ours (for tests and metrics)."""
