@@ -7,7 +7,8 @@ any process confirms new claims in SQL until those records have expired: calls c
 during the outage are not run again. Its docstring states the guarantee exactly (the
 README quotes it).
 
-Every decision is made once, in flows (:mod:`idempotask.flow`) in ``_router``.
+Every decision is made once, in flows (:mod:`idempotask.flow`): the shared steps in
+``_router``, each operation's own in :class:`FallbackBackend`.
 
 The URL form (registered as ``fallback+redis``, ``fallback+rediss`` and
 ``fallback+unix``) is the primary's Redis URL with ``fallback+`` before its scheme and the
@@ -36,10 +37,10 @@ from idempotask.backends.base import (
     SupportsExpireNow,
     SupportsScan,
 )
-from idempotask.backends.fallback._router import Router
+from idempotask.backends.fallback._router import Route, Router
 from idempotask.backends.fallback._url import fallback_url, seconds, split_url
 from idempotask.errors import BackendError, ConfigurationError
-from idempotask.flow import Flow, Op, adrive, drive
+from idempotask.flow import Flow, Op, adrive, drive, store_op
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
@@ -278,7 +279,7 @@ class FallbackBackend(Router):
     # ------------------------------------------------------------------ the store protocol
     # Each operation is a flow of the Router; twins() makes its sync and async methods.
 
-    def _claim_op(
+    def _claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Flow[Record]:
         """Take ``key`` with ``token``, or return the record that holds it (see the class
@@ -289,9 +290,34 @@ class FallbackBackend(Router):
         >>> store.claim("k", "t1", lease=30).held_by("t1")
         True
         """
-        return (yield from self._claim(key, token, lease, owner, fingerprint))
+        self._saw(lease)
+        kwargs = {"lease": lease, "owner": owner, "fingerprint": fingerprint}
+        if self._route(key, token) is Route.SECONDARY:
+            # A claim retried with its own token: where it was taken.
+            return (yield from self._claim_secondary(key, token, kwargs, lease, None))
+        record: Record
+        record, down = yield from self._try_primary("claim", key, token, **kwargs)
+        if down is not None:
+            return (yield from self._claim_secondary(key, token, kwargs, lease, down))
+        if not record.held_by(token) or not self._confirming():
+            return record
+        # The confirm window: the key was free in the primary; the secondary decides.
+        try:
+            other: Record = yield store_op(self.secondary, "claim", key, token, **kwargs)
+        except BackendError as exc:
+            yield from self._release_primary(key, token)
+            raise BackendError(
+                f"fallback: {key!r} was claimed in the primary {self.primary!r}, but the "
+                f"secondary {self.secondary!r}, which may hold a result stored during the "
+                f"outage, cannot confirm it ({exc}); the claim was released"
+            ) from exc
+        if other.held_by(token):
+            self._track(key, token, Route.BOTH)
+            return record
+        yield from self._release_primary(key, token)
+        return other
 
-    claim, aclaim = twins(_claim_op, "claim")
+    claim, aclaim = twins(_claim)
 
     def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``, in the store(s) holding it.
@@ -336,7 +362,7 @@ class FallbackBackend(Router):
 
     renew, arenew = twins(_renew)
 
-    def _get_op(self, key: str) -> Flow[Record | None]:
+    def _get(self, key: str) -> Flow[Record | None]:
         """The record under ``key``: the primary's; the secondary's while the primary is
         down, or in the confirm window when the primary has none.
 
@@ -344,9 +370,13 @@ class FallbackBackend(Router):
         >>> FallbackBackend(MemoryBackend(), MemoryBackend()).get("k") is None
         True
         """
-        return (yield from self._get(key))
+        record: Record | None
+        record, down = yield from self._try_primary("get", key)
+        if down is not None or (record is None and self._confirming()):
+            record = yield from self._secondary(down, "get", key)
+        return record
 
-    get, aget = twins(_get_op, "get")
+    get, aget = twins(_get)
 
     def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record (only if it carries ``token``, when given). Without a token

@@ -356,36 +356,6 @@ class Router:
                 raise self._both_failed(down, exc) from exc
             raise
 
-    def _claim(
-        self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> Flow[Record]:
-        self._saw(lease)
-        kwargs = {"lease": lease, "owner": owner, "fingerprint": fingerprint}
-        if self._route(key, token) is Route.SECONDARY:
-            # A claim retried with its own token: where it was taken.
-            return (yield from self._claim_secondary(key, token, kwargs, lease, None))
-        record: Record
-        record, down = yield from self._try_primary("claim", key, token, **kwargs)
-        if down is not None:
-            return (yield from self._claim_secondary(key, token, kwargs, lease, down))
-        if not record.held_by(token) or not self._confirming():
-            return record
-        # The confirm window: the key was free in the primary; the secondary decides.
-        try:
-            other: Record = yield store_op(self.secondary, "claim", key, token, **kwargs)
-        except BackendError as exc:
-            yield from self._release_primary(key, token)
-            raise BackendError(
-                f"fallback: {key!r} was claimed in the primary {self.primary!r}, but the "
-                f"secondary {self.secondary!r}, which may hold a result stored during the "
-                f"outage, cannot confirm it ({exc}); the claim was released"
-            ) from exc
-        if other.held_by(token):
-            self._track(key, token, Route.BOTH)
-            return record
-        yield from self._release_primary(key, token)
-        return other
-
     def _claim_secondary(
         self,
         key: str,
@@ -483,13 +453,6 @@ class Router:
             # that holds it cannot be reached, which is not the same as "not held".
             raise down
         return found
-
-    def _get(self, key: str) -> Flow[Record | None]:
-        record: Record | None
-        record, down = yield from self._try_primary("get", key)
-        if down is not None or (record is None and self._confirming()):
-            record = yield from self._secondary(down, "get", key)
-        return record
 
     def _delete_any(self, key: str) -> Flow[bool]:
         removed, down = yield from self._try_primary("delete", key)
