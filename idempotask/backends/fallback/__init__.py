@@ -7,7 +7,8 @@ any process confirms new claims in SQL until those records have expired: calls c
 during the outage are not run again. Its docstring states the guarantee exactly (the
 README quotes it).
 
-Every decision is made once, in flows (:mod:`idempotask.flow`) in ``_router``.
+Every decision is made once, in flows (:mod:`idempotask.flow`): the shared steps in
+``_router``, each operation's own in :class:`FallbackBackend`.
 
 The URL form (registered as ``fallback+redis``, ``fallback+rediss`` and
 ``fallback+unix``) is the primary's Redis URL with ``fallback+`` before its scheme and the
@@ -21,10 +22,7 @@ in the query too; every other query parameter belongs to the Redis URL.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +37,10 @@ from idempotask.backends.base import (
     SupportsExpireNow,
     SupportsScan,
 )
-from idempotask.backends.fallback._router import Router, is_outage
+from idempotask.backends.fallback._router import Route, Router
 from idempotask.backends.fallback._url import fallback_url, seconds, split_url
 from idempotask.errors import BackendError, ConfigurationError
-from idempotask.flow import Flow, store_op
+from idempotask.flow import Flow, Op, adrive, drive, store_op
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
@@ -77,19 +75,6 @@ class FallbackStatus:
     confirming_for: float
     tracked_claims: int
     last_error: str | None
-
-
-# Locks are re-made in a forked child: the parent may have held one while forking.
-_instances: weakref.WeakSet[FallbackBackend] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for backend in list(_instances):
-        backend._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class FallbackBackend(Router):
@@ -227,7 +212,6 @@ class FallbackBackend(Router):
             else seconds("confirm_window", confirm_window, allow_zero=True)
         )
         self._init_state(max_tracked_claims, marker_key, clock)
-        _instances.add(self)
 
     # ------------------------------------------------------------------ building
 
@@ -295,7 +279,7 @@ class FallbackBackend(Router):
     # ------------------------------------------------------------------ the store protocol
     # Each operation is a flow of the Router; twins() makes its sync and async methods.
 
-    def _claim_op(
+    def _claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Flow[Record]:
         """Take ``key`` with ``token``, or return the record that holds it (see the class
@@ -306,9 +290,34 @@ class FallbackBackend(Router):
         >>> store.claim("k", "t1", lease=30).held_by("t1")
         True
         """
-        return (yield from self._claim(key, token, lease, owner, fingerprint))
+        self._saw(lease)
+        kwargs = {"lease": lease, "owner": owner, "fingerprint": fingerprint}
+        if self._route(key, token) is Route.SECONDARY:
+            # A claim retried with its own token: where it was taken.
+            return (yield from self._claim_secondary(key, token, kwargs, lease, None))
+        record: Record
+        record, down = yield from self._try_primary("claim", key, token, **kwargs)
+        if down is not None:
+            return (yield from self._claim_secondary(key, token, kwargs, lease, down))
+        if not record.held_by(token) or not self._confirming():
+            return record
+        # The confirm window: the key was free in the primary; the secondary decides.
+        try:
+            other: Record = yield store_op(self.secondary, "claim", key, token, **kwargs)
+        except BackendError as exc:
+            yield from self._release_primary(key, token)
+            raise BackendError(
+                f"fallback: {key!r} was claimed in the primary {self.primary!r}, but the "
+                f"secondary {self.secondary!r}, which may hold a result stored during the "
+                f"outage, cannot confirm it ({exc}); the claim was released"
+            ) from exc
+        if other.held_by(token):
+            self._track(key, token, Route.BOTH)
+            return record
+        yield from self._release_primary(key, token)
+        return other
 
-    claim, aclaim = twins(_claim_op, "claim")
+    claim, aclaim = twins(_claim)
 
     def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``, in the store(s) holding it.
@@ -353,7 +362,7 @@ class FallbackBackend(Router):
 
     renew, arenew = twins(_renew)
 
-    def _get_op(self, key: str) -> Flow[Record | None]:
+    def _get(self, key: str) -> Flow[Record | None]:
         """The record under ``key``: the primary's; the secondary's while the primary is
         down, or in the confirm window when the primary has none.
 
@@ -361,9 +370,13 @@ class FallbackBackend(Router):
         >>> FallbackBackend(MemoryBackend(), MemoryBackend()).get("k") is None
         True
         """
-        return (yield from self._get(key))
+        record: Record | None
+        record, down = yield from self._try_primary("get", key)
+        if down is not None or (record is None and self._confirming()):
+            record = yield from self._secondary(down, "get", key)
+        return record
 
-    get, aget = twins(_get_op, "get")
+    get, aget = twins(_get)
 
     def _delete(self, key: str, *, token: str | None = None) -> Flow[bool]:
         """Remove the record (only if it carries ``token``, when given). Without a token
@@ -409,12 +422,17 @@ class FallbackBackend(Router):
         >>> from idempotask.backends.memory import MemoryBackend
         >>> FallbackBackend(MemoryBackend(), MemoryBackend()).close()
         """
-        errors: list[BaseException] = []
+        drive(self._close_each("close"), catch=(Exception,))
+
+    def _close_each(self, name: str) -> Flow[None]:
+        """``close`` or ``aclose`` of each store that has it; the first failure is raised
+        once both were tried."""
+        errors: list[Exception] = []
         for store in (self.primary, self.secondary):
-            close = getattr(store, "close", None)
-            if callable(close):
+            method = getattr(store, name, None)
+            if callable(method):
                 try:
-                    close()
+                    yield Op(method, method)
                 except Exception as exc:  # close the other one all the same
                     errors.append(exc)
         if errors:
@@ -443,25 +461,15 @@ class FallbackBackend(Router):
     def _scan(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix``: the primary's,
         with the secondary's added while it may hold records this backend honours."""
-        found: dict[str, Record] = {}
-        primary_error: BackendError | None = None
-        try:
-            if isinstance(self.primary, SupportsScan):
-                for record in (yield from self._primary("scan", prefix, limit=limit)):
-                    found[record.key] = record
-        except BackendError as exc:
-            if not is_outage(exc):
-                raise
-            primary_error = exc
-        if (primary_error is not None or self._secondary_may_hold()) and isinstance(
+        records: list[Record] | None = None
+        down: BackendError | None = None
+        if isinstance(self.primary, SupportsScan):
+            records, down = yield from self._try_primary("scan", prefix, limit=limit)
+        found = {record.key: record for record in records or ()}
+        if (down is not None or self._secondary_may_hold()) and isinstance(
             self.secondary, SupportsScan
         ):
-            try:
-                more: list[Record] = yield store_op(self.secondary, "scan", prefix, limit=limit)
-            except BackendError as exc:
-                if primary_error is not None:
-                    raise self._both_failed(primary_error, exc) from exc
-                raise
+            more: list[Record] = yield from self._secondary(down, "scan", prefix, limit=limit)
             for record in more:
                 found.setdefault(record.key, record)
         return list(found.values())[:limit]
@@ -473,13 +481,4 @@ class FallbackBackend(Router):
 
         >>> await store.aclose()  # doctest: +SKIP
         """
-        errors: list[BaseException] = []
-        for store in (self.primary, self.secondary):
-            aclose = getattr(store, "aclose", None)
-            if callable(aclose):
-                try:
-                    await aclose()
-                except Exception as exc:  # close the other one all the same
-                    errors.append(exc)
-        if errors:
-            raise errors[0]
+        await adrive(self._close_each("aclose"), catch=(Exception,))

@@ -7,12 +7,12 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from idempotask.backends.base import Backend, Record, SupportsScan
+from idempotask.backends.memory._common import new_lock
 from idempotask.errors import BackendError, CorruptRecordError
 from idempotask.flow import Flow, store_op
 
@@ -71,7 +71,7 @@ class Router:
         self._max_tracked = max_tracked
         self._marker_key = marker_key
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)  # re-made in a forked child
         # Health. _up is read without the lock on the hot path (a plain attribute read);
         # every change happens under it.
         self._up = True
@@ -332,37 +332,29 @@ class Router:
                 with self._lock:
                     self._probing = False
 
-    def _claim(
-        self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> Flow[Record]:
-        self._saw(lease)
-        kwargs = {"lease": lease, "owner": owner, "fingerprint": fingerprint}
-        if self._route(key, token) is Route.SECONDARY:
-            # A claim retried with its own token: where it was taken.
-            return (yield from self._claim_secondary(key, token, kwargs, lease, None))
+    def _try_primary(
+        self, op: str, *args: Any, **kwargs: Any
+    ) -> Flow[tuple[Any, BackendError | None]]:
+        """``op`` on the primary (see :meth:`_primary`): ``(its answer, None)``, or
+        ``(None, the error)`` when the primary is out; any other failure raises."""
         try:
-            record: Record = yield from self._primary("claim", key, token, **kwargs)
+            return (yield from self._primary(op, *args, **kwargs)), None
         except BackendError as exc:
             if not is_outage(exc):
                 raise
-            return (yield from self._claim_secondary(key, token, kwargs, lease, exc))
-        if not record.held_by(token) or not self._confirming():
-            return record
-        # The confirm window: the key was free in the primary; the secondary decides.
+            return None, exc
+
+    def _secondary(
+        self, down: BackendError | None, op: str, *args: Any, **kwargs: Any
+    ) -> Flow[Any]:
+        """``op`` on the secondary; with ``down`` (the primary's outage) its failure is
+        both stores' failure."""
         try:
-            other: Record = yield store_op(self.secondary, "claim", key, token, **kwargs)
+            return (yield store_op(self.secondary, op, *args, **kwargs))
         except BackendError as exc:
-            yield from self._release_primary(key, token)
-            raise BackendError(
-                f"fallback: {key!r} was claimed in the primary {self.primary!r}, but the "
-                f"secondary {self.secondary!r}, which may hold a result stored during the "
-                f"outage, cannot confirm it ({exc}); the claim was released"
-            ) from exc
-        if other.held_by(token):
-            self._track(key, token, Route.BOTH)
-            return record
-        yield from self._release_primary(key, token)
-        return other
+            if down is not None:
+                raise self._both_failed(down, exc) from exc
+            raise
 
     def _claim_secondary(
         self,
@@ -423,25 +415,18 @@ class Router:
 
     def _on_both(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[bool]:
         """A claim held in both stores: the primary's answer counts while it answers."""
-        primary_error: BackendError | None = None
-        answer = False
+        answer, down = yield from self._try_primary(op, *args, **kwargs)
         try:
-            answer = yield from self._primary(op, *args, **kwargs)
+            in_secondary: bool = yield from self._secondary(down, op, *args, **kwargs)
         except BackendError as exc:
-            if not is_outage(exc):
+            if down is not None:
                 raise
-            primary_error = exc
-        try:
-            in_secondary: bool = yield store_op(self.secondary, op, *args, **kwargs)
-        except BackendError as exc:
-            if primary_error is not None:
-                raise self._both_failed(primary_error, exc) from exc
             # The primary has it; the secondary's copy runs out with its lease.
             logger.warning(
                 "idempotask: %s of %r in %r failed: %s", op, args[0], self.secondary, exc
             )
-            return answer
-        return answer if primary_error is None else in_secondary
+            return bool(answer)
+        return bool(answer) if down is None else in_secondary
 
     def _primary_then_secondary(
         self,
@@ -454,61 +439,33 @@ class Router:
         (a claim forgotten by the bounded map, or a caller sharing tokens between stores).
         The secondary is asked only when it may hold one of our claims, so never while
         the primary is healthy and no window is open."""
-        try:
-            done: bool = yield from self._primary(op, *args, **kwargs)
-        except BackendError as exc:
-            if not is_outage(exc) or not self._secondary_may_hold():
-                raise
-            try:
-                if seconds is not None:
-                    yield from self._cover(seconds, strict=False)
-                found: bool = yield store_op(self.secondary, op, *args, **kwargs)
-            except BackendError as exc2:
-                raise self._both_failed(exc, exc2) from exc2
-            if not found:
-                # Most likely a claim taken in the primary before the outage: the store
-                # that holds it cannot be reached, which is not the same as "not held".
-                raise
-            return True
-        if done or not self._secondary_may_hold():
-            return done
-        found = yield store_op(self.secondary, op, *args, **kwargs)
+        done, down = yield from self._try_primary(op, *args, **kwargs)
+        if down is None and (done or not self._secondary_may_hold()):
+            return bool(done)
+        if down is not None:
+            if not self._secondary_may_hold():
+                raise down
+            if seconds is not None:
+                yield from self._cover(seconds, strict=False)
+        found: bool = yield from self._secondary(down, op, *args, **kwargs)
+        if down is not None and not found:
+            # Most likely a claim taken in the primary before the outage: the store
+            # that holds it cannot be reached, which is not the same as "not held".
+            raise down
         return found
 
-    def _get(self, key: str) -> Flow[Record | None]:
-        try:
-            record: Record | None = yield from self._primary("get", key)
-        except BackendError as exc:
-            if not is_outage(exc):
-                raise
-            try:
-                fallback: Record | None = yield store_op(self.secondary, "get", key)
-            except BackendError as exc2:
-                raise self._both_failed(exc, exc2) from exc2
-            return fallback
-        if record is None and self._confirming():
-            record = yield store_op(self.secondary, "get", key)
-        return record
-
     def _delete_any(self, key: str) -> Flow[bool]:
-        primary_error: BackendError | None = None
-        removed = False
+        removed, down = yield from self._try_primary("delete", key)
+        if down is None and not self._secondary_may_hold():
+            return bool(removed)
         try:
-            removed = yield from self._primary("delete", key)
+            in_secondary: bool = yield from self._secondary(down, "delete", key)
         except BackendError as exc:
-            if not is_outage(exc):
+            if down is not None:
                 raise
-            primary_error = exc
-        if primary_error is None and not self._secondary_may_hold():
-            return removed
-        try:
-            in_secondary: bool = yield store_op(self.secondary, "delete", key)
-        except BackendError as exc:
-            if primary_error is not None:
-                raise self._both_failed(primary_error, exc) from exc
             # A record left in the secondary would be confirmed back: say so.
             raise BackendError(
                 f"fallback: {key!r} was deleted in the primary {self.primary!r} but not in "
                 f"the secondary {self.secondary!r} ({exc}); delete it again"
             ) from exc
-        return removed or in_secondary
+        return bool(removed) or in_secondary

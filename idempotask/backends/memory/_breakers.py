@@ -6,6 +6,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from idempotask.backends._twins import inline
 from idempotask.backends.base import BreakerState, BreakerStatus
@@ -16,17 +17,15 @@ __all__ = ["MemoryBreakerStore"]
 _BREAKER_CLOSED = BreakerState(BreakerStatus.CLOSED)
 
 
+@dataclass(slots=True, eq=False)
 class _BreakerEntry:
     """One breaker's shared state; times are on the store's clock."""
 
-    __slots__ = ("failures", "open_until", "probe_token", "probe_until", "window_until")
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.window_until = -math.inf
-        self.open_until: float | None = None  # None: closed
-        self.probe_until = -math.inf
-        self.probe_token = ""
+    failures: int = 0
+    window_until: float = -math.inf
+    open_until: float | None = None  # None: closed
+    probe_until: float = -math.inf
+    probe_token: str = ""
 
 
 class MemoryBreakerStore:

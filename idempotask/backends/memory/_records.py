@@ -8,9 +8,9 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,7 +18,7 @@ from idempotask import events
 from idempotask.backends._twins import inline
 from idempotask.backends.base import Record, State
 from idempotask.backends.memory._breakers import MemoryBreakerStore
-from idempotask.backends.memory._common import check_clock
+from idempotask.backends.memory._common import check_clock, new_lock
 from idempotask.backends.memory._deadletters import MemoryDeadLetterStore
 from idempotask.errors import BackendError, ConfigurationError
 
@@ -38,36 +38,20 @@ _EXPIRED = -math.inf
 _pid = os.getpid()
 # The process that already warned about per-process stores (warn once per process).
 _warned_pid = 0
-# Every live backend, so the fork hooks can reach their locks; guarded by _registry_lock
-# because a WeakSet must not grow while the fork hook iterates it.
-_instances: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
-_registry_lock = threading.Lock()
-# The stores whose locks _before_fork acquired, released again after the fork.
-_held_across_fork: list[MemoryBackend] = []
 
 
+@dataclass(slots=True, eq=False)
 class _Entry:
     """One stored record; mutable, slotted to keep a record at a few dozen bytes."""
 
-    __slots__ = ("deadline", "fingerprint", "owner", "payload", "state", "token")
-
-    def __init__(
-        self,
-        state: State,
-        token: str,
-        owner: str,
-        fingerprint: str,
-        payload: bytes,
-        deadline: float,
-    ) -> None:
-        self.state = state
-        self.token = token
-        self.owner = owner
-        self.fingerprint = fingerprint
-        self.payload = payload
-        # Store-clock time at which the lease (IN_PROGRESS) or ttl (COMPLETED/FAILED) runs
-        # out; the record is live while ``deadline > now``.
-        self.deadline = deadline
+    state: State
+    token: str
+    owner: str
+    fingerprint: str
+    payload: bytes
+    # Store-clock time at which the lease (IN_PROGRESS) or ttl (COMPLETED/FAILED) runs
+    # out; the record is live while ``deadline > now``.
+    deadline: float
 
     def record(self, key: str, now: float) -> Record:
         return Record(
@@ -112,7 +96,7 @@ class MemoryBackend:
         check_clock(clock, "MemoryBackend")
         self._max_entries = max_entries
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = new_lock(self, hold_across_fork=True)
         self._records: dict[str, _Entry] = {}
         # Keys of COMPLETED/FAILED records, least recently written first: the eviction
         # order. In-progress claims are never in here, so they are never evicted.
@@ -126,8 +110,6 @@ class MemoryBackend:
         # namespace -> the store kept beside the records (dead_letter_store() etc.).
         self._dead_letters: dict[str, MemoryDeadLetterStore] = {}
         self._breakers: dict[str, MemoryBreakerStore] = {}
-        with _registry_lock:
-            _instances.add(self)
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBackend:
@@ -442,35 +424,10 @@ def _per_namespace(
     return store
 
 
-def _before_fork() -> None:
-    # Hold every store's lock across fork() so the child copies consistent records, and no
-    # store is mid-update in the copy.
-    _registry_lock.acquire()
-    _held_across_fork[:] = list(_instances)
-    for backend in _held_across_fork:
-        backend._lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for backend in _held_across_fork:
-        backend._lock.release()
-    _held_across_fork.clear()
-    _registry_lock.release()
-
-
 def _after_fork_in_child() -> None:
-    global _pid, _registry_lock
+    global _pid
     _pid = os.getpid()
-    # Fresh locks rather than release(): the held ones belong to the parent's thread.
-    for backend in _held_across_fork:
-        backend._lock = threading.Lock()
-    _held_across_fork.clear()
-    _registry_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+    os.register_at_fork(after_in_child=_after_fork_in_child)

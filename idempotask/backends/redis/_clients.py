@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.resources
+import inspect
 import logging
 import threading
 import warnings
@@ -47,7 +48,7 @@ from idempotask.backends.redis._connect import (
 from idempotask.backends.redis._records import eviction_warning, policies, record_key
 from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError, IdempotaskError
 
-__all__ = ["RAW", "RAW_SET", "SCRIPTS", "Channel", "Connections"]
+__all__ = ["RAW", "RAW_SET", "SCRIPTS", "Channel", "Connections", "scan_targets"]
 
 logger = logging.getLogger("idempotask.backends.redis")
 _T = TypeVar("_T")
@@ -155,9 +156,7 @@ class Connections:
         self._sync: Channel | None = None if client is None else Channel(client, owned=False)
         self._given_sync = client
         self._given_async = async_client
-        self._async: Channel | None = None
-        if async_client is not None:
-            self._async = Channel(async_client, owned=False)
+        self._async = None if async_client is None else Channel(async_client, owned=False)
         self._lock = threading.Lock()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Channel]
         self._loops = weakref.WeakKeyDictionary()
@@ -260,20 +259,19 @@ class Connections:
     def drop_loop(self, loop: asyncio.AbstractEventLoop) -> Channel | None:
         """Forget ``loop``'s channel (its closer is finishing it); returns it."""
         with self._lock:
-            channel = self._loops.pop(loop, None)
-            last = self._last
-            if last is not None and last[0]() is loop:
-                self._last = None
+            return self._pop_loop(loop)
+
+    def _pop_loop(self, loop: asyncio.AbstractEventLoop) -> Channel | None:
+        channel = self._loops.pop(loop, None)
+        if self._last is not None and self._last[0]() is loop:
+            self._last = None
         return channel
 
     def _sweep(self) -> None:
         """Drop the channels of loops closed without ``shutdown_asyncgens`` (lock held):
         keeping them would keep those loops alive through their transports."""
-        for loop, _ in [item for item in self._loops.items() if item[0].is_closed()]:
-            self._loops.pop(loop, None)
-            last = self._last
-            if last is not None and last[0]() is loop:
-                self._last = None
+        for loop in [loop for loop in self._loops if loop.is_closed()]:
+            self._pop_loop(loop)
 
     def loop_count(self) -> int:
         """How many event loops currently have a client of ours (for tests and metrics)."""
@@ -410,32 +408,17 @@ class Connections:
 
     # ------------------------------------------------------------ scanning keys
 
-    def scan_targets(self) -> list[Any]:
-        """What a full SCAN walks: every primary of a cluster, else the one server."""
-        with self.wrapped("scan", "*"):
-            return _targets(self.sync().client)
+    def call(self, operation: str, key: str, use: Callable[[Any], Any]) -> Any:
+        """``use(client)`` on the sync client, failures raised as :meth:`wrapped` says."""
+        with self.wrapped(operation, key):
+            return use(self.sync().client)
 
-    async def ascan_targets(self) -> list[Any]:
-        """Async :meth:`scan_targets`."""
-        with self.wrapped("scan", "*"):
-            return _targets((await self.achannel()).client)
-
-    def scan_page(self, target: Any, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
-        """One ``SCAN cursor MATCH match COUNT count`` on ``target``: (next cursor, keys)."""
-        with self.wrapped("scan", match):
-            nodes = {} if target is None else {"target_nodes": target}
-            reply = self.sync().client.scan(cursor=cursor, match=match, count=count, **nodes)
-        return _page(target, reply)
-
-    async def ascan_page(
-        self, target: Any, cursor: int, match: str, count: int
-    ) -> tuple[int, list[Any]]:
-        """Async :meth:`scan_page`."""
-        with self.wrapped("scan", match):
-            client = (await self.achannel()).client
-            nodes = {} if target is None else {"target_nodes": target}
-            reply = await client.scan(cursor=cursor, match=match, count=count, **nodes)
-        return _page(target, reply)
+    async def acall(self, operation: str, key: str, use: Callable[[Any], Any]) -> Any:
+        """Async :meth:`call`, on the running loop's client; an awaitable that ``use``
+        returns is awaited."""
+        with self.wrapped(operation, key):
+            reply = use((await self.achannel()).client)
+            return await reply if inspect.isawaitable(reply) else reply
 
     def values(self, keys: list[Any]) -> list[Any]:
         """``GET`` (undecoded) and ``PTTL`` of each key in one pipeline: a flat list of
@@ -458,19 +441,14 @@ def _get_and_pttl(pipe: Any, keys: list[Any]) -> None:
         pipe.execute_command("PTTL", key)
 
 
-def _page(target: Any, reply: Any) -> tuple[int, list[Any]]:
-    """A SCAN reply as (next cursor, keys); a cluster's has a cursor per node."""
-    cursor, keys = reply
-    return int(cursor if target is None else cursor[target.name]), list(keys)
-
-
 def _primaries(channel: Channel) -> dict[str, Any]:
     if is_cluster(channel.client):
         return {"target_nodes": channel.client.PRIMARIES}
     return {}
 
 
-def _targets(client: Any) -> list[Any]:
+def scan_targets(client: Any) -> list[Any]:
+    """What a full SCAN walks: every primary of a cluster, else the one server (None)."""
     if is_cluster(client):
         return list(client.get_primaries())
     return [None]

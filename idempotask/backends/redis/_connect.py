@@ -200,11 +200,14 @@ def split_query_option(url: str, *names: str) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- clients
 
 
+def _flavour(asyncio_: bool) -> Any:
+    """The redis-py package of a flavour: ``redis.asyncio`` or ``redis``."""
+    return redis.asyncio if asyncio_ else redis
+
+
 def _retry(retries: int, *, asyncio_: bool) -> Any:
     backoff = EqualJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE)
-    if asyncio_:
-        return redis.asyncio.retry.Retry(backoff, retries)
-    return redis.retry.Retry(backoff, retries)
+    return _flavour(asyncio_).retry.Retry(backoff, retries)
 
 
 def new_client(
@@ -217,8 +220,7 @@ def new_client(
 ) -> Any:
     """A client for ``url`` with our timeouts and a short retry with backoff on connection
     errors and timeouts; options in the URL's query win over ours."""
-    cls: Any = redis.asyncio.Redis if asyncio_ else redis.Redis
-    return cls.from_url(
+    return _flavour(asyncio_).Redis.from_url(
         url,
         retry=_retry(retries, asyncio_=asyncio_),
         retry_on_error=list(_RETRY_ON),
@@ -238,6 +240,7 @@ def twin_client(client: Any, *, retries: int) -> Any:
     a custom connection class, an asyncio cluster client that has not met its nodes yet).
     """
     to_async = not is_async(client)
+    flavour = _flavour(to_async)
     retry = _retry(retries, asyncio_=to_async)
     if is_cluster(client):
         nodes = list(client.get_nodes())
@@ -249,32 +252,21 @@ def twin_client(client: Any, *, retries: int) -> Any:
         options = _portable(settings)
         for name in ("host", "port", "db", "path"):
             options.pop(name, None)
-        if to_async:
-            startup = [redis.asyncio.cluster.ClusterNode(n.host, n.port) for n in nodes]
-            return redis.asyncio.cluster.RedisCluster(
-                startup_nodes=startup, ssl=ssl, retry=retry, retry_on_error=_RETRY_ON, **options
-            )
-        sync_node: Any = redis.cluster.ClusterNode  # untyped in redis-py
-        sync_startup = [sync_node(n.host, n.port) for n in nodes]
-        if ssl:
-            options["ssl"] = True
-        return redis.cluster.RedisCluster(
-            startup_nodes=sync_startup, retry=retry, retry_on_error=_RETRY_ON, **options
+        if ssl or to_async:  # the sync cluster client is given ssl only when it is on
+            options["ssl"] = ssl
+        startup = [flavour.cluster.ClusterNode(n.host, n.port) for n in nodes]
+        return flavour.cluster.RedisCluster(
+            startup_nodes=startup, retry=retry, retry_on_error=_RETRY_ON, **options
         )
     pool = client.connection_pool
     twin_class = _CONNECTION_TWINS.get(pool.connection_class)
     if twin_class is None:
         raise LookupError(f"its connection class {pool.connection_class.__qualname__} has no twin")
     options = _portable(client.get_connection_kwargs())
-    if to_async:
-        async_pool = redis.asyncio.ConnectionPool(
-            connection_class=twin_class, retry=retry, retry_on_error=_RETRY_ON, **options
-        )
-        return redis.asyncio.Redis.from_pool(async_pool)
-    sync_pool = redis.ConnectionPool(
+    twin_pool = flavour.ConnectionPool(
         connection_class=twin_class, retry=retry, retry_on_error=_RETRY_ON, **options
     )
-    return redis.Redis.from_pool(sync_pool)
+    return flavour.Redis.from_pool(twin_pool)
 
 
 def describe_client(client: Any) -> str:

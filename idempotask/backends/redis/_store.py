@@ -14,13 +14,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import ResponseError
 
 from idempotask.backends._twins import twins
 from idempotask.backends.base import Record, State
-from idempotask.backends.redis._clients import RAW_SET, Connections
+from idempotask.backends.redis._clients import RAW_SET, Connections, scan_targets
 from idempotask.backends.redis._connect import (
     CLIENT_TYPES,
     DEFAULT_CONNECT_TIMEOUT,
@@ -52,7 +53,7 @@ from idempotask.errors import (
     CorruptRecordError,
     IdempotaskError,
 )
-from idempotask.flow import Flow, Op, adrive, drive
+from idempotask.flow import Flow, Op
 
 if TYPE_CHECKING:
     from idempotask.backends.redis._breakers import RedisBreakerStore
@@ -411,7 +412,7 @@ class RedisBackend:
 
     expire_now, aexpire_now = twins(_expire_now)
 
-    def scan(self, prefix: str, *, limit: int = 100) -> list[Record]:
+    def _scan(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose library key starts with ``prefix``.
 
         ``SCAN MATCH`` over the Redis keys (every primary of a cluster), at most
@@ -423,35 +424,6 @@ class RedisBackend:
         >>> store.scan("ns:billing.charge:1:", limit=10)  # doctest: +SKIP
         [Record(key='ns:billing.charge:1:ab12', ...)]
         """
-        return drive(self._scan_flow(prefix, limit))
-
-    async def ascan(self, prefix: str, *, limit: int = 100) -> list[Record]:
-        """Async :meth:`scan`."""
-        return await adrive(self._scan_flow(prefix, limit))
-
-    # ------------------------------------------------------------- async API
-
-    async def aclaim(
-        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
-    ) -> Record:
-        """Async :meth:`claim`."""
-        command, args, ms = self._claim_commands(key, token, lease, owner, fingerprint)
-        if self._set_get:
-            connections = self._connections
-            try:
-                channel = connections.ready_channel() or await connections.achannel()
-                reply = await channel.client.execute_command(*command, **RAW_SET)
-            except Exception as exc:
-                self._set_get_error(key, exc)
-            else:
-                record = self._claimed(key, reply, token, owner, fingerprint, ms)
-                if record is not None:
-                    return record
-        return await self._connections.arun("claim", "claim", key, args, self._parse_claim)
-
-    # ------------------------------------------------------------------ scan
-
-    def _scan_flow(self, prefix: str, limit: int) -> Flow[list[Record]]:
         if not isinstance(prefix, str):
             raise ConfigurationError(
                 f"redis backend: scan prefix must be a str, got {type(prefix).__qualname__}"
@@ -482,15 +454,42 @@ class RedisBackend:
             yield from scan_keys(c, scan_pattern(prefix), visit)
         return found
 
+    scan, ascan = twins(_scan)
+
+    # ------------------------------------------------------------- async API
+
+    async def aclaim(
+        self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
+    ) -> Record:
+        """Async :meth:`claim`."""
+        command, args, ms = self._claim_commands(key, token, lease, owner, fingerprint)
+        if self._set_get:
+            connections = self._connections
+            try:
+                channel = connections.ready_channel() or await connections.achannel()
+                reply = await channel.client.execute_command(*command, **RAW_SET)
+            except Exception as exc:
+                self._set_get_error(key, exc)
+            else:
+                record = self._claimed(key, reply, token, owner, fingerprint, ms)
+                if record is not None:
+                    return record
+        return await self._connections.arun("claim", "claim", key, args, self._parse_claim)
+
 
 def scan_keys(c: Connections, match: str, visit: Callable[[list[Any]], Flow[bool]]) -> Flow[None]:
     """``SCAN MATCH match`` on every primary, at most :data:`SCAN_CALLS` calls each;
     ``visit`` each page of keys until it returns True."""
-    targets = yield Op(c.scan_targets, c.ascan_targets)
+    targets = yield Op(c.call, c.acall, "scan", "*", scan_targets)
     for target in targets:
         cursor = 0
+        nodes = {} if target is None else {"target_nodes": target}
         for _ in range(SCAN_CALLS):
-            cursor, keys = yield Op(c.scan_page, c.ascan_page, target, cursor, match, SCAN_COUNT)
+            page = methodcaller("scan", cursor=cursor, match=match, count=SCAN_COUNT, **nodes)
+            reply = yield Op(c.call, c.acall, "scan", match, page)
+            # A cluster's reply has a cursor per node.
+            cursor, keys = reply
+            cursor = int(cursor if target is None else cursor[target.name])
             if (yield from visit(keys)):
                 return
             if cursor == 0:
