@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from typing import Any, ClassVar, cast
 import pytest
 
 from idempotask.backends.base import BreakerState, BreakerStatus, BreakerStore
-from idempotask.testing.views import Mode, in_threads
+from idempotask.testing.views import Mode, _check_mode, _View
 
 __all__ = ["BreakerStoreContract", "BreakerView"]
 
@@ -47,7 +46,7 @@ SHORT, PAST_SHORT = 0.2, 0.45
 CLOSED, OPEN, HALF_OPEN = BreakerStatus.CLOSED, BreakerStatus.OPEN, BreakerStatus.HALF_OPEN
 
 
-class BreakerView:
+class BreakerView(_View):
     """A breaker store as plain synchronous calls, through its sync or its async methods.
 
     :meth:`name` makes breaker names unique to this view; :meth:`close` resets them all
@@ -55,25 +54,16 @@ class BreakerView:
     """
 
     def __init__(self, store: BreakerStore, mode: Mode) -> None:
-        if mode not in ("sync", "async"):
-            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
-        self.store = store
-        self.mode = mode
+        self.mode = _check_mode(mode)
+        self.store = self._target = store
         self.prefix = f"brk-{uuid.uuid4().hex[:12]}-"
         self.concurrency = 8 if mode == "sync" else 30
         self._names: set[str] = set()
-        self._loop = asyncio.new_event_loop() if mode == "async" else None
+        self.loop = asyncio.new_event_loop() if mode == "async" else None
 
     def name(self, suffix: str = "b") -> str:
         """A breaker name unique to this view."""
-        name = self.prefix + suffix
-        self._names.add(name)
-        return name
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._loop is None:
-            return getattr(self.store, method)(*args, **kwargs)
-        return self._loop.run_until_complete(getattr(self.store, "a" + method)(*args, **kwargs))
+        return self._unique(suffix)
 
     def state(self, name: str) -> BreakerState:
         """``state`` / ``astate``."""
@@ -113,15 +103,7 @@ class BreakerView:
 
     def concurrently(self, method: str, calls: list[tuple[Any, ...]], **kwargs: Any) -> list[Any]:
         """``method`` once per argument tuple, all at once: threads (sync) or tasks (async)."""
-        if self._loop is not None:
-
-            async def race() -> list[Any]:
-                fn = getattr(self.store, "a" + method)
-                return list(await asyncio.gather(*(fn(*args, **kwargs) for args in calls)))
-
-            return self._loop.run_until_complete(race())
-        fn = getattr(self.store, method)
-        return in_threads([functools.partial(fn, *args, **kwargs) for args in calls])
+        return self._race(method, calls, **kwargs)
 
     def close(self) -> None:
         """Reset every breaker this view named, then close its event loop."""
@@ -130,16 +112,7 @@ class BreakerView:
                 with contextlib.suppress(Exception):
                     self.reset(name)
         finally:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                try:
-                    aclose = getattr(self.store, "aclose", None)
-                    if callable(aclose):
-                        with contextlib.suppress(Exception):
-                            loop.run_until_complete(aclose())
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                finally:
-                    loop.close()
+            self._close_loop()
 
 
 class BreakerStoreContract:
@@ -158,11 +131,8 @@ class BreakerStoreContract:
         self, request: pytest.FixtureRequest, breaker_store: BreakerStore
     ) -> Iterator[BreakerView]:
         """The store under test through its sync or its async methods."""
-        view = BreakerView(breaker_store, request.param)
-        try:
+        with contextlib.closing(BreakerView(breaker_store, request.param)) as view:
             yield view
-        finally:
-            view.close()
 
     def _real_time(self) -> None:
         if not self.real_time_tests:

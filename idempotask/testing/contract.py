@@ -9,6 +9,7 @@ clock (set ``real_time_tests = False`` on the subclass to skip it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -18,7 +19,7 @@ from typing import ClassVar
 import pytest
 
 from idempotask.backends.base import Backend, Record, State
-from idempotask.testing.views import Mode, StoreView, SyncView, open_view
+from idempotask.testing.views import StoreView, SyncView, open_view
 
 __all__ = ["LEASE", "TTL", "StoreContract", "check_expires_in", "expect_record", "new_token"]
 
@@ -118,12 +119,8 @@ class StoreContract:
     @pytest.fixture(params=["sync", "async"])
     def store(self, request: pytest.FixtureRequest, backend: Backend) -> Iterator[StoreView]:
         """The backend under test seen through the sync or the async methods."""
-        mode: Mode = request.param
-        view = open_view(backend, mode)
-        try:
+        with contextlib.closing(open_view(backend, request.param)) as view:
             yield view
-        finally:
-            view.close()
 
     # -- claim ---------------------------------------------------------------------------
 
@@ -501,8 +498,7 @@ class StoreContract:
         """A one-second lease really runs out after about a second (the one sleeping test)."""
         if not self.real_time_tests:
             pytest.skip("real_time_tests = False on this backend's test class")
-        view = SyncView(backend)
-        try:
+        with contextlib.closing(SyncView(backend)) as view:
             key, first, second = view.key(), new_token(), new_token()
             started = time.monotonic()
             assert view.claim(key, first, lease=1.0).held_by(first)
@@ -516,5 +512,3 @@ class StoreContract:
             # Slack for the gap between the clocks of this process and of the store.
             assert elapsed >= 0.9, f"a 1-second lease ran out after only {elapsed:.2f} s"
             assert view.complete(key, first, b"late", ttl=TTL) is False
-        finally:
-            view.close()
