@@ -24,7 +24,6 @@ them (about 0.4 s each); set ``real_time_tests = False`` on the subclass to skip
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
@@ -55,11 +54,9 @@ class BreakerView(_View):
 
     def __init__(self, store: BreakerStore, mode: Mode) -> None:
         self.mode = _check_mode(mode)
-        self.store = self._target = store
-        self.prefix = f"brk-{uuid.uuid4().hex[:12]}-"
+        self.store = store
         self.concurrency = 8 if mode == "sync" else 30
-        self._names: set[str] = set()
-        self.loop = asyncio.new_event_loop() if mode == "async" else None
+        super().__init__(store, f"brk-{uuid.uuid4().hex[:12]}-")
 
     def name(self, suffix: str = "b") -> str:
         """A breaker name unique to this view."""
@@ -137,6 +134,13 @@ class BreakerStoreContract:
     def _real_time(self) -> None:
         if not self.real_time_tests:
             pytest.skip("real_time_tests = False")
+
+    def _half_open(self, bv: BreakerView) -> str:
+        """A new breaker, opened for a short period and waited past (real time)."""
+        self._real_time()
+        name = bv.name()
+        bv.half_open(name)
+        return name
 
     # -- closed ------------------------------------------------------------------------
 
@@ -232,9 +236,7 @@ class BreakerStoreContract:
         self, bv: BreakerView
     ) -> None:
         """Past open_until, the state is HALF_OPEN with retry_after 0 (a probe may go)."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         state = bv.state(name)
         assert (state.status, state.retry_after, state.changed) == (HALF_OPEN, 0.0, False)
 
@@ -243,9 +245,7 @@ class BreakerStoreContract:
     ) -> None:
         """The first token gets the probe; another waits (retry_after: the lease left);
         the same token asking again is granted again."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         granted = bv.probe(name, "t1", lease=30)
         assert (granted.status, granted.probe) == (HALF_OPEN, True)
         assert 0 < granted.retry_after <= 30
@@ -257,9 +257,7 @@ class BreakerStoreContract:
 
     def test_a_crashed_probers_lease_runs_out(self, bv: BreakerView) -> None:
         """A probe never reported frees the probe for another caller after its lease."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1", lease=SHORT).probe
         assert not bv.probe(name, "t2", lease=SHORT).probe
         time.sleep(PAST_SHORT)
@@ -267,9 +265,7 @@ class BreakerStoreContract:
 
     def test_a_success_while_half_open_closes_it(self, bv: BreakerView) -> None:
         """HALF_OPEN + record_success: CLOSED, changed; the record is gone."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1").probe
         closed = bv.succeed(name)
         assert (closed.status, closed.changed) == (CLOSED, True)
@@ -278,9 +274,7 @@ class BreakerStoreContract:
 
     def test_a_failure_while_half_open_opens_it_again(self, bv: BreakerView) -> None:
         """HALF_OPEN + record_failure: OPEN for another period, changed, probe cleared."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1").probe
         reopened = bv.fail(name, threshold=5, open_for=30)
         assert (reopened.status, reopened.changed) == (OPEN, True)
@@ -320,9 +314,7 @@ class BreakerStoreContract:
 
     def test_concurrent_probe_requests_grant_exactly_one(self, bv: BreakerView) -> None:
         """Racing try_probe with different tokens: exactly one is granted."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         tokens = [(name, f"t{i}") for i in range(bv.concurrency)]
         replies = bv.concurrently("try_probe", tokens, lease=LONG)
         assert sum(1 for r in replies if r.probe) == 1

@@ -132,13 +132,22 @@ class StoreContract:
         for got in (record, store.get(key)):
             expect_record(got, key, State.IN_PROGRESS, token, "task-1", "fp-1", limit=LEASE)
 
-    def test_second_claim_returns_the_holders_record(self, store: StoreView) -> None:
-        """A claim with another token gets the existing in-progress record, not the key."""
+    @pytest.mark.parametrize(
+        ("first_owner", "second_owner"),
+        [("task-1", "task-2"), ("", ""), ("", "task-1")],
+        ids=["another-owner", "no-owners", "an-owner-after-an-ownerless-claim"],
+    )
+    def test_second_claim_returns_the_holders_record(
+        self, store: StoreView, first_owner: str, second_owner: str
+    ) -> None:
+        """A claim with another token gets the existing in-progress record, not the key,
+        when its owner differs, when neither has an owner (empty owners never match each
+        other), and when it has an owner and the holder has none."""
         key, first, second = store.key(), new_token(), new_token()
-        store.claim(key, first, lease=LEASE, owner="task-1", fingerprint="fp-1")
-        record = store.claim(key, second, lease=LEASE, owner="task-2", fingerprint="fp-2")
+        store.claim(key, first, lease=LEASE, owner=first_owner, fingerprint="fp-1")
+        record = store.claim(key, second, lease=LEASE, owner=second_owner, fingerprint="fp-2")
         assert not record.held_by(second), _describe(record)
-        expect_record(record, key, State.IN_PROGRESS, first, "task-1", "fp-1", limit=LEASE)
+        expect_record(record, key, State.IN_PROGRESS, first, first_owner, "fp-1", limit=LEASE)
 
     def test_claim_retried_with_same_token_retakes_it(self, store: StoreView) -> None:
         """A claim retried with its own token (after a timeout) recognises its success."""
@@ -182,30 +191,6 @@ class StoreContract:
         check_expires_in(stored, 3600)
         if stored.expires_in is not None:
             assert stored.expires_in > 5 + _RESOLUTION, _describe(stored)
-
-    def test_claim_with_a_different_owner_is_not_held(self, store: StoreView) -> None:
-        """Another owner cannot take a live claim."""
-        key, first, second = store.key(), new_token(), new_token()
-        store.claim(key, first, lease=LEASE, owner="task-1")
-        record = store.claim(key, second, lease=LEASE, owner="task-2")
-        assert not record.held_by(second), _describe(record)
-        expect_record(record, key, State.IN_PROGRESS, first, "task-1", limit=LEASE)
-
-    def test_empty_owners_never_match_each_other(self, store: StoreView) -> None:
-        """Two claims without an owner are different executions: the second is not held."""
-        key, first, second = store.key(), new_token(), new_token()
-        store.claim(key, first, lease=LEASE)
-        record = store.claim(key, second, lease=LEASE)
-        assert not record.held_by(second), _describe(record)
-        expect_record(record, key=key, state=State.IN_PROGRESS, token=first, limit=LEASE)
-
-    def test_claim_with_an_owner_does_not_retake_an_ownerless_claim(self, store: StoreView) -> None:
-        """A claim with an owner is not the same execution as a claim made without one."""
-        key, first, second = store.key(), new_token(), new_token()
-        store.claim(key, first, lease=LEASE)
-        record = store.claim(key, second, lease=LEASE, owner="task-1")
-        assert not record.held_by(second), _describe(record)
-        assert record.token == first, _describe(record)
 
     def test_expired_lease_is_taken_over(self, store: StoreView) -> None:
         """A claim whose lease ran out is taken over as if absent."""

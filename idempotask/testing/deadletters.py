@@ -70,7 +70,6 @@ class DeadLetterView(_View):
     the view narrows it to them too. :meth:`close` purges them.
     """
 
-    mode: Mode
     #: How many concurrent claimers :meth:`claim_concurrently` races by default.
     concurrency: int
 
@@ -81,10 +80,8 @@ class DeadLetterView(_View):
                 "conformance suite needs it to end a claim's lease on the store's own clock "
                 "(see idempotask.backends.deadletters.SupportsExpireClaim)"
             )
-        self.store = self._target = store
-        self._expirer = store
-        self.prefix = prefix if prefix is not None else f"dlt-{uuid.uuid4().hex[:12]}-"
-        self._names: set[str] = set()
+        self.store = self._expirer = store
+        super().__init__(store, f"dlt-{uuid.uuid4().hex[:12]}-" if prefix is None else prefix)
 
     def function(self, name: str = "fn") -> str:
         """A function name unique to this view."""
@@ -189,9 +186,6 @@ class DeadLetterView(_View):
                 self.store.purge(self.scope())
         self._close_loop(aclose=False)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.store!r})"
-
 
 class SyncDeadLetterView(DeadLetterView):
     """Exercises the store's sync methods; concurrency is real threads."""
@@ -206,10 +200,6 @@ class AsyncDeadLetterView(DeadLetterView):
     mode: Mode = "async"
     concurrency = 20
     loop: asyncio.AbstractEventLoop
-
-    def __init__(self, store: DeadLetterStore, *, prefix: str | None = None) -> None:
-        super().__init__(store, prefix=prefix)
-        self.loop = asyncio.new_event_loop()
 
 
 def open_dead_letter_view(

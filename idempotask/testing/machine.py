@@ -9,9 +9,9 @@ the backend's sync and async methods, and compares every observable result with 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -24,9 +24,11 @@ from idempotask.testing.views import AsyncView, Mode, StoreView, SyncView
 __all__ = ["ModelRecord", "ReferenceStore", "make_state_machine"]
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelRecord:
-    """A record of the reference model; ``duration`` is the lease or ttl it was given."""
+    """A record of the reference model; ``duration`` is the lease or ttl it was given.
+
+    Its fields are in the order :func:`~idempotask.testing.expect_record` takes them."""
 
     state: State
     token: str
@@ -188,16 +190,8 @@ def make_state_machine(
             if want is None:
                 assert got is None, f"expected no record under {key!r}, got {got!r}"
                 return
-            expect_record(
-                got,
-                key,
-                want.state,
-                want.token,
-                want.owner,
-                want.fingerprint,
-                want.payload,
-                want.duration,
-            )
+            # A ModelRecord's fields are expect_record's arguments after the key, in order.
+            expect_record(got, key, *dataclasses.astuple(want))
 
         @rule(
             name=_key_or_existing,

@@ -71,10 +71,15 @@ class _View:
     store (``_target``): through the sync methods, or, when the view has an event loop
     (``loop``, which it owns), through the ``a``-prefixed coroutines run on that loop."""
 
-    _target: Any
-    prefix: str
-    _names: set[str]
+    mode: Mode
     loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, target: Any, prefix: str) -> None:
+        self._target = target
+        self.prefix = prefix
+        self._names: set[str] = set()
+        if self.mode == "async":
+            self.loop = asyncio.new_event_loop()
 
     def _unique(self, name: str) -> str:
         unique = self.prefix + name
@@ -100,6 +105,9 @@ class _View:
     def _race(self, method: str, calls: list[tuple[Any, ...]], **kwargs: Any) -> list[Any]:
         """``method`` once per argument tuple, all at once (see :meth:`_run_all`)."""
         return self._run_all([_one(store_op(self._target, method, *a, **kwargs)) for a in calls])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._target!r})"
 
     def _close_loop(self, *, aclose: bool = True) -> None:
         """Shut down and close the loop, if any; with ``aclose``, a store that keeps
@@ -136,15 +144,15 @@ class StoreView(_View):
     never interfere, and :meth:`close` deletes them.
     """
 
-    mode: Mode
     #: How many concurrent callers :meth:`claim_concurrently` tests use by default.
     concurrency: int
 
     def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
-        self.backend = self._target = backend
+        self.backend = backend
         self._expirer = _require_expire_now(backend)
-        self.prefix = prefix if prefix is not None else f"idempotask-test:{uuid.uuid4().hex}:"
-        self._names: set[str] = set()
+        super().__init__(
+            backend, f"idempotask-test:{uuid.uuid4().hex}:" if prefix is None else prefix
+        )
 
     def key(self, name: str = "k") -> str:
         """A key unique to this view: the view's prefix followed by ``name``."""
@@ -198,9 +206,6 @@ class StoreView(_View):
         self._names.clear()
         self._close_loop()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.backend!r})"
-
 
 class SyncView(StoreView):
     """Exercises the backend's sync methods; concurrency is real threads."""
@@ -218,10 +223,6 @@ class AsyncView(StoreView):
     mode: Mode = "async"
     concurrency = 50
     loop: asyncio.AbstractEventLoop
-
-    def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
-        super().__init__(backend, prefix=prefix)
-        self.loop = asyncio.new_event_loop()
 
 
 def open_view(backend: Backend, mode: Mode, *, prefix: str | None = None) -> StoreView:
