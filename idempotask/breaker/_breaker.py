@@ -592,17 +592,10 @@ _breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _registry_lock = threading.Lock()
 
 
-def _before_fork() -> None:
-    _registry_lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _registry_lock.release()
-
-
 def _after_fork_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
+    # The thread that forked holds the registry lock (taken before fork()) and is the
+    # child's only thread: it releases it, as the parent does.
+    _registry_lock.release()
     for breaker in list(_breakers):
         breaker._lock = threading.Lock()
         # A probe the parent was running is not the child's to report.
@@ -611,8 +604,8 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
+        before=_registry_lock.acquire,
+        after_in_parent=_registry_lock.release,
         after_in_child=_after_fork_in_child,
     )
 

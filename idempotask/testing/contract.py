@@ -1,10 +1,5 @@
-"""The store contract as a pytest base class: subclass it and provide a ``backend`` fixture.
-
-Every test runs twice, through :class:`~idempotask.testing.views.SyncView` (the sync
-methods) and :class:`~idempotask.testing.views.AsyncView` (the ``a``-prefixed coroutines on
-an event loop). Expiry is driven with the backend's ``expire_now(key)`` hook, never with
-sleeps, except in one test that checks a real one-second lease runs out on the store's own
-clock (set ``real_time_tests = False`` on the subclass to skip it).
+"""The store contract as a pytest base class: subclass it and provide a ``backend`` fixture
+(how, and what the backend needs: see :mod:`idempotask.testing`).
 """
 
 from __future__ import annotations
