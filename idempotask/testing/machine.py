@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from idempotask.backends.base import Backend, Record, State
 from idempotask.testing.contract import expect_record
-from idempotask.testing.views import AsyncView, Mode, StoreView, SyncView
+from idempotask.testing.views import Mode, open_view
 
 __all__ = ["ModelRecord", "ReferenceStore", "make_state_machine"]
 
@@ -159,10 +159,8 @@ def make_state_machine(
             super().__init__()
             backend = backend_factory()
             prefix = f"idempotask-machine:{uuid.uuid4().hex}:"
-            self.views: dict[Mode, StoreView] = {
-                "sync": SyncView(backend, prefix=prefix),
-                "async": AsyncView(backend, prefix=prefix),
-            }
+            modes: tuple[Mode, ...] = ("sync", "async")
+            self.views = {mode: open_view(backend, mode, prefix=prefix) for mode in modes}
             self.model = ReferenceStore()
 
         def key(self, name: str) -> str:
