@@ -46,12 +46,16 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# Recording an outcome never raises: every error an operation raises is thrown into the flow.
+_ANY_ERROR: tuple[type[BaseException], ...] = (Exception,)
+
 
 # --------------------------------------------------------------------------- the core
 
 
 class _Op(enum.Enum):
-    """A store operation the decision core asks its driver to perform."""
+    """A store operation the decision core asks its driver to perform (the value is the
+    :class:`BreakerStore` method's name)."""
 
     STATE = "state"
     PROBE = "try_probe"
@@ -336,25 +340,12 @@ class CircuitBreaker:
         """Record one call's outcome (sync); never raises."""
         op = self._after(probe, exc)
         if op is not None:
-            try:
-                flow.drive(self._record(op, probe))
-            except Exception:
-                self._record_crashed(op, probe)
+            flow.drive(self._record(op, probe), _ANY_ERROR)
 
     async def _aexit(self, probe: bool, exc: BaseException | None) -> None:
         op = self._after(probe, exc)
         if op is not None:
-            try:
-                await flow.adrive(self._record(op, probe))
-            except Exception:
-                self._record_crashed(op, probe)
-
-    def _record_crashed(self, op: _Op, probe: bool) -> None:
-        # Not a BackendError (those are handled in _record): a store that cannot be built,
-        # a broken third-party store. The call's own outcome must still win.
-        if probe:
-            self._release_probe()
-        logger.exception("circuit breaker %r: %s failed", self._name, op.value)
+            await flow.adrive(self._record(op, probe), _ANY_ERROR)
 
     def _before(self, now: float) -> _Op | None:
         """The store operation needed before a call, or None to run it; fails fast."""
@@ -436,21 +427,27 @@ class CircuitBreaker:
         return op
 
     def _record(self, op: _Op, probe: bool) -> Flow[None]:
+        """Record a call's outcome in the store (driven with every error thrown in)."""
         try:
             state = yield self._io(op)
+            now = self._clock()
+            with self._lock:
+                if probe:
+                    self._probe_until = -math.inf
+                self._learn_locked(state, op, now)
+            if state.changed:
+                self._log_transition(state, op, probe)
         except BackendError as exc:
             # The call's own outcome must win: log, never raise from here.
             self._store_failed(exc, op)
             if probe:
                 self._release_probe()
-            return
-        now = self._clock()
-        with self._lock:
+        except Exception:
+            # Not a BackendError: a store that cannot be built, a broken third-party store.
+            # The call's own outcome must still win.
             if probe:
-                self._probe_until = -math.inf
-            self._learn_locked(state, op, now)
-        if state.changed:
-            self._log_transition(state, op, probe)
+                self._release_probe()
+            logger.exception("circuit breaker %r: %s failed", self._name, op.value)
 
     def _learn(self, state: BreakerState, op: _Op, now: float) -> None:
         with self._lock:
@@ -558,24 +555,21 @@ class CircuitBreaker:
         return False
 
     def _io(self, op: _Op) -> Op:
-        """The store operation ``op`` stands for, on the store in use now."""
+        """The store operation ``op`` stands for (its value names the method), on the
+        store in use now."""
         store = self._store_now()
-        if op is _Op.STATE:
-            return store_op(store, "state", self._name)
         if op is _Op.PROBE:
+            return store_op(store, op.value, self._name, uuid.uuid4().hex, lease=self._probe_lease)
+        if op is _Op.FAILURE:
             return store_op(
-                store, "try_probe", self._name, uuid.uuid4().hex, lease=self._probe_lease
+                store,
+                op.value,
+                self._name,
+                threshold=self._threshold,
+                window=self._window,
+                open_for=self._recovery,
             )
-        if op is _Op.SUCCESS:
-            return store_op(store, "record_success", self._name)
-        return store_op(
-            store,
-            "record_failure",
-            self._name,
-            threshold=self._threshold,
-            window=self._window,
-            open_for=self._recovery,
-        )
+        return store_op(store, op.value, self._name)  # STATE, SUCCESS
 
     def _store_now(self) -> BreakerStore:
         if self._store is not None:
@@ -598,17 +592,10 @@ _breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _registry_lock = threading.Lock()
 
 
-def _before_fork() -> None:
-    _registry_lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _registry_lock.release()
-
-
 def _after_fork_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
+    # The thread that forked holds the registry lock (taken before fork()) and is the
+    # child's only thread: it releases it, as the parent does.
+    _registry_lock.release()
     for breaker in list(_breakers):
         breaker._lock = threading.Lock()
         # A probe the parent was running is not the child's to report.
@@ -617,8 +604,8 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
+        before=_registry_lock.acquire,
+        after_in_parent=_registry_lock.release,
         after_in_child=_after_fork_in_child,
     )
 

@@ -24,9 +24,7 @@ them (about 0.4 s each); set ``real_time_tests = False`` on the subclass to skip
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from typing import Any, ClassVar, cast
 import pytest
 
 from idempotask.backends.base import BreakerState, BreakerStatus, BreakerStore
-from idempotask.testing.views import Mode, in_threads
+from idempotask.testing.views import Mode, _check_mode, _View
 
 __all__ = ["BreakerStoreContract", "BreakerView"]
 
@@ -47,7 +45,7 @@ SHORT, PAST_SHORT = 0.2, 0.45
 CLOSED, OPEN, HALF_OPEN = BreakerStatus.CLOSED, BreakerStatus.OPEN, BreakerStatus.HALF_OPEN
 
 
-class BreakerView:
+class BreakerView(_View):
     """A breaker store as plain synchronous calls, through its sync or its async methods.
 
     :meth:`name` makes breaker names unique to this view; :meth:`close` resets them all
@@ -55,25 +53,14 @@ class BreakerView:
     """
 
     def __init__(self, store: BreakerStore, mode: Mode) -> None:
-        if mode not in ("sync", "async"):
-            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        self.mode = _check_mode(mode)
         self.store = store
-        self.mode = mode
-        self.prefix = f"brk-{uuid.uuid4().hex[:12]}-"
         self.concurrency = 8 if mode == "sync" else 30
-        self._names: set[str] = set()
-        self._loop = asyncio.new_event_loop() if mode == "async" else None
+        super().__init__(store, f"brk-{uuid.uuid4().hex[:12]}-")
 
     def name(self, suffix: str = "b") -> str:
         """A breaker name unique to this view."""
-        name = self.prefix + suffix
-        self._names.add(name)
-        return name
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._loop is None:
-            return getattr(self.store, method)(*args, **kwargs)
-        return self._loop.run_until_complete(getattr(self.store, "a" + method)(*args, **kwargs))
+        return self._unique(suffix)
 
     def state(self, name: str) -> BreakerState:
         """``state`` / ``astate``."""
@@ -113,15 +100,7 @@ class BreakerView:
 
     def concurrently(self, method: str, calls: list[tuple[Any, ...]], **kwargs: Any) -> list[Any]:
         """``method`` once per argument tuple, all at once: threads (sync) or tasks (async)."""
-        if self._loop is not None:
-
-            async def race() -> list[Any]:
-                fn = getattr(self.store, "a" + method)
-                return list(await asyncio.gather(*(fn(*args, **kwargs) for args in calls)))
-
-            return self._loop.run_until_complete(race())
-        fn = getattr(self.store, method)
-        return in_threads([functools.partial(fn, *args, **kwargs) for args in calls])
+        return self._race(method, calls, **kwargs)
 
     def close(self) -> None:
         """Reset every breaker this view named, then close its event loop."""
@@ -130,16 +109,7 @@ class BreakerView:
                 with contextlib.suppress(Exception):
                     self.reset(name)
         finally:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                try:
-                    aclose = getattr(self.store, "aclose", None)
-                    if callable(aclose):
-                        with contextlib.suppress(Exception):
-                            loop.run_until_complete(aclose())
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                finally:
-                    loop.close()
+            self._close_loop()
 
 
 class BreakerStoreContract:
@@ -158,15 +128,19 @@ class BreakerStoreContract:
         self, request: pytest.FixtureRequest, breaker_store: BreakerStore
     ) -> Iterator[BreakerView]:
         """The store under test through its sync or its async methods."""
-        view = BreakerView(breaker_store, request.param)
-        try:
+        with contextlib.closing(BreakerView(breaker_store, request.param)) as view:
             yield view
-        finally:
-            view.close()
 
     def _real_time(self) -> None:
         if not self.real_time_tests:
             pytest.skip("real_time_tests = False")
+
+    def _half_open(self, bv: BreakerView) -> str:
+        """A new breaker, opened for a short period and waited past (real time)."""
+        self._real_time()
+        name = bv.name()
+        bv.half_open(name)
+        return name
 
     # -- closed ------------------------------------------------------------------------
 
@@ -262,9 +236,7 @@ class BreakerStoreContract:
         self, bv: BreakerView
     ) -> None:
         """Past open_until, the state is HALF_OPEN with retry_after 0 (a probe may go)."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         state = bv.state(name)
         assert (state.status, state.retry_after, state.changed) == (HALF_OPEN, 0.0, False)
 
@@ -273,9 +245,7 @@ class BreakerStoreContract:
     ) -> None:
         """The first token gets the probe; another waits (retry_after: the lease left);
         the same token asking again is granted again."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         granted = bv.probe(name, "t1", lease=30)
         assert (granted.status, granted.probe) == (HALF_OPEN, True)
         assert 0 < granted.retry_after <= 30
@@ -287,9 +257,7 @@ class BreakerStoreContract:
 
     def test_a_crashed_probers_lease_runs_out(self, bv: BreakerView) -> None:
         """A probe never reported frees the probe for another caller after its lease."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1", lease=SHORT).probe
         assert not bv.probe(name, "t2", lease=SHORT).probe
         time.sleep(PAST_SHORT)
@@ -297,9 +265,7 @@ class BreakerStoreContract:
 
     def test_a_success_while_half_open_closes_it(self, bv: BreakerView) -> None:
         """HALF_OPEN + record_success: CLOSED, changed; the record is gone."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1").probe
         closed = bv.succeed(name)
         assert (closed.status, closed.changed) == (CLOSED, True)
@@ -308,9 +274,7 @@ class BreakerStoreContract:
 
     def test_a_failure_while_half_open_opens_it_again(self, bv: BreakerView) -> None:
         """HALF_OPEN + record_failure: OPEN for another period, changed, probe cleared."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         assert bv.probe(name, "t1").probe
         reopened = bv.fail(name, threshold=5, open_for=30)
         assert (reopened.status, reopened.changed) == (OPEN, True)
@@ -350,9 +314,7 @@ class BreakerStoreContract:
 
     def test_concurrent_probe_requests_grant_exactly_one(self, bv: BreakerView) -> None:
         """Racing try_probe with different tokens: exactly one is granted."""
-        self._real_time()
-        name = bv.name()
-        bv.half_open(name)
+        name = self._half_open(bv)
         tokens = [(name, f"t{i}") for i in range(bv.concurrency)]
         replies = bv.concurrently("try_probe", tokens, lease=LONG)
         assert sum(1 for r in replies if r.probe) == 1

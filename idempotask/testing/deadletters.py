@@ -23,10 +23,10 @@ One test sleeps about 1.2 s to see a real claim lease run out; set
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -43,7 +43,8 @@ from idempotask.backends.deadletters import (
     SupportsExpireClaim,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.testing.views import Mode, in_threads
+from idempotask.flow import Flow, Op, store_op
+from idempotask.testing.views import Mode, _check_mode, _View
 
 __all__ = [
     "T0",
@@ -60,7 +61,7 @@ T0 = 1_700_000_000.0
 LONG_LEASE = 600.0
 
 
-class DeadLetterView(abc.ABC):
+class DeadLetterView(_View):
     """A dead-letter store as plain synchronous calls, scoped to one test.
 
     :meth:`letter` builds letters whose ``id`` and ``function`` start with this view's
@@ -69,7 +70,6 @@ class DeadLetterView(abc.ABC):
     the view narrows it to them too. :meth:`close` purges them.
     """
 
-    mode: Mode
     #: How many concurrent claimers :meth:`claim_concurrently` races by default.
     concurrency: int
 
@@ -80,16 +80,12 @@ class DeadLetterView(abc.ABC):
                 "conformance suite needs it to end a claim's lease on the store's own clock "
                 "(see idempotask.backends.deadletters.SupportsExpireClaim)"
             )
-        self.store = store
-        self._expirer = store
-        self.prefix = prefix if prefix is not None else f"dlt-{uuid.uuid4().hex[:12]}-"
-        self._functions: set[str] = set()
+        self.store = self._expirer = store
+        super().__init__(store, f"dlt-{uuid.uuid4().hex[:12]}-" if prefix is None else prefix)
 
     def function(self, name: str = "fn") -> str:
         """A function name unique to this view."""
-        function = self.prefix + name
-        self._functions.add(function)
-        return function
+        return self._unique(name)
 
     def letter(self, name: str = "", *, function: str = "fn", **fields: Any) -> DeadLetter:
         """A letter (not yet added) with a unique id; ``fields`` override the defaults."""
@@ -112,10 +108,8 @@ class DeadLetterView(abc.ABC):
     def scope(self, base: DeadLetterFilter | None = None) -> DeadLetterFilter:
         """``base`` (default: everything) narrowed to this view's functions."""
         base = base or DeadLetterFilter()
-        mine = tuple(sorted(self._functions))
-        functions = (
-            tuple(f for f in base.function if f in self._functions) if base.function else mine
-        )
+        mine = tuple(sorted(self._names))
+        functions = tuple(f for f in base.function if f in self._names) if base.function else mine
         # An empty tuple would mean "all"; a name no letter has means "none of them".
         return DeadLetterFilter(
             status=base.status,
@@ -129,9 +123,6 @@ class DeadLetterView(abc.ABC):
         """Run the store's test hook: the claim on ``id`` runs out now."""
         return self._expirer.expire_claim(id)
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.store, method)(*args, **kwargs)
-
     def add(self, letter: DeadLetter) -> DeadLetter:
         """``add`` / ``aadd``."""
         return cast(DeadLetter, self._call("add", letter))
@@ -143,12 +134,6 @@ class DeadLetterView(abc.ABC):
     def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
         """``update`` / ``aupdate``."""
         return cast("DeadLetter | None", self._call("update", id, version, **changes))
-
-    @abc.abstractmethod
-    def claim_concurrently(
-        self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE
-    ) -> list[list[DeadLetter]]:
-        """Race ``claimers`` callers, each claiming until nothing is left; what each got."""
 
     def query(
         self, filter: DeadLetterFilter | None = None, *, limit: int = 100, offset: int = 0
@@ -177,14 +162,29 @@ class DeadLetterView(abc.ABC):
         """``purge`` / ``apurge`` within :meth:`scope`."""
         return cast(int, self._call("purge", self.scope(filter)))
 
+    def claim_concurrently(
+        self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE
+    ) -> list[list[DeadLetter]]:
+        """Race ``claimers`` callers (threads released together by a barrier, or tasks
+        gathered on the loop), each claiming until nothing is left; what each got."""
+        scope = self.scope()
+
+        def claimer() -> Flow[list[DeadLetter]]:
+            got: list[DeadLetter] = []
+            claim = store_op(self.store, "claim_due", now, limit=limit, lease=lease, filter=scope)
+            while batch := (yield claim):
+                got.extend(batch)
+                yield Op(time.sleep, asyncio.sleep, 0)  # let the other claimers interleave
+            return got
+
+        return self._run_all([claimer() for _ in range(claimers)])
+
     def close(self) -> None:
-        """Purge this view's letters (best effort) and release resources."""
-        if self._functions:
+        """Purge this view's letters (best effort), then close its event loop, if any."""
+        if self._names:
             with contextlib.suppress(Exception):
                 self.store.purge(self.scope())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.store!r})"
+        self._close_loop(aclose=False)
 
 
 class SyncDeadLetterView(DeadLetterView):
@@ -193,72 +193,21 @@ class SyncDeadLetterView(DeadLetterView):
     mode: Mode = "sync"
     concurrency = 8
 
-    def claim_concurrently(
-        self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE
-    ) -> list[list[DeadLetter]]:
-        """One thread per claimer, released together by a barrier."""
-        scope = self.scope()
-
-        def claimer() -> list[DeadLetter]:
-            got: list[DeadLetter] = []
-            while batch := self.store.claim_due(now, limit=limit, lease=lease, filter=scope):
-                got.extend(batch)
-            return got
-
-        return in_threads([claimer] * claimers)
-
 
 class AsyncDeadLetterView(DeadLetterView):
     """Exercises the ``a``-prefixed coroutines on an event loop this view owns."""
 
     mode: Mode = "async"
     concurrency = 20
-
-    def __init__(self, store: DeadLetterStore, *, prefix: str | None = None) -> None:
-        super().__init__(store, prefix=prefix)
-        self.loop = asyncio.new_event_loop()
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.loop.run_until_complete(getattr(self.store, "a" + method)(*args, **kwargs))
-
-    def claim_concurrently(
-        self, now: float, *, claimers: int, limit: int, lease: float = LONG_LEASE
-    ) -> list[list[DeadLetter]]:
-        """One task per claimer, gathered on this view's loop."""
-        scope = self.scope()
-
-        async def claimer() -> list[DeadLetter]:
-            got: list[DeadLetter] = []
-            while batch := await self.store.aclaim_due(now, limit=limit, lease=lease, filter=scope):
-                got.extend(batch)
-                await asyncio.sleep(0)  # let the other claimers interleave
-            return got
-
-        async def race() -> list[list[DeadLetter]]:
-            return list(await asyncio.gather(*(claimer() for _ in range(claimers))))
-
-        return self.loop.run_until_complete(race())
-
-    def close(self) -> None:
-        """Purge this view's letters, then close the event loop."""
-        super().close()
-        if self.loop.is_closed():
-            return
-        try:
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        finally:
-            self.loop.close()
+    loop: asyncio.AbstractEventLoop
 
 
 def open_dead_letter_view(
     store: DeadLetterStore, mode: Mode, *, prefix: str | None = None
 ) -> DeadLetterView:
     """A :class:`SyncDeadLetterView` or :class:`AsyncDeadLetterView`; close it when done."""
-    if mode == "sync":
-        return SyncDeadLetterView(store, prefix=prefix)
-    if mode == "async":
-        return AsyncDeadLetterView(store, prefix=prefix)
-    raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    view = SyncDeadLetterView if _check_mode(mode) == "sync" else AsyncDeadLetterView
+    return view(store, prefix=prefix)
 
 
 def _fields(letter: DeadLetter) -> dict[str, Any]:
@@ -300,12 +249,8 @@ class DeadLetterStoreContract:
         self, request: pytest.FixtureRequest, dead_letter_store: DeadLetterStore
     ) -> Iterator[DeadLetterView]:
         """The store under test through its sync or its async methods."""
-        mode: Mode = request.param
-        view = open_dead_letter_view(dead_letter_store, mode)
-        try:
+        with contextlib.closing(open_dead_letter_view(dead_letter_store, request.param)) as view:
             yield view
-        finally:
-            view.close()
 
     # -- add / get -----------------------------------------------------------------------
 
@@ -566,17 +511,12 @@ class DeadLetterStoreContract:
         """A 1 s lease, not renewed, lets another processor claim the letter after ~1 s."""
         if not self.real_time_tests:
             pytest.skip("real_time_tests = False")
-        import time
-
-        view = SyncDeadLetterView(dead_letter_store)
-        try:
+        with contextlib.closing(SyncDeadLetterView(dead_letter_store)) as view:
             letter = view.add(view.letter("real", next_retry_at=T0))
             assert _ids(view.claim_due(T0 + 1, lease=1.0)) == [letter.id]
             assert view.claim_due(T0 + 1, lease=1.0) == []
             time.sleep(1.2)
             assert _ids(view.claim_due(T0 + 1, lease=1.0)) == [letter.id]
-        finally:
-            view.close()
 
     # -- stats / purge -------------------------------------------------------------------
 

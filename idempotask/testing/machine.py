@@ -9,9 +9,9 @@ the backend's sync and async methods, and compares every observable result with 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -19,14 +19,16 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from idempotask.backends.base import Backend, Record, State
 from idempotask.testing.contract import expect_record
-from idempotask.testing.views import AsyncView, Mode, StoreView, SyncView
+from idempotask.testing.views import Mode, open_view
 
 __all__ = ["ModelRecord", "ReferenceStore", "make_state_machine"]
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelRecord:
-    """A record of the reference model; ``duration`` is the lease or ttl it was given."""
+    """A record of the reference model; ``duration`` is the lease or ttl it was given.
+
+    Its fields are in the order :func:`~idempotask.testing.expect_record` takes them."""
 
     state: State
     token: str
@@ -157,10 +159,8 @@ def make_state_machine(
             super().__init__()
             backend = backend_factory()
             prefix = f"idempotask-machine:{uuid.uuid4().hex}:"
-            self.views: dict[Mode, StoreView] = {
-                "sync": SyncView(backend, prefix=prefix),
-                "async": AsyncView(backend, prefix=prefix),
-            }
+            modes: tuple[Mode, ...] = ("sync", "async")
+            self.views = {mode: open_view(backend, mode, prefix=prefix) for mode in modes}
             self.model = ReferenceStore()
 
         def key(self, name: str) -> str:
@@ -188,16 +188,8 @@ def make_state_machine(
             if want is None:
                 assert got is None, f"expected no record under {key!r}, got {got!r}"
                 return
-            expect_record(
-                got,
-                key,
-                want.state,
-                want.token,
-                want.owner,
-                want.fingerprint,
-                want.payload,
-                want.duration,
-            )
+            # A ModelRecord's fields are expect_record's arguments after the key, in order.
+            expect_record(got, key, *dataclasses.astuple(want))
 
         @rule(
             name=_key_or_existing,

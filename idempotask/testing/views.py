@@ -3,12 +3,13 @@
 :class:`SyncView` calls the sync methods; :class:`AsyncView` owns an event loop and drives
 the ``a``-prefixed coroutines on it. Both expose the same synchronous interface, plus
 ``expire_now`` (the test-only hook), a unique key prefix and a concurrent-claim helper that
-races threads (sync) or tasks (async).
+races threads (sync) or tasks (async). The dead-letter and breaker views
+(:mod:`idempotask.testing.deadletters`, :mod:`idempotask.testing.breakers`) reach their
+stores the same way, through ``_View``.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import functools
@@ -17,7 +18,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
 
+from idempotask import flow
 from idempotask.backends.base import Backend, Record, SupportsExpireNow
+from idempotask.flow import Flow, Op, store_op
 
 __all__ = ["AsyncView", "Mode", "StoreView", "SyncView", "in_threads", "open_view"]
 
@@ -51,6 +54,78 @@ def in_threads(calls: list[Callable[[], _T]], timeout: float = 60.0) -> list[_T]
     return [answers[i] for i in range(len(calls))]
 
 
+def _check_mode(mode: str) -> Mode:
+    """``mode`` if it is "sync" or "async", else a ValueError."""
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    return cast(Mode, mode)
+
+
+def _one(op: Op) -> Flow[Any]:
+    return (yield op)
+
+
+class _View:
+    """What every view shares: names unique to it (``prefix`` + a name, remembered in
+    ``_names`` so that closing the view can clean up after them), and how it reaches its
+    store (``_target``): through the sync methods, or, when the view has an event loop
+    (``loop``, which it owns), through the ``a``-prefixed coroutines run on that loop."""
+
+    mode: Mode
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, target: Any, prefix: str) -> None:
+        self._target = target
+        self.prefix = prefix
+        self._names: set[str] = set()
+        if self.mode == "async":
+            self.loop = asyncio.new_event_loop()
+
+    def _unique(self, name: str) -> str:
+        unique = self.prefix + name
+        self._names.add(unique)
+        return unique
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.loop is None:
+            return getattr(self._target, method)(*args, **kwargs)
+        return self.loop.run_until_complete(getattr(self._target, "a" + method)(*args, **kwargs))
+
+    def _run_all(self, flows: list[Flow[_T]]) -> list[_T]:
+        """Run the flows at once: one thread each, released together by a barrier (sync),
+        or one task each, gathered on the loop (async); their answers, in order."""
+        if self.loop is None:
+            return in_threads([functools.partial(flow.drive, f) for f in flows])
+
+        async def race() -> list[_T]:
+            return list(await asyncio.gather(*map(flow.adrive, flows)))
+
+        return self.loop.run_until_complete(race())
+
+    def _race(self, method: str, calls: list[tuple[Any, ...]], **kwargs: Any) -> list[Any]:
+        """``method`` once per argument tuple, all at once (see :meth:`_run_all`)."""
+        return self._run_all([_one(store_op(self._target, method, *a, **kwargs)) for a in calls])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._target!r})"
+
+    def _close_loop(self, *, aclose: bool = True) -> None:
+        """Shut down and close the loop, if any; with ``aclose``, a store that keeps
+        per-loop connections first releases them through its ``aclose()``."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            release = getattr(self._target, "aclose", None) if aclose else None
+            if callable(release):
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(release())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
 def _require_expire_now(backend: Backend) -> SupportsExpireNow:
     if not isinstance(backend, SupportsExpireNow):
         raise TypeError(
@@ -61,7 +136,7 @@ def _require_expire_now(backend: Backend) -> SupportsExpireNow:
     return backend
 
 
-class StoreView(abc.ABC):
+class StoreView(_View):
     """The store protocol as plain synchronous calls, for tests.
 
     ``mode`` says which methods of ``backend`` are exercised. Keys made with :meth:`key`
@@ -69,28 +144,23 @@ class StoreView(abc.ABC):
     never interfere, and :meth:`close` deletes them.
     """
 
-    mode: Mode
     #: How many concurrent callers :meth:`claim_concurrently` tests use by default.
     concurrency: int
 
     def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
         self.backend = backend
         self._expirer = _require_expire_now(backend)
-        self.prefix = prefix if prefix is not None else f"idempotask-test:{uuid.uuid4().hex}:"
-        self._keys: set[str] = set()
+        super().__init__(
+            backend, f"idempotask-test:{uuid.uuid4().hex}:" if prefix is None else prefix
+        )
 
     def key(self, name: str = "k") -> str:
         """A key unique to this view: the view's prefix followed by ``name``."""
-        key = self.prefix + name
-        self._keys.add(key)
-        return key
+        return self._unique(name)
 
     def expire_now(self, key: str) -> bool:
         """Run the backend's test hook: the record's lease or ttl runs out now."""
         return self._expirer.expire_now(key)
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.backend, method)(*args, **kwargs)
 
     def claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
@@ -121,21 +191,20 @@ class StoreView(abc.ABC):
         """``delete`` / ``adelete``."""
         return cast(bool, self._call("delete", key, token=token))
 
-    @abc.abstractmethod
     def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
-        """Race one claim per token on ``key`` at the same moment; the answers, in order."""
+        """Race one claim per token on ``key`` at the same moment (threads released
+        together by a barrier, or tasks gathered on the loop); the answers, in order."""
+        return self._race("claim", [(key, token) for token in tokens], lease=lease)
 
     def close(self) -> None:
-        """Delete the keys this view made (best effort) and release its resources."""
-        for key in self._keys:
+        """Delete the keys this view made (best effort), then close its event loop, if any."""
+        for key in self._names:
             # Through the sync method even for AsyncView, whose loop may be failing; and a
             # failed cleanup must not mask the test's own outcome.
             with contextlib.suppress(Exception):
                 self.backend.delete(key)
-        self._keys.clear()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.backend!r})"
+        self._names.clear()
+        self._close_loop()
 
 
 class SyncView(StoreView):
@@ -143,11 +212,6 @@ class SyncView(StoreView):
 
     mode: Mode = "sync"
     concurrency = 16
-
-    def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
-        """One thread per token, released together by a barrier."""
-        claim = self.backend.claim
-        return in_threads([functools.partial(claim, key, t, lease=lease) for t in tokens])
 
 
 class AsyncView(StoreView):
@@ -158,45 +222,9 @@ class AsyncView(StoreView):
 
     mode: Mode = "async"
     concurrency = 50
-
-    def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
-        super().__init__(backend, prefix=prefix)
-        self.loop = asyncio.new_event_loop()
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.loop.run_until_complete(getattr(self.backend, "a" + method)(*args, **kwargs))
-
-    def claim_concurrently(self, key: str, tokens: list[str], *, lease: float) -> list[Record]:
-        """One task per token, gathered on this view's loop."""
-
-        async def race() -> list[Record]:
-            return list(
-                await asyncio.gather(*(self.backend.aclaim(key, t, lease=lease) for t in tokens))
-            )
-
-        return self.loop.run_until_complete(race())
-
-    def close(self) -> None:
-        """Delete this view's keys, then shut down and close the event loop."""
-        super().close()
-        if self.loop.is_closed():
-            return
-        try:
-            # A backend that keeps per-loop connections releases them before the loop goes.
-            aclose = getattr(self.backend, "aclose", None)
-            if callable(aclose):
-                with contextlib.suppress(Exception):
-                    self.loop.run_until_complete(aclose())
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        finally:
-            self.loop.close()
+    loop: asyncio.AbstractEventLoop
 
 
 def open_view(backend: Backend, mode: Mode, *, prefix: str | None = None) -> StoreView:
     """A :class:`SyncView` or :class:`AsyncView` of ``backend``; close it when done."""
-    if mode == "sync":
-        return SyncView(backend, prefix=prefix)
-    if mode == "async":
-        return AsyncView(backend, prefix=prefix)
-    raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    return (SyncView if _check_mode(mode) == "sync" else AsyncView)(backend, prefix=prefix)
