@@ -871,6 +871,47 @@ def redis_store(redis_url: str) -> Iterator[Any]:
     store.close()
 
 
+def _race_for_the_probe(breakers: list[CircuitBreaker]) -> tuple[int, list[str]]:
+    """Each breaker calls from its own thread at once; the probe is held until every
+    other thread was refused (bounded), so a thread slow to start (a loaded machine)
+    cannot arrive after the probe closed the breaker and run legitimately."""
+    start = threading.Barrier(len(breakers))
+    refused_all = threading.Event()
+    lock = threading.Lock()
+    ran: list[int] = []
+    outcomes: list[str] = []
+
+    def body() -> None:
+        ran.append(1)
+        refused_all.wait(8)  # a second probe would wait here too, and be counted
+
+    def worker(breaker: CircuitBreaker) -> None:
+        start.wait()
+        try:
+            breaker.call(body)
+            outcome = "ran"
+        except CircuitOpenError:
+            outcome = "open"
+        with lock:
+            outcomes.append(outcome)
+            if outcomes.count("open") == len(breakers) - 1:
+                refused_all.set()
+
+    threads = [threading.Thread(target=worker, args=(b,)) for b in breakers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return len(ran), outcomes
+
+
+def _hold_until_refused(opened: Any, count: int) -> None:
+    """Hold a probe until ``count`` calls across the processes were refused (bounded)."""
+    deadline = time.monotonic() + 8
+    while opened.value < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _redis_breaker(url: str, name: str, **options: Any) -> CircuitBreaker:
     from idempotask.backends.redis import RedisBreakerStore
 
@@ -963,28 +1004,8 @@ def test_redis_exactly_one_probe_across_eight_threads(redis_url: str, redis_stor
     redis_store.record_failure(name, threshold=1, window=10, open_for=0.1)
     time.sleep(0.12)
     breakers = [_redis_breaker(redis_url, name) for _ in range(8)]
-    start = threading.Barrier(8)
-    ran: list[int] = []
-    outcomes: list[str] = []
-
-    def body() -> None:
-        ran.append(1)
-        time.sleep(0.3)  # hold the probe while the others try
-
-    def worker(breaker: CircuitBreaker) -> None:
-        start.wait()
-        try:
-            breaker.call(body)
-            outcomes.append("ran")
-        except CircuitOpenError:
-            outcomes.append("open")
-
-    threads = [threading.Thread(target=worker, args=(b,)) for b in breakers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(ran) == 1
+    ran, outcomes = _race_for_the_probe(breakers)
+    assert ran == 1
     assert sorted(outcomes) == ["open"] * 7 + ["ran"]
     assert redis_store.state(name).status is BreakerStatus.CLOSED
 
@@ -995,7 +1016,7 @@ def _probe_racer(url: str, name: str, barrier: Any, ran: Any, opened: Any) -> No
     def body() -> None:
         with ran.get_lock():
             ran.value += 1
-        time.sleep(0.5)  # hold the probe while the other process's threads try
+        _hold_until_refused(opened, 7)  # every other thread, in either process
 
     def worker() -> None:
         barrier.wait()
@@ -1310,28 +1331,8 @@ def test_sql_exactly_one_probe_across_eight_threads(db: str, sqlite_breaker_url:
     store.record_failure(name, threshold=1, window=10, open_for=0.1)
     time.sleep(0.15)
     breakers = [_sql_breaker(url, name) for _ in range(8)]
-    start = threading.Barrier(8)
-    ran: list[int] = []
-    outcomes: list[str] = []
-
-    def body() -> None:
-        ran.append(1)
-        time.sleep(0.3)  # hold the probe while the others try
-
-    def worker(breaker: CircuitBreaker) -> None:
-        start.wait()
-        try:
-            breaker.call(body)
-            outcomes.append("ran")
-        except CircuitOpenError:
-            outcomes.append("open")
-
-    threads = [threading.Thread(target=worker, args=(b,)) for b in breakers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(ran) == 1
+    ran, outcomes = _race_for_the_probe(breakers)
+    assert ran == 1
     assert sorted(outcomes) == ["open"] * 7 + ["ran"]
     assert store.state(name).status is BreakerStatus.CLOSED
 
@@ -1342,7 +1343,7 @@ def _sql_probe_racer(url: str, name: str, barrier: Any, ran: Any, opened: Any) -
     def body() -> None:
         with ran.get_lock():
             ran.value += 1
-        time.sleep(0.5)
+        _hold_until_refused(opened, 7)  # every other thread, in either process
 
     def worker() -> None:
         barrier.wait()
