@@ -19,12 +19,12 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar
 
-from sqlalchemy import URL, Engine, MetaData, Table
+from sqlalchemy import URL, Engine, Executable, MetaData, Table
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
 from idempotask.backends.sql import _engines
-from idempotask.backends.sql._session import Session
+from idempotask.backends.sql._session import Reply, Session
 from idempotask.backends.sql._timeouts import bounded, client_bound
 from idempotask.errors import (
     BackendError,
@@ -587,3 +587,20 @@ class OnDatabase:
         """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
         result: _T = yield Op(self._run, self._arun, operation, key, make)
         return result
+
+    def _one(
+        self,
+        operation: str,
+        key: str | None,
+        statement: Executable,
+        params: Mapping[str, Any],
+        then: Callable[[Any], _T],
+        reply: Reply = "rows",
+    ) -> Flow[_T]:
+        """One statement as an operation's flow, its answer mapped by ``then`` on the
+        connection's side (a row that is not ours is reported as a database error is)."""
+
+        def flow(q: Session) -> Flow[_T]:
+            return then((yield q.op(statement, params, reply)))
+
+        return (yield from self._on_db(operation, key, flow))
