@@ -45,6 +45,7 @@ __all__ = [
     "OnDatabase",
     "Session",
     "flavour_of",
+    "flow_batches",
     "is_async_engine",
     "seconds",
 ]
@@ -560,6 +561,18 @@ class Database:
                 await conn.run_sync(self._ddl, metadata, tables, create)
         except _FAILURES as exc:
             raise self.error(operation, None, exc) from exc
+
+
+def flow_batches(
+    q: Session, statement: Executable, params: Mapping[str, Any], batch: int
+) -> Flow[int]:
+    """Run a DELETE of up to ``batch`` rows until one deletes fewer; how many went."""
+    total = 0
+    while True:
+        count: int = yield q.op(statement, params, "rowcount")
+        total += max(0, count)
+        if count < batch:
+            return total
 
 
 class OnDatabase:

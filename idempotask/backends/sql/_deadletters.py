@@ -53,6 +53,7 @@ from idempotask.backends.sql._database import (
     Database,
     OnDatabase,
     Session,
+    flow_batches,
     seconds,
 )
 from idempotask.backends.sql._letters import (
@@ -473,12 +474,7 @@ class SQLDeadLetterStore(TableStore):
 
         def flow(q: Session) -> Flow[int]:
             statement = self._sql.purge(self._flavour(q), shape)
-            total = 0
-            while True:
-                count: int = yield q.op(statement, params, "rowcount")
-                total += max(0, count)
-                if count < PURGE_BATCH:
-                    return total
+            return (yield from flow_batches(q, statement, params, PURGE_BATCH))
 
         return (yield from self._on_db("dead-letter purge", None, flow))
 
