@@ -245,9 +245,13 @@ class Database:
         self.statement_timeout = None if statement_timeout is None else float(statement_timeout)
         #: The client's bound on one statement (None: none).
         self.bound = None if statement_timeout is None else client_bound(float(statement_timeout))
-        self._connect_timeout = float(connect_timeout)
-        self._busy_timeout = float(busy_timeout)
-        self._engine_options = dict(engine_options or {})
+        # What the engines made here get (see _engines.new_engine).
+        self._settings: dict[str, Any] = {
+            "connect_timeout": float(connect_timeout),
+            "busy_timeout": float(busy_timeout),
+            "statement_timeout": self.statement_timeout,
+            "options": dict(engine_options or {}),
+        }
         self._given = engine  # the user's engine, as given
         self._given_async = async_engine
         self.engine: Engine | None = None  # the engine operations use (sync)
@@ -292,13 +296,7 @@ class Database:
                     if self._given is not None:
                         self.engine = _engines.autocommit(self._given)
                     else:
-                        self.engine = _engines.new_sync_engine(
-                            _engines.sync_url(self.url),
-                            connect_timeout=self._connect_timeout,
-                            busy_timeout=self._busy_timeout,
-                            statement_timeout=self.statement_timeout,
-                            options=self._engine_options,
-                        )
+                        self.engine = _engines.new_engine(self.url, False, **self._settings)
                 engine = self.engine
         return engine
 
@@ -318,7 +316,10 @@ class Database:
             slot = self.loops.get(id(loop))
             fresh = slot is None or slot.loop is not loop
             if slot is None or slot.loop is not loop:
-                slot = _LoopEngine(loop, self._new_async_engine())
+                # Derived from the user's engine if one was given: same database, our
+                # defaults.
+                url = self._given.url if self._given is not None else self.url
+                slot = _LoopEngine(loop, _engines.new_engine(url, True, **self._settings))
                 for key in [k for k, s in self.loops.items() if s.loop.is_closed()]:
                     del self.loops[key]  # their connections went with their loops
                 self.loops[id(loop)] = slot
@@ -332,17 +333,6 @@ class Database:
         with self._lock:
             if self.loops.get(id(slot.loop)) is slot:
                 del self.loops[id(slot.loop)]
-
-    def _new_async_engine(self) -> AsyncEngine:
-        # Derived from the user's engine if one was given: same database, our defaults.
-        url = self._given.url if self._given is not None else self.url
-        return _engines.new_async_engine(
-            _engines.async_url(url),
-            connect_timeout=self._connect_timeout,
-            busy_timeout=self._busy_timeout,
-            statement_timeout=self.statement_timeout,
-            options=self._engine_options,
-        )
 
     def close(self) -> None:
         """Close the connections of the sync engine made here (one you passed stays open)."""
@@ -426,8 +416,8 @@ class Database:
     ) -> _T:
         """Run the flow ``make(session)`` on a connection of the sync engine (in-memory
         SQLite: one operation at a time); a deadlock victim's flow runs again."""
-        if self._pending:
-            self._create_pending()
+        for metadata, tables in self._take_pending() if self._pending else ():
+            self.schema_change(metadata, tables, True)
         engine = self.engine if self._pid == os.getpid() else None
         if engine is None:
             engine = self._made(self.sync_engine, operation, key)
@@ -445,9 +435,7 @@ class Database:
                             session.end()
                             raise
                 except _FAILURES as exc:
-                    if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                        continue
-                    raise self.error(operation, key, exc, table) from exc
+                    self._again_or_raise(attempt, operation, key, exc, table)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def arun(
@@ -467,8 +455,8 @@ class Database:
             # lock (busy_timeout). One hop to a worker thread for the whole operation;
             # aiosqlite would hop for every statement, checkout and return.
             return await asyncio.to_thread(self.run, operation, key, make, table)
-        if self._pending:
-            await self._acreate_pending()
+        for metadata, tables in self._take_pending() if self._pending else ():
+            await self.aschema_change(metadata, tables, True)
         try:
             engine = await self.async_engine()
         except _FAILURES as exc:
@@ -480,9 +468,7 @@ class Database:
                     return await self._arun_once(engine, make)
                 return await bounded(self._arun_once(engine, make), bound)
             except _FAILURES as exc:
-                if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                    continue
-                raise self.error(operation, key, exc, table) from exc
+                self._again_or_raise(attempt, operation, key, exc, table)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _arun_once(self, engine: AsyncEngine, make: Callable[[Session], Flow[_T]]) -> _T:
@@ -496,6 +482,15 @@ class Database:
             except BaseException:
                 await session.aend()
                 raise
+
+    def _again_or_raise(
+        self, attempt: int, operation: str, key: str | None, exc: Exception, table: Table | None
+    ) -> None:
+        """Return if ``exc`` made a deadlock victim whose flow may run again; else raise
+        its BackendError."""
+        if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
+            return
+        raise self.error(operation, key, exc, table) from exc
 
     def _made(self, make: Callable[[], _T], operation: str, key: str | None) -> _T:
         try:
@@ -520,17 +515,11 @@ class Database:
                 if attempt == len(tables):
                     raise
 
-    def _create_pending(self) -> None:
+    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
+        """The tables to create before the next operation, taken once."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for metadata, tables in pending:
-            self.schema_change(metadata, tables, True)
-
-    async def _acreate_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for metadata, tables in pending:
-            await self.aschema_change(metadata, tables, True)
+        return pending
 
     def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
         """Create (or drop) ``tables`` if missing (present); safe from several processes."""
