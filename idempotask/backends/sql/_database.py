@@ -36,7 +36,7 @@ from idempotask.flow import Flow, Op, adrive, drive
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
@@ -404,8 +404,12 @@ class Database:
             flavour = self._flavour = flavour_of(dialect)
         return flavour
 
-    def _watched(self, dialect: Dialect) -> float | None:
-        return self.bound if dialect.driver in _WATCHED else None
+    def _session(self, conn: Connection, aconn: AsyncConnection | None) -> Session:
+        """The session of one operation on ``conn`` (``aconn``'s, for asyncio): psycopg's
+        statements are bounded by the watchdog (see _timeouts)."""
+        dialect = conn.dialect
+        watched = self.bound if dialect.driver in _WATCHED else None
+        return Session(conn, aconn, self._flavour_of(dialect), watched)
 
     def run(
         self,
@@ -420,15 +424,15 @@ class Database:
             self.schema_change(metadata, tables, True)
         engine = self.engine if self._pid == os.getpid() else None
         if engine is None:
-            engine = self._made(self.sync_engine, operation, key)
+            try:
+                engine = self.sync_engine()
+            except _FAILURES as exc:
+                raise self.error(operation, key, exc) from exc
         with self.memory_lock if self.memory else contextlib.nullcontext():
             for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
                 try:
                     with engine.connect() as conn:
-                        dialect = conn.dialect
-                        session = Session(
-                            conn, None, self._flavour_of(dialect), self._watched(dialect)
-                        )
+                        session = self._session(conn, None)
                         try:
                             return drive(make(session), _CAUGHT)
                         except BaseException:
@@ -475,8 +479,7 @@ class Database:
         async with engine.connect() as aconn:
             conn = aconn.sync_connection
             assert conn is not None
-            dialect = conn.dialect
-            session = Session(conn, aconn, self._flavour_of(dialect), self._watched(dialect))
+            session = self._session(conn, aconn)
             try:
                 return await adrive(make(session), _CAUGHT)
             except BaseException:
@@ -491,12 +494,6 @@ class Database:
         if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
             return
         raise self.error(operation, key, exc, table) from exc
-
-    def _made(self, make: Callable[[], _T], operation: str, key: str | None) -> _T:
-        try:
-            return make()
-        except _FAILURES as exc:
-            raise self.error(operation, key, exc) from exc
 
     # -- schema ------------------------------------------------------------------------------
 

@@ -103,39 +103,18 @@ def _skip_locked(dialect: Dialect) -> bool:
 # -- the store ------------------------------------------------------------------------------
 
 
-def attach(
-    owner: str,
-    bind: Any,
-    *,
-    engine: Engine | None,
-    async_engine: AsyncEngine | None,
-    connect_timeout: float,
-    busy_timeout: float,
-    statement_timeout: float | None,
-    engine_options: Mapping[str, Any] | None,
-) -> tuple[Database, bool]:
+def attach(owner: str, bind: Any, **engines: Any) -> tuple[Database, bool]:
     """The database a store runs on, and whether the store owns it: the one of another
-    SQL store it was given (``SQLAlchemyBackend``, …), or a new one."""
+    SQL store it was given (``SQLAlchemyBackend``, …), or a new one (``engines``: the
+    :class:`Database` options)."""
     shared = getattr(bind, "database", None)
     if not isinstance(shared, Database):
-        return (
-            Database(
-                bind,
-                owner=owner,
-                engine=engine,
-                async_engine=async_engine,
-                connect_timeout=connect_timeout,
-                busy_timeout=busy_timeout,
-                statement_timeout=statement_timeout,
-                engine_options=engine_options,
-            ),
-            True,
-        )
+        return Database(bind, owner=owner, **engines), True
     if (
-        engine is not None
-        or async_engine is not None
-        or engine_options
-        or (connect_timeout, busy_timeout, statement_timeout)
+        engines["engine"] is not None
+        or engines["async_engine"] is not None
+        or engines["engine_options"]
+        or (engines["connect_timeout"], engines["busy_timeout"], engines["statement_timeout"])
         != (10.0, 30.0, DEFAULT_STATEMENT_TIMEOUT)
     ):
         raise ConfigurationError(

@@ -479,17 +479,13 @@ def parse_record(key: str, row: Sequence[Any]) -> Record:
             f"sql backend: record {key!r} has an unknown state {state_text!r}; "
             "it was not written by idempotask"
         )
-    if not (isinstance(token, str) and isinstance(owner, str) and isinstance(fingerprint, str)):
-        name, value = next(
-            (name, value)
-            for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint))
-            if not isinstance(value, str)
-        )
-        raise CorruptRecordError(
-            f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
-        )
-    if not isinstance(payload, bytes):
-        payload = bytes(payload) if isinstance(payload, (bytearray, memoryview)) else payload
+    for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint)):
+        if not isinstance(value, str):
+            raise CorruptRecordError(
+                f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
+            )
+    if isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
     if not isinstance(payload, bytes) or not isinstance(expires_in, (int, float)):
         raise CorruptRecordError(
             f"sql backend: record {key!r} has an unreadable payload or expiry: "
