@@ -215,23 +215,20 @@ class SQLAlchemyBackend(OnDatabase):
         self.sqlite_transactions = sqlite_transactions
         self.dead_letter_table = dead_letter_table
         self.breaker_table = breaker_table
-        default = (table_name, dead_letter_table, breaker_table) == (
+        # The default tables are those of the shared metadata, already defined there.
+        default = (table_name, dead_letter_table, breaker_table, schema) == (
             DEFAULT_TABLE_NAME,
             DEFAULT_DEAD_LETTER_TABLE,
             DEFAULT_BREAKER_TABLE,
+            None,
         )
-        if default and schema is None:
-            self.metadata = metadata
-            self.table: Table = records
-            self._tables = [records, dead_letters, breakers]
-        else:
-            self.metadata = MetaData()
-            self.table = define_table(self.metadata, table_name, schema=schema)
-            self._tables = [
-                self.table,
-                define_dead_letter_table(self.metadata, dead_letter_table, schema=schema),
-                define_breaker_table(self.metadata, breaker_table, schema=schema),
-            ]
+        self.metadata = metadata if default else MetaData()
+        self._tables = [
+            define_table(self.metadata, table_name, schema=schema),
+            define_dead_letter_table(self.metadata, dead_letter_table, schema=schema),
+            define_breaker_table(self.metadata, breaker_table, schema=schema),
+        ]
+        self.table: Table = self._tables[0]
         self._sql = Statements(self.table)
         if create_tables:
             self.database.create_on_first_use(*self._all_tables())

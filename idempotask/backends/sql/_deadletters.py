@@ -180,12 +180,10 @@ class TableStore(OnDatabase):
         self.namespace = _check_name(owner, "namespace", namespace)
         table_name = self.default_table_name if table_name is None else table_name
         _check_name(owner, "table_name", table_name)
-        if table_name == self.default_table_name and schema is None:
-            self.metadata = metadata
-            self.table = self.default_table
-        else:
-            self.metadata = MetaData()
-            self.table = self._define_table(self.metadata, table_name, schema)
+        # The default table is the shared metadata's, already defined there.
+        default = table_name == self.default_table_name and schema is None
+        self.metadata = metadata if default else MetaData()
+        self.table = self._define_table(self.metadata, table_name, schema)
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
 
