@@ -330,10 +330,6 @@ class Statements(StatementSet):
             c.expires_at > now,
         )
 
-    def _already(self, now: ColumnElement[float]) -> ColumnElement[bool]:
-        c = self.table.c
-        return and_(c.key == self._k, c.token == self._t, c.state == self._s, c.expires_at > now)
-
     @cached_property
     def finish(self) -> Executable:
         """Store a result or failure (``s``, ``p``, ttl ``d``) if held with ``t``."""
@@ -347,7 +343,12 @@ class Statements(StatementSet):
     @cached_property
     def finished_already(self) -> Executable:
         """Whether ``t`` already finished ``k`` with state ``s`` (a repeated complete/fail)."""
-        return select(true()).select_from(self.table).where(self._already(DbNow()))
+        c = self.table.c
+        return (
+            select(true())
+            .select_from(self.table)
+            .where(c.key == self._k, c.token == self._t, c.state == self._s, c.expires_at > DbNow())
+        )
 
     @cached_property
     def renew(self) -> Executable:
@@ -391,19 +392,16 @@ class Statements(StatementSet):
             .limit(bindparam("n", type_=Integer()))
         )
 
-    def _key_order(self) -> ColumnElement[Any]:
-        return CodePoints(self.table.c.key)
-
     @cached_property
     def scan_range(self) -> Executable:
         """Live records with ``lo <= key < hi``, up to ``n`` (a key prefix's range)."""
-        key = self._key_order()
+        key = CodePoints(self.table.c.key)
         return self._scan(key >= self._lo, key < self._hi)
 
     @cached_property
     def scan_from(self) -> Executable:
         """Live records with ``key >= lo``, up to ``n``."""
-        return self._scan(self._key_order() >= self._lo)
+        return self._scan(CodePoints(self.table.c.key) >= self._lo)
 
     @cached_property
     def scan_all(self) -> Executable:
