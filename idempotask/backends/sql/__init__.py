@@ -40,9 +40,8 @@ URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Engine, MetaData, Table
 
@@ -55,6 +54,7 @@ from idempotask.backends.sql._database import (
     Database,
     OnDatabase,
     Session,
+    flow_batches,
     seconds,
 )
 from idempotask.backends.sql._deadletters import SQLDeadLetterStore, dead_letters
@@ -62,13 +62,9 @@ from idempotask.backends.sql._records import (
     CLAIM_ATTEMPTS,
     Statements,
     flow_claim,
-    flow_delete,
-    flow_expire_now,
     flow_finish,
-    flow_get,
-    flow_purge,
-    flow_renew,
-    flow_scan,
+    parse_record,
+    successor,
 )
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
@@ -84,7 +80,7 @@ from idempotask.backends.sql._schema import (
     metadata,
 )
 from idempotask.errors import ConfigurationError
-from idempotask.flow import Flow
+from idempotask.flow import Flow, drive
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -110,8 +106,6 @@ __all__ = [
     "metadata",
     "records",
 ]
-
-_T = TypeVar("_T")
 
 #: The default records table, ``idempotask_records``, in :data:`metadata` (which also holds
 #: the default dead-letter and breaker tables).
@@ -221,23 +215,20 @@ class SQLAlchemyBackend(OnDatabase):
         self.sqlite_transactions = sqlite_transactions
         self.dead_letter_table = dead_letter_table
         self.breaker_table = breaker_table
-        default = (table_name, dead_letter_table, breaker_table) == (
+        # The default tables are those of the shared metadata, already defined there.
+        default = (table_name, dead_letter_table, breaker_table, schema) == (
             DEFAULT_TABLE_NAME,
             DEFAULT_DEAD_LETTER_TABLE,
             DEFAULT_BREAKER_TABLE,
+            None,
         )
-        if default and schema is None:
-            self.metadata = metadata
-            self.table: Table = records
-            self._tables = [records, dead_letters, breakers]
-        else:
-            self.metadata = MetaData()
-            self.table = define_table(self.metadata, table_name, schema=schema)
-            self._tables = [
-                self.table,
-                define_dead_letter_table(self.metadata, dead_letter_table, schema=schema),
-                define_breaker_table(self.metadata, breaker_table, schema=schema),
-            ]
+        self.metadata = metadata if default else MetaData()
+        self._tables = [
+            define_table(self.metadata, table_name, schema=schema),
+            define_dead_letter_table(self.metadata, dead_letter_table, schema=schema),
+            define_breaker_table(self.metadata, breaker_table, schema=schema),
+        ]
+        self.table: Table = self._tables[0]
         self._sql = Statements(self.table)
         if create_tables:
             self.database.create_on_first_use(*self._all_tables())
@@ -306,8 +297,6 @@ class SQLAlchemyBackend(OnDatabase):
         """
         await self.database.aclose()
 
-    # -- running flows ------------------------------------------------------------------------
-
     # -- checks -------------------------------------------------------------------------------
 
     @staticmethod
@@ -327,48 +316,9 @@ class SQLAlchemyBackend(OnDatabase):
                     f"UTF-8; the SQL store holds a {name} of up to {limit} bytes"
                 )
 
-    def _claim(
-        self, key: str, token: str, lease: float, owner: str, fingerprint: str
-    ) -> Callable[[Session], Flow[Record]]:
-        self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
-        lease = seconds(lease, "lease")
-        sql = self._sql
-        return lambda q: flow_claim(
-            sql,
-            q,
-            self._force_flavour or q.flavour,
-            key,
-            token,
-            lease=lease,
-            owner=owner,
-            fingerprint=fingerprint,
-        )
-
-    def _finish(
-        self, key: str, token: str, payload: bytes, ttl: float, state: State
-    ) -> Callable[[Session], Flow[bool]]:
-        self._check_key(key, ("token", token))
-        ttl = seconds(ttl, "ttl")
-        sql = self._sql
-        return lambda q: flow_finish(sql, q, key, token, payload, ttl, state)
-
-    def _renew(self, key: str, token: str, lease: float) -> Callable[[Session], Flow[bool]]:
-        self._check_key(key, ("token", token))
-        lease = seconds(lease, "lease")
-        return lambda q: flow_renew(self._sql, q, key, token, lease)
-
-    def _scan(self, prefix: str, limit: int) -> Callable[[Session], Flow[list[Record]]]:
-        if not isinstance(prefix, str):
-            raise ConfigurationError(f"sql backend: scan prefix must be a str, got {prefix!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(
-                f"sql backend: scan limit must be a non-negative int, got {limit!r}"
-            )
-        return lambda q: flow_scan(self._sql, q, prefix[:KEY_LENGTH], limit)
-
     # -- the store protocol: each operation one flow, twins() makes both methods --------------
 
-    def _claim_op(
+    def _claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
     ) -> Flow[Record]:
         """Take ``key`` for ``token`` or return the record that holds it (see ``Backend``).
@@ -377,11 +327,27 @@ class SQLAlchemyBackend(OnDatabase):
         >>> store.claim("k", "t1", lease=30, owner="task-7").held_by("t1")
         True
         """
+        self._check_key(key, ("token", token), ("owner", owner), ("fingerprint", fingerprint))
+        lease = seconds(lease, "lease")
+        sql = self._sql
         return (
-            yield from self._on_db("claim", key, self._claim(key, token, lease, owner, fingerprint))
+            yield from self._on_db(
+                "claim",
+                key,
+                lambda q: flow_claim(
+                    sql, q, self._flavour(q), key, token, lease, owner, fingerprint
+                ),
+            )
         )
 
-    claim, aclaim = twins(_claim_op, "claim")
+    claim, aclaim = twins(_claim)
+
+    def _finish(self, key: str, token: str, payload: bytes, ttl: float, state: State) -> Flow[bool]:
+        self._check_key(key, ("token", token))
+        ttl = seconds(ttl, "ttl")
+        sql, operation = self._sql, "complete" if state is State.COMPLETED else "fail"
+        make = lambda q: flow_finish(sql, q, key, token, payload, ttl, state)  # noqa: E731
+        return (yield from self._on_db(operation, key, make))
 
     def _complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> Flow[bool]:
         """Store a result for the claim held with ``token``; True when stored (or already).
@@ -391,8 +357,7 @@ class SQLAlchemyBackend(OnDatabase):
         >>> store.complete("k", "t1", b"42", ttl=3600), store.get("k").payload
         (True, b'42')
         """
-        make = self._finish(key, token, payload, ttl, State.COMPLETED)
-        return (yield from self._on_db("complete", key, make))
+        return (yield from self._finish(key, token, payload, ttl, State.COMPLETED))
 
     complete, acomplete = twins(_complete)
 
@@ -404,12 +369,11 @@ class SQLAlchemyBackend(OnDatabase):
         >>> store.fail("k", "t1", b"ValueError: boom", ttl=60)
         True
         """
-        make = self._finish(key, token, payload, ttl, State.FAILED)
-        return (yield from self._on_db("fail", key, make))
+        return (yield from self._finish(key, token, payload, ttl, State.FAILED))
 
     fail, afail = twins(_fail)
 
-    def _renew_op(self, key: str, token: str, *, lease: float) -> Flow[bool]:
+    def _renew(self, key: str, token: str, *, lease: float) -> Flow[bool]:
         """Restart the lease of the claim held with ``token``; False when it is not held.
 
         >>> store = SQLAlchemyBackend("sqlite:///:memory:"); store.create_tables()
@@ -417,9 +381,11 @@ class SQLAlchemyBackend(OnDatabase):
         >>> store.renew("k", "t1", lease=30), store.renew("k", "other", lease=30)
         (True, False)
         """
-        return (yield from self._on_db("renew", key, self._renew(key, token, lease)))
+        self._check_key(key, ("token", token))
+        params = {"k": key, "t": token, "d": seconds(lease, "lease")}
+        return (yield from self._one("renew", key, self._sql.renew, params, bool, "rowcount"))
 
-    renew, arenew = twins(_renew_op, "renew")
+    renew, arenew = twins(_renew)
 
     def _get(self, key: str) -> Flow[Record | None]:
         """The live record under ``key``, or None when absent or expired.
@@ -429,7 +395,15 @@ class SQLAlchemyBackend(OnDatabase):
         True
         """
         self._check_key(key)
-        return (yield from self._on_db("get", key, lambda q: flow_get(self._sql, q, key)))
+        return (
+            yield from self._one(
+                "get",
+                key,
+                self._sql.read_live,
+                {"k": key},
+                lambda rows: parse_record(key, rows[0]) if rows else None,
+            )
+        )
 
     get, aget = twins(_get)
 
@@ -442,12 +416,17 @@ class SQLAlchemyBackend(OnDatabase):
         (False, True)
         """
         self._check_key(key)
-        make = functools.partial(flow_delete, self._sql, key=key, token=token)
-        return (yield from self._on_db("delete", key, make))
+        sql = self._sql
+        statement, params = (
+            (sql.delete_any, {"k": key})
+            if token is None
+            else (sql.delete_token, {"k": key, "t": token})
+        )
+        return (yield from self._one("delete", key, statement, params, bool, "rowcount"))
 
     delete, adelete = twins(_delete)
 
-    def _scan_op(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
+    def _scan(self, prefix: str, *, limit: int = 100) -> Flow[list[Record]]:
         """Up to ``limit`` live records whose key starts with ``prefix`` (one statement:
         a range on the key's index), for operators; never on a call's path.
 
@@ -456,9 +435,32 @@ class SQLAlchemyBackend(OnDatabase):
         >>> [r.key for r in store.scan("app:billing.")]
         ['app:billing.charge:v1:ab']
         """
-        return (yield from self._on_db("scan", None, self._scan(prefix, limit)))
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"sql backend: scan prefix must be a str, got {prefix!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(
+                f"sql backend: scan limit must be a non-negative int, got {limit!r}"
+            )
+        prefix = prefix[:KEY_LENGTH]
+        sql, params = self._sql, dict[str, Any](n=limit)
+        statement, upper = sql.scan_all, successor(prefix)
+        if prefix:
+            params["lo"] = prefix
+            statement = sql.scan_from if upper is None else sql.scan_range
+            if upper is not None:
+                params["hi"] = upper
+        return (
+            yield from self._one(
+                "scan",
+                None,
+                statement,
+                params,
+                # The range is exact; the prefix check only guards a foreign row.
+                lambda rows: [parse_record(k, f) for k, *f in rows if k.startswith(prefix)],
+            )
+        )
 
-    scan, ascan = twins(_scan_op, "scan")
+    scan, ascan = twins(_scan)
 
     def expire_now(self, key: str) -> bool:
         """Test hook: the record's lease or ttl runs out now on the database's clock
@@ -470,7 +472,8 @@ class SQLAlchemyBackend(OnDatabase):
         (True, None)
         """
         self._check_key(key)
-        return self._run("expire_now", key, lambda q: flow_expire_now(self._sql, q, key))
+        params = {"k": key}
+        return drive(self._one("expire_now", key, self._sql.expire_now, params, bool, "rowcount"))
 
     # -- transactional calls (idempotask.backends.sql._transactions) -----------------------
 
@@ -489,14 +492,6 @@ class SQLAlchemyBackend(OnDatabase):
 
     # -- maintenance ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_batch(batch: int) -> int:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigurationError(
-                f"sql backend: purge batch must be a positive int, got {batch!r}"
-            )
-        return batch
-
     def _purge_expired(self, batch: int = 1000) -> Flow[int]:
         """Delete expired records, ``batch`` rows per statement (each its own short
         transaction, so no lock is held for long); returns how many were deleted.
@@ -509,12 +504,16 @@ class SQLAlchemyBackend(OnDatabase):
         >>> store.purge_expired(batch=100)
         1
         """
-        self._check_batch(batch)
-        return (
-            yield from self._on_db(
-                "purge_expired", None, lambda q: flow_purge(self._sql, q, self._flavour(q), batch)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigurationError(
+                f"sql backend: purge batch must be a positive int, got {batch!r}"
             )
-        )
+
+        def flow(q: Session) -> Flow[int]:
+            statement = self._sql.purge(self._flavour(q), batch)
+            return (yield from flow_batches(q, statement, {"n": batch}, batch))
+
+        return (yield from self._on_db("purge_expired", None, flow))
 
     purge_expired, apurge_expired = twins(_purge_expired)
 

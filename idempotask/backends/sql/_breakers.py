@@ -29,11 +29,10 @@ where the row is read back by a second statement. ``try_probe`` is a guarded ``U
 
 from __future__ import annotations
 
-import functools
-import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
 
 from sqlalchemy import (
     Double,
@@ -56,23 +55,23 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
-from idempotask.backends.sql._database import Flavour, Session
+from idempotask.backends.sql._database import Flavour, Session, seconds
 from idempotask.backends.sql._deadletters import TableStore
 from idempotask.backends.sql._schema import (
     DEFAULT_BREAKER_TABLE,
     TEXT_LENGTH,
     DbNow,
     DbStatementNow,
+    StatementSet,
+    built,
     define_breaker_table,
     metadata,
     text_of,
 )
 from idempotask.errors import ConfigurationError, CorruptRecordError
-from idempotask.flow import Flow
+from idempotask.flow import Flow, drive
 
 __all__ = ["BreakerStatements", "SQLBreakerStore", "breakers"]
-
-_T = TypeVar("_T")
 
 #: The default breaker table, ``idempotask_breakers``, in the shared ``metadata``.
 breakers = define_breaker_table(metadata)
@@ -80,7 +79,7 @@ breakers = define_breaker_table(metadata)
 _CLOSED = BreakerState(BreakerStatus.CLOSED)
 
 
-class BreakerStatements:
+class BreakerStatements(StatementSet):
     """Every statement the breaker store sends for one table, built once each.
 
     Parameter names (none is a column's name: an UPDATE would take it for a new value):
@@ -90,19 +89,12 @@ class BreakerStatements:
     """
 
     def __init__(self, table: Table) -> None:
-        self.table = table
+        super().__init__(table)
         c = table.c
         self._name = bindparam("bn", type_=c.name.type)
         self._ns = bindparam("ns", type_=c.namespace.type)
         self._tok = bindparam("tok", type_=c.probe_token.type)
         self._empty = literal("", c.probe_token.type)
-        self._cache: dict[Any, Executable] = {}
-
-    def _cached(self, key: Any, build: Callable[[], Executable]) -> Executable:
-        statement = self._cache.get(key)
-        if statement is None:
-            statement = self._cache.setdefault(key, build())
-        return statement
 
     def _state_columns(self, now: ColumnElement[float]) -> list[ColumnElement[Any]]:
         c = self.table.c
@@ -112,11 +104,9 @@ class BreakerStatements:
         c = self.table.c
         return and_(c.namespace == self._ns, c.name == self._name)
 
+    @built
     def failure(self, flavour: Flavour) -> Executable:
         """Count one failure, opening at ``threshold``, re-opening a half-open breaker."""
-        return self._cached(("failure", flavour), lambda: self._build_failure(flavour))
-
-    def _build_failure(self, flavour: Flavour) -> Executable:
         t, c = self.table, self.table.c
         now = DbStatementNow()
         threshold: BindParameter[int] = bindparam("threshold", type_=Integer())
@@ -171,86 +161,69 @@ class BreakerStatements:
         )
         return upsert.returning(*self._state_columns(now)) if flavour == "postgresql" else upsert
 
-    @property
+    @cached_property
     def read(self) -> Executable:
         """The breaker's row and the database's time."""
-        return self._cached(
-            "read",
-            lambda: select(*self._state_columns(DbNow())).where(self._one()),
-        )
+        return select(*self._state_columns(DbNow())).where(self._one())
 
-    @property
+    @cached_property
     def probe(self) -> Executable:
         """Grant the probe to ``tok`` for ``lease`` seconds if half-open and it is free."""
         c = self.table.c
-
-        def build() -> Executable:
-            now = DbStatementNow()
-            return (
-                update(self.table)
-                .where(
-                    self._one(),
-                    c.open_until.is_not(None),
-                    c.open_until <= now,
-                    or_(c.probe_until.is_(None), c.probe_until <= now, c.probe_token == self._tok),
-                )
-                .values(probe_until=now + bindparam("lease", type_=Double()), probe_token=self._tok)
+        now = DbStatementNow()
+        return (
+            update(self.table)
+            .where(
+                self._one(),
+                c.open_until.is_not(None),
+                c.open_until <= now,
+                or_(c.probe_until.is_(None), c.probe_until <= now, c.probe_token == self._tok),
             )
+            .values(probe_until=now + bindparam("lease", type_=Double()), probe_token=self._tok)
+        )
 
-        return self._cached("probe", build)
-
-    @property
+    @cached_property
     def close_half_open(self) -> Executable:
         """Remove the row of a half-open breaker (a probe succeeded)."""
         c = self.table.c
-        return self._cached(
-            "close",
-            lambda: delete(self.table).where(
-                self._one(), c.open_until.is_not(None), c.open_until <= DbNow()
-            ),
+        return delete(self.table).where(
+            self._one(), c.open_until.is_not(None), c.open_until <= DbNow()
         )
 
-    @property
+    @cached_property
     def reset(self) -> Executable:
         """Remove the row."""
-        return self._cached("reset", lambda: delete(self.table).where(self._one()))
+        return delete(self.table).where(self._one())
 
-    @property
+    @cached_property
     def all(self) -> Executable:
         """Up to ``n`` breakers of the namespace, by name, and the database's time."""
         c = self.table.c
-        return self._cached(
-            "all",
-            lambda: (
-                select(c.name, *self._state_columns(DbNow()))
-                .where(c.namespace == self._ns)
-                .order_by(c.name)
-                .limit(bindparam("n", type_=Integer()))
-            ),
+        return (
+            select(c.name, *self._state_columns(DbNow()))
+            .where(c.namespace == self._ns)
+            .order_by(c.name)
+            .limit(bindparam("n", type_=Integer()))
         )
 
-    @property
+    @cached_property
     def purge_stale(self) -> Executable:
         """Remove rows that only say "closed": a count whose window ended, or a half-open
         breaker whose open period ended ``retain`` seconds ago with no probe in flight."""
         c = self.table.c
-
-        def build() -> Executable:
-            now = DbStatementNow()
-            retain: BindParameter[float] = bindparam("retain", type_=Double())
-            return delete(self.table).where(
-                c.namespace == self._ns,
-                or_(
-                    and_(c.open_until.is_(None), c.window_until <= now),
-                    and_(
-                        c.open_until.is_not(None),
-                        c.open_until + retain <= now,
-                        or_(c.probe_until.is_(None), c.probe_until <= now),
-                    ),
+        now = DbStatementNow()
+        retain: BindParameter[float] = bindparam("retain", type_=Double())
+        return delete(self.table).where(
+            c.namespace == self._ns,
+            or_(
+                and_(c.open_until.is_(None), c.window_until <= now),
+                and_(
+                    c.open_until.is_not(None),
+                    c.open_until + retain <= now,
+                    or_(c.probe_until.is_(None), c.probe_until <= now),
                 ),
-            )
-
-        return self._cached("purge_stale", build)
+            ),
+        )
 
 
 # -- replies ------------------------------------------------------------------------------------
@@ -290,99 +263,7 @@ def breaker_view(
     return BreakerState(BreakerStatus.HALF_OPEN, retry_after=wait)
 
 
-# -- flows ---------------------------------------------------------------------------------------
-
-
-def flow_state(sql: BreakerStatements, q: Session, ns: str, name: str) -> Flow[BreakerState]:
-    """Read the state."""
-    rows = yield q.op(sql.read, {"ns": ns, "bn": name})
-    return breaker_view(name, rows[0] if rows else None)
-
-
-def flow_states(
-    sql: BreakerStatements, q: Session, ns: str, limit: int
-) -> Flow[dict[str, BreakerState]]:
-    """Every breaker of the namespace with a row, up to ``limit``."""
-    rows = yield q.op(sql.all, {"ns": ns, "n": limit})
-    return {text_of(name): breaker_view(text_of(name), row) for name, *row in rows}
-
-
-def flow_failure(
-    sql: BreakerStatements,
-    q: Session,
-    flavour: Flavour,
-    ns: str,
-    name: str,
-    *,
-    threshold: int,
-    window: float,
-    open_for: float,
-) -> Flow[BreakerState]:
-    """Count a failure (see :meth:`BreakerStatements.failure`)."""
-    token = uuid.uuid4().hex
-    params = {
-        "ns": ns,
-        "bn": name,
-        "tok": token,
-        "threshold": threshold,
-        "window": window,
-        "open_for": open_for,
-    }
-    statement = sql.failure(flavour)
-    if flavour in ("postgresql", "mariadb"):
-        rows = yield q.op(statement, params)
-    else:
-        # No RETURNING (MySQL) or not relied on (SQLite < 3.35): the row is read back, in
-        # the same transaction on SQLite (one writer, so nothing slips in between).
-        if flavour == "sqlite":
-            yield q.begin()
-        yield q.op(statement, params, "none")
-        rows = yield q.op(sql.read, {"ns": ns, "bn": name})
-        if flavour == "sqlite":
-            yield q.commit()
-    if not rows:  # reset by someone else right after our write (MySQL): closed
-        return _CLOSED
-    return breaker_view(name, rows[0], token=token, open_for=open_for)
-
-
-def flow_success(sql: BreakerStatements, q: Session, ns: str, name: str) -> Flow[BreakerState]:
-    """Close a half-open breaker; otherwise report the state unchanged."""
-    if (yield q.op(sql.close_half_open, {"ns": ns, "bn": name}, "rowcount")):
-        return BreakerState(BreakerStatus.CLOSED, changed=True)
-    return (yield from flow_state(sql, q, ns, name))
-
-
-def flow_probe(
-    sql: BreakerStatements, q: Session, ns: str, name: str, token: str, lease: float
-) -> Flow[BreakerState]:
-    """Take the half-open probe for ``token``, or report why not."""
-    params = {"ns": ns, "bn": name, "tok": token, "lease": lease}
-    if (yield q.op(sql.probe, params, "rowcount")):
-        return BreakerState(BreakerStatus.HALF_OPEN, retry_after=lease, probe=True)
-    return (yield from flow_state(sql, q, ns, name))
-
-
-def flow_delete(q: Session, statement: Executable, params: Mapping[str, Any]) -> Flow[int]:
-    """One DELETE; its row count."""
-    count: int = yield q.op(statement, params, "rowcount")
-    return max(0, count)
-
-
 # -- the store -----------------------------------------------------------------------------------
-
-
-def _seconds(value: Any, option: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(
-            f"sql breaker store: {option} must be a positive, finite number of seconds, "
-            f"got {value!r}"
-        )
-    return float(value)
 
 
 def _checktext_of(value: Any, what: str) -> str:
@@ -400,6 +281,14 @@ def _checktext_of(value: Any, what: str) -> str:
             f"store holds up to {TEXT_LENGTH}"
         )
     return value
+
+
+def _seconds(value: Any, option: str) -> float:
+    return seconds(value, option, "sql breaker store")
+
+
+def _count(rowcount: int) -> int:
+    return max(0, rowcount)
 
 
 class SQLBreakerStore(TableStore):
@@ -433,11 +322,30 @@ class SQLBreakerStore(TableStore):
     def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
         return define_breaker_table(meta, name, schema=schema)
 
+    def _params(self, name: str, **params: Any) -> dict[str, Any]:
+        """A statement's parameters for breaker ``name`` (checked) of this namespace."""
+        return {"ns": self.namespace, "bn": _checktext_of(name, "a breaker name"), **params}
+
+    def _read(self, q: Session, name: str) -> Flow[BreakerState]:
+        rows = yield q.op(self._sql.read, {"ns": self.namespace, "bn": name})
+        return breaker_view(name, rows[0] if rows else None)
+
+    def _write(
+        self, operation: str, name: str, statement: Executable, params: Any, done: BreakerState
+    ) -> Flow[BreakerState]:
+        """A guarded write: ``done`` if it changed the row, else the state unchanged."""
+
+        def flow(q: Session) -> Flow[BreakerState]:
+            if (yield q.op(statement, params, "rowcount")):
+                return done
+            return (yield from self._read(q, name))
+
+        return (yield from self._on_db(operation, name, flow))
+
     def _state(self, name: str) -> Flow[BreakerState]:
         """The breaker's state; one statement, no writes."""
         _checktext_of(name, "a breaker name")
-        make = functools.partial(flow_state, self._sql, ns=self.namespace, name=name)
-        return (yield from self._on_db("breaker.state", name, make))
+        return (yield from self._on_db("breaker.state", name, lambda q: self._read(q, name)))
 
     state, astate = twins(_state)
 
@@ -454,46 +362,61 @@ class SQLBreakerStore(TableStore):
             raise ConfigurationError(
                 f"sql breaker store: limit must be a non-negative int, got {limit!r}"
             )
-        make = functools.partial(flow_states, self._sql, ns=self.namespace, limit=limit)
-        return (yield from self._on_db("breaker.states", None, make))
+        return (
+            yield from self._one(
+                "breaker.states",
+                None,
+                self._sql.all,
+                {"ns": self.namespace, "n": limit},
+                lambda rows: {text_of(n): breaker_view(text_of(n), row) for n, *row in rows},
+            )
+        )
 
     states, astates = twins(_states)
 
     def _record_failure(
         self, name: str, *, threshold: int, window: float, open_for: float
     ) -> Flow[BreakerState]:
-        """Count a failure (opening at ``threshold``); one upsert."""
+        """Count a failure (opening at ``threshold``); one upsert (see the module)."""
         _checktext_of(name, "a breaker name")
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigurationError(
                 f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
             )
-        w, o = _seconds(window, "window"), _seconds(open_for, "open_for")
-        ns = self.namespace
-        return (
-            yield from self._on_db(
-                "breaker.record_failure",
-                name,
-                lambda q: flow_failure(
-                    self._sql,
-                    q,
-                    self._flavour(q),
-                    ns,
-                    name,
-                    threshold=threshold,
-                    window=w,
-                    open_for=o,
-                ),
+        window, open_for = _seconds(window, "window"), _seconds(open_for, "open_for")
+
+        def flow(q: Session) -> Flow[BreakerState]:
+            token = uuid.uuid4().hex
+            params = self._params(
+                name, tok=token, threshold=threshold, window=window, open_for=open_for
             )
-        )
+            flavour = self._flavour(q)
+            statement = self._sql.failure(flavour)
+            if flavour in ("postgresql", "mariadb"):
+                rows = yield q.op(statement, params)
+            else:
+                # No RETURNING (MySQL) or not relied on (SQLite < 3.35): the row is read
+                # back, in the same transaction on SQLite (one writer: nothing slips in).
+                if flavour == "sqlite":
+                    yield q.begin()
+                yield q.op(statement, params, "none")
+                rows = yield q.op(self._sql.read, {"ns": self.namespace, "bn": name})
+                if flavour == "sqlite":
+                    yield q.commit()
+            if not rows:  # reset by someone else right after our write (MySQL): closed
+                return _CLOSED
+            return breaker_view(name, rows[0], token=token, open_for=open_for)
+
+        return (yield from self._on_db("breaker.record_failure", name, flow))
 
     record_failure, arecord_failure = twins(_record_failure)
 
     def _record_success(self, name: str) -> Flow[BreakerState]:
         """Report a success (closing a half-open breaker)."""
-        _checktext_of(name, "a breaker name")
-        make = functools.partial(flow_success, self._sql, ns=self.namespace, name=name)
-        return (yield from self._on_db("breaker.record_success", name, make))
+        params = self._params(name)
+        closed = BreakerState(BreakerStatus.CLOSED, changed=True)
+        statement = self._sql.close_half_open
+        return (yield from self._write("breaker.record_success", name, statement, params, closed))
 
     record_success, arecord_success = twins(_record_success)
 
@@ -501,24 +424,16 @@ class SQLBreakerStore(TableStore):
         """Take the half-open probe for ``lease`` seconds if it is free."""
         _checktext_of(name, "a breaker name")
         _checktext_of(token, "a probe token")
-        make = functools.partial(
-            flow_probe,
-            self._sql,
-            ns=self.namespace,
-            name=name,
-            token=token,
-            lease=_seconds(lease, "lease"),
-        )
-        return (yield from self._on_db("breaker.try_probe", name, make))
+        params = self._params(name, tok=token, lease=_seconds(lease, "lease"))
+        probe = BreakerState(BreakerStatus.HALF_OPEN, retry_after=params["lease"], probe=True)
+        return (yield from self._write("breaker.try_probe", name, self._sql.probe, params, probe))
 
     try_probe, atry_probe = twins(_try_probe)
 
     def _reset(self, name: str) -> Flow[None]:
         """Remove the breaker's row (closed, no failures)."""
-        _checktext_of(name, "a breaker name")
-        params = {"ns": self.namespace, "bn": name}
-        make = functools.partial(flow_delete, statement=self._sql.reset, params=params)
-        yield from self._on_db("breaker.reset", name, make)
+        params = self._params(name)
+        yield from self._one("breaker.reset", name, self._sql.reset, params, bool, "rowcount")
 
     reset, areset = twins(_reset)
 
@@ -532,5 +447,6 @@ class SQLBreakerStore(TableStore):
         0
         """
         params = {"ns": self.namespace, "retain": _seconds(retain, "retain")}
-        make = functools.partial(flow_delete, statement=self._sql.purge_stale, params=params)
-        return self._run("breaker.purge_stale", None, make)
+        statement = self._sql.purge_stale
+        flow = self._one("breaker.purge_stale", None, statement, params, _count, "rowcount")
+        return drive(flow)

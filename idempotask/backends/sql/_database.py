@@ -19,12 +19,12 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar
 
-from sqlalchemy import URL, Engine, MetaData, Table
+from sqlalchemy import URL, Engine, Executable, MetaData, Table
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
 from idempotask.backends.sql import _engines
-from idempotask.backends.sql._session import Session
+from idempotask.backends.sql._session import Reply, Session
 from idempotask.backends.sql._timeouts import bounded, client_bound
 from idempotask.errors import (
     BackendError,
@@ -36,7 +36,7 @@ from idempotask.flow import Flow, Op, adrive, drive
 
 if TYPE_CHECKING:
     # Imported for real only when async is used: it needs greenlet, sync callers do not.
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
@@ -45,6 +45,7 @@ __all__ = [
     "OnDatabase",
     "Session",
     "flavour_of",
+    "flow_batches",
     "is_async_engine",
     "seconds",
 ]
@@ -244,9 +245,13 @@ class Database:
         self.statement_timeout = None if statement_timeout is None else float(statement_timeout)
         #: The client's bound on one statement (None: none).
         self.bound = None if statement_timeout is None else client_bound(float(statement_timeout))
-        self._connect_timeout = float(connect_timeout)
-        self._busy_timeout = float(busy_timeout)
-        self._engine_options = dict(engine_options or {})
+        # What the engines made here get (see _engines.new_engine).
+        self._settings: dict[str, Any] = {
+            "connect_timeout": float(connect_timeout),
+            "busy_timeout": float(busy_timeout),
+            "statement_timeout": self.statement_timeout,
+            "options": dict(engine_options or {}),
+        }
         self._given = engine  # the user's engine, as given
         self._given_async = async_engine
         self.engine: Engine | None = None  # the engine operations use (sync)
@@ -291,13 +296,7 @@ class Database:
                     if self._given is not None:
                         self.engine = _engines.autocommit(self._given)
                     else:
-                        self.engine = _engines.new_sync_engine(
-                            _engines.sync_url(self.url),
-                            connect_timeout=self._connect_timeout,
-                            busy_timeout=self._busy_timeout,
-                            statement_timeout=self.statement_timeout,
-                            options=self._engine_options,
-                        )
+                        self.engine = _engines.new_engine(self.url, False, **self._settings)
                 engine = self.engine
         return engine
 
@@ -317,7 +316,10 @@ class Database:
             slot = self.loops.get(id(loop))
             fresh = slot is None or slot.loop is not loop
             if slot is None or slot.loop is not loop:
-                slot = _LoopEngine(loop, self._new_async_engine())
+                # Derived from the user's engine if one was given: same database, our
+                # defaults.
+                url = self._given.url if self._given is not None else self.url
+                slot = _LoopEngine(loop, _engines.new_engine(url, True, **self._settings))
                 for key in [k for k, s in self.loops.items() if s.loop.is_closed()]:
                     del self.loops[key]  # their connections went with their loops
                 self.loops[id(loop)] = slot
@@ -331,17 +333,6 @@ class Database:
         with self._lock:
             if self.loops.get(id(slot.loop)) is slot:
                 del self.loops[id(slot.loop)]
-
-    def _new_async_engine(self) -> AsyncEngine:
-        # Derived from the user's engine if one was given: same database, our defaults.
-        url = self._given.url if self._given is not None else self.url
-        return _engines.new_async_engine(
-            _engines.async_url(url),
-            connect_timeout=self._connect_timeout,
-            busy_timeout=self._busy_timeout,
-            statement_timeout=self.statement_timeout,
-            options=self._engine_options,
-        )
 
     def close(self) -> None:
         """Close the connections of the sync engine made here (one you passed stays open)."""
@@ -413,8 +404,12 @@ class Database:
             flavour = self._flavour = flavour_of(dialect)
         return flavour
 
-    def _watched(self, dialect: Dialect) -> float | None:
-        return self.bound if dialect.driver in _WATCHED else None
+    def _session(self, conn: Connection, aconn: AsyncConnection | None) -> Session:
+        """The session of one operation on ``conn`` (``aconn``'s, for asyncio): psycopg's
+        statements are bounded by the watchdog (see _timeouts)."""
+        dialect = conn.dialect
+        watched = self.bound if dialect.driver in _WATCHED else None
+        return Session(conn, aconn, self._flavour_of(dialect), watched)
 
     def run(
         self,
@@ -425,28 +420,26 @@ class Database:
     ) -> _T:
         """Run the flow ``make(session)`` on a connection of the sync engine (in-memory
         SQLite: one operation at a time); a deadlock victim's flow runs again."""
-        if self._pending:
-            self._create_pending()
+        for metadata, tables in self._take_pending() if self._pending else ():
+            self.schema_change(metadata, tables, True)
         engine = self.engine if self._pid == os.getpid() else None
         if engine is None:
-            engine = self._made(self.sync_engine, operation, key)
+            try:
+                engine = self.sync_engine()
+            except _FAILURES as exc:
+                raise self.error(operation, key, exc) from exc
         with self.memory_lock if self.memory else contextlib.nullcontext():
             for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
                 try:
                     with engine.connect() as conn:
-                        dialect = conn.dialect
-                        session = Session(
-                            conn, None, self._flavour_of(dialect), self._watched(dialect)
-                        )
+                        session = self._session(conn, None)
                         try:
                             return drive(make(session), _CAUGHT)
                         except BaseException:
                             session.end()
                             raise
                 except _FAILURES as exc:
-                    if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                        continue
-                    raise self.error(operation, key, exc, table) from exc
+                    self._again_or_raise(attempt, operation, key, exc, table)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def arun(
@@ -466,8 +459,8 @@ class Database:
             # lock (busy_timeout). One hop to a worker thread for the whole operation;
             # aiosqlite would hop for every statement, checkout and return.
             return await asyncio.to_thread(self.run, operation, key, make, table)
-        if self._pending:
-            await self._acreate_pending()
+        for metadata, tables in self._take_pending() if self._pending else ():
+            await self.aschema_change(metadata, tables, True)
         try:
             engine = await self.async_engine()
         except _FAILURES as exc:
@@ -479,28 +472,28 @@ class Database:
                     return await self._arun_once(engine, make)
                 return await bounded(self._arun_once(engine, make), bound)
             except _FAILURES as exc:
-                if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
-                    continue
-                raise self.error(operation, key, exc, table) from exc
+                self._again_or_raise(attempt, operation, key, exc, table)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _arun_once(self, engine: AsyncEngine, make: Callable[[Session], Flow[_T]]) -> _T:
         async with engine.connect() as aconn:
             conn = aconn.sync_connection
             assert conn is not None
-            dialect = conn.dialect
-            session = Session(conn, aconn, self._flavour_of(dialect), self._watched(dialect))
+            session = self._session(conn, aconn)
             try:
                 return await adrive(make(session), _CAUGHT)
             except BaseException:
                 await session.aend()
                 raise
 
-    def _made(self, make: Callable[[], _T], operation: str, key: str | None) -> _T:
-        try:
-            return make()
-        except _FAILURES as exc:
-            raise self.error(operation, key, exc) from exc
+    def _again_or_raise(
+        self, attempt: int, operation: str, key: str | None, exc: Exception, table: Table | None
+    ) -> None:
+        """Return if ``exc`` made a deadlock victim whose flow may run again; else raise
+        its BackendError."""
+        if attempt < _DEADLOCK_ATTEMPTS and _is_retryable(exc):
+            return
+        raise self.error(operation, key, exc, table) from exc
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -519,17 +512,11 @@ class Database:
                 if attempt == len(tables):
                     raise
 
-    def _create_pending(self) -> None:
+    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
+        """The tables to create before the next operation, taken once."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for metadata, tables in pending:
-            self.schema_change(metadata, tables, True)
-
-    async def _acreate_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for metadata, tables in pending:
-            await self.aschema_change(metadata, tables, True)
+        return pending
 
     def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
         """Create (or drop) ``tables`` if missing (present); safe from several processes."""
@@ -562,6 +549,18 @@ class Database:
             raise self.error(operation, None, exc) from exc
 
 
+def flow_batches(
+    q: Session, statement: Executable, params: Mapping[str, Any], batch: int
+) -> Flow[int]:
+    """Run a DELETE of up to ``batch`` rows until one deletes fewer; how many went."""
+    total = 0
+    while True:
+        count: int = yield q.op(statement, params, "rowcount")
+        total += max(0, count)
+        if count < batch:
+            return total
+
+
 class OnDatabase:
     """What a SQL store runs its operations with: its :class:`Database` and its table."""
 
@@ -587,3 +586,20 @@ class OnDatabase:
         """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
         result: _T = yield Op(self._run, self._arun, operation, key, make)
         return result
+
+    def _one(
+        self,
+        operation: str,
+        key: str | None,
+        statement: Executable,
+        params: Mapping[str, Any],
+        then: Callable[[Any], _T],
+        reply: Reply = "rows",
+    ) -> Flow[_T]:
+        """One statement as an operation's flow, its answer mapped by ``then`` on the
+        connection's side (a row that is not ours is reported as a database error is)."""
+
+        def flow(q: Session) -> Flow[_T]:
+            return then((yield q.op(statement, params, reply)))
+
+        return (yield from self._on_db(operation, key, flow))

@@ -31,9 +31,8 @@ An update that changes the error type or the message but not both reads the othe
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
@@ -52,9 +51,9 @@ from idempotask.backends.sql import _engines
 from idempotask.backends.sql._database import (
     DEFAULT_STATEMENT_TIMEOUT,
     Database,
-    Flavour,
     OnDatabase,
     Session,
+    flow_batches,
     seconds,
 )
 from idempotask.backends.sql._letters import (
@@ -86,16 +85,11 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLDeadLetterStore", "TableStore", "dead_letters"]
 
-_T = TypeVar("_T")
-
 #: The default dead-letter table, ``idempotask_dead_letters``, in the shared ``metadata``.
 dead_letters = define_dead_letter_table(metadata)
 
 _ALL = DeadLetterFilter()
 _INT64 = 2**63
-
-
-# -- flows ----------------------------------------------------------------------------------
 
 
 def _skip_locked(dialect: Dialect) -> bool:
@@ -106,205 +100,21 @@ def _skip_locked(dialect: Dialect) -> bool:
     return version >= (8, 0, 1)
 
 
-def flow_add(
-    sql: DeadLetterStatements, q: Session, flavour: Flavour, ns: str, letter: DeadLetter
-) -> Flow[DeadLetter]:
-    """Insert unless the id exists; the stored letter either way."""
-    params = letter_params(letter, ns)
-    stored = letter.evolve(
-        status=Status(letter.status),
-        arguments=params["p_arguments"],
-        critical=bool(letter.critical),
-    )
-    for _ in range(3):
-        if flavour in ("postgresql", "sqlite"):
-            inserted = bool((yield q.op(sql.insert(flavour), params, "rowcount")))
-        else:
-            try:
-                yield q.op(sql.insert(flavour), params, "none")
-                inserted = True
-            except IntegrityError:  # the id exists (MySQL: no ON CONFLICT DO NOTHING)
-                inserted = False
-        if inserted:
-            return stored
-        rows = yield q.op(sql.get, {"ns": ns, "lid": params["p_id"]})
-        if rows:
-            return parse_letter(rows[0])
-        # Deleted between the two statements (a purge): try again.
-    raise BackendError(
-        f"sql dead-letter store: add of {letter.id!r} did not settle: the letter kept "
-        "appearing and disappearing under concurrent purges"
-    )
-
-
-def flow_get(sql: DeadLetterStatements, q: Session, ns: str, id: str) -> Flow[DeadLetter | None]:
-    """The letter ``id``, or None."""
-    rows = yield q.op(sql.get, {"ns": ns, "lid": check_text(id, "id")})
-    return parse_letter(rows[0]) if rows else None
-
-
-def flow_query(
-    sql: DeadLetterStatements,
-    q: Session,
-    ns: str,
-    filter: DeadLetterFilter,
-    limit: int,
-    offset: int,
-) -> Flow[list[DeadLetter]]:
-    """A page of matching letters."""
-    shape, params = filter_params(filter)
-    rows = yield q.op(sql.query(shape), {**params, "ns": ns, "n": limit, "o": offset})
-    return [parse_letter(row) for row in rows]
-
-
-def flow_update(
-    sql: DeadLetterStatements,
-    q: Session,
-    flavour: Flavour,
-    ns: str,
-    id: str,
-    version: int,
-    changes: Mapping[str, Any],
-) -> Flow[DeadLetter | None]:
-    """Compare-and-set on the version; the new letter, or None."""
-    check_changes(changes)
-    params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
-    params["ns"] = ns
-    params["lid"] = check_text(id, "id")
-    params["v"] = check_int(version, "version", limit=_INT64)
-    if "error_type" in changes or "message" in changes:
-        if "error_type" in changes and "message" in changes:
-            error_type, message = changes["error_type"], changes["message"]
-        else:
-            # The search column folds both: read the one that stays. If the letter
-            # changes meanwhile, its version does too and the update below changes nothing.
-            rows = yield q.op(sql.get, {"ns": ns, "lid": params["lid"]})
-            if not rows:
-                return None
-            current = parse_letter(rows[0])
-            if current.version != version:
-                return None
-            error_type = changes.get("error_type", current.error_type)
-            message = changes.get("message", current.message)
-        params["u_search"] = fold(error_type, message)
-    fields = tuple(sorted(name[2:] for name in params if name.startswith("u_")))
-    if flavour == "postgresql":
-        rows = yield q.op(sql.update(fields, True), params)
-        return parse_letter(rows[0]) if rows else None
-    if flavour == "sqlite":
-        # The read is in the update's transaction: it sees exactly the version written.
-        yield q.begin()
-    count = yield q.op(sql.update(fields, False), params, "rowcount")
-    rows = (yield q.op(sql.get, {"ns": ns, "lid": params["lid"]})) if count else []
-    if flavour == "sqlite":
-        yield q.commit()
-    # MySQL/MariaDB (no UPDATE … RETURNING): read right after the update; a writer that
-    # changed the letter in between makes this its later version.
-    return parse_letter(rows[0]) if rows else None
-
-
-def flow_claim_due(
-    sql: DeadLetterStatements,
-    q: Session,
-    flavour: Flavour,
-    ns: str,
-    now: float,
-    limit: int,
-    lease: float,
-    filter: DeadLetterFilter,
-) -> Flow[list[DeadLetter]]:
-    """Take up to ``limit`` due letters for ``lease`` seconds; earliest first."""
-    shape, params = filter_params(filter)
-    params.update({"ns": ns, "now": now, "n": limit, "lease": lease})
-    if flavour == "postgresql":
-        rows = yield q.op(sql.claim_postgresql(shape), params)
-        letters = [parse_letter(row) for row in rows]
-    else:
-        sqlite_file = flavour == "sqlite"
-        yield q.begin()
-        lock = "" if sqlite_file else ("skip" if _skip_locked(q.dialect) else "wait")
-        rows = yield q.op(sql.select_due(shape, lock), params)
-        letters = [parse_letter(row, bump=1) for row in rows]
-        if letters:
-            ids = [letter.id for letter in letters]
-            size = padded(len(ids))
-            ids += [ids[-1]] * (size - len(ids))
-            take = {f"id{i}": value for i, value in enumerate(ids)}
-            yield q.op(sql.claim_ids(size), {**take, "ns": ns, "lease": lease}, "none")
-        yield q.commit()
-    letters.sort(key=lambda x: (x.next_retry_at, x.id))
-    return letters
-
-
-def flow_stats(
-    sql: DeadLetterStatements, q: Session, ns: str, filter: DeadLetterFilter
-) -> Flow[list[StatRow]]:
-    """Counts by (function, kind, status), sorted as Python sorts them."""
-    shape, params = filter_params(filter)
-    rows = yield q.op(sql.stats(shape), {**params, "ns": ns})
-    return sum_stats(
-        (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
-        for f, k, s, n, r, b in rows
-    )
-
-
-def flow_purge(
-    sql: DeadLetterStatements, q: Session, flavour: Flavour, ns: str, filter: DeadLetterFilter
-) -> Flow[int]:
-    """Delete matching letters in batches until a batch comes back short."""
-    shape, params = filter_params(filter)
-    params.update({"ns": ns, "n": PURGE_BATCH})
-    statement = sql.purge(flavour, shape)
-    total = 0
-    while True:
-        count: int = yield q.op(statement, params, "rowcount")
-        total += max(0, count)
-        if count < PURGE_BATCH:
-            return total
-
-
-def flow_expire_claim(sql: DeadLetterStatements, q: Session, ns: str, id: str) -> Flow[bool]:
-    """End a live claim on ``id``."""
-    count = yield q.op(sql.expire_claim, {"ns": ns, "lid": check_text(id, "id")}, "rowcount")
-    return bool(count)
-
-
 # -- the store ------------------------------------------------------------------------------
 
 
-def attach(
-    owner: str,
-    bind: Any,
-    *,
-    engine: Engine | None,
-    async_engine: AsyncEngine | None,
-    connect_timeout: float,
-    busy_timeout: float,
-    statement_timeout: float | None,
-    engine_options: Mapping[str, Any] | None,
-) -> tuple[Database, bool]:
+def attach(owner: str, bind: Any, **engines: Any) -> tuple[Database, bool]:
     """The database a store runs on, and whether the store owns it: the one of another
-    SQL store it was given (``SQLAlchemyBackend``, …), or a new one."""
+    SQL store it was given (``SQLAlchemyBackend``, …), or a new one (``engines``: the
+    :class:`Database` options)."""
     shared = getattr(bind, "database", None)
     if not isinstance(shared, Database):
-        return (
-            Database(
-                bind,
-                owner=owner,
-                engine=engine,
-                async_engine=async_engine,
-                connect_timeout=connect_timeout,
-                busy_timeout=busy_timeout,
-                statement_timeout=statement_timeout,
-                engine_options=engine_options,
-            ),
-            True,
-        )
+        return Database(bind, owner=owner, **engines), True
     if (
-        engine is not None
-        or async_engine is not None
-        or engine_options
-        or (connect_timeout, busy_timeout, statement_timeout)
+        engines["engine"] is not None
+        or engines["async_engine"] is not None
+        or engines["engine_options"]
+        or (engines["connect_timeout"], engines["busy_timeout"], engines["statement_timeout"])
         != (10.0, 30.0, DEFAULT_STATEMENT_TIMEOUT)
     ):
         raise ConfigurationError(
@@ -370,12 +180,10 @@ class TableStore(OnDatabase):
         self.namespace = _check_name(owner, "namespace", namespace)
         table_name = self.default_table_name if table_name is None else table_name
         _check_name(owner, "table_name", table_name)
-        if table_name == self.default_table_name and schema is None:
-            self.metadata = metadata
-            self.table = self.default_table
-        else:
-            self.metadata = MetaData()
-            self.table = self._define_table(self.metadata, table_name, schema)
+        # The default table is the shared metadata's, already defined there.
+        default = table_name == self.default_table_name and schema is None
+        self.metadata = metadata if default else MetaData()
+        self.table = self._define_table(self.metadata, table_name, schema)
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
 
@@ -475,22 +283,44 @@ class SQLDeadLetterStore(TableStore):
         One ``INSERT`` that skips an existing id (PostgreSQL, SQLite ``ON CONFLICT DO
         NOTHING``; MySQL/MariaDB a duplicate-key error), and a read when it did.
         """
-        letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
-        return (
-            yield from self._on_db(
-                "dead-letter add",
-                getattr(letter, "id", None),
-                lambda q: flow_add(self._sql, q, self._flavour(q), self.namespace, letter),
-            )
+        params = letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
+        stored = letter.evolve(
+            status=Status(letter.status),
+            arguments=params["p_arguments"],
+            critical=bool(letter.critical),
         )
+        get = {"ns": self.namespace, "lid": params["p_id"]}
+
+        def flow(q: Session) -> Flow[DeadLetter]:
+            flavour = self._flavour(q)
+            for _ in range(3):
+                if flavour in ("postgresql", "sqlite"):
+                    inserted = bool((yield q.op(self._sql.insert(flavour), params, "rowcount")))
+                else:
+                    try:
+                        yield q.op(self._sql.insert(flavour), params, "none")
+                        inserted = True
+                    except IntegrityError:  # the id exists (MySQL: no ON CONFLICT DO NOTHING)
+                        inserted = False
+                if inserted:
+                    return stored
+                rows = yield q.op(self._sql.get, get)
+                if rows:
+                    return parse_letter(rows[0])
+                # Deleted between the two statements (a purge): try again.
+            raise BackendError(
+                f"sql dead-letter store: add of {letter.id!r} did not settle: the letter kept "
+                "appearing and disappearing under concurrent purges"
+            )
+
+        return (yield from self._on_db("dead-letter add", letter.id, flow))
 
     add, aadd = twins(_add)
 
     def _get(self, id: str) -> Flow[DeadLetter | None]:
         """The letter with this id, or None. One statement."""
-        check_text(id, "id")
-        make = functools.partial(flow_get, self._sql, ns=self.namespace, id=id)
-        return (yield from self._on_db("dead-letter get", id, make))
+        params = {"ns": self.namespace, "lid": check_text(id, "id")}
+        return (yield from self._one("dead-letter get", id, self._sql.get, params, _first))
 
     get, aget = twins(_get)
 
@@ -501,13 +331,12 @@ class SQLDeadLetterStore(TableStore):
         (on the ``namespace, last_failed_at`` index)."""
         check_int(limit, "limit", limit=_INT64)
         check_int(offset, "offset", limit=_INT64, minimum=0)
-        filter_params(filter)
+        shape, params = filter_params(filter)
         if limit <= 0:
             return []
-        make = functools.partial(
-            flow_query, self._sql, ns=self.namespace, filter=filter, limit=limit, offset=offset
-        )
-        return (yield from self._on_db("dead-letter query", None, make))
+        params.update({"ns": self.namespace, "n": limit, "o": offset})
+        statement = self._sql.query(shape)
+        return (yield from self._one("dead-letter query", None, statement, params, _letters))
 
     query, aquery = twins(_query)
 
@@ -518,19 +347,44 @@ class SQLDeadLetterStore(TableStore):
         followed by a read).
         """
         check_changes(changes)
-        check_text(id, "id")
-        check_int(version, "version", limit=_INT64)
-        for field, value in changes.items():
-            column_value(field, value)
-        return (
-            yield from self._on_db(
-                "dead-letter update",
-                id,
-                lambda q: flow_update(
-                    self._sql, q, self._flavour(q), self.namespace, id, version, changes
-                ),
-            )
-        )
+        ns, lid = self.namespace, check_text(id, "id")
+        v = check_int(version, "version", limit=_INT64)
+        params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
+        params.update({"ns": ns, "lid": lid, "v": v})
+        sql = self._sql
+
+        def flow(q: Session) -> Flow[DeadLetter | None]:
+            if "error_type" in changes or "message" in changes:
+                if "error_type" in changes and "message" in changes:
+                    error_type, message = changes["error_type"], changes["message"]
+                else:
+                    # The search column folds both: read the one that stays. If the letter
+                    # changes meanwhile, its version does too and the update changes nothing.
+                    rows = yield q.op(sql.get, {"ns": ns, "lid": lid})
+                    if not rows:
+                        return None
+                    current = parse_letter(rows[0])
+                    if current.version != version:
+                        return None
+                    error_type = changes.get("error_type", current.error_type)
+                    message = changes.get("message", current.message)
+                params["u_search"] = fold(error_type, message)
+            fields = tuple(sorted(name[2:] for name in params if name.startswith("u_")))
+            flavour = self._flavour(q)
+            if flavour == "postgresql":
+                return _first((yield q.op(sql.update(fields, True), params)))
+            if flavour == "sqlite":
+                # The read is in the update's transaction: it sees exactly the version written.
+                yield q.begin()
+            count = yield q.op(sql.update(fields, False), params, "rowcount")
+            rows = (yield q.op(sql.get, {"ns": ns, "lid": lid})) if count else []
+            if flavour == "sqlite":
+                yield q.commit()
+            # MySQL/MariaDB (no UPDATE … RETURNING): read right after the update; a writer
+            # that changed the letter in between makes this its later version.
+            return _first(rows)
+
+        return (yield from self._on_db("dead-letter update", id, flow))
 
     update, aupdate = twins(_update)
 
@@ -543,52 +397,89 @@ class SQLDeadLetterStore(TableStore):
         filter: DeadLetterFilter | None = None,
     ) -> Flow[list[DeadLetter]]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (the
-        database's clock); concurrent claimers skip each other's rows (``SKIP LOCKED``)."""
+        database's clock), earliest first; concurrent claimers skip each other's rows
+        (``SKIP LOCKED``)."""
         now = check_time(now, "now")
         check_int(limit, "limit", limit=_INT64)
         lease = seconds(lease, "lease", "sql dead-letter store")
-        chosen = _ALL if filter is None else filter
-        filter_params(chosen)
+        shape, params = filter_params(_ALL if filter is None else filter)
         if limit <= 0:
             return []
-        ns = self.namespace
-        return (
-            yield from self._on_db(
-                "dead-letter claim_due",
-                None,
-                lambda q: flow_claim_due(
-                    self._sql, q, self._flavour(q), ns, now, limit, lease, chosen
-                ),
-            )
-        )
+        ns, sql = self.namespace, self._sql
+        params.update({"ns": ns, "now": now, "n": limit, "lease": lease})
+
+        def flow(q: Session) -> Flow[list[DeadLetter]]:
+            flavour = self._flavour(q)
+            if flavour == "postgresql":
+                letters = _letters((yield q.op(sql.claim_postgresql(shape), params)))
+            else:
+                yield q.begin()
+                lock = (
+                    "" if flavour == "sqlite" else ("skip" if _skip_locked(q.dialect) else "wait")
+                )
+                rows = yield q.op(sql.select_due(shape, lock), params)
+                letters = [parse_letter(row, bump=1) for row in rows]
+                if letters:
+                    ids = [letter.id for letter in letters]
+                    size = padded(len(ids))
+                    ids += [ids[-1]] * (size - len(ids))
+                    take = {f"id{i}": value for i, value in enumerate(ids)}
+                    yield q.op(sql.claim_ids(size), {**take, "ns": ns, "lease": lease}, "none")
+                yield q.commit()
+            letters.sort(key=lambda x: (x.next_retry_at, x.id))
+            return letters
+
+        return (yield from self._on_db("dead-letter claim_due", None, flow))
 
     claim_due, aclaim_due = twins(_claim_due)
 
     def _stats(self, filter: DeadLetterFilter = _ALL) -> Flow[list[StatRow]]:
-        """Counts by (function, kind, status): one ``GROUP BY`` statement."""
-        filter_params(filter)
-        make = functools.partial(flow_stats, self._sql, ns=self.namespace, filter=filter)
-        return (yield from self._on_db("dead-letter stats", None, make))
+        """Counts by (function, kind, status), sorted as Python sorts them: one ``GROUP
+        BY`` statement."""
+        shape, params = filter_params(filter)
+        params["ns"] = self.namespace
+        statement = self._sql.stats(shape)
+        return (yield from self._one("dead-letter stats", None, statement, params, _stat_rows))
 
     stats, astats = twins(_stats)
 
     def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
-        """Delete matching letters, :data:`PURGE_BATCH` per statement; how many went."""
-        filter_params(filter)
-        return (
-            yield from self._on_db(
-                "dead-letter purge",
-                None,
-                lambda q: flow_purge(self._sql, q, self._flavour(q), self.namespace, filter),
-            )
-        )
+        """Delete matching letters, :data:`PURGE_BATCH` per statement (until a batch
+        comes back short); how many went."""
+        shape, params = filter_params(filter)
+        params.update({"ns": self.namespace, "n": PURGE_BATCH})
+
+        def flow(q: Session) -> Flow[int]:
+            statement = self._sql.purge(self._flavour(q), shape)
+            return (yield from flow_batches(q, statement, params, PURGE_BATCH))
+
+        return (yield from self._on_db("dead-letter purge", None, flow))
 
     purge, apurge = twins(_purge)
 
     def _expire_claim(self, id: str) -> Flow[bool]:
         """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
-        check_text(id, "id")
-        make = functools.partial(flow_expire_claim, self._sql, ns=self.namespace, id=id)
-        return (yield from self._on_db("dead-letter expire_claim", id, make))
+        params = {"ns": self.namespace, "lid": check_text(id, "id")}
+        statement = self._sql.expire_claim
+        return (
+            yield from self._one(
+                "dead-letter expire_claim", id, statement, params, bool, "rowcount"
+            )
+        )
 
     expire_claim, aexpire_claim = twins(_expire_claim)
+
+
+def _first(rows: Sequence[Any]) -> DeadLetter | None:
+    return parse_letter(rows[0]) if rows else None
+
+
+def _letters(rows: Sequence[Any]) -> list[DeadLetter]:
+    return [parse_letter(row) for row in rows]
+
+
+def _stat_rows(rows: Sequence[Any]) -> list[StatRow]:
+    return sum_stats(
+        (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
+        for f, k, s, n, r, b in rows
+    )

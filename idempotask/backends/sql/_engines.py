@@ -28,8 +28,7 @@ __all__ = [
     "autocommit",
     "describe",
     "is_memory_sqlite",
-    "new_async_engine",
-    "new_sync_engine",
+    "new_engine",
     "parse_url",
     "store_options",
     "sync_url",
@@ -173,49 +172,6 @@ def _in_autocommit(engine: Engine | AsyncEngine, dbapi_connection: Any) -> bool:
         return False
 
 
-def _engine_options(
-    url: URL,
-    *,
-    connect_timeout: float,
-    busy_timeout: float,
-    statement_timeout: float | None,
-    options: Mapping[str, Any],
-) -> dict[str, Any]:
-    backend, driver = url.get_backend_name(), url.get_driver_name()
-    kwargs: dict[str, Any] = {
-        # Every statement is its own transaction: no BEGIN/COMMIT round trips.
-        "isolation_level": "AUTOCOMMIT",
-        # Payloads (results, tracebacks) stay out of error messages and logs.
-        "hide_parameters": True,
-        # The pool rolls back every connection it gets back, even in autocommit mode: a
-        # ROLLBACK round trip with PyMySQL, a thread hop with aiosqlite. The few flows
-        # that open a transaction end it themselves, or discard the connection.
-        "skip_autocommit_rollback": True,
-    }
-    connect_args: dict[str, Any] = {}
-    if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
-        seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
-        connect_args["connect_timeout"] = seconds
-    # Server-side statement timeouts and TCP keepalives (see _timeouts).
-    connect_args.update(connect_options(backend, driver, url.query, statement_timeout))
-    if backend in _MYSQL:
-        # MySQL closes connections idle for wait_timeout (8 h by default, often less).
-        kwargs["pool_recycle"] = 3600
-    if backend == "sqlite":
-        connect_args["timeout"] = busy_timeout
-        if is_memory_sqlite(url):
-            # One private database per connection: keep exactly one, shared by threads.
-            kwargs["poolclass"] = StaticPool
-            connect_args["check_same_thread"] = False
-    if connect_args:
-        kwargs["connect_args"] = connect_args
-    extra = dict(options)
-    if "connect_args" in extra:
-        kwargs["connect_args"] = {**connect_args, **extra.pop("connect_args")}
-    kwargs.update(extra)
-    return kwargs
-
-
 def _sqlite_pragmas(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
     """Set the busy timeout (and WAL on a file) on every new connection.
 
@@ -243,44 +199,59 @@ def _missing_driver(url: URL, exc: ImportError) -> MissingDependencyError:
     )
 
 
-def new_sync_engine(url: URL, **settings: Any) -> Engine:
-    """A sync engine for ``url`` with our defaults (``options`` override them); ``settings``
-    are ``connect_timeout``, ``busy_timeout``, ``statement_timeout`` and ``options``."""
-    # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
-    # (OpenTelemetry's, when switched on after this module was imported) sees ours.
-    engine: Engine = _created(sqlalchemy.create_engine, url, **settings)
-    return engine
-
-
-def new_async_engine(url: URL, **settings: Any) -> AsyncEngine:
-    """An asyncio engine for ``url`` with our defaults, as :func:`new_sync_engine`."""
-    try:
-        from sqlalchemy.ext.asyncio import create_async_engine
-    except ImportError as exc:  # SQLAlchemy's asyncio support needs greenlet
-        raise MissingDependencyError(
-            f"sql backend: async calls need SQLAlchemy's asyncio support: "
-            f"pip install 'sqlalchemy[asyncio]' ({exc})"
-        ) from exc
-    engine: AsyncEngine = _created(create_async_engine, url, **settings)
-    return engine
-
-
-def _created(
-    create: Any,
+def new_engine(
     url: URL,
+    asyncio_: bool,
     *,
     connect_timeout: float,
     busy_timeout: float,
     statement_timeout: float | None,
     options: Mapping[str, Any],
 ) -> Any:
-    kwargs = _engine_options(
-        url,
-        connect_timeout=connect_timeout,
-        busy_timeout=busy_timeout,
-        statement_timeout=statement_timeout,
-        options=options,
-    )
+    """A sync engine (an asyncio one with ``asyncio_``) for ``url`` with the driver of
+    :func:`sync_url` (:func:`async_url`) and our defaults; ``options`` override them."""
+    # Looked up when called: an instrumentation that wraps sqlalchemy.create_engine
+    # (OpenTelemetry's, when switched on after this module was imported) sees ours.
+    create: Any = sqlalchemy.create_engine
+    if asyncio_:
+        try:
+            from sqlalchemy.ext.asyncio import create_async_engine
+        except ImportError as exc:  # SQLAlchemy's asyncio support needs greenlet
+            raise MissingDependencyError(
+                f"sql backend: async calls need SQLAlchemy's asyncio support: "
+                f"pip install 'sqlalchemy[asyncio]' ({exc})"
+            ) from exc
+        create = create_async_engine
+    url = _with_driver(url, asyncio_)
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    kwargs: dict[str, Any] = {
+        # Every statement is its own transaction: no BEGIN/COMMIT round trips.
+        "isolation_level": "AUTOCOMMIT",
+        # Payloads (results, tracebacks) stay out of error messages and logs.
+        "hide_parameters": True,
+        # The pool rolls back every connection it gets back, even in autocommit mode: a
+        # ROLLBACK round trip with PyMySQL, a thread hop with aiosqlite. The few flows
+        # that open a transaction end it themselves, or discard the connection.
+        "skip_autocommit_rollback": True,
+    }
+    connect_args: dict[str, Any] = {}
+    if driver in _TIMEOUT_DRIVERS and "connect_timeout" not in url.query:
+        seconds = max(1, math.ceil(connect_timeout)) if backend == "postgresql" else connect_timeout
+        connect_args["connect_timeout"] = seconds
+    # Server-side statement timeouts and TCP keepalives (see _timeouts).
+    connect_args.update(connect_options(backend, driver, url.query, statement_timeout))
+    if backend in _MYSQL:
+        # MySQL closes connections idle for wait_timeout (8 h by default, often less).
+        kwargs["pool_recycle"] = 3600
+    if backend == "sqlite":
+        connect_args["timeout"] = busy_timeout
+        if is_memory_sqlite(url):
+            # One private database per connection: keep exactly one, shared by threads.
+            kwargs["poolclass"] = StaticPool
+            connect_args["check_same_thread"] = False
+    extra = dict(options)
+    kwargs["connect_args"] = {**connect_args, **extra.pop("connect_args", {})}
+    kwargs.update(extra)
     try:
         engine = create(url, **kwargs)
     except NoSuchModuleError as exc:
@@ -289,7 +260,7 @@ def _created(
         raise _missing_driver(url, exc) from exc
     except InvalidRequestError as exc:  # "The asyncio extension requires an async driver"
         raise ConfigurationError(f"sql backend: {describe(url)!r}: {exc}") from exc
-    if url.get_backend_name() == "sqlite":
+    if backend == "sqlite":
         sync_engine = getattr(engine, "sync_engine", engine)
         _sqlite_pragmas(sync_engine, busy_timeout, wal=not is_memory_sqlite(url))
     return engine

@@ -11,7 +11,8 @@ case-folded error type and message.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import (
@@ -38,7 +39,15 @@ from idempotask.backends import _letters as shared
 from idempotask.backends._letters import FIELDS
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status, decode_history
 from idempotask.backends.sql._database import Flavour
-from idempotask.backends.sql._schema import KEY_LENGTH, NAME_LENGTH, TEXT_LENGTH, DbNow, text_of
+from idempotask.backends.sql._schema import (
+    KEY_LENGTH,
+    NAME_LENGTH,
+    TEXT_LENGTH,
+    DbNow,
+    StatementSet,
+    built,
+    text_of,
+)
 from idempotask.errors import ConfigurationError, CorruptRecordError
 
 __all__ = [
@@ -241,7 +250,7 @@ def parse_letter(row: Sequence[Any], *, bump: int = 0) -> DeadLetter:
     return letter
 
 
-class DeadLetterStatements:
+class DeadLetterStatements(StatementSet):
     """Every statement the dead-letter store sends for one table, built once each (per
     filter shape or set of changed fields) and reused, so each compiles once per engine.
 
@@ -254,19 +263,12 @@ class DeadLetterStatements:
     """
 
     def __init__(self, table: Table) -> None:
-        self.table = table
+        super().__init__(table)
         c = table.c
         self.columns = [c[field] for field in FIELDS]
         self._id = bindparam("lid", type_=c.id.type)
         self._ns = bindparam("ns", type_=c.namespace.type)
         self._open = [literal(value, c.status.type) for value in _OPEN]
-        self._cache: dict[Any, Executable] = {}
-
-    def _cached(self, key: Any, build: Callable[[], Executable]) -> Executable:
-        statement = self._cache.get(key)
-        if statement is None:
-            statement = self._cache.setdefault(key, build())
-        return statement
 
     def _param(self, name: str, field: str) -> Any:
         column = self.table.c[field]
@@ -307,125 +309,102 @@ class DeadLetterStatements:
 
     # add / get -----------------------------------------------------------------------------
 
+    @built
     def insert(self, flavour: Flavour) -> Executable:
         """Insert a new letter; PostgreSQL and SQLite skip an existing id (rowcount 0),
         MySQL/MariaDB refuse it with a duplicate-key error (the plan reads it then)."""
+        if flavour in ("postgresql", "sqlite"):
+            dialect_insert = postgresql.insert if flavour == "postgresql" else sqlite.insert
+            # SQLAlchemy reports an INSERT's row count only when asked to.
+            return (
+                dialect_insert(self.table)
+                .values(self._row())
+                .on_conflict_do_nothing()
+                .execution_options(preserve_rowcount=True)
+            )
+        # Not INSERT IGNORE: it would also turn a bad value into a warning.
+        return self.table.insert().values(self._row())
 
-        def build() -> Executable:
-            if flavour == "postgresql":
-                # SQLAlchemy reports an INSERT's row count only when asked to.
-                return (
-                    postgresql.insert(self.table)
-                    .values(self._row())
-                    .on_conflict_do_nothing()
-                    .execution_options(preserve_rowcount=True)
-                )
-            if flavour == "sqlite":
-                return (
-                    sqlite.insert(self.table)
-                    .values(self._row())
-                    .on_conflict_do_nothing()
-                    .execution_options(preserve_rowcount=True)
-                )
-            # Not INSERT IGNORE: it would also turn a bad value into a warning.
-            return self.table.insert().values(self._row())
-
-        return self._cached(("insert", flavour == "postgresql", flavour == "sqlite"), build)
-
-    @property
+    @cached_property
     def get(self) -> Executable:
         """The letter ``id``."""
-        return self._cached("get", lambda: select(*self.columns).where(self._one()))
+        return select(*self.columns).where(self._one())
 
     # query / stats / purge ---------------------------------------------------------------------
 
+    @built
     def query(self, shape: Shape) -> Executable:
         """A page of matching letters: newest ``last_failed_at`` first, ties by ``id``."""
         c = self.table.c
-        return self._cached(
-            ("query", shape),
-            lambda: (
-                select(*self.columns)
-                .where(*self._where(shape))
-                .order_by(c.last_failed_at.desc(), c.id)
-                .limit(bindparam("n", type_=Integer()))
-                .offset(bindparam("o", type_=Integer()))
-            ),
+        return (
+            select(*self.columns)
+            .where(*self._where(shape))
+            .order_by(c.last_failed_at.desc(), c.id)
+            .limit(bindparam("n", type_=Integer()))
+            .offset(bindparam("o", type_=Integer()))
         )
 
+    @built
     def stats(self, shape: Shape) -> Executable:
         """Counts by (function, kind, status): letters, failed replays, resolved by retry."""
         c = self.table.c
-
-        def build() -> Executable:
-            resolved = literal(Status.RESOLVED.value, c.status.type)
-            retry = literal("retry", c.resolution.type)
-            return (
-                select(
-                    c.function,
-                    c.kind,
-                    c.status,
-                    func.count(),
-                    func.sum(case((c.attempts > 1, c.attempts - 1), else_=0)),
-                    func.sum(case((and_(c.status == resolved, c.resolution == retry), 1), else_=0)),
-                )
-                .where(*self._where(shape))
-                .group_by(c.function, c.kind, c.status)
+        resolved = literal(Status.RESOLVED.value, c.status.type)
+        retry = literal("retry", c.resolution.type)
+        return (
+            select(
+                c.function,
+                c.kind,
+                c.status,
+                func.count(),
+                func.sum(case((c.attempts > 1, c.attempts - 1), else_=0)),
+                func.sum(case((and_(c.status == resolved, c.resolution == retry), 1), else_=0)),
             )
+            .where(*self._where(shape))
+            .group_by(c.function, c.kind, c.status)
+        )
 
-        return self._cached(("stats", shape), build)
-
+    @built
     def purge(self, flavour: Flavour, shape: Shape) -> Executable:
         """Delete up to :data:`PURGE_BATCH` matching letters (``n`` elsewhere)."""
         c = self.table.c
-
-        def build() -> Executable:
-            where = self._where(shape)
-            if flavour in ("mysql", "mariadb"):
-                # MySQL's DELETE … LIMIT takes no placeholder (nor a LIMIT in IN (…)).
-                return (
-                    delete(self.table)
-                    .where(*where)
-                    .with_dialect_options(mysql_limit=PURGE_BATCH, mariadb_limit=PURGE_BATCH)
-                )
-            batch = select(c.id).where(*where).limit(bindparam("n", type_=Integer()))
-            # The filter again outside: a letter changed since the subquery read it and no
-            # longer matching stays.
-            return delete(self.table).where(c.id.in_(batch.scalar_subquery()), *where)
-
-        return self._cached(("purge", flavour in ("mysql", "mariadb"), shape), build)
+        where = self._where(shape)
+        if flavour in ("mysql", "mariadb"):
+            # MySQL's DELETE … LIMIT takes no placeholder (nor a LIMIT in IN (…)).
+            return (
+                delete(self.table)
+                .where(*where)
+                .with_dialect_options(mysql_limit=PURGE_BATCH, mariadb_limit=PURGE_BATCH)
+            )
+        batch = select(c.id).where(*where).limit(bindparam("n", type_=Integer()))
+        # The filter again outside: a letter changed since the subquery read it and no
+        # longer matching stays.
+        return delete(self.table).where(c.id.in_(batch.scalar_subquery()), *where)
 
     # update --------------------------------------------------------------------------------------
 
+    @built
     def update(self, fields: tuple[str, ...], returning: bool) -> Executable:
         """Compare-and-set: apply ``u_<field>`` if the version is ``v``; bump the version
         and end any claim."""
         c = self.table.c
+        values: dict[str, Any] = {f: self._param(f"u_{f}", f) for f in fields}
+        values["version"] = c.version + 1
+        values["claimed_until"] = None
+        statement = (
+            update(self.table)
+            .where(self._one(), c.version == bindparam("v", type_=c.version.type))
+            .values(values)
+        )
+        return statement.returning(*self.columns) if returning else statement
 
-        def build() -> Executable:
-            values: dict[str, Any] = {f: self._param(f"u_{f}", f) for f in fields}
-            values["version"] = c.version + 1
-            values["claimed_until"] = None
-            statement = (
-                update(self.table)
-                .where(self._one(), c.version == bindparam("v", type_=c.version.type))
-                .values(values)
-            )
-            return statement.returning(*self.columns) if returning else statement
-
-        return self._cached(("update", fields, returning), build)
-
-    @property
+    @cached_property
     def expire_claim(self) -> Executable:
         """End a live claim on ``id`` now."""
         c = self.table.c
-        return self._cached(
-            "expire_claim",
-            lambda: (
-                update(self.table)
-                .where(self._one(), c.claimed_until > DbNow())
-                .values(claimed_until=None)
-            ),
+        return (
+            update(self.table)
+            .where(self._one(), c.claimed_until > DbNow())
+            .values(claimed_until=None)
         )
 
     # claim_due -----------------------------------------------------------------------------------
@@ -446,60 +425,48 @@ class DeadLetterStatements:
             "claimed_until": DbNow() + bindparam("lease", type_=Double()),
         }
 
+    @built
     def claim_postgresql(self, shape: Shape) -> Executable:
         """One statement: lock up to ``n`` due letters, skipping those another claimer is
         locking, take them for ``lease`` seconds, and return them."""
         c = self.table.c
+        due = (
+            select(c.id)
+            .where(*self._due(shape))
+            .order_by(c.next_retry_at, c.id)
+            .limit(bindparam("n", type_=Integer()))
+            .with_for_update(skip_locked=True)
+        )
+        # A CTE, read once (PostgreSQL may run an IN subquery again per row, each run
+        # locking the next letters: more than ``n`` would be taken).
+        chosen = due.cte("due").prefix_with("MATERIALIZED")
+        return (
+            update(self.table)
+            .where(c.namespace == self._ns, c.id == chosen.c.id)
+            .values(self._claim_values())
+            .returning(*self.columns)
+        )
 
-        def build() -> Executable:
-            due = (
-                select(c.id)
-                .where(*self._due(shape))
-                .order_by(c.next_retry_at, c.id)
-                .limit(bindparam("n", type_=Integer()))
-                .with_for_update(skip_locked=True)
-            )
-            # A CTE, read once (PostgreSQL may run an IN subquery again per row, each run
-            # locking the next letters: more than ``n`` would be taken).
-            chosen = due.cte("due").prefix_with("MATERIALIZED")
-            return (
-                update(self.table)
-                .where(c.namespace == self._ns, c.id == chosen.c.id)
-                .values(self._claim_values())
-                .returning(*self.columns)
-            )
-
-        return self._cached(("claim_pg", shape), build)
-
+    @built
     def select_due(self, shape: Shape, lock: str) -> Executable:
         """Up to ``n`` due letters, in order; ``lock`` is ``"skip"`` (``FOR UPDATE SKIP
         LOCKED``), ``"wait"`` (``FOR UPDATE``) or ``""`` (SQLite, already the only writer)."""
         c = self.table.c
+        statement = (
+            select(*self.columns)
+            .where(*self._due(shape))
+            .order_by(c.next_retry_at, c.id)
+            .limit(bindparam("n", type_=Integer()))
+        )
+        return statement.with_for_update(skip_locked=lock == "skip") if lock else statement
 
-        def build() -> Executable:
-            statement = (
-                select(*self.columns)
-                .where(*self._due(shape))
-                .order_by(c.next_retry_at, c.id)
-                .limit(bindparam("n", type_=Integer()))
-            )
-            if lock:
-                statement = statement.with_for_update(skip_locked=lock == "skip")
-            return statement
-
-        return self._cached(("select_due", shape, lock), build)
-
+    @built
     def claim_ids(self, count: int) -> Executable:
         """Take the letters ``id0`` … ``id<count-1>`` (locked by the transaction)."""
         c = self.table.c
-        return self._cached(
-            ("claim_ids", count),
-            lambda: (
-                update(self.table)
-                .where(
-                    c.namespace == self._ns,
-                    c.id.in_([bindparam(f"id{i}", type_=c.id.type) for i in range(count)]),
-                )
-                .values(self._claim_values())
-            ),
+        ids = [bindparam(f"id{i}", type_=c.id.type) for i in range(count)]
+        return (
+            update(self.table)
+            .where(c.namespace == self._ns, c.id.in_(ids))
+            .values(self._claim_values())
         )

@@ -63,7 +63,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from idempotask.backends.base import Record, State
 from idempotask.backends.sql._database import Flavour, Session
-from idempotask.backends.sql._schema import CodePoints, DbNow, text_of
+from idempotask.backends.sql._schema import CodePoints, DbNow, StatementSet, built, text_of
 from idempotask.errors import BackendError, CorruptRecordError
 from idempotask.flow import Flow
 
@@ -71,14 +71,9 @@ __all__ = [
     "CLAIM_ATTEMPTS",
     "Statements",
     "flow_claim",
-    "flow_delete",
-    "flow_expire_now",
     "flow_finish",
-    "flow_get",
-    "flow_purge",
-    "flow_renew",
-    "flow_scan",
     "parse_record",
+    "successor",
 ]
 
 #: How often a claim is re-sent when a concurrent change slipped between its read and its
@@ -88,7 +83,7 @@ CLAIM_ATTEMPTS = 10
 _IN_PROGRESS = State.IN_PROGRESS.value
 
 
-class Statements:
+class Statements(StatementSet):
     """Every statement the backend sends for one table, built once and reused.
 
     Built with SQLAlchemy Core and bound parameters, so each compiles once per dialect
@@ -99,7 +94,7 @@ class Statements:
     """
 
     def __init__(self, table: Table) -> None:
-        self.table = table
+        super().__init__(table)
         c = table.c
         self._k = bindparam("k", type_=c.key.type)
         self._t = bindparam("t", type_=c.token.type)
@@ -335,10 +330,6 @@ class Statements:
             c.expires_at > now,
         )
 
-    def _already(self, now: ColumnElement[float]) -> ColumnElement[bool]:
-        c = self.table.c
-        return and_(c.key == self._k, c.token == self._t, c.state == self._s, c.expires_at > now)
-
     @cached_property
     def finish(self) -> Executable:
         """Store a result or failure (``s``, ``p``, ttl ``d``) if held with ``t``."""
@@ -352,7 +343,12 @@ class Statements:
     @cached_property
     def finished_already(self) -> Executable:
         """Whether ``t`` already finished ``k`` with state ``s`` (a repeated complete/fail)."""
-        return select(true()).select_from(self.table).where(self._already(DbNow()))
+        c = self.table.c
+        return (
+            select(true())
+            .select_from(self.table)
+            .where(c.key == self._k, c.token == self._t, c.state == self._s, c.expires_at > DbNow())
+        )
 
     @cached_property
     def renew(self) -> Executable:
@@ -396,19 +392,16 @@ class Statements:
             .limit(bindparam("n", type_=Integer()))
         )
 
-    def _key_order(self) -> ColumnElement[Any]:
-        return CodePoints(self.table.c.key)
-
     @cached_property
     def scan_range(self) -> Executable:
         """Live records with ``lo <= key < hi``, up to ``n`` (a key prefix's range)."""
-        key = self._key_order()
+        key = CodePoints(self.table.c.key)
         return self._scan(key >= self._lo, key < self._hi)
 
     @cached_property
     def scan_from(self) -> Executable:
         """Live records with ``key >= lo``, up to ``n``."""
-        return self._scan(self._key_order() >= self._lo)
+        return self._scan(CodePoints(self.table.c.key) >= self._lo)
 
     @cached_property
     def scan_all(self) -> Executable:
@@ -421,10 +414,7 @@ class Statements:
         """Delete up to ``batch`` expired records in one statement (its own transaction)."""
         if flavour in ("mysql", "mariadb"):
             # MySQL's DELETE … LIMIT takes no placeholder: one statement per batch size.
-            statement = self._purge_mysql.get(batch)
-            if statement is None:
-                statement = self._purge_mysql[batch] = self._build_purge_mysql(batch)
-            return statement
+            return self._purge_mysql(batch)
         return self._purge_keyed
 
     @cached_property
@@ -440,11 +430,8 @@ class Statements:
         batch = batch.with_for_update(skip_locked=True)
         return delete(t).where(c.key.in_(batch.scalar_subquery()), c.expires_at <= now)
 
-    @cached_property
-    def _purge_mysql(self) -> dict[int, Executable]:
-        return {}
-
-    def _build_purge_mysql(self, batch: int) -> Executable:
+    @built
+    def _purge_mysql(self, batch: int) -> Executable:
         c = self.table.c
         now = select(DbNow()).scalar_subquery()
         return (
@@ -490,17 +477,13 @@ def parse_record(key: str, row: Sequence[Any]) -> Record:
             f"sql backend: record {key!r} has an unknown state {state_text!r}; "
             "it was not written by idempotask"
         )
-    if not (isinstance(token, str) and isinstance(owner, str) and isinstance(fingerprint, str)):
-        name, value = next(
-            (name, value)
-            for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint))
-            if not isinstance(value, str)
-        )
-        raise CorruptRecordError(
-            f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
-        )
-    if not isinstance(payload, bytes):
-        payload = bytes(payload) if isinstance(payload, (bytearray, memoryview)) else payload
+    for name, value in (("token", token), ("owner", owner), ("fingerprint", fingerprint)):
+        if not isinstance(value, str):
+            raise CorruptRecordError(
+                f"sql backend: record {key!r} has a {name} that is not text: {value!r}"
+            )
+    if isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
     if not isinstance(payload, bytes) or not isinstance(expires_in, (int, float)):
         raise CorruptRecordError(
             f"sql backend: record {key!r} has an unreadable payload or expiry: "
@@ -525,7 +508,6 @@ def flow_claim(
     flavour: Flavour,
     key: str,
     token: str,
-    *,
     lease: float,
     owner: str,
     fingerprint: str,
@@ -615,37 +597,7 @@ def flow_finish(
     return bool(rows)
 
 
-def flow_renew(sql: Statements, q: Session, key: str, token: str, lease: float) -> Flow[bool]:
-    """Restart the lease of the claim held with ``token``."""
-    count = yield q.op(sql.renew, {"k": key, "t": token, "d": lease}, "rowcount")
-    return bool(count)
-
-
-def flow_get(sql: Statements, q: Session, key: str) -> Flow[Record | None]:
-    """The live record under ``key``, or None."""
-    rows = yield q.op(sql.read_live, {"k": key})
-    return parse_record(key, rows[0]) if rows else None
-
-
-def flow_scan(sql: Statements, q: Session, prefix: str, limit: int) -> Flow[list[Record]]:
-    """Up to ``limit`` live records whose key starts with ``prefix``."""
-    if prefix:
-        params: dict[str, Any] = {"lo": prefix, "n": limit}
-        upper = _successor(prefix)
-        statement = sql.scan_range if upper is not None else sql.scan_from
-        if upper is not None:
-            params["hi"] = upper
-    else:
-        statement, params = sql.scan_all, {"n": limit}
-    rows = yield q.op(statement, params)
-    records = []
-    for key, *fields in rows:
-        if key.startswith(prefix):  # the range is exact; this only guards a foreign row
-            records.append(parse_record(key, fields))
-    return records
-
-
-def _successor(prefix: str) -> str | None:
+def successor(prefix: str) -> str | None:
     """The least string above every string that starts with ``prefix`` (code point
     order, which is UTF-8 byte order), or None when there is none."""
     for i in range(len(prefix) - 1, -1, -1):
@@ -655,29 +607,3 @@ def _successor(prefix: str) -> str | None:
         if point <= 0x10FFFF:
             return prefix[:i] + chr(point)
     return None
-
-
-def flow_delete(sql: Statements, q: Session, key: str, token: str | None) -> Flow[bool]:
-    """Remove the live record (only if it carries ``token``, when given)."""
-    if token is None:
-        count = yield q.op(sql.delete_any, {"k": key}, "rowcount")
-    else:
-        count = yield q.op(sql.delete_token, {"k": key, "t": token}, "rowcount")
-    return bool(count)
-
-
-def flow_expire_now(sql: Statements, q: Session, key: str) -> Flow[bool]:
-    """Make the live record under ``key`` expired now."""
-    count = yield q.op(sql.expire_now, {"k": key}, "rowcount")
-    return bool(count)
-
-
-def flow_purge(sql: Statements, q: Session, flavour: Flavour, batch: int) -> Flow[int]:
-    """Delete expired records ``batch`` at a time until a batch comes back short."""
-    statement = sql.purge(flavour, batch)
-    total = 0
-    while True:
-        count: int = yield q.op(statement, {"n": batch}, "rowcount")
-        total += max(0, count)
-        if count < batch:
-            return total

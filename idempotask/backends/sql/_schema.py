@@ -6,6 +6,7 @@ Pure SQLAlchemy Core definitions: nothing here connects, and nothing imports a d
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Double,
+    Executable,
     Index,
     Integer,
     LargeBinary,
@@ -41,6 +43,8 @@ __all__ = [
     "CodePoints",
     "DbNow",
     "DbStatementNow",
+    "StatementSet",
+    "built",
     "define_breaker_table",
     "define_dead_letter_table",
     "define_table",
@@ -68,6 +72,29 @@ DEFAULT_DEAD_LETTER_TABLE = "idempotask_dead_letters"
 DEFAULT_BREAKER_TABLE = "idempotask_breakers"
 
 _MYSQL = ("mysql", "mariadb")
+
+
+class StatementSet:
+    """The statements a store sends for one ``table``, each built once (per arguments, see
+    :func:`built`; or a ``cached_property``) and reused, so each compiles once per dialect."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self._built: dict[tuple[Any, ...], Executable] = {}
+
+
+def built(build: Callable[..., Executable]) -> Callable[..., Executable]:
+    """A :class:`StatementSet` method whose statement is built once per arguments."""
+    name = build.__name__
+
+    def method(self: StatementSet, *args: Any) -> Executable:
+        statement = self._built.get((name, *args))
+        if statement is None:
+            statement = self._built.setdefault((name, *args), build(self, *args))
+        return statement
+
+    method.__name__, method.__doc__ = name, build.__doc__
+    return method
 
 
 class BinaryText(TypeDecorator[str]):

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection, text
 
 from idempotask.backends.base import State
 from idempotask.backends.sql._database import seconds
-from idempotask.errors import BackendError, ConfigurationError
+from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Transaction as SATransaction
@@ -109,6 +109,13 @@ def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
         )
 
 
+def _reraise(store: SQLAlchemyBackend, operation: str, key: str, exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again, a database's error as the BackendError of ``operation``."""
+    if isinstance(exc, Exception):
+        raise store.database.error(operation, key, exc, store.table) from exc
+    raise exc
+
+
 def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTransaction:
     """Open the transaction of the call holding ``key`` with ``token`` (sync)."""
     _refuse(store, False)
@@ -126,9 +133,7 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
             conn.execute(*bounds).close()
     except BaseException as exc:
         _discard(conn)
-        if isinstance(exc, Exception):
-            raise db.error("begin", key, exc, store.table) from exc
-        raise
+        _reraise(store, "begin", key, exc)
     return SQLTransaction(store, key, token, conn, trans, None, None)
 
 
@@ -154,9 +159,7 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
             (await aconn.execute(*bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
-        if isinstance(exc, Exception):
-            raise db.error("begin", key, exc, store.table) from exc
-        raise
+        _reraise(store, "begin", key, exc)
     return SQLTransaction(store, key, token, conn, None, aconn, atrans)
 
 
@@ -235,9 +238,6 @@ class SQLTransaction:
             "d": seconds(ttl, "ttl"),
         }
 
-    def _fail(self, operation: str, exc: Exception) -> BackendError:
-        return self._store.database.error(operation, self._key, exc, self._store.table)
-
     # -- sync ------------------------------------------------------------------------------
 
     def complete(self, payload: bytes, *, ttl: float) -> bool:
@@ -247,35 +247,25 @@ class SQLTransaction:
         except Exception as exc:
             self._ended = True
             _discard(self._conn)
-            raise self._fail("complete", exc) from exc
+            _reraise(self._store, "complete", self._key, exc)
         return bool(count)
 
     def commit(self) -> None:
-        self._end("commit", self._commit_sync)
+        self._end("commit")
 
     def rollback(self) -> None:
-        self._end("rollback", self._rollback_sync)
+        self._end("rollback")
 
-    def _commit_sync(self) -> None:
+    def _end(self, operation: str) -> None:
         assert self._trans is not None
-        self._trans.commit()
-
-    def _rollback_sync(self) -> None:
-        assert self._trans is not None
-        self._trans.rollback()
-
-    def _end(self, operation: str, end: Callable[[], None]) -> None:
         if self._ended:
             return
         self._ended = True
         try:
-            end()
-        except Exception as exc:
+            getattr(self._trans, operation)()  # commit() or rollback()
+        except BaseException as exc:
             _discard(self._conn)
-            raise self._fail(operation, exc) from exc
-        except BaseException:
-            _discard(self._conn)
-            raise
+            _reraise(self._store, operation, self._key, exc)
         self._conn.close()
 
     # -- asyncio ---------------------------------------------------------------------------
@@ -289,9 +279,7 @@ class SQLTransaction:
         except BaseException as exc:
             self._ended = True
             await _to_end(_adiscard(aconn))
-            if isinstance(exc, Exception):
-                raise self._fail("complete", exc) from exc
-            raise
+            _reraise(self._store, "complete", self._key, exc)
         return bool(result.rowcount)
 
     async def acommit(self) -> None:
@@ -308,13 +296,8 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            if operation == "commit":
-                await atrans.commit()
-            else:
-                await atrans.rollback()
+            await getattr(atrans, operation)()  # commit() or rollback()
         except BaseException as exc:
             await _adiscard(aconn)
-            if isinstance(exc, Exception):
-                raise self._fail(operation, exc) from exc
-            raise
+            _reraise(self._store, operation, self._key, exc)
         await aconn.close()
