@@ -33,7 +33,10 @@ def claim_worker(
     """
     store = SQLAlchemyBackend(url, table_name=table)
     counter = counter_table(counters)
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    # SQLite: the counter's own connection waits for the file's one writer as long as the
+    # store does (sqlite3's default 5 s ran out on a loaded machine).
+    sqlite = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine = create_engine(url, isolation_level="AUTOCOMMIT", **sqlite)
     order = [key for key in keys for _ in range(repeats)]
     random.Random(seed).shuffle(order)
     ran = 0
