@@ -136,16 +136,15 @@ def check_choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_backend(value: Any) -> Backend | str | None:
     """Validate a backend option: an instance, a URL or None."""
-    if value is None or isinstance(value, str):
-        if isinstance(value, str) and "://" not in value:
+    if value is None or isinstance(value, Backend):
+        return value
+    if isinstance(value, str):
+        if "://" not in value:
             raise ConfigurationError(
                 "backend: expected a URL such as 'redis://localhost:6379/0' (a scheme and "
                 "'://'); the value given has no scheme"
             )
-        if isinstance(value, str):
-            check_url(value)  # an unknown scheme fails here, not at the first call
-        return value
-    if isinstance(value, Backend):
+        check_url(value)  # an unknown scheme fails here, not at the first call
         return value
     raise ConfigurationError(
         f"backend: expected a URL or a store implementing idempotask.backends.Backend, "
