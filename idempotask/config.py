@@ -19,11 +19,7 @@ from typing import Any, Literal
 
 from idempotask.backends import Backend, backend_from_url, check_url
 from idempotask.backends.base import ProvidesStores
-from idempotask.backends.deadletters import (
-    DeadLetter,
-    DeadLetterStore,
-    dead_letter_store_from_url,
-)
+from idempotask.backends.deadletters import DeadLetter, DeadLetterStore, dead_letter_store_from_url
 from idempotask.errors import ConfigurationError
 from idempotask.serializers import Serializer, get_serializer
 

@@ -41,17 +41,7 @@ class LeaseLostWarning(RuntimeWarning):
 class Lease:
     """A claim held by a running body. ``held`` turns False once the claim is lost."""
 
-    __slots__ = (
-        "_lost",
-        "active",
-        "backend",
-        "deadline",
-        "due",
-        "key",
-        "name",
-        "seconds",
-        "token",
-    )
+    __slots__ = ("_lost", "active", "backend", "deadline", "due", "key", "name", "seconds", "token")
 
     def __init__(self, backend: Backend, key: str, token: str, seconds: float, name: str) -> None:
         self.backend = backend
