@@ -34,11 +34,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# --------------------------------------------------------------------------------------
-# The decorator. What it returns, typed and with its helpers, is in idempotask._decorated.
-# --------------------------------------------------------------------------------------
-
-
 _FORBIDDEN_AFTER = ("__idempotask_dead_letter__",)
 
 

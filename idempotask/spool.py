@@ -189,9 +189,8 @@ def _try_lock(fd: int) -> bool:
 
 
 def _open(path: str, flags: int) -> int:
-    """Open a spool file (created 0600) without following a symbolic link, and refuse
-    one that another user owns or that others may read or write: letters hold what
-    ``redact=`` kept of personal data. A :class:`SpoolError` says which and why."""
+    """Open a spool file as the module docstring's "privacy" says (created 0600, never
+    through a link, refused unless private); a :class:`SpoolError` says why."""
     try:
         fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
     except OSError as exc:
