@@ -323,9 +323,7 @@ def hold(lease: Lease) -> Callable[[], None]:
 def ahold(lease: Lease) -> Callable[[], None]:
     """Start renewing ``lease`` for an async call on the running loop."""
     loop = asyncio.get_running_loop()
-    table = _loop_keepers.get(loop)
-    if table is None:
-        table = _loop_keepers[loop] = {}
+    table = _loop_keepers.setdefault(loop, {})
     return _held(_keeper(table, lease.backend, _LoopKeeper), lease)
 
 
