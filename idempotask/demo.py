@@ -89,25 +89,19 @@ def notify(order_id: int) -> str:
     return f"mail sent for order {order_id}"
 
 
-def _configure(directory: Path) -> None:
+def _configure(directory: Path, *, create_tables: bool = False) -> None:
     """Point idempotask at the demo's SQLite file (in this process)."""
     from idempotask.backends.sql import SQLAlchemyBackend
 
     _Demo.directory = directory
     backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
+    if create_tables:
+        backend.create_tables()  # records, dead letters, breakers
     idempotask.configure(
         backend=backend,  # dead letters go beside the records, in the "demo" namespace
         namespace="demo",
         spool_path=str(directory / "spool"),
     )
-
-
-def _create_tables(directory: Path) -> None:
-    from idempotask.backends.sql import SQLAlchemyBackend
-
-    backend = SQLAlchemyBackend(f"sqlite:///{directory / 'demo.db'}")
-    backend.create_tables()  # records, dead letters, breakers
-    backend.close()
 
 
 # -- the processes the demo starts (spawned: each imports this module afresh) ---------------
@@ -241,8 +235,7 @@ def _dead_letter(out: _Out, context: Any) -> None:
 
 def run(directory: Path, out: _Out) -> None:
     """The four scenes, on a SQLite file in ``directory``."""
-    _create_tables(directory)
-    _configure(directory)
+    _configure(directory, create_tables=True)
     context = multiprocessing.get_context("spawn")  # fresh processes, as on any OS
     out(f"idempotask demo on a SQLite file: {directory / 'demo.db'}")
     # Recording a dead letter logs a warning; the demo says it in words instead.
