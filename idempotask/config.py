@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 OnBackendError = Literal["raise", "open"]
-OnConflict = Literal["wait", "raise"]
 
 ENV_URL = "IDEMPOTASK_URL"
 ENV_DEAD_LETTER_URL = "IDEMPOTASK_DEAD_LETTER_URL"
@@ -295,15 +294,6 @@ def get_backend() -> Backend:
         return _backend
 
 
-def _default_dead_letter_url() -> str | None:
-    """The dead-letter store's URL when one is configured: the option, else
-    ``$IDEMPOTASK_DEAD_LETTER_URL``; None when the store follows the backend."""
-    chosen = _settings.dead_letter_store
-    if isinstance(chosen, str):
-        return chosen
-    return os.environ.get(ENV_DEAD_LETTER_URL) or None
-
-
 def get_dead_letter_store() -> DeadLetterStore:
     """The configured dead-letter store, built on first use.
 
@@ -322,11 +312,12 @@ def get_dead_letter_store() -> DeadLetterStore:
         if _dead_letter_store is None:
             chosen = _settings.dead_letter_store
             namespace = _settings.namespace
-            url = _default_dead_letter_url()
+            # A URL: the option's, else $IDEMPOTASK_DEAD_LETTER_URL (None: follow the backend).
+            url = chosen if isinstance(chosen, str) else os.environ.get(ENV_DEAD_LETTER_URL)
             store: DeadLetterStore
             if chosen is not None and not isinstance(chosen, str):
                 store = chosen
-            elif url is not None:
+            elif url:
                 store = dead_letter_store_from_url(url, namespace=namespace)
             else:
                 backend = get_backend()
