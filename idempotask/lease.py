@@ -196,12 +196,9 @@ class _ThreadKeeper:
                     self._wake_at = float("inf")
                     continue
             for lease in due:
-                self._renew(lease)
-
-    def _renew(self, lease: Lease) -> None:
-        flow.drive(_renewal(lease), _ANY_ERROR)
-        if lease.held is False:
-            self.remove(lease)
+                flow.drive(_renewal(lease), _ANY_ERROR)
+                if not lease.held:
+                    self.remove(lease)
 
 
 class _LoopKeeper:

@@ -491,7 +491,8 @@ class InCallRetry:
                     seconds = max(seconds, hint)
         return seconds
 
-    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def _tenacity(self, kind: str, options: dict[str, Any]) -> Any:
+        """A tenacity ``kind`` (``Retrying`` or ``AsyncRetrying``) with these settings."""
         with _needs_tenacity("in-call retries"):
             import tenacity
         merged: dict[str, Any] = {
@@ -501,7 +502,7 @@ class InCallRetry:
             "reraise": True,
         }
         merged.update(options)
-        return merged
+        return getattr(tenacity, kind)(**merged)
 
     def retrying(self, **options: Any) -> Retrying:
         """A ``tenacity.Retrying`` with these settings; ``options`` override any of its
@@ -511,15 +512,11 @@ class InCallRetry:
         ...     with attempt:
         ...         send()
         """
-        with _needs_tenacity("in-call retries"):
-            from tenacity import Retrying
-        return Retrying(**self._options(options))
+        return cast("Retrying", self._tenacity("Retrying", options))
 
     def async_retrying(self, **options: Any) -> AsyncRetrying:
         """A ``tenacity.AsyncRetrying`` with these settings (see :meth:`retrying`)."""
-        with _needs_tenacity("in-call retries"):
-            from tenacity import AsyncRetrying
-        return AsyncRetrying(**self._options(options))
+        return cast("AsyncRetrying", self._tenacity("AsyncRetrying", options))
 
     def wrap(self, fn: Callable[P, R]) -> Callable[P, R]:
         """``fn`` retried as configured; coroutine functions get an async wrapper.

@@ -59,7 +59,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Generator, Iterator
-from types import TracebackType
 from typing import Any
 
 from idempotask.backends.base import DeadLetter, Status, decode_history, encode_history
@@ -425,12 +424,7 @@ class SpoolBatch:
     def __enter__(self) -> SpoolBatch:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
