@@ -76,7 +76,11 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         key_args=options.pop("key_args"),
         exclude_args=options.pop("exclude_args"),
     )
-    breaker = _check_breaker(options.pop("breaker"))
+    breaker = options.pop("breaker")
+    if breaker is not None:
+        from idempotask.breaker import check_breaker  # imported only when a breaker is given
+
+        breaker = check_breaker(breaker)
     opts = _validate(name, options)
     claim_name(name, owner, keyer)
     # The breaker guards the body, inside the claim: an open breaker fails fast and the
@@ -95,14 +99,6 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     w.__idempotask_spec__ = spec
     w._driver = adrive if is_async else drive
     return w
-
-
-def _check_breaker(breaker: Any) -> Any:
-    if breaker is None:
-        return None
-    from idempotask.breaker import check_breaker  # imported only when a breaker is given
-
-    return check_breaker(breaker)
 
 
 def _check_previous(name: str, previous: Any) -> tuple[str, ...]:
