@@ -224,26 +224,6 @@ def check_explicit_key(name: str, key: Any) -> str:
     return key
 
 
-def _check_owner(name: str, owner: Any) -> str:
-    if owner is None:
-        return ""
-    if not isinstance(owner, str):
-        raise ConfigurationError(
-            f"{name}.using(owner=...): expected a str (a task or message id shared by the "
-            f"retries of one execution), got {type(owner).__name__}"
-        )
-    return owner
-
-
-def _refuse_unknown(name: str, unknown: dict[str, Any]) -> None:
-    if unknown:
-        first = next(iter(unknown))
-        raise TypeError(
-            f"{name}.using() got an unexpected keyword argument {first!r}; it takes key= (an "
-            "explicit idempotency key) and owner= (an id shared by retries of one execution)"
-        )
-
-
 _DIGEST = re.compile(r"x?[0-9a-f]{32}")
 
 
@@ -324,8 +304,17 @@ class _Idempotent(Bindable):
     def _bound_using(
         self, key: Any, owner: Any, unknown: dict[str, Any], prefix: tuple[Any, ...]
     ) -> _BoundCall:
-        spec = self.__idempotask_spec__
-        _refuse_unknown(self.__name__, unknown)
-        explicit = None if key is None else check_explicit_key(self.__name__, key)
-        owner = _check_owner(self.__name__, owner)
-        return _BoundCall(spec, self._driver, explicit, owner, prefix)
+        name = self.__name__
+        if unknown:
+            first = next(iter(unknown))
+            raise TypeError(
+                f"{name}.using() got an unexpected keyword argument {first!r}; it takes key= (an "
+                "explicit idempotency key) and owner= (an id shared by retries of one execution)"
+            )
+        explicit = None if key is None else check_explicit_key(name, key)
+        if owner is not None and not isinstance(owner, str):
+            raise ConfigurationError(
+                f"{name}.using(owner=...): expected a str (a task or message id shared by the "
+                f"retries of one execution), got {type(owner).__name__}"
+            )
+        return _BoundCall(self.__idempotask_spec__, self._driver, explicit, owner or "", prefix)
