@@ -694,16 +694,24 @@ class _Running:
         token: str | None,
         hold: Callable[[lease.Lease], Callable[[], None]],
     ) -> None:
-        # Without keys the body runs unprotected (fail-open): nothing to renew.
-        self.leases = [
-            lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys or () if token
-        ]
-        # The primary key's lease is held last, so lease_held() reports on it.
-        self.stops = [hold(x) for x in reversed(self.leases)]
+        if keys is not None and token is not None and len(keys) == 1:  # the usual case
+            held = lease.Lease(backend, keys[0], token, spec._lease, spec.name)
+            self.leases: list[lease.Lease] = [held]
+            self.stops = [hold(held)]
+        elif keys is None or token is None:
+            # The body runs unprotected (fail-open): nothing to renew.
+            self.leases = []
+            self.stops = []
+        else:
+            self.leases = [lease.Lease(backend, k, token, spec._lease, spec.name) for k in keys]
+            # The primary key's lease is held last, so lease_held() reports on it.
+            self.stops = [hold(x) for x in reversed(self.leases)]
         self.started = time.perf_counter()
 
     def done(self, value: Any, error: BaseException | None) -> _Outcome:
+        lost = False
         for stop in reversed(self.stops):  # contextvar resets must unwind in order
             stop()
-        lost = any(x.reported_lost for x in self.leases)
+        for x in self.leases:
+            lost = lost or x.reported_lost
         return _Outcome(value, error, time.perf_counter() - self.started, lost)
