@@ -420,9 +420,26 @@ class Spec:
         stored_all = True
         for k in keys:
             try:
-                stored = yield from self._write(
-                    backend.complete, backend.acomplete, keys, k, token, payload, self._ttl
+                stored = yield Op(
+                    backend.complete, backend.acomplete, k, token, payload, ttl=self._ttl
                 )
+            except asyncio.CancelledError as exc:
+                # Cancelled while the result was being written. The body ran: its result
+                # is written to the end (repeating a complete with its token is harmless)
+                # before the cancellation goes on, or the key would stay blocked for a
+                # lease and the body run again after it.
+                ops = [
+                    Op(
+                        backend.complete,
+                        _unstoppable(backend.acomplete),
+                        x,
+                        token,
+                        payload,
+                        ttl=self._ttl,
+                    )
+                    for x in keys
+                ]
+                yield from self._finish_cancelled(exc, ops)
             except BackendError as exc:
                 # The body ran; raising would make a framework run it again. The result
                 # is returned, and the claim expires with its lease.
@@ -470,38 +487,19 @@ class Spec:
         try:
             payload = dump_exception(error)
             for k in keys:
-                stored = yield from self._write(
-                    backend.fail, backend.afail, keys, k, token, payload, ttl
-                )
+                try:
+                    stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
+                except asyncio.CancelledError as exc:
+                    ops = [
+                        Op(backend.fail, _unstoppable(backend.afail), x, token, payload, ttl=ttl)
+                        for x in keys
+                    ]
+                    yield from self._finish_cancelled(exc, ops)
                 if not stored and not outcome.lost:
                     lease.report_lost(self.name, k, "the key was taken over while the body ran")
         except (BackendError, SerializationError) as exc:
             log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
             yield from self._release_all(backend, keys, token)
-
-    def _write(
-        self,
-        write: Callable[..., bool],
-        awrite: Callable[..., Awaitable[bool]],
-        keys: tuple[str, ...],
-        key: str,
-        token: str,
-        payload: bytes,
-        ttl: float,
-    ) -> Flow[bool]:
-        """Store ``payload`` under ``key`` with ``write`` (``complete`` or ``fail``).
-
-        Cancelled while it is written, the body ran: the payload is written under every
-        key to the end (repeating a write with its token is harmless) before the
-        cancellation goes on, or the key would stay blocked for a lease and the body run
-        again after it.
-        """
-        try:
-            stored: bool = yield Op(write, awrite, key, token, payload, ttl=ttl)
-        except asyncio.CancelledError as exc:
-            ops = [Op(write, _unstoppable(awrite), k, token, payload, ttl=ttl) for k in keys]
-            yield from self._finish_cancelled(exc, ops)
-        return stored
 
     def _release_all(self, backend: Backend, keys: tuple[str, ...], token: str) -> Flow[None]:
         for k in keys:
