@@ -57,10 +57,16 @@ class Op:
         return f"Op({name}, args={self.args!r}, kwargs={self.kwargs!r})"
 
 
+_async_names: dict[str, str] = {}
+
+
 def store_op(target: Any, method: str, /, *args: Any, **kwargs: Any) -> Op:
     """The :class:`Op` calling ``target.<method>`` (sync) or ``target.a<method>`` (async),
     the naming every store contract in :mod:`idempotask.backends.base` follows."""
-    return Op(getattr(target, method), getattr(target, "a" + method), *args, **kwargs)
+    name = _async_names.get(method)
+    if name is None:
+        name = _async_names[method] = "a" + method
+    return Op(getattr(target, method), getattr(target, name), *args, **kwargs)
 
 
 Flow = Generator[Op, Any, T]
