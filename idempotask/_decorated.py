@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from idempotask._binding import Bindable
 from idempotask.backends.base import State
 from idempotask.errors import AlreadyInProgress, ConfigurationError, KeyEncodingError
+from idempotask.flow import Flow, Op, adrive, drive
 from idempotask.keys import KEY_VERSION
 
 if TYPE_CHECKING:
@@ -190,11 +191,11 @@ class _BoundCall:
         return spec.key((*self._prefix, *args), kwargs, self._explicit)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
-        return _forget_key(self._spec_or_refuse("forget"), self.key_for(*args, **kwargs), False)
+        return drive(_forget(self._spec_or_refuse("forget"), self.key_for(*args, **kwargs), False))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         key = self.key_for(*args, **kwargs)
-        return await _aforget_key(self._spec_or_refuse("aforget"), key, False)
+        return await adrive(_forget(self._spec_or_refuse("aforget"), key, False))
 
     def __repr__(self) -> str:
         what = [f"key=<{len(self._explicit)} chars>"] if self._explicit is not None else []
@@ -223,26 +224,6 @@ def check_explicit_key(name: str, key: Any) -> str:
     return key
 
 
-def _check_owner(name: str, owner: Any) -> str:
-    if owner is None:
-        return ""
-    if not isinstance(owner, str):
-        raise ConfigurationError(
-            f"{name}.using(owner=...): expected a str (a task or message id shared by the "
-            f"retries of one execution), got {type(owner).__name__}"
-        )
-    return owner
-
-
-def _refuse_unknown(name: str, unknown: dict[str, Any]) -> None:
-    if unknown:
-        first = next(iter(unknown))
-        raise TypeError(
-            f"{name}.using() got an unexpected keyword argument {first!r}; it takes key= (an "
-            "explicit idempotency key) and owner= (an id shared by retries of one execution)"
-        )
-
-
 _DIGEST = re.compile(r"x?[0-9a-f]{32}")
 
 
@@ -267,35 +248,23 @@ def _check_own_key(spec: Spec, key: Any, helper: str) -> str:
     )
 
 
-def _forget_key(spec: Spec, key: str, force: bool) -> bool:
+def _forget(spec: Spec, key: str, force: bool) -> Flow[bool]:
+    """Drop the record under ``key``; one in progress only with ``force``."""
     backend = spec.backend()
+    dropped: bool
     if force:
-        return backend.delete(key)
-    record = backend.get(key)
+        dropped = yield Op(backend.delete, backend.adelete, key)
+        return dropped
+    record = yield Op(backend.get, backend.aget, key)
     if record is None:
         return False
     if record.state is State.IN_PROGRESS:
-        raise _in_progress(key)
-    return backend.delete(key, token=record.token)
-
-
-async def _aforget_key(spec: Spec, key: str, force: bool) -> bool:
-    backend = spec.backend()
-    if force:
-        return await backend.adelete(key)
-    record = await backend.aget(key)
-    if record is None:
-        return False
-    if record.state is State.IN_PROGRESS:
-        raise _in_progress(key)
-    return await backend.adelete(key, token=record.token)
-
-
-def _in_progress(key: str) -> AlreadyInProgress:
-    return AlreadyInProgress(
-        f"{key} is being computed right now; pass force=True to drop the claim anyway",
-        key=key,
-    )
+        raise AlreadyInProgress(
+            f"{key} is being computed right now; pass force=True to drop the claim anyway",
+            key=key,
+        )
+    dropped = yield Op(backend.delete, backend.adelete, key, token=record.token)
+    return dropped
 
 
 class _Idempotent(Bindable):
@@ -315,19 +284,19 @@ class _Idempotent(Bindable):
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         spec = self.__idempotask_spec__
-        return _forget_key(spec, spec.key(args, kwargs, None), False)
+        return drive(_forget(spec, spec.key(args, kwargs, None), False))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         spec = self.__idempotask_spec__
-        return await _aforget_key(spec, spec.key(args, kwargs, None), False)
+        return await adrive(_forget(spec, spec.key(args, kwargs, None), False))
 
     def forget_key(self, key: str, *, force: bool = False) -> bool:
         spec = self.__idempotask_spec__
-        return _forget_key(spec, _check_own_key(spec, key, "forget_key"), force)
+        return drive(_forget(spec, _check_own_key(spec, key, "forget_key"), force))
 
     async def aforget_key(self, key: str, *, force: bool = False) -> bool:
         spec = self.__idempotask_spec__
-        return await _aforget_key(spec, _check_own_key(spec, key, "aforget_key"), force)
+        return await adrive(_forget(spec, _check_own_key(spec, key, "aforget_key"), force))
 
     def using(self, *, key: str | None = None, owner: str | None = None, **unknown: Any) -> Any:
         return self._bound_using(key, owner, unknown, ())
@@ -335,8 +304,17 @@ class _Idempotent(Bindable):
     def _bound_using(
         self, key: Any, owner: Any, unknown: dict[str, Any], prefix: tuple[Any, ...]
     ) -> _BoundCall:
-        spec = self.__idempotask_spec__
-        _refuse_unknown(self.__name__, unknown)
-        explicit = None if key is None else check_explicit_key(self.__name__, key)
-        owner = _check_owner(self.__name__, owner)
-        return _BoundCall(spec, self._driver, explicit, owner, prefix)
+        name = self.__name__
+        if unknown:
+            first = next(iter(unknown))
+            raise TypeError(
+                f"{name}.using() got an unexpected keyword argument {first!r}; it takes key= (an "
+                "explicit idempotency key) and owner= (an id shared by retries of one execution)"
+            )
+        explicit = None if key is None else check_explicit_key(name, key)
+        if owner is not None and not isinstance(owner, str):
+            raise ConfigurationError(
+                f"{name}.using(owner=...): expected a str (a task or message id shared by the "
+                f"retries of one execution), got {type(owner).__name__}"
+            )
+        return _BoundCall(self.__idempotask_spec__, self._driver, explicit, owner or "", prefix)

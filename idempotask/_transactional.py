@@ -30,12 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from idempotask import events
 from idempotask.backends.base import Backend, State, SupportsTransactions, Transaction
-from idempotask.errors import (
-    BackendError,
-    ConfigurationError,
-    LeaseLostError,
-    SerializationError,
-)
+from idempotask.errors import BackendError, ConfigurationError, LeaseLostError, SerializationError
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op
 
@@ -112,25 +107,10 @@ async def _abegin(store: Any, key: str, token: str, lease: float) -> Transaction
     return tx
 
 
-def _run(call: Call, tx: Transaction, keys: tuple[str, ...], token: str) -> _Outcome:
-    reset = _current.set(tx)
-    try:
-        return call.run(keys, token)
-    finally:
-        _current.reset(reset)
-
-
-async def _arun(call: Call, tx: Transaction, keys: tuple[str, ...], token: str) -> _Outcome:
-    reset = _current.set(tx)
-    try:
-        return await call.arun(keys, token)
-    finally:
-        _current.reset(reset)
-
-
-def _rollback(spec: Spec, tx: Transaction, key: str) -> Flow[BaseException | None]:
-    """Roll ``tx`` back; returns the caller's cancellation if one arrived meanwhile
-    (``arollback`` finishes first, see the contract)."""
+def _rollback(spec: Spec, tx: Transaction, key: str, settle: list[Op]) -> Flow[None]:
+    """Roll ``tx`` back. A cancellation of the caller meanwhile (``arollback`` finishes
+    first, see the contract) performs ``settle`` (see ``Spec._finish_cancelled``), then
+    propagates."""
     try:
         yield Op(tx.rollback, tx.arollback)
     except BackendError as exc:
@@ -138,8 +118,7 @@ def _rollback(spec: Spec, tx: Transaction, key: str) -> Flow[BaseException | Non
         # whose connection ends, so nothing of it is kept either way.
         log.warning("idempotask: rolling back %s (%s) failed: %s", spec.name, key, exc)
     except asyncio.CancelledError as exc:
-        return exc
-    return None
+        yield from spec._finish_cancelled(exc, settle)
 
 
 def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
@@ -157,11 +136,15 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
     if isinstance(tx, Exception):  # a store error, or a store refusing (SQLite)
         yield from spec._release_all(backend, keys, token)
         raise tx
-    outcome: _Outcome = yield Op(_run, _arun, call, tx, keys, token)
+    # The body sees the transaction (transaction()): the flow runs in its caller's
+    # context, whichever driver runs it.
+    reset = _current.set(tx)
+    try:
+        outcome: _Outcome = yield Op(call.run, call.arun, keys, token)
+    finally:
+        _current.reset(reset)
     if outcome.error is not None:
-        cancelled = yield from _rollback(spec, tx, key)
-        if cancelled is not None:
-            yield from spec._finish_cancelled(cancelled, [_release_op(backend, key, token)])
+        yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
         if outcome.lost and isinstance(outcome.error, Exception):
             # A late owner's failure: another caller runs the call now; nothing to record.
             raise _lost(spec, key) from outcome.error
@@ -189,9 +172,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
         yield from _abandon(spec, tx, backend, key, token)
         raise exc
     except BackendError as exc:
-        cancelled = yield from _rollback(spec, tx, key)
-        if cancelled is not None:
-            yield from spec._finish_cancelled(cancelled, [_release_op(backend, key, token)])
+        yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
         if (yield from _taken_over(backend, key, token)):
             # The server ended a late owner's transaction (its idle bound) and another
             # caller took the key: say so, rather than the driver's disconnect.
@@ -199,9 +180,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
         yield from spec._release(backend, key, token)
         raise
     if not stored:
-        cancelled = yield from _rollback(spec, tx, key)
-        if cancelled is not None:
-            raise cancelled
+        yield from _rollback(spec, tx, key, [])  # (the key is another caller's now)
         raise _lost(spec, key)
 
     try:
@@ -221,9 +200,7 @@ def _abandon(spec: Spec, tx: Transaction, backend: Backend, key: str, token: str
     meanwhile is re-raised once both are done)."""
     from idempotask.call import _release_op
 
-    cancelled = yield from _rollback(spec, tx, key)
-    if cancelled is not None:
-        yield from spec._finish_cancelled(cancelled, [_release_op(backend, key, token)])
+    yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
     yield from spec._release(backend, key, token)
 
 

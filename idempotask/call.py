@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 from idempotask import _transactional, config, events, flow, lease
 from idempotask.backends.base import Backend, Record, State
@@ -150,18 +150,13 @@ class Options:
     transactional: bool = False
 
 
-class _Outcome:
+class _Outcome(NamedTuple):
     """What running the body produced: a value or an exception."""
 
-    __slots__ = ("duration", "error", "lost", "value")
-
-    def __init__(
-        self, value: Any, error: BaseException | None, duration: float, lost: bool = False
-    ) -> None:
-        self.value = value
-        self.error = error
-        self.duration = duration
-        self.lost = lost  # the renewal already reported the claim lost
+    value: Any
+    error: BaseException | None
+    duration: float
+    lost: bool = False  # the renewal already reported the claim lost
 
 
 class Spec:

@@ -19,11 +19,7 @@ from typing import Any, Literal
 
 from idempotask.backends import Backend, backend_from_url, check_url
 from idempotask.backends.base import ProvidesStores
-from idempotask.backends.deadletters import (
-    DeadLetter,
-    DeadLetterStore,
-    dead_letter_store_from_url,
-)
+from idempotask.backends.deadletters import DeadLetter, DeadLetterStore, dead_letter_store_from_url
 from idempotask.errors import ConfigurationError
 from idempotask.serializers import Serializer, get_serializer
 
@@ -38,7 +34,6 @@ __all__ = [
 ]
 
 OnBackendError = Literal["raise", "open"]
-OnConflict = Literal["wait", "raise"]
 
 ENV_URL = "IDEMPOTASK_URL"
 ENV_DEAD_LETTER_URL = "IDEMPOTASK_DEAD_LETTER_URL"
@@ -136,16 +131,15 @@ def check_choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_backend(value: Any) -> Backend | str | None:
     """Validate a backend option: an instance, a URL or None."""
-    if value is None or isinstance(value, str):
-        if isinstance(value, str) and "://" not in value:
+    if value is None or isinstance(value, Backend):
+        return value
+    if isinstance(value, str):
+        if "://" not in value:
             raise ConfigurationError(
                 "backend: expected a URL such as 'redis://localhost:6379/0' (a scheme and "
                 "'://'); the value given has no scheme"
             )
-        if isinstance(value, str):
-            check_url(value)  # an unknown scheme fails here, not at the first call
-        return value
-    if isinstance(value, Backend):
+        check_url(value)  # an unknown scheme fails here, not at the first call
         return value
     raise ConfigurationError(
         f"backend: expected a URL or a store implementing idempotask.backends.Backend, "
@@ -300,15 +294,6 @@ def get_backend() -> Backend:
         return _backend
 
 
-def _default_dead_letter_url() -> str | None:
-    """The dead-letter store's URL when one is configured: the option, else
-    ``$IDEMPOTASK_DEAD_LETTER_URL``; None when the store follows the backend."""
-    chosen = _settings.dead_letter_store
-    if isinstance(chosen, str):
-        return chosen
-    return os.environ.get(ENV_DEAD_LETTER_URL) or None
-
-
 def get_dead_letter_store() -> DeadLetterStore:
     """The configured dead-letter store, built on first use.
 
@@ -327,11 +312,12 @@ def get_dead_letter_store() -> DeadLetterStore:
         if _dead_letter_store is None:
             chosen = _settings.dead_letter_store
             namespace = _settings.namespace
-            url = _default_dead_letter_url()
+            # A URL: the option's, else $IDEMPOTASK_DEAD_LETTER_URL (None: follow the backend).
+            url = chosen if isinstance(chosen, str) else os.environ.get(ENV_DEAD_LETTER_URL)
             store: DeadLetterStore
             if chosen is not None and not isinstance(chosen, str):
                 store = chosen
-            elif url is not None:
+            elif url:
                 store = dead_letter_store_from_url(url, namespace=namespace)
             else:
                 backend = get_backend()

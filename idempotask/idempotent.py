@@ -8,42 +8,17 @@ This module is the decorator: it validates the options, builds the call's
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Literal,
-    ParamSpec,
-    TypeVar,
-    cast,
-    overload,
-)
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from idempotask import config
 from idempotask._decorated import BoundCall, IdempotentFunction, IdempotentMethod, _Idempotent
 from idempotask.backends.base import Backend
-from idempotask.call import (
-    Options,
-    Spec,
-    adrive,
-    drive,
-    register_cancellation,
-)
+from idempotask.call import Options, Spec, adrive, drive, register_cancellation
 from idempotask.config import Seconds
-from idempotask.errors import (
-    ConfigurationError,
-)
-from idempotask.keys import (
-    CallKeyer,
-    check_name,
-    claim_name,
-    default_name,
-)
-from idempotask.serializers import (
-    Serializer,
-    get_serializer,
-)
+from idempotask.errors import ConfigurationError
+from idempotask.keys import CallKeyer, check_name, claim_name, default_name
+from idempotask.serializers import Serializer, get_serializer
 
 if TYPE_CHECKING:
     from idempotask.breaker import CircuitBreaker
@@ -56,18 +31,8 @@ __all__ = [
     "register_cancellation",
 ]
 
-log = logging.getLogger("idempotask")
-
 P = ParamSpec("P")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-_S = TypeVar("_S")
-_P2 = ParamSpec("_P2")
-
-# --------------------------------------------------------------------------------------
-# The decorator. What it returns, typed and with its helpers, is in idempotask._decorated.
-# --------------------------------------------------------------------------------------
-
 
 _FORBIDDEN_AFTER = ("__idempotask_dead_letter__",)
 
@@ -111,38 +76,29 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         key_args=options.pop("key_args"),
         exclude_args=options.pop("exclude_args"),
     )
-    breaker = _check_breaker(options.pop("breaker"))
+    breaker = options.pop("breaker")
+    if breaker is not None:
+        from idempotask.breaker import check_breaker  # imported only when a breaker is given
+
+        breaker = check_breaker(breaker)
     opts = _validate(name, options)
     claim_name(name, owner, keyer)
     # The breaker guards the body, inside the claim: an open breaker fails fast and the
     # key is released like after any failure.
     spec = Spec(func if breaker is None else breaker(func), opts, keyer)
 
+    async def call_async(*args: Any, **kwargs: Any) -> Any:
+        return await adrive(spec, args, kwargs)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return drive(spec, args, kwargs)
+
     is_async = inspect.iscoroutinefunction(func)
-    if is_async:
-
-        async def call_async(*args: Any, **kwargs: Any) -> Any:
-            return await adrive(spec, args, kwargs)
-
-        w = _Idempotent.make(call_async, func)
-    else:
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return drive(spec, args, kwargs)
-
-        w = _Idempotent.make(call, func)
+    w = _Idempotent.make(call_async if is_async else call, func)
     w.idempotency = opts
     w.__idempotask_spec__ = spec
     w._driver = adrive if is_async else drive
     return w
-
-
-def _check_breaker(breaker: Any) -> Any:
-    if breaker is None:
-        return None
-    from idempotask.breaker import check_breaker  # imported only when a breaker is given
-
-    return check_breaker(breaker)
 
 
 def _check_previous(name: str, previous: Any) -> tuple[str, ...]:
@@ -157,40 +113,32 @@ def _check_previous(name: str, previous: Any) -> tuple[str, ...]:
     return names
 
 
+def _unless_none(check: Callable[..., Any], option: str, value: Any, *args: Any, **kw: Any) -> Any:
+    """``check(option, value, ...)``, or None (the configured default) for None."""
+    return None if value is None else check(option, value, *args, **kw)
+
+
 def _validate(name: str, o: dict[str, Any]) -> Options:
-    ttl = o["ttl"]
-    lease_s = o["lease"]
-    wait = o["wait_timeout"]
-    cache = o["cache_errors"]
-    if cache is False:
-        cache = None
+    cache = None if o["cache_errors"] is False else o["cache_errors"]
     if cache is True:
         raise ConfigurationError("cache_errors: pass the seconds to keep a failure, not True")
-    on_backend_error = o["on_backend_error"]
     transactional = _check_transactional(name, o)
+    seconds, choice = config.check_seconds, config.check_choice
     return Options(
         name=name,
-        ttl=None if ttl is None else config.check_seconds("ttl", ttl),
-        lease=None if lease_s is None else config.check_seconds("lease", lease_s),
+        ttl=_unless_none(seconds, "ttl", o["ttl"]),
+        lease=_unless_none(seconds, "lease", o["lease"]),
         on_conflict=cast(
-            Literal["wait", "raise"],
-            config.check_choice("on_conflict", o["on_conflict"], ("wait", "raise")),
+            Literal["wait", "raise"], choice("on_conflict", o["on_conflict"], ("wait", "raise"))
         ),
-        wait_timeout=None
-        if wait is None
-        else config.check_seconds("wait_timeout", wait, allow_zero=True),
-        cache_errors=None if cache is None else config.check_seconds("cache_errors", cache),
+        wait_timeout=_unless_none(seconds, "wait_timeout", o["wait_timeout"], allow_zero=True),
+        cache_errors=_unless_none(seconds, "cache_errors", cache),
         backend=config.check_backend(o["backend"]),
         serializer=None if o["serializer"] is None else get_serializer(o["serializer"]),
         previous_names=_check_previous(name, o["previous_names"]),
-        max_result_bytes=None
-        if o["max_result_bytes"] is None
-        else config.check_size("max_result_bytes", o["max_result_bytes"]),
-        on_backend_error=None
-        if on_backend_error is None
-        else cast(
-            Literal["raise", "open"],
-            config.check_choice("on_backend_error", on_backend_error, ("raise", "open")),
+        max_result_bytes=_unless_none(config.check_size, "max_result_bytes", o["max_result_bytes"]),
+        on_backend_error=_unless_none(
+            choice, "on_backend_error", o["on_backend_error"], ("raise", "open")
         ),
         transactional=transactional,
     )
@@ -313,24 +261,8 @@ def idempotent(
       back whole (:class:`idempotask.LeaseLostError`); a failure rolls the writes back and
       is recorded outside the transaction. See the README's "Transactional mode".
     """
-    options = {
-        "ttl": ttl,
-        "lease": lease,
-        "on_conflict": on_conflict,
-        "wait_timeout": wait_timeout,
-        "cache_errors": cache_errors,
-        "key": key,
-        "key_args": key_args,
-        "exclude_args": exclude_args,
-        "name": name,
-        "backend": backend,
-        "serializer": serializer,
-        "on_backend_error": on_backend_error,
-        "breaker": breaker,
-        "max_result_bytes": max_result_bytes,
-        "previous_names": previous_names,
-        "transactional": transactional,
-    }
+    options = dict(locals())  # every option by name: read before any other local exists
+    del options["func"]
     if key is not None and not callable(key):
         raise ConfigurationError(
             f"key: expected a callable taking the function's arguments, got {key!r}"

@@ -278,28 +278,6 @@ def _user(encoder: Encoder, cls: type) -> Callable[[Any, Path], str]:
     return enc
 
 
-_EXACT: dict[type, Callable[[Any, Path], str]] = {
-    type(None): _enc_none,
-    bool: _enc_bool,
-    int: _enc_int,
-    float: _enc_float,
-    str: _enc_str,
-    bytes: _enc_bytes,
-    bytearray: _enc_bytes,
-    memoryview: _enc_bytes,
-    tuple: _enc_seq,
-    list: _enc_seq,
-    set: _enc_set,
-    frozenset: _enc_set,
-    dict: _enc_dict,
-    decimal.Decimal: _enc_decimal,
-    datetime.datetime: _enc_datetime,
-    datetime.date: _enc_date,
-    datetime.time: _enc_time,
-    datetime.timedelta: _enc_timedelta,
-    uuid.UUID: _enc_uuid,
-}
-
 # Builtin bases tried for subclasses without an encoder of their own, most specific first.
 _BASES: tuple[tuple[type, Callable[[Any, Path], str]], ...] = (
     (bool, _enc_bool),
@@ -321,6 +299,15 @@ _BASES: tuple[tuple[type, Callable[[Any, Path], str]], ...] = (
     (dict, _enc_dict),
     (Mapping, _enc_dict),
 )
+
+# The encoders of exact types, found with one dict lookup: the concrete bases above (a
+# path is always a subclass of PurePath, a Mapping abstract), None and the byte buffers.
+_EXACT: dict[type, Callable[[Any, Path], str]] = {
+    **{base: enc for base, enc in _BASES if base not in (pathlib.PurePath, Mapping)},
+    type(None): _enc_none,
+    bytearray: _enc_bytes,
+    memoryview: _enc_bytes,
+}
 
 _fallback_cache: dict[type, Callable[[Any, Path], str] | None] = {}
 
@@ -588,12 +575,9 @@ class CallKeyer:
         key: Callable[..., Any] | None = None,
         key_args: Iterable[str] | None = None,
         exclude_args: Iterable[str] | None = None,
-        skip_first: bool = False,
     ) -> None:
         self._sig = sig = inspect.signature(func)
         params = list(sig.parameters.values())
-        if skip_first and params:
-            params = params[1:]
         self._key_fn = key
         self._names = tuple(p.name for p in params)
         self._var_pos = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), -1)
@@ -689,8 +673,7 @@ class CallKeyer:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Positional and keyword arguments for a call given by parameter name
         (``*args`` as a sequence under its name, ``**kwargs`` as a mapping under its)."""
-        params = list(self._sig.parameters.values())[len(self._sig.parameters) - len(self._names) :]
-        signature = self._sig.replace(parameters=params)
+        signature = self._sig
         unknown = [n for n in arguments if n not in signature.parameters]
         if unknown:
             raise ConfigurationError(
@@ -724,10 +707,6 @@ class CallKeyer:
                 "an argument is nested too deeply (or contains itself) to encode"
             ) from None
         return f"a{len(parts)}[{''.join(parts)}]".encode("utf-8", "surrogatepass")
-
-    def digest(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        """The hex digest identifying one logical call."""
-        return blake2b(self.material(args, kwargs), digest_size=_DIGEST_SIZE).hexdigest()
 
 
 def default_name(func: Callable[..., Any]) -> str:

@@ -41,17 +41,7 @@ class LeaseLostWarning(RuntimeWarning):
 class Lease:
     """A claim held by a running body. ``held`` turns False once the claim is lost."""
 
-    __slots__ = (
-        "_lost",
-        "active",
-        "backend",
-        "deadline",
-        "due",
-        "key",
-        "name",
-        "seconds",
-        "token",
-    )
+    __slots__ = ("_lost", "active", "backend", "deadline", "due", "key", "name", "seconds", "token")
 
     def __init__(self, backend: Backend, key: str, token: str, seconds: float, name: str) -> None:
         self.backend = backend
@@ -206,12 +196,9 @@ class _ThreadKeeper:
                     self._wake_at = float("inf")
                     continue
             for lease in due:
-                self._renew(lease)
-
-    def _renew(self, lease: Lease) -> None:
-        flow.drive(_renewal(lease), _ANY_ERROR)
-        if lease.held is False:
-            self.remove(lease)
+                flow.drive(_renewal(lease), _ANY_ERROR)
+                if not lease.held:
+                    self.remove(lease)
 
 
 class _LoopKeeper:
@@ -333,9 +320,7 @@ def hold(lease: Lease) -> Callable[[], None]:
 def ahold(lease: Lease) -> Callable[[], None]:
     """Start renewing ``lease`` for an async call on the running loop."""
     loop = asyncio.get_running_loop()
-    table = _loop_keepers.get(loop)
-    if table is None:
-        table = _loop_keepers[loop] = {}
+    table = _loop_keepers.setdefault(loop, {})
     return _held(_keeper(table, lease.backend, _LoopKeeper), lease)
 
 

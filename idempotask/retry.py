@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeGuard, TypeVar, cast, overload
 
 from idempotask.config import check_seconds
 from idempotask.errors import ConfigurationError, MissingDependencyError
@@ -110,17 +110,27 @@ def _needs_tenacity(what: str) -> Iterator[None]:
         raise MissingDependencyError(f"{what} needs tenacity: {_TENACITY_HINT}") from None
 
 
+def _is_number(value: object, minimum: float) -> TypeGuard[float]:
+    """Whether ``value`` is a finite int or float (not a bool) of at least ``minimum``."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value >= minimum
+    )
+
+
 def _check_number(option: str, value: object, *, minimum: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < minimum
-    ):
+    if not _is_number(value, minimum):
         raise ConfigurationError(
             f"{option}: expected a finite number >= {minimum:g}, got {value!r}"
         )
     return float(value)
+
+
+def _check_int(option: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{option}: expected an int >= {minimum}, got {value!r}")
 
 
 def _check_wait(option: str, value: object, *, required: bool) -> None:
@@ -280,12 +290,7 @@ def _run_wait(
 
 
 def _check_delay(option: str, wait: Wait, value: object, attempt: int) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not _is_number(value, 0):
         raise ConfigurationError(
             f"{option}: {wait!r} returned {value!r} for attempt {attempt}; expected seconds >= 0"
         )
@@ -313,10 +318,8 @@ class RetryPolicy:
     cap: float | None = None
 
     def __post_init__(self) -> None:
-        retries: object = self.max_retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"max_retries: expected an int >= 0, got {retries!r}")
-        _check_wait("wait", self.wait, required=retries > 0)
+        _check_int("max_retries", self.max_retries, 0)
+        _check_wait("wait", self.wait, required=self.max_retries > 0)
         if self.cap is not None:
             object.__setattr__(self, "cap", check_seconds("cap", self.cap))
 
@@ -344,9 +347,7 @@ class RetryPolicy:
         >>> policy.delay(1), policy.delay(1, retry_after=7200), policy.delay(3)
         (60.0, 7200.0, None)
         """
-        number: object = attempt
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            raise ConfigurationError(f"attempt: expected an int >= 1, got {number!r}")
+        _check_int("attempt", attempt, 1)
         if elapsed is not None:
             elapsed = check_seconds("elapsed", elapsed, allow_zero=True)
         hint = None
@@ -443,9 +444,7 @@ class InCallRetry:
         classifier: Classifier | None = None,
         max_hint: float = 5.0,
     ) -> None:
-        count: object = attempts
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigurationError(f"attempts: expected an int >= 1, got {count!r}")
+        _check_int("attempts", attempts, 1)
         _check_wait("wait", wait, required=False)
         if isinstance(retry_on, str):  # one kind; iterating it would give letters
             retry_on = (retry_on,)
@@ -492,7 +491,8 @@ class InCallRetry:
                     seconds = max(seconds, hint)
         return seconds
 
-    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def _tenacity(self, kind: str, options: dict[str, Any]) -> Any:
+        """A tenacity ``kind`` (``Retrying`` or ``AsyncRetrying``) with these settings."""
         with _needs_tenacity("in-call retries"):
             import tenacity
         merged: dict[str, Any] = {
@@ -502,7 +502,7 @@ class InCallRetry:
             "reraise": True,
         }
         merged.update(options)
-        return merged
+        return getattr(tenacity, kind)(**merged)
 
     def retrying(self, **options: Any) -> Retrying:
         """A ``tenacity.Retrying`` with these settings; ``options`` override any of its
@@ -512,15 +512,11 @@ class InCallRetry:
         ...     with attempt:
         ...         send()
         """
-        with _needs_tenacity("in-call retries"):
-            from tenacity import Retrying
-        return Retrying(**self._options(options))
+        return cast("Retrying", self._tenacity("Retrying", options))
 
     def async_retrying(self, **options: Any) -> AsyncRetrying:
         """A ``tenacity.AsyncRetrying`` with these settings (see :meth:`retrying`)."""
-        with _needs_tenacity("in-call retries"):
-            from tenacity import AsyncRetrying
-        return AsyncRetrying(**self._options(options))
+        return cast("AsyncRetrying", self._tenacity("AsyncRetrying", options))
 
     def wrap(self, fn: Callable[P, R]) -> Callable[P, R]:
         """``fn`` retried as configured; coroutine functions get an async wrapper.

@@ -59,7 +59,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Generator, Iterator
-from types import TracebackType
 from typing import Any
 
 from idempotask.backends.base import DeadLetter, Status, decode_history, encode_history
@@ -155,7 +154,8 @@ def decode_letter(line: bytes) -> DeadLetter:
 # -- locking ---------------------------------------------------------------------------
 
 
-class _Locked:
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
     """An exclusive lock on ``<spool>.lock``, between the threads of this process (a
     mutex) and between processes (a POSIX record lock).
 
@@ -164,35 +164,16 @@ class _Locked:
     keep alive, so the lock would never be released. Record locks belong to a process
     and are not inherited.
     """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd = -1
-        self._mutex: threading.Lock | None = None
-
-    def __enter__(self) -> None:
-        mutex = _process_lock
-        mutex.acquire()
-        self._mutex = mutex
+    with _process_lock:
         if sys.platform == "win32":  # pragma: no cover
+            yield
             return
+        fd = _open(path, os.O_RDWR | os.O_CREAT)
         try:
-            self._fd = _open(self._path, os.O_RDWR | os.O_CREAT)
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # releases the record lock
-            self._fd = -1
-        if self._mutex is not None:
-            self._mutex.release()
-            self._mutex = None
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the record lock
 
 
 def _try_lock(fd: int) -> bool:
@@ -207,9 +188,8 @@ def _try_lock(fd: int) -> bool:
 
 
 def _open(path: str, flags: int) -> int:
-    """Open a spool file (created 0600) without following a symbolic link, and refuse
-    one that another user owns or that others may read or write: letters hold what
-    ``redact=`` kept of personal data. A :class:`SpoolError` says which and why."""
+    """Open a spool file as the module docstring's "privacy" says (created 0600, never
+    through a link, refused unless private); a :class:`SpoolError` says why."""
     try:
         fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
     except OSError as exc:
@@ -300,7 +280,7 @@ class Spool:
     def append_line(self, line: bytes) -> None:
         """Write one encoded letter (see :func:`encode_letter`) durably."""
         self._ensure_dir()
-        with _Locked(self._lock_path):
+        with _locked(self._lock_path):
             _append(self.path, line.rstrip(b"\n") + b"\n")
 
     def _batch_paths(self) -> list[str]:
@@ -356,7 +336,7 @@ class Spool:
         if self.pending():
             self._ensure_dir()
             first: SpoolBatch | None = None
-            with _Locked(self._lock_path):
+            with _locked(self._lock_path):
                 try:
                     size = os.stat(self.path).st_size
                 except FileNotFoundError:
@@ -444,12 +424,7 @@ class SpoolBatch:
     def __enter__(self) -> SpoolBatch:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -462,7 +437,7 @@ class SpoolBatch:
                 self._bad = []
             rest = [raw for raw, letter in self._lines if letter.id not in self._done]
             if rest:
-                with _Locked(self.spool._lock_path):
+                with _locked(self.spool._lock_path):
                     _append(self.spool.path, b"".join(raw + b"\n" for raw in rest))
             os.unlink(self.path)
         finally:
