@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import os
 import signal
 import subprocess
@@ -173,10 +174,23 @@ def celery_env(
 
 
 @pytest.fixture
-def cel(celery_env: Env, fresh_config: None) -> Env:
-    """The broker's environment, with this process configured like its workers."""
+def cel(celery_env: Env, fresh_config: None) -> Iterator[Env]:
+    """The broker's environment, with this process configured like its workers.
+
+    The cyclic garbage collector is off while a test runs and collects afterwards: in
+    Celery before 5.7 an ``AsyncResult`` finalized by a collection that lands inside the
+    Redis result consumer's own pub/sub write unsubscribes on the same connection and
+    deadlocks (celery/celery#10477, fixed by #10497); the lowest-versions matrix hung
+    there once. Collected between tests, its finalizer runs outside any write.
+    """
     celery_env.configure()
-    return celery_env
+    gc.collect()
+    gc.disable()
+    try:
+        yield celery_env
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 def letters_of(task: str) -> list[Any]:
