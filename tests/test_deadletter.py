@@ -609,6 +609,28 @@ def test_with_a_route_registered_an_unknown_function_is_skipped_and_released(
         unregister_route("tests-skip-route")
 
 
+FORGED = "\nCRITICAL idempotask: forged line\x1b[2J\r"
+
+
+def test_outside_text_in_dead_letter_log_lines_cannot_forge_lines(
+    queue: DeadLetterQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception's message and a letter someone else wrote (its function name) reach
+    the log escaped: no line break, carriage return or terminal escape gets through."""
+    register_route("tests-hostile-route", lambda letter, arguments: None)
+    try:
+        with caplog.at_level(logging.INFO, logger="idempotask"):
+            queue.record("somewhere.else" + FORGED, GatewayTimeout("body" + FORGED), now=T0)
+            queue.process_due(now=T0 + 100)  # skipped: not registered in this process
+        lines = [r.getMessage() for r in caplog.records if "forged line" in r.getMessage()]
+        assert len(lines) >= 2  # the recording's warning and the processor's skip
+        for line in lines:
+            assert not any(c in line for c in "\n\r\x1b"), line
+            assert "\\nCRITICAL idempotask: forged line\\x1b[2J\\r" in line
+    finally:
+        unregister_route("tests-hostile-route")
+
+
 def test_a_process_that_knows_no_function_and_no_route_claims_nothing_and_says_why(
     store: FlakyStore, clock: WallClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from idempotask import config
+from idempotask._printable import printable
 from idempotask.backends.base import Backend, Record, State, SupportsPurgeExpired, SupportsScan
 from idempotask.cli._common import (
     CommandError,
@@ -29,19 +30,6 @@ from idempotask.keys import check_name, explicit_key, make_key
 from idempotask.serializers import get_serializer
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "fallback+redis", "fallback+rediss", "fallback+unix")
-
-
-def printable(text: str) -> str:
-    """``text`` with every character that is not printable escaped (ESC, OSC, CR, line
-    breaks, bidi overrides...), as Python escapes them in a string literal (``repr``
-    does the same, so values shown with ``!r`` need no more).
-
-    >>> printable("ok\x1b]0;owned\x07\r")
-    'ok\\x1b]0;owned\\x07\\r'
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def redis_key(key: str) -> str | None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from idempotask import config, events
+from idempotask._printable import printable
 from idempotask.backends.base import DeadLetter, DeadLetterStore, Status
 from idempotask.backends.deadletters import dead_letter_store_from_url
 from idempotask.deadletter._core import (
@@ -192,7 +193,9 @@ class QueueCore:
 
     def _alert(self, letter: DeadLetter, event: str) -> None:
         """Log the letter; for critical functions, log CRITICAL and call the alert hooks."""
-        text = (
+        # The function, error and message may come from outside (an exception's text, a
+        # letter someone else wrote): escaped, so they cannot forge log lines.
+        text = printable(
             f"idempotask: {letter.function} {event}: {letter.error_type}: {letter.message} "
             f"(dead letter {letter.id}, {letter.kind}, attempt {letter.attempts}, "
             f"{Status(letter.status).value})"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from idempotask import config, events
+from idempotask._printable import printable
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
@@ -227,7 +228,11 @@ class Processing(QueueCore):
                     store, "update", letter.id, letter.version, **changes
                 )
             except BackendError as exc:
-                log.warning("idempotask: could not update dead letter %s: %s", letter.id, exc)
+                log.warning(
+                    "idempotask: could not update dead letter %s: %s",
+                    printable(letter.id),
+                    printable(str(exc)),
+                )
                 return ReplayResult(letter.id, letter.function, "conflict", f"store error: {exc}")
             if updated is None:
                 return ReplayResult(
@@ -241,7 +246,11 @@ class Processing(QueueCore):
             changes = skipped(letter, now, ACTOR, reason, now + self._skip_delay)
             result = yield from finish("skipped", changes, reason)
             if result.outcome == "skipped":
-                log.info("idempotask: dead letter %s skipped: %s", letter.id, reason)
+                log.info(
+                    "idempotask: dead letter %s skipped: %s",
+                    printable(letter.id),
+                    printable(reason),
+                )
             return result
 
         def cannot_replay(reason: str) -> Flow[ReplayResult]:
@@ -249,7 +258,11 @@ class Processing(QueueCore):
                 decide = close(Status.ABANDONED, "", "abandoned", now, ACTOR, reason)
                 result = yield from finish("abandoned", decide(letter), reason)
                 if result.letter is not None:
-                    log.error("idempotask: dead letter %s abandoned: %s", letter.id, reason)
+                    log.error(
+                        "idempotask: dead letter %s abandoned: %s",
+                        printable(letter.id),
+                        printable(reason),
+                    )
                     self._exhausted(result.letter, reg)
                 return result
             result = yield from finish("held", skipped(letter, now, ACTOR, reason, None), reason)
@@ -257,9 +270,9 @@ class Processing(QueueCore):
                 log.warning(
                     "idempotask: dead letter %s of %s cannot be replayed, so it waits for a "
                     "person (no retry is scheduled): %s",
-                    letter.id,
-                    letter.function,
-                    reason,
+                    printable(letter.id),
+                    printable(letter.function),
+                    printable(reason),
                 )
             return result
 
