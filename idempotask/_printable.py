@@ -6,7 +6,7 @@ __all__ = ["printable"]
 
 
 def printable(text: str) -> str:
-    """``text`` with every character that is not printable escaped (ESC, OSC, CR, line
+    r"""``text`` with every character that is not printable escaped (ESC, OSC, CR, line
     breaks, bidi overrides...), as Python escapes them in a string literal (``repr``
     does the same, so values shown with ``!r`` need no more).
 
