@@ -12,10 +12,11 @@ for :func:`inline`::
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from idempotask.flow import Flow, adrive, drive
+from idempotask.flow import DEFAULT_CATCH, Flow, adrive, drive
 
 __all__ = ["inline", "twins"]
 
@@ -32,27 +33,37 @@ def _named(method: Any, like: Any, name: str, doc: str | None) -> None:
     method.__name__ = name
     method.__qualname__ = like.__qualname__.rsplit(".", 1)[0] + "." + name
     method.__doc__ = doc
+    # help() and inspect show the flow's parameters without its return type (a Flow,
+    # which the caller never sees).
+    method.__signature__ = inspect.signature(like).replace(
+        return_annotation=inspect.Parameter.empty
+    )
 
 
 def twins(
-    flow: Callable[Concatenate[S, P], Flow[T]], name: str = ""
+    flow: Callable[Concatenate[S, P], Flow[T]],
+    name: str = "",
+    *,
+    catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
+    adoc: str = "",
 ) -> tuple[Method[S, P, T], AsyncMethod[S, P, T]]:
-    """The sync method that drives ``flow`` and the async one that awaits it; named
-    ``name`` (default: ``flow``'s name without its leading ``_``), documented by
-    ``flow``'s docstring."""
+    """The sync method that drives ``flow`` and the async one that awaits it, each with
+    ``catch`` (see :func:`idempotask.flow.drive`); named ``name`` (default: ``flow``'s
+    name without its leading ``_``), documented by ``flow``'s docstring and the async one
+    by ``adoc`` (default: "Async :meth:`name`")."""
     name = name or flow.__name__.lstrip("_")
     own = flow.__name__  # looked up on the instance: a subclass may override the flow
 
     def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         run: Callable[P, Flow[T]] = getattr(self, own)
-        return drive(run(*args, **kwargs))
+        return drive(run(*args, **kwargs), catch)
 
     async def amethod(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         run: Callable[P, Flow[T]] = getattr(self, own)
-        return await adrive(run(*args, **kwargs))
+        return await adrive(run(*args, **kwargs), catch)
 
     _named(method, flow, name, flow.__doc__)
-    _named(amethod, flow, "a" + name, f"Async :meth:`{name}`.")
+    _named(amethod, flow, "a" + name, adoc or f"Async :meth:`{name}`.")
     return method, amethod
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-import functools
-import inspect
 import logging
 import math
-from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ParamSpec, TypeVar
 
+# A queue method is written once, as a method returning its flow; twins() makes the
+# sync method that drives it and the async twin that awaits it, with the same signature.
+from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
 from idempotask.errors import (
     AlreadyInProgress,
@@ -20,7 +21,6 @@ from idempotask.errors import (
     IdempotaskError,
     KeyMismatchError,
 )
-from idempotask.flow import DEFAULT_CATCH, Flow, adrive, drive
 from idempotask.lease import LeaseLostWarning
 from idempotask.retry import RetryPolicy
 from idempotask.taxonomy import Classifier, FailureKind, check_kind
@@ -230,37 +230,3 @@ def fire_letter_hooks(
     fire_hook(on_dead_letter, letter, f"{prefix}on_dead_letter")
     if letter.status is Status.ABANDONED:
         fire_hook(on_retry_exhausted, letter, f"{prefix}on_retry_exhausted")
-
-
-# A queue method is written once, as a method returning its flow; twins() makes the
-# sync method that drives it and the async twin that awaits it, with the same signature.
-def twins(
-    flow: Callable[Concatenate[_S, _P], Flow[_T]],
-    catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
-    adoc: str = "",
-) -> tuple[
-    Callable[Concatenate[_S, _P], _T], Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]
-]:
-    """The public sync method ``name`` of a private ``_name`` method returning a flow, and
-    its async twin ``a<name>`` (documented as "Async :meth:`name`" unless ``adoc`` is
-    given), each driving the flow with ``catch``."""
-
-    @functools.wraps(flow)
-    def method(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return drive(flow(self, *args, **kwargs), catch)
-
-    @functools.wraps(flow)
-    async def amethod(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await adrive(flow(self, *args, **kwargs), catch)
-
-    name = flow.__name__.lstrip("_")
-    # help() and inspect show the public names, and the flow's parameters without its
-    # return type (a Flow, which the caller never sees).
-    signature = inspect.signature(flow).replace(return_annotation=inspect.Parameter.empty)
-    made: Any
-    for made, public in ((method, name), (amethod, "a" + name)):
-        made.__name__ = public
-        made.__qualname__ = made.__qualname__.replace(flow.__name__, public)
-        made.__signature__ = signature
-    amethod.__doc__ = adoc or f"Async :meth:`{name}`."
-    return method, amethod

@@ -86,7 +86,7 @@ class Recording(QueueCore):
             actor=check_actor(actor) if actor is not None else (route or "worker"),
         )
 
-    record, arecord = twins(_record, RECORDING_CATCH)
+    record, arecord = twins(_record, catch=RECORDING_CATCH)
 
     def record_flow(
         self,
