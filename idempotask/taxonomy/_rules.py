@@ -191,7 +191,7 @@ def _http_status(exc: BaseException, *attrs: str) -> Classification | None:
     return None
 
 
-def _http_rule(exc: BaseException, ctx: RuleContext) -> Classification | None:
+def _http(exc: BaseException, ctx: RuleContext) -> Classification | None:
     """The status of a known client's HTTP error: ``response.status_code`` (requests,
     httpx), ``status`` (aiohttp) or ``code`` (urllib)."""
     return _http_status(exc, "status", "code")
@@ -392,8 +392,6 @@ def _driver(make: Callable[[FailureKind | None], Rule], module: str, extra: str)
     names = [*extra.split(), *_DBAPI_NAMES]
     return {f"{module}.{name}": make(_DBAPI_NAMES.get(name)) for name in names}
 
-
-_http = _http_rule
 
 BUILTIN: _Table = {
     # Standard library: blips. socket.timeout, and asyncio's and concurrent.futures'

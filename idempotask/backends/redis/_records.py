@@ -1,12 +1,10 @@
 """The record format: how one idempotency record is laid out in one Redis string.
 
-A record for the key ``namespace:name:version:digest`` (what ``key_for`` returns: the
-*library key*) lives in the Redis string ``namespace:{name:version:digest}`` (the *Redis
-key*, :func:`record_key`): the hash tag keeps everything one record needs in one cluster
-slot while records spread over the cluster. The value is a format marker (so a value that
-is not ours is detected), a state byte, the lengths of token, owner and fingerprint, those
-three, then the payload (``lua/claim.lua`` documents the same layout). The key's own
-expiry is the lease (IN_PROGRESS) or the ttl (COMPLETED, FAILED), by the server's clock.
+:func:`record_key` names the string (the package docstring tells the two key forms); its
+hash tag keeps everything one record needs in one cluster slot while records spread over
+the cluster. ``lua/claim.lua`` documents the value's layout; its format marker is how a
+value that is not ours is detected. The key's own expiry is the lease (IN_PROGRESS) or
+the ttl (COMPLETED, FAILED), by the server's clock.
 
 Everything here is pure: no I/O, no redis-py.
 """

@@ -5,8 +5,8 @@ the record holding it, in one command that needs no script. Every other state ch
 one ``EVALSHA`` of a script shipped in ``lua/``: a duplicate is one round trip, a first
 call two (claim, complete). Every command is safe to run twice with the same token,
 because redis-py resends a command whose reply timed out: a resent claim finds its own
-record and re-takes it (through ``claim.lua``, which also serves servers older than 7.0,
-where NX and GET do not mix).
+record and re-takes it through ``claim.lua``, as does a claim by the same owner (the
+script also serves servers older than 7.0, where NX and GET do not mix).
 """
 
 from __future__ import annotations
@@ -241,9 +241,6 @@ class RedisBackend:
         return RedisBreakerStore(self, namespace=namespace)
 
     # ------------------------------------------------------------------- claims
-    # A claim is first a plain SET NX PX GET: no script, the cheapest command that takes
-    # a key or returns what holds it. Only a claim the caller may re-take (its own token,
-    # its owner) and servers older than 7.0 (no NX with GET) go through claim.lua.
 
     def _set_get_error(self, key: str, exc: Exception) -> None:
         """Raise the store error for a failed SET NX GET claim, unless it was an old
