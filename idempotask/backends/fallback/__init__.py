@@ -10,14 +10,8 @@ README quotes it).
 Every decision is made once, in flows (:mod:`idempotask.flow`): the shared steps in
 ``_router``, each operation's own in :class:`FallbackBackend`.
 
-The URL form (registered as ``fallback+redis``, ``fallback+rediss`` and
-``fallback+unix``) is the primary's Redis URL with ``fallback+`` before its scheme and the
-secondary's URL, percent-encoded whole, in a ``secondary`` query parameter::
-
-    fallback+redis://cache:6379/0?secondary=postgresql%2Bpsycopg%3A%2F%2Fapp%40db%2Fapp
-
-:func:`fallback_url` builds it. ``probe_interval`` and ``confirm_window`` may be given
-in the query too; every other query parameter belongs to the Redis URL.
+The URL form (``fallback+redis``, ``fallback+rediss`` and ``fallback+unix``) is described
+at :meth:`FallbackBackend.from_url`; :func:`fallback_url` builds it.
 """
 
 from __future__ import annotations
