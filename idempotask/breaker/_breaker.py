@@ -63,10 +63,6 @@ class _Op(enum.Enum):
     FAILURE = "record_failure"
 
 
-# A decision step is a flow (idempotask.flow): it yields the store operations it needs,
-# receives their replies (or has the store's BackendError thrown in), and returns its
-# verdict; drive() and adrive() run the same steps, so the breaker's logic exists once.
-
 # `with breaker:` keeps whether each entry holds the probe here, per thread and per task
 # (a ContextVar is both), as a stack of (breaker, probe) so nesting works.
 _entered: contextvars.ContextVar[tuple[tuple[CircuitBreaker, bool], ...]] = contextvars.ContextVar(

@@ -271,7 +271,6 @@ class FallbackBackend(Router):
             )
 
     # ------------------------------------------------------------------ the store protocol
-    # Each operation is a flow of the Router; twins() makes its sync and async methods.
 
     def _claim(
         self, key: str, token: str, *, lease: float, owner: str = "", fingerprint: str = ""
