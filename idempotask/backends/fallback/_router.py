@@ -243,7 +243,7 @@ class Router:
             )
             return
         with self._lock:
-            # The marker's lease runs on the store's clock from about when it was sent.
+            # The marker's lease runs on the store's clock from about when it was sent
             # (less a margin for the round trip and the two clocks' rates).
             covered = started + length - max(1.0, 0.05 * length)
             self._covered_until = max(self._covered_until, covered)
