@@ -129,7 +129,6 @@ def _opt(flag: str, metavar: str | None, help: str, **options: Any) -> Adds:
 
 
 def _flag(flag: str, help: str) -> Adds:
-    """An option that takes no value."""
     return lambda parser: parser.add_argument(flag, action="store_true", help=help)
 
 
