@@ -104,14 +104,6 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
     return chosen
 
 
-def find(ctx: Context, id: str) -> DeadLetter:
-    """The letter ``id`` names: its id, or an unambiguous prefix of it (``3f2a9c...``)."""
-    try:
-        return ctx.queue().find(id)
-    except (DeadLetterNotFound, AmbiguousLetterId) as exc:
-        raise CommandError(str(exc)) from exc
-
-
 def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
     """Apply ``act`` to the letter each id (or id prefix) names; print what happened;
     exit 1 if an id named no letter, or several."""
@@ -183,7 +175,10 @@ def _arguments_text(letter: DeadLetter) -> str:
 def cmd_show(ctx: Context) -> int:
     """``dlq show ID``: every field of one letter, arguments decoded."""
     a = ctx.args
-    letter = find(ctx, a.id)
+    try:
+        letter = ctx.queue().find(a.id)  # its id, or an unambiguous prefix of it (3f2a9c)
+    except (DeadLetterNotFound, AmbiguousLetterId) as exc:
+        raise CommandError(str(exc)) from exc
     if ctx.json:
         ctx.print(to_json(letter_json(letter, full=True, arguments=not a.no_arguments)))
         return 0
