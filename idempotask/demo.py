@@ -54,7 +54,6 @@ def _ran(what: str) -> None:
 
 
 def _bodies(what: str) -> list[int]:
-    """The pids of the processes that ran the body ``what``."""
     try:
         lines = (_Demo.directory / "bodies.log").read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

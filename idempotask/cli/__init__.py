@@ -141,16 +141,14 @@ def run(ctx: Context) -> int:
     except CorruptRecordError as exc:
         message = f"{_where(args.group)} holds data idempotask did not write: {exc}"
         raise CommandError(message, EXIT_REFUSED) from exc
-    except MissingTableError as exc:
-        # Not an outage: the table will not appear by itself.
-        urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
-        detail = scrub(redact_url(str(exc)), *urls)
-        message = f"{_where(args.group)} has no table {exc.table!r}: {ctx.tables_hint} ({detail})"
-        raise CommandError(message, EXIT_REFUSED) from exc
     except BackendError as exc:
-        where = _where(args.group)
         urls = (backend_url(), dead_letter_url(), args.url, args.dead_letter_url)
+        where = _where(args.group)
         detail = scrub(redact_url(str(exc)), *urls)
+        if isinstance(exc, MissingTableError):
+            # Not an outage: the table will not appear by itself.
+            message = f"{where} has no table {exc.table!r}: {ctx.tables_hint} ({detail})"
+            raise CommandError(message, EXIT_REFUSED) from exc
         raise CommandError(f"cannot reach {where}: {detail}", EXIT_UNREACHABLE) from exc
     except ConfigurationError as exc:
         detail = scrub(str(exc), args.url, args.dead_letter_url)

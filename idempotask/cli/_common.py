@@ -19,7 +19,6 @@ from idempotask.cli._text import safe, to_json
 from idempotask.deadletter import DeadLetterQueue, Redacted, Unserializable, default_queue
 from idempotask.deadletter._arguments import FINGERPRINT
 from idempotask.serializers import get_serializer
-from idempotask.spool import spool_path
 
 _JSON = get_serializer("json")
 
@@ -108,16 +107,13 @@ def redact_url(url: str) -> str:
     return _ENCODED_USERINFO.sub(r"\1%3A***%40", url)
 
 
-def _secrets(url: str) -> list[str]:
-    found = [m.group(0).split(":", 1)[1][:-1] for m in _USERINFO.finditer(url)]
-    return [s for s in found if s]
-
-
 def scrub(message: str, *urls: str | None) -> str:
     """``message`` with the passwords of ``urls`` taken out, should a driver echo them."""
     for url in urls:
-        for secret in _secrets(url or ""):
-            message = message.replace(secret, "***")
+        for match in _USERINFO.finditer(url or ""):
+            secret = match.group(0).split(":", 1)[1][:-1]
+            if secret:
+                message = message.replace(secret, "***")
     return message
 
 
@@ -151,12 +147,6 @@ def describe_backend() -> str:
 def describe_dead_letter_store() -> str:
     """``the dead-letter store at redis://host:6379/0``, password hidden."""
     return _describe("dead-letter", dead_letter_url(), config.settings().dead_letter_store)
-
-
-def current_spool_path() -> str:
-    """Where this process's queue spools letters the store cannot take."""
-    s = config.settings()
-    return spool_path(s.spool_path, s.namespace)
 
 
 # -- stored bytes, shown ---------------------------------------------------------------------

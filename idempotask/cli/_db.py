@@ -1,10 +1,7 @@
-"""``idempotask db ...``: the tables the configured SQL stores need.
-
-``idempotask db create --url URL`` creates, if missing, every table the configured stores
-use: the records table, the dead-letter table and the breaker table (and the dead-letter
-store's own table when ``--dead-letter-url`` names another SQL database). Namespaces
-share these tables (their rows are scoped by a column), so ``--namespace`` changes
-nothing here. Stores that need no tables (Redis, memory) are reported as such.
+"""``idempotask db ...``: the tables the configured SQL stores need (what ``db create``
+does is its ``--help``, in :mod:`idempotask.cli._parser`). The dead-letter store's own
+tables are created too when ``--dead-letter-url`` names another SQL database; namespaces
+share the tables (their rows are scoped by a column), so ``--namespace`` changes nothing.
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from idempotask.backends.deadletters import DeadLetter, DeadLetterFilter, Status
-from idempotask.cli._common import CommandError, Context, current_spool_path, decode_arguments
+from idempotask.cli._common import CommandError, Context, decode_arguments
 from idempotask.cli._text import (
     clip,
     fields,
@@ -41,21 +41,10 @@ CLOSED = (Status.RESOLVED, Status.ABANDONED)
 # -- shared ---------------------------------------------------------------------------------
 
 
-def _short_type(error_type: str) -> str:
-    return error_type.rsplit(".", 1)[-1]
-
-
 def held(letter: DeadLetter) -> bool:
     """Open with no retry scheduled: the processor could not rebuild its call, so it
     waits for a person (its history says why)."""
     return letter.status in (Status.PENDING, Status.RETRYING) and letter.next_retry_at is None
-
-
-def _held_because(letter: DeadLetter) -> str:
-    for action in reversed(letter.history):
-        if action.what == "skipped":
-            return action.note
-    return "no retry is scheduled"
 
 
 def _next_retry(letter: DeadLetter, now: float) -> str:
@@ -68,19 +57,11 @@ def _next_retry(letter: DeadLetter, now: float) -> str:
     return when(letter.next_retry_at, now)
 
 
-def history_json(letter: DeadLetter) -> list[dict[str, Any]]:
-    """A letter's history as JSON, oldest first, times as ISO 8601 UTC."""
-    names = ("what", "actor", "kind", "error", "note")
-    return [
-        {"at": iso(a.at, precise=True), **{name: getattr(a, name) for name in names}}
-        for a in letter.history
-    ]
-
-
 _LETTER_FIELDS = ["id", "function", "kind", "attempts", "error_type", "message", "key", "route"]
 _LETTER_FIELDS += ["critical", "resolution", "version"]
 """The fields letter_json() gives as they are (times: ISO 8601; the status: its value)."""
 _LETTER_TIMES = ("first_failed_at", "last_failed_at", "next_retry_at")
+_ACTION_FIELDS = ("what", "actor", "kind", "error", "note")
 
 
 def letter_json(
@@ -96,7 +77,10 @@ def letter_json(
     data.update(status=letter.status.value, held=held(letter))
     if full:
         data["traceback"] = letter.traceback
-        data["history"] = history_json(letter)
+        data["history"] = [  # oldest first
+            {"at": iso(a.at, precise=True), **{name: getattr(a, name) for name in _ACTION_FIELDS}}
+            for a in letter.history
+        ]
         if arguments:
             decoded = decode_arguments(letter)
             data["arguments"] = decoded.document
@@ -118,14 +102,6 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
     if getattr(args, "search", None):
         chosen["search"] = args.search
     return chosen
-
-
-def find(ctx: Context, id: str) -> DeadLetter:
-    """The letter ``id`` names: its id, or an unambiguous prefix of it (``3f2a9c...``)."""
-    try:
-        return ctx.queue().find(id)
-    except (DeadLetterNotFound, AmbiguousLetterId) as exc:
-        raise CommandError(str(exc)) from exc
 
 
 def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
@@ -172,7 +148,7 @@ def cmd_list(ctx: Context) -> int:
             x.attempts,
             when(x.last_failed_at, ctx.now),
             _next_retry(x, ctx.now),
-            clip(f"{_short_type(x.error_type)}: {x.message}", 60),
+            clip(f"{x.error_type.rsplit('.', 1)[-1]}: {x.message}", 60),
         ]
         for x in letters
     ]
@@ -199,7 +175,10 @@ def _arguments_text(letter: DeadLetter) -> str:
 def cmd_show(ctx: Context) -> int:
     """``dlq show ID``: every field of one letter, arguments decoded."""
     a = ctx.args
-    letter = find(ctx, a.id)
+    try:
+        letter = ctx.queue().find(a.id)  # its id, or an unambiguous prefix of it (3f2a9c)
+    except (DeadLetterNotFound, AmbiguousLetterId) as exc:
+        raise CommandError(str(exc)) from exc
     if ctx.json:
         ctx.print(to_json(letter_json(letter, full=True, arguments=not a.no_arguments)))
         return 0
@@ -220,7 +199,8 @@ def cmd_show(ctx: Context) -> int:
         ("version", letter.version),
     ]
     if held(letter):
-        pairs.insert(3, ("held", f"waits for a person: {_held_because(letter)}"))
+        skipped = (a.note for a in reversed(letter.history) if a.what == "skipped")
+        pairs.insert(3, ("held", f"waits for a person: {next(skipped, 'no retry is scheduled')}"))
     ctx.print(fields(pairs))
     if not a.no_arguments:
         ctx.print("\narguments:")
@@ -363,12 +343,6 @@ def stats_json(stats: DeadLetterStats, hours: float, spooled: int) -> dict[str, 
     }
 
 
-def _count_table(title: str, counts: Iterable[tuple[str, int]], total: int) -> str:
-    rows: list[list[object]] = [[name, n] for name, n in counts]
-    rows.append(["total", total])
-    return table([title, "COUNT"], rows, right="1")
-
-
 def cmd_stats(ctx: Context) -> int:
     """``dlq stats``: counts of recent letters by status, kind and function."""
     a = ctx.args
@@ -388,7 +362,7 @@ def cmd_stats(ctx: Context) -> int:
     kinds, functions = sorted(stats.by_kind.items()), sorted(stats.by_function.items())
     for title, counts in (("STATUS", statuses), ("KIND", kinds), ("FUNCTION", functions)):
         ctx.print()
-        ctx.print(_count_table(title, counts, stats.total))
+        ctx.print(table([title, "COUNT"], [*counts, ("total", stats.total)], right="1"))
     if stats.rows:
         ctx.print()
         detail = [
@@ -401,7 +375,7 @@ def cmd_stats(ctx: Context) -> int:
     ctx.print(f"Replays: {stats.retries_failed} failed again, {stats.retries_succeeded} succeeded.")
     if spooled:
         ctx.print(
-            f"Spool: {plural(spooled, 'letter')} waiting for the store in {current_spool_path()}"
+            f"Spool: {plural(spooled, 'letter')} waiting for the store in {ctx.queue().spool.path}"
             f" (`{ctx.prog} dlq flush` delivers them)."
         )
     return 0

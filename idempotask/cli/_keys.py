@@ -60,10 +60,10 @@ def _get(backend: Backend, key: str, prog: str) -> Record | None:
         raise _NotARecord(key, exc, prog) from exc
 
 
-def _find(backend: Backend, key: str, prog: str = "idempotask") -> tuple[str, Record | None]:
+def _find(backend: Backend, key: str, prog: str = "idempotask") -> tuple[str, Record]:
     """The record under ``key``, else under ``<namespace>:key`` (keys are shown with
-    their namespace, but people may leave it out). Data that is not a record is refused
-    with a hint (exit 1), not reported as an unreachable store."""
+    their namespace, but people may leave it out); none is refused (exit 1), and so is
+    data that is not a record, with a hint, not reported as an unreachable store."""
     record = _get(backend, key, prog)
     namespace = config.settings().namespace
     if record is None and not key.startswith(namespace + ":"):
@@ -71,6 +71,8 @@ def _find(backend: Backend, key: str, prog: str = "idempotask") -> tuple[str, Re
         found = _get(backend, prefixed, prog)
         if found is not None:
             return prefixed, found
+    if record is None:
+        raise CommandError(f"no record under key {key!r}")
     return key, record
 
 
@@ -125,8 +127,6 @@ def _payload_text(record: Record) -> tuple[str, str]:
 def cmd_show(ctx: Context) -> int:
     """``keys show KEY``: the record under an idempotency key."""
     key, record = _find(config.get_backend(), ctx.args.key, ctx.prog)
-    if record is None:
-        raise CommandError(f"no record under key {ctx.args.key!r}")
     label = "lease expires in" if record.state is State.IN_PROGRESS else "expires in"
     payload_label, payload = _payload_text(record)
     stored_as = redis_key(key)
@@ -163,8 +163,6 @@ def cmd_forget(ctx: Context) -> int:
         said = f"forgot {printable(key)} (it held data that was not an idempotask record)"
         ctx.show({"key": key, "forgotten": True, "state": None}, said)
         return 0
-    if record is None:
-        raise CommandError(f"no record under key {ctx.args.key!r}")
     if record.state is State.IN_PROGRESS and not ctx.args.force:
         lease = "" if record.expires_in is None else f", lease expires in {span(record.expires_in)}"
         owner = f", owner {record.owner!r}" if record.owner else ""

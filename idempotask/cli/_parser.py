@@ -129,7 +129,6 @@ def _opt(flag: str, metavar: str | None, help: str, **options: Any) -> Adds:
 
 
 def _flag(flag: str, help: str) -> Adds:
-    """An option that takes no value."""
     return lambda parser: parser.add_argument(flag, action="store_true", help=help)
 
 
@@ -532,10 +531,6 @@ def finish(args: argparse.Namespace) -> None:
             setattr(args, dest, False if dest in ("json", "debug") else None)
     before, after = getattr(args, "imports", None), getattr(args, "imports_late", None)
     args.imports = [*(before or []), *(after or [])]
-    _check(args)
-
-
-def _check(args: argparse.Namespace) -> None:
     handler = args.handler
     parser: argparse.ArgumentParser = args.leaf_parser
     if handler is _dlq.cmd_retry:

@@ -86,8 +86,6 @@ time_arg = _argument_type(parse_time, "time")
 
 
 def _whole_number_type(minimum: int, name: str) -> Callable[[str], int]:
-    """An argparse type: an int ``>= minimum``."""
-
     def convert(text: str) -> int:
         try:
             value = int(text)

@@ -1,11 +1,7 @@
-"""Synchronous views of a backend, so one test body checks both its sync and async methods.
-
-:class:`SyncView` calls the sync methods; :class:`AsyncView` owns an event loop and drives
-the ``a``-prefixed coroutines on it. Both expose the same synchronous interface, plus
-``expire_now`` (the test-only hook), a unique key prefix and a concurrent-claim helper that
-races threads (sync) or tasks (async). The dead-letter and breaker views
-(:mod:`idempotask.testing.deadletters`, :mod:`idempotask.testing.breakers`) reach their
-stores the same way, through ``_View``.
+"""Synchronous views of a backend, so one test body checks both its sync and async methods
+(:class:`SyncView`, :class:`AsyncView`; :class:`StoreView` says what they offer). The
+dead-letter and breaker views (:mod:`idempotask.testing.deadletters`,
+:mod:`idempotask.testing.breakers`) reach their stores the same way, through ``_View``.
 """
 
 from __future__ import annotations
@@ -55,7 +51,6 @@ def in_threads(calls: list[Callable[[], _T]], timeout: float = 60.0) -> list[_T]
 
 
 def _check_mode(mode: str) -> Mode:
-    """``mode`` if it is "sync" or "async", else a ValueError."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
     return cast(Mode, mode)
@@ -126,16 +121,6 @@ class _View:
             loop.close()
 
 
-def _require_expire_now(backend: Backend) -> SupportsExpireNow:
-    if not isinstance(backend, SupportsExpireNow):
-        raise TypeError(
-            f"{type(backend).__qualname__} has no expire_now(key) method; the conformance "
-            "suite needs it to move a record past its lease or ttl on the store's own clock "
-            "(see idempotask.backends.base.SupportsExpireNow)"
-        )
-    return backend
-
-
 class StoreView(_View):
     """The store protocol as plain synchronous calls, for tests.
 
@@ -148,8 +133,14 @@ class StoreView(_View):
     concurrency: int
 
     def __init__(self, backend: Backend, *, prefix: str | None = None) -> None:
+        if not isinstance(backend, SupportsExpireNow):
+            raise TypeError(
+                f"{type(backend).__qualname__} has no expire_now(key) method; the conformance "
+                "suite needs it to move a record past its lease or ttl on the store's own clock "
+                "(see idempotask.backends.base.SupportsExpireNow)"
+            )
         self.backend = backend
-        self._expirer = _require_expire_now(backend)
+        self._expirer: SupportsExpireNow = backend
         super().__init__(
             backend, f"idempotask-test:{uuid.uuid4().hex}:" if prefix is None else prefix
         )
