@@ -1,5 +1,5 @@
-"""What the dead-letter stores check and compute alike: a letter's field values, checked
-before any I/O, and stats rows summed by group."""
+"""What the dead-letter stores check and compute alike: a letter's field values and an
+operation's arguments, checked before any I/O, and stats rows summed by group."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from idempotask.errors import ConfigurationError
 __all__ = [
     "FIELDS",
     "TEXT_FIELDS",
+    "check_filter",
     "check_int",
+    "check_page",
     "check_text",
     "check_time",
     "field_value",
@@ -82,6 +84,22 @@ def check_text(value: Any, field: str, who: str) -> str:
     return value
 
 
+def check_page(limit: Any, offset: Any, who: str) -> bool:
+    """A page's ``limit`` and ``offset`` (ints, ``offset >= 0``): whether it can hold any
+    letter."""
+    wanted = check_int(limit, "limit", who)
+    check_int(offset, "offset", who, minimum=0)
+    return wanted > 0
+
+
+def check_filter(filter: Any, who: str) -> DeadLetterFilter:
+    """``filter`` if it is a :class:`DeadLetterFilter` (where None is no filter, the
+    caller says so before: ``purge(None)`` must not delete every letter)."""
+    if not isinstance(filter, DeadLetterFilter):
+        raise ConfigurationError(f"{who}: expected a DeadLetterFilter, got {type(filter).__name__}")
+    return filter
+
+
 def field_value(field: str, value: Any, who: str, *, attempts_limit: int = 2**63) -> Any:
     """A letter field's value, checked: text as str, ``status`` a :class:`Status`,
     ``arguments`` bytes, times floats (``next_retry_at`` may be None), ``attempts`` and
@@ -137,8 +155,7 @@ def filter_fields(filter: DeadLetterFilter | None, who: str) -> dict[str, Any]:
     (lists of str), ``since``, ``until`` (floats), ``search`` (a str)."""
     if filter is None:
         return {}
-    if not isinstance(filter, DeadLetterFilter):
-        raise ConfigurationError(f"{who}: expected a DeadLetterFilter, got {type(filter).__name__}")
+    check_filter(filter, who)
     fields: dict[str, Any] = {}
     if filter.status:
         fields["status"] = [Status(s).value for s in filter.status]

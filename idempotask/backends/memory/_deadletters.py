@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from idempotask.backends._letters import stored, sum_stats
+from idempotask.backends._letters import check_filter, check_page, stored, sum_stats
 from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -25,6 +25,7 @@ from idempotask.errors import ConfigurationError
 __all__ = ["MemoryDeadLetterStore"]
 
 _ALL = DeadLetterFilter()
+_WHO = "memory dead-letter store"
 
 
 def _by_retry(letter: DeadLetter) -> bool:
@@ -95,6 +96,8 @@ class MemoryDeadLetterStore:
         self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        if not check_page(limit, offset, _WHO):
+            return []
         with self._lock:
             found = [x for x in self._letters.values() if filter.matches(x)]
         found.sort(key=lambda x: (-x.last_failed_at, x.id))
@@ -123,6 +126,8 @@ class MemoryDeadLetterStore:
         filter: DeadLetterFilter | None = None,
     ) -> list[DeadLetter]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds."""
+        if not check_page(limit, 0, _WHO):
+            return []
         with self._lock:
             held_until = self._clock()
             due = [
@@ -136,7 +141,7 @@ class MemoryDeadLetterStore:
             ]
             due.sort(key=lambda x: (x.next_retry_at, x.id))
             claimed = []
-            for letter in due[: max(limit, 0)]:
+            for letter in due[:limit]:
                 letter = replace(letter, version=letter.version + 1)
                 self._letters[letter.id] = letter
                 self._claims[letter.id] = held_until + lease
@@ -154,6 +159,7 @@ class MemoryDeadLetterStore:
 
     def purge(self, filter: DeadLetterFilter) -> int:
         """Delete matching letters; return how many went."""
+        check_filter(filter, "purge")
         with self._lock:
             doomed = [id for id, x in self._letters.items() if filter.matches(x)]
             for id in doomed:

@@ -53,6 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from idempotask.backends._letters import check_int
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.sql._database import Flavour, Session, seconds
@@ -379,10 +380,7 @@ class SQLBreakerStore(TableStore):
     ) -> Flow[BreakerState]:
         """Count a failure (opening at ``threshold``); one upsert (see the module)."""
         _checktext_of(name, "a breaker name")
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ConfigurationError(
-                f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
-            )
+        check_int(threshold, "threshold", "sql breaker store", minimum=1)
         window, open_for = _seconds(window, "window"), _seconds(open_for, "open_for")
 
         def flow(q: Session) -> Flow[BreakerState]:

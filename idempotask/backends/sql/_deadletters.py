@@ -38,7 +38,7 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
-from idempotask.backends._letters import sum_stats
+from idempotask.backends._letters import check_filter, check_int, check_page, check_time, sum_stats
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     DeadLetter,
@@ -58,10 +58,9 @@ from idempotask.backends.sql._database import (
 )
 from idempotask.backends.sql._letters import (
     PURGE_BATCH,
+    WHO,
     DeadLetterStatements,
-    check_int,
     check_text,
-    check_time,
     column_value,
     filter_params,
     fold,
@@ -89,7 +88,6 @@ __all__ = ["SQLDeadLetterStore", "TableStore", "dead_letters"]
 dead_letters = define_dead_letter_table(metadata)
 
 _ALL = DeadLetterFilter()
-_INT64 = 2**63
 
 
 def _skip_locked(dialect: Dialect) -> bool:
@@ -329,10 +327,9 @@ class SQLDeadLetterStore(TableStore):
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id. One statement
         (on the ``namespace, last_failed_at`` index)."""
-        check_int(limit, "limit", limit=_INT64)
-        check_int(offset, "offset", limit=_INT64, minimum=0)
+        wanted = check_page(limit, offset, WHO)
         shape, params = filter_params(filter)
-        if limit <= 0:
+        if not wanted:
             return []
         params.update({"ns": self.namespace, "n": limit, "o": offset})
         statement = self._sql.query(shape)
@@ -348,7 +345,7 @@ class SQLDeadLetterStore(TableStore):
         """
         check_changes(changes)
         ns, lid = self.namespace, check_text(id, "id")
-        v = check_int(version, "version", limit=_INT64)
+        v = check_int(version, "version", WHO)
         params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
         params.update({"ns": ns, "lid": lid, "v": v})
         sql = self._sql
@@ -399,11 +396,11 @@ class SQLDeadLetterStore(TableStore):
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (the
         database's clock), earliest first; concurrent claimers skip each other's rows
         (``SKIP LOCKED``)."""
-        now = check_time(now, "now")
-        check_int(limit, "limit", limit=_INT64)
-        lease = seconds(lease, "lease", "sql dead-letter store")
+        now = check_time(now, "now", WHO)
+        wanted = check_page(limit, 0, WHO)
+        lease = seconds(lease, "lease", WHO)
         shape, params = filter_params(_ALL if filter is None else filter)
-        if limit <= 0:
+        if not wanted:
             return []
         ns, sql = self.namespace, self._sql
         params.update({"ns": ns, "now": now, "n": limit, "lease": lease})
@@ -446,7 +443,7 @@ class SQLDeadLetterStore(TableStore):
     def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
         """Delete matching letters, :data:`PURGE_BATCH` per statement (until a batch
         comes back short); how many went."""
-        shape, params = filter_params(filter)
+        shape, params = filter_params(check_filter(filter, WHO))
         params.update({"ns": self.namespace, "n": PURGE_BATCH})
 
         def flow(q: Session) -> Flow[int]:
