@@ -131,12 +131,15 @@ def field_value(field: str, value: Any, who: str, *, attempts_limit: int = 2**63
     raise AssertionError(field)  # pragma: no cover
 
 
-def stored(letter: DeadLetter) -> DeadLetter:
-    """``letter`` as a store keeps it (its status a :class:`Status`, its arguments bytes);
-    a TypeError for anything that is not a :class:`DeadLetter`."""
+def stored(letter: DeadLetter, who: str) -> DeadLetter:
+    """``letter`` as a store keeps it (its status a :class:`Status`, its arguments bytes,
+    ``critical`` a bool); a TypeError for anything that is not a :class:`DeadLetter`."""
     if not isinstance(letter, DeadLetter):
         raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-    return letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+    arguments = field_value("arguments", letter.arguments, who)
+    return letter.evolve(
+        status=Status(letter.status), arguments=arguments, critical=bool(letter.critical)
+    )
 
 
 def sum_stats(rows: Iterable[tuple[str, str, Status, int, int, int]]) -> list[StatRow]:

@@ -202,9 +202,8 @@ class Status(str, enum.Enum):
 
     PENDING = "pending"  # failed, waiting for its next retry (or for a person)
     RETRYING = "retrying"  # replayed at least once and failed again; another retry is due
-    RESOLVED = (
-        "resolved"  # a replay succeeded, the call had completed meanwhile, or a person said so
-    )
+    # a replay succeeded, the call had completed meanwhile, or a person said so:
+    RESOLVED = "resolved"
     ABANDONED = "abandoned"  # retries exhausted (or a person gave up): nothing more happens
 
 

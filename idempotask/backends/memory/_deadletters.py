@@ -84,7 +84,7 @@ class MemoryDeadLetterStore:
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store ``letter`` unless its id exists; return the stored one."""
-        letter = stored(letter)
+        letter = stored(letter, _WHO)
         with self._lock:
             return self._letters.setdefault(letter.id, letter)
 
@@ -170,8 +170,7 @@ class MemoryDeadLetterStore:
     def expire_claim(self, id: str) -> bool:
         """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
         with self._lock:
-            live = self._claims.pop(id, -math.inf) > self._clock()
-            return live
+            return self._claims.pop(id, -math.inf) > self._clock()
 
     # -- async protocol: the same short critical sections ---------------------------------
 

@@ -165,7 +165,7 @@ class RedisDeadLetterStore(OnBackend):
 
     def _add(self, letter: DeadLetter) -> Flow[DeadLetter]:
         """Store ``letter`` unless its id exists; return the stored one. One round trip."""
-        letter = stored(letter)
+        letter = stored(letter, WHO)
         open_ = letter.status in OPEN_STATUSES and letter.next_retry_at is not None
         args = (
             FMT,

@@ -38,7 +38,7 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
-from idempotask.backends._letters import check_filter, check_int, check_page, check_time, sum_stats
+from idempotask.backends import _letters as shared
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     DeadLetter,
@@ -281,12 +281,8 @@ class SQLDeadLetterStore(TableStore):
         One ``INSERT`` that skips an existing id (PostgreSQL, SQLite ``ON CONFLICT DO
         NOTHING``; MySQL/MariaDB a duplicate-key error), and a read when it did.
         """
+        letter = shared.stored(letter, WHO)
         params = letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
-        stored = letter.evolve(
-            status=Status(letter.status),
-            arguments=params["p_arguments"],
-            critical=bool(letter.critical),
-        )
         get = {"ns": self.namespace, "lid": params["p_id"]}
 
         def flow(q: Session) -> Flow[DeadLetter]:
@@ -301,7 +297,7 @@ class SQLDeadLetterStore(TableStore):
                     except IntegrityError:  # the id exists (MySQL: no ON CONFLICT DO NOTHING)
                         inserted = False
                 if inserted:
-                    return stored
+                    return letter
                 rows = yield q.op(self._sql.get, get)
                 if rows:
                     return parse_letter(rows[0])
@@ -327,7 +323,7 @@ class SQLDeadLetterStore(TableStore):
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id. One statement
         (on the ``namespace, last_failed_at`` index)."""
-        wanted = check_page(limit, offset, WHO)
+        wanted = shared.check_page(limit, offset, WHO)
         shape, params = filter_params(filter)
         if not wanted:
             return []
@@ -345,7 +341,7 @@ class SQLDeadLetterStore(TableStore):
         """
         check_changes(changes)
         ns, lid = self.namespace, check_text(id, "id")
-        v = check_int(version, "version", WHO)
+        v = shared.check_int(version, "version", WHO)
         params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
         params.update({"ns": ns, "lid": lid, "v": v})
         sql = self._sql
@@ -396,8 +392,8 @@ class SQLDeadLetterStore(TableStore):
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (the
         database's clock), earliest first; concurrent claimers skip each other's rows
         (``SKIP LOCKED``)."""
-        now = check_time(now, "now", WHO)
-        wanted = check_page(limit, 0, WHO)
+        now = shared.check_time(now, "now", WHO)
+        wanted = shared.check_page(limit, 0, WHO)
         lease = seconds(lease, "lease", WHO)
         shape, params = filter_params(_ALL if filter is None else filter)
         if not wanted:
@@ -443,7 +439,7 @@ class SQLDeadLetterStore(TableStore):
     def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
         """Delete matching letters, :data:`PURGE_BATCH` per statement (until a batch
         comes back short); how many went."""
-        shape, params = filter_params(check_filter(filter, WHO))
+        shape, params = filter_params(shared.check_filter(filter, WHO))
         params.update({"ns": self.namespace, "n": PURGE_BATCH})
 
         def flow(q: Session) -> Flow[int]:
@@ -476,7 +472,7 @@ def _letters(rows: Sequence[Any]) -> list[DeadLetter]:
 
 
 def _stat_rows(rows: Sequence[Any]) -> list[StatRow]:
-    return sum_stats(
+    return shared.sum_stats(
         (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
         for f, k, s, n, r, b in rows
     )

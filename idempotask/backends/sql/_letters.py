@@ -193,8 +193,6 @@ def column_value(field: str, value: Any) -> Any:
 
 def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
     """A new letter's statement parameters (validated)."""
-    if not isinstance(letter, DeadLetter):
-        raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
     params = {f"p_{field}": column_value(field, getattr(letter, field)) for field in FIELDS}
     params["p_namespace"] = namespace
     params["p_search"] = fold(letter.error_type, letter.message)
