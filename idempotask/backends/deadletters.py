@@ -21,6 +21,7 @@ from idempotask.backends.base import (
     SupportsExpireClaim,
     check_changes,
 )
+from idempotask.errors import ConfigurationError
 
 __all__ = [
     "MUTABLE_FIELDS",
@@ -82,8 +83,6 @@ def register_dead_letter_scheme(scheme: str, factory: DeadLetterStoreFactory) ->
 
         register_dead_letter_scheme("redis", RedisDeadLetterStore.from_url)
     """
-    from idempotask.errors import ConfigurationError
-
     if not isinstance(scheme, str) or not scheme.replace("+", "").replace("-", "").isalnum():
         raise ConfigurationError(f"register_dead_letter_scheme: invalid URL scheme {scheme!r}")
     if not callable(factory):
@@ -123,8 +122,6 @@ def dead_letter_store_from_url(url: str, *, namespace: str | None = None) -> Dea
     :class:`~idempotask.errors.MissingDependencyError` naming the extra to install
     (``pip install 'idempotask[redis]'``, ``'idempotask[postgresql]'``...).
     """
-    from idempotask.errors import ConfigurationError
-
     if not isinstance(url, str) or "://" not in url:
         # Never echo the value: a malformed URL may still carry a password.
         raise ConfigurationError(

@@ -38,7 +38,6 @@ from sqlalchemy import (
     Double,
     Executable,
     Integer,
-    MetaData,
     Table,
     and_,
     bindparam,
@@ -315,13 +314,11 @@ class SQLBreakerStore(TableStore):
     default_table_name = DEFAULT_BREAKER_TABLE
     default_table = breakers
     table_option = "breaker_table"
+    _define_table = staticmethod(define_breaker_table)
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)
         self._sql = BreakerStatements(self.table)
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        return define_breaker_table(meta, name, schema=schema)
 
     def _params(self, name: str, **params: Any) -> dict[str, Any]:
         """A statement's parameters for breaker ``name`` (checked) of this namespace."""

@@ -31,7 +31,7 @@ An update that changes the error type or the message but not both reads the othe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, MetaData, Table
@@ -139,6 +139,8 @@ class TableStore(OnDatabase):
     default_table: Table
     #: The URL option naming this store's table when one URL serves several stores.
     table_option: str
+    #: ``define_*_table(metadata, name, schema=)`` of the store's table.
+    _define_table: Callable[..., Table]
 
     def __init__(
         self,
@@ -181,12 +183,9 @@ class TableStore(OnDatabase):
         # The default table is the shared metadata's, already defined there.
         default = table_name == self.default_table_name and schema is None
         self.metadata = metadata if default else MetaData()
-        self.table = self._define_table(self.metadata, table_name, schema)
+        self.table = self._define_table(self.metadata, table_name, schema=schema)
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        raise NotImplementedError
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -265,13 +264,11 @@ class SQLDeadLetterStore(TableStore):
     default_table_name = DEFAULT_DEAD_LETTER_TABLE
     default_table = dead_letters
     table_option = "dead_letter_table"
+    _define_table = staticmethod(define_dead_letter_table)
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)
         self._sql = DeadLetterStatements(self.table)
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        return define_dead_letter_table(meta, name, schema=schema)
 
     # -- each operation one flow (checks first, then one run on the database) -----------
 
