@@ -404,6 +404,8 @@ def test_bad_arguments_are_configuration_errors_and_write_nothing() -> None:
         store.claim_due(T0, lease=0)
     with pytest.raises(ConfigurationError, match="DeadLetterFilter"):
         store.purge("everything")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="DeadLetterFilter"):
+        store.purge(None)  # type: ignore[arg-type]  # it used to delete every letter
     assert store.query(limit=0) == []
     assert store.claim_due(T0, limit=0) == []
     store.purge(DeadLetterFilter(function=("billing.charge",)))
