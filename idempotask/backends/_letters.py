@@ -12,6 +12,7 @@ from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Stat
 from idempotask.errors import ConfigurationError
 
 __all__ = [
+    "ALL",
     "FIELDS",
     "TEXT_FIELDS",
     "check_filter",
@@ -25,6 +26,8 @@ __all__ = [
     "sum_stats",
 ]
 
+#: The filter that matches every letter (the default of ``query`` and ``stats``).
+ALL = DeadLetterFilter()
 #: Letter fields in the order stores write and read them.
 FIELDS = (
     "id",

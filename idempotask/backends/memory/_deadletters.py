@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from idempotask.backends._letters import check_filter, check_page, stored, sum_stats
+from idempotask.backends._letters import ALL, check_filter, check_page, stored, sum_stats
 from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -24,7 +24,6 @@ from idempotask.errors import ConfigurationError
 
 __all__ = ["MemoryDeadLetterStore"]
 
-_ALL = DeadLetterFilter()
 _WHO = "memory dead-letter store"
 
 
@@ -93,7 +92,7 @@ class MemoryDeadLetterStore:
         return self._letters.get(id)
 
     def query(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = ALL, *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
         if not check_page(limit, offset, _WHO):
@@ -148,7 +147,7 @@ class MemoryDeadLetterStore:
                 claimed.append(letter)
             return claimed
 
-    def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+    def stats(self, filter: DeadLetterFilter = ALL) -> list[StatRow]:
         """Counts by (function, kind, status)."""
         with self._lock:
             letters = [x for x in self._letters.values() if filter.matches(x)]

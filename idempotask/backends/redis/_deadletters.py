@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from idempotask.backends._letters import check_filter, check_int, check_page, stored, sum_stats
+from idempotask.backends._letters import ALL, check_filter, check_int, check_page, stored, sum_stats
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -45,8 +45,6 @@ __all__ = ["SCAN_BUDGET", "RedisDeadLetterStore"]
 #: it runs: 500 entries take 2-7 ms (purging large letters is the slow end), and a longer
 #: walk is more calls, letting other clients in between.
 SCAN_BUDGET = 500
-
-_ALL_LETTERS = DeadLetterFilter()
 
 
 def _raw(key: str, reply: Any) -> Any:
@@ -238,7 +236,7 @@ class RedisDeadLetterStore(OnBackend):
         return [parse_dead_letter(self._base, fields, limit=self._limit) for fields in items]
 
     def _query(
-        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = ALL, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
         if not check_page(limit, offset, WHO):
@@ -268,7 +266,7 @@ class RedisDeadLetterStore(OnBackend):
 
     claim_due, aclaim_due = twins(_claim_due)
 
-    def _stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> Flow[list[StatRow]]:
+    def _stats(self, filter: DeadLetterFilter = ALL) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status); reads every letter in the time range."""
         items = yield from self._scan("stats", filter, by_time_range(filter))
         return sum_stats(stat_rows(items))

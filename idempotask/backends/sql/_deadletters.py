@@ -87,8 +87,6 @@ __all__ = ["SQLDeadLetterStore", "TableStore", "dead_letters"]
 #: The default dead-letter table, ``idempotask_dead_letters``, in the shared ``metadata``.
 dead_letters = define_dead_letter_table(metadata)
 
-_ALL = DeadLetterFilter()
-
 
 def _skip_locked(dialect: Dialect) -> bool:
     """Whether the MySQL-family server supports ``SKIP LOCKED`` (MariaDB 10.6+, MySQL 8+)."""
@@ -316,7 +314,7 @@ class SQLDeadLetterStore(TableStore):
     get, aget = twins(_get)
 
     def _query(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = shared.ALL, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id. One statement
         (on the ``namespace, last_failed_at`` index)."""
@@ -392,7 +390,7 @@ class SQLDeadLetterStore(TableStore):
         now = shared.check_time(now, "now", WHO)
         wanted = shared.check_page(limit, 0, WHO)
         lease = seconds(lease, "lease", WHO)
-        shape, params = filter_params(_ALL if filter is None else filter)
+        shape, params = filter_params(shared.ALL if filter is None else filter)
         if not wanted:
             return []
         ns, sql = self.namespace, self._sql
@@ -423,7 +421,7 @@ class SQLDeadLetterStore(TableStore):
 
     claim_due, aclaim_due = twins(_claim_due)
 
-    def _stats(self, filter: DeadLetterFilter = _ALL) -> Flow[list[StatRow]]:
+    def _stats(self, filter: DeadLetterFilter = shared.ALL) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status), sorted as Python sorts them: one ``GROUP
         BY`` statement."""
         shape, params = filter_params(filter)
