@@ -1,5 +1,5 @@
-"""What the dead-letter stores check and compute alike: a letter's field values, checked
-before any I/O, and stats rows summed by group."""
+"""What the dead-letter stores check and compute alike: a letter's field values and an
+operation's arguments, checked before any I/O, and stats rows summed by group."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Stat
 from idempotask.errors import ConfigurationError
 
 __all__ = [
+    "ALL",
     "FIELDS",
     "TEXT_FIELDS",
+    "check_filter",
     "check_int",
+    "check_page",
     "check_text",
     "check_time",
     "field_value",
@@ -23,6 +26,8 @@ __all__ = [
     "sum_stats",
 ]
 
+#: The filter that matches every letter (the default of ``query`` and ``stats``).
+ALL = DeadLetterFilter()
 #: Letter fields in the order stores write and read them.
 FIELDS = (
     "id",
@@ -82,6 +87,22 @@ def check_text(value: Any, field: str, who: str) -> str:
     return value
 
 
+def check_page(limit: Any, offset: Any, who: str) -> bool:
+    """A page's ``limit`` and ``offset`` (ints, ``offset >= 0``): whether it can hold any
+    letter."""
+    wanted = check_int(limit, "limit", who)
+    check_int(offset, "offset", who, minimum=0)
+    return wanted > 0
+
+
+def check_filter(filter: Any, who: str) -> DeadLetterFilter:
+    """``filter`` if it is a :class:`DeadLetterFilter` (where None is no filter, the
+    caller says so before: ``purge(None)`` must not delete every letter)."""
+    if not isinstance(filter, DeadLetterFilter):
+        raise ConfigurationError(f"{who}: expected a DeadLetterFilter, got {type(filter).__name__}")
+    return filter
+
+
 def field_value(field: str, value: Any, who: str, *, attempts_limit: int = 2**63) -> Any:
     """A letter field's value, checked: text as str, ``status`` a :class:`Status`,
     ``arguments`` bytes, times floats (``next_retry_at`` may be None), ``attempts`` and
@@ -113,12 +134,15 @@ def field_value(field: str, value: Any, who: str, *, attempts_limit: int = 2**63
     raise AssertionError(field)  # pragma: no cover
 
 
-def stored(letter: DeadLetter) -> DeadLetter:
-    """``letter`` as a store keeps it (its status a :class:`Status`, its arguments bytes);
-    a TypeError for anything that is not a :class:`DeadLetter`."""
+def stored(letter: DeadLetter, who: str) -> DeadLetter:
+    """``letter`` as a store keeps it (its status a :class:`Status`, its arguments bytes,
+    ``critical`` a bool); a TypeError for anything that is not a :class:`DeadLetter`."""
     if not isinstance(letter, DeadLetter):
         raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
-    return letter.evolve(status=Status(letter.status), arguments=bytes(letter.arguments))
+    arguments = field_value("arguments", letter.arguments, who)
+    return letter.evolve(
+        status=Status(letter.status), arguments=arguments, critical=bool(letter.critical)
+    )
 
 
 def sum_stats(rows: Iterable[tuple[str, str, Status, int, int, int]]) -> list[StatRow]:
@@ -137,8 +161,7 @@ def filter_fields(filter: DeadLetterFilter | None, who: str) -> dict[str, Any]:
     (lists of str), ``since``, ``until`` (floats), ``search`` (a str)."""
     if filter is None:
         return {}
-    if not isinstance(filter, DeadLetterFilter):
-        raise ConfigurationError(f"{who}: expected a DeadLetterFilter, got {type(filter).__name__}")
+    check_filter(filter, who)
     fields: dict[str, Any] = {}
     if filter.status:
         fields["status"] = [Status(s).value for s in filter.status]

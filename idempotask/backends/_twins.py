@@ -42,16 +42,15 @@ def _named(method: Any, like: Any, name: str, doc: str | None) -> None:
 
 def twins(
     flow: Callable[Concatenate[S, P], Flow[T]],
-    name: str = "",
     *,
     catch: tuple[type[BaseException], ...] = DEFAULT_CATCH,
     adoc: str = "",
 ) -> tuple[Method[S, P, T], AsyncMethod[S, P, T]]:
     """The sync method that drives ``flow`` and the async one that awaits it, each with
-    ``catch`` (see :func:`idempotask.flow.drive`); named ``name`` (default: ``flow``'s
-    name without its leading ``_``), documented by ``flow``'s docstring and the async one
-    by ``adoc`` (default: "Async :meth:`name`")."""
-    name = name or flow.__name__.lstrip("_")
+    ``catch`` (see :func:`idempotask.flow.drive`); named as ``flow`` without its leading
+    ``_``, documented by ``flow``'s docstring and the async one by ``adoc`` (default:
+    "Async :meth:`name`")."""
+    name = flow.__name__.lstrip("_")
     own = flow.__name__  # looked up on the instance: a subclass may override the flow
 
     def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:

@@ -23,9 +23,12 @@ module: features depend on these contracts, never the other way round.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
+
+from idempotask.errors import ConfigurationError, CorruptRecordError
 
 __all__ = [
     "ACTIONS",
@@ -202,9 +205,8 @@ class Status(str, enum.Enum):
 
     PENDING = "pending"  # failed, waiting for its next retry (or for a person)
     RETRYING = "retrying"  # replayed at least once and failed again; another retry is due
-    RESOLVED = (
-        "resolved"  # a replay succeeded, the call had completed meanwhile, or a person said so
-    )
+    # a replay succeeded, the call had completed meanwhile, or a person said so:
+    RESOLVED = "resolved"
     ABANDONED = "abandoned"  # retries exhausted (or a person gave up): nothing more happens
 
 
@@ -244,8 +246,6 @@ HISTORY_LIMIT = 50  # the newest entries a letter keeps; older ones are dropped
 
 def encode_history(history: tuple[Action, ...]) -> str:
     """``history`` as compact JSON text, the form stores keep (``""`` when empty)."""
-    import json
-
     if not history:
         return ""
     rows = [[a.at, a.what, a.actor, a.kind, a.error, a.note] for a in history[-HISTORY_LIMIT:]]
@@ -255,10 +255,6 @@ def encode_history(history: tuple[Action, ...]) -> str:
 def decode_history(text: str | bytes | None, where: str) -> tuple[Action, ...]:
     """Read what :func:`encode_history` wrote; anything else is a
     :class:`~idempotask.errors.CorruptRecordError` naming ``where``."""
-    import json
-
-    from idempotask.errors import CorruptRecordError
-
     if not text:
         return ()
     try:
@@ -449,8 +445,6 @@ def check_changes(changes: Iterable[str]) -> None:
     """Refuse updates to fields that are fixed once a letter is added."""
     fixed = set(changes) - MUTABLE_FIELDS
     if fixed:
-        from idempotask.errors import ConfigurationError
-
         raise ConfigurationError(
             f"dead letter update: {', '.join(sorted(fixed))} cannot change after the letter "
             f"is added; changeable fields: {', '.join(sorted(MUTABLE_FIELDS))}"

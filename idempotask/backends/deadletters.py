@@ -21,6 +21,7 @@ from idempotask.backends.base import (
     SupportsExpireClaim,
     check_changes,
 )
+from idempotask.errors import ConfigurationError
 
 __all__ = [
     "MUTABLE_FIELDS",
@@ -42,34 +43,30 @@ __all__ = [
 DeadLetterStoreFactory = Callable[[str], DeadLetterStore]
 """Builds a dead-letter store from its URL."""
 
-# scheme -> "module:attribute"; imported only when a store of that scheme is built.
-_REDIS = "idempotask.backends.redis:RedisDeadLetterStore.from_url"
-_SQL = "idempotask.backends.sql:SQLDeadLetterStore.from_url"
-_BUILTIN: dict[str, str] = {
-    "memory": "idempotask.backends.memory:MemoryDeadLetterStore.from_url",
+# scheme -> ("module:attribute", the extra that installs its driver); imported only when a
+# store of that scheme is built.
+_REDIS = ("idempotask.backends.redis:RedisDeadLetterStore.from_url", "redis")
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "memory": ("idempotask.backends.memory:MemoryDeadLetterStore.from_url", ""),
     # ?prefix=NAME picks the queue; other options go to redis-py.
     "redis": _REDIS,
     "rediss": _REDIS,
     "unix": _REDIS,
 }
 # SQL URLs as the idempotency backend takes them, bare or naming one of its drivers;
-# ?table=NAME names the dead-letter table.
+# ?table=NAME names the dead-letter table. The extra installs SQLAlchemy and the
+# dialect's driver at once.
 _BUILTIN.update(
     {
-        f"{database}+{driver}" if driver else database: _SQL
+        f"{database}+{driver}" if driver else database: (
+            "idempotask.backends.sql:SQLDeadLetterStore.from_url",
+            SQL_EXTRAS[database],
+        )
         for dialect, (sync, _, asynchronous, _) in SQL_DRIVERS.items()
         for database in ((dialect, "postgres") if dialect == "postgresql" else (dialect,))
         for driver in ("", *sync, *asynchronous)
     }
 )
-
-
-def _extra(scheme: str) -> str:
-    """The extra that installs the driver of a built-in scheme (SQL ones: SQLAlchemy and
-    the dialect's driver at once)."""
-    if scheme in ("redis", "rediss", "unix"):
-        return "redis"
-    return SQL_EXTRAS.get(scheme.split("+", 1)[0], "")
 
 
 # URL options by which a built-in store's URL names its queue itself (a Redis key prefix,
@@ -86,8 +83,6 @@ def register_dead_letter_scheme(scheme: str, factory: DeadLetterStoreFactory) ->
 
         register_dead_letter_scheme("redis", RedisDeadLetterStore.from_url)
     """
-    from idempotask.errors import ConfigurationError
-
     if not isinstance(scheme, str) or not scheme.replace("+", "").replace("-", "").isalnum():
         raise ConfigurationError(f"register_dead_letter_scheme: invalid URL scheme {scheme!r}")
     if not callable(factory):
@@ -127,8 +122,6 @@ def dead_letter_store_from_url(url: str, *, namespace: str | None = None) -> Dea
     :class:`~idempotask.errors.MissingDependencyError` naming the extra to install
     (``pip install 'idempotask[redis]'``, ``'idempotask[postgresql]'``...).
     """
-    from idempotask.errors import ConfigurationError
-
     if not isinstance(url, str) or "://" not in url:
         # Never echo the value: a malformed URL may still carry a password.
         raise ConfigurationError(
@@ -148,5 +141,5 @@ def dead_letter_store_from_url(url: str, *, namespace: str | None = None) -> Dea
         backend = backend_from_url(url)
         if isinstance(backend, ProvidesStores):
             return backend.dead_letter_store(namespace=namespace)
-    store: DeadLetterStore = load_factory(_BUILTIN[scheme], _extra(scheme))(url)
+    store: DeadLetterStore = load_factory(*_BUILTIN[scheme])(url)
     return store

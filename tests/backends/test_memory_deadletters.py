@@ -95,3 +95,21 @@ def test_status_strings_are_stored_as_status_members() -> None:
     updated = store.update("s", added.version, status="resolved")
     assert updated is not None
     assert updated.status is Status.RESOLVED
+
+
+def test_bad_pages_filters_and_arguments_are_refused_as_the_other_stores_refuse_them() -> None:
+    """limit/offset, a purge without a filter and non-bytes arguments are ConfigurationErrors
+    (as on Redis and SQL), and nothing is written or deleted."""
+    store = MemoryDeadLetterStore()
+    store.add(_letter("kept"))
+    with pytest.raises(ConfigurationError, match="offset"):
+        store.query(offset=-1)
+    with pytest.raises(ConfigurationError, match="limit"):
+        store.claim_due(100.0, limit="10")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="DeadLetterFilter"):
+        store.purge(None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="arguments"):
+        store.add(_letter("bad", arguments=5))
+    assert store.query(limit=0) == []
+    assert store.claim_due(100.0, limit=-1) == []
+    assert [x.id for x in store.query()] == ["kept"]

@@ -344,6 +344,9 @@ def test_bad_arguments_raise_configuration_error_and_write_nothing(
         store.query(offset=-1)
     with pytest.raises(ConfigurationError, match="lease"):
         store.claim_due(T0, lease=0)
+    with pytest.raises(ConfigurationError, match="arguments"):
+        store.add(letter("five", arguments=5))  # it used to store five NUL bytes
+    assert store.get("five") is None
     for prefix in ("", "a:b", "{x}", "a b"):
         with pytest.raises(ConfigurationError, match="namespace"):
             RedisDeadLetterStore("redis://localhost", prefix=prefix)

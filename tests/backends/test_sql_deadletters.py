@@ -314,7 +314,8 @@ def test_the_registry_knows_every_driver_the_sql_backend_knows() -> None:
     for backend, (sync, _, asynchronous, _) in _DRIVERS.items():
         for driver in {"", *sync, *asynchronous}:
             scheme = f"{backend}+{driver}" if driver else backend
-            assert _BUILTIN.get(scheme, "").endswith("SQLDeadLetterStore.from_url"), scheme
+            target, _extra = _BUILTIN.get(scheme, ("", ""))
+            assert target.endswith("SQLDeadLetterStore.from_url"), scheme
 
 
 def test_the_table_option_names_the_table_and_is_not_passed_to_the_driver() -> None:
@@ -403,6 +404,8 @@ def test_bad_arguments_are_configuration_errors_and_write_nothing() -> None:
         store.claim_due(T0, lease=0)
     with pytest.raises(ConfigurationError, match="DeadLetterFilter"):
         store.purge("everything")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="DeadLetterFilter"):
+        store.purge(None)  # type: ignore[arg-type]  # it used to delete every letter
     assert store.query(limit=0) == []
     assert store.claim_due(T0, limit=0) == []
     store.purge(DeadLetterFilter(function=("billing.charge",)))

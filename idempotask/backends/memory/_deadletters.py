@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from idempotask.backends._letters import stored, sum_stats
+from idempotask.backends._letters import ALL, check_filter, check_page, stored, sum_stats
 from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -24,7 +24,7 @@ from idempotask.errors import ConfigurationError
 
 __all__ = ["MemoryDeadLetterStore"]
 
-_ALL = DeadLetterFilter()
+_WHO = "memory dead-letter store"
 
 
 def _by_retry(letter: DeadLetter) -> bool:
@@ -83,7 +83,7 @@ class MemoryDeadLetterStore:
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store ``letter`` unless its id exists; return the stored one."""
-        letter = stored(letter)
+        letter = stored(letter, _WHO)
         with self._lock:
             return self._letters.setdefault(letter.id, letter)
 
@@ -92,9 +92,11 @@ class MemoryDeadLetterStore:
         return self._letters.get(id)
 
     def query(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = ALL, *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
+        if not check_page(limit, offset, _WHO):
+            return []
         with self._lock:
             found = [x for x in self._letters.values() if filter.matches(x)]
         found.sort(key=lambda x: (-x.last_failed_at, x.id))
@@ -123,6 +125,8 @@ class MemoryDeadLetterStore:
         filter: DeadLetterFilter | None = None,
     ) -> list[DeadLetter]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds."""
+        if not check_page(limit, 0, _WHO):
+            return []
         with self._lock:
             held_until = self._clock()
             due = [
@@ -136,14 +140,14 @@ class MemoryDeadLetterStore:
             ]
             due.sort(key=lambda x: (x.next_retry_at, x.id))
             claimed = []
-            for letter in due[: max(limit, 0)]:
+            for letter in due[:limit]:
                 letter = replace(letter, version=letter.version + 1)
                 self._letters[letter.id] = letter
                 self._claims[letter.id] = held_until + lease
                 claimed.append(letter)
             return claimed
 
-    def stats(self, filter: DeadLetterFilter = _ALL) -> list[StatRow]:
+    def stats(self, filter: DeadLetterFilter = ALL) -> list[StatRow]:
         """Counts by (function, kind, status)."""
         with self._lock:
             letters = [x for x in self._letters.values() if filter.matches(x)]
@@ -154,6 +158,7 @@ class MemoryDeadLetterStore:
 
     def purge(self, filter: DeadLetterFilter) -> int:
         """Delete matching letters; return how many went."""
+        check_filter(filter, "purge")
         with self._lock:
             doomed = [id for id, x in self._letters.items() if filter.matches(x)]
             for id in doomed:
@@ -164,8 +169,7 @@ class MemoryDeadLetterStore:
     def expire_claim(self, id: str) -> bool:
         """Test hook: end a processor's claim on ``id`` now; True if a live one was there."""
         with self._lock:
-            live = self._claims.pop(id, -math.inf) > self._clock()
-            return live
+            return self._claims.pop(id, -math.inf) > self._clock()
 
     # -- async protocol: the same short critical sections ---------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from idempotask.backends._letters import check_int
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.redis._letters import as_bytes, reply_tag
@@ -125,10 +126,7 @@ class RedisBreakerStore(OnBackend):
         self, name: str, *, threshold: int, window: float, open_for: float
     ) -> Flow[BreakerState]:
         """Count a failure (opening at ``threshold``); one round trip."""
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ConfigurationError(
-                f"redis breaker store: threshold must be an int >= 1, got {threshold!r}"
-            )
+        check_int(threshold, "threshold", "redis breaker store", minimum=1)
         window_ms, open_ms = milliseconds(window, "window"), milliseconds(open_for, "open_for")
         args = (_FMT, threshold, window_ms, open_ms, self._retain_ms)
         return (yield from self._script("record_failure", "breaker_failure", name, args))
@@ -161,8 +159,7 @@ class RedisBreakerStore(OnBackend):
         """Every breaker with a record (up to ``limit``), by name: ``SCAN`` for their keys
         (bounded as :meth:`RedisBackend.scan` is), then one read per breaker. For operators,
         never on a call's path; a breaker without a record is closed."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"RedisBreakerStore: limit must be an int >= 0, got {limit!r}")
+        check_int(limit, "limit", "RedisBreakerStore", minimum=0)
         found: dict[str, BreakerState] = {}
         head = self.key("x")[:-1]  # namespace:breaker:
 

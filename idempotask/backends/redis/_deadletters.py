@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from idempotask.backends._letters import stored, sum_stats
+from idempotask.backends._letters import ALL, check_filter, check_int, check_page, stored, sum_stats
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -18,9 +18,9 @@ from idempotask.backends.base import (
 from idempotask.backends.redis._connect import AsyncClient, SyncClient, split_query_option
 from idempotask.backends.redis._letters import (
     FMT,
+    WHO,
     by_time_range,
     by_time_score,
-    check_count,
     encode_change,
     encode_text,
     encode_time,
@@ -45,8 +45,6 @@ __all__ = ["SCAN_BUDGET", "RedisDeadLetterStore"]
 #: it runs: 500 entries take 2-7 ms (purging large letters is the slow end), and a longer
 #: walk is more calls, letting other clients in between.
 SCAN_BUDGET = 500
-
-_ALL_LETTERS = DeadLetterFilter()
 
 
 def _raw(key: str, reply: Any) -> Any:
@@ -165,7 +163,7 @@ class RedisDeadLetterStore(OnBackend):
 
     def _add(self, letter: DeadLetter) -> Flow[DeadLetter]:
         """Store ``letter`` unless its id exists; return the stored one. One round trip."""
-        letter = stored(letter)
+        letter = stored(letter, WHO)
         open_ = letter.status in OPEN_STATUSES and letter.next_retry_at is not None
         args = (
             FMT,
@@ -198,7 +196,7 @@ class RedisDeadLetterStore(OnBackend):
         args = (
             FMT,
             encode_text(id, "id"),
-            str(check_count(version, "version")).encode(),
+            str(check_int(version, "version", WHO)).encode(),
             uuid.uuid4().hex.encode(),
             by_time,
             *pairs,
@@ -238,12 +236,10 @@ class RedisDeadLetterStore(OnBackend):
         return [parse_dead_letter(self._base, fields, limit=self._limit) for fields in items]
 
     def _query(
-        self, filter: DeadLetterFilter = _ALL_LETTERS, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = ALL, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id."""
-        check_count(limit, "limit")
-        check_count(offset, "offset", minimum=0)
-        if limit <= 0:
+        if not check_page(limit, offset, WHO):
             return []
         items = yield from self._scan(
             "query", filter, by_time_range(filter), offset=offset, wanted=limit
@@ -261,17 +257,16 @@ class RedisDeadLetterStore(OnBackend):
         filter: DeadLetterFilter | None = None,
     ) -> Flow[list[DeadLetter]]:
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (server clock)."""
-        check_count(limit, "limit")
         bounds = (b"", encode_time(now, "now"))
         lease_ms = milliseconds(lease, "lease")
-        if limit <= 0:
+        if not check_page(limit, 0, WHO):
             return []
         items = yield from self._scan("claim", filter, bounds, wanted=limit, lease_ms=lease_ms)
         return self._letters(items)
 
     claim_due, aclaim_due = twins(_claim_due)
 
-    def _stats(self, filter: DeadLetterFilter = _ALL_LETTERS) -> Flow[list[StatRow]]:
+    def _stats(self, filter: DeadLetterFilter = ALL) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status); reads every letter in the time range."""
         items = yield from self._scan("stats", filter, by_time_range(filter))
         return sum_stats(stat_rows(items))
@@ -280,10 +275,7 @@ class RedisDeadLetterStore(OnBackend):
 
     def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
         """Delete matching letters; return how many went."""
-        if not isinstance(filter, DeadLetterFilter):
-            raise ConfigurationError(
-                f"purge: expected a DeadLetterFilter, got {type(filter).__name__}"
-            )
+        check_filter(filter, "purge")
         counts = yield from self._scan("purge", filter, by_time_range(filter))  # one a page
         return sum(int(count) for count in counts)
 

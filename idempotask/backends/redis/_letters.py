@@ -10,7 +10,6 @@ from typing import Any
 from idempotask.backends._letters import (
     FIELDS,
     TEXT_FIELDS,
-    check_int,
     check_text,
     check_time,
     field_value,
@@ -22,6 +21,7 @@ from idempotask.errors import CorruptRecordError
 
 __all__ = [
     "DEAD_LETTER_FORMAT",
+    "WHO",
     "ScanPage",
     "encode_change",
     "filter_json",
@@ -37,7 +37,7 @@ __all__ = [
 DEAD_LETTER_FORMAT = "idempotask-dlq/1"
 FMT = DEAD_LETTER_FORMAT.encode()
 
-_WHO = "redis dead-letter store"
+WHO = "redis dead-letter store"
 # Case-folded copies of the searched fields (Lua's string.lower knows ASCII only).
 _SEARCHED = ("error_type", "message")
 
@@ -57,28 +57,23 @@ def _utf8(text: str) -> bytes:
 
 def encode_text(value: Any, field: str) -> bytes:
     """A text field as the UTF-8 a letter hash holds."""
-    return _utf8(check_text(value, field, _WHO))
+    return _utf8(check_text(value, field, WHO))
 
 
 def encode_time(value: Any, field: str) -> bytes:
     """Epoch seconds as the shortest exact decimal (``repr``): Lua and ``ZADD`` read it
     back as the same double, so times round-trip exactly."""
-    return repr(check_time(value, field, _WHO)).encode()
+    return repr(check_time(value, field, WHO)).encode()
 
 
 def by_time_score(last_failed_at: Any) -> bytes:
     """A letter's ``by_time`` score: negated, so ascending ZRANGE order is newest first."""
-    return repr(-check_time(last_failed_at, "last_failed_at", _WHO)).encode()
-
-
-def check_count(value: Any, option: str, *, minimum: int | None = None) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``."""
-    return check_int(value, option, _WHO, minimum=minimum)
+    return repr(-check_time(last_failed_at, "last_failed_at", WHO)).encode()
 
 
 def encode_change(field: str, value: Any) -> bytes:
     """The hash value of one letter field (checked first)."""
-    value = field_value(field, value, _WHO)
+    value = field_value(field, value, WHO)
     if value is None:
         return b""
     if isinstance(value, bytes):
@@ -97,7 +92,7 @@ def search_fields(changes: dict[str, Any]) -> list[bytes]:
     pairs: list[bytes] = []
     for name in _SEARCHED:
         if name in changes:
-            folded = check_text(changes[name], name, _WHO).casefold()
+            folded = check_text(changes[name], name, WHO).casefold()
             pairs += [f"cf_{name}".encode(), _utf8(folded)]
     return pairs
 
@@ -263,7 +258,7 @@ def filter_json(filter: DeadLetterFilter | None) -> bytes:
     >>> filter_json(DeadLetterFilter(search="TimeOut"))
     b'{"search": "timeout"}'
     """
-    spec = filter_fields(filter, _WHO)
+    spec = filter_fields(filter, WHO)
     if "search" in spec:
         spec["search"] = spec["search"].casefold()
     # UTF-8 as is (ensure_ascii=False): cjson passes the bytes through unchanged, so they

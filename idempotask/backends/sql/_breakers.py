@@ -38,7 +38,6 @@ from sqlalchemy import (
     Double,
     Executable,
     Integer,
-    MetaData,
     Table,
     and_,
     bindparam,
@@ -53,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from idempotask.backends._letters import check_int
 from idempotask.backends._twins import twins
 from idempotask.backends.base import BreakerState, BreakerStatus
 from idempotask.backends.sql._database import Flavour, Session, seconds
@@ -314,13 +314,11 @@ class SQLBreakerStore(TableStore):
     default_table_name = DEFAULT_BREAKER_TABLE
     default_table = breakers
     table_option = "breaker_table"
+    _define_table = staticmethod(define_breaker_table)
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)
         self._sql = BreakerStatements(self.table)
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        return define_breaker_table(meta, name, schema=schema)
 
     def _params(self, name: str, **params: Any) -> dict[str, Any]:
         """A statement's parameters for breaker ``name`` (checked) of this namespace."""
@@ -379,10 +377,7 @@ class SQLBreakerStore(TableStore):
     ) -> Flow[BreakerState]:
         """Count a failure (opening at ``threshold``); one upsert (see the module)."""
         _checktext_of(name, "a breaker name")
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ConfigurationError(
-                f"sql breaker store: threshold must be an int >= 1, got {threshold!r}"
-            )
+        check_int(threshold, "threshold", "sql breaker store", minimum=1)
         window, open_for = _seconds(window, "window"), _seconds(open_for, "open_for")
 
         def flow(q: Session) -> Flow[BreakerState]:

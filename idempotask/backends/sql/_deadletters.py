@@ -31,14 +31,14 @@ An update that changes the error type or the message but not both reads the othe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
-from idempotask.backends._letters import sum_stats
+from idempotask.backends import _letters as shared
 from idempotask.backends._twins import twins
 from idempotask.backends.base import (
     DeadLetter,
@@ -58,10 +58,9 @@ from idempotask.backends.sql._database import (
 )
 from idempotask.backends.sql._letters import (
     PURGE_BATCH,
+    WHO,
     DeadLetterStatements,
-    check_int,
     check_text,
-    check_time,
     column_value,
     filter_params,
     fold,
@@ -87,9 +86,6 @@ __all__ = ["SQLDeadLetterStore", "TableStore", "dead_letters"]
 
 #: The default dead-letter table, ``idempotask_dead_letters``, in the shared ``metadata``.
 dead_letters = define_dead_letter_table(metadata)
-
-_ALL = DeadLetterFilter()
-_INT64 = 2**63
 
 
 def _skip_locked(dialect: Dialect) -> bool:
@@ -141,6 +137,8 @@ class TableStore(OnDatabase):
     default_table: Table
     #: The URL option naming this store's table when one URL serves several stores.
     table_option: str
+    #: ``define_*_table(metadata, name, schema=)`` of the store's table.
+    _define_table: Callable[..., Table]
 
     def __init__(
         self,
@@ -183,12 +181,9 @@ class TableStore(OnDatabase):
         # The default table is the shared metadata's, already defined there.
         default = table_name == self.default_table_name and schema is None
         self.metadata = metadata if default else MetaData()
-        self.table = self._define_table(self.metadata, table_name, schema)
+        self.table = self._define_table(self.metadata, table_name, schema=schema)
         if create_tables:
             self.database.create_on_first_use(self.metadata, [self.table])
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        raise NotImplementedError
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -267,13 +262,11 @@ class SQLDeadLetterStore(TableStore):
     default_table_name = DEFAULT_DEAD_LETTER_TABLE
     default_table = dead_letters
     table_option = "dead_letter_table"
+    _define_table = staticmethod(define_dead_letter_table)
 
     def __init__(self, bind: Any = None, /, **options: Any) -> None:
         super().__init__(bind, **options)
         self._sql = DeadLetterStatements(self.table)
-
-    def _define_table(self, meta: MetaData, name: str, schema: str | None) -> Table:
-        return define_dead_letter_table(meta, name, schema=schema)
 
     # -- each operation one flow (checks first, then one run on the database) -----------
 
@@ -283,12 +276,8 @@ class SQLDeadLetterStore(TableStore):
         One ``INSERT`` that skips an existing id (PostgreSQL, SQLite ``ON CONFLICT DO
         NOTHING``; MySQL/MariaDB a duplicate-key error), and a read when it did.
         """
+        letter = shared.stored(letter, WHO)
         params = letter_params(letter, self.namespace)  # refuse a bad letter before any I/O
-        stored = letter.evolve(
-            status=Status(letter.status),
-            arguments=params["p_arguments"],
-            critical=bool(letter.critical),
-        )
         get = {"ns": self.namespace, "lid": params["p_id"]}
 
         def flow(q: Session) -> Flow[DeadLetter]:
@@ -303,7 +292,7 @@ class SQLDeadLetterStore(TableStore):
                     except IntegrityError:  # the id exists (MySQL: no ON CONFLICT DO NOTHING)
                         inserted = False
                 if inserted:
-                    return stored
+                    return letter
                 rows = yield q.op(self._sql.get, get)
                 if rows:
                     return parse_letter(rows[0])
@@ -325,14 +314,13 @@ class SQLDeadLetterStore(TableStore):
     get, aget = twins(_get)
 
     def _query(
-        self, filter: DeadLetterFilter = _ALL, *, limit: int = 100, offset: int = 0
+        self, filter: DeadLetterFilter = shared.ALL, *, limit: int = 100, offset: int = 0
     ) -> Flow[list[DeadLetter]]:
         """Matching letters, newest ``last_failed_at`` first, ties by id. One statement
         (on the ``namespace, last_failed_at`` index)."""
-        check_int(limit, "limit", limit=_INT64)
-        check_int(offset, "offset", limit=_INT64, minimum=0)
+        wanted = shared.check_page(limit, offset, WHO)
         shape, params = filter_params(filter)
-        if limit <= 0:
+        if not wanted:
             return []
         params.update({"ns": self.namespace, "n": limit, "o": offset})
         statement = self._sql.query(shape)
@@ -348,7 +336,7 @@ class SQLDeadLetterStore(TableStore):
         """
         check_changes(changes)
         ns, lid = self.namespace, check_text(id, "id")
-        v = check_int(version, "version", limit=_INT64)
+        v = shared.check_int(version, "version", WHO)
         params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
         params.update({"ns": ns, "lid": lid, "v": v})
         sql = self._sql
@@ -399,11 +387,11 @@ class SQLDeadLetterStore(TableStore):
         """Take up to ``limit`` due, unclaimed open letters for ``lease`` seconds (the
         database's clock), earliest first; concurrent claimers skip each other's rows
         (``SKIP LOCKED``)."""
-        now = check_time(now, "now")
-        check_int(limit, "limit", limit=_INT64)
-        lease = seconds(lease, "lease", "sql dead-letter store")
-        shape, params = filter_params(_ALL if filter is None else filter)
-        if limit <= 0:
+        now = shared.check_time(now, "now", WHO)
+        wanted = shared.check_page(limit, 0, WHO)
+        lease = seconds(lease, "lease", WHO)
+        shape, params = filter_params(shared.ALL if filter is None else filter)
+        if not wanted:
             return []
         ns, sql = self.namespace, self._sql
         params.update({"ns": ns, "now": now, "n": limit, "lease": lease})
@@ -433,7 +421,7 @@ class SQLDeadLetterStore(TableStore):
 
     claim_due, aclaim_due = twins(_claim_due)
 
-    def _stats(self, filter: DeadLetterFilter = _ALL) -> Flow[list[StatRow]]:
+    def _stats(self, filter: DeadLetterFilter = shared.ALL) -> Flow[list[StatRow]]:
         """Counts by (function, kind, status), sorted as Python sorts them: one ``GROUP
         BY`` statement."""
         shape, params = filter_params(filter)
@@ -446,7 +434,7 @@ class SQLDeadLetterStore(TableStore):
     def _purge(self, filter: DeadLetterFilter) -> Flow[int]:
         """Delete matching letters, :data:`PURGE_BATCH` per statement (until a batch
         comes back short); how many went."""
-        shape, params = filter_params(filter)
+        shape, params = filter_params(shared.check_filter(filter, WHO))
         params.update({"ns": self.namespace, "n": PURGE_BATCH})
 
         def flow(q: Session) -> Flow[int]:
@@ -479,7 +467,7 @@ def _letters(rows: Sequence[Any]) -> list[DeadLetter]:
 
 
 def _stat_rows(rows: Sequence[Any]) -> list[StatRow]:
-    return sum_stats(
+    return shared.sum_stats(
         (text_of(f), text_of(k), Status(text_of(s)), int(n), int(r or 0), int(b or 0))
         for f, k, s, n, r, b in rows
     )

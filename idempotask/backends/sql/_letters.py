@@ -53,11 +53,10 @@ from idempotask.errors import ConfigurationError, CorruptRecordError
 __all__ = [
     "FIELDS",
     "PURGE_BATCH",
+    "WHO",
     "DeadLetterStatements",
     "Shape",
-    "check_int",
     "check_text",
-    "check_time",
     "column_value",
     "filter_params",
     "fold",
@@ -69,10 +68,9 @@ __all__ = [
 #: Letters deleted per statement by ``purge`` (each its own short transaction).
 PURGE_BATCH = 1000
 
-_WHO = "sql dead-letter store"
+WHO = "sql dead-letter store"
 _OPEN = (Status.PENDING.value, Status.RETRYING.value)
 _INT32 = 2**31
-_INT64 = 2**63
 
 # Text fields held as (binary-compared) strings, with their column's size in UTF-8 bytes.
 _TEXT_LIMITS = {
@@ -134,7 +132,7 @@ def padded(count: int) -> int:
 
 def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
     """The shape of ``filter`` and its parameters (lists padded with their last value)."""
-    fields = shared.filter_fields(filter, _WHO)
+    fields = shared.filter_fields(filter, WHO)
     params: dict[str, Any] = {}
     counts = []
     for prefix, name in (("fs", "status"), ("fk", "kind"), ("ff", "function")):
@@ -162,28 +160,20 @@ def filter_params(filter: DeadLetterFilter) -> tuple[Shape, dict[str, Any]]:
 # -- validation ------------------------------------------------------------------------------
 
 
-def check_time(value: Any, field: str) -> float:
-    return shared.check_time(value, field, _WHO)
-
-
-def check_int(value: Any, field: str, *, limit: int = _INT32, minimum: int | None = None) -> int:
-    return shared.check_int(value, field, _WHO, limit=limit, minimum=minimum)
-
-
 def check_text(value: Any, field: str) -> str:
     """A text field that fits its column (UTF-8 bytes, no lone surrogate)."""
-    text = shared.check_text(value, field, _WHO)
+    text = shared.check_text(value, field, WHO)
     limit = _TEXT_LIMITS[field]
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise ConfigurationError(
-            f"{_WHO}: {field} {text[:60]!r} is not valid Unicode text "
+            f"{WHO}: {field} {text[:60]!r} is not valid Unicode text "
             "(a lone surrogate); only message and traceback may hold one"
         ) from None
     if size > limit:
         raise ConfigurationError(
-            f"{_WHO}: {field} {text[:60]!r}… is {size} bytes in UTF-8; the "
+            f"{WHO}: {field} {text[:60]!r}… is {size} bytes in UTF-8; the "
             f"SQL store holds a {field} of up to {limit} bytes"
         )
     return text
@@ -191,7 +181,7 @@ def check_text(value: Any, field: str) -> str:
 
 def column_value(field: str, value: Any) -> Any:
     """A letter field's value as its column holds it (validated)."""
-    value = shared.field_value(field, value, _WHO, attempts_limit=_INT32)
+    value = shared.field_value(field, value, WHO, attempts_limit=_INT32)
     if field == "status":
         return value.value
     if field in _BLOB_TEXT:
@@ -203,8 +193,6 @@ def column_value(field: str, value: Any) -> Any:
 
 def letter_params(letter: DeadLetter, namespace: str) -> dict[str, Any]:
     """A new letter's statement parameters (validated)."""
-    if not isinstance(letter, DeadLetter):
-        raise TypeError(f"add: expected a DeadLetter, got {type(letter).__name__}")
     params = {f"p_{field}": column_value(field, getattr(letter, field)) for field in FIELDS}
     params["p_namespace"] = namespace
     params["p_search"] = fold(letter.error_type, letter.message)
