@@ -240,6 +240,12 @@ class Processing(QueueCore):
                 )
             return ReplayResult(letter.id, letter.function, outcome, reason, updated)
 
+        def resolve(
+            outcome: Outcomes, resolution: str, what: str, note: str = ""
+        ) -> Flow[ReplayResult]:
+            decide = close(Status.RESOLVED, resolution, what, now, ACTOR, note)
+            return finish(outcome, decide(letter))
+
         def skip(reason: str) -> Flow[ReplayResult]:
             # Released with a short delay, so letters this process cannot handle do not
             # crowd out the others at the head of the due list.
@@ -307,15 +313,8 @@ class Processing(QueueCore):
             except BackendError as exc:
                 return (yield from skip(f"the idempotency store is unavailable: {exc}"))
             if record is not None and record.state is State.COMPLETED:
-                decide = close(
-                    Status.RESOLVED,
-                    "completed",
-                    "completed",
-                    now,
-                    ACTOR,
-                    "the call had completed meanwhile",
-                )
-                return (yield from finish("completed", decide(letter)))
+                note = "the call had completed meanwhile"
+                return (yield from resolve("completed", "completed", "completed", note))
             if record is not None and record.state is State.IN_PROGRESS:
                 return (yield from skip("the call is running elsewhere right now"))
 
@@ -352,12 +351,10 @@ class Processing(QueueCore):
             failure = outcome.error
 
         if failure is None and reg is not None:
-            decide = close(Status.RESOLVED, "retry", "retried", now, ACTOR, "")
-            return (yield from finish("resolved", decide(letter)))
+            return (yield from resolve("resolved", "retry", "retried"))
         if failure is None:
             note = f"handed to the {letter.route} route"
-            decide = close(Status.RESOLVED, "enqueued", "retried", now, ACTOR, note)
-            return (yield from finish("enqueued", decide(letter)))
+            return (yield from resolve("enqueued", "enqueued", "retried", note))
         if isinstance(failure, AlreadyInProgress):
             return (yield from skip("the call is running elsewhere right now"))
         if isinstance(failure, ReplayError):

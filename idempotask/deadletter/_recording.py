@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from idempotask.deadletter._core import (
     check_policies,
     twins,
 )
-from idempotask.deadletter._letters import after_failure, classify, new_letter
+from idempotask.deadletter._letters import after_failure, classify, first_failure
 from idempotask.errors import ConfigurationError, MissingTableError
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op, store_op
@@ -135,18 +136,14 @@ class Recording(QueueCore):
                 if letter.status is Status.ABANDONED:
                     self._alert(letter, "ran out of retries")
                 return letter
-        letter = new_letter(
+        letter = DeadLetter(
+            id=replay_of or uuid.uuid4().hex,
             function=function,
-            error=error,
-            classification=classification,
-            policies=merged,
             arguments=arguments,
             key=key,
             route=route,
             critical=critical,
-            now=now,
-            actor=actor,
-            id=replay_of,
+            **first_failure(error, classification, merged, now, actor),
         )
         letter = yield from self._add_flow(letter)
         if events.listeners:
