@@ -262,3 +262,12 @@ class QueueCore:
                 "idempotask: delivered %d spooled dead letter(s) from %s", delivered, spool.path
             )
         return delivered
+
+    def _deliver_flow(self, store: DeadLetterStore | None = None) -> Flow[int]:
+        """:meth:`_flush_flow` for recording and processing, which the spool never fails:
+        an error is logged, and 0 delivered."""
+        try:
+            return (yield from self._flush_flow(store))
+        except Exception:
+            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+            return 0

@@ -191,10 +191,7 @@ class Processing(QueueCore):
         lease = config.check_seconds("lease", lease)
         at = self.now(now)
         report = ProcessReport()
-        try:
-            report.spool_delivered = yield from self._flush_flow()
-        except Exception:
-            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+        report.spool_delivered = yield from self._deliver_flow()
         chosen = _claim_filter(filter, set(registered_functions()), registered_routes())
         if isinstance(chosen, str):
             report.note = chosen

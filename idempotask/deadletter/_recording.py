@@ -161,11 +161,7 @@ class Recording(QueueCore):
             return (yield from self._spool_flow(letter, exc))
         # The store answers again: deliver what waited. (Spool file I/O is synchronous on
         # the async path too: a stat here, and a few small writes only after an outage.)
-        try:
-            if self.spool.pending():
-                yield from self._flush_flow(store)
-        except Exception:
-            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+        yield from self._deliver_flow(store)
         return stored
 
     def _spool_flow(self, letter: DeadLetter, cause: BaseException) -> Flow[DeadLetter]:
