@@ -154,6 +154,22 @@ def test_a_spool_line_keeps_the_letters_history() -> None:
     assert decode_letter(encode_letter(original)) == original
 
 
+def test_a_line_whose_arguments_are_not_text_is_unreadable_not_an_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.jsonl")
+    spool.append(letter("good"))
+    spool.append_line(b'{"spool": 1, "id": "bad", "arguments": 5}')
+    with pytest.raises(ValueError, match="arguments is not text"):
+        decode_letter(b'{"spool": 1, "id": "bad", "arguments": 5}')
+    assert [x.id for x in spool.letters()] == ["good"]  # a look at the spool, not a crash
+    for batch in spool.take():
+        with batch:
+            for x in batch:
+                batch.done(x)
+    assert (tmp_path / "spool.jsonl.rejected").read_bytes() == (
+        b'{"spool": 1, "id": "bad", "arguments": 5}\n'
+    )
+
+
 class _DownStore:
     """A dead-letter store that is down for every operation."""
 
