@@ -1,10 +1,6 @@
 """What the three parts of :class:`~idempotask.deadletter.DeadLetterQueue` share: its
-options, its store and spool, the clock, alerts, and the flows every part uses (reading a
-letter, changing it with compare-and-set, delivering the spool).
-
-A flow is a generator of :class:`idempotask.flow.Op` objects, driven by
-:func:`idempotask.flow.drive` for sync callers and :func:`idempotask.flow.adrive` for
-async ones: each operation is written once for both.
+options, its store and spool, the clock, alerts, and the flows (:mod:`idempotask.flow`)
+every part uses (reading a letter, changing it with compare-and-set, delivering the spool).
 """
 
 from __future__ import annotations

@@ -11,9 +11,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
-# A queue method is written once, as a method returning its flow; twins() makes the
-# sync method that drives it and the async twin that awaits it, with the same signature.
-from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
 from idempotask.errors import (
     AlreadyInProgress,
@@ -45,7 +42,6 @@ __all__ = [
     "fire_letter_hooks",
     "kind_value",
     "make_filter",
-    "twins",
 ]
 
 log = logging.getLogger("idempotask")

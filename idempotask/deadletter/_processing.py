@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from idempotask import config, events
 from idempotask._printable import printable
+from idempotask.backends._twins import twins
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
-from idempotask.deadletter._core import ReplayError, fire_hook, twins
+from idempotask.deadletter._core import ReplayError, fire_hook
 from idempotask.deadletter._letters import after_failure, classify, close, skipped
 from idempotask.deadletter._replay import (
     Outcome,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from idempotask import events
+from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, Status
 from idempotask.deadletter._arguments import encode_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
@@ -20,7 +21,6 @@ from idempotask.deadletter._core import (
     check_actor,
     check_classifier,
     check_policies,
-    twins,
 )
 from idempotask.deadletter._letters import after_failure, classify, first_failure
 from idempotask.errors import ConfigurationError, MissingTableError
