@@ -55,7 +55,7 @@ PAGE = 500  # letters per query page when a bulk operation walks a filter
 
 # Recording a failure must never lose it: whatever a store or the spool raises is thrown
 # back into the recording flows (which spool the letter, or log it at CRITICAL), not only
-# BackendError. The other flows let anything but a store error propagate.
+# BackendError. The other flows but process_due's let anything but a store error propagate.
 RECORDING_CATCH: tuple[type[BaseException], ...] = (Exception,)
 
 # Never dead-lettered: the work is being done elsewhere (AlreadyInProgress, a lost lease

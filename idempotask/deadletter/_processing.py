@@ -19,14 +19,12 @@ from idempotask.deadletter._base import QueueCore, emit_letter
 from idempotask.deadletter._core import ReplayError, fire_hook
 from idempotask.deadletter._letters import after_failure, classify, close, skipped
 from idempotask.deadletter._replay import (
-    Outcome,
     Prepared,
     Registration,
     lookup,
     prepare,
     registered_functions,
     registered_routes,
-    route_call,
     run_async,
     run_sync,
 )
@@ -123,19 +121,12 @@ class ProcessReport:
         return [(r.id, r.reason) for r in self.results if r.outcome in ("skipped", "conflict")]
 
 
-def _safe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
-    try:
-        return Outcome(prepare(reg, letter), None)
-    except Exception as exc:  # the replay_with= hook failed: the replay failed
-        return Outcome(None, exc)
-
-
-async def _asafe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
+async def _aprepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
     # A replay_with= hook (which may reload from a database) runs in a worker thread,
     # off the event loop.
     if reg.replay_with is None:
-        return _safe_prepare(reg, letter)
-    return await asyncio.to_thread(_safe_prepare, reg, letter)
+        return prepare(reg, letter)
+    return await asyncio.to_thread(prepare, reg, letter)
 
 
 def _claim_filter(
@@ -210,8 +201,11 @@ class Processing(QueueCore):
                     emit_letter(replay_event, result.letter)
         return report
 
+    # Whatever a replay, its replay_with= hook or its route raises is thrown back into the
+    # flow, which records it on the letter; what the flow does not catch propagates.
     process_due, aprocess_due = twins(
         _process_due,
+        catch=(Exception,),
         adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
     )
 
@@ -320,10 +314,14 @@ class Processing(QueueCore):
         arguments: dict[str, Any] = {}
         failure: Exception | None = None
         if reg is not None:
-            made: Outcome = yield Op(_safe_prepare, _asafe_prepare, reg, letter)
-            if isinstance(made.value, str):
-                return (yield from cannot_replay(made.value))
-            prepared, failure = made.value, made.error
+            try:
+                made: Prepared | str = yield Op(prepare, _aprepare, reg, letter)
+            except Exception as exc:  # the replay_with= hook failed: the replay failed
+                failure = exc
+            else:
+                if isinstance(made, str):
+                    return (yield from cannot_replay(made))
+                prepared = made
         else:
             stored = letter_arguments(letter)
             if not stored.complete:
@@ -341,12 +339,13 @@ class Processing(QueueCore):
                     yield store_op(backend, "delete", letter.key, token=record.token)
                 except BackendError as exc:
                     return (yield from skip(f"the idempotency store is unavailable: {exc}"))
-            if prepared is not None:
-                assert reg is not None
-                outcome: Outcome = yield Op(run_sync, run_async, reg, letter.id, prepared)
-            else:
-                outcome = yield Op(route_call, None, handler, letter, arguments)
-            failure = outcome.error
+            try:
+                if prepared is not None:
+                    yield Op(run_sync, run_async, reg, letter.id, prepared)
+                elif handler is not None:
+                    yield Op(handler, None, letter, arguments)
+            except Exception as exc:  # the replay (or its route) failed
+                failure = exc
 
         if failure is None and reg is not None:
             return (yield from resolve("resolved", "retry", "retried"))
