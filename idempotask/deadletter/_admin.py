@@ -1,9 +1,7 @@
 """Administration: questions about letters (get, find by id prefix, query, count, stats)
-and what people do to them (requeue, resolve, abandon, purge), one by one or by filter.
-
-Every change a person makes appends an entry to the letter's history with who made it
-(``actor=``: ``"api"`` by default; the CLI passes ``"cli:<user>"``, a dashboard its
-user's name) and their ``note``.
+and what people do to them (requeue, resolve, abandon, purge), one by one or by filter,
+each recorded in the letter's history with ``actor=`` (see
+:func:`~idempotask.deadletter._core.check_actor`) and ``note``.
 """
 
 from __future__ import annotations

@@ -156,10 +156,7 @@ class QueueCore:
             return self._spool_option
         s = config.settings()
         path = spool_path(s.spool_path, s.namespace)
-        spool = self._spools.get(path)
-        if spool is None:
-            spool = self._spools.setdefault(path, Spool(path))
-        return spool
+        return self._spools.get(path) or self._spools.setdefault(path, Spool(path))
 
     def now(self, value: float | _dt.datetime | None = None) -> float:
         """``value`` as epoch seconds, or the queue's clock when None."""

@@ -126,14 +126,11 @@ class Recording(QueueCore):
                 )
                 replay_of = None
             else:
+                abandoned = letter.status is Status.ABANDONED
                 if events.listeners:  # a framework's replay of the letter failed again
-                    emit_letter(
-                        EventKind.RETRY_EXHAUSTED
-                        if letter.status is Status.ABANDONED
-                        else EventKind.RETRY_FAILED,
-                        letter,
-                    )
-                if letter.status is Status.ABANDONED:
+                    kind = EventKind.RETRY_EXHAUSTED if abandoned else EventKind.RETRY_FAILED
+                    emit_letter(kind, letter)
+                if abandoned:
                     self._alert(letter, "ran out of retries")
                 return letter
         letter = DeadLetter(
