@@ -234,7 +234,7 @@ class QueueCore:
         try:
             for batch in batches:
                 with batch:
-                    for letter in batch:
+                    for done, letter in enumerate(batch):
                         try:
                             yield store_op(store, "add", letter)
                         except BackendError as exc:
@@ -242,7 +242,7 @@ class QueueCore:
                                 "idempotask: dead-letter store still unavailable (%s); %d "
                                 "letter(s) stay in the spool %s",
                                 exc,
-                                len(batch) - delivered,
+                                len(batch) - done,
                                 spool.path,
                             )
                             return delivered
