@@ -123,10 +123,6 @@ def with_action(history: tuple[Action, ...], action: Action) -> tuple[Action, ..
     return (*history, action)[-HISTORY_LIMIT:]
 
 
-def _error_text(error_type: str, message: str) -> str:
-    return _clip(f"{error_type.rsplit('.', 1)[-1]}: {message}", _MAX_ACTION_TEXT)
-
-
 def _failure(
     error: BaseException,
     described: tuple[str, str, str],
@@ -154,7 +150,8 @@ def _failure(
         first_failed_at, history = letter.first_failed_at, letter.history
     next_retry_at = _next_retry(policies, classification, retry, now, error, first_failed_at)
     what = "failed" if letter is None else "retry_failed"
-    history = with_action(history, Action(now, what, actor, kind, _error_text(error_type, message)))
+    text = _clip(f"{error_type.rsplit('.', 1)[-1]}: {message}", _MAX_ACTION_TEXT)
+    history = with_action(history, Action(now, what, actor, kind, text))
     if next_retry_at is not None:
         status = Status.PENDING if letter is None else Status.RETRYING
     else:
