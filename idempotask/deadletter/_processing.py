@@ -275,20 +275,15 @@ class Processing(QueueCore):
             return result
 
         reg, handler = lookup(letter)
-        if letter.route and handler is None:
-            return (
-                yield from skip(
-                    f"no route {letter.route!r} is registered in this process; import the "
-                    f"module that registers it (the command line's --import)"
-                )
+        if reg is None and handler is None:
+            missing = (
+                f"no route {letter.route!r} is registered in this process; import the module "
+                "that registers it"
+                if letter.route
+                else f"{letter.function} is not registered in this process; import the module "
+                "that defines it"
             )
-        if not letter.route and reg is None:
-            return (
-                yield from skip(
-                    f"{letter.function} is not registered in this process; import the module "
-                    "that defines it (the command line's --import)"
-                )
-            )
+            return (yield from skip(f"{missing} (the command line's --import)"))
 
         # Whether the call completed (or is running) meanwhile: that settles the letter
         # whatever its stored arguments hold.
