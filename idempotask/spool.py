@@ -136,7 +136,10 @@ def decode_letter(line: bytes) -> DeadLetter:
     if not isinstance(data, dict) or data.get("spool") != _FORMAT:
         raise ValueError("not a spool line of format 1")
     fields = {k: v for k, v in data.items() if k in _FIELD_NAMES}
-    fields["arguments"] = base64.b64decode(fields.get("arguments", ""), validate=True)
+    arguments = fields.get("arguments", "")
+    if not isinstance(arguments, str):
+        raise ValueError("spool line: arguments is not text")
+    fields["arguments"] = base64.b64decode(arguments, validate=True)
     fields["status"] = Status(fields.get("status", Status.PENDING.value))
     history = fields.get("history") or ""
     if not isinstance(history, str):
@@ -376,16 +379,6 @@ class Spool:
             raise
         return SpoolBatch(self, path, fd, data)
 
-    def _reject(self, lines: list[bytes]) -> None:
-        rejected = self.path + ".rejected"
-        _append(rejected, b"".join(line + b"\n" for line in lines))
-        log.error(
-            "idempotask: %d unreadable line(s) in the dead-letter spool %s moved to %s",
-            len(lines),
-            self.path,
-            rejected,
-        )
-
 
 class SpoolBatch:
     """Letters taken from the spool by one deliverer, locked until it is closed.
@@ -433,12 +426,18 @@ class SpoolBatch:
             return
         try:
             if self._bad:
-                self.spool._reject(self._bad)
+                rejected = self.spool.path + ".rejected"
+                _append(rejected, b"".join(line + b"\n" for line in self._bad))
+                log.error(
+                    "idempotask: %d unreadable line(s) in the dead-letter spool %s moved to %s",
+                    len(self._bad),
+                    self.spool.path,
+                    rejected,
+                )
                 self._bad = []
             rest = [raw for raw, letter in self._lines if letter.id not in self._done]
             if rest:
-                with _locked(self.spool._lock_path):
-                    _append(self.spool.path, b"".join(raw + b"\n" for raw in rest))
+                self.spool.append_line(b"\n".join(rest))
             os.unlink(self.path)
         finally:
             os.close(self._fd)

@@ -880,6 +880,23 @@ def test_the_sync_processor_runs_an_async_function_on_its_own_loop(
     assert queue.process_due(now=LATER).resolved == [only_letter(queue).id]
 
 
+async def test_the_sync_processor_leaves_an_async_function_alone_inside_a_running_loop(
+    queue: DeadLetterQueue,
+) -> None:
+    @dead_letter(queue=queue, swallow=True)
+    async def job() -> None:
+        raise GatewayTimeout("x")
+
+    await job()
+    report = queue.process_due(now=LATER)  # sync, but this thread runs an event loop
+    reason = (
+        f"{job.dead_letter_name} is async and an event loop is running in this thread: "
+        "use aprocess_due()"
+    )
+    assert report.skipped == [(only_letter(queue).id, reason)]
+    assert only_letter(queue).attempts == 1
+
+
 # ------------------------------------------------------------------------ in-call retries
 
 
@@ -1262,6 +1279,26 @@ def test_a_route_replays_through_the_integration(queue: DeadLetterQueue) -> None
         assert len(queue.query()) == 1
     finally:
         unregister_route("tests-broker")
+
+
+def test_a_route_that_raises_is_a_failed_replay_retried_by_the_policy(
+    queue: DeadLetterQueue,
+) -> None:
+    def refuse(letter: DeadLetter, arguments: dict[str, Any]) -> None:
+        raise GatewayTimeout("broker down")
+
+    register_route("tests-refusing", refuse)
+    try:
+        letter = queue.record(
+            "tasks.sync_account", GatewayTimeout("x"), arguments={"id": 3}, route="tests-refusing"
+        )
+        report = queue.process_due(now=LATER)
+        assert report.failed == [letter.id]
+        again = queue.get(letter.id)
+        assert again is not None
+        assert (again.attempts, again.status, again.message) == (2, Status.RETRYING, "broker down")
+    finally:
+        unregister_route("tests-refusing")
 
 
 def test_the_default_queue_uses_the_configured_store(tmp_path: Path) -> None:

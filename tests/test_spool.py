@@ -154,6 +154,49 @@ def test_a_spool_line_keeps_the_letters_history() -> None:
     assert decode_letter(encode_letter(original)) == original
 
 
+def test_a_line_whose_arguments_are_not_text_is_unreadable_not_an_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.jsonl")
+    spool.append(letter("good"))
+    spool.append_line(b'{"spool": 1, "id": "bad", "arguments": 5}')
+    with pytest.raises(ValueError, match="arguments is not text"):
+        decode_letter(b'{"spool": 1, "id": "bad", "arguments": 5}')
+    assert [x.id for x in spool.letters()] == ["good"]  # a look at the spool, not a crash
+    for batch in spool.take():
+        with batch:
+            for x in batch:
+                batch.done(x)
+    assert (tmp_path / "spool.jsonl.rejected").read_bytes() == (
+        b'{"spool": 1, "id": "bad", "arguments": 5}\n'
+    )
+
+
+def test_a_delivery_stopped_in_a_later_batch_counts_what_stays_in_that_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from idempotask import BackendError
+    from idempotask.backends.memory import MemoryBackend
+
+    spool = Spool(tmp_path / "spool.jsonl")
+    for n in range(3):
+        spool.append(letter(f"new-{n}"))
+    left = tmp_path / "spool.jsonl.999-crashed.batch"  # a crashed deliverer's batch
+    left.write_bytes(b"".join(encode_letter(letter(f"old-{n}")) + b"\n" for n in range(2)))
+    left.chmod(0o600)
+    store = MemoryBackend().dead_letter_store()
+    added = store.add
+
+    def add(x: DeadLetter) -> DeadLetter:
+        if x.id.startswith("old-"):
+            raise BackendError("down again")
+        return added(x)
+
+    store.add = add  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="idempotask"):
+        assert DeadLetterQueue(store, spool=spool).flush_spool() == 3
+    assert "; 2 letter(s) stay in the spool" in caplog.text  # not "-1"
+    assert sorted(x.id for x in spool.letters()) == ["old-0", "old-1"]
+
+
 class _DownStore:
     """A dead-letter store that is down for every operation."""
 

@@ -1,9 +1,7 @@
 """Administration: questions about letters (get, find by id prefix, query, count, stats)
-and what people do to them (requeue, resolve, abandon, purge), one by one or by filter.
-
-Every change a person makes appends an entry to the letter's history with who made it
-(``actor=``: ``"api"`` by default; the CLI passes ``"cli:<user>"``, a dashboard its
-user's name) and their ``note``.
+and what people do to them (requeue, resolve, abandon, purge), one by one or by filter,
+each recorded in the letter's history with ``actor=`` (see
+:func:`~idempotask.deadletter._core.check_actor`) and ``note``.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idempotask import config
+from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, StatRow, Status
 from idempotask.deadletter._base import QueueCore
 from idempotask.deadletter._core import (
@@ -23,7 +22,6 @@ from idempotask.deadletter._core import (
     DeadLetterNotFound,
     check_actor,
     make_filter,
-    twins,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
 from idempotask.errors import ConfigurationError
@@ -93,10 +91,6 @@ def _note(note: Any) -> str:
     if not isinstance(note, str):
         raise ConfigurationError(f"note: expected text, got {type(note).__name__}")
     return note.strip()
-
-
-def _default_statuses(chosen: DeadLetterFilter, statuses: tuple[Status, ...]) -> DeadLetterFilter:
-    return chosen if chosen.status else dataclasses.replace(chosen, status=statuses)
 
 
 class Administration(QueueCore):
@@ -312,9 +306,15 @@ class Administration(QueueCore):
 
     # -- many letters ----------------------------------------------------------------------
 
-    def _bulk_flow(self, filter: DeadLetterFilter, decide: Decide) -> Flow[int]:
-        """Apply ``decide`` to every letter matching ``filter`` (ids listed first, so the
-        changes do not move the pages); how many were changed."""
+    def _bulk_flow(
+        self, filter: DeadLetterFilter | None, statuses: tuple[Status, ...], decide: Decide
+    ) -> Flow[int]:
+        """Apply ``decide`` to every letter matching ``filter``, of ``statuses`` when it
+        names none (ids listed first, so the changes do not move the pages); how many
+        were changed."""
+        filter = filter or DeadLetterFilter()
+        if not filter.status:
+            filter = dataclasses.replace(filter, status=statuses)
         ids: list[str] = []
         while True:
             page = yield from self._query_flow(filter, PAGE, len(ids))
@@ -352,8 +352,7 @@ class Administration(QueueCore):
         3
         """
         chosen = filter or make_filter(status, kind, function, since, until, search)
-        decide = self._reopen(None, None, actor, note)
-        return self._bulk_flow(_default_statuses(chosen, _NOT_RESOLVED), decide)
+        return self._bulk_flow(chosen, _NOT_RESOLVED, self._reopen(None, None, actor, note))
 
     requeue_all, arequeue_all = twins(_requeue_all)
 
@@ -367,8 +366,7 @@ class Administration(QueueCore):
     ) -> Flow[int]:
         """Close every matching letter as RESOLVED (by default those not resolved yet);
         returns how many. Each letter's history records it, with ``note``."""
-        chosen = _default_statuses(filter or DeadLetterFilter(), _NOT_RESOLVED)
-        return self._bulk_flow(chosen, self._resolve(resolution, actor, note))
+        return self._bulk_flow(filter, _NOT_RESOLVED, self._resolve(resolution, actor, note))
 
     resolve_all, aresolve_all = twins(_resolve_all)
 
@@ -377,8 +375,7 @@ class Administration(QueueCore):
     ) -> Flow[int]:
         """Close every matching letter as ABANDONED (by default the open ones, PENDING and
         RETRYING); returns how many."""
-        chosen = _default_statuses(filter or DeadLetterFilter(), _OPEN)
-        return self._bulk_flow(chosen, self._abandon(actor, note))
+        return self._bulk_flow(filter, _OPEN, self._abandon(actor, note))
 
     abandon_all, aabandon_all = twins(_abandon_all)
 

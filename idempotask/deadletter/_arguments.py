@@ -4,17 +4,10 @@ from them.
 A letter stores the call's arguments by name (defaults applied) as typed JSON, after the
 ``redact=`` hook. A replay must run the *original* call, so every argument that is not
 the call's own value is marked in the stored mapping by a placeholder that no replay can
-mistake for a value:
-
-- :class:`Redacted` -- ``redact=`` changed the value (``"<redacted>"`` in place of a card
-  number), removed the argument, or added a name that is not an argument;
-- :class:`Unserializable` -- the JSON serializer cannot hold the value.
-
-A letter holding either cannot be replayed from storage alone: the function's
-``replay_with=`` hook rebuilds the call from what was kept (reloading the card from an
-order id, say), or the letter waits for a person. Names starting with ``@`` are never
-arguments (parameter names are identifiers): ``@fingerprint`` keeps the digest of the
-arguments of a call made under an explicit key, so a replay can check it rebuilt them.
+mistake for a value (:class:`Redacted`, :class:`Unserializable`: their docstrings say
+when, and what a replay does then). Names starting with ``@`` are never arguments
+(parameter names are identifiers): ``@fingerprint`` keeps the digest of the arguments of
+a call made under an explicit key, so a replay can check it rebuilt them.
 """
 
 from __future__ import annotations

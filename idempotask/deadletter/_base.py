@@ -1,10 +1,6 @@
 """What the three parts of :class:`~idempotask.deadletter.DeadLetterQueue` share: its
-options, its store and spool, the clock, alerts, and the flows every part uses (reading a
-letter, changing it with compare-and-set, delivering the spool).
-
-A flow is a generator of :class:`idempotask.flow.Op` objects, driven by
-:func:`idempotask.flow.drive` for sync callers and :func:`idempotask.flow.adrive` for
-async ones: each operation is written once for both.
+options, its store and spool, the clock, alerts, and the flows (:mod:`idempotask.flow`)
+every part uses (reading a letter, changing it with compare-and-set, delivering the spool).
 """
 
 from __future__ import annotations
@@ -160,10 +156,7 @@ class QueueCore:
             return self._spool_option
         s = config.settings()
         path = spool_path(s.spool_path, s.namespace)
-        spool = self._spools.get(path)
-        if spool is None:
-            spool = self._spools.setdefault(path, Spool(path))
-        return spool
+        return self._spools.get(path) or self._spools.setdefault(path, Spool(path))
 
     def now(self, value: float | _dt.datetime | None = None) -> float:
         """``value`` as epoch seconds, or the queue's clock when None."""
@@ -241,7 +234,7 @@ class QueueCore:
         try:
             for batch in batches:
                 with batch:
-                    for letter in batch:
+                    for done, letter in enumerate(batch):
                         try:
                             yield store_op(store, "add", letter)
                         except BackendError as exc:
@@ -249,7 +242,7 @@ class QueueCore:
                                 "idempotask: dead-letter store still unavailable (%s); %d "
                                 "letter(s) stay in the spool %s",
                                 exc,
-                                len(batch) - delivered,
+                                len(batch) - done,
                                 spool.path,
                             )
                             return delivered
@@ -262,3 +255,12 @@ class QueueCore:
                 "idempotask: delivered %d spooled dead letter(s) from %s", delivered, spool.path
             )
         return delivered
+
+    def _deliver_flow(self, store: DeadLetterStore | None = None) -> Flow[int]:
+        """:meth:`_flush_flow` for recording and processing, which the spool never fails:
+        an error is logged, and 0 delivered."""
+        try:
+            return (yield from self._flush_flow(store))
+        except Exception:
+            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+            return 0

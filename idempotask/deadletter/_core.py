@@ -11,9 +11,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
-# A queue method is written once, as a method returning its flow; twins() makes the
-# sync method that drives it and the async twin that awaits it, with the same signature.
-from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Status
 from idempotask.errors import (
     AlreadyInProgress,
@@ -45,7 +42,6 @@ __all__ = [
     "fire_letter_hooks",
     "kind_value",
     "make_filter",
-    "twins",
 ]
 
 log = logging.getLogger("idempotask")
@@ -59,7 +55,7 @@ PAGE = 500  # letters per query page when a bulk operation walks a filter
 
 # Recording a failure must never lose it: whatever a store or the spool raises is thrown
 # back into the recording flows (which spool the letter, or log it at CRITICAL), not only
-# BackendError. The other flows let anything but a store error propagate.
+# BackendError. The other flows but process_due's let anything but a store error propagate.
 RECORDING_CATCH: tuple[type[BaseException], ...] = (Exception,)
 
 # Never dead-lettered: the work is being done elsewhere (AlreadyInProgress, a lost lease

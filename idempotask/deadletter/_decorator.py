@@ -50,10 +50,6 @@ T = TypeVar("T")
 _S = TypeVar("_S")
 _P2 = ParamSpec("_P2")
 
-# ----------------------------------------------------------------------------------------
-# The decorator
-# ----------------------------------------------------------------------------------------
-
 _MARKER = "__idempotask_dead_letter__"
 
 
@@ -306,18 +302,21 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
     queue = options["queue"]
     if queue is not None and not isinstance(queue, DeadLetterQueue):
         raise ConfigurationError(f"queue: expected a DeadLetterQueue, got {queue!r}")
-    is_async = inspect.iscoroutinefunction(func)
     try:
         signature: inspect.Signature | None = inspect.signature(func)
     except (TypeError, ValueError):
         signature = None
-    swallow = bool(options["swallow"])
+    breaker = options["breaker"]
+    if breaker is not None:
+        from idempotask.breaker import check_breaker  # imported only when a breaker is given
+
+        breaker = check_breaker(breaker)
     reg = Registration(
         name=name,
         owner=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}",
         func=func,
         call=func,  # replaced by the wrapper below
-        is_async=is_async,
+        is_async=inspect.iscoroutinefunction(func),
         signature=signature,
         spec=spec,
         queue=queue,
@@ -326,11 +325,11 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         classifier=check_classifier(options["classifier"]),
         policies=check_policies(options["policies"]),
         retry=None,
-        swallow=swallow,
+        swallow=bool(options["swallow"]),
         critical=bool(options["critical"]),
         on_dead_letter=check_hook("on_dead_letter", options["on_dead_letter"]),
         on_retry_exhausted=check_hook("on_retry_exhausted", options["on_retry_exhausted"]),
-        breaker=_check_breaker(options["breaker"]),
+        breaker=breaker,
     )
     reg.retry = _check_retry(options["retry"], reg.classifier)
     # Binds like a function, helpers included; a class method's binding comes along
@@ -380,14 +379,6 @@ def _recording(reg: Registration, call: Callable[..., Any], explicit: str | None
             raise
 
     return wrapper
-
-
-def _check_breaker(breaker: Any) -> Any:
-    if breaker is None:
-        return None
-    from idempotask.breaker import check_breaker  # imported only when a breaker is given
-
-    return check_breaker(breaker)
 
 
 def _check_replay_with(hook: Any, signature: inspect.Signature | None) -> ReplayWith | None:

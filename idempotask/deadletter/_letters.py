@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import traceback as _traceback
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ __all__ = [
     "classify",
     "close",
     "describe",
-    "new_letter",
+    "first_failure",
     "reopen",
     "skipped",
     "with_action",
@@ -124,54 +123,61 @@ def with_action(history: tuple[Action, ...], action: Action) -> tuple[Action, ..
     return (*history, action)[-HISTORY_LIMIT:]
 
 
-def _error_text(error_type: str, message: str) -> str:
-    return _clip(f"{error_type.rsplit('.', 1)[-1]}: {message}", _MAX_ACTION_TEXT)
-
-
-def new_letter(
-    *,
-    function: str,
+def _failure(
     error: BaseException,
+    described: tuple[str, str, str],
     classification: Classification,
     policies: Policies,
-    arguments: bytes,
-    key: str,
-    route: str,
-    critical: bool,
     now: float,
     actor: str,
-    id: str | None = None,
-) -> DeadLetter:
-    """The letter of a first failure: PENDING with its first retry scheduled, or ABANDONED
-    when the kind's policy allows none."""
-    error_type, message, tb = describe(error)
-    next_retry_at = _next_retry(policies, classification, 1, now, error, now)
+    letter: DeadLetter | None,
+) -> dict[str, Any]:
+    """The fields a failure sets: the first (``letter`` None: ``failed``, PENDING) or a
+    replay of ``letter`` that failed again (``retry_failed``, RETRYING); ABANDONED, with
+    an ``abandoned`` entry, when the kind's policy has no retry left.
+
+    An error with ``consumes_attempt = False`` (an open circuit breaker: the call never
+    ran) leaves the attempt count alone and waits as before a first retry.
+    """
+    error_type, message, tb = described
     kind = kind_value(classification.kind)
-    history: tuple[Action, ...] = (
-        Action(now, "failed", actor, kind, _error_text(error_type, message)),
-    )
-    if next_retry_at is None:
-        history = with_action(
-            history, Action(now, "abandoned", actor, note="no retry for this kind")
-        )
-    return DeadLetter(
-        id=id or uuid.uuid4().hex,
-        function=function,
-        kind=kind,
-        error_type=error_type,
-        message=message,
-        traceback=tb,
-        arguments=arguments,
-        key=key,
-        attempts=1,
-        status=Status.PENDING if next_retry_at is not None else Status.ABANDONED,
-        first_failed_at=now,
-        last_failed_at=now,
-        next_retry_at=next_retry_at,
-        route=route,
-        critical=critical,
-        history=history,
-    )
+    history: tuple[Action, ...]
+    attempts, retry, first_failed_at, history = 1, 1, now, ()
+    if letter is not None:
+        consumed = getattr(error, "consumes_attempt", True) is not False
+        attempts = letter.attempts + 1 if consumed else letter.attempts
+        retry = attempts if consumed else 1
+        first_failed_at, history = letter.first_failed_at, letter.history
+    next_retry_at = _next_retry(policies, classification, retry, now, error, first_failed_at)
+    what = "failed" if letter is None else "retry_failed"
+    text = _clip(f"{error_type.rsplit('.', 1)[-1]}: {message}", _MAX_ACTION_TEXT)
+    history = with_action(history, Action(now, what, actor, kind, text))
+    if next_retry_at is not None:
+        status = Status.PENDING if letter is None else Status.RETRYING
+    else:
+        status = Status.ABANDONED
+        note = "no retry for this kind" if letter is None else "no retry left"
+        history = with_action(history, Action(now, "abandoned", actor, note=note))
+    return {
+        "kind": kind,
+        "error_type": error_type,
+        "message": message,
+        "traceback": tb,
+        "attempts": attempts,
+        "status": status,
+        "last_failed_at": now,
+        "next_retry_at": next_retry_at,
+        "history": history,
+    }
+
+
+def first_failure(
+    error: BaseException, classification: Classification, policies: Policies, now: float, actor: str
+) -> dict[str, Any]:
+    """The fields of a first failure's letter but its id and the call's: PENDING with its
+    first retry scheduled, or ABANDONED when the kind's policy allows none."""
+    fields = _failure(error, describe(error), classification, policies, now, actor, None)
+    return {**fields, "first_failed_at": now}
 
 
 def after_failure(
@@ -182,43 +188,12 @@ def after_failure(
     actor: str,
 ) -> Decide:
     """The update for a replay of a letter that failed again (``retry_failed``; then
-    ``abandoned`` when no retry is left).
-
-    An error with ``consumes_attempt = False`` (an open circuit breaker: the call never
-    ran) leaves the attempt count alone and waits as before a first retry.
-    """
-    error_type, message, tb = describe(error)
-    consumed = getattr(error, "consumes_attempt", True) is not False
-    kind = kind_value(classification.kind)
+    ``abandoned`` when no retry is left); see :func:`_failure`."""
+    described = describe(error)
 
     def decide(letter: DeadLetter) -> dict[str, Any]:
-        attempts = letter.attempts + 1 if consumed else letter.attempts
-        next_retry_at = _next_retry(
-            policies,
-            classification,
-            attempts if consumed else 1,
-            now,
-            error,
-            letter.first_failed_at,
-        )
-        history = with_action(
-            letter.history,
-            Action(now, "retry_failed", actor, kind, _error_text(error_type, message)),
-        )
-        if next_retry_at is None:
-            history = with_action(history, Action(now, "abandoned", actor, note="no retry left"))
-        return {
-            "kind": kind,
-            "error_type": error_type,
-            "message": message,
-            "traceback": tb,
-            "attempts": attempts,
-            "status": Status.RETRYING if next_retry_at is not None else Status.ABANDONED,
-            "last_failed_at": now,
-            "next_retry_at": next_retry_at,
-            "resolution": "",
-            "history": history,
-        }
+        changes = _failure(error, described, classification, policies, now, actor, letter)
+        return {**changes, "resolution": ""}
 
     return decide
 

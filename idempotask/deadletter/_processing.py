@@ -12,20 +12,19 @@ from typing import Any, Literal
 
 from idempotask import config, events
 from idempotask._printable import printable
+from idempotask.backends._twins import twins
 from idempotask.backends.base import Backend, DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.deadletter._arguments import letter_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
-from idempotask.deadletter._core import ReplayError, fire_hook, twins
+from idempotask.deadletter._core import ReplayError, fire_hook
 from idempotask.deadletter._letters import after_failure, classify, close, skipped
 from idempotask.deadletter._replay import (
-    Outcome,
     Prepared,
     Registration,
     lookup,
     prepare,
     registered_functions,
     registered_routes,
-    route_call,
     run_async,
     run_sync,
 )
@@ -122,19 +121,12 @@ class ProcessReport:
         return [(r.id, r.reason) for r in self.results if r.outcome in ("skipped", "conflict")]
 
 
-def _safe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
-    try:
-        return Outcome(prepare(reg, letter), None)
-    except Exception as exc:  # the replay_with= hook failed: the replay failed
-        return Outcome(None, exc)
-
-
-async def _asafe_prepare(reg: Registration, letter: DeadLetter) -> Outcome:
+async def _aprepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
     # A replay_with= hook (which may reload from a database) runs in a worker thread,
     # off the event loop.
     if reg.replay_with is None:
-        return _safe_prepare(reg, letter)
-    return await asyncio.to_thread(_safe_prepare, reg, letter)
+        return prepare(reg, letter)
+    return await asyncio.to_thread(prepare, reg, letter)
 
 
 def _claim_filter(
@@ -191,10 +183,7 @@ class Processing(QueueCore):
         lease = config.check_seconds("lease", lease)
         at = self.now(now)
         report = ProcessReport()
-        try:
-            report.spool_delivered = yield from self._flush_flow()
-        except Exception:
-            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+        report.spool_delivered = yield from self._deliver_flow()
         chosen = _claim_filter(filter, set(registered_functions()), registered_routes())
         if isinstance(chosen, str):
             report.note = chosen
@@ -212,8 +201,11 @@ class Processing(QueueCore):
                     emit_letter(replay_event, result.letter)
         return report
 
+    # Whatever a replay, its replay_with= hook or its route raises is thrown back into the
+    # flow, which records it on the letter; what the flow does not catch propagates.
     process_due, aprocess_due = twins(
         _process_due,
+        catch=(Exception,),
         adoc="Async :meth:`process_due`; sync functions are replayed in a worker thread.",
     )
 
@@ -239,6 +231,12 @@ class Processing(QueueCore):
                     letter.id, letter.function, "conflict", "the letter was changed meanwhile"
                 )
             return ReplayResult(letter.id, letter.function, outcome, reason, updated)
+
+        def resolve(
+            outcome: Outcomes, resolution: str, what: str, note: str = ""
+        ) -> Flow[ReplayResult]:
+            decide = close(Status.RESOLVED, resolution, what, now, ACTOR, note)
+            return finish(outcome, decide(letter))
 
         def skip(reason: str) -> Flow[ReplayResult]:
             # Released with a short delay, so letters this process cannot handle do not
@@ -277,20 +275,15 @@ class Processing(QueueCore):
             return result
 
         reg, handler = lookup(letter)
-        if letter.route and handler is None:
-            return (
-                yield from skip(
-                    f"no route {letter.route!r} is registered in this process; import the "
-                    f"module that registers it (the command line's --import)"
-                )
+        if reg is None and handler is None:
+            missing = (
+                f"no route {letter.route!r} is registered in this process; import the module "
+                "that registers it"
+                if letter.route
+                else f"{letter.function} is not registered in this process; import the module "
+                "that defines it"
             )
-        if not letter.route and reg is None:
-            return (
-                yield from skip(
-                    f"{letter.function} is not registered in this process; import the module "
-                    "that defines it (the command line's --import)"
-                )
-            )
+            return (yield from skip(f"{missing} (the command line's --import)"))
 
         # Whether the call completed (or is running) meanwhile: that settles the letter
         # whatever its stored arguments hold.
@@ -307,15 +300,8 @@ class Processing(QueueCore):
             except BackendError as exc:
                 return (yield from skip(f"the idempotency store is unavailable: {exc}"))
             if record is not None and record.state is State.COMPLETED:
-                decide = close(
-                    Status.RESOLVED,
-                    "completed",
-                    "completed",
-                    now,
-                    ACTOR,
-                    "the call had completed meanwhile",
-                )
-                return (yield from finish("completed", decide(letter)))
+                note = "the call had completed meanwhile"
+                return (yield from resolve("completed", "completed", "completed", note))
             if record is not None and record.state is State.IN_PROGRESS:
                 return (yield from skip("the call is running elsewhere right now"))
 
@@ -323,10 +309,14 @@ class Processing(QueueCore):
         arguments: dict[str, Any] = {}
         failure: Exception | None = None
         if reg is not None:
-            made: Outcome = yield Op(_safe_prepare, _asafe_prepare, reg, letter)
-            if isinstance(made.value, str):
-                return (yield from cannot_replay(made.value))
-            prepared, failure = made.value, made.error
+            try:
+                made: Prepared | str = yield Op(prepare, _aprepare, reg, letter)
+            except Exception as exc:  # the replay_with= hook failed: the replay failed
+                failure = exc
+            else:
+                if isinstance(made, str):
+                    return (yield from cannot_replay(made))
+                prepared = made
         else:
             stored = letter_arguments(letter)
             if not stored.complete:
@@ -344,20 +334,19 @@ class Processing(QueueCore):
                     yield store_op(backend, "delete", letter.key, token=record.token)
                 except BackendError as exc:
                     return (yield from skip(f"the idempotency store is unavailable: {exc}"))
-            if prepared is not None:
-                assert reg is not None
-                outcome: Outcome = yield Op(run_sync, run_async, reg, letter.id, prepared)
-            else:
-                outcome = yield Op(route_call, None, handler, letter, arguments)
-            failure = outcome.error
+            try:
+                if prepared is not None:
+                    yield Op(run_sync, run_async, reg, letter.id, prepared)
+                elif handler is not None:
+                    yield Op(handler, None, letter, arguments)
+            except Exception as exc:  # the replay (or its route) failed
+                failure = exc
 
         if failure is None and reg is not None:
-            decide = close(Status.RESOLVED, "retry", "retried", now, ACTOR, "")
-            return (yield from finish("resolved", decide(letter)))
+            return (yield from resolve("resolved", "retry", "retried"))
         if failure is None:
             note = f"handed to the {letter.route} route"
-            decide = close(Status.RESOLVED, "enqueued", "retried", now, ACTOR, note)
-            return (yield from finish("enqueued", decide(letter)))
+            return (yield from resolve("enqueued", "enqueued", "retried", note))
         if isinstance(failure, AlreadyInProgress):
             return (yield from skip("the call is running elsewhere right now"))
         if isinstance(failure, ReplayError):

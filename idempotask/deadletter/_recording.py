@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from idempotask import events
+from idempotask.backends._twins import twins
 from idempotask.backends.base import DeadLetter, Status
 from idempotask.deadletter._arguments import encode_arguments
 from idempotask.deadletter._base import QueueCore, emit_letter
@@ -19,9 +21,8 @@ from idempotask.deadletter._core import (
     check_actor,
     check_classifier,
     check_policies,
-    twins,
 )
-from idempotask.deadletter._letters import after_failure, classify, new_letter
+from idempotask.deadletter._letters import after_failure, classify, first_failure
 from idempotask.errors import ConfigurationError, MissingTableError
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op, store_op
@@ -125,28 +126,21 @@ class Recording(QueueCore):
                 )
                 replay_of = None
             else:
+                abandoned = letter.status is Status.ABANDONED
                 if events.listeners:  # a framework's replay of the letter failed again
-                    emit_letter(
-                        EventKind.RETRY_EXHAUSTED
-                        if letter.status is Status.ABANDONED
-                        else EventKind.RETRY_FAILED,
-                        letter,
-                    )
-                if letter.status is Status.ABANDONED:
+                    kind = EventKind.RETRY_EXHAUSTED if abandoned else EventKind.RETRY_FAILED
+                    emit_letter(kind, letter)
+                if abandoned:
                     self._alert(letter, "ran out of retries")
                 return letter
-        letter = new_letter(
+        letter = DeadLetter(
+            id=replay_of or uuid.uuid4().hex,
             function=function,
-            error=error,
-            classification=classification,
-            policies=merged,
             arguments=arguments,
             key=key,
             route=route,
             critical=critical,
-            now=now,
-            actor=actor,
-            id=replay_of,
+            **first_failure(error, classification, merged, now, actor),
         )
         letter = yield from self._add_flow(letter)
         if events.listeners:
@@ -164,11 +158,7 @@ class Recording(QueueCore):
             return (yield from self._spool_flow(letter, exc))
         # The store answers again: deliver what waited. (Spool file I/O is synchronous on
         # the async path too: a stat here, and a few small writes only after an outage.)
-        try:
-            if self.spool.pending():
-                yield from self._flush_flow(store)
-        except Exception:
-            log.warning("idempotask: could not deliver the dead-letter spool", exc_info=True)
+        yield from self._deliver_flow(store)
         return stored
 
     def _spool_flow(self, letter: DeadLetter, cause: BaseException) -> Flow[DeadLetter]:

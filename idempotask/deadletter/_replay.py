@@ -17,7 +17,7 @@ import inspect
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from idempotask import flow
 from idempotask.backends.base import DeadLetter
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from idempotask.deadletter._queue import DeadLetterQueue
 
 __all__ = [
-    "Outcome",
     "Prepared",
     "Registration",
     "lookup",
@@ -42,7 +41,6 @@ __all__ = [
     "registered_functions",
     "registered_routes",
     "replaying",
-    "route_call",
     "run_async",
     "run_sync",
     "unregister_route",
@@ -276,55 +274,30 @@ def prepare(reg: Registration, letter: DeadLetter) -> Prepared | str:
 # ----------------------------------------------------------------------------------------
 
 
-class Outcome(NamedTuple):
-    """What a replay returned, or the exception it raised."""
-
-    value: Any
-    error: Exception | None
-
-
-def run_sync(reg: Registration, letter_id: str, prepared: Prepared) -> Outcome:
+def run_sync(reg: Registration, letter_id: str, prepared: Prepared) -> Any:
     """Replay in this thread (an async function on a loop of its own)."""
     token = _replaying.set(letter_id)
     try:
         if not reg.is_async:
-            return Outcome(prepared.call(*prepared.args, **prepared.kwargs), None)
+            return prepared.call(*prepared.args, **prepared.kwargs)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return Outcome(asyncio.run(prepared.call(*prepared.args, **prepared.kwargs)), None)
-        return Outcome(
-            None,
-            ReplayError(
-                f"{reg.name} is async and an event loop is running in this thread: "
-                "use aprocess_due()"
-            ),
+            return asyncio.run(prepared.call(*prepared.args, **prepared.kwargs))
+        raise ReplayError(
+            f"{reg.name} is async and an event loop is running in this thread: use aprocess_due()"
         )
-    except Exception as exc:
-        return Outcome(None, exc)
     finally:
         _replaying.reset(token)
 
 
-async def run_async(reg: Registration, letter_id: str, prepared: Prepared) -> Outcome:
+async def run_async(reg: Registration, letter_id: str, prepared: Prepared) -> Any:
     """Replay on the running loop (a sync function in a worker thread)."""
     token = _replaying.set(letter_id)
     try:
         if reg.is_async:
-            return Outcome(await prepared.call(*prepared.args, **prepared.kwargs), None)
+            return await prepared.call(*prepared.args, **prepared.kwargs)
         # A sync function must not block the loop; the thread inherits the replay marker.
-        return Outcome(
-            await asyncio.to_thread(prepared.call, *prepared.args, **prepared.kwargs), None
-        )
-    except Exception as exc:
-        return Outcome(None, exc)
+        return await asyncio.to_thread(prepared.call, *prepared.args, **prepared.kwargs)
     finally:
         _replaying.reset(token)
-
-
-def route_call(handler: RouteHandler, letter: DeadLetter, arguments: dict[str, Any]) -> Outcome:
-    """Hand ``letter`` to its framework through ``handler``."""
-    try:
-        return Outcome(handler(letter, arguments), None)
-    except Exception as exc:
-        return Outcome(None, exc)
