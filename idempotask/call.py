@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, NoReturn
 
@@ -338,8 +338,7 @@ class Spec:
                     fingerprint=fingerprint,
                 )
             except BackendError:
-                for k in taken:
-                    yield from self._release(backend, k, token)
+                yield from self._release_all(backend, taken, token)
                 raise
             except asyncio.CancelledError as exc:
                 ops = [_release_op(backend, k, token) for k in (*taken, old)]
@@ -350,8 +349,7 @@ class Spec:
             blocker = record
             break
         if blocker is not None:
-            for k in taken:
-                yield from self._release(backend, k, token)
+            yield from self._release_all(backend, taken, token)
         return blocker
 
     def _fail_open_or_raise(self, call: Call, key: str, exc: BackendError) -> Flow[Any]:
@@ -491,7 +489,7 @@ class Spec:
             log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
             yield from self._release_all(backend, keys, token)
 
-    def _release_all(self, backend: Backend, keys: tuple[str, ...], token: str) -> Flow[None]:
+    def _release_all(self, backend: Backend, keys: Sequence[str], token: str) -> Flow[None]:
         for k in keys:
             yield from self._release(backend, k, token)
 
