@@ -1,12 +1,10 @@
 """The call protocol: one call of an ``@idempotent`` function, from claim to stored result.
 
-The protocol is one pure decision core, :meth:`Spec.flow`, a generator that yields the
-I/O it needs (claim, run the body, sleep, complete...) as :class:`idempotask.flow.Op`
-objects and receives the answers. :func:`drive` runs it for sync callers and
-:func:`adrive` for async ones through :mod:`idempotask.flow`, the way tenacity's
-``Retrying`` and ``AsyncRetrying`` drive ``BaseRetrying.iter``: the protocol exists once,
-for both worlds. The decorator (:mod:`idempotask.idempotent`) builds a :class:`Spec`;
-the framework integrations run their tasks through :func:`drive` / :func:`adrive`.
+The protocol is one flow (see :mod:`idempotask.flow`), :meth:`Spec.flow`, which yields
+the I/O it needs (claim, run the body, sleep, complete...); :func:`drive` runs it for
+sync callers and :func:`adrive` for async ones. The decorator
+(:mod:`idempotask.idempotent`) builds a :class:`Spec`; the framework integrations run
+their tasks through :func:`drive` / :func:`adrive`.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, NoReturn
 
@@ -77,10 +75,6 @@ def _reseed_tokens() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed_tokens)
-
-
-def _new_token() -> str:
-    return f"{_token_prefix}{next(_token_counter):x}"
 
 
 # Exception types a body may raise that are not failures of the call (see
@@ -239,13 +233,9 @@ class Spec:
             )
         return digest(material)
 
-    # ----------------------------------------------------------------------------------
-    # The decision core. No I/O here: every store operation, the body and every sleep
-    # are yielded to the driver as (op, arguments) and their result is sent back; a
-    # store failure is thrown back in as BackendError.
-    # ----------------------------------------------------------------------------------
+    # The decision core: no I/O here (see idempotask.flow).
     def flow(self, call: Call, key: str, owner: str, fingerprint: str) -> Flow[Any]:
-        token = _new_token()
+        token = f"{_token_prefix}{next(_token_counter):x}"
         backend = call.backend
         transactional = self.options.transactional
         if transactional:
@@ -348,8 +338,7 @@ class Spec:
                     fingerprint=fingerprint,
                 )
             except BackendError:
-                for k in taken:
-                    yield from self._release(backend, k, token)
+                yield from self._release_all(backend, taken, token)
                 raise
             except asyncio.CancelledError as exc:
                 ops = [_release_op(backend, k, token) for k in (*taken, old)]
@@ -360,8 +349,7 @@ class Spec:
             blocker = record
             break
         if blocker is not None:
-            for k in taken:
-                yield from self._release(backend, k, token)
+            yield from self._release_all(backend, taken, token)
         return blocker
 
     def _fail_open_or_raise(self, call: Call, key: str, exc: BackendError) -> Flow[Any]:
@@ -501,7 +489,7 @@ class Spec:
             log.error("idempotask: could not cache the error of %s (%s): %s", self.name, key, exc)
             yield from self._release_all(backend, keys, token)
 
-    def _release_all(self, backend: Backend, keys: tuple[str, ...], token: str) -> Flow[None]:
+    def _release_all(self, backend: Backend, keys: Sequence[str], token: str) -> Flow[None]:
         for k in keys:
             yield from self._release(backend, k, token)
 
@@ -571,12 +559,6 @@ class Spec:
         with contextlib.suppress(AttributeError, TypeError):
             error.__idempotask_cached__ = True  # type: ignore[attr-defined]
         return error
-
-
-# --------------------------------------------------------------------------------------
-# Running a call: the flow above, driven by idempotask.flow's drive / adrive. What the
-# flow asks to run is a Call's body, with the leases it holds renewed meanwhile.
-# --------------------------------------------------------------------------------------
 
 
 # What the async driver throws back into a flow: store failures, and a cancellation of

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 from idempotask.backends import Backend, backend_from_url, check_url
@@ -183,6 +184,34 @@ def check_hooks(option: str, value: Any) -> tuple[Callable[..., Any], ...]:
     return hooks
 
 
+def _check_serializer(value: Serializer | str) -> Serializer | str:
+    get_serializer(value)  # validates
+    return value
+
+
+def _check_spool_path(value: Any) -> str | None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ConfigurationError(f"spool_path: expected a path or None, got {value!r}")
+    return None if value is None else os.fspath(value)
+
+
+# configure()'s options, each with its check (in the order of its parameters).
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "backend": check_backend,
+    "namespace": check_namespace,
+    "default_ttl": partial(check_seconds, "default_ttl"),
+    "default_lease": partial(check_seconds, "default_lease"),
+    "wait_timeout": partial(check_seconds, "wait_timeout", allow_zero=True),
+    "on_backend_error": partial(check_choice, "on_backend_error", choices=("raise", "open")),
+    "serializer": _check_serializer,
+    "max_result_bytes": partial(check_size, "max_result_bytes"),
+    "max_argument_bytes": partial(check_size, "max_argument_bytes"),
+    "dead_letter_store": check_dead_letter_store,
+    "spool_path": _check_spool_path,
+    "dead_letter_retention": partial(check_seconds, "dead_letter_retention"),
+    "on_alert": partial(check_hooks, "on_alert"),
+}
+
 _UNSET: Any = object()
 
 
@@ -213,40 +242,8 @@ def configure(
     ...           on_alert=page_the_on_call)  # doctest: +SKIP
     """
     global _settings, _backend, _dead_letter_store, generation
-    changes: dict[str, Any] = {}
-    if backend is not _UNSET:
-        changes["backend"] = check_backend(backend)
-    if namespace is not _UNSET:
-        changes["namespace"] = check_namespace(namespace)
-    if default_ttl is not _UNSET:
-        changes["default_ttl"] = check_seconds("default_ttl", default_ttl)
-    if default_lease is not _UNSET:
-        changes["default_lease"] = check_seconds("default_lease", default_lease)
-    if wait_timeout is not _UNSET:
-        changes["wait_timeout"] = check_seconds("wait_timeout", wait_timeout, allow_zero=True)
-    if on_backend_error is not _UNSET:
-        changes["on_backend_error"] = check_choice(
-            "on_backend_error", on_backend_error, ("raise", "open")
-        )
-    if serializer is not _UNSET:
-        get_serializer(serializer)  # validates
-        changes["serializer"] = serializer
-    if max_result_bytes is not _UNSET:
-        changes["max_result_bytes"] = check_size("max_result_bytes", max_result_bytes)
-    if max_argument_bytes is not _UNSET:
-        changes["max_argument_bytes"] = check_size("max_argument_bytes", max_argument_bytes)
-    if dead_letter_store is not _UNSET:
-        changes["dead_letter_store"] = check_dead_letter_store(dead_letter_store)
-    if spool_path is not _UNSET:
-        if spool_path is not None and not isinstance(spool_path, (str, os.PathLike)):
-            raise ConfigurationError(f"spool_path: expected a path or None, got {spool_path!r}")
-        changes["spool_path"] = None if spool_path is None else os.fspath(spool_path)
-    if dead_letter_retention is not _UNSET:
-        changes["dead_letter_retention"] = check_seconds(
-            "dead_letter_retention", dead_letter_retention
-        )
-    if on_alert is not _UNSET:
-        changes["on_alert"] = check_hooks("on_alert", on_alert)
+    # Every option given, checked (locals(): read before any other local exists).
+    changes = {name: _CHECKS[name](v) for name, v in locals().items() if v is not _UNSET}
     with _lock:
         _settings = replace(_settings, **changes)
         if "backend" in changes:

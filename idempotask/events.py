@@ -70,10 +70,6 @@ AttributeValue: TypeAlias = str | int | float | bool
 _NO_ATTRIBUTES: Mapping[str, AttributeValue] = types.MappingProxyType({})
 
 
-def _no_attributes() -> Mapping[str, AttributeValue]:
-    return _NO_ATTRIBUTES
-
-
 @dataclass(frozen=True, slots=True)
 class Event:
     """One observation. ``duration`` is the body's run time in seconds, when it ran;
@@ -90,7 +86,7 @@ class Event:
     key: str
     duration: float | None = None
     error: str | None = None
-    attributes: Mapping[str, AttributeValue] = field(default_factory=_no_attributes)
+    attributes: Mapping[str, AttributeValue] = field(default_factory=lambda: _NO_ATTRIBUTES)
 
 
 Listener = Callable[[Event], None]

@@ -34,8 +34,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_FORBIDDEN_AFTER = ("__idempotask_dead_letter__",)
-
 
 def _wrap(func: Any, options: dict[str, Any]) -> Any:
     if isinstance(func, staticmethod):
@@ -48,7 +46,7 @@ def _wrap(func: Any, options: dict[str, Any]) -> Any:
         return wrapped
     if not callable(func):
         raise ConfigurationError(f"@idempotent: expected a function, got {func!r}")
-    if any(hasattr(func, marker) for marker in _FORBIDDEN_AFTER):
+    if hasattr(func, "__idempotask_dead_letter__"):
         raise ConfigurationError(
             f"@idempotent must be applied under @dead_letter, not over it: put @dead_letter "
             f"first (outermost) on {getattr(func, '__qualname__', func)!r}"

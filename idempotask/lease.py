@@ -4,7 +4,8 @@ One renewal thread per store and process serves every sync call on that store
 (re-created lazily after ``fork``, ended after a while without leases), and one timer per
 store and event loop serves async calls (with one task while it sends renewals): never a
 thread or a task per call, and never one store's renewals waiting behind another's (a
-hung store would let the other's leases run out).
+hung store, its client's timeouts and retries taking seconds each, would let the other's
+leases run out and their bodies run twice).
 Each held claim is renewed every third of its lease; a renewal the store refuses means
 another caller took the key over, which is reported (a ``lease_lost`` event and a
 :class:`LeaseLostWarning`), never silent. The body can ask through :func:`lease_held`.
@@ -144,12 +145,8 @@ def _renewal(lease: Lease) -> flow.Flow[None]:
 
 
 class _ThreadKeeper:
-    """Renews the leases of every sync call on one store from one daemon thread.
-
-    One per store, not one per process: a renewal waiting on a hung store (its client
-    timeouts and retries, seconds each) must never delay the renewals of another store,
-    whose leases would run out meanwhile and whose bodies would run twice.
-    """
+    """Renews the leases of every sync call on one store from one daemon thread (one per
+    store, not per process: see the module's docstring)."""
 
     def __init__(self) -> None:
         # add()/remove() run on every call: a bare Lock is entered in C, where the
@@ -209,8 +206,7 @@ class _LoopKeeper:
     of its lease after its call started, so in a stream of calls it never is), and
     nothing is left pending for a loop closed without cancelling its tasks. When the
     timer fires with renewals due, one task sends them and sets the next timer. One
-    keeper per store and loop, so a renewal awaiting a hung store holds up only the
-    leases of that store.
+    keeper per store and loop (see the module's docstring).
     """
 
     def __init__(self) -> None:

@@ -274,21 +274,6 @@ def _retry_call_state(
     return state
 
 
-def _run_wait(
-    option: str,
-    wait: Wait,
-    attempt: int,
-    exception: BaseException | None = None,
-    elapsed: float | None = None,
-) -> float:
-    state: Any = (
-        _Attempt(attempt)
-        if isinstance(wait, _STDLIB_WAITS)
-        else _retry_call_state(attempt, exception, elapsed)
-    )
-    return _check_delay(option, wait, wait(state), attempt)
-
-
 def _check_delay(option: str, wait: Wait, value: object, attempt: int) -> float:
     if not _is_number(value, 0):
         raise ConfigurationError(
@@ -357,7 +342,12 @@ class RetryPolicy:
             )
         if attempt > self.max_retries or self.wait is None:
             return None
-        seconds = _run_wait("wait", self.wait, attempt, exception, elapsed)
+        state: Any = (
+            _Attempt(attempt)
+            if isinstance(self.wait, _STDLIB_WAITS)
+            else _retry_call_state(attempt, exception, elapsed)
+        )
+        seconds = _check_delay("wait", self.wait, self.wait(state), attempt)
         if self.cap is not None:
             seconds = min(seconds, self.cap)
         if hint is not None:
@@ -408,12 +398,6 @@ def policies(
 
 DEFAULT_IN_CALL_WAIT = ExponentialBackoff(0.1, factor=2, jitter=0.5, cap=2.0)
 """The in-call wait unless given: 0.1 s, 0.2 s, 0.4 s... up to 50 % more, at most 2 s."""
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
-    )
 
 
 class InCallRetry:
@@ -525,7 +509,9 @@ class InCallRetry:
         """
         if not callable(fn):
             raise ConfigurationError(f"fn: expected a callable, got {fn!r}")
-        if _is_async(fn):
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        ):
             async_template = self.async_retrying()
             coroutine_fn = cast("Callable[..., Any]", fn)
 

@@ -174,12 +174,13 @@ class DeadLetterOptions:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         *,
-        key: str,
+        key: str | None = None,
         route: str,
         replay_of: str | None,
         queue: DeadLetterQueue | None = None,
-    ) -> DeadLetter:
-        """Record the final failure of task ``name`` and run the letter's hooks.
+    ) -> DeadLetter | None:
+        """Record the final failure of task ``name`` and run the letter's hooks (nothing
+        when ``dead_letter_enabled=False``).
 
         The letter keeps the call's arguments bound by name to ``target`` (the task's
         function or signature), defaults applied, through ``dead_letter_redact``: an
@@ -191,7 +192,10 @@ class DeadLetterOptions:
         The letter goes to ``dead_letter_queue``, else ``queue`` (the integration's),
         else the process-wide queue. ``replay_of``: the letter a replayed task belongs
         to, or the task's own id, so that a task recorded twice keeps one letter.
+        ``key``: the call's idempotency key (default: :func:`call_key` of ``target``).
         """
+        if not self.enabled:
+            return None
         arguments = keep_arguments(
             self.redact,
             bound_arguments(target, args, kwargs),
@@ -202,7 +206,7 @@ class DeadLetterOptions:
             name,
             error,
             arguments=arguments,
-            key=key,
+            key=call_key(target, args, kwargs) if key is None else key,
             route=route,
             critical=self.critical,
             classifier=self.classifier,
@@ -287,13 +291,6 @@ _OWN_RUN_PAUSE = 0.2  # between two waits for a run of the same message
 _CATCH: tuple[type[BaseException], ...] = (BackendError, AlreadyInProgress)
 
 
-def _owner_base(execution: str) -> str:
-    if len(execution) <= _LONGEST_ID:
-        return execution
-    digest = hashlib.blake2b(execution.encode("utf-8", "surrogatepass"), digest_size=16)
-    return "h:" + digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Handover:
     """A claim an attempt kept for the retry it scheduled (``dramatiq.Retry``).
@@ -333,7 +330,10 @@ class Delivery:
 
     def __init__(self, execution: str, handover: Handover | None = None) -> None:
         self.execution = execution
-        self._base = _owner_base(execution)
+        self._base = execution
+        if len(execution) > _LONGEST_ID:
+            digest = hashlib.blake2b(execution.encode("utf-8", "surrogatepass"), digest_size=16)
+            self._base = "h:" + digest.hexdigest()
         self.owner = f"{self._base}{_SEP}{uuid.uuid4().hex[:_NONCE_HEX]}"
         self.handover = handover if handover and self.is_own(handover.owner) else None
 

@@ -58,7 +58,6 @@ from idempotask.integrations._common import (
     Delivery,
     Handover,
     arun_delivery,
-    call_key,
     check_worker_backend,
     replay_arguments,
     run_delivery,
@@ -108,10 +107,6 @@ class ActorOptionError(ConfigurationError, MiddlewareError):
 # ----------------------------------------------------------------------------------------
 
 _local = threading.local()
-
-
-def _current_message() -> Any:
-    return getattr(_local, "message", None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def _owned(spec: Spec, is_async: bool) -> Callable[..., Any]:
     options reaches the retry, which re-takes the claim at once."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        message = _current_message()
+        message: Any = getattr(_local, "message", None)
         if message is None or message.actor_name != spec.name:
             # Called directly (``actor(...)``, maybe from another actor's body), not as
             # the message a worker is processing.
@@ -492,8 +487,6 @@ class IdempotencyMiddleware(Middleware):
         name = str(message.actor_name)
         with self._lock:
             options = self._options.get(name, DEFAULT_DEAD_LETTER_OPTIONS)
-        if not options.enabled:
-            return
         try:
             fn: Any = _get_actor(broker, name).fn
         except ActorNotFound:
@@ -508,7 +501,6 @@ class IdempotencyMiddleware(Middleware):
             fn,
             args,
             kwargs,
-            key=call_key(fn, args, kwargs),
             route=ROUTE,
             replay_of=str(message.options.get(LETTER_OPTION) or message.message_id),
             queue=self._queue,

@@ -60,7 +60,6 @@ from idempotask.integrations._common import (
     DeadLetterOptions,
     Delivery,
     arun_delivery,
-    call_key,
     check_worker_backend,
     replay_arguments,
     run_delivery,
@@ -423,13 +422,9 @@ def enqueue_once(queue: Queue, func: Callable[..., Any], *args: Any, **kwargs: A
 # ----------------------------------------------------------------------------------------
 
 
-def _will_retry(job: Job) -> bool:
-    left = getattr(job, "retries_left", None)
-    return bool(left is not None and left > 0)
-
-
 def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
-    if _will_retry(job) or isinstance(error, NOT_DEAD_LETTERED):
+    retries_left = getattr(job, "retries_left", None)
+    if (retries_left is not None and retries_left > 0) or isinstance(error, NOT_DEAD_LETTERED):
         return None
     name = job.func_name or job.id
     try:
@@ -439,8 +434,6 @@ def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
     options: DeadLetterOptions = getattr(
         func, "__idempotask_rq_dead_letter__", DEFAULT_DEAD_LETTER_OPTIONS
     )
-    if not options.enabled:
-        return None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
     if func is not None:
@@ -456,7 +449,6 @@ def _record_failure(job: Job, error: BaseException) -> DeadLetter | None:
         func,
         args,
         kwargs,
-        key=call_key(func, args, kwargs),
         route=ROUTE,
         replay_of=str((job.meta or {}).get(LETTER_META) or job.id),
     )
