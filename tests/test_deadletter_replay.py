@@ -120,6 +120,32 @@ def test_an_argument_removed_by_redact_is_not_replaced_by_its_default(
     }
 
 
+def test_an_argument_redacted_in_place_is_a_placeholder_never_replayed(
+    queue: DeadLetterQueue,
+) -> None:
+    """A redact= hook that masks a field of a dict argument in place hands back the same
+    object: it is still redacted, and the replay never charges card="<redacted>"."""
+    seen: list[dict[str, str]] = []
+
+    def redact(arguments: dict[str, Any]) -> dict[str, Any]:
+        arguments["payment"]["card"] = "<redacted>"
+        return arguments
+
+    @dead_letter(queue=queue, redact=redact)
+    def pay(order_id: int, payment: dict[str, str]) -> None:
+        seen.append(dict(payment))
+        if len(seen) == 1:
+            raise GatewayTimeout("gateway timed out")
+
+    with pytest.raises(GatewayTimeout):
+        pay(7, {"card": "4111111111111111"})
+    letter = queue.query()[0]
+    assert letter_arguments(letter).redacted == ("payment",)
+    report = queue.process_due(now=LATER)
+    assert [r.outcome for r in report.results] == ["held"]
+    assert seen == [{"card": "4111111111111111"}]
+
+
 def test_replay_with_rebuilds_the_original_call_under_its_original_key(
     queue: DeadLetterQueue,
 ) -> None:
