@@ -37,7 +37,12 @@ def client(
     auth: tuple[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> TestClient:
-    c = TestClient(from_address(app, host), follow_redirects=False, headers=headers)
+    c = TestClient(
+        from_address(app, host),
+        base_url="http://localhost",
+        follow_redirects=False,
+        headers=headers,
+    )
     if auth is not None:
         c.auth = auth
     return c
@@ -125,6 +130,40 @@ def test_without_authentication_only_this_machine_is_served(queue: DeadLetterQue
     assert client(app, host=("::1", 40000)).get("/").status_code == 200
     assert client(app, host=("::ffff:127.0.0.1", 40000)).get("/").status_code == 200
     assert client(app, host=("::ffff:10.1.2.3", 40000)).get("/").status_code == 403
+
+
+def test_without_authentication_a_url_naming_another_site_is_refused(
+    queue: DeadLetterQueue,
+) -> None:
+    """DNS rebinding: a page of evil.example, whose name now points at 127.0.0.1, makes
+    the browser send ``Host: evil.example`` from this machine, as the page's own origin.
+    It must neither read a page (and its CSRF token) nor act; a URL naming this machine
+    is served."""
+    id = letter_id(queue)
+    app = create_app()
+    rebound = TestClient(
+        from_address(app, LOCAL), base_url="http://evil.example:8765", follow_redirects=False
+    )
+    for path in ("/", "/live", f"/letters/{id}", f"/letters/confirm?action=resolve&id={id}"):
+        page = rebound.get(path)
+        assert page.status_code == 403, path
+        assert "csrf" not in page.text
+        assert "evil.example" in page.text  # the refusal says which name it refused
+    forged = rebound.post("/letters/act", data={"action": "resolve", "id": id, "csrf": "x"})
+    assert forged.status_code == 403
+    assert last_action(queue, id) == ("failed", "worker")
+    for name in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "LOCALHOST", "app.localhost"):
+        assert client(app, headers={"Host": name}).get("/").status_code == 200, name
+    for name in ("127.0.0.1.evil.example", "localhost.evil.example", "10.1.2.3:8765"):
+        assert client(app, headers={"Host": name}).get("/").status_code == 403, name
+    # With a token the browser has no credentials for another site's name: served as usual.
+    token = "t" * 16
+    assert (
+        client(create_app(token=token), auth=("ann", token), headers={"Host": "a.example"})
+        .get("/")
+        .status_code
+        == 200
+    )
 
 
 def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
