@@ -189,7 +189,7 @@ def _load(data: bytes) -> tuple[Any, Any, str | None]:
     and why not when either fails (the value is then None)."""
     try:
         document = json.loads(data.decode("utf-8", "surrogatepass"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None, None, f"{len(data)} bytes that are not typed JSON (another serializer?)"
     try:
         return document, _JSON.loads(data), None

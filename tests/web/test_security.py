@@ -4,13 +4,14 @@ headers, and that a GET never changes anything (in-process, on the memory store)
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from typing import Any
 
 import pytest
 
 from idempotask import DeadLetterQueue, configure
-from idempotask.backends.base import Status
+from idempotask.backends.base import DeadLetter, Status
 from idempotask.web import create_app
 from tests.web.conftest import from_address
 
@@ -164,6 +165,41 @@ def test_without_authentication_a_url_naming_another_site_is_refused(
         .status_code
         == 200
     )
+
+
+def test_a_letter_written_into_the_store_by_hand_cannot_break_a_page(
+    queue: DeadLetterQueue,
+) -> None:
+    """Times no calendar holds, arguments nested past the recursion limit, an id holding
+    "/" and "?": every page still answers, the list of letters first."""
+    now = time.time()
+    far = 1e300  # finite: every store takes it
+    fields: dict[str, Any] = {"function": "f", "kind": "transient", "error_type": "E"}
+    queue.store.add(
+        DeadLetter(id="0000far", message="far", first_failed_at=far, last_failed_at=far, **fields)
+    )
+    queue.store.add(
+        DeadLetter(
+            id="0000deep",
+            message="deep",
+            arguments=b"[" * 100_000 + b"]" * 100_000,
+            first_failed_at=now,
+            last_failed_at=now,
+            **fields,
+        )
+    )
+    queue.store.add(
+        DeadLetter(id="0000a/b?c", message="odd", first_failed_at=now, last_failed_at=now, **fields)
+    )
+    c = client(create_app())
+    for path in ("/", "/live", "/letters", "/letters/0000far", "/letters/0000deep"):
+        assert c.get(path).status_code == 200, path
+    odd = {"id": "0000a/b?c"}
+    assert c.get("/letters/confirm", params={"action": "retry", **odd}).status_code == 200
+    goto = c.get("/letters", params=odd)
+    assert goto.status_code == 303
+    assert goto.headers["location"] == "/letters/0000a%2Fb%3Fc"
+    assert c.get(goto.headers["location"]).status_code == 404  # "/" names no letter's page
 
 
 def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
