@@ -271,6 +271,32 @@ def test_read_only_refuses_every_action(queue: DeadLetterQueue) -> None:
     assert last_action(queue, id) == ("failed", "worker")
 
 
+def test_read_only_refuses_an_action_even_with_a_valid_csrf_token(
+    queue: DeadLetterQueue,
+) -> None:
+    """A read-only dashboard sharing secret= with a writable one (the same cookie and user
+    make the same token): the token is good, the action is still refused."""
+    id = letter_id(queue)
+    secret = "s" * 32
+    writable = client(create_app(secret=secret))
+    token = csrf_of(writable, f"/letters/confirm?action=resolve&id={id}")
+    close = {"action": "close", "name": "erp", "csrf": token}
+    assert writable.post("/breakers/act", data=close).status_code == 303  # a good token
+    reader = client(create_app(read_only=True, secret=secret))
+    reader.cookies = writable.cookies
+    assert reader.get("/").status_code == 200
+    for path, form in (
+        ("/letters/act", {"action": "resolve", "id": id}),
+        ("/letters/act", {"action": "purge", "status": "pending"}),
+        ("/keys/forget", {"key": "websec:x:v1:0", "token": "t"}),
+        ("/breakers/act", {"action": "open", "name": "erp"}),
+    ):
+        refused = reader.post(path, data={**form, "csrf": token})
+        assert refused.status_code == 403, path
+        assert "read-only" in refused.text
+    assert last_action(queue, id) == ("failed", "worker")
+
+
 def test_every_response_carries_a_strict_content_security_policy(queue: DeadLetterQueue) -> None:
     """Pages, static files, errors and refusals: no inline script, no framing."""
     app = create_app()
