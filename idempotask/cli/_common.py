@@ -171,7 +171,10 @@ def _readable(value: object) -> str:
             return "<removed by redact=>"
         shown = _readable(value.shown)
         return f"<added by redact=: {shown}>" if value.how == "added" else f"<redacted: {shown}>"
-    return repr(value)
+    try:
+        return repr(value)
+    except Exception as exc:  # rebuilt without __init__: a __repr__ may need what it sets
+        return f"<{type(value).__qualname__} whose repr() raised {type(exc).__name__}: {exc}>"
 
 
 @dataclass(frozen=True)

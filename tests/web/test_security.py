@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from idempotask import DeadLetterQueue, configure
+from idempotask import DeadLetterQueue, configure, dead_letter, keep_all
 from idempotask.backends.base import DeadLetter, Status
 from idempotask.web import create_app
 from tests.web.conftest import from_address
@@ -200,6 +201,36 @@ def test_a_letter_written_into_the_store_by_hand_cannot_break_a_page(
     assert goto.status_code == 303
     assert goto.headers["location"] == "/letters/0000a%2Fb%3Fc"
     assert c.get(goto.headers["location"]).status_code == 404  # "/" names no letter's page
+
+
+@dataclass
+class Parcel:
+    """A dataclass whose repr() needs what __post_init__ sets (a stored one is rebuilt
+    without running it)."""
+
+    id: int
+
+    def __post_init__(self) -> None:
+        self.label = f"parcel {self.id}"
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def test_an_argument_whose_repr_fails_once_rebuilt_does_not_break_its_letter(
+    queue: DeadLetterQueue,
+) -> None:
+    """The letter page shows the argument as not showable, with the page's other fields."""
+
+    @dead_letter(queue=queue, redact=keep_all)
+    def ship(parcel: Parcel) -> None:
+        raise TimeoutError("carrier down")
+
+    with pytest.raises(TimeoutError):
+        ship(Parcel(7))
+    page = client(create_app()).get(f"/letters/{queue.query()[0].id}")
+    assert page.status_code == 200
+    assert "Parcel whose repr() raised AttributeError" in page.text
 
 
 def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
