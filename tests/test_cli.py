@@ -39,6 +39,7 @@ import pytest
 import idempotask
 from idempotask.backends.base import State
 from idempotask.backends.deadletters import (
+    DeadLetter,
     DeadLetterFilter,
     Status,
     dead_letter_store_from_url,
@@ -523,6 +524,32 @@ def test_show_without_the_module_says_why_arguments_cannot_be_decoded(
     assert f"module {MODULE!r} is not imported" in text
     assert "stored as: " in text
     assert "9.99" in text
+
+
+@needs_redis
+def test_a_letter_written_into_the_store_by_hand_is_listed_and_shown(
+    cli: Cli, queue: DeadLetterQueue
+) -> None:
+    """A time no calendar holds and arguments nested past the recursion limit: list and
+    show still print the letter (no traceback)."""
+    far = 1e300  # finite: every store takes it
+    queue.store.add(
+        DeadLetter(
+            id="0000far",
+            function="f",
+            kind="transient",
+            error_type="E",
+            message="far away",
+            arguments=b"[" * 100_000 + b"]" * 100_000,
+            first_failed_at=far,
+            last_failed_at=far,
+        )
+    )
+    assert "far away" in cli("dlq", "list").out
+    shown = cli("dlq", "show", "0000far").out
+    assert "1e+300" in shown
+    assert "not typed JSON" in shown
+    assert cli("dlq", "show", "0000far", "--json").out
 
 
 @needs_redis

@@ -120,6 +120,57 @@ def test_an_argument_removed_by_redact_is_not_replaced_by_its_default(
     }
 
 
+def test_an_argument_redacted_in_place_is_a_placeholder_never_replayed(
+    queue: DeadLetterQueue,
+) -> None:
+    """A redact= hook that masks a field of a dict argument in place hands back the same
+    object: it is still redacted, and the replay never charges card="<redacted>"."""
+    seen: list[dict[str, str]] = []
+
+    def redact(arguments: dict[str, Any]) -> dict[str, Any]:
+        arguments["payment"]["card"] = "<redacted>"
+        return arguments
+
+    @dead_letter(queue=queue, redact=redact)
+    def pay(order_id: int, payment: dict[str, str]) -> None:
+        seen.append(dict(payment))
+        if len(seen) == 1:
+            raise GatewayTimeout("gateway timed out")
+
+    with pytest.raises(GatewayTimeout):
+        pay(7, {"card": "4111111111111111"})
+    letter = queue.query()[0]
+    assert letter_arguments(letter).redacted == ("payment",)
+    report = queue.process_due(now=LATER)
+    assert [r.outcome for r in report.results] == ["held"]
+    assert seen == [{"card": "4111111111111111"}]
+
+
+def test_a_replay_with_hook_that_passes_a_redacted_mask_through_does_not_run(
+    queue: DeadLetterQueue,
+) -> None:
+    """The hook restores the card but passes cvv on as redact= stored it: the replay
+    would send cvv="<redacted>", so the letter is held for a person instead."""
+    sent: list[tuple[str, str]] = []
+    vault = {7: "4111111111111111"}
+
+    @dead_letter(
+        queue=queue,
+        redact=lambda a: {**a, "card": "<redacted>", "cvv": "<redacted>"},
+        replay_with=lambda kept: {**kept, "card": vault[kept["order_id"]]},
+    )
+    def pay(order_id: int, card: str, cvv: str) -> None:
+        sent.append((card, cvv))
+        raise GatewayTimeout("gateway timed out")
+
+    with pytest.raises(GatewayTimeout):
+        pay(7, "4111111111111111", "123")
+    report = queue.process_due(now=LATER)
+    assert [r.outcome for r in report.results] == ["held"]
+    assert "cvv" in report.results[0].reason
+    assert sent == [("4111111111111111", "123")]
+
+
 def test_replay_with_rebuilds_the_original_call_under_its_original_key(
     queue: DeadLetterQueue,
 ) -> None:

@@ -161,7 +161,10 @@ def _readable(value: object) -> str:
             return "<removed by redact=>"
         shown = _readable(value.shown)
         return f"<added by redact=: {shown}>" if value.how == "added" else f"<redacted: {shown}>"
-    return repr(value)
+    try:
+        return repr(value)
+    except Exception as exc:  # rebuilt without __init__: a __repr__ may need what it sets
+        return f"<{type(value).__qualname__} whose repr() raised {type(exc).__name__}: {exc}>"
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def _load(data: bytes) -> tuple[Any, Any, str | None]:
     and why not when either fails (the value is then None)."""
     try:
         document = json.loads(data.decode("utf-8", "surrogatepass"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None, None, f"{len(data)} bytes that are not typed JSON (another serializer?)"
     try:
         return document, _JSON.loads(data), None

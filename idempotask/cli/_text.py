@@ -156,7 +156,10 @@ def iso(epoch: float | None, *, precise: bool = False) -> str | None:
     """
     if epoch is None:
         return None
-    moment = _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+    try:
+        moment = _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # no calendar's: a letter written by hand
+        return repr(epoch)
     text = moment.isoformat(timespec="milliseconds" if precise else "seconds")
     return text.replace("+00:00", "Z")
 
@@ -186,6 +189,8 @@ def relative(epoch: float, now: float) -> str:
     ('3m ago', 'in 2m', 'now')
     """
     delta = epoch - now
+    if not math.isfinite(delta):  # not a time: a letter written by hand
+        return repr(epoch)
     if abs(delta) < 1:
         return "now"
     return f"in {span(delta)}" if delta > 0 else f"{span(delta)} ago"

@@ -126,6 +126,14 @@ def _same(kept: object, original: object) -> bool:
         return False
 
 
+def _encoded(value: object) -> bytes | None:
+    """``value`` as a letter would store it, or None when it cannot be stored."""
+    try:
+        return JSON.dumps(value)
+    except Exception:
+        return None
+
+
 def keep_arguments(
     redact: Callable[[dict[str, Any]], object] | None,
     arguments: Mapping[str, Any] | None,
@@ -135,13 +143,16 @@ def keep_arguments(
 ) -> dict[str, Any] | None:
     """What a letter keeps of ``arguments`` (``redact`` is option ``option`` of function
     ``name``): each argument ``redact`` left as it was, and a :class:`Redacted`
-    placeholder for each one it changed or removed and each name it added.
+    placeholder for each one it changed (in place too) or removed and each name it added.
 
     None keeps no arguments: there were none, or the hook raised or did not return a
     mapping -- keeping the unredacted arguments could store a secret.
     """
     if arguments is None or redact is None or redact is keep_all:
         return None if arguments is None else dict(arguments)
+    # The hook receives the call's own objects: one that redacts in place (a field of a
+    # dict argument) leaves the same object behind, no longer holding the call's value.
+    before = {arg: _encoded(value) for arg, value in arguments.items()}
     try:
         kept = redact(dict(arguments))
     except Exception:
@@ -160,7 +171,7 @@ def keep_arguments(
     for arg, original in arguments.items():
         if arg not in kept:
             marked[arg] = Redacted(None, "removed")
-        elif _same(kept[arg], original):
+        elif _same(kept[arg], original) and _encoded(original) == before[arg]:
             marked[arg] = original
         else:
             marked[arg] = Redacted(kept[arg], "changed")

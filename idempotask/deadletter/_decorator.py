@@ -514,7 +514,8 @@ def dead_letter(
       returned it, a removed one absent) and returns every argument by name, reloading
       what was not stored (a card token from the order id, say). It runs only for letters
       whose stored arguments are not the call's own; when it raises, the replay counts
-      as failed and is retried by the policy.
+      as failed and is retried by the policy. An argument it leaves as ``redact``
+      changed it (``"<redacted>"``) is not the call's own: the letter waits for a person.
     - ``classifier`` / ``policies``: override the queue's for this function.
     - ``retry``: short in-call retries of TRANSIENT failures before anything is
       dead-lettered: ``True`` (3 attempts), a number of attempts, or an

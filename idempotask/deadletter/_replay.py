@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 from idempotask import flow
 from idempotask.backends.base import DeadLetter
 from idempotask.call import Call
-from idempotask.deadletter._arguments import LetterArguments, call_arguments, letter_arguments
+from idempotask.deadletter._arguments import (
+    LetterArguments,
+    Redacted,
+    _same,
+    call_arguments,
+    letter_arguments,
+)
 from idempotask.deadletter._core import Hook, Policies, ReplayError, RouteHandler
 from idempotask.errors import ConfigurationError, DuplicateNameError
 from idempotask.retry import InCallRetry
@@ -223,7 +229,23 @@ def _rebuild(reg: Registration, stored: LetterArguments) -> dict[str, Any] | str
         return (
             f"the replay_with= hook of {reg.name} returned {type(rebuilt).__name__}, not a mapping"
         )
-    return dict(rebuilt)
+    values = dict(rebuilt)
+    # What redact= stored in place of a value it changed ("<redacted>") is not the
+    # call's own value (an equal one would have been kept as it was).
+    masked = [
+        name
+        for name, kept in (stored.values or {}).items()
+        if isinstance(kept, Redacted)
+        and kept.how == "changed"
+        and name in values
+        and _same(values[name], kept.shown)
+    ]
+    if masked:
+        return (
+            f"the replay_with= hook of {reg.name} left argument(s) {', '.join(masked)} as "
+            "redact= stored them, not as the call had them"
+        )
+    return values
 
 
 def prepare(reg: Registration, letter: DeadLetter) -> Prepared | str:

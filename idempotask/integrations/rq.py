@@ -36,6 +36,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from rq.timeouts import JobTimeoutException
 from idempotask import config
 from idempotask.backends.deadletters import DeadLetter
 from idempotask.call import register_cancellation
-from idempotask.deadletter import register_route
+from idempotask.deadletter import ReplayError, register_route
 from idempotask.errors import AlreadyInProgress, ConfigurationError
 from idempotask.idempotent import IdempotentFunction, idempotent
 from idempotask.integrations._common import (
@@ -502,20 +503,45 @@ def _import_function(dotted: str) -> Any:
     raise ImportError(f"cannot import {dotted!r}")
 
 
+def _imported_function(dotted: str) -> Any:
+    """What ``dotted`` names among the modules this process has imported, or None; never
+    imports one (a name read from a letter must not load code)."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        found: Any = sys.modules.get(".".join(parts[:i]))
+        if found is not None:
+            for name in parts[i:]:
+                found = getattr(found, name, None)
+            return found
+    return None
+
+
 def _replay(
     connection: Any, default_queue_name: str, letter: DeadLetter, arguments: dict[str, Any]
 ) -> Job:
     try:
-        func: Any = _import_function(letter.function)
-    except Exception:
-        func = None
-    args, kwargs = ((), dict(arguments)) if func is None else replay_arguments(func, arguments)
-    queue_name = default_queue_name
-    options: dict[str, Any] = {}
-    try:
         original = Job.fetch(letter.id, connection=connection)
     except Exception:  # gone (NoSuchJobError) or unreadable (another serializer...)
         original = None  # the default queue then
+    func: Any = None
+    if original is not None and original.func_name == letter.function:
+        try:  # RQ ran a job of this name: the name is a job's
+            func = _import_function(letter.function)
+        except Exception:
+            func = None
+    else:
+        # A worker imports and runs whatever a job names: without RQ's own job, only an
+        # idempotask job function this process imported is enqueued from a letter's name.
+        func = _imported_function(letter.function)
+        if not hasattr(func, "__idempotask_spec__"):
+            raise ReplayError(
+                f"RQ no longer keeps job {letter.id}, and {letter.function!r} is not an "
+                "@idempotent_job (or @idempotent) function of a module imported here: import "
+                "it (--import), or enqueue the job by hand and resolve the letter"
+            )
+    args, kwargs = ((), dict(arguments)) if func is None else replay_arguments(func, arguments)
+    queue_name = default_queue_name
+    options: dict[str, Any] = {}
     if original is not None and original.func_name == letter.function and original.origin:
         queue_name = original.origin
         options = {
@@ -543,7 +569,10 @@ def register_replay_route(connection: Any, *, queue: str = "default") -> None:
 
     A due letter is enqueued again with its stored arguments on the queue its job came
     from (the original job is found by the letter's id while RQ keeps it, with its
-    timeout and result/failure ttls), else on ``queue``. The new job carries the letter
+    timeout and result/failure ttls), else on ``queue`` -- then only when it names an
+    ``@idempotent_job`` (or ``@idempotent``) function of a module this process imported,
+    since a worker runs whatever function a job names and a letter alone could name any
+    (``os.system``); other such letters are skipped. The new job carries the letter
     id in ``meta[LETTER_META]``, so if it fails for good :func:`dead_letter_handler`
     updates that letter instead of adding one. The processor resolves the letter as
     ``"enqueued"`` once the job is enqueued.

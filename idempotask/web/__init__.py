@@ -67,9 +67,10 @@ def create_app(
     ``PermissionError``) to refuse; it may be a coroutine function. Or ``token``: HTTP
     basic auth with any user name (recorded with the actions) and the token as password,
     or ``Authorization: Bearer <token>``. With neither, only clients on this machine
-    (loopback addresses) are served -- behind a reverse proxy on the same machine, give
-    ``auth=``. ``secret`` signs the CSRF tokens: give the same one to every process
-    serving the dashboard (default: random per process).
+    (loopback addresses) are served, through a URL naming it (``localhost``,
+    ``127.0.0.1``: no other site's name, against DNS rebinding) -- behind a reverse proxy
+    on the same machine, give ``auth=``. ``secret`` signs the CSRF tokens: give the same
+    one to every process serving the dashboard (default: random per process).
 
     ``read_only=True`` hides and refuses every action; ``show_arguments=False`` never
     shows letters' arguments (each letter page can also hide them). ``refresh`` is how

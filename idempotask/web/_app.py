@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,7 +41,7 @@ from idempotask.web._security import (
 )
 from idempotask.web._stores import Stores
 
-__all__ = ["Dashboard", "create_app"]
+__all__ = ["Dashboard", "create_app", "letter_path"]
 
 log = logging.getLogger("idempotask.web")
 
@@ -99,7 +99,11 @@ class Dashboard:
         """A page of ``template`` with the layout's context."""
 
         def href(name: str, **params: Any) -> str:
-            return str(request.url_for(name, **params).path)
+            return (
+                letter_path(request, params["id"])
+                if name == "letter"
+                else str(request.url_for(name, **params).path)
+            )
 
         page = self.env.get_template(template).render(
             request=request,
@@ -152,6 +156,12 @@ def notice(params: Mapping[str, str]) -> str:
     letters = f"{n:,} letter{'s' if n != 1 else ''}"
     one = n == 1
     return text.format(n=letters, them="it" if one else "them", their="its" if one else "their")
+
+
+def letter_path(request: Request, id: str) -> str:
+    """The path of a letter's page; its id quoted (a letter written into the store by
+    hand may hold ``/`` or ``?``)."""
+    return str(request.url_for("letter", id=quote(id, safe="")).path)
 
 
 def redirect(path: str, **params: str | int) -> RedirectResponse:

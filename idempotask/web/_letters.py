@@ -26,7 +26,7 @@ from starlette.routing import Route
 from idempotask.backends.base import DeadLetter, DeadLetterFilter, Record, State, Status
 from idempotask.cli._common import decode_arguments
 from idempotask.errors import BackendError, CorruptRecordError
-from idempotask.web._app import dashboard, redirect
+from idempotask.web._app import dashboard, letter_path, redirect
 from idempotask.web._forms import Cursor, FormError, LetterQuery
 from idempotask.web._security import Refused
 
@@ -86,7 +86,7 @@ async def letters(request: Request) -> Response:
     dash = dashboard(request)
     wanted = request.query_params.get("id", "").strip()
     if wanted:  # the "letter id" box: its page finds it by id or prefix
-        return redirect(str(request.url_for("letter", id=wanted).path))
+        return redirect(letter_path(request, wanted))
     now = time.time()
     error = ""
     try:
@@ -222,8 +222,7 @@ async def act(request: Request) -> Response:
         else:
             changed = await queue.amark_abandoned(id, note=note, actor=actor)
         log.info("idempotask.web: %s %s letter %s", actor, DONE[action], changed.id)
-        path = str(request.url_for("letter", id=changed.id).path)
-        return redirect(path, done=DONE[action], n=1)
+        return redirect(letter_path(request, changed.id), done=DONE[action], n=1)
     if action not in BULK:
         raise FormError(f"action: {action!r} is not one of {', '.join(VERBS)}")
     query = LetterQuery.parse(form, time.time())

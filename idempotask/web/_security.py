@@ -4,7 +4,10 @@
   ``auth=`` hook of :func:`~idempotask.web.create_app` (it receives the request and
   returns a user name, or None to refuse), else a shared ``token`` (HTTP basic auth with
   any user name and the token as password, or ``Authorization: Bearer <token>``), else
-  nothing -- and then only clients on this machine (loopback addresses) are served.
+  nothing -- and then only clients on this machine (loopback addresses) are served, and
+  only under a loopback name in the URL (``localhost``, ``127.0.0.1``, ``[::1]``): a web
+  page could otherwise make the browser send its own site's name to this machine (DNS
+  rebinding) and read and act on the dashboard as its own origin.
 - **CSRF**: every state-changing request is a POST carrying a token that is an HMAC of a
   random cookie (``HttpOnly``, ``SameSite=Strict``) and the user name; a POST without
   it, with another's, or announced by the browser as cross-site is refused. GETs never
@@ -90,6 +93,17 @@ def _loopback(host: str | None) -> bool:
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+def _loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header names this machine."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8765
+        name = name[1:].partition("]")[0]
+    elif ":" in name:
+        name = name.rpartition(":")[0]
+    name = name.removesuffix(".")
+    return name == "localhost" or name.endswith(".localhost") or _loopback(name)
+
+
 def _clean_user(name: str) -> str:
     """A user name fit for a letter's history: one line, no control characters, short."""
     text = " ".join(safe(name, lines=False).split())[:120]
@@ -134,6 +148,16 @@ class Guard:
                 403,
                 "this dashboard has no authentication, so it only answers on the machine it "
                 "runs on; start it with --token (or create_app(token=... / auth=...))",
+            )
+        host = request.headers.get("host")  # none: not a browser's request
+        if host is not None and not _loopback_name(host):
+            raise Refused(
+                403,
+                "this dashboard has no authentication, so it only answers to a URL naming "
+                f"this machine (localhost, 127.0.0.1, [::1]), not {safe(host, lines=False)!r}: "
+                "another site's name pointed here could let a web page use it; open it as "
+                "http://localhost:PORT/, or start it with --token (or create_app(token=... / "
+                "auth=...))",
             )
         return "local"
 

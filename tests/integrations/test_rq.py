@@ -647,6 +647,23 @@ def test_a_job_function_called_outside_a_worker_is_plain_idempotent(env: Env) ->
     assert rq_integration.ROUTE == "rq"
 
 
+def test_a_letter_alone_cannot_make_the_replay_route_enqueue_any_function(
+    env: Env,
+) -> None:
+    """A letter written into the dead-letter store naming os.system, or a module nobody
+    imported, with no job of RQ's behind it: nothing is enqueued (a worker would run it)
+    and no module is imported."""
+    assert "this" not in sys.modules
+    for function, arguments in (("os.system", {"command": "true"}), ("this.s", {})):
+        default_queue().record(function, ConnectionError("x"), arguments=arguments, route=ROUTE)
+    register_replay_route(env.conn, queue=env.queue.name)
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["skipped", "skipped"]
+    assert "RQ no longer keeps job" in report.results[0].reason
+    assert env.queue.job_ids == []
+    assert "this" not in sys.modules
+
+
 def test_the_replay_route_falls_back_to_the_default_queue_when_the_job_is_gone(
     env: Env,
 ) -> None:

@@ -44,7 +44,9 @@ def test_mounted_under_a_prefix_every_link_and_action_stays_under_it(
     """Links, the stylesheet, the script, forms and redirects all carry the prefix."""
     id = queue.record("billing.charge", TimeoutError("t"), arguments={"order": 1}).id
     host = Starlette(routes=[Mount("/ops/idempotask", create_app())])
-    c = TestClient(from_address(host, ("127.0.0.1", 1)), follow_redirects=False)
+    c = TestClient(
+        from_address(host, ("127.0.0.1", 1)), base_url="http://localhost", follow_redirects=False
+    )
     page = c.get(f"/ops/idempotask/letters/confirm?action=resolve&id={id}").text
     links = re.findall(r'(?:href|src|action)="([^"]+)"', page)
     assert links
@@ -110,7 +112,7 @@ def test_pages_of_letters_failing_at_the_same_instant_show_each_letter_once(
                 last_failed_at=1000.0 + (i % 2),
             )
         )
-    c = TestClient(from_address(create_app(), ("127.0.0.1", 1)))
+    c = TestClient(from_address(create_app(), ("127.0.0.1", 1)), base_url="http://localhost")
     seen: list[str] = []
     path = "/letters?status=pending"
     for _ in range(5):
@@ -161,7 +163,7 @@ def test_the_keys_page_lists_a_functions_live_records_and_never_shows_results_un
 
     report(1)
     report(2)
-    c = TestClient(from_address(create_app(), ("127.0.0.1", 1)))
+    c = TestClient(from_address(create_app(), ("127.0.0.1", 1)), base_url="http://localhost")
     listing = c.get("/keys?function=webapp.report").text
     keys = re.findall(r"<code>(webapp:webapp\.report:v1:[0-9a-f]+)</code>", listing)
     assert sorted(keys) == sorted([report.key_for(1), report.key_for(2)])

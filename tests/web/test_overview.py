@@ -83,7 +83,7 @@ def test_an_unreachable_store_is_shown_as_down_not_as_an_error_page() -> None:
     assert snapshot is not None
     assert snapshot.health is not None
     assert not snapshot.health.reachable
-    page = TestClient(from_address(app, ("127.0.0.1", 1))).get("/live")
+    page = TestClient(from_address(app, ("127.0.0.1", 1)), base_url="http://localhost").get("/live")
     assert page.status_code == 200
     assert 'data-figure="health">down<' in page.text
     assert "unreachable" in page.text
@@ -101,7 +101,11 @@ def test_a_redis_that_may_evict_keys_is_warned_about() -> None:
         assert snapshot is not None
         assert snapshot.health is not None
         assert "allkeys-lru" in snapshot.health.warning
-        page = TestClient(from_address(app, ("127.0.0.1", 1))).get("/live").text
+        page = (
+            TestClient(from_address(app, ("127.0.0.1", 1)), base_url="http://localhost")
+            .get("/live")
+            .text
+        )
         assert "maxmemory-policy=allkeys-lru" in page
         assert "noeviction" in page
     finally:
@@ -118,7 +122,11 @@ def test_the_spool_backlog_of_this_host_is_counted(tmp_path: Path) -> None:
     snapshot = app.state.dashboard.overview.get(wait=30, fresh=True)
     assert snapshot.spool_backlog == 3
     assert snapshot.spool_path == str(spool)
-    page = TestClient(from_address(app, ("127.0.0.1", 1))).get("/live").text
+    page = (
+        TestClient(from_address(app, ("127.0.0.1", 1)), base_url="http://localhost")
+        .get("/live")
+        .text
+    )
     assert re.search(r'data-figure="spool">3<', page)
 
 

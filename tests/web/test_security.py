@@ -4,13 +4,15 @@ headers, and that a GET never changes anything (in-process, on the memory store)
 from __future__ import annotations
 
 import re
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from idempotask import DeadLetterQueue, configure
-from idempotask.backends.base import Status
+from idempotask import DeadLetterQueue, configure, dead_letter, keep_all
+from idempotask.backends.base import DeadLetter, Status
 from idempotask.web import create_app
 from tests.web.conftest import from_address
 
@@ -37,7 +39,12 @@ def client(
     auth: tuple[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> TestClient:
-    c = TestClient(from_address(app, host), follow_redirects=False, headers=headers)
+    c = TestClient(
+        from_address(app, host),
+        base_url="http://localhost",
+        follow_redirects=False,
+        headers=headers,
+    )
     if auth is not None:
         c.auth = auth
     return c
@@ -127,6 +134,105 @@ def test_without_authentication_only_this_machine_is_served(queue: DeadLetterQue
     assert client(app, host=("::ffff:10.1.2.3", 40000)).get("/").status_code == 403
 
 
+def test_without_authentication_a_url_naming_another_site_is_refused(
+    queue: DeadLetterQueue,
+) -> None:
+    """DNS rebinding: a page of evil.example, whose name now points at 127.0.0.1, makes
+    the browser send ``Host: evil.example`` from this machine, as the page's own origin.
+    It must neither read a page (and its CSRF token) nor act; a URL naming this machine
+    is served."""
+    id = letter_id(queue)
+    app = create_app()
+    rebound = TestClient(
+        from_address(app, LOCAL), base_url="http://evil.example:8765", follow_redirects=False
+    )
+    for path in ("/", "/live", f"/letters/{id}", f"/letters/confirm?action=resolve&id={id}"):
+        page = rebound.get(path)
+        assert page.status_code == 403, path
+        assert "csrf" not in page.text
+        assert "evil.example" in page.text  # the refusal says which name it refused
+    forged = rebound.post("/letters/act", data={"action": "resolve", "id": id, "csrf": "x"})
+    assert forged.status_code == 403
+    assert last_action(queue, id) == ("failed", "worker")
+    for name in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "LOCALHOST", "app.localhost"):
+        assert client(app, headers={"Host": name}).get("/").status_code == 200, name
+    for name in ("127.0.0.1.evil.example", "localhost.evil.example", "10.1.2.3:8765"):
+        assert client(app, headers={"Host": name}).get("/").status_code == 403, name
+    # With a token the browser has no credentials for another site's name: served as usual.
+    token = "t" * 16
+    assert (
+        client(create_app(token=token), auth=("ann", token), headers={"Host": "a.example"})
+        .get("/")
+        .status_code
+        == 200
+    )
+
+
+def test_a_letter_written_into_the_store_by_hand_cannot_break_a_page(
+    queue: DeadLetterQueue,
+) -> None:
+    """Times no calendar holds, arguments nested past the recursion limit, an id holding
+    "/" and "?": every page still answers, the list of letters first."""
+    now = time.time()
+    far = 1e300  # finite: every store takes it
+    fields: dict[str, Any] = {"function": "f", "kind": "transient", "error_type": "E"}
+    queue.store.add(
+        DeadLetter(id="0000far", message="far", first_failed_at=far, last_failed_at=far, **fields)
+    )
+    queue.store.add(
+        DeadLetter(
+            id="0000deep",
+            message="deep",
+            arguments=b"[" * 100_000 + b"]" * 100_000,
+            first_failed_at=now,
+            last_failed_at=now,
+            **fields,
+        )
+    )
+    queue.store.add(
+        DeadLetter(id="0000a/b?c", message="odd", first_failed_at=now, last_failed_at=now, **fields)
+    )
+    c = client(create_app())
+    for path in ("/", "/live", "/letters", "/letters/0000far", "/letters/0000deep"):
+        assert c.get(path).status_code == 200, path
+    odd = {"id": "0000a/b?c"}
+    assert c.get("/letters/confirm", params={"action": "retry", **odd}).status_code == 200
+    goto = c.get("/letters", params=odd)
+    assert goto.status_code == 303
+    assert goto.headers["location"] == "/letters/0000a%2Fb%3Fc"
+    assert c.get(goto.headers["location"]).status_code == 404  # "/" names no letter's page
+
+
+@dataclass
+class Parcel:
+    """A dataclass whose repr() needs what __post_init__ sets (a stored one is rebuilt
+    without running it)."""
+
+    id: int
+
+    def __post_init__(self) -> None:
+        self.label = f"parcel {self.id}"
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def test_an_argument_whose_repr_fails_once_rebuilt_does_not_break_its_letter(
+    queue: DeadLetterQueue,
+) -> None:
+    """The letter page shows the argument as not showable, with the page's other fields."""
+
+    @dead_letter(queue=queue, redact=keep_all)
+    def ship(parcel: Parcel) -> None:
+        raise TimeoutError("carrier down")
+
+    with pytest.raises(TimeoutError):
+        ship(Parcel(7))
+    page = client(create_app()).get(f"/letters/{queue.query()[0].id}")
+    assert page.status_code == 200
+    assert "Parcel whose repr() raised AttributeError" in page.text
+
+
 def test_a_token_is_required_as_basic_auth_or_bearer(queue: DeadLetterQueue) -> None:
     """401 with a Basic challenge without it; the basic-auth name is the recorded user."""
     id = letter_id(queue)
@@ -193,6 +299,32 @@ def test_read_only_refuses_every_action(queue: DeadLetterQueue) -> None:
         ("/breakers/act", {"action": "open", "name": "erp"}),
     ):
         assert c.post(path, data=form).status_code == 403, path
+    assert last_action(queue, id) == ("failed", "worker")
+
+
+def test_read_only_refuses_an_action_even_with_a_valid_csrf_token(
+    queue: DeadLetterQueue,
+) -> None:
+    """A read-only dashboard sharing secret= with a writable one (the same cookie and user
+    make the same token): the token is good, the action is still refused."""
+    id = letter_id(queue)
+    secret = "s" * 32
+    writable = client(create_app(secret=secret))
+    token = csrf_of(writable, f"/letters/confirm?action=resolve&id={id}")
+    close = {"action": "close", "name": "erp", "csrf": token}
+    assert writable.post("/breakers/act", data=close).status_code == 303  # a good token
+    reader = client(create_app(read_only=True, secret=secret))
+    reader.cookies = writable.cookies
+    assert reader.get("/").status_code == 200
+    for path, form in (
+        ("/letters/act", {"action": "resolve", "id": id}),
+        ("/letters/act", {"action": "purge", "status": "pending"}),
+        ("/keys/forget", {"key": "websec:x:v1:0", "token": "t"}),
+        ("/breakers/act", {"action": "open", "name": "erp"}),
+    ):
+        refused = reader.post(path, data={**form, "csrf": token})
+        assert refused.status_code == 403, path
+        assert "read-only" in refused.text
     assert last_action(queue, id) == ("failed", "worker")
 
 
