@@ -248,18 +248,46 @@ def replay_arguments(
     """Positional and keyword arguments for ``target`` (a function or its signature)
     from arguments a letter stored by name; ``error`` (a ``ValueError`` unless told),
     naming ``name`` (default: the function's qualified name), if it no longer takes some
-    of them. When its signature cannot be read, everything goes by keyword."""
+    of them, or now takes a parameter without a default before arguments that must be
+    positional. A positional parameter the letter lacks is passed its default when
+    later arguments must be positional. When its signature cannot be
+    read, everything goes by keyword."""
     try:
         sig = target if isinstance(target, inspect.Signature) else inspect.signature(target)
     except (TypeError, ValueError):
         return (), dict(arguments)
+    who = name or getattr(target, "__qualname__", target)
     unknown = sorted(set(arguments) - set(sig.parameters))
     if unknown:
-        raise error(
-            f"{name or getattr(target, '__qualname__', target)} no longer takes "
-            f"{', '.join(map(repr, unknown))}; its signature changed"
-        )
+        raise error(f"{who} no longer takes {', '.join(map(repr, unknown))}; its signature changed")
     ordered = {arg: arguments[arg] for arg in sig.parameters if arg in arguments}
+    # A positional parameter the letter lacks (one added since, with a default) ends the
+    # positional arguments there: a later positional-only one, and *args' items, would then
+    # be sent by keyword. So a gap before them takes the parameter's own default (and an
+    # empty *args is left out, not sent as a keyword).
+    gap: list[inspect.Parameter] = []
+    for param in sig.parameters.values():
+        if param.kind in (param.KEYWORD_ONLY, param.VAR_KEYWORD):
+            break
+        if param.name not in ordered:
+            gap.append(param)
+        elif gap and (
+            param.kind is param.POSITIONAL_ONLY
+            or (param.kind is param.VAR_POSITIONAL and ordered[param.name])
+        ):
+            missing = [p.name for p in gap if p.default is p.empty]
+            if missing:
+                raise error(
+                    f"{who} takes {', '.join(map(repr, missing))} before arguments that must be "
+                    "positional, and the letter has no value for it; its signature changed"
+                )
+            ordered.update((p.name, p.default) for p in gap)
+            gap = []
+    ordered = {
+        arg: ordered[arg]
+        for arg, param in sig.parameters.items()
+        if arg in ordered and (param.kind is not param.VAR_POSITIONAL or ordered[arg])
+    }
     bound = inspect.BoundArguments(sig, ordered)
     return tuple(bound.args), dict(bound.kwargs)
 

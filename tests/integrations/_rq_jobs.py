@@ -69,6 +69,12 @@ def plain_add(a: int, b: int = 0) -> tuple[int, int]:
     return (a, a + b)
 
 
+@idempotent_job(idempotency_ttl=600)
+def spread(a: int, b: int = 1, *rest: int, **extra: int) -> int:
+    """A job with a defaulted parameter before ``*rest``: the replay route's letters."""
+    return a + b + sum(rest) + sum(extra.values())
+
+
 @idempotent_job(idempotency_ttl=600, idempotency_cache_errors=600)
 def flaky(n: int) -> int:
     """Fails on its first two runs, then succeeds. It caches its failures for

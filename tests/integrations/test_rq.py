@@ -684,3 +684,24 @@ def test_the_replay_route_falls_back_to_the_default_queue_when_the_job_is_gone(
     assert job.meta[LETTER_META] == letter.id
     with pytest.raises(NoSuchJobError):
         Job.fetch(letter.id, connection=env.conn)
+
+
+def test_a_replay_sends_star_args_positionally_when_the_letter_lacks_a_parameter_before_them(
+    env: Env,
+) -> None:
+    """A letter recorded before ``b=1`` was added in front of ``*rest`` has no ``b``: the
+    route passes b's default so that ``rest``'s items stay positional (before, they were
+    sent as a keyword ``rest=[2, 3]`` into ``**extra``)."""
+    default_queue().record(
+        "tests.integrations._rq_jobs.spread",
+        ConnectionError("x"),
+        arguments={"a": 1, "rest": (2, 3), "extra": {"z": 9}},
+        route=ROUTE,
+    )
+    register_replay_route(env.conn, queue=env.queue.name)
+    report = default_queue().process_due(now=time.time() + 24 * 3600)
+    assert [r.outcome for r in report.results] == ["enqueued"]
+    (job_id,) = env.queue.job_ids
+    job = Job.fetch(job_id, connection=env.conn)
+    assert job.args == (1, 1, 2, 3)
+    assert job.kwargs == {"z": 9}
