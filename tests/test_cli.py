@@ -786,6 +786,20 @@ def test_process_without_the_module_claims_nothing_and_says_why_in_full(
 
 
 @needs_redis
+def test_process_says_what_is_due_without_letting_a_stored_function_name_forge_a_line(
+    cli: Cli, queue: DeadLetterQueue
+) -> None:
+    """A letter written with a line break in its function name is named escaped in the
+    'due now' list (before, the break reached stderr and began a line of its own)."""
+    letter = queue.record("jobs.charge\nERROR forged", ConnectionError("x"))
+    cli("dlq", "retry", letter.id)
+    result = cli("dlq", "process", imports=False, code=1)
+    message = result.err.strip()
+    assert message.endswith("1 letter due now: jobs.charge\\nERROR forged (1)")
+    assert not any(line.startswith("ERROR forged") for line in result.err.splitlines())
+
+
+@needs_redis
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_process_loop_replays_and_stops_cleanly_on_a_signal(
     cli: Cli, queue: DeadLetterQueue, jobs: ModuleType, tmp_path: Path, signum: int

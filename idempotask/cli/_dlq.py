@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from idempotask._printable import printable
 from idempotask.backends.deadletters import DeadLetter, DeadLetterFilter, Status
 from idempotask.cli._common import CommandError, Context, decode_arguments
 from idempotask.cli._text import (
@@ -450,7 +451,7 @@ def _due_now(ctx: Context, now: float) -> str:
             due[x.function] = due.get(x.function, 0) + 1
     if not due:
         return "no letter is due now"
-    counted = ", ".join(f"{name} ({n})" for name, n in sorted(due.items()))
+    counted = ", ".join(f"{printable(name)} ({n})" for name, n in sorted(due.items()))
     more = " among the first 1,000 open ones" if len(letters) == 1000 else ""
     return f"{plural(sum(due.values()), 'letter')} due now{more}: {counted}"
 
