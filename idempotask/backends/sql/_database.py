@@ -114,30 +114,32 @@ def flavour_of(dialect: Dialect) -> Flavour:
     )
 
 
+def _codes(exc: BaseException) -> tuple[Any, Any, Any] | None:
+    """A database error's driver error, its SQLSTATE (PostgreSQL) and its error number
+    (MySQL/MariaDB); None for any other error."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return orig, getattr(orig, "sqlstate", None), args[0] if args else None
+
+
 def _is_retryable(exc: BaseException) -> bool:
     """A deadlock victim: its statement was rolled back whole, so the flow can run again."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _PG_RETRYABLE:
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
+    codes = _codes(exc)
+    return codes is not None and (codes[1] in _PG_RETRYABLE or codes[2] == _MYSQL_DEADLOCK)
 
 
 def _is_missing_table(exc: BaseException) -> bool:
     """Whether the database said a table does not exist (PostgreSQL ``42P01``, MySQL and
     MariaDB error 1146, SQLite "no such table")."""
-    if not isinstance(exc, DBAPIError):
+    codes = _codes(exc)
+    if codes is None:
         return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE:
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    if args and args[0] == _MYSQL_NO_SUCH_TABLE:
-        return True
+    orig, sqlstate, number = codes
     # sqlite3's (and aiosqlite's, which raises sqlite3's) error carries only its message.
-    return type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")
+    sqlite = type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")
+    return sqlstate == _PG_UNDEFINED_TABLE or number == _MYSQL_NO_SUCH_TABLE or sqlite
 
 
 @dataclass(slots=True)
@@ -497,8 +499,30 @@ class Database:
 
     # -- schema ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _ddl(conn: Connection, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+    def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+        """Create (or drop) ``tables`` if missing (present); safe from several processes."""
+        self.run("create_tables" if create else "drop_tables", None, _ddl(metadata, tables, create))
+
+    async def aschema_change(
+        self, metadata: MetaData, tables: Sequence[Table], create: bool
+    ) -> None:
+        """Async :meth:`schema_change`."""
+        operation = "create_tables" if create else "drop_tables"
+        await self.arun(operation, None, _ddl(metadata, tables, create))
+
+    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
+        """The tables to create before the next operation, taken once."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+
+def _ddl(
+    metadata: MetaData, tables: Sequence[Table], create: bool
+) -> Callable[[Session], Flow[None]]:
+    """The flow that creates (or drops) ``tables`` if missing (present)."""
+
+    def change(conn: Connection) -> None:
         # Another process may create (or drop) a table between our check and our
         # statement: the next check sees it. One more try per table at most.
         for attempt in range(len(tables) + 1):
@@ -512,41 +536,13 @@ class Database:
                 if attempt == len(tables):
                     raise
 
-    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
-        """The tables to create before the next operation, taken once."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        return pending
+    def flow(q: Session) -> Flow[None]:
+        if q.aconn is None:
+            yield Op(change, None, q.conn)
+        else:  # on the asyncio connection's sync one, as SQLAlchemy runs sync code there
+            yield Op(q.aconn.run_sync, q.aconn.run_sync, change)
 
-    def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
-        """Create (or drop) ``tables`` if missing (present); safe from several processes."""
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            with (
-                self.memory_lock if self.memory else contextlib.nullcontext(),
-                self.sync_engine().connect() as conn,
-            ):
-                self._ddl(conn, metadata, tables, create)
-        except _FAILURES as exc:
-            raise self.error(operation, None, exc) from exc
-
-    async def aschema_change(
-        self, metadata: MetaData, tables: Sequence[Table], create: bool
-    ) -> None:
-        """Async :meth:`schema_change`."""
-        if self.memory:
-            self.schema_change(metadata, tables, create)
-            return
-        if self.local:
-            await asyncio.to_thread(self.schema_change, metadata, tables, create)
-            return
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            engine = await self.async_engine()
-            async with engine.connect() as conn:
-                await conn.run_sync(self._ddl, metadata, tables, create)
-        except _FAILURES as exc:
-            raise self.error(operation, None, exc) from exc
+    return flow
 
 
 def flow_batches(
@@ -572,19 +568,12 @@ class OnDatabase:
     def _flavour(self, q: Session) -> Flavour:
         return self._force_flavour or q.flavour
 
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
-
     def _on_db(
         self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
     ) -> Flow[_T]:
         """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
-        result: _T = yield Op(self._run, self._arun, operation, key, make)
+        db = self.database
+        result: _T = yield Op(db.run, db.arun, operation, key, make, self.table)
         return result
 
     def _one(

@@ -3,34 +3,9 @@
 :class:`~idempotask.backends.sql._database.Database` on one pooled connection).
 
 Every statement runs in autocommit mode: no ``BEGIN``/``COMMIT`` around single statements.
-Round trips, counted by ``tests/backends/test_sql.py``:
-
-==========================  ==========  ==============  ===============  ==============
-operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite (file)
-==========================  ==========  ==============  ===============  ==============
-claim, key absent           1           1               2                5 statements
-claim, duplicate            1           1               1                1 statement
-claim, lease taken over     2           1               3                5 statements
-complete / fail / renew     1           1               1                1 statement
-get / delete                1           1               1                1 statement
-==========================  ==========  ==============  ===============  ==============
-
-* **PostgreSQL** -- ``INSERT … ON CONFLICT (key) DO NOTHING RETURNING`` with a ``UNION
-  ALL`` that answers with the existing row, in one snapshot: a duplicate takes no lock
-  and writes nothing. Only an expired row, or ours to re-take, needs
-  :attr:`Statements.claim_postgresql`; a concurrent commit the snapshot missed is
-  detected and the claim re-sent, at most :data:`CLAIM_ATTEMPTS` times.
-  ``clock_timestamp()`` is the clock (``now()`` is frozen per transaction).
-* **MariaDB 10.5+** -- ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` returns the row as
-  it stands after the statement, so one statement claims and answers.
-* **MySQL** (no ``RETURNING``) -- a read answers duplicates; a plain ``INSERT`` takes an
-  absent key; a takeover is the conditional upsert and a read (our token is unique to
-  the claim, so the row carries it only if we took the key).
-* **SQLite** -- a read answers duplicates (WAL lets it run beside a writer); otherwise
-  ``BEGIN IMMEDIATE``, the upsert, a read and ``COMMIT``.
-
-complete/fail is a plain ``UPDATE``; only when it changes nothing does a read tell a
-repeated complete from a lost lease.
+The round trips of each operation per database (counted by ``tests/backends/test_sql.py``)
+and how each database claims a key are in the README's SQL section; the statements below
+say how, and :func:`flow_claim` which runs when.
 """
 
 from __future__ import annotations
@@ -87,8 +62,8 @@ class Statements(StatementSet):
     """Every statement the backend sends for one table, built once and reused.
 
     Built with SQLAlchemy Core and bound parameters, so each compiles once per dialect
-    (:func:`~idempotask.backends.sql._dbapi.compile_statement`) and quoting, types and
-    driver placeholders are SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token,
+    (SQLAlchemy's compiled cache) and quoting, types and driver placeholders are
+    SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token,
     ``o`` owner, ``f`` fingerprint, ``s`` state, ``p`` payload, ``d`` a duration in seconds,
     ``n`` a batch size.
     """
@@ -265,14 +240,11 @@ class Statements(StatementSet):
         or expired)" is true exactly when the takeover happened, and the other columns
         follow that; ``expires_at`` goes last because the conditions read it.
         """
-        return self._upsert_mysql().returning(*self._record_columns(DbNow()))
+        return self.upsert_mysql.returning(*self._record_columns(DbNow()))
 
     @cached_property
-    def upsert_mysql(self) -> Executable:
+    def upsert_mysql(self) -> mysql.Insert:
         """The MariaDB claim without RETURNING, for MySQL (read the row afterwards)."""
-        return self._upsert_mysql()
-
-    def _upsert_mysql(self) -> mysql.Insert:
         t, c = self.table, self.table.c
         now = DbNow()
         ins = mysql.insert(t).values(self._new_row(now))
@@ -383,30 +355,21 @@ class Statements(StatementSet):
 
     # scan --------------------------------------------------------------------------------
 
-    def _scan(self, *where: ColumnElement[bool]) -> Executable:
+    @built
+    def scan(self, lower: bool, upper: bool) -> Executable:
+        """Live records, up to ``n``, with ``key >= lo`` if ``lower`` and ``key < hi`` if
+        ``upper`` (both: a key prefix's range)."""
         c = self.table.c
+        key = CodePoints(c.key)
+        bounds = [key >= self._lo] if lower else []
+        if upper:
+            bounds.append(key < self._hi)
         now = select(DbNow()).scalar_subquery()
         return (
             select(c.key, *self._record_columns(DbNow()))
-            .where(*where, c.expires_at > now)
+            .where(*bounds, c.expires_at > now)
             .limit(bindparam("n", type_=Integer()))
         )
-
-    @cached_property
-    def scan_range(self) -> Executable:
-        """Live records with ``lo <= key < hi``, up to ``n`` (a key prefix's range)."""
-        key = CodePoints(self.table.c.key)
-        return self._scan(key >= self._lo, key < self._hi)
-
-    @cached_property
-    def scan_from(self) -> Executable:
-        """Live records with ``key >= lo``, up to ``n``."""
-        return self._scan(CodePoints(self.table.c.key) >= self._lo)
-
-    @cached_property
-    def scan_all(self) -> Executable:
-        """Any live records, up to ``n``."""
-        return self._scan()
 
     # purge -------------------------------------------------------------------------------
 
