@@ -1,8 +1,7 @@
 """One database as the SQL stores use it: its engines, and running flows on them.
 
 :class:`Database` owns what the SQL stores share: the URL, the sync engine and one asyncio
-engine per event loop (made on first use, disposed when their loop shuts down, let go of
-in a forked child), the time bound of a statement, and running an operation: a flow
+engine per event loop, the time bound of a statement, and running an operation: a flow
 (:mod:`idempotask.flow`) of statements on one connection of the engine's pool, through
 SQLAlchemy's public ``Connection.execute`` / ``AsyncConnection.execute``. Database errors
 become :class:`~idempotask.errors.BackendError`.
@@ -161,7 +160,9 @@ async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGene
     finally:
         owner = db()
         if owner is not None:
-            owner._forget(slot)
+            with owner._lock:
+                if owner.loops.get(id(slot.loop)) is slot:
+                    del owner.loops[id(slot.loop)]
         if os.getpid() != started_in:  # a forked child: the connections are the parent's
             slot.engine.sync_engine.dispose(close=False)
         elif not slot.loop.is_closed():
@@ -330,11 +331,6 @@ class Database:
             await guard.asend(None)  # registers the guard with the loop
             slot.guard = guard
         return slot.engine
-
-    def _forget(self, slot: _LoopEngine) -> None:
-        with self._lock:
-            if self.loops.get(id(slot.loop)) is slot:
-                del self.loops[id(slot.loop)]
 
     def close(self) -> None:
         """Close the connections of the sync engine made here (one you passed stays open)."""

@@ -37,6 +37,8 @@ __all__ = [
 _MYSQL = ("mysql", "mariadb")
 _SUPPORTED = ("postgresql", "sqlite", *_MYSQL)
 
+_DRIVERS = SQL_DRIVERS
+
 # Drivers whose connect() takes a connect_timeout in seconds (libpq's must be whole).
 _TIMEOUT_DRIVERS = {"psycopg", "psycopg_async", "pymysql", "aiomysql", "asyncmy", "mysqldb"}
 # The pip package that provides a driver module, for the missing-driver message.
@@ -108,7 +110,7 @@ def is_memory_sqlite(url: URL) -> bool:
 
 
 def _with_driver(url: URL, asyncio_: bool) -> URL:
-    keep_sync, default_sync, keep_async, default_async = SQL_DRIVERS[url.get_backend_name()]
+    keep_sync, default_sync, keep_async, default_async = _DRIVERS[url.get_backend_name()]
     keep, default = (keep_async, default_async) if asyncio_ else (keep_sync, default_sync)
     driver = url.get_driver_name() if "+" in url.drivername else ""
     if driver in keep:

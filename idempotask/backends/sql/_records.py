@@ -15,10 +15,12 @@ from functools import cached_property
 from typing import Any
 
 from sqlalchemy import (
+    Delete,
     Double,
     Executable,
     Integer,
     LargeBinary,
+    Select,
     Table,
     and_,
     bindparam,
@@ -123,10 +125,11 @@ class Statements(StatementSet):
             "expires_at": now + self._d,
         }
 
-    def _retake_set(self, excluded: Any, now: ColumnElement[float]) -> dict[str, Any]:
-        """ON CONFLICT's SET for a takeover or a re-take (PostgreSQL and SQLite)."""
-        c = self.table.c
-        return {
+    def _retake_on_conflict(self, ins: Any, now: ColumnElement[float]) -> Any:
+        """``ins`` with ``ON CONFLICT … DO UPDATE … WHERE``: a takeover or a re-take
+        (PostgreSQL and SQLite)."""
+        c, excluded = self.table.c, ins.excluded
+        retake = {
             "state": excluded.state,
             "token": excluded.token,
             "owner": excluded.owner,
@@ -142,15 +145,18 @@ class Statements(StatementSet):
             "payload": excluded.payload,
             "expires_at": excluded.expires_at,
         }
+        return ins.on_conflict_do_update(
+            index_elements=[c.key],
+            set_=retake,
+            where=self._takeable(now, excluded.token, excluded.owner),
+        )
 
     # Reads -------------------------------------------------------------------------------
 
     @cached_property
     def read_live(self) -> Executable:
         """The live record under ``k`` (none when absent or expired)."""
-        now = DbNow()
-        c = self.table.c
-        return select(*self._record_columns(now)).where(c.key == self._k, c.expires_at > now)
+        return self.read_any.where(self.table.c.expires_at > DbNow())
 
     @cached_property
     def read_first(self) -> Executable:
@@ -161,7 +167,7 @@ class Statements(StatementSet):
         return select(*self._record_columns(now), live).where(c.key == self._k)
 
     @cached_property
-    def read_any(self) -> Executable:
+    def read_any(self) -> Select[Any]:
         """The record under ``k`` even if expired (read back right after our own write)."""
         return select(*self._record_columns(DbNow())).where(self.table.c.key == self._k)
 
@@ -217,11 +223,7 @@ class Statements(StatementSet):
         row = self._new_row(now)
         source = select(*row.values()).where(~exists(blocking))
         ins = postgresql.insert(t).from_select(list(row), source)
-        ins = ins.on_conflict_do_update(
-            index_elements=[c.key],
-            set_=self._retake_set(ins.excluded, now),
-            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
-        )
+        ins = self._retake_on_conflict(ins, now)
         ins_cte = ins.returning(true().label("taken"), *self._record_columns(now)).cte("ins")
         from_ins = select(*ins_cte.c)
         from_live = select(false().label("taken"), *self._record_columns(now)).where(
@@ -282,14 +284,9 @@ class Statements(StatementSet):
     @cached_property
     def upsert_sqlite(self) -> Executable:
         """Insert, or take over / re-take under the same conditions as PostgreSQL's."""
-        t, c = self.table, self.table.c
         now = DbNow()
-        ins = sqlite.insert(t).values(self._new_row(now))
-        return ins.on_conflict_do_update(
-            index_elements=[c.key],
-            set_=self._retake_set(ins.excluded, now),
-            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
-        )
+        ins = sqlite.insert(self.table).values(self._new_row(now))
+        return self._retake_on_conflict(ins, now)  # type: ignore[no-any-return]
 
     # complete / fail / renew / delete / expire -------------------------------------------
 
@@ -329,7 +326,7 @@ class Statements(StatementSet):
         return update(self.table).where(self._held(now)).values(expires_at=now + self._d)
 
     @cached_property
-    def delete_any(self) -> Executable:
+    def delete_any(self) -> Delete:
         """Remove the live record under ``k``."""
         c = self.table.c
         return delete(self.table).where(c.key == self._k, c.expires_at > DbNow())
@@ -337,10 +334,7 @@ class Statements(StatementSet):
     @cached_property
     def delete_token(self) -> Executable:
         """Remove the live record under ``k`` if it carries token ``t``."""
-        c = self.table.c
-        return delete(self.table).where(
-            c.key == self._k, c.token == self._t, c.expires_at > DbNow()
-        )
+        return self.delete_any.where(self.table.c.token == self._t)
 
     @cached_property
     def expire_now(self) -> Executable:
