@@ -227,10 +227,10 @@ class Database:
                     "'postgresql+psycopg://user@host/db', an Engine or an AsyncEngine"
                 )
             url = _engines.parse_url(source.url)
-        for option, value in (("connect_timeout", connect_timeout), ("busy_timeout", busy_timeout)):
-            seconds(value, option)
+        connect_timeout = seconds(connect_timeout, "connect_timeout")
+        busy_timeout = seconds(busy_timeout, "busy_timeout")
         if statement_timeout is not None:
-            seconds(statement_timeout, "statement_timeout")
+            statement_timeout = seconds(statement_timeout, "statement_timeout")
 
         self.url = url
         #: The URL without credentials, for messages and ``repr``.
@@ -245,14 +245,14 @@ class Database:
                 f"{owner}: an in-memory SQLite database lives in one connection; "
                 "pass the sync Engine (or the URL), which serves async callers too"
             )
-        self.statement_timeout = None if statement_timeout is None else float(statement_timeout)
+        self.statement_timeout = statement_timeout
         #: The client's bound on one statement (None: none).
-        self.bound = None if statement_timeout is None else client_bound(float(statement_timeout))
+        self.bound = None if statement_timeout is None else client_bound(statement_timeout)
         # What the engines made here get (see _engines.new_engine).
         self._settings: dict[str, Any] = {
-            "connect_timeout": float(connect_timeout),
-            "busy_timeout": float(busy_timeout),
-            "statement_timeout": self.statement_timeout,
+            "connect_timeout": connect_timeout,
+            "busy_timeout": busy_timeout,
+            "statement_timeout": statement_timeout,
             "options": dict(engine_options or {}),
         }
         self._given = engine  # the user's engine, as given

@@ -79,8 +79,6 @@ class Statements(StatementSet):
         self._f = bindparam("f", type_=c.fingerprint.type)
         self._s = bindparam("s", type_=c.state.type)
         self._p: BindParameter[bytes] = bindparam("p", type_=LargeBinary())
-        self._lo = bindparam("lo", type_=c.key.type)
-        self._hi = bindparam("hi", type_=c.key.type)
         self._d: BindParameter[float] = bindparam("d", type_=Double())
         # Constant strings, typed like the columns (bytes on MySQL's VARBINARY); one bound
         # value each however often a statement uses them, so the driver sends fewer.
@@ -355,9 +353,9 @@ class Statements(StatementSet):
         ``upper`` (both: a key prefix's range)."""
         c = self.table.c
         key = CodePoints(c.key)
-        bounds = [key >= self._lo] if lower else []
+        bounds = [key >= bindparam("lo", type_=c.key.type)] if lower else []
         if upper:
-            bounds.append(key < self._hi)
+            bounds.append(key < bindparam("hi", type_=c.key.type))
         now = select(DbNow()).scalar_subquery()
         return (
             select(c.key, *self._record_columns(DbNow()))
