@@ -50,15 +50,11 @@ _BOUNDS = {
 }
 
 
-def _bounds(flavour: str, lease: float) -> Any:
+def _bounds(store: SQLAlchemyBackend, conn: Connection, lease: float) -> Any:
     """The statement that bounds the transaction's waits by ``lease`` (see the module)."""
-    sql = _BOUNDS.get(flavour)
+    sql = _BOUNDS.get(store._force_flavour or store.database._flavour_of(conn.dialect))
     ms, s = max(1, math.ceil(lease * 1000)), max(1, math.ceil(lease))
     return None if sql is None else text(sql.format(ms=ms, s=s))
-
-
-def _flavour(store: SQLAlchemyBackend, conn: Connection) -> str:
-    return store._force_flavour or store.database._flavour_of(conn.dialect)
 
 
 def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
@@ -108,7 +104,7 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
     try:
         conn = conn.execution_options(isolation_level=conn.default_isolation_level)
         trans = conn.begin()
-        bounds = _bounds(_flavour(store, conn), lease)
+        bounds = _bounds(store, conn, lease)
         if bounds is not None:
             conn.execute(bounds).close()
     except BaseException as exc:
@@ -132,7 +128,7 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         assert conn is not None
         await aconn.execution_options(isolation_level=conn.default_isolation_level)
         atrans = await aconn.begin()
-        bounds = _bounds(_flavour(store, conn), lease)
+        bounds = _bounds(store, conn, lease)
         if bounds is not None:
             (await aconn.execute(bounds)).close()
     except BaseException as exc:
