@@ -17,15 +17,14 @@ aio-libs/aiomysql#1080). On a SQLite file an asyncio call runs the sync operatio
 worker thread unless you pass an ``AsyncEngine``.
 
 Every statement runs in autocommit mode, through SQLAlchemy's public
-``Connection.execute`` on a connection of the engine's pool, so pools, statement events
-(instrumentation) and ``echo`` work as configured. A duplicate is one statement on every
-database; a first call two on PostgreSQL and MariaDB (claim, complete). How each database
-claims a key, the round trips per operation (counted by ``tests/backends/test_sql.py``)
-and the time bounds of statements are in the README's SQL section and in
+``Connection.execute`` on a connection of the engine's pool (engines, their options and
+the time bounds of statements: :class:`SQLAlchemyBackend`). A duplicate is one statement
+on every database; a first call two on PostgreSQL and MariaDB (claim, complete). How each
+database claims a key and the round trips per operation (counted by
+``tests/backends/test_sql.py``) are in the README's SQL section and in
 :mod:`~idempotask.backends.sql._records`. Database errors become
 :class:`~idempotask.errors.BackendError` naming the operation and the database (never its
-password); a missing table :class:`~idempotask.errors.MissingTableError`; a row that is
-not ours :class:`~idempotask.errors.CorruptRecordError`.
+password); a row that is not ours :class:`~idempotask.errors.CorruptRecordError`.
 
 The same engines serve :class:`SQLDeadLetterStore` (dead letters; also built from a SQL
 URL by ``DeadLetterQueue``) and :class:`SQLBreakerStore` (circuit breakers; what
@@ -442,18 +441,16 @@ class SQLAlchemyBackend(OnDatabase):
                 f"sql backend: scan limit must be a non-negative int, got {limit!r}"
             )
         prefix = prefix[:KEY_LENGTH]
-        sql, params = self._sql, dict[str, Any](n=limit)
-        statement, upper = sql.scan_all, successor(prefix)
+        params, upper = dict[str, Any](n=limit), successor(prefix)
         if prefix:
             params["lo"] = prefix
-            statement = sql.scan_from if upper is None else sql.scan_range
             if upper is not None:
                 params["hi"] = upper
         return (
             yield from self._one(
                 "scan",
                 None,
-                statement,
+                self._sql.scan("lo" in params, "hi" in params),
                 params,
                 # The range is exact; the prefix check only guards a foreign row.
                 lambda rows: [parse_record(k, f) for k, *f in rows if k.startswith(prefix)],

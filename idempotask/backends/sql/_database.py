@@ -1,8 +1,7 @@
 """One database as the SQL stores use it: its engines, and running flows on them.
 
 :class:`Database` owns what the SQL stores share: the URL, the sync engine and one asyncio
-engine per event loop (made on first use, disposed when their loop shuts down, let go of
-in a forked child), the time bound of a statement, and running an operation: a flow
+engine per event loop, the time bound of a statement, and running an operation: a flow
 (:mod:`idempotask.flow`) of statements on one connection of the engine's pool, through
 SQLAlchemy's public ``Connection.execute`` / ``AsyncConnection.execute``. Database errors
 become :class:`~idempotask.errors.BackendError`.
@@ -114,30 +113,32 @@ def flavour_of(dialect: Dialect) -> Flavour:
     )
 
 
+def _codes(exc: BaseException) -> tuple[Any, Any, Any] | None:
+    """A database error's driver error, its SQLSTATE (PostgreSQL) and its error number
+    (MySQL/MariaDB); None for any other error."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return orig, getattr(orig, "sqlstate", None), args[0] if args else None
+
+
 def _is_retryable(exc: BaseException) -> bool:
     """A deadlock victim: its statement was rolled back whole, so the flow can run again."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _PG_RETRYABLE:
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
+    codes = _codes(exc)
+    return codes is not None and (codes[1] in _PG_RETRYABLE or codes[2] == _MYSQL_DEADLOCK)
 
 
 def _is_missing_table(exc: BaseException) -> bool:
     """Whether the database said a table does not exist (PostgreSQL ``42P01``, MySQL and
     MariaDB error 1146, SQLite "no such table")."""
-    if not isinstance(exc, DBAPIError):
+    codes = _codes(exc)
+    if codes is None:
         return False
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE:
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    if args and args[0] == _MYSQL_NO_SUCH_TABLE:
-        return True
+    orig, sqlstate, number = codes
     # sqlite3's (and aiosqlite's, which raises sqlite3's) error carries only its message.
-    return type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")
+    sqlite = type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")
+    return sqlstate == _PG_UNDEFINED_TABLE or number == _MYSQL_NO_SUCH_TABLE or sqlite
 
 
 @dataclass(slots=True)
@@ -159,7 +160,9 @@ async def _loop_guard(slot: _LoopEngine, db: weakref.ref[Database]) -> AsyncGene
     finally:
         owner = db()
         if owner is not None:
-            owner._forget(slot)
+            with owner._lock:
+                if owner.loops.get(id(slot.loop)) is slot:
+                    del owner.loops[id(slot.loop)]
         if os.getpid() != started_in:  # a forked child: the connections are the parent's
             slot.engine.sync_engine.dispose(close=False)
         elif not slot.loop.is_closed():
@@ -224,10 +227,10 @@ class Database:
                     "'postgresql+psycopg://user@host/db', an Engine or an AsyncEngine"
                 )
             url = _engines.parse_url(source.url)
-        for option, value in (("connect_timeout", connect_timeout), ("busy_timeout", busy_timeout)):
-            seconds(value, option)
+        connect_timeout = seconds(connect_timeout, "connect_timeout")
+        busy_timeout = seconds(busy_timeout, "busy_timeout")
         if statement_timeout is not None:
-            seconds(statement_timeout, "statement_timeout")
+            statement_timeout = seconds(statement_timeout, "statement_timeout")
 
         self.url = url
         #: The URL without credentials, for messages and ``repr``.
@@ -242,14 +245,14 @@ class Database:
                 f"{owner}: an in-memory SQLite database lives in one connection; "
                 "pass the sync Engine (or the URL), which serves async callers too"
             )
-        self.statement_timeout = None if statement_timeout is None else float(statement_timeout)
+        self.statement_timeout = statement_timeout
         #: The client's bound on one statement (None: none).
-        self.bound = None if statement_timeout is None else client_bound(float(statement_timeout))
+        self.bound = None if statement_timeout is None else client_bound(statement_timeout)
         # What the engines made here get (see _engines.new_engine).
         self._settings: dict[str, Any] = {
-            "connect_timeout": float(connect_timeout),
-            "busy_timeout": float(busy_timeout),
-            "statement_timeout": self.statement_timeout,
+            "connect_timeout": connect_timeout,
+            "busy_timeout": busy_timeout,
+            "statement_timeout": statement_timeout,
             "options": dict(engine_options or {}),
         }
         self._given = engine  # the user's engine, as given
@@ -328,11 +331,6 @@ class Database:
             await guard.asend(None)  # registers the guard with the loop
             slot.guard = guard
         return slot.engine
-
-    def _forget(self, slot: _LoopEngine) -> None:
-        with self._lock:
-            if self.loops.get(id(slot.loop)) is slot:
-                del self.loops[id(slot.loop)]
 
     def close(self) -> None:
         """Close the connections of the sync engine made here (one you passed stays open)."""
@@ -497,8 +495,30 @@ class Database:
 
     # -- schema ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _ddl(conn: Connection, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+    def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
+        """Create (or drop) ``tables`` if missing (present); safe from several processes."""
+        self.run("create_tables" if create else "drop_tables", None, _ddl(metadata, tables, create))
+
+    async def aschema_change(
+        self, metadata: MetaData, tables: Sequence[Table], create: bool
+    ) -> None:
+        """Async :meth:`schema_change`."""
+        operation = "create_tables" if create else "drop_tables"
+        await self.arun(operation, None, _ddl(metadata, tables, create))
+
+    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
+        """The tables to create before the next operation, taken once."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+
+def _ddl(
+    metadata: MetaData, tables: Sequence[Table], create: bool
+) -> Callable[[Session], Flow[None]]:
+    """The flow that creates (or drops) ``tables`` if missing (present)."""
+
+    def change(conn: Connection) -> None:
         # Another process may create (or drop) a table between our check and our
         # statement: the next check sees it. One more try per table at most.
         for attempt in range(len(tables) + 1):
@@ -512,41 +532,13 @@ class Database:
                 if attempt == len(tables):
                     raise
 
-    def _take_pending(self) -> list[tuple[MetaData, list[Table]]]:
-        """The tables to create before the next operation, taken once."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        return pending
+    def flow(q: Session) -> Flow[None]:
+        if q.aconn is None:
+            yield Op(change, None, q.conn)
+        else:  # on the asyncio connection's sync one, as SQLAlchemy runs sync code there
+            yield Op(q.aconn.run_sync, q.aconn.run_sync, change)
 
-    def schema_change(self, metadata: MetaData, tables: Sequence[Table], create: bool) -> None:
-        """Create (or drop) ``tables`` if missing (present); safe from several processes."""
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            with (
-                self.memory_lock if self.memory else contextlib.nullcontext(),
-                self.sync_engine().connect() as conn,
-            ):
-                self._ddl(conn, metadata, tables, create)
-        except _FAILURES as exc:
-            raise self.error(operation, None, exc) from exc
-
-    async def aschema_change(
-        self, metadata: MetaData, tables: Sequence[Table], create: bool
-    ) -> None:
-        """Async :meth:`schema_change`."""
-        if self.memory:
-            self.schema_change(metadata, tables, create)
-            return
-        if self.local:
-            await asyncio.to_thread(self.schema_change, metadata, tables, create)
-            return
-        operation = "create_tables" if create else "drop_tables"
-        try:
-            engine = await self.async_engine()
-            async with engine.connect() as conn:
-                await conn.run_sync(self._ddl, metadata, tables, create)
-        except _FAILURES as exc:
-            raise self.error(operation, None, exc) from exc
+    return flow
 
 
 def flow_batches(
@@ -572,19 +564,12 @@ class OnDatabase:
     def _flavour(self, q: Session) -> Flavour:
         return self._force_flavour or q.flavour
 
-    def _run(self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]) -> _T:
-        return self.database.run(operation, key, make, self.table)
-
-    async def _arun(
-        self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
-    ) -> _T:
-        return await self.database.arun(operation, key, make, self.table)
-
     def _on_db(
         self, operation: str, key: str | None, make: Callable[[Session], Flow[_T]]
     ) -> Flow[_T]:
         """One operation as a flow: ``make``'s flow run on a connection, sync or async."""
-        result: _T = yield Op(self._run, self._arun, operation, key, make)
+        db = self.database
+        result: _T = yield Op(db.run, db.arun, operation, key, make, self.table)
         return result
 
     def _one(

@@ -3,34 +3,9 @@
 :class:`~idempotask.backends.sql._database.Database` on one pooled connection).
 
 Every statement runs in autocommit mode: no ``BEGIN``/``COMMIT`` around single statements.
-Round trips, counted by ``tests/backends/test_sql.py``:
-
-==========================  ==========  ==============  ===============  ==============
-operation                   PostgreSQL  MariaDB 10.5+   MySQL            SQLite (file)
-==========================  ==========  ==============  ===============  ==============
-claim, key absent           1           1               2                5 statements
-claim, duplicate            1           1               1                1 statement
-claim, lease taken over     2           1               3                5 statements
-complete / fail / renew     1           1               1                1 statement
-get / delete                1           1               1                1 statement
-==========================  ==========  ==============  ===============  ==============
-
-* **PostgreSQL** -- ``INSERT … ON CONFLICT (key) DO NOTHING RETURNING`` with a ``UNION
-  ALL`` that answers with the existing row, in one snapshot: a duplicate takes no lock
-  and writes nothing. Only an expired row, or ours to re-take, needs
-  :attr:`Statements.claim_postgresql`; a concurrent commit the snapshot missed is
-  detected and the claim re-sent, at most :data:`CLAIM_ATTEMPTS` times.
-  ``clock_timestamp()`` is the clock (``now()`` is frozen per transaction).
-* **MariaDB 10.5+** -- ``INSERT … ON DUPLICATE KEY UPDATE … RETURNING`` returns the row as
-  it stands after the statement, so one statement claims and answers.
-* **MySQL** (no ``RETURNING``) -- a read answers duplicates; a plain ``INSERT`` takes an
-  absent key; a takeover is the conditional upsert and a read (our token is unique to
-  the claim, so the row carries it only if we took the key).
-* **SQLite** -- a read answers duplicates (WAL lets it run beside a writer); otherwise
-  ``BEGIN IMMEDIATE``, the upsert, a read and ``COMMIT``.
-
-complete/fail is a plain ``UPDATE``; only when it changes nothing does a read tell a
-repeated complete from a lost lease.
+The round trips of each operation per database (counted by ``tests/backends/test_sql.py``)
+and how each database claims a key are in the README's SQL section; the statements below
+say how, and :func:`flow_claim` which runs when.
 """
 
 from __future__ import annotations
@@ -40,10 +15,12 @@ from functools import cached_property
 from typing import Any
 
 from sqlalchemy import (
+    Delete,
     Double,
     Executable,
     Integer,
     LargeBinary,
+    Select,
     Table,
     and_,
     bindparam,
@@ -87,8 +64,8 @@ class Statements(StatementSet):
     """Every statement the backend sends for one table, built once and reused.
 
     Built with SQLAlchemy Core and bound parameters, so each compiles once per dialect
-    (:func:`~idempotask.backends.sql._dbapi.compile_statement`) and quoting, types and
-    driver placeholders are SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token,
+    (SQLAlchemy's compiled cache) and quoting, types and driver placeholders are
+    SQLAlchemy's business. Parameter names: ``k`` key, ``t`` token,
     ``o`` owner, ``f`` fingerprint, ``s`` state, ``p`` payload, ``d`` a duration in seconds,
     ``n`` a batch size.
     """
@@ -102,8 +79,6 @@ class Statements(StatementSet):
         self._f = bindparam("f", type_=c.fingerprint.type)
         self._s = bindparam("s", type_=c.state.type)
         self._p: BindParameter[bytes] = bindparam("p", type_=LargeBinary())
-        self._lo = bindparam("lo", type_=c.key.type)
-        self._hi = bindparam("hi", type_=c.key.type)
         self._d: BindParameter[float] = bindparam("d", type_=Double())
         # Constant strings, typed like the columns (bytes on MySQL's VARBINARY); one bound
         # value each however often a statement uses them, so the driver sends fewer.
@@ -148,10 +123,11 @@ class Statements(StatementSet):
             "expires_at": now + self._d,
         }
 
-    def _retake_set(self, excluded: Any, now: ColumnElement[float]) -> dict[str, Any]:
-        """ON CONFLICT's SET for a takeover or a re-take (PostgreSQL and SQLite)."""
-        c = self.table.c
-        return {
+    def _retake_on_conflict(self, ins: Any, now: ColumnElement[float]) -> Any:
+        """``ins`` with ``ON CONFLICT … DO UPDATE … WHERE``: a takeover or a re-take
+        (PostgreSQL and SQLite)."""
+        c, excluded = self.table.c, ins.excluded
+        retake = {
             "state": excluded.state,
             "token": excluded.token,
             "owner": excluded.owner,
@@ -167,15 +143,18 @@ class Statements(StatementSet):
             "payload": excluded.payload,
             "expires_at": excluded.expires_at,
         }
+        return ins.on_conflict_do_update(
+            index_elements=[c.key],
+            set_=retake,
+            where=self._takeable(now, excluded.token, excluded.owner),
+        )
 
     # Reads -------------------------------------------------------------------------------
 
     @cached_property
     def read_live(self) -> Executable:
         """The live record under ``k`` (none when absent or expired)."""
-        now = DbNow()
-        c = self.table.c
-        return select(*self._record_columns(now)).where(c.key == self._k, c.expires_at > now)
+        return self.read_any.where(self.table.c.expires_at > DbNow())
 
     @cached_property
     def read_first(self) -> Executable:
@@ -186,7 +165,7 @@ class Statements(StatementSet):
         return select(*self._record_columns(now), live).where(c.key == self._k)
 
     @cached_property
-    def read_any(self) -> Executable:
+    def read_any(self) -> Select[Any]:
         """The record under ``k`` even if expired (read back right after our own write)."""
         return select(*self._record_columns(DbNow())).where(self.table.c.key == self._k)
 
@@ -242,11 +221,7 @@ class Statements(StatementSet):
         row = self._new_row(now)
         source = select(*row.values()).where(~exists(blocking))
         ins = postgresql.insert(t).from_select(list(row), source)
-        ins = ins.on_conflict_do_update(
-            index_elements=[c.key],
-            set_=self._retake_set(ins.excluded, now),
-            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
-        )
+        ins = self._retake_on_conflict(ins, now)
         ins_cte = ins.returning(true().label("taken"), *self._record_columns(now)).cte("ins")
         from_ins = select(*ins_cte.c)
         from_live = select(false().label("taken"), *self._record_columns(now)).where(
@@ -265,14 +240,11 @@ class Statements(StatementSet):
         or expired)" is true exactly when the takeover happened, and the other columns
         follow that; ``expires_at`` goes last because the conditions read it.
         """
-        return self._upsert_mysql().returning(*self._record_columns(DbNow()))
+        return self.upsert_mysql.returning(*self._record_columns(DbNow()))
 
     @cached_property
-    def upsert_mysql(self) -> Executable:
+    def upsert_mysql(self) -> mysql.Insert:
         """The MariaDB claim without RETURNING, for MySQL (read the row afterwards)."""
-        return self._upsert_mysql()
-
-    def _upsert_mysql(self) -> mysql.Insert:
         t, c = self.table, self.table.c
         now = DbNow()
         ins = mysql.insert(t).values(self._new_row(now))
@@ -310,14 +282,9 @@ class Statements(StatementSet):
     @cached_property
     def upsert_sqlite(self) -> Executable:
         """Insert, or take over / re-take under the same conditions as PostgreSQL's."""
-        t, c = self.table, self.table.c
         now = DbNow()
-        ins = sqlite.insert(t).values(self._new_row(now))
-        return ins.on_conflict_do_update(
-            index_elements=[c.key],
-            set_=self._retake_set(ins.excluded, now),
-            where=self._takeable(now, ins.excluded.token, ins.excluded.owner),
-        )
+        ins = sqlite.insert(self.table).values(self._new_row(now))
+        return self._retake_on_conflict(ins, now)  # type: ignore[no-any-return]
 
     # complete / fail / renew / delete / expire -------------------------------------------
 
@@ -357,7 +324,7 @@ class Statements(StatementSet):
         return update(self.table).where(self._held(now)).values(expires_at=now + self._d)
 
     @cached_property
-    def delete_any(self) -> Executable:
+    def delete_any(self) -> Delete:
         """Remove the live record under ``k``."""
         c = self.table.c
         return delete(self.table).where(c.key == self._k, c.expires_at > DbNow())
@@ -365,10 +332,7 @@ class Statements(StatementSet):
     @cached_property
     def delete_token(self) -> Executable:
         """Remove the live record under ``k`` if it carries token ``t``."""
-        c = self.table.c
-        return delete(self.table).where(
-            c.key == self._k, c.token == self._t, c.expires_at > DbNow()
-        )
+        return self.delete_any.where(self.table.c.token == self._t)
 
     @cached_property
     def expire_now(self) -> Executable:
@@ -383,30 +347,21 @@ class Statements(StatementSet):
 
     # scan --------------------------------------------------------------------------------
 
-    def _scan(self, *where: ColumnElement[bool]) -> Executable:
+    @built
+    def scan(self, lower: bool, upper: bool) -> Executable:
+        """Live records, up to ``n``, with ``key >= lo`` if ``lower`` and ``key < hi`` if
+        ``upper`` (both: a key prefix's range)."""
         c = self.table.c
+        key = CodePoints(c.key)
+        bounds = [key >= bindparam("lo", type_=c.key.type)] if lower else []
+        if upper:
+            bounds.append(key < bindparam("hi", type_=c.key.type))
         now = select(DbNow()).scalar_subquery()
         return (
             select(c.key, *self._record_columns(DbNow()))
-            .where(*where, c.expires_at > now)
+            .where(*bounds, c.expires_at > now)
             .limit(bindparam("n", type_=Integer()))
         )
-
-    @cached_property
-    def scan_range(self) -> Executable:
-        """Live records with ``lo <= key < hi``, up to ``n`` (a key prefix's range)."""
-        key = CodePoints(self.table.c.key)
-        return self._scan(key >= self._lo, key < self._hi)
-
-    @cached_property
-    def scan_from(self) -> Executable:
-        """Live records with ``key >= lo``, up to ``n``."""
-        return self._scan(CodePoints(self.table.c.key) >= self._lo)
-
-    @cached_property
-    def scan_all(self) -> Executable:
-        """Any live records, up to ``n``."""
-        return self._scan()
 
     # purge -------------------------------------------------------------------------------
 

@@ -256,10 +256,8 @@ def _index_name(table: str, suffix: str = "expires_at") -> str:
 
 
 def _ordered_text(length: int) -> TypeEngine[Any]:
-    """:class:`BinaryText` that also sorts by code point, as Python compares ``str``:
-    PostgreSQL's default collation sorts by language rules (punctuation ignored), so the
-    column gets the ``"C"`` collation there; SQLite's and MySQL's binary columns already
-    compare UTF-8 bytes, whose order is the code points'."""
+    """:class:`BinaryText` that also sorts by code point, as Python compares ``str``
+    (``COLLATE "C"`` on PostgreSQL: see :class:`CodePoints`)."""
     return BinaryText(length).with_variant(String(length, collation="C"), "postgresql")
 
 

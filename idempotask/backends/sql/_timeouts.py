@@ -1,15 +1,12 @@
 """Bounded waiting for SQL statements, from the drivers' own documented settings.
 
-A database that stops answering must not hang its callers (the README's "Time bounds"):
-the server cancels a slow statement (PostgreSQL ``statement_timeout``, MariaDB
-``max_statement_time``; engines the stores create), libpq's keepalives and
-``tcp_user_timeout`` notice a vanished peer, and for a peer that acknowledges packets but
-never answers the client gives up: PyMySQL's ``read_timeout``, ``asyncio.timeout`` for
-asyncio drivers, and for psycopg, whose libpq has no client-side timeout, a
-:class:`Watchdog` that shuts the socket (psycopg's documented ``Connection.fileno()``)
-down, never closes it. The client's bound is ``statement_timeout`` plus a grace of at most
-a second, so the server's cleaner cancellation normally comes first. Nothing here imports
-a driver or SQLAlchemy.
+What ``statement_timeout`` bounds, and how, is told by
+:class:`~idempotask.backends.sql.SQLAlchemyBackend` (the README's "Time bounds" says
+why): :func:`connect_options` for the server and the drivers' own timeouts, and for
+psycopg, whose libpq has no client-side timeout, a :class:`Watchdog` that shuts the
+socket (psycopg's documented ``Connection.fileno()``) down, never closes it. The client's
+bound is ``statement_timeout`` plus a grace of at most a second, so the server's cleaner
+cancellation normally comes first. Nothing here imports a driver or SQLAlchemy.
 """
 
 from __future__ import annotations

@@ -8,26 +8,13 @@ body writes through that connection; :class:`SQLTransaction` then writes the res
 the store's compare-and-set ``UPDATE`` (held with the claim's token, lease not run out),
 which locks the record's row only at the very end, and commits.
 
-The waits a paused owner can cause are bounded by the call's lease, set for the
-transaction only:
-
-* **PostgreSQL** — ``idle_in_transaction_session_timeout`` and ``lock_timeout``, both one
-  lease (``set_config(..., true)``, i.e. ``SET LOCAL``): a transaction left idle for a
-  lease (its process paused or stuck) is ended by the server, its locks with it, so by the
-  time its lease has run out and a new owner claims, the new owner's writes find them
-  gone (or wait at most the part of a lease the renewals had added after the last
-  statement); any lock wait of a transactional body is bounded by one lease.
-* **MariaDB** — ``idle_transaction_timeout`` and ``innodb_lock_wait_timeout``, one lease
-  rounded up to whole seconds (session variables: the next transactional call on the
-  connection sets them again; single statements are not in a transaction between calls).
-* **MySQL** — only ``innodb_lock_wait_timeout`` (MySQL has no idle-transaction timeout:
-  a paused owner's locks last until its connection ends).
-* **SQLite** — one writer at a time for the whole file, so a transaction holding the
-  write lock blocks every claim, renewal and result of every process on it. Refused
-  (:class:`~idempotask.errors.ConfigurationError`) unless the store is made with
-  ``sqlite_transactions=True``; never on ``sqlite:///:memory:`` (one connection for all).
-
-Each statement of the body is also bounded by the store's ``statement_timeout``.
+The waits a paused owner can cause are bounded by the call's lease (the README's
+transactional "Its limits" say what that guarantees, and why SQLite is refused unless
+``sqlite_transactions=True``, ``:memory:`` always): PostgreSQL's for the transaction
+only (``set_config(..., true)``, i.e. ``SET LOCAL``); MariaDB's and MySQL's are session
+variables in whole seconds, set again by the next transactional call on the connection
+(single statements are not in a transaction between calls); MySQL has no idle-transaction
+timeout. Each statement of the body is also bounded by the store's ``statement_timeout``.
 """
 
 from __future__ import annotations
@@ -53,36 +40,25 @@ __all__ = ["SQLTransaction", "abegin", "begin"]
 
 _T = TypeVar("_T")
 
-_PG_BOUNDS = text(
-    "SELECT set_config('idle_in_transaction_session_timeout', :ms, true), "
-    "set_config('lock_timeout', :ms, true)"
-)
+# Integers only are formatted into them (never user text): ``ms`` milliseconds or ``s``
+# whole seconds of one lease. SQLite has no such bounds.
+_BOUNDS = {
+    "postgresql": "SELECT set_config('idle_in_transaction_session_timeout', '{ms}ms', true), "
+    "set_config('lock_timeout', '{ms}ms', true)",
+    "mariadb": "SET SESSION idle_transaction_timeout = {s}, innodb_lock_wait_timeout = {s}",
+    "mysql": "SET SESSION innodb_lock_wait_timeout = {s}",
+}
 
 
-def _bounds(flavour: str, lease: float) -> tuple[Any, dict[str, Any]] | None:
+def _bounds(store: SQLAlchemyBackend, conn: Connection, lease: float) -> Any:
     """The statement that bounds the transaction's waits by ``lease`` (see the module)."""
-    if flavour == "postgresql":
-        return _PG_BOUNDS, {"ms": f"{max(1, math.ceil(lease * 1000))}ms"}
-    whole = max(1, math.ceil(lease))  # integers: formatted, never user text
-    if flavour == "mariadb":
-        return (
-            text(
-                f"SET SESSION idle_transaction_timeout = {whole}, "
-                f"innodb_lock_wait_timeout = {whole}"
-            ),
-            {},
-        )
-    if flavour == "mysql":
-        return text(f"SET SESSION innodb_lock_wait_timeout = {whole}"), {}
-    return None
-
-
-def _flavour(store: SQLAlchemyBackend, conn: Connection) -> str:
-    return store._force_flavour or store.database._flavour_of(conn.dialect)
+    sql = _BOUNDS.get(store._force_flavour or store.database._flavour_of(conn.dialect))
+    ms, s = max(1, math.ceil(lease * 1000)), max(1, math.ceil(lease))
+    return None if sql is None else text(sql.format(ms=ms, s=s))
 
 
 def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
-    """Refuse transactions where SQLite cannot hold them well (see the module)."""
+    """Refuse transactions where SQLite cannot hold them well (the messages say why)."""
     db = store.database
     if db.url.get_backend_name() != "sqlite":
         return
@@ -128,9 +104,9 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
     try:
         conn = conn.execution_options(isolation_level=conn.default_isolation_level)
         trans = conn.begin()
-        bounds = _bounds(_flavour(store, conn), lease)
+        bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            conn.execute(*bounds).close()
+            conn.execute(bounds).close()
     except BaseException as exc:
         _discard(conn)
         _reraise(store, "begin", key, exc)
@@ -142,8 +118,6 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
     _refuse(store, True)
     lease = seconds(lease, "lease")
     db = store.database
-    if db.memory:  # pragma: no cover - refused above
-        raise AssertionError
     try:
         engine = await db.async_engine()
         aconn = await engine.connect()
@@ -154,9 +128,9 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         assert conn is not None
         await aconn.execution_options(isolation_level=conn.default_isolation_level)
         atrans = await aconn.begin()
-        bounds = _bounds(_flavour(store, conn), lease)
+        bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            (await aconn.execute(*bounds)).close()
+            (await aconn.execute(bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
         _reraise(store, "begin", key, exc)
