@@ -471,8 +471,10 @@ def test_scan_lists_live_records_by_prefix_up_to_limit() -> None:
     assert sorted(r.key for r in store.scan("ns:app.f:")) == [f"ns:app.f:v1:{i}" for i in range(5)]
     assert len(store.scan("ns:app.f:", limit=2)) == 2
     assert [r.state for r in store.scan("ns:app.g:")] == [State.IN_PROGRESS]
+    # As on Redis and SQL (a fallback store asks both): limit=0 lists nothing.
+    assert store.scan("ns:", limit=0) == []
     with pytest.raises(ConfigurationError, match="limit"):
-        store.scan("ns:", limit=0)
+        store.scan("ns:", limit=-1)
 
 
 async def test_ascan_is_scan() -> None:

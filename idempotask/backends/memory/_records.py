@@ -277,18 +277,18 @@ class MemoryBackend:
         >>> [r.key for r in store.scan("app:f:")]
         ['app:f:v1:ab']
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(f"scan: limit must be a positive int, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"scan: limit must be an int >= 0, got {limit!r}")
         if not isinstance(prefix, str):
             raise ConfigurationError(f"scan: prefix must be a str, got {type(prefix).__name__}")
         found: list[Record] = []
         with self._lock:
             now = self._clock()
             for key, e in self._records.items():
+                if len(found) >= limit:
+                    break
                 if e.deadline > now and key.startswith(prefix):
                     found.append(e.record(key, now))
-                    if len(found) >= limit:
-                        break
         return found
 
     def dead_letter_store(self, *, namespace: str = "idempotask") -> MemoryDeadLetterStore:
