@@ -204,3 +204,17 @@ def test_idempotask_web_serves_the_dashboard_on_loopback(tmp_path: Any) -> None:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=20)
     assert f"dashboard on http://127.0.0.1:{port}/" in err
+
+
+def test_retrying_one_resolved_letter_warns_that_a_finished_call_runs_again(
+    queue: DeadLetterQueue,
+) -> None:
+    """The single-letter confirmation says what the bulk one says of resolved letters;
+    an open letter's confirmation does not."""
+    open_id = queue.record("billing.charge", TimeoutError("t"), arguments={"order": 1}).id
+    done_id = queue.record("billing.charge", TimeoutError("t"), arguments={"order": 2}).id
+    queue.mark_resolved(done_id, note="refunded by hand")
+    c = TestClient(from_address(create_app(), ("127.0.0.1", 1)), base_url="http://localhost")
+    warning = "retrying it replays a call that already finished"
+    assert warning in c.get(f"/letters/confirm?action=retry&id={done_id}").text
+    assert warning not in c.get(f"/letters/confirm?action=retry&id={open_id}").text
