@@ -224,6 +224,40 @@ def test_a_record_that_is_not_a_kept_response_gets_500_and_never_runs() -> None:
     assert app.runs == 1
 
 
+@pytest.mark.parametrize(
+    ("reason", "headers"),
+    [
+        ("OK", [["X-A", "1\r\nSet-Cookie: session=attacker"]]),
+        ("OK", [["X-A", "1\nSet-Cookie: session=attacker"]]),
+        ("OK", [["X-A\r\nSet-Cookie", "session=attacker"]]),
+        ("OK", [["X A", "1"]]),
+        ("OK", [["X-A", "1\x00"]]),
+        ("OK\r\nSet-Cookie: session=attacker", []),
+    ],
+)
+def test_a_forged_record_with_a_line_break_in_its_head_gets_500_not_a_split_response(
+    reason: str, headers: list[list[str]]
+) -> None:
+    """A stored response whose status line or headers hold CR, LF or NUL (or a name that
+    is no header name) is foreign data: replaying it would let whoever wrote the record
+    add headers (a Set-Cookie, past the cookie filter) on servers that do not check."""
+    store = MemoryBackend()
+    app = Counting()
+    web = client(app, backend=store, namespace="split")
+    web.post("/x", headers={"Idempotency-Key": KEY})
+    (record,) = store.scan("split:")
+    store.delete(record.key)
+    token = uuid.uuid4().hex
+    store.claim(record.key, token, lease=60, fingerprint=record.fingerprint)
+    meta = json.dumps({"status": 200, "reason": reason, "headers": headers}).encode()
+    store.complete(record.key, token, b"idempotask-http:1\n" + meta + b"\nhi", ttl=60)
+    answer = web.post("/x", headers={"Idempotency-Key": KEY})
+    assert answer.status_code == 500
+    assert json.loads(answer.get_data())["code"] == "stored-response-unreadable"
+    assert "Set-Cookie" not in answer.headers
+    assert app.runs == 1
+
+
 def test_the_store_keeps_no_key_and_no_client_in_clear() -> None:
     store = MemoryBackend()
     client(Counting(), backend=store, namespace="clear").post(
