@@ -8,6 +8,7 @@ framework shares run behind real servers in ``test_semantics.py``.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -256,6 +257,31 @@ def test_a_forged_record_with_a_line_break_in_its_head_gets_500_not_a_split_resp
     assert json.loads(answer.get_data())["code"] == "stored-response-unreadable"
     assert "Set-Cookie" not in answer.headers
     assert app.runs == 1
+
+
+def test_a_wsgi_body_cut_short_by_a_client_that_went_away_never_runs_the_handler() -> None:
+    """A body shorter than its Content-Length (the client disconnected mid-upload) is
+    not a request: the handler must not run on the truncated bytes (and have its answer
+    kept, so the client's real retry would get 422)."""
+    store = MemoryBackend()
+    app = Counting()
+    middleware = WSGIMiddleware(app, backend=store, namespace="cut")
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/x",
+        "QUERY_STRING": "",
+        "CONTENT_LENGTH": "100",
+        "HTTP_IDEMPOTENCY_KEY": KEY,
+        "wsgi.input": io.BytesIO(b"a" * 10),
+    }
+    statuses: list[str] = []
+    list(middleware(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert app.runs == 0
+    assert store.scan("cut:") == []
+    assert statuses == ["400 Bad Request"]
+    retry = Client(middleware).post("/x", data=b"a" * 100, headers={"Idempotency-Key": KEY})
+    assert retry.status_code == 201
+    assert app.bodies == [b"a" * 100]
 
 
 def test_the_store_keeps_no_key_and_no_client_in_clear() -> None:
