@@ -8,6 +8,7 @@ framework shares run behind real servers in ``test_semantics.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -474,6 +475,55 @@ def test_an_asgi_request_cancelled_mid_handler_releases_its_key() -> None:
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 201
     assert len(runs) == 2
+
+
+def test_an_asgi_response_left_unfinished_when_its_client_went_away_is_never_replayed() -> None:
+    """Starlette's StreamingResponse under uvicorn (ASGI spec 2.3) stops streaming and
+    returns normally when the client disconnects: the half body it sent is not the
+    response, so it must not be kept and replayed to the retry as if it were."""
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"part0;", "more_body": True})
+        if len(runs) == 1:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return  # as StreamingResponse does once the client is gone
+        await send({"type": "http.response.body", "body": b"part1;"})
+
+    middleware = ASGIMiddleware(app, backend=MemoryBackend())
+
+    async def request() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/x",
+            "query_string": b"",
+            "headers": [(b"idempotency-key", KEY.encode())],
+        }
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with contextlib.suppress(RuntimeError):
+            await middleware(scope, receive, send)
+        return sent
+
+    async def scenario() -> list[dict[str, Any]]:
+        await request()
+        return await request()
+
+    sent = asyncio.run(scenario())
+    assert len(runs) == 2
+    assert sent[1]["body"] == b"part0;part1;"
+    assert (b"idempotent-replayed", b"true") not in [(n.lower(), v) for n, v in sent[0]["headers"]]
 
 
 def test_django_keys_are_scoped_by_the_authenticated_user() -> None:
