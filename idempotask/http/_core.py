@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from idempotask import config, events, lease
+from idempotask._printable import printable
 from idempotask.backends.base import Backend, Record, State
 from idempotask.errors import (
     BackendError,
@@ -323,7 +324,7 @@ class Handler:
                 log.info(
                     "idempotask.http: %s %s: Idempotency-Key %s reused for another request (422)",
                     exchange.method,
-                    exchange.path,
+                    printable(exchange.path),
                     redact(key),
                 )
                 return problem(
@@ -384,7 +385,7 @@ class Handler:
                 "max_response_bytes=%d: sent, but not kept; retries with its key get 422 "
                 "and do not run it again",
                 exchange.method,
-                exchange.path,
+                printable(exchange.path),
                 status,
                 policy.max_response_bytes,
             )
@@ -447,7 +448,7 @@ class Handler:
                 "idempotask.http: store unavailable; on_backend_error='open', so %s %s runs "
                 "UNPROTECTED and may run twice: %s",
                 exchange.method,
-                exchange.path,
+                printable(exchange.path),
                 exc,
             )
             events.emit(EventKind.FAIL_OPEN, policy.name, store_key)
@@ -458,7 +459,7 @@ class Handler:
         log.error(
             "idempotask.http: store unavailable for %s %s (%s), answering 503: %s",
             exchange.method,
-            exchange.path,
+            printable(exchange.path),
             store_key,
             exc,
         )

@@ -307,6 +307,20 @@ def test_keys_never_appear_in_full_in_logs(caplog: pytest.LogCaptureFixture) -> 
     assert any(KEY[:4] in record.getMessage() for record in caplog.records)
 
 
+def test_a_request_path_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The path is the client's text, percent-decoded by the server: its line breaks and
+    terminal escapes are escaped in the log lines that name it."""
+    caplog.set_level(logging.DEBUG)
+    web = client(Counting(), max_response_bytes=5)
+    path = "/x%0D%0AINFO%20admin%20logged%20in%1B[2J"
+    web.post(path, data=b"one", headers={"Idempotency-Key": KEY})  # over the limit: warned
+    web.post(path, data=b"two", headers={"Idempotency-Key": KEY})  # reused: logged
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert all("/x\\r\\nINFO admin logged in\\x1b[2J" in message for message in messages)
+    assert not any(c in message for message in messages for c in "\r\n\x1b")
+
+
 # ------------------------------------------------------------------------- the store
 
 
