@@ -160,8 +160,8 @@ def parse_key(values: list[str], limit: int) -> tuple[str, str]:
     """The key in the header ``values``, and "" -- or "" and why it is not valid.
 
     The draft makes the value a Structured Field string (``"8e03978e-..."``); clients
-    that send it bare (Stripe's) are accepted too. Either way the key is 1 to ``limit``
-    printable ASCII characters.
+    that send it bare (Stripe's) are accepted too, without a comma (two headers joined
+    by the server). Either way the key is 1 to ``limit`` printable ASCII characters.
     """
     if len(values) != 1:
         return "", "The request has more than one Idempotency-Key header"
@@ -180,6 +180,10 @@ def parse_key(values: list[str], limit: int) -> tuple[str, str]:
             return "", "The quoted Idempotency-Key ends with a backslash"
         text = "".join(key)
         allowed = range(0x20, 0x7F)
+    elif "," in raw:
+        # Servers that join repeated header lines with a comma (wsgiref, Django's ASGI
+        # request) hand two keys over as one value: a bare key holds no comma.
+        return "", "The request has more than one Idempotency-Key header"
     else:
         text = raw
         allowed = range(0x21, 0x7F)

@@ -173,6 +173,21 @@ def test_a_malformed_key_gets_400_and_never_runs(server: Server, runlog: Path, k
     assert runs(runlog, tag) == 0
 
 
+def test_two_key_headers_get_400_and_never_run(server: Server, runlog: Path) -> None:
+    """Two Idempotency-Key headers are refused on every server, also where the server
+    joins them with a comma before the middleware sees them (wsgiref, Django's ASGI
+    request): a bare key holds no comma."""
+    tag = new_tag()
+    answer = httpx.post(
+        f"{server.url}/orders/{tag}",
+        content=BODY,
+        headers=[(b"Idempotency-Key", b"key-one"), (b"Idempotency-Key", b"key-two")],
+        timeout=30,
+    )
+    problem(answer, 400, "idempotency-key-invalid")
+    assert runs(runlog, tag) == 0
+
+
 def test_a_quoted_key_is_the_same_key_as_the_bare_one(server: Server, runlog: Path) -> None:
     """The draft sends the key as a Structured Field string; Stripe's clients send it
     bare: both spell one key."""
