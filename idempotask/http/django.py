@@ -30,7 +30,7 @@ from typing import Any
 
 from idempotask import flow
 from idempotask.errors import ConfigurationError
-from idempotask.http._core import ASYNC_CATCH, PASS, Answer, Captured, Handler, _Signal
+from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Answer, Captured, Handler, _Signal
 from idempotask.http._policy import Policy
 from idempotask.http._stored import Headers, Reply
 
@@ -86,8 +86,8 @@ def _respond(answer: Answer) -> Any:
         return answer.response
     if isinstance(answer, Reply):
         return as_response(answer)
-    # DROP does not happen here: Django has read the request before any middleware.
-    raise AssertionError(f"unexpected answer {answer!r}")
+    # DROP: the client went away mid-upload (WSGI); it is not there to read this.
+    return as_response(Reply(400))
 
 
 def as_response(reply: Reply) -> Any:
@@ -216,6 +216,10 @@ class _Exchange:
         # Django keeps what request.body read: the view (request.POST, request.read())
         # sees the same bytes.
         body = bytes(self.request.body)
+        if length.isdigit() and len(body) < int(length):
+            # Under WSGI Django reads the body only now, and a client that went away
+            # mid-upload leaves it short (Django does not say so): not a request.
+            return DROP
         return None if len(body) > limit else body
 
     async def aread_body(self, limit: int) -> bytes | _Signal | None:
