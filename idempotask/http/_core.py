@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -129,6 +130,10 @@ class Exchange(Protocol):
 
     async def aclient(self) -> str:
         """:meth:`client` for async frameworks."""
+
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a callable of the user's (``scope=``), from the async driver:
+        where the framework runs sync code (Django's ORM refuses the event loop)."""
 
     def view(self) -> object | None:
         """The view the framework routes this request to, when it can tell."""
@@ -271,7 +276,9 @@ class Handler:
         if policy.scope is None:
             client = yield Op(exchange.client, exchange.aclient)
         else:
-            client = policy.scope(exchange.native())
+            client = yield Op(
+                policy.scope, functools.partial(exchange.acall, policy.scope), exchange.native()
+            )
         store_key = self.store_key(policy, exchange, key, client)
         fingerprint = self.fingerprint(policy, request)
         return (yield from self._claim_and_run(policy, exchange, key, store_key, fingerprint))

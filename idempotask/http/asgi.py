@@ -208,6 +208,9 @@ class _Exchange:
     async def aclient(self) -> str:
         return self.client()
 
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
     def view(self) -> object | None:
         owner = self.scope.get("app") or self.app
         routes = getattr(owner, "routes", None)

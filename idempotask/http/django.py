@@ -25,7 +25,7 @@ when the middleware is made, never by ``import idempotask.http``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from idempotask import flow
@@ -198,6 +198,11 @@ class _Exchange:
             return client
         user = await auser()
         return f"user:{user.pk}" if user.is_authenticated else ""
+
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(fn)(*args)
 
     def view(self) -> object | None:
         from django.urls import Resolver404, resolve  # type: ignore[import-untyped]

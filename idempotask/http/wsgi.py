@@ -190,6 +190,9 @@ class _Exchange:
     async def aclient(self) -> str:
         return self.client()
 
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
     def view(self) -> object | None:
         return _flask_view(self.app, self.environ)
 

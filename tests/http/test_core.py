@@ -577,6 +577,50 @@ def test_django_keys_are_scoped_by_the_authenticated_user() -> None:
     assert answers[2]["Idempotent-Replayed"] == "true"
 
 
+def test_a_django_scope_callable_may_use_the_orm_under_asgi() -> None:
+    """scope= given a Django request typically looks the client up (request.user, an API
+    key's account): ORM work, which Django refuses on the event loop. Under ASGI it runs
+    where Django runs sync code, as the view's sync ORM calls would."""
+    pytest.importorskip("django")
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(ALLOWED_HOSTS=["testserver"], ROOT_URLCONF="tests.http._django_urls")
+    from django.http import HttpResponse
+    from django.test import RequestFactory, override_settings
+    from django.utils.asyncio import async_unsafe
+
+    from idempotask.http.django import IdempotencyMiddleware as DjangoMiddleware
+
+    @async_unsafe  # what Django's database layer is
+    def account(request: Any) -> str:
+        return f"account:{request.headers['X-Account']}"
+
+    runs: list[str] = []
+
+    async def view(request: Any) -> HttpResponse:
+        runs.append(request.headers["X-Account"])
+        return HttpResponse(uuid.uuid4().hex, status=201)
+
+    with override_settings(IDEMPOTASK_HTTP={"backend": MemoryBackend(), "scope": account}):
+        middleware = DjangoMiddleware(view)
+    factory = RequestFactory()
+
+    async def scenario() -> list[Any]:
+        answers = []
+        for who in ("a", "b", "a"):
+            request = factory.post("/orders", data=b"{}", content_type="application/json")
+            request.META["HTTP_IDEMPOTENCY_KEY"] = KEY
+            request.META["HTTP_X_ACCOUNT"] = who
+            answers.append(await middleware(request))
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert runs == ["a", "b"]
+    assert answers[2].content == answers[0].content
+    assert answers[2]["Idempotent-Replayed"] == "true"
+
+
 def test_the_asgi_middleware_takes_its_app_by_position_or_by_keyword() -> None:
     """Starlette 1.x builds middlewares with ``cls(app, ...)``, Starlette 0.40 with
     ``cls(app=app, ...)``: both wrap the app; no app at all is a clear error."""
