@@ -83,7 +83,8 @@ class _Signal:
 PASS = _Signal("PASS")
 """Run the app as if the middleware were not there (the request is not covered)."""
 DROP = _Signal("DROP")
-"""The client went away before its request was read: send nothing."""
+"""The client went away before its request was read: send nothing (WSGI and Django,
+which must answer, send an empty ``400``)."""
 
 
 class Captured:
