@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from idempotask import config, events, lease
+from idempotask._printable import printable
 from idempotask.backends.base import Backend, Record, State
 from idempotask.errors import (
     BackendError,
@@ -81,7 +83,8 @@ class _Signal:
 PASS = _Signal("PASS")
 """Run the app as if the middleware were not there (the request is not covered)."""
 DROP = _Signal("DROP")
-"""The client went away before its request was read: send nothing."""
+"""The client went away before its request was read: send nothing (WSGI and Django,
+which must answer, send an empty ``400``)."""
 
 
 class Captured:
@@ -129,6 +132,10 @@ class Exchange(Protocol):
     async def aclient(self) -> str:
         """:meth:`client` for async frameworks."""
 
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a callable of the user's (``scope=``), from the async driver:
+        where the framework runs sync code (Django's ORM refuses the event loop)."""
+
     def view(self) -> object | None:
         """The view the framework routes this request to, when it can tell."""
 
@@ -159,8 +166,8 @@ def parse_key(values: list[str], limit: int) -> tuple[str, str]:
     """The key in the header ``values``, and "" -- or "" and why it is not valid.
 
     The draft makes the value a Structured Field string (``"8e03978e-..."``); clients
-    that send it bare (Stripe's) are accepted too. Either way the key is 1 to ``limit``
-    printable ASCII characters.
+    that send it bare (Stripe's) are accepted too, without a comma (two headers joined
+    by the server). Either way the key is 1 to ``limit`` printable ASCII characters.
     """
     if len(values) != 1:
         return "", "The request has more than one Idempotency-Key header"
@@ -179,6 +186,10 @@ def parse_key(values: list[str], limit: int) -> tuple[str, str]:
             return "", "The quoted Idempotency-Key ends with a backslash"
         text = "".join(key)
         allowed = range(0x20, 0x7F)
+    elif "," in raw:
+        # Servers that join repeated header lines with a comma (wsgiref, Django's ASGI
+        # request) hand two keys over as one value: a bare key holds no comma.
+        return "", "The request has more than one Idempotency-Key header"
     else:
         text = raw
         allowed = range(0x21, 0x7F)
@@ -266,7 +277,9 @@ class Handler:
         if policy.scope is None:
             client = yield Op(exchange.client, exchange.aclient)
         else:
-            client = policy.scope(exchange.native())
+            client = yield Op(
+                policy.scope, functools.partial(exchange.acall, policy.scope), exchange.native()
+            )
         store_key = self.store_key(policy, exchange, key, client)
         fingerprint = self.fingerprint(policy, request)
         return (yield from self._claim_and_run(policy, exchange, key, store_key, fingerprint))
@@ -323,7 +336,7 @@ class Handler:
                 log.info(
                     "idempotask.http: %s %s: Idempotency-Key %s reused for another request (422)",
                     exchange.method,
-                    exchange.path,
+                    printable(exchange.path),
                     redact(key),
                 )
                 return problem(
@@ -384,7 +397,7 @@ class Handler:
                 "max_response_bytes=%d: sent, but not kept; retries with its key get 422 "
                 "and do not run it again",
                 exchange.method,
-                exchange.path,
+                printable(exchange.path),
                 status,
                 policy.max_response_bytes,
             )
@@ -447,7 +460,7 @@ class Handler:
                 "idempotask.http: store unavailable; on_backend_error='open', so %s %s runs "
                 "UNPROTECTED and may run twice: %s",
                 exchange.method,
-                exchange.path,
+                printable(exchange.path),
                 exc,
             )
             events.emit(EventKind.FAIL_OPEN, policy.name, store_key)
@@ -458,7 +471,7 @@ class Handler:
         log.error(
             "idempotask.http: store unavailable for %s %s (%s), answering 503: %s",
             exchange.method,
-            exchange.path,
+            printable(exchange.path),
             store_key,
             exc,
         )

@@ -14,6 +14,7 @@ stored as ``{"status", "unkept": bytes seen}`` without a body, so its key stays 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ __all__ = ["HOP_BY_HOP", "Reply", "StoredResponseError", "decode", "encode", "ke
 
 _MAGIC = b"idempotask-http:1\n"
 _MAX_META = 256 * 1024  # the status line and headers of one response, at most
+# What a header name is (RFC 9110 5.1), and what no field value or reason phrase may hold
+# (CR and LF would end the line: a record someone else wrote could add headers).
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 HOP_BY_HOP = frozenset(
     {
@@ -102,6 +107,8 @@ def decode(payload: bytes) -> Reply:
     status, reason = meta.get("status"), meta.get("reason", "")
     if type(status) is not int or not 100 <= status <= 999 or not isinstance(reason, str):
         raise StoredResponseError("the stored response has no valid status")
+    if _CONTROL.search(reason):
+        raise StoredResponseError("the stored response's reason phrase has control characters")
     unkept = meta.get("unkept", 0)
     if type(unkept) is not int or unkept < 0:
         raise StoredResponseError("the stored response has a bad 'unkept' size")
@@ -117,4 +124,6 @@ def decode(payload: bytes) -> Reply:
             name.encode("latin-1"), value.encode("latin-1")
     except UnicodeEncodeError:
         raise StoredResponseError("the stored response's headers are not Latin-1") from None
+    if not all(_NAME.fullmatch(name) and not _CONTROL.search(value) for name, value in raw):
+        raise StoredResponseError("the stored response has a header that HTTP cannot carry")
     return Reply(status, [(n, v) for n, v in raw], payload[end + 1 :], reason)

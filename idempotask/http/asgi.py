@@ -108,6 +108,7 @@ class _Capture(Captured):
         self._start: Message | None = None
         self._chunks: list[bytes] = []
         self.passing = False  # over the limit: the rest goes straight to the client
+        self.ended = False  # the body's last message (more_body false) came
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -120,6 +121,7 @@ class _Capture(Captured):
             ]
         elif kind == "http.response.body":
             chunk = bytes(message.get("body", b""))
+            self.ended = not message.get("more_body", False)
             self.size += len(chunk)
             if self.passing:
                 await self._send(message)
@@ -142,6 +144,10 @@ class _Capture(Captured):
         self._chunks = []
         if self.error is None and self._start is None:
             self.error = RuntimeError("the ASGI app returned without starting a response")
+        elif self.error is None and not self.ended:
+            # Starlette's StreamingResponse returns so when its client goes away: half a
+            # response is not the answer to keep (or to replay).
+            self.error = RuntimeError("the ASGI app returned before its response ended")
 
     async def finish(self) -> None:
         """Send what was held (nothing left when it was passed on)."""
@@ -201,6 +207,9 @@ class _Exchange:
 
     async def aclient(self) -> str:
         return self.client()
+
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
     def view(self) -> object | None:
         owner = self.scope.get("app") or self.app

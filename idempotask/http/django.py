@@ -25,12 +25,12 @@ when the middleware is made, never by ``import idempotask.http``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from idempotask import flow
 from idempotask.errors import ConfigurationError
-from idempotask.http._core import ASYNC_CATCH, PASS, Answer, Captured, Handler, _Signal
+from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Answer, Captured, Handler, _Signal
 from idempotask.http._policy import Policy
 from idempotask.http._stored import Headers, Reply
 
@@ -86,8 +86,8 @@ def _respond(answer: Answer) -> Any:
         return answer.response
     if isinstance(answer, Reply):
         return as_response(answer)
-    # DROP does not happen here: Django has read the request before any middleware.
-    raise AssertionError(f"unexpected answer {answer!r}")
+    # DROP: the client went away mid-upload (WSGI); it is not there to read this.
+    return as_response(Reply(400))
 
 
 def as_response(reply: Reply) -> Any:
@@ -199,6 +199,11 @@ class _Exchange:
         user = await auser()
         return f"user:{user.pk}" if user.is_authenticated else ""
 
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(fn)(*args)
+
     def view(self) -> object | None:
         from django.urls import Resolver404, resolve  # type: ignore[import-untyped]
 
@@ -216,6 +221,10 @@ class _Exchange:
         # Django keeps what request.body read: the view (request.POST, request.read())
         # sees the same bytes.
         body = bytes(self.request.body)
+        if length.isdigit() and len(body) < int(length):
+            # Under WSGI Django reads the body only now, and a client that went away
+            # mid-upload leaves it short (Django does not say so): not a request.
+            return DROP
         return None if len(body) > limit else body
 
     async def aread_body(self, limit: int) -> bytes | _Signal | None:

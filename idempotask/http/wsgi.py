@@ -66,6 +66,8 @@ class IdempotencyMiddleware:
         if isinstance(answer, _Capture):
             return answer.finish(start_response)
         assert answer is DROP
+        # The client is gone, but WSGI wants a response all the same.
+        start_response("400 Bad Request", [("Content-Length", "0")])
         return []
 
 
@@ -188,6 +190,9 @@ class _Exchange:
     async def aclient(self) -> str:
         return self.client()
 
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
     def view(self) -> object | None:
         return _flask_view(self.app, self.environ)
 
@@ -211,6 +216,8 @@ class _Exchange:
             got += len(part)
         if got > limit:
             return None
+        if got < wanted and length.isdigit():
+            return DROP  # shorter than its Content-Length: the client went away mid-body
         self._body = b"".join(parts)
         return self._body
 

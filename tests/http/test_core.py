@@ -8,6 +8,8 @@ framework shares run behind real servers in ``test_semantics.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import socket
@@ -224,6 +226,65 @@ def test_a_record_that_is_not_a_kept_response_gets_500_and_never_runs() -> None:
     assert app.runs == 1
 
 
+@pytest.mark.parametrize(
+    ("reason", "headers"),
+    [
+        ("OK", [["X-A", "1\r\nSet-Cookie: session=attacker"]]),
+        ("OK", [["X-A", "1\nSet-Cookie: session=attacker"]]),
+        ("OK", [["X-A\r\nSet-Cookie", "session=attacker"]]),
+        ("OK", [["X A", "1"]]),
+        ("OK", [["X-A", "1\x00"]]),
+        ("OK\r\nSet-Cookie: session=attacker", []),
+    ],
+)
+def test_a_forged_record_with_a_line_break_in_its_head_gets_500_not_a_split_response(
+    reason: str, headers: list[list[str]]
+) -> None:
+    """A stored response whose status line or headers hold CR, LF or NUL (or a name that
+    is no header name) is foreign data: replaying it would let whoever wrote the record
+    add headers (a Set-Cookie, past the cookie filter) on servers that do not check."""
+    store = MemoryBackend()
+    app = Counting()
+    web = client(app, backend=store, namespace="split")
+    web.post("/x", headers={"Idempotency-Key": KEY})
+    (record,) = store.scan("split:")
+    store.delete(record.key)
+    token = uuid.uuid4().hex
+    store.claim(record.key, token, lease=60, fingerprint=record.fingerprint)
+    meta = json.dumps({"status": 200, "reason": reason, "headers": headers}).encode()
+    store.complete(record.key, token, b"idempotask-http:1\n" + meta + b"\nhi", ttl=60)
+    answer = web.post("/x", headers={"Idempotency-Key": KEY})
+    assert answer.status_code == 500
+    assert json.loads(answer.get_data())["code"] == "stored-response-unreadable"
+    assert "Set-Cookie" not in answer.headers
+    assert app.runs == 1
+
+
+def test_a_wsgi_body_cut_short_by_a_client_that_went_away_never_runs_the_handler() -> None:
+    """A body shorter than its Content-Length (the client disconnected mid-upload) is
+    not a request: the handler must not run on the truncated bytes (and have its answer
+    kept, so the client's real retry would get 422)."""
+    store = MemoryBackend()
+    app = Counting()
+    middleware = WSGIMiddleware(app, backend=store, namespace="cut")
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/x",
+        "QUERY_STRING": "",
+        "CONTENT_LENGTH": "100",
+        "HTTP_IDEMPOTENCY_KEY": KEY,
+        "wsgi.input": io.BytesIO(b"a" * 10),
+    }
+    statuses: list[str] = []
+    list(middleware(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert app.runs == 0
+    assert store.scan("cut:") == []
+    assert statuses == ["400 Bad Request"]
+    retry = Client(middleware).post("/x", data=b"a" * 100, headers={"Idempotency-Key": KEY})
+    assert retry.status_code == 201
+    assert app.bodies == [b"a" * 100]
+
+
 def test_the_store_keeps_no_key_and_no_client_in_clear() -> None:
     store = MemoryBackend()
     client(Counting(), backend=store, namespace="clear").post(
@@ -244,6 +305,20 @@ def test_keys_never_appear_in_full_in_logs(caplog: pytest.LogCaptureFixture) -> 
     assert caplog.records
     assert all(KEY not in record.getMessage() for record in caplog.records)
     assert any(KEY[:4] in record.getMessage() for record in caplog.records)
+
+
+def test_a_request_path_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The path is the client's text, percent-decoded by the server: its line breaks and
+    terminal escapes are escaped in the log lines that name it."""
+    caplog.set_level(logging.DEBUG)
+    web = client(Counting(), max_response_bytes=5)
+    path = "/x%0D%0AINFO%20admin%20logged%20in%1B[2J"
+    web.post(path, data=b"one", headers={"Idempotency-Key": KEY})  # over the limit: warned
+    web.post(path, data=b"two", headers={"Idempotency-Key": KEY})  # reused: logged
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert all("/x\\r\\nINFO admin logged in\\x1b[2J" in message for message in messages)
+    assert not any(c in message for message in messages for c in "\r\n\x1b")
 
 
 # ------------------------------------------------------------------------- the store
@@ -416,6 +491,55 @@ def test_an_asgi_request_cancelled_mid_handler_releases_its_key() -> None:
     assert len(runs) == 2
 
 
+def test_an_asgi_response_left_unfinished_when_its_client_went_away_is_never_replayed() -> None:
+    """Starlette's StreamingResponse under uvicorn (ASGI spec 2.3) stops streaming and
+    returns normally when the client disconnects: the half body it sent is not the
+    response, so it must not be kept and replayed to the retry as if it were."""
+    runs: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"part0;", "more_body": True})
+        if len(runs) == 1:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return  # as StreamingResponse does once the client is gone
+        await send({"type": "http.response.body", "body": b"part1;"})
+
+    middleware = ASGIMiddleware(app, backend=MemoryBackend())
+
+    async def request() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/x",
+            "query_string": b"",
+            "headers": [(b"idempotency-key", KEY.encode())],
+        }
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with contextlib.suppress(RuntimeError):
+            await middleware(scope, receive, send)
+        return sent
+
+    async def scenario() -> list[dict[str, Any]]:
+        await request()
+        return await request()
+
+    sent = asyncio.run(scenario())
+    assert len(runs) == 2
+    assert sent[1]["body"] == b"part0;part1;"
+    assert (b"idempotent-replayed", b"true") not in [(n.lower(), v) for n, v in sent[0]["headers"]]
+
+
 def test_django_keys_are_scoped_by_the_authenticated_user() -> None:
     pytest.importorskip("django")
     from django.conf import settings
@@ -449,6 +573,50 @@ def test_django_keys_are_scoped_by_the_authenticated_user() -> None:
         request.user = User(pk)
         answers.append(middleware(request))
     assert runs == [1, 2]
+    assert answers[2].content == answers[0].content
+    assert answers[2]["Idempotent-Replayed"] == "true"
+
+
+def test_a_django_scope_callable_may_use_the_orm_under_asgi() -> None:
+    """scope= given a Django request typically looks the client up (request.user, an API
+    key's account): ORM work, which Django refuses on the event loop. Under ASGI it runs
+    where Django runs sync code, as the view's sync ORM calls would."""
+    pytest.importorskip("django")
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(ALLOWED_HOSTS=["testserver"], ROOT_URLCONF="tests.http._django_urls")
+    from django.http import HttpResponse
+    from django.test import RequestFactory, override_settings
+    from django.utils.asyncio import async_unsafe
+
+    from idempotask.http.django import IdempotencyMiddleware as DjangoMiddleware
+
+    @async_unsafe  # what Django's database layer is
+    def account(request: Any) -> str:
+        return f"account:{request.headers['X-Account']}"
+
+    runs: list[str] = []
+
+    async def view(request: Any) -> HttpResponse:
+        runs.append(request.headers["X-Account"])
+        return HttpResponse(uuid.uuid4().hex, status=201)
+
+    with override_settings(IDEMPOTASK_HTTP={"backend": MemoryBackend(), "scope": account}):
+        middleware = DjangoMiddleware(view)
+    factory = RequestFactory()
+
+    async def scenario() -> list[Any]:
+        answers = []
+        for who in ("a", "b", "a"):
+            request = factory.post("/orders", data=b"{}", content_type="application/json")
+            request.META["HTTP_IDEMPOTENCY_KEY"] = KEY
+            request.META["HTTP_X_ACCOUNT"] = who
+            answers.append(await middleware(request))
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert runs == ["a", "b"]
     assert answers[2].content == answers[0].content
     assert answers[2]["Idempotent-Replayed"] == "true"
 

@@ -9,8 +9,10 @@ a log file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -173,6 +175,21 @@ def test_a_malformed_key_gets_400_and_never_runs(server: Server, runlog: Path, k
     assert runs(runlog, tag) == 0
 
 
+def test_two_key_headers_get_400_and_never_run(server: Server, runlog: Path) -> None:
+    """Two Idempotency-Key headers are refused on every server, also where the server
+    joins them with a comma before the middleware sees them (wsgiref, Django's ASGI
+    request): a bare key holds no comma."""
+    tag = new_tag()
+    answer = httpx.post(
+        f"{server.url}/orders/{tag}",
+        content=BODY,
+        headers=[(b"Idempotency-Key", b"key-one"), (b"Idempotency-Key", b"key-two")],
+        timeout=30,
+    )
+    problem(answer, 400, "idempotency-key-invalid")
+    assert runs(runlog, tag) == 0
+
+
 def test_a_quoted_key_is_the_same_key_as_the_bare_one(server: Server, runlog: Path) -> None:
     """The draft sends the key as a Structured Field string; Stripe's clients send it
     bare: both spell one key."""
@@ -224,6 +241,28 @@ def test_the_body_reaches_the_handler_unchanged(server: Server) -> None:
     seen = json.loads(answer.content)
     assert seen["len"] == len(body)
     assert seen["sha256"] == __import__("hashlib").sha256(body).hexdigest()
+
+
+def test_a_body_cut_short_by_a_client_that_went_away_does_not_use_up_its_key(
+    server: Server, runlog: Path
+) -> None:
+    """A client that disconnects mid-upload (its body shorter than its Content-Length)
+    has sent no request: its retry with the whole body runs the handler and gets its
+    answer, not a 422 for the truncated bytes a handler was run on."""
+    tag, key = new_tag(), str(uuid.uuid4())
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as cut:
+        cut.sendall(
+            f"POST /orders/{tag} HTTP/1.1\r\nHost: {host}\r\nIdempotency-Key: {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+            + BODY[:5]
+        )
+        cut.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            cut.recv(65536)
+    answer = post(server, f"/orders/{tag}", key)
+    assert answer.status_code == 201, answer.text
+    assert "idempotent-replayed" not in answer.headers
 
 
 def test_a_chunked_body_reaches_the_handler_unchanged(server: Server) -> None:
