@@ -32,7 +32,7 @@ from idempotask import events
 from idempotask.backends.base import Backend, State, SupportsTransactions, Transaction
 from idempotask.errors import BackendError, ConfigurationError, LeaseLostError, SerializationError
 from idempotask.events import EventKind
-from idempotask.flow import Flow, Op
+from idempotask.flow import Flow, Op, release_op
 
 if TYPE_CHECKING:
     from idempotask.call import Call, Spec, _Outcome
@@ -124,15 +124,13 @@ def _rollback(spec: Spec, tx: Transaction, key: str, settle: list[Op]) -> Flow[N
 def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
     """Run the body of a call holding ``key`` with ``token`` in one transaction with its
     result (see the module's docstring)."""
-    from idempotask.call import _release_op
-
     backend = call.backend
     keys = (key,)
     store: Any = backend  # checked by check_store: SupportsTransactions
     try:
         tx: Transaction | Exception = yield Op(_begin, _abegin, store, key, token, spec._lease)
     except asyncio.CancelledError as exc:
-        yield from spec._finish_cancelled(exc, [_release_op(backend, key, token)])
+        yield from spec._finish_cancelled(exc, [release_op(backend, key, token)])
     if isinstance(tx, Exception):  # a store error, or a store refusing (SQLite)
         yield from spec._release_all(backend, keys, token)
         raise tx
@@ -144,7 +142,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
     finally:
         _current.reset(reset)
     if outcome.error is not None:
-        yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
+        yield from _rollback(spec, tx, key, [release_op(backend, key, token)])
         if outcome.lost and isinstance(outcome.error, Exception):
             # A late owner's failure: another caller runs the call now; nothing to record.
             raise _lost(spec, key) from outcome.error
@@ -172,7 +170,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
         yield from _abandon(spec, tx, backend, key, token)
         raise exc
     except BackendError as exc:
-        yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
+        yield from _rollback(spec, tx, key, [release_op(backend, key, token)])
         if (yield from _taken_over(backend, key, token)):
             # The server ended a late owner's transaction (its idle bound) and another
             # caller took the key: say so, rather than the driver's disconnect.
@@ -198,9 +196,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
 def _abandon(spec: Spec, tx: Transaction, backend: Backend, key: str, token: str) -> Flow[None]:
     """Roll back and give the key back, so the next call runs (a cancellation arriving
     meanwhile is re-raised once both are done)."""
-    from idempotask.call import _release_op
-
-    yield from _rollback(spec, tx, key, [_release_op(backend, key, token)])
+    yield from _rollback(spec, tx, key, [release_op(backend, key, token)])
     yield from spec._release(backend, key, token)
 
 

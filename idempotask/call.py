@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, NoReturn
 
@@ -32,7 +32,7 @@ from idempotask.errors import (
     SerializationError,
 )
 from idempotask.events import EventKind
-from idempotask.flow import Flow, Op
+from idempotask.flow import Flow, Op, release_op, unstoppable
 from idempotask.keys import KEY_VERSION, CallKeyer, digest, explicit_digest
 from idempotask.serializers import (
     JSONSerializer,
@@ -260,7 +260,7 @@ class Spec:
             except asyncio.CancelledError as exc:
                 # The claim may have been taken before the cancellation arrived: give it
                 # back now rather than leave the key blocked for a whole lease.
-                yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
+                yield from self._finish_cancelled(exc, [release_op(backend, key, token)])
             if record.token == token and record.state is State.IN_PROGRESS:
                 if not legacy:
                     break
@@ -341,7 +341,7 @@ class Spec:
                 yield from self._release_all(backend, taken, token)
                 raise
             except asyncio.CancelledError as exc:
-                ops = [_release_op(backend, k, token) for k in (*taken, old)]
+                ops = [release_op(backend, k, token) for k in (*taken, old)]
                 yield from self._finish_cancelled(exc, ops)
             if record.token == token and record.state is State.IN_PROGRESS:
                 taken.append(old)
@@ -419,7 +419,7 @@ class Spec:
                 ops = [
                     Op(
                         backend.complete,
-                        _unstoppable(backend.acomplete),
+                        unstoppable(backend.acomplete),
                         x,
                         token,
                         payload,
@@ -479,7 +479,7 @@ class Spec:
                     stored = yield Op(backend.fail, backend.afail, k, token, payload, ttl=ttl)
                 except asyncio.CancelledError as exc:
                     ops = [
-                        Op(backend.fail, _unstoppable(backend.afail), x, token, payload, ttl=ttl)
+                        Op(backend.fail, unstoppable(backend.afail), x, token, payload, ttl=ttl)
                         for x in keys
                     ]
                     yield from self._finish_cancelled(exc, ops)
@@ -497,7 +497,7 @@ class Spec:
         try:
             yield Op(backend.delete, backend.adelete, key, token=token)
         except asyncio.CancelledError as exc:
-            yield from self._finish_cancelled(exc, [_release_op(backend, key, token)])
+            yield from self._finish_cancelled(exc, [release_op(backend, key, token)])
         except BackendError as exc:
             log.error(
                 "idempotask: could not release %s after %s failed; it stays claimed until its "
@@ -511,7 +511,8 @@ class Spec:
 
     def _finish_cancelled(self, cancelled: BaseException, ops: list[Op]) -> Flow[NoReturn]:
         """The caller was cancelled during a store write: perform ``ops`` (the writes that
-        must not be lost, made with :func:`_unstoppable`), then re-raise the cancellation.
+        must not be lost, made with :func:`~idempotask.flow.unstoppable`), then re-raise
+        the cancellation.
 
         Only the async driver throws a cancellation into the flow (see :func:`adrive`).
         """
@@ -564,28 +565,6 @@ class Spec:
 # What the async driver throws back into a flow: store failures, and a cancellation of
 # the caller, which the flow answers by settling its claim before it propagates.
 _ASYNC_CATCH: tuple[type[BaseException], ...] = (BackendError, asyncio.CancelledError)
-
-
-def _unstoppable(afn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """``afn`` run where its caller's cancellation cannot stop it.
-
-    Used only once a caller was cancelled: the write runs in a task of its own, and the
-    caller waits for it however often it is cancelled again (each store operation has
-    its own timeouts, so the wait is bounded).
-    """
-
-    async def run(*args: Any, **kwargs: Any) -> Any:
-        task = asyncio.ensure_future(afn(*args, **kwargs))
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((task,))
-        return task.result()
-
-    return run
-
-
-def _release_op(backend: Backend, key: str, token: str) -> Op:
-    return Op(backend.delete, _unstoppable(backend.adelete), key, token=token)
 
 
 class Call:

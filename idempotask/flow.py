@@ -22,12 +22,17 @@ to the caller.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from idempotask.errors import BackendError
 
-__all__ = ["Flow", "Op", "adrive", "drive", "store_op"]
+if TYPE_CHECKING:
+    from idempotask.backends.base import Backend
+
+__all__ = ["Flow", "Op", "adrive", "drive", "release_op", "store_op", "unstoppable"]
 
 T = TypeVar("T")
 
@@ -121,3 +126,27 @@ async def adrive(flow: Flow[T], catch: tuple[type[BaseException], ...] = DEFAULT
         except BaseException:
             flow.close()
             raise
+
+
+def unstoppable(afn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``afn`` run where its caller's cancellation cannot stop it.
+
+    Used only once a caller was cancelled: the write runs in a task of its own, and the
+    caller waits for it however often it is cancelled again (each store operation has
+    its own timeouts, so the wait is bounded).
+    """
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(afn(*args, **kwargs))
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((task,))
+        return task.result()
+
+    return run
+
+
+def release_op(backend: Backend, key: str, token: str) -> Op:
+    """Delete ``key`` if ``token`` still holds it, with the async delete run where a
+    cancellation cannot stop it (a cancelled call still releases its claim)."""
+    return Op(backend.delete, unstoppable(backend.adelete), key, token=token)

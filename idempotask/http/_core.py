@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from idempotask import config, events, lease
@@ -32,7 +32,7 @@ from idempotask.errors import (
     MissingTableError,
 )
 from idempotask.events import EventKind
-from idempotask.flow import Flow, Op, store_op
+from idempotask.flow import Flow, Op, release_op, store_op, unstoppable
 from idempotask.http import _policy
 from idempotask.http._policy import Policy, Request, RoutePolicies
 from idempotask.http._problems import problem
@@ -328,7 +328,7 @@ class Handler:
             except asyncio.CancelledError as exc:
                 # The claim may have been taken before the cancellation came: give it back.
                 with contextlib.suppress(BackendError):
-                    yield _release_op(backend, store_key, token)
+                    yield release_op(backend, store_key, token)
                 raise exc
             if record.held_by(token):
                 break
@@ -420,7 +420,7 @@ class Handler:
             # The handler ran: its answer is written to the end before the cancellation
             # goes on, or its key would stay blocked for a lease and then run again.
             with contextlib.suppress(BackendError):
-                yield Op(op.fn, _unstoppable(backend.acomplete), *op.args, **op.kwargs)
+                yield Op(op.fn, unstoppable(backend.acomplete), *op.args, **op.kwargs)
             raise exc
         except BackendError as exc:
             # The handler ran; its client gets its answer. The claim runs out with its
@@ -538,27 +538,9 @@ async def _arun(exchange: Exchange, held: lease.Lease, limit: int) -> Captured:
         stop()
 
 
-def _unstoppable(afn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """``afn`` run where its caller's cancellation cannot stop it (each store operation
-    has its own timeouts, so the wait is bounded)."""
-
-    async def run(*args: Any, **kwargs: Any) -> Any:
-        task = asyncio.ensure_future(afn(*args, **kwargs))
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((task,))
-        return task.result()
-
-    return run
-
-
-def _release_op(backend: Backend, store_key: str, token: str) -> Op:
-    return Op(backend.delete, _unstoppable(backend.adelete), store_key, token=token)
-
-
 def _release(backend: Backend, store_key: str, token: str, name: str) -> Flow[None]:
     try:
-        yield _release_op(backend, store_key, token)
+        yield release_op(backend, store_key, token)
     except BackendError as exc:
         log.error(
             "idempotask.http: could not release %s; it stays claimed until its lease runs out: %s",
