@@ -466,35 +466,47 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
 
     def forget(self, request: HttpRequest, rows: Iterable[IdempotencyRecord], force: bool) -> None:
         """Delete each row's record through the store, only if it still holds the claim
-        shown (its token); a claim in progress only with ``force``."""
+        shown (its token); a claim in progress only with ``force``. Whether it is still
+        live is the store's answer, on its clock (the row's ``expires_at`` against this
+        server's clock would forget a live claim whenever the two clocks disagree)."""
         backend, done = self.backend(), 0
         for row in rows:
             key = str(row.key)
-            if row.state == State.IN_PROGRESS.value and row.expires_at > time.time() and not force:
-                self.message_user(
-                    request,
-                    f"{safe(key)} is in progress: a call may be running right now, and "
-                    "forgetting it lets a duplicate run beside it. Tick the box to forget it "
-                    "anyway.",
-                    messages.ERROR,
-                )
-                continue
             try:
-                deleted = backend.delete(key, token=str(row.token))
+                refused = self._forget_one(backend, key, str(row.token), force)
             except IdempotaskError as exc:
-                self.message_user(request, f"{safe(key)}: {safe(str(exc))}", messages.ERROR)
-                continue
-            if deleted:
+                refused = (f"{safe(key)}: {safe(str(exc))}", messages.ERROR)
+            if refused is None:
                 done += 1
             else:
-                self.message_user(
-                    request, f"{safe(key)} changed meanwhile; look again", messages.WARNING
-                )
+                self.message_user(request, *refused)
         if done:
             count = "1 key" if done == 1 else f"{done} keys"
             self.message_user(
                 request, f"Forgot {count}: the next call runs again.", messages.SUCCESS
             )
+
+    def _forget_one(
+        self, backend: Backend, key: str, token: str, force: bool
+    ) -> tuple[str, int] | None:
+        """Forget one record: None when done, else why not (a message and its level)."""
+        record = backend.get(key)  # None when absent or expired, on the store's clock
+        if record is None:
+            return (
+                f"{safe(key)} has expired or is gone: the next call runs again, with nothing "
+                "to forget (`manage.py idempotask keys purge` deletes expired rows)",
+                messages.WARNING,
+            )
+        if record.token == token and record.state is State.IN_PROGRESS and not force:
+            return (
+                f"{safe(key)} is in progress: a call may be running right now, and "
+                "forgetting it lets a duplicate run beside it. Tick the box to forget it "
+                "anyway.",
+                messages.ERROR,
+            )
+        if record.token != token or not backend.delete(key, token=token):
+            return (f"{safe(key)} changed meanwhile; look again", messages.WARNING)
+        return None
 
     def forget_view(self, request: HttpRequest) -> HttpResponse:
         """``forget/?key=KEY``: a confirmation (GET), then the deletion (POST), back to

@@ -10,8 +10,9 @@
 
 A covered request's body is read once, before the app runs, and the app gets it as a
 new ``wsgi.input`` (with ``CONTENT_LENGTH`` set to its size). The app's response is
-collected until it is complete and kept (see the README: a response larger than
-``max_response_bytes`` is sent as it comes and not kept). Views marked with
+collected until it is complete and kept, what it sends through PEP 3333's legacy
+``write()`` included (see the README: a response larger than ``max_response_bytes`` is
+sent as it comes and not kept). Views marked with
 :func:`~idempotask.http.idempotent_route` are found through a Flask app's ``url_map``
 when the middleware wraps the app or its ``wsgi_app``. Only the standard library is
 needed.
@@ -56,7 +57,7 @@ class IdempotencyMiddleware:
         self.handler = Handler(policy if policy is not None else Policy(**options))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        exchange = _Exchange(self.app, environ)
+        exchange = _Exchange(self.app, environ, start_response)
         answer = flow.drive(self.handler.flow(exchange))
         if answer is PASS:
             return self.app(environ, start_response)
@@ -64,7 +65,7 @@ class IdempotencyMiddleware:
             start_response(_status_line(answer.status, answer.reason), answer.headers)
             return [answer.body]
         if isinstance(answer, _Capture):
-            return answer.finish(start_response)
+            return answer.finish()
         assert answer is DROP
         # The client is gone, but WSGI wants a response all the same.
         start_response("400 Bad Request", [("Content-Length", "0")])
@@ -85,16 +86,23 @@ def _status_line(status: int, reason: str) -> str:
 class _Capture(Captured):
     """The app's response: status, headers and the body collected so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_start_response: StartResponse, limit: int) -> None:
         super().__init__()
+        self.server_start_response = server_start_response
+        self.limit = limit
         self.status_line = ""
         self.chunks: list[bytes] = []
         self.rest: Iterator[bytes] | None = None  # what is left once over the limit
         self.result: Iterable[bytes] | None = None  # the app's iterable, to close
+        # The server's write(), once a response written past the limit has been started.
+        self.server_write: Callable[[bytes], object] | None = None
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
+        if self.server_write is not None:
+            # Already sent on: the server decides (PEP 3333: it re-raises exc_info).
+            return self.server_start_response(status, headers, exc_info)
         # Nothing is sent before the response is complete, so a second call with
         # exc_info (PEP 3333: an error after the first one) may replace the headers.
         self.status_line = status
@@ -104,17 +112,29 @@ class _Capture(Captured):
         return self.write
 
     def write(self, data: bytes) -> None:
-        """PEP 3333's legacy ``write()``: collected like the iterable's chunks."""
-        self.chunks.append(bytes(data))
+        """PEP 3333's legacy ``write()``: collected like the iterable's chunks; past the
+        limit, what was collected and all that follows go to the server's own
+        ``write()``, and nothing more is kept."""
+        if not self.status_line:
+            raise RuntimeError("the WSGI app called write() before start_response")
         self.size += len(data)
+        if self.server_write is not None:
+            self.server_write(data)
+            return
+        self.chunks.append(bytes(data))
         if self.size > self.limit:
             self.complete = False
-
-    limit = 0
+            self.server_write = self.server_start_response(self.status_line, self.headers)
+            chunks, self.chunks = self.chunks, []
+            for chunk in chunks:
+                self.server_write(chunk)
 
     def collect(self, result: Iterable[bytes]) -> None:
         self.result = result
         iterator = iter(result)
+        if not self.complete:  # over the limit through write(): the rest is sent as it comes
+            self.rest = iterator
+            return
         for chunk in iterator:
             self.chunks.append(chunk)
             self.size += len(chunk)
@@ -130,8 +150,9 @@ class _Capture(Captured):
         if close is not None:
             close()
 
-    def finish(self, start_response: StartResponse) -> Iterable[bytes]:
-        start_response(self.status_line, self.headers)
+    def finish(self) -> Iterable[bytes]:
+        if self.server_write is None:
+            self.server_start_response(self.status_line, self.headers)
         if self.rest is None:
             return [self.body]
         return _Rest(self)
@@ -158,11 +179,23 @@ class _Rest:
 class _Exchange:
     """One WSGI request for the core."""
 
-    __slots__ = ("_body", "_headers", "app", "environ", "method", "path", "query")
+    __slots__ = (
+        "_body",
+        "_headers",
+        "app",
+        "environ",
+        "method",
+        "path",
+        "query",
+        "start_response",
+    )
 
-    def __init__(self, app: WSGIApp, environ: dict[str, Any]) -> None:
+    def __init__(
+        self, app: WSGIApp, environ: dict[str, Any], start_response: StartResponse
+    ) -> None:
         self.app = app
         self.environ = environ
+        self.start_response = start_response
         self.method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         self.path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         self.query = environ.get("QUERY_STRING", "")
@@ -228,8 +261,7 @@ class _Exchange:
         environ = self.environ
         environ["wsgi.input"] = io.BytesIO(self._body)
         environ["CONTENT_LENGTH"] = str(len(self._body))
-        capture = _Capture()
-        capture.limit = limit
+        capture = _Capture(self.start_response, limit)
         try:
             capture.collect(self.app(environ, capture.start_response))
         except BaseException as exc:  # the core releases the key, then re-raises it

@@ -388,6 +388,56 @@ def test_forget_refuses_a_claim_in_progress_unless_told(client: Client) -> None:
 
 
 @each_database
+def test_forget_asks_the_store_whether_a_claim_is_in_progress_not_the_web_clock(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease live on the database's clock is in progress even when the web server's
+    clock runs an hour ahead (DESIGN: every expiry on the store's clock): forgetting it
+    without the box ticked is refused, whatever ``time.time()`` says."""
+    import time
+    import types
+
+    import idempotask.django.admin as admin_module
+
+    key = charge.key_for(34, "x")
+    assert config.get_backend().claim(key, "token-1", lease=60).state is State.IN_PROGRESS
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 3600)
+    monkeypatch.setattr(admin_module, "time", ahead)
+    response = client.post(f"{RECORDS}forget/", {"id": key}, follow=True)
+    assert "is in progress" in response.content.decode()
+    record = config.get_backend().get(key)
+    assert record is not None
+    assert record.token == "token-1"
+    client.post(RECORDS, {"action": "forget_selected", "_selected_action": [key]})  # confirm
+    response = client.post(
+        RECORDS,
+        {"action": "forget_selected", "_selected_action": [key], "confirmed": "yes"},
+        follow=True,
+    )
+    assert "is in progress" in response.content.decode()
+    assert config.get_backend().get(key) is not None
+
+
+@each_database
+def test_forget_says_a_claim_whose_lease_ran_out_on_the_database_clock_has_expired(
+    client: Client,
+) -> None:
+    """A claim whose lease ran out on the store's clock is not in progress, and there is
+    nothing left to forget: the page says so (it said "changed meanwhile")."""
+    key = charge.key_for(35, "x")
+    backend = config.get_backend()
+    assert backend.claim(key, "token-1", lease=60).state is State.IN_PROGRESS
+    expire_now = getattr(backend, "expire_now", None)
+    if expire_now is None:
+        pytest.skip(f"{type(backend).__name__} has no expire_now test hook")
+    assert expire_now(key)
+    response = client.post(f"{RECORDS}forget/", {"id": key}, follow=True)
+    assert "has expired or is gone: the next call runs again" in response.content.decode()
+    assert "is in progress" not in response.content.decode()
+    assert backend.get(key) is None
+
+
+@each_database
 def test_forget_the_selected_records(client: Client) -> None:
     FAIL["charge"] = False
     keys = []

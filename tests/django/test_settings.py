@@ -208,3 +208,38 @@ def test_the_misconfigured_backend_refuses_every_call(django_aliases: list[str])
 
     with pytest.raises(ConfigurationError, match="IDEMPOTASK setting is invalid"):
         f()
+
+
+_AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_KEYS = "idempotask.http.django.IdempotencyMiddleware"
+_SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
+
+
+@pytest.mark.parametrize(
+    ("middleware", "warned"),
+    [
+        ([_SESSIONS, _KEYS, _AUTH], True),  # before authentication: every user shares keys
+        ([_SESSIONS, _AUTH, _KEYS], False),
+        ([_SESSIONS, _AUTH], False),  # not used
+        ([_SESSIONS, _KEYS], False),  # no authentication at all: scope= is the answer
+    ],
+)
+def test_the_idempotency_middleware_before_authentication_is_warned_about(
+    django_aliases: list[str], middleware: list[str], warned: bool
+) -> None:
+    """request.user does not exist yet when the middleware runs before Django's
+    AuthenticationMiddleware: every user would silently share one key space."""
+    from django.core import checks
+    from django.test import override_settings
+
+    with override_settings(MIDDLEWARE=middleware):
+        found = [m for m in checks.run_checks() if m.id == "idempotask.W002"]
+    if not warned:
+        assert found == []
+        return
+    (message,) = found
+    assert message.level == checks.WARNING
+    assert _KEYS in message.msg
+    assert _AUTH in message.msg
+    assert "after" in message.hint
+    assert message.hint == f"Put {_KEYS!r} after {_AUTH!r} in MIDDLEWARE."

@@ -632,3 +632,114 @@ def test_the_asgi_middleware_takes_its_app_by_position_or_by_keyword() -> None:
     assert ASGIMiddleware(app=inner, required=True).app is inner
     with pytest.raises(ConfigurationError, match="the ASGI app to wrap is missing"):
         ASGIMiddleware(required=True)
+
+
+# ------------------------------------------------------------- WSGI's legacy write()
+
+
+def _writing_app(parts: list[bytes], tail: list[bytes]) -> Any:
+    """A WSGI app sending ``parts`` through PEP 3333's legacy ``write()``, then ``tail``
+    as its iterable."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        for part in parts:
+            write(part)
+        return tail
+
+    return app
+
+
+def test_a_response_written_through_write_is_kept_and_replayed() -> None:
+    app = _writing_app([b"ab", b"cd"], [b"ef"])
+    web = Client(WSGIMiddleware(app, backend=MemoryBackend()))
+    first = web.post("/x", headers={"Idempotency-Key": KEY})
+    again = web.post("/x", headers={"Idempotency-Key": KEY})
+    assert first.get_data() == again.get_data() == b"abcdef"
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_response_written_through_write_over_the_limit_is_sent_whole_not_kept() -> None:
+    """On a real wsgiref server: past ``max_response_bytes`` what the app writes goes on
+    to the server's own ``write()``, in order, and the response is not kept: a retry
+    gets 422 and does not run the app again."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    runs = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        runs.append(1)
+        return _writing_app([b"one.", b"two.", b"three."], [b"tail."])(environ, start_response)
+
+    middleware = WSGIMiddleware(app, backend=MemoryBackend(), max_response_bytes=5)
+    with make_server("127.0.0.1", 0, middleware, handler_class=Quiet) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/x"
+            first = httpx.post(url, headers={"Idempotency-Key": KEY}, timeout=10)
+            again = httpx.post(url, headers={"Idempotency-Key": KEY}, timeout=10)
+        finally:
+            server.shutdown()
+            thread.join()
+    assert first.status_code == 200
+    assert first.content == b"one.two.three.tail."
+    assert again.status_code == 422
+    assert again.json()["code"] == "response-not-kept"
+    assert len(runs) == 1
+
+
+def test_a_response_written_through_write_is_not_held_in_memory_past_the_limit() -> None:
+    """64 writes of 1 MiB under the default 1 MiB limit: the middleware holds about the
+    limit, not the 64 MiB response (it held all of it, for a peak of ~128 MiB)."""
+    import tracemalloc
+
+    mib = 1024 * 1024
+    store = MemoryBackend()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        for _ in range(64):
+            write(b"x" * mib)
+        return []
+
+    middleware = WSGIMiddleware(app, backend=store, namespace="written")
+    sent: list[str] = []
+    received = 0
+
+    def server_write(data: bytes) -> None:
+        nonlocal received
+        assert sent, "write() before start_response()"
+        received += len(data)
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        assert not sent or exc_info is not None, "start_response() called twice"
+        sent.append(status)
+        return server_write
+
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/x",
+        "QUERY_STRING": "",
+        "CONTENT_LENGTH": "0",
+        "HTTP_IDEMPOTENCY_KEY": KEY,
+        "wsgi.input": io.BytesIO(b""),
+    }
+    tracemalloc.start()
+    try:
+        result = middleware(environ, start_response)
+        for chunk in result:
+            received += len(chunk)
+        getattr(result, "close", lambda: None)()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent == ["200 OK"]
+    assert received == 64 * mib
+    assert peak < 8 * mib, f"peak {peak / mib:.1f} MiB"
+    (record,) = store.scan("written:")
+    assert record.state is State.COMPLETED  # kept as used, without the response
