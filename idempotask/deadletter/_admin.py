@@ -24,7 +24,7 @@ from idempotask.deadletter._core import (
     make_filter,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
-from idempotask.errors import ConfigurationError
+from idempotask.errors import AlreadyInProgress, ConfigurationError
 from idempotask.flow import Flow, store_op
 from idempotask.taxonomy import FailureKind
 
@@ -265,16 +265,20 @@ class Administration(QueueCore):
 
         A resolved or abandoned letter is reopened as PENDING; attempts are kept, so
         the policy still decides what follows a failure. The history records
-        ``requeued`` by ``actor``, with ``note``.
+        ``requeued`` by ``actor``, with ``note``. A letter a processor is replaying right
+        now is left alone: :class:`~idempotask.errors.AlreadyInProgress` (try again
+        after the replay ends), so no second processor replays it beside the first.
 
         >>> queue.schedule_retry(letter_id, in_=3600)  # doctest: +SKIP
         """
-        return self._transition_flow(id, self._reopen(at, in_, actor, note))
+        decide = self._reopen(at, in_, actor, note)
+        return self._transition_flow(id, decide, unless_claimed=True)
 
     schedule_retry, aschedule_retry = twins(_schedule_retry)
 
     def _requeue(self, id: str, *, actor: str = "api", note: str = "") -> Flow[DeadLetter]:
-        """Make the letter due now (reopening it if it was closed)."""
+        """Make the letter due now (reopening it if it was closed);
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it."""
         return self._schedule_retry(id, actor=actor, note=note)
 
     requeue, arequeue = twins(_requeue)
@@ -307,11 +311,17 @@ class Administration(QueueCore):
     # -- many letters ----------------------------------------------------------------------
 
     def _bulk_flow(
-        self, filter: DeadLetterFilter | None, statuses: tuple[Status, ...], decide: Decide
+        self,
+        filter: DeadLetterFilter | None,
+        statuses: tuple[Status, ...],
+        decide: Decide,
+        *,
+        unless_claimed: bool = False,
     ) -> Flow[int]:
         """Apply ``decide`` to every letter matching ``filter``, of ``statuses`` when it
         names none (ids listed first, so the changes do not move the pages); how many
-        were changed."""
+        were changed. Letters purged meanwhile, and with ``unless_claimed`` those a
+        processor is replaying, are passed over (not counted)."""
         filter = filter or DeadLetterFilter()
         if not filter.status:
             filter = dataclasses.replace(filter, status=statuses)
@@ -324,9 +334,9 @@ class Administration(QueueCore):
         count = 0
         for id in ids:
             try:
-                yield from self._transition_flow(id, decide)
-            except DeadLetterNotFound:
-                continue  # purged meanwhile
+                yield from self._transition_flow(id, decide, unless_claimed=unless_claimed)
+            except (DeadLetterNotFound, AlreadyInProgress):
+                continue  # purged meanwhile, or being replayed right now
             count += 1
         return count
 
@@ -346,13 +356,15 @@ class Administration(QueueCore):
         """Make every matching letter due now; returns how many.
 
         Without a status, RESOLVED letters are left alone (replaying them could run a
-        finished call again); ask for ``status="resolved"`` explicitly.
+        finished call again); ask for ``status="resolved"`` explicitly. Letters a
+        processor is replaying right now are left to that replay (and not counted).
 
         >>> queue.requeue_all(kind="external", function="billing.charge")  # doctest: +SKIP
         3
         """
         chosen = filter or make_filter(status, kind, function, since, until, search)
-        return self._bulk_flow(chosen, _NOT_RESOLVED, self._reopen(None, None, actor, note))
+        decide = self._reopen(None, None, actor, note)
+        return self._bulk_flow(chosen, _NOT_RESOLVED, decide, unless_claimed=True)
 
     requeue_all, arequeue_all = twins(_requeue_all)
 
