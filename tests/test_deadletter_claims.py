@@ -100,10 +100,10 @@ def replaying(queue: DeadLetterQueue, now: float) -> Iterator[list[ProcessReport
 def test_retry_now_during_a_replay_is_refused_and_the_letter_is_replayed_once(
     make_store: StoreMaker, tmp_path: Path
 ) -> None:
-    """While processor A replays a letter, "retry now" (requeue, schedule_retry) is
-    refused naming the letter, requeue_all passes it over, processor B claims nothing;
-    the function body ran once for the failure and once for the replay. Afterwards a
-    requeue works again."""
+    """While processor A replays a letter, "retry now" (requeue, schedule_retry) and the
+    closes (mark_abandoned, mark_resolved) are refused naming the letter, the bulk
+    operations pass it over, processor B claims nothing; the function body ran once for
+    the failure and once for the replay. Afterwards a requeue works again."""
     with make_store() as open_store:
         queue = DeadLetterQueue(open_store(), spool=tmp_path / "spool.jsonl")
         shipping = Shipping(queue)
@@ -120,6 +120,13 @@ def test_retry_now_during_a_replay_is_refused_and_the_letter_is_replayed_once(
                 with pytest.raises(AlreadyInProgress):
                     queue.schedule_retry(letter.id, in_=0, actor="cli:bob")
                 assert queue.requeue_all(function=shipping.name, actor="cli:bob") == 0
+                # Nor can a close end the claim (a requeue after it would pass).
+                with pytest.raises(AlreadyInProgress, match="being replayed"):
+                    queue.mark_abandoned(letter.id, actor="web:ann")
+                with pytest.raises(AlreadyInProgress, match="being replayed"):
+                    queue.mark_resolved(letter.id, actor="web:ann")
+                assert queue.abandon_all(queue.filter(function=shipping.name)) == 0
+                assert queue.resolve_all(queue.filter(function=shipping.name)) == 0
                 b = queue.process_due(now=later)  # processor B
                 assert b.claimed == 0, b.results
             finally:
@@ -129,7 +136,7 @@ def test_retry_now_during_a_replay_is_refused_and_the_letter_is_replayed_once(
         done = queue.get(letter.id)
         assert done is not None
         assert done.status is Status.RESOLVED
-        assert "requeued" not in [a.what for a in done.history]
+        assert not {"requeued", "abandoned"} & {a.what for a in done.history}
         requeued = queue.requeue(letter.id, actor="web:ann")
         assert requeued.status is Status.PENDING
 

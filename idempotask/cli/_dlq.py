@@ -108,7 +108,7 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
 def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
     """Apply ``act`` to the letter each id (or id prefix) names; print what happened;
     exit 1 if an id named no letter, or several, or a letter that was refused (one a
-    processor is replaying right now cannot be requeued)."""
+    processor is replaying right now cannot be changed)."""
     changed: list[DeadLetter] = []
     missing: list[str] = []
     problems: list[str] = []

@@ -2,6 +2,11 @@
 and what people do to them (requeue, resolve, abandon, purge), one by one or by filter,
 each recorded in the letter's history with ``actor=`` (see
 :func:`~idempotask.deadletter._core.check_actor`) and ``note``.
+
+A person's change never ends a processor's claim: a letter being replayed right now is
+refused (:class:`~idempotask.errors.AlreadyInProgress`) or, in bulk, passed over. Ending
+the claim would let a second processor replay the letter beside the first -- at once
+after a requeue, or after a close followed by a requeue.
 """
 
 from __future__ import annotations
@@ -294,8 +299,12 @@ class Administration(QueueCore):
         self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
     ) -> Flow[DeadLetter]:
         """Close the letter as RESOLVED (nothing more is retried); the history records
-        ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
-        return self._transition_flow(id, self._resolve(resolution, actor, note))
+        ``resolved`` by ``actor``, with ``note`` (what was done by hand, say).
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it (its
+        claim must stand: a requeue after the close would let a second replay run)."""
+        return self._transition_flow(
+            id, self._resolve(resolution, actor, note), unless_claimed=True
+        )
 
     mark_resolved, amark_resolved = twins(_mark_resolved)
 
@@ -303,25 +312,21 @@ class Administration(QueueCore):
         return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
 
     def _mark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> Flow[DeadLetter]:
-        """Close the letter as ABANDONED (kept for people, never retried)."""
-        return self._transition_flow(id, self._abandon(actor, note))
+        """Close the letter as ABANDONED (kept for people, never retried);
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it."""
+        return self._transition_flow(id, self._abandon(actor, note), unless_claimed=True)
 
     mark_abandoned, amark_abandoned = twins(_mark_abandoned)
 
     # -- many letters ----------------------------------------------------------------------
 
     def _bulk_flow(
-        self,
-        filter: DeadLetterFilter | None,
-        statuses: tuple[Status, ...],
-        decide: Decide,
-        *,
-        unless_claimed: bool = False,
+        self, filter: DeadLetterFilter | None, statuses: tuple[Status, ...], decide: Decide
     ) -> Flow[int]:
         """Apply ``decide`` to every letter matching ``filter``, of ``statuses`` when it
         names none (ids listed first, so the changes do not move the pages); how many
-        were changed. Letters purged meanwhile, and with ``unless_claimed`` those a
-        processor is replaying, are passed over (not counted)."""
+        were changed. Letters purged meanwhile, and those a processor is replaying right
+        now, are passed over (not counted)."""
         filter = filter or DeadLetterFilter()
         if not filter.status:
             filter = dataclasses.replace(filter, status=statuses)
@@ -334,7 +339,7 @@ class Administration(QueueCore):
         count = 0
         for id in ids:
             try:
-                yield from self._transition_flow(id, decide, unless_claimed=unless_claimed)
+                yield from self._transition_flow(id, decide, unless_claimed=True)
             except (DeadLetterNotFound, AlreadyInProgress):
                 continue  # purged meanwhile, or being replayed right now
             count += 1
@@ -363,8 +368,7 @@ class Administration(QueueCore):
         3
         """
         chosen = filter or make_filter(status, kind, function, since, until, search)
-        decide = self._reopen(None, None, actor, note)
-        return self._bulk_flow(chosen, _NOT_RESOLVED, decide, unless_claimed=True)
+        return self._bulk_flow(chosen, _NOT_RESOLVED, self._reopen(None, None, actor, note))
 
     requeue_all, arequeue_all = twins(_requeue_all)
 
@@ -377,7 +381,8 @@ class Administration(QueueCore):
         resolution: str = "manual",
     ) -> Flow[int]:
         """Close every matching letter as RESOLVED (by default those not resolved yet);
-        returns how many. Each letter's history records it, with ``note``."""
+        returns how many. Each letter's history records it, with ``note``. Letters a
+        processor is replaying right now are left to that replay (and not counted)."""
         return self._bulk_flow(filter, _NOT_RESOLVED, self._resolve(resolution, actor, note))
 
     resolve_all, aresolve_all = twins(_resolve_all)
@@ -386,7 +391,8 @@ class Administration(QueueCore):
         self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
     ) -> Flow[int]:
         """Close every matching letter as ABANDONED (by default the open ones, PENDING and
-        RETRYING); returns how many."""
+        RETRYING); returns how many. Letters a processor is replaying right now are left
+        to that replay (and not counted)."""
         return self._bulk_flow(filter, _OPEN, self._abandon(actor, note))
 
     abandon_all, aabandon_all = twins(_abandon_all)

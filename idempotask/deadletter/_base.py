@@ -213,7 +213,7 @@ class QueueCore:
     ) -> Flow[DeadLetter]:
         """Read-modify-write with compare-and-set, again until no one interferes.
 
-        ``unless_claimed`` (reopening a letter): the store refuses while a processor's
+        ``unless_claimed`` (a person's change): the store refuses while a processor's
         claim on the letter is live; a refused letter whose version did not move is being
         replayed right now, and :class:`AlreadyInProgress` says so (ending that claim
         would let a second processor replay the letter beside the first).
