@@ -81,6 +81,10 @@ class AlreadyInProgress(IdempotaskError):
 
     Raised at once with ``on_conflict="raise"``, or after ``wait_timeout`` with
     ``on_conflict="wait"``. Never dead-lettered: the work is being done elsewhere.
+    Also raised by ``DeadLetterQueue.requeue``, ``schedule_retry``, ``mark_resolved`` and
+    ``mark_abandoned`` for a dead letter a processor is replaying right now (``key`` is
+    then the letter's idempotency key, ``""`` for a function without one): try again
+    after the replay ends.
     """
 
     def __init__(self, message: str, *, key: str) -> None:

@@ -590,6 +590,31 @@ def test_retry_makes_letters_due_now_and_reports_unknown_ids(
 
 
 @needs_redis
+def test_retry_of_a_letter_being_replayed_is_refused_and_the_others_are_requeued(
+    cli: Cli, queue: DeadLetterQueue, jobs: ModuleType, tmp_path: Path
+) -> None:
+    """dlq retry leaves a letter a processor is replaying right now alone: exit 1 with a
+    one-line reason (no traceback), and the other ids given are still requeued."""
+    busy = fail_charge(jobs, 1, tmp_path / "gate")
+    other = fail_reject(jobs, 2)
+    letter = queue.get(busy)
+    assert letter is not None
+    assert letter.next_retry_at is not None
+    only = DeadLetterFilter(function=(CHARGE,))
+    (claimed,) = queue.store.claim_due(letter.next_retry_at + 1, filter=only)  # mid-replay
+    result = cli("dlq", "retry", busy, other, code=1)
+    assert f"requeued {other} ({REJECT}): now pending" in result.out
+    assert result.err.strip() == (
+        f"idempotask: error: dead letter {busy!r} is being replayed by a processor right "
+        "now; try again after the replay ends"
+    )
+    assert queue.get(busy) == claimed
+    assert cli("dlq", "retry", "--all", "--function", CHARGE).out.strip() == (
+        "requeued 0 dead letters: due now"
+    )
+
+
+@needs_redis
 def test_retry_all_needs_a_filter_or_yes(
     cli: Cli, queue: DeadLetterQueue, jobs: ModuleType, tmp_path: Path
 ) -> None:

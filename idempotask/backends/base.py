@@ -379,10 +379,13 @@ class DeadLetterStore(Protocol):
     - ``get(id)`` returns a letter or None.
     - ``query(filter, limit=, offset=)`` lists matching letters, newest
       ``last_failed_at`` first, ties broken by ascending ``id`` (so pages are stable).
-    - ``update(id, version, **changes)`` applies ``changes`` (only
-      :data:`MUTABLE_FIELDS`) if the stored version is ``version`` and returns the new
-      letter with ``version + 1``, else None (someone else changed it first). It also
-      ends any processor claim on the letter.
+    - ``update(id, version, *, unless_claimed=False, **changes)`` applies ``changes``
+      (only :data:`MUTABLE_FIELDS`) if the stored version is ``version`` and returns the
+      new letter with ``version + 1``, else None (someone else changed it first). It also
+      ends any processor claim on the letter. With ``unless_claimed=True`` it changes
+      nothing and returns None while a processor's claim on the letter is live (store
+      clock), checked in the same atomic step: a person's "retry now" must not end the
+      claim of a replay that is running, or a second processor would replay it too.
     - ``claim_due(now, limit=, lease=, filter=)`` atomically takes up to ``limit`` open
       letters (PENDING or RETRYING) with ``next_retry_at <= now`` that no other processor
       holds and that match ``filter`` (None: all), earliest ``next_retry_at`` first (ties
@@ -402,7 +405,9 @@ class DeadLetterStore(Protocol):
         self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]: ...
 
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
+    def update(
+        self, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> DeadLetter | None: ...
 
     def claim_due(
         self,
@@ -425,7 +430,9 @@ class DeadLetterStore(Protocol):
         self, filter: DeadLetterFilter = ..., *, limit: int = 100, offset: int = 0
     ) -> list[DeadLetter]: ...
 
-    async def aupdate(self, id: str, version: int, **changes: Any) -> DeadLetter | None: ...
+    async def aupdate(
+        self, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> DeadLetter | None: ...
 
     async def aclaim_due(
         self,

@@ -33,7 +33,7 @@ from idempotask.deadletter import (
     DeadLetterStats,
     ProcessReport,
 )
-from idempotask.errors import BackendError
+from idempotask.errors import AlreadyInProgress, BackendError
 from idempotask.spool import Spool, SpoolError
 
 CLOSED = (Status.RESOLVED, Status.ABANDONED)
@@ -107,7 +107,8 @@ def _filters(args: Any, *, times: bool = True) -> dict[str, Any]:
 
 def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], done: str) -> int:
     """Apply ``act`` to the letter each id (or id prefix) names; print what happened;
-    exit 1 if an id named no letter, or several."""
+    exit 1 if an id named no letter, or several, or a letter that was refused (one a
+    processor is replaying right now cannot be changed)."""
     changed: list[DeadLetter] = []
     missing: list[str] = []
     problems: list[str] = []
@@ -117,6 +118,8 @@ def _each(ctx: Context, ids: Sequence[str], act: Callable[[str], DeadLetter], do
             changed.append(act(queue.find(id).id))
         except (DeadLetterNotFound, AmbiguousLetterId) as exc:
             missing.append(id)
+            problems.append(str(exc))
+        except AlreadyInProgress as exc:
             problems.append(str(exc))
     ctx.show(
         {"count": len(changed), "letters": [letter_json(x) for x in changed], "not_found": missing},

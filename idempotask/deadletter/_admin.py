@@ -2,6 +2,11 @@
 and what people do to them (requeue, resolve, abandon, purge), one by one or by filter,
 each recorded in the letter's history with ``actor=`` (see
 :func:`~idempotask.deadletter._core.check_actor`) and ``note``.
+
+A person's change never ends a processor's claim: a letter being replayed right now is
+refused (:class:`~idempotask.errors.AlreadyInProgress`) or, in bulk, passed over. Ending
+the claim would let a second processor replay the letter beside the first -- at once
+after a requeue, or after a close followed by a requeue.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from idempotask.deadletter._core import (
     make_filter,
 )
 from idempotask.deadletter._letters import Decide, close, reopen
-from idempotask.errors import ConfigurationError
+from idempotask.errors import AlreadyInProgress, ConfigurationError
 from idempotask.flow import Flow, store_op
 from idempotask.taxonomy import FailureKind
 
@@ -265,16 +270,20 @@ class Administration(QueueCore):
 
         A resolved or abandoned letter is reopened as PENDING; attempts are kept, so
         the policy still decides what follows a failure. The history records
-        ``requeued`` by ``actor``, with ``note``.
+        ``requeued`` by ``actor``, with ``note``. A letter a processor is replaying right
+        now is left alone: :class:`~idempotask.errors.AlreadyInProgress` (try again
+        after the replay ends), so no second processor replays it beside the first.
 
         >>> queue.schedule_retry(letter_id, in_=3600)  # doctest: +SKIP
         """
-        return self._transition_flow(id, self._reopen(at, in_, actor, note))
+        decide = self._reopen(at, in_, actor, note)
+        return self._transition_flow(id, decide, unless_claimed=True)
 
     schedule_retry, aschedule_retry = twins(_schedule_retry)
 
     def _requeue(self, id: str, *, actor: str = "api", note: str = "") -> Flow[DeadLetter]:
-        """Make the letter due now (reopening it if it was closed)."""
+        """Make the letter due now (reopening it if it was closed);
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it."""
         return self._schedule_retry(id, actor=actor, note=note)
 
     requeue, arequeue = twins(_requeue)
@@ -290,8 +299,12 @@ class Administration(QueueCore):
         self, id: str, resolution: str = "manual", *, note: str = "", actor: str = "api"
     ) -> Flow[DeadLetter]:
         """Close the letter as RESOLVED (nothing more is retried); the history records
-        ``resolved`` by ``actor``, with ``note`` (what was done by hand, say)."""
-        return self._transition_flow(id, self._resolve(resolution, actor, note))
+        ``resolved`` by ``actor``, with ``note`` (what was done by hand, say).
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it (its
+        claim must stand: a requeue after the close would let a second replay run)."""
+        return self._transition_flow(
+            id, self._resolve(resolution, actor, note), unless_claimed=True
+        )
 
     mark_resolved, amark_resolved = twins(_mark_resolved)
 
@@ -299,8 +312,9 @@ class Administration(QueueCore):
         return close(Status.ABANDONED, "", "abandoned", self.now(), check_actor(actor), _note(note))
 
     def _mark_abandoned(self, id: str, *, note: str = "", actor: str = "api") -> Flow[DeadLetter]:
-        """Close the letter as ABANDONED (kept for people, never retried)."""
-        return self._transition_flow(id, self._abandon(actor, note))
+        """Close the letter as ABANDONED (kept for people, never retried);
+        :class:`~idempotask.errors.AlreadyInProgress` while a processor replays it."""
+        return self._transition_flow(id, self._abandon(actor, note), unless_claimed=True)
 
     mark_abandoned, amark_abandoned = twins(_mark_abandoned)
 
@@ -311,7 +325,8 @@ class Administration(QueueCore):
     ) -> Flow[int]:
         """Apply ``decide`` to every letter matching ``filter``, of ``statuses`` when it
         names none (ids listed first, so the changes do not move the pages); how many
-        were changed."""
+        were changed. Letters purged meanwhile, and those a processor is replaying right
+        now, are passed over (not counted)."""
         filter = filter or DeadLetterFilter()
         if not filter.status:
             filter = dataclasses.replace(filter, status=statuses)
@@ -324,9 +339,9 @@ class Administration(QueueCore):
         count = 0
         for id in ids:
             try:
-                yield from self._transition_flow(id, decide)
-            except DeadLetterNotFound:
-                continue  # purged meanwhile
+                yield from self._transition_flow(id, decide, unless_claimed=True)
+            except (DeadLetterNotFound, AlreadyInProgress):
+                continue  # purged meanwhile, or being replayed right now
             count += 1
         return count
 
@@ -346,7 +361,8 @@ class Administration(QueueCore):
         """Make every matching letter due now; returns how many.
 
         Without a status, RESOLVED letters are left alone (replaying them could run a
-        finished call again); ask for ``status="resolved"`` explicitly.
+        finished call again); ask for ``status="resolved"`` explicitly. Letters a
+        processor is replaying right now are left to that replay (and not counted).
 
         >>> queue.requeue_all(kind="external", function="billing.charge")  # doctest: +SKIP
         3
@@ -365,7 +381,8 @@ class Administration(QueueCore):
         resolution: str = "manual",
     ) -> Flow[int]:
         """Close every matching letter as RESOLVED (by default those not resolved yet);
-        returns how many. Each letter's history records it, with ``note``."""
+        returns how many. Each letter's history records it, with ``note``. Letters a
+        processor is replaying right now are left to that replay (and not counted)."""
         return self._bulk_flow(filter, _NOT_RESOLVED, self._resolve(resolution, actor, note))
 
     resolve_all, aresolve_all = twins(_resolve_all)
@@ -374,7 +391,8 @@ class Administration(QueueCore):
         self, filter: DeadLetterFilter | None = None, *, note: str = "", actor: str = "api"
     ) -> Flow[int]:
         """Close every matching letter as ABANDONED (by default the open ones, PENDING and
-        RETRYING); returns how many."""
+        RETRYING); returns how many. Letters a processor is replaying right now are left
+        to that replay (and not counted)."""
         return self._bulk_flow(filter, _OPEN, self._abandon(actor, note))
 
     abandon_all, aabandon_all = twins(_abandon_all)

@@ -29,7 +29,7 @@ from idempotask.deadletter._core import (
     fire_hook,
 )
 from idempotask.deadletter._letters import Decide
-from idempotask.errors import BackendError, ConfigurationError
+from idempotask.errors import AlreadyInProgress, BackendError, ConfigurationError
 from idempotask.events import EventKind
 from idempotask.flow import Flow, Op, store_op
 from idempotask.retry import DEFAULT_POLICIES, RetryPolicy
@@ -208,18 +208,35 @@ class QueueCore:
         store: DeadLetterStore = yield Op(lambda: self.store, None)
         return store
 
-    def _transition_flow(self, id: str, decide: Decide) -> Flow[DeadLetter]:
-        """Read-modify-write with compare-and-set, again until no one interferes."""
+    def _transition_flow(
+        self, id: str, decide: Decide, *, unless_claimed: bool = False
+    ) -> Flow[DeadLetter]:
+        """Read-modify-write with compare-and-set, again until no one interferes.
+
+        ``unless_claimed`` (a person's change): the store refuses while a processor's
+        claim on the letter is live; a refused letter whose version did not move is being
+        replayed right now, and :class:`AlreadyInProgress` says so (ending that claim
+        would let a second processor replay the letter beside the first).
+        """
         store = yield from self._store_flow()
+        options = {"unless_claimed": True} if unless_claimed else {}
+        letter: DeadLetter | None = yield store_op(store, "get", id)
         for _ in range(CAS_TRIES):
-            letter: DeadLetter | None = yield store_op(store, "get", id)
             if letter is None:
                 raise DeadLetterNotFound(f"no dead letter has id {id!r}")
             updated: DeadLetter | None = yield store_op(
-                store, "update", id, letter.version, **decide(letter)
+                store, "update", id, letter.version, **options, **decide(letter)
             )
             if updated is not None:
                 return updated
+            current: DeadLetter | None = yield store_op(store, "get", id)
+            if unless_claimed and current is not None and current.version == letter.version:
+                raise AlreadyInProgress(
+                    f"dead letter {id!r} is being replayed by a processor right now; try "
+                    "again after the replay ends",
+                    key=letter.key,
+                )
+            letter = current
         raise BackendError(f"dead letter {id} kept changing; gave up after {CAS_TRIES} tries")
 
     def _flush_flow(self, store: DeadLetterStore | None = None) -> Flow[int]:

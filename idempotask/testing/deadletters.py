@@ -131,8 +131,13 @@ class DeadLetterView(_View):
         """``get`` / ``aget``."""
         return cast("DeadLetter | None", self._call("get", id))
 
-    def update(self, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """``update`` / ``aupdate``."""
+    def update(
+        self, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> DeadLetter | None:
+        """``update`` / ``aupdate`` (``unless_claimed`` is passed on only when true, so a
+        plain update is the call every store has always taken)."""
+        if unless_claimed:
+            changes["unless_claimed"] = True
         return cast("DeadLetter | None", self._call("update", id, version, **changes))
 
     def query(
@@ -485,6 +490,45 @@ class DeadLetterStoreContract:
         (claimed,) = dl.claim_due(T0 + 1)
         released = dl.update(claimed.id, claimed.version)
         assert released is not None
+        assert _ids(dl.claim_due(T0 + 1)) == [letter.id]
+
+    def test_update_unless_claimed_is_refused_while_a_claim_is_live(
+        self, dl: DeadLetterView
+    ) -> None:
+        """A person's "retry now" cannot end the claim of a replay that is running: the
+        letter stays as it is, still held (no other processor can claim it)."""
+        dl.add(dl.letter("replaying", next_retry_at=T0))
+        (claimed,) = dl.claim_due(T0 + 1)
+        refused = dl.update(
+            claimed.id, claimed.version, unless_claimed=True, next_retry_at=T0, attempts=2
+        )
+        assert refused is None
+        _same(dl.get(claimed.id), claimed)
+        assert dl.claim_due(T0 + 1) == []
+        done = dl.update(claimed.id, claimed.version, status=Status.RESOLVED, resolution="retry")
+        assert done is not None, "the holder's own update still applies"
+
+    def test_update_unless_claimed_applies_when_no_claim_is_live(self, dl: DeadLetterView) -> None:
+        """Never claimed, or the claim ran out: the update applies, and a stale version
+        still loses."""
+        never = dl.add(dl.letter("never-claimed", next_retry_at=T0))
+        updated = dl.update(never.id, never.version, unless_claimed=True, next_retry_at=T0 + 5)
+        _same(updated, never, version=never.version + 1, next_retry_at=T0 + 5)
+        assert dl.update(never.id, never.version, unless_claimed=True, attempts=3) is None
+
+        letter = dl.add(dl.letter("claim-ran-out", next_retry_at=T0))
+        (claimed,) = dl.claim_due(T0 + 1)
+        assert dl.expire_claim(letter.id) is True
+        reopened = dl.update(claimed.id, claimed.version, unless_claimed=True, attempts=2)
+        _same(reopened, claimed, version=claimed.version + 1, attempts=2)
+        assert _ids(dl.claim_due(T0 + 1)) == [letter.id]
+
+    def test_a_plain_update_still_ends_a_live_claim(self, dl: DeadLetterView) -> None:
+        """Without ``unless_claimed`` the update applies over a live claim and ends it."""
+        letter = dl.add(dl.letter("plain", next_retry_at=T0))
+        (claimed,) = dl.claim_due(T0 + 1)
+        updated = dl.update(claimed.id, claimed.version, attempts=2)
+        _same(updated, claimed, version=claimed.version + 1, attempts=2)
         assert _ids(dl.claim_due(T0 + 1)) == [letter.id]
 
     def test_claiming_bumps_the_version_so_a_stale_writer_loses(self, dl: DeadLetterView) -> None:

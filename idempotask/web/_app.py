@@ -24,7 +24,12 @@ from starlette.staticfiles import StaticFiles
 
 from idempotask.backends.base import Backend, BreakerStore, DeadLetterStore, Status
 from idempotask.deadletter import AmbiguousLetterId, DeadLetterNotFound, DeadLetterQueue
-from idempotask.errors import BackendError, ConfigurationError, CorruptRecordError
+from idempotask.errors import (
+    AlreadyInProgress,
+    BackendError,
+    ConfigurationError,
+    CorruptRecordError,
+)
 from idempotask.web._charts import KIND_ORDER, bar_chart
 from idempotask.web._forms import KINDS, STATUSES, FormError, parse_body
 from idempotask.web._overview import OverviewCache, Snapshot, compute
@@ -249,6 +254,11 @@ async def _bad_form(request: Request, exc: Exception) -> Response:
     return _error_page(request, 400, str(exc))
 
 
+async def _conflict(request: Request, exc: Exception) -> Response:
+    # A letter a processor is replaying right now: refused, to be tried again later.
+    return _error_page(request, 409, str(exc))
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     candidates = exc.candidates if isinstance(exc, AmbiguousLetterId) else ()
     return _error_page(request, 404, str(exc), candidates=candidates)
@@ -318,6 +328,7 @@ def create_app(
             FormError: _bad_form,
             DeadLetterNotFound: _not_found,
             AmbiguousLetterId: _not_found,
+            AlreadyInProgress: _conflict,
             BackendError: _store_error,
             ConfigurationError: _bad_form,
             HTTPException: _http_error,

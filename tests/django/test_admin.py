@@ -272,6 +272,27 @@ def test_retry_now_makes_the_letter_due_and_abandon_closes_it(
 
 
 @each_database
+def test_retry_now_on_a_letter_being_replayed_says_so_and_changes_nothing(
+    client: Client, letters: tuple[str, str]
+) -> None:
+    """A processor replaying the letter right now keeps it: the admin shows why (try again
+    after the replay ends) and the letter is unchanged."""
+    charged, _ = letters
+    queue = DeadLetterQueue()
+    letter = queue.find(charged)
+    assert letter.next_retry_at is not None
+    only = queue.filter(function="djadmin.charge")
+    (claimed,) = queue.store.claim_due(letter.next_retry_at + 1, filter=only)  # mid-replay
+    for what in ("retry", "resolve", "abandon"):
+        response = client.post(f"{LETTERS}act/{what}/", {"id": charged}, follow=True)
+        assert response.status_code == 200
+        text = html.unescape(response.content.decode())
+        assert f"dead letter {charged!r} is being replayed by a processor right now" in text
+        assert "try again after the replay ends" in text
+    assert queue.get(charged) == claimed
+
+
+@each_database
 def test_bulk_actions_on_the_selected_letters(client: Client) -> None:
     ids = [failed_charge(21), failed_charge(22), failed_charge(23)]
     response = client.post(

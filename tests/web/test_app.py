@@ -95,6 +95,35 @@ def test_served_through_wsgi_pages_and_actions_work(queue: DeadLetterQueue) -> N
     assert letter.history[-1].actor == "web:dora"
 
 
+def test_retry_now_on_a_letter_being_replayed_is_refused_with_a_page_saying_so(
+    queue: DeadLetterQueue,
+) -> None:
+    """ "Retry now" on a letter a processor is replaying right now: a 409 page naming the
+    letter and saying to try again after the replay (not a server error), and the
+    processor keeps its claim."""
+    letter = queue.record("billing.charge", TimeoutError("t"), arguments={"order": 1})
+    assert letter.next_retry_at is not None
+    (claimed,) = queue.store.claim_due(letter.next_retry_at + 1)  # a processor mid-replay
+    c = TestClient(
+        from_address(create_app(), ("127.0.0.1", 1)),
+        base_url="http://localhost",
+        follow_redirects=False,
+    )
+    page = c.get(f"/letters/confirm?action=retry&id={letter.id}").text
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    refused = c.post("/letters/act", data={"action": "retry", "id": letter.id, "csrf": token})
+    assert refused.status_code == 409
+    assert 'data-status="409"' in refused.text
+    assert "being replayed by a processor right now" in refused.text
+    assert "try again after the replay ends" in refused.text
+    assert letter.id in refused.text
+    assert queue.get(letter.id) == claimed
+    bulk = c.post("/letters/act", data={"action": "retry_all", "status": "pending", "csrf": token})
+    assert bulk.status_code == 303
+    assert "n=0" in bulk.headers["location"]
+    assert queue.get(letter.id) == claimed
+
+
 def test_pages_of_letters_failing_at_the_same_instant_show_each_letter_once(
     queue: DeadLetterQueue,
 ) -> None:

@@ -102,14 +102,19 @@ class MemoryDeadLetterStore:
         found.sort(key=lambda x: (-x.last_failed_at, x.id))
         return found[offset : offset + limit]
 
-    def update(self, /, id: str, version: int, **changes: Any) -> DeadLetter | None:
-        """Compare-and-set: apply ``changes`` if the stored version is ``version``."""
+    def update(
+        self, /, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> DeadLetter | None:
+        """Compare-and-set: apply ``changes`` if the stored version is ``version`` (and,
+        with ``unless_claimed``, no processor's claim on the letter is live)."""
         check_changes(changes)
         if "status" in changes:
             changes["status"] = Status(changes["status"])
         with self._lock:
             current = self._letters.get(id)
             if current is None or current.version != version:
+                return None
+            if unless_claimed and self._claims.get(id, -math.inf) > self._clock():
                 return None
             updated = replace(current, **changes, version=version + 1)
             self._letters[id] = updated

@@ -185,8 +185,11 @@ class RedisDeadLetterStore(OnBackend):
 
     get, aget = twins(_get)
 
-    def _update(self, /, id: str, version: int, **changes: Any) -> Flow[DeadLetter | None]:
-        """Compare-and-set ``changes`` on version ``version``; ends any claim. One round trip."""
+    def _update(
+        self, /, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> Flow[DeadLetter | None]:
+        """Compare-and-set ``changes`` on version ``version``; ends any claim, or with
+        ``unless_claimed`` changes nothing while one is live (server clock). One round trip."""
         check_changes(changes)
         pairs: list[bytes] = []
         for name, value in changes.items():
@@ -199,6 +202,7 @@ class RedisDeadLetterStore(OnBackend):
             str(check_int(version, "version", WHO)).encode(),
             uuid.uuid4().hex.encode(),
             by_time,
+            b"1" if unless_claimed else b"",
             *pairs,
         )
         reply = yield self._call(f"dead-letter update of {id!r} in queue", "dlq_update", args)

@@ -179,7 +179,8 @@ def reply_tag(reply: Any) -> bytes:
 def parse_letter_reply(
     where: str, reply: Any, *, limit: int = DEFAULT_MAX_RECORD_BYTES
 ) -> DeadLetter | None:
-    """Turn a ``dlq_get`` / ``dlq_update`` reply into a letter (``None``: absent or stale).
+    """Turn a ``dlq_get`` / ``dlq_update`` reply into a letter (``None``: absent, stale,
+    or held by a processor's claim).
 
     >>> parse_letter_reply("k", [b"stale"]) is None
     True
@@ -187,7 +188,7 @@ def parse_letter_reply(
     tag = reply_tag(reply)
     if tag == b"dl" and len(reply) == 2:
         return parse_dead_letter(where, reply[1], limit=limit)
-    if tag in (b"absent", b"stale") and len(reply) == 1:
+    if tag in (b"absent", b"stale", b"claimed") and len(reply) == 1:
         return None
     raise corrupt(where, reply[1] if tag == b"corrupt" and len(reply) == 2 else repr(reply))
 

@@ -328,18 +328,21 @@ class SQLDeadLetterStore(TableStore):
 
     query, aquery = twins(_query)
 
-    def _update(self, /, id: str, version: int, **changes: Any) -> Flow[DeadLetter | None]:
-        """Compare-and-set ``changes`` on version ``version``; ends any claim.
+    def _update(
+        self, /, id: str, version: int, *, unless_claimed: bool = False, **changes: Any
+    ) -> Flow[DeadLetter | None]:
+        """Compare-and-set ``changes`` on version ``version``; ends any claim, or with
+        ``unless_claimed`` changes nothing while one is live (the database's clock).
 
-        One ``UPDATE … WHERE version = :v`` (with ``RETURNING`` on PostgreSQL; elsewhere
-        followed by a read).
+        One ``UPDATE … WHERE version = :v`` (``AND claimed_until`` has passed, when
+        ``unless_claimed``), with ``RETURNING`` on PostgreSQL; elsewhere followed by a read.
         """
         check_changes(changes)
         ns, lid = self.namespace, check_text(id, "id")
         v = shared.check_int(version, "version", WHO)
         params: dict[str, Any] = {f"u_{f}": column_value(f, changes[f]) for f in changes}
         params.update({"ns": ns, "lid": lid, "v": v})
-        sql = self._sql
+        sql, claimed = self._sql, bool(unless_claimed)
 
         def flow(q: Session) -> Flow[DeadLetter | None]:
             if "error_type" in changes or "message" in changes:
@@ -360,11 +363,11 @@ class SQLDeadLetterStore(TableStore):
             fields = tuple(sorted(name[2:] for name in params if name.startswith("u_")))
             flavour = self._flavour(q)
             if flavour == "postgresql":
-                return _first((yield q.op(sql.update(fields, True), params)))
+                return _first((yield q.op(sql.update(fields, True, claimed), params)))
             if flavour == "sqlite":
                 # The read is in the update's transaction: it sees exactly the version written.
                 yield q.begin()
-            count = yield q.op(sql.update(fields, False), params, "rowcount")
+            count = yield q.op(sql.update(fields, False, claimed), params, "rowcount")
             rows = (yield q.op(sql.get, {"ns": ns, "lid": lid})) if count else []
             if flavour == "sqlite":
                 yield q.commit()

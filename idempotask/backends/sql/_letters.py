@@ -371,18 +371,18 @@ class DeadLetterStatements(StatementSet):
     # update --------------------------------------------------------------------------------------
 
     @built
-    def update(self, fields: tuple[str, ...], returning: bool) -> Executable:
-        """Compare-and-set: apply ``u_<field>`` if the version is ``v``; bump the version
+    def update(self, fields: tuple[str, ...], returning: bool, unless_claimed: bool) -> Executable:
+        """Compare-and-set: apply ``u_<field>`` if the version is ``v`` (and, when
+        ``unless_claimed``, no claim is live on the database's clock); bump the version
         and end any claim."""
         c = self.table.c
         values: dict[str, Any] = {f: self._param(f"u_{f}", f) for f in fields}
         values["version"] = c.version + 1
         values["claimed_until"] = None
-        statement = (
-            update(self.table)
-            .where(self._one(), c.version == bindparam("v", type_=c.version.type))
-            .values(values)
-        )
+        where = [self._one(), c.version == bindparam("v", type_=c.version.type)]
+        if unless_claimed:
+            where.append(or_(c.claimed_until.is_(None), c.claimed_until <= DbNow()))
+        statement = update(self.table).where(*where).values(values)
         return statement.returning(*self.columns) if returning else statement
 
     @cached_property
