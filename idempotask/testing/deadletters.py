@@ -418,6 +418,21 @@ class DeadLetterStoreContract:
             dl.update(letter.id, letter.version, **{field: getattr(letter, field)}, attempts=5)
         _same(dl.get(letter.id), letter)
 
+    @pytest.mark.parametrize(
+        "change",
+        [{"attempts": "3"}, {"next_retry_at": "soon"}, {"message": 5}, {"history": "x"}],
+        ids=["attempts", "next_retry_at", "message", "history"],
+    )
+    def test_update_refuses_badly_typed_values(
+        self, dl: DeadLetterView, change: dict[str, Any]
+    ) -> None:
+        """A value of the wrong type is refused with ConfigurationError, nothing changes
+        (a store must not keep what it cannot give back as a DeadLetter)."""
+        letter = dl.add(dl.letter("typed"))
+        with pytest.raises(ConfigurationError, match=next(iter(change))):
+            dl.update(letter.id, letter.version, **change)
+        _same(dl.get(letter.id), letter)
+
     def test_update_without_changes_still_bumps_the_version(self, dl: DeadLetterView) -> None:
         """An empty update is a valid compare-and-set (processors use it to release a claim)."""
         letter = dl.add(dl.letter("noop"))

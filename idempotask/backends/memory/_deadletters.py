@@ -9,7 +9,14 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from idempotask.backends._letters import ALL, check_filter, check_page, stored, sum_stats
+from idempotask.backends._letters import (
+    ALL,
+    check_filter,
+    check_page,
+    field_value,
+    stored,
+    sum_stats,
+)
 from idempotask.backends._twins import inline
 from idempotask.backends.base import (
     OPEN_STATUSES,
@@ -108,8 +115,9 @@ class MemoryDeadLetterStore:
         """Compare-and-set: apply ``changes`` if the stored version is ``version`` (and,
         with ``unless_claimed``, no processor's claim on the letter is live)."""
         check_changes(changes)
-        if "status" in changes:
-            changes["status"] = Status(changes["status"])
+        for field, value in changes.items():  # checked as the other stores check them
+            checked = field_value(field, value, _WHO)
+            changes[field] = tuple(value) if field == "history" else checked
         with self._lock:
             current = self._letters.get(id)
             if current is None or current.version != version:
