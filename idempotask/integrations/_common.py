@@ -381,10 +381,12 @@ def delivery_flow(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
+    key: str | None = None,
 ) -> Flow[Any]:
     """The idempotent call of ``spec`` for one delivery of a message (see the rules
-    above); run it with :func:`run_delivery` or :func:`arun_delivery`."""
-    key = spec.key(args, kwargs, None)
+    above); run it with :func:`run_delivery` or :func:`arun_delivery`. ``key``: the
+    message's own key (Celery's header), default the one the arguments give."""
+    key = key or spec.key(args, kwargs, None)
     backend = spec.backend()
     if delivery.handover is not None:
         yield from _take_handover(spec, backend, key, delivery, delivery.handover)
@@ -456,9 +458,10 @@ def run_delivery(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     delivery: Delivery,
+    key: str | None = None,
 ) -> Any:
     """Run :func:`delivery_flow` with the sync store and body."""
-    return flow.drive(delivery_flow(spec, args, kwargs, delivery), _CATCH)
+    return flow.drive(delivery_flow(spec, args, kwargs, delivery, key), _CATCH)
 
 
 async def arun_delivery(

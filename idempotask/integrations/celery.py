@@ -28,8 +28,11 @@ What the base class does:
   travels in the ``idempotask_key`` message header. The worker uses that header, and
   computes the same key itself when a message has none (``send_task``, beat). Its name is
   the Celery task name.
-- **The task id owns the claim**, so the task's own retries (``self.retry()``,
-  ``autoretry_for``) re-take it. On ``Retry`` the claim is *kept* and its lease extended
+- **Each delivery of a task id owns the claim it takes**, and hands it to the task's
+  own retry (``self.retry()``, ``autoretry_for``) in the retry's ``idempotask_handover``
+  header, so the retry re-takes it while a second delivery of the same task id (a
+  producer re-sending with its own ``task_id``) waits for the first's run instead of
+  running beside it. On ``Retry`` the claim is *kept* and its lease extended
   by the retry's countdown, so a duplicate arriving before the retry runs waits instead
   of running the body. A message the broker *redelivers* (``acks_late`` after a worker
   died, a visibility timeout) claims without an owner: it waits until the holder's lease
@@ -86,8 +89,11 @@ from idempotask.idempotent import idempotent
 from idempotask.integrations._common import (
     NOT_DEAD_LETTERED,
     DeadLetterOptions,
+    Delivery,
+    Handover,
     check_worker_backend,
     replay_arguments,
+    run_delivery,
     split_options,
 )
 from idempotask.lease import Lease, current_lease
@@ -106,7 +112,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "idempotask.integrations.celery needs Celery: pip install 'idempotask[celery]'"
     ) from exc
 
-__all__ = ["KEY_HEADER", "REPLAY_HEADER", "ROUTE", "IdempotentTask"]
+__all__ = ["HANDOVER_HEADER", "KEY_HEADER", "REPLAY_HEADER", "ROUTE", "IdempotentTask"]
 
 log = logging.getLogger("idempotask")
 
@@ -114,6 +120,9 @@ KEY_HEADER = "idempotask_key"
 """Message header carrying the producer's idempotency key."""
 REPLAY_HEADER = "idempotask_replay_of"
 """Message header carrying the id of the dead letter a message replays."""
+HANDOVER_HEADER = "idempotask_handover"
+"""Message header with which an attempt that raised ``Retry`` hands its kept claim to
+its retry (see ``_common.Handover``)."""
 ROUTE = "celery"
 """The dead-letter route of Celery tasks; :meth:`DeadLetterQueue.process_due` replays
 letters on it through ``apply_async`` (``send_task`` for tasks this process lacks)."""
@@ -186,12 +195,15 @@ class _Binding:
 
 
 class _Call:
-    """The running call's lease, seen from outside the body once it has ended."""
+    """The running call's lease, seen from outside the body once it has ended, and its
+    delivery (None for a redelivered or eager message), whose claim a retry sent from
+    the body is handed."""
 
-    __slots__ = ("lease",)
+    __slots__ = ("delivery", "lease")
 
-    def __init__(self) -> None:
+    def __init__(self, delivery: Delivery | None) -> None:
         self.lease: Lease | None = None
+        self.delivery = delivery
 
 
 _calls: ContextVar[_Call | None] = ContextVar("idempotask_celery_call", default=None)
@@ -322,6 +334,18 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         headers = dict(options.get("headers") or {})
         if not headers.get(KEY_HEADER):
             headers[KEY_HEADER] = self.key_for(*(args or ()), **(kwargs or {}))
+        # A retry sent from the running attempt's body (self.retry(), autoretry_for)
+        # carries a one-use handover of that attempt's claim; no other message does.
+        headers.pop(HANDOVER_HEADER, None)
+        call = _calls.get()
+        if (
+            options.get("retries")
+            and call is not None
+            and call.delivery is not None
+            and call.delivery.execution == task_id
+        ):
+            handover = Handover(call.delivery.owner, uuid.uuid4().hex)
+            headers[HANDOVER_HEADER] = handover.as_option()
         options["headers"] = headers
         binding = self._idempotask()
         first_send = not options.get("retries") and REPLAY_HEADER not in headers
@@ -379,9 +403,19 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         # matrix names a release that drops it.
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         owner = "" if redelivered else str(request.id or "")
-        call = _Call()
+        delivery = None
+        if owner and not request.is_eager:
+            # One message may be delivered twice without being "redelivered" (a
+            # producer re-sending with its own task id, kombu's publish retry): each
+            # delivery claims under an owner of its own, and a retry re-takes its
+            # attempt's claim through the handover that attempt put in its message.
+            handover = _header_value(request, HANDOVER_HEADER)
+            delivery = Delivery(owner, Handover.from_option(handover))
+        call = _Call(delivery)
         reset = _calls.set(call)
         try:
+            if delivery is not None:
+                return run_delivery(binding.spec, args, kwargs, delivery, key)
             return _run(binding, args, kwargs, key, owner, redelivered)
         except Retry as exc:
             if owner:  # without an owner the core released the claim: nothing to hold
@@ -397,12 +431,17 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             _calls.reset(reset)
 
 
-def _header(request: Any, name: str) -> str | None:
+def _header_value(request: Any, name: str) -> Any:
     # Protocol 2 merges custom headers into the request; eager calls keep them in
     # ``request.headers``.
     value = getattr(request, name, None)
     if value is None:
         value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def _header(request: Any, name: str) -> str | None:
+    value = _header_value(request, name)
     return value if isinstance(value, str) and value else None
 
 

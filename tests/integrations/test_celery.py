@@ -221,6 +221,21 @@ def test_twenty_sends_from_threads_positionally_and_by_keyword_run_the_body_once
     assert cel.count("once", "7:1") == 1
 
 
+def test_two_sends_with_one_explicit_task_id_run_the_body_once(cel: Env) -> None:
+    """One message published twice (a producer re-sending with its own task id, or
+    kombu's publish retry after a lost confirm): two deliveries, neither redelivered,
+    with the same task id. The second must not re-take the first's live claim."""
+    once = cel.task("once")
+    task_id = f"order-{uuid.uuid4().hex}"
+    first = once.apply_async((11, 4), task_id=task_id)
+    second = once.apply_async((11, 4), task_id=task_id)
+    assert first.get(timeout=TIMEOUT) == {"x": 11, "y": 4, "run": 1}
+    assert second.get(timeout=TIMEOUT) == {"x": 11, "y": 4, "run": 1}
+    wait_for(lambda: workers.stored(once.key_for(11, 4)) is not None, "the stored result")
+    time.sleep(1.0)  # both messages have been handled by now
+    assert cel.count("once", "11:4") == 1
+
+
 def test_enqueue_dedupe_sends_one_message_and_every_send_gets_its_result(cel: Env) -> None:
     """With idempotency_dedupe_enqueue, 20 concurrent sends share one task id."""
     task = cel.task("once_dedupe")
