@@ -35,9 +35,9 @@ What the base class does:
   running beside it. On ``Retry`` the claim is *kept* and its lease extended
   by the retry's countdown, so a duplicate arriving before the retry runs waits instead
   of running the body. A message the broker *redelivers* (``acks_late`` after a worker
-  died, a visibility timeout) claims without an owner: it waits until the holder's lease
-  runs out (or its result is stored), so a task still running elsewhere is never run
-  twice at once.
+  died, a visibility timeout) is such a second delivery: it waits for the first's run
+  for as long as that run holds its claim (past ``idempotency_wait_timeout``), so it
+  returns a live run's result, or runs once after a dead worker's lease ran out.
 - **Duplicates** return the stored result, so ``result.get()`` of every copy equals the
   first run's value. ``idempotency_dedupe_enqueue=True`` goes further: a send while the
   same call is already enqueued or done returns the original ``AsyncResult`` without
@@ -68,7 +68,6 @@ import inspect
 import logging
 import os
 import threading
-import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -80,7 +79,6 @@ from idempotask.backends.deadletters import DeadLetter
 from idempotask.call import Spec, drive, register_cancellation
 from idempotask.deadletter import ReplayError, register_route
 from idempotask.errors import (
-    AlreadyInProgress,
     BackendError,
     ConfigurationError,
     MissingDependencyError,
@@ -196,8 +194,8 @@ class _Binding:
 
 class _Call:
     """The running call's lease, seen from outside the body once it has ended, and its
-    delivery (None for a redelivered or eager message), whose claim a retry sent from
-    the body is handed."""
+    delivery (None for an eager call), whose claim a retry sent from the body is
+    handed."""
 
     __slots__ = ("delivery", "lease")
 
@@ -395,20 +393,15 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             finally:
                 _calls.reset(direct)
         key = _header_key(request, binding.spec)
-        # A redelivered message may be a copy of one still running elsewhere (a
-        # visibility timeout): it must not re-take that claim, only wait it out. Celery
-        # documents ``request.delivery_info`` with broker-dependent keys; its Request
-        # fills "redelivered" from kombu's message (AMQP's flag, Redis's restored
-        # messages). test_celery.py's worker-killed test asserts it, so the version
-        # matrix names a release that drops it.
-        redelivered = bool((request.delivery_info or {}).get("redelivered"))
-        owner = "" if redelivered else str(request.id or "")
+        owner = str(request.id or "")
         delivery = None
         if owner and not request.is_eager:
-            # One message may be delivered twice without being "redelivered" (a
-            # producer re-sending with its own task id, kombu's publish retry): each
-            # delivery claims under an owner of its own, and a retry re-takes its
-            # attempt's claim through the handover that attempt put in its message.
+            # One message may be delivered twice: redelivered while its first delivery
+            # still runs (a visibility timeout, a dropped connection), or sent twice with
+            # one task id (a producer re-sending with its own task_id, a publish retry).
+            # Each delivery claims under an owner of its own, waits for a run of its
+            # own message for as long as that run holds the claim, and a retry re-takes
+            # its attempt's claim through the handover that attempt put in its message.
             handover = _header_value(request, HANDOVER_HEADER)
             delivery = Delivery(owner, Handover.from_option(handover))
         call = _Call(delivery)
@@ -416,7 +409,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         try:
             if delivery is not None:
                 return run_delivery(binding.spec, args, kwargs, delivery, key)
-            return _run(binding, args, kwargs, key, owner, redelivered)
+            return drive(binding.spec, args, kwargs, None, owner, key)
         except Retry as exc:
             if owner:  # without an owner the core released the claim: nothing to hold
                 _hold_for_retry(binding, call.lease, exc)
@@ -467,28 +460,6 @@ def _header_key(request: Any, spec: Spec) -> str | None:
 
 def _lease_seconds(spec: Spec) -> float:
     return spec.options.lease or config.settings().default_lease
-
-
-def _run(
-    binding: _Binding,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    key: str | None,
-    owner: str,
-    redelivered: bool,
-) -> Any:
-    spec = binding.spec
-    if not redelivered or spec.options.on_conflict == "raise":
-        return drive(spec, args, kwargs, None, owner, key)
-    # The holder of a redelivered message's claim may be a dead worker, whose lease runs
-    # out only after up to one lease: wait at least that long, whatever wait_timeout says.
-    deadline = time.monotonic() + _lease_seconds(spec)
-    while True:
-        try:
-            return drive(spec, args, kwargs, None, owner, key)
-        except AlreadyInProgress:
-            if time.monotonic() >= deadline:
-                raise
 
 
 def _retry_delay(exc: Any) -> float:

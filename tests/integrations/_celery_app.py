@@ -169,6 +169,21 @@ def make_app(env: Mapping[str, str]) -> Celery:
         redelivered = (self.request.delivery_info or {}).get("redelivered")
         return {"tag": tag, "run": run, "redelivered": bool(redelivered)}
 
+    @app.task(
+        base=IdempotentTask,
+        shared=False,
+        bind=True,
+        name="itest.outlives_visibility",
+        acks_late=True,
+        idempotency_lease=LEASE,
+        idempotency_wait_timeout=1,
+    )
+    def outlives_visibility(self: Any, tag: str) -> dict[str, Any]:
+        run = count("outlives_visibility", tag)
+        time.sleep(12)  # past the visibility timeout and the lease (renewed meanwhile)
+        redelivered = (self.request.delivery_info or {}).get("redelivered")
+        return {"tag": tag, "run": run, "redelivered": bool(redelivered)}
+
     @app.task(base=IdempotentTask, shared=False, name="itest.soft", soft_time_limit=1)
     def soft(tag: str) -> dict[str, Any]:
         run = count("soft", tag)

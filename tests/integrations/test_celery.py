@@ -352,6 +352,37 @@ def test_a_worker_killed_mid_task_is_replaced_after_the_lease_and_runs_it_once(
     assert workers.stored(task.key_for("k")) == {"tag": "k", "run": 2, "redelivered": True}
 
 
+def test_a_message_redelivered_while_its_first_run_still_runs_waits_for_that_runs_result(
+    cel: Env,
+) -> None:
+    """A task outliving the Redis broker's visibility timeout (the worker alive): the
+    restored copy, delivered to another worker, waits for the live run past one lease
+    and wait_timeout and answers with its result; it neither runs the body nor fails
+    the task id with AlreadyInProgress."""
+    if cel.broker != "redis":
+        pytest.skip("the visibility timeout is the Redis transport's")
+    task = cel.task("outlives_visibility")
+    queue = capp.crash_queue(cel.namespace)
+    env = {**cel.env, capp.ENV_VISIBILITY: "3"}
+    first = Worker(env, "visible-a", queue, cel.log_dir, concurrency=1)
+    second: Worker | None = None
+    try:
+        first.wait_ready(cel.client)
+        result = task.apply_async(("v",), queue=queue)
+        wait_for(lambda: cel.count("outlives_visibility", "v") == 1, "the first run to start")
+        second = Worker(env, "visible-b", queue, cel.log_dir, concurrency=1)
+        second.wait_ready(cel.client)
+        assert result.get(timeout=TIMEOUT) == {"tag": "v", "run": 1, "redelivered": False}
+        time.sleep(2.0)  # the redelivered copy has answered by now
+        assert result.state == "SUCCESS"
+        assert result.get(timeout=TIMEOUT)["run"] == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert cel.count("outlives_visibility", "v") == 1
+
+
 def test_the_producer_key_equals_the_key_the_worker_computes_for_send_task(cel: Env) -> None:
     """The header key and the worker's own key (send_task, no header) are the same."""
     task = cel.task("keyed")
