@@ -184,6 +184,21 @@ def make_app(env: Mapping[str, str]) -> Celery:
         redelivered = (self.request.delivery_info or {}).get("redelivered")
         return {"tag": tag, "run": run, "redelivered": bool(redelivered)}
 
+    @app.task(
+        base=IdempotentTask,
+        shared=False,
+        bind=True,
+        name="itest.late_retry",
+        max_retries=1,
+        idempotency_lease=LEASE,
+    )
+    def late_retry(self: Any, tag: str) -> dict[str, Any]:
+        run = count("late_retry", tag)
+        if run == 1:
+            raise self.retry(countdown=6)  # past the Redis visibility timeout
+        time.sleep(1)
+        return {"tag": tag, "run": run}
+
     @app.task(base=IdempotentTask, shared=False, name="itest.soft", soft_time_limit=1)
     def soft(tag: str) -> dict[str, Any]:
         run = count("soft", tag)

@@ -383,6 +383,30 @@ def test_a_message_redelivered_while_its_first_run_still_runs_waits_for_that_run
     assert cel.count("outlives_visibility", "v") == 1
 
 
+def test_a_retry_whose_countdown_outlives_the_visibility_timeout_runs_once(cel: Env) -> None:
+    """Redis restores a retry held for its countdown past the visibility timeout, so two
+    workers hold copies of it: one takes the handover and runs, the other waits for it
+    and returns its result."""
+    if cel.broker != "redis":
+        pytest.skip("the visibility timeout is the Redis transport's")
+    task = cel.task("late_retry")
+    queue = capp.crash_queue(cel.namespace)
+    env = {**cel.env, capp.ENV_VISIBILITY: "2"}
+    pair = [Worker(env, f"eta-{n}", queue, cel.log_dir, concurrency=2) for n in "ab"]
+    try:
+        for worker in pair:
+            worker.wait_ready(cel.client)
+        result = task.apply_async(("e",), queue=queue)
+        assert result.get(timeout=TIMEOUT) == {"tag": "e", "run": 2}
+        time.sleep(3.0)  # any restored copy has run by now
+        assert result.get(timeout=TIMEOUT) == {"tag": "e", "run": 2}
+    finally:
+        for worker in pair:
+            worker.stop()
+    assert cel.count("late_retry", "e") == 2
+    assert letters_of("itest.late_retry") == []
+
+
 def test_the_producer_key_equals_the_key_the_worker_computes_for_send_task(cel: Env) -> None:
     """The header key and the worker's own key (send_task, no header) are the same."""
     task = cel.task("keyed")
