@@ -47,6 +47,9 @@ What the base class does:
   the task has none), with the task name, the bound arguments and the traceback, under
   the route ``"celery"``: :meth:`~idempotask.DeadLetterQueue.process_due` re-enqueues
   them through ``apply_async`` and a new failure updates the same letter.
+- A hard time limit (``TimeLimitExceeded``; the pool kills the process) is a final
+  failure too: dead-lettered from the worker's main process, on Celery releases that
+  run the task's ``on_failure`` for it.
 - ``SoftTimeLimitExceeded``, ``Ignore`` and ``Reject`` release the claim and are never
   cached as errors; ``Retry`` keeps it for the task's own retry (see
   :func:`idempotask.register_cancellation`).
@@ -71,6 +74,7 @@ import threading
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from idempotask import config
@@ -104,6 +108,7 @@ try:
         Reject,
         Retry,
         SoftTimeLimitExceeded,
+        TimeLimitExceeded,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError(
@@ -422,6 +427,23 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             raise
         finally:
             _calls.reset(reset)
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Record a hard time limit as a final failure.
+
+        The pool kills the process that ran the body, so ``__call__`` never sees it; the
+        worker's main process calls this instead (Celery releases that run the task's
+        failure hooks for a hard time limit). A message the worker re-queues after its
+        time limit (``acks_late`` without ``acks_on_timeout``) runs again: not final.
+        """
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+        if not isinstance(exc, TimeLimitExceeded) or self.request.id == task_id:
+            return  # a failure the body's own call saw (and recorded) in __call__
+        if self.acks_late and not getattr(self, "acks_on_timeout", True):
+            return
+        request = SimpleNamespace(id=task_id, headers={})
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        _final_failure(self, self._idempotask(), request, exc, args, kwargs, None)
 
 
 def _header_value(request: Any, name: str) -> Any:

@@ -199,6 +199,12 @@ def make_app(env: Mapping[str, str]) -> Celery:
         time.sleep(1)
         return {"tag": tag, "run": run}
 
+    @app.task(base=IdempotentTask, shared=False, name="itest.hard", time_limit=1)
+    def hard(tag: str) -> dict[str, Any]:
+        run = count("hard", tag)
+        time.sleep(5)  # the pool kills this process after 1 s
+        return {"tag": tag, "run": run}
+
     @app.task(base=IdempotentTask, shared=False, name="itest.soft", soft_time_limit=1)
     def soft(tag: str) -> dict[str, Any]:
         run = count("soft", tag)

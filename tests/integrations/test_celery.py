@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import inspect
 import os
 import signal
 import subprocess
@@ -405,6 +406,25 @@ def test_a_retry_whose_countdown_outlives_the_visibility_timeout_runs_once(cel: 
             worker.stop()
     assert cel.count("late_retry", "e") == 2
     assert letters_of("itest.late_retry") == []
+
+
+def test_a_hard_time_limit_is_dead_lettered_once_from_the_workers_main_process(cel: Env) -> None:
+    """The pool kills the body's process, so the letter comes from the worker's main
+    process (Celery releases whose Request.on_timeout runs the task's on_failure)."""
+    from celery.worker.request import Request
+
+    if "on_failure" not in inspect.getsource(Request.on_timeout):
+        pytest.skip("this Celery release runs no failure hook for a hard time limit")
+    task = cel.task("hard")
+    with pytest.raises(Exception, match="TimeLimitExceeded"):
+        task.delay("h").get(timeout=TIMEOUT)
+    letter = wait_for(lambda: next(iter(letters_of("itest.hard")), None), "the dead letter")
+    assert letter.error_type == "billiard.exceptions.TimeLimitExceeded"
+    assert letter.key == task.key_for("h")
+    assert letter.route == "celery"
+    time.sleep(1.0)
+    assert len(letters_of("itest.hard")) == 1
+    assert cel.count("hard", "h") == 1
 
 
 def test_the_producer_key_equals_the_key_the_worker_computes_for_send_task(cel: Env) -> None:
