@@ -270,3 +270,31 @@ def test_a_letter_spooled_after_the_disk_filled_up_is_still_delivered(tmp_path: 
     assert done.returncode == 0, done.stderr
     assert "refused: short write" in done.stdout
     assert _deliver_all(Spool(path)) == ["first", "later"]
+
+
+def test_a_letter_the_store_refuses_does_not_hold_back_the_letters_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One spooled letter a real store refuses (here a line put back by hand with a bad
+    value, as SpoolError's docstring invites) must not keep every letter behind it out
+    of the store forever: they are delivered, and the refused one stays spooled."""
+    import json
+
+    from idempotask.backends.sql import SQLAlchemyBackend
+
+    backend = SQLAlchemyBackend(f"sqlite:///{tmp_path / 'letters.db'}")
+    backend.create_tables()
+    store = backend.dead_letter_store()
+    spool = Spool(tmp_path / "spool.jsonl")
+    refused = json.loads(encode_letter(letter("refused")))
+    refused["attempts"] = "3"
+    spool.append_line(json.dumps(refused).encode())
+    spool.append(letter("good"))
+    queue = DeadLetterQueue(store, spool=spool)
+    with caplog.at_level(logging.ERROR, logger="idempotask"):
+        assert queue.flush_spool() == 1
+        assert queue.flush_spool() == 0  # the refused one is tried again, still refused
+    assert [x.id for x in store.query()] == ["good"]
+    assert [x.id for x in spool.letters()] == ["refused"]
+    assert "attempts must be an int" in caplog.text
+    backend.close()
