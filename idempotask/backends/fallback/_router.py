@@ -406,16 +406,21 @@ class Router:
                 yield from self._cover(seconds, strict=False)
             done: bool = yield store_op(self.secondary, op, *args, **kwargs)
         elif route is Route.BOTH:
-            done = yield from self._on_both(op, args, kwargs)
+            done = yield from self._on_both(op, args, kwargs, seconds)
         else:
             done = yield from self._primary_then_secondary(op, args, kwargs, seconds)
         if done and op == "delete":
             self._untrack(key, token)
         return done
 
-    def _on_both(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[bool]:
+    def _on_both(
+        self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], seconds: float | None
+    ) -> Flow[bool]:
         """A claim held in both stores: the primary's answer counts while it answers."""
         answer, down = yield from self._try_primary(op, *args, **kwargs)
+        if down is not None and seconds is not None:
+            # The primary is out again: this lease or result lands in the secondary alone.
+            yield from self._cover(seconds, strict=False)
         try:
             in_secondary: bool = yield from self._secondary(down, op, *args, **kwargs)
         except BackendError as exc:
