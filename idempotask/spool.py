@@ -137,6 +137,8 @@ def decode_letter(line: bytes) -> DeadLetter:
     if not isinstance(data, dict) or data.get("spool") != _FORMAT:
         raise ValueError("not a spool line of format 1")
     fields = {k: v for k, v in data.items() if k in _FIELD_NAMES}
+    if not isinstance(fields.get("id"), str):  # delivery keys letters by id
+        raise ValueError("spool line: id is not text")
     arguments = fields.get("arguments", "")
     if not isinstance(arguments, str):
         raise ValueError("spool line: arguments is not text")

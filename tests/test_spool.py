@@ -298,3 +298,19 @@ def test_a_letter_the_store_refuses_does_not_hold_back_the_letters_after_it(
     assert [x.id for x in spool.letters()] == ["refused"]
     assert "attempts must be an int" in caplog.text
     backend.close()
+
+
+def test_a_line_whose_id_is_not_text_is_rejected_and_the_spool_drains(tmp_path: Path) -> None:
+    """The spool keys delivered letters by id: a line whose id is a list must be an
+    unreadable line (rejected), not a letter that makes every delivery raise and leaves
+    its batch behind for ever."""
+    import json
+
+    spool = Spool(tmp_path / "spool.jsonl")
+    bad = json.loads(encode_letter(letter("bad")))
+    bad["id"] = ["bad"]
+    spool.append_line(json.dumps(bad).encode())
+    spool.append(letter("good"))
+    assert _deliver_all(spool) == ["good"]
+    assert not spool.pending()
+    assert (tmp_path / "spool.jsonl.rejected").read_bytes() == json.dumps(bad).encode() + b"\n"
