@@ -542,6 +542,38 @@ def test_a_claim_held_in_both_whose_redis_fails_again_is_covered_by_a_marker(
             redis_store.close()
 
 
+def test_callers_that_give_up_on_a_hung_redis_before_its_timeout_still_reach_sql(
+    private_redis: RedisServer,
+) -> None:
+    """Async callers with deadlines of their own shorter than the Redis client's timeout
+    (default 5 s a try, retried): each is cancelled while Redis hangs. Redis must still
+    be marked down, so later calls go to SQL; it was never marked down, and every call
+    timed out for as long as Redis hung although SQL answered."""
+    primary = RedisBackend.from_url(private_redis.url)  # the default timeouts and retries
+    store = FallbackBackend(primary, secondary("sqlite"), probe_interval=2.0, marker_key=marker())
+
+    async def calls() -> list[str]:
+        await store.aget(new_key())  # connected
+        os.kill(private_redis.process.pid, signal.SIGSTOP)
+        outcomes = []
+        for _ in range(4):
+            try:
+                await asyncio.wait_for(store.aclaim(new_key(), token(), lease=LEASE), 1.5)
+                outcomes.append("served")
+            except asyncio.TimeoutError:
+                outcomes.append("timed out")
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(calls())
+    finally:
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    assert outcomes == ["timed out", "served", "served", "served"]
+    assert store.status().primary_up is False
+    assert "gave up" in (store.status().last_error or "")
+    primary.close()
+
+
 # -- routing by token ----------------------------------------------------------------------
 
 

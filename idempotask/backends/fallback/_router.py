@@ -21,6 +21,9 @@ __all__ = ["MARKER_LADDER", "Route", "Router", "marker_bucket"]
 logger = logging.getLogger("idempotask.backends.fallback")
 
 MARKER_OWNER = "idempotask-fallback"
+# A primary operation whose caller gave up on it after this many seconds without an
+# answer marks the primary down, as its failure would (a healthy Redis answers in ms).
+_GAVE_UP_AFTER = 1.0
 # The lengths (seconds) an outage marker may have. A marker covering ``s`` seconds of
 # records written to the secondary alone has the smallest length >= 2 s, so it is
 # rewritten at most once per ``s`` during an outage. Every writer of one key writes the
@@ -315,7 +318,21 @@ class Router:
             try:
                 if gate is Gate.UP and self._clock() >= self._next_marker_read:
                     yield from self._maybe_read_markers()
-                reply = yield store_op(self.primary, op, *args, **kwargs)
+                sent = self._clock()
+                try:
+                    reply = yield store_op(self.primary, op, *args, **kwargs)
+                except GeneratorExit:
+                    # The caller gave up (cancelled, a deadline of its own): a primary
+                    # that kept it waiting that long is down, or callers whose deadlines
+                    # are shorter than its client's timeouts would never reach the
+                    # secondary while it hangs.
+                    waited = self._clock() - sent
+                    if waited >= _GAVE_UP_AFTER:
+                        self._mark_down(
+                            TimeoutError(f"{op} unanswered after {waited:.1f}s, the caller gave up")
+                        )
+                        settled = True
+                    raise
             except BackendError as exc:
                 if is_outage(exc):
                     self._mark_down(exc)
