@@ -12,8 +12,9 @@ threads and processes may append to it and deliver from it:
 - **append**: one ``os.write`` of the whole line on an ``O_APPEND`` descriptor, then
   ``fsync``, under an exclusive lock on ``<spool>.lock``: a mutex between threads and a
   POSIX record lock (``lockf``) between processes, which a forked child does not inherit
-  (Windows: the mutex only). A short write (disk full) is terminated with a newline so it
-  cannot corrupt the next line.
+  (Windows: the mutex only). A short write (disk full) is terminated with a newline, and
+  a file whose last line is torn all the same (the disk refused that newline too, a
+  crash) gets one before the next line, so a torn line never corrupts the next.
 - **deliver**: under the same lock the spool is renamed to a *batch* file
   ``<spool>.<pid>-<random>.batch``, which the deliverer holds with a non-blocking
   ``flock`` of its own; appenders meanwhile start a fresh spool and never wait for the
@@ -136,6 +137,8 @@ def decode_letter(line: bytes) -> DeadLetter:
     if not isinstance(data, dict) or data.get("spool") != _FORMAT:
         raise ValueError("not a spool line of format 1")
     fields = {k: v for k, v in data.items() if k in _FIELD_NAMES}
+    if not isinstance(fields.get("id"), str):  # delivery keys letters by id
+        raise ValueError("spool line: id is not text")
     arguments = fields.get("arguments", "")
     if not isinstance(arguments, str):
         raise ValueError("spool line: arguments is not text")
@@ -232,8 +235,15 @@ def _foreign(info: os.stat_result, *, regular: bool) -> str:
 
 def _append(path: str, data: bytes) -> None:
     """Append ``data`` (whole lines) in one write, durably."""
-    fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = _open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                # A torn last line (a crash, or a full disk that refused its newline
+                # too): end it first, or these letters would be glued to it and rejected.
+                data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):
             # End the torn line so the next append starts clean; the reader rejects it.

@@ -207,3 +207,110 @@ class _DownStore:
             raise BackendError("store down")
 
         return fail
+
+
+def _deliver_all(spool: Spool) -> list[str]:
+    from idempotask.backends.memory import MemoryBackend
+
+    store = MemoryBackend().dead_letter_store()
+    DeadLetterQueue(store, spool=spool).flush_spool()
+    return sorted(x.id for x in store.query())
+
+
+def test_a_letter_appended_after_a_torn_last_line_is_still_delivered(tmp_path: Path) -> None:
+    """A spool whose last line was cut short (a crash, a copy, a disk that filled up): the
+    next letter must start on a line of its own, not be glued to the torn one and
+    rejected with it."""
+    spool = Spool(tmp_path / "spool.jsonl")
+    spool.append(letter("before"))
+    whole = encode_letter(letter("torn"))
+    with open(spool.path, "ab") as file:
+        file.write(whole[: len(whole) // 2])  # no newline: cut mid-line
+    spool.append(letter("after"))
+    assert _deliver_all(spool) == ["after", "before"]
+    assert (tmp_path / "spool.jsonl.rejected").read_bytes() == whole[: len(whole) // 2] + b"\n"
+
+
+_DISK_FULL = """
+import resource, signal, sys
+from idempotask import DeadLetter
+from idempotask.spool import Spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def letter(id):
+    return DeadLetter(id=id, function="f", kind="transient", error_type="E", message="m" * 300)
+spool = Spool(sys.argv[1])
+spool.append(letter("first"))
+# The disk fills up: the next append is cut short, and so is its closing newline.
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+import os
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.stat(sys.argv[1]).st_size + 100, hard))
+try:
+    spool.append(letter("cut"))
+except OSError as exc:
+    print("refused:", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+spool.append(letter("later"))
+"""
+
+
+def test_a_letter_spooled_after_the_disk_filled_up_is_still_delivered(tmp_path: Path) -> None:
+    """A real short write (the file size limit of a child process stands in for a full
+    disk, so the newline meant to end the torn line fails too): the letter spooled once
+    there is room again is delivered, and only the torn one is rejected."""
+    import subprocess
+
+    path = tmp_path / "spool.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: short write" in done.stdout
+    assert _deliver_all(Spool(path)) == ["first", "later"]
+
+
+def test_a_letter_the_store_refuses_does_not_hold_back_the_letters_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One spooled letter a real store refuses (here a line put back by hand with a bad
+    value, as SpoolError's docstring invites) must not keep every letter behind it out
+    of the store forever: they are delivered, and the refused one stays spooled."""
+    import json
+
+    from idempotask.backends.sql import SQLAlchemyBackend
+
+    backend = SQLAlchemyBackend(f"sqlite:///{tmp_path / 'letters.db'}")
+    backend.create_tables()
+    store = backend.dead_letter_store()
+    spool = Spool(tmp_path / "spool.jsonl")
+    refused = json.loads(encode_letter(letter("refused")))
+    refused["attempts"] = "3"
+    spool.append_line(json.dumps(refused).encode())
+    spool.append(letter("good"))
+    queue = DeadLetterQueue(store, spool=spool)
+    with caplog.at_level(logging.ERROR, logger="idempotask"):
+        assert queue.flush_spool() == 1
+        assert queue.flush_spool() == 0  # the refused one is tried again, still refused
+    assert [x.id for x in store.query()] == ["good"]
+    assert [x.id for x in spool.letters()] == ["refused"]
+    assert "attempts must be an int" in caplog.text
+    backend.close()
+
+
+def test_a_line_whose_id_is_not_text_is_rejected_and_the_spool_drains(tmp_path: Path) -> None:
+    """The spool keys delivered letters by id: a line whose id is a list must be an
+    unreadable line (rejected), not a letter that makes every delivery raise and leaves
+    its batch behind for ever."""
+    import json
+
+    spool = Spool(tmp_path / "spool.jsonl")
+    bad = json.loads(encode_letter(letter("bad")))
+    bad["id"] = ["bad"]
+    spool.append_line(json.dumps(bad).encode())
+    spool.append(letter("good"))
+    assert _deliver_all(spool) == ["good"]
+    assert not spool.pending()
+    assert (tmp_path / "spool.jsonl.rejected").read_bytes() == json.dumps(bad).encode() + b"\n"

@@ -263,6 +263,19 @@ class QueueCore:
                                 spool.path,
                             )
                             return delivered
+                        except Exception as exc:
+                            # Not an outage: the store refuses this letter. It stays
+                            # spooled, and does not hold back the letters after it.
+                            log.error(
+                                "idempotask: the dead-letter store refuses spooled letter "
+                                "%s of %s (%s: %s); it stays in the spool %s",
+                                letter.id,
+                                letter.function,
+                                type(exc).__name__,
+                                exc,
+                                spool.path,
+                            )
+                            continue
                         batch.done(letter)
                         delivered += 1
         finally:

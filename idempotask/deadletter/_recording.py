@@ -213,4 +213,4 @@ class Recording(QueueCore):
         """
         return self._flush_flow()
 
-    flush_spool, aflush_spool = twins(_flush_spool)
+    flush_spool, aflush_spool = twins(_flush_spool, catch=RECORDING_CATCH)

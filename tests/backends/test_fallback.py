@@ -489,6 +489,91 @@ def test_a_hung_redis_delays_one_call_per_probe_interval_and_no_other(
     primary.inner.close()
 
 
+def test_a_claim_held_in_both_whose_redis_fails_again_is_covered_by_a_marker(
+    private_redis: RedisServer,
+) -> None:
+    """A claim taken in both stores in the confirm window; Redis dies again before its
+    result: the renewal and the result land in SQL alone, so (as for every record in SQL
+    alone) a marker must outlive them, or a process started once the first outage's
+    lease-long marker has expired claims the key in an empty Redis and runs it again."""
+    mk = marker()
+    sql = secondary("sqlite")
+
+    redis_stores = [
+        RedisBackend.from_url(private_redis.url, socket_timeout=1.0, connect_timeout=1.0)
+        for _ in range(2)
+    ]
+    store = FallbackBackend(redis_stores[0], sql, probe_interval=0.3, marker_key=mk)
+    private_redis.kill()
+    first, t1 = new_key("first"), token()  # the first outage: a call cancelled in SQL
+    assert store.claim(first, t1, lease=LEASE).held_by(t1)
+    assert store.delete(first, token=t1)
+
+    def restart() -> RedisServer:
+        return RedisServer.start(
+            "--maxmemory-policy",
+            "noeviction",
+            port=private_redis.port,
+            directory=private_redis.directory,
+        )
+
+    server = restart()
+    try:
+        time.sleep(store.probe_interval)
+        store.get(new_key("probe"))
+        assert store.status().primary_up
+        key, t2 = new_key(), token()
+        assert store.claim(key, t2, lease=LEASE).held_by(t2)  # the window: in both
+        assert sql.get(key) is not None
+        server.kill()  # the second outage, mid-run
+        assert store.renew(key, t2, lease=LEASE)
+        assert store.complete(key, t2, b"42", ttl=TTL)
+        assert not store.status().primary_up
+        server = restart()  # back, empty
+        # The first outage's marker (as long as its lease needed) runs out.
+        assert sql.expire_now(f"{mk}:{marker_bucket(LEASE)}")
+        later = FallbackBackend(redis_stores[1], sql, probe_interval=0.3, marker_key=mk)
+        answer = later.claim(key, token(), lease=LEASE)  # a process started now
+        assert answer.state is State.COMPLETED
+        assert answer.payload == b"42"
+    finally:
+        server.stop()
+        for redis_store in redis_stores:
+            redis_store.close()
+
+
+def test_callers_that_give_up_on_a_hung_redis_before_its_timeout_still_reach_sql(
+    private_redis: RedisServer,
+) -> None:
+    """Async callers with deadlines of their own shorter than the Redis client's timeout
+    (default 5 s a try, retried): each is cancelled while Redis hangs. Redis must still
+    be marked down, so later calls go to SQL; it was never marked down, and every call
+    timed out for as long as Redis hung although SQL answered."""
+    primary = RedisBackend.from_url(private_redis.url)  # the default timeouts and retries
+    store = FallbackBackend(primary, secondary("sqlite"), probe_interval=2.0, marker_key=marker())
+
+    async def calls() -> list[str]:
+        await store.aget(new_key())  # connected
+        os.kill(private_redis.process.pid, signal.SIGSTOP)
+        outcomes = []
+        for _ in range(4):
+            try:
+                await asyncio.wait_for(store.aclaim(new_key(), token(), lease=LEASE), 1.5)
+                outcomes.append("served")
+            except asyncio.TimeoutError:
+                outcomes.append("timed out")
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(calls())
+    finally:
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    assert outcomes == ["timed out", "served", "served", "served"]
+    assert store.status().primary_up is False
+    assert "gave up" in (store.status().last_error or "")
+    primary.close()
+
+
 # -- routing by token ----------------------------------------------------------------------
 
 

@@ -103,11 +103,13 @@ class FallbackBackend(Router):
       one call per ``probe_interval`` (one SQL query with a secondary that can list keys,
       else one per marker length).
     - When a Redis operation fails (a ``BackendError``: connection refused, timeout,
-      Redis refusing writes), Redis is marked down and new claims go to SQL. Redis is
-      then tried again at most once per ``probe_interval`` (default 5 s), by letting the
-      next operation go to it; every other call goes straight to SQL without waiting. So
-      only the call that notices the outage, and then one call per probe, waits for
-      Redis's client timeouts (seconds: give the Redis backend short ones).
+      Redis refusing writes), or its caller gives up on it (a cancellation, a deadline
+      of its own) after a second without an answer, Redis is marked down and new claims
+      go to SQL. Redis is then tried again at most once per ``probe_interval`` (default
+      5 s), by letting the next operation go to it; every other call goes straight to
+      SQL without waiting. So only the call that notices the outage, and then one call
+      per probe, waits for Redis's client timeouts (seconds: give the Redis backend
+      short ones).
     - Before it writes a record to SQL alone (a claim, a result, a failure), a client
       writes an outage marker to SQL that outlives that record. Any process whose
       latest read of the markers found a live one -- a client that saw the outage, one

@@ -21,6 +21,9 @@ __all__ = ["MARKER_LADDER", "Route", "Router", "marker_bucket"]
 logger = logging.getLogger("idempotask.backends.fallback")
 
 MARKER_OWNER = "idempotask-fallback"
+# A primary operation whose caller gave up on it after this many seconds without an
+# answer marks the primary down, as its failure would (a healthy Redis answers in ms).
+_GAVE_UP_AFTER = 1.0
 # The lengths (seconds) an outage marker may have. A marker covering ``s`` seconds of
 # records written to the secondary alone has the smallest length >= 2 s, so it is
 # rewritten at most once per ``s`` during an outage. Every writer of one key writes the
@@ -315,7 +318,21 @@ class Router:
             try:
                 if gate is Gate.UP and self._clock() >= self._next_marker_read:
                     yield from self._maybe_read_markers()
-                reply = yield store_op(self.primary, op, *args, **kwargs)
+                sent = self._clock()
+                try:
+                    reply = yield store_op(self.primary, op, *args, **kwargs)
+                except GeneratorExit:
+                    # The caller gave up (cancelled, a deadline of its own): a primary
+                    # that kept it waiting that long is down, or callers whose deadlines
+                    # are shorter than its client's timeouts would never reach the
+                    # secondary while it hangs.
+                    waited = self._clock() - sent
+                    if waited >= _GAVE_UP_AFTER:
+                        self._mark_down(
+                            TimeoutError(f"{op} unanswered after {waited:.1f}s, the caller gave up")
+                        )
+                        settled = True
+                    raise
             except BackendError as exc:
                 if is_outage(exc):
                     self._mark_down(exc)
@@ -406,16 +423,21 @@ class Router:
                 yield from self._cover(seconds, strict=False)
             done: bool = yield store_op(self.secondary, op, *args, **kwargs)
         elif route is Route.BOTH:
-            done = yield from self._on_both(op, args, kwargs)
+            done = yield from self._on_both(op, args, kwargs, seconds)
         else:
             done = yield from self._primary_then_secondary(op, args, kwargs, seconds)
         if done and op == "delete":
             self._untrack(key, token)
         return done
 
-    def _on_both(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[bool]:
+    def _on_both(
+        self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], seconds: float | None
+    ) -> Flow[bool]:
         """A claim held in both stores: the primary's answer counts while it answers."""
         answer, down = yield from self._try_primary(op, *args, **kwargs)
+        if down is not None and seconds is not None:
+            # The primary is out again: this lease or result lands in the secondary alone.
+            yield from self._cover(seconds, strict=False)
         try:
             in_secondary: bool = yield from self._secondary(down, op, *args, **kwargs)
         except BackendError as exc:
