@@ -76,13 +76,14 @@ class Db:
             return [tuple(r) for r in conn.execute(select(table.c.id, table.c.writer)).all()]
 
 
-def _make_db(url: str) -> Iterator[Db]:
+def _make_db(url: str, **options: Any) -> Iterator[Db]:
     prefix = f"tx{uuid.uuid4().hex[:10]}"
     store = SQLAlchemyBackend(
         url,
         table_name=f"{prefix}_records",
         dead_letter_table=f"{prefix}_letters",
         breaker_table=f"{prefix}_breakers",
+        **options,
     )
     store.create_tables()
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
@@ -107,6 +108,12 @@ def db(request: pytest.FixtureRequest) -> Iterator[Db]:
 @pytest.fixture
 def mariadb() -> Iterator[Db]:
     yield from _make_db(service_url("mysql"))
+
+
+@pytest.fixture
+def postgres_1s() -> Iterator[Db]:
+    """PostgreSQL with a one-second statement_timeout (client bound: two seconds)."""
+    yield from _make_db(service_url("postgres"), statement_timeout=1)
 
 
 def _writer(db: Db, *, name: str, fail: bool = False, **options: Any) -> Any:
@@ -435,6 +442,79 @@ def test_a_transactional_call_commits_apart_from_the_callers_own_transaction(db:
         tx.rollback()
     assert db.rows() == [("i", "body")]
     assert db.unique_rows() == []
+
+
+# -- a paused server -------------------------------------------------------------------------
+
+
+def _pause_own_backend(conn: Any, pid: int, resume_after: float) -> threading.Timer:
+    """SIGSTOP the PostgreSQL backend process ``pid`` serving the body's connection, and
+    SIGCONT it after ``resume_after`` seconds (the test needs to run as the server's user
+    or root)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("cannot signal the PostgreSQL server's processes")
+    timer = threading.Timer(resume_after, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    return timer
+
+
+def test_a_paused_server_ends_the_call_within_the_statement_bound(postgres_1s: Db) -> None:
+    """PostgreSQL paused (its backend SIGSTOPped) after the body's last statement: the
+    result's compare-and-set and the commit are bounded like every store statement, so
+    the call raises BackendError within statement_timeout plus its grace, not when the
+    server wakes up; nothing is kept."""
+    db = postgres_1s
+    rows = workers.rows_table(db.prefix)
+    timers: list[threading.Timer] = []
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.p")
+    def paused(key: str) -> str:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=key, writer="paused"))
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        timers.append(_pause_own_backend(conn, pid, 10.0))
+        return key
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(idempotask.BackendError, match="no answer within"):
+            paused("s")
+        assert time.monotonic() - started < 6.0
+    finally:
+        for timer in timers:
+            timer.join()
+    time.sleep(0.5)
+    assert db.rows() == []
+
+
+async def test_async_a_paused_server_ends_the_call_within_the_statement_bound(
+    postgres_1s: Db,
+) -> None:
+    db = postgres_1s
+    rows = workers.rows_table(db.prefix)
+    timers: list[threading.Timer] = []
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.a")
+    async def paused(key: str) -> str:
+        conn = idempotask.transaction()
+        await conn.execute(insert(rows).values(key=key, writer="paused"))
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        timers.append(_pause_own_backend(conn, pid, 10.0))
+        return key
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(idempotask.BackendError, match="no answer within"):
+            await paused("s")
+        assert time.monotonic() - started < 6.0
+    finally:
+        for timer in timers:
+            await asyncio.to_thread(timer.join)
+    await asyncio.sleep(0.5)
+    assert db.rows() == []
+    await db.store.aclose()
 
 
 # -- asyncio -------------------------------------------------------------------------------------

@@ -20,14 +20,16 @@ timeout. Each statement of the body is also bounded by the store's ``statement_t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection, text
 
 from idempotask.backends.base import State
-from idempotask.backends.sql._database import seconds
+from idempotask.backends.sql._database import _WATCHED, seconds
+from idempotask.backends.sql._timeouts import watchdog
 from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -55,6 +57,24 @@ def _bounds(store: SQLAlchemyBackend, conn: Connection, lease: float) -> Any:
     sql = _BOUNDS.get(store._force_flavour or store.database._flavour_of(conn.dialect))
     ms, s = max(1, math.ceil(lease * 1000)), max(1, math.ceil(lease))
     return None if sql is None else text(sql.format(ms=ms, s=s))
+
+
+@contextlib.contextmanager
+def _watched(store: SQLAlchemyBackend, conn: Connection) -> Iterator[None]:
+    """Bound what runs inside by the watchdog, as every store statement is on psycopg (see
+    _timeouts: libpq has no client-side timeout, a paused server would hold the call for
+    ever); TimeoutError once it shut the socket down."""
+    bound = store.database.bound if conn.dialect.driver in _WATCHED else None
+    if bound is None:
+        yield
+        return
+    dog = watchdog()
+    watch = dog.start(conn.connection.driver_connection.fileno(), bound)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if dog.stop(watch):
+            raise TimeoutError
 
 
 def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
@@ -106,7 +126,8 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
         trans = conn.begin()
         bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            conn.execute(bounds).close()
+            with _watched(store, conn):
+                conn.execute(bounds).close()
     except BaseException as exc:
         _discard(conn)
         _reraise(store, "begin", key, exc)
@@ -130,7 +151,8 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         atrans = await aconn.begin()
         bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            (await aconn.execute(bounds)).close()
+            with _watched(store, conn):
+                (await aconn.execute(bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
         _reraise(store, "begin", key, exc)
@@ -217,7 +239,8 @@ class SQLTransaction:
     def complete(self, payload: bytes, *, ttl: float) -> bool:
         params = self._params(payload, ttl)
         try:
-            count = self._conn.execute(self._store._sql.finish, params).rowcount
+            with _watched(self._store, self._conn):
+                count = self._conn.execute(self._store._sql.finish, params).rowcount
         except Exception as exc:
             self._ended = True
             _discard(self._conn)
@@ -236,7 +259,8 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            getattr(self._trans, operation)()  # commit() or rollback()
+            with _watched(self._store, self._conn):
+                getattr(self._trans, operation)()  # commit() or rollback()
         except BaseException as exc:
             _discard(self._conn)
             _reraise(self._store, operation, self._key, exc)
@@ -249,7 +273,8 @@ class SQLTransaction:
         aconn = self._aconn
         assert aconn is not None
         try:
-            result = await aconn.execute(self._store._sql.finish, params)
+            with _watched(self._store, self._conn):
+                result = await aconn.execute(self._store._sql.finish, params)
         except BaseException as exc:
             self._ended = True
             await _to_end(_adiscard(aconn))
@@ -270,7 +295,8 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            await getattr(atrans, operation)()  # commit() or rollback()
+            with _watched(self._store, self._conn):
+                await getattr(atrans, operation)()  # commit() or rollback()
         except BaseException as exc:
             await _adiscard(aconn)
             _reraise(self._store, operation, self._key, exc)
