@@ -517,6 +517,42 @@ async def test_async_a_paused_server_ends_the_call_within_the_statement_bound(
     await db.store.aclose()
 
 
+async def test_async_a_hung_mariadb_ends_the_call_within_the_statement_bound() -> None:
+    """MariaDB stops answering (a blackholing proxy) after the body's last statement: on
+    an asyncio driver with no timeout of its own (asyncmy, aiomysql) the result's
+    compare-and-set is bounded by asyncio.timeout as every store operation is, so the
+    call raises BackendError instead of hanging."""
+    from urllib.parse import urlsplit
+
+    from tests.faults._proxy import DelayProxy
+
+    url = urlsplit(service_url("mysql"))
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip("the fault proxy only forwards to 127.0.0.1")
+    proxy = DelayProxy("127.0.0.1", url.port or 3306).start()
+    try:
+        user = url.netloc.rpartition("@")[0]
+        proxied = url._replace(netloc=f"{user}@127.0.0.1:{proxy.port}").geturl()
+        for db in _make_db(proxied, statement_timeout=1):
+
+            @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=db.prefix)
+            async def hung(key: str) -> str:
+                await idempotask.transaction().execute(text("SELECT 1"))
+                proxy.blackhole = True
+                return key
+
+            started = time.monotonic()
+            try:
+                with pytest.raises(idempotask.BackendError, match="no answer within"):
+                    await asyncio.wait_for(hung("h"), 20)
+                assert time.monotonic() - started < 10.0
+            finally:
+                proxy.blackhole = False
+            await db.store.aclose()
+    finally:
+        proxy.stop()
+
+
 # -- asyncio -------------------------------------------------------------------------------------
 
 

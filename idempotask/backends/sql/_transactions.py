@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection, text
 
 from idempotask.backends.base import State
-from idempotask.backends.sql._database import _WATCHED, seconds
-from idempotask.backends.sql._timeouts import watchdog
+from idempotask.backends.sql._database import _ASYNC_BOUNDED, _WATCHED, seconds
+from idempotask.backends.sql._timeouts import bounded, watchdog
 from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def _watched(store: SQLAlchemyBackend, conn: Connection) -> Iterator[None]:
     _timeouts: libpq has no client-side timeout, a paused server would hold the call for
     ever); TimeoutError once it shut the socket down."""
     bound = store.database.bound if conn.dialect.driver in _WATCHED else None
-    if bound is None:
+    if bound is None or conn.closed or conn.invalidated:  # (no socket to watch)
         yield
         return
     dog = watchdog()
@@ -75,6 +75,18 @@ def _watched(store: SQLAlchemyBackend, conn: Connection) -> Iterator[None]:
     finally:
         if dog.stop(watch):
             raise TimeoutError
+
+
+async def _awatched(
+    store: SQLAlchemyBackend, conn: Connection, fn: Callable[..., Awaitable[_T]], *args: Any
+) -> _T:
+    """``await fn(*args)`` bounded as the store's asyncio operations are: by the watchdog
+    (psycopg) or ``asyncio.timeout`` (drivers with no bound of their own)."""
+    bound = store.database.bound
+    if bound is not None and conn.dialect.driver in _ASYNC_BOUNDED:
+        return await bounded(fn(*args), bound)
+    with _watched(store, conn):
+        return await fn(*args)
 
 
 def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
@@ -151,8 +163,7 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         atrans = await aconn.begin()
         bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            with _watched(store, conn):
-                (await aconn.execute(bounds)).close()
+            (await _awatched(store, conn, aconn.execute, bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
         _reraise(store, "begin", key, exc)
@@ -273,8 +284,8 @@ class SQLTransaction:
         aconn = self._aconn
         assert aconn is not None
         try:
-            with _watched(self._store, self._conn):
-                result = await aconn.execute(self._store._sql.finish, params)
+            finish = self._store._sql.finish
+            result = await _awatched(self._store, self._conn, aconn.execute, finish, params)
         except BaseException as exc:
             self._ended = True
             await _to_end(_adiscard(aconn))
@@ -295,8 +306,8 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            with _watched(self._store, self._conn):
-                await getattr(atrans, operation)()  # commit() or rollback()
+            # commit() or rollback()
+            await _awatched(self._store, self._conn, getattr(atrans, operation))
         except BaseException as exc:
             await _adiscard(aconn)
             _reraise(self._store, operation, self._key, exc)
