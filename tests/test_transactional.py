@@ -444,6 +444,42 @@ def test_a_transactional_call_commits_apart_from_the_callers_own_transaction(db:
     assert db.unique_rows() == []
 
 
+def test_a_body_that_closes_the_connection_releases_the_key(db: Db) -> None:
+    """A body that closes the call's connection itself (its transaction is rolled back):
+    the call raises BackendError and gives the key back, instead of a raw SQLAlchemy
+    error with the key held until its lease runs out."""
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.c")
+    def closes(key: str) -> str:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=key, writer="closes"))
+        conn.close()
+        return key
+
+    with pytest.raises(idempotask.BackendError, match="closed"):
+        closes("c")
+    assert db.store.get(closes.key_for("c")) is None
+    assert db.rows() == []
+
+
+async def test_async_a_body_that_closes_the_connection_releases_the_key(db: Db) -> None:
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.c")
+    async def closes(key: str) -> str:
+        conn = idempotask.transaction()
+        await conn.execute(insert(rows).values(key=key, writer="closes"))
+        await conn.close()
+        return key
+
+    with pytest.raises(idempotask.BackendError, match="closed"):
+        await closes("c")
+    assert await db.store.aget(closes.key_for("c")) is None
+    assert db.rows() == []
+    await db.store.aclose()
+
+
 # -- a paused server -------------------------------------------------------------------------
 
 

@@ -171,7 +171,10 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
 
 
 def _discard(conn: Connection) -> None:
-    """End a connection whose state is unknown: invalidated, it is never reused."""
+    """End a connection whose state is unknown: invalidated, it is never reused (one the
+    body closed itself is returned already, its transaction rolled back)."""
+    if conn.closed:
+        return
     try:
         conn.invalidate()
     finally:
@@ -179,6 +182,8 @@ def _discard(conn: Connection) -> None:
 
 
 async def _adiscard(aconn: AsyncConnection) -> None:
+    if aconn.closed:
+        return
     try:
         await aconn.invalidate()
     finally:
