@@ -480,6 +480,60 @@ async def test_async_a_body_that_closes_the_connection_releases_the_key(db: Db) 
     await db.store.aclose()
 
 
+@pytest.fixture
+def mariadb_pool_of_two() -> Iterator[Db]:
+    yield from _make_db(service_url("mysql"), engine_options={"pool_size": 2, "max_overflow": 0})
+
+
+def _session_bounds(engine: Engine) -> set[tuple[int, int]]:
+    """The session timeouts of every connection of ``engine``'s pool of two."""
+    with engine.connect() as one, engine.connect() as two:
+        sql = text("SELECT @@SESSION.idle_transaction_timeout, @@SESSION.innodb_lock_wait_timeout")
+        return {tuple(conn.execute(sql).one()) for conn in (one, two)}  # type: ignore[misc]
+
+
+def test_mariadb_session_bounds_do_not_outlive_the_call(mariadb_pool_of_two: Db) -> None:
+    """MariaDB's bounds are session variables: after the call its connection goes back to
+    the pool with its own values, so a later transaction on it (the application's, on an
+    engine it shares with the store) is not ended after one lease of idleness."""
+    db = mariadb_pool_of_two
+    engine = db.store.database.sync_engine()
+    before = _session_bounds(engine)
+    writer = _writer(db, name="bounds", lease=2)
+    assert writer("b") == "wrote b"
+    with pytest.raises(ValueError):
+        _writer(db, name="bounds-fail", lease=2, fail=True)("c")
+    assert _session_bounds(engine) == before
+    with engine.begin() as conn:
+        conn.execute(text("SELECT 1"))
+        time.sleep(3.0)  # idle in a transaction for longer than the call's lease
+        assert conn.execute(text("SELECT 2")).scalar_one() == 2
+
+
+async def test_async_mariadb_session_bounds_do_not_outlive_the_call(
+    mariadb_pool_of_two: Db,
+) -> None:
+    db = mariadb_pool_of_two
+    rows = workers.rows_table(db.prefix)
+    engine = await db.store.database.async_engine()
+    sql = text("SELECT @@SESSION.idle_transaction_timeout, @@SESSION.innodb_lock_wait_timeout")
+
+    async def bounds() -> set[tuple[int, int]]:
+        async with engine.connect() as one, engine.connect() as two:
+            return {tuple((await conn.execute(sql)).one()) for conn in (one, two)}  # type: ignore[misc]
+
+    before = await bounds()
+
+    @idempotent(ttl=600, lease=2, backend=db.store, transactional=True, name=f"{db.prefix}.ab")
+    async def awrite(key: str) -> str:
+        await idempotask.transaction().execute(insert(rows).values(key=key, writer="async"))
+        return key
+
+    assert await awrite("b") == "b"
+    assert await bounds() == before
+    await db.store.aclose()
+
+
 # -- a paused server -------------------------------------------------------------------------
 
 

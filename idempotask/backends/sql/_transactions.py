@@ -12,9 +12,9 @@ The waits a paused owner can cause are bounded by the call's lease (the README's
 transactional "Its limits" say what that guarantees, and why SQLite is refused unless
 ``sqlite_transactions=True``, ``:memory:`` always): PostgreSQL's for the transaction
 only (``set_config(..., true)``, i.e. ``SET LOCAL``); MariaDB's and MySQL's are session
-variables in whole seconds, set again by the next transactional call on the connection
-(single statements are not in a transaction between calls); MySQL has no idle-transaction
-timeout. Each statement of the body is also bounded by the store's ``statement_timeout``.
+variables in whole seconds, given their own values back once the transaction ended (one
+round trip, see ``_RESTORE``); MySQL has no idle-transaction timeout. Each statement of
+the body is also bounded by the store's ``statement_timeout``.
 """
 
 from __future__ import annotations
@@ -47,14 +47,39 @@ _T = TypeVar("_T")
 _BOUNDS = {
     "postgresql": "SELECT set_config('idle_in_transaction_session_timeout', '{ms}ms', true), "
     "set_config('lock_timeout', '{ms}ms', true)",
-    "mariadb": "SET SESSION idle_transaction_timeout = {s}, innodb_lock_wait_timeout = {s}",
-    "mysql": "SET SESSION innodb_lock_wait_timeout = {s}",
+    "mariadb": "SET @idempotask_itt = @@SESSION.idle_transaction_timeout, "
+    "@idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION idle_transaction_timeout = {s}, innodb_lock_wait_timeout = {s}",
+    "mysql": "SET @idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION innodb_lock_wait_timeout = {s}",
 }
+# MariaDB's and MySQL's bounds are session variables: the connection gets its own values
+# (saved by _BOUNDS) back once the transaction ended, before it returns to the pool, so
+# they never outlive the call (an application's engine shares that connection).
+# The statement runs on the DB-API connection (one round trip, after the commit: no
+# transaction of SQLAlchemy's to end again).
+_RESTORE = {
+    "mariadb": "SET SESSION idle_transaction_timeout = @idempotask_itt, "
+    "innodb_lock_wait_timeout = @idempotask_ilwt",
+    "mysql": "SET SESSION innodb_lock_wait_timeout = @idempotask_ilwt",
+}
+
+
+def _restore_session(conn: Connection, statement: str) -> None:
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
+def _flavour(store: SQLAlchemyBackend, conn: Connection) -> str:
+    return store._force_flavour or store.database._flavour_of(conn.dialect)
 
 
 def _bounds(store: SQLAlchemyBackend, conn: Connection, lease: float) -> Any:
     """The statement that bounds the transaction's waits by ``lease`` (see the module)."""
-    sql = _BOUNDS.get(store._force_flavour or store.database._flavour_of(conn.dialect))
+    sql = _BOUNDS.get(_flavour(store, conn))
     ms, s = max(1, math.ceil(lease * 1000)), max(1, math.ceil(lease))
     return None if sql is None else text(sql.format(ms=ms, s=s))
 
@@ -213,7 +238,17 @@ class SQLTransaction:
     ``AsyncConnection`` for an async one, inside the open transaction.
     """
 
-    __slots__ = ("_aconn", "_atrans", "_conn", "_ended", "_key", "_store", "_token", "_trans")
+    __slots__ = (
+        "_aconn",
+        "_atrans",
+        "_conn",
+        "_ended",
+        "_key",
+        "_restore",
+        "_store",
+        "_token",
+        "_trans",
+    )
 
     def __init__(
         self,
@@ -233,6 +268,7 @@ class SQLTransaction:
         self._aconn = aconn
         self._atrans = atrans
         self._ended = False  # the connection is gone: nothing is left to roll back
+        self._restore = _RESTORE.get(_flavour(store, conn))  # (MariaDB, MySQL)
 
     @property
     def connection(self) -> Any:
@@ -280,6 +316,13 @@ class SQLTransaction:
         except BaseException as exc:
             _discard(self._conn)
             _reraise(self._store, operation, self._key, exc)
+        if self._restore is not None:
+            try:
+                with _watched(self._store, self._conn):
+                    _restore_session(self._conn, self._restore)
+            except Exception:
+                _discard(self._conn)  # its bounds would outlive the call: never reused
+                return
         self._conn.close()
 
     # -- asyncio ---------------------------------------------------------------------------
@@ -316,4 +359,11 @@ class SQLTransaction:
         except BaseException as exc:
             await _adiscard(aconn)
             _reraise(self._store, operation, self._key, exc)
+        if self._restore is not None:
+            try:
+                restore = self._restore
+                await _awatched(self._store, self._conn, aconn.run_sync, _restore_session, restore)
+            except Exception:
+                await _adiscard(aconn)  # its bounds would outlive the call: never reused
+                return
         await aconn.close()
