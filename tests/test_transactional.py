@@ -76,13 +76,14 @@ class Db:
             return [tuple(r) for r in conn.execute(select(table.c.id, table.c.writer)).all()]
 
 
-def _make_db(url: str) -> Iterator[Db]:
+def _make_db(url: str, **options: Any) -> Iterator[Db]:
     prefix = f"tx{uuid.uuid4().hex[:10]}"
     store = SQLAlchemyBackend(
         url,
         table_name=f"{prefix}_records",
         dead_letter_table=f"{prefix}_letters",
         breaker_table=f"{prefix}_breakers",
+        **options,
     )
     store.create_tables()
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
@@ -107,6 +108,12 @@ def db(request: pytest.FixtureRequest) -> Iterator[Db]:
 @pytest.fixture
 def mariadb() -> Iterator[Db]:
     yield from _make_db(service_url("mysql"))
+
+
+@pytest.fixture
+def postgres_1s() -> Iterator[Db]:
+    """PostgreSQL with a one-second statement_timeout (client bound: two seconds)."""
+    yield from _make_db(service_url("postgres"), statement_timeout=1)
 
 
 def _writer(db: Db, *, name: str, fail: bool = False, **options: Any) -> Any:
@@ -435,6 +442,205 @@ def test_a_transactional_call_commits_apart_from_the_callers_own_transaction(db:
         tx.rollback()
     assert db.rows() == [("i", "body")]
     assert db.unique_rows() == []
+
+
+def test_a_body_that_closes_the_connection_releases_the_key(db: Db) -> None:
+    """A body that closes the call's connection itself (its transaction is rolled back):
+    the call raises BackendError and gives the key back, instead of a raw SQLAlchemy
+    error with the key held until its lease runs out."""
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.c")
+    def closes(key: str) -> str:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=key, writer="closes"))
+        conn.close()
+        return key
+
+    with pytest.raises(idempotask.BackendError, match="closed"):
+        closes("c")
+    assert db.store.get(closes.key_for("c")) is None
+    assert db.rows() == []
+
+
+async def test_async_a_body_that_closes_the_connection_releases_the_key(db: Db) -> None:
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.c")
+    async def closes(key: str) -> str:
+        conn = idempotask.transaction()
+        await conn.execute(insert(rows).values(key=key, writer="closes"))
+        await conn.close()
+        return key
+
+    with pytest.raises(idempotask.BackendError, match="closed"):
+        await closes("c")
+    assert await db.store.aget(closes.key_for("c")) is None
+    assert db.rows() == []
+    await db.store.aclose()
+
+
+@pytest.fixture
+def mariadb_pool_of_two() -> Iterator[Db]:
+    yield from _make_db(service_url("mysql"), engine_options={"pool_size": 2, "max_overflow": 0})
+
+
+def _session_bounds(engine: Engine) -> set[tuple[int, int]]:
+    """The session timeouts of every connection of ``engine``'s pool of two."""
+    with engine.connect() as one, engine.connect() as two:
+        sql = text("SELECT @@SESSION.idle_transaction_timeout, @@SESSION.innodb_lock_wait_timeout")
+        return {tuple(conn.execute(sql).one()) for conn in (one, two)}  # type: ignore[misc]
+
+
+def test_mariadb_session_bounds_do_not_outlive_the_call(mariadb_pool_of_two: Db) -> None:
+    """MariaDB's bounds are session variables: after the call its connection goes back to
+    the pool with its own values, so a later transaction on it (the application's, on an
+    engine it shares with the store) is not ended after one lease of idleness."""
+    db = mariadb_pool_of_two
+    engine = db.store.database.sync_engine()
+    before = _session_bounds(engine)
+    writer = _writer(db, name="bounds", lease=2)
+    assert writer("b") == "wrote b"
+    with pytest.raises(ValueError):
+        _writer(db, name="bounds-fail", lease=2, fail=True)("c")
+    assert _session_bounds(engine) == before
+    with engine.begin() as conn:
+        conn.execute(text("SELECT 1"))
+        time.sleep(3.0)  # idle in a transaction for longer than the call's lease
+        assert conn.execute(text("SELECT 2")).scalar_one() == 2
+
+
+async def test_async_mariadb_session_bounds_do_not_outlive_the_call(
+    mariadb_pool_of_two: Db,
+) -> None:
+    db = mariadb_pool_of_two
+    rows = workers.rows_table(db.prefix)
+    engine = await db.store.database.async_engine()
+    sql = text("SELECT @@SESSION.idle_transaction_timeout, @@SESSION.innodb_lock_wait_timeout")
+
+    async def bounds() -> set[tuple[int, int]]:
+        async with engine.connect() as one, engine.connect() as two:
+            return {tuple((await conn.execute(sql)).one()) for conn in (one, two)}  # type: ignore[misc]
+
+    before = await bounds()
+
+    @idempotent(ttl=600, lease=2, backend=db.store, transactional=True, name=f"{db.prefix}.ab")
+    async def awrite(key: str) -> str:
+        await idempotask.transaction().execute(insert(rows).values(key=key, writer="async"))
+        return key
+
+    assert await awrite("b") == "b"
+    assert await bounds() == before
+    await db.store.aclose()
+
+
+# -- a paused server -------------------------------------------------------------------------
+
+
+def _pause_own_backend(conn: Any, pid: int, resume_after: float) -> threading.Timer:
+    """SIGSTOP the PostgreSQL backend process ``pid`` serving the body's connection, and
+    SIGCONT it after ``resume_after`` seconds (the test needs to run as the server's user
+    or root)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("cannot signal the PostgreSQL server's processes")
+    timer = threading.Timer(resume_after, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    return timer
+
+
+def test_a_paused_server_ends_the_call_within_the_statement_bound(postgres_1s: Db) -> None:
+    """PostgreSQL paused (its backend SIGSTOPped) after the body's last statement: the
+    result's compare-and-set and the commit are bounded like every store statement, so
+    the call raises BackendError within statement_timeout plus its grace, not when the
+    server wakes up; nothing is kept."""
+    db = postgres_1s
+    rows = workers.rows_table(db.prefix)
+    timers: list[threading.Timer] = []
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.p")
+    def paused(key: str) -> str:
+        conn = idempotask.transaction()
+        conn.execute(insert(rows).values(key=key, writer="paused"))
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        timers.append(_pause_own_backend(conn, pid, 10.0))
+        return key
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(idempotask.BackendError, match="no answer within"):
+            paused("s")
+        assert time.monotonic() - started < 6.0
+    finally:
+        for timer in timers:
+            timer.join()
+    time.sleep(0.5)
+    assert db.rows() == []
+
+
+async def test_async_a_paused_server_ends_the_call_within_the_statement_bound(
+    postgres_1s: Db,
+) -> None:
+    db = postgres_1s
+    rows = workers.rows_table(db.prefix)
+    timers: list[threading.Timer] = []
+
+    @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=f"{db.prefix}.a")
+    async def paused(key: str) -> str:
+        conn = idempotask.transaction()
+        await conn.execute(insert(rows).values(key=key, writer="paused"))
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        timers.append(_pause_own_backend(conn, pid, 10.0))
+        return key
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(idempotask.BackendError, match="no answer within"):
+            await paused("s")
+        assert time.monotonic() - started < 6.0
+    finally:
+        for timer in timers:
+            await asyncio.to_thread(timer.join)
+    await asyncio.sleep(0.5)
+    assert db.rows() == []
+    await db.store.aclose()
+
+
+async def test_async_a_hung_mariadb_ends_the_call_within_the_statement_bound() -> None:
+    """MariaDB stops answering (a blackholing proxy) after the body's last statement: on
+    an asyncio driver with no timeout of its own (asyncmy, aiomysql) the result's
+    compare-and-set is bounded by asyncio.timeout as every store operation is, so the
+    call raises BackendError instead of hanging."""
+    from urllib.parse import urlsplit
+
+    from tests.faults._proxy import DelayProxy
+
+    url = urlsplit(service_url("mysql"))
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip("the fault proxy only forwards to 127.0.0.1")
+    proxy = DelayProxy("127.0.0.1", url.port or 3306).start()
+    try:
+        user = url.netloc.rpartition("@")[0]
+        proxied = url._replace(netloc=f"{user}@127.0.0.1:{proxy.port}").geturl()
+        for db in _make_db(proxied, statement_timeout=1):
+
+            @idempotent(ttl=600, lease=30, backend=db.store, transactional=True, name=db.prefix)
+            async def hung(key: str) -> str:
+                await idempotask.transaction().execute(text("SELECT 1"))
+                proxy.blackhole = True
+                return key
+
+            started = time.monotonic()
+            try:
+                with pytest.raises(idempotask.BackendError, match="no answer within"):
+                    await asyncio.wait_for(hung("h"), 20)
+                assert time.monotonic() - started < 10.0
+            finally:
+                proxy.blackhole = False
+            await db.store.aclose()
+    finally:
+        proxy.stop()
 
 
 # -- asyncio -------------------------------------------------------------------------------------

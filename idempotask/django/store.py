@@ -301,11 +301,17 @@ class DjangoTransaction:
             if rollback:
                 transaction.set_rollback(True, using=alias)
             self._atomic.__exit__(None, None, None)
+            from django.db import connections
+
             if self._context is not None:
                 # The async path's thread ends with its context: so does its connection.
-                from django.db import connections
-
                 connections[alias].close()
+            elif self._backend.database.flavour in ("mysql", "mariadb"):
+                try:
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute(_RESTORE[self._backend.database.mariadb])
+                except DatabaseError:
+                    connections[alias].close()  # its bounds would outlive the call
         except DatabaseError as exc:
             raise BackendError(
                 f"idempotask.django: {'rollback' if rollback else 'commit'} on "
@@ -366,14 +372,30 @@ def _bounds(database: DjangoDatabase, lease: float) -> tuple[str, Any] | None:
         )
     if flavour in ("mysql", "mariadb"):
         whole = max(1, math.ceil(lease))  # an integer: formatted, never user text
+        # The session's own values are saved, and set back by _exit (_RESTORE).
         if database.mariadb:
             return (
-                f"SET SESSION idle_transaction_timeout = {whole}, "
+                "SET @idempotask_itt = @@SESSION.idle_transaction_timeout, "
+                "@idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+                f"SESSION idle_transaction_timeout = {whole}, "
                 f"innodb_lock_wait_timeout = {whole}",
                 [],
             )
-        return f"SET SESSION innodb_lock_wait_timeout = {whole}", []
+        return (
+            "SET @idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+            f"SESSION innodb_lock_wait_timeout = {whole}",
+            [],
+        )
     return None
+
+
+# MariaDB's and MySQL's bounds are session variables of the alias's connection, which
+# the application goes on using: they get their own values back after the transaction.
+_RESTORE = {
+    True: "SET SESSION idle_transaction_timeout = @idempotask_itt, "
+    "innodb_lock_wait_timeout = @idempotask_ilwt",
+    False: "SET SESSION innodb_lock_wait_timeout = @idempotask_ilwt",
+}
 
 
 class DjangoDeadLetterStore(SQLDeadLetterStore):

@@ -115,6 +115,30 @@ def test_inside_the_users_atomic_the_call_is_refused_and_leaves_nothing(
     assert store.get(pay.key_for(order, 10)) is None  # type: ignore[attr-defined]
 
 
+def test_mariadb_session_bounds_do_not_outlive_the_call(maria_alias: str) -> None:
+    """MariaDB's bounds are session variables of the alias's connection, which the
+    application goes on using: after the call (committed or rolled back) they have the
+    session's own values again, so the application's next transaction is not ended
+    after one lease of idleness."""
+    from django.db import connections
+
+    idempotask.configure(backend=DjangoBackend(maria_alias), namespace=f"tx{uuid.uuid4().hex[:10]}")
+    sql = "SELECT @@SESSION.idle_transaction_timeout, @@SESSION.innodb_lock_wait_timeout"
+
+    def bounds() -> tuple[int, int]:
+        with connections[maria_alias].cursor() as cursor:
+            cursor.execute(sql)
+            return tuple(cursor.fetchone())  # type: ignore[return-value]
+
+    before = bounds()
+    pay = make_pay(maria_alias)
+    pay(uuid.uuid4().hex, 10)
+    assert bounds() == before
+    with pytest.raises(RuntimeError):
+        make_pay(maria_alias, fail=True)(uuid.uuid4().hex, 10)
+    assert bounds() == before
+
+
 def test_a_late_owner_has_its_writes_rolled_back(store: DjangoBackend, alias: str) -> None:
     """The body's claim is taken over while it runs (its lease made to run out, another
     caller claims): its compare-and-set fails, the call raises LeaseLostError and its

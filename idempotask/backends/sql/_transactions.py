@@ -12,22 +12,24 @@ The waits a paused owner can cause are bounded by the call's lease (the README's
 transactional "Its limits" say what that guarantees, and why SQLite is refused unless
 ``sqlite_transactions=True``, ``:memory:`` always): PostgreSQL's for the transaction
 only (``set_config(..., true)``, i.e. ``SET LOCAL``); MariaDB's and MySQL's are session
-variables in whole seconds, set again by the next transactional call on the connection
-(single statements are not in a transaction between calls); MySQL has no idle-transaction
-timeout. Each statement of the body is also bounded by the store's ``statement_timeout``.
+variables in whole seconds, given their own values back once the transaction ended (one
+round trip, see ``_RESTORE``); MySQL has no idle-transaction timeout. Each statement of
+the body is also bounded by the store's ``statement_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection, text
 
 from idempotask.backends.base import State
-from idempotask.backends.sql._database import seconds
+from idempotask.backends.sql._database import _ASYNC_BOUNDED, _WATCHED, seconds
+from idempotask.backends.sql._timeouts import bounded, watchdog
 from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -45,16 +47,71 @@ _T = TypeVar("_T")
 _BOUNDS = {
     "postgresql": "SELECT set_config('idle_in_transaction_session_timeout', '{ms}ms', true), "
     "set_config('lock_timeout', '{ms}ms', true)",
-    "mariadb": "SET SESSION idle_transaction_timeout = {s}, innodb_lock_wait_timeout = {s}",
-    "mysql": "SET SESSION innodb_lock_wait_timeout = {s}",
+    "mariadb": "SET @idempotask_itt = @@SESSION.idle_transaction_timeout, "
+    "@idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION idle_transaction_timeout = {s}, innodb_lock_wait_timeout = {s}",
+    "mysql": "SET @idempotask_ilwt = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION innodb_lock_wait_timeout = {s}",
 }
+# MariaDB's and MySQL's bounds are session variables: the connection gets its own values
+# (saved by _BOUNDS) back once the transaction ended, before it returns to the pool, so
+# they never outlive the call (an application's engine shares that connection).
+# The statement runs on the DB-API connection (one round trip, after the commit: no
+# transaction of SQLAlchemy's to end again).
+_RESTORE = {
+    "mariadb": "SET SESSION idle_transaction_timeout = @idempotask_itt, "
+    "innodb_lock_wait_timeout = @idempotask_ilwt",
+    "mysql": "SET SESSION innodb_lock_wait_timeout = @idempotask_ilwt",
+}
+
+
+def _restore_session(conn: Connection, statement: str) -> None:
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
+def _flavour(store: SQLAlchemyBackend, conn: Connection) -> str:
+    return store._force_flavour or store.database._flavour_of(conn.dialect)
 
 
 def _bounds(store: SQLAlchemyBackend, conn: Connection, lease: float) -> Any:
     """The statement that bounds the transaction's waits by ``lease`` (see the module)."""
-    sql = _BOUNDS.get(store._force_flavour or store.database._flavour_of(conn.dialect))
+    sql = _BOUNDS.get(_flavour(store, conn))
     ms, s = max(1, math.ceil(lease * 1000)), max(1, math.ceil(lease))
     return None if sql is None else text(sql.format(ms=ms, s=s))
+
+
+@contextlib.contextmanager
+def _watched(store: SQLAlchemyBackend, conn: Connection) -> Iterator[None]:
+    """Bound what runs inside by the watchdog, as every store statement is on psycopg (see
+    _timeouts: libpq has no client-side timeout, a paused server would hold the call for
+    ever); TimeoutError once it shut the socket down."""
+    bound = store.database.bound if conn.dialect.driver in _WATCHED else None
+    if bound is None or conn.closed or conn.invalidated:  # (no socket to watch)
+        yield
+        return
+    dog = watchdog()
+    watch = dog.start(conn.connection.driver_connection.fileno(), bound)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if dog.stop(watch):
+            raise TimeoutError
+
+
+async def _awatched(
+    store: SQLAlchemyBackend, conn: Connection, fn: Callable[..., Awaitable[_T]], *args: Any
+) -> _T:
+    """``await fn(*args)`` bounded as the store's asyncio operations are: by the watchdog
+    (psycopg) or ``asyncio.timeout`` (drivers with no bound of their own)."""
+    bound = store.database.bound
+    if bound is not None and conn.dialect.driver in _ASYNC_BOUNDED:
+        return await bounded(fn(*args), bound)
+    with _watched(store, conn):
+        return await fn(*args)
 
 
 def _refuse(store: SQLAlchemyBackend, asynchronous: bool) -> None:
@@ -106,7 +163,8 @@ def begin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -> SQLTr
         trans = conn.begin()
         bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            conn.execute(bounds).close()
+            with _watched(store, conn):
+                conn.execute(bounds).close()
     except BaseException as exc:
         _discard(conn)
         _reraise(store, "begin", key, exc)
@@ -130,7 +188,7 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
         atrans = await aconn.begin()
         bounds = _bounds(store, conn, lease)
         if bounds is not None:
-            (await aconn.execute(bounds)).close()
+            (await _awatched(store, conn, aconn.execute, bounds)).close()
     except BaseException as exc:
         await _to_end(_adiscard(aconn))
         _reraise(store, "begin", key, exc)
@@ -138,7 +196,10 @@ async def abegin(store: SQLAlchemyBackend, key: str, token: str, lease: float) -
 
 
 def _discard(conn: Connection) -> None:
-    """End a connection whose state is unknown: invalidated, it is never reused."""
+    """End a connection whose state is unknown: invalidated, it is never reused (one the
+    body closed itself is returned already, its transaction rolled back)."""
+    if conn.closed:
+        return
     try:
         conn.invalidate()
     finally:
@@ -146,6 +207,8 @@ def _discard(conn: Connection) -> None:
 
 
 async def _adiscard(aconn: AsyncConnection) -> None:
+    if aconn.closed:
+        return
     try:
         await aconn.invalidate()
     finally:
@@ -175,7 +238,17 @@ class SQLTransaction:
     ``AsyncConnection`` for an async one, inside the open transaction.
     """
 
-    __slots__ = ("_aconn", "_atrans", "_conn", "_ended", "_key", "_store", "_token", "_trans")
+    __slots__ = (
+        "_aconn",
+        "_atrans",
+        "_conn",
+        "_ended",
+        "_key",
+        "_restore",
+        "_store",
+        "_token",
+        "_trans",
+    )
 
     def __init__(
         self,
@@ -195,6 +268,7 @@ class SQLTransaction:
         self._aconn = aconn
         self._atrans = atrans
         self._ended = False  # the connection is gone: nothing is left to roll back
+        self._restore = _RESTORE.get(_flavour(store, conn))  # (MariaDB, MySQL)
 
     @property
     def connection(self) -> Any:
@@ -217,7 +291,8 @@ class SQLTransaction:
     def complete(self, payload: bytes, *, ttl: float) -> bool:
         params = self._params(payload, ttl)
         try:
-            count = self._conn.execute(self._store._sql.finish, params).rowcount
+            with _watched(self._store, self._conn):
+                count = self._conn.execute(self._store._sql.finish, params).rowcount
         except Exception as exc:
             self._ended = True
             _discard(self._conn)
@@ -236,10 +311,18 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            getattr(self._trans, operation)()  # commit() or rollback()
+            with _watched(self._store, self._conn):
+                getattr(self._trans, operation)()  # commit() or rollback()
         except BaseException as exc:
             _discard(self._conn)
             _reraise(self._store, operation, self._key, exc)
+        if self._restore is not None:
+            try:
+                with _watched(self._store, self._conn):
+                    _restore_session(self._conn, self._restore)
+            except Exception:
+                _discard(self._conn)  # its bounds would outlive the call: never reused
+                return
         self._conn.close()
 
     # -- asyncio ---------------------------------------------------------------------------
@@ -249,7 +332,8 @@ class SQLTransaction:
         aconn = self._aconn
         assert aconn is not None
         try:
-            result = await aconn.execute(self._store._sql.finish, params)
+            finish = self._store._sql.finish
+            result = await _awatched(self._store, self._conn, aconn.execute, finish, params)
         except BaseException as exc:
             self._ended = True
             await _to_end(_adiscard(aconn))
@@ -270,8 +354,16 @@ class SQLTransaction:
             return
         self._ended = True
         try:
-            await getattr(atrans, operation)()  # commit() or rollback()
+            # commit() or rollback()
+            await _awatched(self._store, self._conn, getattr(atrans, operation))
         except BaseException as exc:
             await _adiscard(aconn)
             _reraise(self._store, operation, self._key, exc)
+        if self._restore is not None:
+            try:
+                restore = self._restore
+                await _awatched(self._store, self._conn, aconn.run_sync, _restore_session, restore)
+            except Exception:
+                await _adiscard(aconn)  # its bounds would outlive the call: never reused
+                return
         await aconn.close()
