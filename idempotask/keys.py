@@ -330,8 +330,29 @@ def _find_encoder(cls: type) -> Callable[[Any, Path], str] | None:
         return _enc_pydantic
     for base, enc in _BASES:
         if issubclass(cls, base):
-            return enc
+            plain = _PLAIN_VALUE.get(base)
+            return enc if plain is None else _as_plain(plain, enc)
     return None
+
+
+# A subclass of int, float, str or bytes encodes as the plain value it holds, taken with
+# the base type's own method: its overrides (a redacting __str__, a lossy __eq__ or
+# __bytes__) would otherwise reach the encoder and give two different values one key.
+_PLAIN_VALUE: dict[type, Callable[[Any], Any]] = {
+    int: int.__int__,
+    float: float.__float__,
+    str: str.__str__,
+    bytes: lambda v: bytes.__getitem__(v, slice(None)),
+}
+
+
+def _as_plain(
+    plain: Callable[[Any], Any], enc: Callable[[Any, Path], str]
+) -> Callable[[Any, Path], str]:
+    def enc_subclass(v: Any, path: Path) -> str:
+        return enc(plain(v), path)
+
+    return enc_subclass
 
 
 # Paths start with what holds the value: an argument's name, "key=" (what the key=
