@@ -25,6 +25,7 @@ import inspect
 import math
 import pathlib
 import re
+import sys
 import threading
 import uuid
 import warnings
@@ -622,8 +623,14 @@ class CallKeyer:
         self._defaults = tuple(defaults)
         # With at least this many positional arguments (and no keywords) every parameter
         # has a value: the defaults left after them are all real ones.
+        # A required keyword-only parameter is never filled by position: always checked.
         missing = [i for i, value in enumerate(defaults) if value is _MISSING]
-        self._filled = missing[-1] + 1 if missing else 0
+        if not missing:
+            self._filled = 0
+        elif missing[-1] < self._n_positional:
+            self._filled = missing[-1] + 1
+        else:
+            self._filled = sys.maxsize
         # Each argument in the key: its index, the encoding of its name, and its name.
         names = self._names
         self._parts = tuple(

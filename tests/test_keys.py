@@ -582,3 +582,18 @@ def test_subclasses_of_builtin_values_encode_by_the_value_they_hold_not_their_ov
     for one, other, plain in pairs:
         assert f.key_for(one) != f.key_for(other), type(one)
         assert f.key_for(one) == f.key_for(plain), type(one)
+
+
+def test_a_missing_keyword_only_argument_after_varargs_is_pythons_own_type_error() -> None:
+    # Not a KeyEncodingError about an argument of type "object".
+    @idempotent(name="tests.keys.kwonly_after_varargs")
+    def f(a: int, *rest: int, b: int) -> int:
+        return b
+
+    for args in ((1, 2), (1, 2, 3)):
+        with pytest.raises(TypeError, match="missing a required argument: 'b'") as info:
+            f.key_for(*args)
+        assert not isinstance(info.value, KeyEncodingError)
+    with pytest.raises(TypeError, match="missing a required argument: 'b'"):
+        f(1, 2, 3)
+    assert f.key_for(1, 2, b=3) != f.key_for(1, 2, b=4)
