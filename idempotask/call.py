@@ -555,6 +555,15 @@ class Spec:
             error = load_exception(payload)
         except SerializationError as exc:
             error = SerializationError(f"the cached error under {key} cannot be read: {exc}")
+        if is_cancellation(error):
+            # Never cached (see _store_error), so not our record: raising it would make a
+            # duplicate exit its process (SystemExit) or look cancelled to asyncio.
+            error = SerializationError(
+                f"the cached error under {key} cannot be read: it is a "
+                f"{type(error).__name__}, a cancellation, which is never cached, so the "
+                "record was not written by idempotask; the call is not run again. Use "
+                "forget_key() to drop the record."
+            )
         # Marked where it is made, so outer layers (@dead_letter) know a duplicate was
         # answered from the cache and the first failure's record already covers it.
         with contextlib.suppress(AttributeError, TypeError):

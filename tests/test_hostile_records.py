@@ -267,3 +267,51 @@ def test_hostile_payloads_in_redis_are_refused(redis_store: Backend) -> None:
     redis_store.delete(key)
     assert runs == []
     assert Secret.built == 0
+
+
+class _Stopped(Exception):
+    """A framework's time limit: registered as a cancellation, so never cached."""
+
+
+idempotask.register_cancellation(_Stopped)
+
+# Types a cached error can never be (cancellations are released, never cached): a record
+# naming one was written by someone else.
+_NEVER_CACHED = [
+    ("builtins", "SystemExit"),
+    ("builtins", "KeyboardInterrupt"),
+    ("asyncio.exceptions", "CancelledError"),
+    ("builtins", "GeneratorExit"),
+    (__name__, "_Stopped"),
+]
+
+
+def _cancellations_are_refused(store: Backend) -> None:
+    runs: list[int] = []
+
+    @idempotent(name=f"hostile.cancel.{uuid.uuid4().hex[:8]}", cache_errors=60)
+    def job(n: int) -> int:
+        runs.append(n)
+        raise ValueError("no")
+
+    key = job.key_for(1)
+    for module, qualname in _NEVER_CACHED:
+        args = {"$t": "tuple", "v": [0]}
+        record = {"module": module, "qualname": qualname, "message": "0", "args": args}
+        store.delete(key)
+        store.claim(key, "foreign", lease=60)
+        assert store.fail(key, "foreign", json.dumps(record).encode(), ttl=60)
+        for _ in range(2):
+            # Not SystemExit(0) (a worker quietly exiting) nor a CancelledError.
+            with pytest.raises(SerializationError, match=f"{key} cannot be read: it is a"):
+                job(1)
+    store.delete(key)
+    assert runs == []
+
+
+def test_a_cached_error_naming_a_cancellation_is_refused(memory: MemoryBackend) -> None:
+    _cancellations_are_refused(memory)
+
+
+def test_a_cached_error_naming_a_cancellation_is_refused_on_redis(redis_store: Backend) -> None:
+    _cancellations_are_refused(redis_store)
