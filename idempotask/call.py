@@ -176,7 +176,10 @@ class Spec:
 
     # Settings are read once per configure() generation, not once per call.
     def refresh(self) -> None:
-        if self._generation == config.generation:
+        # The generation is read before the settings: a configure() in another thread
+        # meanwhile leaves it behind, so the next call reads them again.
+        generation = config.generation
+        if self._generation == generation:
             return
         s = config.settings()
         o = self.options
@@ -193,7 +196,7 @@ class Spec:
         self._serializer = self._bound(o.serializer or get_serializer(s.serializer))
         self._max_result = o.max_result_bytes or s.max_result_bytes
         self._max_argument = s.max_argument_bytes
-        self._generation = config.generation
+        self._generation = generation
 
     def _bound(self, serializer: Serializer) -> Serializer:
         """The JSON serializer bound to the classes this function returns: a record in

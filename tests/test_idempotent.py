@@ -1017,3 +1017,38 @@ def test_size_limits_are_validated(bad: Any) -> None:
         idempotent(max_result_bytes=bad)(lambda: None)
     with pytest.raises(ConfigurationError, match="max_argument_bytes"):
         idempotask.configure(max_argument_bytes=bad)
+
+
+_configured_elsewhere = threading.Event()
+
+
+def _while_another_thread_configures() -> type[int]:
+    # Evaluated as the return annotation, while the first call of the function reads the
+    # settings: it waits there until another thread's configure() has returned.
+    assert _configured_elsewhere.wait(10)
+    return int
+
+
+def test_a_configure_racing_a_first_call_is_not_missed() -> None:
+    """configure() in another thread while a call reads the settings: the function must
+    not keep the old namespace for good (its keys would differ from every other
+    process's, so a call would run twice)."""
+    _configured_elsewhere.clear()
+    idempotask.configure(namespace="before")
+
+    @idempotent(name="tests.race.configure")
+    def job(n: int) -> _while_another_thread_configures():  # type: ignore[valid-type]
+        return n
+
+    def configure_elsewhere() -> None:
+        time.sleep(0.05)  # the call is reading the settings by now
+        idempotask.configure(namespace="after")
+        _configured_elsewhere.set()
+
+    other = threading.Thread(target=configure_elsewhere)
+    other.start()
+    job.key_for(1)  # a first call: reads the settings while configure() runs
+    other.join()
+    assert job.key_for(1).startswith("after:")
+    assert job(1) == 1
+    assert job.key_for(1).startswith("after:")
