@@ -394,7 +394,7 @@ class Spec:
         key = keys[0]
         try:
             payload = self._serializer.dumps(outcome.value)
-        except SerializationError as exc:
+        except Exception as exc:  # a third-party serializer's own errors (json's TypeError)
             yield from self._release_all(backend, keys, token)
             raise SerializationError(
                 f"{self.name} returned a value that cannot be stored, so {key} was released "
@@ -546,7 +546,7 @@ class Spec:
         self._too_big(key, payload, "stored result")
         try:
             return self._serializer.loads(payload)
-        except SerializationError as exc:
+        except Exception as exc:  # a third-party serializer's own errors too
             raise SerializationError(
                 f"the stored result of {self.name} under {key} cannot be read ({exc}); the "
                 "call is not run again. Use forget_key() to drop the record if it is stale."

@@ -6,6 +6,7 @@ return, or run the body again. Each is refused with SerializationError, every ti
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import json
 import time
@@ -315,3 +316,53 @@ def test_a_cached_error_naming_a_cancellation_is_refused(memory: MemoryBackend) 
 
 def test_a_cached_error_naming_a_cancellation_is_refused_on_redis(redis_store: Backend) -> None:
     _cancellations_are_refused(redis_store)
+
+
+class _PlainJSON:
+    """A third-party serializer that raises json's own errors, not SerializationError."""
+
+    def dumps(self, value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> object:
+        return json.loads(data)
+
+
+def _serializer_errors_name_the_key_and_release_it(store: Backend) -> None:
+    runs: list[int] = []
+
+    @idempotent(
+        name=f"hostile.plainjson.{uuid.uuid4().hex[:8]}",
+        serializer=_PlainJSON(),
+        on_conflict="raise",
+    )
+    def job(n: int) -> Any:
+        runs.append(n)
+        return {"day": datetime.date(2026, 1, n)} if n == 1 else n
+
+    # json.dumps raises TypeError: the key is released at once, not held for a lease
+    # (a duplicate would get AlreadyInProgress).
+    for _ in range(2):
+        with pytest.raises(SerializationError, match=f"{job.key_for(1)} was released"):
+            job(1)
+    assert runs == [1, 1]
+    assert store.get(job.key_for(1)) is None
+    # json.loads raises UnicodeDecodeError on bytes someone else wrote: refused, naming the key.
+    _plant(store, job.key_for(2), b"\xff{")
+    for _ in range(2):
+        with pytest.raises(SerializationError, match=f"under {job.key_for(2)} cannot be read"):
+            job(2)
+    assert runs == [1, 1]
+    store.delete(job.key_for(2))
+
+
+def test_a_third_party_serializers_own_errors_release_the_key_and_name_it(
+    memory: MemoryBackend,
+) -> None:
+    _serializer_errors_name_the_key_and_release_it(memory)
+
+
+def test_a_third_party_serializers_own_errors_release_the_key_and_name_it_on_redis(
+    redis_store: Backend,
+) -> None:
+    _serializer_errors_name_the_key_and_release_it(redis_store)
