@@ -336,14 +336,19 @@ def _find_encoder(cls: type) -> Callable[[Any, Path], str] | None:
     return None
 
 
-# A subclass of int, float, str or bytes encodes as the plain value it holds, taken with
-# the base type's own method: its overrides (a redacting __str__, a lossy __eq__ or
-# __bytes__) would otherwise reach the encoder and give two different values one key.
+# A subclass of a builtin type encodes as the plain value it holds, taken with the base
+# type's own method: its overrides (a redacting __str__ or items(), a lossy __eq__ or
+# __iter__) would otherwise reach the encoder and give two different values one key.
 _PLAIN_VALUE: dict[type, Callable[[Any], Any]] = {
     int: int.__int__,
     float: float.__float__,
     str: str.__str__,
     bytes: lambda v: bytes.__getitem__(v, slice(None)),
+    tuple: lambda v: tuple.__getitem__(v, slice(None)),
+    list: list.copy,
+    frozenset: frozenset.copy,
+    set: set.copy,
+    dict: dict.copy,
 }
 
 

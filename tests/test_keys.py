@@ -545,7 +545,8 @@ def test_keyword_only_arguments_after_varargs_bind_with_many_positional_argument
 
 
 def test_subclasses_of_builtin_values_encode_by_the_value_they_hold_not_their_overrides() -> None:
-    # A redacting __str__, a lossy __eq__ or __bytes__ must not give two values one key.
+    # A redacting __str__ or items(), a lossy __eq__, __bytes__ or __iter__ must not give
+    # two values one key.
     class Secret(str):
         def __str__(self) -> str:
             return "***"
@@ -570,6 +571,14 @@ def test_subclasses_of_builtin_values_encode_by_the_value_they_hold_not_their_ov
         def __bytes__(self) -> bytes:
             return b"x"
 
+    class Hidden(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            return [(k, "***") for k in self]
+
+    class Lazy(list):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(())
+
     @idempotent(name="tests.keys.subclass_values")
     def f(v: Any) -> None: ...
 
@@ -578,6 +587,8 @@ def test_subclasses_of_builtin_values_encode_by_the_value_they_hold_not_their_ov
         (Switch(1), Switch(2), 1),
         (Loose(1.5), Loose(2.5), 1.5),
         (Blob(b"abc"), Blob(b"def"), b"abc"),
+        (Hidden(a=1), Hidden(a=2), {"a": 1}),
+        (Lazy([1]), Lazy([2]), [1]),
     ]
     for one, other, plain in pairs:
         assert f.key_for(one) != f.key_for(other), type(one)
