@@ -366,3 +366,39 @@ def test_a_third_party_serializers_own_errors_release_the_key_and_name_it_on_red
     redis_store: Backend,
 ) -> None:
     _serializer_errors_name_the_key_and_release_it(redis_store)
+
+
+def test_a_claim_without_a_token_in_redis_is_refused_not_waited_on(redis_store: Backend) -> None:
+    """An IN_PROGRESS record with no token was not written by a claim: no caller could
+    ever complete, renew or release it. It fails closed at once, naming the key, instead
+    of making every call wait for wait_timeout and raise AlreadyInProgress."""
+    import redis as redis_py
+
+    from idempotask.backends.base import State
+    from idempotask.backends.redis import RECORD_FORMAT, record_key
+    from idempotask.errors import CorruptRecordError
+
+    runs: list[int] = []
+
+    @idempotent(name=f"hostile.notoken.{uuid.uuid4().hex[:8]}", wait_timeout=5)
+    def job(n: int) -> int:
+        runs.append(n)
+        return n
+
+    key = job.key_for(1)
+    client = redis_py.Redis.from_url(service_url("redis"))
+    try:
+        value = RECORD_FORMAT.encode() + b"i" + bytes(6)  # no token, owner or fingerprint
+        client.set(record_key(key), value, px=60_000)
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(CorruptRecordError, match=f"{key}.*a claim without a token"):
+                job(1)
+            assert time.monotonic() - started < 2
+        assert runs == []
+        # Our own claims still parse (and hold their tokens).
+        client.delete(record_key(key))
+        assert redis_store.claim(key, "t-1", lease=5).state is State.IN_PROGRESS
+    finally:
+        client.delete(record_key(key))
+        client.close()
