@@ -191,11 +191,11 @@ class _BoundCall:
         return spec.key((*self._prefix, *args), kwargs, self._explicit)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
-        return drive(_forget(self._spec_or_refuse("forget"), self.key_for(*args, **kwargs), False))
+        return drive(_forget_call(self._spec_or_refuse("forget"), self.key_for(*args, **kwargs)))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         key = self.key_for(*args, **kwargs)
-        return await adrive(_forget(self._spec_or_refuse("aforget"), key, False))
+        return await adrive(_forget_call(self._spec_or_refuse("aforget"), key))
 
     def __repr__(self) -> str:
         what = [f"key=<{len(self._explicit)} chars>"] if self._explicit is not None else []
@@ -267,6 +267,15 @@ def _forget(spec: Spec, key: str, force: bool) -> Flow[bool]:
     return dropped
 
 
+def _forget_call(spec: Spec, key: str) -> Flow[bool]:
+    """``forget(...)``: the call's record under ``key`` and under each previous name,
+    where a record would still answer the next call (see ``previous_names``)."""
+    dropped = False
+    for k in (key, *spec.previous_keys(key)):
+        dropped = (yield from _forget(spec, k, False)) or dropped
+    return dropped
+
+
 class _Idempotent(Bindable):
     """The runtime type of :class:`IdempotentFunction` (see :mod:`idempotask._binding`)."""
 
@@ -284,11 +293,11 @@ class _Idempotent(Bindable):
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         spec = self.__idempotask_spec__
-        return drive(_forget(spec, spec.key(args, kwargs, None), False))
+        return drive(_forget_call(spec, spec.key(args, kwargs, None)))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         spec = self.__idempotask_spec__
-        return await adrive(_forget(spec, spec.key(args, kwargs, None), False))
+        return await adrive(_forget_call(spec, spec.key(args, kwargs, None)))
 
     def forget_key(self, key: str, *, force: bool = False) -> bool:
         spec = self.__idempotask_spec__

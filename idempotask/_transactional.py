@@ -157,7 +157,7 @@ def flow(spec: Spec, call: Call, key: str, token: str, owner: str) -> Flow[Any]:
                 f"{spec._max_result:,}; store the data elsewhere and return a reference, or "
                 "raise the limit"
             )
-    except SerializationError as exc:
+    except Exception as exc:  # a third-party serializer's own errors (json's TypeError) too
         yield from _abandon(spec, tx, backend, key, token)
         raise SerializationError(
             f"{spec.name} returned a value that cannot be stored ({exc}), so its "

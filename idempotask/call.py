@@ -176,7 +176,10 @@ class Spec:
 
     # Settings are read once per configure() generation, not once per call.
     def refresh(self) -> None:
-        if self._generation == config.generation:
+        # The generation is read before the settings: a configure() in another thread
+        # meanwhile leaves it behind, so the next call reads them again.
+        generation = config.generation
+        if self._generation == generation:
             return
         s = config.settings()
         o = self.options
@@ -193,7 +196,7 @@ class Spec:
         self._serializer = self._bound(o.serializer or get_serializer(s.serializer))
         self._max_result = o.max_result_bytes or s.max_result_bytes
         self._max_argument = s.max_argument_bytes
-        self._generation = config.generation
+        self._generation = generation
 
     def _bound(self, serializer: Serializer) -> Serializer:
         """The JSON serializer bound to the classes this function returns: a record in
@@ -391,7 +394,7 @@ class Spec:
         key = keys[0]
         try:
             payload = self._serializer.dumps(outcome.value)
-        except SerializationError as exc:
+        except Exception as exc:  # a third-party serializer's own errors (json's TypeError)
             yield from self._release_all(backend, keys, token)
             raise SerializationError(
                 f"{self.name} returned a value that cannot be stored, so {key} was released "
@@ -543,7 +546,7 @@ class Spec:
         self._too_big(key, payload, "stored result")
         try:
             return self._serializer.loads(payload)
-        except SerializationError as exc:
+        except Exception as exc:  # a third-party serializer's own errors too
             raise SerializationError(
                 f"the stored result of {self.name} under {key} cannot be read ({exc}); the "
                 "call is not run again. Use forget_key() to drop the record if it is stale."
@@ -555,6 +558,15 @@ class Spec:
             error = load_exception(payload)
         except SerializationError as exc:
             error = SerializationError(f"the cached error under {key} cannot be read: {exc}")
+        if is_cancellation(error):
+            # Never cached (see _store_error), so not our record: raising it would make a
+            # duplicate exit its process (SystemExit) or look cancelled to asyncio.
+            error = SerializationError(
+                f"the cached error under {key} cannot be read: it is a "
+                f"{type(error).__name__}, a cancellation, which is never cached, so the "
+                "record was not written by idempotask; the call is not run again. Use "
+                "forget_key() to drop the record."
+            )
         # Marked where it is made, so outer layers (@dead_letter) know a duplicate was
         # answered from the cache and the first failure's record already covers it.
         with contextlib.suppress(AttributeError, TypeError):

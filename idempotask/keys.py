@@ -25,6 +25,7 @@ import inspect
 import math
 import pathlib
 import re
+import sys
 import threading
 import uuid
 import warnings
@@ -330,8 +331,34 @@ def _find_encoder(cls: type) -> Callable[[Any, Path], str] | None:
         return _enc_pydantic
     for base, enc in _BASES:
         if issubclass(cls, base):
-            return enc
+            plain = _PLAIN_VALUE.get(base)
+            return enc if plain is None else _as_plain(plain, enc)
     return None
+
+
+# A subclass of a builtin type encodes as the plain value it holds, taken with the base
+# type's own method: its overrides (a redacting __str__ or items(), a lossy __eq__ or
+# __iter__) would otherwise reach the encoder and give two different values one key.
+_PLAIN_VALUE: dict[type, Callable[[Any], Any]] = {
+    int: int.__int__,
+    float: float.__float__,
+    str: str.__str__,
+    bytes: lambda v: bytes.__getitem__(v, slice(None)),
+    tuple: lambda v: tuple.__getitem__(v, slice(None)),
+    list: list.copy,
+    frozenset: frozenset.copy,
+    set: set.copy,
+    dict: dict.copy,
+}
+
+
+def _as_plain(
+    plain: Callable[[Any], Any], enc: Callable[[Any, Path], str]
+) -> Callable[[Any, Path], str]:
+    def enc_subclass(v: Any, path: Path) -> str:
+        return enc(plain(v), path)
+
+    return enc_subclass
 
 
 # Paths start with what holds the value: an argument's name, "key=" (what the key=
@@ -601,8 +628,14 @@ class CallKeyer:
         self._defaults = tuple(defaults)
         # With at least this many positional arguments (and no keywords) every parameter
         # has a value: the defaults left after them are all real ones.
+        # A required keyword-only parameter is never filled by position: always checked.
         missing = [i for i, value in enumerate(defaults) if value is _MISSING]
-        self._filled = missing[-1] + 1 if missing else 0
+        if not missing:
+            self._filled = 0
+        elif missing[-1] < self._n_positional:
+            self._filled = missing[-1] + 1
+        else:
+            self._filled = sys.maxsize
         # Each argument in the key: its index, the encoding of its name, and its name.
         names = self._names
         self._parts = tuple(

@@ -99,8 +99,9 @@ def report_lost(name: str, key: str, why: str) -> None:
     """Report a lost claim: a log record, a :class:`LeaseLostWarning` and an event."""
     message = f"idempotask: lease on {key} ({name}) lost: {why}"
     log.warning(message)
-    warnings.warn(message, LeaseLostWarning, stacklevel=3)
     events.emit(events.EventKind.LEASE_LOST, name, key)
+    # Last: a warnings filter may turn it into an exception (-W error).
+    warnings.warn(message, LeaseLostWarning, stacklevel=3)
 
 
 _current: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
@@ -142,6 +143,23 @@ def _renewal(lease: Lease) -> flow.Flow[None]:
         lease.failed(exc)
     else:
         lease.renewed(ok, started)
+
+
+# A LeaseLostWarning turned into an exception by a warnings filter (-W error, pytest's
+# filterwarnings) must not end the renewals: a dead renewal thread is never started again,
+# and every later lease on its store would run out under a body still running.
+def _renew_once(lease: Lease) -> None:
+    try:
+        flow.drive(_renewal(lease), _ANY_ERROR)
+    except Exception:
+        log.exception("idempotask: reporting the lease on %s failed", lease.key)
+
+
+async def _arenew_once(lease: Lease) -> None:
+    try:
+        await flow.adrive(_renewal(lease), _ANY_ERROR)
+    except Exception:
+        log.exception("idempotask: reporting the lease on %s failed", lease.key)
 
 
 class _ThreadKeeper:
@@ -193,7 +211,7 @@ class _ThreadKeeper:
                     self._wake_at = float("inf")
                     continue
             for lease in due:
-                flow.drive(_renewal(lease), _ANY_ERROR)
+                _renew_once(lease)
                 if not lease.held:
                     self.remove(lease)
 
@@ -247,7 +265,7 @@ class _LoopKeeper:
     async def _renew(self, due: list[Lease]) -> None:
         try:
             for lease in due:
-                await flow.adrive(_renewal(lease), _ANY_ERROR)
+                await _arenew_once(lease)
                 if not lease.held:
                     self.remove(lease)
         finally:

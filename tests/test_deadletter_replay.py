@@ -383,3 +383,32 @@ async def test_the_async_processor_runs_replay_with_off_the_loop(queue: DeadLett
     assert threads
     assert threads[0] != loop_thread
     assert await charge(4, "4111") == "4 4111"
+
+
+def test_a_replay_clears_the_cached_error_under_previous_names_too(
+    queue: DeadLetterQueue,
+) -> None:
+    """Under cache_errors= and previous_names=, the failure is cached under both names:
+    the replay must clear both, or the old name's cached error answers it without
+    running (and the letter counts a failed attempt that never ran)."""
+    gateway = Gateway()
+    idempotask.configure(backend="memory://")
+
+    @dead_letter(queue=queue, redact=keep_all)
+    @idempotent(
+        ttl=3600,
+        cache_errors=600,
+        name="tests.replay.renamed",
+        previous_names=("tests.replay.was",),
+    )
+    def charge(order_id: int, card: str) -> str:
+        return gateway.charge(order_id, card)
+
+    with pytest.raises(GatewayTimeout):
+        charge(7, "4111111111111111")
+    gateway.down = False
+    report = queue.process_due(now=LATER)
+    assert [r.outcome for r in report.results] == ["resolved"]
+    assert len(gateway.charges) == 2
+    assert charge(7, "4111111111111111") == "receipt 7 1111"
+    assert len(gateway.charges) == 2

@@ -207,3 +207,50 @@ def test_key_for_is_the_key_under_which_redis_holds_the_record_as_documented() -
     finally:
         client.close()
         backend.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_forget_drops_the_record_under_previous_names_too_so_the_call_runs_again(
+    where: str,
+) -> None:
+    """A record under a previous name answers the next call: forget() that left it would
+    say True and the call would still not run again."""
+    backend: Any = MemoryBackend()
+    if where == "redis":
+        pytest.importorskip("redis")
+        from idempotask.backends.redis import RedisBackend
+
+        backend = RedisBackend.from_url(service_url("redis"))
+    idempotask.configure(backend=backend, namespace=f"explicit{uuid.uuid4().hex[:10]}")
+    runs: list[int] = []
+
+    @idempotent(name=f"tests.explicit.renamed_{where}", previous_names=("tests.explicit.was",))
+    def job(n: int) -> int:
+        runs.append(n)
+        return len(runs)
+
+    @idempotent(name=f"tests.explicit.arenamed_{where}", previous_names=("tests.explicit.awas",))
+    async def ajob(n: int) -> int:
+        runs.append(n)
+        return len(runs)
+
+    try:
+        assert job(1) == job(1) == 1
+        assert job.forget(1) is True
+        assert job(1) == 2
+        assert job.using(owner="o").forget(1) is True
+        assert job(1) == 3
+        assert job.forget(1) is True
+        assert job.forget(1) is False
+
+        async def run_async() -> None:
+            assert await ajob(1) == await ajob(1) == 4
+            assert await ajob.aforget(1) is True
+            assert await ajob(1) == 5
+
+        asyncio.run(run_async())
+        assert runs == [1] * 5
+    finally:
+        job.forget(1)
+        if where == "redis":
+            backend.close()

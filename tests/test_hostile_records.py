@@ -6,6 +6,7 @@ return, or run the body again. Each is refused with SerializationError, every ti
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import json
 import time
@@ -267,3 +268,137 @@ def test_hostile_payloads_in_redis_are_refused(redis_store: Backend) -> None:
     redis_store.delete(key)
     assert runs == []
     assert Secret.built == 0
+
+
+class _Stopped(Exception):
+    """A framework's time limit: registered as a cancellation, so never cached."""
+
+
+idempotask.register_cancellation(_Stopped)
+
+# Types a cached error can never be (cancellations are released, never cached): a record
+# naming one was written by someone else.
+_NEVER_CACHED = [
+    ("builtins", "SystemExit"),
+    ("builtins", "KeyboardInterrupt"),
+    ("asyncio.exceptions", "CancelledError"),
+    ("builtins", "GeneratorExit"),
+    (__name__, "_Stopped"),
+]
+
+
+def _cancellations_are_refused(store: Backend) -> None:
+    runs: list[int] = []
+
+    @idempotent(name=f"hostile.cancel.{uuid.uuid4().hex[:8]}", cache_errors=60)
+    def job(n: int) -> int:
+        runs.append(n)
+        raise ValueError("no")
+
+    key = job.key_for(1)
+    for module, qualname in _NEVER_CACHED:
+        args = {"$t": "tuple", "v": [0]}
+        record = {"module": module, "qualname": qualname, "message": "0", "args": args}
+        store.delete(key)
+        store.claim(key, "foreign", lease=60)
+        assert store.fail(key, "foreign", json.dumps(record).encode(), ttl=60)
+        for _ in range(2):
+            # Not SystemExit(0) (a worker quietly exiting) nor a CancelledError.
+            with pytest.raises(SerializationError, match=f"{key} cannot be read: it is a"):
+                job(1)
+    store.delete(key)
+    assert runs == []
+
+
+def test_a_cached_error_naming_a_cancellation_is_refused(memory: MemoryBackend) -> None:
+    _cancellations_are_refused(memory)
+
+
+def test_a_cached_error_naming_a_cancellation_is_refused_on_redis(redis_store: Backend) -> None:
+    _cancellations_are_refused(redis_store)
+
+
+class _PlainJSON:
+    """A third-party serializer that raises json's own errors, not SerializationError."""
+
+    def dumps(self, value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> object:
+        return json.loads(data)
+
+
+def _serializer_errors_name_the_key_and_release_it(store: Backend) -> None:
+    runs: list[int] = []
+
+    @idempotent(
+        name=f"hostile.plainjson.{uuid.uuid4().hex[:8]}",
+        serializer=_PlainJSON(),
+        on_conflict="raise",
+    )
+    def job(n: int) -> Any:
+        runs.append(n)
+        return {"day": datetime.date(2026, 1, n)} if n == 1 else n
+
+    # json.dumps raises TypeError: the key is released at once, not held for a lease
+    # (a duplicate would get AlreadyInProgress).
+    for _ in range(2):
+        with pytest.raises(SerializationError, match=f"{job.key_for(1)} was released"):
+            job(1)
+    assert runs == [1, 1]
+    assert store.get(job.key_for(1)) is None
+    # json.loads raises UnicodeDecodeError on bytes someone else wrote: refused, naming the key.
+    _plant(store, job.key_for(2), b"\xff{")
+    for _ in range(2):
+        with pytest.raises(SerializationError, match=f"under {job.key_for(2)} cannot be read"):
+            job(2)
+    assert runs == [1, 1]
+    store.delete(job.key_for(2))
+
+
+def test_a_third_party_serializers_own_errors_release_the_key_and_name_it(
+    memory: MemoryBackend,
+) -> None:
+    _serializer_errors_name_the_key_and_release_it(memory)
+
+
+def test_a_third_party_serializers_own_errors_release_the_key_and_name_it_on_redis(
+    redis_store: Backend,
+) -> None:
+    _serializer_errors_name_the_key_and_release_it(redis_store)
+
+
+def test_a_claim_without_a_token_in_redis_is_refused_not_waited_on(redis_store: Backend) -> None:
+    """An IN_PROGRESS record with no token was not written by a claim: no caller could
+    ever complete, renew or release it. It fails closed at once, naming the key, instead
+    of making every call wait for wait_timeout and raise AlreadyInProgress."""
+    import redis as redis_py
+
+    from idempotask.backends.base import State
+    from idempotask.backends.redis import RECORD_FORMAT, record_key
+    from idempotask.errors import CorruptRecordError
+
+    runs: list[int] = []
+
+    @idempotent(name=f"hostile.notoken.{uuid.uuid4().hex[:8]}", wait_timeout=5)
+    def job(n: int) -> int:
+        runs.append(n)
+        return n
+
+    key = job.key_for(1)
+    client = redis_py.Redis.from_url(service_url("redis"))
+    try:
+        value = RECORD_FORMAT.encode() + b"i" + bytes(6)  # no token, owner or fingerprint
+        client.set(record_key(key), value, px=60_000)
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(CorruptRecordError, match=f"{key}.*a claim without a token"):
+                job(1)
+            assert time.monotonic() - started < 2
+        assert runs == []
+        # Our own claims still parse (and hold their tokens).
+        client.delete(record_key(key))
+        assert redis_store.claim(key, "t-1", lease=5).state is State.IN_PROGRESS
+    finally:
+        client.delete(record_key(key))
+        client.close()

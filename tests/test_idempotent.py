@@ -1017,3 +1017,80 @@ def test_size_limits_are_validated(bad: Any) -> None:
         idempotent(max_result_bytes=bad)(lambda: None)
     with pytest.raises(ConfigurationError, match="max_argument_bytes"):
         idempotask.configure(max_argument_bytes=bad)
+
+
+_configured_elsewhere = threading.Event()
+
+
+def _while_another_thread_configures() -> type[int]:
+    # Evaluated as the return annotation, while the first call of the function reads the
+    # settings: it waits there until another thread's configure() has returned.
+    assert _configured_elsewhere.wait(10)
+    return int
+
+
+def test_a_configure_racing_a_first_call_is_not_missed() -> None:
+    """configure() in another thread while a call reads the settings: the function must
+    not keep the old namespace for good (its keys would differ from every other
+    process's, so a call would run twice)."""
+    _configured_elsewhere.clear()
+    idempotask.configure(namespace="before")
+
+    @idempotent(name="tests.race.configure")
+    def job(n: int) -> _while_another_thread_configures():  # type: ignore[valid-type]
+        return n
+
+    def configure_elsewhere() -> None:
+        time.sleep(0.05)  # the call is reading the settings by now
+        idempotask.configure(namespace="after")
+        _configured_elsewhere.set()
+
+    other = threading.Thread(target=configure_elsewhere)
+    other.start()
+    job.key_for(1)  # a first call: reads the settings while configure() runs
+    other.join()
+    assert job.key_for(1).startswith("after:")
+    assert job(1) == 1
+    assert job.key_for(1).startswith("after:")
+
+
+def test_a_lease_lost_under_warnings_as_errors_does_not_end_the_renewals() -> None:
+    """With LeaseLostWarning turned into an error (-W error, pytest's filterwarnings), a
+    lost lease must not end the store's renewal thread: no later lease on that store
+    would be renewed, and a body running past its lease would run twice."""
+    pytest.importorskip("redis")
+    from idempotask.backends.redis import RedisBackend
+    from tests.conftest import service_url
+
+    store = RedisBackend.from_url(service_url("redis"))
+    idempotask.configure(backend=store, namespace=f"warnerr{time.time_ns()}")
+    runs: list[int] = []
+
+    @idempotent(name="tests.lease.warnings_as_errors", lease=0.6, on_conflict="raise")
+    def job(n: int, seconds: float) -> int:
+        runs.append(n)
+        time.sleep(seconds)
+        return n
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LeaseLostWarning)
+            first = threading.Thread(target=job, args=(1, 1.0))
+            first.start()
+            time.sleep(0.1)
+            job.forget_key(job.key_for(1, 1.0), force=True)  # its next renewal is refused
+            first.join()
+            # A body of 2 s under a 0.6 s lease: renewed, so a duplicate meanwhile is refused.
+            second = threading.Thread(target=job, args=(2, 2.0))
+            second.start()
+            time.sleep(1.3)
+            with pytest.raises(AlreadyInProgress):
+                job(2, 2.0)
+            second.join()
+        assert runs == [1, 2]
+        assert job(2, 2.0) == 2
+        assert runs == [1, 2]
+    finally:
+        for args in ((1, 1.0), (2, 2.0)):
+            job.forget_key(job.key_for(*args), force=True)
+        store.close()

@@ -542,3 +542,69 @@ def test_keyword_only_arguments_after_varargs_bind_with_many_positional_argument
     assert f.key_for(1, 2, 3, scale=1) == f.key_for(1, 2, 3)
     assert f.key_for(1, 2, 3, scale=2, k=5) == f.key_for(1, 2, 3, k=5, scale=2)
     assert f(1, 2, 3, scale=2) is None
+
+
+def test_subclasses_of_builtin_values_encode_by_the_value_they_hold_not_their_overrides() -> None:
+    # A redacting __str__ or items(), a lossy __eq__, __bytes__ or __iter__ must not give
+    # two values one key.
+    class Secret(str):
+        def __str__(self) -> str:
+            return "***"
+
+        def __format__(self, spec: str) -> str:
+            return "***"
+
+    class Switch(int):
+        def __str__(self) -> str:
+            return "on" if self else "off"
+
+    class Loose(float):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __ne__(self, other: object) -> bool:
+            return False
+
+        __hash__ = float.__hash__
+
+    class Blob(bytes):
+        def __bytes__(self) -> bytes:
+            return b"x"
+
+    class Hidden(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            return [(k, "***") for k in self]
+
+    class Lazy(list):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(())
+
+    @idempotent(name="tests.keys.subclass_values")
+    def f(v: Any) -> None: ...
+
+    pairs = [
+        (Secret("abc"), Secret("xyz"), "abc"),
+        (Switch(1), Switch(2), 1),
+        (Loose(1.5), Loose(2.5), 1.5),
+        (Blob(b"abc"), Blob(b"def"), b"abc"),
+        (Hidden(a=1), Hidden(a=2), {"a": 1}),
+        (Lazy([1]), Lazy([2]), [1]),
+    ]
+    for one, other, plain in pairs:
+        assert f.key_for(one) != f.key_for(other), type(one)
+        assert f.key_for(one) == f.key_for(plain), type(one)
+
+
+def test_a_missing_keyword_only_argument_after_varargs_is_pythons_own_type_error() -> None:
+    # Not a KeyEncodingError about an argument of type "object".
+    @idempotent(name="tests.keys.kwonly_after_varargs")
+    def f(a: int, *rest: int, b: int) -> int:
+        return b
+
+    for args in ((1, 2), (1, 2, 3)):
+        with pytest.raises(TypeError, match="missing a required argument: 'b'") as info:
+            f.key_for(*args)
+        assert not isinstance(info.value, KeyEncodingError)
+    with pytest.raises(TypeError, match="missing a required argument: 'b'"):
+        f(1, 2, 3)
+    assert f.key_for(1, 2, b=3) != f.key_for(1, 2, b=4)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import multiprocessing
 import os
 import random
@@ -35,6 +37,7 @@ from idempotask import (
     ConfigurationError,
     DeadLetterQueue,
     LeaseLostError,
+    SerializationError,
     dead_letter,
     idempotent,
     keep_all,
@@ -1061,3 +1064,36 @@ def test_row_count_helper_counts(db: Db) -> None:
         total = conn.execute(select(func.count()).select_from(workers.rows_table(db.prefix)))
         assert total.scalar() == 1
     assert db.rows() == [("z", "w")]
+
+
+class _PlainJSON:
+    """A third-party serializer raising json's own TypeError, not SerializationError."""
+
+    def dumps(self, value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> object:
+        return json.loads(data)
+
+
+def test_a_third_party_serializers_own_error_rolls_back_and_releases(db: Db) -> None:
+    """json.dumps's TypeError for a result: the transaction is rolled back (the body's
+    row with it) and the key released at once, as for a SerializationError."""
+    rows = workers.rows_table(db.prefix)
+
+    @idempotent(
+        backend=db.store,
+        transactional=True,
+        name=f"{db.prefix}.plainjson",
+        serializer=_PlainJSON(),
+        on_conflict="raise",
+    )
+    def write(key: str) -> object:
+        idempotask.transaction().execute(insert(rows).values(key=key, writer="body"))
+        return {"at": datetime.date(2026, 1, 2)}
+
+    for _ in range(2):
+        with pytest.raises(SerializationError, match="rolled back"):
+            write("s")
+    assert db.rows() == []
+    assert db.store.get(write.key_for("s")) is None

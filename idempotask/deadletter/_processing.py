@@ -329,9 +329,14 @@ class Processing(QueueCore):
 
         if failure is None:
             if backend is not None and record is not None and record.state is State.FAILED:
-                # A cached error would answer the replay without running it.
+                # A cached error would answer the replay without running it (one under a
+                # previous name of the function too: see previous_names).
                 try:
                     yield store_op(backend, "delete", letter.key, token=record.token)
+                    for old in _previous_keys(reg, letter.key):
+                        cached = yield store_op(backend, "get", old)
+                        if cached is not None and cached.state is State.FAILED:
+                            yield store_op(backend, "delete", old, token=cached.token)
                 except BackendError as exc:
                     return (yield from skip(f"the idempotency store is unavailable: {exc}"))
             try:
@@ -368,3 +373,17 @@ class Processing(QueueCore):
         self._alert(letter, "ran out of retries")
         if reg is not None:
             fire_hook(reg.on_retry_exhausted, letter, "on_retry_exhausted")
+
+
+def _previous_keys(reg: Registration | None, key: str) -> tuple[str, ...]:
+    """``key`` under each previous name of ``reg``'s @idempotent function (none when
+    ``key`` is not one of its keys): ``namespace:name:v1:digest`` with the name swapped."""
+    spec = reg.spec if reg is not None else None
+    if spec is None:
+        return ()
+    namespace, _, rest = key.partition(":")
+    head = f"{spec.name}:"
+    if not rest.startswith(head):
+        return ()
+    tail = rest[len(head) :]
+    return tuple(f"{namespace}:{old}:{tail}" for old in spec.options.previous_names)

@@ -240,6 +240,10 @@ def parse_value(
             f"redis backend: record {key!r} is truncated ({len(value)} bytes, its header "
             f"announces at least {payload_at})"
         )
+    if state is State.IN_PROGRESS and not token_len:
+        # Every claim carries its caller's token: a claim without one is not ours, and no
+        # caller could ever complete, renew or release it.
+        raise corrupt(key, "a claim without a token")
     return Record(
         key=key,
         state=state,
