@@ -55,6 +55,7 @@ __all__ = [
     "Captured",
     "Exchange",
     "Handler",
+    "Signal",
     "redact",
 ]
 
@@ -70,7 +71,7 @@ _RETRYABLE_4XX = frozenset({408, 425, 429})
 ASYNC_CATCH: tuple[type[BaseException], ...] = (BackendError, asyncio.CancelledError)
 
 
-class _Signal:
+class Signal:
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
@@ -80,9 +81,9 @@ class _Signal:
         return self.name
 
 
-PASS = _Signal("PASS")
+PASS = Signal("PASS")
 """Run the app as if the middleware were not there (the request is not covered)."""
-DROP = _Signal("DROP")
+DROP = Signal("DROP")
 """The client went away before its request was read: send nothing (WSGI and Django,
 which must answer, send an empty ``400``)."""
 
@@ -108,7 +109,7 @@ class Captured:
         self.headers = []
 
 
-Answer = Reply | Captured | _Signal
+Answer = Reply | Captured | Signal
 """What a middleware does with a request: send a :class:`Reply` (a replay or a
 problem), send the handler's :class:`Captured` response, or :data:`PASS` / :data:`DROP`."""
 
@@ -139,11 +140,11 @@ class Exchange(Protocol):
     def view(self) -> object | None:
         """The view the framework routes this request to, when it can tell."""
 
-    def read_body(self, limit: int) -> bytes | _Signal | None:
+    def read_body(self, limit: int) -> bytes | Signal | None:
         """Read the whole body once: the bytes, None when over ``limit``, or
         :data:`DROP` when the client went away."""
 
-    async def aread_body(self, limit: int) -> bytes | _Signal | None:
+    async def aread_body(self, limit: int) -> bytes | Signal | None:
         """:meth:`read_body` for async frameworks."""
 
     def run(self, limit: int) -> Captured:
@@ -258,7 +259,7 @@ class Handler:
         key, invalid = parse_key(values, policy.max_key_length)
         if invalid:
             return problem(policy, 400, "idempotency-key-invalid", invalid + ".")
-        body: bytes | _Signal | None = yield Op(
+        body: bytes | Signal | None = yield Op(
             exchange.read_body, exchange.aread_body, policy.max_request_bytes
         )
         if body is DROP:

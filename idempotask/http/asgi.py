@@ -25,7 +25,7 @@ from typing import Any
 
 from idempotask import flow
 from idempotask.errors import ConfigurationError
-from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Captured, Handler, _Signal
+from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Captured, Handler, Signal
 from idempotask.http._policy import Policy
 from idempotask.http._stored import Headers, Reply
 
@@ -216,10 +216,10 @@ class _Exchange:
         routes = getattr(owner, "routes", None)
         return _starlette_view(routes, self.scope, 0) if routes else None
 
-    def read_body(self, limit: int) -> bytes | _Signal | None:
+    def read_body(self, limit: int) -> bytes | Signal | None:
         raise TypeError("an ASGI request is read by the async driver only")
 
-    async def aread_body(self, limit: int) -> bytes | _Signal | None:
+    async def aread_body(self, limit: int) -> bytes | Signal | None:
         length = next((v for n, v in self.headers() if n == "content-length"), "")
         if length.strip().isdigit() and int(length) > limit:
             return None

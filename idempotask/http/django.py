@@ -30,7 +30,7 @@ from typing import Any
 
 from idempotask import flow
 from idempotask.errors import ConfigurationError
-from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Answer, Captured, Handler, _Signal
+from idempotask.http._core import ASYNC_CATCH, DROP, PASS, Answer, Captured, Handler, Signal
 from idempotask.http._policy import Policy
 from idempotask.http._stored import Headers, Reply
 
@@ -214,7 +214,7 @@ class _Exchange:
         view: object | None = match.func
         return view
 
-    def read_body(self, limit: int) -> bytes | _Signal | None:
+    def read_body(self, limit: int) -> bytes | Signal | None:
         length = str(self.request.META.get("CONTENT_LENGTH") or "").strip()
         if length.isdigit() and int(length) > limit:
             return None
@@ -227,7 +227,7 @@ class _Exchange:
             return DROP
         return None if len(body) > limit else body
 
-    async def aread_body(self, limit: int) -> bytes | _Signal | None:
+    async def aread_body(self, limit: int) -> bytes | Signal | None:
         return self.read_body(limit)
 
     def run(self, limit: int) -> Captured:

@@ -28,7 +28,7 @@ from typing import Any
 
 from idempotask import flow
 from idempotask.errors import ConfigurationError
-from idempotask.http._core import DROP, PASS, Captured, Handler, _Signal
+from idempotask.http._core import DROP, PASS, Captured, Handler, Signal
 from idempotask.http._policy import Policy
 from idempotask.http._stored import Headers, Reply
 
@@ -229,7 +229,7 @@ class _Exchange:
     def view(self) -> object | None:
         return _flask_view(self.app, self.environ)
 
-    def read_body(self, limit: int) -> bytes | _Signal | None:
+    def read_body(self, limit: int) -> bytes | Signal | None:
         stream = self.environ.get("wsgi.input")
         length = str(self.environ.get("CONTENT_LENGTH") or "").strip()
         if length.isdigit():
@@ -254,7 +254,7 @@ class _Exchange:
         self._body = b"".join(parts)
         return self._body
 
-    async def aread_body(self, limit: int) -> bytes | _Signal | None:
+    async def aread_body(self, limit: int) -> bytes | Signal | None:
         return self.read_body(limit)
 
     def run(self, limit: int) -> Captured:

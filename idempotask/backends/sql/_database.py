@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, Statemen
 
 from idempotask.backends.sql import _engines
 from idempotask.backends.sql._session import Reply, Session
-from idempotask.backends.sql._timeouts import bounded, client_bound
+from idempotask.backends.sql._timeouts import LIBPQ, bounded, client_bound
 from idempotask.errors import (
     BackendError,
     ConfigurationError,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = [
+    "ASYNC_BOUNDED",
     "DEFAULT_STATEMENT_TIMEOUT",
     "Database",
     "Flavour",
@@ -66,10 +67,9 @@ _MYSQL_DEADLOCK = 1213
 _PG_RETRYABLE = {"40P01", "40001"}  # deadlock_detected, serialization_failure
 _PG_UNDEFINED_TABLE = "42P01"
 _MYSQL_NO_SUCH_TABLE = 1146
-# Drivers a statement is bounded for by the watchdog (see _timeouts), and asyncio drivers
-# bounded by asyncio.timeout around the operation (those with no bound of their own).
-_WATCHED = frozenset({"psycopg", "psycopg_async", "psycopg2", "psycopg2cffi"})
-_ASYNC_BOUNDED = frozenset({"asyncmy", "aiomysql", "aiosqlite"})
+#: asyncio drivers bounded by asyncio.timeout around the operation (those with no bound
+#: of their own); libpq's (_timeouts.LIBPQ) are bounded by the watchdog instead.
+ASYNC_BOUNDED = frozenset({"asyncmy", "aiomysql", "aiosqlite"})
 # Errors a flow gets thrown back: a plain INSERT that found the key taken (MySQL).
 _CAUGHT = (IntegrityError,)
 _FAILURES = (SQLAlchemyError, OSError, UnicodeDecodeError, TimeoutError, asyncio.TimeoutError)
@@ -406,7 +406,7 @@ class Database:
         """The session of one operation on ``conn`` (``aconn``'s, for asyncio): psycopg's
         statements are bounded by the watchdog (see _timeouts)."""
         dialect = conn.dialect
-        watched = self.bound if dialect.driver in _WATCHED else None
+        watched = self.bound if dialect.driver in LIBPQ else None
         return Session(conn, aconn, self._flavour_of(dialect), watched)
 
     def run(
@@ -463,7 +463,7 @@ class Database:
             engine = await self.async_engine()
         except _FAILURES as exc:
             raise self.error(operation, key, exc, table) from exc
-        bound = self.bound if engine.dialect.driver in _ASYNC_BOUNDED else None
+        bound = self.bound if engine.dialect.driver in ASYNC_BOUNDED else None
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             try:
                 if bound is None:

@@ -23,12 +23,20 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["Watch", "Watchdog", "bounded", "client_bound", "connect_options", "watchdog"]
+__all__ = [
+    "LIBPQ",
+    "Watch",
+    "Watchdog",
+    "bounded",
+    "client_bound",
+    "connect_options",
+    "watchdog",
+]
 
 _T = TypeVar("_T")
 
 #: libpq drivers: they take ``options``, keepalive and ``tcp_user_timeout`` parameters.
-_LIBPQ = frozenset({"psycopg", "psycopg_async", "psycopg2", "psycopg2cffi"})
+LIBPQ = frozenset({"psycopg", "psycopg_async", "psycopg2", "psycopg2cffi"})
 #: MySQL drivers whose ``connect()`` runs an ``init_command`` on every new connection.
 _INIT_COMMAND = frozenset({"pymysql", "mysqldb", "asyncmy", "aiomysql"})
 #: MySQL drivers with documented ``read_timeout`` / ``write_timeout`` connect arguments.
@@ -81,7 +89,7 @@ def connect_options(
     ms = max(1, math.ceil(statement_timeout * 1000))
     bound = client_bound(statement_timeout)
     args: dict[str, Any] = {}
-    if backend == "postgresql" and driver in _LIBPQ:
+    if backend == "postgresql" and driver in LIBPQ:
         options = str(query.get("options", ""))
         if "statement_timeout" not in options:
             args["options"] = f"{options} -c statement_timeout={ms}".strip()

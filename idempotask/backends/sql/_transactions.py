@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from sqlalchemy import Connection, text
 
 from idempotask.backends.base import State
-from idempotask.backends.sql._database import _ASYNC_BOUNDED, _WATCHED, seconds
-from idempotask.backends.sql._timeouts import bounded, watchdog
+from idempotask.backends.sql._database import ASYNC_BOUNDED, seconds
+from idempotask.backends.sql._timeouts import LIBPQ, bounded, watchdog
 from idempotask.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _watched(store: SQLAlchemyBackend, conn: Connection) -> Iterator[None]:
     """Bound what runs inside by the watchdog, as every store statement is on psycopg (see
     _timeouts: libpq has no client-side timeout, a paused server would hold the call for
     ever); TimeoutError once it shut the socket down."""
-    bound = store.database.bound if conn.dialect.driver in _WATCHED else None
+    bound = store.database.bound if conn.dialect.driver in LIBPQ else None
     if bound is None or conn.closed or conn.invalidated:  # (no socket to watch)
         yield
         return
@@ -108,7 +108,7 @@ async def _awatched(
     """``await fn(*args)`` bounded as the store's asyncio operations are: by the watchdog
     (psycopg) or ``asyncio.timeout`` (drivers with no bound of their own)."""
     bound = store.database.bound
-    if bound is not None and conn.dialect.driver in _ASYNC_BOUNDED:
+    if bound is not None and conn.dialect.driver in ASYNC_BOUNDED:
         return await bounded(fn(*args), bound)
     with _watched(store, conn):
         return await fn(*args)
